@@ -1,0 +1,337 @@
+//! The protobuf messages (prost, no `.proto` compiler needed). Field numbers are the wire
+//! contract: never reuse one, only add. Unknown fields are skipped by the decoder, which is
+//! what lets an agent one minor version newer or older talk to the controller.
+//!
+//! Figures are fixed-point integers (varints) rather than floats: `*_x10` is tenths,
+//! `*_c` hundredths, `*_permille` thousandths. That keeps a report near 200 bytes.
+//!
+//! Repeated strings (mount points, interface and device names, ModCods) travel once per
+//! connection; afterwards a `*_ref` index replaces them (see [`crate::names`]).
+
+use serde::Serialize;
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Envelope {
+    #[prost(oneof = "Body", tags = "1, 2, 3, 4, 5")]
+    pub body: Option<Body>,
+}
+
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum Body {
+    #[prost(message, tag = "1")]
+    Hello(Hello),
+    #[prost(message, tag = "2")]
+    Welcome(Welcome),
+    #[prost(message, tag = "3")]
+    Report(Report),
+    #[prost(message, tag = "4")]
+    Ack(Ack),
+    #[prost(message, tag = "5")]
+    Refused(Refused),
+}
+
+/// First message from the agent on its report stream.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Hello {
+    /// The site the agent believes it is. The controller compares it with the certificate.
+    #[prost(string, tag = "1")]
+    pub site_id: String,
+    #[prost(uint32, tag = "2")]
+    pub major: u32,
+    #[prost(uint32, tag = "3")]
+    pub minor: u32,
+    #[prost(string, tag = "4")]
+    pub agent_version: String,
+    #[prost(uint32, tag = "5")]
+    pub interval_ms: u32,
+}
+
+/// The controller's answer to [`Hello`]: what it already holds for this site, so the agent
+/// can drop acknowledged reports from its spool before sending anything (nothing acknowledged
+/// is ever resent, even after the agent was killed between storing an ack and applying it).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Welcome {
+    #[prost(uint32, tag = "1")]
+    pub major: u32,
+    #[prost(uint32, tag = "2")]
+    pub minor: u32,
+    /// Every sequence number `<= acked_through` is stored.
+    #[prost(uint64, tag = "3")]
+    pub acked_through: u64,
+    /// Stored ranges above `acked_through` (the current-state reports sent ahead of a backlog).
+    #[prost(message, repeated, tag = "4")]
+    pub acked_ranges: Vec<SeqRange>,
+    #[prost(int64, tag = "5")]
+    pub server_time_ms: i64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, prost::Message, Serialize)]
+pub struct SeqRange {
+    #[prost(uint64, tag = "1")]
+    pub first: u64,
+    #[prost(uint64, tag = "2")]
+    pub last: u64,
+}
+
+/// Acknowledges that the reports `first..=last` are durably stored.
+#[derive(Clone, Copy, PartialEq, prost::Message)]
+pub struct Ack {
+    #[prost(uint64, tag = "1")]
+    pub first: u64,
+    #[prost(uint64, tag = "2")]
+    pub last: u64,
+}
+
+/// Sent before the controller closes a stream it will not serve.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Refused {
+    #[prost(uint32, tag = "1")]
+    pub code: u32,
+    #[prost(string, tag = "2")]
+    pub reason: String,
+}
+
+/// One health report of one site.
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct Report {
+    /// Per-site sequence number, from 1, never reused.
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    /// For a downsampled report: the last sequence number it covers (0 = only `seq`).
+    #[prost(uint64, tag = "2")]
+    #[serde(skip_serializing_if = "is_zero_u64")]
+    pub seq_last: u64,
+    /// When the sample was taken (Unix milliseconds, site clock).
+    #[prost(int64, tag = "3")]
+    pub taken_ms: i64,
+    /// For a downsampled report: the time it covers, from `taken_ms`.
+    #[prost(uint32, tag = "4")]
+    #[serde(skip_serializing_if = "is_zero_u32")]
+    pub span_ms: u32,
+    /// For a downsampled report: how many samples were merged into it.
+    #[prost(uint32, tag = "5")]
+    #[serde(skip_serializing_if = "is_zero_u32")]
+    pub samples: u32,
+    #[prost(message, optional, tag = "6")]
+    pub host: Option<Host>,
+    #[prost(message, optional, tag = "7")]
+    pub link: Option<LinkStats>,
+    #[prost(message, repeated, tag = "8")]
+    pub devices: Vec<Device>,
+}
+
+fn is_zero_u64(v: &u64) -> bool {
+    *v == 0
+}
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
+}
+
+impl Report {
+    /// The last sequence number this report covers.
+    pub fn last_seq(&self) -> u64 {
+        self.seq_last.max(self.seq)
+    }
+    pub fn range(&self) -> SeqRange {
+        SeqRange {
+            first: self.seq,
+            last: self.last_seq(),
+        }
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct Host {
+    #[prost(uint32, tag = "1")]
+    pub cpu_permille: u32,
+    #[prost(uint32, tag = "2")]
+    pub load1_c: u32,
+    #[prost(uint32, tag = "3")]
+    pub load5_c: u32,
+    #[prost(uint32, tag = "4")]
+    pub load15_c: u32,
+    #[prost(uint64, tag = "5")]
+    pub mem_used_mib: u64,
+    #[prost(uint64, tag = "6")]
+    pub mem_total_mib: u64,
+    #[prost(uint64, tag = "7")]
+    pub uptime_s: u64,
+    #[prost(message, repeated, tag = "8")]
+    pub filesystems: Vec<Filesystem>,
+    #[prost(message, repeated, tag = "9")]
+    pub interfaces: Vec<Interface>,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct Filesystem {
+    #[prost(string, tag = "1")]
+    pub mount: String,
+    #[prost(uint32, tag = "4")]
+    #[serde(skip)]
+    pub mount_ref: u32,
+    #[prost(uint64, tag = "2")]
+    pub used_mib: u64,
+    #[prost(uint64, tag = "3")]
+    pub total_mib: u64,
+}
+
+impl Filesystem {
+    /// Use in per mille (0 when the size is unknown).
+    pub fn used_permille(&self) -> u32 {
+        (self.used_mib.saturating_mul(1000))
+            .checked_div(self.total_mib)
+            .unwrap_or(0)
+            .min(1000) as u32
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct Interface {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(uint32, tag = "6")]
+    #[serde(skip)]
+    pub name_ref: u32,
+    #[prost(uint64, tag = "2")]
+    pub rx_bytes: u64,
+    #[prost(uint64, tag = "3")]
+    pub tx_bytes: u64,
+    #[prost(uint64, tag = "4")]
+    pub rx_errors: u64,
+    #[prost(uint64, tag = "5")]
+    pub tx_errors: u64,
+}
+
+/// The QUIC connection's own figures, as the agent sees them.
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct LinkStats {
+    #[prost(uint32, tag = "1")]
+    pub rtt_ms: u32,
+    #[prost(uint64, tag = "2")]
+    pub lost_packets: u64,
+    #[prost(uint64, tag = "3")]
+    pub cwnd_bytes: u64,
+    #[prost(uint64, tag = "4")]
+    pub tx_bytes: u64,
+    #[prost(uint64, tag = "5")]
+    pub rx_bytes: u64,
+    #[prost(uint64, tag = "6")]
+    pub sent_packets: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration, Serialize)]
+#[repr(i32)]
+pub enum Profile {
+    Unknown = 0,
+    IfMib = 1,
+    UpsMib = 2,
+    VsatModem = 3,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration, Serialize)]
+#[repr(i32)]
+pub enum DeviceStatus {
+    Unknown = 0,
+    Ok = 1,
+    /// No answer within the poll timeout.
+    Timeout = 2,
+    /// An answer that could not be used (wrong types, SNMP error, missing OIDs).
+    BadAnswer = 3,
+    /// Could not even send (address, credentials, local error).
+    Error = 4,
+}
+
+/// One polled device (SNMP).
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct Device {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(uint32, tag = "8")]
+    #[serde(skip)]
+    pub name_ref: u32,
+    #[prost(enumeration = "Profile", tag = "2")]
+    #[serde(serialize_with = "ser_profile")]
+    pub profile: i32,
+    #[prost(enumeration = "DeviceStatus", tag = "3")]
+    #[serde(serialize_with = "ser_status")]
+    pub status: i32,
+    #[prost(string, tag = "4")]
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub error: String,
+    #[prost(message, repeated, tag = "5")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<DeviceInterface>,
+    #[prost(message, optional, tag = "6")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ups: Option<Ups>,
+    #[prost(message, optional, tag = "7")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub modem: Option<Modem>,
+}
+
+fn ser_profile<S: serde::Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(match Profile::try_from(*v).unwrap_or(Profile::Unknown) {
+        Profile::Unknown => "unknown",
+        Profile::IfMib => "if-mib",
+        Profile::UpsMib => "ups-mib",
+        Profile::VsatModem => "vsat-modem",
+    })
+}
+
+fn ser_status<S: serde::Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(match DeviceStatus::try_from(*v).unwrap_or(DeviceStatus::Unknown) {
+        DeviceStatus::Unknown => "unknown",
+        DeviceStatus::Ok => "ok",
+        DeviceStatus::Timeout => "timeout",
+        DeviceStatus::BadAnswer => "bad-answer",
+        DeviceStatus::Error => "error",
+    })
+}
+
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct DeviceInterface {
+    #[prost(uint32, tag = "1")]
+    pub index: u32,
+    #[prost(string, tag = "2")]
+    pub name: String,
+    #[prost(uint32, tag = "8")]
+    #[serde(skip)]
+    pub name_ref: u32,
+    #[prost(bool, tag = "3")]
+    pub oper_up: bool,
+    #[prost(uint64, tag = "4")]
+    pub in_octets: u64,
+    #[prost(uint64, tag = "5")]
+    pub out_octets: u64,
+    #[prost(uint64, tag = "6")]
+    pub in_errors: u64,
+    #[prost(uint64, tag = "7")]
+    pub out_errors: u64,
+}
+
+/// RFC 1628 UPS figures.
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct Ups {
+    #[prost(bool, tag = "1")]
+    pub on_battery: bool,
+    #[prost(uint32, tag = "2")]
+    pub charge_pct: u32,
+    #[prost(uint32, tag = "3")]
+    pub runtime_s: u32,
+}
+
+/// Satellite modem figures (vendor OIDs come from the agent's config).
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct Modem {
+    #[prost(sint32, tag = "1")]
+    pub esno_db_x10: i32,
+    #[prost(sint32, tag = "2")]
+    pub rx_level_dbm_x10: i32,
+    #[prost(string, tag = "3")]
+    pub modcod: String,
+    #[prost(uint32, tag = "5")]
+    #[serde(skip)]
+    pub modcod_ref: u32,
+    #[prost(sint32, tag = "4")]
+    pub tx_power_dbm_x10: i32,
+}
