@@ -1,0 +1,79 @@
+//! Length-prefixed protocol frames over a QUIC stream. A frame above the protocol's limit is
+//! refused before its body is buffered.
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tiandi_proto::{Body, MAX_FRAME};
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+
+use crate::LinkError;
+
+fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .length_field_length(4)
+        .max_frame_length(MAX_FRAME)
+        .new_codec()
+}
+
+pub struct FrameWriter {
+    inner: FramedWrite<quinn::SendStream, LengthDelimitedCodec>,
+}
+
+pub struct FrameReader {
+    inner: FramedRead<quinn::RecvStream, LengthDelimitedCodec>,
+}
+
+impl FrameWriter {
+    pub fn new(stream: quinn::SendStream) -> Self {
+        Self {
+            inner: FramedWrite::new(stream, codec()),
+        }
+    }
+    pub async fn send(&mut self, body: Body) -> Result<(), LinkError> {
+        self.send_raw(tiandi_proto::encode(body)).await
+    }
+    /// Sends an already-encoded frame body.
+    pub async fn send_raw(&mut self, frame: Bytes) -> Result<(), LinkError> {
+        self.inner
+            .send(frame)
+            .await
+            .map_err(|e| LinkError::Stream(e.to_string()))
+    }
+    /// Queues a frame without flushing (call [`flush`](Self::flush) after a batch).
+    pub async fn feed(&mut self, body: Body) -> Result<(), LinkError> {
+        self.inner
+            .feed(tiandi_proto::encode(body))
+            .await
+            .map_err(|e| LinkError::Stream(e.to_string()))
+    }
+    pub async fn flush(&mut self) -> Result<(), LinkError> {
+        SinkExt::<Bytes>::flush(&mut self.inner)
+            .await
+            .map_err(|e: std::io::Error| LinkError::Stream(e.to_string()))
+    }
+    pub fn stream_mut(&mut self) -> &mut quinn::SendStream {
+        self.inner.get_mut()
+    }
+}
+
+impl FrameReader {
+    pub fn new(stream: quinn::RecvStream) -> Self {
+        Self {
+            inner: FramedRead::new(stream, codec()),
+        }
+    }
+    /// The next message, or `None` when the peer finished the stream.
+    pub async fn recv(&mut self) -> Result<Option<Body>, LinkError> {
+        match self.inner.next().await {
+            None => Ok(None),
+            Some(Ok(frame)) => Ok(Some(tiandi_proto::decode(&frame)?)),
+            Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                Err(LinkError::Proto(tiandi_proto::ProtoError::Oversized(0)))
+            }
+            Some(Err(e)) => Err(LinkError::Stream(e.to_string())),
+        }
+    }
+    pub fn stream_mut(&mut self) -> &mut quinn::RecvStream {
+        self.inner.get_mut()
+    }
+}

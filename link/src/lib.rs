@@ -1,0 +1,139 @@
+//! Tiandi's QUIC links, shared by the agent and the controller: the site CA and site identities
+//! ([`pki`]), mutual-TLS configurations ([`tls`]), transport profiles for GEO/LEO/terrestrial
+//! links ([`transport`]), and length-prefixed protocol frames over QUIC streams ([`framed`]).
+
+pub mod framed;
+pub mod pki;
+pub mod tls;
+pub mod transport;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use framed::{FrameReader, FrameWriter};
+pub use pki::{Ca, SiteIdentity};
+pub use transport::LinkProfile;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("certificate: {0}")]
+    Pki(String),
+    #[error("{0}")]
+    BadName(String),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("QUIC endpoint: {0}")]
+    Endpoint(std::io::Error),
+    #[error("connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("connection: {}", describe_close(.0))]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("protocol: {0}")]
+    Proto(#[from] tiandi_proto::ProtoError),
+    #[error("stream: {0}")]
+    Stream(String),
+    #[error("refused by peer (code {code}): {reason}")]
+    Refused { code: u32, reason: String },
+}
+
+impl LinkError {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        LinkError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+    /// Whether trying again later can help (a refusal for identity or version cannot).
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            LinkError::Refused { code, .. } => matches!(
+                *code,
+                tiandi_proto::codes::IDENTITY
+                    | tiandi_proto::codes::REVOKED
+                    | tiandi_proto::codes::VERSION
+            ),
+            LinkError::Connection(quinn::ConnectionError::TransportError(_)) => false,
+            LinkError::Connection(quinn::ConnectionError::ConnectionClosed(c)) => {
+                // TLS alerts: certificate revoked (44), access denied (49), bad certificate (42),
+                // certificate expired (45), unknown CA (48).
+                let code = u64::from(c.error_code);
+                matches!(code, 0x12a | 0x12c | 0x12d | 0x130 | 0x131)
+            }
+            LinkError::Pki(_) | LinkError::Tls(_) | LinkError::BadName(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Human-readable reason for a closed connection, with TLS alerts named.
+fn describe_close(e: &quinn::ConnectionError) -> String {
+    if let quinn::ConnectionError::ConnectionClosed(c) = e {
+        let code = u64::from(c.error_code);
+        let alert = match code {
+            0x12a => Some("bad certificate"),
+            0x12c => Some("certificate revoked"),
+            0x12d => Some("certificate expired"),
+            0x130 => Some("unknown certificate authority"),
+            0x131 => Some("access denied (certificate not accepted by the controller)"),
+            0x174 => Some("certificate required"),
+            _ => None,
+        };
+        if let Some(a) = alert {
+            return format!("refused during handshake: {a} ({e})");
+        }
+    }
+    e.to_string()
+}
+
+/// Reads the verified site identity of a connection's peer (server side).
+pub fn peer_identity(conn: &quinn::Connection) -> Option<SiteIdentity> {
+    let any = conn.peer_identity()?;
+    let certs = any
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    pki::identity_from_der(certs.first()?).ok()
+}
+
+/// A server endpoint with the given TLS and transport.
+pub fn server_endpoint(
+    addr: SocketAddr,
+    tls: rustls::ServerConfig,
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<quinn::Endpoint, LinkError> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| LinkError::Tls(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(transport);
+    // Address validation costs a round trip on a 600 ms link; admission control happens in
+    // the controller instead.
+    cfg.migration(true);
+    quinn::Endpoint::server(cfg, addr).map_err(LinkError::Endpoint)
+}
+
+/// A client configuration from TLS and transport.
+pub fn client_config(
+    tls: rustls::ClientConfig,
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<quinn::ClientConfig, LinkError> {
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| LinkError::Tls(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(transport);
+    Ok(cfg)
+}
+
+/// A client endpoint bound to an ephemeral port of the right address family.
+pub fn client_endpoint(server: SocketAddr) -> Result<quinn::Endpoint, LinkError> {
+    let bind: SocketAddr = if server.is_ipv6() {
+        "[::]:0".parse().expect("literal address")
+    } else {
+        "0.0.0.0:0".parse().expect("literal address")
+    };
+    quinn::Endpoint::client(bind).map_err(LinkError::Endpoint)
+}

@@ -1,0 +1,296 @@
+//! The site CA: one self-signed CA per controller, the controller's server certificate, and
+//! site certificates signed from a CSR (the site's private key never leaves the site).
+//!
+//! A site certificate names the site in its subject: CN = site ID, ST = province code. The
+//! controller reads identities only from verified certificates, never from messages.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use time::OffsetDateTime;
+
+use crate::LinkError;
+
+/// The TLS server name every controller certificate carries and every agent checks.
+pub const CONTROLLER_NAME: &str = "tiandi-controller";
+
+/// Who a verified certificate belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SiteIdentity {
+    pub site_id: String,
+    pub province: String,
+    /// Certificate serial number, hex.
+    pub serial: String,
+    /// Expiry, Unix seconds.
+    pub not_after: i64,
+}
+
+/// A certificate the CA issued.
+#[derive(Clone, Debug)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub identity: SiteIdentity,
+}
+
+/// Site IDs and province codes: 1–64 of `[A-Za-z0-9._-]`.
+pub fn validate_name(what: &str, s: &str) -> Result<(), LinkError> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(LinkError::BadName(format!(
+            "{what} {s:?}: use 1-64 letters, digits, '.', '_' or '-'"
+        )))
+    }
+}
+
+fn pki(e: rcgen::Error) -> LinkError {
+    LinkError::Pki(e.to_string())
+}
+
+fn random_serial() -> SerialNumber {
+    let mut b: [u8; 16] = rand::random();
+    b[0] &= 0x7f; // positive
+    b[0] |= 0x01; // no leading zero byte, so the hex form is stable
+    SerialNumber::from_slice(&b)
+}
+
+fn offset(t: SystemTime) -> OffsetDateTime {
+    OffsetDateTime::from(t)
+}
+
+/// SHA-256 of a DER certificate, hex: how an enrollment token pins the controller's CA.
+pub fn fingerprint(der: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, der))
+}
+
+pub struct Ca {
+    cert_pem: String,
+    cert_der: CertificateDer<'static>,
+    key: KeyPair,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca")
+            .field("fingerprint", &self.fingerprint())
+            .finish()
+    }
+}
+
+impl Ca {
+    /// A new CA, valid for 20 years.
+    pub fn generate(name: &str) -> Result<Ca, LinkError> {
+        let key = KeyPair::generate().map_err(pki)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        dn.push(DnType::OrganizationName, "Tiandi");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.serial_number = Some(random_serial());
+        let now = SystemTime::now();
+        params.not_before = offset(now - Duration::from_secs(3600));
+        params.not_after = offset(now + Duration::from_secs(20 * 365 * 86400));
+        let cert = params.self_signed(&key).map_err(pki)?;
+        Ok(Ca {
+            cert_pem: cert.pem(),
+            cert_der: cert.der().clone(),
+            key,
+        })
+    }
+
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Ca, LinkError> {
+        let key = KeyPair::from_pem(key_pem).map_err(pki)?;
+        let cert_der = crate::tls::certs_from_pem(cert_pem)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| LinkError::Pki("CA file holds no certificate".into()))?;
+        Ok(Ca {
+            cert_pem: cert_pem.to_string(),
+            cert_der,
+            key,
+        })
+    }
+
+    /// Loads `ca.pem` + `ca.key` from `dir`, creating them on first use (key file mode 0600).
+    pub fn load_or_create(dir: &Path) -> Result<Ca, LinkError> {
+        let cert_path = dir.join("ca.pem");
+        let key_path = dir.join("ca.key");
+        if cert_path.exists() {
+            let cert = std::fs::read_to_string(&cert_path)
+                .map_err(|e| LinkError::io(&cert_path, e))?;
+            let key =
+                std::fs::read_to_string(&key_path).map_err(|e| LinkError::io(&key_path, e))?;
+            return Ca::from_pem(&cert, &key);
+        }
+        std::fs::create_dir_all(dir).map_err(|e| LinkError::io(dir, e))?;
+        let ca = Ca::generate("Tiandi site CA")?;
+        write_private(&key_path, &ca.key.serialize_pem())?;
+        std::fs::write(&cert_path, &ca.cert_pem).map_err(|e| LinkError::io(&cert_path, e))?;
+        Ok(ca)
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.cert_der)
+    }
+
+    fn issuer(&self) -> Result<Issuer<'static, &KeyPair>, LinkError> {
+        Issuer::from_ca_cert_der(&self.cert_der, &self.key).map_err(pki)
+    }
+
+    /// The controller's server certificate chain (leaf, CA) and key, freshly generated.
+    pub fn issue_controller(
+        &self,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), LinkError> {
+        let key = KeyPair::generate().map_err(pki)?;
+        let mut params = CertificateParams::new(vec![CONTROLLER_NAME.to_string()]).map_err(pki)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, CONTROLLER_NAME);
+        params.distinguished_name = dn;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.serial_number = Some(random_serial());
+        let now = SystemTime::now();
+        params.not_before = offset(now - Duration::from_secs(3600));
+        params.not_after = offset(now + Duration::from_secs(2 * 365 * 86400));
+        let cert = params.signed_by(&key, &self.issuer()?).map_err(pki)?;
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        Ok((vec![cert.der().clone(), self.cert_der.clone()], key_der))
+    }
+
+    /// Signs a site's CSR. The subject comes from the controller (the token's site and
+    /// province), never from the CSR; only the CSR's public key is used.
+    pub fn sign_site(
+        &self,
+        csr_pem: &str,
+        site_id: &str,
+        province: &str,
+        validity: Duration,
+    ) -> Result<Issued, LinkError> {
+        validate_name("site ID", site_id)?;
+        validate_name("province", province)?;
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| LinkError::Pki(format!("bad certificate request: {e}")))?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, site_id);
+        dn.push(DnType::StateOrProvinceName, province);
+        dn.push(DnType::OrganizationName, "Tiandi site");
+        params.distinguished_name = dn;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.serial_number = Some(random_serial());
+        let now = SystemTime::now();
+        params.not_before = offset(now - Duration::from_secs(300));
+        params.not_after = offset(now + validity);
+        let cert = params
+            .signed_by(&csr.public_key, &self.issuer()?)
+            .map_err(pki)?;
+        let identity = identity_from_der(cert.der())?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            identity,
+        })
+    }
+}
+
+/// A new key and CSR for a site. The key stays with the caller (the agent's data dir).
+pub fn site_key_and_csr(site_id: &str) -> Result<(String, String), LinkError> {
+    let key = KeyPair::generate().map_err(pki)?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, site_id);
+    params.distinguished_name = dn;
+    let csr = params.serialize_request(&key).map_err(pki)?;
+    Ok((key.serialize_pem(), csr.pem().map_err(pki)?))
+}
+
+/// Reads the site identity out of a (verified) certificate.
+pub fn identity_from_der(der: &[u8]) -> Result<SiteIdentity, LinkError> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der)
+        .map_err(|e| LinkError::Pki(format!("unparsable certificate: {e}")))?;
+    let subject = cert.subject();
+    let first = |it: &mut dyn Iterator<Item = &AttributeTypeAndValue>| -> Option<String> {
+        it.next().and_then(|a| a.as_str().ok()).map(str::to_string)
+    };
+    let site_id = first(&mut subject.iter_common_name())
+        .ok_or_else(|| LinkError::Pki("certificate has no site ID (CN)".into()))?;
+    let province = first(&mut subject.iter_state_or_province()).unwrap_or_default();
+    Ok(SiteIdentity {
+        site_id,
+        province,
+        serial: hex::encode(cert.raw_serial()),
+        not_after: cert.validity().not_after.timestamp(),
+    })
+}
+
+/// Writes a secret file readable only by its owner.
+pub fn write_private(path: &Path, contents: &str) -> Result<(), LinkError> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    opts.mode(0o600);
+    let mut f = opts.open(path).map_err(|e| LinkError::io(path, e))?;
+    f.write_all(contents.as_bytes())
+        .map_err(|e| LinkError::io(path, e))
+}
+
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn site_certificate_carries_identity_from_the_ca_not_the_csr() {
+        let ca = Ca::generate("test").unwrap();
+        let (_key, csr) = site_key_and_csr("someone-else").unwrap();
+        let issued = ca
+            .sign_site(&csr, "site-0042", "GD", Duration::from_secs(3600))
+            .unwrap();
+        assert_eq!(issued.identity.site_id, "site-0042");
+        assert_eq!(issued.identity.province, "GD");
+        assert_eq!(issued.identity.serial.len(), 32);
+        assert!(issued.identity.not_after > unix_now());
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("site ID", "site-01.a_b").is_ok());
+        assert!(validate_name("site ID", "").is_err());
+        assert!(validate_name("site ID", "a/b").is_err());
+        assert!(validate_name("site ID", &"x".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn ca_persists() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Ca::load_or_create(dir.path()).unwrap();
+        let b = Ca::load_or_create(dir.path()).unwrap();
+        assert_eq!(a.fingerprint(), b.fingerprint());
+    }
+}
