@@ -2,6 +2,8 @@
 //! ([`pki`]), mutual-TLS configurations ([`tls`]), transport profiles for GEO/LEO/terrestrial
 //! links ([`transport`]), and length-prefixed protocol frames over QUIC streams ([`framed`]).
 
+pub mod config;
+pub mod enroll;
 pub mod framed;
 pub mod pki;
 pub mod tls;

@@ -9,6 +9,7 @@
 mod merge;
 mod messages;
 pub mod names;
+pub mod series;
 
 pub use merge::merge;
 pub use messages::*;

@@ -1,0 +1,285 @@
+//! The JSON API (dashboard, scripts, the CLI's admin commands) and the ops listener
+//! (`/metrics`, `/health`).
+//!
+//! Admin routes (`/api/admin/*`) need `Authorization: Bearer <data_dir/admin.token>`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::Stream;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+
+use crate::sites::Status;
+use crate::{Core, now_ms};
+
+pub struct AppError(StatusCode, String);
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn bad(msg: impl Into<String>) -> AppError {
+    AppError(StatusCode::BAD_REQUEST, msg.into())
+}
+fn not_found(msg: impl Into<String>) -> AppError {
+    AppError(StatusCode::NOT_FOUND, msg.into())
+}
+fn internal(e: impl std::fmt::Display) -> AppError {
+    AppError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+type ApiResult = Result<Json<Value>, AppError>;
+
+pub fn router(core: Arc<Core>) -> Router {
+    Router::new()
+        .route("/api/sites", get(list_sites))
+        .route("/api/sites/{id}", get(one_site))
+        .route("/api/sites/{id}/history", get(history))
+        .route("/api/alarms", get(alarms))
+        .route("/api/stream", get(stream))
+        .route("/api/admin/enroll", post(admin_enroll))
+        .route("/api/admin/revoke", post(admin_revoke))
+        .route("/api/admin/registry", get(admin_registry))
+        .with_state(core)
+}
+
+pub fn ops_router(core: Arc<Core>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health", get(|| async { "ok\n" }))
+        .with_state(core)
+}
+
+#[derive(Deserialize)]
+struct SitesQuery {
+    province: Option<String>,
+    status: Option<String>,
+}
+
+async fn list_sites(State(core): State<Arc<Core>>, Query(q): Query<SitesQuery>) -> ApiResult {
+    let status = match q.status.as_deref() {
+        None => None,
+        Some(s) => Some(Status::parse(s).ok_or_else(|| {
+            bad(format!(
+                "unknown status {s:?} (up, degraded, down, rain-fade, on-battery, disk-full)"
+            ))
+        })?),
+    };
+    let mut list: Vec<Value> = core.sites.with_all(|all| {
+        all.filter(|s| q.province.as_deref().is_none_or(|p| s.province == p))
+            .filter(|s| status.is_none_or(|st| s.status == st))
+            .map(|s| serde_json::to_value(s).unwrap_or(Value::Null))
+            .collect()
+    });
+    list.sort_by(|a, b| a["site_id"].as_str().cmp(&b["site_id"].as_str()));
+    Ok(Json(json!({ "count": list.len(), "sites": list })))
+}
+
+async fn one_site(State(core): State<Arc<Core>>, Path(id): Path<String>) -> ApiResult {
+    let s = core
+        .sites
+        .get(&id)
+        .ok_or_else(|| not_found(format!("no site {id:?}")))?;
+    let mut v = serde_json::to_value(&s).map_err(internal)?;
+    v["latest"] = serde_json::to_value(&s.latest).map_err(internal)?;
+    v["metrics"] = json!(
+        s.latest
+            .as_ref()
+            .map(|r| tiandi_proto::series::series(r)
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect::<Vec<_>>())
+            .unwrap_or_default()
+    );
+    Ok(Json(v))
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    metric: String,
+    from: Option<i64>,
+    to: Option<i64>,
+    limit: Option<usize>,
+}
+
+async fn history(
+    State(core): State<Arc<Core>>,
+    Path(id): Path<String>,
+    Query(q): Query<HistoryQuery>,
+) -> ApiResult {
+    if core.sites.get(&id).is_none() {
+        return Err(not_found(format!("no site {id:?}")));
+    }
+    let to = q.to.unwrap_or_else(now_ms);
+    let from = q.from.unwrap_or(to - 3_600_000);
+    if from > to {
+        return Err(bad("`from` is after `to`"));
+    }
+    let limit = q.limit.unwrap_or(10_000).min(100_000);
+    let store = core.store.clone();
+    let reports = tokio::task::spawn_blocking(move || store.history(&id, from, to, limit))
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+    let points: Vec<Value> = reports
+        .iter()
+        .filter_map(|r| {
+            tiandi_proto::series::value(r, &q.metric).map(|v| {
+                if r.samples > 1 {
+                    json!([r.taken_ms, v, r.span_ms, r.samples])
+                } else {
+                    json!([r.taken_ms, v])
+                }
+            })
+        })
+        .collect();
+    Ok(Json(
+        json!({ "metric": q.metric, "from": from, "to": to, "points": points }),
+    ))
+}
+
+#[derive(Deserialize)]
+struct AlarmsQuery {
+    since: Option<i64>,
+    limit: Option<usize>,
+    site: Option<String>,
+    province: Option<String>,
+}
+
+async fn alarms(State(core): State<Arc<Core>>, Query(q): Query<AlarmsQuery>) -> ApiResult {
+    let limit = q.limit.unwrap_or(1000).min(100_000);
+    let since = q.since.unwrap_or(0);
+    let (site, province) = (q.site.clone(), q.province.clone());
+    let store = core.store.clone();
+    let log = tokio::task::spawn_blocking(move || store.alarms(since, usize::MAX))
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+    let keep = |s: &str, p: &str| {
+        site.as_deref().is_none_or(|x| x == s) && province.as_deref().is_none_or(|x| x == p)
+    };
+    let log: Vec<_> = log
+        .into_iter()
+        .filter(|e| keep(&e.site_id, &e.province))
+        .collect();
+    let log = &log[log.len().saturating_sub(limit)..];
+    let active: Vec<Value> = core.sites.with_all(|all| {
+        all.filter(|s| keep(&s.site_id, &s.province))
+            .flat_map(|s| {
+                s.conditions.iter().map(move |c| {
+                    json!({"site_id": s.site_id, "province": s.province,
+                           "alarm": c.condition, "detail": c.detail, "since_ms": c.since_ms})
+                })
+            })
+            .collect()
+    });
+    Ok(Json(json!({ "active": active, "log": log })))
+}
+
+async fn stream(
+    State(core): State<Arc<Core>>,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let rx = BroadcastStream::new(core.events.subscribe());
+    let s = rx.map(|item| {
+        Ok(match item {
+            Ok(ev) => SseEvent::default()
+                .json_data(&ev)
+                .unwrap_or_else(|_| SseEvent::default().comment("unencodable event")),
+            Err(BroadcastStreamRecvError::Lagged(n)) => {
+                SseEvent::default().event("lagged").data(n.to_string())
+            }
+        })
+    });
+    Sse::new(s).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+fn check_admin(core: &Core, headers: &HeaderMap) -> Result<(), AppError> {
+    let got = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Compare digests, so the comparison's timing says nothing about the token.
+    let digest = |s: &str| ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
+    if digest(got).as_ref() == digest(&core.admin_token).as_ref() {
+        Ok(())
+    } else {
+        Err(AppError(
+            StatusCode::UNAUTHORIZED,
+            "admin token required (Authorization: Bearer <data_dir/admin.token>)".into(),
+        ))
+    }
+}
+
+#[derive(Deserialize)]
+struct EnrollBody {
+    site_id: String,
+    province: String,
+    ttl_hours: Option<u32>,
+}
+
+async fn admin_enroll(
+    State(core): State<Arc<Core>>,
+    headers: HeaderMap,
+    Json(b): Json<EnrollBody>,
+) -> ApiResult {
+    check_admin(&core, &headers)?;
+    let ttl = Duration::from_secs(u64::from(b.ttl_hours.unwrap_or(core.config.token_hours)) * 3600);
+    let t = core
+        .registry
+        .create_token(&b.site_id, &b.province, ttl)
+        .map_err(|e| bad(e.to_string()))?;
+    Ok(Json(json!({
+        "token": t.token, "site_id": t.site_id, "province": t.province, "expires_at": t.expires_at
+    })))
+}
+
+#[derive(Deserialize)]
+struct RevokeBody {
+    site_id: String,
+}
+
+async fn admin_revoke(
+    State(core): State<Arc<Core>>,
+    headers: HeaderMap,
+    Json(b): Json<RevokeBody>,
+) -> ApiResult {
+    check_admin(&core, &headers)?;
+    let rec = core.registry.revoke(&b.site_id).map_err(|e| match e {
+        crate::registry::RegistryError::UnknownSite(_) => not_found(e.to_string()),
+        other => internal(other),
+    })?;
+    let disconnected = core.disconnect(
+        &b.site_id,
+        tiandi_proto::codes::REVOKED,
+        "site certificate revoked",
+    );
+    tracing::warn!(site = %b.site_id, disconnected, "Site revoked.");
+    Ok(Json(json!({ "revoked": rec, "disconnected": disconnected })))
+}
+
+async fn admin_registry(State(core): State<Arc<Core>>, headers: HeaderMap) -> ApiResult {
+    check_admin(&core, &headers)?;
+    Ok(Json(json!({ "sites": core.registry.list() })))
+}
+
+async fn metrics(State(core): State<Arc<Core>>) -> impl IntoResponse {
+    let body = core.metrics.render(&core.sites, core.wire_totals(), now_ms());
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        body,
+    )
+}

@@ -1,0 +1,136 @@
+//! Controller configuration: TOML file + flags (flag > file > default). See
+//! `config/controller.example.toml` for every key with comments.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use tiandi_link::LinkProfile;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the CA, the registry and the history live.
+    pub data_dir: PathBuf,
+    /// QUIC listener for agents (UDP).
+    pub quic_listen: SocketAddr,
+    /// JSON API (HTTP).
+    pub api_listen: SocketAddr,
+    /// Prometheus `/metrics` and `/health` (HTTP), separate from the API.
+    pub ops_listen: SocketAddr,
+    /// Log filter (`RUST_LOG` overrides).
+    pub log: String,
+    /// Transport profile of agent connections (`geo`, `leo`, `terrestrial`).
+    pub profile: LinkProfile,
+    /// Days of history kept per site.
+    pub history_days: u32,
+    /// How long an enrolled site's certificate stays valid.
+    pub cert_days: u32,
+    /// How long an enrollment token can be redeemed.
+    pub token_hours: u32,
+    pub admission: Admission,
+    pub thresholds: Thresholds,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admission {
+    /// New connections admitted per second (a token bucket). After a restart, thousands of
+    /// agents come back at once: those over the rate wait; beyond `max_pending` they are
+    /// refused and retry later with jittered backoff.
+    pub handshakes_per_s: u32,
+    /// Burst of the token bucket.
+    pub burst: u32,
+    /// Connections waiting for admission before new ones are refused.
+    pub max_pending: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Thresholds {
+    /// A site is `down` after this many report intervals without a report.
+    pub down_after_intervals: u32,
+    /// Modem Es/No (dB) below which a site with a healthy host is in `rain-fade`.
+    pub rain_fade_esno_db: f64,
+    /// Any filesystem used at or above this percentage is `disk-full`.
+    pub disk_full_pct: f64,
+    /// CPU at or above this percentage makes a site `degraded`.
+    pub cpu_degraded_pct: f64,
+    /// Memory at or above this percentage makes a site `degraded`.
+    pub mem_degraded_pct: f64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("tiandi-data/controller"),
+            quic_listen: "0.0.0.0:4433".parse().expect("literal"),
+            api_listen: "127.0.0.1:8440".parse().expect("literal"),
+            ops_listen: "127.0.0.1:9440".parse().expect("literal"),
+            log: "info".into(),
+            profile: LinkProfile::Geo,
+            history_days: 30,
+            cert_days: 365,
+            token_hours: 72,
+            admission: Admission::default(),
+            thresholds: Thresholds::default(),
+        }
+    }
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Admission {
+            handshakes_per_s: 400,
+            burst: 200,
+            max_pending: 8192,
+        }
+    }
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            down_after_intervals: 3,
+            rain_fade_esno_db: 5.0,
+            disk_full_pct: 95.0,
+            cpu_degraded_pct: 95.0,
+            mem_degraded_pct: 95.0,
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &std::path::Path) -> Result<Config, tiandi_link::config::ConfigError> {
+        tiandi_link::config::load_toml(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_matches_defaults() {
+        let text = include_str!("../../config/controller.example.toml");
+        let c: Config = tiandi_link::config::parse_toml("controller.example.toml", text).unwrap();
+        let d = Config::default();
+        assert_eq!(c.quic_listen, d.quic_listen);
+        assert_eq!(c.admission.handshakes_per_s, d.admission.handshakes_per_s);
+        assert_eq!(c.thresholds.rain_fade_esno_db, d.thresholds.rain_fade_esno_db);
+    }
+
+    #[test]
+    fn broken_config_names_the_key() {
+        let e = tiandi_link::config::parse_toml::<Config>(
+            "/etc/tiandi/controller.toml",
+            "[thresholds]\ndisk_full_pct = \"lots\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("/etc/tiandi/controller.toml") && e.contains("thresholds.disk_full_pct"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,315 @@
+//! The Tiandi controller: accepts agents over mutual-TLS QUIC ([`server`]), enrolls sites
+//! ([`enroll`], [`registry`]), stores reports exactly once ([`store`]), keeps every site's live
+//! status and raises alarms ([`sites`]), and serves the JSON API ([`api`]) and Prometheus
+//! metrics ([`metrics`]). [`Controller::start`] wires it together; `main.rs` is a thin CLI.
+
+pub mod api;
+pub mod config;
+
+pub mod enroll;
+pub mod metrics;
+pub mod registry;
+pub mod server;
+pub mod sites;
+pub mod store;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Serialize;
+use tiandi_link::Ca;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use config::Config;
+use metrics::{Metrics, WireTotals};
+use registry::Registry;
+use sites::Sites;
+use store::{AlarmEvent, Store};
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// What the live stream (`/api/stream`) carries.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Event {
+    Report {
+        site_id: String,
+        seq: u64,
+        taken_ms: i64,
+        visible_ms: i64,
+    },
+    Alarm(AlarmEvent),
+}
+
+/// Shared state of a running controller.
+pub struct Core {
+    pub config: Config,
+    pub ca: Ca,
+    pub registry: Arc<Registry>,
+    pub store: Arc<Store>,
+    pub sites: Arc<Sites>,
+    pub metrics: Metrics,
+    /// Live events. Full-buffer policy: a slow subscriber loses the oldest events (it is told
+    /// how many) and never slows ingest down.
+    pub events: broadcast::Sender<Event>,
+    conns: Mutex<HashMap<String, quinn::Connection>>,
+    closed_wire: Mutex<WireTotals>,
+    pub cancel: CancellationToken,
+    pub admin_token: String,
+}
+
+impl Core {
+    /// Registers the live connection of a site; returns the one it replaces.
+    fn register_conn(&self, site: &str, conn: &quinn::Connection) -> Option<quinn::Connection> {
+        self.conns
+            .lock()
+            .expect("conns lock poisoned")
+            .insert(site.to_string(), conn.clone())
+    }
+
+    fn unregister_conn(&self, site: &str, conn: &quinn::Connection) {
+        let mut conns = self.conns.lock().expect("conns lock poisoned");
+        if conns.get(site).map(|c| c.stable_id()) == Some(conn.stable_id()) {
+            conns.remove(site);
+        }
+        self.closed_wire
+            .lock()
+            .expect("wire lock poisoned")
+            .add(&conn.stats());
+    }
+
+    /// UDP totals of every agent connection, open and closed.
+    pub fn wire_totals(&self) -> WireTotals {
+        let mut t = *self.closed_wire.lock().expect("wire lock poisoned");
+        for c in self.conns.lock().expect("conns lock poisoned").values() {
+            t.add(&c.stats());
+        }
+        t
+    }
+
+    /// Closes the live connection of a site (after revocation).
+    pub fn disconnect(&self, site: &str, code: u32, reason: &str) -> bool {
+        if let Some(c) = self.conns.lock().expect("conns lock poisoned").remove(site) {
+            c.close(code.into(), reason.as_bytes());
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn record_alarms(&self, events: Vec<AlarmEvent>) {
+        for ev in events {
+            if ev.state == "raised" {
+                warn!(site = %ev.site_id, alarm = %ev.alarm, detail = %ev.detail, "Alarm raised.");
+            } else {
+                info!(site = %ev.site_id, alarm = %ev.alarm, "Alarm cleared.");
+            }
+            self.metrics
+                .alarm_events
+                .with_label_values(&[ev.alarm.as_str(), ev.state.as_str()])
+                .inc();
+            if let Err(error) = self.store.append_alarm(&ev) {
+                tracing::error!(%error, "Could not write the alarm log.");
+            }
+            let _ = self.events.send(Event::Alarm(ev));
+        }
+    }
+
+    /// Enrolls a site directly (no token): used for the controller's own simulated sites.
+    pub fn issue_direct(
+        &self,
+        site_id: &str,
+        province: &str,
+        csr_pem: &str,
+    ) -> anyhow::Result<tiandi_link::pki::Issued> {
+        let validity = Duration::from_secs(u64::from(self.config.cert_days) * 86400);
+        let issued = self
+            .registry
+            .issue(site_id, province, csr_pem, &self.ca, validity)?;
+        self.sites.insert(site_id, province, None, now_ms());
+        Ok(issued)
+    }
+}
+
+/// A running controller.
+pub struct Controller {
+    pub core: Arc<Core>,
+    pub quic_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    pub ops_addr: SocketAddr,
+    endpoint: quinn::Endpoint,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    db: sled::Db,
+}
+
+impl Controller {
+    pub async fn start(config: Config) -> anyhow::Result<Controller> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+        let ca = Ca::load_or_create(&config.data_dir).context("loading the site CA")?;
+        let db_path = config.data_dir.join("db");
+        let db = sled::Config::new()
+            .path(&db_path)
+            .cache_capacity(64 * 1024 * 1024)
+            .open()
+            .with_context(|| {
+                format!(
+                    "opening {} (is another controller running with this data dir?)",
+                    db_path.display()
+                )
+            })?;
+        let registry = Registry::open(&db, &ca).context("opening the site registry")?;
+        let store = Store::open(&db).context("opening the store")?;
+        let sites = Arc::new(Sites::new(config.thresholds.clone()));
+        let latest = store.latest_all().context("loading latest reports")?;
+        let now = now_ms();
+        for rec in registry.list() {
+            sites.insert(
+                &rec.site_id,
+                &rec.province,
+                latest.get(&rec.site_id).cloned(),
+                now,
+            );
+        }
+        let admin_token = load_admin_token(&config.data_dir)?;
+        let (events, _) = broadcast::channel(16_384);
+        let core = Arc::new(Core {
+            ca,
+            registry: registry.clone(),
+            store: store.clone(),
+            sites,
+            metrics: Metrics::new(),
+            events,
+            conns: Mutex::new(HashMap::new()),
+            closed_wire: Mutex::new(WireTotals::default()),
+            cancel: CancellationToken::new(),
+            admin_token,
+            config,
+        });
+
+        let (chain, key) = core.ca.issue_controller()?;
+        let tls = tiandi_link::tls::server_tls(chain, key, core.ca.cert_der(), registry)?;
+        let endpoint = tiandi_link::server_endpoint(
+            core.config.quic_listen,
+            tls,
+            core.config.profile.transport(),
+        )
+        .with_context(|| format!("binding QUIC listener {}", core.config.quic_listen))?;
+        let quic_addr = endpoint.local_addr()?;
+
+        let api_listener = tokio::net::TcpListener::bind(core.config.api_listen)
+            .await
+            .with_context(|| format!("binding API listener {}", core.config.api_listen))?;
+        let ops_listener = tokio::net::TcpListener::bind(core.config.ops_listen)
+            .await
+            .with_context(|| format!("binding ops listener {}", core.config.ops_listen))?;
+        let api_addr = api_listener.local_addr()?;
+        let ops_addr = ops_listener.local_addr()?;
+
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(server::accept_loop(
+            core.clone(),
+            endpoint.clone(),
+        )));
+        tasks.push(tokio::spawn(store.clone().flush_loop(core.cancel.clone())));
+        tasks.push(tokio::spawn(tick_loop(core.clone())));
+        tasks.push(tokio::spawn(prune_loop(core.clone())));
+        for (listener, router) in [
+            (api_listener, api::router(core.clone())),
+            (ops_listener, api::ops_router(core.clone())),
+        ] {
+            let cancel = core.cancel.clone();
+            tasks.push(tokio::spawn(async move {
+                let r = axum::serve(listener, router)
+                    .with_graceful_shutdown(async move { cancel.cancelled().await })
+                    .await;
+                if let Err(error) = r {
+                    tracing::error!(%error, "HTTP listener failed.");
+                }
+            }));
+        }
+        info!(%quic_addr, %api_addr, %ops_addr, sites = core.sites.len(), ca = %core.ca.fingerprint(), "Controller started.");
+        Ok(Controller {
+            core,
+            quic_addr,
+            api_addr,
+            ops_addr,
+            endpoint,
+            tasks,
+            db,
+        })
+    }
+
+    /// Graceful shutdown: agents are told, the store is flushed, listeners stop.
+    pub async fn shutdown(self) {
+        info!("Shutting down.");
+        self.endpoint
+            .close(tiandi_proto::codes::SHUTDOWN.into(), b"controller shutting down");
+        self.core.cancel.cancel();
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.endpoint.wait_idle()).await;
+        if let Err(error) = self.db.flush_async().await {
+            tracing::error!(%error, "Final flush failed.");
+        }
+        info!("Stopped.");
+    }
+}
+
+fn load_admin_token(dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = dir.join("admin.token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        return Ok(t.trim().to_string());
+    }
+    let t = hex::encode(rand::random::<[u8; 24]>());
+    tiandi_link::pki::write_private(&path, &t)?;
+    Ok(t)
+}
+
+/// Re-evaluates every site each second (a site goes `down` by silence, not by a message).
+async fn tick_loop(core: Arc<Core>) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = core.cancel.cancelled() => break,
+            _ = every.tick() => {}
+        }
+        let events = core.sites.tick(now_ms());
+        core.record_alarms(events);
+    }
+}
+
+/// Deletes history older than the retention, hourly.
+async fn prune_loop(core: Arc<Core>) {
+    let mut every = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            _ = core.cancel.cancelled() => break,
+            _ = every.tick() => {}
+        }
+        let cutoff = now_ms() - i64::from(core.config.history_days) * 86_400_000;
+        let mut removed = 0;
+        for rec in core.registry.list() {
+            match core.store.prune(&rec.site_id, cutoff) {
+                Ok(n) => removed += n,
+                Err(error) => warn!(%error, site = %rec.site_id, "Pruning history failed."),
+            }
+            tokio::task::yield_now().await;
+        }
+        if removed > 0 {
+            info!(removed, "Pruned history beyond retention.");
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! The QUIC side: admission control, enrollment connections, and one session per site
+//! connection (Hello → Welcome → reports in, acknowledgements out once durable).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tiandi_link::{FrameReader, FrameWriter, LinkError, SiteIdentity, tls};
+use tiandi_proto::{Ack, Body, Welcome, codes, names::NameDecoder};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::{Core, Event, now_ms};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Paces admissions at `rate` per second with a burst allowance.
+pub struct Pacer {
+    next: std::sync::Mutex<Instant>,
+    interval: Duration,
+    burst: Duration,
+}
+
+impl Pacer {
+    pub fn new(per_s: u32, burst: u32) -> Pacer {
+        let interval = Duration::from_secs_f64(1.0 / f64::from(per_s.max(1)));
+        Pacer {
+            next: std::sync::Mutex::new(Instant::now()),
+            interval,
+            burst: interval * burst,
+        }
+    }
+
+    /// The instant this admission may proceed.
+    pub fn reserve(&self) -> Instant {
+        let mut next = self.next.lock().expect("pacer lock poisoned");
+        let now = Instant::now();
+        let earliest = now.checked_sub(self.burst).unwrap_or(now);
+        let at = (*next).max(earliest);
+        *next = at + self.interval;
+        at
+    }
+}
+
+pub async fn accept_loop(core: Arc<Core>, endpoint: quinn::Endpoint) {
+    let pacer = Arc::new(Pacer::new(
+        core.config.admission.handshakes_per_s,
+        core.config.admission.burst,
+    ));
+    let pending = Arc::new(AtomicUsize::new(0));
+    loop {
+        let incoming = tokio::select! {
+            _ = core.cancel.cancelled() => break,
+            i = endpoint.accept() => match i { Some(i) => i, None => break },
+        };
+        if pending.load(Ordering::Relaxed) >= core.config.admission.max_pending {
+            core.metrics.refused.with_label_values(&["overload"]).inc();
+            incoming.refuse();
+            continue;
+        }
+        pending.fetch_add(1, Ordering::Relaxed);
+        core.metrics.pending_admission.inc();
+        let (core, pacer, pending) = (core.clone(), pacer.clone(), pending.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep_until(pacer.reserve().into()).await;
+            pending.fetch_sub(1, Ordering::Relaxed);
+            core.metrics.pending_admission.dec();
+            let remote = incoming.remote_address();
+            let connecting = match incoming.accept() {
+                Ok(c) => c,
+                Err(error) => {
+                    debug!(%remote, %error, "Incoming connection failed.");
+                    return;
+                }
+            };
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+                Ok(Ok(conn)) => {
+                    core.metrics.handshakes.inc();
+                    handle(core, conn).await
+                }
+                Ok(Err(error)) => {
+                    core.metrics.refused.with_label_values(&["handshake"]).inc();
+                    info!(%remote, %error, "Handshake failed.");
+                }
+                Err(_) => debug!(%remote, "Handshake timed out."),
+            }
+        });
+    }
+}
+
+async fn handle(core: Arc<Core>, conn: quinn::Connection) {
+    let alpn = conn
+        .handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol);
+    match alpn.as_deref() {
+        Some(p) if p == tls::ALPN_ENROLL => crate::enroll::serve(core, conn).await,
+        Some(p) if p == tls::ALPN_SITE => site_connection(core, conn).await,
+        _ => conn.close(codes::PROTOCOL.into(), b"unknown application protocol"),
+    }
+}
+
+fn refuse(core: &Core, conn: &quinn::Connection, code: u32, reason: &str, label: &str) {
+    core.metrics.refused.with_label_values(&[label]).inc();
+    warn!(code, reason, "Closing connection.");
+    conn.close(code.into(), reason.as_bytes());
+}
+
+async fn site_connection(core: Arc<Core>, conn: quinn::Connection) {
+    let remote = conn.remote_address();
+    let Some(id) = tiandi_link::peer_identity(&conn) else {
+        refuse(
+            &core,
+            &conn,
+            codes::IDENTITY,
+            "a site certificate is required (enroll first)",
+            "identity",
+        );
+        return;
+    };
+    // The TLS verifier checked the registry already; check again in case the site was revoked
+    // between the handshake and now.
+    if let Err(r) = tiandi_link::tls::CertPolicy::check(core.registry.as_ref(), &id) {
+        refuse(
+            &core,
+            &conn,
+            codes::REVOKED,
+            &format!("certificate not accepted: {r:?}"),
+            "revoked",
+        );
+        return;
+    }
+    let span = info_span!("site", site = %id.site_id, %remote);
+    async move {
+        if let Some(old) = core.register_conn(&id.site_id, &conn) {
+            old.close(codes::SHUTDOWN.into(), b"superseded by a newer connection of this site");
+        }
+        core.metrics.connections.inc();
+        let result = session(&core, &conn, &id).await;
+        core.metrics.connections.dec();
+        core.unregister_conn(&id.site_id, &conn);
+        core.sites.set_connected(&id.site_id, false, None);
+        match result {
+            Ok(()) => debug!("Session ended."),
+            Err(SessionError::Closed(e)) => debug!(error = %e, "Connection closed."),
+            Err(SessionError::Refuse(code, reason, label)) => {
+                if code == codes::PROTOCOL || code == codes::VERSION {
+                    core.metrics.protocol_errors.inc();
+                }
+                refuse(&core, &conn, code, &reason, label);
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+enum SessionError {
+    Closed(String),
+    Refuse(u32, String, &'static str),
+}
+
+impl From<LinkError> for SessionError {
+    fn from(e: LinkError) -> Self {
+        match e {
+            LinkError::Proto(p) => SessionError::Refuse(p.code(), p.to_string(), "protocol"),
+            other => SessionError::Closed(other.to_string()),
+        }
+    }
+}
+
+async fn session(
+    core: &Arc<Core>,
+    conn: &quinn::Connection,
+    id: &SiteIdentity,
+) -> Result<(), SessionError> {
+    let (send, recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
+        .await
+        .map_err(|_| SessionError::Closed("no report stream opened in time".into()))?
+        .map_err(|e| SessionError::Closed(e.to_string()))?;
+    let mut writer = FrameWriter::new(send);
+    let mut reader = FrameReader::new(recv);
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, reader.recv()).await {
+        Err(_) => return Err(SessionError::Closed("no Hello in time".into())),
+        Ok(r) => match r? {
+            Some(Body::Hello(h)) => h,
+            Some(other) => {
+                return Err(SessionError::Refuse(
+                    codes::PROTOCOL,
+                    format!("expected Hello, got {}", other.kind()),
+                    "protocol",
+                ));
+            }
+            None => return Err(SessionError::Closed("stream ended before Hello".into())),
+        },
+    };
+    if let Err(e) = tiandi_proto::check_version(hello.major, hello.minor) {
+        return Err(SessionError::Refuse(codes::VERSION, e.to_string(), "version"));
+    }
+    if hello.site_id != id.site_id {
+        return Err(SessionError::Refuse(
+            codes::IDENTITY,
+            format!(
+                "this connection's certificate is for site {}, but it claims to be {}",
+                id.site_id, hello.site_id
+            ),
+            "identity",
+        ));
+    }
+    let state = core
+        .store
+        .seq_state(&id.site_id)
+        .map_err(|e| SessionError::Refuse(codes::INTERNAL, e.to_string(), "internal"))?;
+    writer
+        .send(Body::Welcome(Welcome {
+            major: tiandi_proto::MAJOR,
+            minor: tiandi_proto::MINOR,
+            acked_through: state.acked_through,
+            acked_ranges: state.to_ranges(),
+            server_time_ms: now_ms(),
+        }))
+        .await?;
+    let interval_ms = i64::from(hello.interval_ms.max(1000));
+    core.sites.set_connected(&id.site_id, true, Some(interval_ms));
+    info!(agent = %hello.agent_version, version = format!("{}.{}", hello.major, hello.minor), acked_through = state.acked_through, "Site connected.");
+
+    let mut names = NameDecoder::default();
+    let mut flushed = core.store.subscribe_flushed();
+    // Acknowledgements wait here until their write epoch is durable.
+    let mut pending: Vec<(u64, Ack)> = Vec::new();
+    loop {
+        tokio::select! {
+            frame = reader.recv() => {
+                let body = match frame? {
+                    None => return Ok(()),
+                    Some(b) => b,
+                };
+                let Body::Report(mut report) = body else {
+                    return Err(SessionError::Refuse(
+                        codes::PROTOCOL,
+                        format!("expected Report, got {}", body.kind()),
+                        "protocol",
+                    ));
+                };
+                names.expand(&mut report).map_err(LinkError::from)?;
+                if report.seq == 0 || (report.seq_last != 0 && report.seq_last < report.seq) {
+                    return Err(SessionError::Refuse(
+                        codes::PROTOCOL,
+                        format!("invalid sequence range {}..{}", report.seq, report.seq_last),
+                        "protocol",
+                    ));
+                }
+                let started = Instant::now();
+                let (stored, epoch) = core
+                    .store
+                    .ingest(&id.site_id, &report)
+                    .map_err(|e| SessionError::Refuse(codes::INTERNAL, e.to_string(), "internal"))?;
+                if stored {
+                    core.metrics.reports.inc();
+                    let now = now_ms();
+                    let alarms = core.sites.on_report(&id.site_id, &report, now);
+                    core.metrics.ingest_seconds.observe(started.elapsed().as_secs_f64());
+                    let _ = core.events.send(Event::Report {
+                        site_id: id.site_id.clone(),
+                        seq: report.seq,
+                        taken_ms: report.taken_ms,
+                        visible_ms: now,
+                    });
+                    core.record_alarms(alarms);
+                } else {
+                    core.metrics.duplicates.inc();
+                }
+                pending.push((epoch, Ack { first: report.seq, last: report.last_seq() }));
+            }
+            changed = flushed.changed() => {
+                if changed.is_err() {
+                    return Err(SessionError::Refuse(codes::SHUTDOWN, "controller shutting down".into(), "shutdown"));
+                }
+                let durable = *flushed.borrow_and_update();
+                let ready: Vec<Ack> = pending.iter().filter(|(e, _)| *e <= durable).map(|(_, a)| *a).collect();
+                if !ready.is_empty() {
+                    pending.retain(|(e, _)| *e > durable);
+                    for a in ready {
+                        writer.feed(Body::Ack(a)).await?;
+                    }
+                    writer.flush().await?;
+                }
+            }
+            e = conn.closed() => return Err(SessionError::Closed(e.to_string())),
+        }
+    }
+}

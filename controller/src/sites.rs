@@ -1,0 +1,452 @@
+//! Live state of every site: its latest report, when it was last heard from, its status and
+//! active conditions. Status evaluation is a pure function ([`evaluate`]); the table turns
+//! changes of conditions into alarm events (raised / cleared), which go to the store's alarm log.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::RwLock;
+
+use serde::Serialize;
+use tiandi_proto::{DeviceStatus, Report};
+
+use crate::config::Thresholds;
+use crate::store::AlarmEvent;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Condition {
+    Down,
+    OnBattery,
+    RainFade,
+    DiskFull,
+    Degraded,
+}
+
+impl Condition {
+    pub fn name(self) -> &'static str {
+        match self {
+            Condition::Down => "site-down",
+            Condition::OnBattery => "on-battery",
+            Condition::RainFade => "rain-fade",
+            Condition::DiskFull => "disk-full",
+            Condition::Degraded => "degraded",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    Up,
+    Degraded,
+    Down,
+    RainFade,
+    OnBattery,
+    DiskFull,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Up => "up",
+            Status::Degraded => "degraded",
+            Status::Down => "down",
+            Status::RainFade => "rain-fade",
+            Status::OnBattery => "on-battery",
+            Status::DiskFull => "disk-full",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Status> {
+        [
+            Status::Up,
+            Status::Degraded,
+            Status::Down,
+            Status::RainFade,
+            Status::OnBattery,
+            Status::DiskFull,
+        ]
+        .into_iter()
+        .find(|x| x.as_str() == s)
+    }
+    /// Stable numeric code for the Prometheus gauge.
+    pub fn code(self) -> i64 {
+        match self {
+            Status::Up => 0,
+            Status::Degraded => 1,
+            Status::DiskFull => 2,
+            Status::RainFade => 3,
+            Status::OnBattery => 4,
+            Status::Down => 5,
+        }
+    }
+}
+
+/// The site's conditions, with a human-readable detail for each.
+pub fn evaluate(
+    report: Option<&Report>,
+    silent_ms: i64,
+    interval_ms: i64,
+    th: &Thresholds,
+) -> Vec<(Condition, String)> {
+    let mut out = Vec::new();
+    let limit = interval_ms.max(1000) * i64::from(th.down_after_intervals.max(1));
+    if silent_ms > limit {
+        out.push((
+            Condition::Down,
+            format!("no report for {} s", silent_ms / 1000),
+        ));
+    }
+    let Some(r) = report else {
+        return out;
+    };
+    let mut host_healthy = true;
+    if let Some(h) = &r.host {
+        let cpu = f64::from(h.cpu_permille) / 10.0;
+        if cpu >= th.cpu_degraded_pct {
+            host_healthy = false;
+            out.push((Condition::Degraded, format!("CPU {cpu:.0} %")));
+        }
+        if h.mem_total_mib > 0 {
+            let mem = 100.0 * h.mem_used_mib as f64 / h.mem_total_mib as f64;
+            if mem >= th.mem_degraded_pct {
+                host_healthy = false;
+                out.push((Condition::Degraded, format!("memory {mem:.0} %")));
+            }
+        }
+        for fs in &h.filesystems {
+            let pct = f64::from(fs.used_permille()) / 10.0;
+            if pct >= th.disk_full_pct {
+                host_healthy = false;
+                out.push((Condition::DiskFull, format!("{} {pct:.1} % used", fs.mount)));
+            }
+        }
+    }
+    for d in &r.devices {
+        if d.status != DeviceStatus::Ok as i32 {
+            let what = DeviceStatus::try_from(d.status)
+                .map(|s| format!("{s:?}").to_lowercase())
+                .unwrap_or_else(|_| "unknown".into());
+            let err = if d.error.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", d.error)
+            };
+            out.push((Condition::Degraded, format!("device {} {what}{err}", d.name)));
+            continue;
+        }
+        if let Some(u) = &d.ups
+            && u.on_battery
+        {
+            out.push((
+                Condition::OnBattery,
+                format!(
+                    "{} on battery, {} % charge, {} min left",
+                    d.name,
+                    u.charge_pct,
+                    u.runtime_s / 60
+                ),
+            ));
+        }
+    }
+    for d in &r.devices {
+        if let Some(m) = &d.modem
+            && d.status == DeviceStatus::Ok as i32
+        {
+            let esno = f64::from(m.esno_db_x10) / 10.0;
+            if esno < th.rain_fade_esno_db && host_healthy {
+                out.push((
+                    Condition::RainFade,
+                    format!("{} Es/No {esno:.1} dB (threshold {:.1})", d.name, th.rain_fade_esno_db),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// The one status shown for a site: the most urgent condition.
+pub fn status_of(conds: &BTreeSet<Condition>) -> Status {
+    // BTreeSet orders by the enum's declaration order, most urgent first.
+    match conds.iter().next() {
+        None => Status::Up,
+        Some(Condition::Down) => Status::Down,
+        Some(Condition::OnBattery) => Status::OnBattery,
+        Some(Condition::RainFade) => Status::RainFade,
+        Some(Condition::DiskFull) => Status::DiskFull,
+        Some(Condition::Degraded) => Status::Degraded,
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SiteState {
+    pub site_id: String,
+    pub province: String,
+    pub status: Status,
+    pub conditions: Vec<ConditionInfo>,
+    pub connected: bool,
+    /// Controller clock, Unix ms, of the last report received (`null` if never).
+    pub last_seen_ms: Option<i64>,
+    /// Site clock, Unix ms, of the latest sample.
+    pub latest_taken_ms: Option<i64>,
+    pub latest_seq: Option<u64>,
+    pub interval_ms: i64,
+    pub reports: u64,
+    pub status_since_ms: i64,
+    #[serde(skip)]
+    pub latest: Option<Report>,
+    #[serde(skip)]
+    pub active: BTreeSet<Condition>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ConditionInfo {
+    pub condition: Condition,
+    pub detail: String,
+    pub since_ms: i64,
+}
+
+pub struct Sites {
+    map: RwLock<HashMap<String, SiteState>>,
+    thresholds: Thresholds,
+    default_interval_ms: i64,
+}
+
+impl Sites {
+    pub fn new(thresholds: Thresholds) -> Sites {
+        Sites {
+            map: RwLock::new(HashMap::new()),
+            thresholds,
+            default_interval_ms: 10_000,
+        }
+    }
+
+    /// Adds a known site (from the registry) with its last stored report. `now_ms` counts as
+    /// its last contact, so a controller restart does not mark every site down at once.
+    pub fn insert(&self, site_id: &str, province: &str, latest: Option<Report>, now_ms: i64) {
+        let mut map = self.map.write().expect("sites lock poisoned");
+        let e = map.entry(site_id.to_string()).or_insert_with(|| SiteState {
+            site_id: site_id.to_string(),
+            province: province.to_string(),
+            status: Status::Up,
+            conditions: Vec::new(),
+            connected: false,
+            last_seen_ms: None,
+            latest_taken_ms: None,
+            latest_seq: None,
+            interval_ms: self.default_interval_ms,
+            reports: 0,
+            status_since_ms: now_ms,
+            latest: None,
+            active: BTreeSet::new(),
+        });
+        e.province = province.to_string();
+        if e.last_seen_ms.is_none() {
+            e.last_seen_ms = Some(now_ms);
+        }
+        if let Some(r) = latest {
+            e.latest_taken_ms = Some(r.taken_ms);
+            e.latest_seq = Some(r.seq);
+            e.latest = Some(r);
+        }
+    }
+
+    pub fn set_connected(&self, site_id: &str, connected: bool, interval_ms: Option<i64>) {
+        let mut map = self.map.write().expect("sites lock poisoned");
+        if let Some(s) = map.get_mut(site_id) {
+            s.connected = connected;
+            if let Some(i) = interval_ms {
+                s.interval_ms = i.max(1000);
+            }
+        }
+    }
+
+    /// Records a report and re-evaluates the site. Returns alarm events.
+    pub fn on_report(&self, site_id: &str, report: &Report, now_ms: i64) -> Vec<AlarmEvent> {
+        let mut map = self.map.write().expect("sites lock poisoned");
+        let Some(s) = map.get_mut(site_id) else {
+            return Vec::new();
+        };
+        s.last_seen_ms = Some(now_ms);
+        s.reports += 1;
+        if s.latest_taken_ms.is_none_or(|t| report.taken_ms >= t) {
+            s.latest_taken_ms = Some(report.taken_ms);
+            s.latest_seq = Some(report.seq);
+            s.latest = Some(report.clone());
+        }
+        self.reevaluate(s, now_ms)
+    }
+
+    /// Re-evaluates every site (for `down`); returns alarm events.
+    pub fn tick(&self, now_ms: i64) -> Vec<AlarmEvent> {
+        let mut map = self.map.write().expect("sites lock poisoned");
+        let mut events = Vec::new();
+        for s in map.values_mut() {
+            events.extend(self.reevaluate(s, now_ms));
+        }
+        events
+    }
+
+    fn reevaluate(&self, s: &mut SiteState, now_ms: i64) -> Vec<AlarmEvent> {
+        let silent = now_ms - s.last_seen_ms.unwrap_or(now_ms);
+        let found = evaluate(s.latest.as_ref(), silent, s.interval_ms, &self.thresholds);
+        let mut new: BTreeSet<Condition> = found.iter().map(|(c, _)| *c).collect();
+        // A down site's last report says nothing about now: only `down` stays.
+        if new.contains(&Condition::Down) {
+            new = BTreeSet::from([Condition::Down]);
+        }
+        let mut events = Vec::new();
+        let detail_of = |c: Condition| {
+            found
+                .iter()
+                .filter(|(x, _)| *x == c)
+                .map(|(_, d)| d.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        for c in new.difference(&s.active) {
+            events.push(AlarmEvent {
+                at_ms: now_ms,
+                site_id: s.site_id.clone(),
+                province: s.province.clone(),
+                alarm: c.name().into(),
+                state: "raised".into(),
+                detail: detail_of(*c),
+            });
+        }
+        for c in s.active.difference(&new) {
+            events.push(AlarmEvent {
+                at_ms: now_ms,
+                site_id: s.site_id.clone(),
+                province: s.province.clone(),
+                alarm: c.name().into(),
+                state: "cleared".into(),
+                detail: String::new(),
+            });
+        }
+        let old_since: HashMap<Condition, i64> = s
+            .conditions
+            .iter()
+            .map(|c| (c.condition, c.since_ms))
+            .collect();
+        s.conditions = new
+            .iter()
+            .map(|c| ConditionInfo {
+                condition: *c,
+                detail: detail_of(*c),
+                since_ms: old_since.get(c).copied().unwrap_or(now_ms),
+            })
+            .collect();
+        let status = status_of(&new);
+        if status != s.status {
+            s.status = status;
+            s.status_since_ms = now_ms;
+        }
+        s.active = new;
+        events
+    }
+
+    pub fn get(&self, site_id: &str) -> Option<SiteState> {
+        self.map
+            .read()
+            .expect("sites lock poisoned")
+            .get(site_id)
+            .cloned()
+    }
+
+    /// Sites matching the filters, sorted by ID. `f` runs under the read lock.
+    pub fn with_all<T>(&self, f: impl FnOnce(&mut dyn Iterator<Item = &SiteState>) -> T) -> T {
+        let map = self.map.read().expect("sites lock poisoned");
+        f(&mut map.values())
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.read().expect("sites lock poisoned").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tiandi_proto::{Device, Filesystem, Host, Modem, Ups};
+
+    fn report(esno_x10: i32, on_battery: bool, fs_used: u64, cpu: u32) -> Report {
+        Report {
+            seq: 1,
+            host: Some(Host {
+                cpu_permille: cpu,
+                mem_used_mib: 100,
+                mem_total_mib: 1000,
+                filesystems: vec![Filesystem {
+                    mount: "/".into(),
+                    used_mib: fs_used,
+                    total_mib: 1000,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            devices: vec![
+                Device {
+                    name: "modem".into(),
+                    status: DeviceStatus::Ok as i32,
+                    modem: Some(Modem {
+                        esno_db_x10: esno_x10,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                Device {
+                    name: "ups".into(),
+                    status: DeviceStatus::Ok as i32,
+                    ups: Some(Ups {
+                        on_battery,
+                        charge_pct: 80,
+                        runtime_s: 1200,
+                    }),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        }
+    }
+
+    fn conds(r: &Report, silent: i64) -> Vec<Condition> {
+        evaluate(Some(r), silent, 10_000, &Thresholds::default())
+            .into_iter()
+            .map(|(c, _)| c)
+            .collect()
+    }
+
+    #[test]
+    fn conditions_follow_thresholds() {
+        assert!(conds(&report(90, false, 500, 100), 0).is_empty());
+        assert_eq!(conds(&report(30, false, 500, 100), 0), vec![Condition::RainFade]);
+        // Low Es/No with an unhealthy host is not rain fade.
+        assert_eq!(conds(&report(30, false, 980, 100), 0), vec![Condition::DiskFull]);
+        assert_eq!(conds(&report(90, true, 500, 100), 0), vec![Condition::OnBattery]);
+        assert_eq!(conds(&report(90, false, 500, 990), 0), vec![Condition::Degraded]);
+        assert_eq!(conds(&report(90, false, 500, 100), 30_001), vec![Condition::Down]);
+        assert!(conds(&report(90, false, 500, 100), 30_000).is_empty());
+    }
+
+    #[test]
+    fn alarms_raise_and_clear_once() {
+        let sites = Sites::new(Thresholds::default());
+        sites.insert("s", "GD", None, 0);
+        let ev = sites.on_report("s", &report(30, false, 500, 100), 1_000);
+        assert_eq!(ev.len(), 1);
+        assert_eq!((ev[0].alarm.as_str(), ev[0].state.as_str()), ("rain-fade", "raised"));
+        assert!(sites.on_report("s", &report(20, false, 500, 100), 2_000).is_empty());
+        assert_eq!(sites.get("s").unwrap().status, Status::RainFade);
+        let ev = sites.tick(40_000);
+        let names: Vec<_> = ev.iter().map(|e| (e.alarm.as_str(), e.state.as_str())).collect();
+        assert_eq!(names, vec![("site-down", "raised"), ("rain-fade", "cleared")]);
+        assert_eq!(sites.get("s").unwrap().status, Status::Down);
+        let ev = sites.on_report("s", &report(90, false, 500, 100), 41_000);
+        assert_eq!(ev.len(), 1);
+        assert_eq!((ev[0].alarm.as_str(), ev[0].state.as_str()), ("site-down", "cleared"));
+        assert_eq!(sites.get("s").unwrap().status, Status::Up);
+    }
+}

@@ -1,0 +1,335 @@
+//! Durable state in sled: each site's history (keyed by site, sample time and sequence number,
+//! so storing a report twice writes the same key: exactly once by construction), the
+//! acknowledged sequence ranges per site, the latest report per site, and the alarm log.
+//!
+//! Durability: an acknowledgement is sent only after the write is flushed. A flusher task
+//! flushes every `FLUSH_EVERY` (group commit) and publishes the epoch it made durable.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tiandi_proto::{Message, Report, SeqRange};
+use tokio::sync::watch;
+
+pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage: {0}")]
+    Db(#[from] sled::Error),
+    #[error("corrupt record in {tree}: {message}")]
+    Corrupt { tree: &'static str, message: String },
+}
+
+/// Which sequence numbers of a site are stored.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SeqState {
+    /// Every sequence number up to this one is stored.
+    pub acked_through: u64,
+    /// Disjoint, sorted ranges above `acked_through + 1`.
+    pub ranges: Vec<(u64, u64)>,
+}
+
+impl SeqState {
+    /// Whether every number in `r` is already stored.
+    pub fn covers(&self, r: SeqRange) -> bool {
+        r.last <= self.acked_through || self.ranges.iter().any(|&(a, b)| a <= r.first && r.last <= b)
+    }
+
+    pub fn add(&mut self, r: SeqRange) {
+        let (mut first, mut last) = (r.first, r.last);
+        let mut out = Vec::with_capacity(self.ranges.len() + 1);
+        for &(a, b) in &self.ranges {
+            if b + 1 < first || last + 1 < a {
+                out.push((a, b));
+            } else {
+                first = first.min(a);
+                last = last.max(b);
+            }
+        }
+        out.push((first, last));
+        out.sort_unstable();
+        self.ranges = out;
+        while let Some(&(a, b)) = self.ranges.first() {
+            if a <= self.acked_through + 1 {
+                self.acked_through = self.acked_through.max(b);
+                self.ranges.remove(0);
+            } else {
+                break;
+            }
+        }
+    }
+
+    pub fn to_ranges(&self) -> Vec<SeqRange> {
+        self.ranges
+            .iter()
+            .map(|&(first, last)| SeqRange { first, last })
+            .collect()
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AlarmEvent {
+    pub at_ms: i64,
+    pub site_id: String,
+    pub province: String,
+    pub alarm: String,
+    /// `raised` or `cleared`.
+    pub state: String,
+    pub detail: String,
+}
+
+pub struct Store {
+    db: sled::Db,
+    history: sled::Tree,
+    latest: sled::Tree,
+    seqs: sled::Tree,
+    alarms: sled::Tree,
+    seq_cache: Mutex<HashMap<String, SeqState>>,
+    write_epoch: AtomicU64,
+    flushed: watch::Sender<u64>,
+}
+
+fn history_key(site: &str, taken_ms: i64, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(site.len() + 17);
+    k.extend_from_slice(site.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&(taken_ms.max(0) as u64).to_be_bytes());
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn site_prefix(site: &str) -> Vec<u8> {
+    let mut k = site.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+fn corrupt(tree: &'static str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        tree,
+        message: e.to_string(),
+    }
+}
+
+impl Store {
+    pub fn open(db: &sled::Db) -> Result<Arc<Store>, StoreError> {
+        let (flushed, _) = watch::channel(0);
+        Ok(Arc::new(Store {
+            history: db.open_tree("history")?,
+            latest: db.open_tree("latest")?,
+            seqs: db.open_tree("seqs")?,
+            alarms: db.open_tree("alarms")?,
+            db: db.clone(),
+            seq_cache: Mutex::new(HashMap::new()),
+            write_epoch: AtomicU64::new(1),
+            flushed,
+        }))
+    }
+
+    pub fn seq_state(&self, site: &str) -> Result<SeqState, StoreError> {
+        let mut cache = self.seq_cache.lock().expect("seq cache poisoned");
+        if let Some(s) = cache.get(site) {
+            return Ok(s.clone());
+        }
+        let s = match self.seqs.get(site.as_bytes())? {
+            Some(v) => serde_json::from_slice(&v).map_err(|e| corrupt("seqs", e))?,
+            None => SeqState::default(),
+        };
+        cache.insert(site.to_string(), s.clone());
+        Ok(s)
+    }
+
+    /// Stores a report unless every sequence number it covers is stored already. Returns
+    /// whether it was new, and the write epoch to wait for before acknowledging.
+    pub fn ingest(&self, site: &str, report: &Report) -> Result<(bool, u64), StoreError> {
+        let range = report.range();
+        let mut state = self.seq_state(site)?;
+        if state.covers(range) {
+            return Ok((false, self.write_epoch.load(Ordering::Acquire)));
+        }
+        let bytes = report.encode_to_vec();
+        self.history
+            .insert(history_key(site, report.taken_ms, report.seq), bytes.as_slice())?;
+        let newer = match self.latest.get(site.as_bytes())? {
+            Some(v) => Report::decode(v.as_ref())
+                .map(|old| old.taken_ms <= report.taken_ms)
+                .unwrap_or(true),
+            None => true,
+        };
+        if newer {
+            self.latest.insert(site.as_bytes(), bytes)?;
+        }
+        state.add(range);
+        self.seqs.insert(
+            site.as_bytes(),
+            serde_json::to_vec(&state).map_err(|e| corrupt("seqs", e))?,
+        )?;
+        self.seq_cache
+            .lock()
+            .expect("seq cache poisoned")
+            .insert(site.to_string(), state);
+        Ok((true, self.write_epoch.load(Ordering::Acquire)))
+    }
+
+    pub fn subscribe_flushed(&self) -> watch::Receiver<u64> {
+        self.flushed.subscribe()
+    }
+
+    /// Flushes now and publishes the epoch made durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let epoch = self.write_epoch.fetch_add(1, Ordering::AcqRel);
+        self.db.flush_async().await?;
+        self.flushed.send_replace(epoch);
+        Ok(())
+    }
+
+    /// Group commit until cancelled, then a last flush.
+    pub async fn flush_loop(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(FLUSH_EVERY) => {}
+            }
+            if let Err(error) = self.flush().await {
+                tracing::error!(%error, "Flushing the store failed; acknowledgements are held back.");
+            }
+        }
+        if let Err(error) = self.flush().await {
+            tracing::error!(%error, "Final flush failed.");
+        }
+    }
+
+    /// Reports of `site` taken in `[from_ms, to_ms]`, oldest first, at most `limit`.
+    pub fn history(
+        &self,
+        site: &str,
+        from_ms: i64,
+        to_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Report>, StoreError> {
+        let start = history_key(site, from_ms, 0);
+        let end = history_key(site, to_ms, u64::MAX);
+        let mut out = Vec::new();
+        for kv in self.history.range(start..=end).take(limit) {
+            let (_, v) = kv?;
+            out.push(Report::decode(v.as_ref()).map_err(|e| corrupt("history", e))?);
+        }
+        Ok(out)
+    }
+
+    pub fn history_len(&self, site: &str) -> usize {
+        self.history.scan_prefix(site_prefix(site)).count()
+    }
+
+    /// Every site's latest report (at start-up).
+    pub fn latest_all(&self) -> Result<HashMap<String, Report>, StoreError> {
+        let mut out = HashMap::new();
+        for kv in self.latest.iter() {
+            let (k, v) = kv?;
+            let site = String::from_utf8_lossy(&k).into_owned();
+            out.insert(site, Report::decode(v.as_ref()).map_err(|e| corrupt("latest", e))?);
+        }
+        Ok(out)
+    }
+
+    /// Deletes `site`'s history older than `cutoff_ms`; returns how many reports went.
+    pub fn prune(&self, site: &str, cutoff_ms: i64) -> Result<usize, StoreError> {
+        let start = history_key(site, 0, 0);
+        let end = history_key(site, cutoff_ms, 0);
+        let mut n = 0;
+        for kv in self.history.range(start..end) {
+            let (k, _) = kv?;
+            self.history.remove(k)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    pub fn append_alarm(&self, ev: &AlarmEvent) -> Result<(), StoreError> {
+        let id = self.db.generate_id()?;
+        let mut k = (ev.at_ms.max(0) as u64).to_be_bytes().to_vec();
+        k.extend_from_slice(&id.to_be_bytes());
+        self.alarms
+            .insert(k, serde_json::to_vec(ev).map_err(|e| corrupt("alarms", e))?)?;
+        Ok(())
+    }
+
+    /// Alarm events since `since_ms`, newest last, at most `limit` (the newest ones).
+    pub fn alarms(&self, since_ms: i64, limit: usize) -> Result<Vec<AlarmEvent>, StoreError> {
+        let start = (since_ms.max(0) as u64).to_be_bytes().to_vec();
+        let mut out = Vec::new();
+        for kv in self.alarms.range(start..).rev().take(limit) {
+            let (_, v) = kv?;
+            out.push(serde_json::from_slice(&v).map_err(|e| corrupt("alarms", e))?);
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(first: u64, last: u64) -> SeqRange {
+        SeqRange { first, last }
+    }
+
+    #[test]
+    fn seq_state_tracks_current_first_then_backlog() {
+        let mut s = SeqState::default();
+        // Current state (seq 100) arrives first, then the backlog 1..=99 in order.
+        s.add(r(100, 100));
+        assert_eq!(s.acked_through, 0);
+        assert!(s.covers(r(100, 100)));
+        for i in 1..=99 {
+            assert!(!s.covers(r(i, i)));
+            s.add(r(i, i));
+        }
+        assert_eq!(s.acked_through, 100);
+        assert!(s.ranges.is_empty());
+        // A downsampled range.
+        s.add(r(105, 110));
+        s.add(r(101, 104));
+        assert_eq!((s.acked_through, s.ranges.len()), (110, 0));
+        assert!(s.covers(r(50, 60)));
+        assert!(!s.covers(r(110, 111)));
+    }
+
+    #[test]
+    fn ingest_is_exactly_once_and_history_is_ordered_by_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let store = Store::open(&db).unwrap();
+        let rep = |seq: u64| Report {
+            seq,
+            taken_ms: 1_000 * seq as i64,
+            ..Default::default()
+        };
+        assert!(store.ingest("a", &rep(3)).unwrap().0);
+        assert!(store.ingest("a", &rep(1)).unwrap().0);
+        assert!(!store.ingest("a", &rep(3)).unwrap().0);
+        assert!(store.ingest("a", &rep(2)).unwrap().0);
+        assert!(!store.ingest("a", &rep(1)).unwrap().0);
+        let h: Vec<u64> = store
+            .history("a", 0, i64::MAX, 100)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(h, vec![1, 2, 3]);
+        assert_eq!(store.seq_state("a").unwrap().acked_through, 3);
+        assert_eq!(store.latest_all().unwrap()["a"].seq, 3);
+        assert_eq!(store.prune("a", 2_000).unwrap(), 1);
+        assert_eq!(store.history_len("a"), 2);
+        assert_eq!(store.history_len("b"), 0);
+    }
+}

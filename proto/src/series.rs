@@ -1,0 +1,73 @@
+//! Named metrics of a report, for history queries and exports. Names are stable:
+//! `host.cpu_pct`, `host.load1`, `host.mem_used_pct`, `host.uptime_s`, `fs.<mount>.used_pct`,
+//! `if.<name>.rx_bytes`, `link.rtt_ms`, `modem.esno_db`, `ups.on_battery`,
+//! `dev.<device>.if.<name>.in_octets`, …
+
+use crate::{DeviceStatus, Report};
+
+/// Every metric of a report as (name, value).
+pub fn series(r: &Report) -> Vec<(String, f64)> {
+    let mut out: Vec<(String, f64)> = Vec::with_capacity(48);
+    let mut put = |k: String, v: f64| out.push((k, v));
+    if let Some(h) = &r.host {
+        put("host.cpu_pct".into(), f64::from(h.cpu_permille) / 10.0);
+        put("host.load1".into(), f64::from(h.load1_c) / 100.0);
+        put("host.load5".into(), f64::from(h.load5_c) / 100.0);
+        put("host.load15".into(), f64::from(h.load15_c) / 100.0);
+        put("host.mem_used_mib".into(), h.mem_used_mib as f64);
+        if h.mem_total_mib > 0 {
+            put(
+                "host.mem_used_pct".into(),
+                100.0 * h.mem_used_mib as f64 / h.mem_total_mib as f64,
+            );
+        }
+        put("host.uptime_s".into(), h.uptime_s as f64);
+        for fs in &h.filesystems {
+            put(format!("fs.{}.used_pct", fs.mount), f64::from(fs.used_permille()) / 10.0);
+            put(format!("fs.{}.used_mib", fs.mount), fs.used_mib as f64);
+        }
+        for i in &h.interfaces {
+            put(format!("if.{}.rx_bytes", i.name), i.rx_bytes as f64);
+            put(format!("if.{}.tx_bytes", i.name), i.tx_bytes as f64);
+            put(format!("if.{}.rx_errors", i.name), i.rx_errors as f64);
+            put(format!("if.{}.tx_errors", i.name), i.tx_errors as f64);
+        }
+    }
+    if let Some(l) = &r.link {
+        put("link.rtt_ms".into(), f64::from(l.rtt_ms));
+        put("link.lost_packets".into(), l.lost_packets as f64);
+        put("link.cwnd_bytes".into(), l.cwnd_bytes as f64);
+        put("link.tx_bytes".into(), l.tx_bytes as f64);
+        put("link.rx_bytes".into(), l.rx_bytes as f64);
+    }
+    for d in &r.devices {
+        put(
+            format!("dev.{}.ok", d.name),
+            if d.status == DeviceStatus::Ok as i32 { 1.0 } else { 0.0 },
+        );
+        if let Some(m) = &d.modem {
+            put("modem.esno_db".into(), f64::from(m.esno_db_x10) / 10.0);
+            put("modem.rx_level_dbm".into(), f64::from(m.rx_level_dbm_x10) / 10.0);
+            put("modem.tx_power_dbm".into(), f64::from(m.tx_power_dbm_x10) / 10.0);
+        }
+        if let Some(u) = &d.ups {
+            put("ups.on_battery".into(), if u.on_battery { 1.0 } else { 0.0 });
+            put("ups.charge_pct".into(), f64::from(u.charge_pct));
+            put("ups.runtime_s".into(), f64::from(u.runtime_s));
+        }
+        for i in &d.interfaces {
+            let p = format!("dev.{}.if.{}", d.name, i.name);
+            put(format!("{p}.up"), if i.oper_up { 1.0 } else { 0.0 });
+            put(format!("{p}.in_octets"), i.in_octets as f64);
+            put(format!("{p}.out_octets"), i.out_octets as f64);
+            put(format!("{p}.in_errors"), i.in_errors as f64);
+            put(format!("{p}.out_errors"), i.out_errors as f64);
+        }
+    }
+    out
+}
+
+/// One metric of a report.
+pub fn value(r: &Report, name: &str) -> Option<f64> {
+    series(r).into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
+}
