@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod config;
+pub mod demo;
 
 pub mod enroll;
 pub mod metrics;

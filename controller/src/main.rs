@@ -1,1 +1,245 @@
-fn main() {}
+//! `tiandi-controller`: run the controller, enroll or revoke sites, run the demo.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+use tiandi_controller::{Config, Controller, demo, registry::Registry};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "tiandi-controller", version, about = "Tiandi controller")]
+struct Cli {
+    /// Controller configuration file (TOML); see config/controller.example.toml.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Overrides `data_dir`.
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// Overrides `api_listen` (also where admin commands find the running controller).
+    #[arg(long, global = true)]
+    api_listen: Option<SocketAddr>,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the controller (the default).
+    Run {
+        #[arg(long)]
+        quic_listen: Option<SocketAddr>,
+        #[arg(long)]
+        ops_listen: Option<SocketAddr>,
+    },
+    /// Print a one-time enrollment token for a site (or write a batch of them).
+    Enroll {
+        #[arg(long, required_unless_present = "batch")]
+        site: Option<String>,
+        #[arg(long, required_unless_present = "batch")]
+        province: Option<String>,
+        /// Token lifetime in hours (default: `token_hours`).
+        #[arg(long)]
+        ttl_hours: Option<u32>,
+        /// Create N tokens for sites PREFIX0001.. spread over the 31 provinces.
+        #[arg(long)]
+        batch: Option<usize>,
+        #[arg(long, default_value = "sim-")]
+        prefix: String,
+        /// With --batch: write `SITE_ID TOKEN` lines here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Revoke a site's certificate; its connection is closed at once.
+    Revoke {
+        #[arg(long)]
+        site: String,
+    },
+    /// The controller with simulated sites, on embedded defaults.
+    Demo {
+        #[arg(long, default_value_t = 200)]
+        sites: usize,
+        /// Seconds between reports.
+        #[arg(long, default_value_t = 10.0)]
+        interval: f64,
+    },
+}
+
+fn shutdown_token() -> CancellationToken {
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        c.cancel();
+    });
+    cancel
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut cfg = match &cli.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    let demo_mode = matches!(cli.cmd, Some(Cmd::Demo { .. }));
+    if demo_mode && cli.data_dir.is_none() && cli.config.is_none() {
+        cfg.data_dir = PathBuf::from("tiandi-data/demo");
+        cfg.quic_listen = "127.0.0.1:4433".parse().expect("literal");
+    }
+    if let Some(d) = cli.data_dir {
+        cfg.data_dir = d;
+    }
+    if let Some(a) = cli.api_listen {
+        cfg.api_listen = a;
+    }
+    if demo_mode {
+        // Hundreds of simulated sites: keep their per-site connection logs out of the way.
+        tiandi_link::init_logging(&format!("{},tiandi_agent=warn", cfg.log));
+    } else {
+        tiandi_link::init_logging(&cfg.log);
+    }
+    match cli.cmd.unwrap_or(Cmd::Run {
+        quic_listen: None,
+        ops_listen: None,
+    }) {
+        Cmd::Run {
+            quic_listen,
+            ops_listen,
+        } => {
+            if let Some(q) = quic_listen {
+                cfg.quic_listen = q;
+            }
+            if let Some(o) = ops_listen {
+                cfg.ops_listen = o;
+            }
+            let ctl = Controller::start(cfg).await?;
+            println!(
+                "tiandi-controller: agents quic://{} api http://{} metrics http://{}/metrics",
+                ctl.quic_addr, ctl.api_addr, ctl.ops_addr
+            );
+            shutdown_token().cancelled().await;
+            ctl.shutdown().await;
+            Ok(())
+        }
+        Cmd::Demo { sites, interval } => {
+            demo::run(cfg, sites, Duration::from_secs_f64(interval), shutdown_token()).await
+        }
+        Cmd::Enroll {
+            site,
+            province,
+            ttl_hours,
+            batch,
+            prefix,
+            out,
+        } => {
+            let hours = ttl_hours.unwrap_or(cfg.token_hours);
+            let mut wanted: Vec<(String, String)> = Vec::new();
+            if let Some(n) = batch {
+                for i in 0..n {
+                    let p = demo::PROVINCES[i % demo::PROVINCES.len()];
+                    wanted.push((format!("{prefix}{:05}", i + 1), p.to_string()));
+                }
+            } else if let (Some(s), Some(p)) = (site, province) {
+                wanted.push((s, p));
+            }
+            let mut lines = Vec::new();
+            for (s, p) in &wanted {
+                let v = admin(&cfg, "enroll", json!({"site_id": s, "province": p, "ttl_hours": hours}))?;
+                let token = v["token"].as_str().context("no token in the answer")?.to_string();
+                lines.push(format!("{s} {token}"));
+            }
+            match (batch, out) {
+                (Some(_), Some(path)) => {
+                    std::fs::write(&path, lines.join("\n") + "\n")
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    println!("wrote {} tokens to {}", lines.len(), path.display());
+                }
+                (Some(_), None) => println!("{}", lines.join("\n")),
+                _ => {
+                    let token = lines[0].split_once(' ').map(|x| x.1).unwrap_or_default();
+                    println!("{token}");
+                    eprintln!(
+                        "one-time token for site {} (expires in {hours} h); on the site run:\n  tiandi-agent enroll --controller <ADDR:PORT> --token {token}",
+                        wanted[0].0
+                    );
+                }
+            }
+            Ok(())
+        }
+        Cmd::Revoke { site } => {
+            let v = admin(&cfg, "revoke", json!({"site_id": site}))?;
+            println!(
+                "revoked site {site}{}",
+                if v["disconnected"] == json!(true) { " (its connection was closed)" } else { "" }
+            );
+            Ok(())
+        }
+    }
+}
+
+/// An admin action: through the running controller's API if there is one, else on the data
+/// dir directly (sled admits one process at a time).
+fn admin(cfg: &Config, action: &str, body: Value) -> anyhow::Result<Value> {
+    let token_path = cfg.data_dir.join("admin.token");
+    if let Ok(token) = std::fs::read_to_string(&token_path) {
+        let url = format!("http://{}/api/admin/{action}", cfg.api_listen);
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .into();
+        match agent
+            .post(&url)
+            .header("Authorization", &format!("Bearer {}", token.trim()))
+            .send_json(&body)
+        {
+            Ok(mut resp) => {
+                let status = resp.status();
+                let v: Value = resp.body_mut().read_json().unwrap_or(Value::Null);
+                if !status.is_success() {
+                    bail!("{action}: {}", v["error"].as_str().unwrap_or(status.as_str()));
+                }
+                return Ok(v);
+            }
+            Err(ureq::Error::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            Err(ureq::Error::ConnectionFailed) => {}
+            Err(e) => return Err(e).with_context(|| format!("calling {url}")),
+        }
+    }
+    // No controller running: work on the data dir.
+    std::fs::create_dir_all(&cfg.data_dir)?;
+    let ca = tiandi_link::Ca::load_or_create(&cfg.data_dir)?;
+    let db = sled::open(cfg.data_dir.join("db")).with_context(|| {
+        format!(
+            "opening {} (the controller runs, but its API at {} did not answer)",
+            cfg.data_dir.join("db").display(),
+            cfg.api_listen
+        )
+    })?;
+    let reg = Registry::open(&db, &ca)?;
+    let site = body["site_id"].as_str().unwrap_or_default();
+    let v = match action {
+        "enroll" => {
+            let hours = body["ttl_hours"].as_u64().unwrap_or(72);
+            let t = reg.create_token(
+                site,
+                body["province"].as_str().unwrap_or_default(),
+                Duration::from_secs(hours * 3600),
+            )?;
+            json!({"token": t.token})
+        }
+        "revoke" => json!({"revoked": reg.revoke(site)?, "disconnected": false}),
+        other => bail!("unknown admin action {other}"),
+    };
+    db.flush()?;
+    Ok(v)
+}

@@ -222,7 +222,7 @@ async fn session(
         .await?;
     let interval_ms = i64::from(hello.interval_ms.max(1000));
     core.sites.set_connected(&id.site_id, true, Some(interval_ms));
-    info!(agent = %hello.agent_version, version = format!("{}.{}", hello.major, hello.minor), acked_through = state.acked_through, "Site connected.");
+    debug!(agent = %hello.agent_version, version = format!("{}.{}", hello.major, hello.minor), acked_through = state.acked_through, "Site connected.");
 
     let mut names = NameDecoder::default();
     let mut flushed = core.store.subscribe_flushed();

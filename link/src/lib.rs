@@ -139,3 +139,14 @@ pub fn client_endpoint(server: SocketAddr) -> Result<quinn::Endpoint, LinkError>
     };
     quinn::Endpoint::client(bind).map_err(LinkError::Endpoint)
 }
+
+/// Initialises logging once for a binary: `RUST_LOG` wins over the configured filter; noisy
+/// dependencies are kept at `warn`.
+pub fn init_logging(filter: &str) {
+    let env = std::env::var("RUST_LOG").ok();
+    let spec = env.unwrap_or_else(|| format!("{filter},quinn=warn,quinn_proto=warn,rustls=warn,sled=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(spec))
+        .with_writer(std::io::stderr)
+        .try_init();
+}

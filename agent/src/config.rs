@@ -1,0 +1,215 @@
+//! Agent configuration: TOML file + flags (flag > file > default). See
+//! `config/agent.example.toml` for every key with comments.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use tiandi_link::LinkProfile;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The controller's QUIC address, `host:port`.
+    pub controller: String,
+    /// Key, certificate, CA and spool live here.
+    pub data_dir: PathBuf,
+    /// Seconds between reports.
+    pub interval_s: f64,
+    /// QUIC transport profile of the uplink (`geo`, `leo`, `terrestrial`).
+    pub profile: LinkProfile,
+    /// Disk quota of the spool (MB). At 10 s intervals it holds 30 days, downsampling the oldest.
+    pub spool_quota_mb: u64,
+    /// Log filter (`RUST_LOG` overrides).
+    pub log: String,
+    /// Filesystems to leave out of reports (mount points, exact match).
+    pub ignore_mounts: Vec<String>,
+    /// Interfaces to leave out of reports (exact names).
+    pub ignore_interfaces: Vec<String>,
+    /// SNMP devices at the site.
+    pub devices: Vec<DeviceConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            controller: "127.0.0.1:4433".into(),
+            data_dir: PathBuf::from("tiandi-data/agent"),
+            interval_s: 10.0,
+            profile: LinkProfile::Geo,
+            spool_quota_mb: 64,
+            log: "info".into(),
+            ignore_mounts: Vec::new(),
+            ignore_interfaces: vec!["lo".into()],
+            devices: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceProfile {
+    /// Router interfaces (IF-MIB: ifHC*Octets, ifOperStatus, errors).
+    IfMib,
+    /// UPS (RFC 1628 UPS-MIB: on battery, charge, runtime left).
+    UpsMib,
+    /// Satellite modem: vendor OIDs given in `[devices.oids]`.
+    VsatModem,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnmpVersion {
+    V2c,
+    V3,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    pub name: String,
+    pub profile: DeviceProfile,
+    /// `host:port` (port 161 if omitted).
+    pub address: String,
+    #[serde(default = "default_version")]
+    pub version: SnmpVersion,
+    #[serde(default = "default_community")]
+    pub community: String,
+    /// SNMPv3 (authPriv) credentials, required when `version = "v3"`.
+    #[serde(default)]
+    pub v3: Option<V3Config>,
+    /// Per-poll timeout in milliseconds.
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+    /// VSAT modem OIDs (numeric, vendor-specific).
+    #[serde(default)]
+    pub oids: Option<ModemOids>,
+}
+
+fn default_version() -> SnmpVersion {
+    SnmpVersion::V2c
+}
+fn default_community() -> String {
+    "public".into()
+}
+fn default_timeout() -> u64 {
+    2000
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct V3Config {
+    pub user: String,
+    /// md5, sha1, sha224, sha256, sha384, sha512
+    pub auth_protocol: String,
+    pub auth_password: String,
+    /// des, aes128 (= aes), aes192, aes256
+    pub priv_protocol: String,
+    pub priv_password: String,
+}
+
+/// A modem figure: its OID and the factor that turns the raw value into the unit
+/// (dB, dBm). Integer and decimal-string answers are both accepted.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScaledOid {
+    pub oid: String,
+    #[serde(default = "one")]
+    pub scale: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModemOids {
+    /// Es/No or SNR (dB).
+    pub esno: ScaledOid,
+    /// Receive level (dBm).
+    #[serde(default)]
+    pub rx_level: Option<ScaledOid>,
+    /// Transmit power (dBm).
+    #[serde(default)]
+    pub tx_power: Option<ScaledOid>,
+    /// Current ModCod (string or integer).
+    #[serde(default)]
+    pub modcod: Option<String>,
+}
+
+impl Config {
+    pub fn load(path: &std::path::Path) -> Result<Config, tiandi_link::config::ConfigError> {
+        tiandi_link::config::load_toml(path)
+    }
+
+    /// Checks what serde cannot: cross-field rules, with the key named.
+    pub fn validate(&self, file: &str) -> Result<(), String> {
+        if !(0.5..=3600.0).contains(&self.interval_s) {
+            return Err(format!(
+                "{file}: key `interval_s`: {} is outside 0.5..3600 seconds",
+                self.interval_s
+            ));
+        }
+        if self.spool_quota_mb < 4 {
+            return Err(format!("{file}: key `spool_quota_mb`: at least 4 MB"));
+        }
+        for (i, d) in self.devices.iter().enumerate() {
+            let key = format!("devices[{i}]");
+            if d.version == SnmpVersion::V3 && d.v3.is_none() {
+                return Err(format!(
+                    "{file}: key `{key}.v3`: version = \"v3\" needs user and passwords"
+                ));
+            }
+            if d.profile == DeviceProfile::VsatModem && d.oids.is_none() {
+                return Err(format!(
+                    "{file}: key `{key}.oids`: a vsat-modem needs its OIDs (esno at least)"
+                ));
+            }
+            if let Some(o) = &d.oids {
+                for (k, oid) in [("esno", Some(&o.esno.oid)), ("rx_level", o.rx_level.as_ref().map(|x| &x.oid)), ("tx_power", o.tx_power.as_ref().map(|x| &x.oid)), ("modcod", o.modcod.as_ref())] {
+                    if let Some(oid) = oid
+                        && crate::snmp::parse_oid(oid).is_err()
+                    {
+                        return Err(format!("{file}: key `{key}.oids.{k}`: {oid:?} is not a numeric OID"));
+                    }
+                }
+            }
+            if let Some(v3) = &d.v3 {
+                crate::snmp::security(v3).map_err(|e| format!("{file}: key `{key}.v3`: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_validates() {
+        let text = include_str!("../../config/agent.example.toml");
+        let c: Config = tiandi_link::config::parse_toml("agent.example.toml", text).unwrap();
+        c.validate("agent.example.toml").unwrap();
+        assert_eq!(c.devices.len(), 3);
+        assert_eq!(c.interval_s, 10.0);
+    }
+
+    #[test]
+    fn broken_configs_name_file_and_key() {
+        let e = tiandi_link::config::parse_toml::<Config>(
+            "/etc/tiandi/agent.toml",
+            "[[devices]]\nname = \"m\"\nprofile = \"toaster\"\naddress = \"x\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("/etc/tiandi/agent.toml") && e.contains("devices[0].profile"), "{e}");
+        let c: Config = tiandi_link::config::parse_toml(
+            "a.toml",
+            "[[devices]]\nname = \"m\"\nprofile = \"vsat-modem\"\naddress = \"x\"\n[devices.oids]\nesno = { oid = \"1.3.x\" }\n",
+        )
+        .unwrap();
+        let e = c.validate("a.toml").unwrap_err();
+        assert!(e.contains("devices[0].oids.esno"), "{e}");
+    }
+}

@@ -1,0 +1,265 @@
+//! `tiandi-agent`: run the site agent, enroll a site, or simulate many sites.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use tiandi_agent::{Config, identity, sim};
+use tiandi_link::LinkProfile;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "tiandi-agent", version, about = "Tiandi site agent")]
+struct Cli {
+    /// Agent configuration file (TOML); see config/agent.example.toml.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent (the default).
+    Run {
+        #[arg(long)]
+        controller: Option<String>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Seconds between reports.
+        #[arg(long)]
+        interval: Option<f64>,
+    },
+    /// Enroll this site with a one-time token from `tiandi-controller enroll`.
+    Enroll {
+        #[arg(long)]
+        controller: String,
+        #[arg(long)]
+        token: String,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Replace an existing identity.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run N simulated sites over real QUIC connections (load generator).
+    Simulate {
+        #[arg(long)]
+        controller: String,
+        /// File of `SITE_ID TOKEN` lines (from `tiandi-controller enroll --batch`).
+        #[arg(long)]
+        tokens: PathBuf,
+        /// Identities and spools of the simulated sites.
+        #[arg(long, default_value = "tiandi-data/sim")]
+        data_dir: PathBuf,
+        /// Use only the first N sites of the token file.
+        #[arg(long)]
+        sites: Option<usize>,
+        /// Seconds between reports.
+        #[arg(long, default_value_t = 10.0)]
+        interval: f64,
+        /// Let a few sites lose their link for minutes now and then.
+        #[arg(long)]
+        outages: bool,
+        #[arg(long, default_value = "terrestrial")]
+        profile: LinkProfile,
+        /// Write totals (pushed, acknowledged, spooled, connected) here every second, as JSON.
+        #[arg(long)]
+        stats: Option<PathBuf>,
+    },
+}
+
+fn load_config(path: &Option<PathBuf>) -> anyhow::Result<Config> {
+    match path {
+        Some(p) => {
+            let c = Config::load(p)?;
+            c.validate(&p.display().to_string()).map_err(anyhow::Error::msg)?;
+            Ok(c)
+        }
+        None => Ok(Config::default()),
+    }
+}
+
+fn shutdown_token() -> CancellationToken {
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        c.cancel();
+    });
+    cancel
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut cfg = load_config(&cli.config)?;
+    if matches!(cli.cmd, Some(Cmd::Simulate { .. })) {
+        tiandi_link::init_logging(&format!("{},tiandi_agent::uplink=warn", cfg.log));
+    } else {
+        tiandi_link::init_logging(&cfg.log);
+    }
+    match cli.cmd.unwrap_or(Cmd::Run {
+        controller: None,
+        data_dir: None,
+        interval: None,
+    }) {
+        Cmd::Run {
+            controller,
+            data_dir,
+            interval,
+        } => {
+            if let Some(c) = controller {
+                cfg.controller = c;
+            }
+            if let Some(d) = data_dir {
+                cfg.data_dir = d;
+            }
+            if let Some(i) = interval {
+                cfg.interval_s = i;
+            }
+            cfg.validate("command line").map_err(anyhow::Error::msg)?;
+            tiandi_agent::run(cfg, shutdown_token()).await
+        }
+        Cmd::Enroll {
+            controller,
+            token,
+            data_dir,
+            force,
+        } => {
+            let dir = data_dir.unwrap_or(cfg.data_dir);
+            if identity::exists(&dir) && !force {
+                bail!(
+                    "{} already holds an identity (use --force to replace it)",
+                    identity::dir(&dir).display()
+                );
+            }
+            let info = tiandi_agent::enroll(&controller, &token, &dir).await?;
+            println!(
+                "enrolled site {} (province {}); identity in {}",
+                info.site_id,
+                info.province,
+                identity::dir(&dir).display()
+            );
+            Ok(())
+        }
+        Cmd::Simulate {
+            controller,
+            tokens,
+            data_dir,
+            sites,
+            interval,
+            outages,
+            profile,
+            stats,
+        } => simulate(controller, tokens, data_dir, sites, interval, outages, profile, stats).await,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn simulate(
+    controller: String,
+    tokens: PathBuf,
+    data_dir: PathBuf,
+    sites: Option<usize>,
+    interval: f64,
+    outages: bool,
+    profile: LinkProfile,
+    stats: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&tokens)
+        .with_context(|| format!("reading {}", tokens.display()))?;
+    let mut lines: Vec<(String, String)> = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut it = line.split_whitespace();
+        match (it.next(), it.next()) {
+            (Some(site), Some(token)) => lines.push((site.to_string(), token.to_string())),
+            _ => bail!("{}:{}: expected `SITE_ID TOKEN`", tokens.display(), n + 1),
+        }
+    }
+    if let Some(n) = sites {
+        lines.truncate(n);
+    }
+    // Enroll the sites that have no identity yet, a few at a time.
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
+    let mut tasks = Vec::new();
+    for (i, (site, token)) in lines.iter().enumerate() {
+        let dir = data_dir.join("sites").join(site);
+        let (controller, token, sem) = (controller.clone(), token.clone(), sem.clone());
+        tasks.push(tokio::spawn(async move {
+            if !identity::exists(&dir) {
+                let _p = sem.acquire().await;
+                tiandi_agent::enroll(&controller, &token, &dir).await?;
+            }
+            let id = identity::load(&dir)?;
+            anyhow::Ok(sim::SimCreds {
+                index: i as u64,
+                site_id: id.info.site_id,
+                province: id.info.province,
+                key_pem: id.key_pem,
+                cert_pem: id.cert_pem,
+                ca_pem: id.ca_pem,
+            })
+        }));
+    }
+    let mut creds = Vec::new();
+    for t in tasks {
+        creds.push(t.await??);
+    }
+    tracing::info!(sites = creds.len(), "Simulated sites enrolled; starting.");
+    let cancel = shutdown_token();
+    let shareds = sim::start(
+        creds,
+        sim::SimOptions {
+            controller,
+            interval: Duration::from_secs_f64(interval),
+            outages,
+            profile,
+        },
+        &data_dir.join("spool"),
+        cancel.clone(),
+    )
+    .await?;
+    let write_stats = |final_: bool| -> anyhow::Result<()> {
+        let (mut pushed, mut spooled, mut connected, mut acked) = (0u64, 0u64, 0u64, 0u64);
+        for (_, s) in &shareds {
+            let sp = s.spool.lock().expect("spool lock poisoned");
+            pushed += sp.next_seq() - 1;
+            spooled += sp.len() as u64;
+            connected += u64::from(s.connected.load(Ordering::Relaxed));
+            acked += s.acked.load(Ordering::Relaxed);
+        }
+        let v = serde_json::json!({"sites": shareds.len(), "pushed": pushed, "acked": acked,
+            "spooled": spooled, "connected": connected, "final": final_});
+        if let Some(p) = &stats {
+            let tmp = p.with_extension("tmp");
+            std::fs::write(&tmp, v.to_string())?;
+            std::fs::rename(&tmp, p)?;
+        }
+        if final_ {
+            println!("{v}");
+        }
+        Ok(())
+    };
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = every.tick() => write_stats(false)?,
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    write_stats(true)?;
+    Ok(())
+}

@@ -1,0 +1,322 @@
+//! The agent's side of the report stream. One QUIC connection to the controller; on every
+//! (re)connection: Hello → Welcome (drop what the controller already holds) → the current state
+//! first → the backlog oldest-first, at most [`WINDOW`] reports in flight, while new reports go
+//! out as soon as they are taken. A report leaves the spool only when acknowledged.
+//!
+//! Reconnection uses exponential backoff with full jitter, so thousands of sites coming back
+//! after a controller restart arrive spread out instead of in one wave.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tiandi_link::{FrameReader, FrameWriter, LinkError, pki::CONTROLLER_NAME};
+use tiandi_proto::{Body, Hello, LinkStats, Report, names::NameEncoder};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::spool::Spool;
+
+/// Backlog reports in flight at once (the current report always goes out at once).
+pub const WINDOW: usize = 32;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
+const BACKOFF_BASE: Duration = Duration::from_secs(1);
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// After a permanent refusal (revoked, unknown, wrong version) retry only this often.
+const PERMANENT_RETRY: Duration = Duration::from_secs(300);
+
+/// State shared by the collector and the uplink of one site.
+pub struct Shared {
+    pub spool: Mutex<Spool>,
+    /// Signalled when a new report is in the spool.
+    pub new_report: Notify,
+    /// The QUIC connection's figures, copied into each report.
+    pub link: Mutex<Option<LinkStats>>,
+    /// While true the uplink stays disconnected (simulated outages).
+    pub offline: AtomicBool,
+    pub connected: AtomicBool,
+    pub acked: AtomicU64,
+    pub sessions: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(spool: Spool) -> Arc<Shared> {
+        Arc::new(Shared {
+            spool: Mutex::new(spool),
+            new_report: Notify::new(),
+            link: Mutex::new(None),
+            offline: AtomicBool::new(false),
+            connected: AtomicBool::new(false),
+            acked: AtomicU64::new(0),
+            sessions: AtomicU64::new(0),
+        })
+    }
+
+    /// Stores a new report (with the current link figures) and wakes the uplink.
+    pub fn push(&self, mut report: Report) -> Result<u64, crate::spool::SpoolError> {
+        if report.link.is_none() {
+            report.link = self.link.lock().expect("link lock poisoned").clone();
+        }
+        let seq = self.spool.lock().expect("spool lock poisoned").push(report)?;
+        self.new_report.notify_one();
+        Ok(seq)
+    }
+}
+
+#[derive(Clone)]
+pub struct UplinkConfig {
+    pub controller: String,
+    pub site_id: String,
+    pub client: quinn::ClientConfig,
+    pub interval_ms: u32,
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr, LinkError> {
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| LinkError::Stream(format!("resolving {addr}: {e}")))?
+        .next()
+        .ok_or_else(|| LinkError::Stream(format!("{addr} resolves to no address")))
+}
+
+/// Runs until cancelled.
+pub async fn run(
+    endpoint: quinn::Endpoint,
+    cfg: UplinkConfig,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) {
+    let mut attempt: u32 = 0;
+    loop {
+        if cancel.is_cancelled() {
+            return;
+        }
+        if shared.offline.load(Ordering::Relaxed) {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+            }
+        }
+        let started = Instant::now();
+        let result = session(&endpoint, &cfg, &shared, &cancel).await;
+        shared.connected.store(false, Ordering::Relaxed);
+        shared
+            .spool
+            .lock()
+            .expect("spool lock poisoned")
+            .in_flight
+            .clear();
+        let delay = match result {
+            Ok(()) => return,
+            Err(e) if e.is_permanent() => {
+                error!(error = %e, "The controller refuses this site; an operator must act (re-enroll or fix the version). Retrying in 5 min.");
+                PERMANENT_RETRY
+            }
+            Err(e) => {
+                if started.elapsed() > BACKOFF_CAP {
+                    attempt = 0;
+                }
+                let cap = BACKOFF_BASE
+                    .saturating_mul(1 << attempt.min(6))
+                    .min(BACKOFF_CAP);
+                attempt = attempt.saturating_add(1);
+                let d = cap.mul_f64(rand::random::<f64>());
+                if attempt <= 1 {
+                    info!(error = %e, retry_in_ms = d.as_millis() as u64, "Link to the controller lost.");
+                } else {
+                    debug!(error = %e, retry_in_ms = d.as_millis() as u64, "Reconnect failed.");
+                }
+                d
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+fn link_stats(conn: &quinn::Connection) -> LinkStats {
+    let s = conn.stats();
+    LinkStats {
+        rtt_ms: conn.rtt().as_millis().min(u128::from(u32::MAX)) as u32,
+        lost_packets: s.path.lost_packets,
+        cwnd_bytes: s.path.cwnd,
+        tx_bytes: s.udp_tx.bytes,
+        rx_bytes: s.udp_rx.bytes,
+        sent_packets: s.path.sent_packets,
+    }
+}
+
+struct Sender {
+    writer: FrameWriter,
+    names: NameEncoder,
+}
+
+impl Sender {
+    async fn send(&mut self, shared: &Shared, mut r: Report) -> Result<(), LinkError> {
+        shared
+            .spool
+            .lock()
+            .expect("spool lock poisoned")
+            .in_flight
+            .insert(r.seq);
+        self.names.compress(&mut r);
+        self.writer.send(Body::Report(r)).await
+    }
+}
+
+async fn session(
+    endpoint: &quinn::Endpoint,
+    cfg: &UplinkConfig,
+    shared: &Arc<Shared>,
+    cancel: &CancellationToken,
+) -> Result<(), LinkError> {
+    let addr = resolve(&cfg.controller).await?;
+    let connecting = endpoint.connect_with(cfg.client.clone(), addr, CONTROLLER_NAME)?;
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| LinkError::Stream(format!("no handshake with {addr} within {CONNECT_TIMEOUT:?}")))??;
+    let (send, recv) = conn.open_bi().await?;
+    let mut reader = FrameReader::new(recv);
+    let mut out = Sender {
+        writer: FrameWriter::new(send),
+        names: NameEncoder::default(),
+    };
+    out.writer
+        .send(Body::Hello(Hello {
+            site_id: cfg.site_id.clone(),
+            major: tiandi_proto::MAJOR,
+            minor: tiandi_proto::MINOR,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            interval_ms: cfg.interval_ms,
+        }))
+        .await?;
+    let welcome = tokio::select! {
+        r = tokio::time::timeout(WELCOME_TIMEOUT, reader.recv()) => match r {
+            Err(_) => return Err(LinkError::Stream("no Welcome in time".into())),
+            Ok(Err(e)) => return Err(closed_reason(&conn).unwrap_or(e)),
+            Ok(Ok(Some(Body::Welcome(w)))) => w,
+            Ok(Ok(Some(Body::Refused(r)))) => return Err(LinkError::Refused { code: r.code, reason: r.reason }),
+            Ok(Ok(Some(other))) => return Err(LinkError::Stream(format!("expected Welcome, got {}", other.kind()))),
+            Ok(Ok(None)) => return Err(closed_reason(&conn).unwrap_or(LinkError::Stream("controller closed the stream".into()))),
+        },
+        e = conn.closed() => return Err(app_close(e)),
+    };
+    tiandi_proto::check_version(welcome.major, welcome.minor)?;
+    let (dropped, backlog) = {
+        let mut spool = shared.spool.lock().expect("spool lock poisoned");
+        let d = spool
+            .apply_welcome(welcome.acked_through, &welcome.acked_ranges)
+            .map_err(|e| LinkError::Stream(e.to_string()))?;
+        (d, spool.len())
+    };
+    shared.connected.store(true, Ordering::Relaxed);
+    shared.sessions.fetch_add(1, Ordering::Relaxed);
+    info!(%addr, acked_through = welcome.acked_through, dropped_acked = dropped, backlog, "Connected to the controller.");
+    *shared.link.lock().expect("link lock poisoned") = Some(link_stats(&conn));
+
+    // Current state first.
+    let newest = shared
+        .spool
+        .lock()
+        .expect("spool lock poisoned")
+        .newest()
+        .map_err(|e| LinkError::Stream(e.to_string()))?;
+    if let Some(r) = newest {
+        out.send(shared, r).await?;
+    }
+    let mut cursor = 0u64;
+    let mut stats_tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        // Fill the backlog window, oldest first.
+        let next: Vec<Report> = {
+            let spool = shared.spool.lock().expect("spool lock poisoned");
+            let room = WINDOW.saturating_sub(spool.in_flight.len());
+            if room == 0 {
+                Vec::new()
+            } else {
+                let mut v = spool
+                    .after(cursor, room + spool.in_flight.len())
+                    .map_err(|e| LinkError::Stream(e.to_string()))?;
+                v.retain(|r| !spool.in_flight.contains(&r.seq));
+                v.truncate(room);
+                v
+            }
+        };
+        let sent_any = !next.is_empty();
+        for r in next {
+            cursor = cursor.max(r.seq);
+            out.send(shared, r).await?;
+        }
+        if sent_any {
+            continue;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                conn.close(0u32.into(), b"agent stopping");
+                return Ok(());
+            }
+            _ = shared.new_report.notified() => {
+                let newest = {
+                    let spool = shared.spool.lock().expect("spool lock poisoned");
+                    spool.newest().map_err(|e| LinkError::Stream(e.to_string()))?
+                        .filter(|r| !spool.in_flight.contains(&r.seq))
+                };
+                if let Some(r) = newest {
+                    out.send(shared, r).await?;
+                }
+            }
+            msg = reader.recv() => match msg {
+                Ok(Some(Body::Ack(a))) => {
+                    let n = shared.spool.lock().expect("spool lock poisoned").ack(a.first, a.last)
+                        .map_err(|e| LinkError::Stream(e.to_string()))?;
+                    shared.acked.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Ok(Some(Body::Refused(r))) => return Err(LinkError::Refused { code: r.code, reason: r.reason }),
+                Ok(Some(other)) => {
+                    let e = format!("unexpected {} from the controller", other.kind());
+                    conn.close(tiandi_proto::codes::PROTOCOL.into(), e.as_bytes());
+                    return Err(LinkError::Stream(e));
+                }
+                Ok(None) => return Err(closed_reason(&conn).unwrap_or(LinkError::Stream("controller ended the stream".into()))),
+                Err(e) => return Err(closed_reason(&conn).unwrap_or(e)),
+            },
+            _ = stats_tick.tick() => {
+                *shared.link.lock().expect("link lock poisoned") = Some(link_stats(&conn));
+                if shared.offline.load(Ordering::Relaxed) {
+                    conn.close(0u32.into(), b"site link down (simulated)");
+                    return Err(LinkError::Stream("simulated outage".into()));
+                }
+            }
+            e = conn.closed() => return Err(app_close(e)),
+        }
+    }
+}
+
+/// Turns an application close from the controller into a refusal with its code.
+fn app_close(e: quinn::ConnectionError) -> LinkError {
+    if let quinn::ConnectionError::ApplicationClosed(c) = &e {
+        let code = u64::from(c.error_code) as u32;
+        if code != 0 {
+            return LinkError::Refused {
+                code,
+                reason: String::from_utf8_lossy(&c.reason).into_owned(),
+            };
+        }
+    }
+    LinkError::Connection(e)
+}
+
+fn closed_reason(conn: &quinn::Connection) -> Option<LinkError> {
+    conn.close_reason().map(|e| {
+        let err = app_close(e);
+        if let LinkError::Refused { code, reason } = &err {
+            warn!(code, %reason, "The controller closed the connection.");
+        }
+        err
+    })
+}
