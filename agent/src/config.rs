@@ -144,9 +144,9 @@ impl Config {
 
     /// Checks what serde cannot: cross-field rules, with the key named.
     pub fn validate(&self, file: &str) -> Result<(), String> {
-        if !(0.5..=3600.0).contains(&self.interval_s) {
+        if !(0.05..=3600.0).contains(&self.interval_s) {
             return Err(format!(
-                "{file}: key `interval_s`: {} is outside 0.5..3600 seconds",
+                "{file}: key `interval_s`: {} is outside 0.05..3600 seconds",
                 self.interval_s
             ));
         }

@@ -217,14 +217,12 @@ impl Controller {
         let api_addr = api_listener.local_addr()?;
         let ops_addr = ops_listener.local_addr()?;
 
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(server::accept_loop(
-            core.clone(),
-            endpoint.clone(),
-        )));
-        tasks.push(tokio::spawn(store.clone().flush_loop(core.cancel.clone())));
-        tasks.push(tokio::spawn(tick_loop(core.clone())));
-        tasks.push(tokio::spawn(prune_loop(core.clone())));
+        let mut tasks = vec![
+            tokio::spawn(server::accept_loop(core.clone(), endpoint.clone())),
+            tokio::spawn(store.clone().flush_loop(core.cancel.clone())),
+            tokio::spawn(tick_loop(core.clone())),
+            tokio::spawn(prune_loop(core.clone())),
+        ];
         for (listener, router) in [
             (api_listener, api::router(core.clone())),
             (ops_listener, api::ops_router(core.clone())),

@@ -1,5 +1,5 @@
 //! Named metrics of a report, for history queries and exports. Names are stable:
-//! `host.cpu_pct`, `host.load1`, `host.mem_used_pct`, `host.uptime_s`, `fs.<mount>.used_pct`,
+//! `report.seq`, `host.cpu_pct`, `host.load1`, `host.mem_used_pct`, `host.uptime_s`, `fs.<mount>.used_pct`,
 //! `if.<name>.rx_bytes`, `link.rtt_ms`, `modem.esno_db`, `ups.on_battery`,
 //! `dev.<device>.if.<name>.in_octets`, …
 
@@ -9,6 +9,7 @@ use crate::{DeviceStatus, Report};
 pub fn series(r: &Report) -> Vec<(String, f64)> {
     let mut out: Vec<(String, f64)> = Vec::with_capacity(48);
     let mut put = |k: String, v: f64| out.push((k, v));
+    put("report.seq".into(), r.seq as f64);
     if let Some(h) = &r.host {
         put("host.cpu_pct".into(), f64::from(h.cpu_permille) / 10.0);
         put("host.load1".into(), f64::from(h.load1_c) / 100.0);

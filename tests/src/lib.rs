@@ -1,0 +1,287 @@
+//! Harness for the end-to-end tests: starts the real `tiandi-controller` and `tiandi-agent`
+//! binaries (built by `cargo build --workspace --bins`, which the README's test command runs
+//! first), real `snmpd`, and talks to them over their real interfaces.
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Directory of the workspace's built binaries (next to this test's `deps/`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(|d| if d.ends_with("deps") { d.parent() } else { Some(d) })
+        .expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` before the tests",
+        p.display()
+    );
+    p
+}
+
+pub fn free_tcp() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+pub fn free_udp() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into()
+}
+
+pub fn get_json(url: &str) -> Option<Value> {
+    let mut r = http().get(url).call().ok()?;
+    if !r.status().is_success() {
+        return None;
+    }
+    r.body_mut().read_json().ok()
+}
+
+pub fn get_text(url: &str) -> Option<String> {
+    let mut r = http().get(url).call().ok()?;
+    r.body_mut().read_to_string().ok()
+}
+
+/// A controller process with its own data dir and ports.
+pub struct ControllerProc {
+    pub dir: PathBuf,
+    pub quic: SocketAddr,
+    pub api: SocketAddr,
+    pub ops: SocketAddr,
+    pub config: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl ControllerProc {
+    pub fn start(dir: &Path) -> ControllerProc {
+        std::fs::create_dir_all(dir).unwrap();
+        let (quic, api, ops) = (free_udp(), free_tcp(), free_tcp());
+        let config = dir.join("controller.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = {:?}\nquic_listen = \"{quic}\"\napi_listen = \"{api}\"\nops_listen = \"{ops}\"\nprofile = \"terrestrial\"\nlog = \"info,tiandi_controller=debug\"\n",
+                dir.join("data")
+            ),
+        )
+        .unwrap();
+        let mut c = ControllerProc {
+            dir: dir.to_path_buf(),
+            quic,
+            api,
+            ops,
+            config,
+            child: None,
+            log: dir.join("controller.log"),
+        };
+        c.spawn();
+        c
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(bin("tiandi-controller"))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let url = format!("http://{}/health", self.ops);
+        wait_for("controller /health", Duration::from_secs(30), || get_text(&url));
+    }
+
+    /// Graceful stop (SIGTERM), waiting for the process to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let start = Instant::now();
+            while c.try_wait().unwrap().is_none() {
+                if start.elapsed() > Duration::from_secs(20) {
+                    let _ = c.kill();
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn api(&self, path: &str) -> Option<Value> {
+        get_json(&format!("http://{}{}", self.api, path))
+    }
+
+    pub fn metrics(&self) -> String {
+        get_text(&format!("http://{}/metrics", self.ops)).unwrap_or_default()
+    }
+
+    /// A metric's value (first sample whose line starts with `name`).
+    pub fn metric(&self, name: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// `tiandi-controller enroll` through the CLI; returns the token.
+    pub fn enroll(&self, site: &str, province: &str, extra: &[&str]) -> String {
+        let out = self.cli(&[&["enroll", "--site", site, "--province", province], extra].concat());
+        assert!(out.status.success(), "enroll failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin("tiandi-controller"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sequence numbers of a site's stored history, in time order.
+    pub fn history_seqs(&self, site: &str) -> Vec<u64> {
+        let v = self
+            .api(&format!("/api/sites/{site}/history?metric=report.seq&from=0&limit=100000"))
+            .expect("history");
+        v["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p[1].as_f64().unwrap() as u64)
+            .collect()
+    }
+}
+
+impl Drop for ControllerProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// An agent process.
+pub struct AgentProc {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl AgentProc {
+    /// Enrolls (with `token`) and writes a config; does not start.
+    pub fn enroll(dir: &Path, controller: SocketAddr, token: &str, extra_config: &str) -> AgentProc {
+        std::fs::create_dir_all(dir).unwrap();
+        let data = dir.join("data");
+        let out = Command::new(bin("tiandi-agent"))
+            .args(["enroll", "--controller", &controller.to_string(), "--token", token, "--data-dir"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "agent enroll failed: {}", String::from_utf8_lossy(&out.stderr));
+        AgentProc::configure(dir, controller, extra_config)
+    }
+
+    pub fn configure(dir: &Path, controller: SocketAddr, extra_config: &str) -> AgentProc {
+        let config = dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "controller = \"{controller}\"\ndata_dir = {:?}\nprofile = \"terrestrial\"\nlog = \"info,tiandi_agent=debug\"\n{extra_config}\n",
+                dir.join("data")
+            ),
+        )
+        .unwrap();
+        AgentProc {
+            dir: dir.to_path_buf(),
+            config,
+            child: None,
+            log: dir.join("agent.log"),
+        }
+    }
+
+    pub fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        self.child = Some(
+            Command::new(bin("tiandi-agent"))
+                .arg("--config")
+                .arg(&self.config)
+                .arg("run")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    /// SIGKILL: no chance to flush or say goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
