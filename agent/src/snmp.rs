@@ -16,6 +16,8 @@ const MAX_ROWS: usize = 128;
 pub enum PollError {
     #[error("no answer within {0} ms")]
     Timeout(u64),
+    #[error("no answer: {0}")]
+    NoAnswer(String),
     #[error("{0}")]
     BadAnswer(String),
     #[error("{0}")]
@@ -25,7 +27,7 @@ pub enum PollError {
 impl PollError {
     fn status(&self) -> DeviceStatus {
         match self {
-            PollError::Timeout(_) => DeviceStatus::Timeout,
+            PollError::Timeout(_) | PollError::NoAnswer(_) => DeviceStatus::Timeout,
             PollError::BadAnswer(_) => DeviceStatus::BadAnswer,
             PollError::Local(_) => DeviceStatus::Error,
         }
@@ -307,6 +309,8 @@ impl Val {
 fn snmp_err(e: snmp2::Error) -> PollError {
     match e {
         snmp2::Error::Send => PollError::Local("cannot send".into()),
+        // A receive error on a connected UDP socket is an ICMP error: nothing listens there.
+        snmp2::Error::Receive => PollError::NoAnswer("unreachable (ICMP error)".into()),
         other => PollError::BadAnswer(format!("{other:?}")),
     }
 }

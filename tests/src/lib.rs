@@ -2,6 +2,8 @@
 //! binaries (built by `cargo build --workspace --bins`, which the README's test command runs
 //! first), real `snmpd`, and talks to them over their real interfaces.
 
+pub mod snmpd;
+
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
