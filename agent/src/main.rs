@@ -218,7 +218,8 @@ async fn simulate(
         creds.push(t.await??);
     }
     tracing::info!(sites = creds.len(), "Simulated sites enrolled; starting.");
-    let cancel = shutdown_token();
+    let stop = shutdown_token();
+    let cancel = CancellationToken::new();
     let shareds = sim::start(
         creds,
         sim::SimOptions {
@@ -228,6 +229,7 @@ async fn simulate(
             profile,
         },
         &data_dir.join("spool"),
+        stop.clone(),
         cancel.clone(),
     )
     .await?;
@@ -255,10 +257,23 @@ async fn simulate(
     let mut every = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
-            _ = cancel.cancelled() => break,
+            _ = stop.cancelled() => break,
             _ = every.tick() => write_stats(false)?,
         }
     }
+    // Stop taking reports, let the spools drain (at most 60 s), then close the connections.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        let spooled: usize = shareds
+            .iter()
+            .map(|(_, s)| s.spool.lock().expect("spool lock poisoned").len())
+            .sum();
+        if spooled == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cancel.cancel();
     tokio::time::sleep(Duration::from_millis(300)).await;
     write_stats(true)?;
     Ok(())

@@ -232,10 +232,13 @@ pub struct SimOptions {
 }
 
 /// Starts every site; returns their shared states. Sites start spread over one interval.
+/// `stop_reports` ends report generation; `cancel` ends the connections (cancel it after the
+/// spools have drained to end without a backlog).
 pub async fn start(
     creds: Vec<SimCreds>,
     opts: SimOptions,
     spool_dir: &Path,
+    stop_reports: CancellationToken,
     cancel: CancellationToken,
 ) -> anyhow::Result<Vec<(String, Arc<Shared>)>> {
     let db = sled::Config::new()
@@ -271,7 +274,7 @@ pub async fn start(
             shared.clone(),
             cancel.clone(),
         ));
-        let (s, cancel2, outages) = (shared.clone(), cancel.clone(), opts.outages);
+        let (s, cancel2, outages) = (shared.clone(), stop_reports.clone(), opts.outages);
         let interval = opts.interval;
         let index = c.index;
         tokio::spawn(async move {

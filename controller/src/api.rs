@@ -50,7 +50,9 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/api/sites/{id}/history", get(history))
         .route("/api/alarms", get(alarms))
         .route("/api/stream", get(stream))
+        .route("/api/summary", get(summary))
         .route("/api/admin/enroll", post(admin_enroll))
+        .route("/api/admin/enroll-batch", post(admin_enroll_batch))
         .route("/api/admin/revoke", post(admin_revoke))
         .route("/api/admin/registry", get(admin_registry))
         .with_state(core)
@@ -244,6 +246,88 @@ async fn admin_enroll(
         .map_err(|e| bad(e.to_string()))?;
     Ok(Json(json!({
         "token": t.token, "site_id": t.site_id, "province": t.province, "expires_at": t.expires_at
+    })))
+}
+
+#[derive(Deserialize)]
+struct BatchBody {
+    sites: Vec<BatchSite>,
+    ttl_hours: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct BatchSite {
+    site_id: String,
+    province: String,
+}
+
+async fn admin_enroll_batch(
+    State(core): State<Arc<Core>>,
+    headers: HeaderMap,
+    Json(b): Json<BatchBody>,
+) -> ApiResult {
+    check_admin(&core, &headers)?;
+    if b.sites.len() > 100_000 {
+        return Err(bad("at most 100000 sites per batch"));
+    }
+    let ttl = Duration::from_secs(u64::from(b.ttl_hours.unwrap_or(core.config.token_hours)) * 3600);
+    let list: Vec<(String, String)> = b.sites.into_iter().map(|s| (s.site_id, s.province)).collect();
+    let reg = core.registry.clone();
+    let tokens = tokio::task::spawn_blocking(move || reg.create_tokens(&list, ttl))
+        .await
+        .map_err(internal)?
+        .map_err(|e| bad(e.to_string()))?;
+    let out: Vec<Value> = tokens
+        .into_iter()
+        .map(|t| json!({"site_id": t.site_id, "province": t.province, "token": t.token, "expires_at": t.expires_at}))
+        .collect();
+    Ok(Json(json!({ "tokens": out })))
+}
+
+#[derive(Deserialize)]
+struct SummaryQuery {
+    /// Count the sites whose latest sample was taken at or after this time (Unix ms).
+    since: Option<i64>,
+    /// Also count every stored history entry (a full scan: for audits and benchmarks).
+    count_history: Option<bool>,
+}
+
+/// Counts for a wall display or a script: sites by status, connected, fresh since a time, and
+/// how many distinct reports are stored.
+async fn summary(State(core): State<Arc<Core>>, Query(q): Query<SummaryQuery>) -> ApiResult {
+    let since = q.since.unwrap_or(i64::MAX);
+    let (sites, connected, fresh, by_status, ids) = core.sites.with_all(|all| {
+        let mut by: std::collections::BTreeMap<&'static str, u64> = Default::default();
+        let (mut n, mut c, mut f) = (0u64, 0u64, 0u64);
+        let mut ids = Vec::new();
+        for s in all {
+            n += 1;
+            c += u64::from(s.connected);
+            f += u64::from(s.latest_taken_ms.is_some_and(|t| t >= since));
+            *by.entry(s.status.as_str()).or_default() += 1;
+            ids.push(s.site_id.clone());
+        }
+        (n, c, f, by, ids)
+    });
+    let store = core.store.clone();
+    let count_history = q.count_history.unwrap_or(false);
+    let (distinct, history) = tokio::task::spawn_blocking(move || {
+        let mut distinct = 0u64;
+        for id in &ids {
+            if let Ok(st) = store.seq_state(id) {
+                distinct += st.acked_through + st.ranges.iter().map(|(a, b)| b - a + 1).sum::<u64>();
+            }
+        }
+        let history = count_history.then(|| store.history_entries());
+        (distinct, history)
+    })
+    .await
+    .map_err(internal)?;
+    Ok(Json(json!({
+        "sites": sites, "connected": connected, "fresh": fresh, "by_status": by_status,
+        "stored_distinct": distinct, "history_entries": history,
+        "reports_stored_since_start": core.metrics.reports.get(),
+        "duplicates_since_start": core.metrics.duplicates.get(),
     })))
 }
 

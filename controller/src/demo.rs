@@ -74,6 +74,7 @@ pub async fn run(
         },
         &core.config.data_dir.join("demo-spool"),
         sim_cancel.clone(),
+        sim_cancel.clone(),
     )
     .await?;
     println!("Tiandi demo: controller with {sites} simulated sites (reports every {:?}).", interval);

@@ -152,10 +152,25 @@ async fn main() -> anyhow::Result<()> {
                 wanted.push((s, p));
             }
             let mut lines = Vec::new();
-            for (s, p) in &wanted {
-                let v = admin(&cfg, "enroll", json!({"site_id": s, "province": p, "ttl_hours": hours}))?;
-                let token = v["token"].as_str().context("no token in the answer")?.to_string();
-                lines.push(format!("{s} {token}"));
+            if batch.is_some() {
+                let sites: Vec<Value> = wanted
+                    .iter()
+                    .map(|(s, p)| json!({"site_id": s, "province": p}))
+                    .collect();
+                let v = admin(&cfg, "enroll-batch", json!({"sites": sites, "ttl_hours": hours}))?;
+                for t in v["tokens"].as_array().context("no tokens in the answer")? {
+                    lines.push(format!(
+                        "{} {}",
+                        t["site_id"].as_str().unwrap_or_default(),
+                        t["token"].as_str().unwrap_or_default()
+                    ));
+                }
+            } else {
+                for (s, p) in &wanted {
+                    let v = admin(&cfg, "enroll", json!({"site_id": s, "province": p, "ttl_hours": hours}))?;
+                    let token = v["token"].as_str().context("no token in the answer")?.to_string();
+                    lines.push(format!("{s} {token}"));
+                }
             }
             match (batch, out) {
                 (Some(_), Some(path)) => {
@@ -236,6 +251,24 @@ fn admin(cfg: &Config, action: &str, body: Value) -> anyhow::Result<Value> {
                 Duration::from_secs(hours * 3600),
             )?;
             json!({"token": t.token})
+        }
+        "enroll-batch" => {
+            let hours = body["ttl_hours"].as_u64().unwrap_or(72);
+            let list: Vec<(String, String)> = body["sites"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|x| {
+                            (
+                                x["site_id"].as_str().unwrap_or_default().to_string(),
+                                x["province"].as_str().unwrap_or_default().to_string(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let tokens = reg.create_tokens(&list, Duration::from_secs(hours * 3600))?;
+            json!({"tokens": tokens.iter().map(|t| json!({"site_id": t.site_id, "token": t.token})).collect::<Vec<_>>()})
         }
         "revoke" => json!({"revoked": reg.revoke(site)?, "disconnected": false}),
         other => bail!("unknown admin action {other}"),

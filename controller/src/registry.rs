@@ -108,6 +108,31 @@ impl Registry {
         province: &str,
         ttl: Duration,
     ) -> Result<Token, RegistryError> {
+        let t = self.create_token_unflushed(site_id, province, ttl)?;
+        self.tokens.flush()?;
+        Ok(t)
+    }
+
+    /// Creates many tokens with one flush (a batch of sites being rolled out).
+    pub fn create_tokens(
+        &self,
+        sites: &[(String, String)],
+        ttl: Duration,
+    ) -> Result<Vec<Token>, RegistryError> {
+        let tokens = sites
+            .iter()
+            .map(|(s, p)| self.create_token_unflushed(s, p, ttl))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.tokens.flush()?;
+        Ok(tokens)
+    }
+
+    fn create_token_unflushed(
+        &self,
+        site_id: &str,
+        province: &str,
+        ttl: Duration,
+    ) -> Result<Token, RegistryError> {
         validate_name("site ID", site_id)?;
         validate_name("province", province)?;
         let secret = hex::encode(rand::random::<[u8; 16]>());
@@ -119,7 +144,6 @@ impl Registry {
         };
         let v = serde_json::to_vec(&rec).map_err(|e| RegistryError::Corrupt(e.to_string()))?;
         self.tokens.insert(hash(&secret), v)?;
-        self.tokens.flush()?;
         Ok(Token {
             token: format!("T1.{secret}.{}", self.ca_fingerprint),
             site_id: site_id.into(),

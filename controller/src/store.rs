@@ -221,6 +221,11 @@ impl Store {
         Ok(out)
     }
 
+    /// Every stored history entry, all sites (a full scan).
+    pub fn history_entries(&self) -> u64 {
+        self.history.len() as u64
+    }
+
     pub fn history_len(&self, site: &str) -> usize {
         self.history.scan_prefix(site_prefix(site)).count()
     }

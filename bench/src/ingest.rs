@@ -1,0 +1,303 @@
+use std::io::BufRead;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The release binaries, built if missing.
+fn binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("bench binary has no directory")?.to_path_buf();
+    let (c, a) = (dir.join("tiandi-controller"), dir.join("tiandi-agent"));
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("building release binaries...");
+    let st = Command::new(cargo)
+        .args(["build", "--release", "--locked", "-p", "tiandi-controller", "-p", "tiandi-agent", "--bins"])
+        .status()?;
+    if !st.success() || !c.exists() || !a.exists() {
+        bail!("could not build the release binaries next to {}", exe.display());
+    }
+    Ok((c, a))
+}
+
+fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(120)))
+        .build()
+        .into()
+}
+
+fn get(url: &str) -> Option<Value> {
+    http().get(url).call().ok()?.body_mut().read_json().ok()
+}
+
+fn metric(ops: SocketAddr, name: &str) -> f64 {
+    let text = http()
+        .get(&format!("http://{ops}/metrics"))
+        .call()
+        .ok()
+        .and_then(|mut r| r.body_mut().with_config().limit(1 << 30).read_to_string().ok())
+        .unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// CPU seconds (user + system) of a process.
+fn cpu_s(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 of stat (utime, stime); `after` starts at field 3.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn peak_rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+struct Ctl {
+    bin: PathBuf,
+    config: PathBuf,
+    ops: SocketAddr,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Ctl {
+    fn start(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        self.child = Some(
+            Command::new(&self.bin)
+                .arg("--config")
+                .arg(&self.config)
+                .arg("run")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()?,
+        );
+        let t = Instant::now();
+        while get(&format!("http://{}/health", self.ops)).is_none()
+            && http().get(&format!("http://{}/health", self.ops)).call().is_err()
+        {
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!("controller did not come up; see {}", self.log.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+    fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            Command::new("kill").arg("-TERM").arg(c.id().to_string()).status()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Ctl {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_tcp() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port")
+}
+
+fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    while !f() {
+        if t.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(t.elapsed())
+}
+
+/// Collects report events (site sample time, bench receive time) from `/api/stream`.
+fn watch_stream(api: SocketAddr, sink: Arc<Mutex<Vec<(i64, i64)>>>, recording: Arc<Mutex<bool>>) {
+    std::thread::spawn(move || {
+        let Ok(resp) = http().get(&format!("http://{api}/api/stream")).call() else {
+            return;
+        };
+        let reader = std::io::BufReader::new(resp.into_body().into_reader());
+        for line in reader.lines() {
+            let Ok(line) = line else { return };
+            let Some(data) = line.strip_prefix("data: ") else { continue };
+            let now = now_ms();
+            if !*recording.lock().expect("lock") {
+                continue;
+            }
+            if let Ok(v) = serde_json::from_str::<Value>(data)
+                && v["type"] == "report"
+                && let Some(t) = v["taken_ms"].as_i64()
+            {
+                sink.lock().expect("lock").push((t, now));
+            }
+        }
+    });
+}
+
+fn percentile(sorted: &[i64], p: f64) -> i64 {
+    if sorted.is_empty() {
+        return -1;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+pub fn run(sites: usize, interval: f64, duration: f64) -> anyhow::Result<()> {
+    let (ctl_bin, agent_bin) = binaries()?;
+    let tmp = tempfile::Builder::new().prefix("tiandi-bench-").tempdir()?;
+    let dir = tmp.path();
+    let quic = UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
+    let (api, ops) = (free_tcp(), free_tcp());
+    let config = dir.join("controller.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\nquic_listen = \"{quic}\"\napi_listen = \"{api}\"\nops_listen = \"{ops}\"\nprofile = \"terrestrial\"\nlog = \"warn\"\n",
+            dir.join("ctl")
+        ),
+    )?;
+    let mut ctl = Ctl {
+        bin: ctl_bin.clone(),
+        config: config.clone(),
+        ops,
+        log: dir.join("controller.log"),
+        child: None,
+    };
+    ctl.start()?;
+    eprintln!("enrolling {sites} sites...");
+    let tokens = dir.join("tokens.txt");
+    let st = Command::new(&ctl_bin)
+        .arg("--config")
+        .arg(&config)
+        .args(["enroll", "--batch", &sites.to_string(), "--out"])
+        .arg(&tokens)
+        .stdout(Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("token batch failed");
+    }
+    let stats = dir.join("sim.json");
+    let sim_log = std::fs::File::create(dir.join("sim.log"))?;
+    let sim = Command::new(&agent_bin)
+        .args(["simulate", "--controller", &quic.to_string(), "--tokens"])
+        .arg(&tokens)
+        .arg("--data-dir")
+        .arg(dir.join("sim"))
+        .args(["--interval", &interval.to_string(), "--stats"])
+        .arg(&stats)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(sim_log)
+        .spawn()?;
+    let setup = wait("every site connected", Duration::from_secs(900), || {
+        get(&format!("http://{api}/api/summary")).is_some_and(|v| {
+            v["connected"].as_u64() == Some(sites as u64) && v["sites"].as_u64() == Some(sites as u64)
+        })
+    })?;
+    eprintln!("{sites} sites enrolled and connected in {:.1} s; warming up one interval", setup.as_secs_f64());
+    std::thread::sleep(Duration::from_secs_f64(interval * 1.5));
+
+    // Steady state: the first half of the run.
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let recording = Arc::new(Mutex::new(false));
+    watch_stream(api, events.clone(), recording.clone());
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = ctl.pid();
+    let wire = |ops| {
+        metric(ops, "tiandi_quic_udp_bytes_total") + 28.0 * metric(ops, "tiandi_quic_udp_datagrams_total")
+    };
+    let (cpu0, rep0, wire0) = (cpu_s(pid), metric(ops, "tiandi_reports_total"), wire(ops));
+    *recording.lock().expect("lock") = true;
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(duration / 2.0));
+    *recording.lock().expect("lock") = false;
+    let (cpu1, rep1, wire1) = (cpu_s(pid), metric(ops, "tiandi_reports_total"), wire(ops));
+    let steady_s = t0.elapsed().as_secs_f64();
+    let reports = rep1 - rep0;
+    let cpu_us = (cpu1 - cpu0) * 1e6 / reports.max(1.0);
+    let wire_per = (wire1 - wire0) / reports.max(1.0);
+    let mut lat: Vec<i64> = events.lock().expect("lock").iter().map(|(t, r)| r - t).collect();
+    lat.sort_unstable();
+    let p50 = percentile(&lat, 0.5);
+    let p99 = percentile(&lat, 0.99);
+    let mut rss = peak_rss_mb(pid);
+    eprintln!(
+        "steady {steady_s:.1} s: {reports} reports ({:.0}/s), cpu {cpu_us:.1} us/report, {wire_per:.0} B/report, visible p50 {p50} ms p99 {p99} ms ({} events)",
+        reports / steady_s,
+        lat.len()
+    );
+
+    // Restart half-way; every site must come back connected and current.
+    let restart_at = now_ms();
+    let t_restart = Instant::now();
+    ctl.stop()?;
+    ctl.start()?;
+    let reconnect = wait("every site connected and current", Duration::from_secs(600), || {
+        get(&format!("http://{api}/api/summary?since={restart_at}")).is_some_and(|v| {
+            v["connected"].as_u64() == Some(sites as u64) && v["fresh"].as_u64() == Some(sites as u64)
+        })
+    })
+    .map(|_| t_restart.elapsed().as_secs_f64())?;
+    eprintln!("all {sites} sites connected and current {reconnect:.1} s after the restart began");
+    let rest = (duration / 2.0 - reconnect).max(1.0);
+    std::thread::sleep(Duration::from_secs_f64(rest));
+
+    // Drain and audit.
+    Command::new("kill").arg("-TERM").arg(sim.id().to_string()).status()?;
+    let out = sim.wait_with_output()?;
+    let final_stats: Value = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .or_else(|| std::fs::read(&stats).ok().and_then(|b| serde_json::from_slice(&b).ok()))
+        .context("no final statistics from the simulator")?;
+    let pushed = final_stats["pushed"].as_u64().unwrap_or(0);
+    let summary = get(&format!("http://{api}/api/summary?count_history=true")).context("summary")?;
+    let distinct = summary["stored_distinct"].as_u64().unwrap_or(0);
+    let entries = summary["history_entries"].as_u64().unwrap_or(0);
+    rss = rss.max(peak_rss_mb(ctl.pid()));
+    ctl.stop()?;
+    let lost = pushed.saturating_sub(distinct);
+    let dup = entries.saturating_sub(distinct);
+    eprintln!(
+        "sites produced {pushed} reports; controller holds {distinct} distinct in {entries} history entries; simulator left {} spooled",
+        final_stats["spooled"]
+    );
+    println!(
+        "ingest sites={sites} reports={pushed} lost={lost} dup={dup} cpu_us_per_report={cpu_us:.1} rss_mb={rss:.0} p99_visible_ms={p99} wire_bytes_per_report={wire_per:.0} reconnect_s={reconnect:.1}"
+    );
+    Ok(())
+}
