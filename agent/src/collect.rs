@@ -5,8 +5,18 @@ use tiandi_proto::{Filesystem, Host, Interface};
 
 /// Pseudo filesystems that say nothing about a site's disks.
 const SKIP_FS: &[&str] = &[
-    "tmpfs", "devtmpfs", "overlay", "squashfs", "proc", "sysfs", "cgroup", "cgroup2", "nsfs",
-    "ramfs", "autofs", "fuse.lxcfs",
+    "tmpfs",
+    "devtmpfs",
+    "overlay",
+    "squashfs",
+    "proc",
+    "sysfs",
+    "cgroup",
+    "cgroup2",
+    "nsfs",
+    "ramfs",
+    "autofs",
+    "fuse.lxcfs",
 ];
 const MAX_ITEMS: usize = 16;
 
@@ -85,7 +95,9 @@ impl HostCollector {
         interfaces.sort_by(|a, b| a.name.cmp(&b.name));
         interfaces.truncate(MAX_ITEMS);
         Host {
-            cpu_permille: (self.sys.global_cpu_usage() * 10.0).round().clamp(0.0, 1000.0) as u32,
+            cpu_permille: (self.sys.global_cpu_usage() * 10.0)
+                .round()
+                .clamp(0.0, 1000.0) as u32,
             load1_c: (load.one * 100.0) as u32,
             load5_c: (load.five * 100.0) as u32,
             load15_c: (load.fifteen * 100.0) as u32,

@@ -166,11 +166,18 @@ impl Config {
                 ));
             }
             if let Some(o) = &d.oids {
-                for (k, oid) in [("esno", Some(&o.esno.oid)), ("rx_level", o.rx_level.as_ref().map(|x| &x.oid)), ("tx_power", o.tx_power.as_ref().map(|x| &x.oid)), ("modcod", o.modcod.as_ref())] {
+                for (k, oid) in [
+                    ("esno", Some(&o.esno.oid)),
+                    ("rx_level", o.rx_level.as_ref().map(|x| &x.oid)),
+                    ("tx_power", o.tx_power.as_ref().map(|x| &x.oid)),
+                    ("modcod", o.modcod.as_ref()),
+                ] {
                     if let Some(oid) = oid
                         && crate::snmp::parse_oid(oid).is_err()
                     {
-                        return Err(format!("{file}: key `{key}.oids.{k}`: {oid:?} is not a numeric OID"));
+                        return Err(format!(
+                            "{file}: key `{key}.oids.{k}`: {oid:?} is not a numeric OID"
+                        ));
                     }
                 }
             }
@@ -203,7 +210,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("/etc/tiandi/agent.toml") && e.contains("devices[0].profile"), "{e}");
+        assert!(
+            e.contains("/etc/tiandi/agent.toml") && e.contains("devices[0].profile"),
+            "{e}"
+        );
         let c: Config = tiandi_link::config::parse_toml(
             "a.toml",
             "[[devices]]\nname = \"m\"\nprofile = \"vsat-modem\"\naddress = \"x\"\n[devices.oids]\nesno = { oid = \"1.3.x\" }\n",

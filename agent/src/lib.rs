@@ -29,7 +29,11 @@ pub fn now_ms() -> i64 {
 }
 
 /// Enrolls this site: generates its key, redeems the token, saves the identity.
-pub async fn enroll(controller: &str, token: &str, data_dir: &std::path::Path) -> anyhow::Result<identity::SiteInfo> {
+pub async fn enroll(
+    controller: &str,
+    token: &str,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<identity::SiteInfo> {
     let addr = tokio::net::lookup_host(controller)
         .await
         .with_context(|| format!("resolving {controller}"))?
@@ -58,7 +62,12 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         .path(&spool_dir)
         .cache_capacity(8 * 1024 * 1024)
         .open()
-        .with_context(|| format!("opening the spool {} (is another agent running?)", spool_dir.display()))?;
+        .with_context(|| {
+            format!(
+                "opening the spool {} (is another agent running?)",
+                spool_dir.display()
+            )
+        })?;
     let interval_ms = (cfg.interval_s * 1000.0) as i64;
     let spool = spool::Spool::open(
         db.open_tree("spool")?,
@@ -91,7 +100,8 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         collect::HostCollector::new(cfg.ignore_mounts.clone(), cfg.ignore_interfaces.clone())
             .map_err(anyhow::Error::msg)?,
     ));
-    let mut pollers: Vec<snmp::Poller> = cfg.devices.iter().cloned().map(snmp::Poller::new).collect();
+    let mut pollers: Vec<snmp::Poller> =
+        cfg.devices.iter().cloned().map(snmp::Poller::new).collect();
     let mut tick = tokio::time::interval(Duration::from_millis(interval_ms as u64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -101,7 +111,8 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         }
         let taken_ms = now_ms();
         let h = host.clone();
-        let host_sample = tokio::task::spawn_blocking(move || h.lock().expect("collector poisoned").sample());
+        let host_sample =
+            tokio::task::spawn_blocking(move || h.lock().expect("collector poisoned").sample());
         let devices = snmp::poll_all(&mut pollers).await;
         let host_sample = host_sample.await.ok();
         let report = Report {
@@ -112,7 +123,9 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         };
         match shared.push(report) {
             Ok(seq) => tracing::debug!(seq, "Report spooled."),
-            Err(error) => warn!(%error, "Could not spool a report (disk full?); retrying next interval."),
+            Err(error) => {
+                warn!(%error, "Could not spool a report (disk full?); retrying next interval.")
+            }
         }
     }
     let _ = uplink.await;

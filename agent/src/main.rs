@@ -75,7 +75,8 @@ fn load_config(path: &Option<PathBuf>) -> anyhow::Result<Config> {
     match path {
         Some(p) => {
             let c = Config::load(p)?;
-            c.validate(&p.display().to_string()).map_err(anyhow::Error::msg)?;
+            c.validate(&p.display().to_string())
+                .map_err(anyhow::Error::msg)?;
             Ok(c)
         }
         None => Ok(Config::default()),
@@ -159,7 +160,12 @@ async fn main() -> anyhow::Result<()> {
             outages,
             profile,
             stats,
-        } => simulate(controller, tokens, data_dir, sites, interval, outages, profile, stats).await,
+        } => {
+            simulate(
+                controller, tokens, data_dir, sites, interval, outages, profile, stats,
+            )
+            .await
+        }
     }
 }
 

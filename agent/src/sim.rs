@@ -13,8 +13,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tiandi_link::LinkProfile;
 use tiandi_proto::{
-    Device, DeviceInterface, DeviceStatus, Filesystem, Host, Interface, Modem, Profile, Report,
-    Ups,
+    Device, DeviceInterface, DeviceStatus, Filesystem, Host, Interface, Modem, Profile, Report, Ups,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -60,10 +59,22 @@ impl SimSite {
             mem_total: [4096, 8192, 16384][rng.random_range(0..3)],
             fs_root: rng.random_range(0.2..0.7),
             fs_data: rng.random_range(0.1..0.8),
-            rx: [rng.random_range(0..1u64 << 36), rng.random_range(0..1u64 << 30)],
-            tx: [rng.random_range(0..1u64 << 34), rng.random_range(0..1u64 << 30)],
-            router_in: [rng.random_range(0..1u64 << 36), rng.random_range(0..1u64 << 36)],
-            router_out: [rng.random_range(0..1u64 << 35), rng.random_range(0..1u64 << 35)],
+            rx: [
+                rng.random_range(0..1u64 << 36),
+                rng.random_range(0..1u64 << 30),
+            ],
+            tx: [
+                rng.random_range(0..1u64 << 34),
+                rng.random_range(0..1u64 << 30),
+            ],
+            router_in: [
+                rng.random_range(0..1u64 << 36),
+                rng.random_range(0..1u64 << 36),
+            ],
+            router_out: [
+                rng.random_range(0..1u64 << 35),
+                rng.random_range(0..1u64 << 35),
+            ],
             esno: rng.random_range(8.0..12.0),
             charge: 100.0,
             rain_until: 0,
@@ -103,7 +114,11 @@ impl SimSite {
             self.rain_until = now_ms + r.random_range(120_000..600_000);
         }
         let raining = now_ms < self.rain_until;
-        let target = if raining { r.random_range(1.0..4.5) } else { r.random_range(8.5..11.5) };
+        let target = if raining {
+            r.random_range(1.0..4.5)
+        } else {
+            r.random_range(8.5..11.5)
+        };
         self.esno += (target - self.esno) * 0.5;
         // Mains failures: the UPS runs on battery and drains.
         if self.prone_power && now_ms >= self.battery_until && r.random_bool(0.01) {
@@ -115,7 +130,11 @@ impl SimSite {
         } else {
             (self.charge + 0.5 * dt_s / 10.0).min(100.0)
         };
-        let modcod = if raining { MODCODS[0] } else { MODCODS[1 + (self.esno as usize % 3)] };
+        let modcod = if raining {
+            MODCODS[0]
+        } else {
+            MODCODS[1 + (self.esno as usize % 3)]
+        };
         let root_total = 60_000u64;
         let data_total = 400_000u64;
         Report {

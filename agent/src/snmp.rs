@@ -71,12 +71,14 @@ pub fn security(c: &V3Config) -> Result<v3::Security, String> {
     if c.auth_password.len() < 8 || c.priv_password.len() < 8 {
         return Err("SNMPv3 passwords need at least 8 characters".into());
     }
-    Ok(v3::Security::new(c.user.as_bytes(), c.auth_password.as_bytes())
-        .with_auth_protocol(auth)
-        .with_auth(v3::Auth::AuthPriv {
-            cipher,
-            privacy_password: c.priv_password.as_bytes().to_vec(),
-        }))
+    Ok(
+        v3::Security::new(c.user.as_bytes(), c.auth_password.as_bytes())
+            .with_auth_protocol(auth)
+            .with_auth(v3::Auth::AuthPriv {
+                cipher,
+                privacy_password: c.priv_password.as_bytes().to_vec(),
+            }),
+    )
 }
 
 /// A device and its (cached) session. A session that failed is rebuilt on the next poll, so a
@@ -108,9 +110,10 @@ impl Poller {
             profile: profile as i32,
             ..Default::default()
         };
-        let result = tokio::time::timeout(Duration::from_millis(timeout), self.poll_inner(&mut dev))
-            .await
-            .unwrap_or(Err(PollError::Timeout(timeout)));
+        let result =
+            tokio::time::timeout(Duration::from_millis(timeout), self.poll_inner(&mut dev))
+                .await
+                .unwrap_or(Err(PollError::Timeout(timeout)));
         match result {
             Ok(()) => dev.status = DeviceStatus::Ok as i32,
             Err(e) => {
@@ -180,7 +183,8 @@ impl Poller {
                     ],
                 )
                 .await?;
-                let (source, charge, minutes, secs_on_battery) = (vals[0], vals[1], vals[2], vals[3]);
+                let (source, charge, minutes, secs_on_battery) =
+                    (vals[0], vals[1], vals[2], vals[3]);
                 if !(1..=7).contains(&source) || !(0..=100).contains(&charge) || minutes < 0 {
                     return Err(PollError::BadAnswer(format!(
                         "UPS values out of range: source {source}, charge {charge}, minutes {minutes}"
@@ -212,11 +216,17 @@ impl Poller {
                 modem.esno_db_x10 = to_x10(esno, "Es/No")?;
                 if oids.rx_level.is_some() {
                     i += 1;
-                    modem.rx_level_dbm_x10 = to_x10(get_number(s, &list[i].0).await? * list[i].1, "receive level")?;
+                    modem.rx_level_dbm_x10 = to_x10(
+                        get_number(s, &list[i].0).await? * list[i].1,
+                        "receive level",
+                    )?;
                 }
                 if oids.tx_power.is_some() {
                     i += 1;
-                    modem.tx_power_dbm_x10 = to_x10(get_number(s, &list[i].0).await? * list[i].1, "transmit power")?;
+                    modem.tx_power_dbm_x10 = to_x10(
+                        get_number(s, &list[i].0).await? * list[i].1,
+                        "transmit power",
+                    )?;
                 }
                 if let Some(m) = &oids.modcod {
                     let parts = parse_oid(m).map_err(PollError::Local)?;
@@ -271,7 +281,9 @@ impl Poller {
 
 fn to_x10(v: f64, what: &str) -> Result<i32, PollError> {
     if !v.is_finite() || v.abs() > 100_000.0 {
-        return Err(PollError::BadAnswer(format!("{what} value {v} is not plausible")));
+        return Err(PollError::BadAnswer(format!(
+            "{what} value {v} is not plausible"
+        )));
     }
     Ok((v * 10.0).round() as i32)
 }
@@ -289,7 +301,9 @@ impl Val {
     fn from(v: &Value<'_>) -> Val {
         match v {
             Value::Integer(i) => Val::Int(*i),
-            Value::Counter32(c) | Value::Unsigned32(c) | Value::Timeticks(c) => Val::Int(i64::from(*c)),
+            Value::Counter32(c) | Value::Unsigned32(c) | Value::Timeticks(c) => {
+                Val::Int(i64::from(*c))
+            }
             Value::Counter64(c) => Val::Int(i64::try_from(*c).unwrap_or(i64::MAX)),
             Value::OctetString(s) => Val::Text(String::from_utf8_lossy(s).into_owned()),
             Value::NoSuchObject | Value::NoSuchInstance | Value::EndOfMibView | Value::Null => {

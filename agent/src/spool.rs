@@ -74,7 +74,9 @@ impl Spool {
             s.bytes += (k.len() + v.len()) as u64 + ENTRY_OVERHEAD;
             s.count += 1;
             let seq = s.seq_of(&k);
-            let last = Report::decode(v.as_ref()).map(|r| r.last_seq()).unwrap_or(seq);
+            let last = Report::decode(v.as_ref())
+                .map(|r| r.last_seq())
+                .unwrap_or(seq);
             s.next_seq = s.next_seq.max(last + 1);
         }
         Ok(s)
@@ -286,7 +288,10 @@ impl Spool {
                 }
                 let bucket = r.taken_ms.div_euclid(width);
                 match groups.last_mut() {
-                    Some(g) if g.first().is_some_and(|f| f.taken_ms.div_euclid(width) == bucket) => {
+                    Some(g)
+                        if g.first()
+                            .is_some_and(|f| f.taken_ms.div_euclid(width) == bucket) =>
+                    {
                         g.push(r)
                     }
                     _ => groups.push(vec![r]),
@@ -308,7 +313,10 @@ impl Spool {
                 if width >= max_width {
                     // Nothing left to merge: drop the oldest report, loudly.
                     if let Some(r) = self.after(0, 1)?.pop() {
-                        tracing::error!(seq = r.seq, "Spool quota exhausted even at the coarsest downsampling: dropping the oldest report.");
+                        tracing::error!(
+                            seq = r.seq,
+                            "Spool quota exhausted even at the coarsest downsampling: dropping the oldest report."
+                        );
                         self.remove(r.seq)?;
                         self.dropped += 1;
                     } else {
@@ -369,7 +377,13 @@ mod tests {
         assert_eq!(seqs, vec![1, 2, 6, 7, 8, 9, 10]);
         // The controller holds 1..=2 and 10.
         let dropped = s
-            .apply_welcome(2, &[SeqRange { first: 10, last: 10 }])
+            .apply_welcome(
+                2,
+                &[SeqRange {
+                    first: 10,
+                    last: 10,
+                }],
+            )
             .unwrap();
         assert_eq!(dropped, 3);
         let seqs: Vec<u64> = s.after(0, 100).unwrap().iter().map(|r| r.seq).collect();

@@ -21,7 +21,7 @@ use crate::spool::Spool;
 
 /// Backlog reports in flight at once (the current report always goes out at once).
 pub const WINDOW: usize = 32;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
@@ -60,7 +60,11 @@ impl Shared {
         if report.link.is_none() {
             report.link = self.link.lock().expect("link lock poisoned").clone();
         }
-        let seq = self.spool.lock().expect("spool lock poisoned").push(report)?;
+        let seq = self
+            .spool
+            .lock()
+            .expect("spool lock poisoned")
+            .push(report)?;
         self.new_report.notify_one();
         Ok(seq)
     }
@@ -179,7 +183,11 @@ async fn session(
     let connecting = endpoint.connect_with(cfg.client.clone(), addr, CONTROLLER_NAME)?;
     let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
-        .map_err(|_| LinkError::Stream(format!("no handshake with {addr} within {CONNECT_TIMEOUT:?}")))??;
+        .map_err(|_| {
+            LinkError::Stream(format!(
+                "no handshake with {addr} within {CONNECT_TIMEOUT:?}"
+            ))
+        })??;
     let (send, recv) = conn.open_bi().await?;
     let mut reader = FrameReader::new(recv);
     let mut out = Sender {

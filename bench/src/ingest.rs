@@ -18,15 +18,30 @@ fn now_ms() -> i64 {
 /// The release binaries, built if missing.
 fn binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
     let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("bench binary has no directory")?.to_path_buf();
+    let dir = exe
+        .parent()
+        .context("bench binary has no directory")?
+        .to_path_buf();
     let (c, a) = (dir.join("tiandi-controller"), dir.join("tiandi-agent"));
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!("building release binaries...");
     let st = Command::new(cargo)
-        .args(["build", "--release", "--locked", "-p", "tiandi-controller", "-p", "tiandi-agent", "--bins"])
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "tiandi-controller",
+            "-p",
+            "tiandi-agent",
+            "--bins",
+        ])
         .status()?;
     if !st.success() || !c.exists() || !a.exists() {
-        bail!("could not build the release binaries next to {}", exe.display());
+        bail!(
+            "could not build the release binaries next to {}",
+            exe.display()
+        );
     }
     Ok((c, a))
 }
@@ -48,7 +63,13 @@ fn metric(ops: SocketAddr, name: &str) -> f64 {
         .get(&format!("http://{ops}/metrics"))
         .call()
         .ok()
-        .and_then(|mut r| r.body_mut().with_config().limit(1 << 30).read_to_string().ok())
+        .and_then(|mut r| {
+            r.body_mut()
+                .with_config()
+                .limit(1 << 30)
+                .read_to_string()
+                .ok()
+        })
         .unwrap_or_default();
     text.lines()
         .filter(|l| l.starts_with(name) && !l.starts_with('#'))
@@ -86,7 +107,10 @@ struct Ctl {
 
 impl Ctl {
     fn start(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
         self.child = Some(
             Command::new(&self.bin)
                 .arg("--config")
@@ -98,7 +122,10 @@ impl Ctl {
         );
         let t = Instant::now();
         while get(&format!("http://{}/health", self.ops)).is_none()
-            && http().get(&format!("http://{}/health", self.ops)).call().is_err()
+            && http()
+                .get(&format!("http://{}/health", self.ops))
+                .call()
+                .is_err()
         {
             if t.elapsed() > Duration::from_secs(60) {
                 bail!("controller did not come up; see {}", self.log.display());
@@ -112,7 +139,10 @@ impl Ctl {
     }
     fn stop(&mut self) -> anyhow::Result<()> {
         if let Some(mut c) = self.child.take() {
-            Command::new("kill").arg("-TERM").arg(c.id().to_string()).status()?;
+            Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status()?;
             c.wait()?;
         }
         Ok(())
@@ -129,7 +159,9 @@ impl Drop for Ctl {
 }
 
 fn free_tcp() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
 }
 
 fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> anyhow::Result<Duration> {
@@ -152,7 +184,9 @@ fn watch_stream(api: SocketAddr, sink: Arc<Mutex<Vec<(i64, i64)>>>, recording: A
         let reader = std::io::BufReader::new(resp.into_body().into_reader());
         for line in reader.lines() {
             let Ok(line) = line else { return };
-            let Some(data) = line.strip_prefix("data: ") else { continue };
+            let Some(data) = line.strip_prefix("data: ") else {
+                continue;
+            };
             let now = now_ms();
             if !*recording.lock().expect("lock") {
                 continue;
@@ -224,10 +258,14 @@ pub fn run(sites: usize, interval: f64, duration: f64) -> anyhow::Result<()> {
         .spawn()?;
     let setup = wait("every site connected", Duration::from_secs(900), || {
         get(&format!("http://{api}/api/summary")).is_some_and(|v| {
-            v["connected"].as_u64() == Some(sites as u64) && v["sites"].as_u64() == Some(sites as u64)
+            v["connected"].as_u64() == Some(sites as u64)
+                && v["sites"].as_u64() == Some(sites as u64)
         })
     })?;
-    eprintln!("{sites} sites enrolled and connected in {:.1} s; warming up one interval", setup.as_secs_f64());
+    eprintln!(
+        "{sites} sites enrolled and connected in {:.1} s; warming up one interval",
+        setup.as_secs_f64()
+    );
     std::thread::sleep(Duration::from_secs_f64(interval * 1.5));
 
     // Steady state: the first half of the run.
@@ -237,7 +275,8 @@ pub fn run(sites: usize, interval: f64, duration: f64) -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(500));
     let pid = ctl.pid();
     let wire = |ops| {
-        metric(ops, "tiandi_quic_udp_bytes_total") + 28.0 * metric(ops, "tiandi_quic_udp_datagrams_total")
+        metric(ops, "tiandi_quic_udp_bytes_total")
+            + 28.0 * metric(ops, "tiandi_quic_udp_datagrams_total")
     };
     let (cpu0, rep0, wire0) = (cpu_s(pid), metric(ops, "tiandi_reports_total"), wire(ops));
     *recording.lock().expect("lock") = true;
@@ -249,7 +288,12 @@ pub fn run(sites: usize, interval: f64, duration: f64) -> anyhow::Result<()> {
     let reports = rep1 - rep0;
     let cpu_us = (cpu1 - cpu0) * 1e6 / reports.max(1.0);
     let wire_per = (wire1 - wire0) / reports.max(1.0);
-    let mut lat: Vec<i64> = events.lock().expect("lock").iter().map(|(t, r)| r - t).collect();
+    let mut lat: Vec<i64> = events
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|(t, r)| r - t)
+        .collect();
     lat.sort_unstable();
     let p50 = percentile(&lat, 0.5);
     let p99 = percentile(&lat, 0.99);
@@ -265,27 +309,40 @@ pub fn run(sites: usize, interval: f64, duration: f64) -> anyhow::Result<()> {
     let t_restart = Instant::now();
     ctl.stop()?;
     ctl.start()?;
-    let reconnect = wait("every site connected and current", Duration::from_secs(600), || {
-        get(&format!("http://{api}/api/summary?since={restart_at}")).is_some_and(|v| {
-            v["connected"].as_u64() == Some(sites as u64) && v["fresh"].as_u64() == Some(sites as u64)
-        })
-    })
+    let reconnect = wait(
+        "every site connected and current",
+        Duration::from_secs(600),
+        || {
+            get(&format!("http://{api}/api/summary?since={restart_at}")).is_some_and(|v| {
+                v["connected"].as_u64() == Some(sites as u64)
+                    && v["fresh"].as_u64() == Some(sites as u64)
+            })
+        },
+    )
     .map(|_| t_restart.elapsed().as_secs_f64())?;
     eprintln!("all {sites} sites connected and current {reconnect:.1} s after the restart began");
     let rest = (duration / 2.0 - reconnect).max(1.0);
     std::thread::sleep(Duration::from_secs_f64(rest));
 
     // Drain and audit.
-    Command::new("kill").arg("-TERM").arg(sim.id().to_string()).status()?;
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(sim.id().to_string())
+        .status()?;
     let out = sim.wait_with_output()?;
     let final_stats: Value = String::from_utf8_lossy(&out.stdout)
         .lines()
         .rev()
         .find_map(|l| serde_json::from_str(l).ok())
-        .or_else(|| std::fs::read(&stats).ok().and_then(|b| serde_json::from_slice(&b).ok()))
+        .or_else(|| {
+            std::fs::read(&stats)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+        })
         .context("no final statistics from the simulator")?;
     let pushed = final_stats["pushed"].as_u64().unwrap_or(0);
-    let summary = get(&format!("http://{api}/api/summary?count_history=true")).context("summary")?;
+    let summary =
+        get(&format!("http://{api}/api/summary?count_history=true")).context("summary")?;
     let distinct = summary["stored_distinct"].as_u64().unwrap_or(0);
     let entries = summary["history_entries"].as_u64().unwrap_or(0);
     rss = rss.max(peak_rss_mb(ctl.pid()));

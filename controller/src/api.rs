@@ -195,16 +195,20 @@ async fn stream(
     State(core): State<Arc<Core>>,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let rx = BroadcastStream::new(core.events.subscribe());
-    let s = rx.map(|item| {
-        Ok(match item {
-            Ok(ev) => SseEvent::default()
-                .json_data(&ev)
-                .unwrap_or_else(|_| SseEvent::default().comment("unencodable event")),
-            Err(BroadcastStreamRecvError::Lagged(n)) => {
-                SseEvent::default().event("lagged").data(n.to_string())
-            }
-        })
-    });
+    // The stream ends when the controller shuts down, so graceful shutdown does not wait on it.
+    let cancel = core.cancel.clone();
+    let s = futures_util::StreamExt::take_until(rx, async move { cancel.cancelled().await }).map(
+        |item| {
+            Ok(match item {
+                Ok(ev) => SseEvent::default()
+                    .json_data(&ev)
+                    .unwrap_or_else(|_| SseEvent::default().comment("unencodable event")),
+                Err(BroadcastStreamRecvError::Lagged(n)) => {
+                    SseEvent::default().event("lagged").data(n.to_string())
+                }
+            })
+        },
+    );
     Sse::new(s).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
@@ -271,7 +275,11 @@ async fn admin_enroll_batch(
         return Err(bad("at most 100000 sites per batch"));
     }
     let ttl = Duration::from_secs(u64::from(b.ttl_hours.unwrap_or(core.config.token_hours)) * 3600);
-    let list: Vec<(String, String)> = b.sites.into_iter().map(|s| (s.site_id, s.province)).collect();
+    let list: Vec<(String, String)> = b
+        .sites
+        .into_iter()
+        .map(|s| (s.site_id, s.province))
+        .collect();
     let reg = core.registry.clone();
     let tokens = tokio::task::spawn_blocking(move || reg.create_tokens(&list, ttl))
         .await
@@ -315,7 +323,8 @@ async fn summary(State(core): State<Arc<Core>>, Query(q): Query<SummaryQuery>) -
         let mut distinct = 0u64;
         for id in &ids {
             if let Ok(st) = store.seq_state(id) {
-                distinct += st.acked_through + st.ranges.iter().map(|(a, b)| b - a + 1).sum::<u64>();
+                distinct +=
+                    st.acked_through + st.ranges.iter().map(|(a, b)| b - a + 1).sum::<u64>();
             }
         }
         let history = count_history.then(|| store.history_entries());
@@ -352,7 +361,9 @@ async fn admin_revoke(
         "site certificate revoked",
     );
     tracing::warn!(site = %b.site_id, disconnected, "Site revoked.");
-    Ok(Json(json!({ "revoked": rec, "disconnected": disconnected })))
+    Ok(Json(
+        json!({ "revoked": rec, "disconnected": disconnected }),
+    ))
 }
 
 async fn admin_registry(State(core): State<Arc<Core>>, headers: HeaderMap) -> ApiResult {
@@ -361,9 +372,14 @@ async fn admin_registry(State(core): State<Arc<Core>>, headers: HeaderMap) -> Ap
 }
 
 async fn metrics(State(core): State<Arc<Core>>) -> impl IntoResponse {
-    let body = core.metrics.render(&core.sites, core.wire_totals(), now_ms());
+    let body = core
+        .metrics
+        .render(&core.sites, core.wire_totals(), now_ms());
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         body,
     )
 }

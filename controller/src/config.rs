@@ -117,7 +117,10 @@ mod tests {
         let d = Config::default();
         assert_eq!(c.quic_listen, d.quic_listen);
         assert_eq!(c.admission.handshakes_per_s, d.admission.handshakes_per_s);
-        assert_eq!(c.thresholds.rain_fade_esno_db, d.thresholds.rain_fade_esno_db);
+        assert_eq!(
+            c.thresholds.rain_fade_esno_db,
+            d.thresholds.rain_fade_esno_db
+        );
     }
 
     #[test]

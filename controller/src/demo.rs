@@ -13,15 +13,17 @@ use crate::{Config, Controller};
 
 /// Province codes of the 31 provincial-level divisions.
 pub const PROVINCES: [&str; 31] = [
-    "BJ", "TJ", "HE", "SX", "NM", "LN", "JL", "HL", "SH", "JS", "ZJ", "AH", "FJ", "JX", "SD",
-    "HA", "HB", "HN", "GD", "GX", "HI", "CQ", "SC", "GZ", "YN", "XZ", "SN", "GS", "QH", "NX",
-    "XJ",
+    "BJ", "TJ", "HE", "SX", "NM", "LN", "JL", "HL", "SH", "JS", "ZJ", "AH", "FJ", "JX", "SD", "HA",
+    "HB", "HN", "GD", "GX", "HI", "CQ", "SC", "GZ", "YN", "XZ", "SN", "GS", "QH", "NX", "XJ",
 ];
 
 /// The demo's site IDs: `<province>-<county>`.
 pub fn site_name(i: usize) -> (String, &'static str) {
     let p = PROVINCES[i % PROVINCES.len()];
-    (format!("{}-{:03}", p.to_lowercase(), i / PROVINCES.len() + 1), p)
+    (
+        format!("{}-{:03}", p.to_lowercase(), i / PROVINCES.len() + 1),
+        p,
+    )
 }
 
 pub async fn run(
@@ -38,7 +40,10 @@ pub async fn run(
     for i in 0..sites {
         let (site_id, province) = site_name(i);
         let dir = ids_dir.join(&site_id);
-        let known = core.registry.get(&site_id).is_some_and(|r| r.revoked_at.is_none());
+        let known = core
+            .registry
+            .get(&site_id)
+            .is_some_and(|r| r.revoked_at.is_none());
         if !(known && identity::exists(&dir)) {
             let (key_pem, csr) = tiandi_link::pki::site_key_and_csr(&site_id)?;
             let issued = core.issue_direct(&site_id, province, &csr)?;
@@ -77,7 +82,10 @@ pub async fn run(
         sim_cancel.clone(),
     )
     .await?;
-    println!("Tiandi demo: controller with {sites} simulated sites (reports every {:?}).", interval);
+    println!(
+        "Tiandi demo: controller with {sites} simulated sites (reports every {:?}).",
+        interval
+    );
     println!("  API:        http://{}/api/sites", ctl.api_addr);
     println!("  alarms:     http://{}/api/alarms", ctl.api_addr);
     println!("  live:       http://{}/api/stream", ctl.api_addr);

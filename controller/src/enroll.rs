@@ -23,9 +23,15 @@ pub async fn serve(core: Arc<Core>, conn: quinn::Connection) {
                 },
                 Ok(req) => {
                     let validity = Duration::from_secs(u64::from(core.config.cert_days) * 86400);
-                    match core.registry.redeem(&req.token, &req.csr_pem, &core.ca, validity) {
+                    match core
+                        .registry
+                        .redeem(&req.token, &req.csr_pem, &core.ca, validity)
+                    {
                         Ok(issued) => {
-                            core.metrics.enrollments.with_label_values(&["issued"]).inc();
+                            core.metrics
+                                .enrollments
+                                .with_label_values(&["issued"])
+                                .inc();
                             core.sites.insert(
                                 &issued.identity.site_id,
                                 &issued.identity.province,
@@ -41,7 +47,10 @@ pub async fn serve(core: Arc<Core>, conn: quinn::Connection) {
                             }
                         }
                         Err(e) => {
-                            core.metrics.enrollments.with_label_values(&["refused"]).inc();
+                            core.metrics
+                                .enrollments
+                                .with_label_values(&["refused"])
+                                .inc();
                             warn!(%remote, error = %e, "Enrollment refused.");
                             EnrollResponse::Refused {
                                 reason: e.to_string(),
@@ -58,7 +67,13 @@ pub async fn serve(core: Arc<Core>, conn: quinn::Connection) {
         let _ = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
         Some(())
     };
-    if tokio::time::timeout(Duration::from_secs(30), work).await.is_err() {
-        conn.close(tiandi_proto::codes::PROTOCOL.into(), b"enrollment timed out");
+    if tokio::time::timeout(Duration::from_secs(30), work)
+        .await
+        .is_err()
+    {
+        conn.close(
+            tiandi_proto::codes::PROTOCOL.into(),
+            b"enrollment timed out",
+        );
     }
 }

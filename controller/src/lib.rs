@@ -252,8 +252,10 @@ impl Controller {
     /// Graceful shutdown: agents are told, the store is flushed, listeners stop.
     pub async fn shutdown(self) {
         info!("Shutting down.");
-        self.endpoint
-            .close(tiandi_proto::codes::SHUTDOWN.into(), b"controller shutting down");
+        self.endpoint.close(
+            tiandi_proto::codes::SHUTDOWN.into(),
+            b"controller shutting down",
+        );
         self.core.cancel.cancel();
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;

@@ -131,7 +131,13 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Demo { sites, interval } => {
-            demo::run(cfg, sites, Duration::from_secs_f64(interval), shutdown_token()).await
+            demo::run(
+                cfg,
+                sites,
+                Duration::from_secs_f64(interval),
+                shutdown_token(),
+            )
+            .await
         }
         Cmd::Enroll {
             site,
@@ -157,7 +163,11 @@ async fn main() -> anyhow::Result<()> {
                     .iter()
                     .map(|(s, p)| json!({"site_id": s, "province": p}))
                     .collect();
-                let v = admin(&cfg, "enroll-batch", json!({"sites": sites, "ttl_hours": hours}))?;
+                let v = admin(
+                    &cfg,
+                    "enroll-batch",
+                    json!({"sites": sites, "ttl_hours": hours}),
+                )?;
                 for t in v["tokens"].as_array().context("no tokens in the answer")? {
                     lines.push(format!(
                         "{} {}",
@@ -167,8 +177,15 @@ async fn main() -> anyhow::Result<()> {
                 }
             } else {
                 for (s, p) in &wanted {
-                    let v = admin(&cfg, "enroll", json!({"site_id": s, "province": p, "ttl_hours": hours}))?;
-                    let token = v["token"].as_str().context("no token in the answer")?.to_string();
+                    let v = admin(
+                        &cfg,
+                        "enroll",
+                        json!({"site_id": s, "province": p, "ttl_hours": hours}),
+                    )?;
+                    let token = v["token"]
+                        .as_str()
+                        .context("no token in the answer")?
+                        .to_string();
                     lines.push(format!("{s} {token}"));
                 }
             }
@@ -194,7 +211,11 @@ async fn main() -> anyhow::Result<()> {
             let v = admin(&cfg, "revoke", json!({"site_id": site}))?;
             println!(
                 "revoked site {site}{}",
-                if v["disconnected"] == json!(true) { " (its connection was closed)" } else { "" }
+                if v["disconnected"] == json!(true) {
+                    " (its connection was closed)"
+                } else {
+                    ""
+                }
             );
             Ok(())
         }
@@ -221,7 +242,10 @@ fn admin(cfg: &Config, action: &str, body: Value) -> anyhow::Result<Value> {
                 let status = resp.status();
                 let v: Value = resp.body_mut().read_json().unwrap_or(Value::Null);
                 if !status.is_success() {
-                    bail!("{action}: {}", v["error"].as_str().unwrap_or(status.as_str()));
+                    bail!(
+                        "{action}: {}",
+                        v["error"].as_str().unwrap_or(status.as_str())
+                    );
                 }
                 return Ok(v);
             }

@@ -50,11 +50,8 @@ impl Metrics {
             "Connections waiting for admission.",
         )
         .expect("metric");
-        let handshakes = IntCounter::new(
-            "tiandi_handshakes_total",
-            "QUIC handshakes completed.",
-        )
-        .expect("metric");
+        let handshakes = IntCounter::new("tiandi_handshakes_total", "QUIC handshakes completed.")
+            .expect("metric");
         let refused = IntCounterVec::new(
             Opts::new(
                 "tiandi_connections_refused_total",
@@ -77,7 +74,10 @@ impl Metrics {
         )
         .expect("metric");
         let enrollments = IntCounterVec::new(
-            Opts::new("tiandi_enrollments_total", "Enrollment attempts, by result."),
+            Opts::new(
+                "tiandi_enrollments_total",
+                "Enrollment attempts, by result.",
+            ),
             &["result"],
         )
         .expect("metric");
@@ -157,51 +157,113 @@ impl WireTotals {
 
 /// Escapes a label value for the text format.
 fn esc(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
-type Gauge = (&'static str, &'static str, fn(&crate::sites::SiteState, i64) -> Option<f64>);
+type Gauge = (
+    &'static str,
+    &'static str,
+    fn(&crate::sites::SiteState, i64) -> Option<f64>,
+);
 
 const SITE_GAUGES: &[Gauge] = &[
     ("tiandi_site_up", "1 unless the site is down.", |s, _| {
-        Some(if s.status == crate::sites::Status::Down { 0.0 } else { 1.0 })
+        Some(if s.status == crate::sites::Status::Down {
+            0.0
+        } else {
+            1.0
+        })
     }),
     (
         "tiandi_site_status_code",
         "Site status: 0 up, 1 degraded, 2 disk-full, 3 rain-fade, 4 on-battery, 5 down.",
         |s, _| Some(s.status.code() as f64),
     ),
-    ("tiandi_site_connected", "1 while the agent's QUIC connection is open.", |s, _| {
-        Some(if s.connected { 1.0 } else { 0.0 })
-    }),
+    (
+        "tiandi_site_connected",
+        "1 while the agent's QUIC connection is open.",
+        |s, _| Some(if s.connected { 1.0 } else { 0.0 }),
+    ),
     (
         "tiandi_site_last_report_age_seconds",
         "Seconds since the controller last received a report from the site.",
         |s, now| s.last_seen_ms.map(|t| (now - t).max(0) as f64 / 1000.0),
     ),
     ("tiandi_site_cpu_ratio", "Host CPU use (0-1).", |s, _| {
-        s.latest.as_ref()?.host.as_ref().map(|h| f64::from(h.cpu_permille) / 1000.0)
+        s.latest
+            .as_ref()?
+            .host
+            .as_ref()
+            .map(|h| f64::from(h.cpu_permille) / 1000.0)
     }),
-    ("tiandi_site_memory_used_ratio", "Host memory use (0-1).", |s, _| {
-        let h = s.latest.as_ref()?.host.as_ref()?;
-        (h.mem_total_mib > 0).then(|| h.mem_used_mib as f64 / h.mem_total_mib as f64)
-    }),
-    ("tiandi_site_disk_used_ratio_max", "Fullest filesystem's use (0-1).", |s, _| {
-        let h = s.latest.as_ref()?.host.as_ref()?;
-        h.filesystems.iter().map(|f| f64::from(f.used_permille()) / 1000.0).reduce(f64::max)
-    }),
-    ("tiandi_site_link_rtt_seconds", "QUIC round-trip time to the controller.", |s, _| {
-        s.latest.as_ref()?.link.as_ref().map(|l| f64::from(l.rtt_ms) / 1000.0)
-    }),
-    ("tiandi_site_modem_esno_db", "Satellite modem Es/No (dB).", |s, _| {
-        s.latest.as_ref()?.devices.iter().find_map(|d| d.modem.as_ref()).map(|m| f64::from(m.esno_db_x10) / 10.0)
-    }),
-    ("tiandi_site_ups_on_battery", "1 while the UPS runs on battery.", |s, _| {
-        s.latest.as_ref()?.devices.iter().find_map(|d| d.ups.as_ref()).map(|u| if u.on_battery { 1.0 } else { 0.0 })
-    }),
-    ("tiandi_site_ups_charge_ratio", "UPS battery charge (0-1).", |s, _| {
-        s.latest.as_ref()?.devices.iter().find_map(|d| d.ups.as_ref()).map(|u| f64::from(u.charge_pct) / 100.0)
-    }),
+    (
+        "tiandi_site_memory_used_ratio",
+        "Host memory use (0-1).",
+        |s, _| {
+            let h = s.latest.as_ref()?.host.as_ref()?;
+            (h.mem_total_mib > 0).then(|| h.mem_used_mib as f64 / h.mem_total_mib as f64)
+        },
+    ),
+    (
+        "tiandi_site_disk_used_ratio_max",
+        "Fullest filesystem's use (0-1).",
+        |s, _| {
+            let h = s.latest.as_ref()?.host.as_ref()?;
+            h.filesystems
+                .iter()
+                .map(|f| f64::from(f.used_permille()) / 1000.0)
+                .reduce(f64::max)
+        },
+    ),
+    (
+        "tiandi_site_link_rtt_seconds",
+        "QUIC round-trip time to the controller.",
+        |s, _| {
+            s.latest
+                .as_ref()?
+                .link
+                .as_ref()
+                .map(|l| f64::from(l.rtt_ms) / 1000.0)
+        },
+    ),
+    (
+        "tiandi_site_modem_esno_db",
+        "Satellite modem Es/No (dB).",
+        |s, _| {
+            s.latest
+                .as_ref()?
+                .devices
+                .iter()
+                .find_map(|d| d.modem.as_ref())
+                .map(|m| f64::from(m.esno_db_x10) / 10.0)
+        },
+    ),
+    (
+        "tiandi_site_ups_on_battery",
+        "1 while the UPS runs on battery.",
+        |s, _| {
+            s.latest
+                .as_ref()?
+                .devices
+                .iter()
+                .find_map(|d| d.ups.as_ref())
+                .map(|u| if u.on_battery { 1.0 } else { 0.0 })
+        },
+    ),
+    (
+        "tiandi_site_ups_charge_ratio",
+        "UPS battery charge (0-1).",
+        |s, _| {
+            s.latest
+                .as_ref()?
+                .devices
+                .iter()
+                .find_map(|d| d.ups.as_ref())
+                .map(|u| f64::from(u.charge_pct) / 100.0)
+        },
+    ),
 ];
 
 fn render_sites(out: &mut String, sites: &Sites, now_ms: i64) {

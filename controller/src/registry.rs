@@ -78,8 +78,8 @@ impl Registry {
         let mut cache = HashMap::new();
         for kv in sites.iter() {
             let (_, v) = kv?;
-            let rec: SiteRecord = serde_json::from_slice(&v)
-                .map_err(|e| RegistryError::Corrupt(e.to_string()))?;
+            let rec: SiteRecord =
+                serde_json::from_slice(&v).map_err(|e| RegistryError::Corrupt(e.to_string()))?;
             cache.insert(rec.site_id.clone(), rec);
         }
         Ok(Arc::new(Registry {

@@ -133,7 +133,10 @@ async fn site_connection(core: Arc<Core>, conn: quinn::Connection) {
     let span = info_span!("site", site = %id.site_id, %remote);
     async move {
         if let Some(old) = core.register_conn(&id.site_id, &conn) {
-            old.close(codes::SHUTDOWN.into(), b"superseded by a newer connection of this site");
+            old.close(
+                codes::SHUTDOWN.into(),
+                b"superseded by a newer connection of this site",
+            );
         }
         core.metrics.connections.inc();
         let result = session(&core, &conn, &id).await;
@@ -195,7 +198,11 @@ async fn session(
         },
     };
     if let Err(e) = tiandi_proto::check_version(hello.major, hello.minor) {
-        return Err(SessionError::Refuse(codes::VERSION, e.to_string(), "version"));
+        return Err(SessionError::Refuse(
+            codes::VERSION,
+            e.to_string(),
+            "version",
+        ));
     }
     if hello.site_id != id.site_id {
         return Err(SessionError::Refuse(
@@ -221,7 +228,8 @@ async fn session(
         }))
         .await?;
     let interval_ms = i64::from(hello.interval_ms.max(1000));
-    core.sites.set_connected(&id.site_id, true, Some(interval_ms));
+    core.sites
+        .set_connected(&id.site_id, true, Some(interval_ms));
     debug!(agent = %hello.agent_version, version = format!("{}.{}", hello.major, hello.minor), acked_through = state.acked_through, "Site connected.");
 
     let mut names = NameDecoder::default();

@@ -130,7 +130,10 @@ pub fn evaluate(
             } else {
                 format!(": {}", d.error)
             };
-            out.push((Condition::Degraded, format!("device {} {what}{err}", d.name)));
+            out.push((
+                Condition::Degraded,
+                format!("device {} {what}{err}", d.name),
+            ));
             continue;
         }
         if let Some(u) = &d.ups
@@ -155,7 +158,10 @@ pub fn evaluate(
             if esno < th.rain_fade_esno_db && host_healthy {
                 out.push((
                     Condition::RainFade,
-                    format!("{} Es/No {esno:.1} dB (threshold {:.1})", d.name, th.rain_fade_esno_db),
+                    format!(
+                        "{} Es/No {esno:.1} dB (threshold {:.1})",
+                        d.name, th.rain_fade_esno_db
+                    ),
                 ));
             }
         }
@@ -422,12 +428,27 @@ mod tests {
     #[test]
     fn conditions_follow_thresholds() {
         assert!(conds(&report(90, false, 500, 100), 0).is_empty());
-        assert_eq!(conds(&report(30, false, 500, 100), 0), vec![Condition::RainFade]);
+        assert_eq!(
+            conds(&report(30, false, 500, 100), 0),
+            vec![Condition::RainFade]
+        );
         // Low Es/No with an unhealthy host is not rain fade.
-        assert_eq!(conds(&report(30, false, 980, 100), 0), vec![Condition::DiskFull]);
-        assert_eq!(conds(&report(90, true, 500, 100), 0), vec![Condition::OnBattery]);
-        assert_eq!(conds(&report(90, false, 500, 990), 0), vec![Condition::Degraded]);
-        assert_eq!(conds(&report(90, false, 500, 100), 30_001), vec![Condition::Down]);
+        assert_eq!(
+            conds(&report(30, false, 980, 100), 0),
+            vec![Condition::DiskFull]
+        );
+        assert_eq!(
+            conds(&report(90, true, 500, 100), 0),
+            vec![Condition::OnBattery]
+        );
+        assert_eq!(
+            conds(&report(90, false, 500, 990), 0),
+            vec![Condition::Degraded]
+        );
+        assert_eq!(
+            conds(&report(90, false, 500, 100), 30_001),
+            vec![Condition::Down]
+        );
         assert!(conds(&report(90, false, 500, 100), 30_000).is_empty());
     }
 
@@ -437,16 +458,32 @@ mod tests {
         sites.insert("s", "GD", None, 0);
         let ev = sites.on_report("s", &report(30, false, 500, 100), 1_000);
         assert_eq!(ev.len(), 1);
-        assert_eq!((ev[0].alarm.as_str(), ev[0].state.as_str()), ("rain-fade", "raised"));
-        assert!(sites.on_report("s", &report(20, false, 500, 100), 2_000).is_empty());
+        assert_eq!(
+            (ev[0].alarm.as_str(), ev[0].state.as_str()),
+            ("rain-fade", "raised")
+        );
+        assert!(
+            sites
+                .on_report("s", &report(20, false, 500, 100), 2_000)
+                .is_empty()
+        );
         assert_eq!(sites.get("s").unwrap().status, Status::RainFade);
         let ev = sites.tick(40_000);
-        let names: Vec<_> = ev.iter().map(|e| (e.alarm.as_str(), e.state.as_str())).collect();
-        assert_eq!(names, vec![("site-down", "raised"), ("rain-fade", "cleared")]);
+        let names: Vec<_> = ev
+            .iter()
+            .map(|e| (e.alarm.as_str(), e.state.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            vec![("site-down", "raised"), ("rain-fade", "cleared")]
+        );
         assert_eq!(sites.get("s").unwrap().status, Status::Down);
         let ev = sites.on_report("s", &report(90, false, 500, 100), 41_000);
         assert_eq!(ev.len(), 1);
-        assert_eq!((ev[0].alarm.as_str(), ev[0].state.as_str()), ("site-down", "cleared"));
+        assert_eq!(
+            (ev[0].alarm.as_str(), ev[0].state.as_str()),
+            ("site-down", "cleared")
+        );
         assert_eq!(sites.get("s").unwrap().status, Status::Up);
     }
 }

@@ -36,7 +36,11 @@ pub struct SeqState {
 impl SeqState {
     /// Whether every number in `r` is already stored.
     pub fn covers(&self, r: SeqRange) -> bool {
-        r.last <= self.acked_through || self.ranges.iter().any(|&(a, b)| a <= r.first && r.last <= b)
+        r.last <= self.acked_through
+            || self
+                .ranges
+                .iter()
+                .any(|&(a, b)| a <= r.first && r.last <= b)
     }
 
     pub fn add(&mut self, r: SeqRange) {
@@ -90,6 +94,8 @@ pub struct Store {
     alarms: sled::Tree,
     seq_cache: Mutex<HashMap<String, SeqState>>,
     write_epoch: AtomicU64,
+    /// Set by every write (and every duplicate awaiting its acknowledgement).
+    dirty: std::sync::atomic::AtomicBool,
     flushed: watch::Sender<u64>,
 }
 
@@ -126,6 +132,7 @@ impl Store {
             db: db.clone(),
             seq_cache: Mutex::new(HashMap::new()),
             write_epoch: AtomicU64::new(1),
+            dirty: std::sync::atomic::AtomicBool::new(false),
             flushed,
         }))
     }
@@ -149,11 +156,15 @@ impl Store {
         let range = report.range();
         let mut state = self.seq_state(site)?;
         if state.covers(range) {
+            // Acknowledged at the next flush like any other report.
+            self.dirty.store(true, Ordering::Release);
             return Ok((false, self.write_epoch.load(Ordering::Acquire)));
         }
         let bytes = report.encode_to_vec();
-        self.history
-            .insert(history_key(site, report.taken_ms, report.seq), bytes.as_slice())?;
+        self.history.insert(
+            history_key(site, report.taken_ms, report.seq),
+            bytes.as_slice(),
+        )?;
         let newer = match self.latest.get(site.as_bytes())? {
             Some(v) => Report::decode(v.as_ref())
                 .map(|old| old.taken_ms <= report.taken_ms)
@@ -172,6 +183,7 @@ impl Store {
             .lock()
             .expect("seq cache poisoned")
             .insert(site.to_string(), state);
+        self.dirty.store(true, Ordering::Release);
         Ok((true, self.write_epoch.load(Ordering::Acquire)))
     }
 
@@ -179,8 +191,12 @@ impl Store {
         self.flushed.subscribe()
     }
 
-    /// Flushes now and publishes the epoch made durable.
+    /// Flushes now and publishes the epoch made durable. Does nothing when nothing was
+    /// written since the last flush.
     pub async fn flush(&self) -> Result<(), StoreError> {
+        if !self.dirty.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
         let epoch = self.write_epoch.fetch_add(1, Ordering::AcqRel);
         self.db.flush_async().await?;
         self.flushed.send_replace(epoch);
@@ -236,7 +252,10 @@ impl Store {
         for kv in self.latest.iter() {
             let (k, v) = kv?;
             let site = String::from_utf8_lossy(&k).into_owned();
-            out.insert(site, Report::decode(v.as_ref()).map_err(|e| corrupt("latest", e))?);
+            out.insert(
+                site,
+                Report::decode(v.as_ref()).map_err(|e| corrupt("latest", e))?,
+            );
         }
         Ok(out)
     }

@@ -93,7 +93,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("b.toml") && e.contains("bogus"), "{e}");
-        let e = parse_toml::<Outer>("c.toml", "name = [\n").unwrap_err().to_string();
+        let e = parse_toml::<Outer>("c.toml", "name = [\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("c.toml:"), "{e}");
         let e = parse_toml::<Outer>("d.toml", "").unwrap_err().to_string();
         assert!(e.contains("name"), "{e}");

@@ -63,7 +63,10 @@ pub async fn enroll(
 ) -> Result<Enrolled, LinkError> {
     let fp = token_fingerprint(token)?;
     let (key_pem, csr_pem) = pki::site_key_and_csr("enrolling-site")?;
-    let cfg = crate::client_config(tls::enroll_client_tls(&fp)?, LinkProfile::Terrestrial.transport())?;
+    let cfg = crate::client_config(
+        tls::enroll_client_tls(&fp)?,
+        LinkProfile::Terrestrial.transport(),
+    )?;
     let work = async {
         let conn = endpoint
             .connect_with(cfg, addr, pki::CONTROLLER_NAME)?
@@ -77,7 +80,8 @@ pub async fn enroll(
         send.write_all(&req)
             .await
             .map_err(|e| LinkError::Stream(e.to_string()))?;
-        send.finish().map_err(|e| LinkError::Stream(e.to_string()))?;
+        send.finish()
+            .map_err(|e| LinkError::Stream(e.to_string()))?;
         let answer = recv
             .read_to_end(MAX_ENROLL_MESSAGE)
             .await

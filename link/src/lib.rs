@@ -144,7 +144,8 @@ pub fn client_endpoint(server: SocketAddr) -> Result<quinn::Endpoint, LinkError>
 /// dependencies are kept at `warn`.
 pub fn init_logging(filter: &str) {
     let env = std::env::var("RUST_LOG").ok();
-    let spec = env.unwrap_or_else(|| format!("{filter},quinn=warn,quinn_proto=warn,rustls=warn,sled=warn"));
+    let spec = env
+        .unwrap_or_else(|| format!("{filter},quinn=warn,quinn_proto=warn,rustls=warn,sled=warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(spec))
         .with_writer(std::io::stderr)

@@ -127,8 +127,8 @@ impl Ca {
         let cert_path = dir.join("ca.pem");
         let key_path = dir.join("ca.key");
         if cert_path.exists() {
-            let cert = std::fs::read_to_string(&cert_path)
-                .map_err(|e| LinkError::io(&cert_path, e))?;
+            let cert =
+                std::fs::read_to_string(&cert_path).map_err(|e| LinkError::io(&cert_path, e))?;
             let key =
                 std::fs::read_to_string(&key_path).map_err(|e| LinkError::io(&key_path, e))?;
             return Ca::from_pem(&cert, &key);

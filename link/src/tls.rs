@@ -9,17 +9,19 @@
 use std::fmt::Debug;
 use std::sync::Arc;
 
+use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::client::WebPkiServerVerifier;
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
+};
 
-use crate::pki::{self, SiteIdentity};
 use crate::LinkError;
+use crate::pki::{self, SiteIdentity};
 
 /// ALPN of the report/control connection (client certificate required).
 pub const ALPN_SITE: &[u8] = b"tiandi/1";
@@ -85,7 +87,9 @@ impl ClientCertVerifier for PolicyVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let ok = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        let ok = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         let id = pki::identity_from_der(end_entity)
             .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
         match self.policy.check(&id) {
@@ -190,12 +194,15 @@ impl ServerCertVerifier for PinnedCa {
         let ca = intermediates
             .iter()
             .find(|c| pki::fingerprint(c) == self.fingerprint)
-            .ok_or(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer))?;
+            .ok_or(rustls::Error::InvalidCertificate(
+                CertificateError::UnknownIssuer,
+            ))?;
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
-        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-            .build()
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let inner =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
         inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
     }
     fn verify_tls12_signature(

@@ -50,7 +50,9 @@ pub enum ProtoError {
     },
     #[error("name reference {0} is not in this connection's table")]
     UnknownName(u32),
-    #[error("protocol version {peer_major}.{peer_minor} is not supported (this side speaks {MAJOR}.{MINOR}, majors must match)")]
+    #[error(
+        "protocol version {peer_major}.{peer_minor} is not supported (this side speaks {MAJOR}.{MINOR}, majors must match)"
+    )]
     Version { peer_major: u32, peer_minor: u32 },
 }
 

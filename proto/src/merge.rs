@@ -59,7 +59,11 @@ pub fn merge(reports: &[Report]) -> Option<Report> {
     for d in &mut out.devices {
         let same: Vec<(&Device, i128)> = reports
             .iter()
-            .flat_map(|r| r.devices.iter().map(move |d| (d, i128::from(r.samples.max(1)))))
+            .flat_map(|r| {
+                r.devices
+                    .iter()
+                    .map(move |d| (d, i128::from(r.samples.max(1))))
+            })
             .filter(|(x, _)| x.name == d.name)
             .collect();
         if let Some(ups) = d.ups.as_mut() {
@@ -70,7 +74,10 @@ pub fn merge(reports: &[Report]) -> Option<Report> {
             let n: i128 = ups_all.iter().map(|(_, w)| w).sum();
             ups.on_battery = ups_all.iter().any(|(u, _)| u.on_battery);
             ups.charge_pct = avg(
-                ups_all.iter().map(|(u, w)| i128::from(u.charge_pct) * w).sum(),
+                ups_all
+                    .iter()
+                    .map(|(u, w)| i128::from(u.charge_pct) * w)
+                    .sum(),
                 n,
             ) as u32;
             ups.runtime_s = ups_all.iter().map(|(u, _)| u.runtime_s).min().unwrap_or(0);

@@ -279,13 +279,15 @@ fn ser_profile<S: serde::Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
 }
 
 fn ser_status<S: serde::Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(match DeviceStatus::try_from(*v).unwrap_or(DeviceStatus::Unknown) {
-        DeviceStatus::Unknown => "unknown",
-        DeviceStatus::Ok => "ok",
-        DeviceStatus::Timeout => "timeout",
-        DeviceStatus::BadAnswer => "bad-answer",
-        DeviceStatus::Error => "error",
-    })
+    s.serialize_str(
+        match DeviceStatus::try_from(*v).unwrap_or(DeviceStatus::Unknown) {
+            DeviceStatus::Unknown => "unknown",
+            DeviceStatus::Ok => "ok",
+            DeviceStatus::Timeout => "timeout",
+            DeviceStatus::BadAnswer => "bad-answer",
+            DeviceStatus::Error => "error",
+        },
+    )
 }
 
 #[derive(Clone, PartialEq, prost::Message, Serialize)]

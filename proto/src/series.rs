@@ -24,7 +24,10 @@ pub fn series(r: &Report) -> Vec<(String, f64)> {
         }
         put("host.uptime_s".into(), h.uptime_s as f64);
         for fs in &h.filesystems {
-            put(format!("fs.{}.used_pct", fs.mount), f64::from(fs.used_permille()) / 10.0);
+            put(
+                format!("fs.{}.used_pct", fs.mount),
+                f64::from(fs.used_permille()) / 10.0,
+            );
             put(format!("fs.{}.used_mib", fs.mount), fs.used_mib as f64);
         }
         for i in &h.interfaces {
@@ -44,15 +47,28 @@ pub fn series(r: &Report) -> Vec<(String, f64)> {
     for d in &r.devices {
         put(
             format!("dev.{}.ok", d.name),
-            if d.status == DeviceStatus::Ok as i32 { 1.0 } else { 0.0 },
+            if d.status == DeviceStatus::Ok as i32 {
+                1.0
+            } else {
+                0.0
+            },
         );
         if let Some(m) = &d.modem {
             put("modem.esno_db".into(), f64::from(m.esno_db_x10) / 10.0);
-            put("modem.rx_level_dbm".into(), f64::from(m.rx_level_dbm_x10) / 10.0);
-            put("modem.tx_power_dbm".into(), f64::from(m.tx_power_dbm_x10) / 10.0);
+            put(
+                "modem.rx_level_dbm".into(),
+                f64::from(m.rx_level_dbm_x10) / 10.0,
+            );
+            put(
+                "modem.tx_power_dbm".into(),
+                f64::from(m.tx_power_dbm_x10) / 10.0,
+            );
         }
         if let Some(u) = &d.ups {
-            put("ups.on_battery".into(), if u.on_battery { 1.0 } else { 0.0 });
+            put(
+                "ups.on_battery".into(),
+                if u.on_battery { 1.0 } else { 0.0 },
+            );
             put("ups.charge_pct".into(), f64::from(u.charge_pct));
             put("ups.runtime_s".into(), f64::from(u.runtime_s));
         }
@@ -70,5 +86,8 @@ pub fn series(r: &Report) -> Vec<(String, f64)> {
 
 /// One metric of a report.
 pub fn value(r: &Report, name: &str) -> Option<f64> {
-    series(r).into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
+    series(r)
+        .into_iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v)
 }

@@ -16,7 +16,13 @@ pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe
         .parent()
-        .and_then(|d| if d.ends_with("deps") { d.parent() } else { Some(d) })
+        .and_then(|d| {
+            if d.ends_with("deps") {
+                d.parent()
+            } else {
+                Some(d)
+            }
+        })
         .expect("target dir");
     let p = dir.join(name);
     assert!(
@@ -28,11 +34,17 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 pub fn free_tcp() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 pub fn free_udp() -> SocketAddr {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 /// Polls `f` every 100 ms until it returns `Some`, or panics with `what` after `timeout`.
@@ -42,7 +54,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -121,13 +136,18 @@ impl ControllerProc {
             .unwrap();
         self.child = Some(child);
         let url = format!("http://{}/health", self.ops);
-        wait_for("controller /health", Duration::from_secs(30), || get_text(&url));
+        wait_for("controller /health", Duration::from_secs(30), || {
+            get_text(&url)
+        });
     }
 
     /// Graceful stop (SIGTERM), waiting for the process to exit.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
             let start = Instant::now();
             while c.try_wait().unwrap().is_none() {
                 if start.elapsed() > Duration::from_secs(20) {
@@ -164,7 +184,11 @@ impl ControllerProc {
     /// `tiandi-controller enroll` through the CLI; returns the token.
     pub fn enroll(&self, site: &str, province: &str, extra: &[&str]) -> String {
         let out = self.cli(&[&["enroll", "--site", site, "--province", province], extra].concat());
-        assert!(out.status.success(), "enroll failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "enroll failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 
@@ -184,7 +208,9 @@ impl ControllerProc {
     /// Sequence numbers of a site's stored history, in time order.
     pub fn history_seqs(&self, site: &str) -> Vec<u64> {
         let v = self
-            .api(&format!("/api/sites/{site}/history?metric=report.seq&from=0&limit=100000"))
+            .api(&format!(
+                "/api/sites/{site}/history?metric=report.seq&from=0&limit=100000"
+            ))
             .expect("history");
         v["points"]
             .as_array()
@@ -214,15 +240,31 @@ pub struct AgentProc {
 
 impl AgentProc {
     /// Enrolls (with `token`) and writes a config; does not start.
-    pub fn enroll(dir: &Path, controller: SocketAddr, token: &str, extra_config: &str) -> AgentProc {
+    pub fn enroll(
+        dir: &Path,
+        controller: SocketAddr,
+        token: &str,
+        extra_config: &str,
+    ) -> AgentProc {
         std::fs::create_dir_all(dir).unwrap();
         let data = dir.join("data");
         let out = Command::new(bin("tiandi-agent"))
-            .args(["enroll", "--controller", &controller.to_string(), "--token", token, "--data-dir"])
+            .args([
+                "enroll",
+                "--controller",
+                &controller.to_string(),
+                "--token",
+                token,
+                "--data-dir",
+            ])
             .arg(&data)
             .output()
             .unwrap();
-        assert!(out.status.success(), "agent enroll failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "agent enroll failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         AgentProc::configure(dir, controller, extra_config)
     }
 
@@ -272,7 +314,10 @@ impl AgentProc {
 
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
             let _ = c.wait();
         }
     }

@@ -28,7 +28,9 @@ fn issue(ctl: &Controller, site: &str) -> Site {
 
 async fn connect(ctl: &Controller, site: Option<&Site>) -> quinn::Connection {
     let tls = match site {
-        Some(s) => tiandi_link::tls::site_client_tls(ctl.core.ca.cert_pem(), &s.cert, &s.key).unwrap(),
+        Some(s) => {
+            tiandi_link::tls::site_client_tls(ctl.core.ca.cert_pem(), &s.cert, &s.key).unwrap()
+        }
         None => {
             // No client certificate, but the site ALPN.
             let mut roots = rustls_roots(ctl);
@@ -108,7 +110,8 @@ async fn malformed_input_closes_only_the_offending_connection() {
     let spool = Spool::open(db.open_tree("s").unwrap(), b"", 1 << 24, 100, false).unwrap();
     let shared = uplink::Shared::new(spool);
     let cancel = tokio_util::sync::CancellationToken::new();
-    let tls = tiandi_link::tls::site_client_tls(ctl.core.ca.cert_pem(), &good.cert, &good.key).unwrap();
+    let tls =
+        tiandi_link::tls::site_client_tls(ctl.core.ca.cert_pem(), &good.cert, &good.key).unwrap();
     tokio::spawn(uplink::run(
         tiandi_link::client_endpoint(ctl.quic_addr).unwrap(),
         uplink::UplinkConfig {
@@ -194,7 +197,11 @@ async fn malformed_input_closes_only_the_offending_connection() {
     assert!(ctl.core.sites.get("bad-site").unwrap().latest.is_none());
     assert!(ctl.core.metrics.protocol_errors.get() >= 5);
     tokio::time::sleep(Duration::from_millis(800)).await;
-    assert!(stored() >= before + 4, "the good site kept reporting ({before} -> {})", stored());
+    assert!(
+        stored() >= before + 4,
+        "the good site kept reporting ({before} -> {})",
+        stored()
+    );
     assert!(shared.connected.load(std::sync::atomic::Ordering::Relaxed));
     cancel.cancel();
     let _ = pusher.await;
@@ -206,25 +213,50 @@ fn broken_config_files_name_the_file_and_the_key() {
     let tmp = tempfile::tempdir().unwrap();
     let a = tmp.path().join("agent.toml");
     std::fs::write(&a, "controller = \"x:1\"\ninterval_s = \"often\"\n").unwrap();
-    let out = Command::new(bin("tiandi-agent")).arg("--config").arg(&a).arg("run").output().unwrap();
+    let out = Command::new(bin("tiandi-agent"))
+        .arg("--config")
+        .arg(&a)
+        .arg("run")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&a.display().to_string()) && err.contains("interval_s"), "{err}");
+    assert!(
+        err.contains(&a.display().to_string()) && err.contains("interval_s"),
+        "{err}"
+    );
 
     let c = tmp.path().join("controller.toml");
     std::fs::write(&c, "[admission]\nhandshakes_per_s = -3\n").unwrap();
-    let out = Command::new(bin("tiandi-controller")).arg("--config").arg(&c).arg("run").output().unwrap();
+    let out = Command::new(bin("tiandi-controller"))
+        .arg("--config")
+        .arg(&c)
+        .arg("run")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&c.display().to_string()) && err.contains("admission.handshakes_per_s"), "{err}");
+    assert!(
+        err.contains(&c.display().to_string()) && err.contains("admission.handshakes_per_s"),
+        "{err}"
+    );
 
     std::fs::write(&c, "quic_listen = [\n").unwrap();
-    let out = Command::new(bin("tiandi-controller")).arg("--config").arg(&c).arg("run").output().unwrap();
+    let out = Command::new(bin("tiandi-controller"))
+        .arg("--config")
+        .arg(&c)
+        .arg("run")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains(&c.display().to_string()));
 
     let missing = tmp.path().join("nope.toml");
-    let out = Command::new(bin("tiandi-agent")).arg("--config").arg(&missing).output().unwrap();
+    let out = Command::new(bin("tiandi-agent"))
+        .arg("--config")
+        .arg(&missing)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope.toml"));
 }

@@ -14,7 +14,12 @@ fn controller_outage_loses_nothing_and_duplicates_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let mut ctl = ControllerProc::start(&tmp.path().join("ctl"));
     let token = ctl.enroll("gd-001", "GD", &[]);
-    let mut agent = AgentProc::enroll(&tmp.path().join("agent"), ctl.quic, &token, "interval_s = 0.2");
+    let mut agent = AgentProc::enroll(
+        &tmp.path().join("agent"),
+        ctl.quic,
+        &token,
+        "interval_s = 0.2",
+    );
     agent.start();
     wait_for("first reports", Duration::from_secs(30), || {
         (ctl.metric("tiandi_reports_total") >= 5.0).then_some(())
@@ -29,13 +34,19 @@ fn controller_outage_loses_nothing_and_duplicates_nothing() {
     std::thread::sleep(Duration::from_secs(3));
     agent.stop();
     let pushed = latest_pushed(&agent.log());
-    assert!(pushed > during && during >= 20, "agent spooled {during} during the outage, {pushed} in all");
+    assert!(
+        pushed > during && during >= 20,
+        "agent spooled {during} during the outage, {pushed} in all"
+    );
     let seqs = wait_for("every report stored", Duration::from_secs(30), || {
         let s = ctl.history_seqs("gd-001");
         (s.len() >= pushed).then_some(s)
     });
     let expected: Vec<u64> = (1..=pushed as u64).collect();
-    assert_eq!(seqs, expected, "history must hold 1..={pushed} exactly once, in order");
+    assert_eq!(
+        seqs, expected,
+        "history must hold 1..={pushed} exactly once, in order"
+    );
     assert_eq!(ctl.metric("tiandi_reports_duplicate_total"), 0.0);
     let site = ctl.api("/api/sites/gd-001").unwrap();
     assert_eq!(site["latest_seq"].as_u64(), Some(pushed as u64));
@@ -46,7 +57,12 @@ fn sigkill_mid_backlog_resends_nothing_acknowledged_and_loses_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let mut ctl = ControllerProc::start(&tmp.path().join("ctl"));
     let token = ctl.enroll("sc-007", "SC", &[]);
-    let mut agent = AgentProc::enroll(&tmp.path().join("agent"), ctl.quic, &token, "interval_s = 0.05");
+    let mut agent = AgentProc::enroll(
+        &tmp.path().join("agent"),
+        ctl.quic,
+        &token,
+        "interval_s = 0.05",
+    );
     ctl.stop();
     // Build a backlog of a few hundred reports while the controller is down.
     agent.start();

@@ -4,7 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use tiandi_agent::config::{DeviceConfig, DeviceProfile, ModemOids, ScaledOid, SnmpVersion, V3Config};
+use tiandi_agent::config::{
+    DeviceConfig, DeviceProfile, ModemOids, ScaledOid, SnmpVersion, V3Config,
+};
 use tiandi_agent::snmp::{Poller, poll_all};
 use tiandi_proto::DeviceStatus;
 use tiandi_tests::snmpd::{self, Snmpd};
@@ -89,13 +91,19 @@ async fn polls_real_snmpd_and_isolates_bad_devices() {
     let devs = poll_all(&mut pollers).await;
     let took = started.elapsed();
     // Concurrent: the whole round costs about one timeout, not the sum of them.
-    assert!(took < Duration::from_millis(2500), "poll round took {took:?}");
+    assert!(
+        took < Duration::from_millis(2500),
+        "poll round took {took:?}"
+    );
 
     let by = |n: usize| &devs[n];
     let m = by(0);
     assert_eq!(m.status, DeviceStatus::Ok as i32, "{m:?}");
     let mm = m.modem.as_ref().unwrap();
-    assert_eq!((mm.esno_db_x10, mm.rx_level_dbm_x10, mm.tx_power_dbm_x10), (92, -452, -123));
+    assert_eq!(
+        (mm.esno_db_x10, mm.rx_level_dbm_x10, mm.tx_power_dbm_x10),
+        (92, -452, -123)
+    );
     assert_eq!(mm.modcod, "QPSK 3/4");
 
     let u = by(1);
@@ -106,14 +114,26 @@ async fn polls_real_snmpd_and_isolates_bad_devices() {
 
     let r = by(2);
     assert_eq!(r.status, DeviceStatus::Ok as i32, "{r:?}");
-    assert!(r.interfaces.iter().any(|i| i.name == "lo" && i.oper_up), "{:?}", r.interfaces);
+    assert!(
+        r.interfaces.iter().any(|i| i.name == "lo" && i.oper_up),
+        "{:?}",
+        r.interfaces
+    );
 
     assert_eq!(by(3).status, DeviceStatus::Timeout as i32, "{:?}", by(3));
     assert!(by(3).error.contains("no answer"), "{}", by(3).error);
     assert_eq!(by(4).status, DeviceStatus::BadAnswer as i32, "{:?}", by(4));
     assert_eq!(by(5).status, DeviceStatus::BadAnswer as i32, "{:?}", by(5));
-    assert!(by(5).error.contains("should be a number"), "{}", by(5).error);
-    assert_ne!(by(6).status, DeviceStatus::Ok as i32, "a wrong v3 password must not pass");
+    assert!(
+        by(5).error.contains("should be a number"),
+        "{}",
+        by(5).error
+    );
+    assert_ne!(
+        by(6).status,
+        DeviceStatus::Ok as i32,
+        "a wrong v3 password must not pass"
+    );
 
     // A second round reuses sessions and still works.
     let again = poll_all(&mut pollers[..3]).await;
@@ -178,10 +198,24 @@ timeout_ms = 500
         let s = ctl.api("/api/sites/yn-004")?;
         (s["status"] == "on-battery").then_some(s)
     });
-    let conds: Vec<&str> = site["conditions"].as_array().unwrap().iter().map(|c| c["condition"].as_str().unwrap()).collect();
-    assert!(conds.contains(&"on-battery") && conds.contains(&"degraded"), "{conds:?}");
+    let conds: Vec<&str> = site["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["condition"].as_str().unwrap())
+        .collect();
+    assert!(
+        conds.contains(&"on-battery") && conds.contains(&"degraded"),
+        "{conds:?}"
+    );
     let alarms = ctl.api("/api/alarms?site=yn-004").unwrap();
-    assert!(alarms["log"].as_array().unwrap().iter().any(|e| e["alarm"] == "on-battery" && e["state"] == "raised"));
+    assert!(
+        alarms["log"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["alarm"] == "on-battery" && e["state"] == "raised")
+    );
     // The host's own figures came along.
     assert!(site["latest"]["host"]["mem_total_mib"].as_u64().unwrap() > 0);
     agent.stop();
