@@ -365,6 +365,8 @@ mod tests {
             for i in 0..10 {
                 assert_eq!(s.push(rep(i)).unwrap(), i as u64 + 1);
             }
+            // First contact: the controller knows nothing of this site yet.
+            assert_eq!(s.apply_welcome(0, &[]).unwrap(), 0);
             assert_eq!(s.ack(3, 5).unwrap(), 3);
             assert_eq!(s.len(), 7);
             s.flush().unwrap();
