@@ -108,6 +108,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = tick.tick() => {}
+            _ = shared.sample_now.notified() => tick.reset(),
         }
         let taken_ms = now_ms();
         let h = host.clone();

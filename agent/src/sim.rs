@@ -309,6 +309,7 @@ pub async fn start(
                 tokio::select! {
                     _ = cancel2.cancelled() => break,
                     _ = tick.tick() => {}
+                    _ = s.sample_now.notified() => tick.reset(),
                 }
                 let now = crate::now_ms();
                 s.offline.store(site.link_down(now), Ordering::Relaxed);

@@ -21,7 +21,8 @@ use crate::spool::Spool;
 
 /// Backlog reports in flight at once (the current report always goes out at once).
 pub const WINDOW: usize = 32;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Long enough for a GEO handshake with loss and for the controller's admission queue.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
@@ -33,6 +34,9 @@ pub struct Shared {
     pub spool: Mutex<Spool>,
     /// Signalled when a new report is in the spool.
     pub new_report: Notify,
+    /// Signalled by the uplink on every (re)connection: take a sample now, so the controller
+    /// gets the current state at once, not at the next tick.
+    pub sample_now: Notify,
     /// The QUIC connection's figures, copied into each report.
     pub link: Mutex<Option<LinkStats>>,
     /// While true the uplink stays disconnected (simulated outages).
@@ -47,6 +51,7 @@ impl Shared {
         Arc::new(Shared {
             spool: Mutex::new(spool),
             new_report: Notify::new(),
+            sample_now: Notify::new(),
             link: Mutex::new(None),
             offline: AtomicBool::new(false),
             connected: AtomicBool::new(false),
@@ -226,8 +231,9 @@ async fn session(
     shared.sessions.fetch_add(1, Ordering::Relaxed);
     info!(%addr, acked_through = welcome.acked_through, dropped_acked = dropped, backlog, "Connected to the controller.");
     *shared.link.lock().expect("link lock poisoned") = Some(link_stats(&conn));
+    shared.sample_now.notify_one();
 
-    // Current state first.
+    // Current state first: the newest spooled report now, a fresh sample right after.
     let newest = shared
         .spool
         .lock()

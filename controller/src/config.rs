@@ -81,7 +81,7 @@ impl Default for Config {
 impl Default for Admission {
     fn default() -> Self {
         Admission {
-            handshakes_per_s: 400,
+            handshakes_per_s: 1000,
             burst: 200,
             max_pending: 8192,
         }

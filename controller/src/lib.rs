@@ -172,15 +172,12 @@ impl Controller {
         let registry = Registry::open(&db, &ca).context("opening the site registry")?;
         let store = Store::open(&db).context("opening the store")?;
         let sites = Arc::new(Sites::new(config.thresholds.clone()));
-        let latest = store.latest_all().context("loading latest reports")?;
         let now = now_ms();
         for rec in registry.list() {
-            sites.insert(
-                &rec.site_id,
-                &rec.province,
-                latest.get(&rec.site_id).cloned(),
-                now,
-            );
+            let latest = store
+                .latest(&rec.site_id)
+                .with_context(|| format!("loading the latest report of {}", rec.site_id))?;
+            sites.insert(&rec.site_id, &rec.province, latest, now);
         }
         let admin_token = load_admin_token(&config.data_dir)?;
         let (events, _) = broadcast::channel(16_384);
@@ -258,9 +255,10 @@ impl Controller {
         );
         self.core.cancel.cancel();
         for t in self.tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+            let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
         }
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.endpoint.wait_idle()).await;
+        // Connections were closed above; draining them is a courtesy, not worth a slow restart.
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
         if let Err(error) = self.db.flush_async().await {
             tracing::error!(%error, "Final flush failed.");
         }

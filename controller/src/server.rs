@@ -234,6 +234,7 @@ async fn session(
 
     let mut names = NameDecoder::default();
     let mut flushed = core.store.subscribe_flushed();
+    flushed.mark_unchanged();
     // Acknowledgements wait here until their write epoch is durable.
     let mut pending: Vec<(u64, Ack)> = Vec::new();
     loop {
@@ -280,7 +281,9 @@ async fn session(
                 }
                 pending.push((epoch, Ack { first: report.seq, last: report.last_seq() }));
             }
-            changed = flushed.changed() => {
+            // Only sessions with acknowledgements to send wait for the flusher: with thousands
+            // of idle sessions, waking all of them on every flush costs more than ingest.
+            changed = flushed.changed(), if !pending.is_empty() => {
                 if changed.is_err() {
                     return Err(SessionError::Refuse(codes::SHUTDOWN, "controller shutting down".into(), "shutdown"));
                 }

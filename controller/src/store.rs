@@ -1,9 +1,13 @@
 //! Durable state in sled: each site's history (keyed by site, sample time and sequence number,
 //! so storing a report twice writes the same key: exactly once by construction), the
-//! acknowledged sequence ranges per site, the latest report per site, and the alarm log.
+//! acknowledged sequence ranges per site, and the alarm log. A site's latest report is the last
+//! entry of its history.
 //!
-//! Durability: an acknowledgement is sent only after the write is flushed. A flusher task
-//! flushes every `FLUSH_EVERY` (group commit) and publishes the epoch it made durable.
+//! Durability: an acknowledgement is sent only after the write is flushed. One sled insert per
+//! report; the flusher (group commit) wakes when something was written, waits
+//! [`FLUSH_COALESCE`] for more, writes the changed sequence states, flushes, and publishes the
+//! epoch it made durable. Acknowledgements therefore leave within a few milliseconds, in the
+//! same packet as QUIC's own ACK of the report.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tiandi_proto::{Message, Report, SeqRange};
 use tokio::sync::watch;
 
-pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
+pub const FLUSH_COALESCE: Duration = Duration::from_millis(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -89,8 +93,10 @@ pub struct AlarmEvent {
 pub struct Store {
     db: sled::Db,
     history: sled::Tree,
-    latest: sled::Tree,
     seqs: sled::Tree,
+    /// Sites whose sequence state changed since the last flush.
+    seq_dirty: Mutex<std::collections::HashSet<String>>,
+    wake_flusher: tokio::sync::Notify,
     alarms: sled::Tree,
     seq_cache: Mutex<HashMap<String, SeqState>>,
     write_epoch: AtomicU64,
@@ -126,8 +132,9 @@ impl Store {
         let (flushed, _) = watch::channel(0);
         Ok(Arc::new(Store {
             history: db.open_tree("history")?,
-            latest: db.open_tree("latest")?,
             seqs: db.open_tree("seqs")?,
+            seq_dirty: Mutex::new(Default::default()),
+            wake_flusher: tokio::sync::Notify::new(),
             alarms: db.open_tree("alarms")?,
             db: db.clone(),
             seq_cache: Mutex::new(HashMap::new()),
@@ -157,34 +164,56 @@ impl Store {
         let mut state = self.seq_state(site)?;
         if state.covers(range) {
             // Acknowledged at the next flush like any other report.
-            self.dirty.store(true, Ordering::Release);
+            self.mark_dirty();
             return Ok((false, self.write_epoch.load(Ordering::Acquire)));
         }
-        let bytes = report.encode_to_vec();
         self.history.insert(
             history_key(site, report.taken_ms, report.seq),
-            bytes.as_slice(),
+            report.encode_to_vec(),
         )?;
-        let newer = match self.latest.get(site.as_bytes())? {
-            Some(v) => Report::decode(v.as_ref())
-                .map(|old| old.taken_ms <= report.taken_ms)
-                .unwrap_or(true),
-            None => true,
-        };
-        if newer {
-            self.latest.insert(site.as_bytes(), bytes)?;
-        }
         state.add(range);
-        self.seqs.insert(
-            site.as_bytes(),
-            serde_json::to_vec(&state).map_err(|e| corrupt("seqs", e))?,
-        )?;
         self.seq_cache
             .lock()
             .expect("seq cache poisoned")
             .insert(site.to_string(), state);
-        self.dirty.store(true, Ordering::Release);
+        self.seq_dirty
+            .lock()
+            .expect("seq dirty poisoned")
+            .insert(site.to_string());
+        self.mark_dirty();
         Ok((true, self.write_epoch.load(Ordering::Acquire)))
+    }
+
+    fn mark_dirty(&self) {
+        self.dirty.store(true, Ordering::Release);
+        self.wake_flusher.notify_one();
+    }
+
+    /// Writes the sequence states changed since the last call.
+    fn persist_seq_states(&self) -> Result<(), StoreError> {
+        let sites: Vec<String> = self
+            .seq_dirty
+            .lock()
+            .expect("seq dirty poisoned")
+            .drain()
+            .collect();
+        if sites.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        {
+            let cache = self.seq_cache.lock().expect("seq cache poisoned");
+            for site in &sites {
+                if let Some(st) = cache.get(site) {
+                    batch.insert(
+                        site.as_bytes(),
+                        serde_json::to_vec(st).map_err(|e| corrupt("seqs", e))?,
+                    );
+                }
+            }
+        }
+        self.seqs.apply_batch(batch)?;
+        Ok(())
     }
 
     pub fn subscribe_flushed(&self) -> watch::Receiver<u64> {
@@ -198,6 +227,8 @@ impl Store {
             return Ok(());
         }
         let epoch = self.write_epoch.fetch_add(1, Ordering::AcqRel);
+        // Sequence states first: an acknowledged report's state is durable with it.
+        self.persist_seq_states()?;
         self.db.flush_async().await?;
         self.flushed.send_replace(epoch);
         Ok(())
@@ -208,8 +239,9 @@ impl Store {
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                _ = tokio::time::sleep(FLUSH_EVERY) => {}
+                _ = self.wake_flusher.notified() => {}
             }
+            tokio::time::sleep(FLUSH_COALESCE).await;
             if let Err(error) = self.flush().await {
                 tracing::error!(%error, "Flushing the store failed; acknowledgements are held back.");
             }
@@ -246,18 +278,17 @@ impl Store {
         self.history.scan_prefix(site_prefix(site)).count()
     }
 
-    /// Every site's latest report (at start-up).
-    pub fn latest_all(&self) -> Result<HashMap<String, Report>, StoreError> {
-        let mut out = HashMap::new();
-        for kv in self.latest.iter() {
-            let (k, v) = kv?;
-            let site = String::from_utf8_lossy(&k).into_owned();
-            out.insert(
-                site,
-                Report::decode(v.as_ref()).map_err(|e| corrupt("latest", e))?,
-            );
+    /// A site's latest report: the last entry of its history.
+    pub fn latest(&self, site: &str) -> Result<Option<Report>, StoreError> {
+        match self.history.scan_prefix(site_prefix(site)).next_back() {
+            Some(kv) => {
+                let (_, v) = kv?;
+                Ok(Some(
+                    Report::decode(v.as_ref()).map_err(|e| corrupt("history", e))?,
+                ))
+            }
+            None => Ok(None),
         }
-        Ok(out)
     }
 
     /// Deletes `site`'s history older than `cutoff_ms`; returns how many reports went.
@@ -351,7 +382,8 @@ mod tests {
             .collect();
         assert_eq!(h, vec![1, 2, 3]);
         assert_eq!(store.seq_state("a").unwrap().acked_through, 3);
-        assert_eq!(store.latest_all().unwrap()["a"].seq, 3);
+        assert_eq!(store.latest("a").unwrap().unwrap().seq, 3);
+        assert!(store.latest("b").unwrap().is_none());
         assert_eq!(store.prune("a", 2_000).unwrap(), 1);
         assert_eq!(store.history_len("a"), 2);
         assert_eq!(store.history_len("b"), 0);

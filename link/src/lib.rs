@@ -115,7 +115,22 @@ pub fn server_endpoint(
     // Address validation costs a round trip on a 600 ms link; admission control happens in
     // the controller instead.
     cfg.migration(true);
-    quinn::Endpoint::server(cfg, addr).map_err(LinkError::Endpoint)
+    let socket = std::net::UdpSocket::bind(addr).map_err(LinkError::Endpoint)?;
+    quinn::Endpoint::new(
+        endpoint_config(),
+        Some(cfg),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(LinkError::Endpoint)
+}
+
+/// Connection IDs of 4 bytes instead of quinn's 8: every packet on a satellite link carries
+/// one, and 2^32 is plenty for the connections one endpoint holds.
+fn endpoint_config() -> quinn::EndpointConfig {
+    let mut cfg = quinn::EndpointConfig::default();
+    cfg.cid_generator(|| Box::new(quinn_proto::RandomConnectionIdGenerator::new(4)));
+    cfg
 }
 
 /// A client configuration from TLS and transport.
@@ -137,7 +152,14 @@ pub fn client_endpoint(server: SocketAddr) -> Result<quinn::Endpoint, LinkError>
     } else {
         "0.0.0.0:0".parse().expect("literal address")
     };
-    quinn::Endpoint::client(bind).map_err(LinkError::Endpoint)
+    let socket = std::net::UdpSocket::bind(bind).map_err(LinkError::Endpoint)?;
+    quinn::Endpoint::new(
+        endpoint_config(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(LinkError::Endpoint)
 }
 
 /// Initialises logging once for a binary: `RUST_LOG` wins over the configured filter; noisy
