@@ -21,6 +21,9 @@ use tracing::{info, warn};
 
 pub use config::Config;
 
+/// Reports held in memory while the spool cannot be written (a day at 10 s).
+const MAX_UNSPOOLED: usize = 8640;
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -75,6 +78,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         cfg.spool_quota_mb * 1024 * 1024,
         interval_ms,
         true,
+        Some(db.clone()),
     )?;
     info!(site = %id.info.site_id, province = %id.info.province, spooled = spool.len(), next_seq = spool.next_seq(), controller = %cfg.controller, "Agent starting.");
     let shared = uplink::Shared::new(spool);
@@ -104,6 +108,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         cfg.devices.iter().cloned().map(snmp::Poller::new).collect();
     let mut tick = tokio::time::interval(Duration::from_millis(interval_ms as u64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut unspooled: std::collections::VecDeque<Report> = std::collections::VecDeque::new();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
@@ -122,11 +127,25 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
             devices,
             ..Default::default()
         };
-        match shared.push(report) {
-            Ok(seq) => tracing::debug!(seq, "Report spooled."),
-            Err(error) => {
-                warn!(%error, "Could not spool a report (disk full?); retrying next interval.")
+        // A spool write can fail (disk full): keep the reports in memory, in order, and retry
+        // at every tick. Bounded: beyond MAX_UNSPOOLED the two oldest held reports are merged
+        // (downsampled) rather than dropped.
+        unspooled.push_back(report);
+        while let Some(r) = unspooled.pop_front() {
+            match shared.push(r.clone()) {
+                Ok(seq) => tracing::debug!(seq, "Report spooled."),
+                Err(error) => {
+                    unspooled.push_front(r);
+                    warn!(%error, held = unspooled.len(), "Could not spool reports (disk full?); holding them in memory and retrying.");
+                    break;
+                }
             }
+        }
+        if unspooled.len() > MAX_UNSPOOLED
+            && let (Some(a), Some(b)) = (unspooled.pop_front(), unspooled.pop_front())
+            && let Some(m) = tiandi_proto::merge(&[a, b])
+        {
+            unspooled.push_front(m);
         }
     }
     let _ = uplink.await;

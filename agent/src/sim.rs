@@ -232,6 +232,9 @@ impl SimSite {
     }
 }
 
+/// Simulated sites sharing one UDP socket.
+const SITES_PER_SOCKET: usize = 50;
+
 /// A simulated site's credentials.
 #[derive(Clone)]
 pub struct SimCreds {
@@ -272,15 +275,28 @@ pub async fn start(
         .with_context(|| format!("resolving {}", opts.controller))?
         .next()
         .with_context(|| format!("{} resolves to no address", opts.controller))?;
-    let endpoint = tiandi_link::client_endpoint(addr)?;
     let interval_ms = opts.interval.as_millis() as i64;
     let mut out = Vec::with_capacity(creds.len());
-    for c in creds {
+    // Real sites each have their own socket; thousands of simulated sites on one socket would
+    // overflow its receive buffer whenever the controller talks to all of them at once (a
+    // restart's CONNECTION_CLOSE). One endpoint per SITES_PER_SOCKET sites.
+    let mut endpoint = tiandi_link::client_endpoint(addr)?;
+    for (n, c) in creds.into_iter().enumerate() {
+        if n > 0 && n % SITES_PER_SOCKET == 0 {
+            endpoint = tiandi_link::client_endpoint(addr)?;
+        }
         let tls = tiandi_link::tls::site_client_tls(&c.ca_pem, &c.cert_pem, &c.key_pem)?;
         let client = tiandi_link::client_config(tls, opts.profile.transport())?;
         let mut prefix = c.site_id.as_bytes().to_vec();
         prefix.push(0);
-        let spool = Spool::open(tree.clone(), &prefix, 64 * 1024 * 1024, interval_ms, false)?;
+        let spool = Spool::open(
+            tree.clone(),
+            &prefix,
+            64 * 1024 * 1024,
+            interval_ms,
+            false,
+            None,
+        )?;
         let shared = Shared::new(spool);
         tokio::spawn(uplink::run(
             endpoint.clone(),

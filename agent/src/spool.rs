@@ -14,6 +14,10 @@ use tiandi_proto::{Message, Report, SeqRange};
 
 /// Per-entry overhead counted on top of key and value (sled's own bookkeeping, estimated).
 const ENTRY_OVERHEAD: u64 = 48;
+/// sled writes several times the live data to disk (log-structured pages, lazy segment
+/// reclamation). The spool starts with a logical budget of quota / this, then adapts to the
+/// amplification it measures (see [`Spool::check_disk`]).
+const ASSUMED_AMPLIFICATION: u64 = 6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -28,8 +32,13 @@ pub struct Spool {
     prefix: Vec<u8>,
     next_seq: u64,
     confirmed: bool,
+    /// The disk quota, and the logical budget derived from it.
+    disk_quota: u64,
     quota_bytes: u64,
     bytes: u64,
+    /// The database, to measure real disk use (None when many spools share one database).
+    db: Option<sled::Db>,
+    pushes_since_check: u32,
     count: usize,
     interval_ms: i64,
     durable: bool,
@@ -43,20 +52,30 @@ pub struct Spool {
 
 impl Spool {
     /// Opens the spool under `prefix` in `tree`. With `durable`, every new report is flushed to
-    /// disk before `push` returns (a SIGKILL right after loses nothing).
+    /// disk before `push` returns (a SIGKILL right after loses nothing). With `db`, the disk
+    /// quota is held against the database's real size on disk.
     pub fn open(
         tree: sled::Tree,
         prefix: &[u8],
-        quota_bytes: u64,
+        disk_quota: u64,
         interval_ms: i64,
         durable: bool,
+        db: Option<sled::Db>,
     ) -> Result<Spool, SpoolError> {
+        let quota_bytes = if db.is_some() {
+            disk_quota / ASSUMED_AMPLIFICATION
+        } else {
+            disk_quota
+        };
         let mut s = Spool {
             tree,
             prefix: prefix.to_vec(),
             next_seq: 1,
             confirmed: false,
+            disk_quota,
             quota_bytes,
+            db,
+            pushes_since_check: 0,
             bytes: 0,
             count: 0,
             interval_ms: interval_ms.max(100),
@@ -133,6 +152,11 @@ impl Spool {
         self.next_seq = seq + 1;
         self.bytes += (key.len() + value.len()) as u64 + ENTRY_OVERHEAD;
         self.count += 1;
+        self.pushes_since_check += 1;
+        if self.pushes_since_check >= 256 {
+            self.pushes_since_check = 0;
+            self.check_disk();
+        }
         self.enforce_quota()?;
         if self.durable {
             self.tree.flush()?;
@@ -269,6 +293,29 @@ impl Spool {
         Ok(())
     }
 
+    /// Compares real disk use with the quota. Over 80 % of it, the logical budget shrinks in
+    /// proportion (sled's file never shrinks, so the spool must stay ahead of it).
+    pub fn check_disk(&mut self) {
+        let Some(db) = &self.db else { return };
+        let Ok(on_disk) = db.size_on_disk() else {
+            return;
+        };
+        let high = self.disk_quota / 10 * 8;
+        if on_disk > high && self.bytes > 0 {
+            let scaled = (self.bytes as f64 * high as f64 / on_disk as f64 * 0.9) as u64;
+            let budget = scaled.min(self.quota_bytes).max(self.disk_quota / 64);
+            if budget < self.quota_bytes {
+                tracing::info!(
+                    on_disk,
+                    logical = self.bytes,
+                    budget,
+                    "Spool near its disk quota: tightening its budget."
+                );
+                self.quota_bytes = budget;
+            }
+        }
+    }
+
     /// Downsamples the oldest reports until the spool fits 90 % of its quota.
     pub fn enforce_quota(&mut self) -> Result<(), SpoolError> {
         if self.bytes <= self.quota_bytes {
@@ -342,7 +389,15 @@ mod tests {
 
     fn open(dir: &std::path::Path, quota: u64) -> Spool {
         let db = sled::open(dir).unwrap();
-        Spool::open(db.open_tree("spool").unwrap(), b"", quota, 10_000, false).unwrap()
+        Spool::open(
+            db.open_tree("spool").unwrap(),
+            b"",
+            quota,
+            10_000,
+            false,
+            None,
+        )
+        .unwrap()
     }
 
     fn rep(t: i64) -> Report {

@@ -26,6 +26,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// A report unacknowledged for this long means the controller is gone (crashed, restarted
+/// without a goodbye, or the path died): reconnect rather than wait for the idle timeout.
+const ACK_TIMEOUT: Duration = Duration::from_secs(15);
 /// After a permanent refusal (revoked, unknown, wrong version) retry only this often.
 const PERMANENT_RETRY: Duration = Duration::from_secs(300);
 
@@ -99,6 +102,7 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let mut attempt: u32 = 0;
+    let mut lost_at: Option<Instant> = None;
     loop {
         if cancel.is_cancelled() {
             return;
@@ -125,13 +129,17 @@ pub async fn run(
                 PERMANENT_RETRY
             }
             Err(e) => {
-                if started.elapsed() > BACKOFF_CAP {
+                // The backoff grows with the time since the link was lost, not with the number
+                // of attempts: after a short outage (a controller restart) every site is back
+                // within seconds; after a long one each retries about twice per elapsed period,
+                // at most every BACKOFF_CAP. Full jitter spreads thousands of sites out.
+                if started.elapsed() > BACKOFF_CAP || lost_at.is_none() {
+                    lost_at = Some(Instant::now());
                     attempt = 0;
                 }
-                let cap = BACKOFF_BASE
-                    .saturating_mul(1 << attempt.min(6))
-                    .min(BACKOFF_CAP);
                 attempt = attempt.saturating_add(1);
+                let down_for = lost_at.map(|t| t.elapsed()).unwrap_or_default();
+                let cap = (down_for / 2).clamp(BACKOFF_BASE, BACKOFF_CAP);
                 let d = cap.mul_f64(rand::random::<f64>());
                 if attempt <= 1 {
                     info!(error = %e, retry_in_ms = d.as_millis() as u64, "Link to the controller lost.");
@@ -163,6 +171,8 @@ fn link_stats(conn: &quinn::Connection) -> LinkStats {
 struct Sender {
     writer: FrameWriter,
     names: NameEncoder,
+    /// When each in-flight report was sent.
+    sent_at: std::collections::BTreeMap<u64, Instant>,
 }
 
 impl Sender {
@@ -173,6 +183,7 @@ impl Sender {
             .expect("spool lock poisoned")
             .in_flight
             .insert(r.seq);
+        self.sent_at.insert(r.seq, Instant::now());
         self.names.compress(&mut r);
         self.writer.send(Body::Report(r)).await
     }
@@ -198,6 +209,7 @@ async fn session(
     let mut out = Sender {
         writer: FrameWriter::new(send),
         names: NameEncoder::default(),
+        sent_at: Default::default(),
     };
     out.writer
         .send(Body::Hello(Hello {
@@ -288,6 +300,9 @@ async fn session(
                 Ok(Some(Body::Ack(a))) => {
                     let n = shared.spool.lock().expect("spool lock poisoned").ack(a.first, a.last)
                         .map_err(|e| LinkError::Stream(e.to_string()))?;
+                    let keep = out.sent_at.split_off(&(a.first));
+                    let after = keep.into_iter().filter(|(k, _)| *k > a.last);
+                    out.sent_at.extend(after);
                     shared.acked.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Ok(Some(Body::Refused(r))) => return Err(LinkError::Refused { code: r.code, reason: r.reason }),
@@ -304,6 +319,13 @@ async fn session(
                 if shared.offline.load(Ordering::Relaxed) {
                     conn.close(0u32.into(), b"site link down (simulated)");
                     return Err(LinkError::Stream("simulated outage".into()));
+                }
+                if let Some((seq, at)) = out.sent_at.first_key_value()
+                    && at.elapsed() > ACK_TIMEOUT
+                {
+                    let e = format!("report {seq} unacknowledged for {ACK_TIMEOUT:?}");
+                    conn.close(0u32.into(), e.as_bytes());
+                    return Err(LinkError::Stream(e));
                 }
             }
             e = conn.closed() => return Err(app_close(e)),

@@ -197,10 +197,12 @@ impl Controller {
 
         let (chain, key) = core.ca.issue_controller()?;
         let tls = tiandi_link::tls::server_tls(chain, key, core.ca.cert_der(), registry)?;
+        let reset_secret = load_secret(&core.config.data_dir, "quic-reset.key")?;
         let endpoint = tiandi_link::server_endpoint(
             core.config.quic_listen,
             tls,
             core.config.profile.transport(),
+            reset_secret.as_bytes(),
         )
         .with_context(|| format!("binding QUIC listener {}", core.config.quic_listen))?;
         let quic_addr = endpoint.local_addr()?;
@@ -248,6 +250,7 @@ impl Controller {
 
     /// Graceful shutdown: agents are told, the store is flushed, listeners stop.
     pub async fn shutdown(self) {
+        let started = std::time::Instant::now();
         info!("Shutting down.");
         self.endpoint.close(
             tiandi_proto::codes::SHUTDOWN.into(),
@@ -257,17 +260,31 @@ impl Controller {
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
         }
-        // Connections were closed above; draining them is a courtesy, not worth a slow restart.
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        let tasks_ms = started.elapsed().as_millis() as u64;
+        // Connections were closed above; draining them is a courtesy, not worth a slow restart
+        // (agents that miss the close get a stateless reset from the next process).
+        let idle = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle())
+            .await
+            .is_ok();
         if let Err(error) = self.db.flush_async().await {
             tracing::error!(%error, "Final flush failed.");
         }
-        info!("Stopped.");
+        info!(
+            tasks_ms,
+            drained = idle,
+            total_ms = started.elapsed().as_millis() as u64,
+            "Stopped."
+        );
     }
 }
 
 fn load_admin_token(dir: &std::path::Path) -> anyhow::Result<String> {
-    let path = dir.join("admin.token");
+    load_secret(dir, "admin.token")
+}
+
+/// A random secret kept in `dir/name` (mode 0600), created on first use.
+fn load_secret(dir: &std::path::Path, name: &str) -> anyhow::Result<String> {
+    let path = dir.join(name);
     if let Ok(t) = std::fs::read_to_string(&path) {
         return Ok(t.trim().to_string());
     }

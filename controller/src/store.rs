@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tiandi_proto::{Message, Report, SeqRange};
 use tokio::sync::watch;
 
-pub const FLUSH_COALESCE: Duration = Duration::from_millis(5);
+pub const FLUSH_COALESCE: Duration = Duration::from_millis(15);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

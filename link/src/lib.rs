@@ -103,10 +103,15 @@ pub fn peer_identity(conn: &quinn::Connection) -> Option<SiteIdentity> {
 }
 
 /// A server endpoint with the given TLS and transport.
+///
+/// `reset_secret` keys QUIC stateless resets: keep it across restarts, so that agents still
+/// talking to the previous process learn at their next packet that their connection is gone
+/// (instead of waiting for the idle timeout) and reconnect at once.
 pub fn server_endpoint(
     addr: SocketAddr,
     tls: rustls::ServerConfig,
     transport: Arc<quinn::TransportConfig>,
+    reset_secret: &[u8],
 ) -> Result<quinn::Endpoint, LinkError> {
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| LinkError::Tls(e.to_string()))?;
@@ -116,13 +121,15 @@ pub fn server_endpoint(
     // the controller instead.
     cfg.migration(true);
     let socket = std::net::UdpSocket::bind(addr).map_err(LinkError::Endpoint)?;
-    quinn::Endpoint::new(
-        endpoint_config(),
-        Some(cfg),
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(LinkError::Endpoint)
+    let mut ep = endpoint_config();
+    ep.reset_key(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        reset_secret,
+    )))
+    // After a restart every site's next packet draws a reset: let thousands through.
+    .min_reset_interval(std::time::Duration::from_micros(200));
+    quinn::Endpoint::new(ep, Some(cfg), socket, Arc::new(quinn::TokioRuntime))
+        .map_err(LinkError::Endpoint)
 }
 
 /// Connection IDs of 4 bytes instead of quinn's 8: every packet on a satellite link carries
