@@ -95,6 +95,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
             site_id: id.info.site_id.clone(),
             client,
             interval_ms: interval_ms as u32,
+            connect_timeout: cfg.profile.connect_timeout(),
         },
         shared.clone(),
         cancel.clone(),

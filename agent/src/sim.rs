@@ -305,6 +305,7 @@ pub async fn start(
                 site_id: c.site_id.clone(),
                 client,
                 interval_ms: interval_ms as u32,
+                connect_timeout: opts.profile.connect_timeout(),
             },
             shared.clone(),
             cancel.clone(),

@@ -21,8 +21,6 @@ use crate::spool::Spool;
 
 /// Backlog reports in flight at once (the current report always goes out at once).
 pub const WINDOW: usize = 32;
-/// Long enough for a GEO handshake with loss and for the controller's admission queue.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
@@ -84,6 +82,12 @@ pub struct UplinkConfig {
     pub site_id: String,
     pub client: quinn::ClientConfig,
     pub interval_ms: u32,
+    /// How long one connection attempt may take (see [`LinkProfile::connect_timeout`]). Past
+    /// it a fresh attempt starts: after a controller restart that beats waiting for the
+    /// handshake's exponentially backed-off retransmissions.
+    ///
+    /// [`LinkProfile::connect_timeout`]: tiandi_link::LinkProfile::connect_timeout
+    pub connect_timeout: Duration,
 }
 
 async fn resolve(addr: &str) -> Result<SocketAddr, LinkError> {
@@ -197,11 +201,12 @@ async fn session(
 ) -> Result<(), LinkError> {
     let addr = resolve(&cfg.controller).await?;
     let connecting = endpoint.connect_with(cfg.client.clone(), addr, CONTROLLER_NAME)?;
-    let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+    let conn = tokio::time::timeout(cfg.connect_timeout, connecting)
         .await
         .map_err(|_| {
             LinkError::Stream(format!(
-                "no handshake with {addr} within {CONNECT_TIMEOUT:?}"
+                "no handshake with {addr} within {:?}",
+                cfg.connect_timeout
             ))
         })??;
     let (send, recv) = conn.open_bi().await?;

@@ -41,7 +41,9 @@ pub struct Admission {
     pub handshakes_per_s: u32,
     /// Burst of the token bucket.
     pub burst: u32,
-    /// Connections waiting for admission before new ones are refused.
+    /// Connections waiting for admission before new ones are refused (refused agents retry
+    /// with jittered backoff). About two seconds' worth at `handshakes_per_s`: longer waits
+    /// only make agents give up on handshakes the controller then completes for nothing.
     pub max_pending: usize,
 }
 
@@ -83,7 +85,7 @@ impl Default for Admission {
         Admission {
             handshakes_per_s: 1000,
             burst: 200,
-            max_pending: 8192,
+            max_pending: 2000,
         }
     }
 }

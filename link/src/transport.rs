@@ -44,6 +44,11 @@ impl LinkProfile {
         }
     }
 
+    /// How long one connection attempt may take: a handshake is ~1.5 RTT, more with loss.
+    pub fn connect_timeout(self) -> Duration {
+        Duration::from_secs(3) + self.nominal().0 * 4
+    }
+
     pub fn transport(self) -> Arc<TransportConfig> {
         let (rtt, bits_per_s) = self.nominal();
         let bdp = (bits_per_s / 8) as f64 * rtt.as_secs_f64();
