@@ -21,9 +21,11 @@ use crate::spool::Spool;
 
 /// Backlog reports in flight at once (the current report always goes out at once).
 pub const WINDOW: usize = 32;
-const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// After the handshake, the controller may still be busy admitting thousands of sites (a
+/// restart): wait this long for its Welcome before trying again.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
 /// A report unacknowledged for this long means the controller is gone (crashed, restarted
 /// without a goodbye, or the path died): reconnect rather than wait for the idle timeout.
 const ACK_TIMEOUT: Duration = Duration::from_secs(15);

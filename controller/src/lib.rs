@@ -252,11 +252,14 @@ impl Controller {
     pub async fn shutdown(self) {
         let started = std::time::Instant::now();
         info!("Shutting down.");
+        // No new handshakes from here on: one completed now would leave its agent waiting for
+        // a Welcome from a process about to exit. Then close every connection.
+        self.core.cancel.cancel();
+        self.endpoint.set_server_config(None);
         self.endpoint.close(
             tiandi_proto::codes::SHUTDOWN.into(),
             b"controller shutting down",
         );
-        self.core.cancel.cancel();
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
         }

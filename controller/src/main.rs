@@ -128,7 +128,8 @@ async fn main() -> anyhow::Result<()> {
             );
             shutdown_token().cancelled().await;
             ctl.shutdown().await;
-            Ok(())
+            // Everything is flushed and closed: do not wait for idle pool threads to wind down.
+            std::process::exit(0)
         }
         Cmd::Demo { sites, interval } => {
             demo::run(

@@ -62,9 +62,17 @@ pub async fn accept_loop(core: Arc<Core>, endpoint: quinn::Endpoint) {
         core.metrics.pending_admission.inc();
         let (core, pacer, pending) = (core.clone(), pacer.clone(), pending.clone());
         tokio::spawn(async move {
-            tokio::time::sleep_until(pacer.reserve().into()).await;
+            tokio::select! {
+                _ = tokio::time::sleep_until(pacer.reserve().into()) => {}
+                _ = core.cancel.cancelled() => {}
+            }
             pending.fetch_sub(1, Ordering::Relaxed);
             core.metrics.pending_admission.dec();
+            if core.cancel.is_cancelled() {
+                // Shutting down: a handshake now would leave the agent waiting for a Welcome.
+                incoming.refuse();
+                return;
+            }
             let remote = incoming.remote_address();
             let connecting = match incoming.accept() {
                 Ok(c) => c,
