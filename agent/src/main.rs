@@ -83,21 +83,6 @@ fn load_config(path: &Option<PathBuf>) -> anyhow::Result<Config> {
     }
 }
 
-fn shutdown_token() -> CancellationToken {
-    let cancel = CancellationToken::new();
-    let c = cancel.clone();
-    tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        c.cancel();
-    });
-    cancel
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -127,7 +112,7 @@ async fn main() -> anyhow::Result<()> {
                 cfg.interval_s = i;
             }
             cfg.validate("command line").map_err(anyhow::Error::msg)?;
-            tiandi_agent::run(cfg, shutdown_token()).await
+            tiandi_agent::run(cfg, tiandi_link::shutdown_token()).await
         }
         Cmd::Enroll {
             controller,
@@ -224,7 +209,7 @@ async fn simulate(
         creds.push(t.await??);
     }
     tracing::info!(sites = creds.len(), "Simulated sites enrolled; starting.");
-    let stop = shutdown_token();
+    let stop = tiandi_link::shutdown_token();
     let cancel = CancellationToken::new();
     let shareds = sim::start(
         creds,

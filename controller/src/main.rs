@@ -8,7 +8,6 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 use tiandi_controller::{Config, Controller, demo, registry::Registry};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(name = "tiandi-controller", version, about = "Tiandi controller")]
@@ -68,21 +67,6 @@ enum Cmd {
     },
 }
 
-fn shutdown_token() -> CancellationToken {
-    let cancel = CancellationToken::new();
-    let c = cancel.clone();
-    tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        c.cancel();
-    });
-    cancel
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -126,7 +110,7 @@ async fn main() -> anyhow::Result<()> {
                 "tiandi-controller: agents quic://{} api http://{} metrics http://{}/metrics",
                 ctl.quic_addr, ctl.api_addr, ctl.ops_addr
             );
-            shutdown_token().cancelled().await;
+            tiandi_link::shutdown_token().cancelled().await;
             ctl.shutdown().await;
             // Everything is flushed and closed: do not wait for idle pool threads to wind down.
             std::process::exit(0)
@@ -136,7 +120,7 @@ async fn main() -> anyhow::Result<()> {
                 cfg,
                 sites,
                 Duration::from_secs_f64(interval),
-                shutdown_token(),
+                tiandi_link::shutdown_token(),
             )
             .await
         }

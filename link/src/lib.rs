@@ -180,3 +180,26 @@ pub fn init_logging(filter: &str) {
         .with_writer(std::io::stderr)
         .try_init();
 }
+
+/// A token cancelled on SIGTERM or Ctrl-C (call inside the tokio runtime).
+pub fn shutdown_token() -> tokio_util::sync::CancellationToken {
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+        match term {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "No SIGTERM handler; only Ctrl-C stops this process.");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        c.cancel();
+    });
+    cancel
+}
