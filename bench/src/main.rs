@@ -2,11 +2,12 @@
 //! one `key=value` summary line.
 //!
 //! `ingest`: the controller and `tiandi-agent simulate` (N sites over real QUIC on loopback).
-//! Measures, over the first half of the run (steady state): controller CPU time per stored
-//! report (utime+stime from /proc), bytes on the wire per report (UDP payload of every agent
-//! connection plus 28 bytes of IPv4/UDP header per datagram, both directions, from the
-//! controller's QUIC statistics), report-to-API visibility (sample time at the site to the
-//! moment the bench receives the report's event from `/api/stream`). Half-way it restarts the
+//! Measures, over the first quarter of the run (steady state, no API client attached):
+//! controller CPU time per stored report (utime+stime from /proc), bytes on the wire per report
+//! (UDP payload of every agent connection plus 28 bytes of IPv4/UDP header per datagram, both
+//! directions, from the controller's QUIC statistics); over the second quarter, report-to-API
+//! visibility (sample time at the site to the moment the bench receives the report's event
+//! from `/api/stream`). Half-way it restarts the
 //! controller (SIGTERM, start again) and measures the time until every site is connected and
 //! current again. At the end the simulator drains its spools and the bench compares what the
 //! sites produced with what the controller stored (lost, duplicated). Peak RSS is the

@@ -372,9 +372,12 @@ async fn admin_registry(State(core): State<Arc<Core>>, headers: HeaderMap) -> Ap
 }
 
 async fn metrics(State(core): State<Arc<Core>>) -> impl IntoResponse {
-    let body = core
-        .metrics
-        .render(&core.sites, core.wire_totals(), now_ms());
+    let body = core.metrics.render(
+        &core.sites,
+        core.wire_totals(),
+        core.store.flush_count(),
+        now_ms(),
+    );
     (
         [(
             header::CONTENT_TYPE,

@@ -150,6 +150,7 @@ pub struct Controller {
     pub ops_addr: SocketAddr,
     endpoint: quinn::Endpoint,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    committer: store::Committer,
     db: sled::Db,
 }
 
@@ -162,6 +163,8 @@ impl Controller {
         let db = sled::Config::new()
             .path(&db_path)
             .cache_capacity(64 * 1024 * 1024)
+            // The store's group commit flushes whenever something was written.
+            .flush_every_ms(None)
             .open()
             .with_context(|| {
                 format!(
@@ -216,9 +219,11 @@ impl Controller {
         let api_addr = api_listener.local_addr()?;
         let ops_addr = ops_listener.local_addr()?;
 
+        let committer = store
+            .start_committer()
+            .context("starting the store's committer thread")?;
         let mut tasks = vec![
             tokio::spawn(server::accept_loop(core.clone(), endpoint.clone())),
-            tokio::spawn(store.clone().flush_loop(core.cancel.clone())),
             tokio::spawn(tick_loop(core.clone())),
             tokio::spawn(prune_loop(core.clone())),
         ];
@@ -244,6 +249,7 @@ impl Controller {
             ops_addr,
             endpoint,
             tasks,
+            committer,
             db,
         })
     }
@@ -269,8 +275,16 @@ impl Controller {
         let idle = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle())
             .await
             .is_ok();
-        if let Err(error) = self.db.flush_async().await {
-            tracing::error!(%error, "Final flush failed.");
+        // The committer's last flush makes every stored report durable; then the rest.
+        let mut committer = self.committer;
+        let db = self.db;
+        let flushed = tokio::task::spawn_blocking(move || {
+            committer.stop();
+            db.flush()
+        })
+        .await;
+        if !matches!(flushed, Ok(Ok(_))) {
+            tracing::error!(?flushed, "Final flush failed.");
         }
         info!(
             tasks_ms,

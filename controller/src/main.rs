@@ -67,13 +67,23 @@ enum Cmd {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let mut cfg = match &cli.config {
+    let cfg = match &cli.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
     };
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if cfg.worker_threads > 0 {
+        rt.worker_threads(cfg.worker_threads);
+    }
+    rt.enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run(cli, cfg))
+}
+
+async fn run(cli: Cli, mut cfg: Config) -> anyhow::Result<()> {
     let demo_mode = matches!(cli.cmd, Some(Cmd::Demo { .. }));
     if demo_mode && cli.data_dir.is_none() && cli.config.is_none() {
         cfg.data_dir = PathBuf::from("tiandi-data/demo");

@@ -111,7 +111,7 @@ impl Metrics {
     }
 
     /// The whole exposition: the controller's own metrics, QUIC wire totals, per-site gauges.
-    pub fn render(&self, sites: &Sites, wire: WireTotals, now_ms: i64) -> String {
+    pub fn render(&self, sites: &Sites, wire: WireTotals, commits: u64, now_ms: i64) -> String {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         let mut out = String::from_utf8(buf).unwrap_or_default();
@@ -124,8 +124,11 @@ impl Metrics {
              # HELP tiandi_quic_udp_datagrams_total UDP datagrams of agent connections.\n\
              # TYPE tiandi_quic_udp_datagrams_total counter\n\
              tiandi_quic_udp_datagrams_total{{direction=\"rx\"}} {}\n\
-             tiandi_quic_udp_datagrams_total{{direction=\"tx\"}} {}\n",
-            wire.rx_bytes, wire.tx_bytes, wire.rx_datagrams, wire.tx_datagrams
+             tiandi_quic_udp_datagrams_total{{direction=\"tx\"}} {}\n\
+             # HELP tiandi_store_commits_total Group commits (flushes) of the store.\n\
+             # TYPE tiandi_store_commits_total counter\n\
+             tiandi_store_commits_total {}\n",
+            wire.rx_bytes, wire.tx_bytes, wire.rx_datagrams, wire.tx_datagrams, commits
         );
         render_sites(&mut out, sites, now_ms);
         out

@@ -268,6 +268,7 @@ async fn session(
                     ));
                 }
                 let started = Instant::now();
+                let ack = Ack { first: report.seq, last: report.last_seq() };
                 let (stored, epoch) = core
                     .store
                     .ingest(&id.site_id, &report)
@@ -275,19 +276,20 @@ async fn session(
                 if stored {
                     core.metrics.reports.inc();
                     let now = now_ms();
-                    let alarms = core.sites.on_report(&id.site_id, &report, now);
+                    let (seq, taken_ms) = (report.seq, report.taken_ms);
+                    let alarms = core.sites.on_report(&id.site_id, report, now);
                     core.metrics.ingest_seconds.observe(started.elapsed().as_secs_f64());
                     let _ = core.events.send(Event::Report {
                         site_id: id.site_id.clone(),
-                        seq: report.seq,
-                        taken_ms: report.taken_ms,
+                        seq,
+                        taken_ms,
                         visible_ms: now,
                     });
                     core.record_alarms(alarms);
                 } else {
                     core.metrics.duplicates.inc();
                 }
-                pending.push((epoch, Ack { first: report.seq, last: report.last_seq() }));
+                pending.push((epoch, ack));
             }
             // Only sessions with acknowledgements to send wait for the flusher: with thousands
             // of idle sessions, waking all of them on every flush costs more than ingest.

@@ -266,7 +266,7 @@ impl Sites {
     }
 
     /// Records a report and re-evaluates the site. Returns alarm events.
-    pub fn on_report(&self, site_id: &str, report: &Report, now_ms: i64) -> Vec<AlarmEvent> {
+    pub fn on_report(&self, site_id: &str, report: Report, now_ms: i64) -> Vec<AlarmEvent> {
         let mut map = self.map.write().expect("sites lock poisoned");
         let Some(s) = map.get_mut(site_id) else {
             return Vec::new();
@@ -276,7 +276,7 @@ impl Sites {
         if s.latest_taken_ms.is_none_or(|t| report.taken_ms >= t) {
             s.latest_taken_ms = Some(report.taken_ms);
             s.latest_seq = Some(report.seq);
-            s.latest = Some(report.clone());
+            s.latest = Some(report);
         }
         self.reevaluate(s, now_ms)
     }
@@ -456,7 +456,7 @@ mod tests {
     fn alarms_raise_and_clear_once() {
         let sites = Sites::new(Thresholds::default());
         sites.insert("s", "GD", None, 0);
-        let ev = sites.on_report("s", &report(30, false, 500, 100), 1_000);
+        let ev = sites.on_report("s", report(30, false, 500, 100), 1_000);
         assert_eq!(ev.len(), 1);
         assert_eq!(
             (ev[0].alarm.as_str(), ev[0].state.as_str()),
@@ -464,7 +464,7 @@ mod tests {
         );
         assert!(
             sites
-                .on_report("s", &report(20, false, 500, 100), 2_000)
+                .on_report("s", report(20, false, 500, 100), 2_000)
                 .is_empty()
         );
         assert_eq!(sites.get("s").unwrap().status, Status::RainFade);
@@ -478,7 +478,7 @@ mod tests {
             vec![("site-down", "raised"), ("rain-fade", "cleared")]
         );
         assert_eq!(sites.get("s").unwrap().status, Status::Down);
-        let ev = sites.on_report("s", &report(90, false, 500, 100), 41_000);
+        let ev = sites.on_report("s", report(90, false, 500, 100), 41_000);
         assert_eq!(ev.len(), 1);
         assert_eq!(
             (ev[0].alarm.as_str(), ev[0].state.as_str()),

@@ -90,13 +90,47 @@ pub struct AlarmEvent {
     pub detail: String,
 }
 
+#[derive(Default)]
+struct Wake {
+    dirty: bool,
+    stop: bool,
+}
+
+/// The committer thread; [`Committer::stop`] (or dropping it) makes the last flush and joins it.
+pub struct Committer {
+    store: Arc<Store>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Committer {
+    pub fn stop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.store
+                .wake
+                .lock()
+                .expect("committer lock poisoned")
+                .stop = true;
+            self.store.wake_cv.notify_one();
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 pub struct Store {
     db: sled::Db,
     history: sled::Tree,
     seqs: sled::Tree,
     /// Sites whose sequence state changed since the last flush.
     seq_dirty: Mutex<std::collections::HashSet<String>>,
-    wake_flusher: tokio::sync::Notify,
+    wake: Mutex<Wake>,
+    wake_cv: std::sync::Condvar,
+    flushes: AtomicU64,
     alarms: sled::Tree,
     seq_cache: Mutex<HashMap<String, SeqState>>,
     write_epoch: AtomicU64,
@@ -134,7 +168,9 @@ impl Store {
             history: db.open_tree("history")?,
             seqs: db.open_tree("seqs")?,
             seq_dirty: Mutex::new(Default::default()),
-            wake_flusher: tokio::sync::Notify::new(),
+            wake: Mutex::new(Wake::default()),
+            wake_cv: std::sync::Condvar::new(),
+            flushes: AtomicU64::new(0),
             alarms: db.open_tree("alarms")?,
             db: db.clone(),
             seq_cache: Mutex::new(HashMap::new()),
@@ -146,47 +182,64 @@ impl Store {
 
     pub fn seq_state(&self, site: &str) -> Result<SeqState, StoreError> {
         let mut cache = self.seq_cache.lock().expect("seq cache poisoned");
-        if let Some(s) = cache.get(site) {
-            return Ok(s.clone());
+        Ok(self.cached_seq_state(&mut cache, site)?.clone())
+    }
+
+    /// The cached sequence state of `site`, loaded from disk on first use.
+    fn cached_seq_state<'a>(
+        &self,
+        cache: &'a mut HashMap<String, SeqState>,
+        site: &str,
+    ) -> Result<&'a mut SeqState, StoreError> {
+        if !cache.contains_key(site) {
+            let s = match self.seqs.get(site.as_bytes())? {
+                Some(v) => serde_json::from_slice(&v).map_err(|e| corrupt("seqs", e))?,
+                None => SeqState::default(),
+            };
+            cache.insert(site.to_string(), s);
         }
-        let s = match self.seqs.get(site.as_bytes())? {
-            Some(v) => serde_json::from_slice(&v).map_err(|e| corrupt("seqs", e))?,
-            None => SeqState::default(),
-        };
-        cache.insert(site.to_string(), s.clone());
-        Ok(s)
+        Ok(cache.get_mut(site).expect("inserted above"))
     }
 
     /// Stores a report unless every sequence number it covers is stored already. Returns
     /// whether it was new, and the write epoch to wait for before acknowledging.
     pub fn ingest(&self, site: &str, report: &Report) -> Result<(bool, u64), StoreError> {
         let range = report.range();
-        let mut state = self.seq_state(site)?;
-        if state.covers(range) {
-            // Acknowledged at the next flush like any other report.
-            self.mark_dirty();
-            return Ok((false, self.write_epoch.load(Ordering::Acquire)));
+        {
+            let mut cache = self.seq_cache.lock().expect("seq cache poisoned");
+            let state = self.cached_seq_state(&mut cache, site)?;
+            if state.covers(range) {
+                drop(cache);
+                // Acknowledged at the next flush like any other report.
+                self.mark_dirty();
+                return Ok((false, self.write_epoch.load(Ordering::Acquire)));
+            }
+            // The insert happens under the cache lock, so that two sessions of one site (an
+            // old connection not yet closed, a new one) cannot both store a sequence number.
+            self.history.insert(
+                history_key(site, report.taken_ms, report.seq),
+                report.encode_to_vec(),
+            )?;
+            state.add(range);
         }
-        self.history.insert(
-            history_key(site, report.taken_ms, report.seq),
-            report.encode_to_vec(),
-        )?;
-        state.add(range);
-        self.seq_cache
-            .lock()
-            .expect("seq cache poisoned")
-            .insert(site.to_string(), state);
-        self.seq_dirty
-            .lock()
-            .expect("seq dirty poisoned")
-            .insert(site.to_string());
+        {
+            let mut dirty = self.seq_dirty.lock().expect("seq dirty poisoned");
+            if !dirty.contains(site) {
+                dirty.insert(site.to_string());
+            }
+        }
         self.mark_dirty();
         Ok((true, self.write_epoch.load(Ordering::Acquire)))
     }
 
     fn mark_dirty(&self) {
         self.dirty.store(true, Ordering::Release);
-        self.wake_flusher.notify_one();
+        let mut w = self.wake.lock().expect("committer lock poisoned");
+        if !w.dirty {
+            // Only the first write of a commit window wakes the committer.
+            w.dirty = true;
+            self.wake_cv.notify_one();
+        }
     }
 
     /// Writes the sequence states changed since the last call.
@@ -200,19 +253,23 @@ impl Store {
         if sites.is_empty() {
             return Ok(());
         }
-        let mut batch = sled::Batch::default();
-        {
+        // Plain inserts, not a `sled::Batch`: each site's state is one key, so nothing needs
+        // the batch's atomicity, and sled routes every later read and write of the database
+        // through a global lock once any batch or transaction has been used.
+        let states: Vec<(String, Vec<u8>)> = {
             let cache = self.seq_cache.lock().expect("seq cache poisoned");
-            for site in &sites {
-                if let Some(st) = cache.get(site) {
-                    batch.insert(
-                        site.as_bytes(),
-                        serde_json::to_vec(st).map_err(|e| corrupt("seqs", e))?,
-                    );
-                }
-            }
+            sites
+                .into_iter()
+                .filter_map(|site| {
+                    let st = cache.get(&site)?;
+                    Some(serde_json::to_vec(st).map(|v| (site, v)))
+                })
+                .collect::<Result<_, _>>()
+                .map_err(|e| corrupt("seqs", e))?
+        };
+        for (site, v) in states {
+            self.seqs.insert(site.as_bytes(), v)?;
         }
-        self.seqs.apply_batch(batch)?;
         Ok(())
     }
 
@@ -221,34 +278,65 @@ impl Store {
     }
 
     /// Flushes now and publishes the epoch made durable. Does nothing when nothing was
-    /// written since the last flush.
-    pub async fn flush(&self) -> Result<(), StoreError> {
+    /// written since the last flush. Blocks: call it from the committer thread or at shutdown.
+    pub fn flush(&self) -> Result<(), StoreError> {
         if !self.dirty.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
         let epoch = self.write_epoch.fetch_add(1, Ordering::AcqRel);
         // Sequence states first: an acknowledged report's state is durable with it.
         self.persist_seq_states()?;
-        self.db.flush_async().await?;
+        self.db.flush()?;
+        self.flushes.fetch_add(1, Ordering::Relaxed);
         self.flushed.send_replace(epoch);
         Ok(())
     }
 
-    /// Group commit until cancelled, then a last flush.
-    pub async fn flush_loop(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => break,
-                _ = self.wake_flusher.notified() => {}
-            }
-            tokio::time::sleep(FLUSH_COALESCE).await;
-            if let Err(error) = self.flush().await {
-                tracing::error!(%error, "Flushing the store failed; acknowledgements are held back.");
-            }
-        }
-        if let Err(error) = self.flush().await {
-            tracing::error!(%error, "Final flush failed.");
-        }
+    /// Group commits made so far.
+    pub fn flush_count(&self) -> u64 {
+        self.flushes.load(Ordering::Relaxed)
+    }
+
+    /// Starts the committer: a thread of its own that waits for a write, lets
+    /// [`FLUSH_COALESCE`] pass for more, and flushes (group commit). A plain thread rather than
+    /// a task: the flush blocks, and a thread that sleeps on its own condition variable costs
+    /// one wake-up per commit instead of a timer, a blocking-pool hand-off and a wake back.
+    /// [`Committer::stop`] makes a last flush.
+    pub fn start_committer(self: &Arc<Self>) -> std::io::Result<Committer> {
+        let store = self.clone();
+        let thread = std::thread::Builder::new()
+            .name("store-commit".into())
+            .spawn(move || {
+                loop {
+                    let stopping = {
+                        let mut w = store.wake.lock().expect("committer lock poisoned");
+                        while !w.dirty && !w.stop {
+                            w = store.wake_cv.wait(w).expect("committer lock poisoned");
+                        }
+                        w.dirty = false;
+                        w.stop
+                    };
+                    if !stopping {
+                        std::thread::sleep(FLUSH_COALESCE);
+                    }
+                    if let Err(error) = store.flush() {
+                        tracing::error!(%error, "Flushing the store failed; acknowledgements are held back.");
+                        // Keep what was written marked so the next round tries again.
+                        store.dirty.store(true, Ordering::Release);
+                        if !stopping {
+                            std::thread::sleep(Duration::from_millis(500));
+                            store.mark_dirty();
+                        }
+                    }
+                    if stopping {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Committer {
+            store: self.clone(),
+            thread: Some(thread),
+        })
     }
 
     /// Reports of `site` taken in `[from_ms, to_ms]`, oldest first, at most `limit`.
