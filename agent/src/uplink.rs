@@ -25,10 +25,12 @@ const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// After the handshake, the controller may still be busy admitting thousands of sites (a
 /// restart): wait this long for its Welcome before trying again.
-const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
-/// A report unacknowledged for this long means the controller is gone (crashed, restarted
-/// without a goodbye, or the path died): reconnect rather than wait for the idle timeout.
-const ACK_TIMEOUT: Duration = Duration::from_secs(15);
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
+/// A report unacknowledged for this long on a live connection means the controller's session
+/// is stuck: reconnect. A controller that died is noticed sooner (QUIC idle timeout, or the
+/// stateless reset a restarted one answers with); a merely overloaded one must not be made
+/// busier by thousands of agents reconnecting at once, hence the generous figure.
+const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 /// After a permanent refusal (revoked, unknown, wrong version) retry only this often.
 const PERMANENT_RETRY: Duration = Duration::from_secs(300);
 

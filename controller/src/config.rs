@@ -49,6 +49,11 @@ pub struct Admission {
     /// with jittered backoff). About two seconds' worth at `handshakes_per_s`: longer waits
     /// only make agents give up on handshakes the controller then completes for nothing.
     pub max_pending: usize,
+    /// Handshakes in progress at once.
+    pub concurrent_handshakes: usize,
+    /// Longest wait for admission (ms); a connection that would wait longer is refused at
+    /// once (its agent backs off) rather than handshaking after the agent gave up.
+    pub max_wait_ms: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -91,6 +96,8 @@ impl Default for Admission {
             handshakes_per_s: 1000,
             burst: 200,
             max_pending: 2000,
+            concurrent_handshakes: 64,
+            max_wait_ms: 2000,
         }
     }
 }

@@ -48,6 +48,14 @@ pub async fn accept_loop(core: Arc<Core>, endpoint: quinn::Endpoint) {
         core.config.admission.burst,
     ));
     let pending = Arc::new(AtomicUsize::new(0));
+    // Handshakes in progress at once: a controller that takes on more than it can finish
+    // before the agents' connect timeouts does the work for nothing (agents give up, retry,
+    // and the load grows). Waiting longer than `max_wait` for a slot is refused at once
+    // instead; the agent backs off and comes back.
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        core.config.admission.concurrent_handshakes.max(1),
+    ));
+    let max_wait = Duration::from_millis(core.config.admission.max_wait_ms);
     loop {
         let incoming = tokio::select! {
             _ = core.cancel.cancelled() => break,
@@ -60,12 +68,22 @@ pub async fn accept_loop(core: Arc<Core>, endpoint: quinn::Endpoint) {
         }
         pending.fetch_add(1, Ordering::Relaxed);
         core.metrics.pending_admission.inc();
-        let (core, pacer, pending) = (core.clone(), pacer.clone(), pending.clone());
+        let (core, pacer, pending, slots) =
+            (core.clone(), pacer.clone(), pending.clone(), slots.clone());
         tokio::spawn(async move {
-            tokio::select! {
-                _ = tokio::time::sleep_until(pacer.reserve().into()) => {}
-                _ = core.cancel.cancelled() => {}
-            }
+            let deadline = tokio::time::Instant::now() + max_wait;
+            let at = tokio::time::Instant::from(pacer.reserve());
+            let permit = if at > deadline {
+                None
+            } else {
+                tokio::select! {
+                    p = async {
+                        tokio::time::sleep_until(at).await;
+                        tokio::time::timeout_at(deadline, slots.acquire_owned()).await
+                    } => p.ok().and_then(Result::ok),
+                    _ = core.cancel.cancelled() => None,
+                }
+            };
             pending.fetch_sub(1, Ordering::Relaxed);
             core.metrics.pending_admission.dec();
             if core.cancel.is_cancelled() {
@@ -73,6 +91,11 @@ pub async fn accept_loop(core: Arc<Core>, endpoint: quinn::Endpoint) {
                 incoming.refuse();
                 return;
             }
+            let Some(permit) = permit else {
+                core.metrics.refused.with_label_values(&["overload"]).inc();
+                incoming.refuse();
+                return;
+            };
             let remote = incoming.remote_address();
             let connecting = match incoming.accept() {
                 Ok(c) => c,
@@ -81,7 +104,9 @@ pub async fn accept_loop(core: Arc<Core>, endpoint: quinn::Endpoint) {
                     return;
                 }
             };
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+            let outcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await;
+            drop(permit);
+            match outcome {
                 Ok(Ok(conn)) => {
                     core.metrics.handshakes.inc();
                     handle(core, conn).await
