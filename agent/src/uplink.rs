@@ -23,14 +23,19 @@ use crate::spool::Spool;
 pub const WINDOW: usize = 32;
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
-/// After the handshake, the controller may still be busy admitting thousands of sites (a
-/// restart): wait this long for its Welcome before trying again.
-const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
+/// The controller answers Hello at once, but a connection whose handshake the controller never
+/// saw completed (its half timed out) looks established from here: wait this long for the
+/// Welcome before trying again. (The controller gives up on a handshake after 10 s.)
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(12);
 /// A report unacknowledged for this long on a live connection means the controller's session
 /// is stuck: reconnect. A controller that died is noticed sooner (QUIC idle timeout, or the
 /// stateless reset a restarted one answers with); a merely overloaded one must not be made
 /// busier by thousands of agents reconnecting at once, hence the generous figure.
 const ACK_TIMEOUT: Duration = Duration::from_secs(60);
+/// A report outstanding while not a single datagram came back for this long: the controller
+/// is gone (replaced without a goodbye whose stateless reset went missing, or crashed):
+/// reconnect without waiting for [`ACK_TIMEOUT`] or the idle timeout.
+const SILENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// After a permanent refusal (revoked, unknown, wrong version) retry only this often.
 const PERMANENT_RETRY: Duration = Duration::from_secs(300);
 
@@ -266,6 +271,8 @@ async fn session(
     }
     let mut cursor = 0u64;
     let mut stats_tick = tokio::time::interval(Duration::from_secs(1));
+    // When a datagram last arrived from the controller (QUIC acknowledgements included).
+    let mut rx_seen = (conn.stats().udp_rx.datagrams, Instant::now());
     loop {
         // Fill the backlog window, oldest first.
         let next: Vec<Report> = {
@@ -329,12 +336,23 @@ async fn session(
                     conn.close(0u32.into(), b"site link down (simulated)");
                     return Err(LinkError::Stream("simulated outage".into()));
                 }
-                if let Some((seq, at)) = out.sent_at.first_key_value()
-                    && at.elapsed() > ACK_TIMEOUT
-                {
-                    let e = format!("report {seq} unacknowledged for {ACK_TIMEOUT:?}");
-                    conn.close(0u32.into(), e.as_bytes());
-                    return Err(LinkError::Stream(e));
+                let rx = conn.stats().udp_rx.datagrams;
+                if rx != rx_seen.0 {
+                    rx_seen = (rx, Instant::now());
+                }
+                if let Some((seq, at)) = out.sent_at.first_key_value() {
+                    // Silent peer: nothing at all came back, not even QUIC's acknowledgements,
+                    // so the controller died or was replaced without our hearing it.
+                    let silent = at.elapsed().min(rx_seen.1.elapsed());
+                    if silent > SILENT_TIMEOUT || at.elapsed() > ACK_TIMEOUT {
+                        let e = if silent > SILENT_TIMEOUT {
+                            format!("report {seq} unacknowledged and nothing heard from the controller for {:?}", silent)
+                        } else {
+                            format!("report {seq} unacknowledged for {ACK_TIMEOUT:?}")
+                        };
+                        conn.close(0u32.into(), e.as_bytes());
+                        return Err(LinkError::Stream(e));
+                    }
                 }
             }
             e = conn.closed() => return Err(app_close(e)),

@@ -323,11 +323,21 @@ pub fn run(sites: usize, interval: f64, duration: f64) -> anyhow::Result<()> {
     let t_restart = Instant::now();
     ctl.stop()?;
     ctl.start()?;
+    let mut last_note = Instant::now();
     let reconnect = wait(
         "every site connected and current",
         Duration::from_secs(600),
         || {
             get(&format!("http://{api}/api/summary?since={restart_at}")).is_some_and(|v| {
+                if last_note.elapsed() >= Duration::from_secs(5) {
+                    last_note = Instant::now();
+                    eprintln!(
+                        "  {:.0} s after the restart: {} connected, {} current",
+                        t_restart.elapsed().as_secs_f64(),
+                        v["connected"],
+                        v["fresh"]
+                    );
+                }
                 v["connected"].as_u64() == Some(sites as u64)
                     && v["fresh"].as_u64() == Some(sites as u64)
             })

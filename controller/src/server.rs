@@ -11,7 +11,9 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{Core, Event, now_ms};
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A handshake takes two or three round trips (under 2 s over GEO). One still unfinished after
+/// this long will not finish: its agent moved on. Stop it, and free its admission slot.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Paces admissions at `rate` per second with a burst allowance.
