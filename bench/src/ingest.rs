@@ -266,7 +266,7 @@ pub fn run(sites: usize, interval: f64, duration: f64) -> anyhow::Result<()> {
         .stdout(Stdio::piped())
         .stderr(sim_log)
         .spawn()?;
-    let setup = wait("every site connected", Duration::from_secs(900), || {
+    let setup = wait("every site connected", Duration::from_secs(2400), || {
         get(&format!("http://{api}/api/summary")).is_some_and(|v| {
             v["connected"].as_u64() == Some(sites as u64)
                 && v["sites"].as_u64() == Some(sites as u64)
