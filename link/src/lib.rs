@@ -3,6 +3,7 @@
 //! links ([`transport`]), and length-prefixed protocol frames over QUIC streams ([`framed`]).
 
 pub mod config;
+pub mod congestion;
 pub mod enroll;
 pub mod framed;
 pub mod pki;
