@@ -34,8 +34,10 @@ const WELCOME_TIMEOUT: Duration = Duration::from_secs(12);
 const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 /// A report outstanding while not a single datagram came back for this long: the controller
 /// is gone (replaced without a goodbye whose stateless reset went missing, or crashed):
-/// reconnect without waiting for [`ACK_TIMEOUT`] or the idle timeout.
-const SILENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// reconnect without waiting for [`ACK_TIMEOUT`] or the idle timeout. Not shorter: a
+/// controller starved of CPU can fall silent for several seconds, and thousands of agents
+/// reconnecting at that moment would bury it.
+const SILENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// After a permanent refusal (revoked, unknown, wrong version) retry only this often.
 const PERMANENT_RETRY: Duration = Duration::from_secs(300);
 

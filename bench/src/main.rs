@@ -1,6 +1,8 @@
 //! Tiandi benchmarks. Each runs the real release binaries as separate processes and ends with
 //! one `key=value` summary line.
 //!
+//! `geo-link`: see `geolink.rs`.
+//!
 //! `ingest`: the controller and `tiandi-agent simulate` (N sites over real QUIC on loopback).
 //! Measures, over the first quarter of the run (steady state, no API client attached):
 //! controller CPU time per stored report (utime+stime from /proc), bytes on the wire per report
@@ -13,6 +15,7 @@
 //! sites produced with what the controller stored (lost, duplicated). Peak RSS is the
 //! controller's VmHWM, the larger of its two runs.
 
+mod geolink;
 mod ingest;
 
 use clap::{Parser, Subcommand};
@@ -37,6 +40,21 @@ enum Cmd {
         #[arg(long, default_value_t = 60.0)]
         duration: f64,
     },
+    /// The transport alone over one emulated GEO link: QUIC (fixed-rate and Cubic) against
+    /// TCP (BBR and Cubic). Needs root.
+    GeoLink {
+        #[arg(long, default_value_t = 100.0)]
+        size_mb: f64,
+        #[arg(long, default_value_t = 20.0)]
+        rate_mbit: f64,
+        #[arg(long, default_value_t = 600.0)]
+        rtt_ms: f64,
+        #[arg(long, default_value_t = 1.0)]
+        loss_pct: f64,
+        /// Longest any one transfer may run (s); a slower one is counted up to then.
+        #[arg(long, default_value_t = 120.0)]
+        time_limit: f64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,5 +64,18 @@ fn main() -> anyhow::Result<()> {
             interval,
             duration,
         } => ingest::run(sites, interval, duration),
+        Cmd::GeoLink {
+            size_mb,
+            rate_mbit,
+            rtt_ms,
+            loss_pct,
+            time_limit,
+        } => geolink::run(geolink::Args {
+            size_mb,
+            rate_mbit,
+            rtt_ms,
+            loss_pct,
+            time_limit: std::time::Duration::from_secs_f64(time_limit),
+        }),
     }
 }

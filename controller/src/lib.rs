@@ -78,15 +78,22 @@ impl Core {
             .insert(site.to_string(), conn.clone())
     }
 
-    fn unregister_conn(&self, site: &str, conn: &quinn::Connection) {
-        let mut conns = self.conns.lock().expect("conns lock poisoned");
-        if conns.get(site).map(|c| c.stable_id()) == Some(conn.stable_id()) {
-            conns.remove(site);
-        }
+    /// Forgets a site's connection that ended; returns whether it was the site's current
+    /// one (a superseded connection ending late must not mark a reconnected site offline).
+    fn unregister_conn(&self, site: &str, conn: &quinn::Connection) -> bool {
+        let current = {
+            let mut conns = self.conns.lock().expect("conns lock poisoned");
+            let current = conns.get(site).map(|c| c.stable_id()) == Some(conn.stable_id());
+            if current {
+                conns.remove(site);
+            }
+            current
+        };
         self.closed_wire
             .lock()
             .expect("wire lock poisoned")
             .add(&conn.stats());
+        current
     }
 
     /// UDP totals of every agent connection, open and closed.

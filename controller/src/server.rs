@@ -176,8 +176,9 @@ async fn site_connection(core: Arc<Core>, conn: quinn::Connection) {
         core.metrics.connections.inc();
         let result = session(&core, &conn, &id).await;
         core.metrics.connections.dec();
-        core.unregister_conn(&id.site_id, &conn);
-        core.sites.set_connected(&id.site_id, false, None);
+        if core.unregister_conn(&id.site_id, &conn) {
+            core.sites.set_connected(&id.site_id, false, None);
+        }
         match result {
             Ok(()) => debug!("Session ended."),
             Err(SessionError::Closed(e)) => debug!(error = %e, "Connection closed."),

@@ -126,12 +126,7 @@ impl Controller for FixedRate {
     }
 
     fn initial_window(&self) -> u64 {
-        FixedRate::new(
-            (self.bytes_per_s * 8.0) as u64,
-            self.initial_rtt,
-            self.mtu,
-        )
-        .window
+        FixedRate::new((self.bytes_per_s * 8.0) as u64, self.initial_rtt, self.mtu).window
     }
 
     fn into_any(self: Box<Self>) -> Box<dyn Any> {

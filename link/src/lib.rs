@@ -103,6 +103,21 @@ pub fn peer_identity(conn: &quinn::Connection) -> Option<SiteIdentity> {
     pki::identity_from_der(certs.first()?).ok()
 }
 
+/// The QUIC server configuration of the controller: TLS and transport.
+pub fn server_config(
+    tls: rustls::ServerConfig,
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<quinn::ServerConfig, LinkError> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| LinkError::Tls(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(transport);
+    // Address validation costs a round trip on a 600 ms link; admission control happens in
+    // the controller instead.
+    cfg.migration(true);
+    Ok(cfg)
+}
+
 /// A server endpoint with the given TLS and transport.
 ///
 /// `reset_secret` keys QUIC stateless resets: keep it across restarts, so that agents still
@@ -114,14 +129,17 @@ pub fn server_endpoint(
     transport: Arc<quinn::TransportConfig>,
     reset_secret: &[u8],
 ) -> Result<quinn::Endpoint, LinkError> {
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-        .map_err(|e| LinkError::Tls(e.to_string()))?;
-    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(transport);
-    // Address validation costs a round trip on a 600 ms link; admission control happens in
-    // the controller instead.
-    cfg.migration(true);
+    let cfg = server_config(tls, transport)?;
     let socket = std::net::UdpSocket::bind(addr).map_err(LinkError::Endpoint)?;
+    server_endpoint_on(socket, cfg, reset_secret)
+}
+
+/// A server endpoint on a socket bound elsewhere (in another network namespace, say).
+pub fn server_endpoint_on(
+    socket: std::net::UdpSocket,
+    cfg: quinn::ServerConfig,
+    reset_secret: &[u8],
+) -> Result<quinn::Endpoint, LinkError> {
     let mut ep = endpoint_config();
     ep.reset_key(Arc::new(ring::hmac::Key::new(
         ring::hmac::HMAC_SHA256,
@@ -161,6 +179,11 @@ pub fn client_endpoint(server: SocketAddr) -> Result<quinn::Endpoint, LinkError>
         "0.0.0.0:0".parse().expect("literal address")
     };
     let socket = std::net::UdpSocket::bind(bind).map_err(LinkError::Endpoint)?;
+    client_endpoint_on(socket)
+}
+
+/// A client endpoint on a socket bound elsewhere (in another network namespace, say).
+pub fn client_endpoint_on(socket: std::net::UdpSocket) -> Result<quinn::Endpoint, LinkError> {
     quinn::Endpoint::new(
         endpoint_config(),
         None,

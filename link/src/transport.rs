@@ -50,6 +50,12 @@ impl LinkProfile {
     }
 
     pub fn transport(self) -> Arc<TransportConfig> {
+        Arc::new(self.transport_config())
+    }
+
+    /// [`LinkProfile::transport`], unshared, for a caller that adds to it (a congestion
+    /// controller for a known link rate, say).
+    pub fn transport_config(self) -> TransportConfig {
         let (rtt, bits_per_s) = self.nominal();
         let bdp = (bits_per_s / 8) as f64 * rtt.as_secs_f64();
         let window = (4.0 * bdp).max(1_000_000.0) as u64;
@@ -62,6 +68,6 @@ impl LinkProfile {
             .max_concurrent_uni_streams(VarInt::from_u32(16))
             .keep_alive_interval(Some(Duration::from_secs(20)))
             .max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(60_000))));
-        Arc::new(t)
+        t
     }
 }
