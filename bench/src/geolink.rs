@@ -129,7 +129,8 @@ async fn quic(
         }
         Arc::new(t)
     };
-    let server_addr = SocketAddr::new(ctl_ip, 4433);
+    // A port per run: the previous run's endpoint may still be draining on its own.
+    let server_addr = SocketAddr::new(ctl_ip, if fixed_rate_bps.is_some() { 4433 } else { 4434 });
     let ssock = in_netns(ctl_ns, move || UdpSocket::bind(server_addr))??;
     let csock = in_netns(site_ns, || UdpSocket::bind("0.0.0.0:0"))??;
     let server = tiandi_link::server_endpoint_on(
@@ -152,10 +153,13 @@ async fn quic(
         let mut left = bytes;
         while left > 0 {
             let n = left.min(chunk.len() as u64) as usize;
-            s.write_all(&chunk[..n]).await?;
+            // The receiver closes the connection at the time limit: stop there.
+            if s.write_all(&chunk[..n]).await.is_err() {
+                break;
+            }
             left -= n as u64;
         }
-        s.finish()?;
+        let _ = s.finish();
         // Keep the connection until the receiver has it all (or the bench gives up).
         let _ = tokio::time::timeout(limit, conn.closed()).await;
         anyhow::Ok(started)
@@ -207,7 +211,7 @@ fn tcp(
     cc: &'static str,
     limit: Duration,
 ) -> anyhow::Result<f64> {
-    let addr = SocketAddr::new(ctl_ip, 5201);
+    let addr = SocketAddr::new(ctl_ip, if cc == "bbr" { 5201 } else { 5202 });
     let listener = in_netns(ctl_ns, move || TcpListener::bind(addr))??;
     let sender = std::thread::spawn(move || -> anyhow::Result<Instant> {
         let (s, _) = listener.accept()?;
