@@ -83,7 +83,10 @@ impl Core {
     fn unregister_conn(&self, site: &str, conn: &quinn::Connection) -> bool {
         let current = {
             let mut conns = self.conns.lock().expect("conns lock poisoned");
-            let current = conns.get(site).map(|c| c.stable_id()) == Some(conn.stable_id());
+            // No entry: it was taken out (revocation closes the connection that way).
+            let current = conns
+                .get(site)
+                .is_none_or(|c| c.stable_id() == conn.stable_id());
             if current {
                 conns.remove(site);
             }
