@@ -61,25 +61,19 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         .context("loading the site identity")?;
     let client = tiandi_link::client_config(tls, cfg.profile.transport())?;
     let spool_dir = cfg.data_dir.join("spool");
-    let db = sled::Config::new()
-        .path(&spool_dir)
-        .cache_capacity(8 * 1024 * 1024)
-        .open()
-        .with_context(|| {
-            format!(
-                "opening the spool {} (is another agent running?)",
-                spool_dir.display()
-            )
-        })?;
     let interval_ms = (cfg.interval_s * 1000.0) as i64;
-    let spool = spool::Spool::open(
-        db.open_tree("spool")?,
-        b"",
+    let spool = spool::Spool::open_dir(
+        &spool_dir,
         cfg.spool_quota_mb * 1024 * 1024,
         interval_ms,
         true,
-        Some(db.clone()),
-    )?;
+    )
+    .with_context(|| {
+        format!(
+            "opening the spool {} (is another agent running?)",
+            spool_dir.display()
+        )
+    })?;
     info!(site = %id.info.site_id, province = %id.info.province, spooled = spool.len(), next_seq = spool.next_seq(), controller = %cfg.controller, "Agent starting.");
     let shared = uplink::Shared::new(spool);
     let addr = tokio::net::lookup_host(&cfg.controller)

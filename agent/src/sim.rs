@@ -289,14 +289,7 @@ pub async fn start(
         let client = tiandi_link::client_config(tls, opts.profile.transport())?;
         let mut prefix = c.site_id.as_bytes().to_vec();
         prefix.push(0);
-        let spool = Spool::open(
-            tree.clone(),
-            &prefix,
-            64 * 1024 * 1024,
-            interval_ms,
-            false,
-            None,
-        )?;
+        let spool = Spool::open(tree.clone(), &prefix, 64 * 1024 * 1024, interval_ms, false)?;
         let shared = Shared::new(spool);
         tokio::spawn(uplink::run(
             endpoint.clone(),

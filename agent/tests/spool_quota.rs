@@ -2,7 +2,7 @@
 //! link is down must fit in 64 MB on disk, with the oldest data downsampled, not dropped.
 
 use tiandi_agent::sim::SimSite;
-use tiandi_agent::spool::Spool;
+use tiandi_agent::spool::{Spool, dir_size};
 
 #[test]
 fn thirty_days_at_ten_seconds_fit_in_64_mb() {
@@ -10,20 +10,8 @@ fn thirty_days_at_ten_seconds_fit_in_64_mb() {
     let quota: u64 = 64 * 1024 * 1024;
     let start_ms: i64 = 1_790_000_000_000;
     let n: i64 = 30 * 86_400 / 10;
-    let db = sled::Config::new()
-        .path(dir.path())
-        .cache_capacity(8 * 1024 * 1024)
-        .open()
-        .unwrap();
-    let mut spool = Spool::open(
-        db.open_tree("spool").unwrap(),
-        b"",
-        quota,
-        10_000,
-        false,
-        Some(db.clone()),
-    )
-    .unwrap();
+    let mut spool = Spool::open_dir(dir.path(), quota, 10_000, false).unwrap();
+    let mut peak = 0u64;
     let mut site = SimSite::new(3, start_ms, false);
     let mut raw_bytes = 0usize;
     for i in 0..n {
@@ -31,23 +19,29 @@ fn thirty_days_at_ten_seconds_fit_in_64_mb() {
         let r = site.sample(t, 10.0);
         raw_bytes += tiandi_proto::Message::encoded_len(&r);
         spool.push(r).unwrap();
+        if i % 1000 == 0 {
+            peak = peak.max(dir_size(dir.path()));
+        }
     }
     spool.flush().unwrap();
-    let on_disk = db.size_on_disk().unwrap();
+    let on_disk = dir_size(dir.path());
+    peak = peak.max(on_disk).max(spool.peak_on_disk);
     let all = spool.after(0, usize::MAX).unwrap();
     let oldest = all.first().unwrap();
     let newest = all.last().unwrap();
     eprintln!(
-        "reports={n} raw_bytes={raw_bytes} entries={} logical={} on_disk={on_disk} merged={} dropped={}",
+        "reports={n} raw_bytes={raw_bytes} entries={} logical={} on_disk={on_disk} peak={peak} merged={} dropped={} compactions={}",
         all.len(),
         spool.bytes(),
         spool.merged,
-        spool.dropped
+        spool.dropped,
+        spool.compactions,
     );
     // 57 MB of raw reports take several times that on disk in sled: downsampling must happen.
     assert!(spool.merged > 0, "nothing was downsampled");
     assert_eq!(spool.dropped, 0, "nothing dropped");
     assert!(on_disk <= quota, "spool uses {on_disk} bytes on disk");
+    assert!(peak <= quota, "spool peaked at {peak} bytes on disk");
     // The whole 30 days are still covered, from the very first sequence number to the last.
     assert_eq!(oldest.seq, 1);
     assert_eq!(oldest.taken_ms, start_ms);

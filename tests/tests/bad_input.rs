@@ -107,7 +107,7 @@ async fn malformed_input_closes_only_the_offending_connection() {
     // A well-behaved site reporting every 100 ms through the real uplink.
     let good = issue(&ctl, "good-site");
     let db = sled::Config::new().temporary(true).open().unwrap();
-    let spool = Spool::open(db.open_tree("s").unwrap(), b"", 1 << 24, 100, false, None).unwrap();
+    let spool = Spool::open(db.open_tree("s").unwrap(), b"", 1 << 24, 100, false).unwrap();
     let shared = uplink::Shared::new(spool);
     let cancel = tokio_util::sync::CancellationToken::new();
     let tls =
