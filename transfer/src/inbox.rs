@@ -1,0 +1,523 @@
+//! The receiving side: one [`Inbox`] per node, serving one stream per incoming transfer.
+//!
+//! State per transfer (sled, keyed by the file's hash): the manifest, the bitmap of chunks
+//! verified *and* durable in the temporary file, and the receipt once complete. Chunks are
+//! written with `pwrite` into `.<name>.<hash8>.part` in the destination directory; every
+//! [`SYNC_CHUNKS`] chunks or [`SYNC_INTERVAL`] (and whenever the stream ends, cleanly or not)
+//! the file is fsynced, the bitmap stored, and only then are those chunks acknowledged.
+
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::manifest::Manifest;
+use crate::wire::{self, Acked, Bitmap, Failed, Frame, Have, Offer, Receipt, Resend, codes};
+use crate::{TransferError, now_ms};
+
+/// Acknowledge (after an fsync) at least every this many chunks…
+pub const SYNC_CHUNKS: usize = 8;
+/// …and at least this often while chunks arrive.
+pub const SYNC_INTERVAL: Duration = Duration::from_millis(250);
+/// A paused sender retries after this long when the disk is full.
+pub const DISK_FULL_RETRY: Duration = Duration::from_secs(15);
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct InState {
+    pub manifest: Manifest,
+    pub verified: Bitmap,
+    pub origin: String,
+    pub transfer_id: String,
+    pub priority: String,
+    pub forward_to: Vec<String>,
+    pub part: PathBuf,
+    pub dest: PathBuf,
+    pub started_ms: i64,
+    pub receipt: Option<Receipt>,
+}
+
+/// What the inbox tells its owner (alarms, relays).
+#[derive(Clone, Debug)]
+pub enum InboxEvent {
+    /// A file is complete, verified and in place.
+    Complete(Box<InState>),
+    /// The disk cannot hold the rest of a transfer: paused until space is freed.
+    DiskFull {
+        name: String,
+        needed: u64,
+        free: u64,
+    },
+    /// Space is back for a transfer that was paused.
+    DiskOk { name: String },
+}
+
+pub struct Inbox {
+    dir: PathBuf,
+    tree: sled::Tree,
+    node: String,
+    /// Space kept free on the destination's file system.
+    pub reserve_bytes: u64,
+    events: Option<mpsc::Sender<InboxEvent>>,
+    /// One stream per transfer at a time: a new offer takes over from a stale stream.
+    active: Mutex<HashMap<String, Active>>,
+    paused_full: Mutex<std::collections::HashSet<String>>,
+}
+
+/// How a served stream ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Served {
+    Complete,
+    AlreadyHad,
+    Paused,
+    Refused,
+    Interrupted,
+}
+
+/// The live stream of one transfer: a token to stop it, and the lock its successor waits on.
+type Active = (CancellationToken, Arc<tokio::sync::Mutex<()>>);
+type Reader = FramedRead<quinn::RecvStream, LengthDelimitedCodec>;
+type Writer = FramedWrite<quinn::SendStream, LengthDelimitedCodec>;
+
+async fn put(w: &mut Writer, f: Frame) -> Result<(), TransferError> {
+    w.send(f.encode())
+        .await
+        .map_err(|e| TransferError::Stream(e.to_string()))
+}
+
+fn free_bytes(dir: &Path) -> u64 {
+    nix::sys::statvfs::statvfs(dir)
+        .map(|s| s.blocks_available() * s.fragment_size())
+        .unwrap_or(u64::MAX)
+}
+
+impl Inbox {
+    /// Files land in `dir`; state lives in `tree`; receipts name `node`.
+    pub fn new(
+        dir: &Path,
+        tree: sled::Tree,
+        node: &str,
+        events: Option<mpsc::Sender<InboxEvent>>,
+    ) -> Result<Arc<Inbox>, TransferError> {
+        std::fs::create_dir_all(dir).map_err(|e| TransferError::io(dir, e))?;
+        Ok(Arc::new(Inbox {
+            dir: dir.to_path_buf(),
+            tree,
+            node: node.to_string(),
+            reserve_bytes: 0,
+            events,
+            active: Mutex::new(HashMap::new()),
+            paused_full: Mutex::new(Default::default()),
+        }))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn emit(&self, e: InboxEvent) {
+        if let Some(tx) = &self.events
+            && tx.try_send(e).is_err()
+        {
+            warn!(
+                "Inbox event queue full: an event was dropped (the state store keeps the truth)."
+            );
+        }
+    }
+
+    /// Every transfer this node holds or is receiving.
+    pub fn list(&self) -> Result<Vec<InState>, TransferError> {
+        let mut v = Vec::new();
+        for kv in self.tree.iter() {
+            let (_, val) = kv?;
+            if let Ok(s) = serde_json::from_slice::<InState>(&val) {
+                v.push(s);
+            }
+        }
+        Ok(v)
+    }
+
+    pub fn get(&self, file_hash_hex: &str) -> Result<Option<InState>, TransferError> {
+        Ok(self
+            .tree
+            .get(file_hash_hex.as_bytes())?
+            .and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    fn store(&self, s: &InState) -> Result<(), TransferError> {
+        self.tree.insert(
+            s.manifest.id_hex().as_bytes(),
+            serde_json::to_vec(s).expect("state serialises"),
+        )?;
+        self.tree.flush()?;
+        Ok(())
+    }
+
+    /// Serves one incoming transfer stream until the file is complete, the sender stops, or the
+    /// stream breaks. Errors here are the stream's own; the caller logs them and goes on.
+    pub async fn serve(
+        self: &Arc<Self>,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) -> Result<Served, TransferError> {
+        let mut r: Reader = FramedRead::new(recv, wire::codec());
+        let mut w: Writer = FramedWrite::new(send, wire::codec());
+        let first = match next(&mut r).await {
+            Ok(f) => f,
+            Err(e) => {
+                refuse(&mut w, codes::PROTOCOL, &e.to_string()).await;
+                return Err(e);
+            }
+        };
+        let offer = match first {
+            Some(Frame::Offer(o)) => o,
+            Some(other) => {
+                let msg = format!("expected Offer, got {}", other.kind());
+                refuse(&mut w, codes::PROTOCOL, &msg).await;
+                return Err(TransferError::Protocol(msg));
+            }
+            None => return Ok(Served::Interrupted),
+        };
+        let manifest = match offer.manifest() {
+            Ok(m) => m,
+            Err(e) => {
+                let code = if matches!(e, TransferError::Version(_)) {
+                    codes::VERSION
+                } else {
+                    codes::PROTOCOL
+                };
+                refuse(&mut w, code, &e.to_string()).await;
+                return Err(e);
+            }
+        };
+        let id = manifest.id_hex();
+        // Take over from an older stream of the same transfer (a link cut leaves it hanging).
+        let (token, lock) = {
+            let mut active = self.active.lock().expect("inbox lock poisoned");
+            let entry = active
+                .entry(id.clone())
+                .or_insert_with(|| (CancellationToken::new(), Default::default()));
+            entry.0.cancel();
+            entry.0 = CancellationToken::new();
+            (entry.0.clone(), entry.1.clone())
+        };
+        let _guard = lock.lock().await;
+        let result = self.receive(&offer, manifest, &mut r, &mut w, &token).await;
+        if let Err(e) = &result
+            && matches!(e, TransferError::Io { .. } | TransferError::Db(_))
+        {
+            refuse(&mut w, codes::STORAGE, &e.to_string()).await;
+        }
+        result
+    }
+
+    async fn receive(
+        &self,
+        offer: &Offer,
+        manifest: Manifest,
+        r: &mut Reader,
+        w: &mut Writer,
+        cancel: &CancellationToken,
+    ) -> Result<Served, TransferError> {
+        let id = manifest.id_hex();
+        let mut st = match self.get(&id)? {
+            Some(s) if s.manifest == manifest => s,
+            _ => InState {
+                part: self
+                    .dir
+                    .join(format!(".{}.{}.part", manifest.name, &id[..8])),
+                dest: self.dir.join(&manifest.name),
+                verified: Bitmap::new(manifest.chunk_count()),
+                manifest: manifest.clone(),
+                origin: offer.origin.clone(),
+                transfer_id: offer.transfer_id.clone(),
+                priority: offer.priority.clone(),
+                forward_to: offer.forward_to.clone(),
+                started_ms: now_ms(),
+                receipt: None,
+            },
+        };
+        // Already here and intact: answer with the receipt.
+        if let Some(receipt) = &st.receipt {
+            if st.dest.exists() {
+                put(w, Frame::Done(receipt.clone())).await?;
+                let _ = w.get_mut().finish();
+                return Ok(Served::AlreadyHad);
+            }
+            // The file was removed since: receive it again.
+            st.receipt = None;
+            st.verified = Bitmap::new(manifest.chunk_count());
+        }
+        // A relay learns new destinations from a repeated offer.
+        for f in &offer.forward_to {
+            if !st.forward_to.contains(f) {
+                st.forward_to.push(f.clone());
+            }
+        }
+        let part = st.part.clone();
+        let io = |e| TransferError::io(&part, e);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .read(true)
+            .truncate(false)
+            .open(&st.part)
+            .map_err(io)?;
+        // A part file shorter than its verified chunks (lost by a crash before the state was
+        // written? never: the state follows the fsync) — trust only what is really there.
+        let on_disk = file.metadata().map_err(io)?.len();
+        let mut trusted = Bitmap::new(manifest.chunk_count());
+        for i in 0..manifest.chunk_count() {
+            if st.verified.get(i) && manifest.offset(i) + manifest.chunk_len(i) as u64 <= on_disk {
+                trusted.set(i);
+            }
+        }
+        st.verified = trusted;
+        // Room for what is missing?
+        let missing: u64 = st
+            .verified
+            .missing()
+            .map(|i| manifest.chunk_len(i) as u64)
+            .sum();
+        let free = free_bytes(&self.dir);
+        if free < missing.saturating_add(self.reserve_bytes) {
+            return self.disk_full(&st, w, missing, free).await;
+        }
+        self.disk_ok(&st);
+        self.store(&st)?;
+        put(
+            w,
+            Frame::Have(Have {
+                verified: st.verified.as_bytes().to_vec(),
+            }),
+        )
+        .await?;
+        info!(transfer = %st.transfer_id, name = %manifest.name, have = st.verified.count(), of = manifest.chunk_count(), "Receiving.");
+
+        let mut pending: Vec<u32> = Vec::new();
+        let mut first_pending: Option<Instant> = None;
+        while !st.verified.complete() {
+            let deadline = first_pending.map(|t| t + SYNC_INTERVAL);
+            let frame = tokio::select! {
+                _ = cancel.cancelled() => {
+                    self.commit(&file, &mut st, &mut pending, w, false).await?;
+                    return Ok(Served::Interrupted);
+                }
+                _ = sleep_until(deadline) => {
+                    self.commit(&file, &mut st, &mut pending, w, true).await?;
+                    first_pending = None;
+                    continue;
+                }
+                f = next(r) => f,
+            };
+            let (index, data) = match frame {
+                Ok(Some(Frame::Chunk { index, data })) => (index, data),
+                Ok(Some(other)) => {
+                    self.commit(&file, &mut st, &mut pending, w, false).await?;
+                    let msg = format!("expected Chunk, got {}", other.kind());
+                    refuse(w, codes::PROTOCOL, &msg).await;
+                    return Err(TransferError::Protocol(msg));
+                }
+                Ok(None) | Err(_) => {
+                    // The sender stopped or the link broke: keep what arrived.
+                    self.commit(&file, &mut st, &mut pending, w, false).await?;
+                    return Ok(Served::Interrupted);
+                }
+            };
+            if index >= manifest.chunk_count() {
+                let msg = format!("chunk {index} of a {}-chunk file", manifest.chunk_count());
+                refuse(w, codes::PROTOCOL, &msg).await;
+                return Err(TransferError::Protocol(msg));
+            }
+            if st.verified.get(index) || pending.contains(&index) {
+                continue;
+            }
+            if data.len() != manifest.chunk_len(index)
+                || *blake3::hash(&data).as_bytes() != manifest.chunks[index as usize]
+            {
+                warn!(transfer = %st.transfer_id, chunk = index, "Chunk failed its check: asking again.");
+                put(
+                    w,
+                    Frame::Resend(Resend {
+                        chunk: index,
+                        reason: "hash mismatch".into(),
+                    }),
+                )
+                .await?;
+                continue;
+            }
+            if let Err(e) = file.write_all_at(&data, manifest.offset(index)) {
+                self.commit(&file, &mut st, &mut pending, w, false).await?;
+                if e.raw_os_error() == Some(nix::libc::ENOSPC) {
+                    let missing: u64 = st
+                        .verified
+                        .missing()
+                        .map(|i| manifest.chunk_len(i) as u64)
+                        .sum();
+                    return self.disk_full(&st, w, missing, free_bytes(&self.dir)).await;
+                }
+                return Err(io(e));
+            }
+            pending.push(index);
+            first_pending.get_or_insert_with(Instant::now);
+            if pending.len() >= SYNC_CHUNKS {
+                self.commit(&file, &mut st, &mut pending, w, true).await?;
+                first_pending = None;
+            }
+        }
+        self.commit(&file, &mut st, &mut pending, w, true).await?;
+        // Every chunk verified and durable: check the whole file, then put it in place.
+        let whole = hash_file(&st.part)?;
+        if whole != manifest.file_hash {
+            // Cannot happen with verified chunks unless the part file was tampered with.
+            let _ = std::fs::remove_file(&st.part);
+            self.tree.remove(id.as_bytes())?;
+            let msg = "the assembled file does not match its hash; starting over".to_string();
+            refuse(w, codes::VERIFY, &msg).await;
+            return Err(TransferError::Protocol(msg));
+        }
+        drop(file);
+        std::fs::rename(&st.part, &st.dest).map_err(|e| TransferError::io(&st.dest, e))?;
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| TransferError::io(&self.dir, e))?;
+        let receipt = Receipt {
+            file_hash: id.clone(),
+            size: manifest.size,
+            path: st.dest.display().to_string(),
+            verified_ms: now_ms(),
+            node: self.node.clone(),
+        };
+        st.receipt = Some(receipt.clone());
+        self.store(&st)?;
+        info!(transfer = %st.transfer_id, path = %st.dest.display(), bytes = manifest.size, "File verified and in place.");
+        put(w, Frame::Done(receipt)).await?;
+        let _ = w.get_mut().finish();
+        self.emit(InboxEvent::Complete(Box::new(st)));
+        Ok(Served::Complete)
+    }
+
+    /// Makes `pending` durable (fsync, then the bitmap), then acknowledges it if `ack`.
+    async fn commit(
+        &self,
+        file: &std::fs::File,
+        st: &mut InState,
+        pending: &mut Vec<u32>,
+        w: &mut Writer,
+        ack: bool,
+    ) -> Result<(), TransferError> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        file.sync_data()
+            .map_err(|e| TransferError::io(&st.part, e))?;
+        for i in pending.iter() {
+            st.verified.set(*i);
+        }
+        self.store(st)?;
+        let chunks = std::mem::take(pending);
+        if ack {
+            // The sender may be gone already; what is stored stays stored.
+            let _ = put(w, Frame::Acked(Acked { chunks })).await;
+        }
+        Ok(())
+    }
+
+    async fn disk_full(
+        &self,
+        st: &InState,
+        w: &mut Writer,
+        needed: u64,
+        free: u64,
+    ) -> Result<Served, TransferError> {
+        let _ = self.store(st);
+        let first = self
+            .paused_full
+            .lock()
+            .expect("inbox lock poisoned")
+            .insert(st.manifest.id_hex());
+        if first {
+            warn!(transfer = %st.transfer_id, name = %st.manifest.name, needed, free, "Disk full: transfer paused until space is freed.");
+            self.emit(InboxEvent::DiskFull {
+                name: st.manifest.name.clone(),
+                needed,
+                free,
+            });
+        }
+        let _ = put(
+            w,
+            Frame::Failed(Failed {
+                code: codes::DISK_FULL,
+                message: format!(
+                    "disk full on {}: {needed} bytes needed, {free} free",
+                    self.node
+                ),
+                retry_after_ms: DISK_FULL_RETRY.as_millis() as u64,
+            }),
+        )
+        .await;
+        let _ = w.get_mut().finish();
+        Ok(Served::Paused)
+    }
+
+    fn disk_ok(&self, st: &InState) {
+        let was = self
+            .paused_full
+            .lock()
+            .expect("inbox lock poisoned")
+            .remove(&st.manifest.id_hex());
+        if was {
+            info!(transfer = %st.transfer_id, "Disk space is back: transfer resumes.");
+            self.emit(InboxEvent::DiskOk {
+                name: st.manifest.name.clone(),
+            });
+        }
+    }
+
+    /// Transfers paused on a full disk.
+    pub fn paused_on_full_disk(&self) -> usize {
+        self.paused_full.lock().expect("inbox lock poisoned").len()
+    }
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next(r: &mut Reader) -> Result<Option<Frame>, TransferError> {
+    match r.next().await {
+        None => Ok(None),
+        Some(Ok(b)) => Ok(Some(Frame::decode(b.freeze())?)),
+        Some(Err(e)) => Err(TransferError::Stream(e.to_string())),
+    }
+}
+
+async fn refuse(w: &mut Writer, code: u32, message: &str) {
+    let _ = put(
+        w,
+        Frame::Failed(Failed {
+            code,
+            message: message.to_string(),
+            retry_after_ms: 0,
+        }),
+    )
+    .await;
+    let _ = w.get_mut().finish();
+}
+
+/// BLAKE3 of a whole file.
+pub fn hash_file(path: &Path) -> Result<[u8; 32], TransferError> {
+    let mut h = blake3::Hasher::new();
+    let f = std::fs::File::open(path).map_err(|e| TransferError::io(path, e))?;
+    h.update_reader(f).map_err(|e| TransferError::io(path, e))?;
+    Ok(*h.finalize().as_bytes())
+}

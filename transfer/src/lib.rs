@@ -1,0 +1,85 @@
+//! Store-and-forward file transfer over QUIC.
+//!
+//! A file goes as a [`Manifest`] (BLAKE3 of every chunk and of the whole file) and then the
+//! chunks the receiver lacks, on one QUIC stream per transfer ([`wire`]). The receiver
+//! ([`Inbox`]) checks every chunk, writes it into a temporary file, acknowledges chunks only
+//! once they are on disk (so an acknowledged chunk is never sent again, across link cuts,
+//! restarts and reboots), checks the whole file, and renames it into place: no partial file
+//! is ever visible at its destination. The sender ([`send::send_file`]) re-reads and re-checks
+//! every chunk from the source, so a file that changes while it is sent fails clearly.
+
+pub mod inbox;
+pub mod manifest;
+pub mod send;
+pub mod wire;
+
+use std::path::{Path, PathBuf};
+
+pub use inbox::{Inbox, InboxEvent};
+pub use manifest::Manifest;
+pub use send::{SendOptions, SendOutcome, send_file};
+pub use wire::{Bitmap, Receipt};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("not a valid file name for a transfer: {0:?}")]
+    BadName(String),
+    #[error("file of {0} bytes is too big for one transfer")]
+    TooBig(u64),
+    #[error("{0}")]
+    SourceChanged(String),
+    #[error("transfer protocol: {0}")]
+    Protocol(String),
+    #[error("transfer protocol version {0} is not supported (this side speaks {v})", v = wire::VERSION)]
+    Version(u32),
+    #[error("state store: {0}")]
+    Db(#[from] sled::Error),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("stream: {0}")]
+    Stream(String),
+    #[error("the receiver refused (code {code}): {message}")]
+    Refused { code: u32, message: String },
+    #[error("the receiver asks to pause {retry_after_ms} ms (code {code}): {message}")]
+    Paused {
+        code: u32,
+        message: String,
+        retry_after_ms: u64,
+    },
+    #[error("no progress for {0:?}: the link or the receiver is stuck")]
+    Stalled(std::time::Duration),
+}
+
+impl TransferError {
+    pub fn io(path: &Path, source: std::io::Error) -> TransferError {
+        TransferError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// Whether trying again later may succeed (a cut link, a paused receiver).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            TransferError::Connection(_)
+                | TransferError::Stream(_)
+                | TransferError::Paused { .. }
+                | TransferError::Stalled(_)
+        )
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,176 @@
+//! What a transfer carries: a file cut into fixed-size chunks, each with its BLAKE3 hash, and
+//! the hash of the whole file, which is also the transfer's identity.
+
+use std::io::Read;
+use std::path::Path;
+
+use crate::TransferError;
+
+/// Chunks are at least this big; bigger files get bigger chunks so a manifest stays small.
+pub const MIN_CHUNK: u32 = 256 * 1024;
+/// A manifest never lists more chunks than this (2 MiB of hashes).
+pub const MAX_CHUNKS: u64 = 65_536;
+/// The largest chunk: files above MAX_CHUNKS × MAX_CHUNK (128 GiB) are refused.
+pub const MAX_CHUNK: u32 = 2 * 1024 * 1024;
+
+pub type Hash = [u8; 32];
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    /// The file's name at its destination (no directories).
+    pub name: String,
+    pub size: u64,
+    pub chunk_size: u32,
+    /// BLAKE3 of the whole file.
+    pub file_hash: Hash,
+    pub chunks: Vec<Hash>,
+}
+
+/// The chunk size for a file of `size` bytes.
+pub fn chunk_size_for(size: u64) -> u32 {
+    let mut c = MIN_CHUNK;
+    while u64::from(c) * MAX_CHUNKS < size && c < MAX_CHUNK {
+        c *= 2;
+    }
+    c
+}
+
+/// A file name safe to create in a destination directory: no separators, no `..`, no
+/// leading dot (temporary files start with one), not empty, at most 255 bytes.
+pub fn check_name(name: &str) -> Result<(), TransferError> {
+    let bad = name.is_empty()
+        || name.len() > 255
+        || name.starts_with('.')
+        || name.contains(['/', '\\', '\0'])
+        || name.chars().any(char::is_control);
+    if bad {
+        return Err(TransferError::BadName(name.to_string()));
+    }
+    Ok(())
+}
+
+impl Manifest {
+    /// Reads `path` once, hashing every chunk and the whole file.
+    pub fn of_file(path: &Path) -> Result<Manifest, TransferError> {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| TransferError::BadName(path.display().to_string()))?
+            .to_string();
+        check_name(&name)?;
+        let io = |e| TransferError::io(path, e);
+        let mut f = std::fs::File::open(path).map_err(io)?;
+        let size = f.metadata().map_err(io)?.len();
+        if size > MAX_CHUNKS * u64::from(MAX_CHUNK) {
+            return Err(TransferError::TooBig(size));
+        }
+        let chunk_size = chunk_size_for(size);
+        let mut whole = blake3::Hasher::new();
+        let mut chunks = Vec::with_capacity(size.div_ceil(u64::from(chunk_size)) as usize);
+        let mut buf = vec![0u8; chunk_size as usize];
+        let mut total = 0u64;
+        loop {
+            let n = read_full(&mut f, &mut buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            whole.update(&buf[..n]);
+            chunks.push(*blake3::hash(&buf[..n]).as_bytes());
+            total += n as u64;
+        }
+        if total != size {
+            return Err(TransferError::SourceChanged(format!(
+                "{} changed size while it was read ({size} then {total} bytes)",
+                path.display()
+            )));
+        }
+        Ok(Manifest {
+            name,
+            size,
+            chunk_size,
+            file_hash: *whole.finalize().as_bytes(),
+            chunks,
+        })
+    }
+
+    pub fn chunk_count(&self) -> u32 {
+        self.chunks.len() as u32
+    }
+
+    /// Byte length of chunk `i`.
+    pub fn chunk_len(&self, i: u32) -> usize {
+        let start = u64::from(i) * u64::from(self.chunk_size);
+        (self.size - start).min(u64::from(self.chunk_size)) as usize
+    }
+
+    pub fn offset(&self, i: u32) -> u64 {
+        u64::from(i) * u64::from(self.chunk_size)
+    }
+
+    /// The transfer's identity: the file's hash (the same file sent twice is one transfer).
+    pub fn id_hex(&self) -> String {
+        hex::encode(self.file_hash)
+    }
+
+    /// Checks a manifest that came from the network.
+    pub fn validate(&self) -> Result<(), TransferError> {
+        check_name(&self.name)?;
+        let bad = |m: String| Err(TransferError::Protocol(m));
+        if self.chunk_size < MIN_CHUNK || self.chunk_size > MAX_CHUNK {
+            return bad(format!("chunk size {} out of range", self.chunk_size));
+        }
+        let expected = self.size.div_ceil(u64::from(self.chunk_size));
+        if expected != self.chunks.len() as u64 {
+            return bad(format!(
+                "{} chunk hashes for {} bytes in {}-byte chunks",
+                self.chunks.len(),
+                self.size,
+                self.chunk_size
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Reads until `buf` is full or the file ends.
+pub fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_cover_the_file_and_names_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("policy.pdf");
+        let data: Vec<u8> = (0..(MIN_CHUNK as usize * 2 + 1000))
+            .map(|i| (i * 7) as u8)
+            .collect();
+        std::fs::write(&p, &data).unwrap();
+        let m = Manifest::of_file(&p).unwrap();
+        assert_eq!(m.chunk_count(), 3);
+        assert_eq!(m.chunk_len(2), 1000);
+        assert_eq!(m.file_hash, *blake3::hash(&data).as_bytes());
+        assert_eq!(
+            m.chunks[1],
+            *blake3::hash(&data[MIN_CHUNK as usize..2 * MIN_CHUNK as usize]).as_bytes()
+        );
+        m.validate().unwrap();
+        for bad in ["", "../etc/passwd", "a/b", ".hidden", "x\0y"] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(chunk_size_for(10 << 30), 256 * 1024);
+        assert_eq!(chunk_size_for(100 << 30), 2 * 1024 * 1024);
+    }
+}

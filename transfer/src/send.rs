@@ -1,0 +1,307 @@
+//! The sending side of one transfer over one QUIC connection.
+//!
+//! Opens a stream (at the transfer's priority: reports and alarms go first on a shared
+//! connection), offers the manifest, learns what the receiver already holds, and sends the
+//! rest, re-reading and re-checking each chunk from the source. Chunks go out paced by the
+//! optional rate limit; a `pause` check between chunks honours time windows.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tracing::{debug, warn};
+
+use crate::TransferError;
+use crate::manifest::Manifest;
+use crate::wire::{self, Bitmap, Frame, Offer, Receipt, codes};
+
+/// Stream priorities on a shared connection (higher goes first). Reports use
+/// [`PRIORITY_REPORTS`].
+pub const PRIORITY_REPORTS: i32 = 100;
+
+/// Stream priority of a transfer class.
+pub fn stream_priority(class: &str) -> i32 {
+    match class {
+        "alarm" => 50,
+        "bulk" => -50,
+        _ => 0,
+    }
+}
+
+pub struct SendOptions {
+    /// `alarm`, `normal` or `bulk`.
+    pub priority: String,
+    /// At most this many bits per second of chunk payload.
+    pub rate_limit_bps: Option<u64>,
+    /// Give up on this connection when nothing comes back for this long with chunks unacknowledged.
+    pub stall_timeout: Duration,
+    pub origin: String,
+    pub transfer_id: String,
+    pub forward_to: Vec<String>,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        SendOptions {
+            priority: "normal".into(),
+            rate_limit_bps: None,
+            stall_timeout: Duration::from_secs(20),
+            origin: String::new(),
+            transfer_id: String::new(),
+            forward_to: Vec::new(),
+        }
+    }
+}
+
+/// Shared progress of a transfer (read by status displays while it runs).
+#[derive(Default)]
+pub struct Progress {
+    /// Chunks acknowledged (durable at the receiver).
+    pub acked_chunks: AtomicU64,
+    pub acked_bytes: AtomicU64,
+    /// Chunk payload bytes written to the connection, resends included.
+    pub sent_bytes: AtomicU64,
+}
+
+#[derive(Debug)]
+pub enum SendOutcome {
+    /// The receiver verified the file and put it in place.
+    Delivered(Receipt),
+    /// The `pause` check asked to stop (a time window closed); resume later.
+    Paused,
+}
+
+/// Sends `source` (described by `manifest`) over `conn`. Returns when the receiver confirmed
+/// the whole file, or with an error; a transient error ([`TransferError::is_transient`]) means
+/// "try again on a new connection later", and the receiver keeps every acknowledged chunk.
+pub async fn send_file(
+    conn: &quinn::Connection,
+    source: &Path,
+    manifest: &Manifest,
+    opts: &SendOptions,
+    progress: &Arc<Progress>,
+    pause: &(dyn Fn() -> bool + Send + Sync),
+) -> Result<SendOutcome, TransferError> {
+    let (send, recv) = conn.open_bi().await?;
+    let _ = send.set_priority(stream_priority(&opts.priority));
+    let mut w = FramedWrite::new(send, wire::codec());
+    let mut r = FramedRead::new(recv, wire::codec());
+    let mut offer = Offer::new(manifest, &opts.transfer_id, &opts.priority, &opts.origin);
+    offer.forward_to = opts.forward_to.clone();
+    put(&mut w, Frame::Offer(offer)).await?;
+    let first = tokio::time::timeout(opts.stall_timeout * 2, next(&mut r))
+        .await
+        .map_err(|_| TransferError::Stalled(opts.stall_timeout * 2))??;
+    let have = match first {
+        Some(Frame::Have(h)) => Bitmap::from_bytes(&h.verified, manifest.chunk_count()),
+        Some(Frame::Done(receipt)) => return Ok(SendOutcome::Delivered(receipt)),
+        Some(Frame::Failed(f)) => return Err(failed(f)),
+        Some(other) => {
+            return Err(TransferError::Protocol(format!(
+                "expected Have, got {}",
+                other.kind()
+            )));
+        }
+        None => return Err(TransferError::Stream("receiver closed the stream".into())),
+    };
+    progress
+        .acked_chunks
+        .store(u64::from(have.count()), Ordering::Relaxed);
+    progress.acked_bytes.store(
+        (0..manifest.chunk_count())
+            .filter(|i| have.get(*i))
+            .map(|i| manifest.chunk_len(i) as u64)
+            .sum(),
+        Ordering::Relaxed,
+    );
+    debug!(
+        have = have.count(),
+        of = manifest.chunk_count(),
+        "Receiver's state."
+    );
+
+    // The receiving half: acknowledgements, resend requests, the receipt.
+    let (tx, mut rx) = mpsc::channel::<Result<Option<Frame>, TransferError>>(64);
+    let reader = tokio::spawn(async move {
+        loop {
+            let f = next(&mut r).await;
+            let end = !matches!(f, Ok(Some(_)));
+            // Backpressure: the reader waits for the sender to take each frame.
+            if tx.send(f).await.is_err() || end {
+                return;
+            }
+        }
+    });
+    let _abort_reader = AbortOnDrop(reader);
+
+    let file = std::fs::File::open(source).map_err(|e| TransferError::io(source, e))?;
+    let mut acked = have;
+    let mut queue: std::collections::VecDeque<u32> = acked.missing().collect();
+    let mut unacked: std::collections::HashSet<u32> = Default::default();
+    let mut last_heard = Instant::now();
+    let mut next_send = Instant::now();
+    let mut buf = vec![0u8; manifest.chunk_size as usize];
+    loop {
+        // Take whatever the receiver said, without waiting.
+        while let Ok(f) = rx.try_recv() {
+            last_heard = Instant::now();
+            if let Some(done) = handle(f, manifest, &mut acked, &mut unacked, &mut queue, progress)?
+            {
+                return Ok(SendOutcome::Delivered(done));
+            }
+        }
+        if let Some(i) = queue.pop_front() {
+            if acked.get(i) {
+                continue;
+            }
+            if pause() {
+                let _ = w.get_mut().finish();
+                return Ok(SendOutcome::Paused);
+            }
+            if let Some(bps) = opts.rate_limit_bps {
+                let now = Instant::now();
+                if next_send > now {
+                    tokio::time::sleep_until(next_send.into()).await;
+                }
+                let len_bits = manifest.chunk_len(i) as f64 * 8.0;
+                next_send = next_send.max(now) + Duration::from_secs_f64(len_bits / bps as f64);
+            }
+            let len = manifest.chunk_len(i);
+            let chunk = &mut buf[..len];
+            file.read_exact_at(chunk, manifest.offset(i))
+                .map_err(|e| TransferError::io(source, e))?;
+            if *blake3::hash(chunk).as_bytes() != manifest.chunks[i as usize] {
+                let msg = format!(
+                    "{} changed while it was being sent (chunk {i} differs from when it was queued): queue it again",
+                    source.display()
+                );
+                let _ = put(
+                    &mut w,
+                    Frame::Failed(wire::Failed {
+                        code: codes::SOURCE_CHANGED,
+                        message: msg.clone(),
+                        retry_after_ms: 0,
+                    }),
+                )
+                .await;
+                let _ = w.get_mut().finish();
+                return Err(TransferError::SourceChanged(msg));
+            }
+            let data = Bytes::copy_from_slice(chunk);
+            put(&mut w, Frame::Chunk { index: i, data }).await?;
+            unacked.insert(i);
+            progress.sent_bytes.fetch_add(len as u64, Ordering::Relaxed);
+            continue;
+        }
+        // Everything sent: wait for acknowledgements, resend requests, or the receipt.
+        let wait = opts.stall_timeout.saturating_sub(last_heard.elapsed());
+        match tokio::time::timeout(wait, rx.recv()).await {
+            Ok(Some(f)) => {
+                last_heard = Instant::now();
+                if let Some(done) =
+                    handle(f, manifest, &mut acked, &mut unacked, &mut queue, progress)?
+                {
+                    return Ok(SendOutcome::Delivered(done));
+                }
+            }
+            Ok(None) => return Err(TransferError::Stream("receiver went away".into())),
+            Err(_) => {
+                warn!(
+                    unacked = unacked.len(),
+                    "Transfer stalled: giving up on this connection."
+                );
+                return Err(TransferError::Stalled(opts.stall_timeout));
+            }
+        }
+    }
+}
+
+fn handle(
+    f: Result<Option<Frame>, TransferError>,
+    manifest: &Manifest,
+    acked: &mut Bitmap,
+    unacked: &mut std::collections::HashSet<u32>,
+    queue: &mut std::collections::VecDeque<u32>,
+    progress: &Progress,
+) -> Result<Option<Receipt>, TransferError> {
+    match f? {
+        Some(Frame::Acked(a)) => {
+            for i in a.chunks {
+                unacked.remove(&i);
+                if acked.set(i) {
+                    progress.acked_chunks.fetch_add(1, Ordering::Relaxed);
+                    progress
+                        .acked_bytes
+                        .fetch_add(manifest.chunk_len(i) as u64, Ordering::Relaxed);
+                }
+            }
+            Ok(None)
+        }
+        Some(Frame::Resend(r)) => {
+            warn!(chunk = r.chunk, reason = %r.reason, "Receiver asks for a chunk again.");
+            if r.chunk < manifest.chunk_count() {
+                queue.push_front(r.chunk);
+            }
+            Ok(None)
+        }
+        Some(Frame::Done(receipt)) => {
+            if receipt.file_hash != manifest.id_hex() {
+                return Err(TransferError::Protocol("receipt for another file".into()));
+            }
+            Ok(Some(receipt))
+        }
+        Some(Frame::Failed(f)) => Err(failed(f)),
+        Some(other) => Err(TransferError::Protocol(format!(
+            "unexpected {} from the receiver",
+            other.kind()
+        ))),
+        None => Err(TransferError::Stream("receiver ended the stream".into())),
+    }
+}
+
+fn failed(f: wire::Failed) -> TransferError {
+    if f.retry_after_ms > 0 {
+        TransferError::Paused {
+            code: f.code,
+            message: f.message,
+            retry_after_ms: f.retry_after_ms,
+        }
+    } else {
+        TransferError::Refused {
+            code: f.code,
+            message: f.message,
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn put(
+    w: &mut FramedWrite<quinn::SendStream, tokio_util::codec::LengthDelimitedCodec>,
+    f: Frame,
+) -> Result<(), TransferError> {
+    w.send(f.encode())
+        .await
+        .map_err(|e| TransferError::Stream(e.to_string()))
+}
+
+async fn next(
+    r: &mut FramedRead<quinn::RecvStream, tokio_util::codec::LengthDelimitedCodec>,
+) -> Result<Option<Frame>, TransferError> {
+    match r.next().await {
+        None => Ok(None),
+        Some(Ok(b)) => Ok(Some(Frame::decode(b.freeze())?)),
+        Some(Err(e)) => Err(TransferError::Stream(e.to_string())),
+    }
+}

@@ -1,0 +1,364 @@
+//! The transfer protocol on one QUIC bidirectional stream per transfer, opened by the sender.
+//!
+//! Every frame is a 4-byte big-endian length, one kind byte, and a body: protobuf for control
+//! messages, `index (u32 BE) ‖ bytes` for chunks.
+//!
+//! ```text
+//! sender → receiver: Offer, then Chunk* (only chunks the receiver lacks)
+//! receiver → sender: Have (chunks already verified and durable), then any of
+//!                    Acked (chunks now durable: never sent again), Resend (a chunk failed
+//!                    its check), Done (the whole file verified and in place: the receipt),
+//!                    Failed (a clear error; with retry_after_ms the sender pauses and retries)
+//! ```
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use prost::Message;
+
+use crate::TransferError;
+use crate::manifest::{Hash, MAX_CHUNK, MAX_CHUNKS, Manifest};
+
+/// The transfer protocol's version (in Offer); a receiver refuses another major.
+pub const VERSION: u32 = 1;
+/// The largest frame: a manifest of MAX_CHUNKS hashes, or a chunk, plus headers.
+pub const MAX_FRAME: usize = (MAX_CHUNKS as usize) * 32 + 64 * 1024;
+const _: () = assert!(MAX_FRAME > MAX_CHUNK as usize);
+
+/// Stable failure codes.
+pub mod codes {
+    /// Malformed or unexpected frame.
+    pub const PROTOCOL: u32 = 1;
+    /// The receiver's disk is full: paused, retry later.
+    pub const DISK_FULL: u32 = 2;
+    /// The destination is unknown or not allowed.
+    pub const UNKNOWN_DESTINATION: u32 = 3;
+    /// The whole file did not verify (the receiver starts over).
+    pub const VERIFY: u32 = 4;
+    /// The source file changed while it was being sent.
+    pub const SOURCE_CHANGED: u32 = 5;
+    /// A storage error on the receiver.
+    pub const STORAGE: u32 = 6;
+    /// Another version of the protocol.
+    pub const VERSION: u32 = 7;
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Offer {
+    #[prost(uint32, tag = "1")]
+    pub version: u32,
+    #[prost(string, tag = "2")]
+    pub name: String,
+    #[prost(uint64, tag = "3")]
+    pub size: u64,
+    #[prost(uint32, tag = "4")]
+    pub chunk_size: u32,
+    #[prost(bytes = "vec", tag = "5")]
+    pub file_hash: Vec<u8>,
+    /// The chunks' hashes, 32 bytes each, in order.
+    #[prost(bytes = "vec", tag = "6")]
+    pub chunk_hashes: Vec<u8>,
+    /// alarm, normal or bulk.
+    #[prost(string, tag = "7")]
+    pub priority: String,
+    /// Who queued the transfer (a site ID, or "controller").
+    #[prost(string, tag = "8")]
+    pub origin: String,
+    /// For a relay: the sites below it that must get the file too.
+    #[prost(string, repeated, tag = "9")]
+    pub forward_to: Vec<String>,
+    /// The transfer's ID at its origin (for status and receipts).
+    #[prost(string, tag = "10")]
+    pub transfer_id: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Have {
+    /// Bitmap of chunks verified and durable (bit i of byte i/8, LSB first).
+    #[prost(bytes = "vec", tag = "1")]
+    pub verified: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Acked {
+    #[prost(uint32, repeated, tag = "1")]
+    pub chunks: Vec<u32>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Resend {
+    #[prost(uint32, tag = "1")]
+    pub chunk: u32,
+    #[prost(string, tag = "2")]
+    pub reason: String,
+}
+
+#[derive(Clone, PartialEq, serde::Serialize, serde::Deserialize, prost::Message)]
+pub struct Receipt {
+    #[prost(string, tag = "1")]
+    pub file_hash: String,
+    #[prost(uint64, tag = "2")]
+    pub size: u64,
+    /// Where the file now is on the receiver.
+    #[prost(string, tag = "3")]
+    pub path: String,
+    #[prost(int64, tag = "4")]
+    pub verified_ms: i64,
+    /// The receiving node.
+    #[prost(string, tag = "5")]
+    pub node: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Failed {
+    #[prost(uint32, tag = "1")]
+    pub code: u32,
+    #[prost(string, tag = "2")]
+    pub message: String,
+    /// 0: permanent. Otherwise the sender pauses this long and offers again.
+    #[prost(uint64, tag = "3")]
+    pub retry_after_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Frame {
+    Offer(Offer),
+    Chunk { index: u32, data: Bytes },
+    Have(Have),
+    Acked(Acked),
+    Resend(Resend),
+    Done(Receipt),
+    Failed(Failed),
+}
+
+impl Frame {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Frame::Offer(_) => "Offer",
+            Frame::Chunk { .. } => "Chunk",
+            Frame::Have(_) => "Have",
+            Frame::Acked(_) => "Acked",
+            Frame::Resend(_) => "Resend",
+            Frame::Done(_) => "Done",
+            Frame::Failed(_) => "Failed",
+        }
+    }
+
+    /// The frame's bytes without the length prefix (the codec adds it).
+    pub fn encode(&self) -> Bytes {
+        let mut b = BytesMut::new();
+        match self {
+            Frame::Offer(m) => {
+                b.put_u8(1);
+                m.encode(&mut b).expect("BytesMut grows");
+            }
+            Frame::Chunk { index, data } => {
+                b.reserve(5 + data.len());
+                b.put_u8(2);
+                b.put_u32(*index);
+                b.put_slice(data);
+            }
+            Frame::Have(m) => {
+                b.put_u8(3);
+                m.encode(&mut b).expect("BytesMut grows");
+            }
+            Frame::Acked(m) => {
+                b.put_u8(4);
+                m.encode(&mut b).expect("BytesMut grows");
+            }
+            Frame::Resend(m) => {
+                b.put_u8(5);
+                m.encode(&mut b).expect("BytesMut grows");
+            }
+            Frame::Done(m) => {
+                b.put_u8(6);
+                m.encode(&mut b).expect("BytesMut grows");
+            }
+            Frame::Failed(m) => {
+                b.put_u8(7);
+                m.encode(&mut b).expect("BytesMut grows");
+            }
+        }
+        b.freeze()
+    }
+
+    pub fn decode(mut b: Bytes) -> Result<Frame, TransferError> {
+        if b.is_empty() {
+            return Err(TransferError::Protocol("empty frame".into()));
+        }
+        let kind = b.get_u8();
+        let pe = |e: prost::DecodeError| TransferError::Protocol(format!("malformed frame: {e}"));
+        Ok(match kind {
+            1 => Frame::Offer(Offer::decode(b).map_err(pe)?),
+            2 => {
+                if b.len() < 4 {
+                    return Err(TransferError::Protocol("chunk frame too short".into()));
+                }
+                let index = b.get_u32();
+                Frame::Chunk { index, data: b }
+            }
+            3 => Frame::Have(Have::decode(b).map_err(pe)?),
+            4 => Frame::Acked(Acked::decode(b).map_err(pe)?),
+            5 => Frame::Resend(Resend::decode(b).map_err(pe)?),
+            6 => Frame::Done(Receipt::decode(b).map_err(pe)?),
+            7 => Frame::Failed(Failed::decode(b).map_err(pe)?),
+            k => return Err(TransferError::Protocol(format!("unknown frame kind {k}"))),
+        })
+    }
+}
+
+impl Offer {
+    pub fn new(m: &Manifest, transfer_id: &str, priority: &str, origin: &str) -> Offer {
+        Offer {
+            version: VERSION,
+            name: m.name.clone(),
+            size: m.size,
+            chunk_size: m.chunk_size,
+            file_hash: m.file_hash.to_vec(),
+            chunk_hashes: m.chunks.concat(),
+            priority: priority.into(),
+            origin: origin.into(),
+            forward_to: Vec::new(),
+            transfer_id: transfer_id.into(),
+        }
+    }
+
+    /// The manifest it carries, checked.
+    pub fn manifest(&self) -> Result<Manifest, TransferError> {
+        if self.version != VERSION {
+            return Err(TransferError::Version(self.version));
+        }
+        let hash = |b: &[u8]| -> Result<Hash, TransferError> {
+            b.try_into()
+                .map_err(|_| TransferError::Protocol("hash is not 32 bytes".into()))
+        };
+        if !self.chunk_hashes.len().is_multiple_of(32) {
+            return Err(TransferError::Protocol(
+                "chunk hashes not a multiple of 32 bytes".into(),
+            ));
+        }
+        let m = Manifest {
+            name: self.name.clone(),
+            size: self.size,
+            chunk_size: self.chunk_size,
+            file_hash: hash(&self.file_hash)?,
+            chunks: self
+                .chunk_hashes
+                .chunks(32)
+                .map(hash)
+                .collect::<Result<_, _>>()?,
+        };
+        m.validate()?;
+        Ok(m)
+    }
+}
+
+/// A bitmap of chunks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Bitmap {
+    bits: Vec<u8>,
+    len: u32,
+    ones: u32,
+}
+
+impl Bitmap {
+    pub fn new(len: u32) -> Bitmap {
+        Bitmap {
+            bits: vec![0; len.div_ceil(8) as usize],
+            len,
+            ones: 0,
+        }
+    }
+    /// From the wire; bits past `len` are ignored.
+    pub fn from_bytes(bytes: &[u8], len: u32) -> Bitmap {
+        let mut b = Bitmap::new(len);
+        for i in 0..len {
+            if bytes
+                .get((i / 8) as usize)
+                .is_some_and(|x| x & (1 << (i % 8)) != 0)
+            {
+                b.set(i);
+            }
+        }
+        b
+    }
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bits
+    }
+    pub fn get(&self, i: u32) -> bool {
+        i < self.len && self.bits[(i / 8) as usize] & (1 << (i % 8)) != 0
+    }
+    /// Sets bit `i`; true if it was not set.
+    pub fn set(&mut self, i: u32) -> bool {
+        if i >= self.len || self.get(i) {
+            return false;
+        }
+        self.bits[(i / 8) as usize] |= 1 << (i % 8);
+        self.ones += 1;
+        true
+    }
+    pub fn count(&self) -> u32 {
+        self.ones
+    }
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn complete(&self) -> bool {
+        self.ones == self.len
+    }
+    /// Unset bits in order.
+    pub fn missing(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.len).filter(|i| !self.get(*i))
+    }
+}
+
+/// The codec for transfer streams.
+pub fn codec() -> tokio_util::codec::LengthDelimitedCodec {
+    tokio_util::codec::LengthDelimitedCodec::builder()
+        .length_field_length(4)
+        .max_frame_length(MAX_FRAME)
+        .new_codec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_roundtrip_and_garbage_is_an_error() {
+        let frames = vec![
+            Frame::Chunk {
+                index: 7,
+                data: Bytes::from_static(b"abc"),
+            },
+            Frame::Acked(Acked { chunks: vec![1, 2] }),
+            Frame::Failed(Failed {
+                code: codes::DISK_FULL,
+                message: "full".into(),
+                retry_after_ms: 5000,
+            }),
+        ];
+        for f in frames {
+            assert_eq!(Frame::decode(f.encode()).unwrap(), f);
+        }
+        assert!(Frame::decode(Bytes::new()).is_err());
+        assert!(Frame::decode(Bytes::from_static(&[9, 1, 2])).is_err());
+        assert!(Frame::decode(Bytes::from_static(&[2, 1])).is_err());
+        assert!(Frame::decode(Bytes::from_static(&[1, 0xff, 0xff])).is_err());
+    }
+
+    #[test]
+    fn bitmap_counts_and_lists_missing() {
+        let mut b = Bitmap::new(10);
+        assert!(b.set(3));
+        assert!(!b.set(3));
+        assert!(!b.set(10));
+        b.set(9);
+        let c = Bitmap::from_bytes(b.as_bytes(), 10);
+        assert_eq!(c, b);
+        assert_eq!(c.count(), 2);
+        assert_eq!(c.missing().count(), 8);
+        assert!(!c.complete());
+    }
+}

@@ -1,0 +1,312 @@
+//! Transfers over real QUIC on loopback: whole, resumed after a broken connection, a corrupt
+//! chunk, a source that changes, a bad name.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tiandi_link::pki::{CONTROLLER_NAME, Ca, site_key_and_csr};
+use tiandi_link::tls::{CertPolicy, Rejection};
+use tiandi_link::{LinkProfile, SiteIdentity};
+use tiandi_transfer::inbox::Served;
+use tiandi_transfer::send::Progress;
+use tiandi_transfer::wire::{self, Frame};
+use tiandi_transfer::{Inbox, Manifest, SendOptions, SendOutcome, TransferError, send_file};
+
+#[derive(Debug)]
+struct AnySite;
+impl CertPolicy for AnySite {
+    fn check(&self, _id: &SiteIdentity) -> Result<(), Rejection> {
+        Ok(())
+    }
+}
+
+/// A QUIC connection pair on loopback: (sender side, receiver side).
+async fn pair() -> (quinn::Endpoint, quinn::Connection, quinn::Connection) {
+    let ca = Ca::generate("t").unwrap();
+    let (chain, key) = ca.issue_controller().unwrap();
+    let stls = tiandi_link::tls::server_tls(chain, key, ca.cert_der(), Arc::new(AnySite)).unwrap();
+    let (site_key, csr) = site_key_and_csr("s1").unwrap();
+    let issued = ca
+        .sign_site(&csr, "s1", "BJ", Duration::from_secs(3600))
+        .unwrap();
+    let ctls =
+        tiandi_link::tls::site_client_tls(ca.cert_pem(), &issued.cert_pem, &site_key).unwrap();
+    let server = tiandi_link::server_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        stls,
+        LinkProfile::Terrestrial.transport(),
+        b"reset",
+    )
+    .unwrap();
+    let addr = server.local_addr().unwrap();
+    let client = tiandi_link::client_endpoint(addr).unwrap();
+    let cfg = tiandi_link::client_config(ctls, LinkProfile::Terrestrial.transport()).unwrap();
+    let accept = tokio::spawn(async move {
+        let c = server.accept().await.unwrap().await.unwrap();
+        (server, c)
+    });
+    let cconn = client
+        .connect_with(cfg, addr, CONTROLLER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    let (server, sconn) = accept.await.unwrap();
+    std::mem::forget(client);
+    (server, sconn, cconn)
+}
+
+fn inbox(dir: &Path) -> Arc<Inbox> {
+    let db = sled::Config::new().temporary(true).open().unwrap();
+    Inbox::new(&dir.join("in"), db.open_tree("inbox").unwrap(), "s1", None).unwrap()
+}
+
+/// Serves every incoming transfer stream on `conn`.
+fn serve(conn: quinn::Connection, inbox: Arc<Inbox>) -> tokio::task::JoinHandle<Vec<Served>> {
+    tokio::spawn(async move {
+        let mut out = Vec::new();
+        while let Ok((s, r)) = conn.accept_bi().await {
+            match inbox.serve(s, r).await {
+                Ok(x) => out.push(x),
+                Err(e) => eprintln!("serve: {e}"),
+            }
+        }
+        out
+    })
+}
+
+fn file(dir: &Path, name: &str, len: usize, seed: u8) -> std::path::PathBuf {
+    let p = dir.join(name);
+    let data: Vec<u8> = (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect();
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
+fn no_pause() -> bool {
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_arrives_whole_and_a_second_offer_gets_the_receipt() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = file(dir.path(), "data.bin", 3 * 1024 * 1024 + 17, 1);
+    let m = Manifest::of_file(&src).unwrap();
+    let (_ep, sconn, cconn) = pair().await;
+    let ib = inbox(dir.path());
+    serve(cconn, ib.clone());
+    let progress = Arc::new(Progress::default());
+    let out = send_file(
+        &sconn,
+        &src,
+        &m,
+        &SendOptions::default(),
+        &progress,
+        &no_pause,
+    )
+    .await
+    .unwrap();
+    let SendOutcome::Delivered(receipt) = out else {
+        panic!("not delivered")
+    };
+    assert_eq!(receipt.file_hash, m.id_hex());
+    let got = std::fs::read(dir.path().join("in/data.bin")).unwrap();
+    assert_eq!(got, std::fs::read(&src).unwrap());
+    assert_eq!(
+        progress
+            .sent_bytes
+            .load(std::sync::atomic::Ordering::Relaxed),
+        m.size
+    );
+    // No part file is left; offering again sends nothing and returns the receipt.
+    let names: Vec<_> = std::fs::read_dir(dir.path().join("in"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    let again = Arc::new(Progress::default());
+    let out = send_file(&sconn, &src, &m, &SendOptions::default(), &again, &no_pause)
+        .await
+        .unwrap();
+    assert!(matches!(out, SendOutcome::Delivered(_)));
+    assert_eq!(
+        again.sent_bytes.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_connection_resumes_without_resending_acknowledged_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = file(dir.path(), "big.bin", 8 * 1024 * 1024, 2);
+    let m = Manifest::of_file(&src).unwrap();
+    let ib = inbox(dir.path());
+    let (_ep, sconn, cconn) = pair().await;
+    serve(cconn.clone(), ib.clone());
+    let progress = Arc::new(Progress::default());
+    // Break the connection once a third of the file is acknowledged.
+    let p = progress.clone();
+    let third = m.size / 3;
+    let breaker = tokio::spawn(async move {
+        while p.acked_bytes.load(std::sync::atomic::Ordering::Relaxed) < third {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        cconn.close(0u32.into(), b"link cut");
+    });
+    let opts = SendOptions {
+        rate_limit_bps: Some(200_000_000),
+        ..SendOptions::default()
+    };
+    let err = send_file(&sconn, &src, &m, &opts, &progress, &no_pause)
+        .await
+        .unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    breaker.await.unwrap();
+    assert!(
+        !dir.path().join("in/big.bin").exists(),
+        "no partial file at the destination"
+    );
+    let acked_before = progress
+        .acked_bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(acked_before >= third);
+    // A new connection: the receiver says what it holds; only the rest is sent.
+    let (_ep2, sconn2, cconn2) = pair().await;
+    serve(cconn2, ib.clone());
+    let p2 = Arc::new(Progress::default());
+    let out = send_file(&sconn2, &src, &m, &SendOptions::default(), &p2, &no_pause)
+        .await
+        .unwrap();
+    assert!(matches!(out, SendOutcome::Delivered(_)));
+    let resent = p2.sent_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        resent <= m.size - acked_before,
+        "sent {resent} after {acked_before} were acknowledged"
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("in/big.bin")).unwrap(),
+        std::fs::read(&src).unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_chunk_is_asked_for_again_and_garbage_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = file(dir.path(), "c.bin", 600 * 1024, 3);
+    let m = Manifest::of_file(&src).unwrap();
+    let ib = inbox(dir.path());
+    let (_ep, sconn, cconn) = pair().await;
+    let served = serve(cconn, ib.clone());
+    let data = std::fs::read(&src).unwrap();
+    // A hand-written sender that flips a byte in chunk 1 the first time.
+    let (send, recv) = sconn.open_bi().await.unwrap();
+    let mut w = tokio_util::codec::FramedWrite::new(send, wire::codec());
+    let mut r = tokio_util::codec::FramedRead::new(recv, wire::codec());
+    let offer = wire::Offer::new(&m, "t1", "normal", "controller");
+    w.send(Frame::Offer(offer).encode()).await.unwrap();
+    let have = Frame::decode(r.next().await.unwrap().unwrap().freeze()).unwrap();
+    assert!(matches!(have, Frame::Have(_)));
+    for i in 0..m.chunk_count() {
+        let s = m.offset(i) as usize;
+        let mut c = data[s..s + m.chunk_len(i)].to_vec();
+        if i == 1 {
+            c[100] ^= 0x40;
+        }
+        w.send(
+            Frame::Chunk {
+                index: i,
+                data: Bytes::from(c),
+            }
+            .encode(),
+        )
+        .await
+        .unwrap();
+    }
+    let mut resend = None;
+    while resend.is_none() {
+        match Frame::decode(r.next().await.unwrap().unwrap().freeze()).unwrap() {
+            Frame::Resend(x) => resend = Some(x.chunk),
+            Frame::Acked(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(resend, Some(1));
+    assert!(!dir.path().join("in/c.bin").exists());
+    let s = m.offset(1) as usize;
+    w.send(
+        Frame::Chunk {
+            index: 1,
+            data: Bytes::copy_from_slice(&data[s..s + m.chunk_len(1)]),
+        }
+        .encode(),
+    )
+    .await
+    .unwrap();
+    loop {
+        match Frame::decode(r.next().await.unwrap().unwrap().freeze()).unwrap() {
+            Frame::Done(receipt) => {
+                assert_eq!(receipt.file_hash, m.id_hex());
+                break;
+            }
+            Frame::Acked(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(std::fs::read(dir.path().join("in/c.bin")).unwrap(), data);
+
+    // Garbage on a new stream: a clear refusal, and the connection goes on serving.
+    let (send, recv) = sconn.open_bi().await.unwrap();
+    let mut w = tokio_util::codec::FramedWrite::new(send, wire::codec());
+    let mut r = tokio_util::codec::FramedRead::new(recv, wire::codec());
+    w.send(Bytes::from_static(&[1, 0xff, 0xff, 0xff]))
+        .await
+        .unwrap();
+    match Frame::decode(r.next().await.unwrap().unwrap().freeze()).unwrap() {
+        Frame::Failed(f) => assert_eq!(f.code, wire::codes::PROTOCOL, "{}", f.message),
+        other => panic!("unexpected {other:?}"),
+    }
+    // A name that tries to escape the inbox.
+    let (send, recv) = sconn.open_bi().await.unwrap();
+    let mut w = tokio_util::codec::FramedWrite::new(send, wire::codec());
+    let mut r = tokio_util::codec::FramedRead::new(recv, wire::codec());
+    let mut evil = wire::Offer::new(&m, "t2", "normal", "controller");
+    evil.name = "../../etc/cron.d/x".into();
+    w.send(Frame::Offer(evil).encode()).await.unwrap();
+    match Frame::decode(r.next().await.unwrap().unwrap().freeze()).unwrap() {
+        Frame::Failed(f) => assert!(f.message.contains("file name"), "{}", f.message),
+        other => panic!("unexpected {other:?}"),
+    }
+    drop(sconn);
+    let _ = served;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_changes_fails_clearly_and_leaves_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = file(dir.path(), "log.txt", 2 * 1024 * 1024, 4);
+    let m = Manifest::of_file(&src).unwrap();
+    // Someone appends to it after it was queued.
+    let mut data = std::fs::read(&src).unwrap();
+    data[1_500_000] ^= 1;
+    std::fs::write(&src, &data).unwrap();
+    let ib = inbox(dir.path());
+    let (_ep, sconn, cconn) = pair().await;
+    serve(cconn, ib.clone());
+    let err = send_file(
+        &sconn,
+        &src,
+        &m,
+        &SendOptions::default(),
+        &Arc::new(Progress::default()),
+        &no_pause,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, TransferError::SourceChanged(_)), "{err}");
+    assert!(err.to_string().contains("changed while it was being sent"));
+    assert!(!err.is_transient());
+    assert!(!dir.path().join("in/log.txt").exists());
+}
