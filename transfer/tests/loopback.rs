@@ -280,7 +280,7 @@ async fn a_corrupt_chunk_is_asked_for_again_and_garbage_is_refused() {
         other => panic!("unexpected {other:?}"),
     }
     drop(sconn);
-    let _ = served;
+    served.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
