@@ -20,11 +20,11 @@ use tiandi_satlink::{Shape, Spec, Topology};
 
 /// Ethernet + IPv4 + UDP bytes around a full-size QUIC packet (1452 bytes of UDP payload on a
 /// 1500-byte MTU): the fixed-rate controller counts UDP payload, the link counts frames.
-const FRAME_OVERHEAD: f64 = 14.0 + 20.0 + 8.0;
-const QUIC_PAYLOAD: f64 = 1452.0;
+pub(crate) const FRAME_OVERHEAD: f64 = 14.0 + 20.0 + 8.0;
+pub(crate) const QUIC_PAYLOAD: f64 = 1452.0;
 
 #[derive(Debug)]
-struct AnySite;
+pub(crate) struct AnySite;
 impl CertPolicy for AnySite {
     fn check(&self, _id: &SiteIdentity) -> Result<(), Rejection> {
         Ok(())
@@ -203,7 +203,7 @@ async fn quic(
 }
 
 /// TCP over the link with congestion control `cc` at the sender (hub side).
-fn tcp(
+pub(crate) fn tcp(
     ctl_ns: &str,
     site_ns: &str,
     ctl_ip: std::net::IpAddr,

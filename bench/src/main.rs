@@ -16,6 +16,7 @@
 //! controller's VmHWM, the larger of its two runs.
 
 mod geolink;
+mod geotransfer;
 mod ingest;
 
 use clap::{Parser, Subcommand};
@@ -55,6 +56,27 @@ enum Cmd {
         #[arg(long, default_value_t = 120.0)]
         time_limit: f64,
     },
+    /// A Tiandi transfer over one emulated GEO link, against TCP (BBR and Cubic), and one
+    /// with a link cut in the middle. Needs root.
+    GeoTransfer {
+        #[arg(long, default_value_t = 100.0)]
+        size_mb: f64,
+        #[arg(long, default_value_t = 20.0)]
+        rate_mbit: f64,
+        #[arg(long, default_value_t = 600.0)]
+        rtt_ms: f64,
+        #[arg(long, default_value_t = 1.0)]
+        loss_pct: f64,
+        /// How long the link is cut in the last run (s).
+        #[arg(long, default_value_t = 60.0)]
+        cut_s: f64,
+        /// Longest a Tiandi transfer may run (s).
+        #[arg(long, default_value_t = 600.0)]
+        time_limit: f64,
+        /// Longest a TCP transfer may run (s); a slower one is counted up to then.
+        #[arg(long, default_value_t = 120.0)]
+        tcp_time_limit: f64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -76,6 +98,23 @@ fn main() -> anyhow::Result<()> {
             rtt_ms,
             loss_pct,
             time_limit: std::time::Duration::from_secs_f64(time_limit),
+        }),
+        Cmd::GeoTransfer {
+            size_mb,
+            rate_mbit,
+            rtt_ms,
+            loss_pct,
+            cut_s,
+            time_limit,
+            tcp_time_limit,
+        } => geotransfer::run(geotransfer::Args {
+            size_mb,
+            rate_mbit,
+            rtt_ms,
+            loss_pct,
+            cut_s,
+            time_limit: std::time::Duration::from_secs_f64(time_limit),
+            tcp_time_limit: std::time::Duration::from_secs_f64(tcp_time_limit),
         }),
     }
 }

@@ -44,6 +44,9 @@ pub struct SendOptions {
     pub origin: String,
     pub transfer_id: String,
     pub forward_to: Vec<String>,
+    /// A transfer never offered before: start sending before the receiver's Have arrives
+    /// (saves one round trip; used only on a transfer's first attempt).
+    pub fresh: bool,
 }
 
 impl Default for SendOptions {
@@ -55,6 +58,7 @@ impl Default for SendOptions {
             origin: String::new(),
             transfer_id: String::new(),
             forward_to: Vec::new(),
+            fresh: false,
         }
     }
 }
@@ -67,6 +71,8 @@ pub struct Progress {
     pub acked_bytes: AtomicU64,
     /// Chunk payload bytes written to the connection, resends included.
     pub sent_bytes: AtomicU64,
+    /// Attempts so far (connections this transfer was offered on).
+    pub attempts: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -95,20 +101,28 @@ pub async fn send_file(
     let mut offer = Offer::new(manifest, &opts.transfer_id, &opts.priority, &opts.origin);
     offer.forward_to = opts.forward_to.clone();
     put(&mut w, Frame::Offer(offer)).await?;
-    let first = tokio::time::timeout(opts.stall_timeout * 2, next(&mut r))
-        .await
-        .map_err(|_| TransferError::Stalled(opts.stall_timeout * 2))??;
-    let have = match first {
-        Some(Frame::Have(h)) => Bitmap::from_bytes(&h.verified, manifest.chunk_count()),
-        Some(Frame::Done(receipt)) => return Ok(SendOutcome::Delivered(receipt)),
-        Some(Frame::Failed(f)) => return Err(failed(f)),
-        Some(other) => {
-            return Err(TransferError::Protocol(format!(
-                "expected Have, got {}",
-                other.kind()
-            )));
+    // A first attempt starts sending at once (the receiver is expected to hold nothing; if it
+    // holds something, its Have arrives one RTT later and stops those chunks). A resumed one
+    // waits for the Have, so nothing the receiver holds goes out again.
+    let first_attempt = progress.attempts.fetch_add(1, Ordering::Relaxed) == 0;
+    let have = if first_attempt && opts.fresh {
+        Bitmap::new(manifest.chunk_count())
+    } else {
+        let first = tokio::time::timeout(opts.stall_timeout * 2, next(&mut r))
+            .await
+            .map_err(|_| TransferError::Stalled(opts.stall_timeout * 2))??;
+        match first {
+            Some(Frame::Have(h)) => Bitmap::from_bytes(&h.verified, manifest.chunk_count()),
+            Some(Frame::Done(receipt)) => return Ok(SendOutcome::Delivered(receipt)),
+            Some(Frame::Failed(f)) => return Err(failed(f)),
+            Some(other) => {
+                return Err(TransferError::Protocol(format!(
+                    "expected Have, got {}",
+                    other.kind()
+                )));
+            }
+            None => return Err(TransferError::Stream("receiver closed the stream".into())),
         }
-        None => return Err(TransferError::Stream("receiver closed the stream".into())),
     };
     progress
         .acked_chunks
@@ -128,9 +142,13 @@ pub async fn send_file(
 
     // The receiving half: acknowledgements, resend requests, the receipt.
     let (tx, mut rx) = mpsc::channel::<Result<Option<Frame>, TransferError>>(64);
+    let t0 = Instant::now();
+    let heard = Arc::new(AtomicU64::new(0));
+    let heard_w = heard.clone();
     let reader = tokio::spawn(async move {
         loop {
             let f = next(&mut r).await;
+            heard_w.store(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
             let end = !matches!(f, Ok(Some(_)));
             // Backpressure: the reader waits for the sender to take each frame.
             if tx.send(f).await.is_err() || end {
@@ -194,7 +212,20 @@ pub async fn send_file(
                 return Err(TransferError::SourceChanged(msg));
             }
             let data = Bytes::copy_from_slice(chunk);
-            put(&mut w, Frame::Chunk { index: i, data }).await?;
+            // A write blocks while flow control is exhausted: a dead link shows up here.
+            let stall_at =
+                t0 + Duration::from_millis(heard.load(Ordering::Relaxed)) + opts.stall_timeout;
+            let write = put(&mut w, Frame::Chunk { index: i, data });
+            match tokio::time::timeout_at(stall_at.into(), write).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    warn!(
+                        unacked = unacked.len(),
+                        "Transfer stalled: giving up on this connection."
+                    );
+                    return Err(TransferError::Stalled(opts.stall_timeout));
+                }
+            }
             unacked.insert(i);
             progress.sent_bytes.fetch_add(len as u64, Ordering::Relaxed);
             continue;
@@ -233,6 +264,20 @@ fn handle(
     match f? {
         Some(Frame::Acked(a)) => {
             for i in a.chunks {
+                unacked.remove(&i);
+                if acked.set(i) {
+                    progress.acked_chunks.fetch_add(1, Ordering::Relaxed);
+                    progress
+                        .acked_bytes
+                        .fetch_add(manifest.chunk_len(i) as u64, Ordering::Relaxed);
+                }
+            }
+            Ok(None)
+        }
+        Some(Frame::Have(h)) => {
+            // The answer to an optimistic start: skip what the receiver already holds.
+            let have = Bitmap::from_bytes(&h.verified, manifest.chunk_count());
+            for i in (0..manifest.chunk_count()).filter(|i| have.get(*i)) {
                 unacked.remove(&i);
                 if acked.set(i) {
                     progress.acked_chunks.fetch_add(1, Ordering::Relaxed);

@@ -1,0 +1,311 @@
+//! `geo-transfer`: a Tiandi transfer over one emulated satellite link (tiandi-satlink between
+//! network namespaces), against TCP with BBR and with Cubic carrying the same bytes, and a
+//! Tiandi transfer with a link cut in the middle. Needs root.
+//!
+//! The hub (the controller's side) is the QUIC server and the sender, with Tiandi's fixed-rate
+//! controller at the link's rate; the site is the client and the receiver (a real [`Inbox`]:
+//! chunks checked, fsynced, acknowledged, the whole file checked and renamed into place), and
+//! it reconnects when its connection dies, as an agent does. Tiandi's rate is file bytes over
+//! the time from the site's first connection attempt to the receipt at the hub: start-up,
+//! handshake and the final check included. `resent_after_cut_pct` is what the cut cost on the
+//! wire: the UDP bytes the hub sent in the cut run beyond those of the clean run, over the
+//! file's size (chunk bytes written to streams overcount: a stream buffers ahead of the link,
+//! and what sat in the buffer at the cut never left the hub).
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rand::RngCore;
+use tiandi_link::LinkProfile;
+use tiandi_link::congestion::FixedRateConfig;
+use tiandi_link::pki::{CONTROLLER_NAME, Ca, site_key_and_csr};
+use tiandi_satlink::topo::in_netns;
+use tiandi_satlink::{Shape, Spec, Topology};
+use tiandi_transfer::send::Progress;
+use tiandi_transfer::{Inbox, Manifest, SendOptions, SendOutcome, send_file};
+use tokio_util::sync::CancellationToken;
+
+use crate::geolink::{AnySite, FRAME_OVERHEAD, QUIC_PAYLOAD, tcp};
+
+pub struct Args {
+    pub size_mb: f64,
+    pub rate_mbit: f64,
+    pub rtt_ms: f64,
+    pub loss_pct: f64,
+    pub cut_s: f64,
+    pub time_limit: Duration,
+    pub tcp_time_limit: Duration,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(run_async(a))
+}
+
+struct Run {
+    mbit: f64,
+    sent_bytes: u64,
+    /// UDP payload bytes the hub sent, every connection of the run included.
+    wire_bytes: u64,
+    reconnects: u32,
+}
+
+async fn run_async(a: Args) -> anyhow::Result<()> {
+    let size = (a.size_mb * 1e6) as u64;
+    let shape = Shape {
+        rate_kbit: (a.rate_mbit * 1000.0) as u64,
+        delay_ms: a.rtt_ms / 2.0,
+        loss_pct: a.loss_pct,
+        queue_bytes: 1_000_000,
+        ..Shape::default()
+    };
+    let mut spec = Spec::uniform("tdgt", 1, shape);
+    spec.net = [10, 203, 0];
+    spec.seed = Some(11);
+    let topo = Topology::up(&spec).context("building the emulated link (needs root)")?;
+    let work = tempfile::tempdir()?;
+    let src = work.path().join("dataset.bin");
+    write_random(&src, size)?;
+    let manifest = Manifest::of_file(&src)?;
+    eprintln!(
+        "link: {} Mbit/s, {} ms RTT, {} % loss each way; {} MB ({} chunks of {} KiB) hub to site",
+        a.rate_mbit,
+        a.rtt_ms,
+        a.loss_pct,
+        a.size_mb,
+        manifest.chunk_count(),
+        manifest.chunk_size / 1024
+    );
+    let quic_rate = (a.rate_mbit * 1e6 * QUIC_PAYLOAD / (QUIC_PAYLOAD + FRAME_OVERHEAD)) as u64;
+
+    let clean = tiandi(
+        &topo,
+        &a,
+        &src,
+        &manifest,
+        quic_rate,
+        None,
+        4440,
+        work.path(),
+    )
+    .await?;
+    eprintln!(
+        "tiandi: {:.2} Mbit/s, {} chunk bytes sent for {} ({} reconnects)",
+        clean.mbit, clean.sent_bytes, size, clean.reconnects
+    );
+    let (ctl, site, ip, limit) = (
+        topo.ctl_ns(),
+        topo.site_ns(1),
+        topo.ctl_addr(),
+        a.tcp_time_limit,
+    );
+    let bbr = tokio::task::spawn_blocking(move || tcp(&ctl, &site, ip.into(), size, "bbr", limit))
+        .await??;
+    eprintln!("tcp bbr: {bbr:.2} Mbit/s");
+    let (ctl, site, ip, limit) = (
+        topo.ctl_ns(),
+        topo.site_ns(1),
+        topo.ctl_addr(),
+        a.tcp_time_limit,
+    );
+    let cubic =
+        tokio::task::spawn_blocking(move || tcp(&ctl, &site, ip.into(), size, "cubic", limit))
+            .await??;
+    eprintln!("tcp cubic: {cubic:.2} Mbit/s");
+    let cut = tiandi(
+        &topo,
+        &a,
+        &src,
+        &manifest,
+        quic_rate,
+        Some(Duration::from_secs_f64(a.cut_s)),
+        4441,
+        work.path(),
+    )
+    .await?;
+    // What the cut cost on the wire: the hub's UDP bytes beyond those of the clean run (which
+    // carries the same file through the same random loss).
+    let resent_pct = cut.wire_bytes.saturating_sub(clean.wire_bytes) as f64 * 100.0 / size as f64;
+    eprintln!(
+        "tiandi with a {} s cut: {:.2} Mbit/s overall; {} UDP bytes sent against {} in the clean run ({resent_pct:.2} % of the file more); {} chunk bytes written to streams ({} reconnects)",
+        a.cut_s, cut.mbit, cut.wire_bytes, clean.wire_bytes, cut.sent_bytes, cut.reconnects
+    );
+    topo.down();
+    println!(
+        "geo-transfer size_mb={} rate_mbit={} rtt_ms={} loss_pct={} tiandi_mbit={:.2} tcp_bbr_mbit={bbr:.2} tcp_cubic_mbit={cubic:.2} utilisation={:.3} resent_after_cut_pct={resent_pct:.2}",
+        a.size_mb,
+        a.rate_mbit,
+        a.rtt_ms,
+        a.loss_pct,
+        clean.mbit,
+        clean.mbit / a.rate_mbit
+    );
+    Ok(())
+}
+
+fn write_random(path: &Path, size: u64) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut rng = rand::rng();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        rng.fill_bytes(&mut buf[..n]);
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+/// One Tiandi transfer hub → site; with `cut`, the link is cut for that long once a third of
+/// the file is acknowledged.
+#[allow(clippy::too_many_arguments)]
+async fn tiandi(
+    topo: &Topology,
+    a: &Args,
+    src: &Path,
+    manifest: &Manifest,
+    rate_bps: u64,
+    cut: Option<Duration>,
+    port: u16,
+    work: &Path,
+) -> anyhow::Result<Run> {
+    let ca = Ca::generate("bench")?;
+    let (chain, key) = ca.issue_controller()?;
+    let server_tls = tiandi_link::tls::server_tls(chain, key, ca.cert_der(), Arc::new(AnySite))?;
+    let (site_key, csr) = site_key_and_csr("bench-site")?;
+    let issued = ca.sign_site(&csr, "bench-site", "BJ", Duration::from_secs(3600))?;
+    let client_tls = tiandi_link::tls::site_client_tls(ca.cert_pem(), &issued.cert_pem, &site_key)?;
+    let mut t = LinkProfile::Geo.transport_config();
+    t.congestion_controller_factory(Arc::new(FixedRateConfig::new(rate_bps)));
+    let server_addr = SocketAddr::new(topo.ctl_addr().into(), port);
+    let ssock = in_netns(&topo.ctl_ns(), move || UdpSocket::bind(server_addr))??;
+    let server = tiandi_link::server_endpoint_on(
+        ssock,
+        tiandi_link::server_config(server_tls, Arc::new(t))?,
+        b"geo-transfer bench reset key",
+    )?;
+    let client_cfg = tiandi_link::client_config(client_tls, LinkProfile::Geo.transport())?;
+
+    // The site: a receiver that reconnects whenever its connection dies.
+    let inbox_dir: PathBuf = work.join(format!("inbox-{port}"));
+    let db = sled::Config::new().temporary(true).open()?;
+    let inbox = Inbox::new(&inbox_dir, db.open_tree("inbox")?, "bench-site", None)?;
+    let stop = CancellationToken::new();
+    let site_ns = topo.site_ns(1);
+    let site =
+        {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let csock = in_netns(&site_ns, || UdpSocket::bind("0.0.0.0:0"))??;
+                let client = tiandi_link::client_endpoint_on(csock)?;
+                while !stop.is_cancelled() {
+                    let connecting =
+                        client.connect_with(client_cfg.clone(), server_addr, CONTROLLER_NAME)?;
+                    let conn =
+                        match tokio::time::timeout(LinkProfile::Geo.connect_timeout(), connecting)
+                            .await
+                        {
+                            Ok(Ok(c)) => c,
+                            _ => {
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                                continue;
+                            }
+                        };
+                    loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => break,
+                            s = conn.accept_bi() => match s {
+                                Ok((s, r)) => {
+                                    let inbox = inbox.clone();
+                                    tokio::spawn(async move {
+                                        if let Err(e) = inbox.serve(s, r).await {
+                                            eprintln!("  receiver: {e}");
+                                        }
+                                    });
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                }
+                client.close(0u32.into(), b"done");
+                anyhow::Ok(())
+            })
+        };
+
+    // The hub: accept the site's connection, send; after a transient failure, wait for the
+    // site's next connection and send again (the receiver says what it already holds).
+    let started = Instant::now();
+    let progress = Arc::new(Progress::default());
+    let opts = SendOptions {
+        transfer_id: format!("bench-{port}"),
+        origin: "controller".into(),
+        fresh: true,
+        ..SendOptions::default()
+    };
+    if let Some(cut) = cut {
+        let (p, link, third) = (progress.clone(), topo.link(1).clone(), manifest.size / 3);
+        tokio::spawn(async move {
+            while p.acked_bytes.load(Ordering::Relaxed) < third {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            eprintln!("  cutting the link for {cut:?}");
+            link.cut();
+            tokio::time::sleep(cut).await;
+            link.restore();
+            eprintln!("  link restored");
+        });
+    }
+    let mut reconnects = 0;
+    let mut wire_bytes = 0u64;
+    let receipt = loop {
+        if started.elapsed() > a.time_limit {
+            bail!("the transfer did not finish within {:?}", a.time_limit);
+        }
+        let incoming = tokio::time::timeout(a.time_limit, server.accept())
+            .await
+            .context("no connection from the site")?
+            .context("endpoint closed")?;
+        let conn = match incoming.await {
+            Ok(c) => c,
+            Err(_) => continue,
+        };
+        let result = send_file(&conn, src, manifest, &opts, &progress, &|| false).await;
+        wire_bytes += conn.stats().udp_tx.bytes;
+        match result {
+            Ok(SendOutcome::Delivered(r)) => break r,
+            Ok(SendOutcome::Paused) => bail!("paused without a window"),
+            Err(e) if e.is_transient() => {
+                eprintln!("  sender: {e}; waiting for the site to reconnect");
+                conn.close(0u32.into(), b"stalled");
+                reconnects += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let secs = started.elapsed().as_secs_f64();
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), site).await;
+    server.close(0u32.into(), b"done");
+    // Check what arrived, byte for byte.
+    let got = tiandi_transfer::inbox::hash_file(&inbox_dir.join(&manifest.name))?;
+    if got != manifest.file_hash || receipt.file_hash != manifest.id_hex() {
+        bail!("the received file does not match");
+    }
+    Ok(Run {
+        mbit: manifest.size as f64 * 8.0 / secs / 1e6,
+        sent_bytes: progress.sent_bytes.load(Ordering::Relaxed),
+        wire_bytes,
+        reconnects,
+    })
+}
