@@ -82,6 +82,19 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         .next()
         .with_context(|| format!("{} resolves to no address", cfg.controller))?;
     let endpoint = tiandi_link::client_endpoint(addr)?;
+    // Files the controller sends land in data_dir/inbox; their state lives beside it.
+    let transfers_db = sled::Config::new()
+        .path(cfg.data_dir.join("transfers"))
+        .cache_capacity(4 * 1024 * 1024)
+        .open()
+        .with_context(|| format!("opening {}", cfg.data_dir.join("transfers").display()))?;
+    let inbox = tiandi_transfer::Inbox::new(
+        &cfg.data_dir.join("inbox"),
+        transfers_db.open_tree("inbox")?,
+        &id.info.site_id,
+        None,
+    )
+    .context("opening the transfer inbox")?;
     let uplink = tokio::spawn(uplink::run(
         endpoint.clone(),
         uplink::UplinkConfig {
@@ -90,6 +103,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
             client,
             interval_ms: interval_ms as u32,
             connect_timeout: cfg.profile.connect_timeout(),
+            inbox: Some(inbox),
         },
         shared.clone(),
         cancel.clone(),

@@ -99,6 +99,8 @@ pub struct UplinkConfig {
     ///
     /// [`LinkProfile::connect_timeout`]: tiandi_link::LinkProfile::connect_timeout
     pub connect_timeout: Duration,
+    /// Where files the controller sends land (None: this agent takes no transfers).
+    pub inbox: Option<Arc<tiandi_transfer::Inbox>>,
 }
 
 async fn resolve(addr: &str) -> Result<SocketAddr, LinkError> {
@@ -258,6 +260,16 @@ async fn session(
     shared.connected.store(true, Ordering::Relaxed);
     shared.sessions.fetch_add(1, Ordering::Relaxed);
     info!(%addr, acked_through = welcome.acked_through, dropped_acked = dropped, backlog, "Connected to the controller.");
+    // Reports go ahead of any transfer on this connection.
+    let _ = out
+        .writer
+        .stream_mut()
+        .set_priority(tiandi_transfer::send::PRIORITY_REPORTS);
+    let transfers = cancel.child_token();
+    let _stop_transfers = transfers.clone().drop_guard();
+    if let Some(inbox) = &cfg.inbox {
+        tokio::spawn(accept_transfers(inbox.clone(), conn.clone(), transfers));
+    }
     *shared.link.lock().expect("link lock poisoned") = Some(link_stats(&conn));
     shared.sample_now.notify_one();
 
@@ -359,6 +371,29 @@ async fn session(
             }
             e = conn.closed() => return Err(app_close(e)),
         }
+    }
+}
+
+/// Receives the files the controller sends on this connection, one stream each.
+async fn accept_transfers(
+    inbox: Arc<tiandi_transfer::Inbox>,
+    conn: quinn::Connection,
+    stop: CancellationToken,
+) {
+    loop {
+        let (send, recv) = tokio::select! {
+            _ = stop.cancelled() => return,
+            s = conn.accept_bi() => match s {
+                Ok(s) => s,
+                Err(_) => return,
+            },
+        };
+        let inbox = inbox.clone();
+        tokio::spawn(async move {
+            if let Err(e) = inbox.serve(send, recv).await {
+                warn!(error = %e, "Incoming transfer failed.");
+            }
+        });
     }
 }
 

@@ -266,6 +266,27 @@ async fn tiandi(
             eprintln!("  link restored");
         });
     }
+    // Steady-state rate: acknowledged bytes between 10 % and 90 % of the file.
+    let steady = {
+        let (p, size) = (progress.clone(), manifest.size);
+        tokio::spawn(async move {
+            let mut t10 = None;
+            loop {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let acked = p.acked_bytes.load(Ordering::Relaxed);
+                if t10.is_none() && acked >= size / 10 {
+                    t10 = Some((Instant::now(), acked));
+                }
+                if let Some((t, a)) = t10
+                    && acked >= size / 10 * 9
+                {
+                    let mbit = (acked - a) as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e6;
+                    eprintln!("  steady rate (10 % to 90 % acknowledged): {mbit:.2} Mbit/s");
+                    return;
+                }
+            }
+        })
+    };
     let mut reconnects = 0;
     let mut wire_bytes = 0u64;
     let receipt = loop {
@@ -294,6 +315,7 @@ async fn tiandi(
         }
     };
     let secs = started.elapsed().as_secs_f64();
+    steady.abort();
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), site).await;
     server.close(0u32.into(), b"done");

@@ -55,6 +55,8 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/api/admin/enroll-batch", post(admin_enroll_batch))
         .route("/api/admin/revoke", post(admin_revoke))
         .route("/api/admin/registry", get(admin_registry))
+        .route("/api/admin/send", post(admin_send))
+        .route("/api/transfers", get(transfers))
         .with_state(core)
 }
 
@@ -364,6 +366,35 @@ async fn admin_revoke(
     Ok(Json(
         json!({ "revoked": rec, "disconnected": disconnected }),
     ))
+}
+
+async fn admin_send(
+    State(core): State<Arc<Core>>,
+    headers: HeaderMap,
+    Json(req): Json<crate::transfers::SendRequest>,
+) -> ApiResult {
+    check_admin(&core, &headers)?;
+    let c = core.clone();
+    let r =
+        tokio::task::spawn_blocking(move || crate::transfers::queue(&c.registry, &c.outbox, &req))
+            .await
+            .map_err(internal)?;
+    match r {
+        Ok(v) => Ok(Json(v)),
+        Err(crate::transfers::SendError::Transfer(e)) => {
+            Err(AppError(StatusCode::BAD_REQUEST, e.to_string()))
+        }
+        Err(e @ crate::transfers::SendError::UnknownDestination(_)) => {
+            Err(not_found(e.to_string()))
+        }
+        Err(e) => Err(AppError(StatusCode::BAD_REQUEST, e.to_string())),
+    }
+}
+
+async fn transfers(State(core): State<Arc<Core>>) -> ApiResult {
+    crate::transfers::status(&core.outbox)
+        .map(Json)
+        .map_err(internal)
 }
 
 async fn admin_registry(State(core): State<Arc<Core>>, headers: HeaderMap) -> ApiResult {

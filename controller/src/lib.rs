@@ -13,6 +13,7 @@ pub mod registry;
 pub mod server;
 pub mod sites;
 pub mod store;
+pub mod transfers;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -67,6 +68,10 @@ pub struct Core {
     closed_wire: Mutex<WireTotals>,
     pub cancel: CancellationToken,
     pub admin_token: String,
+    /// Files queued for sites (store-and-forward transfers).
+    pub outbox: Arc<tiandi_transfer::Outbox>,
+    /// Files sent by sites land here (`data_dir/inbox`).
+    pub inbox: Arc<tiandi_transfer::Inbox>,
 }
 
 impl Core {
@@ -193,6 +198,14 @@ impl Controller {
             sites.insert(&rec.site_id, &rec.province, latest, now);
         }
         let admin_token = load_admin_token(&config.data_dir)?;
+        let outbox = tiandi_transfer::Outbox::new(db.open_tree("outbox")?);
+        let inbox = tiandi_transfer::Inbox::new(
+            &config.data_dir.join("inbox"),
+            db.open_tree("inbox")?,
+            "controller",
+            None,
+        )
+        .context("opening the transfer inbox")?;
         let (events, _) = broadcast::channel(16_384);
         let core = Arc::new(Core {
             ca,
@@ -205,6 +218,8 @@ impl Controller {
             closed_wire: Mutex::new(WireTotals::default()),
             cancel: CancellationToken::new(),
             admin_token,
+            outbox,
+            inbox,
             config,
         });
 

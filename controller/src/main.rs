@@ -57,6 +57,28 @@ enum Cmd {
         #[arg(long)]
         site: String,
     },
+    /// Queue a file for sites: resumable, verified, prioritised (see `transfers`).
+    Send {
+        file: PathBuf,
+        /// site:ID, province:CODE or all.
+        #[arg(long)]
+        to: String,
+        /// alarm, normal or bulk.
+        #[arg(long, default_value = "normal")]
+        priority: String,
+        /// Only send within this daily window, HH:MM-HH:MM (UTC), e.g. 22:00-06:00.
+        #[arg(long)]
+        window: Option<String>,
+        /// At most this many Mbit/s for this transfer.
+        #[arg(long)]
+        rate_limit: Option<f64>,
+    },
+    /// Transfers and their state: per destination progress, rate, ETA and receipt.
+    Transfers {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// The controller with simulated sites, on embedded defaults.
     Demo {
         #[arg(long, default_value_t = 200)]
@@ -202,6 +224,70 @@ async fn run(cli: Cli, mut cfg: Config) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Send {
+            file,
+            to,
+            priority,
+            window,
+            rate_limit,
+        } => {
+            let path = file
+                .canonicalize()
+                .with_context(|| format!("{}", file.display()))?;
+            let v = admin(
+                &cfg,
+                "send",
+                json!({"path": path, "to": to, "priority": priority, "window": window, "rate_limit_mbit": rate_limit}),
+            )?;
+            println!(
+                "queued {} ({} bytes, blake3 {}) for {} site(s) as transfer {}",
+                v["file"].as_str().unwrap_or_default(),
+                v["bytes"],
+                v["blake3"].as_str().unwrap_or_default(),
+                v["destinations"].as_array().map(|a| a.len()).unwrap_or(0),
+                v["transfer"].as_str().unwrap_or_default()
+            );
+            Ok(())
+        }
+        Cmd::Transfers { json: as_json } => {
+            let v = admin(&cfg, "transfers", json!({}))?;
+            if as_json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            println!(
+                "{:<36} {:<14} {:<24} {:>6} {:<10} {:>9} {:>8}  receipt/error",
+                "ID", "DEST", "FILE", "DONE%", "STATE", "RATE", "ETA"
+            );
+            for t in v["transfers"].as_array().cloned().unwrap_or_default() {
+                let rate = t["rate_bps"].as_u64().unwrap_or(0) as f64 / 1e6;
+                let eta = t["eta_s"]
+                    .as_u64()
+                    .map(|s| format!("{s}s"))
+                    .unwrap_or("-".into());
+                let tail = if t["receipt"].is_object() {
+                    format!(
+                        "verified at {} ({})",
+                        t["receipt"]["node"].as_str().unwrap_or_default(),
+                        t["receipt"]["path"].as_str().unwrap_or_default()
+                    )
+                } else {
+                    t["error"].as_str().unwrap_or_default().to_string()
+                };
+                println!(
+                    "{:<36} {:<14} {:<24} {:>6.1} {:<10} {:>8.2}M {:>8}  {}",
+                    t["id"].as_str().unwrap_or_default(),
+                    t["dest"].as_str().unwrap_or_default(),
+                    t["file"].as_str().unwrap_or_default(),
+                    t["progress_pct"].as_f64().unwrap_or(0.0),
+                    t["state"].as_str().unwrap_or_default(),
+                    rate,
+                    eta,
+                    tail
+                );
+            }
+            Ok(())
+        }
         Cmd::Revoke { site } => {
             let v = admin(&cfg, "revoke", json!({"site_id": site}))?;
             println!(
@@ -222,17 +308,26 @@ async fn run(cli: Cli, mut cfg: Config) -> anyhow::Result<()> {
 fn admin(cfg: &Config, action: &str, body: Value) -> anyhow::Result<Value> {
     let token_path = cfg.data_dir.join("admin.token");
     if let Ok(token) = std::fs::read_to_string(&token_path) {
-        let url = format!("http://{}/api/admin/{action}", cfg.api_listen);
+        let url = if action == "transfers" {
+            format!("http://{}/api/transfers", cfg.api_listen)
+        } else {
+            format!("http://{}/api/admin/{action}", cfg.api_listen)
+        };
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(10)))
             .build()
             .into();
-        match agent
-            .post(&url)
-            .header("Authorization", &format!("Bearer {}", token.trim()))
-            .send_json(&body)
-        {
+        let auth = format!("Bearer {}", token.trim());
+        let sent = if action == "transfers" {
+            agent.get(&url).header("Authorization", &auth).call()
+        } else {
+            agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .send_json(&body)
+        };
+        match sent {
             Ok(mut resp) => {
                 let status = resp.status();
                 let v: Value = resp.body_mut().read_json().unwrap_or(Value::Null);
@@ -290,6 +385,16 @@ fn admin(cfg: &Config, action: &str, body: Value) -> anyhow::Result<Value> {
             json!({"tokens": tokens.iter().map(|t| json!({"site_id": t.site_id, "token": t.token})).collect::<Vec<_>>()})
         }
         "revoke" => json!({"revoked": reg.revoke(site)?, "disconnected": false}),
+        "send" | "transfers" => {
+            let outbox = tiandi_transfer::Outbox::new(db.open_tree("outbox")?);
+            if action == "send" {
+                let req: tiandi_controller::transfers::SendRequest =
+                    serde_json::from_value(body.clone())?;
+                tiandi_controller::transfers::queue(&reg, &outbox, &req)?
+            } else {
+                tiandi_controller::transfers::status(&outbox)?
+            }
+        }
         other => bail!("unknown admin action {other}"),
     };
     db.flush()?;

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use tiandi_link::{FrameReader, FrameWriter, LinkError, SiteIdentity, tls};
 use tiandi_proto::{Ack, Body, Welcome, codes, names::NameDecoder};
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{Core, Event, now_ms};
@@ -194,6 +195,28 @@ async fn site_connection(core: Arc<Core>, conn: quinn::Connection) {
     .await
 }
 
+/// Serves the transfer streams a site opens (files it sends to the controller).
+async fn accept_transfers(core: Arc<Core>, conn: quinn::Connection, stop: CancellationToken) {
+    loop {
+        let (send, recv) = tokio::select! {
+            _ = stop.cancelled() => return,
+            s = conn.accept_bi() => match s {
+                Ok(s) => s,
+                Err(_) => return,
+            },
+        };
+        let inbox = core.inbox.clone();
+        tokio::spawn(
+            async move {
+                if let Err(e) = inbox.serve(send, recv).await {
+                    warn!(error = %e, "Incoming transfer failed.");
+                }
+            }
+            .in_current_span(),
+        );
+    }
+}
+
 enum SessionError {
     Closed(String),
     Refuse(u32, String, &'static str),
@@ -266,6 +289,25 @@ async fn session(
     let interval_ms = i64::from(hello.interval_ms.max(1000));
     core.sites
         .set_connected(&id.site_id, true, Some(interval_ms));
+    // Transfers share this connection: files queued for the site go out on their own streams
+    // (below the report stream's priority), and files the site sends come in on streams it
+    // opens. Both stop with the session.
+    let _ = writer
+        .stream_mut()
+        .set_priority(tiandi_transfer::send::PRIORITY_REPORTS);
+    let transfers = core.cancel.child_token();
+    let _stop_transfers = transfers.clone().drop_guard();
+    tokio::spawn(
+        tiandi_transfer::outbox::drive(
+            core.outbox.clone(),
+            conn.clone(),
+            id.site_id.clone(),
+            "controller".into(),
+            transfers.clone(),
+        )
+        .in_current_span(),
+    );
+    tokio::spawn(accept_transfers(core.clone(), conn.clone(), transfers).in_current_span());
     debug!(agent = %hello.agent_version, version = format!("{}.{}", hello.major, hello.minor), acked_through = state.acked_through, "Site connected.");
 
     let mut names = NameDecoder::default();

@@ -10,6 +10,7 @@
 
 pub mod inbox;
 pub mod manifest;
+pub mod outbox;
 pub mod send;
 pub mod wire;
 
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 pub use inbox::{Inbox, InboxEvent};
 pub use manifest::Manifest;
+pub use outbox::{Job, JobState, Outbox, Window};
 pub use send::{SendOptions, SendOutcome, send_file};
 pub use wire::{Bitmap, Receipt};
 

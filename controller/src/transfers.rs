@@ -1,0 +1,154 @@
+//! Queuing files for sites: `send FILE --to site:ID | province:CODE | all`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tiandi_transfer::{Job, Manifest, Outbox, Window};
+
+use crate::registry::Registry;
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct SendRequest {
+    /// The file, as the controller sees it.
+    pub path: String,
+    /// `site:ID`, `province:CODE` or `all`.
+    pub to: String,
+    #[serde(default = "normal")]
+    pub priority: String,
+    /// `HH:MM-HH:MM` (UTC).
+    #[serde(default)]
+    pub window: Option<String>,
+    #[serde(default)]
+    pub rate_limit_mbit: Option<f64>,
+}
+
+fn normal() -> String {
+    "normal".into()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("{0}")]
+    Bad(String),
+    #[error("unknown destination {0:?}: no enrolled, unrevoked site matches")]
+    UnknownDestination(String),
+    #[error("{0}")]
+    Transfer(#[from] tiandi_transfer::TransferError),
+}
+
+/// The sites `to` names (enrolled and not revoked).
+pub fn resolve(registry: &Registry, to: &str) -> Result<Vec<String>, SendError> {
+    let live = registry
+        .list()
+        .into_iter()
+        .filter(|r| r.revoked_at.is_none() && r.serial.is_some());
+    let sites: Vec<String> = match to.split_once(':') {
+        Some(("site", id)) => live
+            .filter(|r| r.site_id == id)
+            .map(|r| r.site_id)
+            .collect(),
+        Some(("province", code)) => live
+            .filter(|r| r.province == code)
+            .map(|r| r.site_id)
+            .collect(),
+        None if to == "all" => live.map(|r| r.site_id).collect(),
+        _ => {
+            return Err(SendError::Bad(format!(
+                "destination {to:?}: expected site:ID, province:CODE or all"
+            )));
+        }
+    };
+    if sites.is_empty() {
+        return Err(SendError::UnknownDestination(to.into()));
+    }
+    Ok(sites)
+}
+
+/// Checks the request, hashes the file once, and queues one transfer per destination site.
+pub fn queue(registry: &Registry, outbox: &Outbox, req: &SendRequest) -> Result<Value, SendError> {
+    if !matches!(req.priority.as_str(), "alarm" | "normal" | "bulk") {
+        return Err(SendError::Bad(format!(
+            "priority {:?}: expected alarm, normal or bulk",
+            req.priority
+        )));
+    }
+    let window: Option<Window> = match &req.window {
+        Some(w) => Some(w.parse().map_err(SendError::Bad)?),
+        None => None,
+    };
+    let rate = match req.rate_limit_mbit {
+        Some(r) if !(r > 0.0 && r.is_finite()) => {
+            return Err(SendError::Bad(format!(
+                "rate limit {r} Mbit/s must be positive"
+            )));
+        }
+        Some(r) => Some((r * 1e6) as u64),
+        None => None,
+    };
+    let sites = resolve(registry, &req.to)?;
+    let path = Path::new(&req.path);
+    let source = path
+        .canonicalize()
+        .map_err(|e| SendError::Bad(format!("{}: {e}", path.display())))?;
+    let manifest = Manifest::of_file(&source)?;
+    let group = format!(
+        "t{}-{:04x}",
+        tiandi_transfer::now_ms(),
+        rand::random::<u16>()
+    );
+    let mut ids = Vec::new();
+    for site in &sites {
+        let mut job = Job::new(
+            &format!("{group}-{site}"),
+            site,
+            source.clone(),
+            manifest.clone(),
+        );
+        job.priority = req.priority.clone();
+        job.window = window;
+        job.rate_limit_bps = rate;
+        job.origin = "controller".into();
+        ids.push(job.id.clone());
+        outbox.enqueue(job)?;
+    }
+    Ok(json!({
+        "transfer": group,
+        "file": manifest.name,
+        "bytes": manifest.size,
+        "blake3": manifest.id_hex(),
+        "destinations": sites,
+        "jobs": ids,
+    }))
+}
+
+/// Status of every transfer, for the API and `tiandi-controller transfers`.
+pub fn status(outbox: &Outbox) -> Result<Value, SendError> {
+    let jobs: Vec<Value> = outbox
+        .list()?
+        .into_iter()
+        .map(|j| {
+            json!({
+                "id": j.id,
+                "dest": j.dest,
+                "file": j.manifest.name,
+                "bytes": j.manifest.size,
+                "priority": j.priority,
+                "state": j.state,
+                "acked_bytes": j.acked_bytes,
+                "progress_pct": if j.manifest.size == 0 { 100.0 } else { j.acked_bytes as f64 * 100.0 / j.manifest.size as f64 },
+                "rate_bps": j.rate_bps,
+                "eta_s": j.eta_s(),
+                "sent_bytes": j.sent_bytes,
+                "attempts": j.attempts,
+                "window": j.window.map(|w| format!("{:02}:{:02}-{:02}:{:02}", w.start_min / 60, w.start_min % 60, w.end_min / 60, w.end_min % 60)),
+                "rate_limit_bps": j.rate_limit_bps,
+                "error": j.error,
+                "receipt": j.receipt,
+                "created_ms": j.created_ms,
+                "updated_ms": j.updated_ms,
+            })
+        })
+        .collect();
+    Ok(json!({ "transfers": jobs }))
+}

@@ -1,0 +1,430 @@
+//! The persistent outbox: transfers queued per destination (sled), and the driver that sends
+//! a destination's transfers over its connection, highest priority first, within each
+//! transfer's time window and rate limit.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::send::{Progress, SendOptions, SendOutcome, send_file};
+use crate::{Manifest, Receipt, TransferError, now_ms};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobState {
+    Queued,
+    Sending,
+    /// Waiting: outside its window, or the receiver asked to pause (disk full).
+    Paused,
+    Delivered,
+    Failed,
+}
+
+/// A daily time window `HH:MM-HH:MM` (UTC); it may wrap past midnight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Window {
+    pub start_min: u16,
+    pub end_min: u16,
+}
+
+impl std::str::FromStr for Window {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Window, String> {
+        let parse = |t: &str| -> Result<u16, String> {
+            let (h, m) = t
+                .split_once(':')
+                .ok_or_else(|| format!("{t:?} is not HH:MM"))?;
+            let (h, m): (u16, u16) = (
+                h.parse().map_err(|_| format!("{t:?} is not HH:MM"))?,
+                m.parse().map_err(|_| format!("{t:?} is not HH:MM"))?,
+            );
+            if h > 24 || m > 59 || (h == 24 && m > 0) {
+                return Err(format!("{t:?} is not a time of day"));
+            }
+            Ok(h * 60 + m)
+        };
+        let (a, b) = s
+            .split_once('-')
+            .ok_or_else(|| format!("window {s:?} is not HH:MM-HH:MM"))?;
+        Ok(Window {
+            start_min: parse(a.trim())?,
+            end_min: parse(b.trim())?,
+        })
+    }
+}
+
+impl Window {
+    /// Whether `ms` (Unix time) falls in the window.
+    pub fn contains(&self, ms: i64) -> bool {
+        let m = (ms.div_euclid(60_000).rem_euclid(1440)) as u16;
+        if self.start_min <= self.end_min {
+            (self.start_min..self.end_min).contains(&m)
+        } else {
+            m >= self.start_min || m < self.end_min
+        }
+    }
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Job {
+    pub id: String,
+    /// The receiving node (a site ID, or "controller").
+    pub dest: String,
+    pub source: PathBuf,
+    pub manifest: Manifest,
+    /// alarm, normal or bulk.
+    pub priority: String,
+    pub rate_limit_bps: Option<u64>,
+    pub window: Option<Window>,
+    pub forward_to: Vec<String>,
+    pub origin: String,
+    pub state: JobState,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    pub acked_bytes: u64,
+    pub sent_bytes: u64,
+    /// Recent rate of acknowledged bytes (bit/s) while sending.
+    pub rate_bps: u64,
+    pub attempts: u64,
+    /// Not before this time (a paused receiver's retry-after).
+    pub retry_at_ms: i64,
+    pub receipt: Option<Receipt>,
+    pub error: Option<String>,
+}
+
+impl Job {
+    pub fn new(id: &str, dest: &str, source: PathBuf, manifest: Manifest) -> Job {
+        let now = now_ms();
+        Job {
+            id: id.into(),
+            dest: dest.into(),
+            source,
+            manifest,
+            priority: "normal".into(),
+            rate_limit_bps: None,
+            window: None,
+            forward_to: Vec::new(),
+            origin: String::new(),
+            state: JobState::Queued,
+            created_ms: now,
+            updated_ms: now,
+            acked_bytes: 0,
+            sent_bytes: 0,
+            rate_bps: 0,
+            attempts: 0,
+            retry_at_ms: 0,
+            receipt: None,
+            error: None,
+        }
+    }
+
+    fn rank(&self) -> u8 {
+        match self.priority.as_str() {
+            "alarm" => 0,
+            "bulk" => 2,
+            _ => 1,
+        }
+    }
+
+    /// Seconds left at the recent rate.
+    pub fn eta_s(&self) -> Option<u64> {
+        (self.rate_bps > 0).then(|| {
+            (self.manifest.size.saturating_sub(self.acked_bytes) * 8) / self.rate_bps.max(1)
+        })
+    }
+
+    pub fn finished(&self) -> bool {
+        matches!(self.state, JobState::Delivered | JobState::Failed)
+    }
+
+    fn runnable(&self, now: i64) -> bool {
+        !self.finished() && self.retry_at_ms <= now && self.window.is_none_or(|w| w.contains(now))
+    }
+}
+
+pub struct Outbox {
+    tree: sled::Tree,
+    /// Signalled when a job is queued or changes.
+    pub changed: Notify,
+}
+
+impl Outbox {
+    pub fn new(tree: sled::Tree) -> Arc<Outbox> {
+        Arc::new(Outbox {
+            tree,
+            changed: Notify::new(),
+        })
+    }
+
+    pub fn put(&self, job: &Job) -> Result<(), TransferError> {
+        self.tree.insert(
+            job.id.as_bytes(),
+            serde_json::to_vec(job).expect("job serialises"),
+        )?;
+        self.tree.flush()?;
+        Ok(())
+    }
+
+    pub fn enqueue(&self, job: Job) -> Result<(), TransferError> {
+        self.put(&job)?;
+        info!(transfer = %job.id, dest = %job.dest, name = %job.manifest.name, bytes = job.manifest.size, priority = %job.priority, "Transfer queued.");
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    pub fn list(&self) -> Result<Vec<Job>, TransferError> {
+        let mut v: Vec<Job> = Vec::new();
+        for kv in self.tree.iter() {
+            let (_, val) = kv?;
+            match serde_json::from_slice(&val) {
+                Ok(j) => v.push(j),
+                Err(e) => warn!(error = %e, "Unreadable outbox entry skipped."),
+            }
+        }
+        v.sort_by_key(|j| j.created_ms);
+        Ok(v)
+    }
+
+    /// The next job to send to `dest` now: highest priority, then oldest.
+    pub fn next_for(&self, dest: &str) -> Result<Option<Job>, TransferError> {
+        let now = now_ms();
+        Ok(self
+            .list()?
+            .into_iter()
+            .filter(|j| j.dest == dest && j.runnable(now))
+            .min_by_key(|j| (j.rank(), j.created_ms)))
+    }
+}
+
+/// Sends `dest`'s queued transfers over `conn` until `cancel` fires or the connection breaks.
+/// One transfer per priority class at a time, so an alarm transfer never waits behind a bulk
+/// one (its stream has the higher priority on the shared connection).
+pub async fn drive(
+    outbox: Arc<Outbox>,
+    conn: quinn::Connection,
+    dest: String,
+    origin: String,
+    cancel: CancellationToken,
+) {
+    let mut classes = Vec::new();
+    for class in ["alarm", "normal", "bulk"] {
+        let (outbox, conn, dest, origin, cancel) = (
+            outbox.clone(),
+            conn.clone(),
+            dest.clone(),
+            origin.clone(),
+            cancel.clone(),
+        );
+        classes.push(tokio::spawn(async move {
+            drive_class(&outbox, &conn, &dest, &origin, class, &cancel).await
+        }));
+    }
+    for c in classes {
+        let _ = c.await;
+    }
+}
+
+async fn drive_class(
+    outbox: &Arc<Outbox>,
+    conn: &quinn::Connection,
+    dest: &str,
+    origin: &str,
+    class: &str,
+    cancel: &CancellationToken,
+) {
+    loop {
+        let job = match outbox.next_for(dest) {
+            Ok(j) => j.filter(|j| {
+                j.priority == class
+                    || (class == "normal" && !matches!(j.priority.as_str(), "alarm" | "bulk"))
+            }),
+            Err(e) => {
+                warn!(error = %e, "Outbox unreadable.");
+                None
+            }
+        };
+        let Some(mut job) = job else {
+            let changed = outbox.changed.notified();
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = conn.closed() => return,
+                _ = changed => {}
+                // Windows open and retry times pass without a notification.
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+            continue;
+        };
+        match run_job(outbox, conn, &mut job, origin, cancel).await {
+            Ok(()) => {}
+            Err(e) if e.is_transient() && !matches!(e, TransferError::Paused { .. }) => return,
+            Err(_) => {}
+        }
+    }
+}
+
+async fn run_job(
+    outbox: &Arc<Outbox>,
+    conn: &quinn::Connection,
+    job: &mut Job,
+    origin: &str,
+    cancel: &CancellationToken,
+) -> Result<(), TransferError> {
+    let progress = Arc::new(Progress::default());
+    progress
+        .acked_bytes
+        .store(job.acked_bytes, Ordering::Relaxed);
+    let opts = SendOptions {
+        priority: job.priority.clone(),
+        rate_limit_bps: job.rate_limit_bps,
+        origin: if job.origin.is_empty() {
+            origin.to_string()
+        } else {
+            job.origin.clone()
+        },
+        transfer_id: job.id.clone(),
+        forward_to: job.forward_to.clone(),
+        fresh: job.attempts == 0,
+        ..SendOptions::default()
+    };
+    job.attempts += 1;
+    job.state = JobState::Sending;
+    job.error = None;
+    job.updated_ms = now_ms();
+    outbox.put(job)?;
+    let sent_before = job.sent_bytes;
+    // Progress is written back every second while the transfer runs.
+    let saver = {
+        let (outbox, progress, mut snapshot) = (outbox.clone(), progress.clone(), job.clone());
+        tokio::spawn(async move {
+            let mut last = (std::time::Instant::now(), snapshot.acked_bytes);
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let acked = progress.acked_bytes.load(Ordering::Relaxed);
+                let dt = last.0.elapsed().as_secs_f64().max(1e-3);
+                let rate = ((acked.saturating_sub(last.1)) as f64 * 8.0 / dt) as u64;
+                snapshot.rate_bps = (snapshot.rate_bps + rate) / 2;
+                last = (std::time::Instant::now(), acked);
+                snapshot.acked_bytes = acked;
+                snapshot.sent_bytes = sent_before + progress.sent_bytes.load(Ordering::Relaxed);
+                snapshot.updated_ms = now_ms();
+                let _ = outbox.put(&snapshot);
+            }
+        })
+    };
+    let window = job.window;
+    let pause = move || window.is_some_and(|w| !w.contains(now_ms()));
+    let result = tokio::select! {
+        r = send_file(conn, &job.source, &job.manifest, &opts, &progress, &pause) => r,
+        _ = cancel.cancelled() => Err(TransferError::Stream("stopping".into())),
+    };
+    saver.abort();
+    job.acked_bytes = progress.acked_bytes.load(Ordering::Relaxed);
+    job.sent_bytes = sent_before + progress.sent_bytes.load(Ordering::Relaxed);
+    job.updated_ms = now_ms();
+    job.rate_bps = 0;
+    let out = match result {
+        Ok(SendOutcome::Delivered(receipt)) => {
+            info!(transfer = %job.id, dest = %job.dest, path = %receipt.path, "Delivered and verified.");
+            job.acked_bytes = job.manifest.size;
+            job.state = JobState::Delivered;
+            job.receipt = Some(receipt);
+            Ok(())
+        }
+        Ok(SendOutcome::Paused) => {
+            job.state = JobState::Paused;
+            job.error = Some("outside its time window".into());
+            Ok(())
+        }
+        Err(TransferError::Paused {
+            message,
+            retry_after_ms,
+            code,
+        }) => {
+            warn!(transfer = %job.id, %message, "Receiver asks to pause.");
+            job.state = JobState::Paused;
+            job.retry_at_ms = now_ms() + retry_after_ms as i64;
+            job.error = Some(message.clone());
+            Err(TransferError::Paused {
+                code,
+                message,
+                retry_after_ms,
+            })
+        }
+        Err(e) if e.is_transient() => {
+            job.state = JobState::Queued;
+            job.error = Some(e.to_string());
+            Err(e)
+        }
+        Err(e) => {
+            warn!(transfer = %job.id, error = %e, "Transfer failed.");
+            job.state = JobState::Failed;
+            job.error = Some(e.to_string());
+            Err(e)
+        }
+    };
+    outbox.put(job)?;
+    outbox.changed.notify_waiters();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_parse_and_wrap_midnight() {
+        let w: Window = "22:00-06:00".parse().unwrap();
+        let at = |h: i64, m: i64| (h * 60 + m) * 60_000 + 20_000 * 86_400_000;
+        assert!(w.contains(at(23, 0)));
+        assert!(w.contains(at(2, 30)));
+        assert!(!w.contains(at(6, 0)));
+        assert!(!w.contains(at(12, 0)));
+        let d: Window = "09:30-17:00".parse().unwrap();
+        assert!(d.contains(at(9, 30)) && !d.contains(at(17, 0)));
+        for bad in ["22-06", "25:00-01:00", "10:00", "aa:bb-cc:dd"] {
+            assert!(bad.parse::<Window>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn next_job_is_highest_priority_then_oldest() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let ob = Outbox::new(db.open_tree("o").unwrap());
+        let m = Manifest {
+            name: "f".into(),
+            size: 1,
+            chunk_size: crate::manifest::MIN_CHUNK,
+            file_hash: [0; 32],
+            chunks: vec![[0; 32]],
+        };
+        let mut a = Job::new("a", "s1", "/x".into(), m.clone());
+        a.priority = "bulk".into();
+        a.created_ms = 1;
+        let mut b = Job::new("b", "s1", "/x".into(), m.clone());
+        b.created_ms = 2;
+        let mut c = Job::new("c", "s1", "/x".into(), m.clone());
+        c.priority = "alarm".into();
+        c.created_ms = 3;
+        let mut d = Job::new("d", "s2", "/x".into(), m.clone());
+        d.priority = "alarm".into();
+        let mut e = Job::new("e", "s1", "/x".into(), m);
+        e.priority = "alarm".into();
+        e.state = JobState::Delivered;
+        for j in [&a, &b, &c, &d, &e] {
+            ob.enqueue((*j).clone()).unwrap();
+        }
+        assert_eq!(ob.next_for("s1").unwrap().unwrap().id, "c");
+        c.state = JobState::Failed;
+        ob.put(&c).unwrap();
+        assert_eq!(ob.next_for("s1").unwrap().unwrap().id, "b");
+        b.retry_at_ms = i64::MAX;
+        ob.put(&b).unwrap();
+        assert_eq!(ob.next_for("s1").unwrap().unwrap().id, "a");
+        assert!(ob.next_for("nowhere").unwrap().is_none());
+    }
+}
