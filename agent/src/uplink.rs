@@ -268,7 +268,11 @@ async fn session(
     let transfers = cancel.child_token();
     let _stop_transfers = transfers.clone().drop_guard();
     if let Some(inbox) = &cfg.inbox {
-        tokio::spawn(accept_transfers(inbox.clone(), conn.clone(), transfers));
+        tokio::spawn(tiandi_transfer::inbox::accept_loop(
+            inbox.clone(),
+            conn.clone(),
+            transfers,
+        ));
     }
     *shared.link.lock().expect("link lock poisoned") = Some(link_stats(&conn));
     shared.sample_now.notify_one();
@@ -371,29 +375,6 @@ async fn session(
             }
             e = conn.closed() => return Err(app_close(e)),
         }
-    }
-}
-
-/// Receives the files the controller sends on this connection, one stream each.
-async fn accept_transfers(
-    inbox: Arc<tiandi_transfer::Inbox>,
-    conn: quinn::Connection,
-    stop: CancellationToken,
-) {
-    loop {
-        let (send, recv) = tokio::select! {
-            _ = stop.cancelled() => return,
-            s = conn.accept_bi() => match s {
-                Ok(s) => s,
-                Err(_) => return,
-            },
-        };
-        let inbox = inbox.clone();
-        tokio::spawn(async move {
-            if let Err(e) = inbox.serve(send, recv).await {
-                warn!(error = %e, "Incoming transfer failed.");
-            }
-        });
     }
 }
 

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use tiandi_link::{FrameReader, FrameWriter, LinkError, SiteIdentity, tls};
 use tiandi_proto::{Ack, Body, Welcome, codes, names::NameDecoder};
-use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{Core, Event, now_ms};
@@ -195,28 +194,6 @@ async fn site_connection(core: Arc<Core>, conn: quinn::Connection) {
     .await
 }
 
-/// Serves the transfer streams a site opens (files it sends to the controller).
-async fn accept_transfers(core: Arc<Core>, conn: quinn::Connection, stop: CancellationToken) {
-    loop {
-        let (send, recv) = tokio::select! {
-            _ = stop.cancelled() => return,
-            s = conn.accept_bi() => match s {
-                Ok(s) => s,
-                Err(_) => return,
-            },
-        };
-        let inbox = core.inbox.clone();
-        tokio::spawn(
-            async move {
-                if let Err(e) = inbox.serve(send, recv).await {
-                    warn!(error = %e, "Incoming transfer failed.");
-                }
-            }
-            .in_current_span(),
-        );
-    }
-}
-
 enum SessionError {
     Closed(String),
     Refuse(u32, String, &'static str),
@@ -307,7 +284,10 @@ async fn session(
         )
         .in_current_span(),
     );
-    tokio::spawn(accept_transfers(core.clone(), conn.clone(), transfers).in_current_span());
+    tokio::spawn(
+        tiandi_transfer::inbox::accept_loop(core.inbox.clone(), conn.clone(), transfers)
+            .in_current_span(),
+    );
     debug!(agent = %hello.agent_version, version = format!("{}.{}", hello.major, hello.minor), acked_through = state.acked_through, "Site connected.");
 
     let mut names = NameDecoder::default();

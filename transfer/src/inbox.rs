@@ -12,14 +12,16 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
-use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::manifest::Manifest;
-use crate::wire::{self, Acked, Bitmap, Failed, Frame, Have, Offer, Receipt, Resend, codes};
+use crate::wire::{
+    self, Acked, Bitmap, Failed, Frame, Have, Offer, Reader, Receipt, Resend, Writer, codes, next,
+    put,
+};
 use crate::{TransferError, now_ms};
 
 /// Acknowledge (after an fsync) at least every this many chunks…
@@ -82,14 +84,6 @@ pub enum Served {
 
 /// The live stream of one transfer: a token to stop it, and the lock its successor waits on.
 type Active = (CancellationToken, Arc<tokio::sync::Mutex<()>>);
-type Reader = FramedRead<quinn::RecvStream, LengthDelimitedCodec>;
-type Writer = FramedWrite<quinn::SendStream, LengthDelimitedCodec>;
-
-async fn put(w: &mut Writer, f: Frame) -> Result<(), TransferError> {
-    w.send(f.encode())
-        .await
-        .map_err(|e| TransferError::Stream(e.to_string()))
-}
 
 fn free_bytes(dir: &Path) -> u64 {
     nix::sys::statvfs::statvfs(dir)
@@ -486,18 +480,33 @@ impl Inbox {
     }
 }
 
+/// Serves every transfer stream the peer opens on `conn` (one task each) until `stop` fires or
+/// the connection ends. A failing stream is logged and closes only itself.
+pub async fn accept_loop(inbox: Arc<Inbox>, conn: quinn::Connection, stop: CancellationToken) {
+    loop {
+        let (send, recv) = tokio::select! {
+            _ = stop.cancelled() => return,
+            s = conn.accept_bi() => match s {
+                Ok(s) => s,
+                Err(_) => return,
+            },
+        };
+        let inbox = inbox.clone();
+        tokio::spawn(
+            async move {
+                if let Err(e) = inbox.serve(send, recv).await {
+                    warn!(error = %e, "Incoming transfer failed.");
+                }
+            }
+            .in_current_span(),
+        );
+    }
+}
+
 async fn sleep_until(t: Option<Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t.into()).await,
         None => std::future::pending().await,
-    }
-}
-
-async fn next(r: &mut Reader) -> Result<Option<Frame>, TransferError> {
-    match r.next().await {
-        None => Ok(None),
-        Some(Ok(b)) => Ok(Some(Frame::decode(b.freeze())?)),
-        Some(Err(e)) => Err(TransferError::Stream(e.to_string())),
     }
 }
 

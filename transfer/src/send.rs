@@ -12,14 +12,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{debug, warn};
 
 use crate::TransferError;
 use crate::manifest::Manifest;
-use crate::wire::{self, Bitmap, Frame, Offer, Receipt, codes};
+use crate::wire::{self, Bitmap, Frame, Offer, Receipt, codes, next, put};
 
 /// Stream priorities on a shared connection (higher goes first). Reports use
 /// [`PRIORITY_REPORTS`].
@@ -263,29 +262,14 @@ fn handle(
 ) -> Result<Option<Receipt>, TransferError> {
     match f? {
         Some(Frame::Acked(a)) => {
-            for i in a.chunks {
-                unacked.remove(&i);
-                if acked.set(i) {
-                    progress.acked_chunks.fetch_add(1, Ordering::Relaxed);
-                    progress
-                        .acked_bytes
-                        .fetch_add(manifest.chunk_len(i) as u64, Ordering::Relaxed);
-                }
-            }
+            mark_acked(a.chunks.into_iter(), manifest, acked, unacked, progress);
             Ok(None)
         }
         Some(Frame::Have(h)) => {
             // The answer to an optimistic start: skip what the receiver already holds.
             let have = Bitmap::from_bytes(&h.verified, manifest.chunk_count());
-            for i in (0..manifest.chunk_count()).filter(|i| have.get(*i)) {
-                unacked.remove(&i);
-                if acked.set(i) {
-                    progress.acked_chunks.fetch_add(1, Ordering::Relaxed);
-                    progress
-                        .acked_bytes
-                        .fetch_add(manifest.chunk_len(i) as u64, Ordering::Relaxed);
-                }
-            }
+            let held = (0..manifest.chunk_count()).filter(|i| have.get(*i));
+            mark_acked(held, manifest, acked, unacked, progress);
             Ok(None)
         }
         Some(Frame::Resend(r)) => {
@@ -310,6 +294,25 @@ fn handle(
     }
 }
 
+/// Records chunks the receiver holds durably.
+fn mark_acked(
+    chunks: impl Iterator<Item = u32>,
+    manifest: &Manifest,
+    acked: &mut Bitmap,
+    unacked: &mut std::collections::HashSet<u32>,
+    progress: &Progress,
+) {
+    for i in chunks {
+        unacked.remove(&i);
+        if acked.set(i) {
+            progress.acked_chunks.fetch_add(1, Ordering::Relaxed);
+            progress
+                .acked_bytes
+                .fetch_add(manifest.chunk_len(i) as u64, Ordering::Relaxed);
+        }
+    }
+}
+
 fn failed(f: wire::Failed) -> TransferError {
     if f.retry_after_ms > 0 {
         TransferError::Paused {
@@ -329,24 +332,5 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-async fn put(
-    w: &mut FramedWrite<quinn::SendStream, tokio_util::codec::LengthDelimitedCodec>,
-    f: Frame,
-) -> Result<(), TransferError> {
-    w.send(f.encode())
-        .await
-        .map_err(|e| TransferError::Stream(e.to_string()))
-}
-
-async fn next(
-    r: &mut FramedRead<quinn::RecvStream, tokio_util::codec::LengthDelimitedCodec>,
-) -> Result<Option<Frame>, TransferError> {
-    match r.next().await {
-        None => Ok(None),
-        Some(Ok(b)) => Ok(Some(Frame::decode(b.freeze())?)),
-        Some(Err(e)) => Err(TransferError::Stream(e.to_string())),
     }
 }

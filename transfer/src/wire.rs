@@ -313,6 +313,31 @@ impl Bitmap {
     }
 }
 
+/// Frames read from a transfer stream.
+pub type Reader =
+    tokio_util::codec::FramedRead<quinn::RecvStream, tokio_util::codec::LengthDelimitedCodec>;
+/// Frames written to a transfer stream.
+pub type Writer =
+    tokio_util::codec::FramedWrite<quinn::SendStream, tokio_util::codec::LengthDelimitedCodec>;
+
+/// Writes one frame.
+pub async fn put(w: &mut Writer, f: Frame) -> Result<(), TransferError> {
+    use futures_util::SinkExt;
+    w.send(f.encode())
+        .await
+        .map_err(|e| TransferError::Stream(e.to_string()))
+}
+
+/// Reads the next frame; `None` when the peer finished the stream.
+pub async fn next(r: &mut Reader) -> Result<Option<Frame>, TransferError> {
+    use futures_util::StreamExt;
+    match r.next().await {
+        None => Ok(None),
+        Some(Ok(b)) => Ok(Some(Frame::decode(b.freeze())?)),
+        Some(Err(e)) => Err(TransferError::Stream(e.to_string())),
+    }
+}
+
 /// The codec for transfer streams.
 pub fn codec() -> tokio_util::codec::LengthDelimitedCodec {
     tokio_util::codec::LengthDelimitedCodec::builder()
