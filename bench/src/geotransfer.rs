@@ -221,22 +221,8 @@ async fn tiandi(
                                 continue;
                             }
                         };
-                    loop {
-                        tokio::select! {
-                            _ = stop.cancelled() => break,
-                            s = conn.accept_bi() => match s {
-                                Ok((s, r)) => {
-                                    let inbox = inbox.clone();
-                                    tokio::spawn(async move {
-                                        if let Err(e) = inbox.serve(s, r).await {
-                                            eprintln!("  receiver: {e}");
-                                        }
-                                    });
-                                }
-                                Err(_) => break,
-                            }
-                        }
-                    }
+                    // The agent's acceptor: control streams and chunk streams.
+                    tiandi_transfer::inbox::accept_loop(inbox.clone(), conn, stop.clone()).await;
                 }
                 client.close(0u32.into(), b"done");
                 anyhow::Ok(())

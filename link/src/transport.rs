@@ -65,7 +65,8 @@ impl LinkProfile {
             .receive_window(VarInt::from_u64(window * 2).unwrap_or(VarInt::MAX))
             .send_window(window * 2)
             .max_concurrent_bidi_streams(VarInt::from_u32(16))
-            .max_concurrent_uni_streams(VarInt::from_u32(16))
+            // Transfers send each chunk on a stream of its own: enough for a window of chunks.
+            .max_concurrent_uni_streams(VarInt::from_u32(512))
             .keep_alive_interval(Some(Duration::from_secs(20)))
             .max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(60_000))));
         t

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::manifest::Manifest;
 use crate::wire::{
@@ -25,11 +25,54 @@ use crate::wire::{
 use crate::{TransferError, now_ms};
 
 /// Acknowledge (after an fsync) at least every this many chunks…
-pub const SYNC_CHUNKS: usize = 8;
+pub const SYNC_CHUNKS: usize = 16;
 /// …and at least this often while chunks arrive.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(250);
 /// A paused sender retries after this long when the disk is full.
 pub const DISK_FULL_RETRY: Duration = Duration::from_secs(15);
+/// Chunks waiting for their transfer's task. Full: the chunk streams' readers wait, and QUIC
+/// flow control slows the sender (nothing is dropped).
+const CHUNK_QUEUE: usize = 32;
+/// How long a chunk stream waits for its transfer's Offer to be processed (they travel on
+/// different streams and may overtake each other).
+const ROUTE_WAIT: Duration = Duration::from_secs(10);
+
+type ChunkTx = mpsc::Sender<(u32, bytes::Bytes)>;
+
+/// A transfer's chunk route, removed when its task ends.
+struct Route<'a> {
+    inbox: &'a Inbox,
+    id: String,
+    tx: ChunkTx,
+}
+
+impl<'a> Route<'a> {
+    fn add(inbox: &'a Inbox, id: &str, tx: ChunkTx) -> Route<'a> {
+        inbox
+            .routes
+            .lock()
+            .expect("inbox lock poisoned")
+            .insert(id.to_string(), tx.clone());
+        inbox.route_added.notify_waiters();
+        Route {
+            inbox,
+            id: id.to_string(),
+            tx,
+        }
+    }
+}
+
+impl Drop for Route<'_> {
+    fn drop(&mut self) {
+        let mut routes = self.inbox.routes.lock().expect("inbox lock poisoned");
+        if routes
+            .get(&self.id)
+            .is_some_and(|t| t.same_channel(&self.tx))
+        {
+            routes.remove(&self.id);
+        }
+    }
+}
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct InState {
@@ -70,6 +113,9 @@ pub struct Inbox {
     /// One stream per transfer at a time: a new offer takes over from a stale stream.
     active: Mutex<HashMap<String, Active>>,
     paused_full: Mutex<std::collections::HashSet<String>>,
+    /// Where each receiving transfer takes its chunks (by file hash).
+    routes: Mutex<HashMap<String, ChunkTx>>,
+    route_added: tokio::sync::Notify,
 }
 
 /// How a served stream ended.
@@ -108,6 +154,8 @@ impl Inbox {
             events,
             active: Mutex::new(HashMap::new()),
             paused_full: Mutex::new(Default::default()),
+            routes: Mutex::new(HashMap::new()),
+            route_added: tokio::sync::Notify::new(),
         }))
     }
 
@@ -294,11 +342,14 @@ impl Inbox {
         .await?;
         info!(transfer = %st.transfer_id, name = %manifest.name, have = st.verified.count(), of = manifest.chunk_count(), "Receiving.");
 
+        // Chunks arrive on streams of their own (see `accept_chunk`); they are routed here.
+        let (tx, mut chunks) = mpsc::channel::<(u32, bytes::Bytes)>(CHUNK_QUEUE);
+        let _route = Route::add(self, &id, tx);
         let mut pending: Vec<u32> = Vec::new();
         let mut first_pending: Option<Instant> = None;
         while !st.verified.complete() {
             let deadline = first_pending.map(|t| t + SYNC_INTERVAL);
-            let frame = tokio::select! {
+            let (index, data) = tokio::select! {
                 _ = cancel.cancelled() => {
                     self.commit(&file, &mut st, &mut pending, w, false).await?;
                     return Ok(Served::Interrupted);
@@ -308,21 +359,26 @@ impl Inbox {
                     first_pending = None;
                     continue;
                 }
-                f = next(r) => f,
-            };
-            let (index, data) = match frame {
-                Ok(Some(Frame::Chunk { index, data })) => (index, data),
-                Ok(Some(other)) => {
-                    self.commit(&file, &mut st, &mut pending, w, false).await?;
-                    let msg = format!("expected Chunk, got {}", other.kind());
-                    refuse(w, codes::PROTOCOL, &msg).await;
-                    return Err(TransferError::Protocol(msg));
-                }
-                Ok(None) | Err(_) => {
-                    // The sender stopped or the link broke: keep what arrived.
-                    self.commit(&file, &mut st, &mut pending, w, false).await?;
-                    return Ok(Served::Interrupted);
-                }
+                c = chunks.recv() => match c {
+                    Some(c) => c,
+                    None => {
+                        self.commit(&file, &mut st, &mut pending, w, false).await?;
+                        return Ok(Served::Interrupted);
+                    }
+                },
+                f = next(r) => match f {
+                    Ok(Some(other)) => {
+                        self.commit(&file, &mut st, &mut pending, w, false).await?;
+                        let msg = format!("unexpected {} from the sender", other.kind());
+                        refuse(w, codes::PROTOCOL, &msg).await;
+                        return Err(TransferError::Protocol(msg));
+                    }
+                    Ok(None) | Err(_) => {
+                        // The sender stopped or the link broke: keep what arrived.
+                        self.commit(&file, &mut st, &mut pending, w, false).await?;
+                        return Ok(Served::Interrupted);
+                    }
+                },
             };
             if index >= manifest.chunk_count() {
                 let msg = format!("chunk {index} of a {}-chunk file", manifest.chunk_count());
@@ -474,32 +530,84 @@ impl Inbox {
         }
     }
 
+    /// Reads one chunk stream and hands the chunk to its transfer's task. A chunk for no
+    /// transfer in progress (a late duplicate) is dropped; the sender learns what is missing
+    /// from acknowledgements and the next Have.
+    pub async fn accept_chunk(&self, mut recv: quinn::RecvStream) -> Result<(), TransferError> {
+        let mut header = [0u8; wire::CHUNK_HEADER];
+        recv.read_exact(&mut header)
+            .await
+            .map_err(|e| TransferError::Stream(format!("chunk header: {e}")))?;
+        let (hash, index) = wire::parse_chunk_header(&header)?;
+        let data = recv
+            .read_to_end(crate::manifest::MAX_CHUNK as usize)
+            .await
+            .map_err(|e| TransferError::Stream(format!("chunk {index}: {e}")))?;
+        let id = hex::encode(hash);
+        let deadline = Instant::now() + ROUTE_WAIT;
+        loop {
+            let added = self.route_added.notified();
+            let tx = self
+                .routes
+                .lock()
+                .expect("inbox lock poisoned")
+                .get(&id)
+                .cloned();
+            if let Some(tx) = tx {
+                // The task may have ended meanwhile: then the chunk is not needed here.
+                let _ = tx.send((index, bytes::Bytes::from(data))).await;
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline.into(), added)
+                .await
+                .is_err()
+            {
+                return Ok(());
+            }
+        }
+    }
+
     /// Transfers paused on a full disk.
     pub fn paused_on_full_disk(&self) -> usize {
         self.paused_full.lock().expect("inbox lock poisoned").len()
     }
 }
 
-/// Serves every transfer stream the peer opens on `conn` (one task each) until `stop` fires or
-/// the connection ends. A failing stream is logged and closes only itself.
+/// Serves every transfer the peer opens on `conn` (a task per stream: control streams and
+/// chunk streams) until `stop` fires or the connection ends. A failing stream is logged and
+/// closes only itself.
 pub async fn accept_loop(inbox: Arc<Inbox>, conn: quinn::Connection, stop: CancellationToken) {
     loop {
-        let (send, recv) = tokio::select! {
+        let inbox = inbox.clone();
+        tokio::select! {
             _ = stop.cancelled() => return,
             s = conn.accept_bi() => match s {
-                Ok(s) => s,
+                Ok((send, recv)) => {
+                    tokio::spawn(
+                        async move {
+                            if let Err(e) = inbox.serve(send, recv).await {
+                                warn!(error = %e, "Incoming transfer failed.");
+                            }
+                        }
+                        .in_current_span(),
+                    );
+                }
                 Err(_) => return,
             },
-        };
-        let inbox = inbox.clone();
-        tokio::spawn(
-            async move {
-                if let Err(e) = inbox.serve(send, recv).await {
-                    warn!(error = %e, "Incoming transfer failed.");
+            s = conn.accept_uni() => match s {
+                Ok(recv) => {
+                    tokio::spawn(
+                        async move {
+                            if let Err(e) = inbox.accept_chunk(recv).await {
+                                debug!(error = %e, "Chunk stream dropped.");
+                            }
+                        }
+                        .in_current_span(),
+                    );
                 }
-            }
-            .in_current_span(),
-        );
+                Err(_) => return,
+            },
+        }
     }
 }
 

@@ -1,8 +1,9 @@
 //! The sending side of one transfer over one QUIC connection.
 //!
-//! Opens a stream (at the transfer's priority: reports and alarms go first on a shared
+//! Opens a control stream (at the transfer's priority: reports and alarms go first on a shared
 //! connection), offers the manifest, learns what the receiver already holds, and sends the
-//! rest, re-reading and re-checking each chunk from the source. Chunks go out paced by the
+//! rest, each chunk on a stream of its own at the same priority, re-reading and re-checking
+//! each from the source. Chunks go out paced by the
 //! optional rate limit; a `pause` check between chunks honours time windows.
 
 use std::os::unix::fs::FileExt;
@@ -11,7 +12,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{debug, warn};
@@ -94,7 +94,8 @@ pub async fn send_file(
     pause: &(dyn Fn() -> bool + Send + Sync),
 ) -> Result<SendOutcome, TransferError> {
     let (send, recv) = conn.open_bi().await?;
-    let _ = send.set_priority(stream_priority(&opts.priority));
+    let priority = stream_priority(&opts.priority);
+    let _ = send.set_priority(priority);
     let mut w = FramedWrite::new(send, wire::codec());
     let mut r = FramedRead::new(recv, wire::codec());
     let mut offer = Offer::new(manifest, &opts.transfer_id, &opts.priority, &opts.origin);
@@ -210,11 +211,23 @@ pub async fn send_file(
                 let _ = w.get_mut().finish();
                 return Err(TransferError::SourceChanged(msg));
             }
-            let data = Bytes::copy_from_slice(chunk);
-            // A write blocks while flow control is exhausted: a dead link shows up here.
+            // A chunk goes on a stream of its own (see `wire`). Opening one waits for the
+            // receiver's stream credit, writing for flow control: a dead link shows up here.
             let stall_at =
                 t0 + Duration::from_millis(heard.load(Ordering::Relaxed)) + opts.stall_timeout;
-            let write = put(&mut w, Frame::Chunk { index: i, data });
+            let header = wire::chunk_header(&manifest.file_hash, i);
+            let write = async {
+                let mut s = conn.open_uni().await?;
+                let _ = s.set_priority(priority);
+                s.write_all(&header)
+                    .await
+                    .map_err(|e| TransferError::Stream(e.to_string()))?;
+                s.write_all(chunk)
+                    .await
+                    .map_err(|e| TransferError::Stream(e.to_string()))?;
+                let _ = s.finish();
+                Ok::<_, TransferError>(())
+            };
             match tokio::time::timeout_at(stall_at.into(), write).await {
                 Ok(r) => r?,
                 Err(_) => {

@@ -1,10 +1,14 @@
 //! The transfer protocol on one QUIC bidirectional stream per transfer, opened by the sender.
 //!
-//! Every frame is a 4-byte big-endian length, one kind byte, and a body: protobuf for control
-//! messages, `index (u32 BE) ‖ bytes` for chunks.
+//! Every frame is a 4-byte big-endian length, one kind byte, and a protobuf body.
+//!
+//! Chunks do not travel on that stream: each goes on a unidirectional stream of its own,
+//! `[CHUNK_MAGIC] [file hash: 32 bytes] [index: u32 BE] [bytes…]` to the end of the stream, so
+//! a lost packet holds back one chunk, not everything behind it (on a cut, the data behind an
+//! unrepaired loss would otherwise be thrown away with the connection).
 //!
 //! ```text
-//! sender → receiver: Offer, then Chunk* (only chunks the receiver lacks)
+//! sender → receiver: Offer (then chunks on their own streams: only those the receiver lacks)
 //! receiver → sender: Have (chunks already verified and durable), then any of
 //!                    Acked (chunks now durable: never sent again), Resend (a chunk failed
 //!                    its check), Done (the whole file verified and in place: the receipt),
@@ -121,7 +125,6 @@ pub struct Failed {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Frame {
     Offer(Offer),
-    Chunk { index: u32, data: Bytes },
     Have(Have),
     Acked(Acked),
     Resend(Resend),
@@ -133,7 +136,6 @@ impl Frame {
     pub fn kind(&self) -> &'static str {
         match self {
             Frame::Offer(_) => "Offer",
-            Frame::Chunk { .. } => "Chunk",
             Frame::Have(_) => "Have",
             Frame::Acked(_) => "Acked",
             Frame::Resend(_) => "Resend",
@@ -149,12 +151,6 @@ impl Frame {
             Frame::Offer(m) => {
                 b.put_u8(1);
                 m.encode(&mut b).expect("BytesMut grows");
-            }
-            Frame::Chunk { index, data } => {
-                b.reserve(5 + data.len());
-                b.put_u8(2);
-                b.put_u32(*index);
-                b.put_slice(data);
             }
             Frame::Have(m) => {
                 b.put_u8(3);
@@ -188,13 +184,6 @@ impl Frame {
         let pe = |e: prost::DecodeError| TransferError::Protocol(format!("malformed frame: {e}"));
         Ok(match kind {
             1 => Frame::Offer(Offer::decode(b).map_err(pe)?),
-            2 => {
-                if b.len() < 4 {
-                    return Err(TransferError::Protocol("chunk frame too short".into()));
-                }
-                let index = b.get_u32();
-                Frame::Chunk { index, data: b }
-            }
             3 => Frame::Have(Have::decode(b).map_err(pe)?),
             4 => Frame::Acked(Acked::decode(b).map_err(pe)?),
             5 => Frame::Resend(Resend::decode(b).map_err(pe)?),
@@ -313,6 +302,34 @@ impl Bitmap {
     }
 }
 
+/// First byte of a chunk stream.
+pub const CHUNK_MAGIC: u8 = 0xC7;
+/// Bytes before a chunk's data on its stream.
+pub const CHUNK_HEADER: usize = 1 + 32 + 4;
+
+/// The header of chunk `index` of the file with hash `file_hash`.
+pub fn chunk_header(file_hash: &Hash, index: u32) -> [u8; CHUNK_HEADER] {
+    let mut h = [0u8; CHUNK_HEADER];
+    h[0] = CHUNK_MAGIC;
+    h[1..33].copy_from_slice(file_hash);
+    h[33..].copy_from_slice(&index.to_be_bytes());
+    h
+}
+
+/// Parses a chunk stream's header.
+pub fn parse_chunk_header(h: &[u8; CHUNK_HEADER]) -> Result<(Hash, u32), TransferError> {
+    if h[0] != CHUNK_MAGIC {
+        return Err(TransferError::Protocol(format!(
+            "a chunk stream starts with {:#04x}, expected {CHUNK_MAGIC:#04x}",
+            h[0]
+        )));
+    }
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(&h[1..33]);
+    let index = u32::from_be_bytes([h[33], h[34], h[35], h[36]]);
+    Ok((hash, index))
+}
+
 /// Frames read from a transfer stream.
 pub type Reader =
     tokio_util::codec::FramedRead<quinn::RecvStream, tokio_util::codec::LengthDelimitedCodec>;
@@ -353,10 +370,9 @@ mod tests {
     #[test]
     fn frames_roundtrip_and_garbage_is_an_error() {
         let frames = vec![
-            Frame::Chunk {
-                index: 7,
-                data: Bytes::from_static(b"abc"),
-            },
+            Frame::Have(Have {
+                verified: vec![1, 2, 3],
+            }),
             Frame::Acked(Acked { chunks: vec![1, 2] }),
             Frame::Failed(Failed {
                 code: codes::DISK_FULL,
@@ -370,6 +386,11 @@ mod tests {
         assert!(Frame::decode(Bytes::new()).is_err());
         assert!(Frame::decode(Bytes::from_static(&[9, 1, 2])).is_err());
         assert!(Frame::decode(Bytes::from_static(&[2, 1])).is_err());
+        let h = chunk_header(&[9; 32], 77);
+        assert_eq!(parse_chunk_header(&h).unwrap(), ([9; 32], 77));
+        let mut bad = h;
+        bad[0] = 1;
+        assert!(parse_chunk_header(&bad).is_err());
         assert!(Frame::decode(Bytes::from_static(&[1, 0xff, 0xff])).is_err());
     }
 

@@ -10,7 +10,6 @@ use futures_util::{SinkExt, StreamExt};
 use tiandi_link::pki::{CONTROLLER_NAME, Ca, site_key_and_csr};
 use tiandi_link::tls::{CertPolicy, Rejection};
 use tiandi_link::{LinkProfile, SiteIdentity};
-use tiandi_transfer::inbox::Served;
 use tiandi_transfer::send::Progress;
 use tiandi_transfer::wire::{self, Frame};
 use tiandi_transfer::{Inbox, Manifest, SendOptions, SendOutcome, TransferError, send_file};
@@ -63,18 +62,13 @@ fn inbox(dir: &Path) -> Arc<Inbox> {
     Inbox::new(&dir.join("in"), db.open_tree("inbox").unwrap(), "s1", None).unwrap()
 }
 
-/// Serves every incoming transfer stream on `conn`.
-fn serve(conn: quinn::Connection, inbox: Arc<Inbox>) -> tokio::task::JoinHandle<Vec<Served>> {
-    tokio::spawn(async move {
-        let mut out = Vec::new();
-        while let Ok((s, r)) = conn.accept_bi().await {
-            match inbox.serve(s, r).await {
-                Ok(x) => out.push(x),
-                Err(e) => eprintln!("serve: {e}"),
-            }
-        }
-        out
-    })
+/// Serves every incoming transfer on `conn`, as agents and the controller do.
+fn serve(conn: quinn::Connection, inbox: Arc<Inbox>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(tiandi_transfer::inbox::accept_loop(
+        inbox,
+        conn,
+        tokio_util::sync::CancellationToken::new(),
+    ))
 }
 
 fn file(dir: &Path, name: &str, len: usize, seed: u8) -> std::path::PathBuf {
@@ -84,6 +78,16 @@ fn file(dir: &Path, name: &str, len: usize, seed: u8) -> std::path::PathBuf {
         .collect();
     std::fs::write(&p, data).unwrap();
     p
+}
+
+/// Sends one chunk on a stream of its own, as the sender does.
+async fn send_chunk(conn: &quinn::Connection, m: &Manifest, i: u32, data: &[u8]) {
+    let mut s = conn.open_uni().await.unwrap();
+    s.write_all(&wire::chunk_header(&m.file_hash, i))
+        .await
+        .unwrap();
+    s.write_all(data).await.unwrap();
+    s.finish().unwrap();
 }
 
 fn no_pause() -> bool {
@@ -215,15 +219,7 @@ async fn a_corrupt_chunk_is_asked_for_again_and_garbage_is_refused() {
         if i == 1 {
             c[100] ^= 0x40;
         }
-        w.send(
-            Frame::Chunk {
-                index: i,
-                data: Bytes::from(c),
-            }
-            .encode(),
-        )
-        .await
-        .unwrap();
+        send_chunk(&sconn, &m, i, &c).await;
     }
     let mut resend = None;
     while resend.is_none() {
@@ -236,15 +232,7 @@ async fn a_corrupt_chunk_is_asked_for_again_and_garbage_is_refused() {
     assert_eq!(resend, Some(1));
     assert!(!dir.path().join("in/c.bin").exists());
     let s = m.offset(1) as usize;
-    w.send(
-        Frame::Chunk {
-            index: 1,
-            data: Bytes::copy_from_slice(&data[s..s + m.chunk_len(1)]),
-        }
-        .encode(),
-    )
-    .await
-    .unwrap();
+    send_chunk(&sconn, &m, 1, &data[s..s + m.chunk_len(1)]).await;
     loop {
         match Frame::decode(r.next().await.unwrap().unwrap().freeze()).unwrap() {
             Frame::Done(receipt) => {
