@@ -73,13 +73,28 @@ impl Owned {
     }
 
     fn open_db(path: &Path) -> Result<sled::Db, SpoolError> {
-        Ok(sled::Config::new()
-            .path(path)
-            .cache_capacity(CACHE_BYTES)
-            // Smaller segments lay a copy out tighter (measured: 1.7× the live bytes against
-            // 2.2× with sled's default 512 KiB).
-            .segment_size(SEGMENT_BYTES)
-            .open()?)
+        // sled releases its file lock from a background thread after the last handle is
+        // dropped: a spool reopened at once (a restarted uplink, a test) may find it still
+        // held for a moment.
+        let mut tries = 0;
+        loop {
+            let r = sled::Config::new()
+                .path(path)
+                .cache_capacity(CACHE_BYTES)
+                // Smaller segments lay a copy out tighter (measured: 1.7× the live bytes
+                // against 2.2× with sled's default 512 KiB).
+                .segment_size(SEGMENT_BYTES)
+                .open();
+            match r {
+                Err(sled::Error::Io(e))
+                    if tries < 50 && e.to_string().contains("could not acquire lock") =>
+                {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                r => return Ok(r?),
+            }
+        }
     }
 
     /// Opens the current generation, removing any other one a crash left behind.
