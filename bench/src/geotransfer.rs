@@ -6,8 +6,10 @@
 //! controller at the link's rate; the site is the client and the receiver (a real [`Inbox`]:
 //! chunks checked, fsynced, acknowledged, the whole file checked and renamed into place), and
 //! it reconnects when its connection dies, as an agent does. Tiandi's rate is file bytes over
-//! the time from the site's first connection attempt to the receipt at the hub: start-up,
-//! handshake and the final check included. `resent_after_cut_pct` is what the cut cost on the
+//! the time from the hub starting the transfer on the site's (established) connection to the
+//! receipt at the hub: the offer, the ramp, every chunk check, the final whole-file check and
+//! the receipt's trip back included; in service the connection is the agent's, open long
+//! before, so its handshake is not part of a transfer. `resent_after_cut_pct` is what the cut cost on the
 //! wire: the UDP bytes the hub sent in the cut run beyond those of the clean run, over the
 //! file's size (chunk bytes written to streams overcount: a stream buffers ahead of the link,
 //! and what sat in the buffer at the cut never left the hub).
@@ -42,6 +44,8 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    // Warnings by default; RUST_LOG=tiandi_transfer=debug shows each attempt's Have.
+    tiandi_link::init_logging("warn");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -231,7 +235,7 @@ async fn tiandi(
 
     // The hub: accept the site's connection, send; after a transient failure, wait for the
     // site's next connection and send again (the receiver says what it already holds).
-    let started = Instant::now();
+    let mut started: Option<Instant> = None;
     let progress = Arc::new(Progress::default());
     let opts = SendOptions {
         transfer_id: format!("bench-{port}"),
@@ -276,7 +280,7 @@ async fn tiandi(
     let mut reconnects = 0;
     let mut wire_bytes = 0u64;
     let receipt = loop {
-        if started.elapsed() > a.time_limit {
+        if started.is_some_and(|s| s.elapsed() > a.time_limit) {
             bail!("the transfer did not finish within {:?}", a.time_limit);
         }
         let incoming = tokio::time::timeout(a.time_limit, server.accept())
@@ -287,8 +291,21 @@ async fn tiandi(
             Ok(c) => c,
             Err(_) => continue,
         };
+        // The clock starts when the hub starts the transfer on the site's connection: in
+        // service that connection is the agent's, up long before (its handshake is no part
+        // of a transfer).
+        started.get_or_insert_with(Instant::now);
         let result = send_file(&conn, src, manifest, &opts, &progress, &|| false).await;
-        wire_bytes += conn.stats().udp_tx.bytes;
+        let st = conn.stats();
+        wire_bytes += st.udp_tx.bytes;
+        eprintln!(
+            "  connection {}: {} UDP bytes out, {} packets lost, {} chunk bytes written so far, {} acknowledged",
+            reconnects + 1,
+            st.udp_tx.bytes,
+            st.path.lost_packets,
+            progress.sent_bytes.load(Ordering::Relaxed),
+            progress.acked_bytes.load(Ordering::Relaxed)
+        );
         match result {
             Ok(SendOutcome::Delivered(r)) => break r,
             Ok(SendOutcome::Paused) => bail!("paused without a window"),
@@ -300,7 +317,9 @@ async fn tiandi(
             Err(e) => return Err(e.into()),
         }
     };
-    let secs = started.elapsed().as_secs_f64();
+    let secs = started
+        .map(|s| s.elapsed().as_secs_f64())
+        .unwrap_or(f64::NAN);
     steady.abort();
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), site).await;

@@ -4,11 +4,13 @@
 //! Loss-based controllers (Cubic, NewReno) read every loss as congestion; on a GEO hop with
 //! 1 % random loss they hold the window at a few tens of kB and move under 1 Mbit/s of a
 //! 20 Mbit/s link. quinn's BBR overshoots instead (measured: `../shared/notes/quic-on-geo.md`).
-//! This controller keeps the window at `rate × min RTT`: quinn paces a window over the smoothed
-//! RTT, so the connection sends at the configured rate and never above it on average, and a
-//! random loss does not shrink anything. The minimum RTT (not the smoothed one) keeps a rate
-//! set too high self-limiting: queueing raises the smoothed RTT, so pacing slows, while the
-//! window stays put.
+//! This controller keeps the window at `rate × RTT`, with RTT the smoothed round trip capped
+//! at [`RTT_CAP`] × the minimum: a window is acknowledged one raw round trip after it is sent,
+//! and quinn's smoothed RTT has the receiver's ACK delay taken out, so the connection sends
+//! at most the configured rate on average (a window of `rate × min RTT` alone lost ~3 % to
+//! ACK delay and jitter on an emulated GEO hop). A random loss shrinks nothing. The cap keeps a
+//! rate set too high self-limiting: the queue it builds raises the smoothed RTT, but the window
+//! grows by at most a tenth of a round trip's worth before it stops following.
 //!
 //! Only safe where the rate really is reserved for the connection: it does not back off for
 //! competing traffic. Sustained heavy loss (a fade deeper than the link budget, a cut) is
@@ -21,6 +23,8 @@ use std::time::{Duration, Instant};
 use quinn::congestion::{Controller, ControllerFactory};
 use quinn_proto::RttEstimator;
 
+/// The RTT used for the window is at most this multiple of the minimum RTT.
+pub const RTT_CAP: f64 = 1.1;
 /// Window when no RTT sample exists yet: `rate × initial_rtt`.
 const DEFAULT_INITIAL_RTT: Duration = Duration::from_millis(600);
 /// Floor of the window, in packets: enough for loss recovery to keep working at tiny rates.
@@ -55,6 +59,8 @@ pub struct FixedRate {
     bytes_per_s: f64,
     mtu: u16,
     min_rtt: Option<Duration>,
+    /// The RTT the window follows (smoothed, capped).
+    rtt: Option<Duration>,
     initial_rtt: Duration,
     window: u64,
 }
@@ -65,6 +71,7 @@ impl FixedRate {
             bytes_per_s: rate_bps as f64 / 8.0,
             mtu,
             min_rtt: None,
+            rtt: None,
             initial_rtt,
             window: 0,
         };
@@ -73,7 +80,7 @@ impl FixedRate {
     }
 
     fn compute_window(&self) -> u64 {
-        let rtt = self.min_rtt.unwrap_or(self.initial_rtt);
+        let rtt = self.rtt.or(self.min_rtt).unwrap_or(self.initial_rtt);
         let w = (self.bytes_per_s * rtt.as_secs_f64()) as u64;
         w.max(MIN_WINDOW_PACKETS * u64::from(self.mtu))
     }
@@ -84,6 +91,19 @@ impl FixedRate {
             return;
         }
         self.min_rtt = Some(min_rtt);
+        if let Some(r) = self.rtt {
+            self.rtt = Some(r.min(min_rtt.mul_f64(RTT_CAP)).max(min_rtt));
+        }
+        self.window = self.compute_window();
+    }
+
+    /// Takes the smoothed RTT (ACK delay excluded): the window follows it up to the cap.
+    pub fn on_rtt(&mut self, smoothed: Duration, min_rtt: Duration) {
+        if min_rtt.is_zero() {
+            return;
+        }
+        self.min_rtt = Some(min_rtt);
+        self.rtt = Some(smoothed.clamp(min_rtt, min_rtt.mul_f64(RTT_CAP)));
         self.window = self.compute_window();
     }
 }
@@ -97,9 +117,7 @@ impl Controller for FixedRate {
         _app_limited: bool,
         rtt: &RttEstimator,
     ) {
-        if self.min_rtt != Some(rtt.min()) {
-            self.on_min_rtt(rtt.min());
-        }
+        self.on_rtt(rtt.get(), rtt.min());
     }
 
     fn on_congestion_event(
@@ -149,6 +167,19 @@ mod tests {
         c.on_congestion_event(Instant::now(), Instant::now(), false, 100_000);
         c.on_congestion_event(Instant::now(), Instant::now(), true, 1_000_000);
         assert_eq!(c.window(), 1_525_000);
+    }
+
+    #[test]
+    fn window_follows_the_smoothed_rtt_up_to_a_tenth_above_the_minimum() {
+        let mut c = FixedRate::new(8_000_000, Duration::from_millis(600), 1200);
+        c.on_rtt(Duration::from_millis(615), Duration::from_millis(600));
+        assert_eq!(c.window(), 615_000);
+        // A queue (a rate set above the link's) raises the smoothed RTT: capped.
+        c.on_rtt(Duration::from_millis(2000), Duration::from_millis(600));
+        assert_eq!(c.window(), 660_000);
+        // Never below the minimum.
+        c.on_rtt(Duration::from_millis(500), Duration::from_millis(600));
+        assert_eq!(c.window(), 600_000);
     }
 
     #[test]

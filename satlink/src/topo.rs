@@ -68,6 +68,9 @@ pub struct Topology {
     tasks: Vec<JoinHandle<()>>,
     cancel: CancellationToken,
     torn_down: bool,
+    /// The emulator's own runtime (one thread): what the caller's runtime does (hashing,
+    /// fsync, a busy benchmark) must not delay frames on the emulated links.
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 fn run(args: &[&str]) -> Result<String, TopoError> {
@@ -152,8 +155,19 @@ impl Topology {
             tasks: Vec::new(),
             cancel: CancellationToken::new(),
             torn_down: false,
+            runtime: Some(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name(format!("satlink-{p}"))
+                    .enable_all()
+                    .build()
+                    .map_err(|e| TopoError::Invalid(format!("emulator runtime: {e}")))?,
+            ),
         };
-        // From here on, a failure tears down what was built (on drop).
+        // From here on, a failure tears down what was built (on drop). Devices and tasks
+        // belong to the emulator's runtime.
+        let handle = topo.runtime.as_ref().map(|r| r.handle().clone());
+        let _enter = handle.as_ref().map(|h| h.enter());
         topo.build(spec)?;
         Ok(topo)
     }
@@ -251,6 +265,9 @@ impl Topology {
         self.cancel.cancel();
         for t in self.tasks.drain(..) {
             t.abort();
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
         }
         down_prefix(&self.prefix);
     }

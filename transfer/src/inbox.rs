@@ -201,6 +201,16 @@ impl Inbox {
         Ok(())
     }
 
+    /// [`Inbox::store`] without blocking the async workers on the flush.
+    async fn store_async(&self, s: &InState) -> Result<(), TransferError> {
+        self.tree.insert(
+            s.manifest.id_hex().as_bytes(),
+            serde_json::to_vec(s).expect("state serialises"),
+        )?;
+        self.tree.flush_async().await?;
+        Ok(())
+    }
+
     /// Serves one incoming transfer stream until the file is complete, the sender stops, or the
     /// stream breaks. Errors here are the stream's own; the caller logs them and goes on.
     pub async fn serve(
@@ -423,7 +433,10 @@ impl Inbox {
         }
         self.commit(&file, &mut st, &mut pending, w, true).await?;
         // Every chunk verified and durable: check the whole file, then put it in place.
-        let whole = hash_file(&st.part)?;
+        let part = st.part.clone();
+        let whole = tokio::task::spawn_blocking(move || hash_file(&part))
+            .await
+            .map_err(|e| TransferError::Stream(format!("hash task: {e}")))??;
         if whole != manifest.file_hash {
             // Cannot happen with verified chunks unless the part file was tampered with.
             let _ = std::fs::remove_file(&st.part);
@@ -465,12 +478,17 @@ impl Inbox {
         if pending.is_empty() {
             return Ok(());
         }
-        file.sync_data()
-            .map_err(|e| TransferError::io(&st.part, e))?;
+        // fsync off the async workers: they also drive QUIC.
+        let io = |e| TransferError::io(&st.part, e);
+        let f = file.try_clone().map_err(io)?;
+        tokio::task::spawn_blocking(move || f.sync_data())
+            .await
+            .map_err(|e| TransferError::Stream(format!("fsync task: {e}")))?
+            .map_err(io)?;
         for i in pending.iter() {
             st.verified.set(*i);
         }
-        self.store(st)?;
+        self.store_async(st).await?;
         let chunks = std::mem::take(pending);
         if ack {
             // The sender may be gone already; what is stored stays stored.
