@@ -163,6 +163,15 @@ impl ControllerProc {
         self.spawn();
     }
 
+    /// SIGKILL, then start again on the same data dir.
+    pub fn kill9_and_restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.spawn();
+    }
+
     pub fn api(&self, path: &str) -> Option<Value> {
         get_json(&format!("http://{}{}", self.api, path))
     }

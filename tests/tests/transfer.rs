@@ -115,3 +115,166 @@ fn a_file_sent_to_a_province_arrives_verified_at_each_site() {
     }
     other.stop();
 }
+
+/// The transfer's row in `/api/transfers`.
+fn job(ctl: &ControllerProc, dest: &str) -> Option<serde_json::Value> {
+    let v = ctl.api("/api/transfers")?;
+    v["transfers"]
+        .as_array()?
+        .iter()
+        .find(|t| t["dest"] == dest)
+        .cloned()
+}
+
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect()
+}
+
+#[test]
+fn sigkill_of_the_receiver_and_of_the_sender_resumes_without_starting_over() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut ctl = ControllerProc::start(&tmp.path().join("ctl"));
+    let token = ctl.enroll("js-001", "JS", &[]);
+    let mut agent = AgentProc::enroll(
+        &tmp.path().join("js-001"),
+        ctl.quic,
+        &token,
+        "interval_s = 1",
+    );
+    agent.start();
+    wait_for("site connected", Duration::from_secs(30), || {
+        (ctl.metric("tiandi_connections") >= 1.0).then_some(())
+    });
+    let size = 24_000_000usize;
+    let src = tmp.path().join("update.img");
+    let data = pattern(size, 7);
+    std::fs::write(&src, &data).unwrap();
+    // 24 Mbit/s: the transfer takes ~8 s, time enough to kill both ends on the way.
+    let out = ctl.cli(&[
+        "send",
+        src.to_str().unwrap(),
+        "--to",
+        "site:js-001",
+        "--rate-limit",
+        "24",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let acked = |ctl: &ControllerProc| {
+        job(ctl, "js-001")
+            .and_then(|j| j["acked_bytes"].as_u64())
+            .unwrap_or(0)
+    };
+
+    wait_for("a quarter acknowledged", Duration::from_secs(60), || {
+        (acked(&ctl) >= size as u64 / 4).then_some(())
+    });
+    agent.kill9();
+    let dest = tmp.path().join("js-001/data/inbox/update.img");
+    assert!(!dest.exists(), "no partial file at the destination");
+    agent.start();
+    wait_for("half acknowledged", Duration::from_secs(60), || {
+        (acked(&ctl) >= size as u64 / 2).then_some(())
+    });
+    ctl.kill9_and_restart();
+    wait_for("file in place", Duration::from_secs(90), || {
+        dest.exists().then_some(())
+    });
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    let j = wait_for("delivered", Duration::from_secs(30), || {
+        job(&ctl, "js-001").filter(|j| j["state"] == "delivered")
+    });
+    assert!(j["attempts"].as_u64().unwrap() >= 3, "{j}");
+    // Resumed, not restarted: what was acknowledged before each kill was not sent again. The
+    // sender's count of chunk bytes written survives its own SIGKILL only as far as its last
+    // progress save (every second), so allow what two windows of a 24 Mbit/s link hold.
+    let sent = j["sent_bytes"].as_u64().unwrap();
+    assert!(
+        sent < size as u64 * 13 / 10,
+        "sent {sent} bytes for a {size}-byte file: {j}"
+    );
+    ctl.stop();
+    agent.stop();
+}
+
+#[test]
+fn a_full_disk_pauses_the_transfer_until_space_is_freed() {
+    if !nix_is_root() {
+        panic!("this test needs root (CI runs it as root): it mounts a small tmpfs");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let ctl = ControllerProc::start(&tmp.path().join("ctl"));
+    let token = ctl.enroll("ah-001", "AH", &[]);
+    let mut agent = AgentProc::enroll(
+        &tmp.path().join("ah-001"),
+        ctl.quic,
+        &token,
+        "interval_s = 1",
+    );
+    // The site's inbox is a 16 MB file system, 10 MB of it taken.
+    let inbox = tmp.path().join("ah-001/data/inbox");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let mount = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .arg(&inbox)
+        .status()
+        .unwrap();
+    assert!(mount.success(), "mount tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(inbox.clone());
+    let filler = inbox.join("old-backup.tar");
+    std::fs::write(&filler, vec![1u8; 10 << 20]).unwrap();
+    agent.start();
+    wait_for("site connected", Duration::from_secs(30), || {
+        (ctl.metric("tiandi_connections") >= 1.0).then_some(())
+    });
+    let src = tmp.path().join("census.db");
+    let data = pattern(8 << 20, 3);
+    std::fs::write(&src, &data).unwrap();
+    let out = ctl.cli(&["send", src.to_str().unwrap(), "--to", "site:ah-001"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j = wait_for("paused on a full disk", Duration::from_secs(30), || {
+        job(&ctl, "ah-001").filter(|j| j["state"] == "paused")
+    });
+    assert!(
+        j["error"].as_str().unwrap().contains("disk full on ah-001"),
+        "{j}"
+    );
+    assert!(!inbox.join("census.db").exists());
+    // The site's technician frees space: the transfer resumes on its own.
+    std::fs::remove_file(&filler).unwrap();
+    let dest = inbox.join("census.db");
+    wait_for("file in place", Duration::from_secs(60), || {
+        dest.exists().then_some(())
+    });
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    wait_for("delivered", Duration::from_secs(30), || {
+        job(&ctl, "ah-001").filter(|j| j["state"] == "delivered")
+    });
+    agent.stop();
+}
+
+fn nix_is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}

@@ -21,16 +21,27 @@ use crate::manifest::Manifest;
 use crate::wire::{self, Bitmap, Frame, Offer, Receipt, codes, next, put};
 
 /// Stream priorities on a shared connection (higher goes first). Reports use
-/// [`PRIORITY_REPORTS`].
-pub const PRIORITY_REPORTS: i32 = 100;
+/// [`PRIORITY_REPORTS`]; a transfer class owns a band below it ([`stream_priority`]), and
+/// within its band each chunk stream ranks below the one opened before it.
+pub const PRIORITY_REPORTS: i32 = 1_000_000_000;
+/// Chunk streams one transfer ranks apart before its band wraps (a class band is wider).
+const BAND: u32 = 100_000_000;
 
-/// Stream priority of a transfer class.
+/// Stream priority of a transfer class (its control stream; its chunks rank below).
 pub fn stream_priority(class: &str) -> i32 {
     match class {
-        "alarm" => 50,
-        "bulk" => -50,
+        "alarm" => 500_000_000,
+        "bulk" => -500_000_000,
         _ => 0,
     }
+}
+
+/// Priority of the `n`th chunk stream of a transfer of class priority `class`: quinn shares a
+/// connection round-robin among streams of equal priority, which would leave every buffered
+/// chunk half-sent at once (and all of them lost at a link cut); ranking them sends one chunk
+/// after the other, in order.
+fn chunk_priority(class: i32, n: u32) -> i32 {
+    class - 1 - (n % BAND) as i32
 }
 
 pub struct SendOptions {
@@ -164,6 +175,7 @@ pub async fn send_file(
     let mut unacked: std::collections::HashSet<u32> = Default::default();
     let mut last_heard = Instant::now();
     let mut next_send = Instant::now();
+    let mut chunks_opened: u32 = 0;
     let mut buf = vec![0u8; manifest.chunk_size as usize];
     loop {
         // Take whatever the receiver said, without waiting.
@@ -218,7 +230,7 @@ pub async fn send_file(
             let header = wire::chunk_header(&manifest.file_hash, i);
             let write = async {
                 let mut s = conn.open_uni().await?;
-                let _ = s.set_priority(priority);
+                let _ = s.set_priority(chunk_priority(priority, chunks_opened));
                 s.write_all(&header)
                     .await
                     .map_err(|e| TransferError::Stream(e.to_string()))?;
@@ -239,6 +251,7 @@ pub async fn send_file(
                 }
             }
             unacked.insert(i);
+            chunks_opened = chunks_opened.wrapping_add(1);
             progress.sent_bytes.fetch_add(len as u64, Ordering::Relaxed);
             continue;
         }
