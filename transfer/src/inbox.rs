@@ -236,7 +236,27 @@ impl Inbox {
             }
             None => return Ok(Served::Interrupted),
         };
-        let manifest = match offer.manifest() {
+        // A resumed transfer's offer leaves the chunk hashes out (on a satellite link they are
+        // not free: 32 bytes per chunk); they are in this inbox's state, if it has one.
+        let known = if offer.is_short() {
+            match self.get(&hex::encode(&offer.file_hash))? {
+                Some(st) if st.manifest.size == offer.size && st.manifest.name == offer.name => {
+                    Some(st.manifest)
+                }
+                _ => {
+                    refuse(
+                        &mut w,
+                        codes::NEED_MANIFEST,
+                        "unknown transfer: offer the manifest",
+                    )
+                    .await;
+                    return Ok(Served::Refused);
+                }
+            }
+        } else {
+            None
+        };
+        let manifest = match known.map(Ok).unwrap_or_else(|| offer.manifest()) {
             Ok(m) => m,
             Err(e) => {
                 let code = if matches!(e, TransferError::Version(_)) {

@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::TransferError;
 
 /// Chunks are at least this big; bigger files get bigger chunks so a manifest stays small.
-pub const MIN_CHUNK: u32 = 64 * 1024;
+pub const MIN_CHUNK: u32 = 32 * 1024;
 /// A manifest never lists more chunks than this (2 MiB of hashes). Small chunks matter on a
 /// lossy link: a chunk still missing a packet when the link is cut is lost whole.
 pub const MAX_CHUNKS: u64 = 65_536;
@@ -171,7 +171,7 @@ mod tests {
         for bad in ["", "../etc/passwd", "a/b", ".hidden", "x\0y"] {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }
-        assert_eq!(chunk_size_for(100 << 20), 64 * 1024);
+        assert_eq!(chunk_size_for(100 << 20), 32 * 1024);
         assert_eq!(chunk_size_for(10 << 30), 256 * 1024);
         assert_eq!(chunk_size_for(100 << 30), 2 * 1024 * 1024);
     }

@@ -104,27 +104,45 @@ pub async fn send_file(
     progress: &Arc<Progress>,
     pause: &(dyn Fn() -> bool + Send + Sync),
 ) -> Result<SendOutcome, TransferError> {
-    let (send, recv) = conn.open_bi().await?;
     let priority = stream_priority(&opts.priority);
-    let _ = send.set_priority(priority);
-    let mut w = FramedWrite::new(send, wire::codec());
-    let mut r = FramedRead::new(recv, wire::codec());
-    let mut offer = Offer::new(manifest, &opts.transfer_id, &opts.priority, &opts.origin);
-    offer.forward_to = opts.forward_to.clone();
-    put(&mut w, Frame::Offer(offer)).await?;
     // A first attempt starts sending at once (the receiver is expected to hold nothing; if it
     // holds something, its Have arrives one RTT later and stops those chunks). A resumed one
-    // waits for the Have, so nothing the receiver holds goes out again.
+    // offers without the chunk hashes (the receiver keeps them; over a satellite link they are
+    // not free) and waits for the Have, so nothing the receiver holds goes out again.
     let first_attempt = progress.attempts.fetch_add(1, Ordering::Relaxed) == 0;
-    let have = if first_attempt && opts.fresh {
-        Bitmap::new(manifest.chunk_count())
-    } else {
+    let mut short = !first_attempt;
+    let (mut w, mut r, have) = loop {
+        let (send, recv) = conn.open_bi().await?;
+        let _ = send.set_priority(priority);
+        let mut w = FramedWrite::new(send, wire::codec());
+        let mut r = FramedRead::new(recv, wire::codec());
+        let mut offer = Offer::new(manifest, &opts.transfer_id, &opts.priority, &opts.origin);
+        offer.forward_to = opts.forward_to.clone();
+        put(
+            &mut w,
+            Frame::Offer(if short { offer.short() } else { offer }),
+        )
+        .await?;
+        if first_attempt && opts.fresh {
+            break (w, r, Bitmap::new(manifest.chunk_count()));
+        }
         let first = tokio::time::timeout(opts.stall_timeout * 2, next(&mut r))
             .await
             .map_err(|_| TransferError::Stalled(opts.stall_timeout * 2))??;
         match first {
-            Some(Frame::Have(h)) => Bitmap::from_bytes(&h.verified, manifest.chunk_count()),
+            Some(Frame::Have(h)) => {
+                break (
+                    w,
+                    r,
+                    Bitmap::from_bytes(&h.verified, manifest.chunk_count()),
+                );
+            }
             Some(Frame::Done(receipt)) => return Ok(SendOutcome::Delivered(receipt)),
+            Some(Frame::Failed(f)) if f.code == codes::NEED_MANIFEST && short => {
+                // The receiver lost its state: offer the whole manifest.
+                short = false;
+                continue;
+            }
             Some(Frame::Failed(f)) => return Err(failed(f)),
             Some(other) => {
                 return Err(TransferError::Protocol(format!(

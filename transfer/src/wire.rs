@@ -43,6 +43,8 @@ pub mod codes {
     pub const STORAGE: u32 = 6;
     /// Another version of the protocol.
     pub const VERSION: u32 = 7;
+    /// A short offer for a transfer the receiver does not know: send the full one.
+    pub const NEED_MANIFEST: u32 = 8;
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -208,6 +210,16 @@ impl Offer {
             forward_to: Vec::new(),
             transfer_id: transfer_id.into(),
         }
+    }
+
+    /// A resumed transfer's offer, without the chunk hashes.
+    pub fn short(mut self) -> Offer {
+        self.chunk_hashes = Vec::new();
+        self
+    }
+
+    pub fn is_short(&self) -> bool {
+        self.chunk_hashes.is_empty() && self.size > 0
     }
 
     /// The manifest it carries, checked.

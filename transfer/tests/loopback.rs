@@ -298,3 +298,33 @@ async fn a_source_that_changes_fails_clearly_and_leaves_no_file() {
     assert!(!err.is_transient());
     assert!(!dir.path().join("in/log.txt").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_offer_to_a_receiver_that_lost_its_state_sends_the_manifest_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = file(dir.path(), "m.bin", 1_000_000, 9);
+    let m = Manifest::of_file(&src).unwrap();
+    let ib = inbox(dir.path());
+    let (_ep, sconn, cconn) = pair().await;
+    serve(cconn, ib.clone());
+    // The sender believes this is a second attempt: it offers without the chunk hashes.
+    let progress = Arc::new(Progress::default());
+    progress
+        .attempts
+        .store(1, std::sync::atomic::Ordering::Relaxed);
+    let out = send_file(
+        &sconn,
+        &src,
+        &m,
+        &SendOptions::default(),
+        &progress,
+        &no_pause,
+    )
+    .await
+    .unwrap();
+    assert!(matches!(out, SendOutcome::Delivered(_)));
+    assert_eq!(
+        std::fs::read(dir.path().join("in/m.bin")).unwrap(),
+        std::fs::read(&src).unwrap()
+    );
+}
