@@ -15,7 +15,7 @@ pub mod sites;
 pub mod store;
 pub mod transfers;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -337,6 +337,7 @@ fn load_secret(dir: &std::path::Path, name: &str) -> anyhow::Result<String> {
 
 /// Re-evaluates every site each second (a site goes `down` by silence, not by a message).
 async fn tick_loop(core: Arc<Core>) {
+    let mut paused = BTreeSet::new();
     let mut every = tokio::time::interval(Duration::from_secs(1));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -346,7 +347,31 @@ async fn tick_loop(core: Arc<Core>) {
         }
         let events = core.sites.tick(now_ms());
         core.record_alarms(events);
+        paused = transfer_alarms(&core, paused);
     }
+}
+
+/// Raises `transfer-paused` on the sites with a transfer paused because their disk is full,
+/// and clears it where none is any more. Returns the sites now paused.
+fn transfer_alarms(core: &Core, before: BTreeSet<String>) -> BTreeSet<String> {
+    let now: BTreeMap<String, String> = core.outbox.paused_on_full_disk();
+    let t = now_ms();
+    for (site, detail) in &now {
+        let ev = core.sites.set_external(
+            site,
+            sites::Condition::TransferPaused,
+            Some(detail.clone()),
+            t,
+        );
+        core.record_alarms(ev);
+    }
+    for site in before.iter().filter(|s| !now.contains_key(*s)) {
+        let ev = core
+            .sites
+            .set_external(site, sites::Condition::TransferPaused, None, t);
+        core.record_alarms(ev);
+    }
+    now.into_keys().collect()
 }
 
 /// Deletes history older than the retention, hourly.

@@ -18,6 +18,8 @@ pub enum Condition {
     OnBattery,
     RainFade,
     DiskFull,
+    /// A transfer to the site is paused: its disk cannot hold the file.
+    TransferPaused,
     Degraded,
 }
 
@@ -28,6 +30,7 @@ impl Condition {
             Condition::OnBattery => "on-battery",
             Condition::RainFade => "rain-fade",
             Condition::DiskFull => "disk-full",
+            Condition::TransferPaused => "transfer-paused",
             Condition::Degraded => "degraded",
         }
     }
@@ -178,7 +181,7 @@ pub fn status_of(conds: &BTreeSet<Condition>) -> Status {
         Some(Condition::OnBattery) => Status::OnBattery,
         Some(Condition::RainFade) => Status::RainFade,
         Some(Condition::DiskFull) => Status::DiskFull,
-        Some(Condition::Degraded) => Status::Degraded,
+        Some(Condition::TransferPaused) | Some(Condition::Degraded) => Status::Degraded,
     }
 }
 
@@ -201,6 +204,9 @@ pub struct SiteState {
     pub latest: Option<Report>,
     #[serde(skip)]
     pub active: BTreeSet<Condition>,
+    /// Conditions set from outside the reports (a paused transfer), with their details.
+    #[serde(skip)]
+    pub external: std::collections::BTreeMap<Condition, String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -243,6 +249,7 @@ impl Sites {
             status_since_ms: now_ms,
             latest: None,
             active: BTreeSet::new(),
+            external: Default::default(),
         });
         e.province = province.to_string();
         if e.last_seen_ms.is_none() {
@@ -281,6 +288,29 @@ impl Sites {
         self.reevaluate(s, now_ms)
     }
 
+    /// Sets (`Some(detail)`) or clears a condition that does not come from reports; returns
+    /// alarm events.
+    pub fn set_external(
+        &self,
+        site_id: &str,
+        condition: Condition,
+        detail: Option<String>,
+        now_ms: i64,
+    ) -> Vec<AlarmEvent> {
+        let mut map = self.map.write().expect("sites lock poisoned");
+        let Some(s) = map.get_mut(site_id) else {
+            return Vec::new();
+        };
+        let changed = match detail {
+            Some(d) => s.external.insert(condition, d.clone()).as_ref() != Some(&d),
+            None => s.external.remove(&condition).is_some(),
+        };
+        if !changed {
+            return Vec::new();
+        }
+        self.reevaluate(s, now_ms)
+    }
+
     /// Re-evaluates every site (for `down`); returns alarm events.
     pub fn tick(&self, now_ms: i64) -> Vec<AlarmEvent> {
         let mut map = self.map.write().expect("sites lock poisoned");
@@ -293,7 +323,8 @@ impl Sites {
 
     fn reevaluate(&self, s: &mut SiteState, now_ms: i64) -> Vec<AlarmEvent> {
         let silent = now_ms - s.last_seen_ms.unwrap_or(now_ms);
-        let found = evaluate(s.latest.as_ref(), silent, s.interval_ms, &self.thresholds);
+        let mut found = evaluate(s.latest.as_ref(), silent, s.interval_ms, &self.thresholds);
+        found.extend(s.external.iter().map(|(c, d)| (*c, d.clone())));
         let mut new: BTreeSet<Condition> = found.iter().map(|(c, _)| *c).collect();
         // A down site's last report says nothing about now: only `down` stays.
         if new.contains(&Condition::Down) {

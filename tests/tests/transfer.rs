@@ -258,6 +258,19 @@ fn a_full_disk_pauses_the_transfer_until_space_is_freed() {
         "{j}"
     );
     assert!(!inbox.join("census.db").exists());
+    // The NOC sees it as an alarm on the site.
+    let active = |ctl: &ControllerProc| {
+        ctl.api("/api/alarms?site=ah-001").map(|v| {
+            v["active"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["alarm"] == "transfer-paused")
+        })
+    };
+    wait_for("transfer-paused alarm", Duration::from_secs(30), || {
+        active(&ctl).filter(|a| *a).map(|_| ())
+    });
     // The site's technician frees space: the transfer resumes on its own.
     std::fs::remove_file(&filler).unwrap();
     let dest = inbox.join("census.db");
@@ -268,6 +281,22 @@ fn a_full_disk_pauses_the_transfer_until_space_is_freed() {
     wait_for("delivered", Duration::from_secs(30), || {
         job(&ctl, "ah-001").filter(|j| j["state"] == "delivered")
     });
+    wait_for("alarm cleared", Duration::from_secs(30), || {
+        active(&ctl).filter(|a| !*a).map(|_| ())
+    });
+    let log = ctl.api("/api/alarms?site=ah-001").unwrap();
+    let states: Vec<&str> = log["log"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["alarm"] == "transfer-paused")
+        .map(|e| e["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states,
+        ["raised", "cleared"],
+        "raised once, cleared once: {log}"
+    );
     agent.stop();
 }
 

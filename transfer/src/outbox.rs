@@ -95,6 +95,9 @@ pub struct Job {
     pub retry_at_ms: i64,
     pub receipt: Option<Receipt>,
     pub error: Option<String>,
+    /// Why the receiver paused it (a [`crate::wire::codes`] value; 0: not paused by it).
+    #[serde(default)]
+    pub pause_code: u32,
 }
 
 impl Job {
@@ -120,6 +123,7 @@ impl Job {
             retry_at_ms: 0,
             receipt: None,
             error: None,
+            pause_code: 0,
         }
     }
 
@@ -151,6 +155,10 @@ pub struct Outbox {
     tree: sled::Tree,
     /// Signalled when a job is queued or changes.
     pub changed: Notify,
+    /// Jobs paused because their receiver's disk is full: (destination, job) → why. Kept in
+    /// memory so alarms need no scan of the outbox (a paused job re-enters it at its next
+    /// attempt after a restart).
+    disk_full: std::sync::Mutex<std::collections::BTreeMap<(String, String), String>>,
 }
 
 impl Outbox {
@@ -158,6 +166,7 @@ impl Outbox {
         Arc::new(Outbox {
             tree,
             changed: Notify::new(),
+            disk_full: Default::default(),
         })
     }
 
@@ -188,6 +197,28 @@ impl Outbox {
         }
         v.sort_by_key(|j| j.created_ms);
         Ok(v)
+    }
+
+    /// Destinations with a transfer paused on a full disk, each with one reason.
+    pub fn paused_on_full_disk(&self) -> std::collections::BTreeMap<String, String> {
+        let mut out = std::collections::BTreeMap::new();
+        for ((dest, _), why) in self.disk_full.lock().expect("outbox lock poisoned").iter() {
+            out.entry(dest.clone()).or_insert_with(|| why.clone());
+        }
+        out
+    }
+
+    fn note_disk_full(&self, job: &Job, why: Option<String>) {
+        let mut m = self.disk_full.lock().expect("outbox lock poisoned");
+        let key = (job.dest.clone(), job.id.clone());
+        match why {
+            Some(w) => {
+                m.insert(key, w);
+            }
+            None => {
+                m.remove(&key);
+            }
+        }
     }
 
     /// The next job to send to `dest` now: highest priority, then oldest.
@@ -294,6 +325,7 @@ async fn run_job(
     job.attempts += 1;
     job.state = JobState::Sending;
     job.error = None;
+    job.pause_code = 0;
     job.updated_ms = now_ms();
     outbox.put(job)?;
     let sent_before = job.sent_bytes;
@@ -304,6 +336,10 @@ async fn run_job(
             let mut last = (std::time::Instant::now(), snapshot.acked_bytes);
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
+                if progress.accepted.load(Ordering::Relaxed) {
+                    // The receiver took the offer: whatever paused it is over.
+                    outbox.note_disk_full(&snapshot, None);
+                }
                 let acked = progress.acked_bytes.load(Ordering::Relaxed);
                 let dt = last.0.elapsed().as_secs_f64().max(1e-3);
                 let rate = ((acked.saturating_sub(last.1)) as f64 * 8.0 / dt) as u64;
@@ -329,6 +365,7 @@ async fn run_job(
     job.rate_bps = 0;
     let out = match result {
         Ok(SendOutcome::Delivered(receipt)) => {
+            outbox.note_disk_full(job, None);
             info!(transfer = %job.id, dest = %job.dest, path = %receipt.path, "Delivered and verified.");
             job.acked_bytes = job.manifest.size;
             job.state = JobState::Delivered;
@@ -347,6 +384,10 @@ async fn run_job(
         }) => {
             warn!(transfer = %job.id, %message, "Receiver asks to pause.");
             job.state = JobState::Paused;
+            job.pause_code = code;
+            if code == crate::wire::codes::DISK_FULL {
+                outbox.note_disk_full(job, Some(format!("{}: {message}", job.manifest.name)));
+            }
             job.retry_at_ms = now_ms() + retry_after_ms as i64;
             job.error = Some(message.clone());
             Err(TransferError::Paused {

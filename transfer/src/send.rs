@@ -83,6 +83,8 @@ pub struct Progress {
     pub sent_bytes: AtomicU64,
     /// Attempts so far (connections this transfer was offered on).
     pub attempts: AtomicU64,
+    /// The receiver accepted the current attempt's offer (it answered Have or acknowledged).
+    pub accepted: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -346,6 +348,7 @@ fn mark_acked(
     unacked: &mut std::collections::HashSet<u32>,
     progress: &Progress,
 ) {
+    progress.accepted.store(true, Ordering::Relaxed);
     for i in chunks {
         unacked.remove(&i);
         if acked.set(i) {
