@@ -34,6 +34,21 @@ pub struct Config {
     pub worker_threads: usize,
     pub admission: Admission,
     pub thresholds: Thresholds,
+    /// Committed rates of site links toward the site (Mbit/s), by site ID. Traffic to such a
+    /// site is paced at that rate and does not back off on random loss (a reserved VSAT
+    /// carrier); sites not listed get loss-based congestion control.
+    pub link_rates: std::collections::BTreeMap<String, f64>,
+}
+
+impl Config {
+    /// The committed rate toward `site` in bits per second of UDP payload, if configured.
+    pub fn link_rate_bps(&self, site: &str) -> Option<u64> {
+        self.link_rates
+            .get(site)
+            .filter(|r| r.is_finite() && **r > 0.0)
+            // The rate counts Ethernet frames; QUIC's controller counts UDP payload.
+            .map(|mbit| (mbit * 1e6 * 1452.0 / 1494.0) as u64)
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -86,6 +101,7 @@ impl Default for Config {
             worker_threads: 1,
             admission: Admission::default(),
             thresholds: Thresholds::default(),
+            link_rates: Default::default(),
         }
     }
 }
@@ -135,6 +151,11 @@ mod tests {
             c.thresholds.rain_fade_esno_db,
             d.thresholds.rain_fade_esno_db
         );
+        assert!(c.link_rates.is_empty());
+        let r: Config =
+            tiandi_link::config::parse_toml("c.toml", "[link_rates]\n\"gd-001\" = 2.0\n").unwrap();
+        assert_eq!(r.link_rate_bps("gd-001"), Some(1_943_775));
+        assert_eq!(r.link_rate_bps("nowhere"), None);
     }
 
     #[test]

@@ -226,13 +226,22 @@ impl Controller {
         let (chain, key) = core.ca.issue_controller()?;
         let tls = tiandi_link::tls::server_tls(chain, key, core.ca.cert_der(), registry)?;
         let reset_secret = load_secret(&core.config.data_dir, "quic-reset.key")?;
-        let endpoint = tiandi_link::server_endpoint(
-            core.config.quic_listen,
+        // Each connection gets its own transport (see `server::accept_loop`): its congestion
+        // controller learns the site's committed rate once the site is known.
+        let server_config = Arc::new(tiandi_link::server_config(
             tls,
             core.config.profile.transport(),
-            reset_secret.as_bytes(),
-        )
-        .with_context(|| format!("binding QUIC listener {}", core.config.quic_listen))?;
+        )?);
+        let endpoint = std::net::UdpSocket::bind(core.config.quic_listen)
+            .map_err(tiandi_link::LinkError::Endpoint)
+            .and_then(|socket| {
+                tiandi_link::server_endpoint_on(
+                    socket,
+                    (*server_config).clone(),
+                    reset_secret.as_bytes(),
+                )
+            })
+            .with_context(|| format!("binding QUIC listener {}", core.config.quic_listen))?;
         let quic_addr = endpoint.local_addr()?;
 
         let api_listener = tokio::net::TcpListener::bind(core.config.api_listen)
@@ -248,7 +257,11 @@ impl Controller {
             .start_committer()
             .context("starting the store's committer thread")?;
         let mut tasks = vec![
-            tokio::spawn(server::accept_loop(core.clone(), endpoint.clone())),
+            tokio::spawn(server::accept_loop(
+                core.clone(),
+                endpoint.clone(),
+                server_config,
+            )),
             tokio::spawn(tick_loop(core.clone())),
             tokio::spawn(prune_loop(core.clone())),
         ];

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use tiandi_link::congestion::{RateSlot, SiteRateConfig};
 use tiandi_link::{FrameReader, FrameWriter, LinkError, SiteIdentity, tls};
 use tiandi_proto::{Ack, Body, Welcome, codes, names::NameDecoder};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -44,7 +45,11 @@ impl Pacer {
     }
 }
 
-pub async fn accept_loop(core: Arc<Core>, endpoint: quinn::Endpoint) {
+pub async fn accept_loop(
+    core: Arc<Core>,
+    endpoint: quinn::Endpoint,
+    server_config: Arc<quinn::ServerConfig>,
+) {
     let pacer = Arc::new(Pacer::new(
         core.config.admission.handshakes_per_s,
         core.config.admission.burst,
@@ -70,8 +75,13 @@ pub async fn accept_loop(core: Arc<Core>, endpoint: quinn::Endpoint) {
         }
         pending.fetch_add(1, Ordering::Relaxed);
         core.metrics.pending_admission.inc();
-        let (core, pacer, pending, slots) =
-            (core.clone(), pacer.clone(), pending.clone(), slots.clone());
+        let (core, pacer, pending, slots, server_config) = (
+            core.clone(),
+            pacer.clone(),
+            pending.clone(),
+            slots.clone(),
+            server_config.clone(),
+        );
         tokio::spawn(async move {
             let deadline = tokio::time::Instant::now() + max_wait;
             let at = tokio::time::Instant::from(pacer.reserve());
@@ -99,7 +109,18 @@ pub async fn accept_loop(core: Arc<Core>, endpoint: quinn::Endpoint) {
                 return;
             };
             let remote = incoming.remote_address();
-            let connecting = match incoming.accept() {
+            // This connection's own congestion controller: loss-based until the site is
+            // known, then paced at its committed rate if it has one (`link_rates`).
+            let rate = RateSlot::default();
+            let mut transport = core.config.profile.transport_config();
+            let (initial_rtt, _) = core.config.profile.nominal();
+            transport.congestion_controller_factory(Arc::new(SiteRateConfig::new(
+                rate.clone(),
+                initial_rtt,
+            )));
+            let mut config = (*server_config).clone();
+            config.transport_config(Arc::new(transport));
+            let connecting = match incoming.accept_with(Arc::new(config)) {
                 Ok(c) => c,
                 Err(error) => {
                     debug!(%remote, %error, "Incoming connection failed.");
@@ -111,7 +132,7 @@ pub async fn accept_loop(core: Arc<Core>, endpoint: quinn::Endpoint) {
             match outcome {
                 Ok(Ok(conn)) => {
                     core.metrics.handshakes.inc();
-                    handle(core, conn).await
+                    handle(core, conn, rate).await
                 }
                 Ok(Err(error)) => {
                     core.metrics.refused.with_label_values(&["handshake"]).inc();
@@ -123,14 +144,14 @@ pub async fn accept_loop(core: Arc<Core>, endpoint: quinn::Endpoint) {
     }
 }
 
-async fn handle(core: Arc<Core>, conn: quinn::Connection) {
+async fn handle(core: Arc<Core>, conn: quinn::Connection, rate: RateSlot) {
     let alpn = conn
         .handshake_data()
         .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
         .and_then(|h| h.protocol);
     match alpn.as_deref() {
         Some(p) if p == tls::ALPN_ENROLL => crate::enroll::serve(core, conn).await,
-        Some(p) if p == tls::ALPN_SITE => site_connection(core, conn).await,
+        Some(p) if p == tls::ALPN_SITE => site_connection(core, conn, rate).await,
         _ => conn.close(codes::PROTOCOL.into(), b"unknown application protocol"),
     }
 }
@@ -141,7 +162,7 @@ fn refuse(core: &Core, conn: &quinn::Connection, code: u32, reason: &str, label:
     conn.close(code.into(), reason.as_bytes());
 }
 
-async fn site_connection(core: Arc<Core>, conn: quinn::Connection) {
+async fn site_connection(core: Arc<Core>, conn: quinn::Connection, rate: RateSlot) {
     let remote = conn.remote_address();
     let Some(id) = tiandi_link::peer_identity(&conn) else {
         refuse(
@@ -164,6 +185,9 @@ async fn site_connection(core: Arc<Core>, conn: quinn::Connection) {
             "revoked",
         );
         return;
+    }
+    if let Some(bps) = core.config.link_rate_bps(&id.site_id) {
+        rate.set(bps);
     }
     let span = info_span!("site", site = %id.site_id, %remote);
     async move {

@@ -152,6 +152,155 @@ impl Controller for FixedRate {
     }
 }
 
+/// A connection's committed rate, set once the peer is known (bits per second of UDP payload;
+/// 0: unknown). Shared between the controller and whoever learns the rate.
+#[derive(Clone, Debug, Default)]
+pub struct RateSlot(Arc<std::sync::atomic::AtomicU64>);
+
+impl RateSlot {
+    pub fn set(&self, bps: u64) {
+        self.0.store(bps, std::sync::atomic::Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// For a server whose peers' rates are known only after the handshake (a controller learns
+/// which site it talks to from its certificate): Cubic until the connection's [`RateSlot`] is
+/// set, [`FixedRate`] at that rate from then on.
+#[derive(Debug)]
+pub struct SiteRateConfig {
+    slot: RateSlot,
+    initial_rtt: Duration,
+}
+
+impl SiteRateConfig {
+    pub fn new(slot: RateSlot, initial_rtt: Duration) -> SiteRateConfig {
+        SiteRateConfig { slot, initial_rtt }
+    }
+}
+
+impl ControllerFactory for SiteRateConfig {
+    fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
+        Box::new(SiteRate {
+            slot: self.slot.clone(),
+            initial_rtt: self.initial_rtt,
+            mtu: current_mtu,
+            fixed: None,
+            cubic: Arc::new(quinn::congestion::CubicConfig::default()).build(now, current_mtu),
+        })
+    }
+}
+
+/// See [`SiteRateConfig`].
+pub struct SiteRate {
+    slot: RateSlot,
+    initial_rtt: Duration,
+    mtu: u16,
+    fixed: Option<(u64, FixedRate)>,
+    cubic: Box<dyn Controller>,
+}
+
+impl SiteRate {
+    /// The fixed-rate controller, (re)built when the slot's rate changes; None while unknown.
+    fn fixed(&mut self) -> Option<&mut FixedRate> {
+        let rate = self.slot.get();
+        if rate == 0 {
+            self.fixed = None;
+            return None;
+        }
+        if self.fixed.as_ref().is_none_or(|(r, _)| *r != rate) {
+            let mut f = FixedRate::new(rate, self.initial_rtt, self.mtu);
+            if let Some((_, old)) = &self.fixed {
+                f.min_rtt = old.min_rtt;
+                f.rtt = old.rtt;
+                f.window = f.compute_window();
+            }
+            self.fixed = Some((rate, f));
+        }
+        self.fixed.as_mut().map(|(_, f)| f)
+    }
+}
+
+impl Controller for SiteRate {
+    fn on_sent(&mut self, now: Instant, bytes: u64, last_packet_number: u64) {
+        self.cubic.on_sent(now, bytes, last_packet_number);
+    }
+
+    fn on_ack(
+        &mut self,
+        now: Instant,
+        sent: Instant,
+        bytes: u64,
+        app_limited: bool,
+        rtt: &RttEstimator,
+    ) {
+        self.cubic.on_ack(now, sent, bytes, app_limited, rtt);
+        if let Some(f) = self.fixed() {
+            f.on_ack(now, sent, bytes, app_limited, rtt);
+        }
+    }
+
+    fn on_end_acks(
+        &mut self,
+        now: Instant,
+        in_flight: u64,
+        app_limited: bool,
+        largest: Option<u64>,
+    ) {
+        self.cubic.on_end_acks(now, in_flight, app_limited, largest);
+    }
+
+    fn on_congestion_event(
+        &mut self,
+        now: Instant,
+        sent: Instant,
+        persistent: bool,
+        lost_bytes: u64,
+    ) {
+        // Cubic keeps learning, so falling back to it (a rate unset) starts from what it saw.
+        self.cubic
+            .on_congestion_event(now, sent, persistent, lost_bytes);
+    }
+
+    fn on_mtu_update(&mut self, new_mtu: u16) {
+        self.mtu = new_mtu;
+        self.cubic.on_mtu_update(new_mtu);
+        if let Some((_, f)) = &mut self.fixed {
+            f.on_mtu_update(new_mtu);
+        }
+    }
+
+    fn window(&self) -> u64 {
+        let rate = self.slot.get();
+        match &self.fixed {
+            Some((r, f)) if *r == rate => f.window(),
+            // Set since the last event: the next one builds it; until then its first window.
+            _ if rate > 0 => FixedRate::new(rate, self.initial_rtt, self.mtu).window(),
+            _ => self.cubic.window(),
+        }
+    }
+
+    fn clone_box(&self) -> Box<dyn Controller> {
+        Box::new(SiteRate {
+            slot: self.slot.clone(),
+            initial_rtt: self.initial_rtt,
+            mtu: self.mtu,
+            fixed: self.fixed.clone(),
+            cubic: self.cubic.clone_box(),
+        })
+    }
+
+    fn initial_window(&self) -> u64 {
+        self.cubic.initial_window()
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        self
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,6 +328,25 @@ mod tests {
         assert_eq!(c.window(), 660_000);
         // Never below the minimum.
         c.on_rtt(Duration::from_millis(500), Duration::from_millis(600));
+        assert_eq!(c.window(), 600_000);
+    }
+
+    #[test]
+    fn site_rate_is_cubic_until_the_rate_is_known() {
+        let slot = RateSlot::default();
+        let mut c = Arc::new(SiteRateConfig::new(
+            slot.clone(),
+            Duration::from_millis(600),
+        ))
+        .build(Instant::now(), 1200);
+        let cubic_window = c.window();
+        // Cubic shrinks on loss while the rate is unknown.
+        c.on_congestion_event(Instant::now(), Instant::now(), false, 12_000);
+        assert!(c.window() < cubic_window);
+        // The site is known: 8 Mbit/s over 600 ms, whatever was lost.
+        slot.set(8_000_000);
+        assert_eq!(c.window(), 600_000);
+        c.on_congestion_event(Instant::now(), Instant::now(), false, 120_000);
         assert_eq!(c.window(), 600_000);
     }
 
