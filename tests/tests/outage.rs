@@ -90,7 +90,11 @@ fn sigkill_mid_backlog_resends_nothing_acknowledged_and_loses_nothing() {
     let seqs = ctl.history_seqs("sc-007");
     // The spool was durable: every spooled report arrived, once, in order. Nothing
     // acknowledged came back.
-    assert!(seqs.len() >= pushed, "{} stored, {pushed} spooled", seqs.len());
+    assert!(
+        seqs.len() >= pushed,
+        "{} stored, {pushed} spooled",
+        seqs.len()
+    );
     let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
     assert_eq!(seqs, expected);
     assert_eq!(
