@@ -107,6 +107,17 @@ async fn run_async(a: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A throw-away CA, the hub's TLS and one site's: the benches' two ends of a link.
+pub(crate) fn bench_tls() -> anyhow::Result<(rustls::ServerConfig, rustls::ClientConfig)> {
+    let ca = Ca::generate("bench").context("CA")?;
+    let (chain, key) = ca.issue_controller()?;
+    let server_tls = tiandi_link::tls::server_tls(chain, key, ca.cert_der(), Arc::new(AnySite))?;
+    let (site_key, csr) = site_key_and_csr("bench-site")?;
+    let issued = ca.sign_site(&csr, "bench-site", "BJ", Duration::from_secs(3600))?;
+    let client_tls = tiandi_link::tls::site_client_tls(ca.cert_pem(), &issued.cert_pem, &site_key)?;
+    Ok((server_tls, client_tls))
+}
+
 /// QUIC over the link: the server (hub side) sends `bytes` on one stream; Mbit/s of goodput.
 async fn quic(
     ctl_ns: &str,
@@ -116,12 +127,7 @@ async fn quic(
     fixed_rate_bps: Option<u64>,
     limit: Duration,
 ) -> anyhow::Result<f64> {
-    let ca = Ca::generate("bench").context("CA")?;
-    let (chain, key) = ca.issue_controller()?;
-    let server_tls = tiandi_link::tls::server_tls(chain, key, ca.cert_der(), Arc::new(AnySite))?;
-    let (site_key, csr) = site_key_and_csr("bench-site")?;
-    let issued = ca.sign_site(&csr, "bench-site", "BJ", Duration::from_secs(3600))?;
-    let client_tls = tiandi_link::tls::site_client_tls(ca.cert_pem(), &issued.cert_pem, &site_key)?;
+    let (server_tls, client_tls) = bench_tls()?;
     let transport = |fixed: Option<u64>| {
         let mut t = LinkProfile::Geo.transport_config();
         if let Some(rate) = fixed {

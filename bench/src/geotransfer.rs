@@ -24,14 +24,14 @@ use anyhow::{Context, bail};
 use rand::RngCore;
 use tiandi_link::LinkProfile;
 use tiandi_link::congestion::FixedRateConfig;
-use tiandi_link::pki::{CONTROLLER_NAME, Ca, site_key_and_csr};
+use tiandi_link::pki::CONTROLLER_NAME;
 use tiandi_satlink::topo::in_netns;
 use tiandi_satlink::{Shape, Spec, Topology};
 use tiandi_transfer::send::Progress;
 use tiandi_transfer::{Inbox, Manifest, SendOptions, SendOutcome, send_file};
 use tokio_util::sync::CancellationToken;
 
-use crate::geolink::{AnySite, FRAME_OVERHEAD, QUIC_PAYLOAD, tcp};
+use crate::geolink::{FRAME_OVERHEAD, QUIC_PAYLOAD, bench_tls, tcp};
 
 pub struct Args {
     pub size_mb: f64,
@@ -183,12 +183,7 @@ async fn tiandi(
     port: u16,
     work: &Path,
 ) -> anyhow::Result<Run> {
-    let ca = Ca::generate("bench")?;
-    let (chain, key) = ca.issue_controller()?;
-    let server_tls = tiandi_link::tls::server_tls(chain, key, ca.cert_der(), Arc::new(AnySite))?;
-    let (site_key, csr) = site_key_and_csr("bench-site")?;
-    let issued = ca.sign_site(&csr, "bench-site", "BJ", Duration::from_secs(3600))?;
-    let client_tls = tiandi_link::tls::site_client_tls(ca.cert_pem(), &issued.cert_pem, &site_key)?;
+    let (server_tls, client_tls) = bench_tls()?;
     let mut t = LinkProfile::Geo.transport_config();
     t.congestion_controller_factory(Arc::new(FixedRateConfig::new(rate_bps)));
     let server_addr = SocketAddr::new(topo.ctl_addr().into(), port);
