@@ -107,6 +107,47 @@ fn a_file_sent_to_a_province_arrives_verified_at_each_site() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(expect), "{all:?}: {err}");
     }
+    // A window that is closed now: queued, not sent, until it opens.
+    let now_min = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 60)
+        % 1440;
+    let (a, b) = ((now_min + 120) % 1440, (now_min + 180) % 1440);
+    let window = format!("{:02}:{:02}-{:02}:{:02}", a / 60, a % 60, b / 60, b % 60);
+    let later = tmp.path().join("night-batch.bin");
+    std::fs::write(&later, pattern(100_000, 5)).unwrap();
+    let out = ctl.cli(&[
+        "send",
+        later.to_str().unwrap(),
+        "--to",
+        "site:hb-001",
+        "--window",
+        &window,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    let v = ctl.api("/api/transfers").unwrap();
+    let j = v["transfers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["file"] == "night-batch.bin")
+        .unwrap()
+        .clone();
+    assert_eq!(j["state"], "queued", "{j}");
+    assert_eq!(j["window"], window.as_str());
+    assert!(
+        !tmp.path()
+            .join("hb-001/data/inbox/night-batch.bin")
+            .exists()
+    );
+
     let out = ctl.cli(&["send", "/nonexistent/file", "--to", "all"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/file"));
