@@ -49,17 +49,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
 async fn run_async(a: Args) -> anyhow::Result<()> {
     let bytes = (a.size_mb * 1e6) as u64;
-    let shape = Shape {
-        rate_kbit: (a.rate_mbit * 1000.0) as u64,
-        delay_ms: a.rtt_ms / 2.0,
-        loss_pct: a.loss_pct,
-        queue_bytes: 1_000_000,
-        ..Shape::default()
-    };
-    let mut spec = Spec::uniform("tdgl", 1, shape);
-    spec.net = [10, 202, 0];
-    spec.seed = Some(7);
-    let topo = Topology::up(&spec).context("building the emulated link (needs root)")?;
+    let topo = one_link("tdgl", [10, 202, 0], 7, a.rate_mbit, a.rtt_ms, a.loss_pct)?;
     let (ctl_ns, site_ns) = (topo.ctl_ns(), topo.site_ns(1));
     let ctl_ip = topo.ctl_addr();
     eprintln!(
@@ -105,6 +95,29 @@ async fn run_async(a: Args) -> anyhow::Result<()> {
         fixed / a.rate_mbit
     );
     Ok(())
+}
+
+/// One emulated link, hub to site: `rate_mbit` and half of `rtt_ms` each way, `loss_pct`
+/// each way, a 1 MB drop-tail queue.
+pub(crate) fn one_link(
+    prefix: &str,
+    net: [u8; 3],
+    seed: u64,
+    rate_mbit: f64,
+    rtt_ms: f64,
+    loss_pct: f64,
+) -> anyhow::Result<Topology> {
+    let shape = Shape {
+        rate_kbit: (rate_mbit * 1000.0) as u64,
+        delay_ms: rtt_ms / 2.0,
+        loss_pct,
+        queue_bytes: 1_000_000,
+        ..Shape::default()
+    };
+    let mut spec = Spec::uniform(prefix, 1, shape);
+    spec.net = net;
+    spec.seed = Some(seed);
+    Topology::up(&spec).context("building the emulated link (needs root)")
 }
 
 /// A throw-away CA, the hub's TLS and one site's: the benches' two ends of a link.

@@ -25,13 +25,13 @@ use rand::RngCore;
 use tiandi_link::LinkProfile;
 use tiandi_link::congestion::FixedRateConfig;
 use tiandi_link::pki::CONTROLLER_NAME;
+use tiandi_satlink::Topology;
 use tiandi_satlink::topo::in_netns;
-use tiandi_satlink::{Shape, Spec, Topology};
 use tiandi_transfer::send::Progress;
 use tiandi_transfer::{Inbox, Manifest, SendOptions, SendOutcome, send_file};
 use tokio_util::sync::CancellationToken;
 
-use crate::geolink::{FRAME_OVERHEAD, QUIC_PAYLOAD, bench_tls, tcp};
+use crate::geolink::{FRAME_OVERHEAD, QUIC_PAYLOAD, bench_tls, one_link, tcp};
 
 pub struct Args {
     pub size_mb: f64,
@@ -63,17 +63,7 @@ struct Run {
 
 async fn run_async(a: Args) -> anyhow::Result<()> {
     let size = (a.size_mb * 1e6) as u64;
-    let shape = Shape {
-        rate_kbit: (a.rate_mbit * 1000.0) as u64,
-        delay_ms: a.rtt_ms / 2.0,
-        loss_pct: a.loss_pct,
-        queue_bytes: 1_000_000,
-        ..Shape::default()
-    };
-    let mut spec = Spec::uniform("tdgt", 1, shape);
-    spec.net = [10, 203, 0];
-    spec.seed = Some(11);
-    let topo = Topology::up(&spec).context("building the emulated link (needs root)")?;
+    let topo = one_link("tdgt", [10, 203, 0], 11, a.rate_mbit, a.rtt_ms, a.loss_pct)?;
     let work = tempfile::tempdir()?;
     let src = work.path().join("dataset.bin");
     write_random(&src, size)?;
