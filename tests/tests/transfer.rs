@@ -31,24 +31,18 @@ fn a_file_sent_to_a_province_arrives_verified_at_each_site() {
     });
 
     let src = tmp.path().join("policy-2026-11.bin");
-    let data: Vec<u8> = (0..3_000_000u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
+    let data = pattern(3_000_000, 0);
     std::fs::write(&src, &data).unwrap();
-    let out = ctl.cli(&[
-        "send",
-        src.to_str().unwrap(),
-        "--to",
-        "province:HB",
-        "--priority",
-        "bulk",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let said = send(
+        &ctl,
+        &[
+            src.to_str().unwrap(),
+            "--to",
+            "province:HB",
+            "--priority",
+            "bulk",
+        ],
     );
-    let said = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(said.contains("for 2 site(s)"), "{said}");
 
     for (site, _) in &agents {
@@ -118,18 +112,15 @@ fn a_file_sent_to_a_province_arrives_verified_at_each_site() {
     let window = format!("{:02}:{:02}-{:02}:{:02}", a / 60, a % 60, b / 60, b % 60);
     let later = tmp.path().join("night-batch.bin");
     std::fs::write(&later, pattern(100_000, 5)).unwrap();
-    let out = ctl.cli(&[
-        "send",
-        later.to_str().unwrap(),
-        "--to",
-        "site:hb-001",
-        "--window",
-        &window,
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    send(
+        &ctl,
+        &[
+            later.to_str().unwrap(),
+            "--to",
+            "site:hb-001",
+            "--window",
+            &window,
+        ],
     );
     std::thread::sleep(Duration::from_secs(4));
     let v = ctl.api("/api/transfers").unwrap();
@@ -155,6 +146,17 @@ fn a_file_sent_to_a_province_arrives_verified_at_each_site() {
         a.stop();
     }
     other.stop();
+}
+
+/// `tiandi-controller send ARGS…`, which must succeed; what it printed.
+fn send(ctl: &ControllerProc, args: &[&str]) -> String {
+    let out = ctl.cli(&[&["send"], args].concat());
+    assert!(
+        out.status.success(),
+        "send {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
 }
 
 /// The transfer's row in `/api/transfers`.
@@ -193,18 +195,15 @@ fn sigkill_of_the_receiver_and_of_the_sender_resumes_without_starting_over() {
     let data = pattern(size, 7);
     std::fs::write(&src, &data).unwrap();
     // 24 Mbit/s: the transfer takes ~8 s, time enough to kill both ends on the way.
-    let out = ctl.cli(&[
-        "send",
-        src.to_str().unwrap(),
-        "--to",
-        "site:js-001",
-        "--rate-limit",
-        "24",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    send(
+        &ctl,
+        &[
+            src.to_str().unwrap(),
+            "--to",
+            "site:js-001",
+            "--rate-limit",
+            "24",
+        ],
     );
     let acked = |ctl: &ControllerProc| {
         job(ctl, "js-001")
@@ -285,12 +284,7 @@ fn a_full_disk_pauses_the_transfer_until_space_is_freed() {
     let src = tmp.path().join("census.db");
     let data = pattern(8 << 20, 3);
     std::fs::write(&src, &data).unwrap();
-    let out = ctl.cli(&["send", src.to_str().unwrap(), "--to", "site:ah-001"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    send(&ctl, &[src.to_str().unwrap(), "--to", "site:ah-001"]);
     let j = wait_for("paused on a full disk", Duration::from_secs(30), || {
         job(&ctl, "ah-001").filter(|j| j["state"] == "paused")
     });

@@ -94,6 +94,16 @@ fn no_pause() -> bool {
     false
 }
 
+/// `send_file` with default options and no pause.
+async fn send_default(
+    conn: &quinn::Connection,
+    src: &Path,
+    m: &Manifest,
+    progress: &Arc<Progress>,
+) -> Result<SendOutcome, TransferError> {
+    send_file(conn, src, m, &SendOptions::default(), progress, &no_pause).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_arrives_whole_and_a_second_offer_gets_the_receipt() {
     let dir = tempfile::tempdir().unwrap();
@@ -103,16 +113,7 @@ async fn a_file_arrives_whole_and_a_second_offer_gets_the_receipt() {
     let ib = inbox(dir.path());
     serve(cconn, ib.clone());
     let progress = Arc::new(Progress::default());
-    let out = send_file(
-        &sconn,
-        &src,
-        &m,
-        &SendOptions::default(),
-        &progress,
-        &no_pause,
-    )
-    .await
-    .unwrap();
+    let out = send_default(&sconn, &src, &m, &progress).await.unwrap();
     let SendOutcome::Delivered(receipt) = out else {
         panic!("not delivered")
     };
@@ -132,9 +133,7 @@ async fn a_file_arrives_whole_and_a_second_offer_gets_the_receipt() {
         .collect();
     assert_eq!(names.len(), 1, "{names:?}");
     let again = Arc::new(Progress::default());
-    let out = send_file(&sconn, &src, &m, &SendOptions::default(), &again, &no_pause)
-        .await
-        .unwrap();
+    let out = send_default(&sconn, &src, &m, &again).await.unwrap();
     assert!(matches!(out, SendOutcome::Delivered(_)));
     assert_eq!(
         again.sent_bytes.load(std::sync::atomic::Ordering::Relaxed),
@@ -181,9 +180,7 @@ async fn a_broken_connection_resumes_without_resending_acknowledged_chunks() {
     let (_ep2, sconn2, cconn2) = pair().await;
     serve(cconn2, ib.clone());
     let p2 = Arc::new(Progress::default());
-    let out = send_file(&sconn2, &src, &m, &SendOptions::default(), &p2, &no_pause)
-        .await
-        .unwrap();
+    let out = send_default(&sconn2, &src, &m, &p2).await.unwrap();
     assert!(matches!(out, SendOutcome::Delivered(_)));
     let resent = p2.sent_bytes.load(std::sync::atomic::Ordering::Relaxed);
     assert!(
@@ -283,16 +280,9 @@ async fn a_source_that_changes_fails_clearly_and_leaves_no_file() {
     let ib = inbox(dir.path());
     let (_ep, sconn, cconn) = pair().await;
     serve(cconn, ib.clone());
-    let err = send_file(
-        &sconn,
-        &src,
-        &m,
-        &SendOptions::default(),
-        &Arc::new(Progress::default()),
-        &no_pause,
-    )
-    .await
-    .unwrap_err();
+    let err = send_default(&sconn, &src, &m, &Arc::new(Progress::default()))
+        .await
+        .unwrap_err();
     assert!(matches!(err, TransferError::SourceChanged(_)), "{err}");
     assert!(err.to_string().contains("changed while it was being sent"));
     assert!(!err.is_transient());
@@ -312,16 +302,7 @@ async fn a_resumed_offer_to_a_receiver_that_lost_its_state_sends_the_manifest_ag
     progress
         .attempts
         .store(1, std::sync::atomic::Ordering::Relaxed);
-    let out = send_file(
-        &sconn,
-        &src,
-        &m,
-        &SendOptions::default(),
-        &progress,
-        &no_pause,
-    )
-    .await
-    .unwrap();
+    let out = send_default(&sconn, &src, &m, &progress).await.unwrap();
     assert!(matches!(out, SendOutcome::Delivered(_)));
     assert_eq!(
         std::fs::read(dir.path().join("in/m.bin")).unwrap(),
