@@ -27,6 +27,17 @@ pub struct Config {
     pub ignore_interfaces: Vec<String>,
     /// SNMP devices at the site.
     pub devices: Vec<DeviceConfig>,
+    /// This site relays transfers to the sites of its province (`[relay]`).
+    pub relay: Option<RelayConfig>,
+    /// Files for this site come through its province's relay (`[via_relay]`).
+    pub via_relay: Option<crate::transfers::ViaRelay>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// UDP address the sites below connect to.
+    pub listen: std::net::SocketAddr,
 }
 
 impl Default for Config {
@@ -41,6 +52,8 @@ impl Default for Config {
             ignore_mounts: Vec::new(),
             ignore_interfaces: vec!["lo".into()],
             devices: Vec::new(),
+            relay: None,
+            via_relay: None,
         }
     }
 }
@@ -185,6 +198,16 @@ impl Config {
                 crate::snmp::security(v3).map_err(|e| format!("{file}: key `{key}.v3`: {e}"))?;
             }
         }
+        if let Some(v) = &self.via_relay {
+            tiandi_link::pki::validate_name("relay site", &v.site)
+                .map_err(|e| format!("{file}: key `via_relay.site`: {e}"))?;
+            if !v.address.contains(':') {
+                return Err(format!(
+                    "{file}: key `via_relay.address`: {:?} is not host:port",
+                    v.address
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -200,6 +223,32 @@ mod tests {
         c.validate("agent.example.toml").unwrap();
         assert_eq!(c.devices.len(), 3);
         assert_eq!(c.interval_s, 10.0);
+    }
+
+    #[test]
+    fn relay_sections_parse_and_check() {
+        let c: Config = tiandi_link::config::parse_toml(
+            "a.toml",
+            "[relay]\nlisten = \"0.0.0.0:4434\"\n[via_relay]\naddress = \"10.0.0.5:4434\"\nsite = \"gd-relay\"\n",
+        )
+        .unwrap();
+        c.validate("a.toml").unwrap();
+        assert_eq!(c.relay.unwrap().listen.port(), 4434);
+        let c: Config = tiandi_link::config::parse_toml(
+            "a.toml",
+            "[via_relay]\naddress = \"10.0.0.5\"\nsite = \"gd-relay\"\n",
+        )
+        .unwrap();
+        assert!(
+            c.validate("a.toml")
+                .unwrap_err()
+                .contains("via_relay.address")
+        );
+        let e =
+            tiandi_link::config::parse_toml::<Config>("a.toml", "[relay]\nlisten = \"nowhere\"\n")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("relay.listen"), "{e}");
     }
 
     #[test]

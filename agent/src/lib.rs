@@ -9,6 +9,7 @@ pub mod identity;
 pub mod sim;
 pub mod snmp;
 pub mod spool;
+pub mod transfers;
 pub mod uplink;
 
 use std::sync::{Arc, Mutex};
@@ -82,19 +83,78 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         .next()
         .with_context(|| format!("{} resolves to no address", cfg.controller))?;
     let endpoint = tiandi_link::client_endpoint(addr)?;
-    // Files the controller sends land in data_dir/inbox; their state lives beside it.
+    // Files the controller (or the province relay) sends land in data_dir/inbox; their state
+    // and the outbox of files this site sends live beside it.
     let transfers_db = sled::Config::new()
         .path(cfg.data_dir.join("transfers"))
         .cache_capacity(4 * 1024 * 1024)
         .open()
         .with_context(|| format!("opening {}", cfg.data_dir.join("transfers").display()))?;
+    let (events_tx, events_rx) = tokio::sync::mpsc::channel(256);
     let inbox = tiandi_transfer::Inbox::new(
         &cfg.data_dir.join("inbox"),
         transfers_db.open_tree("inbox")?,
         &id.info.site_id,
-        None,
+        cfg.relay.is_some().then_some(events_tx),
     )
     .context("opening the transfer inbox")?;
+    let outbox = tiandi_transfer::Outbox::new(transfers_db.open_tree("outbox")?);
+    let site_transfers = Arc::new(transfers::SiteTransfers {
+        site_id: id.info.site_id.clone(),
+        inbox: inbox.clone(),
+        outbox: outbox.clone(),
+        upstream: tokio::sync::watch::channel(None).0,
+    });
+    let mut tasks = vec![tokio::spawn(transfers::intake_loop(
+        cfg.data_dir.clone(),
+        outbox.clone(),
+        id.info.site_id.clone(),
+        cancel.clone(),
+    ))];
+    if let Some(relay) = &cfg.relay {
+        let tls = tiandi_link::tls::relay_server_tls(
+            &id.ca_pem,
+            &id.cert_pem,
+            &id.key_pem,
+            Arc::new(tiandi_link::tls::SameProvince(id.info.province.clone())),
+        )
+        .context("the relay's TLS (re-enroll this site if its certificate predates relays)")?;
+        let server = tiandi_link::server_config(tls, cfg.profile.transport())?;
+        let socket = std::net::UdpSocket::bind(relay.listen)
+            .with_context(|| format!("relay: binding {}", relay.listen))?;
+        let relay_ep =
+            tiandi_link::server_endpoint_on(socket, server, &rand::random::<[u8; 32]>())?;
+        info!(listen = %relay.listen, province = %id.info.province, "Relaying for the sites of this province.");
+        tasks.push(tokio::spawn(tiandi_transfer::relay::serve_downstream(
+            relay_ep,
+            outbox.clone(),
+            id.info.site_id.clone(),
+            |c| tiandi_link::peer_identity(c).map(|i| i.site_id),
+            cancel.clone(),
+        )));
+        tasks.push(tokio::spawn(tiandi_transfer::relay::forward_loop(
+            inbox.clone(),
+            outbox.clone(),
+            id.info.site_id.clone(),
+            events_rx,
+            cancel.clone(),
+        )));
+        tasks.push(tokio::spawn(tiandi_transfer::relay::report_upstream(
+            outbox.clone(),
+            site_transfers.upstream.subscribe(),
+            cancel.clone(),
+        )));
+    }
+    if let Some(via) = &cfg.via_relay {
+        tasks.push(tokio::spawn(transfers::from_relay(
+            endpoint.clone(),
+            client.clone(),
+            via.clone(),
+            inbox.clone(),
+            cfg.profile.connect_timeout(),
+            cancel.clone(),
+        )));
+    }
     let uplink = tokio::spawn(uplink::run(
         endpoint.clone(),
         uplink::UplinkConfig {
@@ -103,7 +163,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
             client,
             interval_ms: interval_ms as u32,
             connect_timeout: cfg.profile.connect_timeout(),
-            inbox: Some(inbox),
+            transfers: Some(site_transfers),
         },
         shared.clone(),
         cancel.clone(),
@@ -158,6 +218,9 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         }
     }
     let _ = uplink.await;
+    for t in tasks {
+        let _ = t.await;
+    }
     endpoint.wait_idle().await;
     if let Err(error) = shared.spool.lock().expect("spool lock poisoned").flush() {
         warn!(%error, "Final spool flush failed.");

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use tiandi_agent::{Config, identity, sim};
+use tiandi_agent::{Config, identity, sim, transfers};
 use tiandi_link::LinkProfile;
 use tokio_util::sync::CancellationToken;
 
@@ -43,6 +43,32 @@ enum Cmd {
         /// Replace an existing identity.
         #[arg(long)]
         force: bool,
+    },
+    /// Send a file to the controller: queued in this site's outbox, taken by the running agent
+    /// within a second, resumed across link cuts and restarts.
+    Send {
+        file: PathBuf,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// alarm, normal or bulk.
+        #[arg(long, default_value = "normal")]
+        priority: String,
+        /// Only send within this daily window, `HH:MM-HH:MM` (UTC).
+        #[arg(long)]
+        window: Option<String>,
+        /// At most this many Mbit/s.
+        #[arg(long)]
+        rate_limit: Option<f64>,
+        /// Wait until the controller has verified the file (or this many seconds pass).
+        #[arg(long)]
+        wait: Option<u64>,
+    },
+    /// This site's outgoing transfers, as the running agent last wrote them.
+    Transfers {
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
     },
     /// Run N simulated sites over real QUIC connections (load generator).
     Simulate {
@@ -134,6 +160,96 @@ async fn main() -> anyhow::Result<()> {
                 info.province,
                 identity::dir(&dir).display()
             );
+            Ok(())
+        }
+        Cmd::Send {
+            file,
+            data_dir,
+            priority,
+            window,
+            rate_limit,
+            wait,
+        } => {
+            let dir = data_dir.unwrap_or(cfg.data_dir);
+            let path = file
+                .canonicalize()
+                .with_context(|| format!("{}", file.display()))?;
+            let id = transfers::request_send(
+                &dir,
+                &transfers::SendRequest {
+                    path,
+                    priority,
+                    window,
+                    rate_limit_mbit: rate_limit,
+                },
+            )?;
+            println!(
+                "queued transfer {id} of {} to the controller (the running agent takes it within a second)",
+                file.display()
+            );
+            if let Some(secs) = wait {
+                let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+                loop {
+                    if let Some(j) = transfers::read_status(&dir)?
+                        .into_iter()
+                        .find(|j| j["id"] == id.as_str())
+                    {
+                        match j["state"].as_str() {
+                            Some("delivered") => {
+                                println!("delivered: verified at {}", j["receipt"]["node"]);
+                                return Ok(());
+                            }
+                            Some("failed") => bail!("transfer {id} failed: {}", j["error"]),
+                            _ => {}
+                        }
+                    }
+                    if let Some(e) = transfers::read_refusal(&dir, &id) {
+                        bail!("transfer {id} refused: {e}");
+                    }
+                    if std::time::Instant::now() > deadline {
+                        bail!("transfer {id} not delivered within {secs} s (it stays queued)");
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+            Ok(())
+        }
+        Cmd::Transfers { data_dir, json } => {
+            let dir = data_dir.unwrap_or(cfg.data_dir);
+            let jobs = transfers::read_status(&dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&jobs)?);
+                return Ok(());
+            }
+            println!(
+                "{:<22} {:<14} {:<28} {:>12} {:>6} {:<10} note",
+                "id", "to", "file", "bytes", "done%", "state"
+            );
+            for j in jobs {
+                let bytes = j["bytes"].as_u64().unwrap_or(0);
+                let pct = if bytes == 0 {
+                    100.0
+                } else {
+                    j["acked_bytes"].as_u64().unwrap_or(0) as f64 * 100.0 / bytes as f64
+                };
+                let note = if j["receipt"].is_object() {
+                    format!(
+                        "verified at {}",
+                        j["receipt"]["node"].as_str().unwrap_or("?")
+                    )
+                } else {
+                    j["error"].as_str().unwrap_or("").to_string()
+                };
+                println!(
+                    "{:<22} {:<14} {:<28} {:>12} {:>6.1} {:<10} {note}",
+                    j["id"].as_str().unwrap_or(""),
+                    j["dest"].as_str().unwrap_or(""),
+                    j["file"].as_str().unwrap_or(""),
+                    bytes,
+                    pct,
+                    j["state"].as_str().unwrap_or("")
+                );
+            }
             Ok(())
         }
         Cmd::Simulate {

@@ -299,7 +299,7 @@ pub async fn start(
                 client,
                 interval_ms: interval_ms as u32,
                 connect_timeout: opts.profile.connect_timeout(),
-                inbox: None,
+                transfers: None,
             },
             shared.clone(),
             cancel.clone(),

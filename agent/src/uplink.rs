@@ -99,8 +99,8 @@ pub struct UplinkConfig {
     ///
     /// [`LinkProfile::connect_timeout`]: tiandi_link::LinkProfile::connect_timeout
     pub connect_timeout: Duration,
-    /// Where files the controller sends land (None: this agent takes no transfers).
-    pub inbox: Option<Arc<tiandi_transfer::Inbox>>,
+    /// This site's transfers (None: it takes and sends none, like simulated sites).
+    pub transfers: Option<Arc<crate::transfers::SiteTransfers>>,
 }
 
 async fn resolve(addr: &str) -> Result<SocketAddr, LinkError> {
@@ -267,12 +267,8 @@ async fn session(
         .set_priority(tiandi_transfer::send::PRIORITY_REPORTS);
     let transfers = cancel.child_token();
     let _stop_transfers = transfers.clone().drop_guard();
-    if let Some(inbox) = &cfg.inbox {
-        tokio::spawn(tiandi_transfer::inbox::accept_loop(
-            inbox.clone(),
-            conn.clone(),
-            transfers,
-        ));
+    if let Some(t) = &cfg.transfers {
+        t.on_session(&conn, transfers);
     }
     *shared.link.lock().expect("link lock poisoned") = Some(link_stats(&conn));
     shared.sample_now.notify_one();

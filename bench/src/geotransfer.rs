@@ -191,32 +191,33 @@ async fn tiandi(
     let inbox = Inbox::new(&inbox_dir, db.open_tree("inbox")?, "bench-site", None)?;
     let stop = CancellationToken::new();
     let site_ns = topo.site_ns(1);
-    let site =
-        {
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let csock = in_netns(&site_ns, || UdpSocket::bind("0.0.0.0:0"))??;
-                let client = tiandi_link::client_endpoint_on(csock)?;
-                while !stop.is_cancelled() {
-                    let connecting =
-                        client.connect_with(client_cfg.clone(), server_addr, CONTROLLER_NAME)?;
-                    let conn =
-                        match tokio::time::timeout(LinkProfile::Geo.connect_timeout(), connecting)
-                            .await
-                        {
-                            Ok(Ok(c)) => c,
-                            _ => {
-                                tokio::time::sleep(Duration::from_secs(1)).await;
-                                continue;
-                            }
-                        };
-                    // The agent's acceptor: control streams and chunk streams.
-                    tiandi_transfer::inbox::accept_loop(inbox.clone(), conn, stop.clone()).await;
-                }
-                client.close(0u32.into(), b"done");
-                anyhow::Ok(())
-            })
-        };
+    let site = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let csock = in_netns(&site_ns, || UdpSocket::bind("0.0.0.0:0"))??;
+            let client = tiandi_link::client_endpoint_on(csock)?;
+            while !stop.is_cancelled() {
+                let connecting =
+                    client.connect_with(client_cfg.clone(), server_addr, CONTROLLER_NAME)?;
+                let conn = match tokio::time::timeout(
+                    LinkProfile::Geo.connect_timeout(),
+                    connecting,
+                )
+                .await
+                {
+                    Ok(Ok(c)) => c,
+                    _ => {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                // The agent's acceptor: control streams and chunk streams.
+                tiandi_transfer::inbox::accept_loop(inbox.clone(), conn, None, stop.clone()).await;
+            }
+            client.close(0u32.into(), b"done");
+            anyhow::Ok(())
+        })
+    };
 
     // The hub: accept the site's connection, send; after a transient failure, wait for the
     // site's next connection and send again (the receiver says what it already holds).

@@ -375,10 +375,11 @@ async fn admin_send(
 ) -> ApiResult {
     check_admin(&core, &headers)?;
     let c = core.clone();
-    let r =
-        tokio::task::spawn_blocking(move || crate::transfers::queue(&c.registry, &c.outbox, &req))
-            .await
-            .map_err(internal)?;
+    let r = tokio::task::spawn_blocking(move || {
+        crate::transfers::queue(&c.registry, &c.outbox, &c.config.relays, &req)
+    })
+    .await
+    .map_err(internal)?;
     match r {
         Ok(v) => Ok(Json(v)),
         Err(crate::transfers::SendError::Transfer(e)) => {
@@ -392,9 +393,9 @@ async fn admin_send(
 }
 
 async fn transfers(State(core): State<Arc<Core>>) -> ApiResult {
-    crate::transfers::status(&core.outbox)
-        .map(Json)
-        .map_err(internal)
+    let mut v = crate::transfers::status(&core.outbox).map_err(internal)?;
+    v["received"] = crate::transfers::received(&core.inbox).map_err(internal)?;
+    Ok(Json(v))
 }
 
 async fn admin_registry(State(core): State<Arc<Core>>, headers: HeaderMap) -> ApiResult {

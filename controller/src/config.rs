@@ -38,6 +38,9 @@ pub struct Config {
     /// site is paced at that rate and does not back off on random loss (a reserved VSAT
     /// carrier); sites not listed get loss-based congestion control.
     pub link_rates: std::collections::BTreeMap<String, f64>,
+    /// Relay sites by province: transfers for the province's other sites go to the relay once
+    /// and it forwards them (the sites name it in their `[via_relay]`).
+    pub relays: std::collections::BTreeMap<String, String>,
 }
 
 impl Config {
@@ -102,6 +105,7 @@ impl Default for Config {
             admission: Admission::default(),
             thresholds: Thresholds::default(),
             link_rates: Default::default(),
+            relays: Default::default(),
         }
     }
 }

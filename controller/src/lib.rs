@@ -206,6 +206,17 @@ impl Controller {
             None,
         )
         .context("opening the transfer inbox")?;
+        // Files from sites land in inbox/<site>/; relays report their forwarded copies here.
+        inbox.use_per_peer_dirs();
+        {
+            let outbox = outbox.clone();
+            inbox.on_forwarded(Arc::new(move |relay, items| {
+                outbox
+                    .apply_forwarded(relay, items)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }));
+        }
         let (events, _) = broadcast::channel(16_384);
         let core = Arc::new(Core {
             ca,

@@ -274,6 +274,13 @@ async fn run(cli: Cli, mut cfg: Config) -> anyhow::Result<()> {
                 } else {
                     t["error"].as_str().unwrap_or_default().to_string()
                 };
+                let tail = match (t["via"].as_str(), t["relays_to"].as_array()) {
+                    (Some(r), _) => format!("via {r}; {tail}"),
+                    (None, Some(b)) if !b.is_empty() => {
+                        format!("relays to {} site(s); {tail}", b.len())
+                    }
+                    _ => tail,
+                };
                 println!(
                     "{:<36} {:<14} {:<24} {:>6.1} {:<10} {:>8.2}M {:>8}  {}",
                     t["id"].as_str().unwrap_or_default(),
@@ -390,7 +397,7 @@ fn admin(cfg: &Config, action: &str, body: Value) -> anyhow::Result<Value> {
             if action == "send" {
                 let req: tiandi_controller::transfers::SendRequest =
                     serde_json::from_value(body.clone())?;
-                tiandi_controller::transfers::queue(&reg, &outbox, &req)?
+                tiandi_controller::transfers::queue(&reg, &outbox, &cfg.relays, &req)?
             } else {
                 tiandi_controller::transfers::status(&outbox)?
             }

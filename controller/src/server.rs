@@ -309,8 +309,13 @@ async fn session(
         .in_current_span(),
     );
     tokio::spawn(
-        tiandi_transfer::inbox::accept_loop(core.inbox.clone(), conn.clone(), transfers)
-            .in_current_span(),
+        tiandi_transfer::inbox::accept_loop(
+            core.inbox.clone(),
+            conn.clone(),
+            Some(id.site_id.clone()),
+            transfers,
+        )
+        .in_current_span(),
     );
     debug!(agent = %hello.agent_version, version = format!("{}.{}", hello.major, hello.minor), acked_through = state.acked_through, "Site connected.");
 

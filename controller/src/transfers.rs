@@ -1,5 +1,6 @@
 //! Queuing files for sites: `send FILE --to site:ID | province:CODE | all`.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -66,7 +67,17 @@ pub fn resolve(registry: &Registry, to: &str) -> Result<Vec<String>, SendError> 
 }
 
 /// Checks the request, hashes the file once, and queues one transfer per destination site.
-pub fn queue(registry: &Registry, outbox: &Outbox, req: &SendRequest) -> Result<Value, SendError> {
+///
+/// Sites of a province with a relay (`relays`: province → relay site) get the file through
+/// it: one job carries it to the relay with the list of sites below (the ministry's uplink
+/// carries it once per province), and one tracking job per site below follows what the
+/// relay reports.
+pub fn queue(
+    registry: &Registry,
+    outbox: &Outbox,
+    relays: &BTreeMap<String, String>,
+    req: &SendRequest,
+) -> Result<Value, SendError> {
     if !matches!(req.priority.as_str(), "alarm" | "normal" | "bulk") {
         return Err(SendError::Bad(format!(
             "priority {:?}: expected alarm, normal or bulk",
@@ -97,11 +108,40 @@ pub fn queue(registry: &Registry, outbox: &Outbox, req: &SendRequest) -> Result<
         tiandi_transfer::now_ms(),
         rand::random::<u16>()
     );
-    let mut ids = Vec::new();
+    let records = registry.list();
+    let live = |s: &str| {
+        records
+            .iter()
+            .any(|r| r.site_id == s && r.revoked_at.is_none() && r.serial.is_some())
+    };
+    let province = |s: &str| {
+        records
+            .iter()
+            .find(|r| r.site_id == s)
+            .map(|r| r.province.clone())
+            .unwrap_or_default()
+    };
+    // Which sites go through which relay.
+    let mut below: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut direct: Vec<String> = Vec::new();
     for site in &sites {
+        match relays.get(&province(site)) {
+            Some(relay) if relay != site && live(relay) => {
+                below.entry(relay.clone()).or_default().push(site.clone());
+            }
+            _ => direct.push(site.clone()),
+        }
+    }
+    // A relay that is not a destination itself still gets the file (to store and forward).
+    for relay in below.keys() {
+        if !direct.contains(relay) {
+            direct.push(relay.clone());
+        }
+    }
+    let new_job = |dest: &str| {
         let mut job = Job::new(
-            &format!("{group}-{site}"),
-            site,
+            &format!("{group}-{dest}"),
+            dest,
             source.clone(),
             manifest.clone(),
         );
@@ -109,8 +149,22 @@ pub fn queue(registry: &Registry, outbox: &Outbox, req: &SendRequest) -> Result<
         job.window = window;
         job.rate_limit_bps = rate;
         job.origin = "controller".into();
+        job
+    };
+    let mut ids = Vec::new();
+    for site in &direct {
+        let mut job = new_job(site);
+        job.forward_to = below.get(site).cloned().unwrap_or_default();
         ids.push(job.id.clone());
         outbox.enqueue(job)?;
+    }
+    for (relay, sites_below) in &below {
+        for site in sites_below {
+            let mut job = new_job(site);
+            job.via = Some(relay.clone());
+            ids.push(job.id.clone());
+            outbox.enqueue(job)?;
+        }
     }
     Ok(json!({
         "transfer": group,
@@ -118,6 +172,7 @@ pub fn queue(registry: &Registry, outbox: &Outbox, req: &SendRequest) -> Result<
         "bytes": manifest.size,
         "blake3": manifest.id_hex(),
         "destinations": sites,
+        "via_relays": below,
         "jobs": ids,
     }))
 }
@@ -145,10 +200,35 @@ pub fn status(outbox: &Outbox) -> Result<Value, SendError> {
                 "rate_limit_bps": j.rate_limit_bps,
                 "error": j.error,
                 "receipt": j.receipt,
+                "via": j.via,
+                "relays_to": j.forward_to,
                 "created_ms": j.created_ms,
                 "updated_ms": j.updated_ms,
             })
         })
         .collect();
     Ok(json!({ "transfers": jobs }))
+}
+
+/// Files sites sent to the controller (complete or arriving), for the API.
+pub fn received(inbox: &tiandi_transfer::Inbox) -> Result<Value, SendError> {
+    let mut files = inbox.list()?;
+    files.sort_by_key(|f| std::cmp::Reverse(f.started_ms));
+    Ok(Value::Array(
+        files
+            .into_iter()
+            .map(|f| {
+                json!({
+                    "from": f.origin,
+                    "file": f.manifest.name,
+                    "bytes": f.manifest.size,
+                    "blake3": f.manifest.id_hex(),
+                    "progress_pct": if f.manifest.chunk_count() == 0 { 100.0 } else { f64::from(f.verified.count()) * 100.0 / f64::from(f.manifest.chunk_count()) },
+                    "path": f.dest,
+                    "receipt": f.receipt,
+                    "started_ms": f.started_ms,
+                })
+            })
+            .collect(),
+    ))
 }

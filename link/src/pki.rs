@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
@@ -192,7 +192,19 @@ impl Ca {
         dn.push(DnType::StateOrProvinceName, province);
         dn.push(DnType::OrganizationName, "Tiandi site");
         params.distinguished_name = dn;
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        // ServerAuth and the site ID as a DNS name: a site marked as a relay serves the sites
+        // below it with the same identity (they connect by its site ID, so no other site can
+        // stand in for it). Which site relays for a province is the controller's decision.
+        params.subject_alt_names = vec![SanType::DnsName(
+            site_id
+                .to_ascii_lowercase()
+                .try_into()
+                .map_err(|e: rcgen::Error| LinkError::Pki(e.to_string()))?,
+        )];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.serial_number = Some(random_serial());
         let now = SystemTime::now();

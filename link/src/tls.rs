@@ -67,6 +67,8 @@ pub trait CertPolicy: Send + Sync + Debug {
 struct PolicyVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     policy: Arc<dyn CertPolicy>,
+    /// A relay takes no enrollments: every peer must present a certificate.
+    mandatory: bool,
 }
 
 impl ClientCertVerifier for PolicyVerifier {
@@ -74,9 +76,9 @@ impl ClientCertVerifier for PolicyVerifier {
         true
     }
     fn client_auth_mandatory(&self) -> bool {
-        // Enrollment connections come without a certificate; the application refuses every
-        // other use of an unauthenticated connection.
-        false
+        // Enrollment connections (to the controller) come without a certificate; the
+        // application refuses every other use of an unauthenticated connection.
+        self.mandatory
     }
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         self.inner.root_hint_subjects()
@@ -144,10 +146,65 @@ pub fn server_tls(
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls)?
-        .with_client_cert_verifier(Arc::new(PolicyVerifier { inner, policy }))
+        .with_client_cert_verifier(Arc::new(PolicyVerifier {
+            inner,
+            policy,
+            mandatory: false,
+        }))
         .with_single_cert(chain, key)
         .map_err(tls)?;
     cfg.alpn_protocols = vec![ALPN_SITE.to_vec(), ALPN_ENROLL.to_vec()];
+    cfg.send_tls13_tickets = 0;
+    cfg.max_early_data_size = 0;
+    Ok(cfg)
+}
+
+/// Which sites a relay serves: those of its own province.
+#[derive(Debug)]
+pub struct SameProvince(pub String);
+
+impl CertPolicy for SameProvince {
+    fn check(&self, id: &SiteIdentity) -> Result<(), Rejection> {
+        if id.province == self.0 {
+            Ok(())
+        } else {
+            Err(Rejection::Unknown)
+        }
+    }
+}
+
+/// The TLS server name a relay's certificate carries: its site ID, in lower case.
+pub fn relay_server_name(site_id: &str) -> String {
+    site_id.to_ascii_lowercase()
+}
+
+/// A relay's server TLS (a site serving the sites below it): its own site certificate,
+/// client certificates from the site CA, checked by `policy` (see [`SameProvince`]).
+pub fn relay_server_tls(
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+    policy: Arc<dyn CertPolicy>,
+) -> Result<rustls::ServerConfig, LinkError> {
+    let provider = provider();
+    let mut roots = RootCertStore::empty();
+    for c in certs_from_pem(ca_pem)? {
+        roots.add(c).map_err(tls)?;
+    }
+    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(tls)?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls)?
+        .with_client_cert_verifier(Arc::new(PolicyVerifier {
+            inner,
+            policy,
+            mandatory: true,
+        }))
+        .with_single_cert(certs_from_pem(cert_pem)?, key_from_pem(key_pem)?)
+        .map_err(tls)?;
+    cfg.alpn_protocols = vec![ALPN_SITE.to_vec()];
     cfg.send_tls13_tickets = 0;
     cfg.max_early_data_size = 0;
     Ok(cfg)

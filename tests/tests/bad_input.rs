@@ -120,7 +120,7 @@ async fn malformed_input_closes_only_the_offending_connection() {
             client: tiandi_link::client_config(tls, LinkProfile::Terrestrial.transport()).unwrap(),
             interval_ms: 100,
             connect_timeout: LinkProfile::Terrestrial.connect_timeout(),
-            inbox: None,
+            transfers: None,
         },
         shared.clone(),
         cancel.clone(),

@@ -103,8 +103,17 @@ pub enum InboxEvent {
     DiskOk { name: String },
 }
 
+/// Takes a relay's report of its forwarded copies: (the relay's site ID, the items). An error
+/// is sent back to the relay, which reports again later.
+pub type ForwardSink =
+    Arc<dyn Fn(&str, &[wire::ForwardStatus]) -> Result<(), String> + Send + Sync>;
+
 pub struct Inbox {
     dir: PathBuf,
+    /// Files from a known peer land in `dir/<peer>/` (the controller: sites may send files of
+    /// the same name).
+    per_peer_dirs: std::sync::atomic::AtomicBool,
+    forward_sink: std::sync::OnceLock<ForwardSink>,
     tree: sled::Tree,
     node: String,
     /// Space kept free on the destination's file system.
@@ -148,6 +157,8 @@ impl Inbox {
         std::fs::create_dir_all(dir).map_err(|e| TransferError::io(dir, e))?;
         Ok(Arc::new(Inbox {
             dir: dir.to_path_buf(),
+            per_peer_dirs: Default::default(),
+            forward_sink: Default::default(),
             tree,
             node: node.to_string(),
             reserve_bytes: 0,
@@ -161,6 +172,18 @@ impl Inbox {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Files from an identified peer land in `dir/<peer>/`, and their origin is the peer
+    /// (whatever the offer says).
+    pub fn use_per_peer_dirs(&self) {
+        self.per_peer_dirs
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Where relays' reports of forwarded copies go (once; later calls are ignored).
+    pub fn on_forwarded(&self, sink: ForwardSink) {
+        let _ = self.forward_sink.set(sink);
     }
 
     fn emit(&self, e: InboxEvent) {
@@ -213,10 +236,14 @@ impl Inbox {
 
     /// Serves one incoming transfer stream until the file is complete, the sender stops, or the
     /// stream breaks. Errors here are the stream's own; the caller logs them and goes on.
+    ///
+    /// `peer` is the sending node as the connection's certificate names it (None where the
+    /// peer is the controller or a relay above).
     pub async fn serve(
         self: &Arc<Self>,
         send: quinn::SendStream,
         recv: quinn::RecvStream,
+        peer: Option<&str>,
     ) -> Result<Served, TransferError> {
         let mut r: Reader = FramedRead::new(recv, wire::codec());
         let mut w: Writer = FramedWrite::new(send, wire::codec());
@@ -227,8 +254,9 @@ impl Inbox {
                 return Err(e);
             }
         };
-        let offer = match first {
+        let mut offer = match first {
             Some(Frame::Offer(o)) => o,
+            Some(Frame::Forwarded(f)) => return self.forwarded(peer, f, &mut w).await,
             Some(other) => {
                 let msg = format!("expected Offer, got {}", other.kind());
                 refuse(&mut w, codes::PROTOCOL, &msg).await;
@@ -280,7 +308,22 @@ impl Inbox {
             (entry.0.clone(), entry.1.clone())
         };
         let _guard = lock.lock().await;
-        let result = self.receive(&offer, manifest, &mut r, &mut w, &token).await;
+        let dir = match peer {
+            Some(p)
+                if self
+                    .per_peer_dirs
+                    .load(std::sync::atomic::Ordering::Relaxed) =>
+            {
+                offer.origin = p.to_string();
+                let d = self.dir.join(p);
+                std::fs::create_dir_all(&d).map_err(|e| TransferError::io(&d, e))?;
+                d
+            }
+            _ => self.dir.clone(),
+        };
+        let result = self
+            .receive(&offer, manifest, &dir, &mut r, &mut w, &token)
+            .await;
         if let Err(e) = &result
             && matches!(e, TransferError::Io { .. } | TransferError::Db(_))
         {
@@ -289,10 +332,36 @@ impl Inbox {
         result
     }
 
+    /// A relay's report of its forwarded copies.
+    async fn forwarded(
+        &self,
+        peer: Option<&str>,
+        f: wire::Forwarded,
+        w: &mut Writer,
+    ) -> Result<Served, TransferError> {
+        let (Some(peer), Some(sink)) = (peer, self.forward_sink.get()) else {
+            let msg = "this node takes no relay reports";
+            refuse(w, codes::PROTOCOL, msg).await;
+            return Err(TransferError::Protocol(msg.into()));
+        };
+        match sink(peer, &f.items) {
+            Ok(()) => {
+                put(w, Frame::Acked(Acked { chunks: Vec::new() })).await?;
+                let _ = w.get_mut().finish();
+                Ok(Served::Complete)
+            }
+            Err(e) => {
+                refuse(w, codes::STORAGE, &e).await;
+                Err(TransferError::Stream(e))
+            }
+        }
+    }
+
     async fn receive(
         &self,
         offer: &Offer,
         manifest: Manifest,
+        dir: &Path,
         r: &mut Reader,
         w: &mut Writer,
         cancel: &CancellationToken,
@@ -301,10 +370,8 @@ impl Inbox {
         let mut st = match self.get(&id)? {
             Some(s) if s.manifest == manifest => s,
             _ => InState {
-                part: self
-                    .dir
-                    .join(format!(".{}.{}.part", manifest.name, &id[..8])),
-                dest: self.dir.join(&manifest.name),
+                part: dir.join(format!(".{}.{}.part", manifest.name, &id[..8])),
+                dest: dir.join(&manifest.name),
                 verified: Bitmap::new(manifest.chunk_count()),
                 manifest: manifest.clone(),
                 origin: offer.origin.clone(),
@@ -467,9 +534,9 @@ impl Inbox {
         }
         drop(file);
         std::fs::rename(&st.part, &st.dest).map_err(|e| TransferError::io(&st.dest, e))?;
-        std::fs::File::open(&self.dir)
+        std::fs::File::open(dir)
             .and_then(|d| d.sync_all())
-            .map_err(|e| TransferError::io(&self.dir, e))?;
+            .map_err(|e| TransferError::io(dir, e))?;
         let receipt = Receipt {
             file_hash: id.clone(),
             size: manifest.size,
@@ -614,16 +681,25 @@ impl Inbox {
 /// Serves every transfer the peer opens on `conn` (a task per stream: control streams and
 /// chunk streams) until `stop` fires or the connection ends. A failing stream is logged and
 /// closes only itself.
-pub async fn accept_loop(inbox: Arc<Inbox>, conn: quinn::Connection, stop: CancellationToken) {
+///
+/// `peer`: the sending node as the connection's certificate names it (the controller's side);
+/// None where the peer is the controller or a relay.
+pub async fn accept_loop(
+    inbox: Arc<Inbox>,
+    conn: quinn::Connection,
+    peer: Option<String>,
+    stop: CancellationToken,
+) {
     loop {
         let inbox = inbox.clone();
+        let peer = peer.clone();
         tokio::select! {
             _ = stop.cancelled() => return,
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
                     tokio::spawn(
                         async move {
-                            if let Err(e) = inbox.serve(send, recv).await {
+                            if let Err(e) = inbox.serve(send, recv, peer.as_deref()).await {
                                 warn!(error = %e, "Incoming transfer failed.");
                             }
                         }

@@ -11,6 +11,7 @@
 pub mod inbox;
 pub mod manifest;
 pub mod outbox;
+pub mod relay;
 pub mod send;
 pub mod wire;
 

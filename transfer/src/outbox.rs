@@ -25,6 +25,18 @@ pub enum JobState {
     Failed,
 }
 
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Sending => "sending",
+            JobState::Paused => "paused",
+            JobState::Delivered => "delivered",
+            JobState::Failed => "failed",
+        }
+    }
+}
+
 /// A daily time window `HH:MM-HH:MM` (UTC); it may wrap past midnight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Window {
@@ -98,6 +110,13 @@ pub struct Job {
     /// Why the receiver paused it (a [`crate::wire::codes`] value; 0: not paused by it).
     #[serde(default)]
     pub pause_code: u32,
+    /// Delivered by this relay, not sent from here: the job only tracks what the relay
+    /// reports ([`Outbox::apply_forwarded`]).
+    #[serde(default)]
+    pub via: Option<String>,
+    /// A relay's copy toward a site below it: its progress is reported upstream.
+    #[serde(default)]
+    pub forwarded: bool,
 }
 
 impl Job {
@@ -124,6 +143,8 @@ impl Job {
             receipt: None,
             error: None,
             pause_code: 0,
+            via: None,
+            forwarded: false,
         }
     }
 
@@ -147,7 +168,10 @@ impl Job {
     }
 
     fn runnable(&self, now: i64) -> bool {
-        !self.finished() && self.retry_at_ms <= now && self.window.is_none_or(|w| w.contains(now))
+        self.via.is_none()
+            && !self.finished()
+            && self.retry_at_ms <= now
+            && self.window.is_none_or(|w| w.contains(now))
     }
 }
 
@@ -184,6 +208,59 @@ impl Outbox {
         info!(transfer = %job.id, dest = %job.dest, name = %job.manifest.name, bytes = job.manifest.size, priority = %job.priority, "Transfer queued.");
         self.changed.notify_waiters();
         Ok(())
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<Job>, TransferError> {
+        Ok(self
+            .tree
+            .get(id.as_bytes())?
+            .and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    /// Applies what relay `relay` reports of its copies toward the sites below it, to the jobs
+    /// here that go through it (a relay reports only on its own jobs: others are ignored).
+    /// Returns how many jobs changed.
+    pub fn apply_forwarded(
+        &self,
+        relay: &str,
+        items: &[crate::wire::ForwardStatus],
+    ) -> Result<usize, TransferError> {
+        let mut changed = 0;
+        let jobs = self.list()?;
+        for item in items {
+            for mut job in jobs
+                .iter()
+                .filter(|j| {
+                    j.via.as_deref() == Some(relay)
+                        && j.dest == item.site
+                        && j.manifest.id_hex() == item.file_hash
+                        && !j.finished()
+                })
+                .cloned()
+            {
+                job.state = match item.state.as_str() {
+                    "queued" => JobState::Queued,
+                    "sending" => JobState::Sending,
+                    "paused" => JobState::Paused,
+                    "delivered" => JobState::Delivered,
+                    "failed" => JobState::Failed,
+                    _ => continue,
+                };
+                job.acked_bytes = item.acked_bytes.min(job.manifest.size);
+                job.sent_bytes = item.sent_bytes;
+                job.rate_bps = item.rate_bps;
+                job.attempts = item.attempts;
+                job.error = (!item.error.is_empty()).then(|| item.error.clone());
+                job.receipt = item.receipt.clone();
+                job.updated_ms = now_ms();
+                self.put(&job)?;
+                changed += 1;
+            }
+        }
+        if changed > 0 {
+            self.changed.notify_waiters();
+        }
+        Ok(changed)
     }
 
     pub fn list(&self) -> Result<Vec<Job>, TransferError> {

@@ -14,6 +14,13 @@
 //!                    its check), Done (the whole file verified and in place: the receipt),
 //!                    Failed (a clear error; with retry_after_ms the sender pauses and retries)
 //! ```
+//!
+//! A relay reports upstream how its forwarded copies fare on a stream of their own:
+//!
+//! ```text
+//! relay → upstream: Forwarded (per destination below it: state, progress, receipt)
+//! upstream → relay: Acked (empty: stored), or Failed
+//! ```
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message;
@@ -124,6 +131,39 @@ pub struct Failed {
     pub retry_after_ms: u64,
 }
 
+/// How a relay's copy of a file toward one site below it is doing.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ForwardStatus {
+    #[prost(string, tag = "1")]
+    pub file_hash: String,
+    /// The destination site below the relay.
+    #[prost(string, tag = "2")]
+    pub site: String,
+    /// queued, sending, paused, delivered or failed.
+    #[prost(string, tag = "3")]
+    pub state: String,
+    #[prost(uint64, tag = "4")]
+    pub acked_bytes: u64,
+    #[prost(uint64, tag = "5")]
+    pub sent_bytes: u64,
+    #[prost(uint64, tag = "6")]
+    pub rate_bps: u64,
+    #[prost(uint64, tag = "7")]
+    pub attempts: u64,
+    #[prost(string, tag = "8")]
+    pub error: String,
+    #[prost(message, optional, tag = "9")]
+    pub receipt: Option<Receipt>,
+    #[prost(int64, tag = "10")]
+    pub updated_ms: i64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Forwarded {
+    #[prost(message, repeated, tag = "1")]
+    pub items: Vec<ForwardStatus>,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Frame {
     Offer(Offer),
@@ -132,6 +172,7 @@ pub enum Frame {
     Resend(Resend),
     Done(Receipt),
     Failed(Failed),
+    Forwarded(Forwarded),
 }
 
 impl Frame {
@@ -143,6 +184,7 @@ impl Frame {
             Frame::Resend(_) => "Resend",
             Frame::Done(_) => "Done",
             Frame::Failed(_) => "Failed",
+            Frame::Forwarded(_) => "Forwarded",
         }
     }
 
@@ -174,6 +216,10 @@ impl Frame {
                 b.put_u8(7);
                 m.encode(&mut b).expect("BytesMut grows");
             }
+            Frame::Forwarded(m) => {
+                b.put_u8(8);
+                m.encode(&mut b).expect("BytesMut grows");
+            }
         }
         b.freeze()
     }
@@ -191,6 +237,7 @@ impl Frame {
             5 => Frame::Resend(Resend::decode(b).map_err(pe)?),
             6 => Frame::Done(Receipt::decode(b).map_err(pe)?),
             7 => Frame::Failed(Failed::decode(b).map_err(pe)?),
+            8 => Frame::Forwarded(Forwarded::decode(b).map_err(pe)?),
             k => return Err(TransferError::Protocol(format!("unknown frame kind {k}"))),
         })
     }
@@ -390,6 +437,20 @@ mod tests {
                 code: codes::DISK_FULL,
                 message: "full".into(),
                 retry_after_ms: 5000,
+            }),
+            Frame::Forwarded(Forwarded {
+                items: vec![ForwardStatus {
+                    file_hash: "ab".into(),
+                    site: "gd-002".into(),
+                    state: "delivered".into(),
+                    acked_bytes: 10,
+                    receipt: Some(Receipt {
+                        size: 10,
+                        node: "gd-002".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }],
             }),
         ];
         for f in frames {

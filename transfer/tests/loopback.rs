@@ -67,6 +67,7 @@ fn serve(conn: quinn::Connection, inbox: Arc<Inbox>) -> tokio::task::JoinHandle<
     tokio::spawn(tiandi_transfer::inbox::accept_loop(
         inbox,
         conn,
+        None,
         tokio_util::sync::CancellationToken::new(),
     ))
 }

@@ -1,0 +1,260 @@
+//! Relays: a node (a province office) that stores what it receives and forwards it to the
+//! sites below it, so that a file for a province crosses the ministry's uplink once.
+//!
+//! - [`forward_completed`]: every complete, verified file in the inbox whose offer named sites
+//!   below gets one outbox job per site (idempotent: job IDs are `fwd-<hash>-<site>`, so a
+//!   restart or a repeated event adds nothing twice).
+//! - [`serve_downstream`]: the sites below connect to the relay (mutual TLS, same CA); each
+//!   connection gets the outbox driver for its site, exactly as the controller does.
+//! - [`report_upstream`]: how each forwarded copy is doing (state, progress, receipt) goes
+//!   upstream as [`Forwarded`] frames; the upstream node applies them to the jobs it tracks
+//!   through this relay ([`Outbox::apply_forwarded`]). Reported again until acknowledged.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::TransferError;
+use crate::inbox::{Inbox, InboxEvent};
+use crate::outbox::{Job, Outbox, drive};
+use crate::wire::{self, ForwardStatus, Forwarded, Frame};
+
+/// Items per [`Forwarded`] frame (each is ~150 bytes).
+const REPORT_BATCH: usize = 256;
+/// How often forwarded copies' progress goes upstream while it changes.
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(2);
+/// A report unanswered for this long is sent again on the next round.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a downstream handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The job forwarding file `hash` to `site`.
+pub fn forward_job_id(file_hash_hex: &str, site: &str) -> String {
+    format!(
+        "fwd-{}-{site}",
+        &file_hash_hex[..16.min(file_hash_hex.len())]
+    )
+}
+
+/// Queues a forwarding job for every complete file and site below that has none yet.
+/// Returns how many were queued.
+pub fn forward_completed(
+    inbox: &Inbox,
+    outbox: &Outbox,
+    node: &str,
+) -> Result<usize, TransferError> {
+    let mut queued = 0;
+    for st in inbox.list()? {
+        let Some(receipt) = &st.receipt else { continue };
+        for site in st.forward_to.iter().filter(|s| s.as_str() != node) {
+            let id = forward_job_id(&receipt.file_hash, site);
+            if outbox.get(&id)?.is_some() {
+                continue;
+            }
+            let mut job = Job::new(&id, site, st.dest.clone(), st.manifest.clone());
+            job.priority = st.priority.clone();
+            job.origin = st.origin.clone();
+            job.forwarded = true;
+            outbox.enqueue(job)?;
+            queued += 1;
+        }
+    }
+    Ok(queued)
+}
+
+/// Runs [`forward_completed`] at start, on every completed file, and every minute (an event
+/// the queue dropped is caught then).
+pub async fn forward_loop(
+    inbox: Arc<Inbox>,
+    outbox: Arc<Outbox>,
+    node: String,
+    mut events: mpsc::Receiver<InboxEvent>,
+    stop: CancellationToken,
+) {
+    loop {
+        match forward_completed(&inbox, &outbox, &node) {
+            Ok(0) => {}
+            Ok(n) => info!(jobs = n, "Relaying files to the sites below."),
+            Err(e) => warn!(error = %e, "Could not queue relayed files; retrying."),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            e = events.recv() => if e.is_none() { return },
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+    }
+}
+
+/// What a forwarded job looks like upstream.
+pub fn status_of(job: &Job) -> ForwardStatus {
+    ForwardStatus {
+        file_hash: job.manifest.id_hex(),
+        site: job.dest.clone(),
+        state: job.state.as_str().into(),
+        acked_bytes: job.acked_bytes,
+        sent_bytes: job.sent_bytes,
+        rate_bps: job.rate_bps,
+        attempts: job.attempts,
+        error: job.error.clone().unwrap_or_default(),
+        receipt: job.receipt.clone(),
+        updated_ms: job.updated_ms,
+    }
+}
+
+/// Reports forwarded copies' progress on the upstream connection `conn` holds (None while the
+/// link is down), until `stop`. What the upstream acknowledged is not sent again unless it
+/// changes; after a restart everything is reported once more (applying it twice is harmless).
+pub async fn report_upstream(
+    outbox: Arc<Outbox>,
+    mut conn: watch::Receiver<Option<quinn::Connection>>,
+    stop: CancellationToken,
+) {
+    let mut confirmed: HashMap<String, ForwardStatus> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(REPORT_INTERVAL) => {}
+            r = conn.changed() => if r.is_err() { return },
+        }
+        let Some(c) = conn.borrow().clone() else {
+            continue;
+        };
+        let jobs = match outbox.list() {
+            Ok(j) => j,
+            Err(e) => {
+                warn!(error = %e, "Outbox unreadable.");
+                continue;
+            }
+        };
+        let due: Vec<(String, ForwardStatus)> = jobs
+            .iter()
+            .filter(|j| j.forwarded)
+            .map(|j| (j.id.clone(), status_of(j)))
+            .filter(|(id, st)| {
+                confirmed.get(id).is_none_or(|old| {
+                    // The timestamp alone changes every second while sending: report on
+                    // state, progress and outcome.
+                    (
+                        old.state.as_str(),
+                        old.acked_bytes,
+                        old.receipt.is_some(),
+                        &old.error,
+                    ) != (
+                        st.state.as_str(),
+                        st.acked_bytes,
+                        st.receipt.is_some(),
+                        &st.error,
+                    )
+                })
+            })
+            .collect();
+        for batch in due.chunks(REPORT_BATCH) {
+            let items: Vec<ForwardStatus> = batch.iter().map(|(_, s)| s.clone()).collect();
+            match tokio::time::timeout(REPORT_TIMEOUT, send_report(&c, items)).await {
+                Ok(Ok(())) => {
+                    for (id, st) in batch {
+                        confirmed.insert(id.clone(), st.clone());
+                    }
+                    debug!(items = batch.len(), "Relay status reported upstream.");
+                }
+                Ok(Err(e)) => {
+                    debug!(error = %e, "Relay status not reported; next round.");
+                    break;
+                }
+                Err(_) => {
+                    debug!("Relay status unanswered; next round.");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn send_report(
+    conn: &quinn::Connection,
+    items: Vec<ForwardStatus>,
+) -> Result<(), TransferError> {
+    let (send, recv) = conn.open_bi().await?;
+    let mut w = FramedWrite::new(send, wire::codec());
+    let mut r = FramedRead::new(recv, wire::codec());
+    wire::put(&mut w, Frame::Forwarded(Forwarded { items })).await?;
+    let _ = w.get_mut().finish();
+    match wire::next(&mut r).await? {
+        Some(Frame::Acked(_)) => Ok(()),
+        Some(Frame::Failed(f)) => Err(TransferError::Refused {
+            code: f.code,
+            message: f.message,
+        }),
+        Some(other) => Err(TransferError::Protocol(format!(
+            "expected Acked, got {}",
+            other.kind()
+        ))),
+        None => Err(TransferError::Stream("upstream closed the stream".into())),
+    }
+}
+
+/// Serves the sites below: every connection on `endpoint` whose peer `identify` names gets
+/// the outbox driver for that site (and its files go up through the inbox, if given).
+pub async fn serve_downstream(
+    endpoint: quinn::Endpoint,
+    outbox: Arc<Outbox>,
+    node: String,
+    identify: fn(&quinn::Connection) -> Option<String>,
+    stop: CancellationToken,
+) {
+    loop {
+        let incoming = tokio::select! {
+            _ = stop.cancelled() => break,
+            i = endpoint.accept() => match i { Some(i) => i, None => break },
+        };
+        let (outbox, node, stop) = (outbox.clone(), node.clone(), stop.clone());
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn =
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, async { incoming.accept()?.await })
+                    .await
+                {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => {
+                        info!(%remote, error = %e, "Refused a connection from below.");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!(%remote, "Handshake from below timed out.");
+                        return;
+                    }
+                };
+            let Some(site) = identify(&conn) else {
+                conn.close(1u32.into(), b"a site certificate is required");
+                return;
+            };
+            let span = info_span!("downstream", %site);
+            async move {
+                info!(%remote, "Site below connected.");
+                let cancel = stop.child_token();
+                let driver = tokio::spawn(drive(
+                    outbox,
+                    conn.clone(),
+                    site.clone(),
+                    node,
+                    cancel.clone(),
+                ));
+                tokio::select! {
+                    _ = conn.closed() => {}
+                    _ = stop.cancelled() => conn.close(0u32.into(), b"relay stopping"),
+                }
+                cancel.cancel();
+                let _ = driver.await;
+                info!("Site below disconnected.");
+            }
+            .instrument(span)
+            .await
+        });
+    }
+    endpoint.close(0u32.into(), b"relay stopping");
+}
