@@ -92,17 +92,52 @@ pub struct ControllerProc {
     pub config: PathBuf,
     child: Option<Child>,
     log: PathBuf,
+    /// The network namespace it runs in (None: the test's own).
+    pub netns: Option<String>,
+}
+
+/// A command for `program`, inside network namespace `ns` if given.
+pub fn command_in(ns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match ns {
+        Some(ns) => tiandi_satlink::Topology::command(ns, program),
+        None => Command::new(program),
+    }
+}
+
+/// Runs `f` inside network namespace `ns` if given (HTTP to a process listening there).
+pub fn run_in<T: Send + 'static>(ns: Option<&str>, f: impl FnOnce() -> T + Send + 'static) -> T {
+    match ns {
+        Some(ns) => tiandi_satlink::topo::in_netns(ns, f).expect("entering the namespace"),
+        None => f(),
+    }
 }
 
 impl ControllerProc {
     pub fn start(dir: &Path) -> ControllerProc {
+        ControllerProc::start_with(dir, None, "")
+    }
+
+    /// Starts a controller with `extra_config` (TOML) appended; with `netns`, inside that
+    /// namespace, its QUIC listener on the given address (API and metrics on its loopback).
+    pub fn start_with(
+        dir: &Path,
+        netns: Option<(&str, std::net::IpAddr)>,
+        extra_config: &str,
+    ) -> ControllerProc {
         std::fs::create_dir_all(dir).unwrap();
-        let (quic, api, ops) = (free_udp(), free_tcp(), free_tcp());
+        let (quic, api, ops) = match netns {
+            Some((_, ip)) => (
+                SocketAddr::new(ip, 4433),
+                "127.0.0.1:18080".parse().unwrap(),
+                "127.0.0.1:19090".parse().unwrap(),
+            ),
+            None => (free_udp(), free_tcp(), free_tcp()),
+        };
         let config = dir.join("controller.toml");
         std::fs::write(
             &config,
             format!(
-                "data_dir = {:?}\nquic_listen = \"{quic}\"\napi_listen = \"{api}\"\nops_listen = \"{ops}\"\nprofile = \"terrestrial\"\nlog = \"info,tiandi_controller=debug\"\n",
+                "data_dir = {:?}\nquic_listen = \"{quic}\"\napi_listen = \"{api}\"\nops_listen = \"{ops}\"\nprofile = \"terrestrial\"\nlog = \"info,tiandi_controller=debug\"\n{extra_config}\n",
                 dir.join("data")
             ),
         )
@@ -115,6 +150,7 @@ impl ControllerProc {
             config,
             child: None,
             log: dir.join("controller.log"),
+            netns: netns.map(|(ns, _)| ns.to_string()),
         };
         c.spawn();
         c
@@ -126,7 +162,7 @@ impl ControllerProc {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(bin("tiandi-controller"))
+        let child = command_in(self.netns.as_deref(), bin("tiandi-controller"))
             .arg("--config")
             .arg(&self.config)
             .arg("run")
@@ -137,7 +173,8 @@ impl ControllerProc {
         self.child = Some(child);
         let url = format!("http://{}/health", self.ops);
         wait_for("controller /health", Duration::from_secs(30), || {
-            get_text(&url)
+            let url = url.clone();
+            run_in(self.netns.as_deref(), move || get_text(&url))
         });
     }
 
@@ -173,11 +210,13 @@ impl ControllerProc {
     }
 
     pub fn api(&self, path: &str) -> Option<Value> {
-        get_json(&format!("http://{}{}", self.api, path))
+        let url = format!("http://{}{}", self.api, path);
+        run_in(self.netns.as_deref(), move || get_json(&url))
     }
 
     pub fn metrics(&self) -> String {
-        get_text(&format!("http://{}/metrics", self.ops)).unwrap_or_default()
+        let url = format!("http://{}/metrics", self.ops);
+        run_in(self.netns.as_deref(), move || get_text(&url)).unwrap_or_default()
     }
 
     /// A metric's value (first sample whose line starts with `name`).
@@ -202,7 +241,7 @@ impl ControllerProc {
     }
 
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(bin("tiandi-controller"))
+        command_in(self.netns.as_deref(), bin("tiandi-controller"))
             .arg("--config")
             .arg(&self.config)
             .args(args)
@@ -245,6 +284,8 @@ pub struct AgentProc {
     pub config: PathBuf,
     child: Option<Child>,
     log: PathBuf,
+    /// The network namespace it runs in (None: the test's own).
+    pub netns: Option<String>,
 }
 
 impl AgentProc {
@@ -255,9 +296,20 @@ impl AgentProc {
         token: &str,
         extra_config: &str,
     ) -> AgentProc {
+        AgentProc::enroll_in(None, dir, controller, token, extra_config)
+    }
+
+    /// [`AgentProc::enroll`] inside network namespace `ns`, where it will also run.
+    pub fn enroll_in(
+        ns: Option<&str>,
+        dir: &Path,
+        controller: SocketAddr,
+        token: &str,
+        extra_config: &str,
+    ) -> AgentProc {
         std::fs::create_dir_all(dir).unwrap();
         let data = dir.join("data");
-        let out = Command::new(bin("tiandi-agent"))
+        let out = command_in(ns, bin("tiandi-agent"))
             .args([
                 "enroll",
                 "--controller",
@@ -274,7 +326,9 @@ impl AgentProc {
             "agent enroll failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        AgentProc::configure(dir, controller, extra_config)
+        let mut a = AgentProc::configure(dir, controller, extra_config);
+        a.netns = ns.map(str::to_string);
+        a
     }
 
     pub fn configure(dir: &Path, controller: SocketAddr, extra_config: &str) -> AgentProc {
@@ -292,6 +346,7 @@ impl AgentProc {
             config,
             child: None,
             log: dir.join("agent.log"),
+            netns: None,
         }
     }
 
@@ -302,7 +357,7 @@ impl AgentProc {
             .open(&self.log)
             .unwrap();
         self.child = Some(
-            Command::new(bin("tiandi-agent"))
+            command_in(self.netns.as_deref(), bin("tiandi-agent"))
                 .arg("--config")
                 .arg(&self.config)
                 .arg("run")
@@ -334,6 +389,42 @@ impl AgentProc {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// `tiandi-agent ARGS --config …` (in the agent's namespace).
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        command_in(self.netns.as_deref(), bin("tiandi-agent"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+/// `len` bytes of a repeatable, incompressible-looking pattern (test files).
+pub fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect()
+}
+
+/// Whether this process can build emulated links (root and /dev/net/tun, as in CI).
+pub fn can_emulate_links() -> bool {
+    let uid = Command::new("id").arg("-u").output().map(|o| o.stdout);
+    uid.is_ok_and(|u| String::from_utf8_lossy(&u).trim() == "0")
+        && Path::new("/dev/net/tun").exists()
+}
+
+/// Bytes the interface `dev` in namespace `ns` has sent.
+pub fn tx_bytes(ns: &str, dev: &str) -> u64 {
+    let out = tiandi_satlink::Topology::command(ns, "cat")
+        .arg(format!("/sys/class/net/{dev}/statistics/tx_bytes"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
 }
 
 impl Drop for AgentProc {

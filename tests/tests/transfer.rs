@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use tiandi_tests::{AgentProc, ControllerProc, wait_for};
+use tiandi_tests::{AgentProc, ControllerProc, pattern, wait_for};
 
 #[test]
 fn a_file_sent_to_a_province_arrives_verified_at_each_site() {
@@ -167,12 +167,6 @@ fn job(ctl: &ControllerProc, dest: &str) -> Option<serde_json::Value> {
         .iter()
         .find(|t| t["dest"] == dest)
         .cloned()
-}
-
-fn pattern(len: usize, seed: u32) -> Vec<u8> {
-    (0..len as u32)
-        .map(|i| (i.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 11) as u8)
-        .collect()
 }
 
 #[test]
