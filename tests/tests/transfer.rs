@@ -336,3 +336,73 @@ fn nix_is_root() -> bool {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
         .unwrap_or(false)
 }
+
+#[test]
+fn a_site_sends_a_file_to_the_controller() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ctl = ControllerProc::start(&tmp.path().join("ctl"));
+    let token = ctl.enroll("sc-001", "SC", &[]);
+    let mut agent = AgentProc::enroll(
+        &tmp.path().join("sc-001"),
+        ctl.quic,
+        &token,
+        "interval_s = 1",
+    );
+    agent.start();
+    let src = tmp.path().join("sc-001/survey-2026.csv");
+    let data = pattern(2_500_000, 11);
+    std::fs::write(&src, &data).unwrap();
+    // The agent takes the request, sends, and the controller verifies; --wait reports it.
+    let out = agent.cli(&[
+        "send",
+        src.to_str().unwrap(),
+        "--priority",
+        "bulk",
+        "--wait",
+        "90",
+    ]);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("delivered: verified at \"controller\""), "{said}");
+    // Files from a site land under its own name at the controller: sites cannot overwrite
+    // each other's files whatever they call them.
+    let landed = ctl.dir.join("data/inbox/sc-001/survey-2026.csv");
+    assert_eq!(std::fs::read(&landed).unwrap(), data);
+    let v = ctl.api("/api/transfers").unwrap();
+    let got = v["received"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["file"] == "survey-2026.csv")
+        .cloned()
+        .unwrap();
+    assert_eq!(got["from"], "sc-001");
+    assert_eq!(got["receipt"]["size"].as_u64(), Some(data.len() as u64));
+    let table = String::from_utf8_lossy(&agent.cli(&["transfers"]).stdout).to_string();
+    assert!(
+        table.contains("survey-2026.csv") && table.contains("delivered"),
+        "{table}"
+    );
+
+    // Clear errors, nothing queued.
+    for (args, expect) in [
+        (vec!["send", "/nonexistent/file"], "/nonexistent/file"),
+        (
+            vec!["send", src.to_str().unwrap(), "--priority", "urgent"],
+            "expected alarm, normal or bulk",
+        ),
+        (
+            vec!["send", src.to_str().unwrap(), "--window", "9-5"],
+            "not HH:MM",
+        ),
+    ] {
+        let out = agent.cli(&args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expect), "{args:?}: {err}");
+    }
+}
