@@ -246,3 +246,37 @@ async fn a_60_s_cut_on_a_lossy_corrupting_link_resumes_and_ends_verified() {
     drop(ctl);
     topo.down();
 }
+
+#[test]
+fn the_lab_script_brings_up_a_controller_and_sites_behind_emulated_links() {
+    assert!(
+        can_emulate_links(),
+        "this test needs root and /dev/net/tun (CI runs it as root)"
+    );
+    let bins = tiandi_tests::bin("tiandi-satlink")
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let tmp = tempfile::tempdir().unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/lab.sh");
+    let out = std::process::Command::new(script)
+        .args(["--sites", "3", "--relay", "--delay-ms", "100", "--check"])
+        .args(["--prefix", "tdlab", "--dir"])
+        .arg(tmp.path())
+        .env("TIANDI_BIN", &bins)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("lab sites=3 connected=3"), "{said}");
+    // It cleaned up after itself.
+    let ns = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&ns.stdout).contains("tdlab-"));
+}

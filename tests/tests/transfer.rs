@@ -367,7 +367,10 @@ fn a_site_sends_a_file_to_the_controller() {
         "{said}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(said.contains("delivered: verified at \"controller\""), "{said}");
+    assert!(
+        said.contains("delivered: verified at \"controller\""),
+        "{said}"
+    );
     // Files from a site land under its own name at the controller: sites cannot overwrite
     // each other's files whatever they call them.
     let landed = ctl.dir.join("data/inbox/sc-001/survey-2026.csv");
