@@ -17,6 +17,10 @@ pub struct Config {
     pub interval_s: f64,
     /// QUIC transport profile of the uplink (`geo`, `leo`, `terrestrial`).
     pub profile: LinkProfile,
+    /// Committed rate of this site's link toward the controller (Mbit/s, Ethernet frames).
+    /// Set: what the site sends (files, reports) is paced at it and does not back off on
+    /// random loss (a reserved VSAT carrier). Unset: loss-based congestion control (Cubic).
+    pub link_rate_mbit: Option<f64>,
     /// Disk quota of the spool (MB). At 10 s intervals it holds 30 days, downsampling the oldest.
     pub spool_quota_mb: u64,
     /// Log filter (`RUST_LOG` overrides).
@@ -47,6 +51,7 @@ impl Default for Config {
             data_dir: PathBuf::from("tiandi-data/agent"),
             interval_s: 10.0,
             profile: LinkProfile::Geo,
+            link_rate_mbit: None,
             spool_quota_mb: 64,
             log: "info".into(),
             ignore_mounts: Vec::new(),
@@ -151,6 +156,23 @@ pub struct ModemOids {
 }
 
 impl Config {
+    /// The QUIC transport toward the controller: the profile, paced at the committed rate if
+    /// one is set.
+    pub fn uplink_transport(&self) -> std::sync::Arc<quinn::TransportConfig> {
+        match self.link_rate_mbit {
+            Some(mbit) => {
+                let mut t = self.profile.transport_config();
+                // The rate counts Ethernet frames; QUIC's controller counts UDP payload.
+                let bps = (mbit * 1e6 * 1452.0 / 1494.0) as u64;
+                t.congestion_controller_factory(std::sync::Arc::new(
+                    tiandi_link::congestion::FixedRateConfig::new(bps),
+                ));
+                std::sync::Arc::new(t)
+            }
+            None => self.profile.transport(),
+        }
+    }
+
     pub fn load(path: &std::path::Path) -> Result<Config, tiandi_link::config::ConfigError> {
         tiandi_link::config::load_toml(path)
     }
@@ -161,6 +183,13 @@ impl Config {
             return Err(format!(
                 "{file}: key `interval_s`: {} is outside 0.05..3600 seconds",
                 self.interval_s
+            ));
+        }
+        if let Some(r) = self.link_rate_mbit
+            && !(r > 0.0 && r.is_finite())
+        {
+            return Err(format!(
+                "{file}: key `link_rate_mbit`: {r} must be a positive rate"
             ));
         }
         if self.spool_quota_mb < 4 {

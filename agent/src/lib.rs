@@ -60,7 +60,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     let id = identity::load(&cfg.data_dir)?;
     let tls = tiandi_link::tls::site_client_tls(&id.ca_pem, &id.cert_pem, &id.key_pem)
         .context("loading the site identity")?;
-    let client = tiandi_link::client_config(tls, cfg.profile.transport())?;
+    let client = tiandi_link::client_config(tls, cfg.uplink_transport())?;
     let spool_dir = cfg.data_dir.join("spool");
     let interval_ms = (cfg.interval_s * 1000.0) as i64;
     let spool = spool::Spool::open_dir(

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -17,7 +17,7 @@ fn now_ms() -> i64 {
 }
 
 /// The release binaries, built if missing.
-fn binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
+pub(crate) fn binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
     let exe = std::env::current_exe()?;
     let dir = exe
         .parent()
@@ -47,7 +47,7 @@ fn binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
     Ok((c, a))
 }
 
-fn http() -> ureq::Agent {
+pub(crate) fn http() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(120)))
@@ -55,7 +55,7 @@ fn http() -> ureq::Agent {
         .into()
 }
 
-fn get(url: &str) -> Option<Value> {
+pub(crate) fn get(url: &str) -> Option<Value> {
     http().get(url).call().ok()?.body_mut().read_json().ok()
 }
 
@@ -211,7 +211,7 @@ fn watch_stream(api: SocketAddr, sink: Arc<Mutex<Vec<(i64, i64)>>>, state: Arc<A
     });
 }
 
-fn percentile(sorted: &[i64], p: f64) -> i64 {
+pub(crate) fn percentile(sorted: &[i64], p: f64) -> i64 {
     if sorted.is_empty() {
         return -1;
     }

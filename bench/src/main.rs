@@ -18,6 +18,7 @@
 mod geolink;
 mod geotransfer;
 mod ingest;
+mod reportlatency;
 
 use clap::{Parser, Subcommand};
 
@@ -77,6 +78,23 @@ enum Cmd {
         #[arg(long, default_value_t = 120.0)]
         tcp_time_limit: f64,
     },
+    /// Health reports while a bulk transfer fills the site's link, each way, against an idle
+    /// link: the delay bulk data adds to reports. Real binaries over one emulated link. Needs
+    /// root.
+    ReportLatency {
+        #[arg(long, default_value_t = 20.0)]
+        rate_mbit: f64,
+        #[arg(long, default_value_t = 600.0)]
+        rtt_ms: f64,
+        #[arg(long, default_value_t = 1.0)]
+        loss_pct: f64,
+        /// The agent's report interval (s).
+        #[arg(long, default_value_t = 2.0)]
+        interval: f64,
+        /// Length of the idle phase, and of each bulk file at the link rate (s).
+        #[arg(long, default_value_t = 40.0)]
+        phase_s: f64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -115,6 +133,19 @@ fn main() -> anyhow::Result<()> {
             cut_s,
             time_limit: std::time::Duration::from_secs_f64(time_limit),
             tcp_time_limit: std::time::Duration::from_secs_f64(tcp_time_limit),
+        }),
+        Cmd::ReportLatency {
+            rate_mbit,
+            rtt_ms,
+            loss_pct,
+            interval,
+            phase_s,
+        } => reportlatency::run(reportlatency::Args {
+            rate_mbit,
+            rtt_ms,
+            loss_pct,
+            interval_s: interval,
+            phase_s,
         }),
     }
 }

@@ -26,6 +26,7 @@ pub struct Metrics {
     pub refused: IntCounterVec,
     pub alarm_events: IntCounterVec,
     pub ingest_seconds: Histogram,
+    pub report_delay_seconds: Histogram,
     pub enrollments: IntCounterVec,
 }
 
@@ -73,6 +74,17 @@ impl Metrics {
             .buckets(vec![1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1]),
         )
         .expect("metric");
+        let report_delay_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "tiandi_report_delay_seconds",
+                "Sample time at the site to stored here, per report (backlog delivered after an \
+                 outage counts with its whole age).",
+            )
+            .buckets(vec![
+                0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0,
+            ]),
+        )
+        .expect("metric");
         let enrollments = IntCounterVec::new(
             Opts::new(
                 "tiandi_enrollments_total",
@@ -91,6 +103,7 @@ impl Metrics {
             Box::new(refused.clone()),
             Box::new(alarm_events.clone()),
             Box::new(ingest_seconds.clone()),
+            Box::new(report_delay_seconds.clone()),
             Box::new(enrollments.clone()),
         ] {
             registry.register(m).expect("unique metric names");
@@ -106,6 +119,7 @@ impl Metrics {
             refused,
             alarm_events,
             ingest_seconds,
+            report_delay_seconds,
             enrollments,
         }
     }

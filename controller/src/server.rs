@@ -358,6 +358,9 @@ async fn session(
                     let (seq, taken_ms) = (report.seq, report.taken_ms);
                     let alarms = core.sites.on_report(&id.site_id, report, now);
                     core.metrics.ingest_seconds.observe(started.elapsed().as_secs_f64());
+                    core.metrics
+                        .report_delay_seconds
+                        .observe((now - taken_ms).max(0) as f64 / 1000.0);
                     let _ = core.events.send(Event::Report {
                         site_id: id.site_id.clone(),
                         seq,
