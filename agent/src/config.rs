@@ -153,24 +153,38 @@ pub struct ModemOids {
     /// Current ModCod (string or integer).
     #[serde(default)]
     pub modcod: Option<String>,
+    /// Information rate toward the site (scaled to kbit/s): the controller paces at it.
+    #[serde(default)]
+    pub rx_rate: Option<ScaledOid>,
+    /// Information rate from the site (scaled to kbit/s): the agent paces at it.
+    #[serde(default)]
+    pub tx_rate: Option<ScaledOid>,
 }
 
 impl Config {
-    /// The QUIC transport toward the controller: the profile, paced at the committed rate if
-    /// one is set.
-    pub fn uplink_transport(&self) -> std::sync::Arc<quinn::TransportConfig> {
+    /// The QUIC transport toward the controller: the profile, paced at the committed rate
+    /// (`link_rate_mbit`, else what `rate` is set to — the modem's figure — once known; loss-
+    /// based until then).
+    pub fn uplink_transport(
+        &self,
+        rate: tiandi_link::congestion::RateSlot,
+    ) -> std::sync::Arc<quinn::TransportConfig> {
+        let mut t = self.profile.transport_config();
         match self.link_rate_mbit {
             Some(mbit) => {
-                let mut t = self.profile.transport_config();
-                // The rate counts Ethernet frames; QUIC's controller counts UDP payload.
-                let bps = (mbit * 1e6 * 1452.0 / 1494.0) as u64;
                 t.congestion_controller_factory(std::sync::Arc::new(
-                    tiandi_link::congestion::FixedRateConfig::new(bps),
+                    tiandi_link::congestion::FixedRateConfig::new(
+                        tiandi_link::congestion::udp_payload_bps(mbit * 1e6),
+                    ),
                 ));
-                std::sync::Arc::new(t)
             }
-            None => self.profile.transport(),
+            None => {
+                t.congestion_controller_factory(std::sync::Arc::new(
+                    tiandi_link::congestion::SiteRateConfig::new(rate, self.profile.nominal().0),
+                ));
+            }
         }
+        std::sync::Arc::new(t)
     }
 
     pub fn load(path: &std::path::Path) -> Result<Config, tiandi_link::config::ConfigError> {
@@ -213,6 +227,8 @@ impl Config {
                     ("rx_level", o.rx_level.as_ref().map(|x| &x.oid)),
                     ("tx_power", o.tx_power.as_ref().map(|x| &x.oid)),
                     ("modcod", o.modcod.as_ref()),
+                    ("rx_rate", o.rx_rate.as_ref().map(|x| &x.oid)),
+                    ("tx_rate", o.tx_rate.as_ref().map(|x| &x.oid)),
                 ] {
                     if let Some(oid) = oid
                         && crate::snmp::parse_oid(oid).is_err()

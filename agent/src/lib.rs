@@ -60,7 +60,9 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     let id = identity::load(&cfg.data_dir)?;
     let tls = tiandi_link::tls::site_client_tls(&id.ca_pem, &id.cert_pem, &id.key_pem)
         .context("loading the site identity")?;
-    let client = tiandi_link::client_config(tls, cfg.uplink_transport())?;
+    // The rate toward the controller: the config's, else the modem's once it reports one.
+    let uplink_rate = tiandi_link::congestion::RateSlot::default();
+    let client = tiandi_link::client_config(tls, cfg.uplink_transport(uplink_rate.clone()))?;
     let spool_dir = cfg.data_dir.join("spool");
     let interval_ms = (cfg.interval_s * 1000.0) as i64;
     let spool = spool::Spool::open_dir(
@@ -190,6 +192,17 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
             tokio::task::spawn_blocking(move || h.lock().expect("collector poisoned").sample());
         let devices = snmp::poll_all(&mut pollers).await;
         let host_sample = host_sample.await.ok();
+        if cfg.link_rate_mbit.is_none()
+            && let Some(kbps) = devices
+                .iter()
+                .filter_map(|d| d.modem.as_ref())
+                .map(|m| m.tx_rate_kbps)
+                .find(|r| *r > 0)
+        {
+            uplink_rate.set(tiandi_link::congestion::udp_payload_bps(
+                f64::from(kbps) * 1e3,
+            ));
+        }
         let report = Report {
             taken_ms,
             host: host_sample,

@@ -232,6 +232,21 @@ impl Poller {
                     let parts = parse_oid(m).map_err(PollError::Local)?;
                     modem.modcod = get_text(s, &parts).await?;
                 }
+                for (o, field, what) in [
+                    (&oids.rx_rate, &mut modem.rx_rate_kbps, "receive rate"),
+                    (&oids.tx_rate, &mut modem.tx_rate_kbps, "transmit rate"),
+                ] {
+                    if let Some(o) = o {
+                        let (oid, scale) = scaled(o)?;
+                        let kbps = get_number(s, &oid).await? * scale;
+                        if !(kbps.is_finite() && (0.0..=1e8).contains(&kbps)) {
+                            return Err(PollError::BadAnswer(format!(
+                                "{what} {kbps} kbit/s is not a link rate"
+                            )));
+                        }
+                        *field = kbps as u32;
+                    }
+                }
                 dev.modem = Some(modem);
             }
             DeviceProfile::IfMib => {

@@ -49,8 +49,7 @@ impl Config {
         self.link_rates
             .get(site)
             .filter(|r| r.is_finite() && **r > 0.0)
-            // The rate counts Ethernet frames; QUIC's controller counts UDP payload.
-            .map(|mbit| (mbit * 1e6 * 1452.0 / 1494.0) as u64)
+            .map(|mbit| tiandi_link::congestion::udp_payload_bps(mbit * 1e6))
     }
 }
 

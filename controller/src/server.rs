@@ -198,7 +198,7 @@ async fn site_connection(core: Arc<Core>, conn: quinn::Connection, rate: RateSlo
             );
         }
         core.metrics.connections.inc();
-        let result = session(&core, &conn, &id).await;
+        let result = session(&core, &conn, &id, &rate).await;
         core.metrics.connections.dec();
         if core.unregister_conn(&id.site_id, &conn) {
             core.sites.set_connected(&id.site_id, false, None);
@@ -236,7 +236,9 @@ async fn session(
     core: &Arc<Core>,
     conn: &quinn::Connection,
     id: &SiteIdentity,
+    rate: &RateSlot,
 ) -> Result<(), SessionError> {
+    let configured_rate = core.config.link_rate_bps(&id.site_id).is_some();
     let (send, recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
         .await
         .map_err(|_| SessionError::Closed("no report stream opened in time".into()))?
@@ -356,6 +358,20 @@ async fn session(
                     core.metrics.reports.inc();
                     let now = now_ms();
                     let (seq, taken_ms) = (report.seq, report.taken_ms);
+                    // No committed rate in the config: pace at the rate the site's modem
+                    // reports toward it (it follows ModCod changes in rain fade); a backlog
+                    // report's figure is history, not the rate now.
+                    if !configured_rate
+                        && now - taken_ms < 120_000
+                        && let Some(kbps) = report
+                            .devices
+                            .iter()
+                            .filter_map(|d| d.modem.as_ref())
+                            .map(|m| m.rx_rate_kbps)
+                            .find(|r| *r > 0)
+                    {
+                        rate.set(tiandi_link::congestion::udp_payload_bps(f64::from(kbps) * 1e3));
+                    }
                     let alarms = core.sites.on_report(&id.site_id, report, now);
                     core.metrics.ingest_seconds.observe(started.elapsed().as_secs_f64());
                     core.metrics

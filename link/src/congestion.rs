@@ -152,6 +152,12 @@ impl Controller for FixedRate {
     }
 }
 
+/// A link rate counted on Ethernet frames (how carriers and the emulator count) as UDP payload
+/// (what QUIC's congestion controller counts): full-size datagrams, 1452 of 1494 bytes.
+pub fn udp_payload_bps(ethernet_bps: f64) -> u64 {
+    (ethernet_bps * 1452.0 / 1494.0) as u64
+}
+
 /// A connection's committed rate, set once the peer is known (bits per second of UDP payload;
 /// 0: unknown). Shared between the controller and whoever learns the rate.
 #[derive(Clone, Debug, Default)]

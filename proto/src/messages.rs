@@ -336,4 +336,12 @@ pub struct Modem {
     pub modcod_ref: u32,
     #[prost(sint32, tag = "4")]
     pub tx_power_dbm_x10: i32,
+    /// The carrier's information rate toward the site (kbit/s; 0: not known). The controller
+    /// paces transfers to the site at it unless its config sets a rate.
+    #[prost(uint32, tag = "6")]
+    pub rx_rate_kbps: u32,
+    /// The carrier's information rate from the site (kbit/s; 0: not known). The agent paces
+    /// what it sends at it unless its config sets a rate.
+    #[prost(uint32, tag = "7")]
+    pub tx_rate_kbps: u32,
 }

@@ -63,6 +63,12 @@ pub fn series(r: &Report) -> Vec<(String, f64)> {
                 "modem.tx_power_dbm".into(),
                 f64::from(m.tx_power_dbm_x10) / 10.0,
             );
+            if m.rx_rate_kbps > 0 {
+                put("modem.rx_rate_kbps".into(), f64::from(m.rx_rate_kbps));
+            }
+            if m.tx_rate_kbps > 0 {
+                put("modem.tx_rate_kbps".into(), f64::from(m.tx_rate_kbps));
+            }
         }
         if let Some(u) = &d.ups {
             put(

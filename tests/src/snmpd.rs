@@ -23,6 +23,8 @@ case "$2" in
   .1.3.6.1.4.1.99999.1.2.0) printf '%s\nstring\n-45.2\n' "$2" ;;
   .1.3.6.1.4.1.99999.1.3.0) printf '%s\nstring\nQPSK 3/4\n' "$2" ;;
   .1.3.6.1.4.1.99999.1.4.0) printf '%s\ninteger\n-123\n' "$2" ;;
+  .1.3.6.1.4.1.99999.1.5.0) printf '%s\ngauge\n8000000\n' "$2" ;;
+  .1.3.6.1.4.1.99999.1.6.0) printf '%s\ngauge\n2048\n' "$2" ;;
   .1.3.6.1.4.1.99999.2.1.0) printf '%s\nstring\nno signal??\n' "$2" ;;
 esac
 "#;

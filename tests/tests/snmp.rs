@@ -35,6 +35,15 @@ fn modem(name: &str, addr: &str, esno_oid: &str) -> DeviceConfig {
                 scale: 0.1,
             }),
             modcod: Some("1.3.6.1.4.1.99999.1.3.0".into()),
+            // The carrier rates: bit/s toward the site, kbit/s from it.
+            rx_rate: Some(ScaledOid {
+                oid: "1.3.6.1.4.1.99999.1.5.0".into(),
+                scale: 0.001,
+            }),
+            tx_rate: Some(ScaledOid {
+                oid: "1.3.6.1.4.1.99999.1.6.0".into(),
+                scale: 1.0,
+            }),
         }),
     }
 }
@@ -105,6 +114,7 @@ async fn polls_real_snmpd_and_isolates_bad_devices() {
         (92, -452, -123)
     );
     assert_eq!(mm.modcod, "QPSK 3/4");
+    assert_eq!((mm.rx_rate_kbps, mm.tx_rate_kbps), (8000, 2048));
 
     let u = by(1);
     assert_eq!(u.status, DeviceStatus::Ok as i32, "{u:?}");
