@@ -214,7 +214,11 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         // (downsampled) rather than dropped.
         unspooled.push_back(report);
         while let Some(r) = unspooled.pop_front() {
+            let t = std::time::Instant::now();
             match shared.push(r.clone()) {
+                Ok(seq) if t.elapsed() > Duration::from_millis(500) => {
+                    warn!(seq, took_ms = t.elapsed().as_millis() as u64, "Spooling a report was slow (disk busy?).");
+                }
                 Ok(seq) => tracing::debug!(seq, "Report spooled."),
                 Err(error) => {
                     unspooled.push_front(r);

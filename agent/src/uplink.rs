@@ -202,7 +202,10 @@ impl Sender {
             .insert(r.seq);
         self.sent_at.insert(r.seq, Instant::now());
         self.names.compress(&mut r);
-        self.writer.send(Body::Report(r)).await
+        let seq = r.seq;
+        self.writer.send(Body::Report(r)).await?;
+        tracing::trace!(seq, "Report sent.");
+        Ok(())
     }
 }
 

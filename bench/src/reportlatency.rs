@@ -108,7 +108,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let work = tempfile::Builder::new()
         .prefix("tiandi-bench-rl")
         .tempdir()?;
-    let w = work.path();
+    let w = work.path().to_path_buf();
+    let w = w.as_path();
+    if std::env::var_os("TIANDI_BENCH_KEEP").is_some() {
+        eprintln!("keeping {}", w.display());
+        let _ = work.keep();
+    }
     let quic = format!("{}:4433", topo.ctl_addr());
     let (api, ops) = ("127.0.0.1:18080", "127.0.0.1:19090");
     let ctl_cfg = w.join("controller.toml");

@@ -348,6 +348,7 @@ async fn session(
                         "protocol",
                     ));
                 }
+                tracing::trace!(seq = report.seq, delay_ms = now_ms() - report.taken_ms, "Report received.");
                 let started = Instant::now();
                 let ack = Ack { first: report.seq, last: report.last_seq() };
                 let (stored, epoch) = core

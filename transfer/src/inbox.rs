@@ -344,7 +344,12 @@ impl Inbox {
             refuse(w, codes::PROTOCOL, msg).await;
             return Err(TransferError::Protocol(msg.into()));
         };
-        match sink(peer, &f.items) {
+        // The sink writes (and flushes) state: off the async workers.
+        let (sink, peer_owned, items) = (sink.clone(), peer.to_string(), f.items);
+        let applied = tokio::task::spawn_blocking(move || sink(&peer_owned, &items))
+            .await
+            .unwrap_or_else(|e| Err(format!("relay report task: {e}")));
+        match applied {
             Ok(()) => {
                 put(w, Frame::Acked(Acked { chunks: Vec::new() })).await?;
                 let _ = w.get_mut().finish();
@@ -429,7 +434,7 @@ impl Inbox {
             return self.disk_full(&st, w, missing, free).await;
         }
         self.disk_ok(&st);
-        self.store(&st)?;
+        self.store_async(&st).await?;
         put(
             w,
             Frame::Have(Have {
@@ -545,7 +550,7 @@ impl Inbox {
             node: self.node.clone(),
         };
         st.receipt = Some(receipt.clone());
-        self.store(&st)?;
+        self.store_async(&st).await?;
         info!(transfer = %st.transfer_id, path = %st.dest.display(), bytes = manifest.size, "File verified and in place.");
         put(w, Frame::Done(receipt)).await?;
         let _ = w.get_mut().finish();

@@ -203,6 +203,17 @@ impl Outbox {
         Ok(())
     }
 
+    /// [`Outbox::put`] without blocking an async worker on the flush (the controller runs its
+    /// sessions on one: a flush stuck behind a busy disk would hold up every site's reports).
+    pub async fn save(&self, job: &Job) -> Result<(), TransferError> {
+        self.tree.insert(
+            job.id.as_bytes(),
+            serde_json::to_vec(job).expect("job serialises"),
+        )?;
+        self.tree.flush_async().await?;
+        Ok(())
+    }
+
     pub fn enqueue(&self, job: Job) -> Result<(), TransferError> {
         self.put(&job)?;
         info!(transfer = %job.id, dest = %job.dest, name = %job.manifest.name, bytes = job.manifest.size, priority = %job.priority, "Transfer queued.");
@@ -404,7 +415,7 @@ async fn run_job(
     job.error = None;
     job.pause_code = 0;
     job.updated_ms = now_ms();
-    outbox.put(job)?;
+    outbox.save(job).await?;
     let sent_before = job.sent_bytes;
     // Progress is written back every second while the transfer runs.
     let saver = {
@@ -425,7 +436,7 @@ async fn run_job(
                 snapshot.acked_bytes = acked;
                 snapshot.sent_bytes = sent_before + progress.sent_bytes.load(Ordering::Relaxed);
                 snapshot.updated_ms = now_ms();
-                let _ = outbox.put(&snapshot);
+                let _ = outbox.save(&snapshot).await;
             }
         })
     };
@@ -485,7 +496,7 @@ async fn run_job(
             Err(e)
         }
     };
-    outbox.put(job)?;
+    outbox.save(job).await?;
     outbox.changed.notify_waiters();
     out
 }

@@ -197,6 +197,12 @@ pub async fn send_file(
     let mut next_send = Instant::now();
     let mut chunks_opened: u32 = 0;
     let mut buf = vec![0u8; manifest.chunk_size as usize];
+    // Chunk bytes handed to QUIC and not yet acknowledged by the peer's QUIC. Kept near the
+    // congestion window: more would only queue inside quinn, where it fills the connection's
+    // send buffer (then every stream's writes block, the report stream's acknowledgements
+    // too) and is thrown away at a cut.
+    let ahead = Arc::new(AtomicU64::new(0));
+    let ahead_freed = Arc::new(tokio::sync::Notify::new());
     loop {
         // Take whatever the receiver said, without waiting.
         while let Ok(f) = rx.try_recv() {
@@ -248,6 +254,27 @@ pub async fn send_file(
             let stall_at =
                 t0 + Duration::from_millis(heard.load(Ordering::Relaxed)) + opts.stall_timeout;
             let header = wire::chunk_header(&manifest.file_hash, i);
+            let room = async {
+                loop {
+                    let limit = conn.stats().path.cwnd.saturating_mul(5) / 4
+                        + 2 * u64::from(manifest.chunk_size);
+                    let freed = ahead_freed.notified();
+                    if ahead.load(Ordering::Relaxed) < limit {
+                        return;
+                    }
+                    tokio::select! {
+                        _ = freed => {}
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    }
+                }
+            };
+            if tokio::time::timeout_at(stall_at.into(), room).await.is_err() {
+                warn!(
+                    unacked = unacked.len(),
+                    "Transfer stalled: giving up on this connection."
+                );
+                return Err(TransferError::Stalled(opts.stall_timeout));
+            }
             let write = async {
                 let mut s = conn.open_uni().await?;
                 let _ = s.set_priority(chunk_priority(priority, chunks_opened));
@@ -258,6 +285,17 @@ pub async fn send_file(
                     .await
                     .map_err(|e| TransferError::Stream(e.to_string()))?;
                 let _ = s.finish();
+                let bytes = (header.len() + chunk.len()) as u64;
+                ahead.fetch_add(bytes, Ordering::Relaxed);
+                let (acked_by_quic, ahead, freed) =
+                    (s.stopped(), ahead.clone(), ahead_freed.clone());
+                tokio::spawn(async move {
+                    // All of it acknowledged, or the connection gone: either way no longer
+                    // waiting in this connection's buffers.
+                    let _ = acked_by_quic.await;
+                    ahead.fetch_sub(bytes, Ordering::Relaxed);
+                    freed.notify_waiters();
+                });
                 Ok::<_, TransferError>(())
             };
             match tokio::time::timeout_at(stall_at.into(), write).await {
