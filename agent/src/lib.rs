@@ -217,7 +217,11 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
             let t = std::time::Instant::now();
             match shared.push(r.clone()) {
                 Ok(seq) if t.elapsed() > Duration::from_millis(500) => {
-                    warn!(seq, took_ms = t.elapsed().as_millis() as u64, "Spooling a report was slow (disk busy?).");
+                    warn!(
+                        seq,
+                        took_ms = t.elapsed().as_millis() as u64,
+                        "Spooling a report was slow (disk busy?)."
+                    );
                 }
                 Ok(seq) => tracing::debug!(seq, "Report spooled."),
                 Err(error) => {

@@ -74,8 +74,11 @@ impl Drop for Route<'_> {
     }
 }
 
+/// A transfer's state. Stored under its file hash without the chunk hashes, which are stored
+/// once beside it under `m/<file hash>` ([`Inbox::get`] attaches them).
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct InState {
+    #[serde(with = "crate::manifest::head")]
     pub manifest: Manifest,
     pub verified: Bitmap,
     pub origin: String,
@@ -196,11 +199,14 @@ impl Inbox {
         }
     }
 
-    /// Every transfer this node holds or is receiving.
+    /// Every transfer this node holds or is receiving (manifests without chunk hashes).
     pub fn list(&self) -> Result<Vec<InState>, TransferError> {
         let mut v = Vec::new();
         for kv in self.tree.iter() {
-            let (_, val) = kv?;
+            let (key, val) = kv?;
+            if key.starts_with(b"m/") {
+                continue;
+            }
             if let Ok(s) = serde_json::from_slice::<InState>(&val) {
                 v.push(s);
             }
@@ -208,11 +214,21 @@ impl Inbox {
         Ok(v)
     }
 
+    /// One transfer's state, with its whole manifest.
     pub fn get(&self, file_hash_hex: &str) -> Result<Option<InState>, TransferError> {
-        Ok(self
+        let Some(mut st) = self
             .tree
             .get(file_hash_hex.as_bytes())?
-            .and_then(|v| serde_json::from_slice(&v).ok()))
+            .and_then(|v| serde_json::from_slice::<InState>(&v).ok())
+        else {
+            return Ok(None);
+        };
+        match self.tree.get(format!("m/{file_hash_hex}"))? {
+            Some(b) => st.manifest = crate::manifest::decode(&b)?,
+            // State without its manifest (cannot happen: it is written first): start over.
+            None => return Ok(None),
+        }
+        Ok(Some(st))
     }
 
     fn store(&self, s: &InState) -> Result<(), TransferError> {
@@ -397,6 +413,10 @@ impl Inbox {
             // The file was removed since: receive it again.
             st.receipt = None;
             st.verified = Bitmap::new(manifest.chunk_count());
+        }
+        if !self.tree.contains_key(format!("m/{id}"))? {
+            self.tree
+                .insert(format!("m/{id}"), crate::manifest::encode(&manifest))?;
         }
         // A relay learns new destinations from a repeated offer.
         for f in &offer.forward_to {

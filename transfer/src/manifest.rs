@@ -16,7 +16,7 @@ pub const MAX_CHUNK: u32 = 2 * 1024 * 1024;
 
 pub type Hash = [u8; 32];
 
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Manifest {
     /// The file's name at its destination (no directories).
     pub name: String,
@@ -25,6 +25,83 @@ pub struct Manifest {
     /// BLAKE3 of the whole file.
     pub file_hash: Hash,
     pub chunks: Vec<Hash>,
+}
+
+/// Stored state (outbox jobs, inbox transfers) keeps a manifest's head only — name, size,
+/// chunk size, file hash — and the chunk hashes once per file beside it ([`encode`],
+/// [`decode`]): a job saved every second, or a receiver's state saved every few chunks, must
+/// not rewrite up to 2 MiB of hashes each time (nor a job per destination hold a copy).
+/// Use as `#[serde(with = "manifest::head")]`; a deserialised manifest has no chunks.
+pub mod head {
+    use super::{Hash, Manifest};
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Head {
+        name: String,
+        size: u64,
+        chunk_size: u32,
+        file_hash: String,
+    }
+
+    pub fn serialize<S: serde::Serializer>(m: &Manifest, s: S) -> Result<S::Ok, S::Error> {
+        serde::Serialize::serialize(
+            &Head {
+                name: m.name.clone(),
+                size: m.size,
+                chunk_size: m.chunk_size,
+                file_hash: hex::encode(m.file_hash),
+            },
+            s,
+        )
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Manifest, D::Error> {
+        let h: Head = serde::Deserialize::deserialize(d)?;
+        let mut file_hash: Hash = [0; 32];
+        hex::decode_to_slice(&h.file_hash, &mut file_hash).map_err(serde::de::Error::custom)?;
+        Ok(Manifest {
+            name: h.name,
+            size: h.size,
+            chunk_size: h.chunk_size,
+            file_hash,
+            chunks: Vec::new(),
+        })
+    }
+}
+
+/// A whole manifest as bytes: its head (JSON), a newline, then the chunk hashes back to back.
+pub fn encode(m: &Manifest) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct W<'a>(#[serde(with = "head")] &'a Manifest);
+    let mut out = serde_json::to_vec(&W(m)).expect("manifest head serialises");
+    out.push(b'\n');
+    out.reserve(m.chunks.len() * 32);
+    for c in &m.chunks {
+        out.extend_from_slice(c);
+    }
+    out
+}
+
+/// The inverse of [`encode`], checked.
+pub fn decode(b: &[u8]) -> Result<Manifest, TransferError> {
+    #[derive(serde::Deserialize)]
+    struct R(#[serde(with = "head")] Manifest);
+    let bad = |why: &str| TransferError::Protocol(format!("stored manifest: {why}"));
+    let nl = b
+        .iter()
+        .position(|x| *x == b'\n')
+        .ok_or_else(|| bad("no head"))?;
+    let R(mut m) = serde_json::from_slice(&b[..nl]).map_err(|e| bad(&e.to_string()))?;
+    let rest = &b[nl + 1..];
+    if !rest.len().is_multiple_of(32) {
+        return Err(bad("chunk hashes not a multiple of 32 bytes"));
+    }
+    m.chunks = rest
+        .chunks(32)
+        .map(|c| c.try_into().expect("32-byte chunk"))
+        .collect();
+    m.validate()?;
+    Ok(m)
 }
 
 /// The chunk size for a file of `size` bytes.
@@ -150,6 +227,31 @@ pub fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_manifests_roundtrip_and_heads_carry_no_chunks() {
+        let m = Manifest {
+            name: "f.bin".into(),
+            size: 3 * u64::from(MIN_CHUNK) - 5,
+            chunk_size: MIN_CHUNK,
+            file_hash: [7; 32],
+            chunks: vec![[1; 32], [2; 32], [3; 32]],
+        };
+        assert_eq!(decode(&encode(&m)).unwrap(), m);
+        let mut bad = encode(&m);
+        bad.pop();
+        assert!(decode(&bad).is_err());
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct S(#[serde(with = "head")] Manifest);
+        let json = serde_json::to_string(&S(m.clone())).unwrap();
+        assert!(json.len() < 200, "{json}");
+        let S(h) = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            (h.name.as_str(), h.size, h.file_hash),
+            ("f.bin", m.size, m.file_hash)
+        );
+        assert!(h.chunks.is_empty());
+    }
 
     #[test]
     fn chunks_cover_the_file_and_names_are_checked() {

@@ -88,6 +88,9 @@ pub struct Job {
     /// The receiving node (a site ID, or "controller").
     pub dest: String,
     pub source: PathBuf,
+    /// Stored as its head; the chunk hashes are stored once per file ([`Outbox::manifest`])
+    /// and attached when the job runs.
+    #[serde(with = "crate::manifest::head")]
     pub manifest: Manifest,
     /// alarm, normal or bulk.
     pub priority: String,
@@ -175,6 +178,8 @@ impl Job {
     }
 }
 
+/// Layout of an outbox's tree: `j/<dest>/<id>` → a job (JSON, without chunk hashes),
+/// `m/<file hash>` → the file's whole manifest ([`crate::manifest::encode`]), once per file.
 pub struct Outbox {
     tree: sled::Tree,
     /// Signalled when a job is queued or changes.
@@ -194,37 +199,59 @@ impl Outbox {
         })
     }
 
+    fn job_key(dest: &str, id: &str) -> Vec<u8> {
+        format!("j/{dest}/{id}").into_bytes()
+    }
+
     pub fn put(&self, job: &Job) -> Result<(), TransferError> {
         self.tree.insert(
-            job.id.as_bytes(),
+            Self::job_key(&job.dest, &job.id),
             serde_json::to_vec(job).expect("job serialises"),
         )?;
         self.tree.flush()?;
         Ok(())
     }
 
+    /// The whole manifest (with chunk hashes) of the file with this hash.
+    pub fn manifest(&self, file_hash_hex: &str) -> Result<Manifest, TransferError> {
+        match self.tree.get(format!("m/{file_hash_hex}"))? {
+            Some(b) => crate::manifest::decode(&b),
+            None => Err(TransferError::Protocol(format!(
+                "no manifest stored for {file_hash_hex}"
+            ))),
+        }
+    }
+
     /// [`Outbox::put`] without blocking an async worker on the flush (the controller runs its
     /// sessions on one: a flush stuck behind a busy disk would hold up every site's reports).
     pub async fn save(&self, job: &Job) -> Result<(), TransferError> {
         self.tree.insert(
-            job.id.as_bytes(),
+            Self::job_key(&job.dest, &job.id),
             serde_json::to_vec(job).expect("job serialises"),
         )?;
         self.tree.flush_async().await?;
         Ok(())
     }
 
+    /// Queues `job`, whose manifest must carry its chunk hashes (stored once per file).
     pub fn enqueue(&self, job: Job) -> Result<(), TransferError> {
+        let mkey = format!("m/{}", job.manifest.id_hex());
+        if !self.tree.contains_key(&mkey)? {
+            job.manifest.validate()?;
+            self.tree
+                .insert(mkey, crate::manifest::encode(&job.manifest))?;
+        }
         self.put(&job)?;
         info!(transfer = %job.id, dest = %job.dest, name = %job.manifest.name, bytes = job.manifest.size, priority = %job.priority, "Transfer queued.");
         self.changed.notify_waiters();
         Ok(())
     }
 
-    pub fn get(&self, id: &str) -> Result<Option<Job>, TransferError> {
+    /// A job (its manifest without chunk hashes).
+    pub fn get(&self, dest: &str, id: &str) -> Result<Option<Job>, TransferError> {
         Ok(self
             .tree
-            .get(id.as_bytes())?
+            .get(Self::job_key(dest, id))?
             .and_then(|v| serde_json::from_slice(&v).ok()))
     }
 
@@ -274,9 +301,14 @@ impl Outbox {
         Ok(changed)
     }
 
+    /// Every job (manifests without chunk hashes), oldest first.
     pub fn list(&self) -> Result<Vec<Job>, TransferError> {
+        self.scan(b"j/")
+    }
+
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<Job>, TransferError> {
         let mut v: Vec<Job> = Vec::new();
-        for kv in self.tree.iter() {
+        for kv in self.tree.scan_prefix(prefix) {
             let (_, val) = kv?;
             match serde_json::from_slice(&val) {
                 Ok(j) => v.push(j),
@@ -313,7 +345,7 @@ impl Outbox {
     pub fn next_for(&self, dest: &str) -> Result<Option<Job>, TransferError> {
         let now = now_ms();
         Ok(self
-            .list()?
+            .scan(format!("j/{dest}/").as_bytes())?
             .into_iter()
             .filter(|j| j.dest == dest && j.runnable(now))
             .min_by_key(|j| (j.rank(), j.created_ms)))
@@ -410,6 +442,9 @@ async fn run_job(
         fresh: job.attempts == 0,
         ..SendOptions::default()
     };
+    if job.manifest.chunks.is_empty() && job.manifest.size > 0 {
+        job.manifest = outbox.manifest(&job.manifest.id_hex())?;
+    }
     job.attempts += 1;
     job.state = JobState::Sending;
     job.error = None;

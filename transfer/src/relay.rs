@@ -51,12 +51,17 @@ pub fn forward_completed(
     let mut queued = 0;
     for st in inbox.list()? {
         let Some(receipt) = &st.receipt else { continue };
+        let mut manifest = None;
         for site in st.forward_to.iter().filter(|s| s.as_str() != node) {
             let id = forward_job_id(&receipt.file_hash, site);
-            if outbox.get(&id)?.is_some() {
+            if outbox.get(site, &id)?.is_some() {
                 continue;
             }
-            let mut job = Job::new(&id, site, st.dest.clone(), st.manifest.clone());
+            if manifest.is_none() {
+                manifest = inbox.get(&receipt.file_hash)?.map(|s| s.manifest);
+            }
+            let Some(m) = manifest.clone() else { continue };
+            let mut job = Job::new(&id, site, st.dest.clone(), m);
             job.priority = st.priority.clone();
             job.origin = st.origin.clone();
             job.forwarded = true;

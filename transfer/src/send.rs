@@ -268,7 +268,10 @@ pub async fn send_file(
                     }
                 }
             };
-            if tokio::time::timeout_at(stall_at.into(), room).await.is_err() {
+            if tokio::time::timeout_at(stall_at.into(), room)
+                .await
+                .is_err()
+            {
                 warn!(
                     unacked = unacked.len(),
                     "Transfer stalled: giving up on this connection."
