@@ -36,6 +36,17 @@ const CHUNK_QUEUE: usize = 32;
 /// How long a chunk stream waits for its transfer's Offer to be processed (they travel on
 /// different streams and may overtake each other).
 const ROUTE_WAIT: Duration = Duration::from_secs(10);
+/// Memory for chunks received in part when a connection broke (the oldest go beyond it).
+const PARTIAL_BUDGET: usize = 64 * 1024 * 1024;
+
+/// A chunk received in part: what arrived of it, kept in memory so that after a broken
+/// connection only the rest is sent again (a cut otherwise costs every chunk that missed a
+/// packet, whole).
+struct Partial {
+    data: Vec<u8>,
+    have: wire::Ranges,
+    touched: Instant,
+}
 
 type ChunkTx = mpsc::Sender<(u32, bytes::Bytes)>;
 
@@ -127,6 +138,9 @@ pub struct Inbox {
     paused_full: Mutex<std::collections::HashSet<String>>,
     /// Where each receiving transfer takes its chunks (by file hash).
     routes: Mutex<HashMap<String, ChunkTx>>,
+    /// Chunks received in part, by (file hash, index), and each transfer's (size, chunk size).
+    partials: Mutex<HashMap<(String, u32), Partial>>,
+    shapes: Mutex<HashMap<String, (u64, u32)>>,
     route_added: tokio::sync::Notify,
 }
 
@@ -169,6 +183,8 @@ impl Inbox {
             active: Mutex::new(HashMap::new()),
             paused_full: Mutex::new(Default::default()),
             routes: Mutex::new(HashMap::new()),
+            partials: Mutex::new(HashMap::new()),
+            shapes: Mutex::new(HashMap::new()),
             route_added: tokio::sync::Notify::new(),
         }))
     }
@@ -455,10 +471,26 @@ impl Inbox {
         }
         self.disk_ok(&st);
         self.store_async(&st).await?;
+        self.shapes
+            .lock()
+            .expect("inbox lock poisoned")
+            .insert(id.clone(), (manifest.size, manifest.chunk_size));
+        let partial: Vec<wire::PartialChunk> = self
+            .partials
+            .lock()
+            .expect("inbox lock poisoned")
+            .iter()
+            .filter(|((h, i), _)| *h == id && !st.verified.get(*i))
+            .map(|((_, i), p)| wire::PartialChunk {
+                index: *i,
+                ranges: p.have.to_wire(),
+            })
+            .collect();
         put(
             w,
             Frame::Have(Have {
                 verified: st.verified.as_bytes().to_vec(),
+                partial,
             }),
         )
         .await?;
@@ -574,6 +606,10 @@ impl Inbox {
         info!(transfer = %st.transfer_id, path = %st.dest.display(), bytes = manifest.size, "File verified and in place.");
         put(w, Frame::Done(receipt)).await?;
         let _ = w.get_mut().finish();
+        self.partials
+            .lock()
+            .expect("inbox lock poisoned")
+            .retain(|(h, _), _| *h != id);
         self.emit(InboxEvent::Complete(Box::new(st)));
         Ok(Served::Complete)
     }
@@ -663,17 +699,86 @@ impl Inbox {
     /// Reads one chunk stream and hands the chunk to its transfer's task. A chunk for no
     /// transfer in progress (a late duplicate) is dropped; the sender learns what is missing
     /// from acknowledgements and the next Have.
+    ///
+    /// The stream is read out of order, so that when the connection breaks, whatever of the
+    /// chunk arrived is kept (see [`Partial`]); a piece stream adds to such a chunk.
     pub async fn accept_chunk(&self, mut recv: quinn::RecvStream) -> Result<(), TransferError> {
-        let mut header = [0u8; wire::CHUNK_HEADER];
-        recv.read_exact(&mut header)
-            .await
-            .map_err(|e| TransferError::Stream(format!("chunk header: {e}")))?;
-        let (hash, index) = wire::parse_chunk_header(&header)?;
-        let data = recv
-            .read_to_end(crate::manifest::MAX_CHUNK as usize)
-            .await
-            .map_err(|e| TransferError::Stream(format!("chunk {index}: {e}")))?;
+        let limit = (wire::PIECE_HEADER + crate::manifest::MAX_CHUNK as usize) as u64;
+        let mut pieces: Vec<(u64, bytes::Bytes)> = Vec::new();
+        let complete = loop {
+            match recv.read_chunk(limit as usize, false).await {
+                Ok(Some(c)) => {
+                    if c.offset + c.bytes.len() as u64 > limit {
+                        return Err(TransferError::Protocol(
+                            "a chunk stream longer than any chunk".into(),
+                        ));
+                    }
+                    pieces.push((c.offset, c.bytes));
+                }
+                Ok(None) => break true,
+                Err(_) => break false,
+            }
+        };
+        pieces.sort_unstable_by_key(|(o, _)| *o);
+        let contiguous = |from: u64, to: u64| -> Option<Vec<u8>> {
+            let mut out = Vec::with_capacity((to - from) as usize);
+            let mut at = from;
+            for (o, b) in &pieces {
+                let end = o + b.len() as u64;
+                if end <= at {
+                    continue;
+                }
+                if *o > at {
+                    return None;
+                }
+                let take_to = end.min(to);
+                out.extend_from_slice(&b[(at - o) as usize..(take_to - o) as usize]);
+                at = take_to;
+                if at >= to {
+                    break;
+                }
+            }
+            (at >= to).then_some(out)
+        };
+        let Some(magic) = contiguous(0, 1) else {
+            return Ok(()); // Nothing usable arrived.
+        };
+        let (hash, index, base, piece_offset) = if magic[0] == wire::PIECE_MAGIC {
+            let Some(h) = contiguous(0, wire::PIECE_HEADER as u64) else {
+                return Ok(());
+            };
+            let mut ch = [0u8; wire::CHUNK_HEADER];
+            ch.copy_from_slice(&h[..wire::CHUNK_HEADER]);
+            ch[0] = wire::CHUNK_MAGIC;
+            let (hash, index) = wire::parse_chunk_header(&ch)?;
+            let off = u32::from_be_bytes([h[37], h[38], h[39], h[40]]);
+            (hash, index, wire::PIECE_HEADER as u64, Some(off))
+        } else {
+            let Some(h) = contiguous(0, wire::CHUNK_HEADER as u64) else {
+                return Ok(());
+            };
+            let h: [u8; wire::CHUNK_HEADER] = h.try_into().expect("header length");
+            let (hash, index) = wire::parse_chunk_header(&h)?;
+            (hash, index, wire::CHUNK_HEADER as u64, None)
+        };
         let id = hex::encode(hash);
+        let data = if complete && piece_offset.is_none() {
+            let end = pieces
+                .iter()
+                .map(|(o, b)| o + b.len() as u64)
+                .max()
+                .unwrap_or(base);
+            match contiguous(base, end) {
+                Some(d) => d,
+                None => return Ok(()),
+            }
+        } else {
+            // Part of a chunk: add it to what is held, and go on only once it is whole.
+            match self.add_partial(&id, index, base, piece_offset.unwrap_or(0), &pieces) {
+                Some(d) => d,
+                None => return Ok(()),
+            }
+        };
         let deadline = Instant::now() + ROUTE_WAIT;
         loop {
             let added = self.route_added.notified();
@@ -695,6 +800,65 @@ impl Inbox {
                 return Ok(());
             }
         }
+    }
+
+    /// Adds what arrived of chunk `index` (stream `pieces`, data from stream offset `base`,
+    /// at chunk offset `offset`) to what is held of it; the whole chunk once complete.
+    fn add_partial(
+        &self,
+        id: &str,
+        index: u32,
+        base: u64,
+        offset: u32,
+        pieces: &[(u64, bytes::Bytes)],
+    ) -> Option<Vec<u8>> {
+        let (size, chunk_size) = *self.shapes.lock().expect("inbox lock poisoned").get(id)?;
+        let start = u64::from(index) * u64::from(chunk_size);
+        if start >= size {
+            return None;
+        }
+        let len = (size - start).min(u64::from(chunk_size)) as u32;
+        let mut partials = self.partials.lock().expect("inbox lock poisoned");
+        let p = partials
+            .entry((id.to_string(), index))
+            .or_insert_with(|| Partial {
+                data: vec![0; len as usize],
+                have: wire::Ranges::default(),
+                touched: Instant::now(),
+            });
+        p.touched = Instant::now();
+        for (o, b) in pieces {
+            let end = o + b.len() as u64;
+            if end <= base {
+                continue;
+            }
+            let skip = base.saturating_sub(*o);
+            let at = u64::from(offset) + (o + skip - base);
+            let bytes = &b[skip as usize..];
+            if at + bytes.len() as u64 > u64::from(len) {
+                continue; // Not part of this chunk: ignored (the hash check has the last word).
+            }
+            p.data[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
+            p.have.add(at as u32, (at + bytes.len() as u64) as u32);
+        }
+        if p.have.covers(len) {
+            return partials.remove(&(id.to_string(), index)).map(|p| p.data);
+        }
+        // Within budget: the least recently touched go first.
+        let mut total: usize = partials.values().map(|p| p.data.len()).sum();
+        while total > PARTIAL_BUDGET {
+            let Some(oldest) = partials
+                .iter()
+                .min_by_key(|(_, p)| p.touched)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            if let Some(p) = partials.remove(&oldest) {
+                total -= p.data.len();
+            }
+        }
+        None
     }
 
     /// Transfers paused on a full disk.

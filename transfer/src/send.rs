@@ -113,7 +113,7 @@ pub async fn send_file(
     // not free) and waits for the Have, so nothing the receiver holds goes out again.
     let first_attempt = progress.attempts.fetch_add(1, Ordering::Relaxed) == 0;
     let mut short = !first_attempt;
-    let (mut w, mut r, have) = loop {
+    let (mut w, mut r, have, partial) = loop {
         let (send, recv) = conn.open_bi().await?;
         let _ = send.set_priority(priority);
         let mut w = FramedWrite::new(send, wire::codec());
@@ -126,7 +126,7 @@ pub async fn send_file(
         )
         .await?;
         if first_attempt && opts.fresh {
-            break (w, r, Bitmap::new(manifest.chunk_count()));
+            break (w, r, Bitmap::new(manifest.chunk_count()), Vec::new());
         }
         let first = tokio::time::timeout(opts.stall_timeout * 2, next(&mut r))
             .await
@@ -137,6 +137,7 @@ pub async fn send_file(
                     w,
                     r,
                     Bitmap::from_bytes(&h.verified, manifest.chunk_count()),
+                    h.partial,
                 );
             }
             Some(Frame::Done(receipt)) => return Ok(SendOutcome::Delivered(receipt)),
@@ -201,6 +202,15 @@ pub async fn send_file(
     // congestion window: more would only queue inside quinn, where it fills the connection's
     // send buffer (then every stream's writes block, the report stream's acknowledgements
     // too) and is thrown away at a cut.
+    // What the receiver holds of chunks that were cut off: only the rest goes again.
+    let mut partial: std::collections::HashMap<u32, wire::Ranges> = partial
+        .into_iter()
+        .filter(|p| p.index < manifest.chunk_count() && !acked.get(p.index))
+        .filter_map(|p| {
+            let r = wire::Ranges::from_wire(&p.ranges, manifest.chunk_len(p.index) as u32)?;
+            Some((p.index, r))
+        })
+        .collect();
     let ahead = Arc::new(AtomicU64::new(0));
     let ahead_freed = Arc::new(tokio::sync::Notify::new());
     loop {
@@ -253,7 +263,20 @@ pub async fn send_file(
             // receiver's stream credit, writing for flow control: a dead link shows up here.
             let stall_at =
                 t0 + Duration::from_millis(heard.load(Ordering::Relaxed)) + opts.stall_timeout;
-            let header = wire::chunk_header(&manifest.file_hash, i);
+            // The whole chunk on one stream, or what the receiver lacks of it as pieces.
+            let parts: Vec<(Vec<u8>, std::ops::Range<usize>)> = match partial.remove(&i) {
+                Some(held) => held
+                    .missing(len as u32)
+                    .into_iter()
+                    .map(|(s, e)| {
+                        (
+                            wire::piece_header(&manifest.file_hash, i, s).to_vec(),
+                            s as usize..e as usize,
+                        )
+                    })
+                    .collect(),
+                None => vec![(wire::chunk_header(&manifest.file_hash, i).to_vec(), 0..len)],
+            };
             let room = async {
                 loop {
                     let limit = conn.stats().path.cwnd.saturating_mul(5) / 4
@@ -278,27 +301,31 @@ pub async fn send_file(
                 );
                 return Err(TransferError::Stalled(opts.stall_timeout));
             }
+            let mut sent_now = 0u64;
             let write = async {
-                let mut s = conn.open_uni().await?;
-                let _ = s.set_priority(chunk_priority(priority, chunks_opened));
-                s.write_all(&header)
-                    .await
-                    .map_err(|e| TransferError::Stream(e.to_string()))?;
-                s.write_all(chunk)
-                    .await
-                    .map_err(|e| TransferError::Stream(e.to_string()))?;
-                let _ = s.finish();
-                let bytes = (header.len() + chunk.len()) as u64;
-                ahead.fetch_add(bytes, Ordering::Relaxed);
-                let (acked_by_quic, ahead, freed) =
-                    (s.stopped(), ahead.clone(), ahead_freed.clone());
-                tokio::spawn(async move {
-                    // All of it acknowledged, or the connection gone: either way no longer
-                    // waiting in this connection's buffers.
-                    let _ = acked_by_quic.await;
-                    ahead.fetch_sub(bytes, Ordering::Relaxed);
-                    freed.notify_waiters();
-                });
+                for (header, range) in &parts {
+                    let mut s = conn.open_uni().await?;
+                    let _ = s.set_priority(chunk_priority(priority, chunks_opened));
+                    s.write_all(header)
+                        .await
+                        .map_err(|e| TransferError::Stream(e.to_string()))?;
+                    s.write_all(&chunk[range.clone()])
+                        .await
+                        .map_err(|e| TransferError::Stream(e.to_string()))?;
+                    let _ = s.finish();
+                    sent_now += range.len() as u64;
+                    let bytes = (header.len() + range.len()) as u64;
+                    ahead.fetch_add(bytes, Ordering::Relaxed);
+                    let (acked_by_quic, ahead, freed) =
+                        (s.stopped(), ahead.clone(), ahead_freed.clone());
+                    tokio::spawn(async move {
+                        // All of it acknowledged, or the connection gone: either way no longer
+                        // waiting in this connection's buffers.
+                        let _ = acked_by_quic.await;
+                        ahead.fetch_sub(bytes, Ordering::Relaxed);
+                        freed.notify_waiters();
+                    });
+                }
                 Ok::<_, TransferError>(())
             };
             match tokio::time::timeout_at(stall_at.into(), write).await {
@@ -313,7 +340,7 @@ pub async fn send_file(
             }
             unacked.insert(i);
             chunks_opened = chunks_opened.wrapping_add(1);
-            progress.sent_bytes.fetch_add(len as u64, Ordering::Relaxed);
+            progress.sent_bytes.fetch_add(sent_now, Ordering::Relaxed);
             continue;
         }
         // Everything sent: wait for acknowledgements, resend requests, or the receipt.

@@ -88,6 +88,19 @@ pub struct Have {
     /// Bitmap of chunks verified and durable (bit i of byte i/8, LSB first).
     #[prost(bytes = "vec", tag = "1")]
     pub verified: Vec<u8>,
+    /// Chunks the receiver got in part when a connection broke (held in its memory): the
+    /// sender sends only the rest of each, as pieces.
+    #[prost(message, repeated, tag = "2")]
+    pub partial: Vec<PartialChunk>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PartialChunk {
+    #[prost(uint32, tag = "1")]
+    pub index: u32,
+    /// Byte ranges held, as start, end pairs (end exclusive), sorted and disjoint.
+    #[prost(uint32, repeated, tag = "2")]
+    pub ranges: Vec<u32>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -365,6 +378,86 @@ impl Bitmap {
 pub const CHUNK_MAGIC: u8 = 0xC7;
 /// Bytes before a chunk's data on its stream.
 pub const CHUNK_HEADER: usize = 1 + 32 + 4;
+/// First byte of a piece stream: part of a chunk, from a byte offset (`[PIECE_MAGIC] [file
+/// hash] [index: u32 BE] [offset: u32 BE] [bytes…]`), sent to complete a partial chunk.
+pub const PIECE_MAGIC: u8 = 0xC8;
+/// Bytes before a piece's data on its stream.
+pub const PIECE_HEADER: usize = CHUNK_HEADER + 4;
+
+/// The header of the piece of chunk `index` starting at `offset`.
+pub fn piece_header(file_hash: &Hash, index: u32, offset: u32) -> [u8; PIECE_HEADER] {
+    let mut h = [0u8; PIECE_HEADER];
+    h[..CHUNK_HEADER].copy_from_slice(&chunk_header(file_hash, index));
+    h[0] = PIECE_MAGIC;
+    h[CHUNK_HEADER..].copy_from_slice(&offset.to_be_bytes());
+    h
+}
+
+/// Byte ranges (start, end exclusive), kept sorted and merged.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ranges(pub Vec<(u32, u32)>);
+
+impl Ranges {
+    pub fn add(&mut self, start: u32, end: u32) {
+        if start >= end {
+            return;
+        }
+        self.0.push((start, end));
+        self.0.sort_unstable();
+        let mut out: Vec<(u32, u32)> = Vec::with_capacity(self.0.len());
+        for (s, e) in self.0.drain(..) {
+            match out.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => out.push((s, e)),
+            }
+        }
+        self.0 = out;
+    }
+    /// Bytes held.
+    pub fn len(&self) -> u64 {
+        self.0.iter().map(|(s, e)| u64::from(e - s)).sum()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    /// Whether [0, len) is held.
+    pub fn covers(&self, len: u32) -> bool {
+        len == 0 || self.0.first().is_some_and(|(s, e)| *s == 0 && *e >= len)
+    }
+    /// What [0, len) lacks.
+    pub fn missing(&self, len: u32) -> Vec<(u32, u32)> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        for (s, e) in &self.0 {
+            if *s > at {
+                out.push((at, (*s).min(len)));
+            }
+            at = at.max(*e);
+        }
+        if at < len {
+            out.push((at, len));
+        }
+        out.retain(|(s, e)| s < e);
+        out
+    }
+    pub fn to_wire(&self) -> Vec<u32> {
+        self.0.iter().flat_map(|(s, e)| [*s, *e]).collect()
+    }
+    /// From the wire, checked against the chunk's length (None: malformed).
+    pub fn from_wire(v: &[u32], len: u32) -> Option<Ranges> {
+        if !v.len().is_multiple_of(2) {
+            return None;
+        }
+        let mut r = Ranges::default();
+        for p in v.chunks(2) {
+            if p[0] >= p[1] || p[1] > len {
+                return None;
+            }
+            r.add(p[0], p[1]);
+        }
+        Some(r)
+    }
+}
 
 /// The header of chunk `index` of the file with hash `file_hash`.
 pub fn chunk_header(file_hash: &Hash, index: u32) -> [u8; CHUNK_HEADER] {
@@ -431,6 +524,10 @@ mod tests {
         let frames = vec![
             Frame::Have(Have {
                 verified: vec![1, 2, 3],
+                partial: vec![PartialChunk {
+                    index: 4,
+                    ranges: vec![0, 100, 200, 300],
+                }],
             }),
             Frame::Acked(Acked { chunks: vec![1, 2] }),
             Frame::Failed(Failed {
@@ -465,6 +562,25 @@ mod tests {
         bad[0] = 1;
         assert!(parse_chunk_header(&bad).is_err());
         assert!(Frame::decode(Bytes::from_static(&[1, 0xff, 0xff])).is_err());
+    }
+
+    #[test]
+    fn ranges_merge_and_list_what_is_missing() {
+        let mut r = Ranges::default();
+        r.add(100, 200);
+        r.add(0, 50);
+        r.add(150, 300);
+        r.add(50, 60);
+        assert_eq!(r.0, vec![(0, 60), (100, 300)]);
+        assert_eq!(r.len(), 260);
+        assert_eq!(r.missing(400), vec![(60, 100), (300, 400)]);
+        assert!(!r.covers(400));
+        r.add(60, 400);
+        assert!(r.covers(400) && r.missing(400).is_empty());
+        assert_eq!(Ranges::from_wire(&r.to_wire(), 400), Some(r));
+        assert_eq!(Ranges::from_wire(&[5, 3], 400), None);
+        assert_eq!(Ranges::from_wire(&[0, 500], 400), None);
+        assert_eq!(Ranges::from_wire(&[1], 400), None);
     }
 
     #[test]

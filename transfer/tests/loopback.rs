@@ -310,3 +310,55 @@ async fn a_resumed_offer_to_a_receiver_that_lost_its_state_sends_the_manifest_ag
         std::fs::read(&src).unwrap()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_cut_off_half_way_is_completed_with_only_its_missing_part() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = file(dir.path(), "p.bin", 3 * 32 * 1024 - 100, 4);
+    let m = Manifest::of_file(&src).unwrap();
+    let data = std::fs::read(&src).unwrap();
+    let ib = inbox(dir.path());
+    let (_ep, sconn, cconn) = pair().await;
+    serve(cconn, ib.clone());
+    // A hand-written sender: chunk 0 whole, then half of chunk 1, then the link goes.
+    let (send, recv) = sconn.open_bi().await.unwrap();
+    let mut w = tokio_util::codec::FramedWrite::new(send, wire::codec());
+    let mut r = tokio_util::codec::FramedRead::new(recv, wire::codec());
+    w.send(Frame::Offer(wire::Offer::new(&m, "t1", "normal", "controller")).encode())
+        .await
+        .unwrap();
+    let have = Frame::decode(r.next().await.unwrap().unwrap().freeze()).unwrap();
+    assert!(matches!(have, Frame::Have(_)));
+    let half = m.chunk_len(1) / 2;
+    for (i, upto) in [(0u32, m.chunk_len(0)), (1, half)] {
+        let mut s = sconn.open_uni().await.unwrap();
+        s.write_all(&wire::chunk_header(&m.file_hash, i))
+            .await
+            .unwrap();
+        let at = m.offset(i) as usize;
+        s.write_all(&data[at..at + upto]).await.unwrap();
+        if i == 0 {
+            s.finish().unwrap();
+        }
+        std::mem::forget(s); // chunk 1 stays open: the connection breaks under it
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sconn.close(0u32.into(), b"link cut");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Next connection: the receiver holds chunk 0 and half of chunk 1; the sender sends the
+    // other half of chunk 1 as a piece, and chunk 2.
+    let (_ep2, sconn2, cconn2) = pair().await;
+    serve(cconn2, ib.clone());
+    let p2 = Arc::new(Progress::default());
+    p2.attempts.store(1, std::sync::atomic::Ordering::Relaxed); // a resumed transfer
+    let out = send_default(&sconn2, &src, &m, &p2).await.unwrap();
+    assert!(matches!(out, SendOutcome::Delivered(_)), "{out:?}");
+    let sent = p2.sent_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        sent as usize,
+        (m.chunk_len(1) - half) + m.chunk_len(2),
+        "only the missing half and the last chunk go again"
+    );
+    assert_eq!(std::fs::read(dir.path().join("in/p.bin")).unwrap(), data);
+}
