@@ -206,6 +206,9 @@ impl Config {
                 "{file}: key `link_rate_mbit`: {r} must be a positive rate"
             ));
         }
+        self.profile
+            .validate()
+            .map_err(|e| format!("{file}: key `profile`: {e}"))?;
         if self.spool_quota_mb < 4 {
             return Err(format!("{file}: key `spool_quota_mb`: at least 4 MB"));
         }

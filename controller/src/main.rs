@@ -92,7 +92,13 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let cfg = match &cli.config {
-        Some(p) => Config::load(p)?,
+        Some(p) => {
+            let c = Config::load(p)?;
+            c.profile
+                .validate()
+                .map_err(|e| anyhow::anyhow!("{}: key `profile`: {e}", p.display()))?;
+            c
+        }
         None => Config::default(),
     };
     let mut rt = tokio::runtime::Builder::new_multi_thread();

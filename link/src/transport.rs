@@ -18,6 +18,9 @@ pub enum LinkProfile {
     Leo,
     /// Terrestrial WAN or LAN: ~30 ms RTT, ~100 Mbit/s.
     Terrestrial,
+    /// A link of known round-trip time and rate (`profile = { custom = { rtt_ms = 700,
+    /// rate_kbit = 4000 } }` in TOML, `custom:700:4000` on a command line).
+    Custom { rtt_ms: u32, rate_kbit: u64 },
 }
 
 impl FromStr for LinkProfile {
@@ -27,9 +30,21 @@ impl FromStr for LinkProfile {
             "geo" => Ok(LinkProfile::Geo),
             "leo" => Ok(LinkProfile::Leo),
             "terrestrial" => Ok(LinkProfile::Terrestrial),
-            other => Err(format!(
-                "unknown link profile {other:?} (expected geo, leo or terrestrial)"
-            )),
+            other => {
+                let bad = || {
+                    format!(
+                        "unknown link profile {other:?} (expected geo, leo, terrestrial or custom:RTT_MS:RATE_KBIT)"
+                    )
+                };
+                let rest = other.strip_prefix("custom:").ok_or_else(bad)?;
+                let (rtt, rate) = rest.split_once(':').ok_or_else(bad)?;
+                let p = LinkProfile::Custom {
+                    rtt_ms: rtt.parse().map_err(|_| bad())?,
+                    rate_kbit: rate.parse().map_err(|_| bad())?,
+                };
+                p.validate()?;
+                Ok(p)
+            }
         }
     }
 }
@@ -41,7 +56,23 @@ impl LinkProfile {
             LinkProfile::Geo => (Duration::from_millis(600), 20_000_000),
             LinkProfile::Leo => (Duration::from_millis(60), 50_000_000),
             LinkProfile::Terrestrial => (Duration::from_millis(30), 100_000_000),
+            LinkProfile::Custom { rtt_ms, rate_kbit } => (
+                Duration::from_millis(u64::from(rtt_ms.clamp(1, 10_000))),
+                rate_kbit.clamp(8, 100_000_000) * 1000,
+            ),
         }
+    }
+
+    /// A custom profile's figures must describe a link (1 ms–10 s, 8 kbit/s–100 Gbit/s).
+    pub fn validate(self) -> Result<(), String> {
+        if let LinkProfile::Custom { rtt_ms, rate_kbit } = self
+            && (!(1..=10_000).contains(&rtt_ms) || !(8..=100_000_000).contains(&rate_kbit))
+        {
+            return Err(format!(
+                "custom link profile: rtt_ms {rtt_ms} (1..10000) or rate_kbit {rate_kbit} (8..100000000) out of range"
+            ));
+        }
+        Ok(())
     }
 
     /// How long one connection attempt may take: a handshake is ~1.5 RTT, more with loss.
@@ -70,5 +101,36 @@ impl LinkProfile {
             .keep_alive_interval(Some(Duration::from_secs(20)))
             .max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(60_000))));
         t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profiles_parse_from_flags_and_toml() {
+        assert_eq!("geo".parse::<LinkProfile>(), Ok(LinkProfile::Geo));
+        let c: LinkProfile = "custom:700:4000".parse().unwrap();
+        assert_eq!(
+            c,
+            LinkProfile::Custom {
+                rtt_ms: 700,
+                rate_kbit: 4000
+            }
+        );
+        assert_eq!(c.nominal(), (Duration::from_millis(700), 4_000_000));
+        for bad in ["satellite", "custom:700", "custom:0:4000", "custom:700:x"] {
+            assert!(bad.parse::<LinkProfile>().is_err(), "{bad}");
+        }
+        #[derive(serde::Deserialize)]
+        struct C {
+            profile: LinkProfile,
+        }
+        let t: C =
+            toml::from_str("profile = { custom = { rtt_ms = 250, rate_kbit = 2000 } }").unwrap();
+        assert_eq!(t.profile.nominal().0, Duration::from_millis(250));
+        let g: C = toml::from_str("profile = \"leo\"").unwrap();
+        assert_eq!(g.profile, LinkProfile::Leo);
     }
 }

@@ -362,3 +362,38 @@ async fn a_chunk_cut_off_half_way_is_completed_with_only_its_missing_part() {
     );
     assert_eq!(std::fs::read(dir.path().join("in/p.bin")).unwrap(), data);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_is_never_exceeded() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = file(dir.path(), "r.bin", 1024 * 1024, 5);
+    let m = Manifest::of_file(&src).unwrap();
+    let ib = inbox(dir.path());
+    let (_ep, sconn, cconn) = pair().await;
+    serve(cconn, ib);
+    let opts = SendOptions {
+        rate_limit_bps: Some(4_000_000),
+        ..SendOptions::default()
+    };
+    let t = std::time::Instant::now();
+    let out = send_file(
+        &sconn,
+        &src,
+        &m,
+        &opts,
+        &Arc::new(Progress::default()),
+        &no_pause,
+    )
+    .await
+    .unwrap();
+    assert!(matches!(out, SendOutcome::Delivered(_)));
+    // On loopback it would take milliseconds; at 4 Mbit/s the chunks after the first need
+    // (1 MiB - 32 KiB) × 8 / 4e6 ≈ 2.03 s. (A lower bound: a slow machine cannot break it.)
+    let floor = (m.size - u64::from(m.chunk_size)) as f64 * 8.0 / 4e6;
+    assert!(
+        t.elapsed().as_secs_f64() >= floor * 0.98,
+        "{:?} for {} bytes at 4 Mbit/s",
+        t.elapsed(),
+        m.size
+    );
+}
