@@ -196,8 +196,7 @@ impl Ca {
         // below it with the same identity (they connect by its site ID, so no other site can
         // stand in for it). Which site relays for a province is the controller's decision.
         params.subject_alt_names = vec![SanType::DnsName(
-            site_id
-                .to_ascii_lowercase()
+            site_dns_name(site_id)
                 .try_into()
                 .map_err(|e: rcgen::Error| LinkError::Pki(e.to_string()))?,
         )];
@@ -219,6 +218,23 @@ impl Ca {
             identity,
         })
     }
+}
+
+/// The DNS name a site's certificate carries (and a relay's clients check): the site ID's bytes
+/// in hex, in labels of at most 63 characters, under `site.tiandi`. Hex, because DNS names are
+/// case-insensitive and take no `_`, while site IDs are case-sensitive and may have one: the
+/// mapping must be one-to-one, or one site could stand in for another.
+pub fn site_dns_name(site_id: &str) -> String {
+    let hex = hex::encode(site_id.as_bytes());
+    let mut labels: Vec<&str> = Vec::new();
+    let mut rest = hex.as_str();
+    while !rest.is_empty() {
+        let (a, b) = rest.split_at(rest.len().min(63));
+        labels.push(a);
+        rest = b;
+    }
+    labels.push("site.tiandi");
+    labels.join(".")
 }
 
 /// A new key and CSR for a site. The key stays with the caller (the agent's data dir).
@@ -288,6 +304,19 @@ mod tests {
         assert_eq!(issued.identity.province, "GD");
         assert_eq!(issued.identity.serial.len(), 32);
         assert!(issued.identity.not_after > unix_now());
+    }
+
+    #[test]
+    fn site_dns_names_are_one_to_one_and_valid() {
+        assert_eq!(
+            site_dns_name("gd_relay.44"),
+            "67645f72656c61792e3434.site.tiandi"
+        );
+        assert_ne!(site_dns_name("GD-1"), site_dns_name("gd-1"));
+        let long = "x".repeat(64);
+        let n = site_dns_name(&long);
+        assert!(n.split('.').all(|l| !l.is_empty() && l.len() <= 63), "{n}");
+        assert!(rustls::pki_types::ServerName::try_from(n).is_ok());
     }
 
     #[test]

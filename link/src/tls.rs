@@ -173,9 +173,9 @@ impl CertPolicy for SameProvince {
     }
 }
 
-/// The TLS server name a relay's certificate carries: its site ID, in lower case.
+/// The TLS server name a relay's certificate carries (see [`pki::site_dns_name`]).
 pub fn relay_server_name(site_id: &str) -> String {
-    site_id.to_ascii_lowercase()
+    pki::site_dns_name(site_id)
 }
 
 /// A relay's server TLS (a site serving the sites below it): its own site certificate,

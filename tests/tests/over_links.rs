@@ -34,18 +34,18 @@ async fn a_province_transfer_crosses_the_ministry_uplink_once_and_reaches_every_
     let ctl = ControllerProc::start_with(
         &tmp.path().join("ctl"),
         Some((&topo.ctl_ns(), topo.ctl_addr().into())),
-        "[relays]\n\"GD\" = \"gd-relay\"\n",
+        "[relays]\n\"GD\" = \"gd_relay.44\"\n",
     );
 
     let mut agents = Vec::new();
-    let sites = ["gd-relay", "gd-001", "gd-002", "gd-003"];
+    let sites = ["gd_relay.44", "gd-001", "gd-002", "gd-003"];
     for (i, site) in sites.iter().enumerate() {
         let token = ctl.enroll(site, "GD", &[]);
         let extra = if i == 0 {
             format!("interval_s = 2\n[relay]\nlisten = \"{relay_addr}\"\n")
         } else {
             format!(
-                "interval_s = 2\n[via_relay]\naddress = \"{relay_addr}\"\nsite = \"gd-relay\"\n"
+                "interval_s = 2\n[via_relay]\naddress = \"{relay_addr}\"\nsite = \"gd_relay.44\"\n"
             )
         };
         let mut a = AgentProc::enroll_in(
@@ -109,15 +109,15 @@ async fn a_province_transfer_crosses_the_ministry_uplink_once_and_reaches_every_
     for j in &jobs {
         assert_eq!(j["receipt"]["node"], j["dest"], "{j}");
         assert_eq!(j["receipt"]["size"].as_u64(), Some(data.len() as u64));
-        if j["dest"] == "gd-relay" {
+        if j["dest"] == "gd_relay.44" {
             assert_eq!(j["relays_to"].as_array().map(|a| a.len()), Some(3), "{j}");
         } else {
-            assert_eq!(j["via"], "gd-relay", "{j}");
+            assert_eq!(j["via"], "gd_relay.44", "{j}");
         }
     }
     let table = String::from_utf8_lossy(&ctl.cli(&["transfers"]).stdout).to_string();
     assert!(
-        table.contains("via gd-relay") && table.contains("relays to 3 site(s)"),
+        table.contains("via gd_relay.44") && table.contains("relays to 3 site(s)"),
         "{table}"
     );
 
