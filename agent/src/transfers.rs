@@ -226,27 +226,7 @@ async fn take_requests(dir: &Path, outbox: &Outbox, site_id: &str) -> anyhow::Re
 
 /// The outbox as JSON (what `status.json` holds).
 pub fn status_json(outbox: &Outbox) -> anyhow::Result<Vec<u8>> {
-    let jobs: Vec<serde_json::Value> = outbox
-        .list()?
-        .into_iter()
-        .map(|j| {
-            serde_json::json!({
-                "id": j.id,
-                "dest": j.dest,
-                "file": j.manifest.name,
-                "bytes": j.manifest.size,
-                "priority": j.priority,
-                "state": j.state,
-                "acked_bytes": j.acked_bytes,
-                "rate_bps": j.rate_bps,
-                "eta_s": j.eta_s(),
-                "attempts": j.attempts,
-                "forwarded": j.forwarded,
-                "error": j.error,
-                "receipt": j.receipt,
-            })
-        })
-        .collect();
+    let jobs: Vec<serde_json::Value> = outbox.list()?.iter().map(Job::status).collect();
     Ok(serde_json::to_vec_pretty(
         &serde_json::json!({ "transfers": jobs }),
     )?)

@@ -179,36 +179,39 @@ fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> anyhow::R
 /// Collects report events (site sample time, bench receive time) from `/api/stream`.
 /// Recording states of [`watch_stream`].
 const WAITING: u8 = 0;
-const RECORDING: u8 = 1;
+pub(crate) const RECORDING: u8 = 1;
 const DONE: u8 = 2;
 
-/// Follows `/api/stream`, recording (sample time, arrival time) of report events while
-/// `state` is [`RECORDING`]; disconnects once it is [`DONE`].
+/// Follows `/api/stream` on a thread of its own (see [`follow_stream`]).
 fn watch_stream(api: SocketAddr, sink: Arc<Mutex<Vec<(i64, i64)>>>, state: Arc<AtomicU8>) {
-    std::thread::spawn(move || {
-        let Ok(resp) = http().get(&format!("http://{api}/api/stream")).call() else {
-            return;
+    std::thread::spawn(move || follow_stream(api, &sink, &state));
+}
+
+/// Follows `/api/stream`, recording (sample time, arrival time) of report events while
+/// `state` is [`RECORDING`]; returns once it is [`DONE`] or the stream ends.
+pub(crate) fn follow_stream(api: SocketAddr, sink: &Mutex<Vec<(i64, i64)>>, state: &AtomicU8) {
+    let Ok(resp) = http().get(&format!("http://{api}/api/stream")).call() else {
+        return;
+    };
+    let reader = std::io::BufReader::new(resp.into_body().into_reader());
+    for line in reader.lines() {
+        let Ok(line) = line else { return };
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
         };
-        let reader = std::io::BufReader::new(resp.into_body().into_reader());
-        for line in reader.lines() {
-            let Ok(line) = line else { return };
-            let Some(data) = line.strip_prefix("data: ") else {
-                continue;
-            };
-            let now = now_ms();
-            match state.load(Ordering::Acquire) {
-                RECORDING => {}
-                DONE => return,
-                _ => continue,
-            }
-            if let Ok(v) = serde_json::from_str::<Value>(data)
-                && v["type"] == "report"
-                && let Some(t) = v["taken_ms"].as_i64()
-            {
-                sink.lock().expect("lock").push((t, now));
-            }
+        let now = now_ms();
+        match state.load(Ordering::Acquire) {
+            RECORDING => {}
+            DONE => return,
+            _ => continue,
         }
-    });
+        if let Ok(v) = serde_json::from_str::<Value>(data)
+            && v["type"] == "report"
+            && let Some(t) = v["taken_ms"].as_i64()
+        {
+            sink.lock().expect("lock").push((t, now));
+        }
+    }
 }
 
 pub(crate) fn percentile(sorted: &[i64], p: f64) -> i64 {

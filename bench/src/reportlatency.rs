@@ -7,7 +7,6 @@
 //! a bulk phase's worst against the idle median. The budget: one RTT plus the report
 //! interval.
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -180,26 +179,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     // Every report event, as (sample time, arrival time).
     let events: Arc<Mutex<Vec<(i64, i64)>>> = Default::default();
     {
-        let (events, url, ns) = (events.clone(), api_url("/api/stream"), ctl_ns.clone());
+        let (events, ns) = (events.clone(), ctl_ns.clone());
+        let api: std::net::SocketAddr = api.parse()?;
         std::thread::spawn(move || {
+            let state = std::sync::atomic::AtomicU8::new(crate::ingest::RECORDING);
             let _ = in_netns(&ns, move || {
-                let Ok(resp) = http().get(&url).call() else {
-                    return;
-                };
-                let reader = std::io::BufReader::new(resp.into_body().into_reader());
-                for line in reader.lines() {
-                    let Ok(line) = line else { return };
-                    let Some(data) = line.strip_prefix("data: ") else {
-                        continue;
-                    };
-                    let now = now_ms();
-                    if let Ok(v) = serde_json::from_str::<Value>(data)
-                        && v["type"] == "report"
-                        && let Some(t) = v["taken_ms"].as_i64()
-                    {
-                        events.lock().expect("lock").push((t, now));
-                    }
-                }
+                crate::ingest::follow_stream(api, &events, &state)
             });
         });
     }

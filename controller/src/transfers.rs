@@ -179,34 +179,7 @@ pub fn queue(
 
 /// Status of every transfer, for the API and `tiandi-controller transfers`.
 pub fn status(outbox: &Outbox) -> Result<Value, SendError> {
-    let jobs: Vec<Value> = outbox
-        .list()?
-        .into_iter()
-        .map(|j| {
-            json!({
-                "id": j.id,
-                "dest": j.dest,
-                "file": j.manifest.name,
-                "bytes": j.manifest.size,
-                "priority": j.priority,
-                "state": j.state,
-                "acked_bytes": j.acked_bytes,
-                "progress_pct": if j.manifest.size == 0 { 100.0 } else { j.acked_bytes as f64 * 100.0 / j.manifest.size as f64 },
-                "rate_bps": j.rate_bps,
-                "eta_s": j.eta_s(),
-                "sent_bytes": j.sent_bytes,
-                "attempts": j.attempts,
-                "window": j.window.map(|w| format!("{:02}:{:02}-{:02}:{:02}", w.start_min / 60, w.start_min % 60, w.end_min / 60, w.end_min % 60)),
-                "rate_limit_bps": j.rate_limit_bps,
-                "error": j.error,
-                "receipt": j.receipt,
-                "via": j.via,
-                "relays_to": j.forward_to,
-                "created_ms": j.created_ms,
-                "updated_ms": j.updated_ms,
-            })
-        })
-        .collect();
+    let jobs: Vec<Value> = outbox.list()?.iter().map(Job::status).collect();
     Ok(json!({ "transfers": jobs }))
 }
 

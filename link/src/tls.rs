@@ -136,24 +136,41 @@ pub fn server_tls(
     ca: &CertificateDer<'static>,
     policy: Arc<dyn CertPolicy>,
 ) -> Result<rustls::ServerConfig, LinkError> {
+    let mut cfg = server_with_policy(vec![ca.clone()], chain, key, policy, false)?;
+    cfg.alpn_protocols = vec![ALPN_SITE.to_vec(), ALPN_ENROLL.to_vec()];
+    Ok(cfg)
+}
+
+/// A TLS 1.3 server presenting `chain`, taking client certificates from `cas` checked by
+/// `policy` (required if `mandatory`); no tickets, no early data.
+fn server_with_policy(
+    cas: Vec<CertificateDer<'static>>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    policy: Arc<dyn CertPolicy>,
+    mandatory: bool,
+) -> Result<rustls::ServerConfig, LinkError> {
     let provider = provider();
     let mut roots = RootCertStore::empty();
-    roots.add(ca.clone()).map_err(tls)?;
-    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()
-        .map_err(tls)?;
+    for c in cas {
+        roots.add(c).map_err(tls)?;
+    }
+    let mut builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    if !mandatory {
+        builder = builder.allow_unauthenticated();
+    }
+    let inner = builder.build().map_err(tls)?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls)?
         .with_client_cert_verifier(Arc::new(PolicyVerifier {
             inner,
             policy,
-            mandatory: false,
+            mandatory,
         }))
         .with_single_cert(chain, key)
         .map_err(tls)?;
-    cfg.alpn_protocols = vec![ALPN_SITE.to_vec(), ALPN_ENROLL.to_vec()];
     cfg.send_tls13_tickets = 0;
     cfg.max_early_data_size = 0;
     Ok(cfg)
@@ -186,27 +203,14 @@ pub fn relay_server_tls(
     key_pem: &str,
     policy: Arc<dyn CertPolicy>,
 ) -> Result<rustls::ServerConfig, LinkError> {
-    let provider = provider();
-    let mut roots = RootCertStore::empty();
-    for c in certs_from_pem(ca_pem)? {
-        roots.add(c).map_err(tls)?;
-    }
-    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(tls)?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(tls)?
-        .with_client_cert_verifier(Arc::new(PolicyVerifier {
-            inner,
-            policy,
-            mandatory: true,
-        }))
-        .with_single_cert(certs_from_pem(cert_pem)?, key_from_pem(key_pem)?)
-        .map_err(tls)?;
+    let mut cfg = server_with_policy(
+        certs_from_pem(ca_pem)?,
+        certs_from_pem(cert_pem)?,
+        key_from_pem(key_pem)?,
+        policy,
+        true,
+    )?;
     cfg.alpn_protocols = vec![ALPN_SITE.to_vec()];
-    cfg.send_tls13_tickets = 0;
-    cfg.max_early_data_size = 0;
     Ok(cfg)
 }
 

@@ -166,6 +166,34 @@ impl Job {
         })
     }
 
+    /// The job as the API, the CLIs and the agent's `status.json` show it.
+    pub fn status(&self) -> serde_json::Value {
+        let size = self.manifest.size;
+        serde_json::json!({
+            "id": self.id,
+            "dest": self.dest,
+            "file": self.manifest.name,
+            "bytes": size,
+            "priority": self.priority,
+            "state": self.state,
+            "acked_bytes": self.acked_bytes,
+            "progress_pct": if size == 0 { 100.0 } else { self.acked_bytes as f64 * 100.0 / size as f64 },
+            "rate_bps": self.rate_bps,
+            "eta_s": self.eta_s(),
+            "sent_bytes": self.sent_bytes,
+            "attempts": self.attempts,
+            "window": self.window.map(|w| format!("{:02}:{:02}-{:02}:{:02}", w.start_min / 60, w.start_min % 60, w.end_min / 60, w.end_min % 60)),
+            "rate_limit_bps": self.rate_limit_bps,
+            "error": self.error,
+            "receipt": self.receipt,
+            "via": self.via,
+            "relays_to": self.forward_to,
+            "forwarded": self.forwarded,
+            "created_ms": self.created_ms,
+            "updated_ms": self.updated_ms,
+        })
+    }
+
     pub fn finished(&self) -> bool {
         matches!(self.state, JobState::Delivered | JobState::Failed)
     }
