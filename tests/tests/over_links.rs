@@ -34,7 +34,9 @@ async fn a_province_transfer_crosses_the_ministry_uplink_once_and_reaches_every_
     let ctl = ControllerProc::start_with(
         &tmp.path().join("ctl"),
         Some((&topo.ctl_ns(), topo.ctl_addr().into())),
-        "[relays]\n\"GD\" = \"gd_relay.44\"\n",
+        // The relay's committed rate: traffic to it is paced instead of overshooting the
+        // link's queue (Cubic's slow start would add its retransmissions to the count).
+        "[relays]\n\"GD\" = \"gd_relay.44\"\n[link_rates]\n\"gd_relay.44\" = 10.0\n",
     );
 
     let mut agents = Vec::new();
@@ -131,7 +133,7 @@ async fn a_province_transfer_crosses_the_ministry_uplink_once_and_reaches_every_
         "relay: file_bytes={} ministry_sent_bytes={sent} ministry_copies={ratio:.2} relay_link_up_bytes={relay_up}",
         data.len()
     );
-    assert!(ratio < 1.6, "the ministry sent {ratio:.2} × the file");
+    assert!(ratio < 1.3, "the ministry sent {ratio:.2} × the file");
     assert!(
         relay_up as f64 > 3.0 * data.len() as f64,
         "the relay's link carried {relay_up} bytes toward the counties"
