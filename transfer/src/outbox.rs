@@ -318,6 +318,15 @@ impl Outbox {
                 job.attempts = item.attempts;
                 job.error = (!item.error.is_empty()).then(|| item.error.clone());
                 job.receipt = item.receipt.clone();
+                job.pause_code = item.pause_code;
+                // A site below whose disk is full raises the same alarm here as one served
+                // directly.
+                let full = job.state == JobState::Paused
+                    && item.pause_code == crate::wire::codes::DISK_FULL;
+                self.note_disk_full(
+                    &job,
+                    full.then(|| format!("{}: {}", job.manifest.name, item.error)),
+                );
                 job.updated_ms = now_ms();
                 self.put(&job)?;
                 changed += 1;
@@ -581,6 +590,61 @@ mod tests {
         for bad in ["22-06", "25:00-01:00", "10:00", "aa:bb-cc:dd"] {
             assert!(bad.parse::<Window>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_relay_updates_only_the_jobs_that_go_through_it() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let ob = Outbox::new(db.open_tree("o").unwrap());
+        let m = Manifest {
+            name: "f".into(),
+            size: 10,
+            chunk_size: crate::manifest::MIN_CHUNK,
+            file_hash: [3; 32],
+            chunks: vec![[0; 32]],
+        };
+        let mut via = Job::new("t-c1", "c1", "/x".into(), m.clone());
+        via.via = Some("relay-a".into());
+        let direct = Job::new("t-c2", "c2", "/x".into(), m.clone());
+        ob.enqueue(via).unwrap();
+        ob.enqueue(direct).unwrap();
+        // The tracking job is never sent from here.
+        assert!(ob.next_for("c1").unwrap().is_none());
+        let item = |site: &str, state: &str, code: u32| crate::wire::ForwardStatus {
+            file_hash: m.id_hex(),
+            site: site.into(),
+            state: state.into(),
+            acked_bytes: 5,
+            error: "disk full on c1".into(),
+            pause_code: code,
+            ..Default::default()
+        };
+        // Another relay, or a job not through it: nothing changes.
+        assert_eq!(
+            ob.apply_forwarded("relay-b", &[item("c1", "paused", 2)])
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            ob.apply_forwarded("relay-a", &[item("c2", "delivered", 0)])
+                .unwrap(),
+            0
+        );
+        // Its own: state, progress, and the disk-full alarm, raised then cleared.
+        assert_eq!(
+            ob.apply_forwarded("relay-a", &[item("c1", "paused", 2)])
+                .unwrap(),
+            1
+        );
+        assert!(ob.paused_on_full_disk().contains_key("c1"));
+        let j = ob.get("c1", "t-c1").unwrap().unwrap();
+        assert_eq!((j.state, j.acked_bytes), (JobState::Paused, 5));
+        assert_eq!(
+            ob.apply_forwarded("relay-a", &[item("c1", "sending", 0)])
+                .unwrap(),
+            1
+        );
+        assert!(ob.paused_on_full_disk().is_empty());
     }
 
     #[test]

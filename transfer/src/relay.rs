@@ -108,6 +108,7 @@ pub fn status_of(job: &Job) -> ForwardStatus {
         error: job.error.clone().unwrap_or_default(),
         receipt: job.receipt.clone(),
         updated_ms: job.updated_ms,
+        pause_code: job.pause_code,
     }
 }
 

@@ -169,6 +169,9 @@ pub struct ForwardStatus {
     pub receipt: Option<Receipt>,
     #[prost(int64, tag = "10")]
     pub updated_ms: i64,
+    /// Why the site below paused it (a [`codes`] value; 0: not paused by it).
+    #[prost(uint32, tag = "11")]
+    pub pause_code: u32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
