@@ -131,7 +131,16 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
             relay_ep,
             outbox.clone(),
             id.info.site_id.clone(),
-            |c| tiandi_link::peer_identity(c).map(|i| i.site_id),
+            |c| {
+                tiandi_link::peer_identity(c).map(|i| tiandi_transfer::relay::Peer {
+                    site: i.site_id,
+                    serial: i.serial,
+                    province: i.province,
+                })
+            },
+            Arc::new(tiandi_transfer::relay::UpstreamCheck::new(
+                site_transfers.upstream.subscribe(),
+            )),
             cancel.clone(),
         )));
         tasks.push(tokio::spawn(tiandi_transfer::relay::forward_loop(

@@ -217,6 +217,27 @@ impl Controller {
                     .map_err(|e| e.to_string())
             }));
         }
+        {
+            // A relay asks whether a site below may connect: only the province's relay may
+            // ask, and only about a site of its province; the registry answers.
+            let (registry, relays) = (registry.clone(), config.relays.clone());
+            inbox.on_site_check(Arc::new(move |relay, c| {
+                if relays.get(&c.province).map(String::as_str) != Some(relay) {
+                    return Err(format!(
+                        "{relay} is not the relay of province {}",
+                        c.province
+                    ));
+                }
+                let id = tiandi_link::SiteIdentity {
+                    site_id: c.site.clone(),
+                    province: c.province.clone(),
+                    serial: c.serial.clone(),
+                    not_after: 0,
+                };
+                tiandi_link::tls::CertPolicy::check(registry.as_ref(), &id)
+                    .map_err(|r| format!("site {}: {r:?}", c.site))
+            }));
+        }
         let (events, _) = broadcast::channel(16_384);
         let core = Arc::new(Core {
             ca,

@@ -4,7 +4,8 @@
 //! - Hop by hop: the ministry's controller sends a file to a province whose relay site stores
 //!   it and forwards it to three county sites, each behind its own link; every copy is
 //!   verified; the ministry's uplink carries the file once, not four times; the controller
-//!   shows each county's receipt as the relay reports it.
+//!   shows each county's receipt as the relay reports it; a county revoked at the controller is
+//!   refused by the relay.
 //! - A 60 s cut in the middle of a transfer over a link that loses and corrupts frames: no
 //!   partial file is ever visible, the transfer resumes where it stopped, the file verifies.
 
@@ -137,6 +138,31 @@ async fn a_province_transfer_crosses_the_ministry_uplink_once_and_reaches_every_
     assert!(
         relay_up as f64 > 3.0 * data.len() as f64,
         "the relay's link carried {relay_up} bytes toward the counties"
+    );
+
+    // A county revoked at the controller is refused by the relay too (the relay asks).
+    let out = ctl.cli(&["revoke", "--site", "gd-003"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    agents[3].kill9();
+    agents[3].start();
+    wait_for(
+        "the relay refusing the revoked county",
+        Duration::from_secs(60),
+        || {
+            agents[0]
+                .log()
+                .contains("Refused a site below: its certificate is revoked")
+                .then_some(())
+        },
+    );
+    assert!(
+        agents[0].log().matches("Site below connected").count() == 3,
+        "the revoked county got through:\n{}",
+        agents[0].log()
     );
     drop(agents);
     drop(ctl);

@@ -121,6 +121,9 @@ pub enum InboxEvent {
 /// is sent back to the relay, which reports again later.
 pub type ForwardSink =
     Arc<dyn Fn(&str, &[wire::ForwardStatus]) -> Result<(), String> + Send + Sync>;
+/// Answers a relay's question whether a site below may connect: (the relay's site ID, the
+/// question); Err says why not.
+pub type SiteCheck = Arc<dyn Fn(&str, &wire::CheckSite) -> Result<(), String> + Send + Sync>;
 
 pub struct Inbox {
     dir: PathBuf,
@@ -128,6 +131,7 @@ pub struct Inbox {
     /// the same name).
     per_peer_dirs: std::sync::atomic::AtomicBool,
     forward_sink: std::sync::OnceLock<ForwardSink>,
+    site_check: std::sync::OnceLock<SiteCheck>,
     tree: sled::Tree,
     node: String,
     /// Space kept free on the destination's file system.
@@ -176,6 +180,7 @@ impl Inbox {
             dir: dir.to_path_buf(),
             per_peer_dirs: Default::default(),
             forward_sink: Default::default(),
+            site_check: Default::default(),
             tree,
             node: node.to_string(),
             reserve_bytes: 0,
@@ -198,6 +203,11 @@ impl Inbox {
     pub fn use_per_peer_dirs(&self) {
         self.per_peer_dirs
             .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Who answers relays' site checks (once; later calls are ignored).
+    pub fn on_site_check(&self, check: SiteCheck) {
+        let _ = self.site_check.set(check);
     }
 
     /// Where relays' reports of forwarded copies go (once; later calls are ignored).
@@ -289,6 +299,21 @@ impl Inbox {
         let mut offer = match first {
             Some(Frame::Offer(o)) => o,
             Some(Frame::Forwarded(f)) => return self.forwarded(peer, f, &mut w).await,
+            Some(Frame::CheckSite(c)) => {
+                let (Some(peer), Some(check)) = (peer, self.site_check.get()) else {
+                    let msg = "this node answers no site checks";
+                    refuse(&mut w, codes::PROTOCOL, msg).await;
+                    return Err(TransferError::Protocol(msg.into()));
+                };
+                match check(peer, &c) {
+                    Ok(()) => {
+                        put(&mut w, Frame::Acked(Acked { chunks: Vec::new() })).await?;
+                        let _ = w.get_mut().finish();
+                    }
+                    Err(why) => refuse(&mut w, codes::UNKNOWN_DESTINATION, &why).await,
+                }
+                return Ok(Served::Complete);
+            }
             Some(other) => {
                 let msg = format!("expected Offer, got {}", other.kind());
                 refuse(&mut w, codes::PROTOCOL, &msg).await;

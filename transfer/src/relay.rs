@@ -204,13 +204,95 @@ async fn send_report(
     }
 }
 
-/// Serves the sites below: every connection on `endpoint` whose peer `identify` names gets
-/// the outbox driver for that site (and its files go up through the inbox, if given).
+/// A site below as its certificate names it.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub site: String,
+    pub serial: String,
+    pub province: String,
+}
+
+/// How often a connected site below is checked again.
+const CHECK_FRESH: Duration = Duration::from_secs(600);
+
+/// Asks upstream (the controller keeps the registry) whether a site below may connect: its
+/// certificate may have been revoked or superseded since the CA signed it. Asked at every
+/// connection and every [`CHECK_FRESH`] while connected. With no answer (the uplink is down:
+/// when a relay is most useful), a site is let in unless it was last known refused — said in
+/// the log.
+pub struct UpstreamCheck {
+    upstream: watch::Receiver<Option<quinn::Connection>>,
+    known: std::sync::Mutex<HashMap<(String, String), bool>>,
+}
+
+impl UpstreamCheck {
+    pub fn new(upstream: watch::Receiver<Option<quinn::Connection>>) -> UpstreamCheck {
+        UpstreamCheck {
+            upstream,
+            known: Default::default(),
+        }
+    }
+
+    pub async fn allowed(&self, p: &Peer) -> bool {
+        let key = (p.site.clone(), p.serial.clone());
+        let cached = self.known.lock().expect("lock poisoned").get(&key).copied();
+        let conn = self.upstream.borrow().clone();
+        let answer = match conn {
+            Some(c) => tokio::time::timeout(REPORT_TIMEOUT, ask(&c, p)).await.ok(),
+            None => None,
+        };
+        match answer {
+            Some(Ok(ok)) => {
+                self.known
+                    .lock()
+                    .expect("lock poisoned")
+                    .insert(key, ok);
+                ok
+            }
+            Some(Err(_)) | None => {
+                let ok = cached.unwrap_or(true);
+                warn!(site = %p.site, allowed = ok, "No answer from upstream about a site below: going by what was last known.");
+                ok
+            }
+        }
+    }
+}
+
+/// Ok(true): allowed; Ok(false): refused upstream; Err: no answer.
+async fn ask(conn: &quinn::Connection, p: &Peer) -> Result<bool, TransferError> {
+    let (send, recv) = conn.open_bi().await?;
+    let mut w = FramedWrite::new(send, wire::codec());
+    let mut r = FramedRead::new(recv, wire::codec());
+    wire::put(
+        &mut w,
+        Frame::CheckSite(wire::CheckSite {
+            site: p.site.clone(),
+            serial: p.serial.clone(),
+            province: p.province.clone(),
+        }),
+    )
+    .await?;
+    let _ = w.get_mut().finish();
+    match wire::next(&mut r).await? {
+        Some(Frame::Acked(_)) => Ok(true),
+        Some(Frame::Failed(f)) if f.code == wire::codes::UNKNOWN_DESTINATION => Ok(false),
+        Some(other) => Err(TransferError::Protocol(format!(
+            "expected an answer, got {}",
+            other.kind()
+        ))),
+        None => Err(TransferError::Stream("upstream closed the stream".into())),
+    }
+}
+
+/// Serves the sites below: every connection on `endpoint` whose peer `identify` names, and
+/// `check` lets in, gets the outbox driver for that site; a site found refused later (checked
+/// again every [`CHECK_FRESH`]) is disconnected.
 pub async fn serve_downstream(
     endpoint: quinn::Endpoint,
     outbox: Arc<Outbox>,
     node: String,
-    identify: fn(&quinn::Connection) -> Option<String>,
+    identify: fn(&quinn::Connection) -> Option<Peer>,
+    check: Arc<UpstreamCheck>,
     stop: CancellationToken,
 ) {
     loop {
@@ -218,7 +300,8 @@ pub async fn serve_downstream(
             _ = stop.cancelled() => break,
             i = endpoint.accept() => match i { Some(i) => i, None => break },
         };
-        let (outbox, node, stop) = (outbox.clone(), node.clone(), stop.clone());
+        let (outbox, node, stop, check) =
+            (outbox.clone(), node.clone(), stop.clone(), check.clone());
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let conn =
@@ -235,12 +318,18 @@ pub async fn serve_downstream(
                         return;
                     }
                 };
-            let Some(site) = identify(&conn) else {
+            let Some(peer) = identify(&conn) else {
                 conn.close(1u32.into(), b"a site certificate is required");
                 return;
             };
+            let site = peer.site.clone();
             let span = info_span!("downstream", %site);
             async move {
+                if !check.allowed(&peer).await {
+                    warn!(%remote, serial = %peer.serial, "Refused a site below: its certificate is revoked or superseded at the controller.");
+                    conn.close(2u32.into(), b"certificate revoked or superseded");
+                    return;
+                }
                 info!(%remote, "Site below connected.");
                 let cancel = stop.child_token();
                 let driver = tokio::spawn(drive(
@@ -250,9 +339,23 @@ pub async fn serve_downstream(
                     node,
                     cancel.clone(),
                 ));
-                tokio::select! {
-                    _ = conn.closed() => {}
-                    _ = stop.cancelled() => conn.close(0u32.into(), b"relay stopping"),
+                let mut recheck = tokio::time::interval(CHECK_FRESH + Duration::from_secs(1));
+                recheck.tick().await;
+                loop {
+                    tokio::select! {
+                        _ = conn.closed() => break,
+                        _ = stop.cancelled() => {
+                            conn.close(0u32.into(), b"relay stopping");
+                            break;
+                        }
+                        _ = recheck.tick() => {
+                            if !check.allowed(&peer).await {
+                                warn!("A site below was revoked: disconnecting it.");
+                                conn.close(2u32.into(), b"certificate revoked or superseded");
+                                break;
+                            }
+                        }
+                    }
                 }
                 cancel.cancel();
                 let _ = driver.await;

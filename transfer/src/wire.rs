@@ -174,6 +174,18 @@ pub struct ForwardStatus {
     pub pause_code: u32,
 }
 
+/// A relay asks upstream whether a site below may connect (its certificate may have been
+/// revoked or superseded since it was issued). Answer: Acked (yes) or Failed.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CheckSite {
+    #[prost(string, tag = "1")]
+    pub site: String,
+    #[prost(string, tag = "2")]
+    pub serial: String,
+    #[prost(string, tag = "3")]
+    pub province: String,
+}
+
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Forwarded {
     #[prost(message, repeated, tag = "1")]
@@ -189,6 +201,7 @@ pub enum Frame {
     Done(Receipt),
     Failed(Failed),
     Forwarded(Forwarded),
+    CheckSite(CheckSite),
 }
 
 impl Frame {
@@ -201,6 +214,7 @@ impl Frame {
             Frame::Done(_) => "Done",
             Frame::Failed(_) => "Failed",
             Frame::Forwarded(_) => "Forwarded",
+            Frame::CheckSite(_) => "CheckSite",
         }
     }
 
@@ -236,6 +250,10 @@ impl Frame {
                 b.put_u8(8);
                 m.encode(&mut b).expect("BytesMut grows");
             }
+            Frame::CheckSite(m) => {
+                b.put_u8(9);
+                m.encode(&mut b).expect("BytesMut grows");
+            }
         }
         b.freeze()
     }
@@ -254,6 +272,7 @@ impl Frame {
             6 => Frame::Done(Receipt::decode(b).map_err(pe)?),
             7 => Frame::Failed(Failed::decode(b).map_err(pe)?),
             8 => Frame::Forwarded(Forwarded::decode(b).map_err(pe)?),
+            9 => Frame::CheckSite(CheckSite::decode(b).map_err(pe)?),
             k => return Err(TransferError::Protocol(format!("unknown frame kind {k}"))),
         })
     }
