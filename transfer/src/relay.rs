@@ -243,10 +243,7 @@ impl UpstreamCheck {
         };
         match answer {
             Some(Ok(ok)) => {
-                self.known
-                    .lock()
-                    .expect("lock poisoned")
-                    .insert(key, ok);
+                self.known.lock().expect("lock poisoned").insert(key, ok);
                 ok
             }
             Some(Err(_)) | None => {
