@@ -635,6 +635,7 @@ impl Inbox {
             .lock()
             .expect("inbox lock poisoned")
             .retain(|(h, _), _| *h != id);
+        self.shapes.lock().expect("inbox lock poisoned").remove(&id);
         self.emit(InboxEvent::Complete(Box::new(st)));
         Ok(Served::Complete)
     }
