@@ -82,10 +82,13 @@ pub async fn forward_loop(
     stop: CancellationToken,
 ) {
     loop {
-        match forward_completed(&inbox, &outbox, &node) {
-            Ok(0) => {}
-            Ok(n) => info!(jobs = n, "Relaying files to the sites below."),
-            Err(e) => warn!(error = %e, "Could not queue relayed files; retrying."),
+        // State reads and flushed writes: off the async workers.
+        let (i, o, n) = (inbox.clone(), outbox.clone(), node.clone());
+        match tokio::task::spawn_blocking(move || forward_completed(&i, &o, &n)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => info!(jobs = n, "Relaying files to the sites below."),
+            Ok(Err(e)) => warn!(error = %e, "Could not queue relayed files; retrying."),
+            Err(e) => warn!(error = %e, "Relay queueing task failed; retrying."),
         }
         tokio::select! {
             _ = stop.cancelled() => return,
