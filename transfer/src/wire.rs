@@ -220,42 +220,22 @@ impl Frame {
 
     /// The frame's bytes without the length prefix (the codec adds it).
     pub fn encode(&self) -> Bytes {
-        let mut b = BytesMut::new();
-        match self {
-            Frame::Offer(m) => {
-                b.put_u8(1);
-                m.encode(&mut b).expect("BytesMut grows");
-            }
-            Frame::Have(m) => {
-                b.put_u8(3);
-                m.encode(&mut b).expect("BytesMut grows");
-            }
-            Frame::Acked(m) => {
-                b.put_u8(4);
-                m.encode(&mut b).expect("BytesMut grows");
-            }
-            Frame::Resend(m) => {
-                b.put_u8(5);
-                m.encode(&mut b).expect("BytesMut grows");
-            }
-            Frame::Done(m) => {
-                b.put_u8(6);
-                m.encode(&mut b).expect("BytesMut grows");
-            }
-            Frame::Failed(m) => {
-                b.put_u8(7);
-                m.encode(&mut b).expect("BytesMut grows");
-            }
-            Frame::Forwarded(m) => {
-                b.put_u8(8);
-                m.encode(&mut b).expect("BytesMut grows");
-            }
-            Frame::CheckSite(m) => {
-                b.put_u8(9);
-                m.encode(&mut b).expect("BytesMut grows");
-            }
+        fn with_kind(kind: u8, m: &impl Message) -> Bytes {
+            let mut b = BytesMut::with_capacity(1 + m.encoded_len());
+            b.put_u8(kind);
+            m.encode(&mut b).expect("BytesMut grows");
+            b.freeze()
         }
-        b.freeze()
+        match self {
+            Frame::Offer(m) => with_kind(1, m),
+            Frame::Have(m) => with_kind(3, m),
+            Frame::Acked(m) => with_kind(4, m),
+            Frame::Resend(m) => with_kind(5, m),
+            Frame::Done(m) => with_kind(6, m),
+            Frame::Failed(m) => with_kind(7, m),
+            Frame::Forwarded(m) => with_kind(8, m),
+            Frame::CheckSite(m) => with_kind(9, m),
+        }
     }
 
     pub fn decode(mut b: Bytes) -> Result<Frame, TransferError> {
