@@ -333,10 +333,14 @@ impl Spool {
         report.seq_last = 0;
         let value = report.encode_to_vec();
         let key = self.key(seq);
-        let mut batch = sled::Batch::default();
-        batch.insert(key.clone(), value.clone());
-        batch.insert(self.meta_key(b"next"), &(seq + 1).to_be_bytes());
-        self.tree.apply_batch(batch)?;
+        // Two plain inserts, not a `sled::Batch`: a batch seals sled's log buffer to stay atomic,
+        // which costs a write, a `sync_file_range` and a wake of each of sled's seven I/O
+        // threads per report (two-fifths of the simulator's CPU at 2,000 sites). Nothing needs
+        // the atomicity: the report goes first, and opening takes the next sequence number
+        // past the highest report found, so a crash between the two reuses no number.
+        self.tree.insert(key.clone(), value.clone())?;
+        self.tree
+            .insert(self.meta_key(b"next"), &(seq + 1).to_be_bytes())?;
         self.next_seq = seq + 1;
         self.bytes += (key.len() + value.len()) as u64 + ENTRY_OVERHEAD;
         self.count += 1;
@@ -791,6 +795,25 @@ mod tests {
             ..Default::default()
         });
         r
+    }
+
+    #[test]
+    fn a_crash_between_the_report_and_its_counter_reuses_no_number() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let tree = db.open_tree("s").unwrap();
+        {
+            let mut s = Spool::open(tree.clone(), b"a\0", 1 << 20, 10_000, false).unwrap();
+            for i in 0..3 {
+                s.push(rep(i)).unwrap();
+            }
+            // As if the process died after storing report 3 but before its counter.
+            tree.insert(s.meta_key(b"next"), &3u64.to_be_bytes())
+                .unwrap();
+        }
+        let mut s = Spool::open(tree, b"a\0", 1 << 20, 10_000, false).unwrap();
+        assert_eq!(s.next_seq(), 4);
+        assert_eq!(s.push(rep(3)).unwrap(), 4);
+        assert_eq!(s.len(), 4);
     }
 
     #[test]

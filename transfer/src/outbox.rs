@@ -80,6 +80,23 @@ impl Window {
             m >= self.start_min || m < self.end_min
         }
     }
+
+    /// The first instant at or after `ms` inside the window (`None` for an empty window).
+    pub fn next_open(&self, ms: i64) -> Option<i64> {
+        if self.contains(ms) {
+            return Some(ms);
+        }
+        if self.start_min == self.end_min {
+            return None;
+        }
+        let day = ms.div_euclid(86_400_000) * 86_400_000;
+        let start = day + i64::from(self.start_min) * 60_000;
+        Some(if start > ms {
+            start
+        } else {
+            start + 86_400_000
+        })
+    }
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -159,6 +176,11 @@ impl Job {
         }
     }
 
+    /// The driver class that sends it: alarm, bulk, or normal (anything else).
+    pub fn class(&self) -> &'static str {
+        CLASSES[usize::from(self.rank())]
+    }
+
     /// Seconds left at the recent rate.
     pub fn eta_s(&self) -> Option<u64> {
         (self.rate_bps > 0).then(|| {
@@ -198,20 +220,40 @@ impl Job {
         matches!(self.state, JobState::Delivered | JobState::Failed)
     }
 
-    fn runnable(&self, now: i64) -> bool {
-        self.via.is_none()
-            && !self.finished()
-            && self.retry_at_ms <= now
-            && self.window.is_none_or(|w| w.contains(now))
+    /// When it may next be sent, not before `now`: `None` if never from here (finished, sent
+    /// by a relay, or an empty window).
+    fn runnable_at(&self, now: i64) -> Option<i64> {
+        if self.via.is_some() || self.finished() {
+            return None;
+        }
+        let from = self.retry_at_ms.max(now);
+        match self.window {
+            Some(w) => w.next_open(from),
+            None => Some(from),
+        }
     }
+}
+
+/// The driver classes, in rank order: one transfer of each runs at a time per destination.
+pub const CLASSES: [&str; 3] = ["alarm", "normal", "bulk"];
+
+/// What a destination's class driver does next ([`Outbox::next_for`]).
+#[derive(Debug)]
+pub enum Next {
+    Send(Box<Job>),
+    /// Nothing to send now: wake at this time (a window opening, a retry due), or when a job
+    /// for the destination changes ([`Outbox::waker`]).
+    Wait(Option<i64>),
 }
 
 /// Layout of an outbox's tree: `j/<dest>/<id>` → a job (JSON, without chunk hashes),
 /// `m/<file hash>` → the file's whole manifest ([`crate::manifest::encode`]), once per file.
 pub struct Outbox {
     tree: sled::Tree,
-    /// Signalled when a job is queued or changes.
-    pub changed: Notify,
+    /// Per destination, signalled when one of its jobs is queued or changes. Drivers wait on
+    /// their own destination's only: with thousands of connected sites, a shared signal (or a
+    /// polling timer) woke every idle driver for each change.
+    wakers: std::sync::Mutex<std::collections::HashMap<String, Arc<Notify>>>,
     /// Jobs paused because their receiver's disk is full: (destination, job) → why. Kept in
     /// memory so alarms need no scan of the outbox (a paused job re-enters it at its next
     /// attempt after a restart).
@@ -222,7 +264,7 @@ impl Outbox {
     pub fn new(tree: sled::Tree) -> Arc<Outbox> {
         Arc::new(Outbox {
             tree,
-            changed: Notify::new(),
+            wakers: Default::default(),
             disk_full: Default::default(),
         })
     }
@@ -237,7 +279,31 @@ impl Outbox {
             serde_json::to_vec(job).expect("job serialises"),
         )?;
         self.tree.flush()?;
+        self.notify(&job.dest);
         Ok(())
+    }
+
+    /// The signal `dest`'s drivers wait on. Create its `notified()` future before looking for
+    /// work ([`Outbox::next_for`]), so a job queued in between is not missed.
+    pub fn waker(&self, dest: &str) -> Arc<Notify> {
+        self.wakers
+            .lock()
+            .expect("outbox lock poisoned")
+            .entry(dest.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn notify(&self, dest: &str) {
+        let waker = self
+            .wakers
+            .lock()
+            .expect("outbox lock poisoned")
+            .get(dest)
+            .cloned();
+        if let Some(w) = waker {
+            w.notify_waiters();
+        }
     }
 
     /// The whole manifest (with chunk hashes) of the file with this hash.
@@ -271,7 +337,6 @@ impl Outbox {
         }
         self.put(&job)?;
         info!(transfer = %job.id, dest = %job.dest, name = %job.manifest.name, bytes = job.manifest.size, priority = %job.priority, "Transfer queued.");
-        self.changed.notify_waiters();
         Ok(())
     }
 
@@ -332,9 +397,6 @@ impl Outbox {
                 changed += 1;
             }
         }
-        if changed > 0 {
-            self.changed.notify_waiters();
-        }
         Ok(changed)
     }
 
@@ -378,14 +440,30 @@ impl Outbox {
         }
     }
 
-    /// The next job to send to `dest` now: highest priority, then oldest.
-    pub fn next_for(&self, dest: &str) -> Result<Option<Job>, TransferError> {
+    /// The next job of `class` (see [`CLASSES`]) to send to `dest` now: the oldest runnable
+    /// one; or, if none is, when one will be.
+    pub fn next_for(&self, dest: &str, class: &str) -> Result<Next, TransferError> {
         let now = now_ms();
-        Ok(self
-            .scan(format!("j/{dest}/").as_bytes())?
-            .into_iter()
-            .filter(|j| j.dest == dest && j.runnable(now))
-            .min_by_key(|j| (j.rank(), j.created_ms)))
+        let mut wake: Option<i64> = None;
+        let mut best: Option<Job> = None;
+        for j in self.scan(format!("j/{dest}/").as_bytes())? {
+            if j.dest != dest || j.class() != class {
+                continue;
+            }
+            match j.runnable_at(now) {
+                Some(t) if t <= now => {
+                    if best.as_ref().is_none_or(|b| j.created_ms < b.created_ms) {
+                        best = Some(j);
+                    }
+                }
+                Some(t) => wake = Some(wake.map_or(t, |w| w.min(t))),
+                None => {}
+            }
+        }
+        Ok(match best {
+            Some(j) => Next::Send(Box::new(j)),
+            None => Next::Wait(wake),
+        })
     }
 }
 
@@ -400,7 +478,7 @@ pub async fn drive(
     cancel: CancellationToken,
 ) {
     let mut classes = Vec::new();
-    for class in ["alarm", "normal", "bulk"] {
+    for class in CLASSES {
         let (outbox, conn, dest, origin, cancel) = (
             outbox.clone(),
             conn.clone(),
@@ -417,6 +495,10 @@ pub async fn drive(
     }
 }
 
+/// An idle driver with nothing scheduled still looks again this often (a safety net: every
+/// change to a job signals its destination's waker).
+const IDLE_RECHECK: Duration = Duration::from_secs(600);
+
 async fn drive_class(
     outbox: &Arc<Outbox>,
     conn: &quinn::Connection,
@@ -425,27 +507,29 @@ async fn drive_class(
     class: &str,
     cancel: &CancellationToken,
 ) {
+    let waker = outbox.waker(dest);
     loop {
-        let job = match outbox.next_for(dest) {
-            Ok(j) => j.filter(|j| {
-                j.priority == class
-                    || (class == "normal" && !matches!(j.priority.as_str(), "alarm" | "bulk"))
-            }),
-            Err(e) => {
-                warn!(error = %e, "Outbox unreadable.");
-                None
+        // Registered before the look, so a job queued during it wakes this driver.
+        let changed = waker.notified();
+        let next = outbox.next_for(dest, class).unwrap_or_else(|e| {
+            warn!(error = %e, "Outbox unreadable.");
+            Next::Wait(Some(now_ms() + 5_000))
+        });
+        let mut job = match next {
+            Next::Send(job) => *job,
+            Next::Wait(at) => {
+                let wait = at.map_or(IDLE_RECHECK, |t| {
+                    Duration::from_millis(u64::try_from(t - now_ms()).unwrap_or(0))
+                        .min(IDLE_RECHECK)
+                });
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = conn.closed() => return,
+                    _ = changed => {}
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                continue;
             }
-        };
-        let Some(mut job) = job else {
-            let changed = outbox.changed.notified();
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = conn.closed() => return,
-                _ = changed => {}
-                // Windows open and retry times pass without a notification.
-                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-            }
-            continue;
         };
         match run_job(outbox, conn, &mut job, origin, cancel).await {
             Ok(()) => {}
@@ -569,7 +653,6 @@ async fn run_job(
         }
     };
     outbox.save(job).await?;
-    outbox.changed.notify_waiters();
     out
 }
 
@@ -587,6 +670,13 @@ mod tests {
         assert!(!w.contains(at(12, 0)));
         let d: Window = "09:30-17:00".parse().unwrap();
         assert!(d.contains(at(9, 30)) && !d.contains(at(17, 0)));
+        // When a closed window next opens: later today, or tomorrow.
+        assert_eq!(w.next_open(at(12, 0)), Some(at(22, 0)));
+        assert_eq!(w.next_open(at(2, 0)), Some(at(2, 0)));
+        assert_eq!(d.next_open(at(17, 0)), Some(at(9, 30) + 86_400_000));
+        assert_eq!(d.next_open(at(8, 0)), Some(at(9, 30)));
+        let never: Window = "10:00-10:00".parse().unwrap();
+        assert_eq!(never.next_open(at(8, 0)), None);
         for bad in ["22-06", "25:00-01:00", "10:00", "aa:bb-cc:dd"] {
             assert!(bad.parse::<Window>().is_err(), "{bad}");
         }
@@ -609,7 +699,10 @@ mod tests {
         ob.enqueue(via).unwrap();
         ob.enqueue(direct).unwrap();
         // The tracking job is never sent from here.
-        assert!(ob.next_for("c1").unwrap().is_none());
+        assert!(matches!(
+            ob.next_for("c1", "normal").unwrap(),
+            Next::Wait(None)
+        ));
         let item = |site: &str, state: &str, code: u32| crate::wire::ForwardStatus {
             file_hash: m.id_hex(),
             site: site.into(),
@@ -674,13 +767,28 @@ mod tests {
         for j in [&a, &b, &c, &d, &e] {
             ob.enqueue((*j).clone()).unwrap();
         }
-        assert_eq!(ob.next_for("s1").unwrap().unwrap().id, "c");
+        let next = |class| match ob.next_for("s1", class).unwrap() {
+            Next::Send(j) => Ok(j.id),
+            Next::Wait(at) => Err(at),
+        };
+        // Each class has its own driver: an alarm job does not hold back the others.
+        assert_eq!(next("alarm"), Ok("c".to_string()));
+        assert_eq!(next("normal"), Ok("b".to_string()));
+        assert_eq!(next("bulk"), Ok("a".to_string()));
         c.state = JobState::Failed;
         ob.put(&c).unwrap();
-        assert_eq!(ob.next_for("s1").unwrap().unwrap().id, "b");
-        b.retry_at_ms = i64::MAX;
+        assert_eq!(next("alarm"), Err(None));
+        // A retry later: the driver is told when to look again.
+        b.retry_at_ms = now_ms() + 60_000;
         ob.put(&b).unwrap();
-        assert_eq!(ob.next_for("s1").unwrap().unwrap().id, "a");
-        assert!(ob.next_for("nowhere").unwrap().is_none());
+        assert_eq!(next("normal"), Err(Some(b.retry_at_ms)));
+        let mut f = Job::new("f", "s1", "/x".into(), b.manifest.clone());
+        f.created_ms = 9;
+        ob.enqueue(f).unwrap();
+        assert_eq!(next("normal"), Ok("f".to_string()));
+        assert!(matches!(
+            ob.next_for("nowhere", "normal").unwrap(),
+            Next::Wait(None)
+        ));
     }
 }
