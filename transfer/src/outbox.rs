@@ -450,14 +450,11 @@ impl Outbox {
             if j.dest != dest || j.class() != class {
                 continue;
             }
+            // `scan` returns jobs oldest first: the first runnable one is the one to send.
             match j.runnable_at(now) {
-                Some(t) if t <= now => {
-                    if best.as_ref().is_none_or(|b| j.created_ms < b.created_ms) {
-                        best = Some(j);
-                    }
-                }
-                Some(t) => wake = Some(wake.map_or(t, |w| w.min(t))),
-                None => {}
+                Some(t) if t > now => wake = Some(wake.map_or(t, |w| w.min(t))),
+                Some(_) if best.is_none() => best = Some(j),
+                _ => {}
             }
         }
         Ok(match best {
