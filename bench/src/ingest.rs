@@ -327,9 +327,11 @@ pub fn run(sites: usize, interval: f64, duration: f64) -> anyhow::Result<()> {
     ctl.stop()?;
     ctl.start()?;
     let mut last_note = Instant::now();
+    // Ten minutes, or more for a run too big for this machine to reconnect in that time (the
+    // figure is what it is; the run still ends with its summary line).
     let reconnect = wait(
         "every site connected and current",
-        Duration::from_secs(600),
+        Duration::from_secs((sites as u64 / 20).max(600)),
         || {
             get(&format!("http://{api}/api/summary?since={restart_at}")).is_some_and(|v| {
                 if last_note.elapsed() >= Duration::from_secs(5) {

@@ -1,0 +1,298 @@
+//! The site client's conference session: publishes local tracks, receives the tracks it
+//! subscribes to, answers roll calls, reports how its tracks arrive.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::forward::{self, SendStats};
+use crate::io::{ControlReader, ControlWriter, IoError};
+use crate::track::Track;
+use crate::wire::{
+    self, Announce, Control, Hello, Present, Subscribe, TrackInfo, TrackKey, Welcome,
+};
+
+/// Control frames queued toward the relay (the client's own requests: few).
+const CONTROL_QUEUE: usize = 64;
+
+/// What a client knows of the conference.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    /// Tracks on offer, by the relay's id for them.
+    pub tracks: Vec<TrackInfo>,
+    pub floor: String,
+    pub last_error: Option<String>,
+}
+
+/// A connected conference session.
+pub struct Session {
+    pub conn: quinn::Connection,
+    pub welcome: Welcome,
+    ctl: mpsc::Sender<Control>,
+    view: watch::Receiver<View>,
+    /// Tracks received from the relay, by key: each holds the groups as they arrive.
+    received: Arc<Mutex<HashMap<TrackKey, Arc<Track>>>>,
+    received_tx: watch::Sender<usize>,
+    next_id: AtomicU64,
+    pub sent: Arc<SendStats>,
+    pub groups_in: Arc<AtomicU64>,
+    pub bad_streams: Arc<AtomicU64>,
+    cancel: CancellationToken,
+}
+
+impl Session {
+    /// Joins `room` at the relay over `conn` (already connected with the video ALPN).
+    pub async fn join(
+        conn: quinn::Connection,
+        room: &str,
+        role: wire::Role,
+        path: Vec<String>,
+        link_kbps: u32,
+    ) -> Result<Arc<Session>, IoError> {
+        let (send, recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| IoError::Stream(e.to_string()))?;
+        let (mut w, mut r) = (ControlWriter(send), ControlReader(recv));
+        w.send(&Control::Hello(Hello {
+            version: wire::VERSION,
+            room: room.into(),
+            role: role.as_str().into(),
+            path,
+            link_kbps,
+        }))
+        .await?;
+        let welcome = match tokio::time::timeout(Duration::from_secs(20), r.recv()).await {
+            Err(_) => return Err(IoError::Stream("no Welcome in time".into())),
+            Ok(m) => match m? {
+                Some(Control::Welcome(w)) => w,
+                Some(Control::Error(e)) => {
+                    return Err(IoError::Stream(format!(
+                        "relay refused: {} (code {})",
+                        e.message, e.code
+                    )));
+                }
+                Some(other) => {
+                    return Err(IoError::Wire(wire::WireError::Malformed {
+                        what: "control stream",
+                        detail: format!("expected Welcome, got {}", other.name()),
+                    }));
+                }
+                None => return Err(IoError::Ended),
+            },
+        };
+        let (ctl, rx) = mpsc::channel(CONTROL_QUEUE);
+        let (view_tx, view) = watch::channel(View::default());
+        let cancel = CancellationToken::new();
+        let s = Arc::new(Session {
+            conn: conn.clone(),
+            welcome,
+            ctl,
+            view,
+            received: Arc::default(),
+            received_tx: watch::channel(0).0,
+            next_id: AtomicU64::new(1),
+            sent: Arc::default(),
+            groups_in: Arc::default(),
+            bad_streams: Arc::default(),
+            cancel: cancel.clone(),
+        });
+        tokio::spawn(write_control(w, rx, cancel.clone()));
+        tokio::spawn(s.clone().read_control(r, view_tx));
+        tokio::spawn(s.clone().accept_groups());
+        Ok(s)
+    }
+
+    pub fn view(&self) -> watch::Receiver<View> {
+        self.view.clone()
+    }
+
+    async fn control(&self, c: Control) -> Result<(), IoError> {
+        self.ctl
+            .send(c)
+            .await
+            .map_err(|_| IoError::Stream("the session has ended".into()))
+    }
+
+    /// Announces `info` (its `id` is assigned here) and sends `track`'s groups to the relay
+    /// until the track ends or the session does. Under congestion old groups are dropped.
+    pub async fn publish(self: &Arc<Self>, track: Arc<Track>) -> Result<(), IoError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) as u32;
+        let mut info = track.info.clone();
+        info.id = id;
+        self.control(Control::Announce(Announce { track: Some(info) }))
+            .await?;
+        let (s, stats) = (self.clone(), self.sent.clone());
+        tokio::spawn(async move {
+            forward::send_track(&s.conn, &track, id, &stats, &s.cancel).await;
+        });
+        Ok(())
+    }
+
+    /// Asks for a publisher's `kind` ("video", "audio"); `rendition` empty lets the relay
+    /// choose by this link.
+    pub async fn subscribe(
+        &self,
+        publisher: &str,
+        kind: &str,
+        rendition: &str,
+    ) -> Result<(), IoError> {
+        self.control(Control::Subscribe(Subscribe {
+            publisher: publisher.into(),
+            kind: kind.into(),
+            rendition: rendition.into(),
+        }))
+        .await
+    }
+
+    pub async fn present(&self, roll_call: u64) -> Result<(), IoError> {
+        self.control(Control::Present(Present { id: roll_call }))
+            .await
+    }
+
+    pub async fn health(&self, h: wire::Health) -> Result<(), IoError> {
+        self.control(Control::Health(h)).await
+    }
+
+    /// The received track for `publisher`'s `kind` (any rendition), waiting for it.
+    pub async fn received(&self, publisher: &str, kind: &str) -> Arc<Track> {
+        let mut rx = self.received_tx.subscribe();
+        loop {
+            if let Some(t) = self
+                .received
+                .lock()
+                .expect("received lock poisoned")
+                .iter()
+                .find(|(k, _)| k.publisher == publisher && k.kind == kind)
+                .map(|(_, t)| t.clone())
+            {
+                return t;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Every received track (one per publisher and kind: renditions land in the same one,
+    /// switching at group boundaries).
+    pub fn received_tracks(&self) -> Vec<Arc<Track>> {
+        self.received
+            .lock()
+            .expect("received lock poisoned")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn close(&self) {
+        self.cancel.cancel();
+        self.conn.close(wire::codes::SHUTDOWN.into(), b"leaving");
+    }
+
+    async fn read_control(self: Arc<Self>, mut r: ControlReader, view: watch::Sender<View>) {
+        loop {
+            let msg = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                m = r.recv() => m,
+            };
+            match msg {
+                Ok(Some(Control::Tracks(t))) => view.send_modify(|v| v.tracks = t.tracks),
+                Ok(Some(Control::Floor(f))) => view.send_modify(|v| v.floor = f.holder),
+                Ok(Some(Control::RollCall(rc))) => {
+                    let _ = self.ctl.try_send(Control::Present(Present { id: rc.id }));
+                }
+                Ok(Some(Control::Error(e))) => {
+                    warn!(code = e.code, message = %e.message, "Relay reported an error.");
+                    view.send_modify(|v| v.last_error = Some(e.message));
+                }
+                Ok(Some(other)) => debug!(frame = other.name(), "Ignored control frame."),
+                Ok(None) => return,
+                Err(e) => {
+                    warn!(error = %e, "Control stream failed.");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The relay's group streams, into one local track per publisher and kind.
+    async fn accept_groups(self: Arc<Self>) {
+        loop {
+            let recv = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                r = self.conn.accept_uni() => match r { Ok(r) => r, Err(_) => return },
+            };
+            let s = self.clone();
+            tokio::spawn(async move {
+                let mut recv = recv;
+                let header = match crate::io::read_group_header(&mut recv).await {
+                    Ok(h) => h,
+                    Err(e) => {
+                        s.bad_streams.fetch_add(1, Ordering::Relaxed);
+                        warn!(error = %e, "Bad group stream from the relay.");
+                        let _ = recv.stop(e.code().into());
+                        return;
+                    }
+                };
+                let info = s
+                    .view
+                    .borrow()
+                    .tracks
+                    .iter()
+                    .find(|t| t.id == header.track)
+                    .cloned();
+                let Some(info) = info else {
+                    s.bad_streams.fetch_add(1, Ordering::Relaxed);
+                    let _ = recv.stop(wire::codes::PROTOCOL.into());
+                    return;
+                };
+                let key = TrackKey {
+                    publisher: info.publisher.clone(),
+                    kind: info.kind.clone(),
+                    rendition: String::new(),
+                };
+                let track = {
+                    let mut m = s.received.lock().expect("received lock poisoned");
+                    m.entry(key)
+                        .or_insert_with(|| {
+                            s.received_tx.send_modify(|n| *n += 1);
+                            Track::new(TrackInfo {
+                                rendition: String::new(),
+                                ..info.clone()
+                            })
+                        })
+                        .clone()
+                };
+                s.groups_in.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = forward::receive_group(recv, header, &track).await
+                    && matches!(e, IoError::Wire(_))
+                {
+                    s.bad_streams.fetch_add(1, Ordering::Relaxed);
+                    warn!(error = %e, "Malformed group from the relay.");
+                }
+            });
+        }
+    }
+}
+
+async fn write_control(
+    mut w: ControlWriter,
+    mut rx: mpsc::Receiver<Control>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let m = tokio::select! {
+            _ = cancel.cancelled() => return,
+            m = rx.recv() => match m { Some(m) => m, None => return },
+        };
+        if w.send(&m).await.is_err() {
+            return;
+        }
+    }
+}

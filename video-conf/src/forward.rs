@@ -1,0 +1,220 @@
+//! Moving groups between a [`Track`] and a QUIC connection, both ways. The relay, the
+//! publishing client and cascaded relays all use these two functions.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::io::{self, IoError};
+use crate::policy;
+use crate::track::{Fetch, Group, Track};
+use crate::wire::{GroupHeader, codes};
+
+/// What one sender did (shared with whoever reports on it).
+#[derive(Debug, Default)]
+pub struct SendStats {
+    pub groups_sent: AtomicU64,
+    /// Groups reset before they were delivered (a newer group replaced them).
+    pub groups_dropped: AtomicU64,
+    pub objects_sent: AtomicU64,
+    pub bytes_sent: AtomicU64,
+}
+
+impl SendStats {
+    pub fn dropped(&self) -> u64 {
+        self.groups_dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// Groups of one track being written to one connection: sequence → its writer's stop signal.
+type InFlight = Arc<Mutex<BTreeMap<u64, CancellationToken>>>;
+
+/// Sends `group` on a new unidirectional stream as track `id`, objects as they arrive, and
+/// waits for the peer to have it all. Returns false if it was dropped or failed.
+async fn send_group(
+    conn: &quinn::Connection,
+    id: u32,
+    kind: &str,
+    group: Arc<Group>,
+    stats: &SendStats,
+    stop: CancellationToken,
+) -> bool {
+    let mut s = match conn.open_uni().await {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(error = %e, "Cannot open a group stream.");
+            return false;
+        }
+    };
+    let _ = s.set_priority(policy::group_priority(kind, group.seq));
+    let write = async {
+        s.write_all(
+            &GroupHeader {
+                track: id,
+                group: group.seq,
+            }
+            .encode(),
+        )
+        .await
+        .map_err(|e| IoError::Stream(e.to_string()))?;
+        let mut next = 0;
+        loop {
+            match group.next_from(next).await {
+                Fetch::Objects(objs) => {
+                    for o in &objs {
+                        io::write_object(&mut s, o).await?;
+                        stats.objects_sent.fetch_add(1, Ordering::Relaxed);
+                        stats
+                            .bytes_sent
+                            .fetch_add(o.payload.len() as u64, Ordering::Relaxed);
+                    }
+                    next += objs.len();
+                }
+                Fetch::End => return Ok::<(), IoError>(()),
+                // Dropped upstream: dropped here too, not passed on as complete.
+                Fetch::Aborted => return Err(IoError::Ended),
+            }
+        }
+    };
+    let written = tokio::select! {
+        r = write => r,
+        _ = stop.cancelled() => Err(IoError::Ended),
+    };
+    match written {
+        Ok(()) => {
+            let _ = s.finish();
+        }
+        Err(IoError::Ended) => {
+            let _ = s.reset(codes::SUPERSEDED.into());
+            stats.groups_dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        Err(e) => {
+            debug!(error = %e, group = group.seq, "Group stream failed.");
+            return false;
+        }
+    }
+    // Written: it stays "in flight" (and may still be dropped) until the peer has it all.
+    tokio::select! {
+        r = s.stopped() => matches!(r, Ok(None)),
+        _ = stop.cancelled() => {
+            let _ = s.reset(codes::SUPERSEDED.into());
+            stats.groups_dropped.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+    }
+}
+
+/// Starts sending `group`, first dropping the older groups still in flight beyond
+/// [`policy::MAX_GROUPS_IN_FLIGHT`].
+pub fn start_group(
+    conn: &quinn::Connection,
+    id: u32,
+    kind: &str,
+    group: Arc<Group>,
+    stats: &Arc<SendStats>,
+    in_flight: &InFlight,
+) {
+    let seq = group.seq;
+    {
+        let mut f = in_flight.lock().expect("in-flight lock poisoned");
+        let seqs: Vec<u64> = f.keys().copied().collect();
+        for old in policy::groups_to_drop(&seqs, seq) {
+            if let Some(stop) = f.remove(&old) {
+                stop.cancel();
+            }
+        }
+    }
+    let stop = CancellationToken::new();
+    in_flight
+        .lock()
+        .expect("in-flight lock poisoned")
+        .insert(seq, stop.clone());
+    let (conn, kind, stats, in_flight) = (
+        conn.clone(),
+        kind.to_string(),
+        stats.clone(),
+        in_flight.clone(),
+    );
+    tokio::spawn(async move {
+        if send_group(&conn, id, &kind, group, &stats, stop).await {
+            stats.groups_sent.fetch_add(1, Ordering::Relaxed);
+        }
+        in_flight
+            .lock()
+            .expect("in-flight lock poisoned")
+            .remove(&seq);
+    });
+}
+
+/// A new in-flight set for one track on one connection.
+pub fn in_flight() -> InFlight {
+    Arc::default()
+}
+
+/// Sends `track` to `conn` as track `id`: its current group at once (a late joiner starts at
+/// the latest keyframe), then every new group, until the track ends or `cancel` fires.
+pub async fn send_track(
+    conn: &quinn::Connection,
+    track: &Track,
+    id: u32,
+    stats: &Arc<SendStats>,
+    cancel: &CancellationToken,
+) {
+    let mut rx = track.subscribe();
+    let flights = in_flight();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = conn.closed() => break,
+            r = rx.changed() => if r.is_err() { break },
+        }
+        let Some(group) = rx.borrow_and_update().clone() else {
+            if track.is_closed() {
+                break;
+            }
+            continue;
+        };
+        start_group(conn, id, &track.info.kind, group, stats, &flights);
+    }
+    for (_, stop) in std::mem::take(&mut *flights.lock().expect("in-flight lock poisoned")) {
+        stop.cancel();
+    }
+}
+
+/// Reads one incoming group stream into `track` (the caller found the track from the
+/// header). A group older than the track's current one is refused: live beats complete. A
+/// stream reset or broken half-way leaves the group aborted (forwarded as dropped).
+pub async fn receive_group(
+    mut recv: quinn::RecvStream,
+    header: GroupHeader,
+    track: &Track,
+) -> Result<usize, IoError> {
+    if track.current().is_some_and(|g| g.seq >= header.group) {
+        let _ = recv.stop(codes::SUPERSEDED.into());
+        return Ok(0);
+    }
+    let group = track.start_group(header.group);
+    let mut n = 0;
+    let out = loop {
+        match io::read_object(&mut recv).await {
+            Ok(Some(o)) => {
+                group.push(o);
+                n += 1;
+            }
+            Ok(None) => break Ok(n),
+            Err(e) => {
+                let _ = recv.stop(e.code().into());
+                break Err(e);
+            }
+        }
+    };
+    match out {
+        Ok(_) => group.finish(),
+        Err(_) => group.abort(),
+    }
+    out
+}

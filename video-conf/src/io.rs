@@ -1,0 +1,111 @@
+//! Control frames and group streams over quinn streams.
+
+use bytes::Bytes;
+
+use crate::wire::{
+    Control, GROUP_HEADER_LEN, GroupHeader, OBJECT_HEADER_LEN, Object, TrackInfo, WireError,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IoError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("stream: {0}")]
+    Stream(String),
+    #[error("the peer ended the stream")]
+    Ended,
+}
+
+impl IoError {
+    /// The code to close or stop with.
+    pub fn code(&self) -> u32 {
+        match self {
+            IoError::Wire(w) => w.code(),
+            _ => crate::wire::codes::PROTOCOL,
+        }
+    }
+}
+
+fn stream_err(e: impl ToString) -> IoError {
+    IoError::Stream(e.to_string())
+}
+
+pub struct ControlWriter(pub quinn::SendStream);
+
+impl ControlWriter {
+    pub async fn send(&mut self, c: &Control) -> Result<(), IoError> {
+        self.0.write_all(&c.encode()).await.map_err(stream_err)
+    }
+}
+
+pub struct ControlReader(pub quinn::RecvStream);
+
+impl ControlReader {
+    /// The next frame; `Ok(None)` when the peer finished the stream cleanly between frames.
+    pub async fn recv(&mut self) -> Result<Option<Control>, IoError> {
+        let mut h = [0u8; 4];
+        match self.0.read_exact(&mut h).await {
+            Ok(()) => {}
+            Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+            Err(e) => return Err(stream_err(e)),
+        }
+        let len = Control::frame_len(h)?;
+        let mut body = vec![0u8; len];
+        self.0.read_exact(&mut body).await.map_err(stream_err)?;
+        Ok(Some(Control::decode(&body)?))
+    }
+}
+
+/// Reads a group stream's header.
+pub async fn read_group_header(r: &mut quinn::RecvStream) -> Result<GroupHeader, IoError> {
+    let mut h = [0u8; GROUP_HEADER_LEN];
+    r.read_exact(&mut h).await.map_err(|e| match e {
+        quinn::ReadExactError::FinishedEarly(_) => IoError::Wire(WireError::Malformed {
+            what: "group stream",
+            detail: "ended inside its header".into(),
+        }),
+        other => stream_err(other),
+    })?;
+    Ok(GroupHeader::decode(&h)?)
+}
+
+/// Reads the next object of a group stream; `Ok(None)` at its clean end.
+pub async fn read_object(r: &mut quinn::RecvStream) -> Result<Option<Object>, IoError> {
+    let mut h = [0u8; OBJECT_HEADER_LEN];
+    match r.read_exact(&mut h).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(quinn::ReadExactError::FinishedEarly(_)) => {
+            return Err(IoError::Wire(WireError::Malformed {
+                what: "object",
+                detail: "stream ended inside an object header".into(),
+            }));
+        }
+        Err(e) => return Err(stream_err(e)),
+    }
+    let (len, pts_us, flags) = Object::parse_header(&h)?;
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).await.map_err(|e| match e {
+        quinn::ReadExactError::FinishedEarly(_) => IoError::Wire(WireError::Malformed {
+            what: "object",
+            detail: format!("stream ended inside a {len}-byte payload"),
+        }),
+        other => stream_err(other),
+    })?;
+    Ok(Some(Object {
+        pts_us,
+        flags,
+        payload: Bytes::from(payload),
+    }))
+}
+
+/// Writes one object to a group stream.
+pub async fn write_object(w: &mut quinn::SendStream, o: &Object) -> Result<(), IoError> {
+    w.write_all(&o.header()).await.map_err(stream_err)?;
+    w.write_chunk(o.payload.clone()).await.map_err(stream_err)
+}
+
+/// A track as a connection knows it: the sender's id for it, and its description.
+pub fn find_track(tracks: &[TrackInfo], id: u32) -> Option<&TrackInfo> {
+    tracks.iter().find(|t| t.id == id)
+}

@@ -1,0 +1,64 @@
+//! Tiandi video conferencing: tracks cut into groups at keyframes, one QUIC stream per group
+//! (modelled on Media over QUIC), relays that keep the current group for late joiners, fan out
+//! and cascade, subscribers that lose whole old groups rather than fall behind, renditions
+//! chosen per link, and floor control.
+//!
+//! Start reading at [`wire`] (the protocol), then [`track`] and [`forward`] (how groups move),
+//! [`relay`] and [`client`].
+
+pub mod client;
+pub mod forward;
+pub mod io;
+pub mod policy;
+pub mod relay;
+pub mod track;
+pub mod wire;
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Relay TLS: the relay's own site certificate; any site of the CA may join (which rooms it
+/// may speak in is the relay's business).
+#[derive(Debug)]
+pub struct AnySite;
+
+impl tiandi_link::tls::CertPolicy for AnySite {
+    fn check(&self, _id: &tiandi_link::SiteIdentity) -> Result<(), tiandi_link::tls::Rejection> {
+        Ok(())
+    }
+}
+
+/// The relay's server TLS (site certificate, mutual TLS, the conference ALPN).
+pub fn relay_tls(
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<rustls_config::ServerConfig, tiandi_link::LinkError> {
+    let mut cfg = tiandi_link::tls::relay_server_tls(
+        ca_pem,
+        cert_pem,
+        key_pem,
+        std::sync::Arc::new(AnySite),
+    )?;
+    cfg.alpn_protocols = vec![relay::ALPN.to_vec()];
+    Ok(cfg)
+}
+
+/// A site's client TLS toward a relay (the conference ALPN).
+pub fn client_tls(
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<rustls_config::ClientConfig, tiandi_link::LinkError> {
+    let mut cfg = tiandi_link::tls::site_client_tls(ca_pem, cert_pem, key_pem)?;
+    cfg.alpn_protocols = vec![relay::ALPN.to_vec()];
+    Ok(cfg)
+}
+
+mod rustls_config {
+    pub use rustls::{ClientConfig, ServerConfig};
+}

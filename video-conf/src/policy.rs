@@ -1,0 +1,168 @@
+//! Decisions free of I/O: which groups a subscriber drops, which rendition it gets, who may
+//! publish.
+
+/// At most this many groups of one track in flight to one subscriber: the newest, and the
+/// one before it finishing its tail. When another starts, the oldest unfinished is reset:
+/// a subscriber behind its link loses whole old groups instead of falling further behind.
+pub const MAX_GROUPS_IN_FLIGHT: usize = 2;
+
+/// Which in-flight groups to reset when group `new` starts. `in_flight` are the sequence
+/// numbers of groups still being delivered (not yet fully acknowledged), any order.
+pub fn groups_to_drop(in_flight: &[u64], new: u64) -> Vec<u64> {
+    let mut older: Vec<u64> = in_flight.iter().copied().filter(|g| *g < new).collect();
+    older.sort_unstable();
+    let keep = MAX_GROUPS_IN_FLIGHT.saturating_sub(1);
+    let n = older.len().saturating_sub(keep);
+    older.truncate(n);
+    older
+}
+
+/// Stream priority of a group: audio above all video; newer groups above older ones.
+pub fn group_priority(kind: &str, seq: u64) -> i32 {
+    let base = if kind == "audio" { 1 << 24 } else { 0 };
+    base + (seq % (1 << 20)) as i32
+}
+
+/// One subscriber's rendition choice for one publisher's video.
+///
+/// Starts from the link rate the site declared (or the top rendition); steps down when the
+/// link shows it cannot carry the current one (groups dropped, or the measured rate below
+/// it), and back up only after a long clean spell with room to spare. Changes take effect
+/// at the next group boundary (the caller switches when a group of the new rendition
+/// starts).
+#[derive(Debug, Clone)]
+pub struct RenditionChooser {
+    /// (name, kbit/s), highest first.
+    renditions: Vec<(String, u32)>,
+    current: usize,
+    clean_since_ms: i64,
+}
+
+/// A clean spell this long, with room for the higher rendition, before stepping up.
+pub const UPGRADE_AFTER_MS: i64 = 20_000;
+/// The measured rate must exceed a rendition's bitrate by this factor to choose it.
+pub const HEADROOM: f64 = 1.3;
+
+impl RenditionChooser {
+    pub fn new(mut renditions: Vec<(String, u32)>, declared_kbps: u32, now_ms: i64) -> Self {
+        renditions.sort_by_key(|r| std::cmp::Reverse(r.1));
+        let current = if declared_kbps == 0 {
+            0
+        } else {
+            renditions
+                .iter()
+                .position(|(_, k)| f64::from(*k) * HEADROOM <= f64::from(declared_kbps))
+                .unwrap_or(renditions.len().saturating_sub(1))
+        };
+        RenditionChooser {
+            renditions,
+            current,
+            clean_since_ms: now_ms,
+        }
+    }
+
+    pub fn current(&self) -> &str {
+        self.renditions
+            .get(self.current)
+            .map(|r| r.0.as_str())
+            .unwrap_or("")
+    }
+
+    /// Takes what the link showed since the last call: groups dropped, and the rate the
+    /// subscriber's connection is estimated to carry (kbit/s; 0: unknown). Returns the
+    /// rendition to send from the next group on.
+    pub fn observe(&mut self, dropped_groups: u64, est_kbps: f64, now_ms: i64) -> &str {
+        let cur_rate = self.renditions.get(self.current).map_or(0, |r| r.1);
+        let too_slow = est_kbps > 0.0 && est_kbps < f64::from(cur_rate);
+        if (dropped_groups > 0 || too_slow) && self.current + 1 < self.renditions.len() {
+            self.current += 1;
+            self.clean_since_ms = now_ms;
+        } else if dropped_groups > 0 || too_slow {
+            self.clean_since_ms = now_ms;
+        } else if self.current > 0 && now_ms - self.clean_since_ms >= UPGRADE_AFTER_MS {
+            let up = self.renditions[self.current - 1].1;
+            if est_kbps >= f64::from(up) * HEADROOM {
+                self.current -= 1;
+                self.clean_since_ms = now_ms;
+            }
+        }
+        self.current()
+    }
+}
+
+/// Who may publish in a room: the chair always, another site only while it holds the floor.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FloorState {
+    pub chair: String,
+    pub holder: Option<String>,
+}
+
+impl FloorState {
+    pub fn may_publish(&self, site: &str) -> bool {
+        site == self.chair || self.holder.as_deref() == Some(site)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_newest_two_groups_stay_in_flight() {
+        assert!(groups_to_drop(&[], 5).is_empty());
+        assert!(groups_to_drop(&[4], 5).is_empty());
+        assert_eq!(groups_to_drop(&[3, 4], 5), vec![3]);
+        assert_eq!(groups_to_drop(&[4, 1, 3, 2], 5), vec![1, 2, 3]);
+        // A group newer than the one starting (reordering) is never dropped for it.
+        assert!(groups_to_drop(&[6], 5).is_empty());
+    }
+
+    #[test]
+    fn audio_outranks_video_and_newer_outranks_older() {
+        assert!(group_priority("audio", 1) > group_priority("video", 1_000));
+        assert!(group_priority("video", 8) > group_priority("video", 7));
+    }
+
+    fn chooser(declared: u32) -> RenditionChooser {
+        RenditionChooser::new(
+            vec![("low".into(), 300), ("high".into(), 1500)],
+            declared,
+            0,
+        )
+    }
+
+    #[test]
+    fn a_narrow_declared_link_starts_low() {
+        assert_eq!(chooser(0).current(), "high");
+        assert_eq!(chooser(512).current(), "low");
+        assert_eq!(chooser(4000).current(), "high");
+        assert_eq!(chooser(100).current(), "low", "the lowest if nothing fits");
+    }
+
+    #[test]
+    fn steps_down_on_drops_and_up_only_after_a_clean_spell() {
+        let mut c = chooser(0);
+        assert_eq!(c.observe(0, 5000.0, 1_000), "high");
+        assert_eq!(c.observe(2, 0.0, 2_000), "low");
+        // Plenty of rate, but not clean for long enough yet.
+        assert_eq!(c.observe(0, 5000.0, 10_000), "low");
+        assert_eq!(c.observe(0, 5000.0, 22_000), "high");
+        // A measured rate below the current rendition steps down too.
+        assert_eq!(c.observe(0, 900.0, 23_000), "low");
+        // Clean, but without room for the high one: stays.
+        assert_eq!(c.observe(0, 1600.0, 60_000), "low");
+    }
+
+    #[test]
+    fn only_the_chair_and_the_floor_holder_publish() {
+        let mut f = FloorState {
+            chair: "ministry".into(),
+            holder: None,
+        };
+        assert!(f.may_publish("ministry"));
+        assert!(!f.may_publish("gd-001"));
+        f.holder = Some("gd-001".into());
+        assert!(f.may_publish("gd-001"));
+        assert!(!f.may_publish("gd-002"));
+    }
+}

@@ -1,0 +1,708 @@
+//! The relay: rooms, participants, fan-out.
+//!
+//! Each participant (a site client or a downstream relay) holds one QUIC connection with
+//! mutual TLS (site certificates from the controller's CA). Tracks a participant announces
+//! land in its room; every subscriber of a track gets its groups through
+//! [`forward::send_track`], so a track crosses each connection once whatever the number of
+//! viewers behind it. Groups from a site without the floor stop at the first relay.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::forward::{self, SendStats};
+use crate::io::{ControlReader, ControlWriter, IoError};
+use crate::policy::{FloorState, RenditionChooser};
+use crate::track::Track;
+use crate::wire::{
+    self, Control, ErrorMsg, Floor, Role, TrackInfo, TrackKey, Tracks, Welcome, codes,
+};
+
+/// ALPN of the conference protocol.
+pub const ALPN: &[u8] = b"tiandi-video/1";
+const HELLO_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a group stream waits for its track's Announce (sent on the control stream, so
+/// it may arrive after the group's first packets).
+const ANNOUNCE_WAIT: Duration = Duration::from_secs(5);
+/// Control frames queued toward one participant. A participant that lets this many pile up
+/// is not reading its control stream: it is disconnected (the queue never blocks the room).
+const CONTROL_QUEUE: usize = 64;
+
+/// Counters for the whole relay.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    pub connections: AtomicU64,
+    pub refused: AtomicU64,
+    pub groups_in: AtomicU64,
+    /// Groups stopped at this relay because their publisher lacked the floor.
+    pub groups_no_floor: AtomicU64,
+    pub bad_streams: AtomicU64,
+    pub send: Arc<SendStats>,
+}
+
+/// One participant as the room's roster shows it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Member {
+    pub site: String,
+    pub role: String,
+    pub publishing: Vec<String>,
+    /// Per subscribed track: what the participant says it receives.
+    pub health: BTreeMap<String, HealthView>,
+    /// Roll calls it answered.
+    pub present: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct HealthView {
+    pub rendition: String,
+    pub kbps: u32,
+    pub frames: u64,
+    pub groups_lost: u64,
+    pub latency_ms: i32,
+}
+
+pub struct Room {
+    pub name: String,
+    floor: watch::Sender<FloorState>,
+    tracks: watch::Sender<BTreeMap<TrackKey, Arc<Track>>>,
+    roster: Mutex<BTreeMap<String, Member>>,
+}
+
+impl Room {
+    fn new(name: &str, chair: &str) -> Arc<Room> {
+        Arc::new(Room {
+            name: name.into(),
+            floor: watch::channel(FloorState {
+                chair: chair.into(),
+                holder: None,
+            })
+            .0,
+            tracks: watch::channel(BTreeMap::new()).0,
+            roster: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    pub fn floor(&self) -> FloorState {
+        self.floor.borrow().clone()
+    }
+
+    /// Gives the floor to `holder` (None: back to the chair alone).
+    pub fn set_floor(&self, holder: Option<String>) {
+        self.floor.send_modify(|f| f.holder = holder);
+    }
+
+    pub fn track(&self, key: &TrackKey) -> Option<Arc<Track>> {
+        self.tracks.borrow().get(key).cloned()
+    }
+
+    pub fn track_keys(&self) -> Vec<TrackKey> {
+        self.tracks.borrow().keys().cloned().collect()
+    }
+
+    pub fn roster(&self) -> Vec<Member> {
+        self.roster
+            .lock()
+            .expect("roster lock poisoned")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn add_track(&self, t: Arc<Track>) {
+        let old = self
+            .tracks
+            .send_modify_ret(|m| m.insert(t.key(), t.clone()));
+        if let Some(old) = old {
+            old.close();
+        }
+    }
+
+    fn remove_track(&self, t: &Arc<Track>) {
+        self.tracks.send_if_modified(|m| {
+            if m.get(&t.key()).is_some_and(|x| Arc::ptr_eq(x, t)) {
+                m.remove(&t.key());
+                true
+            } else {
+                false
+            }
+        });
+        t.close();
+    }
+}
+
+trait SendModifyRet<T> {
+    fn send_modify_ret<R>(&self, f: impl FnOnce(&mut T) -> R) -> R;
+}
+
+impl<T> SendModifyRet<T> for watch::Sender<T> {
+    fn send_modify_ret<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        let mut out = None;
+        self.send_modify(|v| out = Some(f(v)));
+        out.expect("send_modify runs its closure")
+    }
+}
+
+pub struct RelayOptions {
+    /// This relay's name (its site ID).
+    pub name: String,
+    /// The site that chairs rooms created on first join.
+    pub chair: String,
+}
+
+pub struct Relay {
+    pub name: String,
+    chair: String,
+    rooms: Mutex<HashMap<String, Arc<Room>>>,
+    pub stats: RelayStats,
+}
+
+impl Relay {
+    pub fn new(opts: RelayOptions) -> Arc<Relay> {
+        Arc::new(Relay {
+            name: opts.name,
+            chair: opts.chair,
+            rooms: Mutex::new(HashMap::new()),
+            stats: RelayStats::default(),
+        })
+    }
+
+    /// The room, created on first use.
+    pub fn room(&self, name: &str) -> Arc<Room> {
+        self.rooms
+            .lock()
+            .expect("rooms lock poisoned")
+            .entry(name.to_string())
+            .or_insert_with(|| Room::new(name, &self.chair))
+            .clone()
+    }
+
+    pub fn rooms(&self) -> Vec<Arc<Room>> {
+        self.rooms
+            .lock()
+            .expect("rooms lock poisoned")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Accepts participants until `cancel` fires.
+    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint, cancel: CancellationToken) {
+        loop {
+            let incoming = tokio::select! {
+                _ = cancel.cancelled() => break,
+                i = endpoint.accept() => match i { Some(i) => i, None => break },
+            };
+            let (relay, cancel) = (self.clone(), cancel.clone());
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                match incoming.await {
+                    Ok(conn) => relay.participant(conn, cancel).await,
+                    Err(e) => {
+                        relay.stats.refused.fetch_add(1, Ordering::Relaxed);
+                        info!(%remote, error = %e, "Conference handshake failed.");
+                    }
+                }
+            });
+        }
+    }
+
+    async fn participant(self: Arc<Self>, conn: quinn::Connection, cancel: CancellationToken) {
+        let Some(id) = tiandi_link::peer_identity(&conn) else {
+            conn.close(codes::FORBIDDEN.into(), b"a site certificate is required");
+            return;
+        };
+        let span = info_span!("participant", site = %id.site_id, remote = %conn.remote_address());
+        async move {
+            self.stats.connections.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = self.session(&conn, &id.site_id, cancel).await {
+                warn!(error = %e, "Participant refused or failed.");
+                conn.close(e.code().into(), e.to_string().as_bytes());
+            }
+            self.stats.connections.fetch_sub(1, Ordering::Relaxed);
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn session(
+        self: &Arc<Self>,
+        conn: &quinn::Connection,
+        site: &str,
+        cancel: CancellationToken,
+    ) -> Result<(), IoError> {
+        let (send, recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
+            .await
+            .map_err(|_| IoError::Stream("no control stream in time".into()))?
+            .map_err(|e| IoError::Stream(e.to_string()))?;
+        let (mut writer, mut reader) = (ControlWriter(send), ControlReader(recv));
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, reader.recv()).await {
+            Err(_) => return Err(IoError::Stream("no Hello in time".into())),
+            Ok(r) => match r? {
+                Some(Control::Hello(h)) => h,
+                Some(other) => {
+                    return Err(IoError::Wire(wire::WireError::Malformed {
+                        what: "control stream",
+                        detail: format!("expected Hello, got {}", other.name()),
+                    }));
+                }
+                None => return Err(IoError::Ended),
+            },
+        };
+        let role = wire::check_hello(&hello)?;
+        if hello.path.iter().any(|p| p == &self.name) {
+            let msg = format!(
+                "relay path {:?} already passes through {}: a cascade must not loop",
+                hello.path, self.name
+            );
+            let _ = writer
+                .send(&Control::Error(ErrorMsg {
+                    code: codes::LOOP,
+                    message: msg.clone(),
+                }))
+                .await;
+            conn.close(codes::LOOP.into(), msg.as_bytes());
+            return Ok(());
+        }
+        let room = self.room(&hello.room);
+        info!(room = %room.name, role = role.as_str(), "Participant joined.");
+        writer
+            .send(&Control::Welcome(Welcome {
+                version: wire::VERSION,
+                relay: self.name.clone(),
+                you: site.to_string(),
+                chair: room.floor().chair,
+            }))
+            .await?;
+        room.roster.lock().expect("roster lock poisoned").insert(
+            site.to_string(),
+            Member {
+                site: site.into(),
+                role: role.as_str().into(),
+                ..Default::default()
+            },
+        );
+
+        let p = Arc::new(Participant {
+            relay: self.clone(),
+            conn: conn.clone(),
+            site: site.to_string(),
+            role,
+            room: room.clone(),
+            announced: Mutex::new(HashMap::new()),
+            announces: watch::channel(0).0,
+            out_ids: Mutex::new(HashMap::new()),
+            subs: Mutex::new(HashMap::new()),
+            link_kbps: hello.link_kbps,
+        });
+        let stop = cancel.child_token();
+        let _stop = stop.clone().drop_guard();
+        let (ctl_tx, ctl_rx) = mpsc::channel::<Control>(CONTROL_QUEUE);
+        tokio::spawn(
+            p.clone()
+                .write_control(writer, ctl_rx, stop.clone())
+                .in_current_span(),
+        );
+        tokio::spawn(p.clone().accept_groups(stop.clone()).in_current_span());
+        let result = p.read_control(&mut reader, &ctl_tx, &stop).await;
+        p.leave();
+        result
+    }
+}
+
+struct Participant {
+    relay: Arc<Relay>,
+    conn: quinn::Connection,
+    site: String,
+    role: Role,
+    room: Arc<Room>,
+    /// Tracks it publishes, by its id for them.
+    announced: Mutex<HashMap<u32, Arc<Track>>>,
+    /// Bumped at each Announce.
+    announces: watch::Sender<u64>,
+    /// Our ids for the room's tracks on this connection.
+    out_ids: Mutex<HashMap<TrackKey, u32>>,
+    /// Its subscriptions: (publisher, kind) → stop.
+    subs: Mutex<HashMap<(String, String), CancellationToken>>,
+    link_kbps: u32,
+}
+
+impl Participant {
+    fn out_id(&self, key: &TrackKey) -> u32 {
+        let mut ids = self.out_ids.lock().expect("ids lock poisoned");
+        let n = ids.len() as u32 + 1;
+        *ids.entry(key.clone()).or_insert(n)
+    }
+
+    fn track_list(&self) -> Tracks {
+        let tracks = self.room.tracks.borrow().clone();
+        Tracks {
+            tracks: tracks
+                .values()
+                .map(|t| TrackInfo {
+                    id: self.out_id(&t.key()),
+                    ..t.info.clone()
+                })
+                .collect(),
+        }
+    }
+
+    /// Sends queued control frames, and the room's track list and floor whenever they change.
+    async fn write_control(
+        self: Arc<Self>,
+        mut w: ControlWriter,
+        mut rx: mpsc::Receiver<Control>,
+        stop: CancellationToken,
+    ) {
+        let mut tracks = self.room.tracks.subscribe();
+        let mut floor = self.room.floor.subscribe();
+        tracks.mark_changed();
+        floor.mark_changed();
+        loop {
+            let msg = tokio::select! {
+                _ = stop.cancelled() => return,
+                m = rx.recv() => match m { Some(m) => m, None => return },
+                r = tracks.changed() => {
+                    if r.is_err() { return }
+                    tracks.borrow_and_update();
+                    Control::Tracks(self.track_list())
+                }
+                r = floor.changed() => {
+                    if r.is_err() { return }
+                    let f = floor.borrow_and_update().clone();
+                    Control::Floor(Floor { holder: f.holder.unwrap_or_default() })
+                }
+            };
+            if let Err(e) = w.send(&msg).await {
+                debug!(error = %e, "Control stream closed.");
+                stop.cancel();
+                return;
+            }
+        }
+    }
+
+    async fn read_control(
+        self: &Arc<Self>,
+        r: &mut ControlReader,
+        tx: &mpsc::Sender<Control>,
+        stop: &CancellationToken,
+    ) -> Result<(), IoError> {
+        loop {
+            let msg = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                m = r.recv() => m?,
+            };
+            let Some(msg) = msg else { return Ok(()) };
+            match msg {
+                Control::Announce(a) => {
+                    let Some(info) = a.track else {
+                        return Err(malformed("Announce without a track"));
+                    };
+                    // A site publishes as itself only; a relay speaks for the sites below.
+                    if self.role == Role::Site && info.publisher != self.site {
+                        return Err(IoError::Wire(wire::WireError::Malformed {
+                            what: "Announce",
+                            detail: format!(
+                                "site {} cannot publish as {}",
+                                self.site, info.publisher
+                            ),
+                        }));
+                    }
+                    let t = Track::new(info.clone());
+                    self.announced
+                        .lock()
+                        .expect("announced lock poisoned")
+                        .insert(info.id, t.clone());
+                    if let Some(m) = self
+                        .room
+                        .roster
+                        .lock()
+                        .expect("roster lock poisoned")
+                        .get_mut(&self.site)
+                    {
+                        m.publishing.push(info.key().to_string());
+                    }
+                    info!(track = %info.key(), "Track announced.");
+                    self.room.add_track(t);
+                    self.announces.send_modify(|n| *n += 1);
+                }
+                Control::Subscribe(s) => self.subscribe(s.publisher, s.kind, s.rendition),
+                Control::Unsubscribe(u) => {
+                    if let Some(stop) = self
+                        .subs
+                        .lock()
+                        .expect("subs lock poisoned")
+                        .remove(&(u.publisher, u.kind))
+                    {
+                        stop.cancel();
+                    }
+                }
+                Control::Present(p) => {
+                    if let Some(m) = self
+                        .room
+                        .roster
+                        .lock()
+                        .expect("roster lock poisoned")
+                        .get_mut(&self.site)
+                    {
+                        m.present.push(p.id);
+                    }
+                }
+                Control::Health(h) => {
+                    if let Some(m) = self
+                        .room
+                        .roster
+                        .lock()
+                        .expect("roster lock poisoned")
+                        .get_mut(&self.site)
+                    {
+                        m.health.insert(
+                            format!("{}/{}", h.publisher, h.kind),
+                            HealthView {
+                                rendition: h.rendition,
+                                kbps: h.kbps,
+                                frames: h.frames,
+                                groups_lost: h.groups_lost,
+                                latency_ms: h.latency_ms,
+                            },
+                        );
+                    }
+                }
+                other => {
+                    let msg = format!("unexpected {} from a participant", other.name());
+                    let _ = tx.try_send(Control::Error(ErrorMsg {
+                        code: codes::PROTOCOL,
+                        message: msg.clone(),
+                    }));
+                    return Err(malformed(&msg));
+                }
+            }
+        }
+    }
+
+    /// The announced track with this id, waiting a little for its Announce.
+    async fn announced_track(&self, id: u32) -> Option<Arc<Track>> {
+        let mut rx = self.announces.subscribe();
+        let wait = async {
+            loop {
+                if let Some(t) = self
+                    .announced
+                    .lock()
+                    .expect("announced lock poisoned")
+                    .get(&id)
+                {
+                    return t.clone();
+                }
+                if rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::time::timeout(ANNOUNCE_WAIT, wait).await.ok()
+    }
+
+    /// Takes the participant's group streams into its announced tracks.
+    async fn accept_groups(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            let recv = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = self.conn.accept_uni() => match r { Ok(r) => r, Err(_) => { stop.cancel(); return } },
+            };
+            let p = self.clone();
+            tokio::spawn(
+                async move {
+                    let mut recv = recv;
+                    let header = match crate::io::read_group_header(&mut recv).await {
+                        Ok(h) => h,
+                        Err(e) => {
+                            p.relay.stats.bad_streams.fetch_add(1, Ordering::Relaxed);
+                            warn!(error = %e, "Bad group stream (closed; the connection goes on).");
+                            let _ = recv.stop(e.code().into());
+                            return;
+                        }
+                    };
+                    // A group stream may overtake its track's Announce on the control stream.
+                    let track = p.announced_track(header.track).await;
+                    let Some(track) = track else {
+                        p.relay.stats.bad_streams.fetch_add(1, Ordering::Relaxed);
+                        warn!(track = header.track, "Group for a track never announced (stream closed).");
+                        let _ = recv.stop(codes::PROTOCOL.into());
+                        return;
+                    };
+                    if p.role == Role::Site && !p.room.floor().may_publish(&p.site) {
+                        p.relay.stats.groups_no_floor.fetch_add(1, Ordering::Relaxed);
+                        let _ = recv.stop(codes::NO_FLOOR.into());
+                        return;
+                    }
+                    p.relay.stats.groups_in.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = forward::receive_group(recv, header, &track).await {
+                        if matches!(e, IoError::Wire(_)) {
+                            p.relay.stats.bad_streams.fetch_add(1, Ordering::Relaxed);
+                            warn!(error = %e, track = %track.key(), "Malformed group (stream closed; the connection goes on).");
+                        } else {
+                            debug!(error = %e, "Group stream ended early.");
+                        }
+                    }
+                }
+                .in_current_span(),
+            );
+        }
+    }
+
+    /// Sends one publisher's video (or audio) to this participant, in the rendition its link
+    /// carries, until it unsubscribes or leaves.
+    fn subscribe(self: &Arc<Self>, publisher: String, kind: String, rendition: String) {
+        let stop = CancellationToken::new();
+        if let Some(old) = self
+            .subs
+            .lock()
+            .expect("subs lock poisoned")
+            .insert((publisher.clone(), kind.clone()), stop.clone())
+        {
+            old.cancel();
+        }
+        let p = self.clone();
+        tokio::spawn(
+            async move {
+                p.run_subscription(&publisher, &kind, &rendition, &stop)
+                    .await
+            }
+            .in_current_span(),
+        );
+    }
+
+    async fn run_subscription(
+        &self,
+        publisher: &str,
+        kind: &str,
+        fixed: &str,
+        stop: &CancellationToken,
+    ) {
+        let mut tracks = self.room.tracks.subscribe();
+        tracks.mark_changed();
+        let stats = self.relay.stats.send.clone();
+        let mut chooser: Option<RenditionChooser> = None;
+        let mut current: Option<(Arc<Track>, crate::track::GroupWatch)> = None;
+        let flights = forward::in_flight();
+        let mut dropped_seen = 0u64;
+        let dropped = Arc::new(SendStats::default());
+        loop {
+            // Renditions of this publisher's `kind` now in the room.
+            let options: Vec<Arc<Track>> = self
+                .room
+                .tracks
+                .borrow()
+                .values()
+                .filter(|t| t.info.publisher == publisher && t.info.kind == kind)
+                .cloned()
+                .collect();
+            if chooser.is_none() && !options.is_empty() {
+                chooser = Some(RenditionChooser::new(
+                    options
+                        .iter()
+                        .map(|t| (t.info.rendition.clone(), t.info.bitrate_kbps))
+                        .collect(),
+                    self.link_kbps,
+                    crate::now_ms(),
+                ));
+            }
+            let want = if !fixed.is_empty() {
+                fixed.to_string()
+            } else {
+                chooser
+                    .as_ref()
+                    .map(|c| c.current().to_string())
+                    .unwrap_or_default()
+            };
+            let target = options.iter().find(|t| t.info.rendition == want).cloned();
+            match (&current, target) {
+                (Some((cur, _)), Some(t)) if Arc::ptr_eq(cur, &t) => {}
+                (_, Some(t)) => {
+                    // A switch (or the start): a late joiner takes the current group at once;
+                    // a switch waits for the new rendition's next group (a group boundary).
+                    let mut rx = t.subscribe();
+                    if current.is_some() {
+                        rx.borrow_and_update();
+                    }
+                    debug!(track = %t.key(), "Sending rendition.");
+                    current = Some((t, rx));
+                }
+                (_, None) => current = None,
+            }
+            let next = async {
+                match current.as_mut() {
+                    Some((_, rx)) => rx.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = self.conn.closed() => break,
+                r = tracks.changed() => { if r.is_err() { break } tracks.borrow_and_update(); continue; }
+                ok = next => {
+                    if !ok { current = None; continue; }
+                }
+            }
+            let Some((t, rx)) = current.as_mut() else {
+                continue;
+            };
+            // No group yet (or the track just closed: the room's list changes next).
+            let Some(group) = rx.borrow_and_update().clone() else {
+                continue;
+            };
+            let id = self.out_id(&t.key());
+            forward::start_group(&self.conn, id, &t.info.kind, group, &dropped, &flights);
+            // What the link showed since the last group: drops, and its estimated rate.
+            if let Some(c) = chooser.as_mut() {
+                let d = dropped.dropped();
+                let s = self.conn.stats();
+                let rtt = s.path.rtt.as_secs_f64().max(1e-3);
+                let est_kbps = s.path.cwnd as f64 * 8.0 / rtt / 1000.0;
+                c.observe(d - dropped_seen, est_kbps, crate::now_ms());
+                dropped_seen = d;
+            }
+        }
+        for (_, s) in std::mem::take(&mut *flights.lock().expect("in-flight lock poisoned")) {
+            s.cancel();
+        }
+        for (a, b) in [
+            (&stats.groups_sent, &dropped.groups_sent),
+            (&stats.groups_dropped, &dropped.groups_dropped),
+            (&stats.objects_sent, &dropped.objects_sent),
+            (&stats.bytes_sent, &dropped.bytes_sent),
+        ] {
+            a.fetch_add(b.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
+    fn leave(&self) {
+        for (_, s) in self.subs.lock().expect("subs lock poisoned").drain() {
+            s.cancel();
+        }
+        for (_, t) in self
+            .announced
+            .lock()
+            .expect("announced lock poisoned")
+            .drain()
+        {
+            self.room.remove_track(&t);
+        }
+        self.room
+            .roster
+            .lock()
+            .expect("roster lock poisoned")
+            .remove(&self.site);
+        info!("Participant left.");
+    }
+}
+
+fn malformed(detail: &str) -> IoError {
+    IoError::Wire(wire::WireError::Malformed {
+        what: "control frame",
+        detail: detail.to_string(),
+    })
+}

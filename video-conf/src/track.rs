@@ -1,0 +1,262 @@
+//! Tracks as a relay (or a publishing client) holds them: the current group, appended to as
+//! objects arrive, shared by every subscriber without copying (objects are `Bytes`).
+//!
+//! A late joiner takes the track's current group and starts from its first object (the
+//! keyframe); it never needs an older group. Old groups are dropped as soon as a newer one
+//! starts and no subscriber is still writing them.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+use crate::wire::{Object, TrackInfo, TrackKey};
+
+/// One group: appended by its producer, read by any number of subscribers.
+#[derive(Debug)]
+pub struct Group {
+    pub seq: u64,
+    objects: Mutex<Vec<Object>>,
+    /// (objects so far, end)
+    state: watch::Sender<(usize, End)>,
+}
+
+/// How far a group is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    Open,
+    /// All its objects are here.
+    Complete,
+    /// Cut short (its incoming stream was reset or broke): forward it as dropped, not as
+    /// complete.
+    Aborted,
+}
+
+/// What [`Group::next_from`] found.
+#[derive(Debug)]
+pub enum Fetch {
+    Objects(Vec<Object>),
+    End,
+    Aborted,
+}
+
+impl Group {
+    pub fn new(seq: u64) -> Arc<Group> {
+        Arc::new(Group {
+            seq,
+            objects: Mutex::new(Vec::new()),
+            state: watch::channel((0, End::Open)).0,
+        })
+    }
+
+    /// Appends an object; ignored once the group has ended.
+    pub fn push(&self, o: Object) {
+        let mut v = self.objects.lock().expect("group lock poisoned");
+        if self.state.borrow().1 != End::Open {
+            return;
+        }
+        v.push(o);
+        let n = v.len();
+        drop(v);
+        self.state.send_replace((n, End::Open));
+    }
+
+    /// No more objects (the publisher moved to the next group, or its stream ended).
+    pub fn finish(&self) {
+        self.end(End::Complete);
+    }
+
+    /// Cut short: readers forward it as dropped.
+    pub fn abort(&self) {
+        self.end(End::Aborted);
+    }
+
+    fn end(&self, how: End) {
+        let n = self.objects.lock().expect("group lock poisoned").len();
+        self.state.send_if_modified(|s| {
+            if s.1 == End::Open {
+                *s = (n, how);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.state.borrow().1 == End::Complete
+    }
+
+    pub fn ended(&self) -> bool {
+        self.state.borrow().1 != End::Open
+    }
+
+    pub fn len(&self) -> usize {
+        self.state.borrow().0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Objects from index `from` on, waiting for at least one unless the group has ended.
+    pub async fn next_from(&self, from: usize) -> Fetch {
+        let mut rx = self.state.subscribe();
+        loop {
+            let (n, end) = *rx.borrow_and_update();
+            if end == End::Aborted {
+                return Fetch::Aborted;
+            }
+            if n > from {
+                let v = self.objects.lock().expect("group lock poisoned");
+                return Fetch::Objects(v[from..].to_vec());
+            }
+            if end == End::Complete || rx.changed().await.is_err() {
+                return Fetch::End;
+            }
+        }
+    }
+
+    /// Bytes of payload so far.
+    pub fn payload_bytes(&self) -> usize {
+        self.objects
+            .lock()
+            .expect("group lock poisoned")
+            .iter()
+            .map(|o| o.payload.len())
+            .sum()
+    }
+}
+
+/// Follows a track's current group ([`Track::subscribe`]).
+pub type GroupWatch = watch::Receiver<Option<Arc<Group>>>;
+
+/// A track: its description and its current group.
+#[derive(Debug)]
+pub struct Track {
+    pub info: TrackInfo,
+    latest: watch::Sender<Option<Arc<Group>>>,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl Track {
+    pub fn new(info: TrackInfo) -> Arc<Track> {
+        Arc::new(Track {
+            info,
+            latest: watch::channel(None).0,
+            closed: Default::default(),
+        })
+    }
+
+    /// Ended by [`Track::close`] (a track with no group yet is not closed).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn key(&self) -> TrackKey {
+        self.info.key()
+    }
+
+    /// Starts a new group and makes it the current one. The previous group stays open for
+    /// its producer to finish (a relay may still be receiving its tail).
+    pub fn start_group(&self, seq: u64) -> Arc<Group> {
+        let g = Group::new(seq);
+        self.latest.send_replace(Some(g.clone()));
+        g
+    }
+
+    /// The current group, if any.
+    pub fn current(&self) -> Option<Arc<Group>> {
+        self.latest.borrow().clone()
+    }
+
+    /// Follows the track's groups: yields the current one at once, then each new one.
+    pub fn subscribe(&self) -> GroupWatch {
+        let mut rx = self.latest.subscribe();
+        rx.mark_changed();
+        rx
+    }
+
+    /// The publisher is gone: the current group ends and subscribers see `None`.
+    pub fn close(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        if let Some(old) = self.latest.send_replace(None) {
+            old.finish();
+        }
+    }
+
+    pub fn subscribers(&self) -> usize {
+        self.latest.receiver_count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn obj(n: u8, key: bool) -> Object {
+        Object {
+            pts_us: i64::from(n) * 40_000,
+            flags: if key { crate::wire::flags::KEY } else { 0 },
+            payload: Bytes::from(vec![n; 10]),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_late_joiner_starts_at_the_current_groups_keyframe() {
+        let t = Track::new(TrackInfo::default());
+        let g1 = t.start_group(1);
+        for i in 0..5 {
+            g1.push(obj(i, i == 0));
+        }
+        g1.finish();
+        let g2 = t.start_group(2);
+        assert!(g1.is_complete());
+        g2.push(obj(10, true));
+        g2.push(obj(11, false));
+        // Joins now: gets group 2 from its keyframe, nothing of group 1.
+        let mut rx = t.subscribe();
+        rx.changed().await.unwrap();
+        let g = rx.borrow_and_update().clone().unwrap();
+        assert_eq!(g.seq, 2);
+        let Fetch::Objects(objs) = g.next_from(0).await else {
+            panic!("objects expected")
+        };
+        assert!(objs[0].is_key());
+        assert_eq!(objs.len(), 2);
+        // And then the rest of it as it comes.
+        let waiter = {
+            let g = g.clone();
+            tokio::spawn(async move { g.next_from(2).await })
+        };
+        g2.push(obj(12, false));
+        let Fetch::Objects(more) = waiter.await.unwrap() else {
+            panic!("objects expected")
+        };
+        assert_eq!(more[0].payload[0], 12);
+        g2.finish();
+        assert!(matches!(g.next_from(3).await, Fetch::End));
+        // An aborted group reads as aborted, even where objects remain.
+        let g3 = t.start_group(3);
+        g3.push(obj(20, true));
+        g3.abort();
+        g3.finish();
+        assert!(matches!(g3.next_from(0).await, Fetch::Aborted));
+    }
+
+    #[tokio::test]
+    async fn subscribers_see_each_new_group_and_the_end() {
+        let t = Track::new(TrackInfo::default());
+        let mut rx = t.subscribe();
+        t.start_group(1);
+        rx.changed().await.unwrap();
+        assert_eq!(rx.borrow_and_update().as_ref().unwrap().seq, 1);
+        t.start_group(2);
+        rx.changed().await.unwrap();
+        assert_eq!(rx.borrow_and_update().as_ref().unwrap().seq, 2);
+        t.close();
+        rx.changed().await.unwrap();
+        assert!(rx.borrow_and_update().is_none());
+    }
+}

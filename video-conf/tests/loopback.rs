@@ -1,0 +1,303 @@
+//! The relay and clients over real QUIC on loopback, with synthetic media (the ffmpeg-based
+//! tests start real encoders and players).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tiandi_link::pki::{self, Ca};
+use tiandi_video::relay::{Relay, RelayOptions};
+use tiandi_video::track::{Fetch, Track};
+use tiandi_video::wire::{self, Object, Role, TrackInfo};
+use tiandi_video::{client::Session, client_tls, relay_tls};
+use tokio_util::sync::CancellationToken;
+
+struct Site {
+    id: String,
+    cert: String,
+    key: String,
+}
+
+fn site(ca: &Ca, id: &str) -> Site {
+    let (key, csr) = pki::site_key_and_csr(id).unwrap();
+    let issued = ca
+        .sign_site(&csr, id, "BJ", Duration::from_secs(3600))
+        .unwrap();
+    Site {
+        id: id.into(),
+        cert: issued.cert_pem,
+        key,
+    }
+}
+
+struct Lab {
+    ca: Ca,
+    relay: Arc<Relay>,
+    addr: std::net::SocketAddr,
+    name: String,
+    _cancel: tokio_util::sync::DropGuard,
+}
+
+fn transport() -> Arc<quinn::TransportConfig> {
+    tiandi_link::LinkProfile::Terrestrial.transport()
+}
+
+async fn lab() -> Lab {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+    let ca = Ca::generate("test CA").unwrap();
+    let r = site(&ca, "ministry-relay");
+    let tls = relay_tls(ca.cert_pem(), &r.cert, &r.key).unwrap();
+    let ep =
+        tiandi_link::server_endpoint("127.0.0.1:0".parse().unwrap(), tls, transport(), &[7; 32])
+            .unwrap();
+    let addr = ep.local_addr().unwrap();
+    let relay = Relay::new(RelayOptions {
+        name: r.id.clone(),
+        chair: "ministry".into(),
+    });
+    let cancel = CancellationToken::new();
+    tokio::spawn(relay.clone().serve(ep, cancel.clone()));
+    Lab {
+        ca,
+        relay,
+        addr,
+        name: r.id,
+        _cancel: cancel.drop_guard(),
+    }
+}
+
+impl Lab {
+    async fn connect(&self, s: &Site) -> Result<quinn::Connection, String> {
+        let tls = client_tls(self.ca.cert_pem(), &s.cert, &s.key).unwrap();
+        let cfg = tiandi_link::client_config(tls, transport()).unwrap();
+        let ep = tiandi_link::client_endpoint(self.addr).unwrap();
+        let conn = ep
+            .connect_with(
+                cfg,
+                self.addr,
+                &tiandi_link::tls::relay_server_name(&self.name),
+            )
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(conn)
+    }
+
+    async fn join(&self, id: &str) -> Arc<Session> {
+        let s = site(&self.ca, id);
+        let conn = self.connect(&s).await.unwrap();
+        Session::join(conn, "drill", Role::Site, vec![], 0)
+            .await
+            .unwrap()
+    }
+}
+
+fn video(publisher: &str) -> Arc<Track> {
+    Track::new(TrackInfo {
+        publisher: publisher.into(),
+        kind: "video".into(),
+        codec: "h264".into(),
+        rendition: "high".into(),
+        bitrate_kbps: 1500,
+        ..Default::default()
+    })
+}
+
+fn frame(n: u64, key: bool) -> Object {
+    Object {
+        pts_us: n as i64 * 40_000,
+        flags: if key { wire::flags::KEY } else { 0 },
+        payload: Bytes::from(vec![(n % 251) as u8; if key { 20_000 } else { 2_000 }]),
+    }
+}
+
+/// Publishes `groups` groups of `per` frames, 40 ms apart.
+async fn run_source(t: Arc<Track>, first_group: u64, groups: u64, per: u64) {
+    for g in first_group..first_group + groups {
+        let group = t.start_group(g);
+        for i in 0..per {
+            group.push(frame(g * per + i, i == 0));
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        group.finish();
+    }
+}
+
+async fn received(s: &Session, publisher: &str) -> Arc<Track> {
+    tokio::time::timeout(Duration::from_secs(10), s.received(publisher, "video"))
+        .await
+        .unwrap_or_else(|_| panic!("nothing of {publisher}'s video arrived"))
+}
+
+/// Reads the received track's groups until `until` groups were seen or the time is up.
+async fn collect(t: Arc<Track>, until: u64, secs: u64) -> Vec<(u64, usize, bool)> {
+    let mut out = Vec::new();
+    let mut rx = t.subscribe();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while (out.len() as u64) < until {
+        let changed = tokio::time::timeout_at(deadline, rx.changed()).await;
+        if !matches!(changed, Ok(Ok(()))) {
+            break;
+        }
+        let Some(g) = rx.borrow_and_update().clone() else {
+            break;
+        };
+        // Read the group whole.
+        let mut n = 0;
+        let mut first_key = false;
+        while let Ok(Fetch::Objects(o)) = tokio::time::timeout_at(deadline, g.next_from(n)).await {
+            if n == 0 {
+                first_key = o[0].is_key();
+            }
+            n += o.len();
+        }
+        out.push((g.seq, n, first_key));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_fan_out_whole_and_a_late_joiner_starts_at_a_keyframe() {
+    let lab = lab().await;
+    let chair = lab.join("ministry").await;
+    let a = lab.join("bj-001").await;
+    let b = lab.join("bj-002").await;
+    let t = video("ministry");
+    chair.publish(t.clone()).await.unwrap();
+    a.subscribe("ministry", "video", "").await.unwrap();
+    b.subscribe("ministry", "video", "").await.unwrap();
+    let src = tokio::spawn(run_source(t.clone(), 1, 8, 10));
+    let (ra, rb) = tokio::join!(received(&a, "ministry"), received(&b, "ministry"));
+    let (ga, gb) = tokio::join!(collect(ra, 4, 20), collect(rb, 4, 20));
+    for got in [&ga, &gb] {
+        assert!(got.len() >= 4, "{got:?}");
+        for (_, n, key) in got.iter().skip(1) {
+            assert_eq!(*n, 10, "whole groups: {got:?}");
+            assert!(key);
+        }
+    }
+    // A late joiner, mid-group: its first group is the current one, from its keyframe.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let c = lab.join("bj-003").await;
+    let joined = std::time::Instant::now();
+    c.subscribe("ministry", "video", "").await.unwrap();
+    let rc = received(&c, "ministry").await;
+    let first = collect(rc, 1, 10).await;
+    assert!(
+        joined.elapsed() < Duration::from_millis(400 + 500),
+        "started at once"
+    );
+    assert!(first[0].2, "starts with a keyframe: {first:?}");
+    assert!(first[0].1 >= 1);
+    src.await.unwrap();
+    let roster = lab.relay.room("drill").roster();
+    assert_eq!(roster.len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_without_the_floor_reaches_nobody_until_granted() {
+    let lab = lab().await;
+    let speaker = lab.join("bj-009").await;
+    let viewer = lab.join("bj-010").await;
+    let t = video("bj-009");
+    speaker.publish(t.clone()).await.unwrap();
+    viewer.subscribe("bj-009", "video", "").await.unwrap();
+    run_source(t.clone(), 1, 3, 5).await;
+    assert!(
+        lab.relay
+            .stats
+            .groups_no_floor
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+    );
+    assert_eq!(
+        viewer.groups_in.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    lab.relay.room("drill").set_floor(Some("bj-009".into()));
+    let mut view = speaker.view();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        view.wait_for(|v| v.floor == "bj-009"),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let src = tokio::spawn(run_source(t.clone(), 10, 3, 5));
+    let got = collect(received(&viewer, "bj-009").await, 2, 10).await;
+    assert!(got.len() >= 2 && got.iter().all(|g| g.0 >= 10), "{got:?}");
+    src.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_cannot_publish_as_another() {
+    let lab = lab().await;
+    let s = lab.join("bj-020").await;
+    s.publish(video("ministry")).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), s.conn.closed())
+        .await
+        .expect("the relay closes the connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_certificate_is_refused() {
+    let lab = lab().await;
+    let other = Ca::generate("someone else").unwrap();
+    let s = site(&other, "bj-666");
+    let err = lab.connect(&s).await;
+    // The handshake fails, or the connection is closed at once.
+    match err {
+        Err(_) => {}
+        Ok(conn) => {
+            let r = Session::join(conn, "drill", Role::Site, vec![], 0).await;
+            assert!(r.is_err());
+        }
+    }
+    assert!(lab.relay.room("drill").roster().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_group_stream_closes_only_itself() {
+    let lab = lab().await;
+    let pubr = lab.join("bj-030").await;
+    lab.relay.room("drill").set_floor(Some("bj-030".into()));
+    let viewer = lab.join("bj-031").await;
+    let t = video("bj-030");
+    pubr.publish(t.clone()).await.unwrap();
+    viewer.subscribe("bj-030", "video", "").await.unwrap();
+    // Garbage on a stream of its own: raw MPEG-TS where a group header belongs.
+    let mut s = pubr.conn.open_uni().await.unwrap();
+    s.write_all(&[0x47; 188]).await.unwrap();
+    s.finish().unwrap();
+    // A group header with an object claiming 1 GiB.
+    let mut s = pubr.conn.open_uni().await.unwrap();
+    s.write_all(
+        &wire::GroupHeader {
+            track: 1,
+            group: 99,
+        }
+        .encode(),
+    )
+    .await
+    .unwrap();
+    s.write_all(&(1u32 << 30).to_be_bytes()).await.unwrap();
+    s.write_all(&[0; 9]).await.unwrap();
+    let _ = s.finish();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        lab.relay
+            .stats
+            .bad_streams
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+    );
+    // The session goes on: later groups arrive.
+    let src = tokio::spawn(run_source(t.clone(), 100, 3, 5));
+    let got = collect(received(&viewer, "bj-030").await, 2, 10).await;
+    assert!(got.iter().any(|g| g.0 >= 100), "{got:?}");
+    assert!(pubr.conn.close_reason().is_none());
+    src.await.unwrap();
+}
