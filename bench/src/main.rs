@@ -18,6 +18,7 @@
 mod geolink;
 mod geotransfer;
 mod ingest;
+mod relayfanout;
 mod reportlatency;
 
 use clap::{Parser, Subcommand};
@@ -95,6 +96,17 @@ enum Cmd {
         #[arg(long, default_value_t = 40.0)]
         phase_s: f64,
     },
+    /// One publisher through one relay (its own process) to many subscribing connections on
+    /// loopback: delivery, relay CPU, added latency.
+    RelayFanout {
+        #[arg(long, default_value_t = 500)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 1500)]
+        bitrate_kbit: u32,
+        /// Seconds of measurement.
+        #[arg(long, default_value_t = 30.0)]
+        duration: f64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -146,6 +158,15 @@ fn main() -> anyhow::Result<()> {
             loss_pct,
             interval_s: interval,
             phase_s,
+        }),
+        Cmd::RelayFanout {
+            subscribers,
+            bitrate_kbit,
+            duration,
+        } => relayfanout::run(relayfanout::Args {
+            subscribers,
+            bitrate_kbit,
+            duration,
         }),
     }
 }

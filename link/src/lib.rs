@@ -131,6 +131,7 @@ pub fn server_endpoint(
 ) -> Result<quinn::Endpoint, LinkError> {
     let cfg = server_config(tls, transport)?;
     let socket = std::net::UdpSocket::bind(addr).map_err(LinkError::Endpoint)?;
+    tune_socket(&socket);
     server_endpoint_on(socket, cfg, reset_secret)
 }
 
@@ -159,6 +160,22 @@ fn endpoint_config() -> quinn::EndpointConfig {
     cfg
 }
 
+/// Socket buffers for bursts: one endpoint serves many connections (a relay sending a
+/// keyframe to hundreds of subscribers, a controller answering thousands of sites after a
+/// restart), and the kernel's default 208 KiB overflows, which QUIC then repairs as loss.
+/// Best effort: the kernel caps the sizes at `net.core.{r,w}mem_max`.
+pub const SOCKET_BUFFER: usize = 4 << 20;
+
+fn tune_socket(socket: &std::net::UdpSocket) {
+    let s = socket2::SockRef::from(socket);
+    if let Err(error) = s
+        .set_recv_buffer_size(SOCKET_BUFFER)
+        .and_then(|()| s.set_send_buffer_size(SOCKET_BUFFER))
+    {
+        tracing::debug!(%error, "Could not enlarge the UDP socket buffers.");
+    }
+}
+
 /// A client configuration from TLS and transport.
 pub fn client_config(
     tls: rustls::ClientConfig,
@@ -179,6 +196,7 @@ pub fn client_endpoint(server: SocketAddr) -> Result<quinn::Endpoint, LinkError>
         "0.0.0.0:0".parse().expect("literal address")
     };
     let socket = std::net::UdpSocket::bind(bind).map_err(LinkError::Endpoint)?;
+    tune_socket(&socket);
     client_endpoint_on(socket)
 }
 

@@ -10,6 +10,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tiandi_video::relay::{Relay, RelayOptions};
 
+/// mimalloc, as in the controller: a relay allocates per packet for hundreds of connections.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "tiandi-video", version, about = "Tiandi video conferencing")]
 struct Cli {
@@ -73,9 +77,8 @@ async fn main() -> anyhow::Result<()> {
             )
             .context("relay TLS")?;
             let secret: [u8; 32] = rand::random();
-            let endpoint =
-                tiandi_link::server_endpoint(listen, tls, profile.transport(), &secret)
-                    .with_context(|| format!("listening on {listen}"))?;
+            let endpoint = tiandi_link::server_endpoint(listen, tls, profile.transport(), &secret)
+                .with_context(|| format!("listening on {listen}"))?;
             let relay = Relay::new(RelayOptions {
                 name: name.clone(),
                 chair,
@@ -84,7 +87,10 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!(%listen, relay = %name, "Relay running.");
             println!("relay {name} listening on {}", endpoint.local_addr()?);
             relay.serve(endpoint.clone(), cancel).await;
-            endpoint.close(tiandi_video::wire::codes::SHUTDOWN.into(), b"relay stopping");
+            endpoint.close(
+                tiandi_video::wire::codes::SHUTDOWN.into(),
+                b"relay stopping",
+            );
             endpoint.wait_idle().await;
             Ok(())
         }
