@@ -249,21 +249,25 @@ async fn run_async(a: Args, bin: PathBuf) -> anyhow::Result<()> {
             let mut n = 0u64;
             while !stop_src.load(Ordering::Relaxed) {
                 tick.tick().await;
-                if n % GOP == 0 {
+                if n.is_multiple_of(GOP) {
                     if let Some(g) = group.take() {
                         let g: Arc<tiandi_video::track::Group> = g;
                         g.finish();
                     }
                     group = Some(track.start_group(n / GOP + 1));
                 }
-                let size = if n % GOP == 0 { key } else { small };
+                let size = if n.is_multiple_of(GOP) { key } else { small };
                 let mut p = vec![0u8; size.max(16)];
                 p[0..8].copy_from_slice(&n.to_be_bytes());
                 p[8..16].copy_from_slice(&now_us().to_be_bytes());
                 if let Some(g) = &group {
                     g.push(Object {
                         pts_us: (n * 1_000_000 / FPS) as i64,
-                        flags: if n % GOP == 0 { wire::flags::KEY } else { 0 },
+                        flags: if n.is_multiple_of(GOP) {
+                            wire::flags::KEY
+                        } else {
+                            0
+                        },
                         payload: Bytes::from(p),
                     });
                 }
