@@ -69,7 +69,16 @@ impl Session {
         .await?;
         let welcome = match tokio::time::timeout(Duration::from_secs(20), r.recv()).await {
             Err(_) => return Err(IoError::Stream("no Welcome in time".into())),
-            Ok(m) => match m? {
+            // Closed by the relay: its reason says why.
+            Ok(Err(e)) => {
+                return Err(match conn.close_reason() {
+                    Some(reason) => {
+                        IoError::Stream(format!("the relay closed the connection: {reason}"))
+                    }
+                    None => e,
+                });
+            }
+            Ok(Ok(m)) => match m {
                 Some(Control::Welcome(w)) => w,
                 Some(Control::Error(e)) => {
                     return Err(IoError::Stream(format!(
@@ -122,9 +131,20 @@ impl Session {
     /// Announces `info` (its `id` is assigned here) and sends `track`'s groups to the relay
     /// until the track ends or the session does. Under congestion old groups are dropped.
     pub async fn publish(self: &Arc<Self>, track: Arc<Track>) -> Result<(), IoError> {
+        self.publish_via(track, None).await
+    }
+
+    /// [`Session::publish`] by a relay for a track from below it: `relay` joins the track's
+    /// path.
+    pub async fn publish_via(
+        self: &Arc<Self>,
+        track: Arc<Track>,
+        relay: Option<&str>,
+    ) -> Result<(), IoError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) as u32;
         let mut info = track.info.clone();
         info.id = id;
+        info.via.extend(relay.map(str::to_string));
         self.control(Control::Announce(Announce { track: Some(info) }))
             .await?;
         let (s, stats) = (self.clone(), self.sent.clone());

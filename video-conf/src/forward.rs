@@ -13,7 +13,8 @@ use crate::policy;
 use crate::track::{Fetch, Group, Track};
 use crate::wire::{GroupHeader, codes};
 
-/// What one sender did (shared with whoever reports on it).
+/// What one sender did (shared with whoever reports on it); counts go to the parent too
+/// (a subscription's to its relay's).
 #[derive(Debug, Default)]
 pub struct SendStats {
     pub groups_sent: AtomicU64,
@@ -21,11 +22,45 @@ pub struct SendStats {
     pub groups_dropped: AtomicU64,
     pub objects_sent: AtomicU64,
     pub bytes_sent: AtomicU64,
+    pub parent: Option<Arc<SendStats>>,
 }
 
 impl SendStats {
+    pub fn child(parent: &Arc<SendStats>) -> Arc<SendStats> {
+        Arc::new(SendStats {
+            parent: Some(parent.clone()),
+            ..Default::default()
+        })
+    }
+
     pub fn dropped(&self) -> u64 {
         self.groups_dropped.load(Ordering::Relaxed)
+    }
+
+    fn each(&self, f: &dyn Fn(&SendStats)) {
+        f(self);
+        if let Some(p) = &self.parent {
+            p.each(f);
+        }
+    }
+
+    fn object(&self, bytes: usize) {
+        self.each(&|s| {
+            s.objects_sent.fetch_add(1, Ordering::Relaxed);
+            s.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+        });
+    }
+
+    fn group_sent(&self) {
+        self.each(&|s| {
+            s.groups_sent.fetch_add(1, Ordering::Relaxed);
+        });
+    }
+
+    fn group_dropped(&self) {
+        self.each(&|s| {
+            s.groups_dropped.fetch_add(1, Ordering::Relaxed);
+        });
     }
 }
 
@@ -66,10 +101,7 @@ async fn send_group(
                 Fetch::Objects(objs) => {
                     for o in &objs {
                         io::write_object(&mut s, o).await?;
-                        stats.objects_sent.fetch_add(1, Ordering::Relaxed);
-                        stats
-                            .bytes_sent
-                            .fetch_add(o.payload.len() as u64, Ordering::Relaxed);
+                        stats.object(o.payload.len());
                     }
                     next += objs.len();
                 }
@@ -89,7 +121,7 @@ async fn send_group(
         }
         Err(IoError::Ended) => {
             let _ = s.reset(codes::SUPERSEDED.into());
-            stats.groups_dropped.fetch_add(1, Ordering::Relaxed);
+            stats.group_dropped();
             return false;
         }
         Err(e) => {
@@ -102,7 +134,7 @@ async fn send_group(
         r = s.stopped() => matches!(r, Ok(None)),
         _ = stop.cancelled() => {
             let _ = s.reset(codes::SUPERSEDED.into());
-            stats.groups_dropped.fetch_add(1, Ordering::Relaxed);
+            stats.group_dropped();
             false
         }
     }
@@ -141,7 +173,7 @@ pub fn start_group(
     );
     tokio::spawn(async move {
         if send_group(&conn, id, &kind, group, &stats, stop).await {
-            stats.groups_sent.fetch_add(1, Ordering::Relaxed);
+            stats.group_sent();
         }
         in_flight
             .lock()

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tiandi_video::relay::{Relay, RelayOptions};
+use tiandi_video::relay::{Relay, RelayOptions, Upstream};
 
 /// mimalloc, as in the controller: a relay allocates per packet for hundreds of connections.
 #[global_allocator]
@@ -42,6 +42,12 @@ enum Cmd {
         cert: PathBuf,
         #[arg(long)]
         key: PathBuf,
+        /// The relay above this one (cascade): its address...
+        #[arg(long, requires = "upstream_name")]
+        upstream: Option<SocketAddr>,
+        /// ...and its site ID.
+        #[arg(long, requires = "upstream")]
+        upstream_name: Option<String>,
         /// Link profile of the participants (geo, leo, terrestrial, custom:RTT:KBIT).
         #[arg(long, default_value = "terrestrial")]
         profile: tiandi_link::LinkProfile,
@@ -66,22 +72,41 @@ async fn main() -> anyhow::Result<()> {
             ca,
             cert,
             key,
+            upstream,
+            upstream_name,
             profile,
             log,
         } => {
             tiandi_link::init_logging(&log);
-            let tls = tiandi_video::relay_tls(
-                &read(&ca, "CA certificate")?,
-                &read(&cert, "relay certificate")?,
-                &read(&key, "relay key")?,
-            )
-            .context("relay TLS")?;
+            let (ca_pem, cert_pem, key_pem) = (
+                read(&ca, "CA certificate")?,
+                read(&cert, "relay certificate")?,
+                read(&key, "relay key")?,
+            );
+            let tls = tiandi_video::relay_tls(&ca_pem, &cert_pem, &key_pem).context("relay TLS")?;
+            let upstream = match (upstream, upstream_name) {
+                (Some(addr), Some(up_name)) => {
+                    let client = tiandi_link::client_config(
+                        tiandi_video::client_tls(&ca_pem, &cert_pem, &key_pem)
+                            .context("upstream TLS")?,
+                        profile.transport(),
+                    )?;
+                    Some(Upstream {
+                        endpoint: tiandi_link::client_endpoint(addr)?,
+                        addr,
+                        name: up_name,
+                        client,
+                    })
+                }
+                _ => None,
+            };
             let secret: [u8; 32] = rand::random();
             let endpoint = tiandi_link::server_endpoint(listen, tls, profile.transport(), &secret)
                 .with_context(|| format!("listening on {listen}"))?;
             let relay = Relay::new(RelayOptions {
                 name: name.clone(),
                 chair,
+                upstream,
             });
             let cancel = tiandi_link::shutdown_token();
             tracing::info!(%listen, relay = %name, "Relay running.");

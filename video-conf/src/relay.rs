@@ -71,6 +71,8 @@ pub struct Room {
     floor: watch::Sender<FloorState>,
     tracks: watch::Sender<BTreeMap<TrackKey, Arc<Track>>>,
     roster: Mutex<BTreeMap<String, Member>>,
+    /// Its upstream session is running (a cascading relay's).
+    cascading: std::sync::atomic::AtomicBool,
 }
 
 impl Room {
@@ -84,6 +86,7 @@ impl Room {
             .0,
             tracks: watch::channel(BTreeMap::new()).0,
             roster: Mutex::new(BTreeMap::new()),
+            cascading: Default::default(),
         })
     }
 
@@ -152,11 +155,24 @@ pub struct RelayOptions {
     pub name: String,
     /// The site that chairs rooms created on first join.
     pub chair: String,
+    /// The relay above this one, if it cascades.
+    pub upstream: Option<Upstream>,
+}
+
+/// Where a cascading relay takes its rooms from (a province relay's ministry relay).
+#[derive(Clone)]
+pub struct Upstream {
+    pub endpoint: quinn::Endpoint,
+    pub addr: std::net::SocketAddr,
+    /// The upstream relay's site ID (the name its certificate carries).
+    pub name: String,
+    pub client: quinn::ClientConfig,
 }
 
 pub struct Relay {
     pub name: String,
     chair: String,
+    upstream: Option<Upstream>,
     rooms: Mutex<HashMap<String, Arc<Room>>>,
     pub stats: RelayStats,
 }
@@ -166,6 +182,7 @@ impl Relay {
         Arc::new(Relay {
             name: opts.name,
             chair: opts.chair,
+            upstream: opts.upstream,
             rooms: Mutex::new(HashMap::new()),
             stats: RelayStats::default(),
         })
@@ -209,6 +226,115 @@ impl Relay {
                 }
             });
         }
+    }
+
+    /// Starts the room's upstream session once (a cascading relay's): every track the
+    /// upstream offers comes down once, whatever the number of viewers here; tracks published
+    /// here go up once; the upstream's floor applies here.
+    fn ensure_cascade(self: &Arc<Self>, room: &Arc<Room>, cancel: &CancellationToken) {
+        let Some(up) = self.upstream.clone() else {
+            return;
+        };
+        if room.cascading.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (relay, room, cancel) = (self.clone(), room.clone(), cancel.clone());
+        let span = info_span!("upstream", relay = %up.name, room = %room.name);
+        tokio::spawn(
+            async move {
+                let mut backoff = Duration::from_millis(500);
+                while !cancel.is_cancelled() {
+                    match relay.cascade_once(&up, &room, &cancel).await {
+                        Ok(()) => backoff = Duration::from_millis(500),
+                        Err(e) => warn!(error = %e, "Upstream session failed; retrying."),
+                    }
+                    let jitter = rand::random::<f64>() * backoff.as_secs_f64();
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs_f64(jitter)) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn cascade_once(
+        self: &Arc<Self>,
+        up: &Upstream,
+        room: &Arc<Room>,
+        cancel: &CancellationToken,
+    ) -> Result<(), IoError> {
+        let conn = up
+            .endpoint
+            .connect_with(
+                up.client.clone(),
+                up.addr,
+                &tiandi_link::tls::relay_server_name(&up.name),
+            )
+            .map_err(|e| IoError::Stream(e.to_string()))?
+            .await
+            .map_err(|e| IoError::Stream(e.to_string()))?;
+        let session = crate::client::Session::join(
+            conn.clone(),
+            &room.name,
+            Role::Relay,
+            vec![self.name.clone()],
+            0,
+        )
+        .await?;
+        info!("Upstream session up.");
+        let mut view = session.view();
+        view.mark_changed();
+        let mut tracks = room.tracks.subscribe();
+        tracks.mark_changed();
+        let mut down: std::collections::HashSet<(String, String)> = Default::default();
+        let mut up_keys: std::collections::HashSet<TrackKey> = Default::default();
+        let result = loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break Ok(()),
+                e = conn.closed() => break Err(IoError::Stream(e.to_string())),
+                r = view.changed() => {
+                    if r.is_err() { break Err(IoError::Ended) }
+                    let v = view.borrow_and_update().clone();
+                    room.set_floor((!v.floor.is_empty()).then_some(v.floor.clone()));
+                    for t in v.tracks {
+                        // Tracks from here (or through here) never come back down.
+                        if t.via.iter().any(|x| x == &self.name) {
+                            continue;
+                        }
+                        let k = (t.publisher.clone(), t.kind.clone());
+                        if down.insert(k.clone()) {
+                            session.subscribe(&k.0, &k.1, "").await?;
+                            let (session, room) = (session.clone(), room.clone());
+                            tokio::spawn(async move {
+                                let track = session.received(&k.0, &k.1).await;
+                                debug!(track = %track.key(), "Upstream track here.");
+                                room.add_track(track);
+                            }.in_current_span());
+                        }
+                    }
+                }
+                r = tracks.changed() => {
+                    if r.is_err() { break Err(IoError::Ended) }
+                    let here: Vec<Arc<Track>> = tracks.borrow_and_update().values().cloned().collect();
+                    for t in here {
+                        // Up goes what was published here or below, once.
+                        if t.info.via.iter().any(|x| x == &up.name) || !up_keys.insert(t.key()) {
+                            continue;
+                        }
+                        session.publish_via(t, Some(&self.name)).await?;
+                    }
+                }
+            }
+        };
+        // Tracks mirrored from upstream end with the session.
+        for t in session.received_tracks() {
+            room.remove_track(&t);
+        }
+        session.close();
+        result
     }
 
     async fn participant(self: Arc<Self>, conn: quinn::Connection, cancel: CancellationToken) {
@@ -265,10 +391,15 @@ impl Relay {
                     message: msg.clone(),
                 }))
                 .await;
+            // Let the Error frame arrive before the close discards it (the close carries
+            // the reason too).
+            let _ = writer.0.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(1), writer.0.stopped()).await;
             conn.close(codes::LOOP.into(), msg.as_bytes());
             return Ok(());
         }
         let room = self.room(&hello.room);
+        self.ensure_cascade(&room, &cancel);
         info!(room = %room.name, role = role.as_str(), "Participant joined.");
         writer
             .send(&Control::Welcome(Welcome {
@@ -343,9 +474,13 @@ impl Participant {
         Tracks {
             tracks: tracks
                 .values()
-                .map(|t| TrackInfo {
-                    id: self.out_id(&t.key()),
-                    ..t.info.clone()
+                .map(|t| {
+                    let mut info = TrackInfo {
+                        id: self.out_id(&t.key()),
+                        ..t.info.clone()
+                    };
+                    info.via.push(self.relay.name.clone());
+                    info
                 })
                 .collect(),
         }
@@ -411,6 +546,10 @@ impl Participant {
                                 self.site, info.publisher
                             ),
                         }));
+                    }
+                    if info.via.iter().any(|v| v == &self.relay.name) {
+                        warn!(track = %info.key(), via = ?info.via, "A track that already passed through this relay (a cascade loop) is ignored.");
+                        continue;
                     }
                     let t = Track::new(info.clone());
                     self.announced
@@ -584,12 +723,11 @@ impl Participant {
     ) {
         let mut tracks = self.room.tracks.subscribe();
         tracks.mark_changed();
-        let stats = self.relay.stats.send.clone();
         let mut chooser: Option<RenditionChooser> = None;
         let mut current: Option<(Arc<Track>, crate::track::GroupWatch)> = None;
         let flights = forward::in_flight();
         let mut dropped_seen = 0u64;
-        let dropped = Arc::new(SendStats::default());
+        let dropped = SendStats::child(&self.relay.stats.send);
         loop {
             // Renditions of this publisher's `kind` now in the room.
             let options: Vec<Arc<Track>> = self
@@ -668,14 +806,6 @@ impl Participant {
         }
         for (_, s) in std::mem::take(&mut *flights.lock().expect("in-flight lock poisoned")) {
             s.cancel();
-        }
-        for (a, b) in [
-            (&stats.groups_sent, &dropped.groups_sent),
-            (&stats.groups_dropped, &dropped.groups_dropped),
-            (&stats.objects_sent, &dropped.objects_sent),
-            (&stats.bytes_sent, &dropped.bytes_sent),
-        ] {
-            a.fetch_add(b.load(Ordering::Relaxed), Ordering::Relaxed);
         }
     }
 

@@ -161,6 +161,11 @@ pub struct TrackInfo {
     pub sample_rate: u32,
     #[prost(uint32, tag = "11")]
     pub channels: u32,
+    /// Relays the track has passed through, nearest last. A relay never takes a track whose
+    /// path names it, and never sends a track back up to a relay it came from: cascades
+    /// cannot loop.
+    #[prost(string, repeated, tag = "12")]
+    pub via: Vec<String>,
 }
 
 impl TrackInfo {

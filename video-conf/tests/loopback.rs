@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tiandi_link::pki::{self, Ca};
-use tiandi_video::relay::{Relay, RelayOptions};
+use tiandi_video::relay::{Relay, RelayOptions, Upstream};
 use tiandi_video::track::{Fetch, Track};
 use tiandi_video::wire::{self, Object, Role, TrackInfo};
 use tiandi_video::{client::Session, client_tls, relay_tls};
@@ -31,7 +31,7 @@ fn site(ca: &Ca, id: &str) -> Site {
 }
 
 struct Lab {
-    ca: Ca,
+    ca: Arc<Ca>,
     relay: Arc<Relay>,
     addr: std::net::SocketAddr,
     name: String,
@@ -43,20 +43,40 @@ fn transport() -> Arc<quinn::TransportConfig> {
 }
 
 async fn lab() -> Lab {
+    relay_on(
+        Arc::new(Ca::generate("test CA").unwrap()),
+        "ministry-relay",
+        None,
+    )
+    .await
+}
+
+/// A relay named `name` with certificates from `ca`, cascading from `upstream` if given.
+async fn relay_on(ca: Arc<Ca>, name: &str, upstream: Option<&Lab>) -> Lab {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
         .with_test_writer()
         .try_init();
-    let ca = Ca::generate("test CA").unwrap();
-    let r = site(&ca, "ministry-relay");
+    let r = site(&ca, name);
     let tls = relay_tls(ca.cert_pem(), &r.cert, &r.key).unwrap();
     let ep =
         tiandi_link::server_endpoint("127.0.0.1:0".parse().unwrap(), tls, transport(), &[7; 32])
             .unwrap();
     let addr = ep.local_addr().unwrap();
+    let upstream = upstream.map(|u| Upstream {
+        endpoint: tiandi_link::client_endpoint(u.addr).unwrap(),
+        addr: u.addr,
+        name: u.name.clone(),
+        client: tiandi_link::client_config(
+            client_tls(ca.cert_pem(), &r.cert, &r.key).unwrap(),
+            transport(),
+        )
+        .unwrap(),
+    });
     let relay = Relay::new(RelayOptions {
         name: r.id.clone(),
         chair: "ministry".into(),
+        upstream,
     });
     let cancel = CancellationToken::new();
     tokio::spawn(relay.clone().serve(ep, cancel.clone()));
@@ -143,7 +163,10 @@ async fn collect(t: Arc<Track>, until: u64, secs: u64) -> Vec<(u64, usize, bool)
             break;
         }
         let Some(g) = rx.borrow_and_update().clone() else {
-            break;
+            if t.is_closed() {
+                break;
+            }
+            continue;
         };
         // Read the group whole.
         let mut n = 0;
@@ -300,4 +323,74 @@ async fn a_malformed_group_stream_closes_only_itself() {
     assert!(got.iter().any(|g| g.0 >= 100), "{got:?}");
     assert!(pubr.conn.close_reason().is_none());
     src.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cascade_carries_each_stream_once_each_way() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let ca = Arc::new(Ca::generate("test CA").unwrap());
+    let top = relay_on(ca.clone(), "ministry-relay", None).await;
+    let gd = relay_on(ca.clone(), "gd-relay", Some(&top)).await;
+    let chair = top.join("ministry").await;
+    let counties = [
+        gd.join("gd-001").await,
+        gd.join("gd-002").await,
+        gd.join("gd-003").await,
+    ];
+    let t = video("ministry");
+    chair.publish(t.clone()).await.unwrap();
+    for c in &counties {
+        c.subscribe("ministry", "video", "").await.unwrap();
+    }
+    let src = tokio::spawn(run_source(t.clone(), 1, 8, 10));
+    for c in &counties {
+        let got = collect(received(c, "ministry").await, 3, 20).await;
+        assert!(got.len() >= 3, "{got:?}");
+        assert!(got.iter().skip(1).all(|g| g.1 == 10 && g.2), "{got:?}");
+    }
+    src.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The ministry's relay sent each group once (to the province relay), not once per county.
+    let top_groups = top.relay.stats.send.groups_sent.load(Relaxed);
+    let gd_groups = gd.relay.stats.send.groups_sent.load(Relaxed);
+    assert!(
+        (7..=8).contains(&top_groups),
+        "top relay sent {top_groups} groups"
+    );
+    assert!(gd_groups >= 3 * 7, "province relay sent {gd_groups} groups");
+
+    // Up the cascade: a county given the floor reaches the ministry, once.
+    top.relay.room("drill").set_floor(Some("gd-002".into()));
+    let mut v = counties[1].view();
+    tokio::time::timeout(Duration::from_secs(5), v.wait_for(|v| v.floor == "gd-002"))
+        .await
+        .unwrap()
+        .unwrap();
+    let speaker = video("gd-002");
+    counties[1].publish(speaker.clone()).await.unwrap();
+    chair.subscribe("gd-002", "video", "").await.unwrap();
+    counties[0].subscribe("gd-002", "video", "").await.unwrap();
+    let src = tokio::spawn(run_source(speaker.clone(), 1, 6, 10));
+    let at_top = collect(received(&chair, "gd-002").await, 3, 20).await;
+    assert!(at_top.len() >= 3, "{at_top:?}");
+    let next_door = collect(received(&counties[0], "gd-002").await, 3, 20).await;
+    assert!(next_door.len() >= 3, "{next_door:?}");
+    src.await.unwrap();
+    // A track never comes back down the way it went up.
+    let keys = gd.relay.room("drill").track_keys();
+    assert_eq!(
+        keys.iter().filter(|k| k.publisher == "gd-002").count(),
+        1,
+        "{keys:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_refuses_a_path_through_itself() {
+    let lab = lab().await;
+    let s = site(&lab.ca, "gd-relay");
+    let conn = lab.connect(&s).await.unwrap();
+    let r = Session::join(conn, "drill", Role::Relay, vec![lab.name.clone()], 0).await;
+    let err = r.err().expect("refused").to_string();
+    assert!(err.contains("loop"), "{err}");
 }
