@@ -9,6 +9,7 @@
 pub mod client;
 pub mod forward;
 pub mod io;
+pub mod media;
 pub mod policy;
 pub mod relay;
 pub mod track;

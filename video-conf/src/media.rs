@@ -1,0 +1,763 @@
+//! Media in and out through FFmpeg (ffmpeg-next): a source becomes tracks (H.264 in two
+//! renditions with keyframes at the same frames, AAC audio), and received tracks become
+//! MPEG-TS for a decoder, a TV, VLC, or a file.
+//!
+//! FFmpeg calls block, so sources and sinks run on threads of their own; tracks and channels
+//! connect them to the async side.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ff::util::mathematics::rescale::Rescale;
+use ffmpeg_next as ff;
+use tracing::{info, warn};
+
+use crate::track::{Group, Track};
+use crate::wire::{Object, TrackInfo, flags};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MediaError {
+    #[error("{what}: {source}")]
+    Ffmpeg {
+        what: String,
+        #[source]
+        source: ff::Error,
+    },
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+fn ffe(what: impl Into<String>) -> impl FnOnce(ff::Error) -> MediaError {
+    let what = what.into();
+    move |source| MediaError::Ffmpeg { what, source }
+}
+
+/// Microseconds: the media clock on the wire.
+const US: ff::Rational = ff::Rational(1, 1_000_000);
+/// Audio objects per audio group (AAC frames of 1024 samples: ~0.5 s at 48 kHz).
+pub const AUDIO_GROUP: u64 = 24;
+
+pub fn init() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = ff::init();
+        ff::device::register_all();
+        ff::util::log::set_level(ff::util::log::Level::Error);
+    });
+}
+
+/// What to make of a source.
+#[derive(Clone, Debug)]
+pub struct SourceOptions {
+    pub publisher: String,
+    pub high_kbps: u32,
+    pub low_kbps: u32,
+    /// Frames per group (keyframe interval), both renditions.
+    pub gop: u32,
+    /// Height of the high rendition at most (the low one is 360 lines).
+    pub max_height: u32,
+}
+
+impl SourceOptions {
+    pub fn new(publisher: &str) -> SourceOptions {
+        SourceOptions {
+            publisher: publisher.into(),
+            high_kbps: 1500,
+            low_kbps: 300,
+            gop: 50,
+            max_height: 720,
+        }
+    }
+}
+
+/// A running source: its tracks, and a handle to stop it.
+pub struct Source {
+    pub tracks: Vec<Arc<Track>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<(), MediaError>>>,
+}
+
+impl Source {
+    pub fn stop(&mut self) -> Result<(), MediaError> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(MediaError::Unsupported("the source thread panicked".into())),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the source has ended (end of file, stream gone).
+    pub fn finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Opens `spec`: `pattern` (a test pattern with a tone), `udp://…` (MPEG-TS from an encoder
+/// or `ffmpeg`), `/dev/videoN` (V4L2), or a media file (played at its own pace).
+pub fn open_source(spec: &str, opts: SourceOptions) -> Result<Source, MediaError> {
+    init();
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (spec2, stop2) = (spec.to_string(), stop.clone());
+    let thread = std::thread::Builder::new()
+        .name("media-source".into())
+        .spawn(move || run_source(&spec2, &opts, &stop2, tx))
+        .map_err(|e| MediaError::Unsupported(format!("source thread: {e}")))?;
+    match rx.recv() {
+        Ok(tracks) => Ok(Source {
+            tracks,
+            stop,
+            thread: Some(thread),
+        }),
+        Err(_) => match thread.join() {
+            Ok(Err(e)) => Err(e),
+            _ => Err(MediaError::Unsupported(format!(
+                "source {spec} failed to open"
+            ))),
+        },
+    }
+}
+
+fn open_input(spec: &str) -> Result<ff::format::context::Input, MediaError> {
+    let device = |name: &str| {
+        ff::device::input::video()
+            .chain(ff::device::input::audio())
+            .find(|f| f.name() == name)
+            .ok_or_else(|| MediaError::Unsupported(format!("FFmpeg has no {name} input here")))
+    };
+    let ctx = if spec == "pattern" {
+        let mut o = ff::Dictionary::new();
+        o.set("graph", "testsrc2=size=1280x720:rate=25[out0];sine=frequency=440:sample_rate=48000:samples_per_frame=1024[out1]");
+        ff::format::open_with("", &device("lavfi")?, o)
+    } else if spec.starts_with("/dev/video") {
+        ff::format::open_with(spec, &device("video4linux2,v4l2")?, ff::Dictionary::new())
+    } else if spec.starts_with("udp://") || spec.starts_with("srt://") || spec.starts_with("rtp://") {
+        let mut o = ff::Dictionary::new();
+        o.set("overrun_nonfatal", "1");
+        o.set("fifo_size", "100000");
+        o.set("timeout", "10000000");
+        return ff::format::input_with_dictionary(&spec, o).map_err(ffe(format!("opening {spec}")));
+    } else {
+        return ff::format::input(&spec).map_err(ffe(format!("opening {spec}")));
+    }
+    .map_err(ffe(format!("opening {spec}")))?;
+    match ctx {
+        ff::format::context::Context::Input(i) => Ok(i),
+        _ => Err(MediaError::Unsupported(format!("{spec} is not an input"))),
+    }
+}
+
+fn x264(
+    w: u32,
+    h: u32,
+    kbps: u32,
+    gop: u32,
+    fps: ff::Rational,
+) -> Result<ff::encoder::Video, MediaError> {
+    let codec = ff::encoder::find_by_name("libx264")
+        .ok_or_else(|| MediaError::Unsupported("FFmpeg here has no libx264".into()))?;
+    let mut e = ff::codec::context::Context::new_with_codec(codec)
+        .encoder()
+        .video()
+        .map_err(ffe("x264 context"))?;
+    e.set_width(w);
+    e.set_height(h);
+    e.set_format(ff::format::Pixel::YUV420P);
+    e.set_time_base(US);
+    e.set_frame_rate(Some(fps));
+    e.set_gop(gop);
+    e.set_max_b_frames(0);
+    e.set_bit_rate(kbps as usize * 1000);
+    e.set_max_bit_rate(kbps as usize * 1000);
+    let mut o = ff::Dictionary::new();
+    o.set("preset", "veryfast");
+    o.set("tune", "zerolatency");
+    // Keyframes only every `gop` frames, in both renditions alike: groups line up, so a
+    // subscriber can switch rendition at any group boundary.
+    o.set(
+        "x264-params",
+        &format!("scenecut=0:keyint={gop}:min-keyint={gop}:vbv-bufsize={kbps}"),
+    );
+    e.open_as_with(codec, o).map_err(ffe("opening x264"))
+}
+
+/// An AAC encoder for `rate` and `layout`.
+fn aac(rate: u32, layout: ff::ChannelLayout) -> Result<ff::encoder::Audio, MediaError> {
+    let codec = ff::encoder::find(ff::codec::Id::AAC)
+        .ok_or_else(|| MediaError::Unsupported("FFmpeg here has no AAC encoder".into()))?;
+    let mut e = ff::codec::context::Context::new_with_codec(codec)
+        .encoder()
+        .audio()
+        .map_err(ffe("AAC context"))?;
+    e.set_rate(rate as i32);
+    e.set_channel_layout(layout);
+    e.set_format(ff::format::Sample::F32(ff::format::sample::Type::Planar));
+    e.set_bit_rate(96_000);
+    e.set_time_base(ff::Rational(1, rate as i32));
+    e.open_as(codec).map_err(ffe("opening the AAC encoder"))
+}
+
+/// ADTS header for one raw AAC-LC frame (what MPEG-TS carries).
+pub fn adts(frame_len: usize, rate: u32, channels: u16) -> [u8; 7] {
+    const RATES: [u32; 13] = [
+        96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350,
+    ];
+    let sr = RATES.iter().position(|r| *r == rate).unwrap_or(3) as u8;
+    let len = frame_len + 7;
+    let ch = channels.min(7) as u8;
+    [
+        0xFF,
+        0xF1,
+        (1 << 6) | (sr << 2) | (ch >> 2),
+        ((ch & 3) << 6) | ((len >> 11) as u8 & 3),
+        (len >> 3) as u8,
+        (((len & 7) as u8) << 5) | 0x1F,
+        0xFC,
+    ]
+}
+
+/// Appends objects to a track, starting groups at keyframes (video) or every
+/// [`AUDIO_GROUP`] objects (audio).
+struct Feeder {
+    track: Arc<Track>,
+    group: Option<Arc<Group>>,
+    seq: u64,
+    in_group: u64,
+    video: bool,
+}
+
+impl Feeder {
+    fn new(track: Arc<Track>, video: bool) -> Feeder {
+        Feeder {
+            track,
+            group: None,
+            seq: 0,
+            in_group: 0,
+            video,
+        }
+    }
+
+    fn push(&mut self, o: Object) {
+        let boundary = if self.video {
+            o.is_key()
+        } else {
+            self.in_group >= AUDIO_GROUP
+        };
+        if self.group.is_none() && self.video && !o.is_key() {
+            return; // a video group starts at a keyframe
+        }
+        if boundary || self.group.is_none() {
+            if let Some(g) = self.group.take() {
+                g.finish();
+            }
+            self.seq += 1;
+            self.in_group = 0;
+            self.group = Some(self.track.start_group(self.seq));
+        }
+        self.in_group += 1;
+        if let Some(g) = &self.group {
+            g.push(o);
+        }
+    }
+
+    fn end(&mut self) {
+        if let Some(g) = self.group.take() {
+            g.finish();
+        }
+        self.track.close();
+    }
+}
+
+fn drain_video(enc: &mut ff::encoder::Video, feed: &mut Feeder) {
+    let mut p = ff::Packet::empty();
+    while enc.receive_packet(&mut p).is_ok() {
+        let (Some(data), Some(pts)) = (p.data(), p.pts()) else {
+            continue;
+        };
+        feed.push(Object {
+            pts_us: pts,
+            flags: if p.is_key() { flags::KEY } else { 0 },
+            payload: Bytes::copy_from_slice(data),
+        });
+    }
+}
+
+fn run_source(
+    spec: &str,
+    opts: &SourceOptions,
+    stop: &AtomicBool,
+    ready: std::sync::mpsc::SyncSender<Vec<Arc<Track>>>,
+) -> Result<(), MediaError> {
+    let mut ictx = open_input(spec)?;
+    let vstream = ictx
+        .streams()
+        .best(ff::media::Type::Video)
+        .ok_or_else(|| MediaError::Unsupported(format!("{spec} has no video")))?;
+    let (vi, vtb, fps) = (
+        vstream.index(),
+        vstream.time_base(),
+        vstream.avg_frame_rate(),
+    );
+    let fps = if fps.numerator() > 0 {
+        fps
+    } else {
+        ff::Rational(25, 1)
+    };
+    let mut vdec = ff::codec::context::Context::from_parameters(vstream.parameters())
+        .map_err(ffe("video decoder"))?
+        .decoder()
+        .video()
+        .map_err(ffe("video decoder"))?;
+    let astream = ictx.streams().best(ff::media::Type::Audio);
+    let (ai, atb) = astream
+        .as_ref()
+        .map_or((usize::MAX, US), |s| (s.index(), s.time_base()));
+    let mut adec = match astream {
+        Some(s) => Some(
+            ff::codec::context::Context::from_parameters(s.parameters())
+                .map_err(ffe("audio decoder"))?
+                .decoder()
+                .audio()
+                .map_err(ffe("audio decoder"))?,
+        ),
+        None => None,
+    };
+    // Renditions: high at the source's size (at most max_height lines), low at 360 lines.
+    let (sw, sh) = (vdec.width(), vdec.height());
+    if sw == 0 || sh == 0 {
+        return Err(MediaError::Unsupported(format!(
+            "{spec}: video of unknown size"
+        )));
+    }
+    let even = |x: u32| (x / 2 * 2).max(2);
+    let hh = sh.min(opts.max_height);
+    let (hw, hh) = (even(sw * hh / sh), even(hh));
+    let (lw, lh) = (even(sw * 360 / sh), 360);
+    let mut high = x264(hw, hh, opts.high_kbps, opts.gop, fps)?;
+    let mut low = x264(lw, lh, opts.low_kbps, opts.gop, fps)?;
+    let mut to_high = ff::software::scaling::Context::get(
+        vdec.format(),
+        sw,
+        sh,
+        ff::format::Pixel::YUV420P,
+        hw,
+        hh,
+        ff::software::scaling::Flags::BILINEAR,
+    )
+    .map_err(ffe("scaler"))?;
+    let mut to_low = ff::software::scaling::Context::get(
+        vdec.format(),
+        sw,
+        sh,
+        ff::format::Pixel::YUV420P,
+        lw,
+        lh,
+        ff::software::scaling::Flags::BILINEAR,
+    )
+    .map_err(ffe("scaler"))?;
+    let vinfo = |rendition: &str, kbps: u32, w: u32, h: u32| TrackInfo {
+        publisher: opts.publisher.clone(),
+        kind: "video".into(),
+        codec: "h264".into(),
+        rendition: rendition.into(),
+        bitrate_kbps: kbps,
+        width: w,
+        height: h,
+        ..Default::default()
+    };
+    let th = Track::new(vinfo("high", opts.high_kbps, hw, hh));
+    let tl = Track::new(vinfo("low", opts.low_kbps, lw, lh));
+    let mut fh = Feeder::new(th.clone(), true);
+    let mut fl = Feeder::new(tl.clone(), true);
+    let mut tracks = vec![th, tl];
+    let mut audio = match &adec {
+        Some(d) => {
+            let layout = if d.channel_layout().channels() > 0 {
+                d.channel_layout()
+            } else {
+                ff::ChannelLayout::default(i32::from(d.channels()))
+            };
+            let enc = aac(d.rate(), layout)?;
+            let rs = ff::software::resampling::Context::get(
+                d.format(),
+                layout,
+                d.rate(),
+                enc.format(),
+                layout,
+                d.rate(),
+            )
+            .map_err(ffe("resampler"))?;
+            let t = Track::new(TrackInfo {
+                publisher: opts.publisher.clone(),
+                kind: "audio".into(),
+                codec: "aac".into(),
+                rendition: "main".into(),
+                bitrate_kbps: 96,
+                sample_rate: d.rate(),
+                channels: u32::from(layout.channels() as u16),
+                ..Default::default()
+            });
+            tracks.push(t.clone());
+            Some(AudioPath {
+                enc,
+                rs,
+                fifo: vec![Vec::new(); layout.channels() as usize],
+                layout,
+                rate: d.rate(),
+                next_pts: None,
+                feed: Feeder::new(t, false),
+            })
+        }
+        None => None,
+    };
+    let _ = ready.send(tracks);
+    info!(source = spec, width = hw, height = hh, "Source open.");
+
+    let started = Instant::now();
+    let mut first_us: Option<i64> = None;
+    let mut vframe = ff::frame::Video::empty();
+    let mut aframe = ff::frame::Audio::empty();
+    for (stream, packet) in ictx.packets() {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let idx = stream.index();
+        if idx == vi {
+            if vdec.send_packet(&packet).is_err() {
+                continue; // a damaged packet: the decoder resyncs at the next keyframe
+            }
+            while vdec.receive_frame(&mut vframe).is_ok() {
+                let Some(ts) = vframe.timestamp() else {
+                    continue;
+                };
+                let us = ts.rescale(vtb, US);
+                // Play files and generated patterns at their own pace (live sources already are).
+                let first = *first_us.get_or_insert(us);
+                let due = Duration::from_micros(u64::try_from(us - first).unwrap_or(0));
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(wait.min(Duration::from_secs(1)));
+                }
+                for (scaler, enc, feed) in [
+                    (&mut to_high, &mut high, &mut fh),
+                    (&mut to_low, &mut low, &mut fl),
+                ] {
+                    let mut out = ff::frame::Video::empty();
+                    if scaler.run(&vframe, &mut out).is_err() {
+                        continue;
+                    }
+                    out.set_pts(Some(us));
+                    out.set_kind(ff::picture::Type::None);
+                    if enc.send_frame(&out).is_ok() {
+                        drain_video(enc, feed);
+                    }
+                }
+            }
+        } else if idx == ai {
+            let (Some(dec), Some(a)) = (adec.as_mut(), audio.as_mut()) else {
+                continue;
+            };
+            if dec.send_packet(&packet).is_err() {
+                continue;
+            }
+            while dec.receive_frame(&mut aframe).is_ok() {
+                let Some(ts) = aframe.timestamp() else {
+                    continue;
+                };
+                a.push(&aframe, ts.rescale(atb, US));
+            }
+        }
+    }
+    for f in [&mut fh, &mut fl] {
+        f.end();
+    }
+    if let Some(a) = audio.as_mut() {
+        a.feed.end();
+    }
+    info!(source = spec, "Source ended.");
+    Ok(())
+}
+
+/// Decoded audio → planar float → 1024-sample frames → AAC → ADTS objects.
+struct AudioPath {
+    enc: ff::encoder::Audio,
+    rs: ff::software::resampling::Context,
+    fifo: Vec<Vec<f32>>,
+    layout: ff::ChannelLayout,
+    rate: u32,
+    /// Media time (µs) of the FIFO's first sample.
+    next_pts: Option<i64>,
+    feed: Feeder,
+}
+
+impl AudioPath {
+    fn push(&mut self, frame: &ff::frame::Audio, pts_us: i64) {
+        let mut conv = ff::frame::Audio::empty();
+        if self.rs.run(frame, &mut conv).is_err() {
+            warn!("Audio conversion failed; frame dropped.");
+            return;
+        }
+        if self.next_pts.is_none() {
+            self.next_pts = Some(pts_us);
+        }
+        for (ch, buf) in self.fifo.iter_mut().enumerate() {
+            buf.extend_from_slice(&conv.plane::<f32>(ch)[..conv.samples()]);
+        }
+        let n = self.enc.frame_size().max(1) as usize;
+        while self.fifo.first().is_some_and(|b| b.len() >= n) {
+            let mut f = ff::frame::Audio::new(self.enc.format(), n, self.layout);
+            for (ch, buf) in self.fifo.iter_mut().enumerate() {
+                f.plane_mut::<f32>(ch)[..n].copy_from_slice(&buf[..n]);
+                buf.drain(..n);
+            }
+            f.set_rate(self.rate);
+            let pts = self.next_pts.unwrap_or(0);
+            // The encoder's time base is 1/rate.
+            f.set_pts(Some(pts.rescale(US, ff::Rational(1, self.rate as i32))));
+            self.next_pts = Some(pts + (n as i64 * 1_000_000) / i64::from(self.rate));
+            if self.enc.send_frame(&f).is_err() {
+                continue;
+            }
+            let mut p = ff::Packet::empty();
+            while self.enc.receive_packet(&mut p).is_ok() {
+                let (Some(data), Some(pts)) = (p.data(), p.pts()) else {
+                    continue;
+                };
+                let mut payload = Vec::with_capacity(data.len() + 7);
+                payload.extend_from_slice(&adts(
+                    data.len(),
+                    self.rate,
+                    self.layout.channels() as u16,
+                ));
+                payload.extend_from_slice(data);
+                self.feed.push(Object {
+                    pts_us: pts.rescale(ff::Rational(1, self.rate as i32), US),
+                    flags: 0,
+                    payload: Bytes::from(payload),
+                });
+            }
+        }
+    }
+}
+
+/// Writes received tracks as MPEG-TS (to `udp://host:port` or a `.ts` file) or Matroska
+/// (a `.mkv` file).
+pub struct Sink {
+    octx: ff::format::context::Output,
+    /// Per stream: time base, last pts written (µs).
+    streams: Vec<(ff::Rational, i64)>,
+}
+
+impl Sink {
+    pub fn open(spec: &str, tracks: &[TrackInfo]) -> Result<Sink, MediaError> {
+        init();
+        let format = if spec.starts_with("udp://") || spec.ends_with(".ts") {
+            "mpegts"
+        } else if spec.ends_with(".mkv") {
+            "matroska"
+        } else {
+            return Err(MediaError::Unsupported(format!(
+                "{spec}: play to udp://HOST:PORT, a .ts file or a .mkv file"
+            )));
+        };
+        let mut octx =
+            ff::format::output_as(&spec, format).map_err(ffe(format!("opening {spec}")))?;
+        for t in tracks {
+            match t.kind.as_str() {
+                "video" => {
+                    let codec = ff::encoder::find(ff::codec::Id::H264);
+                    let mut c = ff::codec::context::Context::new_with_codec(
+                        codec.ok_or_else(|| MediaError::Unsupported("no H.264 codec".into()))?,
+                    )
+                    .encoder()
+                    .video()
+                    .map_err(ffe("video stream"))?;
+                    c.set_width(t.width.max(2));
+                    c.set_height(t.height.max(2));
+                    c.set_format(ff::format::Pixel::YUV420P);
+                    c.set_time_base(US);
+                    octx.add_stream_with(&c)
+                        .map_err(ffe("adding the video stream"))?;
+                }
+                "audio" => {
+                    let codec = ff::encoder::find(ff::codec::Id::AAC);
+                    let mut c = ff::codec::context::Context::new_with_codec(
+                        codec.ok_or_else(|| MediaError::Unsupported("no AAC codec".into()))?,
+                    )
+                    .encoder()
+                    .audio()
+                    .map_err(ffe("audio stream"))?;
+                    c.set_rate(t.sample_rate.max(8000) as i32);
+                    c.set_channel_layout(ff::ChannelLayout::default(t.channels.max(1) as i32));
+                    c.set_format(ff::format::Sample::F32(ff::format::sample::Type::Planar));
+                    c.set_time_base(ff::Rational(1, t.sample_rate.max(8000) as i32));
+                    octx.add_stream_with(&c)
+                        .map_err(ffe("adding the audio stream"))?;
+                }
+                other => {
+                    return Err(MediaError::Unsupported(format!(
+                        "cannot play a {other} track"
+                    )));
+                }
+            }
+        }
+        octx.write_header()
+            .map_err(ffe(format!("writing {spec}'s header")))?;
+        let streams = (0..tracks.len())
+            .map(|i| (octx.stream(i).map_or(US, |s| s.time_base()), i64::MIN))
+            .collect();
+        Ok(Sink { octx, streams })
+    }
+
+    /// Writes one object of stream `index`; objects not after the last one written are
+    /// skipped (a late group tail).
+    pub fn write(&mut self, index: usize, o: &Object) -> Result<bool, MediaError> {
+        let Some((tb, last)) = self.streams.get_mut(index) else {
+            return Ok(false);
+        };
+        if o.pts_us <= *last {
+            return Ok(false);
+        }
+        *last = o.pts_us;
+        let mut p = ff::Packet::copy(&o.payload);
+        let ts = o.pts_us.rescale(US, *tb);
+        p.set_pts(Some(ts));
+        p.set_dts(Some(ts));
+        p.set_stream(index);
+        if o.is_key() {
+            p.set_flags(ff::packet::Flags::KEY);
+        }
+        p.write_interleaved(&mut self.octx)
+            .map_err(ffe("writing a packet"))?;
+        Ok(true)
+    }
+
+    pub fn finish(mut self) -> Result<(), MediaError> {
+        self.octx
+            .write_trailer()
+            .map_err(ffe("writing the trailer"))
+    }
+}
+
+/// Plays `tracks` (received, or a local source's) into `spec` ([`Sink::open`]) until they end
+/// or `stop` fires: each track's groups in order, from the current one; a group that is
+/// dropped or replaced is skipped whole (counted in the result: groups skipped per track).
+pub async fn play(
+    tracks: Vec<Arc<Track>>,
+    spec: &str,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<Vec<u64>, MediaError> {
+    let infos: Vec<TrackInfo> = tracks.iter().map(|t| t.info.clone()).collect();
+    let spec = spec.to_string();
+    // Bounded: a sink that cannot keep up (a slow disk) holds the readers back, and the
+    // relay then drops old groups for this client rather than queue them.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Object)>(1024);
+    let writer = std::thread::Builder::new()
+        .name("media-sink".into())
+        .spawn(move || -> Result<u64, MediaError> {
+            let mut sink = Sink::open(&spec, &infos)?;
+            let mut written = 0;
+            while let Ok((i, o)) = rx.recv() {
+                if sink.write(i, &o)? {
+                    written += 1;
+                }
+            }
+            sink.finish()?;
+            Ok(written)
+        })
+        .map_err(|e| MediaError::Unsupported(format!("sink thread: {e}")))?;
+    let mut readers = Vec::new();
+    for (i, t) in tracks.into_iter().enumerate() {
+        let (tx, stop) = (tx.clone(), stop.clone());
+        readers.push(tokio::spawn(async move {
+            let mut rx = t.subscribe();
+            let mut skipped = 0u64;
+            let mut last_seq = 0u64;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    r = rx.changed() => if r.is_err() { break },
+                }
+                let Some(g) = rx.borrow_and_update().clone() else {
+                    if t.is_closed() {
+                        break;
+                    }
+                    continue;
+                };
+                if last_seq != 0 && g.seq > last_seq + 1 {
+                    skipped += g.seq - last_seq - 1;
+                }
+                last_seq = g.seq;
+                let mut n = 0;
+                loop {
+                    let fetched = tokio::select! {
+                        _ = stop.cancelled() => None,
+                        f = g.next_from(n) => Some(f),
+                    };
+                    match fetched {
+                        Some(crate::track::Fetch::Objects(objs)) => {
+                            n += objs.len();
+                            for o in objs {
+                                let tx = tx.clone();
+                                if tokio::task::spawn_blocking(move || tx.send((i, o)))
+                                    .await
+                                    .map_or(true, |r| r.is_err())
+                                {
+                                    return skipped;
+                                }
+                            }
+                        }
+                        Some(crate::track::Fetch::Aborted) => {
+                            skipped += 1;
+                            break;
+                        }
+                        Some(crate::track::Fetch::End) => break,
+                        None => return skipped,
+                    }
+                    // A newer group has started: finish this one only if it is still
+                    // arriving in order (its tail), never wait for it.
+                    if rx.has_changed().unwrap_or(false) && !g.ended() {
+                        break;
+                    }
+                }
+            }
+            skipped
+        }));
+    }
+    drop(tx);
+    let mut skipped = Vec::new();
+    for r in readers {
+        skipped.push(r.await.unwrap_or(0));
+    }
+    let written = tokio::task::spawn_blocking(move || writer.join())
+        .await
+        .map_err(|e| MediaError::Unsupported(format!("sink: {e}")))?
+        .map_err(|_| MediaError::Unsupported("the sink thread panicked".into()))??;
+    info!(written, "Playback ended.");
+    Ok(skipped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adts_headers_are_well_formed() {
+        let h = adts(371, 48000, 2);
+        assert_eq!(h[0], 0xFF);
+        assert_eq!(h[1] & 0xF6, 0xF0);
+        // Frame length (13 bits) includes the header.
+        let len = (usize::from(h[3] & 3) << 11) | (usize::from(h[4]) << 3) | usize::from(h[5] >> 5);
+        assert_eq!(len, 378);
+        assert_eq!((h[2] >> 2) & 0xF, 3, "48 kHz");
+        assert_eq!(((h[2] & 1) << 2) | (h[3] >> 6), 2, "stereo");
+    }
+}
