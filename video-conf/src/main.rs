@@ -1,7 +1,4 @@
-//! `tiandi-video`: run a conference relay.
-//!
-//! (`join`, the site client with real media sources and sinks, comes with the FFmpeg work;
-//! the library's [`tiandi_video::client::Session`] is its core.)
+//! `tiandi-video`: run a conference relay, or join a conference from a site.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -52,6 +49,52 @@ enum Cmd {
         #[arg(long, default_value = "terrestrial")]
         profile: tiandi_link::LinkProfile,
         /// Log filter (RUST_LOG wins).
+        #[arg(long, default_value = "info")]
+        log: String,
+    },
+    /// Join a room from a site: publish a source, play what a publisher sends, record it.
+    Join {
+        /// The relay's address...
+        #[arg(long)]
+        relay: SocketAddr,
+        /// ...and its site ID (the name its certificate carries).
+        #[arg(long)]
+        relay_name: String,
+        #[arg(long)]
+        room: String,
+        /// This site's CA certificate, certificate and key (PEM), as enrolled.
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        /// What to publish: `pattern`, `udp://HOST:PORT` (MPEG-TS from an encoder or
+        /// ffmpeg), `/dev/videoN`, or a media file. Reaches the others while this site holds
+        /// the floor (or chairs).
+        #[arg(long)]
+        publish: Option<String>,
+        /// Where to play: `udp://HOST:PORT` (MPEG-TS to a decoder, TV or VLC) or a `.ts` /
+        /// `.mkv` file.
+        #[arg(long)]
+        play: Option<String>,
+        /// Also record what is played to this `.ts` or `.mkv` file.
+        #[arg(long)]
+        record: Option<String>,
+        /// Whose video and audio to play (default: the room's chair).
+        #[arg(long)]
+        from: Option<String>,
+        /// The rendition to ask for (default: the relay chooses by this link).
+        #[arg(long, default_value = "")]
+        rendition: String,
+        /// This site's link rate, if known (kbit/s): the relay starts with a rendition that fits.
+        #[arg(long, default_value_t = 0)]
+        link_kbps: u32,
+        /// Leave after this many seconds (default: at Ctrl-C, or when the source ends).
+        #[arg(long)]
+        duration: Option<f64>,
+        #[arg(long, default_value = "terrestrial")]
+        profile: tiandi_link::LinkProfile,
         #[arg(long, default_value = "info")]
         log: String,
     },
@@ -119,5 +162,158 @@ async fn main() -> anyhow::Result<()> {
             endpoint.wait_idle().await;
             Ok(())
         }
+        Cmd::Join {
+            relay,
+            relay_name,
+            room,
+            ca,
+            cert,
+            key,
+            publish,
+            play,
+            record,
+            from,
+            rendition,
+            link_kbps,
+            duration,
+            profile,
+            log,
+        } => {
+            tiandi_link::init_logging(&log);
+            join(JoinArgs {
+                relay,
+                relay_name,
+                room,
+                ca: read(&ca, "CA certificate")?,
+                cert: read(&cert, "site certificate")?,
+                key: read(&key, "site key")?,
+                publish,
+                play,
+                record,
+                from,
+                rendition,
+                link_kbps,
+                duration,
+                profile,
+            })
+            .await
+        }
     }
+}
+
+struct JoinArgs {
+    relay: SocketAddr,
+    relay_name: String,
+    room: String,
+    ca: String,
+    cert: String,
+    key: String,
+    publish: Option<String>,
+    play: Option<String>,
+    record: Option<String>,
+    from: Option<String>,
+    rendition: String,
+    link_kbps: u32,
+    duration: Option<f64>,
+    profile: tiandi_link::LinkProfile,
+}
+
+async fn join(a: JoinArgs) -> anyhow::Result<()> {
+    use tiandi_video::media;
+    let tls = tiandi_video::client_tls(&a.ca, &a.cert, &a.key).context("site TLS")?;
+    let cfg = tiandi_link::client_config(tls, a.profile.transport())?;
+    let endpoint = tiandi_link::client_endpoint(a.relay)?;
+    let conn = endpoint
+        .connect_with(
+            cfg,
+            a.relay,
+            &tiandi_link::tls::relay_server_name(&a.relay_name),
+        )?
+        .await
+        .with_context(|| format!("connecting to relay {} at {}", a.relay_name, a.relay))?;
+    let session = tiandi_video::client::Session::join(
+        conn,
+        &a.room,
+        tiandi_video::wire::Role::Site,
+        vec![],
+        a.link_kbps,
+    )
+    .await
+    .with_context(|| format!("joining room {}", a.room))?;
+    let me = session.welcome.you.clone();
+    println!("joined {} at {} as {me}", a.room, a.relay_name);
+    let stop = tiandi_link::shutdown_token();
+    if let Some(d) = a.duration {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_secs_f64(d)).await;
+            stop.cancel();
+        });
+    }
+    let mut source = match &a.publish {
+        Some(spec) => {
+            let (spec2, me2) = (spec.clone(), me.clone());
+            let src = tokio::task::spawn_blocking(move || {
+                media::open_source(&spec2, media::SourceOptions::new(&me2))
+            })
+            .await?
+            .with_context(|| format!("opening source {spec}"))?;
+            for t in &src.tracks {
+                session.publish(t.clone()).await?;
+            }
+            println!("publishing {spec}");
+            Some(src)
+        }
+        None => None,
+    };
+    let mut players = Vec::new();
+    if a.play.is_some() || a.record.is_some() {
+        let from = a
+            .from
+            .clone()
+            .unwrap_or_else(|| session.welcome.chair.clone());
+        session.subscribe(&from, "video", &a.rendition).await?;
+        session.subscribe(&from, "audio", "").await?;
+        let video = session.received(&from, "video").await;
+        // Audio, if the publisher sends any.
+        let audio = tokio::time::timeout(
+            std::time::Duration::from_secs(3),
+            session.received(&from, "audio"),
+        )
+        .await
+        .ok();
+        let tracks: Vec<_> = std::iter::once(video).chain(audio).collect();
+        for sink in a.play.iter().chain(a.record.iter()) {
+            let (tracks, sink, stop) = (tracks.clone(), sink.clone(), stop.clone());
+            println!("playing {from} to {sink}");
+            players.push(tokio::spawn(async move {
+                media::play(tracks, &sink, stop).await
+            }));
+        }
+    }
+    // Until stopped, or the source ended with nothing to play.
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = session.conn.closed() => break,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {
+                if players.is_empty() && source.as_ref().is_some_and(|s| s.finished()) {
+                    break;
+                }
+            }
+        }
+    }
+    stop.cancel();
+    for p in players {
+        match p.await? {
+            Ok(skipped) => println!("played; groups skipped per track: {skipped:?}"),
+            Err(e) => eprintln!("playback failed: {e}"),
+        }
+    }
+    if let Some(s) = source.as_mut() {
+        s.stop()?;
+    }
+    session.close();
+    endpoint.wait_idle().await;
+    Ok(())
 }

@@ -554,6 +554,11 @@ pub struct Sink {
     octx: ff::format::context::Output,
     /// Per stream: time base, last pts written (µs).
     streams: Vec<(ff::Rational, i64)>,
+    /// The video stream, if any: playback starts at its first keyframe, audio with it.
+    video: Option<usize>,
+    start_us: Option<i64>,
+    /// Objects held until the start is chosen.
+    pending: Vec<(usize, Object)>,
 }
 
 impl Sink {
@@ -614,12 +619,68 @@ impl Sink {
         let streams = (0..tracks.len())
             .map(|i| (octx.stream(i).map_or(US, |s| s.time_base()), i64::MIN))
             .collect();
-        Ok(Sink { octx, streams })
+        let video = tracks.iter().position(|t| t.kind == "video");
+        Ok(Sink {
+            octx,
+            streams,
+            video,
+            start_us: None,
+            pending: Vec::new(),
+        })
     }
 
     /// Writes one object of stream `index`; objects not after the last one written are
-    /// skipped (a late group tail).
+    /// skipped (a late group tail). Playback starts at a video keyframe with sound from
+    /// that moment on: until both have arrived, objects wait here (a few seconds at most),
+    /// then the start is the first keyframe not before the first audio.
     pub fn write(&mut self, index: usize, o: &Object) -> Result<bool, MediaError> {
+        if self.start_us.is_none() {
+            self.pending.push((index, o.clone()));
+            let Some(start) = self.choose_start() else {
+                return Ok(false);
+            };
+            self.start_us = Some(start);
+            let mut wrote = false;
+            for (i, o) in std::mem::take(&mut self.pending) {
+                if o.pts_us >= start {
+                    wrote |= self.write_now(i, &o)?;
+                }
+            }
+            return Ok(wrote);
+        }
+        if self.start_us.is_some_and(|s| o.pts_us < s) {
+            return Ok(false);
+        }
+        self.write_now(index, o)
+    }
+
+    /// Where playback starts, once it can be decided.
+    fn choose_start(&self) -> Option<i64> {
+        let Some(v) = self.video else {
+            return self.pending.first().map(|(_, o)| o.pts_us);
+        };
+        let keys = || {
+            self.pending
+                .iter()
+                .filter(|(i, o)| *i == v && o.is_key())
+                .map(|(_, o)| o.pts_us)
+        };
+        let audio_from = self
+            .pending
+            .iter()
+            .filter(|(i, _)| *i != v)
+            .map(|(_, o)| o.pts_us)
+            .min();
+        match audio_from {
+            // One AAC frame of slack: the keyframe and the sound it starts with.
+            Some(a) => keys().find(|k| *k >= a - 25_000),
+            // No sound yet: wait for it a while, then start without it.
+            None if self.streams.len() == 1 || self.pending.len() > 500 => keys().next(),
+            None => None,
+        }
+    }
+
+    fn write_now(&mut self, index: usize, o: &Object) -> Result<bool, MediaError> {
         let Some((tb, last)) = self.streams.get_mut(index) else {
             return Ok(false);
         };
@@ -646,6 +707,9 @@ impl Sink {
             .map_err(ffe("writing the trailer"))
     }
 }
+
+/// How long a player waits for the rest of a group once a newer one has begun.
+pub const TAIL_GRACE: Duration = Duration::from_millis(300);
 
 /// Plays `tracks` (received, or a local source's) into `spec` ([`Sink::open`]) until they end
 /// or `stop` fires: each track's groups in order, from the current one; a group that is
@@ -698,9 +762,20 @@ pub async fn play(
                 last_seq = g.seq;
                 let mut n = 0;
                 loop {
+                    // Once a newer group has started, this one's tail still gets a moment
+                    // (groups travel on separate streams and the newer one is sent first),
+                    // but not a wait: if nothing more comes, move on.
+                    let grace = if rx.has_changed().unwrap_or(false) {
+                        TAIL_GRACE
+                    } else {
+                        Duration::from_secs(3600)
+                    };
                     let fetched = tokio::select! {
                         _ = stop.cancelled() => None,
-                        f = g.next_from(n) => Some(f),
+                        f = tokio::time::timeout(grace, g.next_from(n)) => match f {
+                            Ok(f) => Some(f),
+                            Err(_) => { skipped += 1; break }
+                        },
                     };
                     match fetched {
                         Some(crate::track::Fetch::Objects(objs)) => {
@@ -721,11 +796,6 @@ pub async fn play(
                         }
                         Some(crate::track::Fetch::End) => break,
                         None => return skipped,
-                    }
-                    // A newer group has started: finish this one only if it is still
-                    // arriving in order (its tail), never wait for it.
-                    if rx.has_changed().unwrap_or(false) && !g.ended() {
-                        break;
                     }
                 }
             }

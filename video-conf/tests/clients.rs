@@ -1,0 +1,282 @@
+//! Real clients: Debian's `ffmpeg` sends a test pattern with audio as MPEG-TS over UDP into a
+//! publishing `tiandi-video join`; it crosses two cascaded relays (`tiandi-video relay`
+//! processes) to two receiving clients, each writing MPEG-TS; `ffprobe` checks each.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tiandi_link::pki::{self, Ca};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tiandi-video");
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn creds(ca: &Ca, dir: &Path, id: &str) -> (PathBuf, PathBuf) {
+    let (key, csr) = pki::site_key_and_csr(id).unwrap();
+    let cert = ca
+        .sign_site(&csr, id, "GD", Duration::from_secs(3600))
+        .unwrap()
+        .cert_pem;
+    let (c, k) = (dir.join(format!("{id}.pem")), dir.join(format!("{id}.key")));
+    std::fs::write(&c, cert).unwrap();
+    std::fs::write(&k, key).unwrap();
+    (c, k)
+}
+
+fn relay(
+    dir: &Path,
+    ca: &Path,
+    id: &str,
+    cert: &(PathBuf, PathBuf),
+    up: Option<(&str, &str)>,
+) -> (Kill, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "relay",
+        "--listen",
+        "127.0.0.1:0",
+        "--name",
+        id,
+        "--log",
+        "warn",
+    ])
+    .arg("--ca")
+    .arg(ca)
+    .arg("--cert")
+    .arg(&cert.0)
+    .arg("--key")
+    .arg(&cert.1)
+    .stdout(Stdio::piped())
+    .stderr(std::fs::File::create(dir.join(format!("{id}.log"))).unwrap());
+    if let Some((addr, name)) = up {
+        cmd.args(["--upstream", addr, "--upstream-name", name]);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    (Kill(child), addr)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn join(
+    dir: &Path,
+    ca: &Path,
+    me: &str,
+    c: &(PathBuf, PathBuf),
+    relay: &str,
+    relay_name: &str,
+    extra: &[&str],
+) -> Kill {
+    Kill(
+        Command::new(BIN)
+            .args([
+                "join",
+                "--relay",
+                relay,
+                "--relay-name",
+                relay_name,
+                "--room",
+                "drill",
+                "--log",
+                "warn",
+            ])
+            .arg("--ca")
+            .arg(ca)
+            .arg("--cert")
+            .arg(&c.0)
+            .arg("--key")
+            .arg(&c.1)
+            .args(extra)
+            .stdout(std::fs::File::create(dir.join(format!("{me}.out"))).unwrap())
+            .stderr(std::fs::File::create(dir.join(format!("{me}.log"))).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn probe(path: &Path) -> serde_json::Value {
+    let out = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-show_streams",
+            "-show_entries",
+            "frame=pts_time,media_type,key_frame",
+            "-of",
+            "json",
+        ])
+        .arg(path)
+        .output()
+        .expect("ffprobe runs");
+    assert!(
+        out.status.success(),
+        "ffprobe {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let errors = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        errors.trim().is_empty(),
+        "decoding {} reported: {errors}",
+        path.display()
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn ffmpeg_through_two_cascaded_relays_to_two_players() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = Ca::generate("test CA").unwrap();
+    let ca_p = d.join("ca.pem");
+    std::fs::write(&ca_p, ca.cert_pem()).unwrap();
+    let (top, top_addr) = relay(
+        d,
+        &ca_p,
+        "ministry-relay",
+        &creds(&ca, d, "ministry-relay"),
+        None,
+    );
+    let (gd, gd_addr) = relay(
+        d,
+        &ca_p,
+        "gd-relay",
+        &creds(&ca, d, "gd-relay"),
+        Some((&top_addr, "ministry-relay")),
+    );
+    let port = free_udp_port();
+    let input = format!("udp://127.0.0.1:{port}");
+    let publisher = join(
+        d,
+        &ca_p,
+        "ministry",
+        &creds(&ca, d, "ministry"),
+        &top_addr,
+        "ministry-relay",
+        &["--publish", &input, "--duration", "16"],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let encoder = Kill(
+        Command::new("ffmpeg")
+            .args(["-hide_banner", "-loglevel", "error", "-re"])
+            .args(["-f", "lavfi", "-i", "testsrc2=size=1280x720:rate=25"])
+            .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000"])
+            .args([
+                "-t",
+                "15",
+                "-c:v",
+                "libx264",
+                "-preset",
+                "veryfast",
+                "-tune",
+                "zerolatency",
+                "-g",
+                "50",
+                "-b:v",
+                "1500k",
+            ])
+            .args(["-c:a", "aac", "-b:a", "96k", "-f", "mpegts"])
+            .arg(format!("{input}?pkt_size=1316"))
+            .stderr(std::fs::File::create(d.join("ffmpeg.log")).unwrap())
+            .spawn()
+            .expect("ffmpeg runs"),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let outs: Vec<PathBuf> = (1..=2).map(|i| d.join(format!("gd-00{i}.ts"))).collect();
+    let players: Vec<Kill> = (1..=2)
+        .map(|i| {
+            let me = format!("gd-00{i}");
+            let out = outs[i - 1].to_str().unwrap().to_string();
+            join(
+                d,
+                &ca_p,
+                &me,
+                &creds(&ca, d, &me),
+                &gd_addr,
+                "gd-relay",
+                &["--play", &out, "--from", "ministry", "--duration", "8"],
+            )
+        })
+        .collect();
+    for mut p in players {
+        let st = p.0.wait().unwrap();
+        assert!(
+            st.success(),
+            "player failed: {}",
+            std::fs::read_to_string(d.join("gd-001.log")).unwrap_or_default()
+        );
+    }
+    drop((encoder, publisher, gd, top));
+    for out in &outs {
+        let p = probe(out);
+        let streams = p["streams"].as_array().unwrap();
+        let v = streams
+            .iter()
+            .find(|s| s["codec_type"] == "video")
+            .expect("video");
+        let a = streams
+            .iter()
+            .find(|s| s["codec_type"] == "audio")
+            .expect("audio");
+        assert_eq!(v["codec_name"], "h264");
+        assert_eq!(a["codec_name"], "aac");
+        let times = |kind: &str| -> Vec<f64> {
+            p["frames"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|f| f["media_type"] == kind)
+                .filter_map(|f| f["pts_time"].as_str()?.parse().ok())
+                .collect()
+        };
+        let (vt, at) = (times("video"), times("audio"));
+        assert!(
+            vt.len() >= 100,
+            "{} video frames in {}",
+            vt.len(),
+            out.display()
+        );
+        assert!(at.len() >= 150, "{} audio frames", at.len());
+        // Frames arrive without gaps: 25 per second, 40 ms apart.
+        for w in vt.windows(2) {
+            assert!(
+                w[1] - w[0] < 0.045,
+                "video gap {} → {} in {}",
+                w[0],
+                w[1],
+                out.display()
+            );
+        }
+        for w in at.windows(2) {
+            assert!(w[1] - w[0] < 0.03, "audio gap {} → {}", w[0], w[1]);
+        }
+        // Picture and sound start together and keep the source's timing.
+        assert!(
+            (at[0] - vt[0]).abs() < 0.1,
+            "audio starts at {}, video at {}",
+            at[0],
+            vt[0]
+        );
+        let (vd, ad) = (vt[vt.len() - 1] - vt[0], at[at.len() - 1] - at[0]);
+        assert!((vd - ad).abs() < 0.1, "video spans {vd} s, audio {ad} s");
+    }
+}
