@@ -306,7 +306,7 @@ async fn join(a: JoinArgs) -> anyhow::Result<()> {
     stop.cancel();
     for p in players {
         match p.await? {
-            Ok(skipped) => println!("played; groups skipped per track: {skipped:?}"),
+            Ok(stats) => println!("played {}", stats.summary()),
             Err(e) => eprintln!("playback failed: {e}"),
         }
     }

@@ -374,6 +374,25 @@ fn run_source(
         height: h,
         ..Default::default()
     };
+    // The media clock against the wall clock: read up to the first video packet (fed to the
+    // decoder, not lost), so every track can say what wall time its media time 0 was (a
+    // receiver then knows each frame's age: glass-to-glass, less capture and display).
+    let started = Instant::now();
+    let mut first_us: Option<i64> = None;
+    for (stream, packet) in ictx.packets() {
+        if stream.index() == vi
+            && let Some(pts) = packet.pts()
+        {
+            first_us = Some(pts.rescale(vtb, US));
+            let _ = vdec.send_packet(&packet);
+            break;
+        }
+    }
+    let clock_us = crate::now_us() - first_us.unwrap_or(0);
+    let vinfo = |rendition: &str, kbps: u32, w: u32, h: u32| TrackInfo {
+        clock_us,
+        ..vinfo(rendition, kbps, w, h)
+    };
     let th = Track::new(vinfo("high", opts.high_kbps, hw, hh));
     let tl = Track::new(vinfo("low", opts.low_kbps, lw, lh));
     let mut fh = Feeder::new(th.clone(), true);
@@ -402,6 +421,7 @@ fn run_source(
                 codec: "aac".into(),
                 rendition: "main".into(),
                 bitrate_kbps: 96,
+                clock_us,
                 sample_rate: d.rate(),
                 channels: u32::from(layout.channels() as u16),
                 ..Default::default()
@@ -422,8 +442,6 @@ fn run_source(
     let _ = ready.send(tracks);
     info!(source = spec, width = hw, height = hh, "Source open.");
 
-    let started = Instant::now();
-    let mut first_us: Option<i64> = None;
     let mut vframe = ff::frame::Video::empty();
     let mut aframe = ff::frame::Audio::empty();
     for (stream, packet) in ictx.packets() {
@@ -559,6 +577,60 @@ pub struct Sink {
     start_us: Option<i64>,
     /// Objects held until the start is chosen.
     pending: Vec<(usize, Object)>,
+    /// Per stream: the publisher's wall clock at media time 0 (0: unknown).
+    clocks: Vec<i64>,
+    pub stats: PlayStats,
+    /// Per stream: wall time of the last write.
+    last_wall: Vec<Option<Instant>>,
+}
+
+/// What a player saw.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PlayStats {
+    pub objects: u64,
+    /// Groups skipped per track (dropped on the way, or given up on).
+    pub skipped: Vec<u64>,
+    /// Age of each frame when written (publisher's clock at its media time to now), ms.
+    pub latency_ms: Vec<f64>,
+    /// Per stream: the largest step in media time between consecutive frames (ms).
+    pub max_pts_gap_ms: Vec<f64>,
+    /// Per stream: the longest wall-clock wait between consecutive frames (ms): a stall.
+    pub max_wall_gap_ms: Vec<f64>,
+}
+
+impl PlayStats {
+    pub fn latency_pct(&self, p: f64) -> f64 {
+        let mut v = self.latency_ms.clone();
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() {
+            return -1.0;
+        }
+        v[((v.len() - 1) as f64 * p).round() as usize]
+    }
+
+    /// One `key=value` line.
+    pub fn summary(&self) -> String {
+        let list = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{x:.0}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        format!(
+            "objects={} skipped={} latency_p50_ms={:.0} latency_p99_ms={:.0} latency_max_ms={:.0} max_pts_gap_ms={} max_wall_gap_ms={}",
+            self.objects,
+            self.skipped
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+            self.latency_pct(0.5),
+            self.latency_pct(0.99),
+            self.latency_pct(1.0),
+            list(&self.max_pts_gap_ms),
+            list(&self.max_wall_gap_ms),
+        )
+    }
 }
 
 impl Sink {
@@ -626,6 +698,13 @@ impl Sink {
             video,
             start_us: None,
             pending: Vec::new(),
+            clocks: tracks.iter().map(|t| t.clock_us).collect(),
+            stats: PlayStats {
+                max_pts_gap_ms: vec![0.0; tracks.len()],
+                max_wall_gap_ms: vec![0.0; tracks.len()],
+                ..Default::default()
+            },
+            last_wall: vec![None; tracks.len()],
         })
     }
 
@@ -687,7 +766,24 @@ impl Sink {
         if o.pts_us <= *last {
             return Ok(false);
         }
+        if *last != i64::MIN {
+            let gap = (o.pts_us - *last) as f64 / 1000.0;
+            let m = &mut self.stats.max_pts_gap_ms[index];
+            *m = m.max(gap);
+        }
         *last = o.pts_us;
+        let now = Instant::now();
+        if let Some(prev) = self.last_wall[index].replace(now) {
+            let w = now.duration_since(prev).as_secs_f64() * 1000.0;
+            let m = &mut self.stats.max_wall_gap_ms[index];
+            *m = m.max(w);
+        }
+        if self.clocks[index] != 0 {
+            self.stats
+                .latency_ms
+                .push((crate::now_us() - self.clocks[index] - o.pts_us) as f64 / 1000.0);
+        }
+        self.stats.objects += 1;
         let mut p = ff::Packet::copy(&o.payload);
         let ts = o.pts_us.rescale(US, *tb);
         p.set_pts(Some(ts));
@@ -701,10 +797,11 @@ impl Sink {
         Ok(true)
     }
 
-    pub fn finish(mut self) -> Result<(), MediaError> {
+    pub fn finish(mut self) -> Result<PlayStats, MediaError> {
         self.octx
             .write_trailer()
-            .map_err(ffe("writing the trailer"))
+            .map_err(ffe("writing the trailer"))?;
+        Ok(self.stats)
     }
 }
 
@@ -718,7 +815,7 @@ pub async fn play(
     tracks: Vec<Arc<Track>>,
     spec: &str,
     stop: tokio_util::sync::CancellationToken,
-) -> Result<Vec<u64>, MediaError> {
+) -> Result<PlayStats, MediaError> {
     let infos: Vec<TrackInfo> = tracks.iter().map(|t| t.info.clone()).collect();
     let spec = spec.to_string();
     // Bounded: a sink that cannot keep up (a slow disk) holds the readers back, and the
@@ -726,16 +823,12 @@ pub async fn play(
     let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Object)>(1024);
     let writer = std::thread::Builder::new()
         .name("media-sink".into())
-        .spawn(move || -> Result<u64, MediaError> {
+        .spawn(move || -> Result<PlayStats, MediaError> {
             let mut sink = Sink::open(&spec, &infos)?;
-            let mut written = 0;
             while let Ok((i, o)) = rx.recv() {
-                if sink.write(i, &o)? {
-                    written += 1;
-                }
+                sink.write(i, &o)?;
             }
-            sink.finish()?;
-            Ok(written)
+            sink.finish()
         })
         .map_err(|e| MediaError::Unsupported(format!("sink thread: {e}")))?;
     let mut readers = Vec::new();
@@ -807,12 +900,13 @@ pub async fn play(
     for r in readers {
         skipped.push(r.await.unwrap_or(0));
     }
-    let written = tokio::task::spawn_blocking(move || writer.join())
+    let mut stats = tokio::task::spawn_blocking(move || writer.join())
         .await
         .map_err(|e| MediaError::Unsupported(format!("sink: {e}")))?
         .map_err(|_| MediaError::Unsupported("the sink thread panicked".into()))??;
-    info!(written, "Playback ended.");
-    Ok(skipped)
+    stats.skipped = skipped;
+    info!(objects = stats.objects, "Playback ended.");
+    Ok(stats)
 }
 
 #[cfg(test)]

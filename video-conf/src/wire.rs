@@ -166,6 +166,10 @@ pub struct TrackInfo {
     /// cannot loop.
     #[prost(string, repeated, tag = "12")]
     pub via: Vec<String>,
+    /// The publisher's wall clock (µs since the Unix epoch) at media time 0: with synchronised
+    /// clocks, a receiver knows each frame's age (0: unknown).
+    #[prost(int64, tag = "13")]
+    pub clock_us: i64,
 }
 
 impl TrackInfo {
