@@ -2,7 +2,7 @@
 //! publishing client and cascaded relays all use these two functions.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
@@ -64,8 +64,9 @@ impl SendStats {
     }
 }
 
-/// Groups of one track being written to one connection: sequence → its writer's stop signal.
-type InFlight = Arc<Mutex<BTreeMap<u64, CancellationToken>>>;
+/// Groups of one track on one connection: sequence → (its writer's stop signal, whether all
+/// of it has been handed to QUIC).
+type InFlight = Arc<Mutex<BTreeMap<u64, (CancellationToken, Arc<AtomicBool>)>>>;
 
 /// Sends `group` on a new unidirectional stream as track `id`, objects as they arrive, and
 /// waits for the peer to have it all. Returns false if it was dropped or failed.
@@ -76,6 +77,7 @@ async fn send_group(
     group: Arc<Group>,
     stats: &SendStats,
     stop: CancellationToken,
+    written: &AtomicBool,
 ) -> bool {
     let mut s = match conn.open_uni().await {
         Ok(s) => s,
@@ -111,13 +113,14 @@ async fn send_group(
             }
         }
     };
-    let written = tokio::select! {
+    let result = tokio::select! {
         r = write => r,
         _ = stop.cancelled() => Err(IoError::Ended),
     };
-    match written {
+    match result {
         Ok(()) => {
             let _ = s.finish();
+            written.store(true, Ordering::Release);
         }
         Err(IoError::Ended) => {
             let _ = s.reset(codes::SUPERSEDED.into());
@@ -155,16 +158,17 @@ pub fn start_group(
         let mut f = in_flight.lock().expect("in-flight lock poisoned");
         let seqs: Vec<u64> = f.keys().copied().collect();
         for old in policy::groups_to_drop(&seqs, seq) {
-            if let Some(stop) = f.remove(&old) {
+            if let Some((stop, _)) = f.remove(&old) {
                 stop.cancel();
             }
         }
     }
     let stop = CancellationToken::new();
+    let written = Arc::new(AtomicBool::new(false));
     in_flight
         .lock()
         .expect("in-flight lock poisoned")
-        .insert(seq, stop.clone());
+        .insert(seq, (stop.clone(), written.clone()));
     let (conn, kind, stats, in_flight) = (
         conn.clone(),
         kind.to_string(),
@@ -172,7 +176,7 @@ pub fn start_group(
         in_flight.clone(),
     );
     tokio::spawn(async move {
-        if send_group(&conn, id, &kind, group, &stats, stop).await {
+        if send_group(&conn, id, &kind, group, &stats, stop, &written).await {
             stats.group_sent();
         }
         in_flight
@@ -212,7 +216,7 @@ pub async fn send_track(
         };
         start_group(conn, id, &track.info.kind, group, stats, &flights);
     }
-    for (_, stop) in std::mem::take(&mut *flights.lock().expect("in-flight lock poisoned")) {
+    for (_, (stop, _)) in std::mem::take(&mut *flights.lock().expect("in-flight lock poisoned")) {
         stop.cancel();
     }
 }

@@ -87,6 +87,10 @@ enum Cmd {
         /// The rendition to ask for (default: the relay chooses by this link).
         #[arg(long, default_value = "")]
         rendition: String,
+        /// How old a frame may be when played (ms): a group's missing frames are waited for
+        /// until then (over a satellite hop a repair takes a round trip).
+        #[arg(long, default_value_t = 1000)]
+        latency_ms: u64,
         /// This site's link rate, if known (kbit/s): the relay starts with a rendition that fits.
         #[arg(long, default_value_t = 0)]
         link_kbps: u32,
@@ -132,7 +136,7 @@ async fn main() -> anyhow::Result<()> {
                     let client = tiandi_link::client_config(
                         tiandi_video::client_tls(&ca_pem, &cert_pem, &key_pem)
                             .context("upstream TLS")?,
-                        profile.transport(),
+                        tiandi_video::transport(profile),
                     )?;
                     Some(Upstream {
                         endpoint: tiandi_link::client_endpoint(addr)?,
@@ -144,8 +148,13 @@ async fn main() -> anyhow::Result<()> {
                 _ => None,
             };
             let secret: [u8; 32] = rand::random();
-            let endpoint = tiandi_link::server_endpoint(listen, tls, profile.transport(), &secret)
-                .with_context(|| format!("listening on {listen}"))?;
+            let endpoint = tiandi_link::server_endpoint(
+                listen,
+                tls,
+                tiandi_video::transport(profile),
+                &secret,
+            )
+            .with_context(|| format!("listening on {listen}"))?;
             let relay = Relay::new(RelayOptions {
                 name: name.clone(),
                 chair,
@@ -174,6 +183,7 @@ async fn main() -> anyhow::Result<()> {
             record,
             from,
             rendition,
+            latency_ms,
             link_kbps,
             duration,
             profile,
@@ -181,6 +191,7 @@ async fn main() -> anyhow::Result<()> {
         } => {
             tiandi_link::init_logging(&log);
             join(JoinArgs {
+                latency: std::time::Duration::from_millis(latency_ms),
                 relay,
                 relay_name,
                 room,
@@ -202,6 +213,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 struct JoinArgs {
+    latency: std::time::Duration,
     relay: SocketAddr,
     relay_name: String,
     room: String,
@@ -221,7 +233,7 @@ struct JoinArgs {
 async fn join(a: JoinArgs) -> anyhow::Result<()> {
     use tiandi_video::media;
     let tls = tiandi_video::client_tls(&a.ca, &a.cert, &a.key).context("site TLS")?;
-    let cfg = tiandi_link::client_config(tls, a.profile.transport())?;
+    let cfg = tiandi_link::client_config(tls, tiandi_video::transport(a.profile))?;
     let endpoint = tiandi_link::client_endpoint(a.relay)?;
     let conn = endpoint
         .connect_with(
@@ -284,10 +296,11 @@ async fn join(a: JoinArgs) -> anyhow::Result<()> {
         .ok();
         let tracks: Vec<_> = std::iter::once(video).chain(audio).collect();
         for sink in a.play.iter().chain(a.record.iter()) {
-            let (tracks, sink, stop) = (tracks.clone(), sink.clone(), stop.clone());
+            let (tracks, sink, stop, latency) =
+                (tracks.clone(), sink.clone(), stop.clone(), a.latency);
             println!("playing {from} to {sink}");
             players.push(tokio::spawn(async move {
-                media::play(tracks, &sink, stop).await
+                media::play(tracks, &sink, stop, latency).await
             }));
         }
     }

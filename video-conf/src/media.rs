@@ -805,16 +805,19 @@ impl Sink {
     }
 }
 
-/// How long a player waits for the rest of a group once a newer one has begun.
+/// How long a player waits at least for the rest of a group once a newer one has begun
+/// (longer, up to its target latency, when the publisher's clock is known).
 pub const TAIL_GRACE: Duration = Duration::from_millis(300);
 
 /// Plays `tracks` (received, or a local source's) into `spec` ([`Sink::open`]) until they end
 /// or `stop` fires: each track's groups in order, from the current one; a group that is
-/// dropped or replaced is skipped whole (counted in the result: groups skipped per track).
+/// dropped, or still incomplete when its next frame would be older than `latency`, is
+/// skipped (counted in the result: groups skipped per track).
 pub async fn play(
     tracks: Vec<Arc<Track>>,
     spec: &str,
     stop: tokio_util::sync::CancellationToken,
+    latency: Duration,
 ) -> Result<PlayStats, MediaError> {
     let infos: Vec<TrackInfo> = tracks.iter().map(|t| t.info.clone()).collect();
     let spec = spec.to_string();
@@ -854,17 +857,29 @@ pub async fn play(
                 }
                 last_seq = g.seq;
                 let mut n = 0;
+                let mut last_pts = 0i64;
                 loop {
                     // Once a newer group has started, this one's tail still gets a moment
                     // (groups travel on separate streams and the newer one is sent first),
                     // but not a wait: if nothing more comes, move on.
-                    let grace = if rx.has_changed().unwrap_or(false) {
-                        TAIL_GRACE
-                    } else {
+                    let grace = if !rx.has_changed().unwrap_or(false) {
                         Duration::from_secs(3600)
+                    } else if t.info.clock_us != 0 {
+                        // Until the next frame would be due on screen at the target latency
+                        // (a retransmission over a satellite hop takes a round trip).
+                        let due = t.info.clock_us + last_pts + latency.as_micros() as i64;
+                        Duration::from_micros(u64::try_from(due - crate::now_us()).unwrap_or(0))
+                            .max(TAIL_GRACE)
+                    } else {
+                        TAIL_GRACE
                     };
+                    // A newer group arriving while this one waits ends the wait: look again
+                    // with the tail's grace.
+                    let mut newer = rx.clone();
+                    let newer_known = rx.has_changed().unwrap_or(false);
                     let fetched = tokio::select! {
                         _ = stop.cancelled() => None,
+                        _ = newer.changed(), if !newer_known => continue,
                         f = tokio::time::timeout(grace, g.next_from(n)) => match f {
                             Ok(f) => Some(f),
                             Err(_) => { skipped += 1; break }
@@ -873,6 +888,7 @@ pub async fn play(
                     match fetched {
                         Some(crate::track::Fetch::Objects(objs)) => {
                             n += objs.len();
+                            last_pts = objs.last().map_or(last_pts, |o| o.pts_us);
                             for o in objs {
                                 let tx = tx.clone();
                                 if tokio::task::spawn_blocking(move || tx.send((i, o)))

@@ -1,13 +1,14 @@
 //! Decisions free of I/O: which groups a subscriber drops, which rendition it gets, who may
 //! publish.
 
-/// At most this many groups of one track in flight to one subscriber: the newest, and the
-/// one before it finishing its tail. When another starts, the oldest unfinished is reset:
-/// a subscriber behind its link loses whole old groups instead of falling further behind.
+/// At most this many groups of one track in flight to one subscriber (not yet all
+/// acknowledged): the newest, and the one before it finishing its tail. When another starts,
+/// the oldest is reset, whatever QUIC still holds of it: a subscriber behind its link loses
+/// whole old groups instead of falling further behind.
 pub const MAX_GROUPS_IN_FLIGHT: usize = 2;
 
-/// Which in-flight groups to reset when group `new` starts. `in_flight` are the sequence
-/// numbers of groups still being delivered (not yet fully acknowledged), any order.
+/// Which groups to reset when group `new` starts. `in_flight` are the sequence numbers of
+/// groups not yet fully acknowledged, any order.
 pub fn groups_to_drop(in_flight: &[u64], new: u64) -> Vec<u64> {
     let mut older: Vec<u64> = in_flight.iter().copied().filter(|g| *g < new).collect();
     older.sort_unstable();

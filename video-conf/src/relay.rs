@@ -765,6 +765,12 @@ impl Participant {
                     let mut rx = t.subscribe();
                     if current.is_some() {
                         rx.borrow_and_update();
+                        // What is still in flight of the old rendition is of no use now.
+                        for (_, (s, _)) in
+                            std::mem::take(&mut *flights.lock().expect("in-flight lock poisoned"))
+                        {
+                            s.cancel();
+                        }
                     }
                     debug!(track = %t.key(), "Sending rendition.");
                     current = Some((t, rx));
@@ -800,11 +806,15 @@ impl Participant {
                 let s = self.conn.stats();
                 let rtt = s.path.rtt.as_secs_f64().max(1e-3);
                 let est_kbps = s.path.cwnd as f64 * 8.0 / rtt / 1000.0;
-                c.observe(d - dropped_seen, est_kbps, crate::now_ms());
+                let before = c.current().to_string();
+                let now = c.observe(d - dropped_seen, est_kbps, crate::now_ms());
+                if now != before {
+                    info!(publisher, kind, from = %before, to = %now, dropped = d - dropped_seen, est_kbps = est_kbps as u64, "Rendition change.");
+                }
                 dropped_seen = d;
             }
         }
-        for (_, s) in std::mem::take(&mut *flights.lock().expect("in-flight lock poisoned")) {
+        for (_, (s, _)) in std::mem::take(&mut *flights.lock().expect("in-flight lock poisoned")) {
             s.cancel();
         }
     }

@@ -44,12 +44,28 @@ async fn a_test_pattern_becomes_two_aligned_renditions_and_audio() {
     let out = dir.path().join("high.ts");
     let play = tokio::spawn({
         let (stop, out) = (stop.clone(), out.clone());
-        async move { media::play(vec![high, audio], out.to_str().unwrap(), stop).await }
+        async move {
+            media::play(
+                vec![high, audio],
+                out.to_str().unwrap(),
+                stop,
+                Duration::from_secs(1),
+            )
+            .await
+        }
     });
     let out_low = dir.path().join("low.ts");
     let play_low = tokio::spawn({
         let (stop, out) = (stop.clone(), out_low.clone());
-        async move { media::play(vec![low], out.to_str().unwrap(), stop).await }
+        async move {
+            media::play(
+                vec![low],
+                out.to_str().unwrap(),
+                stop,
+                Duration::from_secs(1),
+            )
+            .await
+        }
     });
     tokio::time::sleep(Duration::from_secs(5)).await;
     stop.cancel();
