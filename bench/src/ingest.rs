@@ -79,7 +79,7 @@ fn metric(ops: SocketAddr, name: &str) -> f64 {
 }
 
 /// CPU seconds (user + system) of a process.
-fn cpu_s(pid: u32) -> f64 {
+pub(crate) fn cpu_s(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit(')').next().unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();

@@ -463,6 +463,19 @@ struct Participant {
 }
 
 impl Participant {
+    /// Updates this participant's roster entry.
+    fn member(&self, f: impl FnOnce(&mut Member)) {
+        if let Some(m) = self
+            .room
+            .roster
+            .lock()
+            .expect("roster lock poisoned")
+            .get_mut(&self.site)
+        {
+            f(m);
+        }
+    }
+
     fn out_id(&self, key: &TrackKey) -> u32 {
         let mut ids = self.out_ids.lock().expect("ids lock poisoned");
         let n = ids.len() as u32 + 1;
@@ -556,15 +569,7 @@ impl Participant {
                         .lock()
                         .expect("announced lock poisoned")
                         .insert(info.id, t.clone());
-                    if let Some(m) = self
-                        .room
-                        .roster
-                        .lock()
-                        .expect("roster lock poisoned")
-                        .get_mut(&self.site)
-                    {
-                        m.publishing.push(info.key().to_string());
-                    }
+                    self.member(|m| m.publishing.push(info.key().to_string()));
                     info!(track = %info.key(), "Track announced.");
                     self.room.add_track(t);
                     self.announces.send_modify(|n| *n += 1);
@@ -580,37 +585,19 @@ impl Participant {
                         stop.cancel();
                     }
                 }
-                Control::Present(p) => {
-                    if let Some(m) = self
-                        .room
-                        .roster
-                        .lock()
-                        .expect("roster lock poisoned")
-                        .get_mut(&self.site)
-                    {
-                        m.present.push(p.id);
-                    }
-                }
-                Control::Health(h) => {
-                    if let Some(m) = self
-                        .room
-                        .roster
-                        .lock()
-                        .expect("roster lock poisoned")
-                        .get_mut(&self.site)
-                    {
-                        m.health.insert(
-                            format!("{}/{}", h.publisher, h.kind),
-                            HealthView {
-                                rendition: h.rendition,
-                                kbps: h.kbps,
-                                frames: h.frames,
-                                groups_lost: h.groups_lost,
-                                latency_ms: h.latency_ms,
-                            },
-                        );
-                    }
-                }
+                Control::Present(p) => self.member(|m| m.present.push(p.id)),
+                Control::Health(h) => self.member(|m| {
+                    m.health.insert(
+                        format!("{}/{}", h.publisher, h.kind),
+                        HealthView {
+                            rendition: h.rendition,
+                            kbps: h.kbps,
+                            frames: h.frames,
+                            groups_lost: h.groups_lost,
+                            latency_ms: h.latency_ms,
+                        },
+                    );
+                }),
                 other => {
                     let msg = format!("unexpected {} from a participant", other.name());
                     let _ = tx.try_send(Control::Error(ErrorMsg {
