@@ -42,7 +42,23 @@ pub struct Session {
     pub sent: Arc<SendStats>,
     pub groups_in: Arc<AtomicU64>,
     pub bad_streams: Arc<AtomicU64>,
+    /// Per (publisher, kind): what has arrived, for health reports.
+    counts: Mutex<HashMap<(String, String), Counts>>,
     cancel: CancellationToken,
+}
+
+/// What arrived of one publisher's kind of track.
+#[derive(Debug, Clone, Default)]
+pub struct Counts {
+    pub objects: u64,
+    pub bytes: u64,
+    pub groups: u64,
+    /// Groups never seen (gaps in the sequence) or cut short.
+    pub groups_lost: u64,
+    pub last_seq: u64,
+    pub rendition: String,
+    /// Age of the newest frame when it arrived (ms), if the publisher's clock is known.
+    pub latency_ms: Option<i64>,
 }
 
 impl Session {
@@ -109,6 +125,7 @@ impl Session {
             sent: Arc::default(),
             groups_in: Arc::default(),
             bad_streams: Arc::default(),
+            counts: Mutex::default(),
             cancel: cancel.clone(),
         });
         tokio::spawn(write_control(w, rx, cancel.clone()));
@@ -210,6 +227,47 @@ impl Session {
             .collect()
     }
 
+    /// What has arrived so far, per (publisher, kind).
+    pub fn counts(&self) -> HashMap<(String, String), Counts> {
+        self.counts.lock().expect("counts lock poisoned").clone()
+    }
+
+    /// Reports to the relay how each received track arrives, every `every`, until the session
+    /// ends (the relay shows it in the room's roster).
+    pub fn report_health(self: &Arc<Self>, every: Duration) {
+        let s = self.clone();
+        tokio::spawn(async move {
+            let mut last: HashMap<(String, String), u64> = HashMap::new();
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = s.cancel.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                for ((publisher, kind), c) in s.counts() {
+                    let prev = last
+                        .insert((publisher.clone(), kind.clone()), c.bytes)
+                        .unwrap_or(0);
+                    let kbps =
+                        (c.bytes.saturating_sub(prev) * 8) as f64 / every.as_secs_f64() / 1000.0;
+                    let h = wire::Health {
+                        publisher,
+                        kind,
+                        rendition: c.rendition,
+                        kbps: kbps as u32,
+                        frames: c.objects,
+                        groups_lost: c.groups_lost,
+                        latency_ms: c.latency_ms.unwrap_or(-1) as i32,
+                    };
+                    if s.ctl.try_send(Control::Health(h)).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
     pub fn close(&self) {
         self.cancel.cancel();
         self.conn.close(wire::codes::SHUTDOWN.into(), b"leaving");
@@ -260,15 +318,24 @@ impl Session {
                         return;
                     }
                 };
-                let info = s
-                    .view
-                    .borrow()
-                    .tracks
-                    .iter()
-                    .find(|t| t.id == header.track)
-                    .cloned();
+                // A group stream may overtake the Tracks frame that names its track.
+                let info = {
+                    let mut view = s.view.clone();
+                    tokio::time::timeout(
+                        Duration::from_secs(5),
+                        view.wait_for(|v| v.tracks.iter().any(|t| t.id == header.track)),
+                    )
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .and_then(|v| v.tracks.iter().find(|t| t.id == header.track).cloned())
+                };
                 let Some(info) = info else {
                     s.bad_streams.fetch_add(1, Ordering::Relaxed);
+                    warn!(
+                        track = header.track,
+                        "Group for a track the relay never listed."
+                    );
                     let _ = recv.stop(wire::codes::PROTOCOL.into());
                     return;
                 };
@@ -290,11 +357,33 @@ impl Session {
                         .clone()
                 };
                 s.groups_in.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = forward::receive_group(recv, header, &track).await
-                    && matches!(e, IoError::Wire(_))
-                {
-                    s.bad_streams.fetch_add(1, Ordering::Relaxed);
-                    warn!(error = %e, "Malformed group from the relay.");
+                let got = forward::receive_group(recv, header, &track).await;
+                let mut counts = s.counts.lock().expect("counts lock poisoned");
+                let c = counts
+                    .entry((info.publisher.clone(), info.kind.clone()))
+                    .or_default();
+                if c.last_seq != 0 && header.group > c.last_seq + 1 {
+                    c.groups_lost += header.group - c.last_seq - 1;
+                }
+                c.last_seq = c.last_seq.max(header.group);
+                c.rendition = info.rendition.clone();
+                match got {
+                    Ok(r) => {
+                        c.groups += 1;
+                        c.objects += r.objects;
+                        c.bytes += r.bytes;
+                        if info.clock_us != 0 && r.objects > 0 {
+                            c.latency_ms =
+                                Some((crate::now_us() - info.clock_us - r.last_pts) / 1000);
+                        }
+                    }
+                    Err(e) => {
+                        c.groups_lost += 1;
+                        if matches!(e, IoError::Wire(_)) {
+                            s.bad_streams.fetch_add(1, Ordering::Relaxed);
+                            warn!(error = %e, "Malformed group from the relay.");
+                        }
+                    }
                 }
             });
         }

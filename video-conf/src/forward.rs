@@ -221,6 +221,15 @@ pub async fn send_track(
     }
 }
 
+/// What one group stream brought.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Received {
+    pub objects: u64,
+    pub bytes: u64,
+    /// Media time of its last object (µs).
+    pub last_pts: i64,
+}
+
 /// Reads one incoming group stream into `track` (the caller found the track from the
 /// header). A group older than the track's current one is refused: live beats complete. A
 /// stream reset or broken half-way leaves the group aborted (forwarded as dropped).
@@ -228,18 +237,20 @@ pub async fn receive_group(
     mut recv: quinn::RecvStream,
     header: GroupHeader,
     track: &Track,
-) -> Result<usize, IoError> {
+) -> Result<Received, IoError> {
     if track.current().is_some_and(|g| g.seq >= header.group) {
         let _ = recv.stop(codes::SUPERSEDED.into());
-        return Ok(0);
+        return Ok(Received::default());
     }
     let group = track.start_group(header.group);
-    let mut n = 0;
+    let mut n = Received::default();
     let out = loop {
         match io::read_object(&mut recv).await {
             Ok(Some(o)) => {
+                n.objects += 1;
+                n.bytes += o.payload.len() as u64;
+                n.last_pts = o.pts_us;
                 group.push(o);
-                n += 1;
             }
             Ok(None) => break Ok(n),
             Err(e) => {

@@ -254,6 +254,7 @@ async fn join(a: JoinArgs) -> anyhow::Result<()> {
     .with_context(|| format!("joining room {}", a.room))?;
     let me = session.welcome.you.clone();
     println!("joined {} at {} as {me}", a.room, a.relay_name);
+    session.report_health(std::time::Duration::from_secs(5));
     let stop = tiandi_link::shutdown_token();
     if let Some(d) = a.duration {
         let stop = stop.clone();

@@ -215,9 +215,26 @@ async fn groups_fan_out_whole_and_a_late_joiner_starts_at_a_keyframe() {
     );
     assert!(first[0].2, "starts with a keyframe: {first:?}");
     assert!(first[0].1 >= 1);
+    // Each viewer's health reaches the room's roster.
+    a.report_health(Duration::from_millis(200));
     src.await.unwrap();
-    let roster = lab.relay.room("drill").roster();
+    let room = lab.relay.room("drill");
+    let roster = room.roster();
     assert_eq!(roster.len(), 4);
+    let health = loop {
+        let m = room
+            .roster()
+            .into_iter()
+            .find(|m| m.site == "bj-001")
+            .unwrap();
+        if let Some(h) = m.health.get("ministry/video") {
+            break h.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(health.rendition, "high");
+    assert!(health.frames >= 30, "{health:?}");
+    assert_eq!(health.groups_lost, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
