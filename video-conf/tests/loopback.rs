@@ -221,17 +221,21 @@ async fn groups_fan_out_whole_and_a_late_joiner_starts_at_a_keyframe() {
     let room = lab.relay.room("drill");
     let roster = room.roster();
     assert_eq!(roster.len(), 4);
-    let health = loop {
-        let m = room
-            .roster()
-            .into_iter()
-            .find(|m| m.site == "bj-001")
-            .unwrap();
-        if let Some(h) = m.health.get("ministry/video") {
-            break h.clone();
+    let health = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let m = room
+                .roster()
+                .into_iter()
+                .find(|m| m.site == "bj-001")
+                .unwrap();
+            if let Some(h) = m.health.get("ministry/video") {
+                break h.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    })
+    .await
+    .expect("a health report in the roster");
     assert_eq!(health.rendition, "high");
     assert!(health.frames >= 30, "{health:?}");
     assert_eq!(health.groups_lost, 0);
