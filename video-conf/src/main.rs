@@ -159,6 +159,7 @@ async fn main() -> anyhow::Result<()> {
                 name: name.clone(),
                 chair,
                 upstream,
+                open_rooms: true,
             });
             let cancel = tiandi_link::shutdown_token();
             tracing::info!(%listen, relay = %name, "Relay running.");

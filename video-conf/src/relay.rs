@@ -73,6 +73,10 @@ pub struct Room {
     roster: Mutex<BTreeMap<String, Member>>,
     /// Its upstream session is running (a cascading relay's).
     cascading: std::sync::atomic::AtomicBool,
+    /// The latest roll call (participants are asked when it changes).
+    roll: watch::Sender<Option<wire::RollCall>>,
+    /// Fires when the conference ends: every participant is disconnected.
+    ended: CancellationToken,
 }
 
 impl Room {
@@ -87,6 +91,8 @@ impl Room {
             tracks: watch::channel(BTreeMap::new()).0,
             roster: Mutex::new(BTreeMap::new()),
             cascading: Default::default(),
+            roll: watch::channel(None).0,
+            ended: CancellationToken::new(),
         })
     }
 
@@ -97,6 +103,28 @@ impl Room {
     /// Gives the floor to `holder` (None: back to the chair alone).
     pub fn set_floor(&self, holder: Option<String>) {
         self.floor.send_modify(|f| f.holder = holder);
+    }
+
+    /// Asks every participant to confirm presence by `deadline_ms` (Unix ms); returns the
+    /// roll call's id. Answers land in each member's `present`.
+    pub fn roll_call(&self, deadline_ms: i64) -> u64 {
+        let id = self.roll.borrow().as_ref().map_or(1, |r| r.id + 1);
+        self.roll
+            .send_replace(Some(wire::RollCall { id, deadline_ms }));
+        id
+    }
+
+    /// Sites that answered roll call `id`.
+    pub fn answered(&self, id: u64) -> Vec<String> {
+        self.roster()
+            .into_iter()
+            .filter(|m| m.present.contains(&id))
+            .map(|m| m.site)
+            .collect()
+    }
+
+    pub fn is_ended(&self) -> bool {
+        self.ended.is_cancelled()
     }
 
     pub fn track(&self, key: &TrackKey) -> Option<Arc<Track>> {
@@ -157,6 +185,10 @@ pub struct RelayOptions {
     pub chair: String,
     /// The relay above this one, if it cascades.
     pub upstream: Option<Upstream>,
+    /// Rooms come into being when a site first joins them (a standalone relay); otherwise
+    /// only rooms created with [`Relay::create_room`] can be joined (conferences the
+    /// controller runs).
+    pub open_rooms: bool,
 }
 
 /// Where a cascading relay takes its rooms from (a province relay's ministry relay).
@@ -173,6 +205,7 @@ pub struct Relay {
     pub name: String,
     chair: String,
     upstream: Option<Upstream>,
+    open_rooms: bool,
     rooms: Mutex<HashMap<String, Arc<Room>>>,
     pub stats: RelayStats,
 }
@@ -183,9 +216,46 @@ impl Relay {
             name: opts.name,
             chair: opts.chair,
             upstream: opts.upstream,
+            open_rooms: opts.open_rooms,
             rooms: Mutex::new(HashMap::new()),
             stats: RelayStats::default(),
         })
+    }
+
+    /// Creates a room chaired by `chair`; an existing room of that name (not ended) is
+    /// returned as is.
+    pub fn create_room(&self, name: &str, chair: &str) -> Arc<Room> {
+        let mut rooms = self.rooms.lock().expect("rooms lock poisoned");
+        if let Some(r) = rooms.get(name).filter(|r| !r.is_ended()) {
+            return r.clone();
+        }
+        let r = Room::new(name, chair);
+        rooms.insert(name.to_string(), r.clone());
+        r
+    }
+
+    /// Ends a room: its participants are disconnected. Returns whether it existed.
+    pub fn end_room(&self, name: &str) -> bool {
+        match self.rooms.lock().expect("rooms lock poisoned").remove(name) {
+            Some(r) => {
+                r.ended.cancel();
+                for t in r.tracks.borrow().values() {
+                    t.close();
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The room if it exists and has not ended.
+    pub fn find_room(&self, name: &str) -> Option<Arc<Room>> {
+        self.rooms
+            .lock()
+            .expect("rooms lock poisoned")
+            .get(name)
+            .filter(|r| !r.is_ended())
+            .cloned()
     }
 
     /// The room, created on first use.
@@ -398,7 +468,23 @@ impl Relay {
             conn.close(codes::LOOP.into(), msg.as_bytes());
             return Ok(());
         }
-        let room = self.room(&hello.room);
+        let room = match self.find_room(&hello.room) {
+            Some(r) => r,
+            None if self.open_rooms => self.room(&hello.room),
+            None => {
+                let msg = format!("there is no conference {:?} here", hello.room);
+                let _ = writer
+                    .send(&Control::Error(ErrorMsg {
+                        code: codes::NO_ROOM,
+                        message: msg.clone(),
+                    }))
+                    .await;
+                let _ = writer.0.finish();
+                let _ = tokio::time::timeout(Duration::from_secs(1), writer.0.stopped()).await;
+                conn.close(codes::NO_ROOM.into(), msg.as_bytes());
+                return Ok(());
+            }
+        };
         self.ensure_cascade(&room, &cancel);
         info!(room = %room.name, role = role.as_str(), "Participant joined.");
         writer
@@ -439,7 +525,13 @@ impl Relay {
                 .in_current_span(),
         );
         tokio::spawn(p.clone().accept_groups(stop.clone()).in_current_span());
-        let result = p.read_control(&mut reader, &ctl_tx, &stop).await;
+        let result = tokio::select! {
+            r = p.read_control(&mut reader, &ctl_tx, &stop) => r,
+            _ = room.ended.cancelled() => {
+                conn.close(codes::NO_ROOM.into(), b"the conference has ended");
+                Ok(())
+            }
+        };
         p.leave();
         result
     }
@@ -508,6 +600,7 @@ impl Participant {
     ) {
         let mut tracks = self.room.tracks.subscribe();
         let mut floor = self.room.floor.subscribe();
+        let mut roll = self.room.roll.subscribe();
         tracks.mark_changed();
         floor.mark_changed();
         loop {
@@ -518,6 +611,13 @@ impl Participant {
                     if r.is_err() { return }
                     tracks.borrow_and_update();
                     Control::Tracks(self.track_list())
+                }
+                r = roll.changed() => {
+                    if r.is_err() { return }
+                    match roll.borrow_and_update().clone() {
+                        Some(rc) => Control::RollCall(rc),
+                        None => continue,
+                    }
                 }
                 r = floor.changed() => {
                     if r.is_err() { return }

@@ -53,6 +53,10 @@ async fn lab() -> Lab {
 
 /// A relay named `name` with certificates from `ca`, cascading from `upstream` if given.
 async fn relay_on(ca: Arc<Ca>, name: &str, upstream: Option<&Lab>) -> Lab {
+    relay_with(ca, name, upstream, true).await
+}
+
+async fn relay_with(ca: Arc<Ca>, name: &str, upstream: Option<&Lab>, open_rooms: bool) -> Lab {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
         .with_test_writer()
@@ -77,6 +81,7 @@ async fn relay_on(ca: Arc<Ca>, name: &str, upstream: Option<&Lab>) -> Lab {
         name: r.id.clone(),
         chair: "ministry".into(),
         upstream,
+        open_rooms,
     });
     let cancel = CancellationToken::new();
     tokio::spawn(relay.clone().serve(ep, cancel.clone()));
@@ -414,4 +419,51 @@ async fn a_relay_refuses_a_path_through_itself() {
     let r = Session::join(conn, "drill", Role::Relay, vec![lab.name.clone()], 0).await;
     let err = r.err().expect("refused").to_string();
     assert!(err.contains("loop"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conferences_roll_call_and_end() {
+    let lab = relay_with(
+        Arc::new(Ca::generate("test CA").unwrap()),
+        "ministry-relay",
+        None,
+        false,
+    )
+    .await;
+    // No such conference: refused with a reason.
+    let s = site(&lab.ca, "bj-040");
+    let conn = lab.connect(&s).await.unwrap();
+    let err = Session::join(conn, "drill", Role::Site, vec![], 0)
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("no conference"), "{err}");
+
+    let room = lab.relay.create_room("drill", "ministry");
+    let a = lab.join("bj-041").await;
+    let b = lab.join("bj-042").await;
+    let id = room.roll_call(tiandi_video::now_ms() + 10_000);
+    let answered = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let mut got = room.answered(id);
+            got.sort();
+            if got.len() == 2 {
+                break got;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("both sites answer the roll call");
+    assert_eq!(answered, vec!["bj-041".to_string(), "bj-042".to_string()]);
+
+    // Ending the conference disconnects everyone.
+    assert!(lab.relay.end_room("drill"));
+    for s in [&a, &b] {
+        tokio::time::timeout(Duration::from_secs(5), s.conn.closed())
+            .await
+            .expect("disconnected when the conference ends");
+    }
+    assert!(lab.relay.find_room("drill").is_none());
 }
