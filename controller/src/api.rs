@@ -57,6 +57,8 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/api/admin/registry", get(admin_registry))
         .route("/api/admin/send", post(admin_send))
         .route("/api/transfers", get(transfers))
+        .route("/api/conferences", get(conferences))
+        .route("/api/admin/conference", post(admin_conference))
         .with_state(core)
 }
 
@@ -417,4 +419,111 @@ async fn metrics(State(core): State<Arc<Core>>) -> impl IntoResponse {
         )],
         body,
     )
+}
+
+fn conference_relay(core: &Core) -> Result<&Arc<tiandi_video::relay::Relay>, AppError> {
+    core.conference.as_ref().map(|c| &c.0).ok_or_else(|| {
+        AppError(
+            StatusCode::NOT_FOUND,
+            "the conference relay is disabled (conference.enabled)".into(),
+        )
+    })
+}
+
+fn room_json(r: &tiandi_video::relay::Room) -> serde_json::Value {
+    let f = r.floor();
+    json!({
+        "room": r.name,
+        "chair": f.chair,
+        "floor": f.holder,
+        "tracks": r.track_keys().iter().map(|k| k.to_string()).collect::<Vec<_>>(),
+        "roster": r.roster(),
+    })
+}
+
+async fn conferences(State(core): State<Arc<Core>>) -> ApiResult {
+    let (relay, addr) = core.conference.as_ref().ok_or_else(|| {
+        AppError(
+            StatusCode::NOT_FOUND,
+            "the conference relay is disabled (conference.enabled)".into(),
+        )
+    })?;
+    let mut rooms: Vec<serde_json::Value> = relay
+        .rooms()
+        .iter()
+        .filter(|r| !r.is_ended())
+        .map(|r| room_json(r))
+        .collect();
+    rooms.sort_by(|a, b| a["room"].as_str().cmp(&b["room"].as_str()));
+    Ok(Json(
+        json!({ "relay": { "name": relay.name, "address": addr }, "conferences": rooms }),
+    ))
+}
+
+#[derive(Deserialize)]
+struct ConferenceBody {
+    /// create, show, end, floor, rollcall
+    op: String,
+    room: String,
+    chair: Option<String>,
+    /// floor: the site to give it to (none: take it back).
+    site: Option<String>,
+    /// rollcall: seconds to answer.
+    seconds: Option<u64>,
+}
+
+async fn admin_conference(
+    State(core): State<Arc<Core>>,
+    headers: HeaderMap,
+    Json(b): Json<ConferenceBody>,
+) -> ApiResult {
+    check_admin(&core, &headers)?;
+    let relay = conference_relay(&core)?;
+    let find = || {
+        relay
+            .find_room(&b.room)
+            .ok_or_else(|| not_found(format!("no conference {:?}", b.room)))
+    };
+    match b.op.as_str() {
+        "list" => conferences(State(core.clone())).await,
+        "create" => {
+            tiandi_link::pki::validate_name("room", &b.room)
+                .map_err(|e| AppError(StatusCode::BAD_REQUEST, e.to_string()))?;
+            let chair = b
+                .chair
+                .clone()
+                .unwrap_or_else(|| core.config.conference.chair.clone());
+            let r = relay.create_room(&b.room, &chair);
+            tracing::info!(room = %b.room, %chair, "Conference created.");
+            Ok(Json(room_json(&r)))
+        }
+        "show" => Ok(Json(room_json(find()?.as_ref()))),
+        "end" => {
+            let r = find()?;
+            let out = room_json(&r);
+            relay.end_room(&b.room);
+            tracing::info!(room = %b.room, "Conference ended.");
+            Ok(Json(out))
+        }
+        "floor" => {
+            let r = find()?;
+            r.set_floor(b.site.clone());
+            tracing::info!(room = %b.room, holder = ?b.site, "Floor changed.");
+            Ok(Json(room_json(&r)))
+        }
+        "rollcall" => {
+            let r = find()?;
+            let secs = b.seconds.unwrap_or(30);
+            let id = r.roll_call(crate::now_ms() + secs as i64 * 1000);
+            Ok(Json(
+                json!({ "room": b.room, "rollcall": id, "deadline_s": secs }),
+            ))
+        }
+        other => Err(AppError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "unknown conference operation {other:?} (create, list, show, end, floor, rollcall)"
+            ),
+        )),
+    }
 }

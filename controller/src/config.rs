@@ -41,6 +41,32 @@ pub struct Config {
     /// Relay sites by province: transfers for the province's other sites go to the relay once
     /// and it forwards them (the sites name it in their `[via_relay]`).
     pub relays: std::collections::BTreeMap<String, String>,
+    pub conference: Conference,
+}
+
+/// The conference relay inside the controller.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Conference {
+    pub enabled: bool,
+    /// UDP address of the relay; unset: the QUIC listener's address on a port the system
+    /// picks (`tiandi-controller conference list` shows it).
+    pub listen: Option<SocketAddr>,
+    /// The relay's name: sites connect to it by this name (its certificate's).
+    pub name: String,
+    /// The site that chairs conferences unless `create` names another.
+    pub chair: String,
+}
+
+impl Default for Conference {
+    fn default() -> Self {
+        Conference {
+            enabled: true,
+            listen: None,
+            name: "ministry-relay".into(),
+            chair: "ministry".into(),
+        }
+    }
 }
 
 impl Config {
@@ -105,6 +131,7 @@ impl Default for Config {
             thresholds: Thresholds::default(),
             link_rates: Default::default(),
             relays: Default::default(),
+            conference: Conference::default(),
         }
     }
 }

@@ -72,6 +72,8 @@ pub struct Core {
     pub outbox: Arc<tiandi_transfer::Outbox>,
     /// Files sent by sites land here (`data_dir/inbox`).
     pub inbox: Arc<tiandi_transfer::Inbox>,
+    /// The conference relay and its address, if enabled.
+    pub conference: Option<(Arc<tiandi_video::relay::Relay>, std::net::SocketAddr)>,
 }
 
 impl Core {
@@ -238,6 +240,14 @@ impl Controller {
                     .map_err(|r| format!("site {}: {r:?}", c.site))
             }));
         }
+        let conference = if config.conference.enabled {
+            Some(
+                start_conference_relay(&config, &ca, registry.clone())
+                    .context("starting the conference relay")?,
+            )
+        } else {
+            None
+        };
         let (events, _) = broadcast::channel(16_384);
         let core = Arc::new(Core {
             ca,
@@ -252,8 +262,12 @@ impl Controller {
             admin_token,
             outbox,
             inbox,
+            conference: conference.as_ref().map(|c| (c.0.clone(), c.1)),
             config,
         });
+        if let Some((relay, _, endpoint)) = conference {
+            tokio::spawn(relay.serve(endpoint, core.cancel.clone()));
+        }
 
         let (chain, key) = core.ca.issue_controller()?;
         let tls = tiandi_link::tls::server_tls(chain, key, core.ca.cert_der(), registry)?;
@@ -322,6 +336,11 @@ impl Controller {
             committer,
             db,
         })
+    }
+
+    /// The conference relay's address, if it runs.
+    pub fn conference_addr(&self) -> Option<std::net::SocketAddr> {
+        self.core.conference.as_ref().map(|c| c.1)
     }
 
     /// Graceful shutdown: agents are told, the store is flushed, listeners stop.
@@ -440,4 +459,43 @@ async fn prune_loop(core: Arc<Core>) {
             info!(removed, "Pruned history beyond retention.");
         }
     }
+}
+
+/// The conference relay: a site certificate of its own from the CA (the name sites connect
+/// to), the registry checking every participant's certificate, only created conferences.
+fn start_conference_relay(
+    config: &Config,
+    ca: &Ca,
+    registry: Arc<Registry>,
+) -> anyhow::Result<(
+    Arc<tiandi_video::relay::Relay>,
+    std::net::SocketAddr,
+    quinn::Endpoint,
+)> {
+    let c = &config.conference;
+    let (key, csr) = tiandi_link::pki::site_key_and_csr(&c.name)?;
+    let cert = ca
+        .sign_site(&csr, &c.name, "ministry", Duration::from_secs(365 * 86_400))?
+        .cert_pem;
+    let tls = tiandi_video::relay_tls_with(ca.cert_pem(), &cert, &key, registry)?;
+    let listen = c
+        .listen
+        .unwrap_or_else(|| std::net::SocketAddr::new(config.quic_listen.ip(), 0));
+    let secret: [u8; 32] = rand::random();
+    let endpoint = tiandi_link::server_endpoint(
+        listen,
+        tls,
+        tiandi_video::transport(config.profile),
+        &secret,
+    )
+    .with_context(|| format!("binding the conference relay at {listen} (conference.listen)"))?;
+    let addr = endpoint.local_addr()?;
+    let relay = tiandi_video::relay::Relay::new(tiandi_video::relay::RelayOptions {
+        name: c.name.clone(),
+        chair: c.chair.clone(),
+        upstream: None,
+        open_rooms: false,
+    });
+    info!(%addr, name = %c.name, "Conference relay listening.");
+    Ok((relay, addr, endpoint))
 }

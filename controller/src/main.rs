@@ -32,6 +32,31 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum ConferenceOp {
+    /// Open a conference room (sites can join it from now on).
+    Create {
+        room: String,
+        /// The chairing site (default: `conference.chair`).
+        #[arg(long)]
+        chair: Option<String>,
+    },
+    /// The relay's address and every conference.
+    List,
+    /// One conference: chair, floor, tracks, the roster with each site's reception.
+    Show { room: String },
+    /// End a conference: every participant is disconnected.
+    End { room: String },
+    /// Give the floor to a site (without SITE: take it back).
+    Floor { room: String, site: Option<String> },
+    /// Ask every participant to confirm presence; `show` lists the answers.
+    Rollcall {
+        room: String,
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
+}
+
+#[derive(Subcommand)]
 enum Cmd {
     /// Run the controller (the default).
     Run {
@@ -57,6 +82,12 @@ enum Cmd {
         /// With --batch: write `SITE_ID TOKEN` lines here.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// Conferences on the controller's relay (`tiandi-video join --relay ADDR --relay-name
+    /// NAME --room ROOM` to take part).
+    Conference {
+        #[command(subcommand)]
+        op: ConferenceOp,
     },
     /// Revoke a site's certificate; its connection is closed at once.
     Revoke {
@@ -307,6 +338,25 @@ async fn run(cli: Cli, mut cfg: Config) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Conference { op } => {
+            let body = match &op {
+                ConferenceOp::Create { room, chair } => {
+                    json!({"op": "create", "room": room, "chair": chair})
+                }
+                ConferenceOp::List => json!({"op": "list", "room": ""}),
+                ConferenceOp::Show { room } => json!({"op": "show", "room": room}),
+                ConferenceOp::End { room } => json!({"op": "end", "room": room}),
+                ConferenceOp::Floor { room, site } => {
+                    json!({"op": "floor", "room": room, "site": site})
+                }
+                ConferenceOp::Rollcall { room, seconds } => {
+                    json!({"op": "rollcall", "room": room, "seconds": seconds})
+                }
+            };
+            let v = admin(&cfg, "conference", body)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
         Cmd::Revoke { site } => {
             let v = admin(&cfg, "revoke", json!({"site_id": site}))?;
             println!(
@@ -414,6 +464,10 @@ fn admin(cfg: &Config, action: &str, body: Value) -> anyhow::Result<Value> {
                 tiandi_controller::transfers::status(&outbox)?
             }
         }
+        "conference" => bail!(
+            "conferences live in the running controller: start it (its API at {} did not answer)",
+            cfg.api_listen
+        ),
         other => bail!("unknown admin action {other}"),
     };
     db.flush()?;

@@ -56,12 +56,18 @@ pub fn relay_tls(
     cert_pem: &str,
     key_pem: &str,
 ) -> Result<rustls_config::ServerConfig, tiandi_link::LinkError> {
-    let mut cfg = tiandi_link::tls::relay_server_tls(
-        ca_pem,
-        cert_pem,
-        key_pem,
-        std::sync::Arc::new(AnySite),
-    )?;
+    relay_tls_with(ca_pem, cert_pem, key_pem, std::sync::Arc::new(AnySite))
+}
+
+/// [`relay_tls`] with a policy for the sites' certificates (the controller's registry:
+/// revoked and superseded certificates are refused in the handshake).
+pub fn relay_tls_with(
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+    policy: std::sync::Arc<dyn tiandi_link::tls::CertPolicy>,
+) -> Result<rustls_config::ServerConfig, tiandi_link::LinkError> {
+    let mut cfg = tiandi_link::tls::relay_server_tls(ca_pem, cert_pem, key_pem, policy)?;
     cfg.alpn_protocols = vec![relay::ALPN.to_vec()];
     Ok(cfg)
 }

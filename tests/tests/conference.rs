@@ -1,0 +1,172 @@
+//! Conferences run by the controller: its relay, created, shown and ended with
+//! `tiandi-controller conference`, floor and roll call from the CLI, enrolled sites only.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tiandi_tests::{AgentProc, ControllerProc};
+use tiandi_video::client::Session;
+use tiandi_video::track::Track;
+use tiandi_video::wire::{self, Object, Role, TrackInfo};
+
+struct Site {
+    cert: String,
+    key: String,
+    ca: String,
+}
+
+fn enroll(ctl: &ControllerProc, dir: &std::path::Path, id: &str) -> Site {
+    let token = ctl.enroll(id, "BJ", &[]);
+    let a = AgentProc::enroll(&dir.join(id), ctl.quic, &token, "");
+    let idd = a.dir.join("data/identity");
+    let read = |f: &str| std::fs::read_to_string(idd.join(f)).unwrap();
+    Site {
+        cert: read("site.crt"),
+        key: read("site.key"),
+        ca: read("ca.crt"),
+    }
+}
+
+fn cli_json(ctl: &ControllerProc, args: &[&str]) -> serde_json::Value {
+    let out = ctl.cli(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+async fn join(
+    addr: std::net::SocketAddr,
+    relay: &str,
+    s: &Site,
+    room: &str,
+) -> Result<Arc<Session>, String> {
+    let tls = tiandi_video::client_tls(&s.ca, &s.cert, &s.key).unwrap();
+    let cfg = tiandi_link::client_config(
+        tls,
+        tiandi_video::transport(tiandi_link::LinkProfile::Terrestrial),
+    )
+    .unwrap();
+    let ep = tiandi_link::client_endpoint(addr).unwrap();
+    let conn = ep
+        .connect_with(cfg, addr, &tiandi_link::tls::relay_server_name(relay))
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    Session::join(conn, room, Role::Site, vec![], 0)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+fn video(publisher: &str) -> Arc<Track> {
+    Track::new(TrackInfo {
+        publisher: publisher.into(),
+        kind: "video".into(),
+        codec: "h264".into(),
+        rendition: "high".into(),
+        bitrate_kbps: 1500,
+        ..Default::default()
+    })
+}
+
+async fn groups(t: Arc<Track>, from: u64, n: u64) {
+    for g in from..from + n {
+        let group = t.start_group(g);
+        for i in 0..5 {
+            group.push(Object {
+                pts_us: (g * 5 + i) as i64 * 40_000,
+                flags: if i == 0 { wire::flags::KEY } else { 0 },
+                payload: Bytes::from(vec![1u8; 3000]),
+            });
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        group.finish();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_runs_conferences_for_enrolled_sites() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ctl = ControllerProc::start(&tmp.path().join("ctl"));
+    let chair = enroll(&ctl, tmp.path(), "ministry");
+    let a = enroll(&ctl, tmp.path(), "bj-001");
+    let b = enroll(&ctl, tmp.path(), "bj-002");
+
+    let list = cli_json(&ctl, &["conference", "list"]);
+    let addr: std::net::SocketAddr = list["relay"]["address"].as_str().unwrap().parse().unwrap();
+    let relay = list["relay"]["name"].as_str().unwrap().to_string();
+
+    // Only conferences the controller created can be joined.
+    let err = join(addr, &relay, &a, "drill")
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.contains("no conference"), "{err}");
+    cli_json(&ctl, &["conference", "create", "drill"]);
+    let c = join(addr, &relay, &chair, "drill").await.unwrap();
+    let sa = join(addr, &relay, &a, "drill").await.unwrap();
+    let sb = join(addr, &relay, &b, "drill").await.unwrap();
+
+    // bj-001 publishes without the floor: bj-002 gets nothing until the chair grants it.
+    let t = video("bj-001");
+    sa.publish(t.clone()).await.unwrap();
+    sb.subscribe("bj-001", "video", "").await.unwrap();
+    groups(t.clone(), 1, 3).await;
+    assert_eq!(sb.groups_in.load(std::sync::atomic::Ordering::Relaxed), 0);
+    let shown = cli_json(&ctl, &["conference", "floor", "drill", "bj-001"]);
+    assert_eq!(shown["floor"], "bj-001");
+    let src = tokio::spawn(groups(t.clone(), 10, 4));
+    let got = tokio::time::timeout(Duration::from_secs(10), sb.received("bj-001", "video"))
+        .await
+        .expect("bj-001 reaches bj-002 once it holds the floor");
+    assert!(got.current().is_some_and(|g| g.seq >= 10));
+    src.await.unwrap();
+
+    // Roll call: every participant confirms; `show` has the answers and the roster.
+    let rc = cli_json(
+        &ctl,
+        &["conference", "rollcall", "drill", "--seconds", "10"],
+    );
+    let id = rc["rollcall"].as_u64().unwrap();
+    let mut present = Vec::new();
+    for _ in 0..50 {
+        let show = cli_json(&ctl, &["conference", "show", "drill"]);
+        present = show["roster"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| {
+                m["present"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|p| p.as_u64() == Some(id))
+            })
+            .map(|m| m["site"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>();
+        if present.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    present.sort();
+    assert_eq!(present, ["bj-001", "bj-002", "ministry"]);
+
+    // A revoked site is refused by the relay's handshake.
+    let out = ctl.cli(&["revoke", "--site", "bj-002"]);
+    assert!(out.status.success());
+    assert!(join(addr, &relay, &b, "drill").await.is_err());
+
+    // Ending the conference disconnects everyone.
+    cli_json(&ctl, &["conference", "end", "drill"]);
+    for s in [&c, &sa] {
+        tokio::time::timeout(Duration::from_secs(5), s.conn.closed())
+            .await
+            .expect("disconnected at the end");
+    }
+    let list = cli_json(&ctl, &["conference", "list"]);
+    assert!(list["conferences"].as_array().unwrap().is_empty());
+}
