@@ -470,6 +470,8 @@ struct ConferenceBody {
     site: Option<String>,
     /// rollcall: seconds to answer.
     seconds: Option<u64>,
+    /// record: stop the recording instead of starting one.
+    stop: Option<bool>,
 }
 
 async fn admin_conference(
@@ -511,6 +513,32 @@ async fn admin_conference(
             tracing::info!(room = %b.room, holder = ?b.site, "Floor changed.");
             Ok(Json(room_json(&r)))
         }
+        "record" if b.stop == Some(true) => {
+            let r = find()?;
+            let (path, stats) = r
+                .stop_recording()
+                .await
+                .map_err(|e| AppError(StatusCode::BAD_REQUEST, e))?;
+            Ok(Json(
+                json!({ "room": b.room, "file": path, "written": stats }),
+            ))
+        }
+        "record" => {
+            let r = find()?;
+            let who = b.site.clone().unwrap_or_else(|| r.floor().chair);
+            let path = core.config.data_dir.join("recordings").join(format!(
+                "{}-{}-{}.ts",
+                b.room,
+                who,
+                crate::now_ms() / 1000
+            ));
+            r.start_recording(&who, &path)
+                .await
+                .map_err(|e| AppError(StatusCode::BAD_REQUEST, e))?;
+            Ok(Json(
+                json!({ "room": b.room, "recording": who, "file": path }),
+            ))
+        }
         "rollcall" => {
             let r = find()?;
             let secs = b.seconds.unwrap_or(30);
@@ -522,7 +550,7 @@ async fn admin_conference(
         other => Err(AppError(
             StatusCode::BAD_REQUEST,
             format!(
-                "unknown conference operation {other:?} (create, list, show, end, floor, rollcall)"
+                "unknown conference operation {other:?} (create, list, show, end, floor, rollcall, record)"
             ),
         )),
     }

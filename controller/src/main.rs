@@ -48,6 +48,15 @@ enum ConferenceOp {
     End { room: String },
     /// Give the floor to a site (without SITE: take it back).
     Floor { room: String, site: Option<String> },
+    /// Record a site's picture and sound on the relay (default: the chair's) to
+    /// `data_dir/recordings/ROOM-SITE-TIME.ts` (MPEG-TS); `--stop` ends it.
+    Record {
+        room: String,
+        #[arg(long)]
+        site: Option<String>,
+        #[arg(long)]
+        stop: bool,
+    },
     /// Ask every participant to confirm presence; `show` lists the answers.
     Rollcall {
         room: String,
@@ -351,6 +360,9 @@ async fn run(cli: Cli, mut cfg: Config) -> anyhow::Result<()> {
                 }
                 ConferenceOp::Rollcall { room, seconds } => {
                     json!({"op": "rollcall", "room": room, "seconds": seconds})
+                }
+                ConferenceOp::Record { room, site, stop } => {
+                    json!({"op": "record", "room": room, "site": site, "stop": stop})
                 }
             };
             let v = admin(&cfg, "conference", body)?;

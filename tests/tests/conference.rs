@@ -155,6 +155,53 @@ async fn the_controller_runs_conferences_for_enrolled_sites() {
     present.sort();
     assert_eq!(present, ["bj-001", "bj-002", "ministry"]);
 
+    // Recording on the relay: the chair publishes a real test pattern (H.264 + AAC), the
+    // relay writes it to an MPEG-TS file, ffprobe decodes it.
+    let mut src = tiandi_video::media::open_source(
+        "pattern",
+        tiandi_video::media::SourceOptions::new("ministry"),
+    )
+    .unwrap();
+    for t in &src.tracks {
+        c.publish(t.clone()).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rec = cli_json(&ctl, &["conference", "record", "drill"]);
+    assert_eq!(rec["recording"], "ministry");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let done = cli_json(&ctl, &["conference", "record", "drill", "--stop"]);
+    src.stop().unwrap();
+    let file = done["file"].as_str().unwrap().to_string();
+    assert!(file.ends_with(".ts"), "{file}");
+    let probe = std::process::Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-count_frames",
+            "-show_streams",
+            "-of",
+            "json",
+            &file,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        probe.status.success(),
+        "{}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    let p: serde_json::Value = serde_json::from_slice(&probe.stdout).unwrap();
+    let streams = p["streams"].as_array().unwrap();
+    let v = streams
+        .iter()
+        .find(|s| s["codec_type"] == "video")
+        .expect("video");
+    assert_eq!(v["codec_name"], "h264");
+    assert_eq!(v["height"], 720);
+    let frames: u64 = v["nb_read_frames"].as_str().unwrap().parse().unwrap();
+    assert!(frames >= 50, "{frames} frames recorded in ~5 s");
+    assert!(streams.iter().any(|s| s["codec_name"] == "aac"));
+
     // A revoked site is refused by the relay's handshake.
     let out = ctl.cli(&["revoke", "--site", "bj-002"]);
     assert!(out.status.success());

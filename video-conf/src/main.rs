@@ -74,11 +74,10 @@ enum Cmd {
         /// the floor (or chairs).
         #[arg(long)]
         publish: Option<String>,
-        /// Where to play: `udp://HOST:PORT` (MPEG-TS to a decoder, TV or VLC) or a `.ts` /
-        /// `.mkv` file.
+        /// Where to play: `udp://HOST:PORT` (MPEG-TS to a decoder, TV or VLC) or a `.ts` file.
         #[arg(long)]
         play: Option<String>,
-        /// Also record what is played to this `.ts` or `.mkv` file.
+        /// Also record what is played to this `.ts` file.
         #[arg(long)]
         record: Option<String>,
         /// Whose video and audio to play (default: the room's chair).

@@ -566,8 +566,7 @@ impl AudioPath {
     }
 }
 
-/// Writes received tracks as MPEG-TS (to `udp://host:port` or a `.ts` file) or Matroska
-/// (a `.mkv` file).
+/// Writes received tracks as MPEG-TS, to `udp://host:port` or a `.ts` file.
 pub struct Sink {
     octx: ff::format::context::Output,
     /// Per stream: time base, last pts written (µs).
@@ -636,13 +635,14 @@ impl PlayStats {
 impl Sink {
     pub fn open(spec: &str, tracks: &[TrackInfo]) -> Result<Sink, MediaError> {
         init();
+        // MPEG-TS only: H.264 travels with its parameter sets in-band and AAC as ADTS, which
+        // is what TS carries. Matroska and MP4 want them as codec extradata (avcC,
+        // AudioSpecificConfig), which ffmpeg-next cannot set without unsafe code.
         let format = if spec.starts_with("udp://") || spec.ends_with(".ts") {
             "mpegts"
-        } else if spec.ends_with(".mkv") {
-            "matroska"
         } else {
             return Err(MediaError::Unsupported(format!(
-                "{spec}: play to udp://HOST:PORT, a .ts file or a .mkv file"
+                "{spec}: play to udp://HOST:PORT or a .ts file (MPEG-TS; Matroska and MP4 are not supported yet)"
             )));
         };
         let mut octx =

@@ -77,6 +77,15 @@ pub struct Room {
     roll: watch::Sender<Option<wire::RollCall>>,
     /// Fires when the conference ends: every participant is disconnected.
     ended: CancellationToken,
+    recording: tokio::sync::Mutex<Option<Recording>>,
+}
+
+/// A recording in progress: a player writing a publisher's tracks to a file.
+struct Recording {
+    path: std::path::PathBuf,
+    publisher: String,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<crate::media::PlayStats, crate::media::MediaError>>,
 }
 
 impl Room {
@@ -93,6 +102,7 @@ impl Room {
             cascading: Default::default(),
             roll: watch::channel(None).0,
             ended: CancellationToken::new(),
+            recording: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -121,6 +131,75 @@ impl Room {
             .filter(|m| m.present.contains(&id))
             .map(|m| m.site)
             .collect()
+    }
+
+    /// Starts recording `publisher`'s picture (its highest rendition) and sound to `path`
+    /// (MPEG-TS, `.ts`), until [`Room::stop_recording`] or the end of the conference.
+    pub async fn start_recording(
+        &self,
+        publisher: &str,
+        path: &std::path::Path,
+    ) -> Result<(), String> {
+        let mut rec = self.recording.lock().await;
+        if let Some(r) = rec.as_ref().filter(|r| !r.task.is_finished()) {
+            return Err(format!(
+                "already recording {} to {}",
+                r.publisher,
+                r.path.display()
+            ));
+        }
+        let tracks = self.tracks.borrow().clone();
+        let mut video: Vec<&Arc<Track>> = tracks
+            .values()
+            .filter(|t| t.info.publisher == publisher && t.info.kind == "video")
+            .collect();
+        video.sort_by_key(|t| std::cmp::Reverse(t.info.bitrate_kbps));
+        let video = video
+            .first()
+            .ok_or_else(|| format!("{publisher} publishes no video in {}", self.name))?;
+        let audio = tracks
+            .values()
+            .find(|t| t.info.publisher == publisher && t.info.kind == "audio");
+        let list: Vec<Arc<Track>> = std::iter::once((*video).clone())
+            .chain(audio.cloned())
+            .collect();
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        let stop = self.ended.child_token();
+        let spec = path.to_string_lossy().to_string();
+        let stop2 = stop.clone();
+        let task = tokio::spawn(async move {
+            crate::media::play(list, &spec, stop2, Duration::from_secs(2)).await
+        });
+        info!(room = %self.name, publisher, path = %path.display(), "Recording.");
+        *rec = Some(Recording {
+            path: path.to_path_buf(),
+            publisher: publisher.to_string(),
+            stop,
+            task,
+        });
+        Ok(())
+    }
+
+    /// Stops the recording; returns its file and what was written.
+    pub async fn stop_recording(
+        &self,
+    ) -> Result<(std::path::PathBuf, crate::media::PlayStats), String> {
+        let r = self
+            .recording
+            .lock()
+            .await
+            .take()
+            .ok_or_else(|| format!("{} is not being recorded", self.name))?;
+        r.stop.cancel();
+        let stats = r
+            .task
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        info!(room = %self.name, path = %r.path.display(), objects = stats.objects, "Recording stopped.");
+        Ok((r.path, stats))
     }
 
     pub fn is_ended(&self) -> bool {
