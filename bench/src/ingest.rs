@@ -16,35 +16,36 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// The release binaries, built if missing.
-pub(crate) fn binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
+/// The release binaries of `packages`, built (cargo is quick when they are current); their
+/// paths, in the order given (each package's binary is named after it).
+pub(crate) fn release_binaries(packages: &[&str]) -> anyhow::Result<Vec<PathBuf>> {
     let exe = std::env::current_exe()?;
     let dir = exe
         .parent()
         .context("bench binary has no directory")?
         .to_path_buf();
-    let (c, a) = (dir.join("tiandi-controller"), dir.join("tiandi-agent"));
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!("building release binaries...");
-    let st = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "-p",
-            "tiandi-controller",
-            "-p",
-            "tiandi-agent",
-            "--bins",
-        ])
-        .status()?;
-    if !st.success() || !c.exists() || !a.exists() {
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--release", "--locked"]);
+    for p in packages {
+        cmd.args(["-p", p]);
+    }
+    let st = cmd.arg("--bins").status()?;
+    let bins: Vec<PathBuf> = packages.iter().map(|p| dir.join(p)).collect();
+    if !st.success() || bins.iter().any(|b| !b.exists()) {
         bail!(
             "could not build the release binaries next to {}",
             exe.display()
         );
     }
-    Ok((c, a))
+    Ok(bins)
+}
+
+/// The controller's and the agent's release binaries.
+pub(crate) fn binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
+    let b = release_binaries(&["tiandi-controller", "tiandi-agent"])?;
+    Ok((b[0].clone(), b[1].clone()))
 }
 
 pub(crate) fn http() -> ureq::Agent {

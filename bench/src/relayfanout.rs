@@ -57,28 +57,6 @@ fn issue(ca: &Ca, id: &str) -> anyhow::Result<Creds> {
     Ok(Creds { cert, key })
 }
 
-fn video_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("bench binary has no directory")?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    eprintln!("building the release relay...");
-    let st = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "-p",
-            "tiandi-video",
-            "--bins",
-        ])
-        .status()?;
-    let bin = dir.join("tiandi-video");
-    if !st.success() || !bin.exists() {
-        bail!("could not build tiandi-video next to {}", exe.display());
-    }
-    Ok(bin)
-}
-
 /// Per-subscriber tallies.
 #[derive(Default)]
 struct Tally {
@@ -88,7 +66,7 @@ struct Tally {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let bin = video_binary()?;
+    let bin = crate::ingest::release_binaries(&["tiandi-video"])?.remove(0);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

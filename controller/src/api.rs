@@ -421,8 +421,11 @@ async fn metrics(State(core): State<Arc<Core>>) -> impl IntoResponse {
     )
 }
 
-fn conference_relay(core: &Core) -> Result<&Arc<tiandi_video::relay::Relay>, AppError> {
-    core.conference.as_ref().map(|c| &c.0).ok_or_else(|| {
+/// The conference relay and its address.
+fn conference_relay(
+    core: &Core,
+) -> Result<&(Arc<tiandi_video::relay::Relay>, std::net::SocketAddr), AppError> {
+    core.conference.as_ref().ok_or_else(|| {
         AppError(
             StatusCode::NOT_FOUND,
             "the conference relay is disabled (conference.enabled)".into(),
@@ -442,12 +445,7 @@ fn room_json(r: &tiandi_video::relay::Room) -> serde_json::Value {
 }
 
 async fn conferences(State(core): State<Arc<Core>>) -> ApiResult {
-    let (relay, addr) = core.conference.as_ref().ok_or_else(|| {
-        AppError(
-            StatusCode::NOT_FOUND,
-            "the conference relay is disabled (conference.enabled)".into(),
-        )
-    })?;
+    let (relay, addr) = conference_relay(&core)?;
     let mut rooms: Vec<serde_json::Value> = relay
         .rooms()
         .iter()
@@ -480,7 +478,7 @@ async fn admin_conference(
     Json(b): Json<ConferenceBody>,
 ) -> ApiResult {
     check_admin(&core, &headers)?;
-    let relay = conference_relay(&core)?;
+    let relay = &conference_relay(&core)?.0;
     let find = || {
         relay
             .find_room(&b.room)
