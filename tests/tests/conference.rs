@@ -122,7 +122,15 @@ async fn the_controller_runs_conferences_for_enrolled_sites() {
     let got = tokio::time::timeout(Duration::from_secs(10), sb.received("bj-001", "video"))
         .await
         .expect("bj-001 reaches bj-002 once it holds the floor");
-    assert!(got.current().is_some_and(|g| g.seq >= 10));
+    // The track appears as its first group's stream arrives; the group follows at once.
+    let mut groups_rx = got.subscribe();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        groups_rx.wait_for(|g| g.as_ref().is_some_and(|g| g.seq >= 10)),
+    )
+    .await
+    .expect("a group from after the floor was granted")
+    .unwrap();
     src.await.unwrap();
 
     // Roll call: every participant confirms; `show` has the answers and the roster.
