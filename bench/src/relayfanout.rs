@@ -172,6 +172,8 @@ async fn run_async(a: Args, bin: PathBuf) -> anyhow::Result<()> {
             role: "site".into(),
             path: vec![],
             link_kbps: 0,
+            // Loopback: no repair datagrams (they would never be needed).
+            fec_rtt_ms: 0,
         }))
         .await?;
         w.send(&Control::Subscribe(Subscribe {
@@ -189,9 +191,10 @@ async fn run_async(a: Args, bin: PathBuf) -> anyhow::Result<()> {
         let (tally, lat, rec) = (tallies[i].clone(), latencies.clone(), recording.clone());
         let c2 = conn.clone();
         tokio::spawn(async move {
-            while let Ok(mut s) = c2.accept_uni().await {
+            while let Ok(s) = c2.accept_uni().await {
                 let (tally, lat, rec) = (tally.clone(), lat.clone(), rec.clone());
                 tokio::spawn(async move {
+                    let mut s = tiandi_video::fec::GroupRecv::new(s, None);
                     if tiandi_video::io::read_group_header(&mut s).await.is_err() {
                         return;
                     }

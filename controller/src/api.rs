@@ -470,6 +470,8 @@ struct ConferenceBody {
     seconds: Option<u64>,
     /// record: stop the recording instead of starting one.
     stop: Option<bool>,
+    /// record: mkv, mp4 or ts (default: `[conference] recording_format`).
+    format: Option<crate::config::RecordingFormat>,
 }
 
 async fn admin_conference(
@@ -524,8 +526,12 @@ async fn admin_conference(
         "record" => {
             let r = find()?;
             let who = b.site.clone().unwrap_or_else(|| r.floor().chair);
+            let ext = b
+                .format
+                .unwrap_or(core.config.conference.recording_format)
+                .extension();
             let path = core.config.data_dir.join("recordings").join(format!(
-                "{}-{}-{}.ts",
+                "{}-{}-{}.{ext}",
                 b.room,
                 who,
                 crate::now_ms() / 1000

@@ -56,6 +56,29 @@ pub struct Conference {
     pub name: String,
     /// The site that chairs conferences unless `create` names another.
     pub chair: String,
+    /// Container of recordings made on the relay (`conference record`).
+    pub recording_format: RecordingFormat,
+}
+
+/// Recording containers: Matroska and MP4 are written as MPEG-TS while recording and remuxed
+/// when it stops (what a crash leaves is the readable MPEG-TS); `ts` keeps MPEG-TS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordingFormat {
+    #[default]
+    Mkv,
+    Mp4,
+    Ts,
+}
+
+impl RecordingFormat {
+    pub fn extension(self) -> &'static str {
+        match self {
+            RecordingFormat::Mkv => "mkv",
+            RecordingFormat::Mp4 => "mp4",
+            RecordingFormat::Ts => "ts",
+        }
+    }
 }
 
 impl Default for Conference {
@@ -65,6 +88,7 @@ impl Default for Conference {
             listen: None,
             name: "ministry-relay".into(),
             chair: "ministry".into(),
+            recording_format: RecordingFormat::default(),
         }
     }
 }

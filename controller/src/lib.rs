@@ -495,6 +495,7 @@ fn start_conference_relay(
         chair: c.chair.clone(),
         upstream: None,
         open_rooms: false,
+        fec_rtt_ms: tiandi_video::client::FEC_RTT_MS,
     });
     info!(%addr, name = %c.name, "Conference relay listening.");
     Ok((relay, addr, endpoint))

@@ -49,13 +49,16 @@ enum ConferenceOp {
     /// Give the floor to a site (without SITE: take it back).
     Floor { room: String, site: Option<String> },
     /// Record a site's picture and sound on the relay (default: the chair's) to
-    /// `data_dir/recordings/ROOM-SITE-TIME.ts` (MPEG-TS); `--stop` ends it.
+    /// `data_dir/recordings/ROOM-SITE-TIME.mkv` (or `--format mp4|ts`); `--stop` ends it.
     Record {
         room: String,
         #[arg(long)]
         site: Option<String>,
         #[arg(long)]
         stop: bool,
+        /// mkv, mp4 or ts (default: `[conference] recording_format`).
+        #[arg(long, value_parser = ["mkv", "mp4", "ts"])]
+        format: Option<String>,
     },
     /// Ask every participant to confirm presence; `show` lists the answers.
     Rollcall {
@@ -361,8 +364,13 @@ async fn run(cli: Cli, mut cfg: Config) -> anyhow::Result<()> {
                 ConferenceOp::Rollcall { room, seconds } => {
                     json!({"op": "rollcall", "room": room, "seconds": seconds})
                 }
-                ConferenceOp::Record { room, site, stop } => {
-                    json!({"op": "record", "room": room, "site": site, "stop": stop})
+                ConferenceOp::Record {
+                    room,
+                    site,
+                    stop,
+                    format,
+                } => {
+                    json!({"op": "record", "room": room, "site": site, "stop": stop, "format": format})
                 }
             };
             let v = admin(&cfg, "conference", body)?;

@@ -164,7 +164,8 @@ async fn the_controller_runs_conferences_for_enrolled_sites() {
     assert_eq!(present, ["bj-001", "bj-002", "ministry"]);
 
     // Recording on the relay: the chair publishes a real test pattern (H.264 + AAC), the
-    // relay writes it to an MPEG-TS file, ffprobe decodes it.
+    // relay records it (Matroska by default, MP4 on request: written as MPEG-TS, remuxed when
+    // the recording stops), ffprobe decodes every frame without an error.
     let mut src = tiandi_video::media::open_source(
         "pattern",
         tiandi_video::media::SourceOptions::new("ministry"),
@@ -174,41 +175,61 @@ async fn the_controller_runs_conferences_for_enrolled_sites() {
         c.publish(t.clone()).await.unwrap();
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rec = cli_json(&ctl, &["conference", "record", "drill"]);
-    assert_eq!(rec["recording"], "ministry");
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let done = cli_json(&ctl, &["conference", "record", "drill", "--stop"]);
+    for (args, ext, container) in [
+        (vec![], "mkv", "matroska"),
+        (vec!["--format", "mp4"], "mp4", "mp4"),
+    ] {
+        let mut start = vec!["conference", "record", "drill"];
+        start.extend(args);
+        let rec = cli_json(&ctl, &start);
+        assert_eq!(rec["recording"], "ministry");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let done = cli_json(&ctl, &["conference", "record", "drill", "--stop"]);
+        let file = done["file"].as_str().unwrap().to_string();
+        assert!(file.ends_with(&format!(".{ext}")), "{file}");
+        assert!(
+            !std::path::Path::new(&format!("{file}.part.ts")).exists(),
+            "the intermediate MPEG-TS of {file} is left behind"
+        );
+        let probe = std::process::Command::new("ffprobe")
+            .args([
+                "-v",
+                "error",
+                "-count_frames",
+                "-show_streams",
+                "-show_format",
+                "-of",
+                "json",
+                &file,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            probe.status.success() && probe.stderr.is_empty(),
+            "{file}: {}",
+            String::from_utf8_lossy(&probe.stderr)
+        );
+        let p: serde_json::Value = serde_json::from_slice(&probe.stdout).unwrap();
+        let format = p["format"]["format_name"].as_str().unwrap();
+        assert!(format.contains(container), "{file}: {format}");
+        let streams = p["streams"].as_array().unwrap();
+        let v = streams
+            .iter()
+            .find(|s| s["codec_type"] == "video")
+            .expect("video");
+        assert_eq!(v["codec_name"], "h264");
+        assert_eq!(v["height"], 720);
+        let frames: u64 = v["nb_read_frames"].as_str().unwrap().parse().unwrap();
+        assert!(frames >= 50, "{file}: {frames} frames recorded in ~5 s");
+        let a = streams
+            .iter()
+            .find(|s| s["codec_name"] == "aac")
+            .unwrap_or_else(|| panic!("{file}: no AAC stream"));
+        let afr: u64 = a["nb_read_frames"].as_str().unwrap().parse().unwrap();
+        // AAC frames are 1024 samples: ~47 a second at 48 kHz.
+        assert!(afr >= 150, "{file}: {afr} audio frames in ~5 s");
+    }
     src.stop().unwrap();
-    let file = done["file"].as_str().unwrap().to_string();
-    assert!(file.ends_with(".ts"), "{file}");
-    let probe = std::process::Command::new("ffprobe")
-        .args([
-            "-v",
-            "error",
-            "-count_frames",
-            "-show_streams",
-            "-of",
-            "json",
-            &file,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        probe.status.success(),
-        "{}",
-        String::from_utf8_lossy(&probe.stderr)
-    );
-    let p: serde_json::Value = serde_json::from_slice(&probe.stdout).unwrap();
-    let streams = p["streams"].as_array().unwrap();
-    let v = streams
-        .iter()
-        .find(|s| s["codec_type"] == "video")
-        .expect("video");
-    assert_eq!(v["codec_name"], "h264");
-    assert_eq!(v["height"], 720);
-    let frames: u64 = v["nb_read_frames"].as_str().unwrap().parse().unwrap();
-    assert!(frames >= 50, "{frames} frames recorded in ~5 s");
-    assert!(streams.iter().any(|s| s["codec_name"] == "aac"));
 
     // A revoked site is refused by the relay's handshake.
     let out = ctl.cli(&["revoke", "--site", "bj-002"]);

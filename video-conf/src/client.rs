@@ -45,6 +45,10 @@ pub struct Session {
     /// Per (publisher, kind): what has arrived, for health reports.
     counts: Mutex<HashMap<(String, String), Counts>>,
     cancel: CancellationToken,
+    /// Repair datagrams for the relay's group streams, if asked for.
+    pub inbox: Option<Arc<crate::fec::Inbox>>,
+    /// The relay's wish for repair with the groups sent to it.
+    fec_out: Arc<crate::fec::Wish>,
 }
 
 /// What arrived of one publisher's kind of track.
@@ -61,14 +65,32 @@ pub struct Counts {
     pub latency_ms: Option<i64>,
 }
 
+/// From this round trip on, a client asks for repair datagrams ([`crate::fec`]): a
+/// retransmission then costs more than a frame's worth of delay budget.
+pub const FEC_RTT_MS: u32 = 200;
+
 impl Session {
-    /// Joins `room` at the relay over `conn` (already connected with the video ALPN).
+    /// Joins `room` at the relay over `conn` (already connected with the video ALPN), asking
+    /// for repair datagrams over long links ([`FEC_RTT_MS`]).
     pub async fn join(
         conn: quinn::Connection,
         room: &str,
         role: wire::Role,
         path: Vec<String>,
         link_kbps: u32,
+    ) -> Result<Arc<Session>, IoError> {
+        Session::join_with(conn, room, role, path, link_kbps, FEC_RTT_MS).await
+    }
+
+    /// [`Session::join`], asking for repair datagrams from `fec_rtt_ms` of round trip on (0:
+    /// never).
+    pub async fn join_with(
+        conn: quinn::Connection,
+        room: &str,
+        role: wire::Role,
+        path: Vec<String>,
+        link_kbps: u32,
+        fec_rtt_ms: u32,
     ) -> Result<Arc<Session>, IoError> {
         let (send, recv) = conn
             .open_bi()
@@ -81,6 +103,7 @@ impl Session {
             role: role.as_str().into(),
             path,
             link_kbps,
+            fec_rtt_ms,
         }))
         .await?;
         let welcome = match tokio::time::timeout(Duration::from_secs(20), r.recv()).await {
@@ -111,6 +134,7 @@ impl Session {
                 None => return Err(IoError::Ended),
             },
         };
+        let fec_wish = welcome.fec_rtt_ms;
         let (ctl, rx) = mpsc::channel(CONTROL_QUEUE);
         let (view_tx, view) = watch::channel(View::default());
         let cancel = CancellationToken::new();
@@ -127,6 +151,8 @@ impl Session {
             bad_streams: Arc::default(),
             counts: Mutex::default(),
             cancel: cancel.clone(),
+            inbox: (fec_rtt_ms > 0).then(|| crate::fec::Inbox::start(&conn)),
+            fec_out: crate::fec::Wish::new(fec_wish),
         });
         tokio::spawn(write_control(w, rx, cancel.clone()));
         tokio::spawn(s.clone().read_control(r, view_tx));
@@ -166,7 +192,7 @@ impl Session {
             .await?;
         let (s, stats) = (self.clone(), self.sent.clone());
         tokio::spawn(async move {
-            forward::send_track(&s.conn, &track, id, &stats, &s.cancel).await;
+            forward::send_track(&s.conn, &track, id, &stats, &s.cancel, &s.fec_out).await;
         });
         Ok(())
     }
@@ -308,13 +334,13 @@ impl Session {
             };
             let s = self.clone();
             tokio::spawn(async move {
-                let mut recv = recv;
+                let mut recv = crate::fec::GroupRecv::new(recv, s.inbox.as_ref());
                 let header = match crate::io::read_group_header(&mut recv).await {
                     Ok(h) => h,
                     Err(e) => {
                         s.bad_streams.fetch_add(1, Ordering::Relaxed);
                         warn!(error = %e, "Bad group stream from the relay.");
-                        let _ = recv.stop(e.code().into());
+                        recv.stop(e.code());
                         return;
                     }
                 };
@@ -336,7 +362,7 @@ impl Session {
                         track = header.track,
                         "Group for a track the relay never listed."
                     );
-                    let _ = recv.stop(wire::codes::PROTOCOL.into());
+                    recv.stop(wire::codes::PROTOCOL);
                     return;
                 };
                 let key = TrackKey {

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::fec::{self, GroupRecv};
 use crate::io::{self, IoError};
 use crate::policy;
 use crate::track::{Fetch, Group, Track};
@@ -22,6 +23,8 @@ pub struct SendStats {
     pub groups_dropped: AtomicU64,
     pub objects_sent: AtomicU64,
     pub bytes_sent: AtomicU64,
+    /// Repair datagrams sent ([`crate::fec`]).
+    pub repairs_sent: AtomicU64,
     pub parent: Option<Arc<SendStats>>,
 }
 
@@ -51,6 +54,12 @@ impl SendStats {
         });
     }
 
+    fn repairs(&self, n: usize) {
+        self.each(&|s| {
+            s.repairs_sent.fetch_add(n as u64, Ordering::Relaxed);
+        });
+    }
+
     fn group_sent(&self) {
         self.each(&|s| {
             s.groups_sent.fetch_add(1, Ordering::Relaxed);
@@ -64,12 +73,39 @@ impl SendStats {
     }
 }
 
-/// Groups of one track on one connection: sequence → (its writer's stop signal, whether all
-/// of it has been handed to QUIC).
-type InFlight = Arc<Mutex<BTreeMap<u64, (CancellationToken, Arc<AtomicBool>)>>>;
+/// Groups of one track on one connection not yet fully acknowledged: sequence → (its
+/// writer's stop signal, whether all of it has been handed to QUIC); and when the newest
+/// started.
+#[derive(Default)]
+pub struct Flights {
+    groups: BTreeMap<u64, (CancellationToken, Arc<AtomicBool>)>,
+    last_start: Option<std::time::Instant>,
+}
+
+type InFlight = Arc<Mutex<Flights>>;
+
+/// Stops every group still in flight (a rendition switch, the end of a subscription).
+pub fn cancel_all(flights: &InFlight) {
+    let groups = std::mem::take(&mut flights.lock().expect("in-flight lock poisoned").groups);
+    for (_, (stop, _)) in groups {
+        stop.cancel();
+    }
+}
+
+fn send_repairs(conn: &quinn::Connection, stats: &SendStats, repairs: Vec<fec::Repair>) {
+    let n = repairs.len();
+    for r in repairs {
+        if let Err(e) = conn.send_datagram(r.encode()) {
+            debug!(error = %e, "Repair datagram not sent.");
+            return;
+        }
+    }
+    stats.repairs(n);
+}
 
 /// Sends `group` on a new unidirectional stream as track `id`, objects as they arrive, and
 /// waits for the peer to have it all. Returns false if it was dropped or failed.
+#[allow(clippy::too_many_arguments)]
 async fn send_group(
     conn: &quinn::Connection,
     id: u32,
@@ -78,6 +114,7 @@ async fn send_group(
     stats: &SendStats,
     stop: CancellationToken,
     written: &AtomicBool,
+    fec: &fec::Wish,
 ) -> bool {
     let mut s = match conn.open_uni().await {
         Ok(s) => s,
@@ -87,29 +124,56 @@ async fn send_group(
         }
     };
     let _ = s.set_priority(policy::group_priority(kind, group.seq));
+    let mut enc = fec
+        .params(conn)
+        .map(|p| fec::Encoder::new(s.id().into(), p));
     let write = async {
-        s.write_all(
-            &GroupHeader {
-                track: id,
-                group: group.seq,
-            }
-            .encode(),
-        )
-        .await
-        .map_err(|e| IoError::Stream(e.to_string()))?;
+        let header = GroupHeader {
+            track: id,
+            group: group.seq,
+        }
+        .encode();
+        s.write_all(&header)
+            .await
+            .map_err(|e| IoError::Stream(e.to_string()))?;
+        if let Some(e) = enc.as_mut() {
+            e.wrote(&header);
+        }
         let mut next = 0;
         loop {
-            match group.next_from(next).await {
-                Fetch::Objects(objs) => {
+            // With repair: a block also closes when it is old enough, objects or not.
+            let due = enc.as_ref().and_then(fec::Encoder::deadline);
+            let fetched = match due {
+                Some(d) => tokio::select! {
+                    f = group.next_from(next) => Some(f),
+                    _ = tokio::time::sleep_until(d.into()) => None,
+                },
+                None => Some(group.next_from(next).await),
+            };
+            match fetched {
+                None => {}
+                Some(Fetch::Objects(objs)) => {
                     for o in &objs {
                         io::write_object(&mut s, o).await?;
                         stats.object(o.payload.len());
+                        if let Some(e) = enc.as_mut() {
+                            e.wrote(&o.header());
+                            e.wrote(&o.payload);
+                        }
                     }
                     next += objs.len();
                 }
-                Fetch::End => return Ok::<(), IoError>(()),
+                Some(Fetch::End) => {
+                    if let Some(e) = enc.as_mut() {
+                        send_repairs(conn, stats, e.flush(true));
+                    }
+                    return Ok::<(), IoError>(());
+                }
                 // Dropped upstream: dropped here too, not passed on as complete.
-                Fetch::Aborted => return Err(IoError::Ended),
+                Some(Fetch::Aborted) => return Err(IoError::Ended),
+            }
+            if let Some(e) = enc.as_mut() {
+                send_repairs(conn, stats, e.flush(false));
             }
         }
     };
@@ -152,36 +216,39 @@ pub fn start_group(
     group: Arc<Group>,
     stats: &Arc<SendStats>,
     in_flight: &InFlight,
+    fec: &Arc<fec::Wish>,
 ) {
     let seq = group.seq;
+    let stop = CancellationToken::new();
+    let written = Arc::new(AtomicBool::new(false));
     {
         let mut f = in_flight.lock().expect("in-flight lock poisoned");
-        let seqs: Vec<u64> = f.keys().copied().collect();
-        for old in policy::groups_to_drop(&seqs, seq) {
-            if let Some((stop, _)) = f.remove(&old) {
+        let now = std::time::Instant::now();
+        let spacing = f.last_start.replace(now).map(|t| now - t);
+        let extra = policy::extra_in_flight(fec.min_rtt(conn), spacing);
+        let seqs: Vec<u64> = f.groups.keys().copied().collect();
+        for old in policy::groups_to_drop(&seqs, seq, extra) {
+            if let Some((stop, _)) = f.groups.remove(&old) {
                 stop.cancel();
             }
         }
+        f.groups.insert(seq, (stop.clone(), written.clone()));
     }
-    let stop = CancellationToken::new();
-    let written = Arc::new(AtomicBool::new(false));
-    in_flight
-        .lock()
-        .expect("in-flight lock poisoned")
-        .insert(seq, (stop.clone(), written.clone()));
-    let (conn, kind, stats, in_flight) = (
+    let (conn, kind, stats, in_flight, fec) = (
         conn.clone(),
         kind.to_string(),
         stats.clone(),
         in_flight.clone(),
+        fec.clone(),
     );
     tokio::spawn(async move {
-        if send_group(&conn, id, &kind, group, &stats, stop, &written).await {
+        if send_group(&conn, id, &kind, group, &stats, stop, &written, &fec).await {
             stats.group_sent();
         }
         in_flight
             .lock()
             .expect("in-flight lock poisoned")
+            .groups
             .remove(&seq);
     });
 }
@@ -199,6 +266,7 @@ pub async fn send_track(
     id: u32,
     stats: &Arc<SendStats>,
     cancel: &CancellationToken,
+    fec: &Arc<fec::Wish>,
 ) {
     let mut rx = track.subscribe();
     let flights = in_flight();
@@ -214,11 +282,9 @@ pub async fn send_track(
             }
             continue;
         };
-        start_group(conn, id, &track.info.kind, group, stats, &flights);
+        start_group(conn, id, &track.info.kind, group, stats, &flights, fec);
     }
-    for (_, (stop, _)) in std::mem::take(&mut *flights.lock().expect("in-flight lock poisoned")) {
-        stop.cancel();
-    }
+    cancel_all(&flights);
 }
 
 /// What one group stream brought.
@@ -234,12 +300,12 @@ pub struct Received {
 /// header). A group older than the track's current one is refused: live beats complete. A
 /// stream reset or broken half-way leaves the group aborted (forwarded as dropped).
 pub async fn receive_group(
-    mut recv: quinn::RecvStream,
+    mut recv: GroupRecv,
     header: GroupHeader,
     track: &Track,
 ) -> Result<Received, IoError> {
     if track.current().is_some_and(|g| g.seq >= header.group) {
-        let _ = recv.stop(codes::SUPERSEDED.into());
+        recv.stop(codes::SUPERSEDED);
         return Ok(Received::default());
     }
     let group = track.start_group(header.group);
@@ -254,7 +320,7 @@ pub async fn receive_group(
             }
             Ok(None) => break Ok(n),
             Err(e) => {
-                let _ = recv.stop(e.code().into());
+                recv.stop(e.code());
                 break Err(e);
             }
         }

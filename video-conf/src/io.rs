@@ -2,6 +2,8 @@
 
 use bytes::Bytes;
 
+use crate::fec::{GroupRecv, ReadError};
+
 use crate::wire::{
     Control, GROUP_HEADER_LEN, GroupHeader, OBJECT_HEADER_LEN, Object, TrackInfo, WireError,
 };
@@ -57,40 +59,40 @@ impl ControlReader {
 }
 
 /// Reads a group stream's header.
-pub async fn read_group_header(r: &mut quinn::RecvStream) -> Result<GroupHeader, IoError> {
+pub async fn read_group_header(r: &mut GroupRecv) -> Result<GroupHeader, IoError> {
     let mut h = [0u8; GROUP_HEADER_LEN];
     r.read_exact(&mut h).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(_) => IoError::Wire(WireError::Malformed {
+        ReadError::Finished(_) => IoError::Wire(WireError::Malformed {
             what: "group stream",
             detail: "ended inside its header".into(),
         }),
-        other => stream_err(other),
+        ReadError::Other(e) => IoError::Stream(e),
     })?;
     Ok(GroupHeader::decode(&h)?)
 }
 
 /// Reads the next object of a group stream; `Ok(None)` at its clean end.
-pub async fn read_object(r: &mut quinn::RecvStream) -> Result<Option<Object>, IoError> {
+pub async fn read_object(r: &mut GroupRecv) -> Result<Option<Object>, IoError> {
     let mut h = [0u8; OBJECT_HEADER_LEN];
     match r.read_exact(&mut h).await {
         Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(quinn::ReadExactError::FinishedEarly(_)) => {
+        Err(ReadError::Finished(0)) => return Ok(None),
+        Err(ReadError::Finished(_)) => {
             return Err(IoError::Wire(WireError::Malformed {
                 what: "object",
                 detail: "stream ended inside an object header".into(),
             }));
         }
-        Err(e) => return Err(stream_err(e)),
+        Err(ReadError::Other(e)) => return Err(IoError::Stream(e)),
     }
     let (len, pts_us, flags) = Object::parse_header(&h)?;
     let mut payload = vec![0u8; len];
     r.read_exact(&mut payload).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(_) => IoError::Wire(WireError::Malformed {
+        ReadError::Finished(_) => IoError::Wire(WireError::Malformed {
             what: "object",
             detail: format!("stream ended inside a {len}-byte payload"),
         }),
-        other => stream_err(other),
+        ReadError::Other(e) => IoError::Stream(e),
     })?;
     Ok(Some(Object {
         pts_us,

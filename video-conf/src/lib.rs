@@ -7,6 +7,7 @@
 //! [`relay`] and [`client`].
 
 pub mod client;
+pub mod fec;
 pub mod forward;
 pub mod io;
 pub mod media;

@@ -48,6 +48,10 @@ enum Cmd {
         /// Link profile of the participants (geo, leo, terrestrial, custom:RTT:KBIT).
         #[arg(long, default_value = "terrestrial")]
         profile: tiandi_link::LinkProfile,
+        /// Ask for repair datagrams (forward error correction) with the groups sent here once
+        /// the round trip is at least this long (ms; 0: never).
+        #[arg(long, default_value_t = tiandi_video::client::FEC_RTT_MS)]
+        fec_rtt_ms: u32,
         /// Log filter (RUST_LOG wins).
         #[arg(long, default_value = "info")]
         log: String,
@@ -74,10 +78,11 @@ enum Cmd {
         /// the floor (or chairs).
         #[arg(long)]
         publish: Option<String>,
-        /// Where to play: `udp://HOST:PORT` (MPEG-TS to a decoder, TV or VLC) or a `.ts` file.
+        /// Where to play: `udp://HOST:PORT` (MPEG-TS to a decoder, TV or VLC) or a file
+        /// (`.ts`; `.mkv` and `.mp4` are remuxed from MPEG-TS when playback ends).
         #[arg(long)]
         play: Option<String>,
-        /// Also record what is played to this `.ts` file.
+        /// Also record what is played to this file (`.ts`, `.mkv` or `.mp4`).
         #[arg(long)]
         record: Option<String>,
         /// Whose video and audio to play (default: the room's chair).
@@ -96,6 +101,10 @@ enum Cmd {
         /// Leave after this many seconds (default: at Ctrl-C, or when the source ends).
         #[arg(long)]
         duration: Option<f64>,
+        /// Ask for repair datagrams (forward error correction) with the groups sent here once
+        /// the round trip is at least this long (ms; 0: never).
+        #[arg(long, default_value_t = tiandi_video::client::FEC_RTT_MS)]
+        fec_rtt_ms: u32,
         #[arg(long, default_value = "terrestrial")]
         profile: tiandi_link::LinkProfile,
         #[arg(long, default_value = "info")]
@@ -121,6 +130,7 @@ async fn main() -> anyhow::Result<()> {
             upstream,
             upstream_name,
             profile,
+            fec_rtt_ms,
             log,
         } => {
             tiandi_link::init_logging(&log);
@@ -159,6 +169,7 @@ async fn main() -> anyhow::Result<()> {
                 chair,
                 upstream,
                 open_rooms: true,
+                fec_rtt_ms,
             });
             let cancel = tiandi_link::shutdown_token();
             tracing::info!(%listen, relay = %name, "Relay running.");
@@ -187,10 +198,12 @@ async fn main() -> anyhow::Result<()> {
             link_kbps,
             duration,
             profile,
+            fec_rtt_ms,
             log,
         } => {
             tiandi_link::init_logging(&log);
             join(JoinArgs {
+                fec_rtt_ms,
                 latency: std::time::Duration::from_millis(latency_ms),
                 relay,
                 relay_name,
@@ -213,6 +226,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 struct JoinArgs {
+    fec_rtt_ms: u32,
     latency: std::time::Duration,
     relay: SocketAddr,
     relay_name: String,
@@ -243,12 +257,13 @@ async fn join(a: JoinArgs) -> anyhow::Result<()> {
         )?
         .await
         .with_context(|| format!("connecting to relay {} at {}", a.relay_name, a.relay))?;
-    let session = tiandi_video::client::Session::join(
+    let session = tiandi_video::client::Session::join_with(
         conn,
         &a.room,
         tiandi_video::wire::Role::Site,
         vec![],
         a.link_kbps,
+        a.fec_rtt_ms,
     )
     .await
     .with_context(|| format!("joining room {}", a.room))?;

@@ -566,9 +566,15 @@ impl AudioPath {
     }
 }
 
-/// Writes received tracks as MPEG-TS, to `udp://host:port` or a `.ts` file.
+/// Writes received tracks as MPEG-TS, to `udp://host:port` or a `.ts` file; or to a Matroska
+/// (`.mkv`) or MP4 (`.mp4`) file by way of an MPEG-TS file beside it (`FILE.part.ts`), remuxed
+/// when the sink finishes. The intermediate is what a crash or a full disk leaves: a file any
+/// player reads up to its last packet, where an unfinished MP4 is unreadable (its index is
+/// written last).
 pub struct Sink {
     octx: ff::format::context::Output,
+    /// For a Matroska or MP4 file: the MPEG-TS being written, and the final file.
+    remux_to: Option<(String, String)>,
     /// Per stream: time base, last pts written (µs).
     streams: Vec<(ff::Rational, i64)>,
     /// The video stream, if any: playback starts at its first keyframe, audio with it.
@@ -635,18 +641,22 @@ impl PlayStats {
 impl Sink {
     pub fn open(spec: &str, tracks: &[TrackInfo]) -> Result<Sink, MediaError> {
         init();
-        // MPEG-TS only: H.264 travels with its parameter sets in-band and AAC as ADTS, which
-        // is what TS carries. Matroska and MP4 want them as codec extradata (avcC,
-        // AudioSpecificConfig), which ffmpeg-next cannot set without unsafe code.
-        let format = if spec.starts_with("udp://") || spec.ends_with(".ts") {
-            "mpegts"
+        // H.264 travels with its parameter sets in-band and AAC as ADTS, which is what MPEG-TS
+        // carries as is. Matroska and MP4 want them as codec extradata (avcC,
+        // AudioSpecificConfig): FFmpeg's demuxer extracts it when the TS is read back.
+        let lower = spec.to_ascii_lowercase();
+        let remux_to = if spec.starts_with("udp://") || lower.ends_with(".ts") {
+            None
+        } else if [".mkv", ".mp4", ".mov"].iter().any(|e| lower.ends_with(e)) {
+            Some((format!("{spec}.part.ts"), spec.to_string()))
         } else {
             return Err(MediaError::Unsupported(format!(
-                "{spec}: play to udp://HOST:PORT or a .ts file (MPEG-TS; Matroska and MP4 are not supported yet)"
+                "{spec}: play to udp://HOST:PORT (MPEG-TS), or to a .ts, .mkv or .mp4 file"
             )));
         };
+        let target = remux_to.as_ref().map_or(spec, |(part, _)| part.as_str());
         let mut octx =
-            ff::format::output_as(&spec, format).map_err(ffe(format!("opening {spec}")))?;
+            ff::format::output_as(&target, "mpegts").map_err(ffe(format!("opening {target}")))?;
         for t in tracks {
             match t.kind.as_str() {
                 "video" => {
@@ -694,6 +704,7 @@ impl Sink {
         let video = tracks.iter().position(|t| t.kind == "video");
         Ok(Sink {
             octx,
+            remux_to,
             streams,
             video,
             start_us: None,
@@ -801,7 +812,78 @@ impl Sink {
         self.octx
             .write_trailer()
             .map_err(ffe("writing the trailer"))?;
+        drop(self.octx);
+        if let Some((part, dst)) = &self.remux_to {
+            if self.stats.objects == 0 {
+                let _ = std::fs::remove_file(part);
+                return Err(MediaError::Unsupported(format!(
+                    "{dst}: nothing was received, no file written"
+                )));
+            }
+            // On failure the MPEG-TS stays where it is: nothing recorded is lost.
+            remux(part, dst).map_err(|e| {
+                MediaError::Unsupported(format!("{e} (the recording is kept in {part})"))
+            })?;
+            std::fs::remove_file(part)
+                .map_err(|e| MediaError::Unsupported(format!("removing {part}: {e}")))?;
+        }
         Ok(self.stats)
+    }
+}
+
+/// Copies the audio and video of the media file `src` into `dst`, whose container follows its
+/// extension (no re-encoding): what `ffmpeg -i SRC -c copy DST` does.
+pub fn remux(src: &str, dst: &str) -> Result<(), MediaError> {
+    init();
+    let mut ictx = ff::format::input(&src).map_err(ffe(format!("reading {src}")))?;
+    let mut octx = ff::format::output(&dst).map_err(ffe(format!("creating {dst}")))?;
+    // Input stream index -> (output stream index, input time base).
+    let mut map = vec![None; ictx.nb_streams() as usize];
+    for ist in ictx.streams() {
+        let medium = ist.parameters().medium();
+        if medium != ff::media::Type::Audio && medium != ff::media::Type::Video {
+            continue;
+        }
+        let mut ost = octx
+            .add_stream(ff::encoder::find(ff::codec::Id::None))
+            .map_err(ffe(format!("adding a stream to {dst}")))?;
+        ost.set_parameters(ist.parameters());
+        clear_codec_tag(&mut ost);
+        map[ist.index()] = Some((ost.index(), ist.time_base()));
+    }
+    if map.iter().all(Option::is_none) {
+        return Err(MediaError::Unsupported(format!(
+            "{src} holds no audio or video"
+        )));
+    }
+    octx.write_header()
+        .map_err(ffe(format!("writing {dst}'s header")))?;
+    for (ist, mut packet) in ictx.packets() {
+        let Some((index, tb)) = map.get(ist.index()).copied().flatten() else {
+            continue;
+        };
+        let out_tb = octx.stream(index).map_or(tb, |s| s.time_base());
+        packet.rescale_ts(tb, out_tb);
+        packet.set_position(-1);
+        packet.set_stream(index);
+        packet
+            .write_interleaved(&mut octx)
+            .map_err(ffe(format!("writing {dst}")))?;
+    }
+    octx.write_trailer()
+        .map_err(ffe(format!("finishing {dst}")))?;
+    Ok(())
+}
+
+/// MPEG-TS labels its streams with its own codec tags (0x1B for H.264); Matroska and MP4
+/// refuse a foreign tag, and 0 lets the muxer choose its own. ffmpeg-next has no setter
+/// for it (its remux example does the same).
+#[allow(unsafe_code)]
+fn clear_codec_tag(ost: &mut ff::format::stream::StreamMut) {
+    // SAFETY: `ost` is a live stream of an output context we hold mutably; its
+    // AVCodecParameters is allocated with the stream and `codec_tag` is a plain integer.
+    unsafe {
+        (*ost.parameters().as_mut_ptr()).codec_tag = 0;
     }
 }
 

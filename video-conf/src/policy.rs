@@ -1,18 +1,33 @@
 //! Decisions free of I/O: which groups a subscriber drops, which rendition it gets, who may
 //! publish.
 
+use std::time::Duration;
+
 /// At most this many groups of one track in flight to one subscriber (not yet all
 /// acknowledged): the newest, and the one before it finishing its tail. When another starts,
 /// the oldest is reset, whatever QUIC still holds of it: a subscriber behind its link loses
 /// whole old groups instead of falling further behind.
 pub const MAX_GROUPS_IN_FLIGHT: usize = 2;
 
+/// Groups allowed in flight beyond [`MAX_GROUPS_IN_FLIGHT`] on a long link: a group stays
+/// unacknowledged for a round trip after its last byte, two when a loss is repaired, which
+/// over a satellite hop is longer than a short group (audio: ~0.5 s) lasts. Judged on the
+/// link's lowest round trip (queueing on a saturated link does not earn more) against the
+/// time since the previous group started.
+pub fn extra_in_flight(min_rtt: Duration, spacing: Option<Duration>) -> usize {
+    match spacing {
+        Some(s) if !s.is_zero() => (2.0 * min_rtt.as_secs_f64() / s.as_secs_f64()).floor() as usize,
+        _ => 0,
+    }
+    .min(8)
+}
+
 /// Which groups to reset when group `new` starts. `in_flight` are the sequence numbers of
-/// groups not yet fully acknowledged, any order.
-pub fn groups_to_drop(in_flight: &[u64], new: u64) -> Vec<u64> {
+/// groups not yet fully acknowledged, any order; `extra`: from [`extra_in_flight`].
+pub fn groups_to_drop(in_flight: &[u64], new: u64, extra: usize) -> Vec<u64> {
     let mut older: Vec<u64> = in_flight.iter().copied().filter(|g| *g < new).collect();
     older.sort_unstable();
-    let keep = MAX_GROUPS_IN_FLIGHT.saturating_sub(1);
+    let keep = (MAX_GROUPS_IN_FLIGHT + extra).saturating_sub(1);
     let n = older.len().saturating_sub(keep);
     older.truncate(n);
     older
@@ -110,12 +125,22 @@ mod tests {
 
     #[test]
     fn only_the_newest_two_groups_stay_in_flight() {
-        assert!(groups_to_drop(&[], 5).is_empty());
-        assert!(groups_to_drop(&[4], 5).is_empty());
-        assert_eq!(groups_to_drop(&[3, 4], 5), vec![3]);
-        assert_eq!(groups_to_drop(&[4, 1, 3, 2], 5), vec![1, 2, 3]);
+        assert!(groups_to_drop(&[], 5, 0).is_empty());
+        assert!(groups_to_drop(&[4], 5, 0).is_empty());
+        assert_eq!(groups_to_drop(&[3, 4], 5, 0), vec![3]);
+        assert_eq!(groups_to_drop(&[4, 1, 3, 2], 5, 0), vec![1, 2, 3]);
         // A group newer than the one starting (reordering) is never dropped for it.
-        assert!(groups_to_drop(&[6], 5).is_empty());
+        assert!(groups_to_drop(&[6], 5, 0).is_empty());
+        // Over a satellite hop, half-second audio groups wait for acknowledgement longer.
+        let ms = Duration::from_millis;
+        let extra = extra_in_flight(ms(600), Some(ms(500)));
+        assert_eq!(extra, 2);
+        assert!(groups_to_drop(&[2, 3, 4], 5, extra).is_empty());
+        assert_eq!(groups_to_drop(&[1, 2, 3, 4], 5, extra), vec![1]);
+        // Two-second video groups, or a terrestrial link: as before.
+        assert_eq!(extra_in_flight(ms(600), Some(ms(2000))), 0);
+        assert_eq!(extra_in_flight(ms(40), Some(ms(500))), 0);
+        assert_eq!(extra_in_flight(ms(600), None), 0);
     }
 
     #[test]

@@ -134,7 +134,8 @@ impl Room {
     }
 
     /// Starts recording `publisher`'s picture (its highest rendition) and sound to `path`
-    /// (MPEG-TS, `.ts`), until [`Room::stop_recording`] or the end of the conference.
+    /// (`.mkv`, `.mp4` or `.ts`: [`crate::media::Sink`]), until [`Room::stop_recording`] or the
+    /// end of the conference.
     pub async fn start_recording(
         &self,
         publisher: &str,
@@ -268,6 +269,9 @@ pub struct RelayOptions {
     /// only rooms created with [`Relay::create_room`] can be joined (conferences the
     /// controller runs).
     pub open_rooms: bool,
+    /// Ask for repair datagrams ([`crate::fec`]) with the groups that participants and the
+    /// upstream relay send here once the round trip is at least this long (ms; 0: never).
+    pub fec_rtt_ms: u32,
 }
 
 /// Where a cascading relay takes its rooms from (a province relay's ministry relay).
@@ -285,6 +289,7 @@ pub struct Relay {
     chair: String,
     upstream: Option<Upstream>,
     open_rooms: bool,
+    fec_rtt_ms: u32,
     rooms: Mutex<HashMap<String, Arc<Room>>>,
     pub stats: RelayStats,
 }
@@ -296,6 +301,7 @@ impl Relay {
             chair: opts.chair,
             upstream: opts.upstream,
             open_rooms: opts.open_rooms,
+            fec_rtt_ms: opts.fec_rtt_ms,
             rooms: Mutex::new(HashMap::new()),
             stats: RelayStats::default(),
         })
@@ -425,12 +431,13 @@ impl Relay {
             .map_err(|e| IoError::Stream(e.to_string()))?
             .await
             .map_err(|e| IoError::Stream(e.to_string()))?;
-        let session = crate::client::Session::join(
+        let session = crate::client::Session::join_with(
             conn.clone(),
             &room.name,
             Role::Relay,
             vec![self.name.clone()],
             0,
+            self.fec_rtt_ms,
         )
         .await?;
         info!("Upstream session up.");
@@ -572,6 +579,7 @@ impl Relay {
                 relay: self.name.clone(),
                 you: site.to_string(),
                 chair: room.floor().chair,
+                fec_rtt_ms: self.fec_rtt_ms,
             }))
             .await?;
         room.roster.lock().expect("roster lock poisoned").insert(
@@ -594,6 +602,8 @@ impl Relay {
             out_ids: Mutex::new(HashMap::new()),
             subs: Mutex::new(HashMap::new()),
             link_kbps: hello.link_kbps,
+            fec: crate::fec::Wish::new(hello.fec_rtt_ms),
+            inbox: (self.fec_rtt_ms > 0).then(|| crate::fec::Inbox::start(conn)),
         });
         let stop = cancel.child_token();
         let _stop = stop.clone().drop_guard();
@@ -631,6 +641,10 @@ struct Participant {
     /// Its subscriptions: (publisher, kind) → stop.
     subs: Mutex<HashMap<(String, String), CancellationToken>>,
     link_kbps: u32,
+    /// The participant's wish for repair datagrams ([`Hello::fec_rtt_ms`]).
+    fec: Arc<crate::fec::Wish>,
+    /// Repair datagrams for the groups it sends, if this relay asks for them.
+    inbox: Option<Arc<crate::fec::Inbox>>,
 }
 
 impl Participant {
@@ -820,13 +834,13 @@ impl Participant {
             let p = self.clone();
             tokio::spawn(
                 async move {
-                    let mut recv = recv;
+                    let mut recv = crate::fec::GroupRecv::new(recv, p.inbox.as_ref());
                     let header = match crate::io::read_group_header(&mut recv).await {
                         Ok(h) => h,
                         Err(e) => {
                             p.relay.stats.bad_streams.fetch_add(1, Ordering::Relaxed);
                             warn!(error = %e, "Bad group stream (closed; the connection goes on).");
-                            let _ = recv.stop(e.code().into());
+                            recv.stop(e.code());
                             return;
                         }
                     };
@@ -835,12 +849,12 @@ impl Participant {
                     let Some(track) = track else {
                         p.relay.stats.bad_streams.fetch_add(1, Ordering::Relaxed);
                         warn!(track = header.track, "Group for a track never announced (stream closed).");
-                        let _ = recv.stop(codes::PROTOCOL.into());
+                        recv.stop(codes::PROTOCOL);
                         return;
                     };
                     if p.role == Role::Site && !p.room.floor().may_publish(&p.site) {
                         p.relay.stats.groups_no_floor.fetch_add(1, Ordering::Relaxed);
-                        let _ = recv.stop(codes::NO_FLOOR.into());
+                        recv.stop(codes::NO_FLOOR);
                         return;
                     }
                     p.relay.stats.groups_in.fetch_add(1, Ordering::Relaxed);
@@ -932,11 +946,7 @@ impl Participant {
                     if current.is_some() {
                         rx.borrow_and_update();
                         // What is still in flight of the old rendition is of no use now.
-                        for (_, (s, _)) in
-                            std::mem::take(&mut *flights.lock().expect("in-flight lock poisoned"))
-                        {
-                            s.cancel();
-                        }
+                        forward::cancel_all(&flights);
                     }
                     debug!(track = %t.key(), "Sending rendition.");
                     current = Some((t, rx));
@@ -965,7 +975,15 @@ impl Participant {
                 continue;
             };
             let id = self.out_id(&t.key());
-            forward::start_group(&self.conn, id, &t.info.kind, group, &dropped, &flights);
+            forward::start_group(
+                &self.conn,
+                id,
+                &t.info.kind,
+                group,
+                &dropped,
+                &flights,
+                &self.fec,
+            );
             // What the link showed since the last group: drops, and its estimated rate.
             if let Some(c) = chooser.as_mut() {
                 let d = dropped.dropped();
@@ -980,9 +998,7 @@ impl Participant {
                 dropped_seen = d;
             }
         }
-        for (_, (s, _)) in std::mem::take(&mut *flights.lock().expect("in-flight lock poisoned")) {
-            s.cancel();
-        }
+        forward::cancel_all(&flights);
     }
 
     fn leave(&self) {

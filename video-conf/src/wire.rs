@@ -127,6 +127,10 @@ pub struct Hello {
     /// its rendition choice there instead of at the top.
     #[prost(uint32, tag = "5")]
     pub link_kbps: u32,
+    /// Send repair datagrams with the groups sent to this participant once the round trip
+    /// is at least this long (ms; 0: never, 1: always): [`crate::fec`].
+    #[prost(uint32, tag = "6")]
+    pub fec_rtt_ms: u32,
 }
 
 /// A track as the relay offers it.
@@ -209,6 +213,9 @@ pub struct Welcome {
     pub you: String,
     #[prost(string, tag = "4")]
     pub chair: String,
+    /// The relay's wish for the participant's groups, as [`Hello::fec_rtt_ms`].
+    #[prost(uint32, tag = "5")]
+    pub fec_rtt_ms: u32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -518,6 +525,7 @@ mod tests {
                 role: "relay".into(),
                 path: vec!["ministry".into()],
                 link_kbps: 512,
+                fec_rtt_ms: 200,
             }),
             Control::Tracks(Tracks {
                 tracks: vec![TrackInfo {
