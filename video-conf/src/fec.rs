@@ -16,8 +16,10 @@
 //! [`Params::pct`] per cent of `k` where that is more. Which receiver wants repairs, from what
 //! round-trip time on, is its choice (`fec_rtt_ms` in `Hello` and `Welcome`).
 //!
-//! Repair datagram (big-endian): `[0xFE, version, stream id u64, block start u32, block len
-//! u32, t u16, k u16, m u16, index u16, symbol (t bytes)]`.
+//! Repair datagram (big-endian): `[0xFE, version, flags, stream id u64, block start u32,
+//! block len u32, t u16, k u16, m u16, index u16, symbol (t bytes)]`; flag 1: the block ends
+//! the stream, so a receiver that rebuilt it knows the stream is whole without waiting for
+//! a lost FIN's retransmission.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -32,11 +34,15 @@ use crate::wire::WireError;
 
 pub const MAGIC: u8 = 0xFE;
 pub const VERSION: u8 = 1;
-pub const HEADER_LEN: usize = 26;
+pub const HEADER_LEN: usize = 27;
+/// Flag: this block ends the stream (its end is the stream's final size).
+pub const FLAG_LAST: u8 = 1;
 /// A block closes at this size…
 pub const BLOCK_MAX_BYTES: usize = 16 * 1024;
 /// …or once its first bytes are this old (a repair can come no sooner than its block ends).
 pub const BLOCK_MAX_AGE: Duration = Duration::from_millis(50);
+/// How long after its block's data a repair is sent (so that the two travel apart).
+pub const REPAIR_DELAY: Duration = Duration::from_millis(5);
 /// Repair datagrams per connection waiting for their stream to be accepted.
 const PENDING_MAX: usize = 4096;
 /// Repair symbols queued per stream for its reader (more are dropped: repair is best effort).
@@ -78,14 +84,37 @@ pub struct Repair {
     pub k: u16,
     pub m: u16,
     pub index: u16,
+    /// The block ends the stream.
+    pub last: bool,
     pub data: Bytes,
 }
 
 impl Repair {
+    /// Not a repair: the stream's final size (its last block was sent without the flag).
+    pub fn end(stream: u64, size: u64) -> Repair {
+        Repair {
+            stream,
+            start: size,
+            len: 0,
+            t: 0,
+            k: 0,
+            m: 0,
+            index: 0,
+            last: true,
+            data: Bytes::new(),
+        }
+    }
+
+    /// The stream's final size, if this says so.
+    pub fn final_size(&self) -> Option<u64> {
+        self.last.then_some(self.start + u64::from(self.len))
+    }
+
     pub fn encode(&self) -> Bytes {
         let mut b = BytesMut::with_capacity(HEADER_LEN + self.data.len());
         b.put_u8(MAGIC);
         b.put_u8(VERSION);
+        b.put_u8(if self.last { FLAG_LAST } else { 0 });
         b.put_u64(self.stream);
         b.put_u32(self.start as u32);
         b.put_u32(self.len);
@@ -114,16 +143,20 @@ impl Repair {
         let u16_at = |i: usize| u16::from_be_bytes([d[i], d[i + 1]]);
         let u32_at = |i: usize| u32::from_be_bytes(d[i..i + 4].try_into().expect("4 bytes"));
         let r = Repair {
-            stream: u64::from_be_bytes(d[2..10].try_into().expect("8 bytes")),
-            start: u64::from(u32_at(10)),
-            len: u32_at(14),
-            t: u16_at(18),
-            k: u16_at(20),
-            m: u16_at(22),
-            index: u16_at(24),
+            stream: u64::from_be_bytes(d[3..11].try_into().expect("8 bytes")),
+            start: u64::from(u32_at(11)),
+            len: u32_at(15),
+            t: u16_at(19),
+            k: u16_at(21),
+            m: u16_at(23),
+            index: u16_at(25),
+            last: d[2] & FLAG_LAST != 0,
             data: d.slice(HEADER_LEN..),
         };
         let (t, k, len) = (usize::from(r.t), usize::from(r.k), r.len as usize);
+        if r.last && k == 0 && t == 0 && len == 0 && r.m == 0 && r.data.is_empty() {
+            return Ok(r); // a final size alone
+        }
         if t == 0 || t % 2 != 0 || r.data.len() != t {
             return Err(bad(format!(
                 "symbol size {t} with {} bytes of symbol",
@@ -183,7 +216,7 @@ impl Wish {
 }
 
 /// Repair symbols for the block `data` at stream offset `start`.
-pub fn protect(stream: u64, start: u64, data: &[u8], p: Params) -> Vec<Repair> {
+pub fn protect(stream: u64, start: u64, data: &[u8], p: Params, last: bool) -> Vec<Repair> {
     if data.is_empty() {
         return Vec::new();
     }
@@ -207,6 +240,7 @@ pub fn protect(stream: u64, start: u64, data: &[u8], p: Params) -> Vec<Repair> {
                 k: k as u16,
                 m: m as u16,
                 index: i as u16,
+                last,
                 data: Bytes::from(d),
             })
             .collect(),
@@ -249,14 +283,23 @@ impl Encoder {
         self.since.map(|s| s + BLOCK_MAX_AGE)
     }
 
-    /// Closes the block if it is due (or `force`): its repair symbols.
-    pub fn flush(&mut self, force: bool) -> Vec<Repair> {
+    /// Closes the block if it is due (or, `last`, the stream ends with it): its repair
+    /// symbols.
+    pub fn flush(&mut self, last: bool) -> Vec<Repair> {
         let due = self.block.len() >= BLOCK_MAX_BYTES
             || self.since.is_some_and(|s| s.elapsed() >= BLOCK_MAX_AGE);
-        if self.block.is_empty() || !(due || force) {
+        if self.block.is_empty() {
+            // The stream ends on a block already sent: say where it ends.
+            return if last {
+                vec![Repair::end(self.stream, self.start)]
+            } else {
+                Vec::new()
+            };
+        }
+        if !(due || last) {
             return Vec::new();
         }
-        let out = protect(self.stream, self.start, &self.block, self.params);
+        let out = protect(self.stream, self.start, &self.block, self.params, last);
         self.start += self.block.len() as u64;
         self.block.clear();
         self.since = None;
@@ -285,6 +328,8 @@ pub struct Reassembly {
     blocks: HashMap<u64, Block>,
     /// Bytes rebuilt from repair symbols.
     pub repaired_bytes: u64,
+    /// The stream's final size, once a repair datagram told it.
+    final_size: Option<u64>,
 }
 
 impl Reassembly {
@@ -304,6 +349,12 @@ impl Reassembly {
 
     /// A repair symbol; rebuilds its block's missing bytes if it now can.
     pub fn repair(&mut self, r: Repair) {
+        if let Some(size) = r.final_size() {
+            self.final_size = Some(size);
+        }
+        if r.k == 0 {
+            return;
+        }
         let end = r.start + u64::from(r.len);
         if self.have.gaps(&(r.start..end)).next().is_none() {
             self.blocks.remove(&r.start);
@@ -428,6 +479,11 @@ impl Reassembly {
 
     pub fn delivered(&self) -> u64 {
         self.delivered
+    }
+
+    /// Every byte of the stream has been handed on (its end known from a repair datagram).
+    pub fn complete(&self) -> bool {
+        self.final_size == Some(self.delivered)
     }
 }
 
@@ -607,6 +663,7 @@ async fn pump(
     let mut asm = Reassembly::default();
     let mut repairs_open = true;
     let mut stop_open = true;
+    let mut tx = Some(tx);
     loop {
         let mut finished = false;
         tokio::select! {
@@ -624,7 +681,9 @@ async fn pump(
                 }
                 Ok(None) => finished = true,
                 Err(e) => {
-                    let _ = tx.send(Err(e.to_string())).await;
+                    if let Some(tx) = &tx {
+                        let _ = tx.send(Err(e.to_string())).await;
+                    }
                     break;
                 }
             },
@@ -633,12 +692,19 @@ async fn pump(
                 None => repairs_open = false,
             },
         }
-        for b in asm.ready() {
-            if tx.send(Ok(b)).await.is_err() {
-                // The reader is gone without a word: it wants no more.
-                let _ = recv.stop(0u32.into());
-                inbox.unregister(id);
-                return;
+        if let Some(t) = &tx {
+            for b in asm.ready() {
+                if t.send(Ok(b)).await.is_err() {
+                    // The reader is gone without a word: it wants no more.
+                    let _ = recv.stop(0u32.into());
+                    inbox.unregister(id);
+                    return;
+                }
+            }
+            if asm.complete() {
+                // Whole: the reader sees the end now, QUIC's FIN (and any retransmission
+                // still on its way) is drained here.
+                tx = None;
             }
         }
         if finished {
@@ -671,7 +737,7 @@ mod tests {
         let p = Params::for_datagram(1200).unwrap();
         assert_eq!(p.t, 1152);
         let data = stream_bytes(5000);
-        let rs = protect(4, 100, &data, p);
+        let rs = protect(4, 100, &data, p, false);
         assert_eq!(rs.len(), 3, "k=5: three repair symbols at least");
         let d = rs[1].encode();
         assert_eq!(Repair::decode(&d).unwrap(), rs[1]);
@@ -691,7 +757,7 @@ mod tests {
         );
         assert!(Repair::decode(&d.slice(..30)).is_err(), "truncated symbol");
         let mut k = d.to_vec();
-        k[21] = 9; // nine symbols for 5,000 bytes of 1,152
+        k[22] = 9; // nine symbols for 5,000 bytes of 1,152
         assert!(Repair::decode(&Bytes::from(k)).is_err());
     }
 
@@ -733,6 +799,13 @@ mod tests {
         }
         assert_eq!(out.len(), data.len());
         assert!(out == data, "rebuilt bytes differ");
+        // The last block's repairs carry the final size: whole without the FIN.
+        assert!(asm.complete());
+        let end = Repair::end(8, 40_000);
+        assert_eq!(
+            Repair::decode(&end.encode()).unwrap().final_size(),
+            Some(40_000)
+        );
         assert_eq!(asm.repaired_bytes as usize, lost);
     }
 
@@ -740,7 +813,7 @@ mod tests {
     fn too_few_repairs_wait_for_retransmission() {
         let p = Params { t: 1152, pct: 25 };
         let data = stream_bytes(10_000);
-        let repairs = protect(0, 0, &data, p);
+        let repairs = protect(0, 0, &data, p, false);
         let mut asm = Reassembly::default();
         // Four packets of the block lost: more than its three repair symbols can rebuild.
         for (i, c) in data.chunks(1000).enumerate() {

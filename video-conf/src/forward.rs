@@ -92,15 +92,23 @@ pub fn cancel_all(flights: &InFlight) {
     }
 }
 
+/// Sends a block's repair datagrams a moment after its data: queued at once they would share
+/// a packet with the data they repair, and be lost with it.
 fn send_repairs(conn: &quinn::Connection, stats: &SendStats, repairs: Vec<fec::Repair>) {
-    let n = repairs.len();
-    for r in repairs {
-        if let Err(e) = conn.send_datagram(r.encode()) {
-            debug!(error = %e, "Repair datagram not sent.");
-            return;
-        }
+    if repairs.is_empty() {
+        return;
     }
-    stats.repairs(n);
+    stats.repairs(repairs.len());
+    let conn = conn.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(fec::REPAIR_DELAY).await;
+        for r in repairs {
+            if let Err(e) = conn.send_datagram(r.encode()) {
+                debug!(error = %e, "Repair datagram not sent.");
+                return;
+            }
+        }
+    });
 }
 
 /// Sends `group` on a new unidirectional stream as track `id`, objects as they arrive, and
