@@ -37,6 +37,12 @@ pub fn now_ms() -> i64 {
 pub fn transport(profile: tiandi_link::LinkProfile) -> std::sync::Arc<quinn::TransportConfig> {
     let mut t = profile.transport_config();
     t.congestion_controller_factory(std::sync::Arc::new(quinn::congestion::BbrConfig::default()));
+    // A conference notices a dead relay or participant within seconds (a site then joins
+    // again), where the health spine's links wait a minute.
+    t.keep_alive_interval(Some(std::time::Duration::from_secs(2)));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(std::time::Duration::from_secs(10)).expect("10 s fits"),
+    ));
     std::sync::Arc::new(t)
 }
 

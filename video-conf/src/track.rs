@@ -190,6 +190,45 @@ impl Track {
     }
 }
 
+/// Copies every group of `from` into `to` (same sequence numbers, objects as they arrive)
+/// until `from` closes or `stop` fires: a player keeps one track across reconnections, fed
+/// by each new session's received track in turn. Groups not newer than `to`'s current one
+/// are skipped.
+pub async fn bridge(from: Arc<Track>, to: Arc<Track>, stop: tokio_util::sync::CancellationToken) {
+    let mut rx = from.subscribe();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = rx.changed() => if r.is_err() { return },
+        }
+        let Some(g) = rx.borrow_and_update().clone() else {
+            if from.is_closed() {
+                return;
+            }
+            continue;
+        };
+        if to.current().is_some_and(|c| c.seq >= g.seq) {
+            continue;
+        }
+        let out = to.start_group(g.seq);
+        tokio::spawn(async move {
+            let mut n = 0;
+            loop {
+                match g.next_from(n).await {
+                    Fetch::Objects(objs) => {
+                        n += objs.len();
+                        for o in objs {
+                            out.push(o);
+                        }
+                    }
+                    Fetch::End => return out.finish(),
+                    Fetch::Aborted => return out.abort(),
+                }
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,24 +38,33 @@ fn relay(
     cert: &(PathBuf, PathBuf),
     up: Option<(&str, &str)>,
 ) -> (Kill, String) {
+    relay_at(dir, ca, id, cert, up, "127.0.0.1:0")
+}
+
+fn relay_at(
+    dir: &Path,
+    ca: &Path,
+    id: &str,
+    cert: &(PathBuf, PathBuf),
+    up: Option<(&str, &str)>,
+    listen: &str,
+) -> (Kill, String) {
     let mut cmd = Command::new(BIN);
-    cmd.args([
-        "relay",
-        "--listen",
-        "127.0.0.1:0",
-        "--name",
-        id,
-        "--log",
-        "warn",
-    ])
-    .arg("--ca")
-    .arg(ca)
-    .arg("--cert")
-    .arg(&cert.0)
-    .arg("--key")
-    .arg(&cert.1)
-    .stdout(Stdio::piped())
-    .stderr(std::fs::File::create(dir.join(format!("{id}.log"))).unwrap());
+    cmd.args(["relay", "--listen", listen, "--name", id, "--log", "warn"])
+        .arg("--ca")
+        .arg(ca)
+        .arg("--cert")
+        .arg(&cert.0)
+        .arg("--key")
+        .arg(&cert.1)
+        .stdout(Stdio::piped())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join(format!("{id}.log")))
+                .unwrap(),
+        );
     if let Some((addr, name)) = up {
         cmd.args(["--upstream", addr, "--upstream-name", name]);
     }
@@ -277,4 +286,102 @@ fn ffmpeg_through_two_cascaded_relays_to_two_players() {
             vt[0]
         );
     }
+}
+
+/// A relay restart (maintenance, a crash and its supervisor) in the middle of a conference:
+/// the publishing site and the playing site both join again by themselves, the publisher's
+/// source goes on, and the player plays on into the same Matroska file, which decodes.
+#[test]
+fn sites_join_again_after_the_relay_restarts_and_play_on_into_matroska() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = Ca::generate("test CA").unwrap();
+    let ca_p = d.join("ca.pem");
+    std::fs::write(&ca_p, ca.cert_pem()).unwrap();
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let rc = creds(&ca, d, "ministry-relay");
+    let (relay1, addr) = relay_at(d, &ca_p, "ministry-relay", &rc, None, &listen);
+    let publisher = join(
+        d,
+        &ca_p,
+        "ministry",
+        &creds(&ca, d, "ministry"),
+        &addr,
+        "ministry-relay",
+        &["--publish", "pattern", "--duration", "24"],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let out = d.join("gd-001.mkv");
+    let mut player = join(
+        d,
+        &ca_p,
+        "gd-001",
+        &creds(&ca, d, "gd-001"),
+        &addr,
+        "ministry-relay",
+        &["--play", out.to_str().unwrap(), "--duration", "18"],
+    );
+    std::thread::sleep(Duration::from_secs(6));
+    // A graceful stop (SIGTERM): the relay closes every session with SHUTDOWN.
+    let st = Command::new("kill")
+        .args(["-TERM", &relay1.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut relay1 = relay1;
+    relay1.0.wait().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let (_relay2, _) = relay_at(d, &ca_p, "ministry-relay", &rc, None, &listen);
+    let st = player.0.wait().unwrap();
+    let said = std::fs::read_to_string(d.join("gd-001.out")).unwrap();
+    let log = std::fs::read_to_string(d.join("gd-001.log")).unwrap_or_default();
+    assert!(st.success(), "player failed: {said}{log}");
+    assert!(
+        said.contains("joined drill at ministry-relay again"),
+        "{said}\n{log}"
+    );
+    assert!(said.contains("played objects="), "{said}");
+    let pub_said = std::fs::read_to_string(d.join("ministry.out")).unwrap();
+    assert!(
+        pub_said.contains("joined drill at ministry-relay again"),
+        "publisher: {pub_said}"
+    );
+    drop(publisher);
+    assert!(
+        !d.join("gd-001.mkv.part.ts").exists(),
+        "the intermediate MPEG-TS is removed"
+    );
+    let p = probe(&out);
+    assert!(
+        p["streams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["codec_name"] == "h264")
+    );
+    let vt: Vec<f64> = p["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["media_type"] == "video")
+        .filter_map(|f| f["pts_time"].as_str()?.parse().ok())
+        .collect();
+    let at = p["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["media_type"] == "audio")
+        .count();
+    assert!(vt.len() >= 150, "{} video frames", vt.len());
+    assert!(at >= 300, "{at} audio frames");
+    // Picture before the restart and well after it (the player ran ~6 s before, ~11 s after).
+    let (first, last) = (vt[0], vt[vt.len() - 1]);
+    let gap = vt.windows(2).map(|w| w[1] - w[0]).fold(0.0f64, f64::max);
+    assert!(last - first >= 12.0, "frames span {first}..{last}");
+    assert!(gap < 8.0, "the restart cost {gap} s of picture");
+    eprintln!(
+        "{} video frames over {:.1} s, longest gap {gap:.2} s",
+        vt.len(),
+        last - first
+    );
 }
