@@ -406,12 +406,15 @@ async fn admin_registry(State(core): State<Arc<Core>>, headers: HeaderMap) -> Ap
 }
 
 async fn metrics(State(core): State<Arc<Core>>) -> impl IntoResponse {
-    let body = core.metrics.render(
+    let mut body = core.metrics.render(
         &core.sites,
         core.wire_totals(),
         core.store.flush_count(),
         now_ms(),
     );
+    if let Some((relay, _)) = &core.conference {
+        body.push_str(&relay.exposition());
+    }
     (
         [(
             header::CONTENT_TYPE,

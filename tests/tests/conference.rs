@@ -163,6 +163,18 @@ async fn the_controller_runs_conferences_for_enrolled_sites() {
     present.sort();
     assert_eq!(present, ["bj-001", "bj-002", "ministry"]);
 
+    // The relay's figures are on the controller's /metrics.
+    let m = ctl.metrics();
+    assert!(
+        m.contains("tiandi_video_room_participants{relay=\"ministry-relay\",room=\"drill\"} 3"),
+        "{m}"
+    );
+    assert!(ctl.metric("tiandi_video_connections") >= 3.0);
+    assert!(
+        ctl.metric("tiandi_video_refused_total") >= 1.0,
+        "the early join was refused"
+    );
+
     // Recording on the relay: the chair publishes a real test pattern (H.264 + AAC), the
     // relay records it (Matroska by default, MP4 on request: written as MPEG-TS, remuxed when
     // the recording stops), ffprobe decodes every frame without an error.

@@ -45,6 +45,9 @@ enum Cmd {
         /// ...and its site ID.
         #[arg(long, requires = "upstream")]
         upstream_name: Option<String>,
+        /// Serve Prometheus metrics (`GET /metrics`) on this TCP address.
+        #[arg(long)]
+        metrics: Option<SocketAddr>,
         /// Link profile of the participants (geo, leo, terrestrial, custom:RTT:KBIT).
         #[arg(long, default_value = "terrestrial")]
         profile: tiandi_link::LinkProfile,
@@ -129,6 +132,7 @@ async fn main() -> anyhow::Result<()> {
             key,
             upstream,
             upstream_name,
+            metrics,
             profile,
             fec_rtt_ms,
             log,
@@ -174,6 +178,34 @@ async fn main() -> anyhow::Result<()> {
             let cancel = tiandi_link::shutdown_token();
             tracing::info!(%listen, relay = %name, "Relay running.");
             println!("relay {name} listening on {}", endpoint.local_addr()?);
+            if let Some(addr) = metrics {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("metrics listener on {addr}"))?;
+                tracing::info!(addr = %listener.local_addr()?, "Metrics at /metrics.");
+                let r = relay.clone();
+                let app = axum::Router::new().route(
+                    "/metrics",
+                    axum::routing::get(move || {
+                        let r = r.clone();
+                        async move {
+                            (
+                                [(
+                                    axum::http::header::CONTENT_TYPE,
+                                    "text/plain; version=0.0.4; charset=utf-8",
+                                )],
+                                r.exposition(),
+                            )
+                        }
+                    }),
+                );
+                let c = cancel.clone();
+                tokio::spawn(async move {
+                    let _ = axum::serve(listener, app)
+                        .with_graceful_shutdown(async move { c.cancelled().await })
+                        .await;
+                });
+            }
             relay.serve(endpoint.clone(), cancel).await;
             endpoint.close(
                 tiandi_video::wire::codes::SHUTDOWN.into(),

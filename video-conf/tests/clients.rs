@@ -38,7 +38,7 @@ fn relay(
     cert: &(PathBuf, PathBuf),
     up: Option<(&str, &str)>,
 ) -> (Kill, String) {
-    relay_at(dir, ca, id, cert, up, "127.0.0.1:0")
+    relay_at(dir, ca, id, cert, up, "127.0.0.1:0", &[])
 }
 
 fn relay_at(
@@ -48,6 +48,7 @@ fn relay_at(
     cert: &(PathBuf, PathBuf),
     up: Option<(&str, &str)>,
     listen: &str,
+    extra: &[&str],
 ) -> (Kill, String) {
     let mut cmd = Command::new(BIN);
     cmd.args(["relay", "--listen", listen, "--name", id, "--log", "warn"])
@@ -68,6 +69,7 @@ fn relay_at(
     if let Some((addr, name)) = up {
         cmd.args(["--upstream", addr, "--upstream-name", name]);
     }
+    cmd.args(extra);
     let mut child = cmd.spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
@@ -112,6 +114,14 @@ fn join(
             .spawn()
             .unwrap(),
     )
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn free_udp_port() -> u16 {
@@ -300,7 +310,7 @@ fn sites_join_again_after_the_relay_restarts_and_play_on_into_matroska() {
     std::fs::write(&ca_p, ca.cert_pem()).unwrap();
     let listen = format!("127.0.0.1:{}", free_udp_port());
     let rc = creds(&ca, d, "ministry-relay");
-    let (relay1, addr) = relay_at(d, &ca_p, "ministry-relay", &rc, None, &listen);
+    let (relay1, addr) = relay_at(d, &ca_p, "ministry-relay", &rc, None, &listen, &[]);
     let publisher = join(
         d,
         &ca_p,
@@ -331,7 +341,36 @@ fn sites_join_again_after_the_relay_restarts_and_play_on_into_matroska() {
     let mut relay1 = relay1;
     relay1.0.wait().unwrap();
     std::thread::sleep(Duration::from_secs(1));
-    let (_relay2, _) = relay_at(d, &ca_p, "ministry-relay", &rc, None, &listen);
+    let metrics = format!("127.0.0.1:{}", free_tcp_port());
+    let (_relay2, _) = relay_at(
+        d,
+        &ca_p,
+        "ministry-relay",
+        &rc,
+        None,
+        &listen,
+        &["--metrics", &metrics],
+    );
+    std::thread::sleep(Duration::from_secs(6));
+    // The restarted relay's metrics (Prometheus text, served by `--metrics`): both sites back.
+    let m = Command::new("curl")
+        .args(["-sf", &format!("http://{metrics}/metrics")])
+        .output()
+        .unwrap();
+    let m = String::from_utf8_lossy(&m.stdout).to_string();
+    assert!(
+        m.contains("tiandi_video_room_participants{relay=\"ministry-relay\",room=\"drill\"} 2"),
+        "{m}"
+    );
+    let value = |name: &str| -> f64 {
+        m.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert_eq!(value("tiandi_video_connections"), 2.0, "{m}");
+    assert!(value("tiandi_video_groups_in_total") >= 4.0, "{m}");
+    assert!(value("tiandi_video_objects_sent_total") >= 100.0, "{m}");
     let st = player.0.wait().unwrap();
     let said = std::fs::read_to_string(d.join("gd-001.out")).unwrap();
     let log = std::fs::read_to_string(d.join("gd-001.log")).unwrap_or_default();
