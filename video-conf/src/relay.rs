@@ -70,7 +70,7 @@ impl Relay {
         one(
             "tiandi_video_refused_total",
             "counter",
-            "Participants refused (room, path, version).",
+            "Participants refused (handshake, unknown room, looping path).",
             g(&st.refused),
         );
         one(
@@ -674,6 +674,7 @@ impl Relay {
             let _ = writer.0.finish();
             let _ = tokio::time::timeout(Duration::from_secs(1), writer.0.stopped()).await;
             conn.close(codes::LOOP.into(), msg.as_bytes());
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
         let room = match self.find_room(&hello.room) {
@@ -690,6 +691,7 @@ impl Relay {
                 let _ = writer.0.finish();
                 let _ = tokio::time::timeout(Duration::from_secs(1), writer.0.stopped()).await;
                 conn.close(codes::NO_ROOM.into(), msg.as_bytes());
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
         };
