@@ -518,17 +518,18 @@ async fn admin_conference(
         }
         "record" if b.stop == Some(true) => {
             let r = find()?;
-            let (path, stats) = r
+            let done = r
                 .stop_recording()
                 .await
                 .map_err(|e| AppError(StatusCode::BAD_REQUEST, e))?;
             Ok(Json(
-                json!({ "room": b.room, "file": path, "written": stats }),
+                json!({ "room": b.room, "file": done.path, "written": done.stats, "speakers": done.speakers }),
             ))
         }
         "record" => {
             let r = find()?;
-            let who = b.site.clone().unwrap_or_else(|| r.floor().chair);
+            // A site, or (no site) whoever has the floor, the chair otherwise.
+            let who = b.site.clone();
             let ext = b
                 .format
                 .unwrap_or(core.config.conference.recording_format)
@@ -536,10 +537,10 @@ async fn admin_conference(
             let path = core.config.data_dir.join("recordings").join(format!(
                 "{}-{}-{}.{ext}",
                 b.room,
-                who,
+                who.as_deref().unwrap_or("floor"),
                 crate::now_ms() / 1000
             ));
-            r.start_recording(&who, &path)
+            r.start_recording(who.as_deref(), &path)
                 .await
                 .map_err(|e| AppError(StatusCode::BAD_REQUEST, e))?;
             Ok(Json(

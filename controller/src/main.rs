@@ -48,8 +48,9 @@ enum ConferenceOp {
     End { room: String },
     /// Give the floor to a site (without SITE: take it back).
     Floor { room: String, site: Option<String> },
-    /// Record a site's picture and sound on the relay (default: the chair's) to
-    /// `data_dir/recordings/ROOM-SITE-TIME.mkv` (or `--format mp4|ts`); `--stop` ends it.
+    /// Record the conference on the relay: whoever speaks (the floor holder, else the chair),
+    /// or `--site` alone, to `data_dir/recordings/ROOM-WHO-TIME.mkv` (or `--format mp4|ts`);
+    /// `--stop` ends it and lists who was recorded from when.
     Record {
         room: String,
         #[arg(long)]

@@ -175,9 +175,10 @@ async fn the_controller_runs_conferences_for_enrolled_sites() {
         "the early join was refused"
     );
 
-    // Recording on the relay: the chair publishes a real test pattern (H.264 + AAC), the
-    // relay records it (Matroska by default, MP4 on request: written as MPEG-TS, remuxed when
-    // the recording stops), ffprobe decodes every frame without an error.
+    // Recording on the relay. Real test patterns (H.264 + AAC) from the chair and from
+    // bj-002; the recording follows the speaker (the chair, then bj-002 once it holds the
+    // floor), in Matroska by default; then one site alone in MP4. Both are written as
+    // MPEG-TS and remuxed when the recording stops; ffprobe decodes every frame cleanly.
     let mut src = tiandi_video::media::open_source(
         "pattern",
         tiandi_video::media::SourceOptions::new("ministry"),
@@ -186,19 +187,46 @@ async fn the_controller_runs_conferences_for_enrolled_sites() {
     for t in &src.tracks {
         c.publish(t.clone()).await.unwrap();
     }
+    let mut src_b = tiandi_video::media::open_source(
+        "pattern",
+        tiandi_video::media::SourceOptions::new("bj-002"),
+    )
+    .unwrap();
+    for t in &src_b.tracks {
+        sb.publish(t.clone()).await.unwrap();
+    }
+    cli_json(&ctl, &["conference", "floor", "drill"]);
     tokio::time::sleep(Duration::from_millis(500)).await;
     for (args, ext, container) in [
         (vec![], "mkv", "matroska"),
-        (vec!["--format", "mp4"], "mp4", "mp4"),
+        (vec!["--format", "mp4", "--site", "ministry"], "mp4", "mp4"),
     ] {
+        let follows_floor = args.is_empty();
         let mut start = vec!["conference", "record", "drill"];
         start.extend(args);
         let rec = cli_json(&ctl, &start);
-        assert_eq!(rec["recording"], "ministry");
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(rec["file"].as_str().is_some(), "{rec}");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        if follows_floor {
+            cli_json(&ctl, &["conference", "floor", "drill", "bj-002"]);
+        }
+        tokio::time::sleep(Duration::from_secs(4)).await;
         let done = cli_json(&ctl, &["conference", "record", "drill", "--stop"]);
         let file = done["file"].as_str().unwrap().to_string();
         assert!(file.ends_with(&format!(".{ext}")), "{file}");
+        let speakers: Vec<&str> = done["speakers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["site"].as_str().unwrap())
+            .collect();
+        if follows_floor {
+            assert_eq!(speakers, ["ministry", "bj-002"], "{done}");
+            let at = done["speakers"][1]["from_s"].as_f64().unwrap();
+            assert!((2.0..6.0).contains(&at), "switched at {at} s: {done}");
+        } else {
+            assert_eq!(speakers, ["ministry"], "the floor changes nothing: {done}");
+        }
         assert!(
             !std::path::Path::new(&format!("{file}.part.ts")).exists(),
             "the intermediate MPEG-TS of {file} is left behind"
@@ -224,6 +252,8 @@ async fn the_controller_runs_conferences_for_enrolled_sites() {
         let p: serde_json::Value = serde_json::from_slice(&probe.stdout).unwrap();
         let format = p["format"]["format_name"].as_str().unwrap();
         assert!(format.contains(container), "{file}: {format}");
+        let duration: f64 = p["format"]["duration"].as_str().unwrap().parse().unwrap();
+        assert!((5.0..10.0).contains(&duration), "{file}: {duration} s");
         let streams = p["streams"].as_array().unwrap();
         let v = streams
             .iter()
@@ -232,16 +262,17 @@ async fn the_controller_runs_conferences_for_enrolled_sites() {
         assert_eq!(v["codec_name"], "h264");
         assert_eq!(v["height"], 720);
         let frames: u64 = v["nb_read_frames"].as_str().unwrap().parse().unwrap();
-        assert!(frames >= 50, "{file}: {frames} frames recorded in ~5 s");
+        assert!(frames >= 100, "{file}: {frames} frames recorded in ~7 s");
         let a = streams
             .iter()
             .find(|s| s["codec_name"] == "aac")
             .unwrap_or_else(|| panic!("{file}: no AAC stream"));
         let afr: u64 = a["nb_read_frames"].as_str().unwrap().parse().unwrap();
         // AAC frames are 1024 samples: ~47 a second at 48 kHz.
-        assert!(afr >= 150, "{file}: {afr} audio frames in ~5 s");
+        assert!(afr >= 200, "{file}: {afr} audio frames in ~7 s");
     }
     src.stop().unwrap();
+    src_b.stop().unwrap();
 
     // A revoked site is refused by the relay's handshake.
     let out = ctl.cli(&["revoke", "--site", "bj-002"]);

@@ -117,6 +117,11 @@ impl FloorState {
     pub fn may_publish(&self, site: &str) -> bool {
         site == self.chair || self.holder.as_deref() == Some(site)
     }
+
+    /// Who speaks: the floor holder, else the chair.
+    pub fn speaker(&self) -> &str {
+        self.holder.as_deref().unwrap_or(&self.chair)
+    }
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::forward::{self, SendStats};
 use crate::io::{ControlReader, ControlWriter, IoError};
 use crate::policy::{FloorState, RenditionChooser};
-use crate::track::Track;
+use crate::track::{Fetch, Track};
 use crate::wire::{
     self, Control, ErrorMsg, Floor, Role, TrackInfo, TrackKey, Tracks, Welcome, codes,
 };
@@ -202,12 +202,198 @@ pub struct Room {
     recording: tokio::sync::Mutex<Option<Recording>>,
 }
 
-/// A recording in progress: a player writing a publisher's tracks to a file.
+/// A recording in progress: a player writing one site's tracks, or the speaker's, to a file.
 struct Recording {
     path: std::path::PathBuf,
     publisher: String,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<Result<crate::media::PlayStats, crate::media::MediaError>>,
+    speakers: Arc<Mutex<Vec<Speaker>>>,
+}
+
+/// Who a recording shows from when.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Speaker {
+    pub site: String,
+    /// Seconds into the recording when this site became the one recorded.
+    pub from_s: f64,
+}
+
+/// A finished recording.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RecordingDone {
+    pub path: std::path::PathBuf,
+    pub stats: crate::media::PlayStats,
+    pub speakers: Vec<Speaker>,
+}
+
+/// A site's video (highest rendition) and audio in a room's track list.
+fn speaker_tracks(
+    tracks: &BTreeMap<TrackKey, Arc<Track>>,
+    site: &str,
+) -> (Option<Arc<Track>>, Option<Arc<Track>>) {
+    let video = tracks
+        .values()
+        .filter(|t| t.info.publisher == site && t.info.kind == "video")
+        .max_by_key(|t| t.info.bitrate_kbps)
+        .cloned();
+    let audio = tracks
+        .values()
+        .find(|t| t.info.publisher == site && t.info.kind == "audio")
+        .cloned();
+    (video, audio)
+}
+
+/// Feeds a recording's tracks from the speaker of the moment (or one fixed site).
+struct Follow {
+    tracks: watch::Receiver<BTreeMap<TrackKey, Arc<Track>>>,
+    floor: watch::Receiver<FloorState>,
+    fixed: Option<String>,
+    video: Arc<Track>,
+    audio: Option<Arc<Track>>,
+    /// Capture time (µs, publisher clocks) of the recording's media time 0: its first frame.
+    origin: Arc<std::sync::atomic::AtomicI64>,
+    speakers: Arc<Mutex<Vec<Speaker>>>,
+}
+
+impl Follow {
+    async fn run(mut self, stop: CancellationToken) {
+        // Who is recorded, and the tracks followed.
+        let mut current: Option<(String, Vec<Arc<Track>>)> = None;
+        let mut segment = stop.child_token();
+        let mut first = true;
+        loop {
+            let who = match &self.fixed {
+                Some(s) => s.clone(),
+                None => self.floor.borrow_and_update().speaker().to_string(),
+            };
+            let (v, a) = speaker_tracks(&self.tracks.borrow_and_update(), &who);
+            let ptrs: Vec<Arc<Track>> = v.iter().chain(a.iter()).cloned().collect();
+            let same = current.as_ref().is_some_and(|(w, t)| {
+                *w == who
+                    && t.len() == ptrs.len()
+                    && t.iter().zip(&ptrs).all(|(x, y)| Arc::ptr_eq(x, y))
+            });
+            if !same {
+                segment.cancel();
+                segment = stop.child_token();
+                if !ptrs.is_empty() {
+                    info!(speaker = %who, "Recording follows.");
+                    let from_s = self.elapsed_s();
+                    self.speakers
+                        .lock()
+                        .expect("speakers lock poisoned")
+                        .push(Speaker {
+                            site: who.clone(),
+                            from_s,
+                        });
+                }
+                // The first speaker from its current group (the recording starts at once);
+                // a later one from its next keyframe, so the file never shows half a picture.
+                for (src, out) in [(v, Some(self.video.clone())), (a, self.audio.clone())] {
+                    if let (Some(src), Some(out)) = (src, out) {
+                        tokio::spawn(splice(
+                            src,
+                            out,
+                            self.origin.clone(),
+                            !first,
+                            segment.clone(),
+                        ));
+                    }
+                }
+                first = first && ptrs.is_empty();
+                current = Some((who, ptrs));
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                r = self.floor.changed() => if r.is_err() { break },
+                r = self.tracks.changed() => if r.is_err() { break },
+            }
+        }
+        segment.cancel();
+        self.video.close();
+        if let Some(a) = &self.audio {
+            a.close();
+        }
+    }
+
+    fn elapsed_s(&self) -> f64 {
+        let o = self.origin.load(Ordering::Relaxed);
+        if o == i64::MIN {
+            0.0
+        } else {
+            (crate::now_us() - o) as f64 / 1e6
+        }
+    }
+}
+
+/// Copies `from`'s groups into `to` until `stop`: numbered after `to`'s own, each object's
+/// time moved onto the recording's time line (capture time minus `origin`).
+async fn splice(
+    from: Arc<Track>,
+    to: Arc<Track>,
+    origin: Arc<std::sync::atomic::AtomicI64>,
+    skip_current: bool,
+    stop: CancellationToken,
+) {
+    let mut rx = from.subscribe();
+    if skip_current {
+        rx.borrow_and_update();
+    }
+    // Without the publisher's clock, the segment starts where the recording is now.
+    let clock = from.info.clock_us;
+    let shift: Arc<std::sync::OnceLock<i64>> = Arc::default();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = rx.changed() => if r.is_err() { return },
+        }
+        let Some(g) = rx.borrow_and_update().clone() else {
+            if from.is_closed() {
+                return;
+            }
+            continue;
+        };
+        let seq = to.current().map_or(1, |c| c.seq + 1);
+        let out = to.start_group(seq);
+        let (origin, stop, shift) = (origin.clone(), stop.clone(), shift.clone());
+        // Each group copied by a task of its own: a group's tail may still be arriving
+        // when the next begins.
+        tokio::spawn(async move {
+            let mut n = 0;
+            loop {
+                let f = tokio::select! {
+                    _ = stop.cancelled() => return out.finish(),
+                    f = g.next_from(n) => f,
+                };
+                match f {
+                    Fetch::Objects(objs) => {
+                        n += objs.len();
+                        for mut o in objs {
+                            let capture = if clock != 0 {
+                                clock + o.pts_us
+                            } else {
+                                *shift.get_or_init(|| crate::now_us() - o.pts_us) + o.pts_us
+                            };
+                            let base = match origin.compare_exchange(
+                                i64::MIN,
+                                capture,
+                                Ordering::Relaxed,
+                                Ordering::Relaxed,
+                            ) {
+                                Ok(_) => capture,
+                                Err(b) => b,
+                            };
+                            o.pts_us = capture - base;
+                            out.push(o);
+                        }
+                    }
+                    Fetch::End => return out.finish(),
+                    Fetch::Aborted => return out.abort(),
+                }
+            }
+        });
+    }
 }
 
 impl Room {
@@ -255,12 +441,15 @@ impl Room {
             .collect()
     }
 
-    /// Starts recording `publisher`'s picture (its highest rendition) and sound to `path`
-    /// (`.mkv`, `.mp4` or `.ts`: [`crate::media::Sink`]), until [`Room::stop_recording`] or the
-    /// end of the conference.
+    /// Starts recording the conference to `path` (`.mkv`, `.mp4` or `.ts`:
+    /// [`crate::media::Sink`]) until [`Room::stop_recording`] or the end of the conference:
+    /// `publisher`'s picture (its highest rendition) and sound, or with `None` whoever
+    /// speaks — the floor holder, else the chair — switching at the new speaker's next
+    /// keyframe. The file's time line is the capture time (the publishers' clocks), so
+    /// picture and sound stay together across switches.
     pub async fn start_recording(
         &self,
-        publisher: &str,
+        publisher: Option<&str>,
         path: &std::path::Path,
     ) -> Result<(), String> {
         let mut rec = self.recording.lock().await;
@@ -271,44 +460,56 @@ impl Room {
                 r.path.display()
             ));
         }
-        let tracks = self.tracks.borrow().clone();
-        let mut video: Vec<&Arc<Track>> = tracks
-            .values()
-            .filter(|t| t.info.publisher == publisher && t.info.kind == "video")
-            .collect();
-        video.sort_by_key(|t| std::cmp::Reverse(t.info.bitrate_kbps));
-        let video = video
-            .first()
-            .ok_or_else(|| format!("{publisher} publishes no video in {}", self.name))?;
-        let audio = tracks
-            .values()
-            .find(|t| t.info.publisher == publisher && t.info.kind == "audio");
-        let list: Vec<Arc<Track>> = std::iter::once((*video).clone())
-            .chain(audio.cloned())
-            .collect();
+        let first = match publisher {
+            Some(p) => p.to_string(),
+            None => self.floor().speaker().to_string(),
+        };
+        let (video, audio) = speaker_tracks(&self.tracks.borrow(), &first);
+        let video = video.ok_or_else(|| format!("{first} publishes no video in {}", self.name))?;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         }
+        // What the player reads: one track per kind for the whole recording.
+        let out_info = |t: &Track| TrackInfo {
+            clock_us: 0,
+            via: Vec::new(),
+            ..t.info.clone()
+        };
+        let out_video = Track::new(out_info(&video));
+        let out_audio = audio.as_ref().map(|a| Track::new(out_info(a)));
         let stop = self.ended.child_token();
+        let speakers = Arc::new(Mutex::new(Vec::new()));
+        let follow = Follow {
+            tracks: self.tracks.subscribe(),
+            floor: self.floor.subscribe(),
+            fixed: publisher.map(str::to_string),
+            video: out_video.clone(),
+            audio: out_audio.clone(),
+            origin: Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN)),
+            speakers: speakers.clone(),
+        };
+        tokio::spawn(follow.run(stop.clone()));
+        let list: Vec<Arc<Track>> = std::iter::once(out_video).chain(out_audio).collect();
         let spec = path.to_string_lossy().to_string();
         let stop2 = stop.clone();
         let task = tokio::spawn(async move {
             crate::media::play(list, &spec, stop2, Duration::from_secs(2)).await
         });
-        info!(room = %self.name, publisher, path = %path.display(), "Recording.");
+        let who = publisher.unwrap_or("the floor").to_string();
+        info!(room = %self.name, who, path = %path.display(), "Recording.");
         *rec = Some(Recording {
             path: path.to_path_buf(),
-            publisher: publisher.to_string(),
+            publisher: who,
             stop,
             task,
+            speakers,
         });
         Ok(())
     }
 
-    /// Stops the recording; returns its file and what was written.
-    pub async fn stop_recording(
-        &self,
-    ) -> Result<(std::path::PathBuf, crate::media::PlayStats), String> {
+    /// Stops the recording; returns its file, what was written, and who was recorded from
+    /// when (seconds into the file).
+    pub async fn stop_recording(&self) -> Result<RecordingDone, String> {
         let r = self
             .recording
             .lock()
@@ -322,7 +523,12 @@ impl Room {
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
         info!(room = %self.name, path = %r.path.display(), objects = stats.objects, "Recording stopped.");
-        Ok((r.path, stats))
+        let speakers = r.speakers.lock().expect("speakers lock poisoned").clone();
+        Ok(RecordingDone {
+            path: r.path,
+            stats,
+            speakers,
+        })
     }
 
     pub fn is_ended(&self) -> bool {
