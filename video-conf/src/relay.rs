@@ -18,7 +18,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::forward::{self, SendStats};
 use crate::io::{ControlReader, ControlWriter, IoError};
 use crate::policy::{FloorState, RenditionChooser};
-use crate::track::{Fetch, Track};
+use crate::track::Track;
+use crate::wire::Object;
 use crate::wire::{
     self, Control, ErrorMsg, Floor, Role, TrackInfo, TrackKey, Tracks, Welcome, codes,
 };
@@ -128,34 +129,28 @@ impl Relay {
             "Conferences open.",
             rooms.len() as u64,
         );
-        let _ = write!(
-            out,
-            "# HELP tiandi_video_room_participants Participants in a conference.\n\
-             # TYPE tiandi_video_room_participants gauge\n"
+        let mut per_room = |name: &str, help: &str, f: &dyn Fn(&Room) -> usize| {
+            let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n");
+            for r in &rooms {
+                let _ = writeln!(
+                    out,
+                    "{name}{{relay=\"{}\",room=\"{}\"}} {}",
+                    label(&self.name),
+                    label(&r.name),
+                    f(r)
+                );
+            }
+        };
+        per_room(
+            "tiandi_video_room_participants",
+            "Participants in a conference.",
+            &|r| r.roster().len(),
         );
-        for r in &rooms {
-            let _ = writeln!(
-                out,
-                "tiandi_video_room_participants{{relay=\"{}\",room=\"{}\"}} {}",
-                label(&self.name),
-                label(&r.name),
-                r.roster().len()
-            );
-        }
-        let _ = write!(
-            out,
-            "# HELP tiandi_video_room_tracks Tracks published in a conference.\n\
-             # TYPE tiandi_video_room_tracks gauge\n"
+        per_room(
+            "tiandi_video_room_tracks",
+            "Tracks published in a conference.",
+            &|r| r.track_keys().len(),
         );
-        for r in &rooms {
-            let _ = writeln!(
-                out,
-                "tiandi_video_room_tracks{{relay=\"{}\",room=\"{}\"}} {}",
-                label(&self.name),
-                label(&r.name),
-                r.track_keys().len()
-            );
-        }
         out
     }
 }
@@ -296,7 +291,7 @@ impl Follow {
                             src,
                             out,
                             self.origin.clone(),
-                            !first,
+                            first,
                             segment.clone(),
                         ));
                     }
@@ -327,73 +322,37 @@ impl Follow {
     }
 }
 
-/// Copies `from`'s groups into `to` until `stop`: numbered after `to`'s own, each object's
-/// time moved onto the recording's time line (capture time minus `origin`).
+/// Splices `from` into the recording's track `to` until `stop`: from the source's first group
+/// (`first`) or its next keyframe, each object's time moved onto the recording's time line
+/// (capture time minus `origin`, the recording's first frame).
 async fn splice(
     from: Arc<Track>,
     to: Arc<Track>,
     origin: Arc<std::sync::atomic::AtomicI64>,
-    skip_current: bool,
+    first: bool,
     stop: CancellationToken,
 ) {
-    let mut rx = from.subscribe();
-    if skip_current {
-        rx.borrow_and_update();
-    }
     // Without the publisher's clock, the segment starts where the recording is now.
     let clock = from.info.clock_us;
     let shift: Arc<std::sync::OnceLock<i64>> = Arc::default();
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            r = rx.changed() => if r.is_err() { return },
-        }
-        let Some(g) = rx.borrow_and_update().clone() else {
-            if from.is_closed() {
-                return;
-            }
-            continue;
+    let to_file_time = move |mut o: Object| {
+        let capture = if clock != 0 {
+            clock + o.pts_us
+        } else {
+            *shift.get_or_init(|| crate::now_us() - o.pts_us) + o.pts_us
         };
-        let seq = to.current().map_or(1, |c| c.seq + 1);
-        let out = to.start_group(seq);
-        let (origin, stop, shift) = (origin.clone(), stop.clone(), shift.clone());
-        // Each group copied by a task of its own: a group's tail may still be arriving
-        // when the next begins.
-        tokio::spawn(async move {
-            let mut n = 0;
-            loop {
-                let f = tokio::select! {
-                    _ = stop.cancelled() => return out.finish(),
-                    f = g.next_from(n) => f,
-                };
-                match f {
-                    Fetch::Objects(objs) => {
-                        n += objs.len();
-                        for mut o in objs {
-                            let capture = if clock != 0 {
-                                clock + o.pts_us
-                            } else {
-                                *shift.get_or_init(|| crate::now_us() - o.pts_us) + o.pts_us
-                            };
-                            let base = match origin.compare_exchange(
-                                i64::MIN,
-                                capture,
-                                Ordering::Relaxed,
-                                Ordering::Relaxed,
-                            ) {
-                                Ok(_) => capture,
-                                Err(b) => b,
-                            };
-                            o.pts_us = capture - base;
-                            out.push(o);
-                        }
-                    }
-                    Fetch::End => return out.finish(),
-                    Fetch::Aborted => return out.abort(),
-                }
-            }
-        });
-    }
+        let base = origin
+            .compare_exchange(i64::MIN, capture, Ordering::Relaxed, Ordering::Relaxed)
+            .unwrap_or_else(|b| b);
+        o.pts_us = capture - base;
+        o
+    };
+    let numbering = if first {
+        crate::track::Numbering::Same
+    } else {
+        crate::track::Numbering::Next
+    };
+    crate::track::copy_groups(from, to, stop, numbering, to_file_time).await;
 }
 
 impl Room {

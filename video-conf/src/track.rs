@@ -190,12 +190,32 @@ impl Track {
     }
 }
 
-/// Copies every group of `from` into `to` (same sequence numbers, objects as they arrive)
-/// until `from` closes or `stop` fires: a player keeps one track across reconnections, fed
-/// by each new session's received track in turn. Groups not newer than `to`'s current one
-/// are skipped.
-pub async fn bridge(from: Arc<Track>, to: Arc<Track>, stop: tokio_util::sync::CancellationToken) {
+/// How [`copy_groups`] numbers the groups it copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Numbering {
+    /// The source's sequence numbers; a group not newer than the target's current one is
+    /// skipped (the same publisher's track, arriving again by another way).
+    Same,
+    /// Each group after the target's current one (another publisher's track spliced in),
+    /// starting from the source's next group: the target never shows half a group.
+    Next,
+}
+
+/// Copies every group of `from` into `to`, objects as they arrive and passed through `map`,
+/// until `from` closes or `stop` fires (a group being copied then ends where it is). Each
+/// group is copied by a task of its own: a group's tail may still be arriving when the next
+/// begins.
+pub async fn copy_groups(
+    from: Arc<Track>,
+    to: Arc<Track>,
+    stop: tokio_util::sync::CancellationToken,
+    numbering: Numbering,
+    map: impl Fn(Object) -> Object + Clone + Send + 'static,
+) {
     let mut rx = from.subscribe();
+    if numbering == Numbering::Next {
+        rx.borrow_and_update();
+    }
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -207,18 +227,26 @@ pub async fn bridge(from: Arc<Track>, to: Arc<Track>, stop: tokio_util::sync::Ca
             }
             continue;
         };
-        if to.current().is_some_and(|c| c.seq >= g.seq) {
-            continue;
-        }
-        let out = to.start_group(g.seq);
+        let current = to.current().map(|c| c.seq);
+        let seq = match numbering {
+            Numbering::Same if current.is_some_and(|c| c >= g.seq) => continue,
+            Numbering::Same => g.seq,
+            Numbering::Next => current.map_or(1, |c| c + 1),
+        };
+        let out = to.start_group(seq);
+        let (stop, map) = (stop.clone(), map.clone());
         tokio::spawn(async move {
             let mut n = 0;
             loop {
-                match g.next_from(n).await {
+                let f = tokio::select! {
+                    _ = stop.cancelled() => return out.finish(),
+                    f = g.next_from(n) => f,
+                };
+                match f {
                     Fetch::Objects(objs) => {
                         n += objs.len();
                         for o in objs {
-                            out.push(o);
+                            out.push(map(o));
                         }
                     }
                     Fetch::End => return out.finish(),
@@ -227,6 +255,12 @@ pub async fn bridge(from: Arc<Track>, to: Arc<Track>, stop: tokio_util::sync::Ca
             }
         });
     }
+}
+
+/// A player's track fed by each new session's received track in turn (after a reconnection):
+/// the same groups, as they arrive, until `stop`.
+pub async fn bridge(from: Arc<Track>, to: Arc<Track>, stop: tokio_util::sync::CancellationToken) {
+    copy_groups(from, to, stop, Numbering::Same, |o| o).await;
 }
 
 #[cfg(test)]
