@@ -218,26 +218,42 @@ async fn collect(t: Arc<Track>, until: u64, secs: u64) -> Vec<(u64, usize, bool)
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn groups_fan_out_whole_and_a_late_joiner_starts_at_a_keyframe() {
-    let lab = lab().await;
-    let chair = lab.join("ministry").await;
-    let a = lab.join("bj-001").await;
-    let b = lab.join("bj-002").await;
+/// The chair publishes `groups` groups of 10 frames to two viewers; each viewer's first four
+/// groups (after the one it joined in) arrive whole, starting at their keyframes. Returns
+/// the source, still publishing.
+async fn publish_whole_groups(
+    chair: &Arc<Session>,
+    viewers: [&Arc<Session>; 2],
+    groups: u64,
+) -> tokio::task::JoinHandle<()> {
     let t = video("ministry");
     chair.publish(t.clone()).await.unwrap();
-    a.subscribe("ministry", "video", "").await.unwrap();
-    b.subscribe("ministry", "video", "").await.unwrap();
-    let src = tokio::spawn(run_source(t.clone(), 1, 8, 10));
-    let (ra, rb) = tokio::join!(received(&a, "ministry"), received(&b, "ministry"));
-    let (ga, gb) = tokio::join!(collect(ra, 4, 20), collect(rb, 4, 20));
-    for got in [&ga, &gb] {
+    for v in viewers {
+        v.subscribe("ministry", "video", "").await.unwrap();
+    }
+    let src = tokio::spawn(run_source(t, 1, groups, 10));
+    let (r0, r1) = tokio::join!(
+        received(viewers[0], "ministry"),
+        received(viewers[1], "ministry")
+    );
+    let (g0, g1) = tokio::join!(collect(r0, 4, 20), collect(r1, 4, 20));
+    for got in [&g0, &g1] {
         assert!(got.len() >= 4, "{got:?}");
         for (_, n, key) in got.iter().skip(1) {
             assert_eq!(*n, 10, "whole groups: {got:?}");
             assert!(key);
         }
     }
+    src
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_fan_out_whole_and_a_late_joiner_starts_at_a_keyframe() {
+    let lab = lab().await;
+    let chair = lab.join("ministry").await;
+    let a = lab.join("bj-001").await;
+    let b = lab.join("bj-002").await;
+    let src = publish_whole_groups(&chair, [&a, &b], 8).await;
     // A late joiner, mid-group: its first group is the current one, from its keyframe.
     tokio::time::sleep(Duration::from_millis(150)).await;
     let c = lab.join("bj-003").await;
@@ -294,20 +310,7 @@ async fn groups_carry_repair_datagrams_when_asked_and_arrive_whole() {
     let chair = lab.join_fec("ministry", 1).await;
     let viewer = lab.join_fec("gd-001", 1).await;
     let plain = lab.join_fec("gd-002", 0).await;
-    let t = video("ministry");
-    chair.publish(t.clone()).await.unwrap();
-    viewer.subscribe("ministry", "video", "").await.unwrap();
-    plain.subscribe("ministry", "video", "").await.unwrap();
-    let src = tokio::spawn(run_source(t.clone(), 1, 6, 10));
-    let (rv, rp) = tokio::join!(received(&viewer, "ministry"), received(&plain, "ministry"));
-    let (gv, gp) = tokio::join!(collect(rv, 4, 20), collect(rp, 4, 20));
-    for got in [&gv, &gp] {
-        assert!(got.len() >= 4, "{got:?}");
-        for (_, n, key) in got.iter().skip(1) {
-            assert_eq!(*n, 10, "whole groups: {got:?}");
-            assert!(key);
-        }
-    }
+    let src = publish_whole_groups(&chair, [&viewer, &plain], 6).await;
     src.await.unwrap();
     let up = chair
         .sent
