@@ -161,13 +161,30 @@ fn probe(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// The presentation times of `probe`'s frames of one kind ("video", "audio").
+fn frame_times(probe: &serde_json::Value, kind: &str) -> Vec<f64> {
+    probe["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["media_type"] == kind)
+        .filter_map(|f| f["pts_time"].as_str()?.parse().ok())
+        .collect()
+}
+
+/// A scratch directory, a CA, and its certificate written there.
+fn lab() -> (tempfile::TempDir, Ca, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::generate("test CA").unwrap();
+    let ca_p = dir.path().join("ca.pem");
+    std::fs::write(&ca_p, ca.cert_pem()).unwrap();
+    (dir, ca, ca_p)
+}
+
 #[test]
 fn ffmpeg_through_two_cascaded_relays_to_two_players() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, ca, ca_p) = lab();
     let d = dir.path();
-    let ca = Ca::generate("test CA").unwrap();
-    let ca_p = d.join("ca.pem");
-    std::fs::write(&ca_p, ca.cert_pem()).unwrap();
     let (top, top_addr) = relay(
         d,
         &ca_p,
@@ -258,16 +275,7 @@ fn ffmpeg_through_two_cascaded_relays_to_two_players() {
             .expect("audio");
         assert_eq!(v["codec_name"], "h264");
         assert_eq!(a["codec_name"], "aac");
-        let times = |kind: &str| -> Vec<f64> {
-            p["frames"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|f| f["media_type"] == kind)
-                .filter_map(|f| f["pts_time"].as_str()?.parse().ok())
-                .collect()
-        };
-        let (vt, at) = (times("video"), times("audio"));
+        let (vt, at) = (frame_times(&p, "video"), frame_times(&p, "audio"));
         assert!(
             vt.len() >= 100,
             "{} video frames in {}",
@@ -303,11 +311,8 @@ fn ffmpeg_through_two_cascaded_relays_to_two_players() {
 /// source goes on, and the player plays on into the same Matroska file, which decodes.
 #[test]
 fn sites_join_again_after_the_relay_restarts_and_play_on_into_matroska() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, ca, ca_p) = lab();
     let d = dir.path();
-    let ca = Ca::generate("test CA").unwrap();
-    let ca_p = d.join("ca.pem");
-    std::fs::write(&ca_p, ca.cert_pem()).unwrap();
     let listen = format!("127.0.0.1:{}", free_udp_port());
     let rc = creds(&ca, d, "ministry-relay");
     let (relay1, addr) = relay_at(d, &ca_p, "ministry-relay", &rc, None, &listen, &[]);
@@ -398,19 +403,8 @@ fn sites_join_again_after_the_relay_restarts_and_play_on_into_matroska() {
             .iter()
             .any(|s| s["codec_name"] == "h264")
     );
-    let vt: Vec<f64> = p["frames"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|f| f["media_type"] == "video")
-        .filter_map(|f| f["pts_time"].as_str()?.parse().ok())
-        .collect();
-    let at = p["frames"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|f| f["media_type"] == "audio")
-        .count();
+    let vt = frame_times(&p, "video");
+    let at = frame_times(&p, "audio").len();
     assert!(vt.len() >= 150, "{} video frames", vt.len());
     assert!(at >= 300, "{at} audio frames");
     // Picture before the restart and well after it (the player ran ~6 s before, ~11 s after).
