@@ -220,12 +220,15 @@ async fn geo_under_a_second_narrow_link_gets_the_low_rendition_nobody_stalls() {
         eprintln!("{n}: {}", line(n));
     }
 
-    // GEO: frames shown within a second of capture (median: a loss repaired by
-    // retransmission costs a round trip, so the slowest frames take longer; see the note in
-    // the README), and sound never stalls for longer than that budget while video drops
-    // groups.
+    // GEO: every frame shown within a second of capture (glass to glass, by the publisher's
+    // clock carried with the test pattern): repair datagrams rebuild most losses at once,
+    // and a frame that would still be late is not shown (video skips to its next keyframe);
+    // sound never stalls for longer than that budget while video drops groups.
     let g = line("gd-geo");
-    assert!(stat(&g, "latency_p50_ms") < 1000.0, "{g}");
+    assert!(stat(&g, "latency_p50_ms") < 600.0, "{g}");
+    assert!(stat(&g, "latency_p99_ms") < 1000.0, "{g}");
+    // The budget is checked as frames leave the network; writing them adds a few ms.
+    assert!(stat(&g, "latency_max_ms") < 1100.0, "{g}");
     let audio_stall = g
         .split("max_wall_gap_ms=")
         .nth(1)

@@ -6,7 +6,7 @@
 //! connect them to the async side.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -891,10 +891,37 @@ fn clear_codec_tag(ost: &mut ff::format::stream::StreamMut) {
 /// (longer, up to its target latency, when the publisher's clock is known).
 pub const TAIL_GRACE: Duration = Duration::from_millis(300);
 
+/// The oldest a frame may be when played (µs): the target latency; or, when the clocks are
+/// so far apart that frames arrive older than that, the youngest age seen plus half of it.
+pub fn age_budget(latency: Duration, min_age_us: i64) -> i64 {
+    let l = latency.as_micros() as i64;
+    if min_age_us == i64::MAX {
+        l
+    } else {
+        l.max(min_age_us.saturating_add(l / 2))
+    }
+}
+
+/// How long a player waits for a group's next frame: until it is `due_us` (the budget of
+/// [`age_budget`]; past it, the rest of the group is given up: live beats complete, and
+/// video skips to the next keyframe while sound goes on); at least [`TAIL_GRACE`] once a
+/// newer group has begun (its stream may have overtaken this one's tail); without a clock,
+/// that grace or, with no newer group, as long as it takes.
+pub fn tail_wait(newer: bool, due_us: Option<i64>, now_us: i64) -> Duration {
+    let until_due = due_us.map(|d| Duration::from_micros(u64::try_from(d - now_us).unwrap_or(0)));
+    match (newer, until_due) {
+        (false, None) => Duration::from_secs(3600),
+        (false, Some(d)) => d,
+        (true, None) => TAIL_GRACE,
+        (true, Some(d)) => d.max(TAIL_GRACE),
+    }
+}
+
 /// Plays `tracks` (received, or a local source's) into `spec` ([`Sink::open`]) until they end
-/// or `stop` fires: each track's groups in order, from the current one; a group that is
-/// dropped, or still incomplete when its next frame would be older than `latency`, is
-/// skipped (counted in the result: groups skipped per track).
+/// or `stop` fires: each track's groups in order, from the current one. With the publisher's
+/// clock known, no frame older than `latency` ([`age_budget`]) is played: a group whose next
+/// frame is late, or arrives older than that, is given up, as is a dropped one (counted in
+/// the result: groups skipped per track), and the track goes on at its next group.
 pub async fn play(
     tracks: Vec<Arc<Track>>,
     spec: &str,
@@ -917,8 +944,11 @@ pub async fn play(
         })
         .map_err(|e| MediaError::Unsupported(format!("sink thread: {e}")))?;
     let mut readers = Vec::new();
+    // The youngest age a frame arrived at (µs; all tracks): the link's delay plus any offset
+    // between the publisher's clock and ours.
+    let min_age = Arc::new(AtomicI64::new(i64::MAX));
     for (i, t) in tracks.into_iter().enumerate() {
-        let (tx, stop) = (tx.clone(), stop.clone());
+        let (tx, stop, min_age) = (tx.clone(), stop.clone(), min_age.clone());
         readers.push(tokio::spawn(async move {
             let mut rx = t.subscribe();
             let mut skipped = 0u64;
@@ -939,22 +969,20 @@ pub async fn play(
                 }
                 last_seq = g.seq;
                 let mut n = 0;
-                let mut last_pts = 0i64;
+                // Media time of this group's last frame played.
+                let mut last_pts: Option<i64> = None;
                 loop {
-                    // Once a newer group has started, this one's tail still gets a moment
-                    // (groups travel on separate streams and the newer one is sent first),
-                    // but not a wait: if nothing more comes, move on.
-                    let grace = if !rx.has_changed().unwrap_or(false) {
-                        Duration::from_secs(3600)
-                    } else if t.info.clock_us != 0 {
-                        // Until the next frame would be due on screen at the target latency
-                        // (a retransmission over a satellite hop takes a round trip).
-                        let due = t.info.clock_us + last_pts + latency.as_micros() as i64;
-                        Duration::from_micros(u64::try_from(due - crate::now_us()).unwrap_or(0))
-                            .max(TAIL_GRACE)
-                    } else {
-                        TAIL_GRACE
-                    };
+                    // The next frame is due on screen when the last one played is as old as
+                    // the budget allows (if the publisher's clock is known).
+                    let due = (t.info.clock_us != 0)
+                        .then_some(last_pts)
+                        .flatten()
+                        .map(|p| {
+                            t.info.clock_us
+                                + p
+                                + age_budget(latency, min_age.load(Ordering::Relaxed))
+                        });
+                    let grace = tail_wait(rx.has_changed().unwrap_or(false), due, crate::now_us());
                     // A newer group arriving while this one waits ends the wait: look again
                     // with the tail's grace.
                     let mut newer = rx.clone();
@@ -970,7 +998,26 @@ pub async fn play(
                     match fetched {
                         Some(crate::track::Fetch::Objects(objs)) => {
                             n += objs.len();
-                            last_pts = objs.last().map_or(last_pts, |o| o.pts_us);
+                            if let Some(o) = objs.last() {
+                                last_pts = Some(o.pts_us);
+                                if t.info.clock_us != 0 {
+                                    let age = crate::now_us() - t.info.clock_us - o.pts_us;
+                                    min_age.fetch_min(age, Ordering::Relaxed);
+                                }
+                            }
+                            // A frame already older than the budget is not shown, nor the
+                            // rest of its group (it would not decode without it): a late
+                            // joiner's first group, or a frame a repair came too late for.
+                            let budget = age_budget(latency, min_age.load(Ordering::Relaxed));
+                            let now = crate::now_us();
+                            let late = |o: &Object| {
+                                t.info.clock_us != 0 && now - t.info.clock_us - o.pts_us > budget
+                            };
+                            let too_late = objs.iter().position(late);
+                            let objs = match too_late {
+                                Some(k) => objs[..k].to_vec(),
+                                None => objs,
+                            };
                             for o in objs {
                                 let tx = tx.clone();
                                 if tokio::task::spawn_blocking(move || tx.send((i, o)))
@@ -979,6 +1026,10 @@ pub async fn play(
                                 {
                                     return skipped;
                                 }
+                            }
+                            if too_late.is_some() {
+                                skipped += 1;
+                                break;
                             }
                         }
                         Some(crate::track::Fetch::Aborted) => {
@@ -1010,6 +1061,25 @@ pub async fn play(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frames_later_than_the_budget_are_not_waited_for() {
+        let l = Duration::from_millis(1000);
+        // Clocks in step: the budget is the target latency.
+        assert_eq!(age_budget(l, i64::MAX), 1_000_000);
+        assert_eq!(age_budget(l, 300_000), 1_000_000);
+        // The publisher's clock 5 s behind ours: judged from the youngest age seen.
+        assert_eq!(age_budget(l, 5_300_000), 5_800_000);
+        let now = 10_000_000;
+        assert_eq!(
+            tail_wait(false, Some(now + 700_000), now),
+            Duration::from_millis(700)
+        );
+        assert_eq!(tail_wait(false, Some(now - 1), now), Duration::ZERO);
+        assert_eq!(tail_wait(true, Some(now - 1), now), TAIL_GRACE);
+        assert_eq!(tail_wait(true, None, now), TAIL_GRACE);
+        assert_eq!(tail_wait(false, None, now), Duration::from_secs(3600));
+    }
 
     #[test]
     fn adts_headers_are_well_formed() {
