@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::frame_times;
 use tiandi_link::pki::{self, Ca};
+
+mod common;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tiandi-video");
 
@@ -159,17 +162,6 @@ fn probe(path: &Path) -> serde_json::Value {
         path.display()
     );
     serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// The presentation times of `probe`'s frames of one kind ("video", "audio").
-fn frame_times(probe: &serde_json::Value, kind: &str) -> Vec<f64> {
-    probe["frames"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|f| f["media_type"] == kind)
-        .filter_map(|f| f["pts_time"].as_str()?.parse().ok())
-        .collect()
 }
 
 /// A scratch directory, a CA, and its certificate written there.

@@ -7,6 +7,8 @@ use std::time::Duration;
 use tiandi_video::media::{self, SourceOptions};
 use tokio_util::sync::CancellationToken;
 
+mod common;
+
 pub fn probe(path: &std::path::Path) -> serde_json::Value {
     let out = Command::new("ffprobe")
         .args([
@@ -85,15 +87,7 @@ async fn a_test_pattern_becomes_two_aligned_renditions_and_audio() {
     let frames: u64 = v["nb_read_frames"].as_str().unwrap().parse().unwrap();
     assert!(frames >= 80, "{frames} frames in ~5 s at 25/s");
     // No gaps: consecutive video frames 40 ms apart.
-    let times = |kind: &str| -> Vec<f64> {
-        p["frames"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|f| f["media_type"] == kind)
-            .filter_map(|f| f["pts_time"].as_str()?.parse().ok())
-            .collect()
-    };
+    let times = |kind: &str| common::frame_times(&p, kind);
     let vt = times("video");
     for w in vt.windows(2) {
         assert!(
