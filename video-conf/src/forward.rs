@@ -279,17 +279,11 @@ pub async fn send_track(
     let mut rx = track.subscribe();
     let flights = in_flight();
     loop {
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = conn.closed() => break,
-            r = rx.changed() => if r.is_err() { break },
-        }
-        let Some(group) = rx.borrow_and_update().clone() else {
-            if track.is_closed() {
-                break;
-            }
-            continue;
+        let group = tokio::select! {
+            g = crate::track::next_group(track, &mut rx, cancel) => g,
+            _ = conn.closed() => None,
         };
+        let Some(group) = group else { break };
         start_group(conn, id, &track.info.kind, group, stats, &flights, fec);
     }
     cancel_all(&flights);

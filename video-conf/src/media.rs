@@ -953,17 +953,7 @@ pub async fn play(
             let mut rx = t.subscribe();
             let mut skipped = 0u64;
             let mut last_seq = 0u64;
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    r = rx.changed() => if r.is_err() { break },
-                }
-                let Some(g) = rx.borrow_and_update().clone() else {
-                    if t.is_closed() {
-                        break;
-                    }
-                    continue;
-                };
+            while let Some(g) = crate::track::next_group(&t, &mut rx, &stop).await {
                 if last_seq != 0 && g.seq > last_seq + 1 {
                     skipped += g.seq - last_seq - 1;
                 }

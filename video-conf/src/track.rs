@@ -190,6 +190,26 @@ impl Track {
     }
 }
 
+/// The next group of `track` as `rx` follows it; `None` once the track has closed or `stop`
+/// fires.
+pub async fn next_group(
+    track: &Track,
+    rx: &mut GroupWatch,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Option<Arc<Group>> {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            r = rx.changed() => if r.is_err() { return None },
+        }
+        match rx.borrow_and_update().clone() {
+            Some(g) => return Some(g),
+            None if track.is_closed() => return None,
+            None => continue,
+        }
+    }
+}
+
 /// How [`copy_groups`] numbers the groups it copies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Numbering {
@@ -216,17 +236,7 @@ pub async fn copy_groups(
     if numbering == Numbering::Next {
         rx.borrow_and_update();
     }
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            r = rx.changed() => if r.is_err() { return },
-        }
-        let Some(g) = rx.borrow_and_update().clone() else {
-            if from.is_closed() {
-                return;
-            }
-            continue;
-        };
+    while let Some(g) = next_group(&from, &mut rx, &stop).await {
         let current = to.current().map(|c| c.seq);
         let seq = match numbering {
             Numbering::Same if current.is_some_and(|c| c >= g.seq) => continue,
