@@ -87,6 +87,17 @@ async fn groups(t: Arc<Track>, from: u64, n: u64) {
     }
 }
 
+/// A real test pattern (H.264 + AAC) published by `site` over its session.
+async fn publish_pattern(s: &Arc<Session>, site: &str) -> tiandi_video::media::Source {
+    let src =
+        tiandi_video::media::open_source("pattern", tiandi_video::media::SourceOptions::new(site))
+            .unwrap();
+    for t in &src.tracks {
+        s.publish(t.clone()).await.unwrap();
+    }
+    src
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controller_runs_conferences_for_enrolled_sites() {
     let tmp = tempfile::tempdir().unwrap();
@@ -179,22 +190,8 @@ async fn the_controller_runs_conferences_for_enrolled_sites() {
     // bj-002; the recording follows the speaker (the chair, then bj-002 once it holds the
     // floor), in Matroska by default; then one site alone in MP4. Both are written as
     // MPEG-TS and remuxed when the recording stops; ffprobe decodes every frame cleanly.
-    let mut src = tiandi_video::media::open_source(
-        "pattern",
-        tiandi_video::media::SourceOptions::new("ministry"),
-    )
-    .unwrap();
-    for t in &src.tracks {
-        c.publish(t.clone()).await.unwrap();
-    }
-    let mut src_b = tiandi_video::media::open_source(
-        "pattern",
-        tiandi_video::media::SourceOptions::new("bj-002"),
-    )
-    .unwrap();
-    for t in &src_b.tracks {
-        sb.publish(t.clone()).await.unwrap();
-    }
+    let mut src = publish_pattern(&c, "ministry").await;
+    let mut src_b = publish_pattern(&sb, "bj-002").await;
     cli_json(&ctl, &["conference", "floor", "drill"]);
     tokio::time::sleep(Duration::from_millis(500)).await;
     for (args, ext, container) in [
