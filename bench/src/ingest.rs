@@ -28,6 +28,23 @@ pub(crate) fn release_binaries(packages: &[&str]) -> anyhow::Result<Vec<PathBuf>
     eprintln!("building release binaries...");
     let mut cmd = Command::new(cargo);
     cmd.args(["build", "--release", "--locked"]);
+    // `cargo run` gives the bench its package's variables; a build script that watches one
+    // (ring watches `CARGO_MANIFEST_DIR`) would otherwise rebuild at every run.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("CARGO_PKG_")
+            || matches!(
+                &*k,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            cmd.env_remove(&*k);
+        }
+    }
     for p in packages {
         cmd.args(["-p", p]);
     }
