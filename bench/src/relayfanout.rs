@@ -206,7 +206,9 @@ async fn run_async(a: Args, bin: PathBuf) -> anyhow::Result<()> {
                             i64::from_be_bytes(o.payload[8..16].try_into().unwrap_or([0; 8]));
                         tally.frames.lock().expect("tally").insert(idx);
                         if rec.load(Ordering::Relaxed) {
-                            lat.lock().expect("lat").push((now - sent, idx.is_multiple_of(GOP)));
+                            lat.lock()
+                                .expect("lat")
+                                .push((now - sent, idx.is_multiple_of(GOP)));
                         }
                     }
                 });
@@ -315,12 +317,21 @@ async fn run_async(a: Args, bin: PathBuf) -> anyhow::Result<()> {
         })
         .sum();
     let all = std::mem::take(&mut *latencies.lock().expect("lat"));
+    // Keyframes are 2 % of the samples, so the p99 falls among them: show both kinds.
     for (name, key) in [("key", true), ("other", false)] {
         let mut l: Vec<i64> = all.iter().filter(|x| x.1 == key).map(|x| x.0).collect();
         l.sort_unstable();
         if !l.is_empty() {
             let q = |p: f64| l[((l.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0;
-            eprintln!("{name} frames: n={} p10={:.1} p50={:.1} p90={:.1} p99={:.1} max={:.1}", l.len(), q(0.1), q(0.5), q(0.9), q(0.99), q(1.0));
+            eprintln!(
+                "{name} frames: n={} p10={:.1} p50={:.1} p90={:.1} p99={:.1} max={:.1}",
+                l.len(),
+                q(0.1),
+                q(0.5),
+                q(0.9),
+                q(0.99),
+                q(1.0)
+            );
         }
     }
     let mut lat: Vec<i64> = all.iter().map(|x| x.0).collect();

@@ -7,6 +7,7 @@ pub mod congestion;
 pub mod enroll;
 pub mod framed;
 pub mod pki;
+pub mod runtime;
 pub mod tls;
 pub mod transport;
 
@@ -148,7 +149,7 @@ pub fn server_endpoint_on(
     )))
     // After a restart every site's next packet draws a reset: let thousands through.
     .min_reset_interval(std::time::Duration::from_micros(200));
-    quinn::Endpoint::new(ep, Some(cfg), socket, Arc::new(quinn::TokioRuntime))
+    quinn::Endpoint::new(ep, Some(cfg), socket, Arc::new(runtime::Runtime))
         .map_err(LinkError::Endpoint)
 }
 
@@ -202,13 +203,8 @@ pub fn client_endpoint(server: SocketAddr) -> Result<quinn::Endpoint, LinkError>
 
 /// A client endpoint on a socket bound elsewhere (in another network namespace, say).
 pub fn client_endpoint_on(socket: std::net::UdpSocket) -> Result<quinn::Endpoint, LinkError> {
-    quinn::Endpoint::new(
-        endpoint_config(),
-        None,
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(LinkError::Endpoint)
+    quinn::Endpoint::new(endpoint_config(), None, socket, Arc::new(runtime::Runtime))
+        .map_err(LinkError::Endpoint)
 }
 
 /// Initialises logging once for a binary: `RUST_LOG` wins over the configured filter; noisy
