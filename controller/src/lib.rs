@@ -14,6 +14,7 @@ pub mod server;
 pub mod sites;
 pub mod store;
 pub mod transfers;
+pub mod wal;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -180,7 +181,7 @@ impl Controller {
         let db = sled::Config::new()
             .path(&db_path)
             .cache_capacity(64 * 1024 * 1024)
-            // The store's group commit flushes whenever something was written.
+            // The store flushes at its checkpoints (its write-ahead log covers the time between).
             .flush_every_ms(None)
             .open()
             .with_context(|| {
@@ -190,7 +191,14 @@ impl Controller {
                 )
             })?;
         let registry = Registry::open(&db, &ca).context("opening the site registry")?;
-        let store = Store::open(&db).context("opening the store")?;
+        let log = config.data_dir.join("reports.wal");
+        let store = Store::open(&db, &log).with_context(|| {
+            format!(
+                "opening the store ({} and {})",
+                db_path.display(),
+                log.display()
+            )
+        })?;
         let sites = Arc::new(Sites::new(config.thresholds.clone()));
         let now = now_ms();
         for rec in registry.list() {

@@ -3,11 +3,14 @@
 //! acknowledged sequence ranges per site, and the alarm log. A site's latest report is the last
 //! entry of its history.
 //!
-//! Durability: an acknowledgement is sent only after the write is flushed. One sled insert per
-//! report; the flusher (group commit) wakes when something was written, waits
-//! [`FLUSH_COALESCE`] for more, writes the changed sequence states, flushes, and publishes the
-//! epoch it made durable. Acknowledgements therefore leave within a few milliseconds, in the
-//! same packet as QUIC's own ACK of the report.
+//! Durability: an acknowledgement is sent only after the report is durable. One sled insert
+//! and one record of the write-ahead log ([`crate::wal`]) per report; the committer (group
+//! commit) wakes when something was written, waits [`FLUSH_COALESCE`] for more, appends the
+//! records to the log with one `fdatasync`, and publishes the epoch it made durable.
+//! Acknowledgements therefore leave within a few milliseconds, in the same packet as QUIC's
+//! own ACK of the report. Every [`CHECKPOINT_EVERY`] (and at shutdown) the changed sequence
+//! states are written, sled is flushed, and the log emptied; at start the log's records are
+//! stored again (a no-op for those sled already had) before anything is acknowledged.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +22,10 @@ use tiandi_proto::{Message, Report, SeqRange};
 use tokio::sync::watch;
 
 pub const FLUSH_COALESCE: Duration = Duration::from_millis(15);
+/// How often sled is flushed and the write-ahead log emptied (sooner if the log grows past
+/// [`CHECKPOINT_BYTES`]).
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
+pub const CHECKPOINT_BYTES: u64 = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -26,6 +33,8 @@ pub enum StoreError {
     Db(#[from] sled::Error),
     #[error("corrupt record in {tree}: {message}")]
     Corrupt { tree: &'static str, message: String },
+    #[error(transparent)]
+    Log(#[from] crate::wal::WalError),
 }
 
 /// Which sequence numbers of a site are stored.
@@ -133,10 +142,22 @@ pub struct Store {
     flushes: AtomicU64,
     alarms: sled::Tree,
     seq_cache: Mutex<HashMap<String, SeqState>>,
-    write_epoch: AtomicU64,
+    /// Records for the next commit, and the epoch they will be durable in (one lock, so that
+    /// a report waits exactly for the commit that carries its record).
+    pending: Mutex<Pending>,
+    /// The write-ahead log (the committer's; replayed at open).
+    wal: Mutex<crate::wal::Wal>,
+    last_checkpoint: Mutex<std::time::Instant>,
+    /// Something was written to sled since the last checkpoint.
+    unsaved: std::sync::atomic::AtomicBool,
     /// Set by every write (and every duplicate awaiting its acknowledgement).
     dirty: std::sync::atomic::AtomicBool,
     flushed: watch::Sender<u64>,
+}
+
+struct Pending {
+    records: Vec<u8>,
+    epoch: u64,
 }
 
 fn history_key(site: &str, taken_ms: i64, seq: u64) -> Vec<u8> {
@@ -162,9 +183,12 @@ fn corrupt(tree: &'static str, e: impl std::fmt::Display) -> StoreError {
 }
 
 impl Store {
-    pub fn open(db: &sled::Db) -> Result<Arc<Store>, StoreError> {
+    /// Opens the trees in `db` and the write-ahead log at `log`, stores again what the log
+    /// holds, and checkpoints.
+    pub fn open(db: &sled::Db, log: &std::path::Path) -> Result<Arc<Store>, StoreError> {
         let (flushed, _) = watch::channel(0);
-        Ok(Arc::new(Store {
+        let (wal, records) = crate::wal::Wal::open(log)?;
+        let store = Arc::new(Store {
             history: db.open_tree("history")?,
             seqs: db.open_tree("seqs")?,
             seq_dirty: Mutex::new(Default::default()),
@@ -174,10 +198,32 @@ impl Store {
             alarms: db.open_tree("alarms")?,
             db: db.clone(),
             seq_cache: Mutex::new(HashMap::new()),
-            write_epoch: AtomicU64::new(1),
+            pending: Mutex::new(Pending {
+                records: Vec::new(),
+                epoch: 1,
+            }),
+            wal: Mutex::new(wal),
+            last_checkpoint: Mutex::new(std::time::Instant::now()),
+            unsaved: std::sync::atomic::AtomicBool::new(true),
             dirty: std::sync::atomic::AtomicBool::new(false),
             flushed,
-        }))
+        });
+        if !records.is_empty() {
+            let mut stored = 0;
+            for r in &records {
+                let report = Report::decode(r.report.as_slice()).map_err(|e| corrupt("log", e))?;
+                if store.insert(&r.site, &report, None)? {
+                    stored += 1;
+                }
+            }
+            tracing::info!(
+                records = records.len(),
+                stored,
+                "Stored again what the write-ahead log held (the rest sled had already)."
+            );
+        }
+        store.checkpoint()?;
+        Ok(store)
     }
 
     pub fn seq_state(&self, site: &str) -> Result<SeqState, StoreError> {
@@ -204,22 +250,46 @@ impl Store {
     /// Stores a report unless every sequence number it covers is stored already. Returns
     /// whether it was new, and the write epoch to wait for before acknowledging.
     pub fn ingest(&self, site: &str, report: &Report) -> Result<(bool, u64), StoreError> {
+        let mut epoch = 0;
+        let new = self.insert(site, report, Some(&mut epoch))?;
+        // A duplicate is acknowledged at the next commit like any other report.
+        self.mark_dirty();
+        Ok((new, epoch))
+    }
+
+    /// Inserts `report` unless stored already; with `epoch`, also queues its log record and
+    /// sets the epoch that will carry it (or, for a duplicate, the next one).
+    fn insert(
+        &self,
+        site: &str,
+        report: &Report,
+        epoch: Option<&mut u64>,
+    ) -> Result<bool, StoreError> {
         let range = report.range();
         {
             let mut cache = self.seq_cache.lock().expect("seq cache poisoned");
             let state = self.cached_seq_state(&mut cache, site)?;
             if state.covers(range) {
                 drop(cache);
-                // Acknowledged at the next flush like any other report.
-                self.mark_dirty();
-                return Ok((false, self.write_epoch.load(Ordering::Acquire)));
+                if let Some(epoch) = epoch {
+                    *epoch = self.pending.lock().expect("pending lock poisoned").epoch;
+                }
+                return Ok(false);
             }
             // The insert happens under the cache lock, so that two sessions of one site (an
             // old connection not yet closed, a new one) cannot both store a sequence number.
+            // Into sled first, then into the log: a checkpoint that empties the log flushes
+            // every insert made before it, so each record it drops is in sled already.
+            let bytes = report.encode_to_vec();
             self.history.insert(
                 history_key(site, report.taken_ms, report.seq),
-                report.encode_to_vec(),
+                bytes.as_slice(),
             )?;
+            if let Some(epoch) = epoch {
+                let mut p = self.pending.lock().expect("pending lock poisoned");
+                crate::wal::encode(&mut p.records, site, &bytes);
+                *epoch = p.epoch;
+            }
             state.add(range);
         }
         {
@@ -228,8 +298,7 @@ impl Store {
                 dirty.insert(site.to_string());
             }
         }
-        self.mark_dirty();
-        Ok((true, self.write_epoch.load(Ordering::Acquire)))
+        Ok(true)
     }
 
     fn mark_dirty(&self) {
@@ -277,18 +346,63 @@ impl Store {
         self.flushed.subscribe()
     }
 
-    /// Flushes now and publishes the epoch made durable. Does nothing when nothing was
-    /// written since the last flush. Blocks: call it from the committer thread or at shutdown.
+    /// Commits now: appends what was stored since the last commit to the write-ahead log
+    /// (one `fdatasync`) and publishes the epoch made durable; checkpoints when one is due.
+    /// Does nothing when nothing was written since the last commit. Blocks: call it from the
+    /// committer thread or at shutdown.
     pub fn flush(&self) -> Result<(), StoreError> {
-        if !self.dirty.swap(false, Ordering::AcqRel) {
+        if self.dirty.swap(false, Ordering::AcqRel) {
+            let (records, epoch) = {
+                let mut p = self.pending.lock().expect("pending lock poisoned");
+                let epoch = p.epoch;
+                p.epoch += 1;
+                (std::mem::take(&mut p.records), epoch)
+            };
+            let committed = self.wal.lock().expect("log lock poisoned").commit(&records);
+            if let Err(e) = committed {
+                // Back in front of what came since: the next commit carries them (and its
+                // epoch covers theirs).
+                let mut p = self.pending.lock().expect("pending lock poisoned");
+                let later = std::mem::replace(&mut p.records, records);
+                p.records.extend_from_slice(&later);
+                return Err(e.into());
+            }
+            self.flushes.fetch_add(1, Ordering::Relaxed);
+            self.unsaved.store(true, Ordering::Release);
+            self.flushed.send_replace(epoch);
+        }
+        let due = self
+            .last_checkpoint
+            .lock()
+            .expect("checkpoint lock")
+            .elapsed()
+            >= CHECKPOINT_EVERY
+            || self.wal.lock().expect("log lock poisoned").len() >= CHECKPOINT_BYTES;
+        if due {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the changed sequence states, flushes sled and empties the write-ahead log
+    /// (whose records sled now holds durably).
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        *self.last_checkpoint.lock().expect("checkpoint lock") = std::time::Instant::now();
+        if !self.unsaved.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
-        let epoch = self.write_epoch.fetch_add(1, Ordering::AcqRel);
+        let mut wal = self.wal.lock().expect("log lock poisoned");
         // Sequence states first: an acknowledged report's state is durable with it.
         self.persist_seq_states()?;
-        self.db.flush()?;
-        self.flushes.fetch_add(1, Ordering::Relaxed);
-        self.flushed.send_replace(epoch);
+        if let Err(e) = self
+            .db
+            .flush()
+            .map_err(StoreError::from)
+            .and_then(|_| Ok(wal.reset()?))
+        {
+            self.unsaved.store(true, Ordering::Release);
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -301,22 +415,29 @@ impl Store {
     /// [`FLUSH_COALESCE`] pass for more, and flushes (group commit). A plain thread rather than
     /// a task: the flush blocks, and a thread that sleeps on its own condition variable costs
     /// one wake-up per commit instead of a timer, a blocking-pool hand-off and a wake back.
-    /// [`Committer::stop`] makes a last flush.
+    /// [`Committer::stop`] makes a last commit and a checkpoint.
     pub fn start_committer(self: &Arc<Self>) -> std::io::Result<Committer> {
         let store = self.clone();
         let thread = std::thread::Builder::new()
             .name("store-commit".into())
             .spawn(move || {
                 loop {
-                    let stopping = {
+                    let (stopping, written) = {
                         let mut w = store.wake.lock().expect("committer lock poisoned");
                         while !w.dirty && !w.stop {
-                            w = store.wake_cv.wait(w).expect("committer lock poisoned");
+                            // Idle: wake anyway when a checkpoint may be due.
+                            let (g, t) = store
+                                .wake_cv
+                                .wait_timeout(w, CHECKPOINT_EVERY)
+                                .expect("committer lock poisoned");
+                            w = g;
+                            if t.timed_out() {
+                                break;
+                            }
                         }
-                        w.dirty = false;
-                        w.stop
+                        (w.stop, std::mem::take(&mut w.dirty))
                     };
-                    if !stopping {
+                    if written && !stopping {
                         std::thread::sleep(FLUSH_COALESCE);
                     }
                     if let Err(error) = store.flush() {
@@ -329,6 +450,9 @@ impl Store {
                         }
                     }
                     if stopping {
+                        if let Err(error) = store.checkpoint() {
+                            tracing::error!(%error, "The last checkpoint failed; the write-ahead log keeps what it holds for the next start.");
+                        }
                         break;
                     }
                 }
@@ -389,6 +513,9 @@ impl Store {
             self.history.remove(k)?;
             n += 1;
         }
+        if n > 0 {
+            self.unsaved.store(true, Ordering::Release);
+        }
         Ok(n)
     }
 
@@ -398,6 +525,7 @@ impl Store {
         k.extend_from_slice(&id.to_be_bytes());
         self.alarms
             .insert(k, serde_json::to_vec(ev).map_err(|e| corrupt("alarms", e))?)?;
+        self.unsaved.store(true, Ordering::Release);
         Ok(())
     }
 
@@ -448,10 +576,78 @@ mod tests {
     }
 
     #[test]
+    fn what_the_log_holds_is_stored_at_open_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("reports.wal");
+        let rep = |seq: u64| Report {
+            seq,
+            taken_ms: 1_000 * seq as i64,
+            ..Default::default()
+        };
+        {
+            // Report 1 reached sled's disk before the "crash"; 1 and 2 are in the log.
+            let db = sled::open(dir.path().join("db")).unwrap();
+            let store = Store::open(&db, &log).unwrap();
+            store.ingest("a", &rep(1)).unwrap();
+            store.checkpoint().unwrap();
+        }
+        {
+            let (mut wal, _) = crate::wal::Wal::open(&log).unwrap();
+            let mut buf = Vec::new();
+            crate::wal::encode(&mut buf, "a", &rep(1).encode_to_vec());
+            crate::wal::encode(&mut buf, "a", &rep(2).encode_to_vec());
+            wal.commit(&buf).unwrap();
+        }
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let store = Store::open(&db, &log).unwrap();
+        let h: Vec<u64> = store
+            .history("a", 0, i64::MAX, 100)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(h, vec![1, 2]);
+        assert_eq!(store.history_entries(), 2);
+        assert_eq!(store.seq_state("a").unwrap().acked_through, 2);
+        // Checkpointed at open: the log is empty, and the state is on disk.
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
+        drop(store);
+        drop(db);
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let store = Store::open(&db, &log).unwrap();
+        assert_eq!(store.seq_state("a").unwrap().acked_through, 2);
+    }
+
+    #[test]
+    fn a_commit_makes_reports_durable_in_the_log_and_releases_their_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("reports.wal");
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let store = Store::open(&db, &log).unwrap();
+        let flushed = store.subscribe_flushed();
+        let (new, epoch) = store
+            .ingest(
+                "a",
+                &Report {
+                    seq: 1,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert!(new);
+        assert!(*flushed.borrow() < epoch);
+        store.flush().unwrap();
+        assert!(*flushed.borrow() >= epoch);
+        let (_, records) = crate::wal::Wal::open(&log).unwrap();
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].site, "a");
+    }
+
+    #[test]
     fn ingest_is_exactly_once_and_history_is_ordered_by_time() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
-        let store = Store::open(&db).unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let store = Store::open(&db, &dir.path().join("reports.wal")).unwrap();
         let rep = |seq: u64| Report {
             seq,
             taken_ms: 1_000 * seq as i64,
