@@ -20,6 +20,7 @@ mod geotransfer;
 mod ingest;
 mod relayfanout;
 mod reportlatency;
+mod wakecost;
 
 use clap::{Parser, Subcommand};
 
@@ -107,6 +108,12 @@ enum Cmd {
         #[arg(long, default_value_t = 30.0)]
         duration: f64,
     },
+    /// What this machine charges for a thread wake-up and a durable group commit (CPU per
+    /// event): the floor under `ingest`'s CPU per report.
+    WakeCost {
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -168,5 +175,6 @@ fn main() -> anyhow::Result<()> {
             bitrate_kbit,
             duration,
         }),
+        Cmd::WakeCost { count } => wakecost::run(wakecost::Args { count }),
     }
 }

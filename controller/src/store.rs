@@ -554,6 +554,24 @@ mod tests {
         SeqRange { first, last }
     }
 
+    fn rep(seq: u64) -> Report {
+        Report {
+            seq,
+            taken_ms: 1_000 * seq as i64,
+            ..Default::default()
+        }
+    }
+
+    /// The sequence numbers of `site`'s history, in time order.
+    fn seqs(store: &Store, site: &str) -> Vec<u64> {
+        store
+            .history(site, 0, i64::MAX, 100)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect()
+    }
+
     #[test]
     fn seq_state_tracks_current_first_then_backlog() {
         let mut s = SeqState::default();
@@ -579,11 +597,6 @@ mod tests {
     fn what_the_log_holds_is_stored_at_open_once() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("reports.wal");
-        let rep = |seq: u64| Report {
-            seq,
-            taken_ms: 1_000 * seq as i64,
-            ..Default::default()
-        };
         {
             // Report 1 reached sled's disk before the "crash"; 1 and 2 are in the log.
             let db = sled::open(dir.path().join("db")).unwrap();
@@ -600,12 +613,7 @@ mod tests {
         }
         let db = sled::open(dir.path().join("db")).unwrap();
         let store = Store::open(&db, &log).unwrap();
-        let h: Vec<u64> = store
-            .history("a", 0, i64::MAX, 100)
-            .unwrap()
-            .iter()
-            .map(|r| r.seq)
-            .collect();
+        let h = seqs(&store, "a");
         assert_eq!(h, vec![1, 2]);
         assert_eq!(store.history_entries(), 2);
         assert_eq!(store.seq_state("a").unwrap().acked_through, 2);
@@ -648,22 +656,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path().join("db")).unwrap();
         let store = Store::open(&db, &dir.path().join("reports.wal")).unwrap();
-        let rep = |seq: u64| Report {
-            seq,
-            taken_ms: 1_000 * seq as i64,
-            ..Default::default()
-        };
         assert!(store.ingest("a", &rep(3)).unwrap().0);
         assert!(store.ingest("a", &rep(1)).unwrap().0);
         assert!(!store.ingest("a", &rep(3)).unwrap().0);
         assert!(store.ingest("a", &rep(2)).unwrap().0);
         assert!(!store.ingest("a", &rep(1)).unwrap().0);
-        let h: Vec<u64> = store
-            .history("a", 0, i64::MAX, 100)
-            .unwrap()
-            .iter()
-            .map(|r| r.seq)
-            .collect();
+        let h = seqs(&store, "a");
         assert_eq!(h, vec![1, 2, 3]);
         assert_eq!(store.seq_state("a").unwrap().acked_through, 3);
         assert_eq!(store.latest("a").unwrap().unwrap().seq, 3);

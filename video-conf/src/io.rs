@@ -101,10 +101,12 @@ pub async fn read_object(r: &mut GroupRecv) -> Result<Option<Object>, IoError> {
     }))
 }
 
-/// Writes one object to a group stream.
+/// Writes one object to a group stream: header and payload in one write (one lock of the
+/// connection, one wake-up of its driver: a relay does this for every subscriber), the
+/// payload shared, not copied.
 pub async fn write_object(w: &mut quinn::SendStream, o: &Object) -> Result<(), IoError> {
-    w.write_all(&o.header()).await.map_err(stream_err)?;
-    w.write_chunk(o.payload.clone()).await.map_err(stream_err)
+    let mut chunks = [Bytes::copy_from_slice(&o.header()), o.payload.clone()];
+    w.write_all_chunks(&mut chunks).await.map_err(stream_err)
 }
 
 /// A track as a connection knows it: the sender's id for it, and its description.
