@@ -6,6 +6,24 @@ use std::time::Duration;
 
 use tiandi_tests::{AgentProc, ControllerProc, wait_for};
 
+/// A controller and one enrolled agent (not started) reporting every `interval_s`.
+fn one_site(
+    dir: &std::path::Path,
+    site: &str,
+    province: &str,
+    interval_s: f64,
+) -> (ControllerProc, AgentProc) {
+    let ctl = ControllerProc::start(&dir.join("ctl"));
+    let token = ctl.enroll(site, province, &[]);
+    let agent = AgentProc::enroll(
+        &dir.join("agent"),
+        ctl.quic,
+        &token,
+        &format!("interval_s = {interval_s}"),
+    );
+    (ctl, agent)
+}
+
 fn latest_pushed(agent_log: &str) -> usize {
     agent_log.matches("Report spooled.").count()
 }
@@ -13,14 +31,7 @@ fn latest_pushed(agent_log: &str) -> usize {
 #[test]
 fn controller_outage_loses_nothing_and_duplicates_nothing() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut ctl = ControllerProc::start(&tmp.path().join("ctl"));
-    let token = ctl.enroll("gd-001", "GD", &[]);
-    let mut agent = AgentProc::enroll(
-        &tmp.path().join("agent"),
-        ctl.quic,
-        &token,
-        "interval_s = 0.2",
-    );
+    let (mut ctl, mut agent) = one_site(tmp.path(), "gd-001", "GD", 0.2);
     agent.start();
     wait_for("first reports", Duration::from_secs(30), || {
         (ctl.metric("tiandi_reports_total") >= 5.0).then_some(())
@@ -56,14 +67,7 @@ fn controller_outage_loses_nothing_and_duplicates_nothing() {
 #[test]
 fn sigkill_mid_backlog_resends_nothing_acknowledged_and_loses_nothing() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut ctl = ControllerProc::start(&tmp.path().join("ctl"));
-    let token = ctl.enroll("sc-007", "SC", &[]);
-    let mut agent = AgentProc::enroll(
-        &tmp.path().join("agent"),
-        ctl.quic,
-        &token,
-        "interval_s = 0.05",
-    );
+    let (mut ctl, mut agent) = one_site(tmp.path(), "sc-007", "SC", 0.05);
     ctl.stop();
     // Build a backlog of a few hundred reports while the controller is down.
     agent.start();
@@ -108,14 +112,7 @@ fn sigkill_mid_backlog_resends_nothing_acknowledged_and_loses_nothing() {
 #[test]
 fn controller_sigkill_loses_nothing_it_acknowledged() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut ctl = ControllerProc::start(&tmp.path().join("ctl"));
-    let token = ctl.enroll("hb-012", "HB", &[]);
-    let mut agent = AgentProc::enroll(
-        &tmp.path().join("agent"),
-        ctl.quic,
-        &token,
-        "interval_s = 0.05",
-    );
+    let (mut ctl, mut agent) = one_site(tmp.path(), "hb-012", "HB", 0.05);
     agent.start();
     wait_for("reports streaming in", Duration::from_secs(30), || {
         (ctl.metric("tiandi_reports_total") >= 40.0).then_some(())
