@@ -393,17 +393,15 @@ impl Store {
         }
         let mut wal = self.wal.lock().expect("log lock poisoned");
         // Sequence states first: an acknowledged report's state is durable with it.
-        self.persist_seq_states()?;
-        if let Err(e) = self
-            .db
-            .flush()
-            .map_err(StoreError::from)
-            .and_then(|_| Ok(wal.reset()?))
-        {
+        let done = self
+            .persist_seq_states()
+            .and_then(|()| Ok(self.db.flush()?))
+            .and_then(|_| Ok(wal.reset()?));
+        if done.is_err() {
+            // The log keeps its records; the next checkpoint tries again.
             self.unsaved.store(true, Ordering::Release);
-            return Err(e);
         }
-        Ok(())
+        done
     }
 
     /// Group commits made so far.
