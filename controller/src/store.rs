@@ -552,6 +552,13 @@ mod tests {
         SeqRange { first, last }
     }
 
+    /// The database and store a controller keeps in `dir` (`db/`, `reports.wal`).
+    fn open(dir: &std::path::Path) -> (sled::Db, Arc<Store>) {
+        let db = sled::open(dir.join("db")).unwrap();
+        let store = Store::open(&db, &dir.join("reports.wal")).unwrap();
+        (db, store)
+    }
+
     fn rep(seq: u64) -> Report {
         Report {
             seq,
@@ -597,8 +604,7 @@ mod tests {
         let log = dir.path().join("reports.wal");
         {
             // Report 1 reached sled's disk before the "crash"; 1 and 2 are in the log.
-            let db = sled::open(dir.path().join("db")).unwrap();
-            let store = Store::open(&db, &log).unwrap();
+            let (_db, store) = open(dir.path());
             store.ingest("a", &rep(1)).unwrap();
             store.checkpoint().unwrap();
         }
@@ -609,8 +615,7 @@ mod tests {
             crate::wal::encode(&mut buf, "a", &rep(2).encode_to_vec());
             wal.commit(&buf).unwrap();
         }
-        let db = sled::open(dir.path().join("db")).unwrap();
-        let store = Store::open(&db, &log).unwrap();
+        let (db, store) = open(dir.path());
         let h = seqs(&store, "a");
         assert_eq!(h, vec![1, 2]);
         assert_eq!(store.history_entries(), 2);
@@ -619,8 +624,7 @@ mod tests {
         assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
         drop(store);
         drop(db);
-        let db = sled::open(dir.path().join("db")).unwrap();
-        let store = Store::open(&db, &log).unwrap();
+        let (_db, store) = open(dir.path());
         assert_eq!(store.seq_state("a").unwrap().acked_through, 2);
     }
 
@@ -628,8 +632,7 @@ mod tests {
     fn a_commit_makes_reports_durable_in_the_log_and_releases_their_epoch() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("reports.wal");
-        let db = sled::open(dir.path().join("db")).unwrap();
-        let store = Store::open(&db, &log).unwrap();
+        let (_db, store) = open(dir.path());
         let flushed = store.subscribe_flushed();
         let (new, epoch) = store
             .ingest(
@@ -652,8 +655,7 @@ mod tests {
     #[test]
     fn ingest_is_exactly_once_and_history_is_ordered_by_time() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path().join("db")).unwrap();
-        let store = Store::open(&db, &dir.path().join("reports.wal")).unwrap();
+        let (db, store) = open(dir.path());
         assert!(store.ingest("a", &rep(3)).unwrap().0);
         assert!(store.ingest("a", &rep(1)).unwrap().0);
         assert!(!store.ingest("a", &rep(3)).unwrap().0);
