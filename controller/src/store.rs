@@ -655,7 +655,7 @@ mod tests {
     #[test]
     fn ingest_is_exactly_once_and_history_is_ordered_by_time() {
         let dir = tempfile::tempdir().unwrap();
-        let (db, store) = open(dir.path());
+        let (_db, store) = open(dir.path());
         assert!(store.ingest("a", &rep(3)).unwrap().0);
         assert!(store.ingest("a", &rep(1)).unwrap().0);
         assert!(!store.ingest("a", &rep(3)).unwrap().0);
