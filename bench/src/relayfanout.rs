@@ -57,12 +57,19 @@ fn issue(ca: &Ca, id: &str) -> anyhow::Result<Creds> {
     Ok(Creds { cert, key })
 }
 
-/// Per-subscriber tallies.
+/// Per-subscriber tallies (one lock per subscriber: the harness must not serialise its
+/// receivers on a shared lock, it shares the machine's cores with the relay).
 #[derive(Default)]
 struct Tally {
-    /// Frame indexes received.
-    frames: Mutex<HashSet<u64>>,
+    /// Frame indexes received, and (publish-to-arrival µs, keyframe) while recording.
+    got: Mutex<Got>,
     first_group: AtomicBool,
+}
+
+#[derive(Default)]
+struct Got {
+    frames: HashSet<u64>,
+    latencies: Vec<(i64, bool)>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -122,7 +129,8 @@ async fn run_async(a: Args, bin: PathBuf) -> anyhow::Result<()> {
         .map(|i| issue(&ca, &format!("county-{i:04}")))
         .collect::<anyhow::Result<_>>()?;
     let server_name = tiandi_link::tls::relay_server_name(relay_id);
-    let transport = tiandi_link::LinkProfile::Terrestrial.transport();
+    // The transport `tiandi-video join` uses (BBR, the conference timers).
+    let transport = tiandi_video::transport(tiandi_link::LinkProfile::Terrestrial);
     let connect = |ep: quinn::Endpoint, c: &Creds| {
         let tls = tiandi_video::client_tls(ca.cert_pem(), &c.cert, &c.key);
         let (transport, server_name) = (transport.clone(), server_name.clone());
@@ -153,7 +161,6 @@ async fn run_async(a: Args, bin: PathBuf) -> anyhow::Result<()> {
     // Subscribers.
     eprintln!("connecting {} subscribers...", a.subscribers);
     let tallies: Vec<Arc<Tally>> = (0..a.subscribers).map(|_| Arc::default()).collect();
-    let latencies = Arc::new(Mutex::new(Vec::<(i64, bool)>::with_capacity(1 << 20)));
     let recording = Arc::new(AtomicBool::new(false));
     let mut ep = tiandi_link::client_endpoint(addr)?;
     let mut conns = Vec::new();
@@ -188,11 +195,11 @@ async fn run_async(a: Args, bin: PathBuf) -> anyhow::Result<()> {
             let mut r = ControlReader(recv);
             while let Ok(Some(_)) = r.recv().await {}
         });
-        let (tally, lat, rec) = (tallies[i].clone(), latencies.clone(), recording.clone());
+        let (tally, rec) = (tallies[i].clone(), recording.clone());
         let c2 = conn.clone();
         tokio::spawn(async move {
             while let Ok(s) = c2.accept_uni().await {
-                let (tally, lat, rec) = (tally.clone(), lat.clone(), rec.clone());
+                let (tally, rec) = (tally.clone(), rec.clone());
                 tokio::spawn(async move {
                     let mut s = tiandi_video::fec::GroupRecv::new(s, None);
                     if tiandi_video::io::read_group_header(&mut s).await.is_err() {
@@ -204,11 +211,10 @@ async fn run_async(a: Args, bin: PathBuf) -> anyhow::Result<()> {
                         let idx = u64::from_be_bytes(o.payload[0..8].try_into().unwrap_or([0; 8]));
                         let sent =
                             i64::from_be_bytes(o.payload[8..16].try_into().unwrap_or([0; 8]));
-                        tally.frames.lock().expect("tally").insert(idx);
+                        let mut got = tally.got.lock().expect("tally");
+                        got.frames.insert(idx);
                         if rec.load(Ordering::Relaxed) {
-                            lat.lock()
-                                .expect("lat")
-                                .push((now - sent, idx.is_multiple_of(GOP)));
+                            got.latencies.push((now - sent, idx.is_multiple_of(GOP)));
                         }
                     }
                 });
@@ -292,10 +298,11 @@ async fn run_async(a: Args, bin: PathBuf) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     recording.store(true, Ordering::Relaxed);
-    let cpu0 = cpu_s(pid);
+    let me = std::process::id();
+    let (cpu0, own0) = (cpu_s(pid), cpu_s(me));
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs_f64(a.duration)).await;
-    let cpu1 = cpu_s(pid);
+    let (cpu1, own1) = (cpu_s(pid), cpu_s(me));
     let span = t0.elapsed().as_secs_f64();
     let last = frame_idx.load(Ordering::Relaxed);
     recording.store(false, Ordering::Relaxed);
@@ -308,15 +315,19 @@ async fn run_async(a: Args, bin: PathBuf) -> anyhow::Result<()> {
     let delivered: u64 = tallies
         .iter()
         .map(|t| {
-            t.frames
+            t.got
                 .lock()
                 .expect("tally")
+                .frames
                 .iter()
                 .filter(|i| (first..=last).contains(*i))
                 .count() as u64
         })
         .sum();
-    let all = std::mem::take(&mut *latencies.lock().expect("lat"));
+    let all: Vec<(i64, bool)> = tallies
+        .iter()
+        .flat_map(|t| std::mem::take(&mut t.got.lock().expect("tally").latencies))
+        .collect();
     // Keyframes are 2 % of the samples, so the p99 falls among them: show both kinds.
     for (name, key) in [("key", true), ("other", false)] {
         let mut l: Vec<i64> = all.iter().filter(|x| x.1 == key).map(|x| x.0).collect();
@@ -345,10 +356,11 @@ async fn run_async(a: Args, bin: PathBuf) -> anyhow::Result<()> {
     let delivered_pct = delivered as f64 * 100.0 / expected.max(1) as f64;
     let cores = (cpu1 - cpu0) / span;
     eprintln!(
-        "{} frames x {} subscribers expected, {delivered} delivered; relay {:.2} s CPU over {span:.1} s; {} latency samples",
+        "{} frames x {} subscribers expected, {delivered} delivered; relay {:.2} s CPU, bench (publisher and subscribers) {:.2} s, over {span:.1} s; {} latency samples",
         last - first + 1,
         a.subscribers,
         cpu1 - cpu0,
+        own1 - own0,
         lat.len()
     );
     session.close();

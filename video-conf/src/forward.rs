@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -141,12 +142,10 @@ async fn send_group(
             group: group.seq,
         }
         .encode();
-        s.write_all(&header)
-            .await
-            .map_err(|e| IoError::Stream(e.to_string()))?;
-        if let Some(e) = enc.as_mut() {
-            e.wrote(&header);
-        }
+        // The header goes out with the first objects: a relay starts a group when the
+        // header arrives from upstream, before its keyframe has, and a header written at
+        // once would cost each subscriber a packet (and an acknowledgement) of its own.
+        let mut header = Some(Bytes::copy_from_slice(&header));
         let mut next = 0;
         loop {
             // With repair: a block also closes when it is old enough, objects or not.
@@ -161,8 +160,12 @@ async fn send_group(
             match fetched {
                 None => {}
                 Some(Fetch::Objects(objs)) => {
+                    let prefix = header.take();
+                    if let (Some(e), Some(h)) = (enc.as_mut(), &prefix) {
+                        e.wrote(h);
+                    }
+                    io::write_objects(&mut s, prefix, &objs).await?;
                     for o in &objs {
-                        io::write_object(&mut s, o).await?;
                         stats.object(o.payload.len());
                         if let Some(e) = enc.as_mut() {
                             e.wrote(&o.header());
@@ -172,6 +175,14 @@ async fn send_group(
                     next += objs.len();
                 }
                 Some(Fetch::End) => {
+                    if let Some(h) = header.take() {
+                        s.write_all(&h)
+                            .await
+                            .map_err(|e| IoError::Stream(e.to_string()))?;
+                        if let Some(e) = enc.as_mut() {
+                            e.wrote(&h);
+                        }
+                    }
                     if let Some(e) = enc.as_mut() {
                         send_repairs(conn, stats, e.flush(true));
                     }

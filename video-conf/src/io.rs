@@ -101,11 +101,21 @@ pub async fn read_object(r: &mut GroupRecv) -> Result<Option<Object>, IoError> {
     }))
 }
 
-/// Writes one object to a group stream: header and payload in one write (one lock of the
-/// connection, one wake-up of its driver: a relay does this for every subscriber), the
-/// payload shared, not copied.
-pub async fn write_object(w: &mut quinn::SendStream, o: &Object) -> Result<(), IoError> {
-    let mut chunks = [Bytes::copy_from_slice(&o.header()), o.payload.clone()];
+/// Writes objects to a group stream, after `prefix` if given (the group header, so that a
+/// new group's header and keyframe leave in the same packets): all in one write (one lock of
+/// the connection, one wake-up of its driver: a relay does this for every subscriber), the
+/// payloads shared, not copied.
+pub async fn write_objects(
+    w: &mut quinn::SendStream,
+    prefix: Option<Bytes>,
+    objects: &[Object],
+) -> Result<(), IoError> {
+    let mut chunks = Vec::with_capacity(1 + 2 * objects.len());
+    chunks.extend(prefix);
+    for o in objects {
+        chunks.push(Bytes::copy_from_slice(&o.header()));
+        chunks.push(o.payload.clone());
+    }
     w.write_all_chunks(&mut chunks).await.map_err(stream_err)
 }
 
