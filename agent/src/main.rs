@@ -59,7 +59,8 @@ enum Cmd {
         /// alarm, normal or bulk.
         #[arg(long, default_value = "normal")]
         priority: String,
-        /// Only send within this daily window, `HH:MM-HH:MM` (UTC).
+        /// Only send within this daily window, `HH:MM-HH:MM` in UTC, or in local time with a
+        /// UTC offset after it: `01:00-06:00+08:00` (Beijing).
         #[arg(long)]
         window: Option<String>,
         /// At most this many Mbit/s.

@@ -17,7 +17,7 @@ pub struct SendRequest {
     pub to: String,
     #[serde(default = "normal")]
     pub priority: String,
-    /// `HH:MM-HH:MM` (UTC).
+    /// `HH:MM-HH:MM` in UTC, or local time with an offset: `01:00-06:00+08:00`.
     #[serde(default)]
     pub window: Option<String>,
     #[serde(default)]
