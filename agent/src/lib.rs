@@ -107,12 +107,16 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         outbox: outbox.clone(),
         upstream: tokio::sync::watch::channel(None).0,
     });
-    let mut tasks = vec![tokio::spawn(transfers::intake_loop(
-        cfg.data_dir.clone(),
-        outbox.clone(),
-        id.info.site_id.clone(),
-        cancel.clone(),
-    ))];
+    let mut tasks = vec![
+        tokio::spawn(transfers::intake_loop(
+            cfg.data_dir.clone(),
+            outbox.clone(),
+            id.info.site_id.clone(),
+            cancel.clone(),
+        )),
+        // Abandoned part files and old receipts do not pile up on a site's small disk.
+        tokio::spawn(inbox.clone().expire_loop(cancel.clone())),
+    ];
     if let Some(relay) = &cfg.relay {
         let tls = tiandi_link::tls::relay_server_tls(
             &id.ca_pem,

@@ -318,6 +318,8 @@ impl Controller {
             )),
             tokio::spawn(tick_loop(core.clone())),
             tokio::spawn(prune_loop(core.clone())),
+            // Sites' uploads leave a state each: old ones are forgotten, abandoned ones freed.
+            tokio::spawn(core.inbox.clone().expire_loop(core.cancel.clone())),
         ];
         for (listener, router) in [
             (api_listener, api::router(core.clone())),

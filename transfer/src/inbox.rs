@@ -38,6 +38,15 @@ const CHUNK_QUEUE: usize = 32;
 const ROUTE_WAIT: Duration = Duration::from_secs(10);
 /// Memory for chunks received in part when a connection broke (the oldest go beyond it).
 const PARTIAL_BUDGET: usize = 64 * 1024 * 1024;
+/// A complete transfer's state (its manifest and receipt: a sender offering the file again
+/// is answered at once) is kept this long after the file was verified.
+pub const KEEP_COMPLETE: Duration = Duration::from_secs(30 * 86_400);
+/// A transfer left incomplete and untouched this long is abandoned (its sender gave up or
+/// was removed): its part file is deleted and its state forgotten. A sender coming back
+/// later starts it again from the beginning.
+pub const KEEP_ABANDONED: Duration = Duration::from_secs(14 * 86_400);
+/// How often [`Inbox::expire_loop`] looks.
+pub const EXPIRE_EVERY: Duration = Duration::from_secs(3600);
 
 /// A chunk received in part: what arrived of it, kept in memory so that after a broken
 /// connection only the rest is sent again (a cut otherwise costs every chunk that missed a
@@ -99,7 +108,21 @@ pub struct InState {
     pub part: PathBuf,
     pub dest: PathBuf,
     pub started_ms: i64,
+    /// When chunks last became durable (0 in states stored before it was kept).
+    #[serde(default)]
+    pub touched_ms: i64,
     pub receipt: Option<Receipt>,
+}
+
+/// What [`Inbox::expire`] removed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Expired {
+    /// Complete transfers forgotten (their files stay).
+    pub complete: usize,
+    /// Abandoned transfers whose part files were deleted.
+    pub abandoned: usize,
+    /// Bytes of part files deleted.
+    pub bytes_freed: u64,
 }
 
 /// What the inbox tells its owner (alarms, relays).
@@ -441,6 +464,7 @@ impl Inbox {
                 priority: offer.priority.clone(),
                 forward_to: offer.forward_to.clone(),
                 started_ms: now_ms(),
+                touched_ms: now_ms(),
                 receipt: None,
             },
         };
@@ -662,6 +686,7 @@ impl Inbox {
         for i in pending.iter() {
             st.verified.set(*i);
         }
+        st.touched_ms = now_ms();
         self.store_async(st).await?;
         let chunks = std::mem::take(pending);
         if ack {
@@ -719,6 +744,98 @@ impl Inbox {
             self.emit(InboxEvent::DiskOk {
                 name: st.manifest.name.clone(),
             });
+        }
+    }
+
+    /// Forgets complete transfers verified more than `keep_complete` before `now_ms`, and
+    /// deletes the part files of incomplete ones untouched for `keep_abandoned`. A transfer
+    /// being received is left alone; one offered while it is being removed waits, then
+    /// starts afresh.
+    pub fn expire(
+        &self,
+        now_ms: i64,
+        keep_complete: Duration,
+        keep_abandoned: Duration,
+    ) -> Result<Expired, TransferError> {
+        let mut out = Expired::default();
+        for st in self.list()? {
+            let id = st.manifest.id_hex();
+            let age = |t: i64| Duration::from_millis(now_ms.saturating_sub(t).max(0) as u64);
+            let due = match &st.receipt {
+                Some(r) => age(r.verified_ms) > keep_complete,
+                None => age(st.touched_ms.max(st.started_ms)) > keep_abandoned,
+            };
+            if !due {
+                continue;
+            }
+            // Hold the transfer's lock, as its stream does: skip it if one is running.
+            let lock = self
+                .active
+                .lock()
+                .expect("inbox lock poisoned")
+                .entry(id.clone())
+                .or_insert_with(|| (CancellationToken::new(), Default::default()))
+                .1
+                .clone();
+            let Ok(_guard) = lock.try_lock() else {
+                continue;
+            };
+            if st.receipt.is_none() {
+                let len = std::fs::metadata(&st.part).map_or(0, |m| m.len());
+                match std::fs::remove_file(&st.part) {
+                    Ok(()) => out.bytes_freed += len,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(TransferError::io(&st.part, e)),
+                }
+                self.paused_full
+                    .lock()
+                    .expect("inbox lock poisoned")
+                    .remove(&id);
+                info!(transfer = %st.transfer_id, name = %st.manifest.name, bytes = len, "Abandoned transfer: part file deleted.");
+                out.abandoned += 1;
+            } else {
+                out.complete += 1;
+            }
+            self.tree.remove(id.as_bytes())?;
+            self.tree.remove(format!("m/{id}"))?;
+            self.shapes.lock().expect("inbox lock poisoned").remove(&id);
+            self.partials
+                .lock()
+                .expect("inbox lock poisoned")
+                .retain(|(h, _), _| *h != id);
+        }
+        if out != Expired::default() {
+            self.tree.flush()?;
+        }
+        Ok(out)
+    }
+
+    /// Runs [`Inbox::expire`] with [`KEEP_COMPLETE`] and [`KEEP_ABANDONED`] at start and every
+    /// [`EXPIRE_EVERY`] until `stop`.
+    pub async fn expire_loop(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            let me = self.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                me.expire(now_ms(), KEEP_COMPLETE, KEEP_ABANDONED)
+            })
+            .await;
+            match r {
+                Ok(Ok(e)) if e != Expired::default() => info!(
+                    complete = e.complete,
+                    abandoned = e.abandoned,
+                    bytes_freed = e.bytes_freed,
+                    "Old transfer states removed."
+                ),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    warn!(error = %e, "Could not remove old transfer states; retrying later.")
+                }
+                Err(e) => warn!(error = %e, "Transfer expiry task failed; retrying later."),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(EXPIRE_EVERY) => {}
+            }
         }
     }
 

@@ -397,3 +397,136 @@ async fn a_rate_limit_is_never_exceeded() {
         m.size
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_receipts_are_forgotten_and_abandoned_part_files_deleted() {
+    use tiandi_transfer::inbox::{Expired, KEEP_ABANDONED, KEEP_COMPLETE};
+    let dir = tempfile::tempdir().unwrap();
+    let whole = file(dir.path(), "whole.bin", 700 * 1024, 4);
+    let cut = file(dir.path(), "cut.bin", 8 * 1024 * 1024, 5);
+    let (mw, mc) = (
+        Manifest::of_file(&whole).unwrap(),
+        Manifest::of_file(&cut).unwrap(),
+    );
+    let ib = inbox(dir.path());
+    let (_ep, sconn, cconn) = pair().await;
+    serve(cconn.clone(), ib.clone());
+    let progress = Arc::new(Progress::default());
+    let out = send_default(&sconn, &whole, &mw, &progress).await.unwrap();
+    assert!(matches!(out, SendOutcome::Delivered(_)));
+    // The second one breaks off a third of the way: its sender never comes back.
+    let progress = Arc::new(Progress::default());
+    let p = progress.clone();
+    let third = mc.size / 3;
+    let breaker = tokio::spawn(async move {
+        while p.acked_bytes.load(std::sync::atomic::Ordering::Relaxed) < third {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        cconn.close(0u32.into(), b"link cut");
+    });
+    let opts = SendOptions {
+        rate_limit_bps: Some(200_000_000),
+        ..SendOptions::default()
+    };
+    assert!(
+        send_file(&sconn, &cut, &mc, &opts, &progress, &no_pause)
+            .await
+            .is_err()
+    );
+    breaker.await.unwrap();
+    let part = ib.get(&mc.id_hex()).unwrap().unwrap().part;
+    assert!(part.exists());
+    let part_len = std::fs::metadata(&part).unwrap().len();
+    let now = tiandi_transfer::now_ms();
+
+    // Nothing is old yet.
+    let e = ib.expire(now, KEEP_COMPLETE, KEEP_ABANDONED).unwrap();
+    assert_eq!(e, Expired::default());
+    assert_eq!(ib.list().unwrap().len(), 2);
+
+    // Fifteen days on: the abandoned transfer's part file goes; the receipt stays.
+    let day = 86_400_000;
+    let later = now + 15 * day;
+    let mut e = Expired::default();
+    for _ in 0..100 {
+        e = ib.expire(later, KEEP_COMPLETE, KEEP_ABANDONED).unwrap();
+        if e.abandoned == 1 {
+            break;
+        }
+        // Left alone while its stream task still holds it (it ends when it notices the cut).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        e,
+        Expired {
+            complete: 0,
+            abandoned: 1,
+            bytes_freed: part_len
+        }
+    );
+    assert!(!part.exists(), "the abandoned part file is deleted");
+    assert!(ib.get(&mc.id_hex()).unwrap().is_none());
+    assert!(ib.get(&mw.id_hex()).unwrap().is_some());
+
+    // Thirty-one days on: the complete transfer is forgotten, its file stays.
+    let e = ib
+        .expire(now + 31 * day, KEEP_COMPLETE, KEEP_ABANDONED)
+        .unwrap();
+    assert_eq!(e.complete, 1);
+    assert!(ib.list().unwrap().is_empty());
+    assert_eq!(
+        std::fs::read(dir.path().join("in/whole.bin")).unwrap(),
+        std::fs::read(&whole).unwrap()
+    );
+
+    // The abandoned file offered again starts afresh and arrives whole.
+    let (_ep2, sconn2, cconn2) = pair().await;
+    serve(cconn2, ib.clone());
+    let p2 = Arc::new(Progress::default());
+    let out = send_default(&sconn2, &cut, &mc, &p2).await.unwrap();
+    assert!(matches!(out, SendOutcome::Delivered(_)));
+    // All of it was sent again: the receiver had nothing of it any more.
+    assert!(p2.sent_bytes.load(std::sync::atomic::Ordering::Relaxed) >= mc.size);
+    assert_eq!(
+        std::fs::read(dir.path().join("in/cut.bin")).unwrap(),
+        std::fs::read(&cut).unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_being_received_is_never_expired() {
+    use tiandi_transfer::inbox::{KEEP_ABANDONED, KEEP_COMPLETE};
+    let dir = tempfile::tempdir().unwrap();
+    let src = file(dir.path(), "slow.bin", 1024 * 1024, 6);
+    let m = Manifest::of_file(&src).unwrap();
+    let ib = inbox(dir.path());
+    let (_ep, sconn, cconn) = pair().await;
+    serve(cconn, ib.clone());
+    let progress = Arc::new(Progress::default());
+    let opts = SendOptions {
+        rate_limit_bps: Some(2_000_000),
+        ..SendOptions::default()
+    };
+    let send = {
+        let (sconn, src, m, progress) = (sconn.clone(), src.clone(), m.clone(), progress.clone());
+        tokio::spawn(async move { send_file(&sconn, &src, &m, &opts, &progress, &no_pause).await })
+    };
+    while progress
+        .acked_bytes
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 0
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // However old its clock says it is, a transfer whose stream runs is left alone.
+    let far = tiandi_transfer::now_ms() + 365 * 86_400_000;
+    let e = ib.expire(far, KEEP_COMPLETE, KEEP_ABANDONED).unwrap();
+    assert_eq!((e.abandoned, e.complete), (0, 0));
+    assert!(!send.is_finished(), "the transfer ended before the check");
+    let out = send.await.unwrap().unwrap();
+    assert!(matches!(out, SendOutcome::Delivered(_)));
+    assert_eq!(
+        std::fs::read(dir.path().join("in/slow.bin")).unwrap(),
+        std::fs::read(&src).unwrap()
+    );
+}
