@@ -115,7 +115,11 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
             cancel.clone(),
         )),
         // Abandoned part files and old receipts do not pile up on a site's small disk.
-        tokio::spawn(inbox.clone().expire_loop(cancel.clone())),
+        tokio::spawn(tiandi_transfer::expire_loop(
+            inbox.clone(),
+            outbox.clone(),
+            cancel.clone(),
+        )),
     ];
     if let Some(relay) = &cfg.relay {
         let tls = tiandi_link::tls::relay_server_tls(

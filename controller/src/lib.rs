@@ -319,7 +319,11 @@ impl Controller {
             tokio::spawn(tick_loop(core.clone())),
             tokio::spawn(prune_loop(core.clone())),
             // Sites' uploads leave a state each: old ones are forgotten, abandoned ones freed.
-            tokio::spawn(core.inbox.clone().expire_loop(core.cancel.clone())),
+            tokio::spawn(tiandi_transfer::expire_loop(
+                core.inbox.clone(),
+                core.outbox.clone(),
+                core.cancel.clone(),
+            )),
         ];
         for (listener, router) in [
             (api_listener, api::router(core.clone())),

@@ -45,8 +45,6 @@ pub const KEEP_COMPLETE: Duration = Duration::from_secs(30 * 86_400);
 /// was removed): its part file is deleted and its state forgotten. A sender coming back
 /// later starts it again from the beginning.
 pub const KEEP_ABANDONED: Duration = Duration::from_secs(14 * 86_400);
-/// How often [`Inbox::expire_loop`] looks.
-pub const EXPIRE_EVERY: Duration = Duration::from_secs(3600);
 
 /// A chunk received in part: what arrived of it, kept in memory so that after a broken
 /// connection only the rest is sent again (a cut otherwise costs every chunk that missed a
@@ -808,35 +806,6 @@ impl Inbox {
             self.tree.flush()?;
         }
         Ok(out)
-    }
-
-    /// Runs [`Inbox::expire`] with [`KEEP_COMPLETE`] and [`KEEP_ABANDONED`] at start and every
-    /// [`EXPIRE_EVERY`] until `stop`.
-    pub async fn expire_loop(self: Arc<Self>, stop: CancellationToken) {
-        loop {
-            let me = self.clone();
-            let r = tokio::task::spawn_blocking(move || {
-                me.expire(now_ms(), KEEP_COMPLETE, KEEP_ABANDONED)
-            })
-            .await;
-            match r {
-                Ok(Ok(e)) if e != Expired::default() => info!(
-                    complete = e.complete,
-                    abandoned = e.abandoned,
-                    bytes_freed = e.bytes_freed,
-                    "Old transfer states removed."
-                ),
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    warn!(error = %e, "Could not remove old transfer states; retrying later.")
-                }
-                Err(e) => warn!(error = %e, "Transfer expiry task failed; retrying later."),
-            }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(EXPIRE_EVERY) => {}
-            }
-        }
     }
 
     /// Reads one chunk stream and hands the chunk to its transfer's task. A chunk for no

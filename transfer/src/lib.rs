@@ -79,6 +79,48 @@ impl TransferError {
     }
 }
 
+/// How often [`expire_loop`] looks.
+pub const EXPIRE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Keeps a node's transfer state from growing without end: at start and every
+/// [`EXPIRE_EVERY`] until `stop`, [`Inbox::expire`] (complete transfers after
+/// [`inbox::KEEP_COMPLETE`], abandoned ones after [`inbox::KEEP_ABANDONED`]), then
+/// [`Outbox::expire`] (finished jobs after [`outbox::KEEP_FINISHED`]).
+pub async fn expire_loop(
+    inbox: std::sync::Arc<Inbox>,
+    outbox: std::sync::Arc<Outbox>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let (i, o) = (inbox.clone(), outbox.clone());
+        let r = tokio::task::spawn_blocking(move || {
+            let now = now_ms();
+            let e = i.expire(now, inbox::KEEP_COMPLETE, inbox::KEEP_ABANDONED)?;
+            let jobs = o.expire(now, outbox::KEEP_FINISHED)?;
+            Ok::<_, TransferError>((e, jobs))
+        })
+        .await;
+        match r {
+            Ok(Ok((e, jobs))) if e != inbox::Expired::default() || jobs > 0 => tracing::info!(
+                complete = e.complete,
+                abandoned = e.abandoned,
+                bytes_freed = e.bytes_freed,
+                finished_jobs = jobs,
+                "Old transfer states removed."
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "Could not remove old transfer states; retrying later.")
+            }
+            Err(e) => tracing::warn!(error = %e, "Transfer expiry task failed; retrying later."),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(EXPIRE_EVERY) => {}
+        }
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -293,7 +293,17 @@ pub struct Outbox {
     /// memory so alarms need no scan of the outbox (a paused job re-enters it at its next
     /// attempt after a restart).
     disk_full: std::sync::Mutex<std::collections::BTreeMap<(String, String), String>>,
+    /// Held while a manifest is stored for a new job or removed as unused ([`Outbox::expire`]):
+    /// a job is never queued on a manifest being removed.
+    manifests: std::sync::Mutex<()>,
 }
+
+/// A finished job (delivered or failed) stays listed this long after its last change; then
+/// it goes, and its file's manifest once no job needs it. Longer than the inbox's
+/// [`crate::inbox::KEEP_COMPLETE`]: a relay queues forwarding for every complete file it
+/// holds without a forwarding job ([`crate::relay::forward_completed`]), so it must forget
+/// the file before the jobs.
+pub const KEEP_FINISHED: std::time::Duration = std::time::Duration::from_secs(45 * 86_400);
 
 impl Outbox {
     pub fn new(tree: sled::Tree) -> Arc<Outbox> {
@@ -301,7 +311,39 @@ impl Outbox {
             tree,
             wakers: Default::default(),
             disk_full: Default::default(),
+            manifests: Default::default(),
         })
+    }
+
+    /// Removes jobs finished more than `keep` before `now_ms`, then the manifests no job
+    /// needs. Returns how many jobs went.
+    pub fn expire(&self, now_ms: i64, keep: std::time::Duration) -> Result<usize, TransferError> {
+        let _m = self.manifests.lock().expect("outbox lock poisoned");
+        let keep_ms = i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
+        let mut removed = 0;
+        let mut needed = std::collections::HashSet::new();
+        for job in self.list()? {
+            if job.finished() && now_ms.saturating_sub(job.updated_ms) > keep_ms {
+                self.tree.remove(Self::job_key(&job.dest, &job.id))?;
+                removed += 1;
+            } else {
+                needed.insert(job.manifest.id_hex());
+            }
+        }
+        let mut unused = Vec::new();
+        for kv in self.tree.scan_prefix(b"m/") {
+            let (key, _) = kv?;
+            if !needed.contains(String::from_utf8_lossy(&key[2..]).as_ref()) {
+                unused.push(key);
+            }
+        }
+        for key in &unused {
+            self.tree.remove(key)?;
+        }
+        if removed > 0 || !unused.is_empty() {
+            self.tree.flush()?;
+        }
+        Ok(removed)
     }
 
     fn job_key(dest: &str, id: &str) -> Vec<u8> {
@@ -364,6 +406,7 @@ impl Outbox {
 
     /// Queues `job`, whose manifest must carry its chunk hashes (stored once per file).
     pub fn enqueue(&self, job: Job) -> Result<(), TransferError> {
+        let _m = self.manifests.lock().expect("outbox lock poisoned");
         let mkey = format!("m/{}", job.manifest.id_hex());
         if !self.tree.contains_key(&mkey)? {
             job.manifest.validate()?;
@@ -744,6 +787,54 @@ mod tests {
         // A job stored before offsets existed reads as UTC.
         let old: Window = serde_json::from_str(r#"{"start_min":60,"end_min":360}"#).unwrap();
         assert_eq!(old.utc_offset_min, 0);
+    }
+
+    #[test]
+    fn finished_jobs_go_after_a_while_and_their_manifests_once_unused() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let ob = Outbox::new(db.open_tree("o").unwrap());
+        let manifest = |n: u8| Manifest {
+            name: format!("f{n}"),
+            size: 10,
+            chunk_size: crate::manifest::MIN_CHUNK,
+            file_hash: [n; 32],
+            chunks: vec![[n; 32]],
+        };
+        let (a, b) = (manifest(1), manifest(2));
+        let day = 86_400_000;
+        let now = now_ms();
+        // File a: delivered 50 days ago to s1, still queued for s2. File b: only a job
+        // delivered 50 days ago.
+        for (id, dest, m, state, age_days) in [
+            ("a-s1", "s1", &a, JobState::Delivered, 50),
+            ("a-s2", "s2", &a, JobState::Queued, 50),
+            ("b-s1", "s1", &b, JobState::Delivered, 50),
+        ] {
+            ob.enqueue(Job::new(id, dest, "/x".into(), m.clone()))
+                .unwrap();
+            let mut j = ob.get(dest, id).unwrap().unwrap();
+            j.state = state;
+            j.updated_ms = now - age_days * day;
+            ob.put(&j).unwrap();
+        }
+        let keep = KEEP_FINISHED;
+        assert_eq!(ob.expire(now, keep).unwrap(), 2);
+        let left: Vec<String> = ob.list().unwrap().into_iter().map(|j| j.id).collect();
+        assert_eq!(left, ["a-s2"]);
+        // The queued job's manifest stays whole (chunk hashes and all); the other goes.
+        assert_eq!(ob.manifest(&a.id_hex()).unwrap(), a);
+        assert!(ob.manifest(&b.id_hex()).is_err());
+        // Recently finished: kept; nothing more to do.
+        let mut j = ob.get("s2", "a-s2").unwrap().unwrap();
+        j.state = JobState::Failed;
+        j.updated_ms = now - day;
+        ob.put(&j).unwrap();
+        assert_eq!(ob.expire(now, keep).unwrap(), 0);
+        assert_eq!(ob.list().unwrap().len(), 1);
+        // A file queued again after its manifest went is stored again.
+        ob.enqueue(Job::new("b-s3", "s3", "/x".into(), b.clone()))
+            .unwrap();
+        assert_eq!(ob.manifest(&b.id_hex()).unwrap(), b);
     }
 
     #[test]
