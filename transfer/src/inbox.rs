@@ -41,9 +41,9 @@ const PARTIAL_BUDGET: usize = 64 * 1024 * 1024;
 /// A complete transfer's state (its manifest and receipt: a sender offering the file again
 /// is answered at once) is kept this long after the file was verified.
 pub const KEEP_COMPLETE: Duration = Duration::from_secs(30 * 86_400);
-/// A transfer left incomplete and untouched this long is abandoned (its sender gave up or
-/// was removed): its part file is deleted and its state forgotten. A sender coming back
-/// later starts it again from the beginning.
+/// A transfer left incomplete, neither offered again nor added to for this long, is
+/// abandoned (its sender gave up or was removed): its part file is deleted and its state
+/// forgotten. A sender coming back later starts it again from the beginning.
 pub const KEEP_ABANDONED: Duration = Duration::from_secs(14 * 86_400);
 
 /// A chunk received in part: what arrived of it, kept in memory so that after a broken
@@ -106,7 +106,8 @@ pub struct InState {
     pub part: PathBuf,
     pub dest: PathBuf,
     pub started_ms: i64,
-    /// When chunks last became durable (0 in states stored before it was kept).
+    /// When its sender last offered it or chunks last became durable (0 in states stored
+    /// before it was kept).
     #[serde(default)]
     pub touched_ms: i64,
     pub receipt: Option<Receipt>,
@@ -462,10 +463,12 @@ impl Inbox {
                 priority: offer.priority.clone(),
                 forward_to: offer.forward_to.clone(),
                 started_ms: now_ms(),
-                touched_ms: now_ms(),
+                touched_ms: 0,
                 receipt: None,
             },
         };
+        // Its sender is still there (even if it is only told the disk is full again).
+        st.touched_ms = now_ms();
         // Already here and intact: answer with the receipt.
         if let Some(receipt) = &st.receipt {
             if st.dest.exists() {
