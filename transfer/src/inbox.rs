@@ -759,16 +759,16 @@ impl Inbox {
         keep_abandoned: Duration,
     ) -> Result<Expired, TransferError> {
         let mut out = Expired::default();
+        let age = |t: i64| Duration::from_millis(now_ms.saturating_sub(t).max(0) as u64);
+        let due = |st: &InState| match &st.receipt {
+            Some(r) => age(r.verified_ms) > keep_complete,
+            None => age(st.touched_ms.max(st.started_ms)) > keep_abandoned,
+        };
         for st in self.list()? {
-            let id = st.manifest.id_hex();
-            let age = |t: i64| Duration::from_millis(now_ms.saturating_sub(t).max(0) as u64);
-            let due = match &st.receipt {
-                Some(r) => age(r.verified_ms) > keep_complete,
-                None => age(st.touched_ms.max(st.started_ms)) > keep_abandoned,
-            };
-            if !due {
+            if !due(&st) {
                 continue;
             }
+            let id = st.manifest.id_hex();
             // Hold the transfer's lock, as its stream does: skip it if one is running.
             let lock = self
                 .active
@@ -781,12 +781,25 @@ impl Inbox {
             let Ok(_guard) = lock.try_lock() else {
                 continue;
             };
+            // As it is now: a stream may have touched it since the list was read.
+            let Some(st) = self
+                .tree
+                .get(id.as_bytes())?
+                .and_then(|v| serde_json::from_slice::<InState>(&v).ok())
+                .filter(|st| due(st))
+            else {
+                continue;
+            };
             if st.receipt.is_none() {
                 let len = std::fs::metadata(&st.part).map_or(0, |m| m.len());
                 match std::fs::remove_file(&st.part) {
                     Ok(()) => out.bytes_freed += len,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(TransferError::io(&st.part, e)),
+                    Err(e) => {
+                        // Kept, state and all: tried again at the next pass.
+                        warn!(path = %st.part.display(), error = %e, "Cannot delete an abandoned part file.");
+                        continue;
+                    }
                 }
                 self.paused_full
                     .lock()
