@@ -105,6 +105,35 @@ async fn send_default(
     send_file(conn, src, m, &SendOptions::default(), progress, &no_pause).await
 }
 
+/// Sends `src` until a third of it is acknowledged, then cuts the connection (`cconn`, the
+/// receiver's side); returns what the sender saw.
+async fn send_cut_at_a_third(
+    sconn: &quinn::Connection,
+    cconn: quinn::Connection,
+    src: &Path,
+    m: &Manifest,
+) -> Arc<Progress> {
+    let progress = Arc::new(Progress::default());
+    let p = progress.clone();
+    let third = m.size / 3;
+    let breaker = tokio::spawn(async move {
+        while p.acked_bytes.load(std::sync::atomic::Ordering::Relaxed) < third {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        cconn.close(0u32.into(), b"link cut");
+    });
+    let opts = SendOptions {
+        rate_limit_bps: Some(200_000_000),
+        ..SendOptions::default()
+    };
+    let err = send_file(sconn, src, m, &opts, &progress, &no_pause)
+        .await
+        .unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    breaker.await.unwrap();
+    progress
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_arrives_whole_and_a_second_offer_gets_the_receipt() {
     let dir = tempfile::tempdir().unwrap();
@@ -150,25 +179,8 @@ async fn a_broken_connection_resumes_without_resending_acknowledged_chunks() {
     let ib = inbox(dir.path());
     let (_ep, sconn, cconn) = pair().await;
     serve(cconn.clone(), ib.clone());
-    let progress = Arc::new(Progress::default());
-    // Break the connection once a third of the file is acknowledged.
-    let p = progress.clone();
+    let progress = send_cut_at_a_third(&sconn, cconn, &src, &m).await;
     let third = m.size / 3;
-    let breaker = tokio::spawn(async move {
-        while p.acked_bytes.load(std::sync::atomic::Ordering::Relaxed) < third {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        cconn.close(0u32.into(), b"link cut");
-    });
-    let opts = SendOptions {
-        rate_limit_bps: Some(200_000_000),
-        ..SendOptions::default()
-    };
-    let err = send_file(&sconn, &src, &m, &opts, &progress, &no_pause)
-        .await
-        .unwrap_err();
-    assert!(err.is_transient(), "{err}");
-    breaker.await.unwrap();
     assert!(
         !dir.path().join("in/big.bin").exists(),
         "no partial file at the destination"
@@ -415,25 +427,7 @@ async fn old_receipts_are_forgotten_and_abandoned_part_files_deleted() {
     let out = send_default(&sconn, &whole, &mw, &progress).await.unwrap();
     assert!(matches!(out, SendOutcome::Delivered(_)));
     // The second one breaks off a third of the way: its sender never comes back.
-    let progress = Arc::new(Progress::default());
-    let p = progress.clone();
-    let third = mc.size / 3;
-    let breaker = tokio::spawn(async move {
-        while p.acked_bytes.load(std::sync::atomic::Ordering::Relaxed) < third {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        cconn.close(0u32.into(), b"link cut");
-    });
-    let opts = SendOptions {
-        rate_limit_bps: Some(200_000_000),
-        ..SendOptions::default()
-    };
-    assert!(
-        send_file(&sconn, &cut, &mc, &opts, &progress, &no_pause)
-            .await
-            .is_err()
-    );
-    breaker.await.unwrap();
+    send_cut_at_a_third(&sconn, cconn, &cut, &mc).await;
     let part = ib.get(&mc.id_hex()).unwrap().unwrap().part;
     assert!(part.exists());
     let part_len = std::fs::metadata(&part).unwrap().len();
