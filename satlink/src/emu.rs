@@ -68,18 +68,22 @@ impl LinkHandle {
         l.down.set_cut(false);
     }
 
-    /// Changes both directions' shaping with `key=value` settings; `rate_*` settings given as
-    /// `up_rate_kbit`/`down_rate_mbit` etc. apply to one direction only. All or nothing.
+    /// Changes both directions' shaping with `key=value` settings ([`Shape::apply`]'s keys);
+    /// any key prefixed with `up_` or `down_` (`up_rate_mbit`, `down_loss_pct`,
+    /// `up_displace_pct`...) applies to that direction only. All or nothing; an error names
+    /// the key as given, prefix included.
     pub fn set(&self, settings: &[(String, String)]) -> Result<(), String> {
         let mut l = self.lock();
         let (mut up, mut down) = (l.up.shape.clone(), l.down.shape.clone());
         for (k, v) in settings {
-            let one = [(k.clone(), v.clone())];
+            let named = |e: String| format!("{k}: {e}");
             if let Some(rest) = k.strip_prefix("up_") {
-                up.apply(&[(rest.to_string(), v.clone())])?;
+                up.apply(&[(rest.to_string(), v.clone())]).map_err(named)?;
             } else if let Some(rest) = k.strip_prefix("down_") {
-                down.apply(&[(rest.to_string(), v.clone())])?;
+                down.apply(&[(rest.to_string(), v.clone())])
+                    .map_err(named)?;
             } else {
+                let one = [(k.clone(), v.clone())];
                 up.apply(&one)?;
                 down.apply(&one)?;
             }
@@ -178,7 +182,7 @@ async fn direction(
                 };
                 let frame = &buf[..n];
                 let now = Instant::now();
-                if let Fate::Deliver { at, flip } = link.offer(upward, frame, now) {
+                if let Fate::Deliver { at, flip, dup } = link.offer(upward, frame, now) {
                     if in_flight + n > MAX_IN_FLIGHT {
                         continue;
                     }
@@ -186,9 +190,19 @@ async fn direction(
                     if let Some((byte, bit)) = flip {
                         frame[byte] ^= 1 << bit;
                     }
+                    // The copy carries the same bytes and is pushed after the original, so it
+                    // follows it even at the same instant.
+                    let copy = dup
+                        .filter(|_| in_flight + 2 * n <= MAX_IN_FLIGHT)
+                        .map(|at| (at, frame.clone()));
                     in_flight += n;
                     order += 1;
                     line.push(Reverse(InFlight { at, order, frame }));
+                    if let Some((at, frame)) = copy {
+                        in_flight += n;
+                        order += 1;
+                        line.push(Reverse(InFlight { at, order, frame }));
+                    }
                 }
             }
             _ = sleep_until(next), if next.is_some() => {}
@@ -210,5 +224,51 @@ async fn direction(
 async fn sleep_until(at: Option<Instant>) {
     if let Some(at) = at {
         tokio::time::sleep_until(at.into()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(link: &LinkHandle, settings: &[(&str, &str)]) -> Result<(), String> {
+        let settings: Vec<(String, String)> = settings
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        link.set(&settings)
+    }
+
+    #[test]
+    fn set_takes_any_key_per_direction_and_names_bad_ones_in_full() {
+        let link = LinkHandle::new(Shape::default(), Shape::default(), Some(1));
+        set(
+            &link,
+            &[
+                ("up_displace_pct", "2"),
+                ("down_dup_pct", "1"),
+                ("displace_ms", "5"),
+                ("down_loss", "3"),
+            ],
+        )
+        .expect("valid");
+        let st = link.status();
+        assert_eq!((st.up.displace_pct, st.down.displace_pct), (2.0, 0.0));
+        assert_eq!((st.up.dup_pct, st.down.dup_pct), (0.0, 1.0));
+        assert_eq!((st.up.displace_ms, st.down.displace_ms), (5.0, 5.0));
+        assert_eq!((st.up.loss_pct, st.down.loss_pct), (0.0, 3.0));
+
+        for (key, value) in [
+            ("up_foo", "1"),
+            ("down_bar", "1"),
+            ("up_dup_pct", "101"),
+            ("down_displace_ms", "x"),
+        ] {
+            let e = set(&link, &[("up_loss_pct", "9"), (key, value)]).unwrap_err();
+            assert!(e.contains(key), "{key}={value}: {e}");
+        }
+        let st = link.status();
+        assert_eq!(st.up.loss_pct, 0.0, "a failed set changes nothing");
+        assert_eq!(st.down.dup_pct, 1.0);
     }
 }

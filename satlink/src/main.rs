@@ -42,13 +42,31 @@ enum Cmd {
         /// Random loss each way (%).
         #[arg(long, default_value_t = 0.0)]
         loss_pct: f64,
+        /// Frames (%) sent without the delay, overtaking all queued before them (netem-like).
         #[arg(long, default_value_t = 0.0)]
         reorder_pct: f64,
+        /// Frames (%) held back by an extra 1..=--displace-ms ms, overtaken by those behind
+        /// them (the reordering of multi-carrier hubs and bonded lines).
+        #[arg(long, default_value_t = 0.0)]
+        displace_pct: f64,
+        /// Largest extra delay of a displaced frame (ms).
+        #[arg(long, default_value_t = 20.0)]
+        displace_ms: f64,
+        /// Frames (%) delivered twice, the copy within 1 ms of the original.
+        #[arg(long, default_value_t = 0.0)]
+        dup_pct: f64,
         #[arg(long, default_value_t = 0.0)]
         corrupt_pct: f64,
         /// Drop-tail queue in front of each direction's serialiser (kB).
         #[arg(long, default_value_t = 1000.0)]
         queue_kb: f64,
+        /// A setting for the site-to-hub direction only, after the flags above, with the keys
+        /// of `set` (e.g. --up loss_pct=2 --up displace_pct=1); repeatable.
+        #[arg(long = "up", value_name = "KEY=VALUE")]
+        up_settings: Vec<String>,
+        /// A setting for the hub-to-site direction only, like --up.
+        #[arg(long = "down", value_name = "KEY=VALUE")]
+        down_settings: Vec<String>,
         /// Fixed seed: the same loss pattern on every run.
         #[arg(long)]
         seed: Option<u64>,
@@ -57,8 +75,12 @@ enum Cmd {
     Cut { site: String },
     /// End SITE's outage.
     Restore { site: String },
-    /// Change SITE's shaping live, e.g. `set s1 loss_pct=5 rate_mbit=2` (rain fade);
-    /// prefix a key with up_ or down_ for one direction.
+    /// Change SITE's shaping live, e.g. `set s1 loss_pct=5 rate_mbit=2` (rain fade).
+    ///
+    /// Keys: rate_kbit, rate_mbit, delay_ms, jitter_ms, loss_pct (or loss), reorder_pct,
+    /// displace_pct, displace_ms, dup_pct (or duplicate_pct), corrupt_pct, queue_kb,
+    /// queue_bytes. Every key takes an up_ or down_ prefix to apply to one direction only
+    /// (up_rate_mbit=1, down_dup_pct=0.5).
     Set {
         site: String,
         #[arg(required = true)]
@@ -90,8 +112,13 @@ async fn main() -> anyhow::Result<()> {
             jitter_ms,
             loss_pct,
             reorder_pct,
+            displace_pct,
+            displace_ms,
+            dup_pct,
             corrupt_pct,
             queue_kb,
+            up_settings,
+            down_settings,
             seed,
         } => {
             let octets: Vec<u8> = net
@@ -108,13 +135,20 @@ async fn main() -> anyhow::Result<()> {
                 jitter_ms,
                 loss_pct,
                 reorder_pct,
+                displace_pct,
+                displace_ms,
+                dup_pct,
                 corrupt_pct,
                 queue_bytes: (queue_kb * 1000.0) as u64,
             };
+            let mut up = shape(up_rate_mbit.unwrap_or(rate_mbit));
+            let mut down = shape(rate_mbit);
+            apply_flags(&mut up, "--up", &up_settings)?;
+            apply_flags(&mut down, "--down", &down_settings)?;
             let spec = Spec {
                 prefix: prefix.clone(),
                 net: [a, b, c],
-                sites: vec![(shape(up_rate_mbit.unwrap_or(rate_mbit)), shape(rate_mbit)); sites],
+                sites: vec![(up, down); sites],
                 seed,
             };
             let topo = Topology::up(&spec).context("building the topology")?;
@@ -156,6 +190,27 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Applies one direction's `--up`/`--down KEY=VALUE` flags to the shape the other flags gave,
+/// all together (`--up jitter_ms=50 --up delay_ms=100` is checked as a whole), and checks the
+/// result. An error names the flag and the setting, unless the other flags were wrong already.
+fn apply_flags(shape: &mut Shape, flag: &str, settings: &[String]) -> anyhow::Result<()> {
+    let mut pairs = Vec::with_capacity(settings.len());
+    for s in settings {
+        let Some((k, v)) = s.split_once('=') else {
+            bail!("{flag} {s:?}: expected KEY=VALUE, e.g. {flag} loss_pct=2");
+        };
+        pairs.push((k.to_string(), v.to_string()));
+    }
+    shape.apply(&pairs).map_err(|e| {
+        if shape.validate().as_ref().err() == Some(&e) {
+            // The other flags were wrong already, and these do not mend it: not their fault.
+            anyhow::Error::msg(e)
+        } else {
+            anyhow::anyhow!("{flag}: {e}")
+        }
+    })
+}
+
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::terminate()) {
@@ -168,5 +223,92 @@ async fn wait_for_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn up_and_down_flags_set_one_direction_and_name_bad_keys() {
+        let cli = Cli::try_parse_from([
+            "tiandi-satlink",
+            "up",
+            "--displace-pct",
+            "1",
+            "--up",
+            "jitter_ms=50",
+            "--up",
+            "delay_ms=100",
+            "--down",
+            "dup_pct=0.5",
+        ])
+        .expect("parses");
+        let Cmd::Up {
+            displace_pct,
+            displace_ms,
+            up_settings,
+            down_settings,
+            ..
+        } = cli.cmd
+        else {
+            panic!("expected up");
+        };
+        assert_eq!((displace_pct, displace_ms), (1.0, 20.0));
+        let mut up = Shape::default();
+        apply_flags(&mut up, "--up", &up_settings).expect("checked as a whole");
+        assert_eq!((up.jitter_ms, up.delay_ms), (50.0, 100.0));
+        let mut down = Shape::default();
+        apply_flags(&mut down, "--down", &down_settings).expect("valid");
+        assert_eq!((down.dup_pct, down.jitter_ms), (0.5, 0.0));
+
+        let e = apply_flags(&mut up, "--up", &["foo=1".into()]).unwrap_err();
+        assert!(
+            e.to_string().contains("--up") && e.to_string().contains("foo"),
+            "{e}"
+        );
+        let e = apply_flags(&mut down, "--down", &["dup_pct".into()]).unwrap_err();
+        assert!(
+            e.to_string().contains("--down") && e.to_string().contains("dup_pct"),
+            "{e}"
+        );
+        let e = apply_flags(&mut down, "--down", &["displace_ms=1e6".into()]).unwrap_err();
+        assert!(e.to_string().contains("displace_ms"), "{e}");
+        assert_eq!(down.dup_pct, 0.5, "a failed flag changes nothing");
+
+        // A jitter beyond the common delay is fine when --up raises the delay, and reported as
+        // the common flags' fault when it does not.
+        let wide = Shape {
+            jitter_ms: 500.0,
+            ..Shape::default()
+        };
+        let mut up = wide.clone();
+        apply_flags(&mut up, "--up", &["delay_ms=600".into()]).expect("valid");
+        let mut down = wide;
+        let e = apply_flags(&mut down, "--down", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("jitter_ms") && !e.contains("--down"), "{e}");
+        let e = apply_flags(
+            &mut down,
+            "--down",
+            &["delay_ms=600".into(), "dup_pct=300".into()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--down") && e.contains("dup_pct"), "{e}");
+        let e = apply_flags(&mut down, "--down", &["loss=1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("jitter_ms") && !e.contains("--down"), "{e}");
+        let e = apply_flags(
+            &mut down,
+            "--down",
+            &["delay_ms=600".into(), "dup_pct=300".into()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--down") && e.contains("dup_pct"), "{e}");
     }
 }

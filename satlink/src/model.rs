@@ -4,9 +4,25 @@
 //!
 //! In order, like a satellite terminal: the serialiser (rate, drop-tail queue of
 //! `queue_bytes`), then the air (loss, corruption), then propagation (one-way delay plus
-//! jitter; frames keep their order unless picked for reordering, which sends them without the
-//! delay so they overtake the ones before them). ARP frames skip rate and delay, as a terminal
-//! answers them locally; without that, neighbour discovery would time out on long links.
+//! jitter; frames keep their order), then what lies beyond the link (duplication). ARP frames
+//! skip rate and delay, as a terminal answers them locally; without that, neighbour discovery
+//! would time out on long links. They are never reordered, displaced or duplicated either.
+//!
+//! Two reordering models, which can be combined:
+//!
+//! - `reorder_pct`, like netem's: the frame skips the propagation delay altogether and so
+//!   overtakes everything queued before it, by up to the whole one-way delay. Rare on real
+//!   paths, and harsh: on a GEO hop it moves a frame 300 ms ahead.
+//! - `displace_pct` / `displace_ms`, the common reordering of real paths (multi-carrier hubs,
+//!   bonded or load-balanced lines): the frame is held back by a bounded extra delay, uniform
+//!   in [1, `displace_ms`] ms, so the frames right behind it overtake it. The frames after it
+//!   keep their own schedule: the FIFO under jitter follows the time the displaced frame would
+//!   have had, not the time it gets.
+//!
+//! A frame picked by `reorder_pct` is not displaced as well.
+//!
+//! Duplication (`dup_pct`) happens after the link, as with a misbehaving switch or a short L2
+//! loop: the copy does not use the serialiser again and arrives within 1 ms of the original.
 
 use std::time::{Duration, Instant};
 
@@ -26,8 +42,19 @@ pub struct Shape {
     pub jitter_ms: f64,
     /// Random loss (%), applied after the frame used its link time.
     pub loss_pct: f64,
-    /// Frames (%) sent without the delay, overtaking the ones queued before them.
+    /// Frames (%) sent without the propagation delay, overtaking every frame queued before
+    /// them (netem's reordering).
     pub reorder_pct: f64,
+    /// Frames (%) held back by an extra delay of up to `displace_ms`, so that the frames behind
+    /// them overtake them; the later frames are not delayed by them (the reordering of
+    /// multi-carrier hubs and bonded lines).
+    pub displace_pct: f64,
+    /// Largest extra delay of a displaced frame (ms): each is held back by a uniform random
+    /// delay in [1, `displace_ms`] ms, or by `displace_ms` itself when it is below 1 ms.
+    pub displace_ms: f64,
+    /// Frames (%) delivered twice, the copy within 1 ms of the original; the copy does not use
+    /// the link's rate (duplication beyond the link, as by a faulty switch or an L2 loop).
+    pub dup_pct: f64,
     /// Frames (%) with one bit flipped beyond the Ethernet header.
     pub corrupt_pct: f64,
     /// Bytes waiting for the serialiser beyond which frames are dropped (drop-tail).
@@ -42,6 +69,9 @@ impl Default for Shape {
             jitter_ms: 0.0,
             loss_pct: 0.0,
             reorder_pct: 0.0,
+            displace_pct: 0.0,
+            displace_ms: 20.0,
+            dup_pct: 0.0,
             corrupt_pct: 0.0,
             queue_bytes: 1_000_000,
         }
@@ -69,7 +99,15 @@ impl Shape {
         };
         pct("loss_pct", self.loss_pct)?;
         pct("reorder_pct", self.reorder_pct)?;
+        pct("displace_pct", self.displace_pct)?;
+        pct("dup_pct", self.dup_pct)?;
         pct("corrupt_pct", self.corrupt_pct)?;
+        if !(0.0..=10_000.0).contains(&self.displace_ms) {
+            return Err(format!(
+                "displace_ms must be within 0..=10000, got {}",
+                self.displace_ms
+            ));
+        }
         if !(0.0..=60_000.0).contains(&self.delay_ms) {
             return Err(format!(
                 "delay_ms must be within 0..=60000, got {}",
@@ -86,7 +124,10 @@ impl Shape {
     }
 
     /// Applies `key=value` settings (`rate_kbit`, `rate_mbit`, `delay_ms`, `jitter_ms`,
-    /// `loss_pct`, `reorder_pct`, `corrupt_pct`, `queue_kb`, `queue_bytes`).
+    /// `loss_pct` or `loss`, `reorder_pct`, `displace_pct`, `displace_ms`, `dup_pct` or
+    /// `duplicate_pct`, `corrupt_pct`, `queue_kb`, `queue_bytes`). All or nothing: the shape is
+    /// only changed when every setting is known and the result is valid; the error names the
+    /// setting.
     pub fn apply(&mut self, settings: &[(String, String)]) -> Result<(), String> {
         let mut next = self.clone();
         for (k, v) in settings {
@@ -103,6 +144,9 @@ impl Shape {
                 "jitter_ms" => next.jitter_ms = num()?,
                 "loss_pct" | "loss" => next.loss_pct = num()?,
                 "reorder_pct" => next.reorder_pct = num()?,
+                "displace_pct" => next.displace_pct = num()?,
+                "displace_ms" => next.displace_ms = num()?,
+                "dup_pct" | "duplicate_pct" => next.dup_pct = num()?,
                 "corrupt_pct" => next.corrupt_pct = num()?,
                 "queue_kb" => next.queue_bytes = (num()? * 1000.0) as u64,
                 "queue_bytes" => next.queue_bytes = num()? as u64,
@@ -122,10 +166,12 @@ impl Shape {
 /// What became of a frame.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Fate {
-    /// Deliver at this instant; flip `bit` of byte `byte` first when set.
+    /// Deliver at this instant; flip `bit` of byte `byte` first when set; when `dup` is set,
+    /// deliver a copy (the same bytes, flipped bit included) at that instant as well.
     Deliver {
         at: Instant,
         flip: Option<(usize, u8)>,
+        dup: Option<Instant>,
     },
     /// The serialiser's queue was full.
     QueueFull,
@@ -140,12 +186,18 @@ pub enum Fate {
 pub struct Counters {
     pub frames_in: u64,
     pub bytes_in: u64,
+    /// Frames through the link (a duplicated frame counts once here, once in `duplicated`).
     pub delivered: u64,
     pub queue_drops: u64,
     pub lost: u64,
     pub cut_drops: u64,
     pub corrupted: u64,
+    /// Frames sent without the propagation delay (`reorder_pct`).
     pub reordered: u64,
+    /// Frames held back by an extra delay (`displace_pct`).
+    pub displaced: u64,
+    /// Extra copies delivered (`dup_pct`).
+    pub duplicated: u64,
 }
 
 /// One direction of a link.
@@ -155,7 +207,8 @@ pub struct Direction {
     pub counters: Counters,
     /// When the serialiser is free again.
     busy_until: Option<Instant>,
-    /// Delivery time of the last in-order frame (FIFO under jitter).
+    /// Delivery time of the last in-order frame (FIFO under jitter); for a displaced frame,
+    /// the time it would have had, so that it does not hold back the frames after it.
     last_delivery: Option<Instant>,
     rng: SmallRng,
 }
@@ -231,6 +284,18 @@ impl Direction {
                 }
                 self.last_delivery = Some(at);
                 t = at;
+                if self.shape.displace_pct > 0.0
+                    && self.rng.random::<f64>() * 100.0 < self.shape.displace_pct
+                {
+                    let max = self.shape.displace_ms;
+                    let extra = if max < 1.0 {
+                        max
+                    } else {
+                        self.rng.random_range(1.0..=max)
+                    };
+                    self.counters.displaced += 1;
+                    t += Duration::from_secs_f64(extra / 1e3);
+                }
             }
         }
         let flip = if self.shape.corrupt_pct > 0.0
@@ -245,8 +310,17 @@ impl Direction {
         } else {
             None
         };
+        let dup = if !arp
+            && self.shape.dup_pct > 0.0
+            && self.rng.random::<f64>() * 100.0 < self.shape.dup_pct
+        {
+            self.counters.duplicated += 1;
+            Some(t + Duration::from_secs_f64(self.rng.random_range(0.0..=1.0) / 1e3))
+        } else {
+            None
+        };
         self.counters.delivered += 1;
-        Fate::Deliver { at: t, flip }
+        Fate::Deliver { at: t, flip, dup }
     }
 }
 
@@ -389,6 +463,165 @@ mod tests {
         }
     }
 
+    fn dup(f: Fate) -> Option<Instant> {
+        match f {
+            Fate::Deliver { dup, .. } => dup,
+            other => panic!("expected delivery, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn displaced_frames_fall_behind_their_successors_without_delaying_them() {
+        // 1500-byte frames offered every 1 ms on a link that takes 1 ms for one: each frame
+        // leaves the serialiser 1 ms after it came, and is due 100 ms later.
+        let shape = Shape {
+            rate_kbit: 12_000,
+            delay_ms: 100.0,
+            displace_pct: 10.0,
+            displace_ms: 20.0,
+            ..Shape::default()
+        };
+        let mut d = Direction::new(shape, Some(5));
+        let t0 = Instant::now();
+        let n = 5_000u64;
+        let times: Vec<Instant> = (0..n)
+            .map(|i| at(d.offer(&frame(1500), t0 + Duration::from_millis(i))))
+            .collect();
+        let mut displaced = 0;
+        let mut overtaken = 0;
+        for (i, t) in times.iter().enumerate() {
+            let due = t0 + Duration::from_millis(i as u64 + 101);
+            let late = t.saturating_duration_since(due).as_secs_f64() * 1e3;
+            assert!(*t + Duration::from_nanos(10) >= due, "frame {i} early");
+            if late < 1e-3 {
+                continue; // not displaced: on time (to the µs), whatever came before it
+            }
+            displaced += 1;
+            assert!(
+                (1.0 - 1e-6..=20.0 + 1e-6).contains(&late),
+                "frame {i}: {late} ms"
+            );
+            // Overtaken by its successor when that one is on time (the frames behind a
+            // displaced one keep their schedule), by at most displace_ms less the successor's
+            // serialisation.
+            let next_due = due + Duration::from_millis(1);
+            if let Some(&next) = times
+                .get(i + 1)
+                .filter(|n| **n < next_due + Duration::from_micros(1))
+            {
+                assert!(next < *t, "frame {i} not overtaken");
+                assert!((*t - next).as_secs_f64() * 1e3 <= 19.0 + 1e-6);
+                overtaken += 1;
+            }
+        }
+        assert_eq!(displaced, d.counters.displaced);
+        assert!(overtaken > 400, "{overtaken} frames overtaken");
+        assert_eq!(d.counters.delivered, n);
+
+        // Below 1 ms, the extra delay is displace_ms itself.
+        let mut d = Direction::new(
+            Shape {
+                rate_kbit: 0,
+                delay_ms: 10.0,
+                displace_pct: 100.0,
+                displace_ms: 0.5,
+                ..Shape::default()
+            },
+            Some(5),
+        );
+        let t = at(d.offer(&frame(100), t0)) - t0;
+        assert!((t.as_secs_f64() - 0.0105).abs() < 1e-9, "{t:?}");
+    }
+
+    #[test]
+    fn displacement_share_is_close_to_the_setting() {
+        let shape = Shape {
+            rate_kbit: 0,
+            delay_ms: 0.0,
+            displace_pct: 5.0,
+            ..Shape::default()
+        };
+        let mut d = Direction::new(shape, Some(11));
+        let t0 = Instant::now();
+        let late = (0..100_000)
+            .filter(|_| at(d.offer(&frame(100), t0)) > t0)
+            .count() as u64;
+        assert_eq!(late, d.counters.displaced);
+        let share = late as f64 / 1000.0;
+        assert!((4.7..5.3).contains(&share), "displaced {share} %");
+    }
+
+    #[test]
+    fn duplicates_arrive_just_after_the_original_and_are_counted() {
+        let shape = Shape {
+            rate_kbit: 12_000,
+            delay_ms: 100.0,
+            dup_pct: 100.0,
+            ..Shape::default()
+        };
+        let mut d = Direction::new(shape, Some(2));
+        let t0 = Instant::now();
+        let fates: Vec<Fate> = (0..10).map(|_| d.offer(&frame(1500), t0)).collect();
+        for (i, f) in fates.iter().enumerate() {
+            let (t, copy) = (at(*f), dup(*f).expect("a copy"));
+            // The copy does not take the serialiser: the originals stay 1 ms apart.
+            let due = t0 + Duration::from_micros(101_000 + 1000 * i as u64);
+            assert!(
+                (t.max(due) - t.min(due)) < Duration::from_nanos(10),
+                "frame {i}"
+            );
+            assert!(
+                copy >= t && copy - t <= Duration::from_millis(1),
+                "copy {i}"
+            );
+        }
+        assert_eq!((d.counters.delivered, d.counters.duplicated), (10, 10));
+    }
+
+    #[test]
+    fn duplication_share_is_close_to_the_setting() {
+        let shape = Shape {
+            rate_kbit: 0,
+            delay_ms: 0.0,
+            dup_pct: 2.0,
+            ..Shape::default()
+        };
+        let mut d = Direction::new(shape, Some(13));
+        let t0 = Instant::now();
+        let copies = (0..100_000)
+            .filter(|_| dup(d.offer(&frame(100), t0)).is_some())
+            .count() as u64;
+        assert_eq!(copies, d.counters.duplicated);
+        let share = copies as f64 / 1000.0;
+        assert!((1.85..2.15).contains(&share), "duplicated {share} %");
+    }
+
+    #[test]
+    fn arp_is_never_displaced_duplicated_or_reordered() {
+        let mut d = Direction::new(
+            Shape {
+                displace_pct: 100.0,
+                dup_pct: 100.0,
+                reorder_pct: 100.0,
+                ..Shape::default()
+            },
+            Some(1),
+        );
+        let t0 = Instant::now();
+        let mut arp = frame(60);
+        arp[12..14].copy_from_slice(&ETHERTYPE_ARP);
+        assert_eq!(
+            d.offer(&arp, t0),
+            Fate::Deliver {
+                at: t0,
+                flip: None,
+                dup: None
+            }
+        );
+        let c = d.counters;
+        assert_eq!((c.displaced, c.duplicated, c.reordered), (0, 0, 0));
+    }
+
     #[test]
     fn settings_are_checked_and_named() {
         let mut s = Shape::default();
@@ -403,5 +636,34 @@ mod tests {
         let e = s.apply(&[("speed".into(), "1".into())]).unwrap_err();
         assert!(e.contains("speed"), "{e}");
         assert_eq!(s.loss_pct, 2.0, "a failed update changes nothing");
+
+        s.apply(&[
+            ("displace_pct".into(), "3".into()),
+            ("displace_ms".into(), "10".into()),
+            ("duplicate_pct".into(), "0.5".into()),
+        ])
+        .expect("valid");
+        assert_eq!((s.displace_pct, s.displace_ms, s.dup_pct), (3.0, 10.0, 0.5));
+        for (key, value) in [
+            ("displace_pct", "101"),
+            ("displace_ms", "20000"),
+            ("displace_ms", "-1"),
+            ("dup_pct", "200"),
+        ] {
+            let e = s.apply(&[(key.into(), value.into())]).unwrap_err();
+            assert!(e.contains(key), "{key}={value}: {e}");
+        }
+        let e = s
+            .apply(&[("duplicate_pct".into(), "200".into())])
+            .unwrap_err();
+        assert!(e.contains("dup_pct"), "{e}");
+        assert_eq!((s.displace_pct, s.displace_ms, s.dup_pct), (3.0, 10.0, 0.5));
+    }
+
+    #[test]
+    fn new_settings_default_to_off_in_json() {
+        let s: Shape = serde_json::from_str(r#"{"displace_pct": 2}"#).expect("valid");
+        assert_eq!((s.displace_pct, s.displace_ms, s.dup_pct), (2.0, 20.0, 0.0));
+        assert!(serde_json::from_str::<Shape>(r#"{"displace": 2}"#).is_err());
     }
 }
