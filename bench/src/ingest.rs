@@ -198,7 +198,7 @@ fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> anyhow::R
 /// Recording states of [`watch_stream`].
 const WAITING: u8 = 0;
 pub(crate) const RECORDING: u8 = 1;
-const DONE: u8 = 2;
+pub(crate) const DONE: u8 = 2;
 
 /// Follows `/api/stream` on a thread of its own (see [`follow_stream`]).
 fn watch_stream(api: SocketAddr, sink: Arc<Mutex<Vec<(i64, i64)>>>, state: Arc<AtomicU8>) {

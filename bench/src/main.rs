@@ -1,7 +1,7 @@
 //! Tiandi benchmarks. Each runs the real release binaries as separate processes and ends with
 //! one `key=value` summary line.
 //!
-//! `geo-link`: see `geolink.rs`.
+//! `geo-link`: see `geolink.rs`. `impairments`: see `impairments.rs`.
 //!
 //! `ingest`: the controller and `tiandi-agent simulate` (N sites over real QUIC on loopback).
 //! Measures, over the first quarter of the run (steady state, no API client attached):
@@ -17,6 +17,8 @@
 
 mod geolink;
 mod geotransfer;
+mod harness;
+mod impairments;
 mod ingest;
 mod relayfanout;
 mod reportlatency;
@@ -102,6 +104,28 @@ enum Cmd {
         #[arg(long, default_value_t = 40.0)]
         phase_s: f64,
     },
+    /// A 40 MB transfer controller -> site under each impairment of issue 13 (loss, jitter,
+    /// asymmetry, bounded and netem-like reordering, duplication and corruption, combined) over
+    /// one emulated 20 Mbit/s, 600 ms link, real binaries, reports beside it, TCP BBR for
+    /// comparison. Needs root.
+    Impairments {
+        /// Comma-separated case names (default: all, in order): clean, loss1, loss5,
+        /// jitter50, asym20_2_loss1, displace1, displace5, netem_reorder1, dup1_corrupt01,
+        /// combined.
+        #[arg(long, value_delimiter = ',')]
+        cases: Option<Vec<String>>,
+        #[arg(long, default_value_t = 40.0)]
+        size_mb: f64,
+        /// The agent's report interval (s).
+        #[arg(long, default_value_t = 2.0)]
+        interval: f64,
+        /// Longest a Tiandi transfer may run (s); a slower one is counted up to then.
+        #[arg(long, default_value_t = 240.0)]
+        time_limit: f64,
+        /// Longest the TCP BBR transfer may run (s); counted up to then.
+        #[arg(long, default_value_t = 60.0)]
+        tcp_time_limit: f64,
+    },
     /// One publisher through one relay (its own process) to many subscribing connections on
     /// loopback: delivery, relay CPU, added latency.
     RelayFanout {
@@ -170,6 +194,19 @@ fn main() -> anyhow::Result<()> {
             loss_pct,
             interval_s: interval,
             phase_s,
+        }),
+        Cmd::Impairments {
+            cases,
+            size_mb,
+            interval,
+            time_limit,
+            tcp_time_limit,
+        } => impairments::run(impairments::Args {
+            cases,
+            size_mb,
+            interval_s: interval,
+            time_limit: std::time::Duration::from_secs_f64(time_limit),
+            tcp_time_limit: std::time::Duration::from_secs_f64(tcp_time_limit),
         }),
         Cmd::RelayFanout {
             subscribers,
