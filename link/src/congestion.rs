@@ -5,12 +5,17 @@
 //! 1 % random loss they hold the window at a few tens of kB and move under 1 Mbit/s of a
 //! 20 Mbit/s link. quinn's BBR overshoots instead (measured: `../shared/notes/quic-on-geo.md`).
 //! This controller keeps the window at `rate × RTT`, with RTT the smoothed round trip capped
-//! at [`RTT_CAP`] × the minimum: a window is acknowledged one raw round trip after it is sent,
+//! at [`RTT_CAP`] × the base RTT: a window is acknowledged one raw round trip after it is sent,
 //! and quinn's smoothed RTT has the receiver's ACK delay taken out, so the connection sends
 //! at most the configured rate on average (a window of `rate × min RTT` alone lost ~3 % to
 //! ACK delay and jitter on an emulated GEO hop). A random loss shrinks nothing. The cap keeps a
 //! rate set too high self-limiting: the queue it builds raises the smoothed RTT, but the window
 //! grows by at most a tenth of a round trip's worth before it stops following.
+//!
+//! The base RTT is the lowest *smoothed* RTT seen, not the lowest sample: on a path that
+//! reorders, a packet that overtakes others (netem-style, skipping the propagation delay)
+//! gives one sample of half the round trip, and a window built on it would halve the rate for
+//! the rest of the connection. One sample moves the smoothed RTT by an eighth of its error.
 //!
 //! Only safe where the rate really is reserved for the connection: it does not back off for
 //! competing traffic. Sustained heavy loss (a fade deeper than the link budget, a cut) is
@@ -58,12 +63,18 @@ impl ControllerFactory for FixedRateConfig {
 pub struct FixedRate {
     bytes_per_s: f64,
     mtu: u16,
+    /// The base RTT: the lowest smoothed RTT seen (see the module documentation).
     min_rtt: Option<Duration>,
     /// The RTT the window follows (smoothed, capped).
     rtt: Option<Duration>,
     initial_rtt: Duration,
     window: u64,
+    /// Acknowledged packets so far (up to [`SETTLE_ACKS`]).
+    acks: u32,
 }
+
+/// Acknowledged packets before the base RTT starts to follow the smoothed RTT's minimum.
+const SETTLE_ACKS: u32 = 64;
 
 impl FixedRate {
     pub fn new(rate_bps: u64, initial_rtt: Duration, mtu: u16) -> FixedRate {
@@ -74,6 +85,7 @@ impl FixedRate {
             rtt: None,
             initial_rtt,
             window: 0,
+            acks: 0,
         };
         c.window = c.compute_window();
         c
@@ -117,7 +129,19 @@ impl Controller for FixedRate {
         _app_limited: bool,
         rtt: &RttEstimator,
     ) {
-        self.on_rtt(rtt.get(), rtt.min());
+        let smoothed = rtt.get();
+        // The first samples set the smoothed RTT outright: one early packet among them would
+        // be the base for good. Let it settle first.
+        self.acks = self.acks.saturating_add(1);
+        let base = match self.min_rtt {
+            _ if self.acks < SETTLE_ACKS => smoothed,
+            Some(b) => b.min(smoothed),
+            None => smoothed,
+        };
+        self.on_rtt(smoothed, base);
+        if self.acks < SETTLE_ACKS {
+            self.min_rtt = None;
+        }
     }
 
     fn on_congestion_event(
@@ -221,6 +245,7 @@ impl SiteRate {
             if let Some((_, old)) = &self.fixed {
                 f.min_rtt = old.min_rtt;
                 f.rtt = old.rtt;
+                f.acks = old.acks;
                 f.window = f.compute_window();
             }
             self.fixed = Some((rate, f));

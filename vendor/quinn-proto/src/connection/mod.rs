@@ -60,6 +60,8 @@ mod packet_crypto;
 use packet_crypto::{PrevCrypto, ZeroRttCrypto};
 
 mod paths;
+mod reordering;
+use reordering::Reordering;
 pub use paths::RttEstimator;
 use paths::{PathData, PathResponses};
 
@@ -245,6 +247,15 @@ pub struct Connection {
     stats: ConnectionStats,
     /// QUIC version used for the connection.
     version: u32,
+    /// Adaptive loss-detection thresholds of the application data space (Tiandi patch)
+    reordering: Reordering,
+    /// An RTT sample waiting to see whether its packet overtook others (largest acknowledged,
+    /// ACK delay, RTT, when taken), see `resolve_pending_rtt_sample` (Tiandi patch)
+    pending_rtt_sample: Option<(u64, Duration, Duration, Instant)>,
+    /// Whether the application-data packet being processed arrived in order (the next number
+    /// after the largest received): an ACK in a packet that overtook others gives no RTT
+    /// sample (Tiandi patch)
+    rx_in_order: bool,
 }
 
 impl Connection {
@@ -358,6 +369,9 @@ impl Connection {
                 config.stream_receive_window,
             ),
             datagrams: DatagramState::default(),
+            reordering: Reordering::new(config.packet_threshold, config.time_threshold),
+            pending_rtt_sample: None,
+            rx_in_order: true,
             config,
             rem_cids: CidQueue::new(rem_cid),
             rng,
@@ -1471,6 +1485,7 @@ impl Connection {
         if ack.largest >= self.spaces[space].next_packet_number {
             return Err(TransportError::PROTOCOL_VIOLATION("unsent packet acked"));
         }
+        let prev_largest = self.spaces[space].largest_acked_packet;
         let new_largest = {
             let space = &mut self.spaces[space];
             if space.largest_acked_packet.is_none_or(|pn| ack.largest > pn) {
@@ -1489,15 +1504,56 @@ impl Connection {
 
         // Avoid DoS from unreasonably huge ack ranges by filtering out just the new acks.
         let mut newly_acked = ArrayRangeSet::new();
+        let mut spurious_frames = Vec::new();
+        let mut lowest_spurious = None::<u64>;
         for range in ack.iter() {
             self.packet_number_filter.check_ack(space, range.clone())?;
-            for (&pn, _) in self.spaces[space].sent_packets.range(range) {
+            for (&pn, _) in self.spaces[space].sent_packets.range(range.clone()) {
                 newly_acked.insert_one(pn);
+            }
+            if space == SpaceId::Data {
+                // Packets declared lost that arrived after all: the path reorders.
+                let rtt = self.path.rtt.conservative();
+                for lost in self.reordering.on_acked(range, now, rtt) {
+                    lowest_spurious = Some(lowest_spurious.map_or(lost.pn, |l| l.min(lost.pn)));
+                    spurious_frames.push(lost.stream_frames);
+                }
+            }
+        }
+        if !spurious_frames.is_empty() {
+            let count = spurious_frames.len() as u64;
+            self.stats.path.spurious_lost_packets += count;
+            trace!(
+                count,
+                packet_threshold = self.reordering.packet_threshold(),
+                time_threshold = self.reordering.time_threshold(),
+                "spurious losses: reordering thresholds adapted"
+            );
+            // Their data arrived: a retransmission still queued need not be sent.
+            for frames in spurious_frames {
+                for frame in frames {
+                    self.streams.received_ack_of(frame);
+                }
+            }
+            // A packet acknowledged below the largest is one that others overtook.
+            if let Some(lowest) = lowest_spurious {
+                self.resolve_pending_rtt_sample(now, Some(lowest));
             }
         }
 
         if newly_acked.is_empty() {
             return Ok(());
+        }
+
+        // A packet acknowledged below the largest acknowledged before this ACK arrived after
+        // packets sent later (the path reordered): an RTT sample taken from one of those may
+        // be a round trip shorter than the path's, and must not stay the minimum.
+        if let (Some(prev), Some(lowest), SpaceId::Data) =
+            (prev_largest, newly_acked.iter().next(), space)
+        {
+            if lowest.start < prev {
+                self.resolve_pending_rtt_sample(now, Some(lowest.start));
+            }
         }
 
         let mut ack_eliciting_acked = false;
@@ -1545,7 +1601,23 @@ impl Connection {
                 )
             };
             let rtt = now.saturating_duration_since(self.spaces[space].largest_acked_packet_sent);
-            self.path.rtt.update(ack_delay, rtt);
+            if space != SpaceId::Data {
+                self.path.rtt.update(ack_delay, rtt);
+            } else if !self.rx_in_order {
+                // The packet carrying this ACK overtook packets the peer sent before it: it may
+                // have skipped part of the path's delay. No sample (Tiandi patch).
+            } else {
+                self.resolve_pending_rtt_sample(now, None);
+                if self.pending_rtt_sample.is_some() {
+                    // One sample waits at a time; plenty of others follow.
+                } else if self.unacked_ack_eliciting_below(ack.largest) {
+                    // Packets sent before the largest are still unacknowledged: lost, or
+                    // overtaken by it. Wait and see (Tiandi patch).
+                    self.pending_rtt_sample = Some((ack.largest, ack_delay, rtt, now));
+                } else {
+                    self.path.rtt.update(ack_delay, rtt);
+                }
+            }
             if self.path.first_packet_after_rtt_sample.is_none() {
                 self.path.first_packet_after_rtt_sample =
                     Some((space, self.spaces[space].next_packet_number));
@@ -1689,15 +1761,59 @@ impl Connection {
         self.set_loss_detection_timer(now);
     }
 
+    /// Whether an ack-eliciting packet below `pn` is still unacknowledged (and not declared
+    /// lost). Looks at a bounded number of packets: beyond that, says no.
+    fn unacked_ack_eliciting_below(&self, pn: u64) -> bool {
+        self.spaces[SpaceId::Data]
+            .sent_packets
+            .range(..pn)
+            .take(1024)
+            .any(|(_, info)| info.ack_eliciting)
+    }
+
+    /// An RTT sample held back because packets sent before its packet were unacknowledged
+    /// (Tiandi patch). If one of them is acknowledged after it (`overtaken`: the lowest such
+    /// packet), its packet may have overtaken them by skipping part of the path's delay: the
+    /// sample is dropped (if they were late instead, the sample was good, but plenty of others
+    /// follow). Overtaken packets show up within the sample's shortfall against the smoothed
+    /// RTT, plus two ACK delays; once that grace has passed without one, the packets were lost
+    /// (or are far behind) and the sample counts.
+    fn resolve_pending_rtt_sample(&mut self, now: Instant, overtaken: Option<u64>) {
+        let Some((largest, ack_delay, rtt, at)) = self.pending_rtt_sample else {
+            return;
+        };
+        if overtaken.is_some_and(|pn| pn < largest) {
+            self.pending_rtt_sample = None;
+            return;
+        }
+        // A packet that overtook others by skipping `d` of the path's delay gives a sample `d`
+        // below the path's round trip, and the first packet it overtook is acknowledged at most
+        // `d` (and an ACK delay) after it.
+        let grace = self.path.rtt.get().saturating_sub(rtt) + 2 * self.ack_frequency.peer_max_ack_delay;
+        if now.saturating_duration_since(at) >= grace {
+            self.pending_rtt_sample = None;
+            self.path.rtt.update(ack_delay, rtt);
+        }
+    }
+
     fn detect_lost_packets(&mut self, now: Instant, pn_space: SpaceId, due_to_ack: bool) {
         let mut lost_packets = Vec::<u64>::new();
         let mut lost_mtu_probe = None;
         let in_flight_mtu_probe = self.path.mtud.in_flight_mtu_probe();
         let rtt = self.path.rtt.conservative();
-        let loss_delay = cmp::max(rtt.mul_f32(self.config.time_threshold), TIMER_GRANULARITY);
+        let (packet_threshold, time_threshold) = match pn_space {
+            SpaceId::Data => (
+                self.reordering.packet_threshold(),
+                self.reordering.time_threshold(),
+            ),
+            _ => (
+                self.config.packet_threshold as u64,
+                self.config.time_threshold,
+            ),
+        };
+        let loss_delay = cmp::max(rtt.mul_f32(time_threshold), TIMER_GRANULARITY);
 
         let largest_acked_packet = self.spaces[pn_space].largest_acked_packet.unwrap();
-        let packet_threshold = self.config.packet_threshold as u64;
         let mut size_of_lost_packets = 0u64;
 
         // InPersistentCongestion: Determine if all packets in the time period before the newest
@@ -1784,6 +1900,14 @@ impl Connection {
                     self.orig_rem_cid,
                 );
                 self.remove_in_flight(&info);
+                if pn_space == SpaceId::Data && info.ack_eliciting {
+                    self.reordering.on_lost(
+                        packet,
+                        info.time_sent,
+                        largest_acked_packet,
+                        info.stream_frames.clone(),
+                    );
+                }
                 for frame in info.stream_frames {
                     self.streams.retransmit(frame);
                 }
@@ -1801,6 +1925,9 @@ impl Connection {
 
             // Don't apply congestion penalty for lost ack-only packets
             let lost_ack_eliciting = old_bytes_in_flight != self.path.in_flight.bytes;
+            if pn_space == SpaceId::Data && lost_ack_eliciting {
+                self.reordering.on_loss_episode(now, rtt);
+            }
 
             if lost_ack_eliciting {
                 self.stats.path.congestion_events += 1;
@@ -1963,6 +2090,10 @@ impl Connection {
             }
         }
         let space = &mut self.spaces[space_id];
+        if space_id == SpaceId::Data {
+            // (Equal only for the space's first packet: duplicates are dropped before this.)
+            self.rx_in_order = packet == space.rx_packet + 1 || packet == space.rx_packet;
+        }
         space.pending_acks.insert_one(packet, now);
         if packet >= space.rx_packet {
             space.rx_packet = packet;

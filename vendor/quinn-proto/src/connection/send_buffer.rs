@@ -42,6 +42,9 @@ impl SendBuffer {
 
     /// Discard a range of acknowledged stream data
     pub(super) fn ack(&mut self, mut range: Range<u64>) {
+        // Acknowledged data is never sent again, even if it was deemed lost before (a spurious
+        // loss on a reordering path). Tiandi patch.
+        self.retransmits.remove(range.clone());
         // Clamp the range to data which is still tracked
         let base_offset = self.offset - self.unacked_len as u64;
         range.start = base_offset.max(range.start);
@@ -171,7 +174,25 @@ impl SendBuffer {
     /// Queue a range of sent but unacknowledged data to be retransmitted
     pub(super) fn retransmit(&mut self, range: Range<u64>) {
         debug_assert!(range.end <= self.unsent, "unsent data can't be lost");
-        self.retransmits.insert(range);
+        // Data acknowledged meanwhile through another copy (a packet declared lost whose data
+        // was sent again and acknowledged, or whose own late acknowledgement came first) is not
+        // sent again; data already discarded cannot be. Tiandi patch: with spurious losses
+        // recognised, a range can be acknowledged before a later copy of it is declared lost.
+        let base = self.offset - self.unacked_len as u64;
+        let start = range.start.max(base);
+        if start >= range.end {
+            return;
+        }
+        let range = start..range.end;
+        self.retransmits.insert(range.clone());
+        let acked: Vec<Range<u64>> = self
+            .acks
+            .iter()
+            .filter(|a| a.start < range.end && a.end > range.start)
+            .collect();
+        for a in acked {
+            self.retransmits.remove(a);
+        }
     }
 
     pub(super) fn retransmit_all_for_0rtt(&mut self) {

@@ -1,5 +1,4 @@
 use std::{
-    cmp,
     collections::{BTreeMap, VecDeque},
     mem,
     ops::{Bound, Index, IndexMut, Range},
@@ -467,25 +466,76 @@ impl ThinRetransmits {
 ///     ^        ^ ^
 /// window highest next
 /// ```
+///
+/// Tiandi patch: the window starts at 1024 packets (upstream: a fixed 128) and grows
+/// (doubling, up to [`MAX_WINDOW_BITS`]) the first time a packet arrives beyond its left edge.
+/// Upstream's 128 packets discard, as possible duplicates, packets that a reordering path
+/// delivers more than 128 packets late: at 20 Mbit/s that is 110 ms, and a packet overtaken by
+/// one that skipped a satellite hop's 300 ms is ~500 packets late. Discarded, it must be sent
+/// again, and the copy is overtaken in turn. A packet that finds the window too small is still
+/// discarded (packets beyond the old edge are assumed received); later ones fit.
 pub(super) struct Dedup {
-    window: Window,
+    /// Bit `i` (word `i / 64`, bit `i % 64`) is set if packet `highest - 1 - i` was received.
+    window: Vec<u64>,
     /// Lowest packet number higher than all yet authenticated.
     next: u64,
 }
 
-/// Inner bitfield type.
-///
-/// Because QUIC never reuses packet numbers, this only needs to be large enough to deal with
-/// packets that are reordered but still delivered in a timely manner.
-type Window = u128;
-
-/// Number of packets tracked by `Dedup`.
-const WINDOW_SIZE: u64 = 1 + mem::size_of::<Window>() as u64 * 8;
+/// Packets below the highest tracked at first: 1024 (128 bytes).
+const INITIAL_WINDOW_WORDS: usize = 16;
+/// Packets below the highest tracked at most: 8192 bits, 1 KiB per packet number space.
+pub(super) const MAX_WINDOW_BITS: u64 = 8192;
 
 impl Dedup {
     /// Construct an empty window positioned at the start.
     pub(super) fn new() -> Self {
-        Self { window: 0, next: 0 }
+        Self {
+            window: vec![0; INITIAL_WINDOW_WORDS],
+            next: 0,
+        }
+    }
+
+    fn bits(&self) -> u64 {
+        self.window.len() as u64 * 64
+    }
+
+    fn get(&self, i: u64) -> bool {
+        self.window[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+
+    fn set(&mut self, i: u64) {
+        self.window[(i / 64) as usize] |= 1 << (i % 64);
+    }
+
+    /// Moves every bit `n` places towards the old end (bits pushed past it are dropped).
+    fn shift(&mut self, n: u64) {
+        let len = self.window.len();
+        if n >= self.bits() {
+            self.window.iter_mut().for_each(|w| *w = 0);
+            return;
+        }
+        let (words, bits) = ((n / 64) as usize, (n % 64) as u32);
+        for i in (0..len).rev() {
+            let lo = i.checked_sub(words).map_or(0, |j| self.window[j]);
+            let carry = match (bits, i.checked_sub(words + 1)) {
+                (0, _) | (_, None) => 0,
+                (b, Some(j)) => self.window[j] >> (64 - b),
+            };
+            self.window[i] = (lo << bits) | carry;
+        }
+    }
+
+    /// Doubles the window until bit `i` fits (at most [`MAX_WINDOW_BITS`]); packets beyond the
+    /// old edge are assumed received. Returns whether it fits now.
+    fn grow_to(&mut self, i: u64) -> bool {
+        if i >= MAX_WINDOW_BITS {
+            return false;
+        }
+        while i >= self.bits() {
+            let len = self.window.len();
+            self.window.resize(len * 2, u64::MAX);
+        }
+        true
     }
 
     /// Highest packet number authenticated.
@@ -498,26 +548,25 @@ impl Dedup {
     /// Returns whether the packet might be a duplicate.
     pub(super) fn insert(&mut self, packet: u64) -> bool {
         if let Some(diff) = packet.checked_sub(self.next) {
-            // Right of window
-            self.window = ((self.window << 1) | 1)
-                .checked_shl(cmp::min(diff, u64::from(u32::MAX)) as u32)
-                .unwrap_or(0);
+            // Right of window: the old highest moves into the bitfield, `diff` places in (on
+            // the first packet, as upstream, a packet -1 that never was).
+            self.shift(diff + 1);
+            if diff < self.bits() {
+                self.set(diff);
+            }
             self.next = packet + 1;
             false
-        } else if self.highest() - packet < WINDOW_SIZE {
-            // Within window
-            if let Some(bit) = (self.highest() - packet).checked_sub(1) {
-                // < highest
-                let mask = 1 << bit;
-                let duplicate = self.window & mask != 0;
-                self.window |= mask;
-                duplicate
-            } else {
-                // == highest
-                true
+        } else if let Some(i) = (self.highest() - packet).checked_sub(1) {
+            if i >= self.bits() {
+                // Left of window: assumed received, but make room for the next such packet.
+                self.grow_to(i);
+                return true;
             }
+            let duplicate = self.get(i);
+            self.set(i);
+            duplicate
         } else {
-            // Left of window
+            // == highest
             true
         }
     }
@@ -528,50 +577,34 @@ impl Dedup {
     fn smallest_missing_in_interval(&self, lower_bound: u64, upper_bound: u64) -> Option<u64> {
         debug_assert!(lower_bound <= upper_bound);
         debug_assert!(upper_bound <= self.highest());
-        const BITFIELD_SIZE: u64 = (mem::size_of::<Window>() * 8) as u64;
-
-        // Since we already know the packets at the boundaries have been received, we only need to
-        // check those in between them (this removes the necessity of extra logic to deal with the
-        // highest packet, which is stored outside the bitfield)
-        let lower_bound = lower_bound + 1;
-        let upper_bound = upper_bound.saturating_sub(1);
-
-        // Note: the offsets are counted from the right
-        // The highest packet is not included in the bitfield, so we subtract 1 to account for that
-        let start_offset = (self.highest() - upper_bound).max(1) - 1;
-        if start_offset >= BITFIELD_SIZE {
-            // The start offset is outside of the window. All packets outside of the window are
-            // considered to be received.
+        // Packets strictly between the bounds, `lower + 1 ..= upper - 1`, are bits
+        // `highest - upper ..= highest - lower - 2`, the smallest packet being the highest bit.
+        // Bits beyond the window count as received.
+        let first = self.highest() - upper_bound;
+        let last = (self.highest() - lower_bound)
+            .checked_sub(2)?
+            .min(self.bits() - 1);
+        if upper_bound <= lower_bound + 1 || first > last {
             return None;
         }
-
-        let end_offset_exclusive = self.highest().saturating_sub(lower_bound);
-
-        // The range is clamped at the edge of the window, because any earlier packets are
-        // considered to be received
-        let range_len = end_offset_exclusive
-            .saturating_sub(start_offset)
-            .min(BITFIELD_SIZE);
-        if range_len == 0 {
-            return None;
-        }
-
-        // Ensure the shift is within bounds (we already know start_offset < BITFIELD_SIZE,
-        // because of the early return)
-        let mask = if range_len == BITFIELD_SIZE {
-            u128::MAX
-        } else {
-            ((1u128 << range_len) - 1) << start_offset
-        };
-        let gaps = !self.window & mask;
-
-        let smallest_missing_offset = 128 - gaps.leading_zeros() as u64;
-        let smallest_missing_packet = self.highest() - smallest_missing_offset;
-
-        if smallest_missing_packet <= upper_bound {
-            Some(smallest_missing_packet)
-        } else {
-            None
+        // Scan from the oldest end (smallest packet) down.
+        let mut i = last;
+        loop {
+            let word = self.window[(i / 64) as usize];
+            let bit = i % 64;
+            // Bits bit..=0 of this word, limited below by `first`.
+            let low = if i / 64 == first / 64 { first % 64 } else { 0 };
+            let mask = (u64::MAX >> (63 - bit)) & (u64::MAX << low);
+            let gaps = !word & mask;
+            if gaps != 0 {
+                let top = 63 - gaps.leading_zeros() as u64;
+                let idx = (i / 64) * 64 + top;
+                return Some(self.highest() - 1 - idx);
+            }
+            if i / 64 == first / 64 {
+                return None;
+            }
+            i = (i / 64) * 64 - 1;
         }
     }
 
@@ -927,37 +960,78 @@ const MAX_ACK_BLOCKS: usize = 64;
 mod test {
     use super::*;
 
+    /// The first window's size, and its first 128 bits as upstream's `u128`.
+    const WINDOW_SIZE: u64 = 1 + 64 * INITIAL_WINDOW_WORDS as u64;
+    impl Dedup {
+        fn low(&self) -> u128 {
+            u128::from(self.window[0]) | u128::from(self.window[1]) << 64
+        }
+    }
+
+    #[test]
+    fn the_window_grows_when_a_packet_falls_beyond_it() {
+        let mut dedup = Dedup::new();
+        for i in 0..1000 {
+            if i != 400 && i != 900 {
+                assert!(!dedup.insert(i));
+            }
+        }
+        // 600 behind fits the first window.
+        assert!(!dedup.insert(400));
+        assert!(dedup.insert(400));
+        // 4000 is 1999 behind 5999: beyond the first window, assumed received; it grows.
+        for i in 1000..6000 {
+            if i != 4000 && i != 10_000 {
+                assert!(!dedup.insert(i));
+            }
+        }
+        assert!(dedup.insert(4000));
+        assert!(dedup.bits() >= 2000);
+        for i in 6000..12_000 {
+            if i != 10_000 {
+                assert!(!dedup.insert(i));
+            }
+        }
+        assert!(!dedup.insert(10_000), "1999 behind fits the grown window");
+        assert!(dedup.insert(10_000));
+        assert_eq!(dedup.smallest_missing_in_interval(9000, 11_999), None);
+        // Never beyond the cap.
+        dedup.insert(3000 + MAX_WINDOW_BITS * 4);
+        assert!(dedup.insert(3000 + MAX_WINDOW_BITS));
+        assert!(dedup.bits() <= MAX_WINDOW_BITS);
+    }
+
     #[test]
     fn sanity() {
         let mut dedup = Dedup::new();
         assert!(!dedup.insert(0));
         assert_eq!(dedup.next, 1);
-        assert_eq!(dedup.window, 0b1);
+        assert_eq!(dedup.low(), 0b1);
         assert!(dedup.insert(0));
         assert_eq!(dedup.next, 1);
-        assert_eq!(dedup.window, 0b1);
+        assert_eq!(dedup.low(), 0b1);
         assert!(!dedup.insert(1));
         assert_eq!(dedup.next, 2);
-        assert_eq!(dedup.window, 0b11);
+        assert_eq!(dedup.low(), 0b11);
         assert!(!dedup.insert(2));
         assert_eq!(dedup.next, 3);
-        assert_eq!(dedup.window, 0b111);
+        assert_eq!(dedup.low(), 0b111);
         assert!(!dedup.insert(4));
         assert_eq!(dedup.next, 5);
-        assert_eq!(dedup.window, 0b11110);
+        assert_eq!(dedup.low(), 0b11110);
         assert!(!dedup.insert(7));
         assert_eq!(dedup.next, 8);
-        assert_eq!(dedup.window, 0b1111_0100);
+        assert_eq!(dedup.low(), 0b1111_0100);
         assert!(dedup.insert(4));
         assert!(!dedup.insert(3));
         assert_eq!(dedup.next, 8);
-        assert_eq!(dedup.window, 0b1111_1100);
+        assert_eq!(dedup.low(), 0b1111_1100);
         assert!(!dedup.insert(6));
         assert_eq!(dedup.next, 8);
-        assert_eq!(dedup.window, 0b1111_1101);
+        assert_eq!(dedup.low(), 0b1111_1101);
         assert!(!dedup.insert(5));
         assert_eq!(dedup.next, 8);
-        assert_eq!(dedup.window, 0b1111_1111);
+        assert_eq!(dedup.low(), 0b1111_1111);
     }
 
     #[test]
@@ -977,10 +1051,11 @@ mod test {
         dedup.insert(2 * WINDOW_SIZE);
         assert!(dedup.insert(WINDOW_SIZE));
         assert_eq!(dedup.next, 2 * WINDOW_SIZE + 1);
-        assert_eq!(dedup.window, 0);
+        assert_eq!(dedup.low(), 0);
         assert!(!dedup.insert(WINDOW_SIZE + 1));
         assert_eq!(dedup.next, 2 * WINDOW_SIZE + 1);
-        assert_eq!(dedup.window, 1 << (WINDOW_SIZE - 2));
+        assert!(dedup.get(WINDOW_SIZE - 2));
+        assert_eq!(dedup.window.iter().take(16).map(|w| w.count_ones()).sum::<u32>(), 1);
     }
 
     #[test]
@@ -1041,12 +1116,13 @@ mod test {
         dedup.insert(170);
         dedup.insert(172);
         dedup.insert(300);
-        assert_eq!(dedup.smallest_missing_in_interval(170, 172), None);
+        // Upstream's 128-packet window no longer holds 171 here; the larger one does.
+        assert_eq!(dedup.smallest_missing_in_interval(170, 172), Some(171));
 
-        dedup.insert(500);
-        assert_eq!(dedup.smallest_missing_in_interval(0, 500), Some(372));
-        assert_eq!(dedup.smallest_missing_in_interval(0, 373), Some(372));
-        assert_eq!(dedup.smallest_missing_in_interval(0, 372), None);
+        dedup.insert(1400);
+        assert_eq!(dedup.smallest_missing_in_interval(0, 1400), Some(376));
+        assert_eq!(dedup.smallest_missing_in_interval(0, 377), Some(376));
+        assert_eq!(dedup.smallest_missing_in_interval(0, 376), None);
     }
 
     #[test]

@@ -146,6 +146,9 @@ pub struct PathStats {
     pub lost_packets: u64,
     /// The amount of bytes lost on this path
     pub lost_bytes: u64,
+    /// Packets declared lost that were acknowledged later: the path reordered them (counted
+    /// in `lost_packets` too). Tiandi patch.
+    pub spurious_lost_packets: u64,
     /// The amount of packets sent on this path
     pub sent_packets: u64,
     /// The amount of PLPMTUD probe packets sent on this path (also counted by `sent_packets`)

@@ -405,7 +405,7 @@ impl StreamsState {
             self.send
                 .get(&stream.id)
                 .and_then(|s| s.as_ref())
-                .is_some_and(|s| !s.is_reset())
+                .is_some_and(|s| !s.is_reset() && s.is_pending())
         })
     }
 
@@ -628,6 +628,11 @@ impl StreamsState {
             // hasn't acknowledged the reset, but should not generate STREAM frames, so we need to
             // check for them explicitly.
             if stream.is_reset() {
+                continue;
+            }
+            // Nothing left to send: what was queued for retransmission was acknowledged after
+            // all (Tiandi patch).
+            if !stream.is_pending() {
                 continue;
             }
 
