@@ -432,3 +432,65 @@ impl Drop for AgentProc {
         self.kill9();
     }
 }
+
+impl ControllerProc {
+    /// [`ControllerProc::start_with`] with the QUIC transport profile `profile` (`geo`, `leo`,
+    /// `terrestrial`) instead of `terrestrial`: what a controller serving satellite sites runs
+    /// (the profile sets the initial RTT and the flow-control windows a long link needs).
+    pub fn start_with_profile(
+        dir: &Path,
+        netns: Option<(&str, std::net::IpAddr)>,
+        profile: &str,
+        extra_config: &str,
+    ) -> ControllerProc {
+        std::fs::create_dir_all(dir).unwrap();
+        let (quic, api, ops) = match netns {
+            Some((_, ip)) => (
+                SocketAddr::new(ip, 4433),
+                "127.0.0.1:18080".parse().unwrap(),
+                "127.0.0.1:19090".parse().unwrap(),
+            ),
+            None => (free_udp(), free_tcp(), free_tcp()),
+        };
+        let config = dir.join("controller.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = {:?}\nquic_listen = \"{quic}\"\napi_listen = \"{api}\"\nops_listen = \"{ops}\"\nprofile = {profile:?}\nlog = \"info,tiandi_controller=debug\"\n{extra_config}\n",
+                dir.join("data")
+            ),
+        )
+        .unwrap();
+        let mut c = ControllerProc {
+            dir: dir.to_path_buf(),
+            quic,
+            api,
+            ops,
+            config,
+            child: None,
+            log: dir.join("controller.log"),
+            netns: netns.map(|(ns, _)| ns.to_string()),
+        };
+        c.spawn();
+        c
+    }
+}
+
+impl AgentProc {
+    /// Sets the QUIC transport profile in the agent's config (`geo`, `leo`, `terrestrial`;
+    /// [`AgentProc::configure`] writes `terrestrial`); takes effect at the next `start`.
+    pub fn set_profile(&self, profile: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let text = text.replacen(
+            "profile = \"terrestrial\"\n",
+            &format!("profile = {profile:?}\n"),
+            1,
+        );
+        assert!(
+            text.contains(&format!("profile = {profile:?}\n")),
+            "no profile line in {}",
+            self.config.display()
+        );
+        std::fs::write(&self.config, text).unwrap();
+    }
+}

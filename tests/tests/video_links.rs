@@ -90,8 +90,26 @@ fn stat(line: &str, key: &str) -> f64 {
         .unwrap_or_else(|| panic!("{key} missing in {line:?}"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn geo_under_a_second_narrow_link_gets_the_low_rendition_nobody_stalls() {
+/// What the GEO site played (`tiandi-video join`'s summary and the recording read back).
+struct GeoPlayed {
+    /// The summary line.
+    line: String,
+    video_frames: usize,
+    audio_frames: usize,
+    /// Groups the player skipped per track (dropped on the way, or given up on as late):
+    /// video, audio.
+    skipped: Vec<u64>,
+    /// The longest wall-clock wait between consecutive frames per track (ms): video, audio.
+    max_wall_gap_ms: Vec<f64>,
+}
+
+/// The scenario of [`geo_under_a_second_narrow_link_gets_the_low_rendition_nobody_stalls`],
+/// with every assertion of it: the ministry publishes the test pattern on a relay; a GEO site
+/// (600 ms RTT, 1 % loss, 4 Mbit/s), a site behind 512 kbit/s and a terrestrial site watch it
+/// for 30 s. `geo_displace_pct` of the GEO link's frames (both ways) are held back by 1–20 ms
+/// (the emulator's bounded reordering; 0: none). Topologies running side by side need their
+/// own `prefix` and `net`. Returns what the GEO site played.
+async fn geo_narrow_terrestrial(prefix: &str, net: [u8; 3], geo_displace_pct: f64) -> GeoPlayed {
     assert!(
         can_emulate_links(),
         "this test needs root and /dev/net/tun (CI runs it as root)"
@@ -101,6 +119,8 @@ async fn geo_under_a_second_narrow_link_gets_the_low_rendition_nobody_stalls() {
         delay_ms: 300.0,
         loss_pct: 1.0,
         queue_bytes: 400_000,
+        displace_pct: geo_displace_pct,
+        displace_ms: 20.0,
         ..Shape::default()
     };
     let narrow_down = Shape {
@@ -116,8 +136,8 @@ async fn geo_under_a_second_narrow_link_gets_the_low_rendition_nobody_stalls() {
         ..Shape::default()
     };
     let spec = Spec {
-        prefix: "tdvid".into(),
-        net: [10, 204, 0],
+        prefix: prefix.into(),
+        net,
         sites: vec![
             (geo.clone(), geo),
             (lan.clone(), narrow_down),
@@ -303,4 +323,62 @@ async fn geo_under_a_second_narrow_link_gets_the_low_rendition_nobody_stalls() {
         );
     }
     drop(topo);
+    let list = |key: &str| -> Vec<f64> {
+        g.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("{key} missing in {g:?}"))
+            .split(',')
+            .map(|v| v.parse().unwrap())
+            .collect()
+    };
+    GeoPlayed {
+        skipped: list("skipped").into_iter().map(|v| v as u64).collect(),
+        max_wall_gap_ms: list("max_wall_gap_ms"),
+        video_frames: gv.len(),
+        audio_frames: ga.len(),
+        line: g,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn geo_under_a_second_narrow_link_gets_the_low_rendition_nobody_stalls() {
+    let geo = geo_narrow_terrestrial("tdvid", [10, 204, 0], 0.0).await;
+    eprintln!(
+        "gd-geo without reordering: video_frames={} audio_frames={} skipped={:?} max_wall_gap_ms={:?}",
+        geo.video_frames, geo.audio_frames, geo.skipped, geo.max_wall_gap_ms
+    );
+}
+
+/// Issue 13: at 1 % bounded reordering (frames held back 1–20 ms) on the GEO link, the GEO site
+/// loses no more groups than without reordering, and nothing freezes for longer.
+///
+/// The name extends the test above so that nextest's override for it (`test(…)` matches by
+/// substring) runs this one alone too: real encoders in real time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn geo_under_a_second_narrow_link_gets_the_low_rendition_nobody_stalls_with_1_pct_bounded_reordering()
+ {
+    // Every assertion of the test without reordering holds (inside the scenario), among them
+    // the GEO site's own: latency, the sound never stalls for 1 s, more than 400 video and 800
+    // audio frames recorded.
+    let geo = geo_narrow_terrestrial("tdvidr", [10, 205, 0], 1.0).await;
+    eprintln!(
+        "gd-geo with 1 % bounded reordering: video_frames={} audio_frames={} skipped={:?} max_wall_gap_ms={:?}",
+        geo.video_frames, geo.audio_frames, geo.skipped, geo.max_wall_gap_ms
+    );
+    // "No more groups lost than without reordering", as a fixed bound rather than a second run
+    // of the same scenario to compare with (random loss makes two runs differ): the test
+    // without reordering accepts more than 400 video frames of the 750 that 30 s at 25 fps
+    // carry, i.e. at most (750 − 400) / 50 = 7 lost video groups (a keyframe every 50
+    // frames). The same frame threshold holds here (asserted inside the scenario), and the
+    // groups the player skipped (whole, or given up on part-way as late) must stay within that
+    // bound. "No longer freeze": the scenario's own stall bound, the sound never stopping for
+    // 1 s, holds here too. (Measured on a 2-core machine, three runs each: without reordering
+    // 4–6 video groups skipped and 609–676 video frames; with it 4–5 and 626–677.)
+    const VIDEO_GROUPS_LOST_AT_MOST: u64 = (750 - 400) / 50;
+    assert!(
+        geo.skipped[0] <= VIDEO_GROUPS_LOST_AT_MOST,
+        "{} video groups lost at 1 % bounded reordering (without: at most {VIDEO_GROUPS_LOST_AT_MOST}): {}",
+        geo.skipped[0],
+        geo.line
+    );
 }
