@@ -73,6 +73,9 @@ impl Direction {
     }
 }
 
+/// A datagram on its way: (arrival, order sent, towards the site?, bytes).
+type InFlight = (Instant, u64, bool, Vec<u8>);
+
 struct Node {
     endpoint: Endpoint,
     addr: SocketAddr,
@@ -161,8 +164,7 @@ fn transfer(down: Impairment, up: Impairment, seed: u64) -> Outcome {
             rng: SmallRng::seed_from_u64(seed ^ 0x5eed),
         },
     ];
-    // In flight: (arrival, order, towards the site?, datagram).
-    let mut wire: BinaryHeap<Reverse<(Instant, u64, bool, Vec<u8>)>> = BinaryHeap::new();
+    let mut wire: BinaryHeap<Reverse<InFlight>> = BinaryHeap::new();
     let mut order = 0u64;
     let mut buf = Vec::new();
     let payload = vec![0x5au8; 64 * 1024];
