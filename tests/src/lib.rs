@@ -124,36 +124,7 @@ impl ControllerProc {
         netns: Option<(&str, std::net::IpAddr)>,
         extra_config: &str,
     ) -> ControllerProc {
-        std::fs::create_dir_all(dir).unwrap();
-        let (quic, api, ops) = match netns {
-            Some((_, ip)) => (
-                SocketAddr::new(ip, 4433),
-                "127.0.0.1:18080".parse().unwrap(),
-                "127.0.0.1:19090".parse().unwrap(),
-            ),
-            None => (free_udp(), free_tcp(), free_tcp()),
-        };
-        let config = dir.join("controller.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "data_dir = {:?}\nquic_listen = \"{quic}\"\napi_listen = \"{api}\"\nops_listen = \"{ops}\"\nprofile = \"terrestrial\"\nlog = \"info,tiandi_controller=debug\"\n{extra_config}\n",
-                dir.join("data")
-            ),
-        )
-        .unwrap();
-        let mut c = ControllerProc {
-            dir: dir.to_path_buf(),
-            quic,
-            api,
-            ops,
-            config,
-            child: None,
-            log: dir.join("controller.log"),
-            netns: netns.map(|(ns, _)| ns.to_string()),
-        };
-        c.spawn();
-        c
+        ControllerProc::start_with_profile(dir, netns, "terrestrial", extra_config)
     }
 
     fn spawn(&mut self) {
