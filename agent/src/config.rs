@@ -170,6 +170,8 @@ impl Config {
         rate: tiandi_link::congestion::RateSlot,
     ) -> std::sync::Arc<quinn::TransportConfig> {
         let mut t = self.profile.transport_config();
+        // Uploads end faster on a lossy link (vendor/README.md: tail copies).
+        t.tail_copies(true);
         match self.link_rate_mbit {
             Some(mbit) => {
                 t.congestion_controller_factory(std::sync::Arc::new(

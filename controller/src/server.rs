@@ -119,6 +119,9 @@ pub async fn accept_loop(
                 initial_rtt,
             )));
             let mut config = (*server_config).clone();
+            // The last window of a transfer once more into the round trip the link would
+            // idle through, when that transfer lost packets (vendor/README.md).
+            transport.tail_copies(true);
             config.transport_config(Arc::new(transport));
             let connecting = match incoming.accept_with(Arc::new(config)) {
                 Ok(c) => c,

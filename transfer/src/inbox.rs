@@ -620,7 +620,11 @@ impl Inbox {
             }
             pending.push(index);
             first_pending.get_or_insert_with(Instant::now);
-            if pending.len() >= SYNC_CHUNKS {
+            // The last chunk in: commit now, not at the next sync (it would hold up the receipt
+            // for up to `SYNC_INTERVAL`).
+            let all_in =
+                st.verified.count() as usize + pending.len() >= manifest.chunk_count() as usize;
+            if pending.len() >= SYNC_CHUNKS || all_in {
                 self.commit(&file, &mut st, &mut pending, w, true).await?;
                 first_pending = None;
             }

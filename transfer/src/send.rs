@@ -219,7 +219,25 @@ pub async fn send_file(
         .collect();
     let ahead = Arc::new(AtomicU64::new(0));
     let ahead_freed = Arc::new(tokio::sync::Notify::new());
+    // Progress at debug level, once a second until every chunk is handed to QUIC.
+    let mut shown = Some(Instant::now());
     loop {
+        if shown.is_some_and(|t| t.elapsed() >= Duration::from_secs(1)) {
+            shown = Some(Instant::now());
+            let st = conn.stats();
+            debug!(
+                ms = t0.elapsed().as_millis() as u64,
+                sent = progress.sent_bytes.load(Ordering::Relaxed),
+                acked = progress.acked_bytes.load(Ordering::Relaxed),
+                ahead = ahead.load(Ordering::Relaxed),
+                queued = queue.len(),
+                cwnd = st.path.cwnd,
+                rtt_ms = st.path.rtt.as_millis() as u64,
+                lost = st.path.lost_packets,
+                sent_packets = st.path.sent_packets,
+                "Sending."
+            );
+        }
         // Take whatever the receiver said, without waiting.
         while let Ok(f) = rx.try_recv() {
             last_heard = Instant::now();
@@ -350,6 +368,12 @@ pub async fn send_file(
             continue;
         }
         // Everything sent: wait for acknowledgements, resend requests, or the receipt.
+        if shown.take().is_some() {
+            debug!(
+                ms = t0.elapsed().as_millis() as u64,
+                "Every chunk handed to QUIC."
+            );
+        }
         let wait = opts.stall_timeout.saturating_sub(last_heard.elapsed());
         match tokio::time::timeout(wait, rx.recv()).await {
             Ok(Some(f)) => {

@@ -32,6 +32,7 @@ pub struct TransportConfig {
     pub(crate) receive_window: VarInt,
     pub(crate) send_window: u64,
     pub(crate) send_fairness: bool,
+    pub(crate) tail_copies: bool,
 
     pub(crate) packet_threshold: u32,
     pub(crate) time_threshold: f32,
@@ -156,6 +157,17 @@ impl TransportConfig {
     /// many small streams.
     pub fn send_fairness(&mut self, value: bool) -> &mut Self {
         self.send_fairness = value;
+        self
+    }
+
+    /// Whether, at the end of a congestion-limited burst on a path that loses packets, the
+    /// sent and unacknowledged stream data of the last congestion window is sent once more
+    /// into the round trip the link would otherwise idle through (newest stream first), so
+    /// that a packet lost once is not waited for. Costs at most one congestion window per
+    /// burst; never happens without loss in that burst or when the application limits the
+    /// rate. Tiandi patch; off by default.
+    pub fn tail_copies(&mut self, value: bool) -> &mut Self {
+        self.tail_copies = value;
         self
     }
 
@@ -378,6 +390,7 @@ impl Default for TransportConfig {
             receive_window: VarInt::MAX,
             send_window: (8 * STREAM_RWND).into(),
             send_fairness: true,
+            tail_copies: false,
 
             packet_threshold: 3,
             time_threshold: 9.0 / 8.0,
@@ -416,6 +429,7 @@ impl fmt::Debug for TransportConfig {
             receive_window,
             send_window,
             send_fairness,
+            tail_copies,
             packet_threshold,
             time_threshold,
             initial_rtt,
@@ -445,6 +459,7 @@ impl fmt::Debug for TransportConfig {
             .field("receive_window", receive_window)
             .field("send_window", send_window)
             .field("send_fairness", send_fairness)
+            .field("tail_copies", tail_copies)
             .field("packet_threshold", packet_threshold)
             .field("time_threshold", time_threshold)
             .field("initial_rtt", initial_rtt)

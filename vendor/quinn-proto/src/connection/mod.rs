@@ -235,6 +235,12 @@ pub struct Connection {
     /// Whether the last `poll_transmit` call yielded no data because there was
     /// no outgoing application data.
     app_limited: bool,
+    /// Tail copies (Tiandi patch, [`TransportConfig::tail_copies`]): whether stream data waited
+    /// for the congestion window since the last copy round, the lost-packet count when it
+    /// began to, and the stream data written by the last copy round.
+    tail_armed: bool,
+    tail_lost_at_arm: u64,
+    tail_data_at_copy: u64,
 
     streams: StreamsState,
     /// Surplus remote CIDs for future use on new paths
@@ -357,6 +363,9 @@ impl Connection {
             pto_count: 0,
 
             app_limited: false,
+            tail_armed: false,
+            tail_lost_at_arm: 0,
+            tail_data_at_copy: 0,
             receiving_ecn: false,
             total_authed_packets: 0,
 
@@ -528,6 +537,8 @@ impl Connection {
                 && self.highest_space == SpaceId::Data
                 && self.peer_supports_ack_frequency();
         }
+
+        self.maybe_queue_tail_copies();
 
         // Reserving capacity can provide more capacity than we asked for. However, we are not
         // allowed to write more than `segment_size`. Therefore the maximum capacity is tracked
@@ -959,6 +970,16 @@ impl Connection {
         }
 
         self.app_limited = buf.is_empty() && !congestion_blocked;
+        if self.config.tail_copies
+            && congestion_blocked
+            && !self.tail_armed
+            && self.streams.data_sent()
+                >= self.tail_data_at_copy + self.path.congestion.window() / 2
+            && self.streams.has_pending_streams()
+        {
+            self.tail_armed = true;
+            self.tail_lost_at_arm = self.stats.path.lost_packets;
+        }
 
         // Send MTU probe if necessary
         if buf.is_empty() && self.state.is_established() {
@@ -3843,6 +3864,35 @@ impl Connection {
         self.path.current_mtu()
     }
 
+    /// At the end of a congestion-limited burst in which packets were lost, queues a copy of the
+    /// last window's unacknowledged stream data (Tiandi patch, [`TransportConfig::tail_copies`]).
+    fn maybe_queue_tail_copies(&mut self) {
+        if !self.config.tail_copies {
+            return;
+        }
+        self.streams.prune_copies();
+        // A tail ends when the application writes again (beyond a few small messages).
+        if self.streams.in_tail()
+            && self.streams.data_sent() > self.tail_data_at_copy + TAIL_END_BYTES
+        {
+            self.streams.end_tail();
+        }
+        if !self.tail_armed || !self.state.is_established() || self.streams.has_pending_streams()
+        {
+            return;
+        }
+        let window = self.path.congestion.window();
+        if self.path.in_flight.bytes + u64::from(self.path.current_mtu()) >= window {
+            return;
+        }
+        self.tail_armed = false;
+        self.tail_data_at_copy = self.streams.data_sent();
+        if self.stats.path.lost_packets > self.tail_lost_at_arm {
+            let queued = self.streams.queue_tail_copies(window);
+            debug!(queued, in_flight = self.path.in_flight.bytes, "Tail copies queued.");
+        }
+    }
+
     /// Whether we have 1-RTT data to send
     ///
     /// See also `self.space(SpaceId::Data).can_send()`
@@ -4179,6 +4229,10 @@ pub enum Event {
 fn get_max_ack_delay(params: &TransportParameters) -> Duration {
     Duration::from_micros(params.max_ack_delay.0 * 1000)
 }
+
+/// Stream data written after a tail copy that ends the tail: a new burst, not a few small
+/// messages (Tiandi patch, [`TransportConfig::tail_copies`]).
+const TAIL_END_BYTES: u64 = 64 * 1024;
 
 // Prevents overflow and improves behavior in extreme circumstances
 const MAX_BACKOFF_EXPONENT: u32 = 16;

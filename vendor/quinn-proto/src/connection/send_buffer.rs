@@ -195,6 +195,40 @@ impl SendBuffer {
         }
     }
 
+    /// The sent, unacknowledged ranges of this stream (tail copies, Tiandi patch).
+    pub(super) fn unacked_sent(&self) -> Vec<Range<u64>> {
+        let mut out = Vec::new();
+        let mut at = self.offset - self.unacked_len as u64;
+        while let Some(r) = self.unacked_part(at..self.unsent) {
+            at = r.end;
+            out.push(r);
+        }
+        out
+    }
+
+    /// The first part of `range` that was sent and is not acknowledged (tail copies, Tiandi
+    /// patch).
+    pub(super) fn unacked_part(&self, range: Range<u64>) -> Option<Range<u64>> {
+        let mut start = range.start.max(self.offset - self.unacked_len as u64);
+        let end = range.end.min(self.unsent);
+        for a in self.acks.iter() {
+            if start >= end {
+                return None;
+            }
+            if a.end <= start {
+                continue;
+            }
+            if a.start >= end {
+                break;
+            }
+            if a.start > start {
+                return Some(start..a.start);
+            }
+            start = a.end;
+        }
+        (start < end).then_some(start..end)
+    }
+
     pub(super) fn retransmit_all_for_0rtt(&mut self) {
         debug_assert_eq!(self.offset, self.unacked_len as u64);
         self.unsent = 0;
@@ -227,6 +261,27 @@ impl SendBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unacked_parts_are_what_was_sent_and_not_acknowledged() {
+        let mut buf = SendBuffer::new();
+        buf.write(vec![0u8; 100].into());
+        // Nothing sent yet: nothing to copy.
+        assert_eq!(buf.unacked_sent(), Vec::<Range<u64>>::new());
+        assert_eq!(buf.poll_transmit(80), (0..80, false));
+        assert_eq!(buf.unacked_sent(), vec![0..80]);
+        buf.ack(10..20);
+        buf.ack(40..50);
+        assert_eq!(buf.unacked_sent(), vec![0..10, 20..40, 50..80]);
+        assert_eq!(buf.unacked_part(5..45), Some(5..10));
+        assert_eq!(buf.unacked_part(12..45), Some(20..40));
+        assert_eq!(buf.unacked_part(40..50), None);
+        // Unsent data is not a copy.
+        assert_eq!(buf.unacked_part(70..100), Some(70..80));
+        buf.ack(0..10);
+        assert_eq!(buf.unacked_sent(), vec![20..40, 50..80]);
+        assert_eq!(buf.unacked_part(0..15), None);
+    }
 
     #[test]
     fn fragment_with_length() {

@@ -2,6 +2,7 @@ use std::{
     collections::{VecDeque, hash_map},
     convert::TryFrom,
     mem,
+    ops::Range,
 };
 
 use bytes::BufMut;
@@ -19,6 +20,9 @@ use crate::{
     frame::{self, FrameStruct, StreamMetaVec},
     transport_parameters::TransportParameters,
 };
+
+/// Tail copies are queued in pieces of this many bytes, newest first (Tiandi patch).
+const COPY_PIECE: u64 = 1200;
 
 /// Wrapper around `Recv` that facilitates reusing `Recv` instances
 #[derive(Debug)]
@@ -102,6 +106,11 @@ pub struct StreamsState {
     pub(super) send_streams: usize,
     /// Streams with outgoing data queued, sorted by priority
     pub(super) pending: PendingStreamsQueue,
+    /// Sent, unacknowledged stream data to send once more when nothing else is pending,
+    /// newest first: a tail copy (Tiandi patch, see [`StreamsState::queue_tail_copies`]).
+    copies: VecDeque<(StreamId, Range<u64>)>,
+    /// Whether a tail is being copied: until it ends, each retransmission is sent twice
+    tail_mode: bool,
 
     events: VecDeque<StreamEvent>,
     /// Streams blocked on connection-level flow control or stream window space
@@ -170,6 +179,8 @@ impl StreamsState {
             next_reported_remote: [0, 0],
             send_streams: 0,
             pending: PendingStreamsQueue::new(),
+            copies: VecDeque::new(),
+            tail_mode: false,
             events: VecDeque::new(),
             connection_blocked: Vec::new(),
             max_data: 0,
@@ -400,6 +411,38 @@ impl StreamsState {
 
     /// Whether any stream data is queued, regardless of control frames
     pub(crate) fn can_send_stream_data(&self) -> bool {
+        // Copies were pruned of acknowledged data when this `poll_transmit` began.
+        self.has_pending_streams() || !self.copies.is_empty()
+    }
+
+    /// Drops the queued tail copies whose data was acknowledged meanwhile.
+    pub(crate) fn prune_copies(&mut self) {
+        let send = &self.send;
+        self.copies.retain(|(id, range)| {
+            send.get(id)
+                .and_then(|s| s.as_ref())
+                .is_some_and(|s| !s.is_reset() && s.pending.unacked_part(range.clone()).is_some())
+        });
+    }
+
+    /// Ends a tail: retransmissions are sent once again, queued copies are dropped.
+    pub(crate) fn end_tail(&mut self) {
+        self.tail_mode = false;
+        self.copies.clear();
+    }
+
+    /// Whether a tail is being copied ([`Self::queue_tail_copies`])
+    pub(crate) fn in_tail(&self) -> bool {
+        self.tail_mode
+    }
+
+    /// Stream data written by the application so far, in bytes
+    pub(crate) fn data_sent(&self) -> u64 {
+        self.data_sent
+    }
+
+    /// Whether any stream has data queued (new data or retransmissions), tail copies aside
+    pub(crate) fn has_pending_streams(&self) -> bool {
         // Reset streams may linger in the pending stream list, but will never produce stream frames
         self.pending.iter().any(|stream| {
             self.send
@@ -407,6 +450,45 @@ impl StreamsState {
                 .and_then(|s| s.as_ref())
                 .is_some_and(|s| !s.is_reset() && s.is_pending())
         })
+    }
+
+    /// Queues a copy of sent, unacknowledged stream data, newest stream first, up to `budget`
+    /// bytes; returns the bytes queued. Tiandi patch: at the end of a burst over a long lossy
+    /// path the link would idle for the round trip in which the last packets' acknowledgements
+    /// travel, and the losses among them are found only then (and a lost retransmission one
+    /// round trip later still). Sent once more into that idle time, newest first (whose
+    /// acknowledgements are furthest away), each of those packets arrives unless both copies
+    /// are lost. Copies go out only when no stream has anything else to send; data acknowledged
+    /// meanwhile is skipped.
+    pub(crate) fn queue_tail_copies(&mut self, budget: u64) -> u64 {
+        self.tail_mode = true;
+        let mut ids: Vec<StreamId> = self
+            .send
+            .iter()
+            .filter(|(_, s)| s.as_ref().is_some_and(|s| !s.is_reset()))
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable_by_key(|id| std::cmp::Reverse(id.index()));
+        let mut queued = 0;
+        'streams: for id in ids {
+            let Some(Some(stream)) = self.send.get(&id) else {
+                continue;
+            };
+            // Newest data first, a packet's worth at a time.
+            for r in stream.pending.unacked_sent().into_iter().rev() {
+                let mut end = r.end;
+                while end > r.start {
+                    if queued >= budget {
+                        break 'streams;
+                    }
+                    let start = end.saturating_sub(COPY_PIECE).max(r.start);
+                    queued += end - start;
+                    self.copies.push_back((id, start..end));
+                    end = start;
+                }
+            }
+        }
+        queued
     }
 
     /// Whether MAX_STREAM_DATA frames could be sent for stream `id`
@@ -613,7 +695,14 @@ impl StreamsState {
             // Pop the stream of the highest priority that currently has pending data
             // If the stream still has some pending data left after writing, it will be reinserted, otherwise not
             let Some(stream) = self.pending.pop() else {
-                break;
+                // Nothing else to send: tail copies, if any (Tiandi patch).
+                match self.write_tail_copy(buf, max_buf_size) {
+                    Some(meta) => {
+                        stream_frames.push(meta);
+                        continue;
+                    }
+                    None => break,
+                }
             };
 
             let id = stream.id;
@@ -675,6 +764,48 @@ impl StreamsState {
         }
 
         stream_frames
+    }
+
+    /// Writes the next tail copy that is still unacknowledged into `buf`, as much of it as fits.
+    fn write_tail_copy(&mut self, buf: &mut Vec<u8>, max_buf_size: usize) -> Option<frame::StreamMeta> {
+        while let Some((id, range)) = self.copies.pop_front() {
+            let Some(Some(stream)) = self.send.get(&id) else {
+                continue;
+            };
+            if stream.is_reset() {
+                continue;
+            }
+            let Some(part) = stream.pending.unacked_part(range.clone()) else {
+                continue;
+            };
+            // As `write_stream_frames` and `SendBuffer::poll_transmit` size a frame: with a
+            // length field when the data ends before the packet does, else to its end.
+            let mut max_len = max_buf_size - buf.len() - 1 - VarInt::size(id.into());
+            if part.start != 0 {
+                max_len -= VarInt::from_u64(part.start).map_or(8, VarInt::size);
+            }
+            let encode_length = part.end - part.start < max_len as u64;
+            if encode_length {
+                max_len -= 8;
+            }
+            let offsets = part.start..part.end.min(part.start + max_len as u64);
+            if offsets.end < range.end {
+                self.copies.push_front((id, offsets.end..range.end));
+            }
+            let fin = offsets.end == stream.pending.offset()
+                && matches!(stream.state, SendState::DataSent { .. });
+            let meta = frame::StreamMeta { id, offsets, fin };
+            trace!(id = %meta.id, off = meta.offsets.start, len = meta.offsets.end - meta.offsets.start, fin = meta.fin, "STREAM (tail copy)");
+            meta.encode(encode_length, buf);
+            let mut offsets = meta.offsets.clone();
+            while offsets.start != offsets.end {
+                let data = stream.pending.get(offsets.clone());
+                offsets.start += data.len() as u64;
+                buf.put_slice(data);
+            }
+            return Some(meta);
+        }
+        None
     }
 
     /// Notify the application that new streams were opened or a stream became readable.
@@ -747,6 +878,11 @@ impl StreamsState {
             self.pending.push_pending(frame.id, stream.priority);
         }
         stream.fin_pending |= frame.fin;
+        if self.tail_mode {
+            // In a tail, what is lost once goes twice (the copy right after the
+            // retransmission): a lost retransmission would cost another round trip.
+            self.copies.push_front((frame.id, frame.offsets.clone()));
+        }
         stream.pending.retransmit(frame.offsets);
     }
 
