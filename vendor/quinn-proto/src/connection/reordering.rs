@@ -184,3 +184,90 @@ impl Reordering {
         found
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RTT: Duration = Duration::from_millis(600);
+
+    #[test]
+    fn a_late_acknowledgement_of_a_packet_declared_lost_raises_the_packet_threshold() {
+        let t0 = Instant::now();
+        let mut r = Reordering::new(3, 9.0 / 8.0);
+        // Packet 10 was overtaken by 40 others (their acknowledgements arrived first).
+        r.on_lost(10, t0, 50, StreamMetaVec::new());
+        r.on_loss_episode(t0, RTT);
+        assert_eq!(r.packet_threshold(), 3, "nothing learned before the late ack");
+        let spurious = r.on_acked(5..=12, t0 + RTT / 2, RTT);
+        assert_eq!(spurious.len(), 1);
+        assert_eq!(spurious[0].pn, 10);
+        // The distance (40) plus an eighth, plus one.
+        assert_eq!(r.packet_threshold(), 40 + 5 + 1);
+        // Acknowledged once: not spurious twice.
+        assert!(r.on_acked(10..=10, t0 + RTT, RTT).is_empty());
+    }
+
+    #[test]
+    fn a_real_loss_teaches_nothing_and_is_forgotten_after_a_few_round_trips() {
+        let t0 = Instant::now();
+        let mut r = Reordering::new(3, 9.0 / 8.0);
+        r.on_lost(7, t0, 20, StreamMetaVec::new());
+        // Acknowledgements of other packets only.
+        assert!(r.on_acked(8..=30, t0 + RTT, RTT).is_empty());
+        r.on_loss_episode(t0 + RTT * (REMEMBER_RTTS + 1), RTT);
+        assert!(r.lost.is_empty(), "remembered beyond {REMEMBER_RTTS} RTTs");
+        assert_eq!(r.packet_threshold(), 3);
+        assert_eq!(r.time_threshold(), 9.0 / 8.0);
+    }
+
+    #[test]
+    fn a_loss_declared_by_time_widens_the_time_threshold_once_per_round_trip_up_to_two() {
+        let t0 = Instant::now();
+        let mut r = Reordering::new(3, 9.0 / 8.0);
+        // Declared by time: fewer than the packet threshold acknowledged beyond it.
+        r.on_lost(100, t0, 101, StreamMetaVec::new());
+        r.on_lost(102, t0, 103, StreamMetaVec::new());
+        let found = r.on_acked(100..=102, t0 + RTT, RTT);
+        assert_eq!(found.len(), 2);
+        // Two spurious losses in the same round trip widen it once.
+        assert_eq!(r.time_threshold(), 9.0 / 8.0 + TIME_THRESHOLD_STEP);
+        assert_eq!(r.packet_threshold(), 3);
+        let mut now = t0 + RTT;
+        for pn in 200..240 {
+            now += RTT;
+            r.on_lost(pn, now, pn + 1, StreamMetaVec::new());
+            r.on_acked(pn..=pn, now, RTT);
+        }
+        assert_eq!(r.time_threshold(), MAX_TIME_THRESHOLD);
+    }
+
+    #[test]
+    fn thresholds_return_after_quiet_episodes_and_the_memory_is_bounded() {
+        let t0 = Instant::now();
+        let mut r = Reordering::new(3, 9.0 / 8.0);
+        r.on_lost(1, t0, 500, StreamMetaVec::new());
+        r.on_acked(1..=1, t0, RTT);
+        assert!(r.packet_threshold() > 500);
+        // Loss episodes without a spurious loss, but not yet for long enough.
+        let mut now = t0;
+        for _ in 0..PERSIST_EPISODES {
+            now += RTT / 4;
+            r.on_loss_episode(now, RTT);
+        }
+        assert!(r.packet_threshold() > 500, "reset before 16 quiet RTTs");
+        now = t0 + RTT * PERSIST_EPISODES;
+        r.on_loss_episode(now, RTT);
+        assert_eq!(r.packet_threshold(), 3);
+        // At most MAX_REMEMBERED lost packets are remembered, the oldest dropped first.
+        for pn in 0..(MAX_REMEMBERED as u64 + 10) {
+            r.on_lost(pn, now, pn + 3, StreamMetaVec::new());
+        }
+        assert_eq!(r.lost.len(), MAX_REMEMBERED);
+        assert_eq!(r.lost.keys().next(), Some(&10));
+        // The packet threshold never exceeds its cap, whatever the distance.
+        r.on_lost(u64::MAX / 2, now, u64::MAX, StreamMetaVec::new());
+        r.on_acked(u64::MAX / 2..=u64::MAX / 2, now, RTT);
+        assert_eq!(r.packet_threshold(), MAX_PACKET_THRESHOLD);
+    }
+}
