@@ -1,22 +1,19 @@
 //! The Tiandi site agent: collects host health ([`collect`]) and SNMP device figures
-//! ([`snmp`]), keeps every report in a disk spool until the controller acknowledges it
-//! ([`spool`]), and sends reports over mutual-TLS QUIC ([`uplink`]). [`sim`] runs thousands of
-//! simulated sites in one process over real QUIC connections (the demo and the benchmark).
+//! ([`snmp`]), and hands each report to `tiandi-uplink`, which keeps it in a disk spool until
+//! the controller acknowledges it and sends it over mutual-TLS QUIC; runs the site's file
+//! transfers ([`transfers`]). `tiandi-agent simulate` runs `tiandi-sim`'s simulated sites.
 
 pub mod collect;
 pub mod config;
-pub mod identity;
-pub mod sim;
 pub mod snmp;
-pub mod spool;
 pub mod transfers;
-pub mod uplink;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 use tiandi_proto::Report;
+use tiandi_uplink::{self as uplink, identity, spool};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -182,7 +179,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
             client,
             interval_ms: interval_ms as u32,
             connect_timeout: cfg.profile.connect_timeout(),
-            transfers: Some(site_transfers),
+            on_session: Some(site_transfers),
         },
         shared.clone(),
         cancel.clone(),

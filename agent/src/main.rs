@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use tiandi_agent::{Config, identity, sim, transfers};
+use tiandi_agent::{Config, transfers};
 use tiandi_link::LinkProfile;
+use tiandi_sim as sim;
+use tiandi_uplink::identity;
 use tokio_util::sync::CancellationToken;
 
 /// mimalloc rather than glibc's malloc: with thousands of QUIC connections, glibc's allocator
@@ -121,7 +123,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut cfg = load_config(&cli.config)?;
     if matches!(cli.cmd, Some(Cmd::Simulate { .. })) {
-        tiandi_link::init_logging(&format!("{},tiandi_agent::uplink=warn", cfg.log));
+        tiandi_link::init_logging(&format!("{},tiandi_uplink::session=warn", cfg.log));
     } else {
         tiandi_link::init_logging(&cfg.log);
     }

@@ -30,10 +30,10 @@ pub struct SiteTransfers {
     pub upstream: watch::Sender<Option<quinn::Connection>>,
 }
 
-impl SiteTransfers {
+impl tiandi_uplink::SessionHook for SiteTransfers {
     /// Starts this site's side of transfers on a new controller connection; it all stops when
     /// `stop` fires.
-    pub fn on_session(self: &Arc<Self>, conn: &quinn::Connection, stop: CancellationToken) {
+    fn on_session(self: Arc<Self>, conn: &quinn::Connection, stop: CancellationToken) {
         tokio::spawn(
             tiandi_transfer::inbox::accept_loop(
                 self.inbox.clone(),
@@ -54,7 +54,7 @@ impl SiteTransfers {
             .in_current_span(),
         );
         self.upstream.send_replace(Some(conn.clone()));
-        let me = self.clone();
+        let me = self;
         let conn = conn.clone();
         tokio::spawn(async move {
             stop.cancelled().await;

@@ -5,8 +5,9 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use tiandi_agent::{identity, sim};
 use tiandi_link::LinkProfile;
+use tiandi_sim as sim;
+use tiandi_uplink::identity;
 use tokio_util::sync::CancellationToken;
 
 use crate::{Config, Controller};

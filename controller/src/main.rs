@@ -176,7 +176,7 @@ async fn run(cli: Cli, mut cfg: Config) -> anyhow::Result<()> {
     }
     if demo_mode {
         // Hundreds of simulated sites: keep their per-site connection logs out of the way.
-        tiandi_link::init_logging(&format!("{},tiandi_agent=warn", cfg.log));
+        tiandi_link::init_logging(&format!("{},tiandi_uplink=warn,tiandi_sim=warn", cfg.log));
     } else {
         tiandi_link::init_logging(&cfg.log);
     }

@@ -307,7 +307,7 @@ impl AgentProc {
         std::fs::write(
             &config,
             format!(
-                "controller = \"{controller}\"\ndata_dir = {:?}\nprofile = \"terrestrial\"\nlog = \"info,tiandi_agent=debug\"\n{extra_config}\n",
+                "controller = \"{controller}\"\ndata_dir = {:?}\nprofile = \"terrestrial\"\nlog = \"info,tiandi_agent=debug,tiandi_uplink=debug\"\n{extra_config}\n",
                 dir.join("data")
             ),
         )

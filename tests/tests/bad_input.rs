@@ -5,12 +5,12 @@
 use std::process::Command;
 use std::time::Duration;
 
-use tiandi_agent::spool::Spool;
-use tiandi_agent::uplink;
 use tiandi_controller::{Config, Controller};
 use tiandi_link::LinkProfile;
 use tiandi_proto::{Body, Hello, Report, codes};
 use tiandi_tests::bin;
+use tiandi_uplink as uplink;
+use tiandi_uplink::spool::Spool;
 
 struct Site {
     key: String,
@@ -120,7 +120,7 @@ async fn malformed_input_closes_only_the_offending_connection() {
             client: tiandi_link::client_config(tls, LinkProfile::Terrestrial.transport()).unwrap(),
             interval_ms: 100,
             connect_timeout: LinkProfile::Terrestrial.connect_timeout(),
-            transfers: None,
+            on_session: None,
         },
         shared.clone(),
         cancel.clone(),
@@ -132,7 +132,7 @@ async fn malformed_input_closes_only_the_offending_connection() {
             while !cancel.is_cancelled() {
                 shared
                     .push(Report {
-                        taken_ms: tiandi_agent::now_ms(),
+                        taken_ms: tiandi_transfer::now_ms(),
                         ..Default::default()
                     })
                     .unwrap();

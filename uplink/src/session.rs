@@ -1,4 +1,4 @@
-//! The agent's side of the report stream. One QUIC connection to the controller; on every
+//! The site's side of the report stream. One QUIC connection to the controller; on every
 //! (re)connection: Hello → Welcome (drop what the controller already holds) → the current state
 //! first → the backlog oldest-first, at most [`WINDOW`] reports in flight, while new reports go
 //! out as soon as they are taken. A report leaves the spool only when acknowledged.
@@ -99,8 +99,16 @@ pub struct UplinkConfig {
     ///
     /// [`LinkProfile::connect_timeout`]: tiandi_link::LinkProfile::connect_timeout
     pub connect_timeout: Duration,
-    /// This site's transfers (None: it takes and sends none, like simulated sites).
-    pub transfers: Option<Arc<crate::transfers::SiteTransfers>>,
+    /// What else runs on each controller connection (the agent's transfers; None: nothing,
+    /// like simulated sites).
+    pub on_session: Option<Arc<dyn SessionHook>>,
+}
+
+/// Work a site runs on each controller connection beside the report stream (the agent's file
+/// transfers), for as long as that connection lasts.
+pub trait SessionHook: Send + Sync {
+    /// Starts it on a new controller connection; it all stops when `stop` fires.
+    fn on_session(self: Arc<Self>, conn: &quinn::Connection, stop: CancellationToken);
 }
 
 async fn resolve(addr: &str) -> Result<SocketAddr, LinkError> {
@@ -270,8 +278,8 @@ async fn session(
         .set_priority(tiandi_transfer::send::PRIORITY_REPORTS);
     let transfers = cancel.child_token();
     let _stop_transfers = transfers.clone().drop_guard();
-    if let Some(t) = &cfg.transfers {
-        t.on_session(&conn, transfers);
+    if let Some(t) = &cfg.on_session {
+        t.clone().on_session(&conn, transfers);
     }
     *shared.link.lock().expect("link lock poisoned") = Some(link_stats(&conn));
     shared.sample_now.notify_one();

@@ -1,8 +1,8 @@
 //! The spool's disk quota: 30 days of reports at a 10 s interval (259,200 reports) while the
 //! link is down must fit in 64 MB on disk, with the oldest data downsampled, not dropped.
 
-use tiandi_agent::sim::SimSite;
-use tiandi_agent::spool::{Spool, dir_size};
+use tiandi_sim::SimSite;
+use tiandi_uplink::spool::{Spool, dir_size};
 
 #[test]
 fn thirty_days_at_ten_seconds_fit_in_64_mb() {

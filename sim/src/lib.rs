@@ -2,6 +2,10 @@
 //! some sites fade in rain, some lose mains power, a few lose their link for minutes), each site
 //! with its own certificate and its own real QUIC connection. Used by the controller's demo and
 //! by `tiandi-agent simulate`, the benchmark's load generator.
+//!
+//! Each simulated site runs the same report delivery as a real agent (`tiandi-uplink`: spool,
+//! uplink session); this crate only makes up the figures, the outages and the report loop. It
+//! must never depend on the agent (collection, config, transfers) or the controller.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,8 +21,9 @@ use tiandi_proto::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::spool::Spool;
-use crate::uplink::{self, Shared};
+use tiandi_transfer::now_ms;
+use tiandi_uplink::spool::Spool;
+use tiandi_uplink::{self as uplink, Shared};
 
 /// One simulated site's figures.
 pub struct SimSite {
@@ -299,7 +304,7 @@ pub async fn start(
                 client,
                 interval_ms: interval_ms as u32,
                 connect_timeout: opts.profile.connect_timeout(),
-                transfers: None,
+                on_session: None,
             },
             shared.clone(),
             cancel.clone(),
@@ -313,7 +318,7 @@ pub async fn start(
                 _ = cancel2.cancelled() => return,
                 _ = tokio::time::sleep(phase) => {}
             }
-            let mut site = SimSite::new(index, crate::now_ms(), outages);
+            let mut site = SimSite::new(index, now_ms(), outages);
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -322,7 +327,7 @@ pub async fn start(
                     _ = tick.tick() => {}
                     _ = s.sample_now.notified() => tick.reset(),
                 }
-                let now = crate::now_ms();
+                let now = now_ms();
                 s.offline.store(site.link_down(now), Ordering::Relaxed);
                 let report = site.sample(now, interval.as_secs_f64());
                 if let Err(error) = s.push(report) {
