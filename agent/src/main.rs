@@ -343,6 +343,7 @@ async fn simulate(
             interval: Duration::from_secs_f64(interval),
             outages,
             profile,
+            inboxes: None,
         },
         &data_dir.join("spool"),
         stop.clone(),

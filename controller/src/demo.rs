@@ -27,6 +27,41 @@ pub fn site_name(i: usize) -> (String, &'static str) {
     )
 }
 
+/// What a newcomer can do next with the running demo: commands that work as printed.
+fn next_steps(data_dir: &std::path::Path, api: std::net::SocketAddr, sites: usize) -> String {
+    // The binary as it was started, relative to the working directory when it lies below it.
+    let exe = std::env::current_exe()
+        .ok()
+        .map(|e| {
+            std::env::current_dir()
+                .ok()
+                .and_then(|d| e.strip_prefix(d).ok().map(|r| r.to_path_buf()))
+                .unwrap_or(e)
+        })
+        .map(|e| e.display().to_string())
+        .unwrap_or_else(|| "tiandi-controller".into());
+    let ctl = format!("{exe} --data-dir {} --api-listen {api}", data_dir.display());
+    let dir = data_dir.display();
+    let mut s = format!(
+        "  data dir:   {dir} (history, registry, CA; demo-sites/: each site's identity and inbox)\n"
+    );
+    if sites > 0 {
+        let (site, _) = site_name(0);
+        s += &format!(
+            "Next, in another shell:\n\
+             \x20 sites:      curl -s http://{api}/api/sites | head -c 600; echo\n\
+             \x20 send a file to site {site}:\n\
+             \x20             {ctl} send README.md --to site:{site}\n\
+             \x20 follow it:  {ctl} transfers\n\
+             \x20 received:   ls {dir}/demo-sites/{site}/inbox/\n"
+        );
+    }
+    s += &format!(
+        "Stop: Ctrl-C (the next run reuses the sites and their history). Wipe: rm -rf {dir}\n"
+    );
+    s
+}
+
 pub async fn run(
     mut cfg: Config,
     sites: usize,
@@ -77,6 +112,7 @@ pub async fn run(
             interval,
             outages: true,
             profile: LinkProfile::Terrestrial,
+            inboxes: Some(ids_dir.clone()),
         },
         &core.config.data_dir.join("demo-spool"),
         sim_cancel.clone(),
@@ -92,8 +128,7 @@ pub async fn run(
     println!("  live:       http://{}/api/stream", ctl.api_addr);
     println!("  metrics:    http://{}/metrics", ctl.ops_addr);
     println!("  agents:     quic://{}", ctl.quic_addr);
-    println!("  data dir:   {}", core.config.data_dir.display());
-    println!("Press Ctrl-C to stop.");
+    print!("{}", next_steps(&core.config.data_dir, ctl.api_addr, sites));
     cancel.cancelled().await;
     sim_cancel.cancel();
     tokio::time::sleep(Duration::from_millis(200)).await;

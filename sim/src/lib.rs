@@ -7,7 +7,7 @@
 //! uplink session); this crate only makes up the figures, the outages and the report loop. It
 //! must never depend on the agent (collection, config, transfers) or the controller.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -256,6 +256,24 @@ pub struct SimOptions {
     pub interval: Duration,
     pub outages: bool,
     pub profile: LinkProfile,
+    /// Sites take files sent to them into `<this>/<site ID>/inbox` (the demo); None: they take
+    /// none (the load generator).
+    pub inboxes: Option<PathBuf>,
+}
+
+/// A simulated site's side of transfers: it takes the files the controller sends, like an
+/// agent's inbox (it sends none and relays none).
+struct SimInbox(Arc<tiandi_transfer::Inbox>);
+
+impl uplink::SessionHook for SimInbox {
+    fn on_session(self: Arc<Self>, conn: &quinn::Connection, stop: CancellationToken) {
+        tokio::spawn(tiandi_transfer::inbox::accept_loop(
+            self.0.clone(),
+            conn.clone(),
+            None,
+            stop,
+        ));
+    }
 }
 
 /// Starts every site; returns their shared states. Sites start spread over one interval.
@@ -296,6 +314,20 @@ pub async fn start(
         prefix.push(0);
         let spool = Spool::open(tree.clone(), &prefix, 64 * 1024 * 1024, interval_ms, false)?;
         let shared = Shared::new(spool);
+        let on_session: Option<Arc<dyn uplink::SessionHook>> = match &opts.inboxes {
+            Some(dir) => {
+                let dir = dir.join(&c.site_id).join("inbox");
+                let inbox = tiandi_transfer::Inbox::new(
+                    &dir,
+                    db.open_tree(format!("inbox/{}", c.site_id))?,
+                    &c.site_id,
+                    None,
+                )
+                .with_context(|| format!("opening {}", dir.display()))?;
+                Some(Arc::new(SimInbox(inbox)))
+            }
+            None => None,
+        };
         tokio::spawn(uplink::run(
             endpoint.clone(),
             uplink::UplinkConfig {
@@ -304,7 +336,7 @@ pub async fn start(
                 client,
                 interval_ms: interval_ms as u32,
                 connect_timeout: opts.profile.connect_timeout(),
-                on_session: None,
+                on_session,
             },
             shared.clone(),
             cancel.clone(),
