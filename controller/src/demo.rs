@@ -62,16 +62,13 @@ fn next_steps(data_dir: &std::path::Path, api: std::net::SocketAddr, sites: usiz
     s
 }
 
-pub async fn run(
-    mut cfg: Config,
+/// The first `sites` demo sites' credentials, issued directly by the controller's CA and kept
+/// under `ids_dir/<site>/identity` (reused while the registry still holds the site).
+pub fn site_creds(
+    core: &crate::Core,
     sites: usize,
-    interval: Duration,
-    cancel: CancellationToken,
-) -> anyhow::Result<()> {
-    cfg.profile = LinkProfile::Terrestrial;
-    let ctl = Controller::start(cfg).await?;
-    let core = ctl.core.clone();
-    let ids_dir = core.config.data_dir.join("demo-sites");
+    ids_dir: &std::path::Path,
+) -> anyhow::Result<Vec<sim::SimCreds>> {
     let mut creds = Vec::with_capacity(sites);
     for i in 0..sites {
         let (site_id, province) = site_name(i);
@@ -104,6 +101,20 @@ pub async fn run(
             ca_pem: id.ca_pem,
         });
     }
+    Ok(creds)
+}
+
+pub async fn run(
+    mut cfg: Config,
+    sites: usize,
+    interval: Duration,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    cfg.profile = LinkProfile::Terrestrial;
+    let ctl = Controller::start(cfg).await?;
+    let core = ctl.core.clone();
+    let ids_dir = core.config.data_dir.join("demo-sites");
+    let creds = site_creds(&core, sites, &ids_dir)?;
     let sim_cancel = CancellationToken::new();
     sim::start(
         creds,
