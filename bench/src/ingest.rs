@@ -49,7 +49,14 @@ pub(crate) fn release_binaries(packages: &[&str]) -> anyhow::Result<Vec<PathBuf>
         cmd.args(["-p", p]);
     }
     let st = cmd.arg("--bins").status()?;
-    let bins: Vec<PathBuf> = packages.iter().map(|p| dir.join(p)).collect();
+    // Each package's binary bears its name, but for the media crate's `tiandi-video`.
+    let bin = |p: &str| -> String {
+        match p {
+            "tiandi-media" => "tiandi-video".into(),
+            p => p.into(),
+        }
+    };
+    let bins: Vec<PathBuf> = packages.iter().map(|p| dir.join(bin(p))).collect();
     if !st.success() || bins.iter().any(|b| !b.exists()) {
         bail!(
             "could not build the release binaries next to {}",

@@ -73,7 +73,7 @@ struct Got {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let bin = crate::ingest::release_binaries(&["tiandi-video"])?.remove(0);
+    let bin = crate::ingest::release_binaries(&["tiandi-media"])?.remove(0);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

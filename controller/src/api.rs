@@ -473,7 +473,7 @@ struct ConferenceBody {
     seconds: Option<u64>,
     /// record: stop the recording instead of starting one.
     stop: Option<bool>,
-    /// record: mkv, mp4 or ts (default: `[conference] recording_format`).
+    /// record: ts (the relay records MPEG-TS; `tiandi-video remux` makes mkv or mp4 of it).
     format: Option<crate::config::RecordingFormat>,
 }
 

@@ -56,26 +56,36 @@ pub struct Conference {
     pub name: String,
     /// The site that chairs conferences unless `create` names another.
     pub chair: String,
-    /// Container of recordings made on the relay (`conference record`).
+    /// Container of recordings made on the relay (`conference record`): `ts` (MPEG-TS) only.
     pub recording_format: RecordingFormat,
 }
 
-/// Recording containers: Matroska and MP4 are written as MPEG-TS while recording and remuxed
-/// when it stops (what a crash leaves is the readable MPEG-TS); `ts` keeps MPEG-TS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+/// Recording containers. The relay records MPEG-TS itself (no FFmpeg in the controller);
+/// Matroska or MP4 are made from a recording with `tiandi-video remux FILE.ts FILE.mkv` (the
+/// media crate), so `mkv` and `mp4` are refused here with that hint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RecordingFormat {
     #[default]
-    Mkv,
-    Mp4,
     Ts,
+}
+
+impl<'de> Deserialize<'de> for RecordingFormat {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.as_str() {
+            "ts" => Ok(RecordingFormat::Ts),
+            other => Err(serde::de::Error::custom(format!(
+                "{other:?}: the relay records MPEG-TS only (\"ts\"); make Matroska or MP4 of a \
+                 recording with `tiandi-video remux FILE.ts FILE.mkv`"
+            ))),
+        }
+    }
 }
 
 impl RecordingFormat {
     pub fn extension(self) -> &'static str {
         match self {
-            RecordingFormat::Mkv => "mkv",
-            RecordingFormat::Mp4 => "mp4",
             RecordingFormat::Ts => "ts",
         }
     }

@@ -49,16 +49,17 @@ enum ConferenceOp {
     /// Give the floor to a site (without SITE: take it back).
     Floor { room: String, site: Option<String> },
     /// Record the conference on the relay: whoever speaks (the floor holder, else the chair),
-    /// or `--site` alone, to `data_dir/recordings/ROOM-WHO-TIME.mkv` (or `--format mp4|ts`);
-    /// `--stop` ends it and lists who was recorded from when.
+    /// or `--site` alone, to `data_dir/recordings/ROOM-WHO-TIME.ts` (MPEG-TS; `tiandi-video
+    /// remux FILE.ts FILE.mkv` makes Matroska or MP4 of it); `--stop` ends it and lists who was
+    /// recorded from when.
     Record {
         room: String,
         #[arg(long)]
         site: Option<String>,
         #[arg(long)]
         stop: bool,
-        /// mkv, mp4 or ts (default: `[conference] recording_format`).
-        #[arg(long, value_parser = ["mkv", "mp4", "ts"])]
+        /// ts (the only format the relay records; `[conference] recording_format`).
+        #[arg(long, value_parser = ["ts"])]
         format: Option<String>,
     },
     /// Ask every participant to confirm presence; `show` lists the answers.

@@ -88,10 +88,8 @@ async fn groups(t: Arc<Track>, from: u64, n: u64) {
 }
 
 /// A real test pattern (H.264 + AAC) published by `site` over its session.
-async fn publish_pattern(s: &Arc<Session>, site: &str) -> tiandi_video::media::Source {
-    let src =
-        tiandi_video::media::open_source("pattern", tiandi_video::media::SourceOptions::new(site))
-            .unwrap();
+async fn publish_pattern(s: &Arc<Session>, site: &str) -> tiandi_media::Source {
+    let src = tiandi_media::open_source("pattern", tiandi_media::SourceOptions::new(site)).unwrap();
     for t in &src.tracks {
         s.publish(t.clone()).await.unwrap();
     }
@@ -188,15 +186,16 @@ async fn the_controller_runs_conferences_for_enrolled_sites() {
 
     // Recording on the relay. Real test patterns (H.264 + AAC) from the chair and from
     // bj-002; the recording follows the speaker (the chair, then bj-002 once it holds the
-    // floor), in Matroska by default; then one site alone in MP4. Both are written as
-    // MPEG-TS and remuxed when the recording stops; ffprobe decodes every frame cleanly.
+    // floor); then one site alone. The relay writes MPEG-TS itself (no FFmpeg in the
+    // controller); `tiandi-video remux` makes Matroska of the first and MP4 of the second;
+    // ffprobe decodes every frame of each cleanly.
     let mut src = publish_pattern(&c, "ministry").await;
     let mut src_b = publish_pattern(&sb, "bj-002").await;
     cli_json(&ctl, &["conference", "floor", "drill"]);
     tokio::time::sleep(Duration::from_millis(500)).await;
     for (args, ext, container) in [
         (vec![], "mkv", "matroska"),
-        (vec!["--format", "mp4", "--site", "ministry"], "mp4", "mp4"),
+        (vec!["--format", "ts", "--site", "ministry"], "mp4", "mp4"),
     ] {
         let follows_floor = args.is_empty();
         let mut start = vec!["conference", "record", "drill"];
@@ -209,8 +208,18 @@ async fn the_controller_runs_conferences_for_enrolled_sites() {
         }
         tokio::time::sleep(Duration::from_secs(4)).await;
         let done = cli_json(&ctl, &["conference", "record", "drill", "--stop"]);
-        let file = done["file"].as_str().unwrap().to_string();
-        assert!(file.ends_with(&format!(".{ext}")), "{file}");
+        let ts = done["file"].as_str().unwrap().to_string();
+        assert!(ts.ends_with(".ts"), "{ts}");
+        let file = format!("{}.{ext}", ts.trim_end_matches(".ts"));
+        let remux = std::process::Command::new(tiandi_tests::bin("tiandi-video"))
+            .args(["remux", &ts, &file])
+            .output()
+            .unwrap();
+        assert!(
+            remux.status.success(),
+            "remux {ts}: {}",
+            String::from_utf8_lossy(&remux.stderr)
+        );
         let speakers: Vec<&str> = done["speakers"]
             .as_array()
             .unwrap()
@@ -224,10 +233,6 @@ async fn the_controller_runs_conferences_for_enrolled_sites() {
         } else {
             assert_eq!(speakers, ["ministry"], "the floor changes nothing: {done}");
         }
-        assert!(
-            !std::path::Path::new(&format!("{file}.part.ts")).exists(),
-            "the intermediate MPEG-TS of {file} is left behind"
-        );
         let probe = std::process::Command::new("ffprobe")
             .args([
                 "-v",

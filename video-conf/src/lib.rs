@@ -5,15 +5,21 @@
 //!
 //! Start reading at [`wire`] (the protocol), then [`track`] and [`forward`] (how groups move),
 //! [`relay`] and [`client`].
+//!
+//! No codec and no FFmpeg here: objects are carried as the publisher made them, and a relay
+//! records them as MPEG-TS with [`ts`]. Encoding, decoding, playing to a decoder and remuxing
+//! belong to the media crate (`video-conf/media`, `tiandi-media`), which also holds the
+//! `tiandi-video` binary; this crate must never depend on it or on ffmpeg-next.
 
 pub mod client;
 pub mod fec;
 pub mod forward;
 pub mod io;
-pub mod media;
+pub mod play;
 pub mod policy;
 pub mod relay;
 pub mod track;
+pub mod ts;
 pub mod wire;
 
 pub fn now_us() -> i64 {

@@ -202,7 +202,7 @@ struct Recording {
     path: std::path::PathBuf,
     publisher: String,
     stop: CancellationToken,
-    task: tokio::task::JoinHandle<Result<crate::media::PlayStats, crate::media::MediaError>>,
+    task: tokio::task::JoinHandle<Result<crate::play::PlayStats, crate::play::MediaError>>,
     speakers: Arc<Mutex<Vec<Speaker>>>,
 }
 
@@ -218,7 +218,7 @@ pub struct Speaker {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RecordingDone {
     pub path: std::path::PathBuf,
-    pub stats: crate::media::PlayStats,
+    pub stats: crate::play::PlayStats,
     pub speakers: Vec<Speaker>,
 }
 
@@ -400,8 +400,9 @@ impl Room {
             .collect()
     }
 
-    /// Starts recording the conference to `path` (`.mkv`, `.mp4` or `.ts`:
-    /// [`crate::media::Sink`]) until [`Room::stop_recording`] or the end of the conference:
+    /// Starts recording the conference to `path`, an MPEG-TS file (`.ts`: [`crate::ts`], no
+    /// FFmpeg; the media crate's `tiandi-video remux` makes Matroska or MP4 of it), until
+    /// [`Room::stop_recording`] or the end of the conference:
     /// `publisher`'s picture (its highest rendition) and sound, or with `None` whoever
     /// speaks — the floor holder, else the chair — switching at the new speaker's next
     /// keyframe. The file's time line is the capture time (the publishers' clocks), so
@@ -417,6 +418,15 @@ impl Room {
                 "already recording {} to {}",
                 r.publisher,
                 r.path.display()
+            ));
+        }
+        if !path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("ts"))
+        {
+            return Err(format!(
+                "{}: a relay records MPEG-TS (.ts); `tiandi-video remux` makes .mkv or .mp4 of it",
+                path.display()
             ));
         }
         let first = match publisher {
@@ -449,11 +459,12 @@ impl Room {
         };
         tokio::spawn(follow.run(stop.clone()));
         let list: Vec<Arc<Track>> = std::iter::once(out_video).chain(out_audio).collect();
-        let spec = path.to_string_lossy().to_string();
-        let stop2 = stop.clone();
-        let task = tokio::spawn(async move {
-            crate::media::play(list, &spec, stop2, Duration::from_secs(2)).await
-        });
+        let task = tokio::spawn(crate::play::record(
+            list,
+            path.to_path_buf(),
+            stop.clone(),
+            Duration::from_secs(2),
+        ));
         let who = publisher.unwrap_or("the floor").to_string();
         info!(room = %self.name, who, path = %path.display(), "Recording.");
         *rec = Some(Recording {

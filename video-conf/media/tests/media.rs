@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use tiandi_video::media::{self, SourceOptions};
+use tiandi_media::{self as media, SourceOptions};
 use tokio_util::sync::CancellationToken;
 
 mod common;

@@ -1,4 +1,5 @@
-//! `tiandi-video`: run a conference relay, or join a conference from a site.
+//! `tiandi-video`: run a conference relay, join a conference from a site, or remux a
+//! recording.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -113,6 +114,14 @@ enum Cmd {
         #[arg(long, default_value = "info")]
         log: String,
     },
+    /// Copy a recording (a relay's MPEG-TS, say) into another container, no re-encoding: the
+    /// output's extension decides (`.mkv`, `.mp4`, `.ts`).
+    Remux {
+        /// The recording to read.
+        input: PathBuf,
+        /// The file to write.
+        output: PathBuf,
+    },
 }
 
 fn read(path: &Path, what: &str) -> anyhow::Result<String> {
@@ -123,6 +132,17 @@ fn read(path: &Path, what: &str) -> anyhow::Result<String> {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Remux { input, output } => {
+            let (i, o) = (
+                input.to_string_lossy().to_string(),
+                output.to_string_lossy().to_string(),
+            );
+            tokio::task::spawn_blocking(move || tiandi_media::remux(&i, &o))
+                .await?
+                .with_context(|| format!("remuxing {} to {}", input.display(), output.display()))?;
+            println!("wrote {}", output.display());
+            Ok(())
+        }
         Cmd::Relay {
             listen,
             name,
@@ -331,7 +351,7 @@ fn after_close(e: &quinn::ConnectionError) -> (String, bool) {
 /// again and playing on into the same sinks, until stopped or the conference ends.
 async fn join(a: JoinArgs) -> anyhow::Result<()> {
     use std::sync::Arc;
-    use tiandi_video::media;
+    use tiandi_media as media;
     use tiandi_video::track::Track;
     let tls = tiandi_video::client_tls(&a.ca, &a.cert, &a.key).context("site TLS")?;
     let cfg = tiandi_link::client_config(tls, tiandi_video::transport(a.profile))?;
