@@ -152,10 +152,7 @@ impl ControllerProc {
     /// Graceful stop (SIGTERM), waiting for the process to exit.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
+            sigterm(&c);
             let start = Instant::now();
             while c.try_wait().unwrap().is_none() {
                 if start.elapsed() > Duration::from_secs(20) {
@@ -349,10 +346,7 @@ impl AgentProc {
 
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
+            sigterm(&c);
             let _ = c.wait();
         }
     }
@@ -464,4 +458,12 @@ impl AgentProc {
         );
         std::fs::write(&self.config, text).unwrap();
     }
+}
+
+/// Asks `child` to stop (SIGTERM), as an operator's `kill` or systemd would: the binaries
+/// under test shut down gracefully on it. Sent directly, not through the `kill` command (a
+/// minimal Debian has no procps).
+fn sigterm(child: &std::process::Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
 }
