@@ -22,12 +22,7 @@ pub use config::Config;
 /// Reports held in memory while the spool cannot be written (a day at 10 s).
 const MAX_UNSPOOLED: usize = 8640;
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use tiandi_link::clock::now_ms;
 
 /// Enrolls this site: generates its key, redeems the token, saves the identity.
 pub async fn enroll(

@@ -9,12 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub(crate) use tiandi_link::clock::now_ms;
 
 /// The release binaries of `packages`, built (cargo is quick when they are current); their
 /// paths, in the order given (each package's binary is named after it).

@@ -37,12 +37,7 @@ const GOP: u64 = 50;
 /// Subscribers sharing one UDP socket (client endpoint).
 const PER_SOCKET: usize = 25;
 
-fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
-}
+use tiandi_link::clock::now_us;
 
 struct Creds {
     cert: String,

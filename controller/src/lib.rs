@@ -34,12 +34,7 @@ use registry::Registry;
 use sites::Sites;
 use store::{AlarmEvent, Store};
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use tiandi_link::clock::now_ms;
 
 /// What the live stream (`/api/stream`) carries.
 #[derive(Clone, Debug, Serialize)]

@@ -2,6 +2,7 @@
 //! ([`pki`]), mutual-TLS configurations ([`tls`]), transport profiles for GEO/LEO/terrestrial
 //! links ([`transport`]), and length-prefixed protocol frames over QUIC streams ([`framed`]).
 
+pub mod clock;
 pub mod config;
 pub mod congestion;
 pub mod enroll;

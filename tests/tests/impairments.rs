@@ -25,7 +25,7 @@
 //! logs. Each test prints one `impairments case=…` line with its figures.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tiandi_satlink::{LinkStatus, Shape, Spec, Topology};
@@ -65,12 +65,7 @@ fn limit_for(target: f64) -> Duration {
     Duration::from_secs_f64(SIZE as f64 * 8.0 / (target * RATE_BPS) * 2.0 + 20.0)
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
+use tiandi_link::clock::now_ms;
 
 struct Case {
     /// Printed, and the file's name.

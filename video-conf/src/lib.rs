@@ -22,19 +22,9 @@ pub mod track;
 pub mod ts;
 pub mod wire;
 
-pub fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
-}
+pub use tiandi_link::clock::now_us;
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use tiandi_link::clock::now_ms;
 
 /// The QUIC transport for conference connections: the profile's windows and RTT, with BBR
 /// instead of Cubic. Cubic reads the random loss of a satellite link as congestion and
