@@ -97,7 +97,7 @@ pub async fn enroll(
                 ca_pem,
             } => {
                 // The answer must be signed by the pinned CA.
-                let ca = tls::certs_from_pem(&ca_pem)?;
+                let ca = pki::certs_from_pem(&ca_pem)?;
                 if ca.first().map(|c| pki::fingerprint(c)) != Some(fp.clone()) {
                     return Err(LinkError::Pki(
                         "controller returned a CA that does not match the token".into(),

@@ -11,10 +11,24 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
 
 use crate::LinkError;
+
+/// The certificates of a PEM text (a chain: leaf first).
+pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, LinkError> {
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| LinkError::Pki(format!("bad certificate PEM: {e}")))
+}
+
+/// The private key of a PEM text.
+pub fn key_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>, LinkError> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| LinkError::Pki(format!("bad private key PEM: {e}")))
+}
 
 /// The TLS server name every controller certificate carries and every agent checks.
 pub const CONTROLLER_NAME: &str = "tiandi-controller";
@@ -111,7 +125,7 @@ impl Ca {
 
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Ca, LinkError> {
         let key = KeyPair::from_pem(key_pem).map_err(pki)?;
-        let cert_der = crate::tls::certs_from_pem(cert_pem)?
+        let cert_der = certs_from_pem(cert_pem)?
             .into_iter()
             .next()
             .ok_or_else(|| LinkError::Pki("CA file holds no certificate".into()))?;

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -21,7 +20,7 @@ use rustls::{
 };
 
 use crate::LinkError;
-use crate::pki::{self, SiteIdentity};
+use crate::pki::{self, SiteIdentity, certs_from_pem, key_from_pem};
 
 /// ALPN of the report/control connection (client certificate required).
 pub const ALPN_SITE: &[u8] = b"tiandi/1";
@@ -34,17 +33,6 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 fn tls(e: impl std::fmt::Display) -> LinkError {
     LinkError::Tls(e.to_string())
-}
-
-pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, LinkError> {
-    CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| LinkError::Pki(format!("bad certificate PEM: {e}")))
-}
-
-pub fn key_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>, LinkError> {
-    PrivateKeyDer::from_pem_slice(pem.as_bytes())
-        .map_err(|e| LinkError::Pki(format!("bad private key PEM: {e}")))
 }
 
 /// Why the controller turns a CA-signed certificate away.
@@ -243,6 +231,13 @@ struct PinnedCa {
     provider: Arc<CryptoProvider>,
 }
 
+impl PinnedCa {
+    /// Handshake signatures are checked with the provider's algorithms, as WebPKI would.
+    fn algs(&self) -> &rustls::crypto::WebPkiSupportedAlgorithms {
+        &self.provider.signature_verification_algorithms
+    }
+}
+
 impl ServerCertVerifier for PinnedCa {
     fn verify_server_cert(
         &self,
@@ -272,12 +267,7 @@ impl ServerCertVerifier for PinnedCa {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, self.algs())
     }
     fn verify_tls13_signature(
         &self,
@@ -285,17 +275,10 @@ impl ServerCertVerifier for PinnedCa {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, self.algs())
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.algs().supported_schemes()
     }
 }
 
