@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use tiandi_link::LinkProfile;
 
+pub use crate::device::{DeviceConfig, DeviceProfile, ModemOids, ScaledOid, SnmpVersion, V3Config};
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -63,104 +65,6 @@ impl Default for Config {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DeviceProfile {
-    /// Router interfaces (IF-MIB: ifHC*Octets, ifOperStatus, errors).
-    IfMib,
-    /// UPS (RFC 1628 UPS-MIB: on battery, charge, runtime left).
-    UpsMib,
-    /// Satellite modem: vendor OIDs given in `[devices.oids]`.
-    VsatModem,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SnmpVersion {
-    V2c,
-    V3,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeviceConfig {
-    pub name: String,
-    pub profile: DeviceProfile,
-    /// `host:port` (port 161 if omitted).
-    pub address: String,
-    #[serde(default = "default_version")]
-    pub version: SnmpVersion,
-    #[serde(default = "default_community")]
-    pub community: String,
-    /// SNMPv3 (authPriv) credentials, required when `version = "v3"`.
-    #[serde(default)]
-    pub v3: Option<V3Config>,
-    /// Per-poll timeout in milliseconds.
-    #[serde(default = "default_timeout")]
-    pub timeout_ms: u64,
-    /// VSAT modem OIDs (numeric, vendor-specific).
-    #[serde(default)]
-    pub oids: Option<ModemOids>,
-}
-
-fn default_version() -> SnmpVersion {
-    SnmpVersion::V2c
-}
-fn default_community() -> String {
-    "public".into()
-}
-fn default_timeout() -> u64 {
-    2000
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct V3Config {
-    pub user: String,
-    /// md5, sha1, sha224, sha256, sha384, sha512
-    pub auth_protocol: String,
-    pub auth_password: String,
-    /// des, aes128 (= aes), aes192, aes256
-    pub priv_protocol: String,
-    pub priv_password: String,
-}
-
-/// A modem figure: its OID and the factor that turns the raw value into the unit
-/// (dB, dBm). Integer and decimal-string answers are both accepted.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ScaledOid {
-    pub oid: String,
-    #[serde(default = "one")]
-    pub scale: f64,
-}
-
-fn one() -> f64 {
-    1.0
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModemOids {
-    /// Es/No or SNR (dB).
-    pub esno: ScaledOid,
-    /// Receive level (dBm).
-    #[serde(default)]
-    pub rx_level: Option<ScaledOid>,
-    /// Transmit power (dBm).
-    #[serde(default)]
-    pub tx_power: Option<ScaledOid>,
-    /// Current ModCod (string or integer).
-    #[serde(default)]
-    pub modcod: Option<String>,
-    /// Information rate toward the site (scaled to kbit/s): the controller paces at it.
-    #[serde(default)]
-    pub rx_rate: Option<ScaledOid>,
-    /// Information rate from the site (scaled to kbit/s): the agent paces at it.
-    #[serde(default)]
-    pub tx_rate: Option<ScaledOid>,
-}
-
 impl Config {
     /// The QUIC transport toward the controller: the profile, paced at the committed rate
     /// (`link_rate_mbit`, else what `rate` is set to — the modem's figure — once known; loss-
@@ -216,37 +120,7 @@ impl Config {
         }
         for (i, d) in self.devices.iter().enumerate() {
             let key = format!("devices[{i}]");
-            if d.version == SnmpVersion::V3 && d.v3.is_none() {
-                return Err(format!(
-                    "{file}: key `{key}.v3`: version = \"v3\" needs user and passwords"
-                ));
-            }
-            if d.profile == DeviceProfile::VsatModem && d.oids.is_none() {
-                return Err(format!(
-                    "{file}: key `{key}.oids`: a vsat-modem needs its OIDs (esno at least)"
-                ));
-            }
-            if let Some(o) = &d.oids {
-                for (k, oid) in [
-                    ("esno", Some(&o.esno.oid)),
-                    ("rx_level", o.rx_level.as_ref().map(|x| &x.oid)),
-                    ("tx_power", o.tx_power.as_ref().map(|x| &x.oid)),
-                    ("modcod", o.modcod.as_ref()),
-                    ("rx_rate", o.rx_rate.as_ref().map(|x| &x.oid)),
-                    ("tx_rate", o.tx_rate.as_ref().map(|x| &x.oid)),
-                ] {
-                    if let Some(oid) = oid
-                        && crate::snmp::parse_oid(oid).is_err()
-                    {
-                        return Err(format!(
-                            "{file}: key `{key}.oids.{k}`: {oid:?} is not a numeric OID"
-                        ));
-                    }
-                }
-            }
-            if let Some(v3) = &d.v3 {
-                crate::snmp::security(v3).map_err(|e| format!("{file}: key `{key}.v3`: {e}"))?;
-            }
+            d.validate(file, &key)?;
         }
         if let Some(v) = &self.via_relay {
             tiandi_link::pki::validate_name("relay site", &v.site)

@@ -5,6 +5,7 @@
 
 pub mod collect;
 pub mod config;
+pub mod device;
 pub mod snmp;
 pub mod transfers;
 

@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
-use snmp2::{AsyncSession, Oid, Value, v3};
+use snmp2::{AsyncSession, Oid, Value};
 use tiandi_proto::{Device, DeviceInterface, DeviceStatus, Modem, Profile, Ups};
 
-use crate::config::{DeviceConfig, DeviceProfile, ScaledOid, SnmpVersion, V3Config};
+use crate::device::{DeviceConfig, DeviceProfile, ScaledOid, SnmpVersion, parse_oid, security};
 
 /// At most this many rows are read from a table (interfaces).
 const MAX_ROWS: usize = 128;
@@ -34,51 +34,12 @@ impl PollError {
     }
 }
 
-pub fn parse_oid(s: &str) -> Result<Vec<u64>, String> {
-    let s = s.trim().trim_start_matches('.');
-    let parts: Result<Vec<u64>, _> = s.split('.').map(str::parse::<u64>).collect();
-    match parts {
-        Ok(p) if p.len() >= 2 => Ok(p),
-        _ => Err(format!("{s:?} is not a numeric OID")),
-    }
-}
-
 fn oid(parts: &[u64]) -> Result<Oid<'static>, PollError> {
     Oid::from(parts).map_err(|e| PollError::Local(format!("bad OID {parts:?}: {e:?}")))
 }
 
 fn oid_parts(o: &Oid<'_>) -> Vec<u64> {
     o.iter().map(|i| i.collect()).unwrap_or_default()
-}
-
-pub fn security(c: &V3Config) -> Result<v3::Security, String> {
-    let auth = match c.auth_protocol.to_ascii_lowercase().as_str() {
-        "md5" => v3::AuthProtocol::Md5,
-        "sha" | "sha1" => v3::AuthProtocol::Sha1,
-        "sha224" => v3::AuthProtocol::Sha224,
-        "sha256" => v3::AuthProtocol::Sha256,
-        "sha384" => v3::AuthProtocol::Sha384,
-        "sha512" => v3::AuthProtocol::Sha512,
-        other => return Err(format!("unknown auth_protocol {other:?}")),
-    };
-    let cipher = match c.priv_protocol.to_ascii_lowercase().as_str() {
-        "des" => v3::Cipher::Des,
-        "aes" | "aes128" => v3::Cipher::Aes128,
-        "aes192" => v3::Cipher::Aes192,
-        "aes256" => v3::Cipher::Aes256,
-        other => return Err(format!("unknown priv_protocol {other:?}")),
-    };
-    if c.auth_password.len() < 8 || c.priv_password.len() < 8 {
-        return Err("SNMPv3 passwords need at least 8 characters".into());
-    }
-    Ok(
-        v3::Security::new(c.user.as_bytes(), c.auth_password.as_bytes())
-            .with_auth_protocol(auth)
-            .with_auth(v3::Auth::AuthPriv {
-                cipher,
-                privacy_password: c.priv_password.as_bytes().to_vec(),
-            }),
-    )
 }
 
 /// A device and its (cached) session. A session that failed is rebuilt on the next poll, so a
