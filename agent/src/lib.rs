@@ -3,9 +3,11 @@
 //! the controller acknowledges it and sends it over mutual-TLS QUIC; runs the site's file
 //! transfers ([`transfers`]). `tiandi-agent simulate` runs `tiandi-sim`'s simulated sites.
 
+pub mod cli;
 pub mod collect;
 pub mod config;
 pub mod device;
+pub mod simulate;
 pub mod snmp;
 pub mod transfers;
 

@@ -332,3 +332,64 @@ pub async fn from_relay(
     .instrument(span)
     .await
 }
+
+/// Waits until the controller has verified transfer `id` (its node, from the receipt), it
+/// failed or was refused (an error), or `within` passes (an error; it stays queued).
+pub async fn wait_delivered(data_dir: &Path, id: &str, within: Duration) -> anyhow::Result<String> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(j) = read_status(data_dir)?.into_iter().find(|j| j["id"] == id) {
+            match j["state"].as_str() {
+                Some("delivered") => {
+                    return Ok(j["receipt"]["node"].as_str().unwrap_or("?").to_string());
+                }
+                Some("failed") => anyhow::bail!("transfer {id} failed: {}", j["error"]),
+                _ => {}
+            }
+        }
+        if let Some(e) = read_refusal(data_dir, id) {
+            anyhow::bail!("transfer {id} refused: {e}");
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "transfer {id} not delivered within {} s (it stays queued)",
+                within.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// `tiandi-agent transfers`: one line per outgoing transfer.
+pub fn table(jobs: &[serde_json::Value]) -> String {
+    let mut out = format!(
+        "{:<22} {:<14} {:<28} {:>12} {:>6} {:<10} note\n",
+        "id", "to", "file", "bytes", "done%", "state"
+    );
+    for j in jobs {
+        let bytes = j["bytes"].as_u64().unwrap_or(0);
+        let pct = if bytes == 0 {
+            100.0
+        } else {
+            j["acked_bytes"].as_u64().unwrap_or(0) as f64 * 100.0 / bytes as f64
+        };
+        let note = if j["receipt"].is_object() {
+            format!(
+                "verified at {}",
+                j["receipt"]["node"].as_str().unwrap_or("?")
+            )
+        } else {
+            j["error"].as_str().unwrap_or("").to_string()
+        };
+        out += &format!(
+            "{:<22} {:<14} {:<28} {:>12} {:>6.1} {:<10} {note}\n",
+            j["id"].as_str().unwrap_or(""),
+            j["dest"].as_str().unwrap_or(""),
+            j["file"].as_str().unwrap_or(""),
+            bytes,
+            pct,
+            j["state"].as_str().unwrap_or("")
+        );
+    }
+    out
+}

@@ -8,6 +8,7 @@
 //! is ever visible at its destination. The sender ([`send::send_file`]) re-reads and re-checks
 //! every chunk from the source, so a file that changes while it is sent fails clearly.
 
+pub mod flags;
 pub mod inbox;
 pub mod manifest;
 pub mod outbox;
@@ -17,6 +18,7 @@ pub mod wire;
 
 use std::path::{Path, PathBuf};
 
+pub use flags::SendFlags;
 pub use inbox::{Inbox, InboxEvent};
 pub use manifest::Manifest;
 pub use outbox::{Job, JobState, Outbox, Window};

@@ -1,0 +1,175 @@
+//! The `tiandi-agent` command line: its flags and subcommands, each a call into the library.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use tiandi_uplink::identity;
+
+use crate::{Config, transfers};
+
+#[derive(Parser)]
+#[command(name = "tiandi-agent", version, about = "Tiandi site agent")]
+pub struct Cli {
+    /// Agent configuration file (TOML); see config/agent.example.toml.
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Run the agent (the default).
+    Run {
+        #[arg(long)]
+        controller: Option<String>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Seconds between reports.
+        #[arg(long)]
+        interval: Option<f64>,
+    },
+    /// Enroll this site with a one-time token from `tiandi-controller enroll`.
+    Enroll {
+        #[arg(long)]
+        controller: String,
+        #[arg(long)]
+        token: String,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Replace an existing identity.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Send a file to the controller: queued in this site's outbox, taken by the running agent
+    /// within a second, resumed across link cuts and restarts.
+    Send {
+        file: PathBuf,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        flags: tiandi_transfer::SendFlags,
+        /// Wait until the controller has verified the file (or this many seconds pass).
+        #[arg(long)]
+        wait: Option<u64>,
+    },
+    /// This site's outgoing transfers, as the running agent last wrote them.
+    Transfers {
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run N simulated sites over real QUIC connections (load generator).
+    Simulate(crate::simulate::SimulateArgs),
+}
+
+/// The configuration file (checked), or the embedded defaults.
+pub fn load_config(path: &Option<PathBuf>) -> anyhow::Result<Config> {
+    match path {
+        Some(p) => {
+            let c = Config::load(p)?;
+            c.validate(&p.display().to_string())
+                .map_err(anyhow::Error::msg)?;
+            Ok(c)
+        }
+        None => Ok(Config::default()),
+    }
+}
+
+/// Runs the command line's command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut cfg = load_config(&cli.config)?;
+    if matches!(cli.cmd, Some(Cmd::Simulate(_))) {
+        tiandi_link::init_logging(&format!("{},tiandi_uplink::session=warn", cfg.log));
+    } else {
+        tiandi_link::init_logging(&cfg.log);
+    }
+    match cli.cmd.unwrap_or(Cmd::Run {
+        controller: None,
+        data_dir: None,
+        interval: None,
+    }) {
+        Cmd::Run {
+            controller,
+            data_dir,
+            interval,
+        } => {
+            if let Some(c) = controller {
+                cfg.controller = c;
+            }
+            if let Some(d) = data_dir {
+                cfg.data_dir = d;
+            }
+            if let Some(i) = interval {
+                cfg.interval_s = i;
+            }
+            cfg.validate("command line").map_err(anyhow::Error::msg)?;
+            crate::run(cfg, tiandi_link::shutdown_token()).await
+        }
+        Cmd::Enroll {
+            controller,
+            token,
+            data_dir,
+            force,
+        } => {
+            let dir = data_dir.unwrap_or(cfg.data_dir);
+            if identity::exists(&dir) && !force {
+                bail!(
+                    "{} already holds an identity (use --force to replace it)",
+                    identity::dir(&dir).display()
+                );
+            }
+            let info = crate::enroll(&controller, &token, &dir).await?;
+            println!(
+                "enrolled site {} (province {}); identity in {}",
+                info.site_id,
+                info.province,
+                identity::dir(&dir).display()
+            );
+            Ok(())
+        }
+        Cmd::Send {
+            file,
+            data_dir,
+            flags,
+            wait,
+        } => {
+            let dir = data_dir.unwrap_or(cfg.data_dir);
+            let path = file
+                .canonicalize()
+                .with_context(|| format!("{}", file.display()))?;
+            let id = transfers::request_send(
+                &dir,
+                &transfers::SendRequest {
+                    path,
+                    priority: flags.priority,
+                    window: flags.window,
+                    rate_limit_mbit: flags.rate_limit,
+                },
+            )?;
+            println!(
+                "queued transfer {id} of {} to the controller (the running agent takes it within a second)",
+                file.display()
+            );
+            if let Some(secs) = wait {
+                let node = transfers::wait_delivered(&dir, &id, Duration::from_secs(secs)).await?;
+                println!("delivered: verified at {node}");
+            }
+            Ok(())
+        }
+        Cmd::Transfers { data_dir, json } => {
+            let dir = data_dir.unwrap_or(cfg.data_dir);
+            let jobs = transfers::read_status(&dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&jobs)?);
+                return Ok(());
+            }
+            print!("{}", transfers::table(&jobs));
+            Ok(())
+        }
+        Cmd::Simulate(args) => crate::simulate::run(args).await,
+    }
+}
