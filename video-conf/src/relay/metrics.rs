@@ -1,0 +1,121 @@
+//! The relay's figures in the Prometheus text format (`tiandi_video_*`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::{Relay, Room};
+
+impl Relay {
+    /// The relay's figures in the Prometheus text format (`tiandi_video_*`): what it carries,
+    /// drops and refuses, and each room's participants and tracks.
+    pub fn exposition(&self) -> String {
+        use std::fmt::Write;
+        let st = &self.stats;
+        let send = &st.send;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut out = String::new();
+        let mut one = |name: &str, kind: &str, help: &str, v: u64| {
+            let _ = write!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{relay=\"{}\"}} {v}\n",
+                label(&self.name)
+            );
+        };
+        one(
+            "tiandi_video_connections",
+            "gauge",
+            "Participant connections open.",
+            g(&st.connections),
+        );
+        one(
+            "tiandi_video_refused_total",
+            "counter",
+            "Participants refused (handshake, unknown room, looping path).",
+            g(&st.refused),
+        );
+        one(
+            "tiandi_video_groups_in_total",
+            "counter",
+            "Groups received from publishers.",
+            g(&st.groups_in),
+        );
+        one(
+            "tiandi_video_groups_no_floor_total",
+            "counter",
+            "Groups stopped: publisher without the floor.",
+            g(&st.groups_no_floor),
+        );
+        one(
+            "tiandi_video_bad_streams_total",
+            "counter",
+            "Malformed group streams closed.",
+            g(&st.bad_streams),
+        );
+        one(
+            "tiandi_video_groups_sent_total",
+            "counter",
+            "Groups delivered whole to subscribers.",
+            g(&send.groups_sent),
+        );
+        one(
+            "tiandi_video_groups_dropped_total",
+            "counter",
+            "Groups reset before delivery (a newer one replaced them).",
+            g(&send.groups_dropped),
+        );
+        one(
+            "tiandi_video_objects_sent_total",
+            "counter",
+            "Frames sent to subscribers.",
+            g(&send.objects_sent),
+        );
+        one(
+            "tiandi_video_payload_bytes_sent_total",
+            "counter",
+            "Media payload bytes sent to subscribers.",
+            g(&send.bytes_sent),
+        );
+        one(
+            "tiandi_video_repairs_sent_total",
+            "counter",
+            "Repair datagrams (FEC) sent.",
+            g(&send.repairs_sent),
+        );
+        let rooms = self.rooms();
+        one(
+            "tiandi_video_rooms",
+            "gauge",
+            "Conferences open.",
+            rooms.len() as u64,
+        );
+        let mut per_room = |name: &str, help: &str, f: &dyn Fn(&Room) -> usize| {
+            let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n");
+            for r in &rooms {
+                let _ = writeln!(
+                    out,
+                    "{name}{{relay=\"{}\",room=\"{}\"}} {}",
+                    label(&self.name),
+                    label(&r.name),
+                    f(r)
+                );
+            }
+        };
+        per_room(
+            "tiandi_video_room_participants",
+            "Participants in a conference.",
+            &|r| r.roster().len(),
+        );
+        per_room(
+            "tiandi_video_room_tracks",
+            "Tracks published in a conference.",
+            &|r| r.track_keys().len(),
+        );
+        out
+    }
+}
+
+/// A Prometheus label value, escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}

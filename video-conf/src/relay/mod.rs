@@ -1,0 +1,183 @@
+//! The relay: rooms, participants, fan-out.
+//!
+//! Each participant (a site client or a downstream relay) holds one QUIC connection with
+//! mutual TLS (site certificates from the controller's CA). Tracks a participant announces
+//! land in its room; every subscriber of a track gets its groups through
+//! [`forward::send_track`](crate::forward::send_track), so a track crosses each connection
+//! once whatever the number of viewers behind it. Groups from a site without the floor stop at
+//! the first relay.
+//!
+//! This module holds the [`Relay`] itself (options, counters, its rooms, the accept loop);
+//! the rest is one job per file: `rooms` (a conference's floor, roll call, roster and
+//! tracks), `recording`, `cascade` (the upstream session), `session` (admitting a
+//! participant), `participant` (its control stream and group streams), `subscription`
+//! (sending it a track) and `metrics` (the Prometheus exposition).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::forward::SendStats;
+
+mod cascade;
+mod metrics;
+mod participant;
+mod recording;
+mod rooms;
+mod session;
+mod subscription;
+
+pub use recording::{RecordingDone, Speaker};
+pub use rooms::{HealthView, Member, Room};
+
+/// ALPN of the conference protocol.
+pub const ALPN: &[u8] = b"tiandi-video/1";
+const HELLO_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a group stream waits for its track's Announce (sent on the control stream, so
+/// it may arrive after the group's first packets).
+const ANNOUNCE_WAIT: Duration = Duration::from_secs(5);
+/// Control frames queued toward one participant. A participant that lets this many pile up
+/// is not reading its control stream: it is disconnected (the queue never blocks the room).
+const CONTROL_QUEUE: usize = 64;
+
+/// Counters for the whole relay.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    pub connections: AtomicU64,
+    pub refused: AtomicU64,
+    pub groups_in: AtomicU64,
+    /// Groups stopped at this relay because their publisher lacked the floor.
+    pub groups_no_floor: AtomicU64,
+    pub bad_streams: AtomicU64,
+    pub send: Arc<SendStats>,
+}
+
+pub struct RelayOptions {
+    /// This relay's name (its site ID).
+    pub name: String,
+    /// The site that chairs rooms created on first join.
+    pub chair: String,
+    /// The relay above this one, if it cascades.
+    pub upstream: Option<Upstream>,
+    /// Rooms come into being when a site first joins them (a standalone relay); otherwise
+    /// only rooms created with [`Relay::create_room`] can be joined (conferences the
+    /// controller runs).
+    pub open_rooms: bool,
+    /// Ask for repair datagrams ([`crate::fec`]) with the groups that participants and the
+    /// upstream relay send here once the round trip is at least this long (ms; 0: never).
+    pub fec_rtt_ms: u32,
+}
+
+/// Where a cascading relay takes its rooms from (a province relay's ministry relay).
+#[derive(Clone)]
+pub struct Upstream {
+    pub endpoint: quinn::Endpoint,
+    pub addr: std::net::SocketAddr,
+    /// The upstream relay's site ID (the name its certificate carries).
+    pub name: String,
+    pub client: quinn::ClientConfig,
+}
+
+pub struct Relay {
+    pub name: String,
+    chair: String,
+    upstream: Option<Upstream>,
+    open_rooms: bool,
+    fec_rtt_ms: u32,
+    rooms: Mutex<HashMap<String, Arc<Room>>>,
+    pub stats: RelayStats,
+}
+
+impl Relay {
+    pub fn new(opts: RelayOptions) -> Arc<Relay> {
+        Arc::new(Relay {
+            name: opts.name,
+            chair: opts.chair,
+            upstream: opts.upstream,
+            open_rooms: opts.open_rooms,
+            fec_rtt_ms: opts.fec_rtt_ms,
+            rooms: Mutex::new(HashMap::new()),
+            stats: RelayStats::default(),
+        })
+    }
+
+    /// Creates a room chaired by `chair`; an existing room of that name (not ended) is
+    /// returned as is.
+    pub fn create_room(&self, name: &str, chair: &str) -> Arc<Room> {
+        let mut rooms = self.rooms.lock().expect("rooms lock poisoned");
+        if let Some(r) = rooms.get(name).filter(|r| !r.is_ended()) {
+            return r.clone();
+        }
+        let r = Room::new(name, chair);
+        rooms.insert(name.to_string(), r.clone());
+        r
+    }
+
+    /// Ends a room: its participants are disconnected. Returns whether it existed.
+    pub fn end_room(&self, name: &str) -> bool {
+        match self.rooms.lock().expect("rooms lock poisoned").remove(name) {
+            Some(r) => {
+                r.ended.cancel();
+                for t in r.tracks.borrow().values() {
+                    t.close();
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The room if it exists and has not ended.
+    pub fn find_room(&self, name: &str) -> Option<Arc<Room>> {
+        self.rooms
+            .lock()
+            .expect("rooms lock poisoned")
+            .get(name)
+            .filter(|r| !r.is_ended())
+            .cloned()
+    }
+
+    /// The room, created on first use.
+    pub fn room(&self, name: &str) -> Arc<Room> {
+        self.rooms
+            .lock()
+            .expect("rooms lock poisoned")
+            .entry(name.to_string())
+            .or_insert_with(|| Room::new(name, &self.chair))
+            .clone()
+    }
+
+    pub fn rooms(&self) -> Vec<Arc<Room>> {
+        self.rooms
+            .lock()
+            .expect("rooms lock poisoned")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Accepts participants until `cancel` fires.
+    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint, cancel: CancellationToken) {
+        loop {
+            let incoming = tokio::select! {
+                _ = cancel.cancelled() => break,
+                i = endpoint.accept() => match i { Some(i) => i, None => break },
+            };
+            let (relay, cancel) = (self.clone(), cancel.clone());
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                match incoming.await {
+                    Ok(conn) => relay.participant(conn, cancel).await,
+                    Err(e) => {
+                        relay.stats.refused.fetch_add(1, Ordering::Relaxed);
+                        info!(%remote, error = %e, "Conference handshake failed.");
+                    }
+                }
+            });
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! Admitting a participant: its certificate, the Hello, loop and room checks, the Welcome,
+//! then its session until it leaves or the conference ends.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use super::participant::Participant;
+use super::rooms::Member;
+use super::{CONTROL_QUEUE, HELLO_TIMEOUT, Relay};
+use crate::io::{ControlReader, ControlWriter, IoError};
+use crate::wire::{self, Control, ErrorMsg, Welcome, codes};
+
+impl Relay {
+    pub(super) async fn participant(
+        self: Arc<Self>,
+        conn: quinn::Connection,
+        cancel: CancellationToken,
+    ) {
+        let Some(id) = tiandi_link::peer_identity(&conn) else {
+            conn.close(codes::FORBIDDEN.into(), b"a site certificate is required");
+            return;
+        };
+        let span = info_span!("participant", site = %id.site_id, remote = %conn.remote_address());
+        async move {
+            self.stats.connections.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = self.session(&conn, &id.site_id, cancel).await {
+                warn!(error = %e, "Participant refused or failed.");
+                conn.close(e.code().into(), e.to_string().as_bytes());
+            }
+            self.stats.connections.fetch_sub(1, Ordering::Relaxed);
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn session(
+        self: &Arc<Self>,
+        conn: &quinn::Connection,
+        site: &str,
+        cancel: CancellationToken,
+    ) -> Result<(), IoError> {
+        let (send, recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
+            .await
+            .map_err(|_| IoError::Stream("no control stream in time".into()))?
+            .map_err(|e| IoError::Stream(e.to_string()))?;
+        let (mut writer, mut reader) = (ControlWriter(send), ControlReader(recv));
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, reader.recv()).await {
+            Err(_) => return Err(IoError::Stream("no Hello in time".into())),
+            Ok(r) => match r? {
+                Some(Control::Hello(h)) => h,
+                Some(other) => {
+                    return Err(IoError::Wire(wire::WireError::Malformed {
+                        what: "control stream",
+                        detail: format!("expected Hello, got {}", other.name()),
+                    }));
+                }
+                None => return Err(IoError::Ended),
+            },
+        };
+        let role = wire::check_hello(&hello)?;
+        if hello.path.iter().any(|p| p == &self.name) {
+            let msg = format!(
+                "relay path {:?} already passes through {}: a cascade must not loop",
+                hello.path, self.name
+            );
+            let _ = writer
+                .send(&Control::Error(ErrorMsg {
+                    code: codes::LOOP,
+                    message: msg.clone(),
+                }))
+                .await;
+            // Let the Error frame arrive before the close discards it (the close carries
+            // the reason too).
+            let _ = writer.0.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(1), writer.0.stopped()).await;
+            conn.close(codes::LOOP.into(), msg.as_bytes());
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        let room = match self.find_room(&hello.room) {
+            Some(r) => r,
+            None if self.open_rooms => self.room(&hello.room),
+            None => {
+                let msg = format!("there is no conference {:?} here", hello.room);
+                let _ = writer
+                    .send(&Control::Error(ErrorMsg {
+                        code: codes::NO_ROOM,
+                        message: msg.clone(),
+                    }))
+                    .await;
+                let _ = writer.0.finish();
+                let _ = tokio::time::timeout(Duration::from_secs(1), writer.0.stopped()).await;
+                conn.close(codes::NO_ROOM.into(), msg.as_bytes());
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+        };
+        self.ensure_cascade(&room, &cancel);
+        info!(room = %room.name, role = role.as_str(), "Participant joined.");
+        writer
+            .send(&Control::Welcome(Welcome {
+                version: wire::VERSION,
+                relay: self.name.clone(),
+                you: site.to_string(),
+                chair: room.floor().chair,
+                fec_rtt_ms: self.fec_rtt_ms,
+            }))
+            .await?;
+        room.roster.lock().expect("roster lock poisoned").insert(
+            site.to_string(),
+            Member {
+                site: site.into(),
+                role: role.as_str().into(),
+                ..Default::default()
+            },
+        );
+
+        let p = Arc::new(Participant {
+            relay: self.clone(),
+            conn: conn.clone(),
+            site: site.to_string(),
+            role,
+            room: room.clone(),
+            announced: Mutex::new(HashMap::new()),
+            announces: watch::channel(0).0,
+            out_ids: Mutex::new(HashMap::new()),
+            subs: Mutex::new(HashMap::new()),
+            link_kbps: hello.link_kbps,
+            fec: crate::fec::Wish::new(hello.fec_rtt_ms),
+            inbox: (self.fec_rtt_ms > 0).then(|| crate::fec::Inbox::start(conn)),
+        });
+        let stop = cancel.child_token();
+        let _stop = stop.clone().drop_guard();
+        let (ctl_tx, ctl_rx) = mpsc::channel::<Control>(CONTROL_QUEUE);
+        tokio::spawn(
+            p.clone()
+                .write_control(writer, ctl_rx, stop.clone())
+                .in_current_span(),
+        );
+        tokio::spawn(p.clone().accept_groups(stop.clone()).in_current_span());
+        let result = tokio::select! {
+            r = p.read_control(&mut reader, &ctl_tx, &stop) => r,
+            _ = room.ended.cancelled() => {
+                conn.close(codes::NO_ROOM.into(), b"the conference has ended");
+                Ok(())
+            }
+        };
+        p.leave();
+        result
+    }
+}

@@ -1,0 +1,143 @@
+//! Sending one publisher's track to a participant: the rendition its link carries, switched
+//! at group boundaries.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info};
+
+use super::participant::Participant;
+use crate::forward::{self, SendStats};
+use crate::policy::RenditionChooser;
+use crate::track::Track;
+
+impl Participant {
+    /// Sends one publisher's video (or audio) to this participant, in the rendition its link
+    /// carries, until it unsubscribes or leaves.
+    pub(super) fn subscribe(self: &Arc<Self>, publisher: String, kind: String, rendition: String) {
+        let stop = CancellationToken::new();
+        if let Some(old) = self
+            .subs
+            .lock()
+            .expect("subs lock poisoned")
+            .insert((publisher.clone(), kind.clone()), stop.clone())
+        {
+            old.cancel();
+        }
+        let p = self.clone();
+        tokio::spawn(
+            async move {
+                p.run_subscription(&publisher, &kind, &rendition, &stop)
+                    .await
+            }
+            .in_current_span(),
+        );
+    }
+
+    async fn run_subscription(
+        &self,
+        publisher: &str,
+        kind: &str,
+        fixed: &str,
+        stop: &CancellationToken,
+    ) {
+        let mut tracks = self.room.tracks.subscribe();
+        tracks.mark_changed();
+        let mut chooser: Option<RenditionChooser> = None;
+        let mut current: Option<(Arc<Track>, crate::track::GroupWatch)> = None;
+        let flights = forward::in_flight();
+        let mut dropped_seen = 0u64;
+        let dropped = SendStats::child(&self.relay.stats.send);
+        loop {
+            // Renditions of this publisher's `kind` now in the room.
+            let options: Vec<Arc<Track>> = self
+                .room
+                .tracks
+                .borrow()
+                .values()
+                .filter(|t| t.info.publisher == publisher && t.info.kind == kind)
+                .cloned()
+                .collect();
+            if chooser.is_none() && !options.is_empty() {
+                chooser = Some(RenditionChooser::new(
+                    options
+                        .iter()
+                        .map(|t| (t.info.rendition.clone(), t.info.bitrate_kbps))
+                        .collect(),
+                    self.link_kbps,
+                    crate::now_ms(),
+                ));
+            }
+            let want = if !fixed.is_empty() {
+                fixed.to_string()
+            } else {
+                chooser
+                    .as_ref()
+                    .map(|c| c.current().to_string())
+                    .unwrap_or_default()
+            };
+            let target = options.iter().find(|t| t.info.rendition == want).cloned();
+            match (&current, target) {
+                (Some((cur, _)), Some(t)) if Arc::ptr_eq(cur, &t) => {}
+                (_, Some(t)) => {
+                    // A switch (or the start): a late joiner takes the current group at once;
+                    // a switch waits for the new rendition's next group (a group boundary).
+                    let mut rx = t.subscribe();
+                    if current.is_some() {
+                        rx.borrow_and_update();
+                        // What is still in flight of the old rendition is of no use now.
+                        forward::cancel_all(&flights);
+                    }
+                    debug!(track = %t.key(), "Sending rendition.");
+                    current = Some((t, rx));
+                }
+                (_, None) => current = None,
+            }
+            let next = async {
+                match current.as_mut() {
+                    Some((_, rx)) => rx.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = self.conn.closed() => break,
+                r = tracks.changed() => { if r.is_err() { break } tracks.borrow_and_update(); continue; }
+                ok = next => {
+                    if !ok { current = None; continue; }
+                }
+            }
+            let Some((t, rx)) = current.as_mut() else {
+                continue;
+            };
+            // No group yet (or the track just closed: the room's list changes next).
+            let Some(group) = rx.borrow_and_update().clone() else {
+                continue;
+            };
+            let id = self.out_id(&t.key());
+            forward::start_group(
+                &self.conn,
+                id,
+                &t.info.kind,
+                group,
+                &dropped,
+                &flights,
+                &self.fec,
+            );
+            // What the link showed since the last group: drops, and its estimated rate.
+            if let Some(c) = chooser.as_mut() {
+                let d = dropped.dropped();
+                let s = self.conn.stats();
+                let rtt = s.path.rtt.as_secs_f64().max(1e-3);
+                let est_kbps = s.path.cwnd as f64 * 8.0 / rtt / 1000.0;
+                let before = c.current().to_string();
+                let now = c.observe(d - dropped_seen, est_kbps, crate::now_ms());
+                if now != before {
+                    info!(publisher, kind, from = %before, to = %now, dropped = d - dropped_seen, est_kbps = est_kbps as u64, "Rendition change.");
+                }
+                dropped_seen = d;
+            }
+        }
+        forward::cancel_all(&flights);
+    }
+}
