@@ -1,0 +1,51 @@
+//! Relays' reports of their forwarded copies (the hop-by-hop part): handed to the owner's
+//! [`ForwardSink`], acknowledged once applied.
+
+use std::sync::Arc;
+
+use super::serve::refuse;
+use super::{Inbox, Served};
+use crate::TransferError;
+use crate::wire::{self, Acked, Frame, Writer, codes, put};
+
+/// Takes a relay's report of its forwarded copies: (the relay's site ID, the items). An error
+/// is sent back to the relay, which reports again later.
+pub type ForwardSink =
+    Arc<dyn Fn(&str, &[wire::ForwardStatus]) -> Result<(), String> + Send + Sync>;
+
+impl Inbox {
+    /// Where relays' reports of forwarded copies go (once; later calls are ignored).
+    pub fn on_forwarded(&self, sink: ForwardSink) {
+        let _ = self.forward_sink.set(sink);
+    }
+
+    /// A relay's report of its forwarded copies.
+    pub(super) async fn forwarded(
+        &self,
+        peer: Option<&str>,
+        f: wire::Forwarded,
+        w: &mut Writer,
+    ) -> Result<Served, TransferError> {
+        let (Some(peer), Some(sink)) = (peer, self.forward_sink.get()) else {
+            let msg = "this node takes no relay reports";
+            refuse(w, codes::PROTOCOL, msg).await;
+            return Err(TransferError::Protocol(msg.into()));
+        };
+        // The sink writes (and flushes) state: off the async workers.
+        let (sink, peer_owned, items) = (sink.clone(), peer.to_string(), f.items);
+        let applied = tokio::task::spawn_blocking(move || sink(&peer_owned, &items))
+            .await
+            .unwrap_or_else(|e| Err(format!("relay report task: {e}")));
+        match applied {
+            Ok(()) => {
+                put(w, Frame::Acked(Acked { chunks: Vec::new() })).await?;
+                let _ = w.get_mut().finish();
+                Ok(Served::Complete)
+            }
+            Err(e) => {
+                refuse(w, codes::STORAGE, &e).await;
+                Err(TransferError::Stream(e))
+            }
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! The receiving side: one [`Inbox`] per node, serving one stream per incoming transfer.
+//!
+//! State per transfer (sled, keyed by the file's hash): the manifest, the bitmap of chunks
+//! verified *and* durable in the temporary file, and the receipt once complete. Chunks are
+//! written with `pwrite` into `.<name>.<hash8>.part` in the destination directory; every
+//! [`SYNC_CHUNKS`] chunks or [`SYNC_INTERVAL`] (and whenever the stream ends, cleanly or not)
+//! the file is fsynced, the bitmap stored, and only then are those chunks acknowledged.
+//!
+//! By job: `serve` (the accept loop, each stream's first frame), `receive` (one transfer into
+//! its part file), `chunks` (chunk streams routed to their transfer), `forward` and `site`
+//! (relays' reports and site checks), `expire` (old states and abandoned part files).
+
+mod chunks;
+mod expire;
+mod forward;
+mod receive;
+mod serve;
+mod site;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::TransferError;
+use crate::manifest::Manifest;
+use crate::wire::{Bitmap, Receipt};
+
+use chunks::{ChunkTx, Partial};
+pub use expire::{Expired, KEEP_ABANDONED, KEEP_COMPLETE};
+pub use forward::ForwardSink;
+pub use serve::accept_loop;
+pub use site::SiteCheck;
+
+/// Acknowledge (after an fsync) at least every this many chunks…
+pub const SYNC_CHUNKS: usize = 16;
+/// …and at least this often while chunks arrive.
+pub const SYNC_INTERVAL: Duration = Duration::from_millis(250);
+/// A paused sender retries after this long when the disk is full.
+pub const DISK_FULL_RETRY: Duration = Duration::from_secs(15);
+/// Chunks waiting for their transfer's task. Full: the chunk streams' readers wait, and QUIC
+/// flow control slows the sender (nothing is dropped).
+const CHUNK_QUEUE: usize = 32;
+/// How long a chunk stream waits for its transfer's Offer to be processed (they travel on
+/// different streams and may overtake each other).
+const ROUTE_WAIT: Duration = Duration::from_secs(10);
+/// Memory for chunks received in part when a connection broke (the oldest go beyond it).
+const PARTIAL_BUDGET: usize = 64 * 1024 * 1024;
+
+/// A transfer's state. Stored under its file hash without the chunk hashes, which are stored
+/// once beside it under `m/<file hash>` ([`Inbox::get`] attaches them).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct InState {
+    #[serde(with = "crate::manifest::head")]
+    pub manifest: Manifest,
+    pub verified: Bitmap,
+    pub origin: String,
+    pub transfer_id: String,
+    pub priority: String,
+    pub forward_to: Vec<String>,
+    pub part: PathBuf,
+    pub dest: PathBuf,
+    pub started_ms: i64,
+    /// When its sender last offered it or chunks last became durable (0 in states stored
+    /// before it was kept).
+    #[serde(default)]
+    pub touched_ms: i64,
+    pub receipt: Option<Receipt>,
+}
+
+/// What the inbox tells its owner (alarms, relays).
+#[derive(Clone, Debug)]
+pub enum InboxEvent {
+    /// A file is complete, verified and in place.
+    Complete(Box<InState>),
+    /// The disk cannot hold the rest of a transfer: paused until space is freed.
+    DiskFull {
+        name: String,
+        needed: u64,
+        free: u64,
+    },
+    /// Space is back for a transfer that was paused.
+    DiskOk { name: String },
+}
+
+pub struct Inbox {
+    dir: PathBuf,
+    /// Files from a known peer land in `dir/<peer>/` (the controller: sites may send files of
+    /// the same name).
+    per_peer_dirs: std::sync::atomic::AtomicBool,
+    forward_sink: std::sync::OnceLock<ForwardSink>,
+    site_check: std::sync::OnceLock<SiteCheck>,
+    tree: sled::Tree,
+    node: String,
+    /// Space kept free on the destination's file system.
+    pub reserve_bytes: u64,
+    events: Option<mpsc::Sender<InboxEvent>>,
+    /// One stream per transfer at a time: a new offer takes over from a stale stream.
+    active: Mutex<HashMap<String, Active>>,
+    paused_full: Mutex<std::collections::HashSet<String>>,
+    /// Where each receiving transfer takes its chunks (by file hash).
+    routes: Mutex<HashMap<String, ChunkTx>>,
+    /// Chunks received in part, by (file hash, index), and each transfer's (size, chunk size).
+    partials: Mutex<HashMap<(String, u32), Partial>>,
+    shapes: Mutex<HashMap<String, (u64, u32)>>,
+    route_added: tokio::sync::Notify,
+}
+
+/// How a served stream ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Served {
+    Complete,
+    AlreadyHad,
+    Paused,
+    Refused,
+    Interrupted,
+}
+
+/// The live stream of one transfer: a token to stop it, and the lock its successor waits on.
+type Active = (CancellationToken, Arc<tokio::sync::Mutex<()>>);
+
+fn free_bytes(dir: &Path) -> u64 {
+    nix::sys::statvfs::statvfs(dir)
+        .map(|s| s.blocks_available() * s.fragment_size())
+        .unwrap_or(u64::MAX)
+}
+
+impl Inbox {
+    /// Files land in `dir`; state lives in `tree`; receipts name `node`.
+    pub fn new(
+        dir: &Path,
+        tree: sled::Tree,
+        node: &str,
+        events: Option<mpsc::Sender<InboxEvent>>,
+    ) -> Result<Arc<Inbox>, TransferError> {
+        std::fs::create_dir_all(dir).map_err(|e| TransferError::io(dir, e))?;
+        Ok(Arc::new(Inbox {
+            dir: dir.to_path_buf(),
+            per_peer_dirs: Default::default(),
+            forward_sink: Default::default(),
+            site_check: Default::default(),
+            tree,
+            node: node.to_string(),
+            reserve_bytes: 0,
+            events,
+            active: Mutex::new(HashMap::new()),
+            paused_full: Mutex::new(Default::default()),
+            routes: Mutex::new(HashMap::new()),
+            partials: Mutex::new(HashMap::new()),
+            shapes: Mutex::new(HashMap::new()),
+            route_added: tokio::sync::Notify::new(),
+        }))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Files from an identified peer land in `dir/<peer>/`, and their origin is the peer
+    /// (whatever the offer says).
+    pub fn use_per_peer_dirs(&self) {
+        self.per_peer_dirs
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn emit(&self, e: InboxEvent) {
+        if let Some(tx) = &self.events
+            && tx.try_send(e).is_err()
+        {
+            warn!(
+                "Inbox event queue full: an event was dropped (the state store keeps the truth)."
+            );
+        }
+    }
+
+    /// Every transfer this node holds or is receiving (manifests without chunk hashes).
+    pub fn list(&self) -> Result<Vec<InState>, TransferError> {
+        let mut v = Vec::new();
+        for kv in self.tree.iter() {
+            let (key, val) = kv?;
+            if key.starts_with(b"m/") {
+                continue;
+            }
+            if let Ok(s) = serde_json::from_slice::<InState>(&val) {
+                v.push(s);
+            }
+        }
+        Ok(v)
+    }
+
+    /// One transfer's state, with its whole manifest.
+    pub fn get(&self, file_hash_hex: &str) -> Result<Option<InState>, TransferError> {
+        let Some(mut st) = self
+            .tree
+            .get(file_hash_hex.as_bytes())?
+            .and_then(|v| serde_json::from_slice::<InState>(&v).ok())
+        else {
+            return Ok(None);
+        };
+        match self.tree.get(format!("m/{file_hash_hex}"))? {
+            Some(b) => st.manifest = crate::manifest::decode(&b)?,
+            // State without its manifest (cannot happen: it is written first): start over.
+            None => return Ok(None),
+        }
+        Ok(Some(st))
+    }
+
+    fn store(&self, s: &InState) -> Result<(), TransferError> {
+        self.tree.insert(
+            s.manifest.id_hex().as_bytes(),
+            serde_json::to_vec(s).expect("state serialises"),
+        )?;
+        self.tree.flush()?;
+        Ok(())
+    }
+
+    /// [`Inbox::store`] without blocking the async workers on the flush.
+    async fn store_async(&self, s: &InState) -> Result<(), TransferError> {
+        self.tree.insert(
+            s.manifest.id_hex().as_bytes(),
+            serde_json::to_vec(s).expect("state serialises"),
+        )?;
+        self.tree.flush_async().await?;
+        Ok(())
+    }
+
+    /// Transfers paused on a full disk.
+    pub fn paused_on_full_disk(&self) -> usize {
+        self.paused_full.lock().expect("inbox lock poisoned").len()
+    }
+}
+
+/// BLAKE3 of a whole file.
+pub fn hash_file(path: &Path) -> Result<[u8; 32], TransferError> {
+    let mut h = blake3::Hasher::new();
+    let f = std::fs::File::open(path).map_err(|e| TransferError::io(path, e))?;
+    h.update_reader(f).map_err(|e| TransferError::io(path, e))?;
+    Ok(*h.finalize().as_bytes())
+}
