@@ -5,6 +5,7 @@
 //! namespaces, each site behind its own emulated link, and [`control`] lets a running emulator
 //! be cut, restored and re-shaped (rain fade) from another process.
 
+pub mod cli;
 pub mod control;
 pub mod emu;
 pub mod model;
