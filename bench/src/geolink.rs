@@ -31,11 +31,18 @@ impl CertPolicy for AnySite {
     }
 }
 
+#[derive(Debug, clap::Args)]
 pub struct Args {
+    #[arg(long, default_value_t = 100.0)]
     pub size_mb: f64,
+    #[arg(long, default_value_t = 20.0)]
     pub rate_mbit: f64,
+    #[arg(long, default_value_t = 600.0)]
     pub rtt_ms: f64,
+    #[arg(long, default_value_t = 1.0)]
     pub loss_pct: f64,
+    /// Longest any one transfer may run (s); a slower one is counted up to then.
+    #[arg(long, default_value = "120", value_parser = crate::harness::secs)]
     pub time_limit: Duration,
 }
 

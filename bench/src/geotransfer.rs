@@ -33,13 +33,24 @@ use tokio_util::sync::CancellationToken;
 
 use crate::geolink::{FRAME_OVERHEAD, QUIC_PAYLOAD, bench_tls, one_link, tcp};
 
+#[derive(Debug, clap::Args)]
 pub struct Args {
+    #[arg(long, default_value_t = 100.0)]
     pub size_mb: f64,
+    #[arg(long, default_value_t = 20.0)]
     pub rate_mbit: f64,
+    #[arg(long, default_value_t = 600.0)]
     pub rtt_ms: f64,
+    #[arg(long, default_value_t = 1.0)]
     pub loss_pct: f64,
+    /// How long the link is cut in the last run (s).
+    #[arg(long, default_value_t = 60.0)]
     pub cut_s: f64,
+    /// Longest a Tiandi transfer may run (s).
+    #[arg(long, default_value = "600", value_parser = crate::harness::secs)]
     pub time_limit: Duration,
+    /// Longest a TCP transfer may run (s); a slower one is counted up to then.
+    #[arg(long, default_value = "120", value_parser = crate::harness::secs)]
     pub tcp_time_limit: Duration,
 }
 

@@ -302,3 +302,11 @@ impl Drop for OneSite {
         self.follower.store(DONE, Ordering::Release);
     }
 }
+
+/// A clap value parser: seconds (a decimal number) as a duration.
+pub fn secs(s: &str) -> Result<Duration, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(Duration::from_secs_f64(v)),
+        _ => Err(format!("{s:?}: expected seconds, e.g. 120 or 0.5")),
+    }
+}

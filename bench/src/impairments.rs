@@ -77,12 +77,23 @@ const RTT_MS: f64 = 600.0;
 const STALL: Duration = Duration::from_secs(20);
 const SITE: &str = "imp-site";
 
+#[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Case names to run, in the table's order; all when `None`.
+    /// Comma-separated case names (default: all, in order): clean, loss1, loss5,
+    /// jitter50, asym20_2_loss1, displace1, displace5, netem_reorder1, dup1_corrupt01,
+    /// combined.
+    #[arg(long, value_delimiter = ',')]
     pub cases: Option<Vec<String>>,
+    #[arg(long, default_value_t = 40.0)]
     pub size_mb: f64,
+    /// The agent's report interval (s).
+    #[arg(long = "interval", default_value_t = 2.0)]
     pub interval_s: f64,
+    /// Longest a Tiandi transfer may run (s); a slower one is counted up to then.
+    #[arg(long, default_value = "240", value_parser = crate::harness::secs)]
     pub time_limit: Duration,
+    /// Longest the TCP BBR transfer may run (s); counted up to then.
+    #[arg(long, default_value = "60", value_parser = crate::harness::secs)]
     pub tcp_time_limit: Duration,
 }
 

@@ -26,9 +26,14 @@ use tiandi_video::io::{ControlReader, ControlWriter};
 use tiandi_video::track::Track;
 use tiandi_video::wire::{self, Control, Hello, Object, Role, Subscribe, TrackInfo};
 
+#[derive(Debug, clap::Args)]
 pub struct Args {
+    #[arg(long, default_value_t = 500)]
     pub subscribers: usize,
+    #[arg(long, default_value_t = 1500)]
     pub bitrate_kbit: u32,
+    /// Seconds of measurement.
+    #[arg(long, default_value_t = 30.0)]
     pub duration: f64,
 }
 

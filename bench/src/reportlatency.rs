@@ -14,11 +14,19 @@ use anyhow::{Context, bail};
 use crate::harness::{Events, OneSite, SiteSetup, delays, wait_until, work_dir, write_file};
 use crate::ingest::{binaries, now_ms, percentile};
 
+#[derive(Debug, clap::Args)]
 pub struct Args {
+    #[arg(long, default_value_t = 20.0)]
     pub rate_mbit: f64,
+    #[arg(long, default_value_t = 600.0)]
     pub rtt_ms: f64,
+    #[arg(long, default_value_t = 1.0)]
     pub loss_pct: f64,
+    /// The agent's report interval (s).
+    #[arg(long = "interval", default_value_t = 2.0)]
     pub interval_s: f64,
+    /// Length of the idle phase, and of each bulk file at the link rate (s).
+    #[arg(long, default_value_t = 40.0)]
     pub phase_s: f64,
 }
 

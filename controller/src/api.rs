@@ -20,6 +20,10 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
+use crate::admin::{
+    AdminCall, AdminError, ConferenceRequest, EnrollBatchRequest, EnrollRequest, RegistryRequest,
+    RevokeAnswer, RevokeRequest, SendRequest, TransfersAnswer, TransfersRequest,
+};
 use crate::sites::Status;
 use crate::{Core, now_ms};
 
@@ -28,6 +32,17 @@ pub struct AppError(StatusCode, String);
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<AdminError> for AppError {
+    fn from(e: AdminError) -> Self {
+        let code = match &e {
+            AdminError::Bad(_) => StatusCode::BAD_REQUEST,
+            AdminError::NotFound(_) | AdminError::NeedsController(_) => StatusCode::NOT_FOUND,
+            AdminError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        AppError(code, e.to_string())
     }
 }
 
@@ -51,14 +66,17 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/api/alarms", get(alarms))
         .route("/api/stream", get(stream))
         .route("/api/summary", get(summary))
-        .route("/api/admin/enroll", post(admin_enroll))
-        .route("/api/admin/enroll-batch", post(admin_enroll_batch))
-        .route("/api/admin/revoke", post(admin_revoke))
-        .route("/api/admin/registry", get(admin_registry))
-        .route("/api/admin/send", post(admin_send))
-        .route("/api/transfers", get(transfers))
+        .route(EnrollRequest::PATH, post(admin_post::<EnrollRequest>))
+        .route(
+            EnrollBatchRequest::PATH,
+            post(admin_post::<EnrollBatchRequest>),
+        )
+        .route(RevokeRequest::PATH, post(admin_revoke))
+        .route(RegistryRequest::PATH, get(admin_get::<RegistryRequest>))
+        .route(SendRequest::PATH, post(admin_post::<SendRequest>))
+        .route(TransfersRequest::PATH, get(transfers))
         .route("/api/conferences", get(conferences))
-        .route("/api/admin/conference", post(admin_conference))
+        .route(ConferenceRequest::PATH, post(admin_conference))
         .with_state(core)
 }
 
@@ -234,66 +252,31 @@ fn check_admin(core: &Core, headers: &HeaderMap) -> Result<(), AppError> {
     }
 }
 
-#[derive(Deserialize)]
-struct EnrollBody {
-    site_id: String,
-    province: String,
-    ttl_hours: Option<u32>,
-}
-
-async fn admin_enroll(
-    State(core): State<Arc<Core>>,
-    headers: HeaderMap,
-    Json(b): Json<EnrollBody>,
-) -> ApiResult {
-    check_admin(&core, &headers)?;
-    let ttl = Duration::from_secs(u64::from(b.ttl_hours.unwrap_or(core.config.token_hours)) * 3600);
-    let t = core
-        .registry
-        .create_token(&b.site_id, &b.province, ttl)
-        .map_err(|e| bad(e.to_string()))?;
-    Ok(Json(json!({
-        "token": t.token, "site_id": t.site_id, "province": t.province, "expires_at": t.expires_at
-    })))
-}
-
-#[derive(Deserialize)]
-struct BatchBody {
-    sites: Vec<BatchSite>,
-    ttl_hours: Option<u32>,
-}
-
-#[derive(Deserialize)]
-struct BatchSite {
-    site_id: String,
-    province: String,
-}
-
-async fn admin_enroll_batch(
-    State(core): State<Arc<Core>>,
-    headers: HeaderMap,
-    Json(b): Json<BatchBody>,
-) -> ApiResult {
-    check_admin(&core, &headers)?;
-    if b.sites.len() > 100_000 {
-        return Err(bad("at most 100000 sites per batch"));
-    }
-    let ttl = Duration::from_secs(u64::from(b.ttl_hours.unwrap_or(core.config.token_hours)) * 3600);
-    let list: Vec<(String, String)> = b
-        .sites
-        .into_iter()
-        .map(|s| (s.site_id, s.province))
-        .collect();
-    let reg = core.registry.clone();
-    let tokens = tokio::task::spawn_blocking(move || reg.create_tokens(&list, ttl))
+/// An admin request through its one dispatch ([`AdminCall::dispatch`]), off the async
+/// threads (sled blocks).
+async fn run_admin<R: AdminCall>(core: &Arc<Core>, req: R) -> Result<R::Answer, AppError> {
+    let c = core.clone();
+    tokio::task::spawn_blocking(move || req.dispatch(&c.admin()))
         .await
         .map_err(internal)?
-        .map_err(|e| bad(e.to_string()))?;
-    let out: Vec<Value> = tokens
-        .into_iter()
-        .map(|t| json!({"site_id": t.site_id, "province": t.province, "token": t.token, "expires_at": t.expires_at}))
-        .collect();
-    Ok(Json(json!({ "tokens": out })))
+        .map_err(AppError::from)
+}
+
+async fn admin_post<R: AdminCall>(
+    State(core): State<Arc<Core>>,
+    headers: HeaderMap,
+    Json(req): Json<R>,
+) -> Result<Json<R::Answer>, AppError> {
+    check_admin(&core, &headers)?;
+    run_admin(&core, req).await.map(Json)
+}
+
+async fn admin_get<R: AdminCall + Default>(
+    State(core): State<Arc<Core>>,
+    headers: HeaderMap,
+) -> Result<Json<R::Answer>, AppError> {
+    check_admin(&core, &headers)?;
+    run_admin(&core, R::default()).await.map(Json)
 }
 
 #[derive(Deserialize)]
@@ -344,65 +327,27 @@ async fn summary(State(core): State<Arc<Core>>, Query(q): Query<SummaryQuery>) -
     })))
 }
 
-#[derive(Deserialize)]
-struct RevokeBody {
-    site_id: String,
-}
-
 async fn admin_revoke(
     State(core): State<Arc<Core>>,
     headers: HeaderMap,
-    Json(b): Json<RevokeBody>,
-) -> ApiResult {
+    Json(req): Json<RevokeRequest>,
+) -> Result<Json<RevokeAnswer>, AppError> {
     check_admin(&core, &headers)?;
-    let rec = core.registry.revoke(&b.site_id).map_err(|e| match e {
-        crate::registry::RegistryError::UnknownSite(_) => not_found(e.to_string()),
-        other => internal(other),
-    })?;
-    let disconnected = core.disconnect(
-        &b.site_id,
+    let site = req.site_id.clone();
+    let mut answer = run_admin(&core, req).await?;
+    answer.disconnected = core.disconnect(
+        &site,
         tiandi_proto::codes::REVOKED,
         "site certificate revoked",
     );
-    tracing::warn!(site = %b.site_id, disconnected, "Site revoked.");
-    Ok(Json(
-        json!({ "revoked": rec, "disconnected": disconnected }),
-    ))
+    tracing::warn!(%site, disconnected = answer.disconnected, "Site revoked.");
+    Ok(Json(answer))
 }
 
-async fn admin_send(
-    State(core): State<Arc<Core>>,
-    headers: HeaderMap,
-    Json(req): Json<crate::transfers::SendRequest>,
-) -> ApiResult {
-    check_admin(&core, &headers)?;
-    let c = core.clone();
-    let r = tokio::task::spawn_blocking(move || {
-        crate::transfers::queue(&c.registry, &c.outbox, &c.config.relays, &req)
-    })
-    .await
-    .map_err(internal)?;
-    match r {
-        Ok(v) => Ok(Json(v)),
-        Err(crate::transfers::SendError::Transfer(e)) => {
-            Err(AppError(StatusCode::BAD_REQUEST, e.to_string()))
-        }
-        Err(e @ crate::transfers::SendError::UnknownDestination(_)) => {
-            Err(not_found(e.to_string()))
-        }
-        Err(e) => Err(AppError(StatusCode::BAD_REQUEST, e.to_string())),
-    }
-}
-
-async fn transfers(State(core): State<Arc<Core>>) -> ApiResult {
-    let mut v = crate::transfers::status(&core.outbox).map_err(internal)?;
-    v["received"] = crate::transfers::received(&core.inbox).map_err(internal)?;
-    Ok(Json(v))
-}
-
-async fn admin_registry(State(core): State<Arc<Core>>, headers: HeaderMap) -> ApiResult {
-    check_admin(&core, &headers)?;
-    Ok(Json(json!({ "sites": core.registry.list() })))
+async fn transfers(State(core): State<Arc<Core>>) -> Result<Json<TransfersAnswer>, AppError> {
+    let mut answer = run_admin(&core, TransfersRequest {}).await?;
+    answer.received = crate::transfers::received(&core.inbox).map_err(internal)?;
+    Ok(Json(answer))
 }
 
 async fn metrics(State(core): State<Arc<Core>>) -> impl IntoResponse {
@@ -461,105 +406,76 @@ async fn conferences(State(core): State<Arc<Core>>) -> ApiResult {
     ))
 }
 
-#[derive(Deserialize)]
-struct ConferenceBody {
-    /// create, show, end, floor, rollcall
-    op: String,
-    room: String,
-    chair: Option<String>,
-    /// floor: the site to give it to (none: take it back).
-    site: Option<String>,
-    /// rollcall: seconds to answer.
-    seconds: Option<u64>,
-    /// record: stop the recording instead of starting one.
-    stop: Option<bool>,
-    /// record: ts (the relay records MPEG-TS; `tiandi-video remux` makes mkv or mp4 of it).
-    format: Option<crate::config::RecordingFormat>,
-}
-
 async fn admin_conference(
     State(core): State<Arc<Core>>,
     headers: HeaderMap,
-    Json(b): Json<ConferenceBody>,
+    Json(req): Json<ConferenceRequest>,
 ) -> ApiResult {
     check_admin(&core, &headers)?;
     let relay = &conference_relay(&core)?.0;
-    let find = || {
+    let find = |room: &str| {
         relay
-            .find_room(&b.room)
-            .ok_or_else(|| not_found(format!("no conference {:?}", b.room)))
+            .find_room(room)
+            .ok_or_else(|| not_found(format!("no conference {room:?}")))
     };
-    match b.op.as_str() {
-        "list" => conferences(State(core.clone())).await,
-        "create" => {
-            tiandi_link::pki::validate_name("room", &b.room)
-                .map_err(|e| AppError(StatusCode::BAD_REQUEST, e.to_string()))?;
-            let chair = b
-                .chair
-                .clone()
-                .unwrap_or_else(|| core.config.conference.chair.clone());
-            let r = relay.create_room(&b.room, &chair);
-            tracing::info!(room = %b.room, %chair, "Conference created.");
+    match req {
+        ConferenceRequest::List => conferences(State(core.clone())).await,
+        ConferenceRequest::Create { room, chair } => {
+            tiandi_link::pki::validate_name("room", &room).map_err(|e| bad(e.to_string()))?;
+            let chair = chair.unwrap_or_else(|| core.config.conference.chair.clone());
+            let r = relay.create_room(&room, &chair);
+            tracing::info!(%room, %chair, "Conference created.");
             Ok(Json(room_json(&r)))
         }
-        "show" => Ok(Json(room_json(find()?.as_ref()))),
-        "end" => {
-            let r = find()?;
+        ConferenceRequest::Show { room } => Ok(Json(room_json(find(&room)?.as_ref()))),
+        ConferenceRequest::End { room } => {
+            let r = find(&room)?;
             let out = room_json(&r);
-            relay.end_room(&b.room);
-            tracing::info!(room = %b.room, "Conference ended.");
+            relay.end_room(&room);
+            tracing::info!(%room, "Conference ended.");
             Ok(Json(out))
         }
-        "floor" => {
-            let r = find()?;
-            r.set_floor(b.site.clone());
-            tracing::info!(room = %b.room, holder = ?b.site, "Floor changed.");
+        ConferenceRequest::Floor { room, site } => {
+            let r = find(&room)?;
+            tracing::info!(%room, holder = ?site, "Floor changed.");
+            r.set_floor(site);
             Ok(Json(room_json(&r)))
         }
-        "record" if b.stop == Some(true) => {
-            let r = find()?;
-            let done = r
-                .stop_recording()
-                .await
-                .map_err(|e| AppError(StatusCode::BAD_REQUEST, e))?;
+        ConferenceRequest::Record {
+            room, stop: true, ..
+        } => {
+            let r = find(&room)?;
+            let done = r.stop_recording().await.map_err(bad)?;
             Ok(Json(
-                json!({ "room": b.room, "file": done.path, "written": done.stats, "speakers": done.speakers }),
+                json!({ "room": room, "file": done.path, "written": done.stats, "speakers": done.speakers }),
             ))
         }
-        "record" => {
-            let r = find()?;
+        ConferenceRequest::Record {
+            room, site, format, ..
+        } => {
+            let r = find(&room)?;
             // A site, or (no site) whoever has the floor, the chair otherwise.
-            let who = b.site.clone();
-            let ext = b
-                .format
+            let ext = format
                 .unwrap_or(core.config.conference.recording_format)
                 .extension();
             let path = core.config.data_dir.join("recordings").join(format!(
-                "{}-{}-{}.{ext}",
-                b.room,
-                who.as_deref().unwrap_or("floor"),
+                "{room}-{}-{}.{ext}",
+                site.as_deref().unwrap_or("floor"),
                 crate::now_ms() / 1000
             ));
-            r.start_recording(who.as_deref(), &path)
+            r.start_recording(site.as_deref(), &path)
                 .await
-                .map_err(|e| AppError(StatusCode::BAD_REQUEST, e))?;
+                .map_err(bad)?;
             Ok(Json(
-                json!({ "room": b.room, "recording": who, "file": path }),
+                json!({ "room": room, "recording": site, "file": path }),
             ))
         }
-        "rollcall" => {
-            let r = find()?;
-            let secs = b.seconds.unwrap_or(30);
-            let id = r.roll_call(crate::now_ms() + secs as i64 * 1000);
+        ConferenceRequest::Rollcall { room, seconds } => {
+            let r = find(&room)?;
+            let id = r.roll_call(crate::now_ms() + seconds as i64 * 1000);
             Ok(Json(
-                json!({ "room": b.room, "rollcall": id, "deadline_s": secs }),
+                json!({ "room": room, "rollcall": id, "deadline_s": seconds }),
             ))
         }
-        other => Err(AppError(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "unknown conference operation {other:?} (create, list, show, end, floor, rollcall, record)"
-            ),
-        )),
     }
 }

@@ -63,7 +63,7 @@ pub struct Conference {
 /// Recording containers. The relay records MPEG-TS itself (no FFmpeg in the controller);
 /// Matroska or MP4 are made from a recording with `tiandi-video remux FILE.ts FILE.mkv` (the
 /// media crate), so `mkv` and `mp4` are refused here with that hint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum RecordingFormat {
     #[default]

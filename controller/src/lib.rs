@@ -1,9 +1,12 @@
 //! The Tiandi controller: accepts agents over mutual-TLS QUIC ([`server`]), enrolls sites
 //! ([`enroll`], [`registry`]), stores reports exactly once ([`store`]), keeps every site's live
 //! status and raises alarms ([`sites`]), and serves the JSON API ([`api`]) and Prometheus
-//! metrics ([`metrics`]). [`Controller::start`] wires it together; `main.rs` is a thin CLI.
+//! metrics ([`metrics`]); admin requests are typed once ([`admin`]) for the API and the CLI
+//! ([`cli`]). [`Controller::start`] wires it together; `main.rs` only starts the CLI.
 
+pub mod admin;
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod demo;
 
@@ -109,6 +112,15 @@ impl Core {
             t.add(&c.stats());
         }
         t
+    }
+
+    /// What admin requests use ([`admin::AdminCall::dispatch`]).
+    pub fn admin(&self) -> admin::Admin<'_> {
+        admin::Admin {
+            registry: &self.registry,
+            outbox: &self.outbox,
+            config: &self.config,
+        }
     }
 
     /// Closes the live connection of a site (after revocation).

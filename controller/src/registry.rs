@@ -50,6 +50,8 @@ struct TokenRecord {
     expires_at: i64,
 }
 
+/// A one-time enrollment token, as the API and the CLI show it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Token {
     pub token: String,
     pub site_id: String,

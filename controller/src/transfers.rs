@@ -4,7 +4,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 use tiandi_transfer::{Job, Manifest, Outbox, Window};
 
 use crate::registry::Registry;
@@ -26,6 +25,20 @@ pub struct SendRequest {
 
 fn normal() -> String {
     "normal".into()
+}
+
+/// What a send queued: one transfer group, one job per destination (and per relay).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SendAnswer {
+    /// The group every job of this send belongs to.
+    pub transfer: String,
+    pub file: String,
+    pub bytes: u64,
+    pub blake3: String,
+    pub destinations: Vec<String>,
+    /// Relay site → the sites it forwards the file to.
+    pub via_relays: BTreeMap<String, Vec<String>>,
+    pub jobs: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,7 +90,7 @@ pub fn queue(
     outbox: &Outbox,
     relays: &BTreeMap<String, String>,
     req: &SendRequest,
-) -> Result<Value, SendError> {
+) -> Result<SendAnswer, SendError> {
     if !matches!(req.priority.as_str(), "alarm" | "normal" | "bulk") {
         return Err(SendError::Bad(format!(
             "priority {:?}: expected alarm, normal or bulk",
@@ -166,42 +179,103 @@ pub fn queue(
             outbox.enqueue(job)?;
         }
     }
-    Ok(json!({
-        "transfer": group,
-        "file": manifest.name,
-        "bytes": manifest.size,
-        "blake3": manifest.id_hex(),
-        "destinations": sites,
-        "via_relays": below,
-        "jobs": ids,
-    }))
+    Ok(SendAnswer {
+        transfer: group,
+        file: manifest.name.clone(),
+        bytes: manifest.size,
+        blake3: manifest.id_hex(),
+        destinations: sites,
+        via_relays: below,
+        jobs: ids,
+    })
 }
+
+/// One transfer's state as the API shows it.
+pub type JobStatusView = serde_json::Value;
 
 /// Status of every transfer, for the API and `tiandi-controller transfers`.
-pub fn status(outbox: &Outbox) -> Result<Value, SendError> {
-    let jobs: Vec<Value> = outbox.list()?.iter().map(Job::status).collect();
-    Ok(json!({ "transfers": jobs }))
+pub fn status(outbox: &Outbox) -> Result<Vec<JobStatusView>, SendError> {
+    Ok(outbox.list()?.iter().map(Job::status).collect())
 }
 
-/// Files sites sent to the controller (complete or arriving), for the API.
-pub fn received(inbox: &tiandi_transfer::Inbox) -> Result<Value, SendError> {
+/// A file a site sent to the controller (complete or arriving).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Received {
+    /// The sending site.
+    pub from: String,
+    pub file: String,
+    pub bytes: u64,
+    pub blake3: String,
+    pub progress_pct: f64,
+    /// Where it is (or will be) once verified.
+    pub path: std::path::PathBuf,
+    pub receipt: Option<tiandi_transfer::Receipt>,
+    pub started_ms: i64,
+}
+
+/// Files sites sent to the controller, newest first, for the API.
+pub fn received(inbox: &tiandi_transfer::Inbox) -> Result<Vec<Received>, SendError> {
     let mut files = inbox.list()?;
     files.sort_by_key(|f| std::cmp::Reverse(f.started_ms));
-    Ok(Value::Array(
-        files
-            .into_iter()
-            .map(|f| {
-                json!({
-                    "from": f.origin,
-                    "file": f.manifest.name,
-                    "bytes": f.manifest.size,
-                    "blake3": f.manifest.id_hex(),
-                    "progress_pct": if f.manifest.chunk_count() == 0 { 100.0 } else { f64::from(f.verified.count()) * 100.0 / f64::from(f.manifest.chunk_count()) },
-                    "path": f.dest,
-                    "receipt": f.receipt,
-                    "started_ms": f.started_ms,
-                })
-            })
-            .collect(),
-    ))
+    Ok(files
+        .into_iter()
+        .map(|f| {
+            let chunks = f.manifest.chunk_count();
+            Received {
+                from: f.origin,
+                file: f.manifest.name.clone(),
+                bytes: f.manifest.size,
+                blake3: f.manifest.id_hex(),
+                progress_pct: if chunks == 0 {
+                    100.0
+                } else {
+                    f64::from(f.verified.count()) * 100.0 / f64::from(chunks)
+                },
+                path: f.dest,
+                receipt: f.receipt,
+                started_ms: f.started_ms,
+            }
+        })
+        .collect())
+}
+
+/// The `transfers` table: one line per destination, with progress, rate, ETA and receipt.
+pub fn table(jobs: &[JobStatusView]) -> String {
+    let mut out = format!(
+        "{:<36} {:<14} {:<24} {:>6} {:<10} {:>9} {:>8}  receipt/error\n",
+        "ID", "DEST", "FILE", "DONE%", "STATE", "RATE", "ETA"
+    );
+    for t in jobs {
+        let rate = t["rate_bps"].as_u64().unwrap_or(0) as f64 / 1e6;
+        let eta = t["eta_s"]
+            .as_u64()
+            .map(|s| format!("{s}s"))
+            .unwrap_or("-".into());
+        let tail = if t["receipt"].is_object() {
+            format!(
+                "verified at {} ({})",
+                t["receipt"]["node"].as_str().unwrap_or_default(),
+                t["receipt"]["path"].as_str().unwrap_or_default()
+            )
+        } else {
+            t["error"].as_str().unwrap_or_default().to_string()
+        };
+        let tail = match (t["via"].as_str(), t["relays_to"].as_array()) {
+            (Some(r), _) => format!("via {r}; {tail}"),
+            (None, Some(b)) if !b.is_empty() => format!("relays to {} site(s); {tail}", b.len()),
+            _ => tail,
+        };
+        out += &format!(
+            "{:<36} {:<14} {:<24} {:>6.1} {:<10} {:>8.2}M {:>8}  {}\n",
+            t["id"].as_str().unwrap_or_default(),
+            t["dest"].as_str().unwrap_or_default(),
+            t["file"].as_str().unwrap_or_default(),
+            t["progress_pct"].as_f64().unwrap_or(0.0),
+            t["state"].as_str().unwrap_or_default(),
+            rate,
+            eta,
+            tail
+        );
+    }
+    out
 }

@@ -1,0 +1,349 @@
+//! Admin requests and their answers, defined once: the API's `/api/admin/*` routes take them,
+//! the CLI ([`crate::cli`]) sends them, both with the same serde types. Each request knows its
+//! route and runs through one dispatch ([`AdminCall::dispatch`]) that the API and the CLI's
+//! offline path (no controller running: work on the data directory) both call.
+//!
+//! Nothing here speaks HTTP or opens the data directory: it gets the registry and the outbox.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tiandi_transfer::Outbox;
+
+use crate::config::RecordingFormat;
+use crate::registry::{Registry, RegistryError, SiteRecord, Token};
+use crate::transfers::{self, SendError};
+
+/// Why an admin request failed; the API maps the kind to its status code.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The request is wrong: say what to change (400).
+    #[error("{0}")]
+    Bad(String),
+    /// It names something that does not exist (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// Only the running controller can do this (conferences live in it).
+    #[error("{0}")]
+    NeedsController(String),
+    /// The controller's own failure (500).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<RegistryError> for AdminError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::UnknownSite(_) => AdminError::NotFound(e.to_string()),
+            RegistryError::Db(_) | RegistryError::Corrupt(_) => AdminError::Internal(e.to_string()),
+            other => AdminError::Bad(other.to_string()),
+        }
+    }
+}
+
+impl From<SendError> for AdminError {
+    fn from(e: SendError) -> Self {
+        match e {
+            SendError::UnknownDestination(_) => AdminError::NotFound(e.to_string()),
+            other => AdminError::Bad(other.to_string()),
+        }
+    }
+}
+
+/// What an admin request may use: the registry, the outbox and the configuration. The running
+/// controller hands in its own; the CLI's offline path opens them from the data directory.
+pub struct Admin<'a> {
+    pub registry: &'a Registry,
+    pub outbox: &'a Outbox,
+    pub config: &'a crate::Config,
+}
+
+impl Admin<'_> {
+    fn ttl(&self, hours: Option<u32>) -> Duration {
+        Duration::from_secs(u64::from(hours.unwrap_or(self.config.token_hours)) * 3600)
+    }
+}
+
+/// An admin request: its route, its answer, and what it does.
+pub trait AdminCall: Serialize + DeserializeOwned + Send + 'static {
+    /// The route under the API (`/api/admin/...` or `/api/...`).
+    const PATH: &'static str;
+    /// `GET` requests carry no body.
+    const GET: bool = false;
+    type Answer: Serialize + DeserializeOwned + Send + 'static;
+    /// Runs the request against the registry and outbox (blocking: sled).
+    fn dispatch(&self, admin: &Admin<'_>) -> Result<Self::Answer, AdminError>;
+}
+
+/// A one-time enrollment token for a site.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    pub site_id: String,
+    pub province: String,
+    /// Token lifetime (default: `token_hours`).
+    #[serde(default)]
+    pub ttl_hours: Option<u32>,
+}
+
+impl AdminCall for EnrollRequest {
+    const PATH: &'static str = "/api/admin/enroll";
+    type Answer = Token;
+    fn dispatch(&self, a: &Admin<'_>) -> Result<Token, AdminError> {
+        Ok(a.registry
+            .create_token(&self.site_id, &self.province, a.ttl(self.ttl_hours))?)
+    }
+}
+
+/// A site and its province, as a batch enrollment names them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SiteRef {
+    pub site_id: String,
+    pub province: String,
+}
+
+/// The most sites one batch may enroll.
+pub const MAX_BATCH: usize = 100_000;
+
+/// Tokens for many sites at once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrollBatchRequest {
+    pub sites: Vec<SiteRef>,
+    #[serde(default)]
+    pub ttl_hours: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrollBatchAnswer {
+    pub tokens: Vec<Token>,
+}
+
+impl AdminCall for EnrollBatchRequest {
+    const PATH: &'static str = "/api/admin/enroll-batch";
+    type Answer = EnrollBatchAnswer;
+    fn dispatch(&self, a: &Admin<'_>) -> Result<EnrollBatchAnswer, AdminError> {
+        if self.sites.len() > MAX_BATCH {
+            return Err(AdminError::Bad(format!(
+                "at most {MAX_BATCH} sites per batch"
+            )));
+        }
+        let list: Vec<(String, String)> = self
+            .sites
+            .iter()
+            .map(|s| (s.site_id.clone(), s.province.clone()))
+            .collect();
+        let tokens = a.registry.create_tokens(&list, a.ttl(self.ttl_hours))?;
+        Ok(EnrollBatchAnswer { tokens })
+    }
+}
+
+/// Revoke a site's certificate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RevokeRequest {
+    pub site_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RevokeAnswer {
+    pub revoked: SiteRecord,
+    /// Its live connection was closed (only the running controller has one to close).
+    pub disconnected: bool,
+}
+
+impl AdminCall for RevokeRequest {
+    const PATH: &'static str = "/api/admin/revoke";
+    type Answer = RevokeAnswer;
+    fn dispatch(&self, a: &Admin<'_>) -> Result<RevokeAnswer, AdminError> {
+        Ok(RevokeAnswer {
+            revoked: a.registry.revoke(&self.site_id)?,
+            disconnected: false,
+        })
+    }
+}
+
+pub use crate::transfers::{SendAnswer, SendRequest};
+
+impl AdminCall for SendRequest {
+    const PATH: &'static str = "/api/admin/send";
+    type Answer = SendAnswer;
+    fn dispatch(&self, a: &Admin<'_>) -> Result<SendAnswer, AdminError> {
+        Ok(transfers::queue(
+            a.registry,
+            a.outbox,
+            &a.config.relays,
+            self,
+        )?)
+    }
+}
+
+/// Every transfer and its state.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TransfersRequest {}
+
+/// Transfers queued by the controller, and (from the running controller) files sites sent it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TransfersAnswer {
+    pub transfers: Vec<transfers::JobStatusView>,
+    #[serde(default)]
+    pub received: Vec<transfers::Received>,
+}
+
+impl AdminCall for TransfersRequest {
+    const PATH: &'static str = "/api/transfers";
+    const GET: bool = true;
+    type Answer = TransfersAnswer;
+    fn dispatch(&self, a: &Admin<'_>) -> Result<TransfersAnswer, AdminError> {
+        Ok(TransfersAnswer {
+            transfers: transfers::status(a.outbox)?,
+            received: Vec::new(),
+        })
+    }
+}
+
+fn thirty() -> u64 {
+    30
+}
+
+/// A conference operation on the controller's relay. The CLI's `conference` subcommands are
+/// this type, so the two cannot drift apart.
+#[derive(Debug, Clone, Serialize, Deserialize, clap::Subcommand)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum ConferenceRequest {
+    /// Open a conference room (sites can join it from now on).
+    Create {
+        room: String,
+        /// The chairing site (default: `conference.chair`).
+        #[arg(long)]
+        #[serde(default)]
+        chair: Option<String>,
+    },
+    /// The relay's address and every conference.
+    List,
+    /// One conference: chair, floor, tracks, the roster with each site's reception.
+    Show { room: String },
+    /// End a conference: every participant is disconnected.
+    End { room: String },
+    /// Give the floor to a site (without SITE: take it back).
+    Floor {
+        room: String,
+        #[serde(default)]
+        site: Option<String>,
+    },
+    /// Record the conference on the relay: whoever speaks (the floor holder, else the chair),
+    /// or `--site` alone, to `data_dir/recordings/ROOM-WHO-TIME.ts` (MPEG-TS; `tiandi-video
+    /// remux FILE.ts FILE.mkv` makes Matroska or MP4 of it); `--stop` ends it and lists who was
+    /// recorded from when.
+    Record {
+        room: String,
+        #[arg(long)]
+        #[serde(default)]
+        site: Option<String>,
+        #[arg(long)]
+        #[serde(default)]
+        stop: bool,
+        /// ts (the only format the relay records; `[conference] recording_format`).
+        #[arg(long, value_enum)]
+        #[serde(default)]
+        format: Option<RecordingFormat>,
+    },
+    /// Ask every participant to confirm presence; `show` lists the answers.
+    Rollcall {
+        room: String,
+        #[arg(long, default_value_t = 30)]
+        #[serde(default = "thirty")]
+        seconds: u64,
+    },
+}
+
+impl AdminCall for ConferenceRequest {
+    const PATH: &'static str = "/api/admin/conference";
+    /// Each operation answers with its own shape (a room, a list, a recording); the CLI
+    /// prints it as it comes.
+    type Answer = serde_json::Value;
+    fn dispatch(&self, a: &Admin<'_>) -> Result<serde_json::Value, AdminError> {
+        Err(AdminError::NeedsController(format!(
+            "conferences live in the running controller: start it (its API at {} did not answer)",
+            a.config.api_listen
+        )))
+    }
+}
+
+/// Sites in the registry, with their certificates.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RegistryRequest {}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegistryAnswer {
+    pub sites: Vec<SiteRecord>,
+}
+
+impl AdminCall for RegistryRequest {
+    const PATH: &'static str = "/api/admin/registry";
+    const GET: bool = true;
+    type Answer = RegistryAnswer;
+    fn dispatch(&self, a: &Admin<'_>) -> Result<RegistryAnswer, AdminError> {
+        Ok(RegistryAnswer {
+            sites: a.registry.list(),
+        })
+    }
+}
+
+/// Via-relay layout of a send, for the answer: relay site → the sites it forwards to.
+pub type ViaRelays = BTreeMap<String, Vec<String>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conference_requests_read_what_the_cli_and_scripts_send() {
+        let r: ConferenceRequest =
+            serde_json::from_str(r#"{"op":"list","room":""}"#).expect("list with a room");
+        assert!(matches!(r, ConferenceRequest::List));
+        let r: ConferenceRequest =
+            serde_json::from_str(r#"{"op":"rollcall","room":"drill"}"#).expect("rollcall");
+        assert!(matches!(r, ConferenceRequest::Rollcall { seconds: 30, .. }));
+        let r: ConferenceRequest =
+            serde_json::from_str(r#"{"op":"record","room":"drill","format":"ts"}"#)
+                .expect("record");
+        assert!(matches!(
+            r,
+            ConferenceRequest::Record {
+                stop: false,
+                format: Some(RecordingFormat::Ts),
+                ..
+            }
+        ));
+        let e = serde_json::from_str::<ConferenceRequest>(
+            r#"{"op":"record","room":"d","format":"mkv"}"#,
+        )
+        .expect_err("mkv is refused");
+        assert!(e.to_string().contains("remux"), "{e}");
+        assert!(serde_json::from_str::<ConferenceRequest>(r#"{"op":"dance","room":"d"}"#).is_err());
+        // What the CLI sends is what the API reads.
+        let sent = ConferenceRequest::Floor {
+            room: "drill".into(),
+            site: Some("gd-0001".into()),
+        };
+        let back: ConferenceRequest =
+            serde_json::from_value(serde_json::to_value(&sent).expect("to json")).expect("back");
+        assert!(matches!(back, ConferenceRequest::Floor { site: Some(s), .. } if s == "gd-0001"));
+    }
+
+    #[test]
+    fn admin_errors_map_registry_and_send_errors_by_kind() {
+        assert!(matches!(
+            AdminError::from(RegistryError::UnknownSite("x".into())),
+            AdminError::NotFound(_)
+        ));
+        assert!(matches!(
+            AdminError::from(RegistryError::BadToken),
+            AdminError::Bad(_)
+        ));
+        assert!(matches!(
+            AdminError::from(SendError::UnknownDestination("site:x".into())),
+            AdminError::NotFound(_)
+        ));
+    }
+}

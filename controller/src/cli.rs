@@ -1,0 +1,351 @@
+//! The `tiandi-controller` command line: its flags and subcommands, and the admin client the
+//! subcommands use. An admin command goes to the running controller's API with the admin token;
+//! with no controller running it runs the same dispatch ([`crate::admin`]) on the data directory
+//! (sled admits one process at a time).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+use crate::admin::{
+    Admin, AdminCall, AdminError, ConferenceRequest, EnrollBatchRequest, EnrollRequest,
+    RevokeRequest, SendRequest, SiteRef, TransfersRequest,
+};
+use crate::registry::Registry;
+use crate::{Config, Controller, demo};
+
+#[derive(Parser)]
+#[command(name = "tiandi-controller", version, about = "Tiandi controller")]
+pub struct Cli {
+    /// Controller configuration file (TOML); see config/controller.example.toml.
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// Overrides `data_dir`.
+    #[arg(long, global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// Overrides `api_listen` (also where admin commands find the running controller).
+    #[arg(long, global = true)]
+    pub api_listen: Option<SocketAddr>,
+    #[command(subcommand)]
+    pub cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Run the controller (the default).
+    Run {
+        #[arg(long)]
+        quic_listen: Option<SocketAddr>,
+        #[arg(long)]
+        ops_listen: Option<SocketAddr>,
+    },
+    /// Print a one-time enrollment token for a site (or write a batch of them).
+    Enroll {
+        #[arg(long, required_unless_present = "batch")]
+        site: Option<String>,
+        #[arg(long, required_unless_present = "batch")]
+        province: Option<String>,
+        /// Token lifetime in hours (default: `token_hours`).
+        #[arg(long)]
+        ttl_hours: Option<u32>,
+        /// Create N tokens for sites PREFIX0001.. spread over the 31 provinces.
+        #[arg(long)]
+        batch: Option<usize>,
+        #[arg(long, default_value = "sim-")]
+        prefix: String,
+        /// With --batch: write `SITE_ID TOKEN` lines here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Conferences on the controller's relay (`tiandi-video join --relay ADDR --relay-name
+    /// NAME --room ROOM` to take part).
+    Conference {
+        #[command(subcommand)]
+        op: ConferenceRequest,
+    },
+    /// Revoke a site's certificate; its connection is closed at once.
+    Revoke {
+        #[arg(long)]
+        site: String,
+    },
+    /// Queue a file for sites: resumable, verified, prioritised (see `transfers`).
+    Send {
+        file: PathBuf,
+        /// site:ID, province:CODE or all.
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        flags: tiandi_transfer::SendFlags,
+    },
+    /// Transfers and their state: per destination progress, rate, ETA and receipt.
+    Transfers {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The controller with simulated sites, on embedded defaults.
+    Demo {
+        #[arg(long, default_value_t = 200)]
+        sites: usize,
+        /// Seconds between reports.
+        #[arg(long, default_value_t = 10.0)]
+        interval: f64,
+    },
+}
+
+impl Cli {
+    /// The configuration file (checked), or the embedded defaults.
+    pub fn load_config(&self) -> anyhow::Result<Config> {
+        match &self.config {
+            Some(p) => {
+                let c = Config::load(p)?;
+                c.profile
+                    .validate()
+                    .map_err(|e| anyhow::anyhow!("{}: key `profile`: {e}", p.display()))?;
+                Ok(c)
+            }
+            None => Ok(Config::default()),
+        }
+    }
+}
+
+/// Runs the command line's command.
+pub async fn run(cli: Cli, mut cfg: Config) -> anyhow::Result<()> {
+    let demo_mode = matches!(cli.cmd, Some(Cmd::Demo { .. }));
+    if demo_mode && cli.data_dir.is_none() && cli.config.is_none() {
+        cfg.data_dir = PathBuf::from("tiandi-data/demo");
+        cfg.quic_listen = "127.0.0.1:4433".parse().expect("literal");
+    }
+    if let Some(d) = cli.data_dir {
+        cfg.data_dir = d;
+    }
+    if let Some(a) = cli.api_listen {
+        cfg.api_listen = a;
+    }
+    if demo_mode {
+        // Hundreds of simulated sites: keep their per-site connection logs out of the way.
+        tiandi_link::init_logging(&format!("{},tiandi_uplink=warn,tiandi_sim=warn", cfg.log));
+    } else {
+        tiandi_link::init_logging(&cfg.log);
+    }
+    let client = AdminClient { cfg: &cfg };
+    match cli.cmd.unwrap_or(Cmd::Run {
+        quic_listen: None,
+        ops_listen: None,
+    }) {
+        Cmd::Run {
+            quic_listen,
+            ops_listen,
+        } => {
+            cfg.quic_listen = quic_listen.unwrap_or(cfg.quic_listen);
+            cfg.ops_listen = ops_listen.unwrap_or(cfg.ops_listen);
+            let ctl = Controller::start(cfg).await?;
+            println!(
+                "tiandi-controller: agents quic://{} api http://{} metrics http://{}/metrics",
+                ctl.quic_addr, ctl.api_addr, ctl.ops_addr
+            );
+            tiandi_link::shutdown_token().cancelled().await;
+            ctl.shutdown().await;
+            // Everything is flushed and closed: do not wait for idle pool threads to wind down.
+            std::process::exit(0)
+        }
+        Cmd::Demo { sites, interval } => {
+            let every = Duration::from_secs_f64(interval);
+            demo::run(cfg, sites, every, tiandi_link::shutdown_token()).await
+        }
+        Cmd::Enroll {
+            site,
+            province,
+            ttl_hours,
+            batch,
+            prefix,
+            out,
+        } => enroll(&client, site.zip(province), ttl_hours, batch, &prefix, out),
+        Cmd::Send { file, to, flags } => {
+            let path = file
+                .canonicalize()
+                .with_context(|| format!("{}", file.display()))?;
+            let a = client.call(&SendRequest {
+                path: path.display().to_string(),
+                to,
+                priority: flags.priority,
+                window: flags.window,
+                rate_limit_mbit: flags.rate_limit,
+            })?;
+            println!(
+                "queued {} ({} bytes, blake3 {}) for {} site(s) as transfer {}",
+                a.file,
+                a.bytes,
+                a.blake3,
+                a.destinations.len(),
+                a.transfer
+            );
+            Ok(())
+        }
+        Cmd::Transfers { json } => {
+            let a = client.call(&TransfersRequest {})?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&a)?);
+            } else {
+                print!("{}", crate::transfers::table(&a.transfers));
+            }
+            Ok(())
+        }
+        Cmd::Conference { op } => {
+            let a = client.call(&op)?;
+            println!("{}", serde_json::to_string_pretty(&a)?);
+            Ok(())
+        }
+        Cmd::Revoke { site } => {
+            let a = client.call(&RevokeRequest { site_id: site })?;
+            let closed = if a.disconnected {
+                " (its connection was closed)"
+            } else {
+                ""
+            };
+            println!("revoked site {}{closed}", a.revoked.site_id);
+            Ok(())
+        }
+    }
+}
+
+/// `enroll`: one site's token (with what to run on the site), or a batch of them.
+fn enroll(
+    client: &AdminClient<'_>,
+    one: Option<(String, String)>,
+    ttl_hours: Option<u32>,
+    batch: Option<usize>,
+    prefix: &str,
+    out: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let hours = ttl_hours.unwrap_or(client.cfg.token_hours);
+    let Some(n) = batch else {
+        let (site_id, province) = one.context("--site and --province, or --batch")?;
+        let t = client.call(&EnrollRequest {
+            site_id,
+            province,
+            ttl_hours: Some(hours),
+        })?;
+        println!("{}", t.token);
+        eprintln!(
+            "one-time token for site {} (expires in {hours} h); on the site run:\n  tiandi-agent enroll --controller <ADDR:PORT> --token {}",
+            t.site_id, t.token
+        );
+        return Ok(());
+    };
+    let sites = (0..n)
+        .map(|i| SiteRef {
+            site_id: format!("{prefix}{:05}", i + 1),
+            province: demo::PROVINCES[i % demo::PROVINCES.len()].to_string(),
+        })
+        .collect();
+    let a = client.call(&EnrollBatchRequest {
+        sites,
+        ttl_hours: Some(hours),
+    })?;
+    let lines: Vec<String> = a
+        .tokens
+        .iter()
+        .map(|t| format!("{} {}", t.site_id, t.token))
+        .collect();
+    match out {
+        Some(path) => {
+            std::fs::write(&path, lines.join("\n") + "\n")
+                .with_context(|| format!("writing {}", path.display()))?;
+            println!("wrote {} tokens to {}", lines.len(), path.display());
+        }
+        None => println!("{}", lines.join("\n")),
+    }
+    Ok(())
+}
+
+/// Sends admin requests: to the running controller's API if there is one, else through the
+/// same dispatch on the data directory.
+pub struct AdminClient<'a> {
+    pub cfg: &'a Config,
+}
+
+impl AdminClient<'_> {
+    pub fn call<R: AdminCall>(&self, req: &R) -> anyhow::Result<R::Answer> {
+        let token_path = self.cfg.data_dir.join("admin.token");
+        if let Ok(token) = std::fs::read_to_string(&token_path)
+            && let Some(answer) = self.over_http(req, token.trim())?
+        {
+            return Ok(answer);
+        }
+        self.offline(req)
+    }
+
+    /// `None` when no controller listens at `api_listen`.
+    fn over_http<R: AdminCall>(&self, req: &R, token: &str) -> anyhow::Result<Option<R::Answer>> {
+        let url = format!("http://{}{}", self.cfg.api_listen, R::PATH);
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .into();
+        let auth = format!("Bearer {token}");
+        let sent = if R::GET {
+            agent.get(&url).header("Authorization", &auth).call()
+        } else {
+            agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .send_json(req)
+        };
+        let mut resp = match sent {
+            Ok(resp) => resp,
+            Err(ureq::Error::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                return Ok(None);
+            }
+            Err(ureq::Error::ConnectionFailed) => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("calling {url}")),
+        };
+        let status = resp.status();
+        if !status.is_success() {
+            let v: serde_json::Value = resp.body_mut().read_json().unwrap_or_default();
+            bail!(
+                "{}: {}",
+                R::PATH,
+                v["error"].as_str().unwrap_or(status.as_str())
+            );
+        }
+        let answer = resp
+            .body_mut()
+            .read_json()
+            .with_context(|| format!("reading the answer of {url}"))?;
+        Ok(Some(answer))
+    }
+
+    /// No controller running: the same dispatch, on the data directory.
+    fn offline<R: AdminCall>(&self, req: &R) -> anyhow::Result<R::Answer> {
+        let cfg = self.cfg;
+        let db_dir = cfg.data_dir.join("db");
+        std::fs::create_dir_all(&cfg.data_dir)
+            .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+        let ca = tiandi_link::Ca::load_or_create(&cfg.data_dir)?;
+        let db = sled::open(&db_dir).with_context(|| {
+            format!(
+                "opening {} (the controller runs, but its API at {} did not answer)",
+                db_dir.display(),
+                cfg.api_listen
+            )
+        })?;
+        let registry = Registry::open(&db, &ca)?;
+        let outbox = tiandi_transfer::Outbox::new(db.open_tree("outbox")?);
+        let admin = Admin {
+            registry: &registry,
+            outbox: &outbox,
+            config: cfg,
+        };
+        let answer = req.dispatch(&admin).map_err(|e| match e {
+            AdminError::NeedsController(m) => anyhow::anyhow!(m),
+            other => anyhow::anyhow!("{}: {other}", R::PATH),
+        })?;
+        db.flush()?;
+        Ok(answer)
+    }
+}
