@@ -1,0 +1,249 @@
+//! The JSON API and the CLI's admin client against a real controller on loopback: the admin
+//! token guards every admin route, requests and answers are the shared types of `admin.rs`,
+//! errors come back with the right status and a message that says what to change; and with no
+//! controller running the same requests work on the data directory.
+
+use std::time::Duration;
+
+use tiandi_controller::admin::{
+    ConferenceRequest, EnrollBatchRequest, EnrollRequest, RegistryRequest, RevokeRequest,
+    SendRequest, SiteRef, TransfersRequest,
+};
+use tiandi_controller::cli::AdminClient;
+use tiandi_controller::{Config, Controller};
+use tiandi_link::LinkProfile;
+
+fn config(dir: &std::path::Path) -> Config {
+    let mut cfg = Config {
+        data_dir: dir.join("ctl"),
+        profile: LinkProfile::Terrestrial,
+        ..Config::default()
+    };
+    cfg.quic_listen = "127.0.0.1:0".parse().unwrap();
+    cfg.api_listen = "127.0.0.1:0".parse().unwrap();
+    cfg.ops_listen = "127.0.0.1:0".parse().unwrap();
+    cfg
+}
+
+fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into()
+}
+
+/// GET `url`: (status, JSON body or Null).
+fn get(url: &str) -> (u16, serde_json::Value) {
+    let mut r = http().get(url).call().expect("GET");
+    let status = r.status().as_u16();
+    (status, r.body_mut().read_json().unwrap_or_default())
+}
+
+/// Runs the blocking admin client off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("blocking task")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_routes_need_the_token_and_answer_in_the_shared_types() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = Controller::start(config(dir.path())).await.unwrap();
+    let api = format!("http://{}", ctl.api_addr);
+    let mut cli_cfg = ctl.core.config.clone();
+    cli_cfg.api_listen = ctl.api_addr;
+
+    // No token, a wrong token: refused, with what to send instead.
+    let body = serde_json::json!({"site_id": "bj-001", "province": "BJ"});
+    for auth in [None, Some("Bearer not-the-token")] {
+        let mut req = http().post(format!("{api}/api/admin/enroll"));
+        if let Some(a) = auth {
+            req = req.header("Authorization", a);
+        }
+        let mut r = req.send_json(&body).expect("POST");
+        assert_eq!(r.status().as_u16(), 401, "auth {auth:?}");
+        let v: serde_json::Value = r.body_mut().read_json().unwrap();
+        assert!(v["error"].as_str().unwrap().contains("admin.token"), "{v}");
+    }
+    let (status, _) = get(&format!("{api}/api/admin/registry"));
+    assert_eq!(status, 401, "reading the registry needs the token too");
+
+    let report = blocking(move || {
+        let c = AdminClient { cfg: &cli_cfg };
+        let t = c
+            .call(&EnrollRequest {
+                site_id: "bj-001".into(),
+                province: "BJ".into(),
+                ttl_hours: Some(2),
+            })
+            .expect("enroll");
+        assert_eq!((t.site_id.as_str(), t.province.as_str()), ("bj-001", "BJ"));
+        assert!(t.token.starts_with("T1."), "{}", t.token);
+        let batch = c
+            .call(&EnrollBatchRequest {
+                sites: (1..=3)
+                    .map(|i| SiteRef {
+                        site_id: format!("gd-{i:03}"),
+                        province: "GD".into(),
+                    })
+                    .collect(),
+                ttl_hours: None,
+            })
+            .expect("batch");
+        assert_eq!(batch.tokens.len(), 3);
+        let tokens: std::collections::BTreeSet<_> =
+            batch.tokens.iter().map(|t| t.token.clone()).collect();
+        assert_eq!(tokens.len(), 3, "every token differs");
+
+        let e = c
+            .call(&RevokeRequest {
+                site_id: "nowhere-001".into(),
+            })
+            .expect_err("unknown site");
+        assert!(e.to_string().contains("not registered"), "{e:#}");
+
+        let file = c.cfg.data_dir.join("../notice.txt");
+        std::fs::write(&file, "drill at 09:00\n").unwrap();
+        let send = |to: &str, priority: &str| SendRequest {
+            path: file.display().to_string(),
+            to: to.into(),
+            priority: priority.into(),
+            window: None,
+            rate_limit_mbit: None,
+        };
+        let e = c
+            .call(&send("site:nowhere-001", "normal"))
+            .expect_err("nobody");
+        assert!(e.to_string().contains("unknown destination"), "{e:#}");
+        let e = c.call(&send("all", "urgent")).expect_err("no such class");
+        assert!(e.to_string().contains("alarm, normal or bulk"), "{e:#}");
+        let e = c
+            .call(&send("everyone", "normal"))
+            .expect_err("bad destination");
+        assert!(
+            e.to_string().contains("site:ID, province:CODE or all"),
+            "{e:#}"
+        );
+
+        let t = c.call(&TransfersRequest {}).expect("transfers");
+        assert!(t.transfers.is_empty() && t.received.is_empty());
+        c.call(&RegistryRequest {}).expect("registry")
+    })
+    .await;
+    assert!(report.sites.is_empty(), "tokens are not enrollments");
+
+    // Conferences: the CLI's subcommands are the API's body.
+    let mut cli_cfg = ctl.core.config.clone();
+    cli_cfg.api_listen = ctl.api_addr;
+    blocking(move || {
+        let c = AdminClient { cfg: &cli_cfg };
+        let room = || "drill".to_string();
+        let v = c
+            .call(&ConferenceRequest::Create {
+                room: room(),
+                chair: Some("bj-001".into()),
+            })
+            .expect("create");
+        assert_eq!(
+            (v["room"].as_str(), v["chair"].as_str()),
+            (Some("drill"), Some("bj-001"))
+        );
+        let v = c
+            .call(&ConferenceRequest::Floor {
+                room: room(),
+                site: Some("gd-001".into()),
+            })
+            .expect("floor");
+        assert_eq!(v["floor"], "gd-001");
+        let v = c
+            .call(&ConferenceRequest::Rollcall {
+                room: room(),
+                seconds: 5,
+            })
+            .expect("roll call");
+        assert_eq!(v["deadline_s"], 5);
+        let v = c.call(&ConferenceRequest::List).expect("list");
+        let rooms = v["conferences"].as_array().unwrap();
+        assert_eq!(rooms.len(), 1, "{v}");
+        let e = c
+            .call(&ConferenceRequest::Create {
+                room: "../x".into(),
+                chair: None,
+            })
+            .expect_err("a room name with a path in it");
+        assert!(e.to_string().contains("room"), "{e:#}");
+        c.call(&ConferenceRequest::End { room: room() })
+            .expect("end");
+        let e = c
+            .call(&ConferenceRequest::Show { room: room() })
+            .expect_err("ended");
+        assert!(e.to_string().contains("no conference"), "{e:#}");
+    })
+    .await;
+
+    // The read routes and the ops listener.
+    let (status, v) = get(&format!("{api}/api/sites"));
+    assert_eq!((status, v["count"].as_u64()), (200, Some(0)));
+    let (status, v) = get(&format!("{api}/api/sites?status=sunny"));
+    assert_eq!(status, 400);
+    assert!(v["error"].as_str().unwrap().contains("rain-fade"), "{v}");
+    let (status, _) = get(&format!("{api}/api/sites/bj-001"));
+    assert_eq!(status, 404);
+    let (status, v) = get(&format!("{api}/api/summary"));
+    assert_eq!((status, v["sites"].as_u64()), (200, Some(0)));
+    let ops = format!("http://{}", ctl.ops_addr);
+    let mut r = http().get(format!("{ops}/metrics")).call().unwrap();
+    let text = r.body_mut().read_to_string().unwrap();
+    assert!(text.contains("# TYPE"), "{text}");
+    let (status, _) = get(&format!("{ops}/health"));
+    assert_eq!(status, 200);
+    ctl.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_controller_admin_requests_run_on_the_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    // Nothing listens here: the client falls back to the data directory.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    cfg.api_listen = free.local_addr().unwrap();
+    drop(free);
+    let offline = cfg.clone();
+    let token = blocking(move || {
+        let c = AdminClient { cfg: &offline };
+        let t = c
+            .call(&EnrollRequest {
+                site_id: "xz-001".into(),
+                province: "XZ".into(),
+                ttl_hours: None,
+            })
+            .expect("enroll offline");
+        let e = c
+            .call(&ConferenceRequest::List)
+            .expect_err("no relay offline");
+        assert!(e.to_string().contains("running controller"), "{e:#}");
+        assert!(
+            c.call(&TransfersRequest {})
+                .expect("transfers")
+                .transfers
+                .is_empty()
+        );
+        t.token
+    })
+    .await;
+
+    // The controller started on that data directory honours the token made offline.
+    let ctl = Controller::start(cfg).await.unwrap();
+    let core = ctl.core.clone();
+    let (_key, csr) = tiandi_link::pki::site_key_and_csr("xz-001").unwrap();
+    core.registry
+        .redeem(&token, &csr, &core.ca, Duration::from_secs(86_400))
+        .expect("the offline token is redeemed");
+    assert!(
+        core.registry
+            .redeem(&token, &csr, &core.ca, Duration::from_secs(86_400))
+            .is_err(),
+        "once"
+    );
+    ctl.shutdown().await;
+}
