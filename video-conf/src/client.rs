@@ -46,7 +46,7 @@ pub struct Session {
     counts: Mutex<HashMap<(String, String), Counts>>,
     cancel: CancellationToken,
     /// Repair datagrams for the relay's group streams, if asked for.
-    pub inbox: Option<Arc<crate::fec::Inbox>>,
+    pub repair_router: Option<Arc<crate::fec::RepairRouter>>,
     /// The relay's wish for repair with the groups sent to it.
     fec_out: Arc<crate::fec::Wish>,
 }
@@ -151,7 +151,7 @@ impl Session {
             bad_streams: Arc::default(),
             counts: Mutex::default(),
             cancel: cancel.clone(),
-            inbox: (fec_rtt_ms > 0).then(|| crate::fec::Inbox::start(&conn)),
+            repair_router: (fec_rtt_ms > 0).then(|| crate::fec::RepairRouter::start(&conn)),
             fec_out: crate::fec::Wish::new(fec_wish),
         });
         tokio::spawn(write_control(w, rx, cancel.clone()));
@@ -334,7 +334,7 @@ impl Session {
             };
             let s = self.clone();
             tokio::spawn(async move {
-                let mut recv = crate::fec::GroupRecv::new(recv, s.inbox.as_ref());
+                let mut recv = crate::fec::GroupRecv::new(recv, s.repair_router.as_ref());
                 let header = match crate::io::read_group_header(&mut recv).await {
                     Ok(h) => h,
                     Err(e) => {

@@ -328,12 +328,12 @@ async fn groups_carry_repair_datagrams_when_asked_and_arrive_whole() {
         down >= 5 * 4,
         "relay sent {down} repair datagrams (to one viewer)"
     );
-    assert!(viewer.inbox.is_some() && plain.inbox.is_none());
+    assert!(viewer.repair_router.is_some() && plain.repair_router.is_none());
     // Nothing is lost on loopback, but repair datagrams go ahead of stream data in QUIC's
     // packets, so a block may be rebuilt before the last of its data arrives: `collect`
     // checks that every byte is as sent either way.
     let repaired = viewer
-        .inbox
+        .repair_router
         .as_ref()
         .unwrap()
         .repaired_bytes

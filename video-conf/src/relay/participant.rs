@@ -34,7 +34,7 @@ pub(super) struct Participant {
     /// The participant's wish for repair datagrams ([`Hello::fec_rtt_ms`]).
     pub(super) fec: Arc<crate::fec::Wish>,
     /// Repair datagrams for the groups it sends, if this relay asks for them.
-    pub(super) inbox: Option<Arc<crate::fec::Inbox>>,
+    pub(super) repair_router: Option<Arc<crate::fec::RepairRouter>>,
 }
 
 impl Participant {
@@ -224,7 +224,7 @@ impl Participant {
             let p = self.clone();
             tokio::spawn(
                 async move {
-                    let mut recv = crate::fec::GroupRecv::new(recv, p.inbox.as_ref());
+                    let mut recv = crate::fec::GroupRecv::new(recv, p.repair_router.as_ref());
                     let header = match crate::io::read_group_header(&mut recv).await {
                         Ok(h) => h,
                         Err(e) => {

@@ -133,7 +133,7 @@ impl Relay {
             subs: Mutex::new(HashMap::new()),
             link_kbps: hello.link_kbps,
             fec: crate::fec::Wish::new(hello.fec_rtt_ms),
-            inbox: (self.fec_rtt_ms > 0).then(|| crate::fec::Inbox::start(conn)),
+            repair_router: (self.fec_rtt_ms > 0).then(|| crate::fec::RepairRouter::start(conn)),
         });
         let stop = cancel.child_token();
         let _stop = stop.clone().drop_guard();

@@ -1,0 +1,272 @@
+//! The receiving side of one stream: segments in any order, repair symbols, holes rebuilt
+//! from them, bytes handed on in order.
+
+use std::collections::{BTreeMap, HashMap};
+
+use bytes::Bytes;
+use rangemap::RangeSet;
+use tracing::debug;
+
+use super::Repair;
+
+/// Repairs known for one block.
+struct Block {
+    len: u64,
+    t: usize,
+    k: usize,
+    m: usize,
+    symbols: BTreeMap<usize, Bytes>,
+}
+
+/// The receiving side of one stream: segments as they arrive (any order, overlaps allowed),
+/// repair symbols, and the bytes ready in order.
+#[derive(Default)]
+pub struct Reassembly {
+    have: RangeSet<u64>,
+    /// Segments by offset (no overlaps).
+    chunks: BTreeMap<u64, Bytes>,
+    /// Offset up to which bytes were handed on.
+    delivered: u64,
+    blocks: HashMap<u64, Block>,
+    /// Bytes rebuilt from repair symbols.
+    pub repaired_bytes: u64,
+    /// The stream's final size, once a repair datagram told it.
+    final_size: Option<u64>,
+}
+
+impl Reassembly {
+    /// A segment of the stream at `offset`.
+    pub fn data(&mut self, offset: u64, b: Bytes) {
+        let end = offset + b.len() as u64;
+        if b.is_empty() {
+            return;
+        }
+        let gaps: Vec<_> = self.have.gaps(&(offset..end)).collect();
+        for g in gaps {
+            let s = b.slice((g.start - offset) as usize..(g.end - offset) as usize);
+            self.chunks.insert(g.start, s);
+        }
+        self.have.insert(offset..end);
+    }
+
+    /// A repair symbol; rebuilds its block's missing bytes if it now can.
+    pub fn repair(&mut self, r: Repair) {
+        if let Some(size) = r.final_size() {
+            self.final_size = Some(size);
+        }
+        if r.k == 0 {
+            return;
+        }
+        let end = r.start + u64::from(r.len);
+        if self.have.gaps(&(r.start..end)).next().is_none() {
+            self.blocks.remove(&r.start);
+            return;
+        }
+        let b = self.blocks.entry(r.start).or_insert_with(|| Block {
+            len: u64::from(r.len),
+            t: usize::from(r.t),
+            k: usize::from(r.k),
+            m: usize::from(r.m),
+            symbols: BTreeMap::new(),
+        });
+        if b.len != u64::from(r.len) || b.t != usize::from(r.t) || b.k != usize::from(r.k) {
+            return;
+        }
+        b.symbols.insert(usize::from(r.index), r.data);
+        self.try_block(r.start);
+    }
+
+    /// After new data: blocks that may now be rebuilt.
+    pub fn retry(&mut self) {
+        let starts: Vec<u64> = self.blocks.keys().copied().collect();
+        for s in starts {
+            self.try_block(s);
+        }
+    }
+
+    fn symbol_range(start: u64, b: &Block, i: usize) -> std::ops::Range<u64> {
+        let s = start + (i * b.t) as u64;
+        s..(s + b.t as u64).min(start + b.len)
+    }
+
+    fn read(&self, r: std::ops::Range<u64>, t: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(t);
+        let first = self
+            .chunks
+            .range(..=r.start)
+            .next_back()
+            .map_or(r.start, |(k, _)| *k);
+        for (&off, c) in self.chunks.range(first..r.end) {
+            let cend = off + c.len() as u64;
+            if cend <= r.start {
+                continue;
+            }
+            let from = r.start.max(off);
+            let to = r.end.min(cend);
+            out.extend_from_slice(&c[(from - off) as usize..(to - off) as usize]);
+        }
+        out.resize(t, 0);
+        out
+    }
+
+    fn try_block(&mut self, start: u64) {
+        let Some(b) = self.blocks.get(&start) else {
+            return;
+        };
+        let missing: Vec<usize> = (0..b.k)
+            .filter(|&i| {
+                self.have
+                    .gaps(&Self::symbol_range(start, b, i))
+                    .next()
+                    .is_some()
+            })
+            .collect();
+        if missing.is_empty() {
+            self.blocks.remove(&start);
+            return;
+        }
+        if missing.len() > b.symbols.len() {
+            return;
+        }
+        let originals: Vec<(usize, Vec<u8>)> = (0..b.k)
+            .filter(|i| !missing.contains(i))
+            .map(|i| (i, self.read(Self::symbol_range(start, b, i), b.t)))
+            .collect();
+        let restored = reed_solomon_simd::decode(
+            b.k,
+            b.m,
+            originals.iter().map(|(i, s)| (*i, s.as_slice())),
+            b.symbols.iter().map(|(i, s)| (*i, s.as_ref())),
+        );
+        let b = self.blocks.remove(&start).expect("block present");
+        match restored {
+            Ok(map) => {
+                for i in missing {
+                    let Some(sym) = map.get(&i) else { continue };
+                    let r = Self::symbol_range(start, &b, i);
+                    let n = (r.end - r.start) as usize;
+                    self.repaired_bytes += self.have.gaps(&r).map(|g| g.end - g.start).sum::<u64>();
+                    self.data(r.start, Bytes::copy_from_slice(&sym[..n]));
+                }
+            }
+            Err(e) => debug!(error = %e, "Repair failed; waiting for retransmission."),
+        }
+    }
+
+    /// Bytes from the delivered offset up to the first hole.
+    pub fn ready(&mut self) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        while let Some(c) = self.chunks.get(&self.delivered) {
+            let c = c.clone();
+            self.delivered += c.len() as u64;
+            out.push(c);
+        }
+        // Keep what a block still being repaired may need; drop what is far behind.
+        let keep_from = self
+            .blocks
+            .keys()
+            .copied()
+            .min()
+            .unwrap_or(self.delivered)
+            .min(self.delivered)
+            .saturating_sub(4 << 20);
+        while let Some((&off, c)) = self.chunks.first_key_value() {
+            if off + c.len() as u64 > keep_from {
+                break;
+            }
+            self.chunks.pop_first();
+        }
+        out
+    }
+
+    pub fn delivered(&self) -> u64 {
+        self.delivered
+    }
+
+    /// Every byte of the stream has been handed on (its end known from a repair datagram).
+    pub fn complete(&self) -> bool {
+        self.final_size == Some(self.delivered)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fec::{Encoder, Params, protect, stream_bytes};
+
+    /// Holes of lost packets are rebuilt from repair symbols before any retransmission, in
+    /// any order of arrival; bytes come out in order, once.
+    #[test]
+    fn holes_are_rebuilt_from_repairs() {
+        let p = Params { t: 1152, pct: 25 };
+        let data = stream_bytes(40_000);
+        let mut enc = Encoder::new(8, p);
+        let mut repairs = Vec::new();
+        for c in data.chunks(7000) {
+            enc.wrote(c);
+            repairs.extend(enc.flush(false));
+        }
+        repairs.extend(enc.flush(true));
+        assert!(repairs.len() >= 9, "{} repairs", repairs.len());
+        // Packets of 1,200 bytes; lose one in every twelve (two per 16 KiB block at most).
+        let mut asm = Reassembly::default();
+        let mut lost = 0;
+        for (i, c) in data.chunks(1200).enumerate().rev() {
+            if i % 12 == 5 {
+                lost += c.len();
+                continue;
+            }
+            asm.data((i * 1200) as u64, Bytes::copy_from_slice(c));
+            // A duplicate delivery changes nothing.
+            asm.data((i * 1200) as u64, Bytes::copy_from_slice(c));
+        }
+        let before: usize = asm.ready().iter().map(Bytes::len).sum();
+        assert_eq!(before, 6000, "only the bytes before the first hole");
+        for r in repairs {
+            asm.repair(r);
+        }
+        let mut out: Vec<u8> = Vec::new();
+        out.extend(data[..before].iter());
+        for b in asm.ready() {
+            out.extend_from_slice(&b);
+        }
+        assert_eq!(out.len(), data.len());
+        assert!(out == data, "rebuilt bytes differ");
+        // The last block's repairs carry the final size: whole without the FIN.
+        assert!(asm.complete());
+        let end = Repair::end(8, 40_000);
+        assert_eq!(
+            Repair::decode(&end.encode()).unwrap().final_size(),
+            Some(40_000)
+        );
+        assert_eq!(asm.repaired_bytes as usize, lost);
+    }
+
+    #[test]
+    fn too_few_repairs_wait_for_retransmission() {
+        let p = Params { t: 1152, pct: 25 };
+        let data = stream_bytes(10_000);
+        let repairs = protect(0, 0, &data, p, false);
+        let mut asm = Reassembly::default();
+        // Four packets of the block lost: more than its three repair symbols can rebuild.
+        for (i, c) in data.chunks(1000).enumerate() {
+            if (2..6).contains(&i) {
+                continue;
+            }
+            asm.data((i * 1000) as u64, Bytes::copy_from_slice(c));
+        }
+        for r in repairs {
+            asm.repair(r);
+        }
+        assert_eq!(asm.ready().iter().map(Bytes::len).sum::<usize>(), 2000);
+        // The retransmissions arrive: everything flows.
+        for i in 2..6 {
+            asm.data(
+                (i * 1000) as u64,
+                Bytes::copy_from_slice(&data[i * 1000..(i + 1) * 1000]),
+            );
+        }
+        assert_eq!(asm.ready().iter().map(Bytes::len).sum::<usize>(), 8000);
+        assert_eq!(asm.delivered(), 10_000);
+    }
+}
