@@ -198,7 +198,8 @@ mod properties {
                     }
                     Op::Reopen => {
                         sp.flush().unwrap();
-                        s = None;
+                        // Closed before it is opened again (sled holds a lock on it).
+                        drop(s.take());
                         s = Some(open(dir.path(), 1 << 22));
                         // Confirmed before: a welcome of nothing renumbers nothing.
                         s.as_mut().unwrap().apply_welcome(0, &[]).unwrap();
