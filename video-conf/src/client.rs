@@ -10,12 +10,12 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::conference_wire::{
+    self, Announce, Control, Hello, Present, Subscribe, TrackInfo, TrackKey, Welcome,
+};
 use crate::forward::{self, SendStats};
 use crate::io::{ControlReader, ControlWriter, IoError};
 use crate::track::Track;
-use crate::wire::{
-    self, Announce, Control, Hello, Present, Subscribe, TrackInfo, TrackKey, Welcome,
-};
 
 /// Control frames queued toward the relay (the client's own requests: few).
 const CONTROL_QUEUE: usize = 64;
@@ -75,7 +75,7 @@ impl Session {
     pub async fn join(
         conn: quinn::Connection,
         room: &str,
-        role: wire::Role,
+        role: conference_wire::Role,
         path: Vec<String>,
         link_kbps: u32,
     ) -> Result<Arc<Session>, IoError> {
@@ -87,7 +87,7 @@ impl Session {
     pub async fn join_with(
         conn: quinn::Connection,
         room: &str,
-        role: wire::Role,
+        role: conference_wire::Role,
         path: Vec<String>,
         link_kbps: u32,
         fec_rtt_ms: u32,
@@ -98,7 +98,7 @@ impl Session {
             .map_err(|e| IoError::Stream(e.to_string()))?;
         let (mut w, mut r) = (ControlWriter(send), ControlReader(recv));
         w.send(&Control::Hello(Hello {
-            version: wire::VERSION,
+            version: conference_wire::VERSION,
             room: room.into(),
             role: role.as_str().into(),
             path,
@@ -126,7 +126,7 @@ impl Session {
                     )));
                 }
                 Some(other) => {
-                    return Err(IoError::Wire(wire::WireError::Malformed {
+                    return Err(IoError::Wire(conference_wire::WireError::Malformed {
                         what: "control stream",
                         detail: format!("expected Welcome, got {}", other.name()),
                     }));
@@ -218,7 +218,7 @@ impl Session {
             .await
     }
 
-    pub async fn health(&self, h: wire::Health) -> Result<(), IoError> {
+    pub async fn health(&self, h: conference_wire::Health) -> Result<(), IoError> {
         self.control(Control::Health(h)).await
     }
 
@@ -277,7 +277,7 @@ impl Session {
                         .unwrap_or(0);
                     let kbps =
                         (c.bytes.saturating_sub(prev) * 8) as f64 / every.as_secs_f64() / 1000.0;
-                    let h = wire::Health {
+                    let h = conference_wire::Health {
                         publisher,
                         kind,
                         rendition: c.rendition,
@@ -296,7 +296,8 @@ impl Session {
 
     pub fn close(&self) {
         self.cancel.cancel();
-        self.conn.close(wire::codes::SHUTDOWN.into(), b"leaving");
+        self.conn
+            .close(conference_wire::codes::SHUTDOWN.into(), b"leaving");
     }
 
     async fn read_control(self: Arc<Self>, mut r: ControlReader, view: watch::Sender<View>) {
@@ -362,7 +363,7 @@ impl Session {
                         track = header.track,
                         "Group for a track the relay never listed."
                     );
-                    recv.stop(wire::codes::PROTOCOL);
+                    recv.stop(conference_wire::codes::PROTOCOL);
                     return;
                 };
                 let key = TrackKey {

@@ -9,11 +9,11 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::conference_wire::{GroupHeader, codes};
 use crate::fec::{self, GroupRecv};
 use crate::io::{self, IoError};
 use crate::policy;
 use crate::track::{Fetch, Group, Track};
-use crate::wire::{GroupHeader, codes};
 
 /// What one sender did (shared with whoever reports on it); counts go to the parent too
 /// (a subscription's to its relay's).

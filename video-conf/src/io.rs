@@ -4,7 +4,7 @@ use bytes::Bytes;
 
 use crate::fec::{GroupRecv, ReadError};
 
-use crate::wire::{
+use crate::conference_wire::{
     Control, GROUP_HEADER_LEN, GroupHeader, OBJECT_HEADER_LEN, Object, TrackInfo, WireError,
 };
 
@@ -23,7 +23,7 @@ impl IoError {
     pub fn code(&self) -> u32 {
         match self {
             IoError::Wire(w) => w.code(),
-            _ => crate::wire::codes::PROTOCOL,
+            _ => crate::conference_wire::codes::PROTOCOL,
         }
     }
 }

@@ -3,7 +3,7 @@
 //! and cascade, subscribers that lose whole old groups rather than fall behind, renditions
 //! chosen per link, and floor control.
 //!
-//! Start reading at [`wire`] (the protocol), then [`track`] and [`forward`] (how groups move),
+//! Start reading at [`conference_wire`] (the protocol), then [`track`] and [`forward`] (how groups move),
 //! [`relay`] and [`client`].
 //!
 //! No codec and no FFmpeg here: objects are carried as the publisher made them, and a relay
@@ -12,6 +12,7 @@
 //! `tiandi-video` binary; this crate must never depend on it or on ffmpeg-next.
 
 pub mod client;
+pub mod conference_wire;
 pub mod fec;
 pub mod forward;
 pub mod io;
@@ -20,7 +21,6 @@ pub mod policy;
 pub mod relay;
 pub mod track;
 pub mod ts;
-pub mod wire;
 
 pub use tiandi_link::clock::now_us;
 

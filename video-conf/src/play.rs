@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use tracing::info;
 
+use crate::conference_wire::{Object, TrackInfo};
 use crate::track::Track;
-use crate::wire::{Object, TrackInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MediaError {

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
-use crate::wire::{Object, TrackInfo, TrackKey};
+use crate::conference_wire::{Object, TrackInfo, TrackKey};
 
 /// One group: appended by its producer, read by any number of subscribers.
 #[derive(Debug)]
@@ -281,7 +281,11 @@ mod tests {
     fn obj(n: u8, key: bool) -> Object {
         Object {
             pts_us: i64::from(n) * 40_000,
-            flags: if key { crate::wire::flags::KEY } else { 0 },
+            flags: if key {
+                crate::conference_wire::flags::KEY
+            } else {
+                0
+            },
             payload: Bytes::from(vec![n; 10]),
         }
     }

@@ -18,8 +18,8 @@
 use std::collections::VecDeque;
 use std::io::Write;
 
+use crate::conference_wire::{Object, TrackInfo};
 use crate::play::{MediaError, Mux};
-use crate::wire::{Object, TrackInfo};
 
 const PACKET: usize = 188;
 const PMT_PID: u16 = 0x1000;
@@ -390,7 +390,11 @@ mod tests {
         p.resize(len, 0xAB);
         Object {
             pts_us,
-            flags: if key { crate::wire::flags::KEY } else { 0 },
+            flags: if key {
+                crate::conference_wire::flags::KEY
+            } else {
+                0
+            },
             payload: Bytes::from(p),
         }
     }

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tiandi_link::pki::{self, Ca};
+use tiandi_video::conference_wire::{self, Object, Role, TrackInfo};
 use tiandi_video::relay::{Relay, RelayOptions, Upstream};
 use tiandi_video::track::{Fetch, Track};
-use tiandi_video::wire::{self, Object, Role, TrackInfo};
 use tiandi_video::{client::Session, client_tls, relay_tls};
 use tokio_util::sync::CancellationToken;
 
@@ -156,7 +156,7 @@ fn video(publisher: &str) -> Arc<Track> {
 fn frame(n: u64, key: bool) -> Object {
     Object {
         pts_us: n as i64 * 40_000,
-        flags: if key { wire::flags::KEY } else { 0 },
+        flags: if key { conference_wire::flags::KEY } else { 0 },
         payload: Bytes::from(vec![(n % 251) as u8; if key { 20_000 } else { 2_000 }]),
     }
 }
@@ -419,7 +419,7 @@ async fn a_malformed_group_stream_closes_only_itself() {
     // A group header with an object claiming 1 GiB.
     let mut s = pubr.conn.open_uni().await.unwrap();
     s.write_all(
-        &wire::GroupHeader {
+        &conference_wire::GroupHeader {
             track: 1,
             group: 99,
         }

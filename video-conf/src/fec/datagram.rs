@@ -4,7 +4,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::{FLAG_LAST, HEADER_LEN, MAGIC, VERSION};
-use crate::wire::WireError;
+use crate::conference_wire::WireError;
 
 /// One repair symbol of one block of one stream.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,9 +9,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{Relay, Room, Upstream};
+use crate::conference_wire::{Role, TrackKey};
 use crate::io::IoError;
 use crate::track::Track;
-use crate::wire::{Role, TrackKey};
 
 impl Relay {
     /// Starts the room's upstream session once (a cascading relay's): every track the

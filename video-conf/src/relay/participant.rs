@@ -11,10 +11,12 @@ use tracing::{Instrument, debug, info, warn};
 
 use super::rooms::{HealthView, Member};
 use super::{ANNOUNCE_WAIT, Relay, Room};
+use crate::conference_wire::{
+    self, Control, ErrorMsg, Floor, Role, TrackInfo, TrackKey, Tracks, codes,
+};
 use crate::forward;
 use crate::io::{ControlReader, ControlWriter, IoError};
 use crate::track::Track;
-use crate::wire::{self, Control, ErrorMsg, Floor, Role, TrackInfo, TrackKey, Tracks, codes};
 
 pub(super) struct Participant {
     pub(super) relay: Arc<Relay>,
@@ -135,7 +137,7 @@ impl Participant {
                     };
                     // A site publishes as itself only; a relay speaks for the sites below.
                     if self.role == Role::Site && info.publisher != self.site {
-                        return Err(IoError::Wire(wire::WireError::Malformed {
+                        return Err(IoError::Wire(conference_wire::WireError::Malformed {
                             what: "Announce",
                             detail: format!(
                                 "site {} cannot publish as {}",
@@ -284,7 +286,7 @@ impl Participant {
 }
 
 fn malformed(detail: &str) -> IoError {
-    IoError::Wire(wire::WireError::Malformed {
+    IoError::Wire(conference_wire::WireError::Malformed {
         what: "control frame",
         detail: detail.to_string(),
     })

@@ -11,9 +11,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use super::Room;
+use crate::conference_wire::{Object, TrackInfo, TrackKey};
 use crate::policy::FloorState;
 use crate::track::Track;
-use crate::wire::{Object, TrackInfo, TrackKey};
 
 /// A recording in progress: a player writing one site's tracks, or the speaker's, to a file.
 pub(super) struct Recording {

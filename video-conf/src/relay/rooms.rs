@@ -7,9 +7,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::recording::Recording;
+use crate::conference_wire::{self, TrackKey};
 use crate::policy::FloorState;
 use crate::track::Track;
-use crate::wire::{self, TrackKey};
 
 /// One participant as the room's roster shows it.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -40,7 +40,7 @@ pub struct Room {
     /// Its upstream session is running (a cascading relay's).
     pub(super) cascading: std::sync::atomic::AtomicBool,
     /// The latest roll call (participants are asked when it changes).
-    pub(super) roll: watch::Sender<Option<wire::RollCall>>,
+    pub(super) roll: watch::Sender<Option<conference_wire::RollCall>>,
     /// Fires when the conference ends: every participant is disconnected.
     pub(super) ended: CancellationToken,
     pub(super) recording: tokio::sync::Mutex<Option<Recording>>,
@@ -78,7 +78,7 @@ impl Room {
     pub fn roll_call(&self, deadline_ms: i64) -> u64 {
         let id = self.roll.borrow().as_ref().map_or(1, |r| r.id + 1);
         self.roll
-            .send_replace(Some(wire::RollCall { id, deadline_ms }));
+            .send_replace(Some(conference_wire::RollCall { id, deadline_ms }));
         id
     }
 

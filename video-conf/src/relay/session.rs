@@ -13,8 +13,8 @@ use tracing::{Instrument, info, info_span, warn};
 use super::participant::Participant;
 use super::rooms::Member;
 use super::{CONTROL_QUEUE, HELLO_TIMEOUT, Relay};
+use crate::conference_wire::{self, Control, ErrorMsg, Welcome, codes};
 use crate::io::{ControlReader, ControlWriter, IoError};
-use crate::wire::{self, Control, ErrorMsg, Welcome, codes};
 
 impl Relay {
     pub(super) async fn participant(
@@ -55,7 +55,7 @@ impl Relay {
             Ok(r) => match r? {
                 Some(Control::Hello(h)) => h,
                 Some(other) => {
-                    return Err(IoError::Wire(wire::WireError::Malformed {
+                    return Err(IoError::Wire(conference_wire::WireError::Malformed {
                         what: "control stream",
                         detail: format!("expected Hello, got {}", other.name()),
                     }));
@@ -63,7 +63,7 @@ impl Relay {
                 None => return Err(IoError::Ended),
             },
         };
-        let role = wire::check_hello(&hello)?;
+        let role = conference_wire::check_hello(&hello)?;
         if hello.path.iter().any(|p| p == &self.name) {
             let msg = format!(
                 "relay path {:?} already passes through {}: a cascade must not loop",
@@ -105,7 +105,7 @@ impl Relay {
         info!(room = %room.name, role = role.as_str(), "Participant joined.");
         writer
             .send(&Control::Welcome(Welcome {
-                version: wire::VERSION,
+                version: conference_wire::VERSION,
                 relay: self.name.clone(),
                 you: site.to_string(),
                 chair: room.floor().chair,
