@@ -118,6 +118,8 @@ pub async fn run(cli: Cli, mut cfg: Config) -> anyhow::Result<()> {
     if demo_mode && cli.data_dir.is_none() && cli.config.is_none() {
         cfg.data_dir = PathBuf::from("tiandi-data/demo");
         cfg.quic_listen = "127.0.0.1:4433".parse().expect("literal");
+        // A fixed port, so the join commands the demo prints stay right across runs.
+        cfg.conference.listen = Some("127.0.0.1:4500".parse().expect("literal"));
     }
     if let Some(d) = cli.data_dir {
         cfg.data_dir = d;

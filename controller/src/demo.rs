@@ -27,8 +27,22 @@ pub fn site_name(i: usize) -> (String, &'static str) {
     )
 }
 
+/// The room the demo opens on its conference relay.
+pub const DEMO_ROOM: &str = "demo";
+
+/// The conference relay of a running demo: its address and name, for the join commands.
+struct Relay {
+    addr: std::net::SocketAddr,
+    name: String,
+}
+
 /// What a newcomer can do next with the running demo: commands that work as printed.
-fn next_steps(data_dir: &std::path::Path, api: std::net::SocketAddr, sites: usize) -> String {
+fn next_steps(
+    data_dir: &std::path::Path,
+    api: std::net::SocketAddr,
+    sites: usize,
+    relay: Option<Relay>,
+) -> String {
     // The binary as it was started, relative to the working directory when it lies below it.
     let exe = std::env::current_exe()
         .ok()
@@ -54,6 +68,33 @@ fn next_steps(data_dir: &std::path::Path, api: std::net::SocketAddr, sites: usiz
              \x20             {ctl} send README.md --to site:{site}\n\
              \x20 follow it:  {ctl} transfers\n\
              \x20 received:   ls {dir}/demo-sites/{site}/inbox/\n"
+        );
+    }
+    if let (Some(r), true) = (relay, sites >= 2) {
+        // The client encodes and plays with FFmpeg: the media crate, outside the core build.
+        let join = |i: usize| {
+            let (site, _) = site_name(i);
+            let id = format!("{dir}/demo-sites/{site}/identity");
+            format!(
+                "cargo run --release -p tiandi-media --bin tiandi-video -- join \\\n\
+                 \x20               --relay {} --relay-name {} --room {DEMO_ROOM} \\\n\
+                 \x20               --ca {id}/ca.crt --cert {id}/site.crt --key {id}/site.key",
+                r.addr, r.name
+            )
+        };
+        let (chair, _) = site_name(0);
+        s += &format!(
+            "Join the demo conference (room `{DEMO_ROOM}`, chaired by {chair}; the client needs \
+             FFmpeg's libraries: sudo scripts/test --install-only):\n\
+             \x20 as the chair, a test picture:\n\
+             \x20             {} \\\n\
+             \x20               --publish pattern\n\
+             \x20 as a county, to VLC (vlc udp://@:5000):\n\
+             \x20             {} \\\n\
+             \x20               --play udp://127.0.0.1:5000\n\
+             \x20 the room:   {ctl} conference show {DEMO_ROOM}\n",
+            join(0),
+            join(1)
         );
     }
     s += &format!(
@@ -139,7 +180,26 @@ pub async fn run(
     println!("  live:       http://{}/api/stream", ctl.api_addr);
     println!("  metrics:    http://{}/metrics", ctl.ops_addr);
     println!("  agents:     quic://{}", ctl.quic_addr);
-    print!("{}", next_steps(&core.config.data_dir, ctl.api_addr, sites));
+    if let Some(addr) = ctl.conference_addr() {
+        println!("  conference: quic://{addr} (room `{DEMO_ROOM}`)");
+    }
+    let relay = match &core.conference {
+        Some((relay, addr)) if sites >= 1 => {
+            let (chair, _) = site_name(0);
+            if relay.find_room(DEMO_ROOM).is_none() {
+                relay.create_room(DEMO_ROOM, &chair);
+            }
+            Some(Relay {
+                addr: *addr,
+                name: relay.name.clone(),
+            })
+        }
+        _ => None,
+    };
+    print!(
+        "{}",
+        next_steps(&core.config.data_dir, ctl.api_addr, sites, relay)
+    );
     cancel.cancelled().await;
     sim_cancel.cancel();
     tokio::time::sleep(Duration::from_millis(200)).await;
