@@ -208,13 +208,21 @@ impl ControllerProc {
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 
+    /// A site enrolled with a token from this controller (`tiandi-agent enroll`), in `dir`,
+    /// with `config` added to its configuration; not started yet.
+    pub fn new_site(&self, dir: &Path, site: &str, province: &str, config: &str) -> AgentProc {
+        let token = self.enroll(site, province, &[]);
+        AgentProc::enroll(dir, self.quic, &token, config)
+    }
+
+    /// `tiandi-controller --config … ARGS` (in the controller's namespace).
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        command_in(self.netns.as_deref(), bin("tiandi-controller"))
-            .arg("--config")
-            .arg(&self.config)
-            .args(args)
-            .output()
-            .unwrap()
+        run_cli(
+            self.netns.as_deref(),
+            "tiandi-controller",
+            &self.config,
+            args,
+        )
     }
 
     pub fn log(&self) -> String {
@@ -355,15 +363,25 @@ impl AgentProc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// `tiandi-agent ARGS --config …` (in the agent's namespace).
+    /// `tiandi-agent --config … ARGS` (in the agent's namespace).
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        command_in(self.netns.as_deref(), bin("tiandi-agent"))
-            .arg("--config")
-            .arg(&self.config)
-            .args(args)
-            .output()
-            .unwrap()
+        run_cli(self.netns.as_deref(), "tiandi-agent", &self.config, args)
     }
+}
+
+/// One of our binaries with its configuration file and `args`, in `netns` if given; its output.
+fn run_cli(
+    netns: Option<&str>,
+    binary: &str,
+    config: &Path,
+    args: &[&str],
+) -> std::process::Output {
+    command_in(netns, bin(binary))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 /// `len` bytes of a repeatable, incompressible-looking pattern (test files).

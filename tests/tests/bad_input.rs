@@ -210,19 +210,28 @@ async fn malformed_input_closes_only_the_offending_connection() {
     ctl.shutdown().await;
 }
 
+/// Runs `binary --config path ARGS`, which must fail; its stderr.
+fn refused(binary: &str, config: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new(bin(binary))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "{binary} accepted {}",
+        config.display()
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn broken_config_files_name_the_file_and_the_key() {
     let tmp = tempfile::tempdir().unwrap();
     let a = tmp.path().join("agent.toml");
     std::fs::write(&a, "controller = \"x:1\"\ninterval_s = \"often\"\n").unwrap();
-    let out = Command::new(bin("tiandi-agent"))
-        .arg("--config")
-        .arg(&a)
-        .arg("run")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused("tiandi-agent", &a, &["run"]);
     assert!(
         err.contains(&a.display().to_string()) && err.contains("interval_s"),
         "{err}"
@@ -230,35 +239,17 @@ fn broken_config_files_name_the_file_and_the_key() {
 
     let c = tmp.path().join("controller.toml");
     std::fs::write(&c, "[admission]\nhandshakes_per_s = -3\n").unwrap();
-    let out = Command::new(bin("tiandi-controller"))
-        .arg("--config")
-        .arg(&c)
-        .arg("run")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused("tiandi-controller", &c, &["run"]);
     assert!(
         err.contains(&c.display().to_string()) && err.contains("admission.handshakes_per_s"),
         "{err}"
     );
 
     std::fs::write(&c, "quic_listen = [\n").unwrap();
-    let out = Command::new(bin("tiandi-controller"))
-        .arg("--config")
-        .arg(&c)
-        .arg("run")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains(&c.display().to_string()));
+    let err = refused("tiandi-controller", &c, &["run"]);
+    assert!(err.contains(&c.display().to_string()), "{err}");
 
     let missing = tmp.path().join("nope.toml");
-    let out = Command::new(bin("tiandi-agent"))
-        .arg("--config")
-        .arg(&missing)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("nope.toml"));
+    let err = refused("tiandi-agent", &missing, &[]);
+    assert!(err.contains("nope.toml"), "{err}");
 }

@@ -72,13 +72,7 @@ fn enrollment_tokens_revocation_and_identity_claims() {
     );
 
     // A site that claims another site's ID: b's certificate is for gd-002, its messages say gd-001.
-    let token_b = ctl.enroll("gd-002", "GD", &[]);
-    let mut b = AgentProc::enroll(
-        &tmp.path().join("b"),
-        ctl.quic,
-        &token_b,
-        "interval_s = 0.5",
-    );
+    let mut b = ctl.new_site(&tmp.path().join("b"), "gd-002", "GD", "interval_s = 0.5");
     let info = tmp.path().join("b/data/identity/site.json");
     std::fs::write(&info, r#"{"site_id":"gd-001","province":"GD"}"#).unwrap();
     let before = ctl.api("/api/sites/gd-001").unwrap()["reports"]

@@ -4,17 +4,16 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use tiandi_tests::{AgentProc, ControllerProc, free_tcp, get_json, wait_for};
+use tiandi_tests::{ControllerProc, free_tcp, get_json, wait_for};
 
 #[test]
 fn prometheus_scrapes_site_metrics() {
     let tmp = tempfile::tempdir().unwrap();
     let ctl = ControllerProc::start(&tmp.path().join("ctl"));
-    let token = ctl.enroll("xz-001", "XZ", &[]);
-    let mut agent = AgentProc::enroll(
+    let mut agent = ctl.new_site(
         &tmp.path().join("agent"),
-        ctl.quic,
-        &token,
+        "xz-001",
+        "XZ",
         "interval_s = 0.5",
     );
     agent.start();

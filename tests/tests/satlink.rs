@@ -135,28 +135,21 @@ async fn emulated_links_delay_limit_lose_and_cut() {
         .expect("set");
 
     // Cut: nothing passes, not even what was already on its way; restore: traffic flows.
+    let fifty = || {
+        count_through(
+            &s1,
+            &ctl_sock,
+            ctl,
+            50,
+            200,
+            Duration::from_millis(2),
+            Duration::from_millis(500),
+        )
+    };
     topo.link(1).cut();
-    let got = count_through(
-        &s1,
-        &ctl_sock,
-        ctl,
-        50,
-        200,
-        Duration::from_millis(2),
-        Duration::from_millis(500),
-    );
-    assert_eq!(got, 0);
+    assert_eq!(fifty(), 0);
     topo.link(1).restore();
-    let got = count_through(
-        &s1,
-        &ctl_sock,
-        ctl,
-        50,
-        200,
-        Duration::from_millis(2),
-        Duration::from_millis(500),
-    );
-    assert_eq!(got, 50);
+    assert_eq!(fifty(), 50);
 
     // Site 2 never saw site 1's shaping changes.
     assert_eq!(topo.link(2).status().up.loss_pct, 0.0);

@@ -18,13 +18,7 @@ fn a_file_sent_to_a_province_arrives_verified_at_each_site() {
         agents.push((site, a));
     }
     // A site in another province must not get it.
-    let token = ctl.enroll("gx-001", "GX", &[]);
-    let mut other = AgentProc::enroll(
-        &tmp.path().join("gx-001"),
-        ctl.quic,
-        &token,
-        "interval_s = 1",
-    );
+    let mut other = ctl.new_site(&tmp.path().join("gx-001"), "gx-001", "GX", "interval_s = 1");
     other.start();
     wait_for("three sites connected", Duration::from_secs(30), || {
         (ctl.metric("tiandi_connections") >= 3.0).then_some(())
@@ -173,13 +167,7 @@ fn job(ctl: &ControllerProc, dest: &str) -> Option<serde_json::Value> {
 fn sigkill_of_the_receiver_and_of_the_sender_resumes_without_starting_over() {
     let tmp = tempfile::tempdir().unwrap();
     let mut ctl = ControllerProc::start(&tmp.path().join("ctl"));
-    let token = ctl.enroll("js-001", "JS", &[]);
-    let mut agent = AgentProc::enroll(
-        &tmp.path().join("js-001"),
-        ctl.quic,
-        &token,
-        "interval_s = 1",
-    );
+    let mut agent = ctl.new_site(&tmp.path().join("js-001"), "js-001", "JS", "interval_s = 1");
     agent.start();
     wait_for("site connected", Duration::from_secs(30), || {
         (ctl.metric("tiandi_connections") >= 1.0).then_some(())
@@ -243,13 +231,7 @@ fn a_full_disk_pauses_the_transfer_until_space_is_freed() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let ctl = ControllerProc::start(&tmp.path().join("ctl"));
-    let token = ctl.enroll("ah-001", "AH", &[]);
-    let mut agent = AgentProc::enroll(
-        &tmp.path().join("ah-001"),
-        ctl.quic,
-        &token,
-        "interval_s = 1",
-    );
+    let mut agent = ctl.new_site(&tmp.path().join("ah-001"), "ah-001", "AH", "interval_s = 1");
     // The site's inbox is a 16 MB file system, 10 MB of it taken.
     let inbox = tmp.path().join("ah-001/data/inbox");
     std::fs::create_dir_all(&inbox).unwrap();
@@ -341,13 +323,7 @@ fn nix_is_root() -> bool {
 fn a_site_sends_a_file_to_the_controller() {
     let tmp = tempfile::tempdir().unwrap();
     let ctl = ControllerProc::start(&tmp.path().join("ctl"));
-    let token = ctl.enroll("sc-001", "SC", &[]);
-    let mut agent = AgentProc::enroll(
-        &tmp.path().join("sc-001"),
-        ctl.quic,
-        &token,
-        "interval_s = 1",
-    );
+    let mut agent = ctl.new_site(&tmp.path().join("sc-001"), "sc-001", "SC", "interval_s = 1");
     agent.start();
     let src = tmp.path().join("sc-001/survey-2026.csv");
     let data = pattern(2_500_000, 11);
