@@ -119,3 +119,52 @@ fn label(v: &str) -> String {
         .replace('"', "\\\"")
         .replace('\n', "\\n")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::RelayOptions;
+    use crate::relay::rooms::Member;
+    use crate::relay::rooms::tests::track;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label("plain"), "plain");
+        assert_eq!(label("a\\b\"c\nd"), "a\\\\b\\\"c\\nd");
+    }
+
+    #[test]
+    fn the_exposition_shows_counters_and_each_rooms_figures() {
+        let r = Relay::new(RelayOptions {
+            name: "ministry-relay".into(),
+            chair: "ministry".into(),
+            upstream: None,
+            open_rooms: false,
+            fec_rtt_ms: 0,
+        });
+        r.stats.connections.fetch_add(2, Ordering::Relaxed);
+        r.stats.refused.fetch_add(1, Ordering::Relaxed);
+        r.stats.send.groups_sent.fetch_add(7, Ordering::Relaxed);
+        let room = r.create_room("drill \"a\"", "ministry");
+        room.roster
+            .lock()
+            .unwrap()
+            .insert("gd-001".into(), Member::default());
+        room.add_track(track("gd-001", "video", "high", 1500));
+        room.add_track(track("gd-001", "audio", "main", 64));
+        let m = r.exposition();
+        for line in [
+            "# TYPE tiandi_video_connections gauge",
+            "tiandi_video_connections{relay=\"ministry-relay\"} 2",
+            "# TYPE tiandi_video_refused_total counter",
+            "tiandi_video_refused_total{relay=\"ministry-relay\"} 1",
+            "tiandi_video_groups_sent_total{relay=\"ministry-relay\"} 7",
+            "tiandi_video_groups_in_total{relay=\"ministry-relay\"} 0",
+            "tiandi_video_rooms{relay=\"ministry-relay\"} 1",
+            "tiandi_video_room_participants{relay=\"ministry-relay\",room=\"drill \\\"a\\\"\"} 1",
+            "tiandi_video_room_tracks{relay=\"ministry-relay\",room=\"drill \\\"a\\\"\"} 2",
+        ] {
+            assert!(m.lines().any(|l| l == line), "no line {line:?} in\n{m}");
+        }
+    }
+}

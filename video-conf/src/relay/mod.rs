@@ -181,3 +181,55 @@ impl Relay {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::rooms::tests::track;
+    use super::*;
+
+    fn relay(open_rooms: bool) -> Arc<Relay> {
+        Relay::new(RelayOptions {
+            name: "ministry-relay".into(),
+            chair: "ministry".into(),
+            upstream: None,
+            open_rooms,
+            fec_rtt_ms: 0,
+        })
+    }
+
+    #[test]
+    fn rooms_are_created_once_found_until_ended_and_ended_for_everyone() {
+        let r = relay(false);
+        assert!(r.find_room("drill").is_none());
+        let a = r.create_room("drill", "gd-001");
+        assert_eq!(a.floor().chair, "gd-001");
+        let again = r.create_room("drill", "somebody-else");
+        assert!(Arc::ptr_eq(&a, &again), "an open room is returned as is");
+        assert!(Arc::ptr_eq(&r.find_room("drill").unwrap(), &a));
+
+        let t = track("gd-001", "video", "high", 1500);
+        a.add_track(t.clone());
+        assert!(r.end_room("drill"));
+        assert!(a.is_ended());
+        assert!(t.is_closed(), "its tracks end with it");
+        assert!(r.find_room("drill").is_none());
+        assert!(!r.end_room("drill"), "gone already");
+
+        let b = r.create_room("drill", "gd-002");
+        assert!(!Arc::ptr_eq(&a, &b));
+        assert!(!b.is_ended());
+        assert_eq!(b.floor().chair, "gd-002");
+    }
+
+    #[test]
+    fn a_room_made_on_first_join_is_chaired_by_the_relays_chair() {
+        let r = relay(true);
+        let a = r.room("net-1");
+        assert_eq!(a.floor().chair, "ministry");
+        assert!(Arc::ptr_eq(&r.room("net-1"), &a));
+        r.create_room("net-2", "gd-001");
+        let mut names: Vec<String> = r.rooms().iter().map(|r| r.name.clone()).collect();
+        names.sort();
+        assert_eq!(names, ["net-1", "net-2"]);
+    }
+}

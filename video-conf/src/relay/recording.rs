@@ -159,9 +159,11 @@ async fn splice(
         } else {
             *shift.get_or_init(|| crate::now_us() - o.pts_us) + o.pts_us
         };
+        // The first frame recorded sets the origin (compare_exchange's Ok holds the old
+        // value, i64::MIN, not the origin just set).
         let base = origin
             .compare_exchange(i64::MIN, capture, Ordering::Relaxed, Ordering::Relaxed)
-            .unwrap_or_else(|b| b);
+            .map_or_else(|b| b, |_| capture);
         o.pts_us = capture - base;
         o
     };
@@ -273,5 +275,159 @@ impl Room {
             stats,
             speakers,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::conference_wire::flags;
+    use crate::relay::rooms::tests::track;
+
+    fn obj(n: i64, key: bool) -> Object {
+        Object {
+            pts_us: n * 40_000,
+            flags: if key { flags::KEY } else { 0 },
+            payload: Bytes::from(vec![n as u8; 100]),
+        }
+    }
+
+    /// Lets every task run until it waits (time is paused: the sleep ends only once the
+    /// runtime has nothing else to do).
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
+    #[test]
+    fn a_speaker_is_its_highest_video_and_its_sound() {
+        let mut tracks = BTreeMap::new();
+        for t in [
+            track("gd-001", "video", "low", 300),
+            track("gd-001", "video", "high", 1500),
+            track("gd-001", "audio", "main", 64),
+            track("gd-002", "video", "top", 4000),
+        ] {
+            tracks.insert(t.key(), t);
+        }
+        let (v, a) = speaker_tracks(&tracks, "gd-001");
+        assert_eq!(v.unwrap().info.rendition, "high");
+        assert_eq!(a.unwrap().info.rendition, "main");
+        let (v, a) = speaker_tracks(&tracks, "gd-002");
+        assert_eq!(v.unwrap().info.rendition, "top");
+        assert!(a.is_none());
+        let (v, a) = speaker_tracks(&tracks, "gd-003");
+        assert!(v.is_none() && a.is_none());
+    }
+
+    /// The first speaker is recorded from its current group; when the floor passes, the new
+    /// speaker from its next keyframe (its group under way would show half a picture), and
+    /// the old speaker no more.
+    #[tokio::test(start_paused = true)]
+    async fn the_recording_follows_the_floor_at_group_boundaries() {
+        let room = Room::new("drill", "ministry");
+        let chair = track("ministry", "video", "high", 1500);
+        let chair_audio = track("ministry", "audio", "main", 64);
+        let site = track("gd-001", "video", "high", 1500);
+        for t in [&chair, &chair_audio, &site] {
+            room.add_track(t.clone());
+        }
+        let g7 = chair.start_group(7);
+        g7.push(obj(0, true));
+
+        let out_video = track("ministry", "video", "high", 1500);
+        let out_audio = track("ministry", "audio", "main", 64);
+        let speakers = Arc::new(Mutex::new(Vec::new()));
+        let follow = Follow {
+            tracks: room.tracks.subscribe(),
+            floor: room.floor.subscribe(),
+            fixed: None,
+            video: out_video.clone(),
+            audio: Some(out_audio.clone()),
+            origin: Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN)),
+            speakers: speakers.clone(),
+        };
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(follow.run(stop.clone()));
+        settle().await;
+        let cur = out_video.current().expect("the chair's current group");
+        assert_eq!((cur.seq, cur.len()), (7, 1));
+        g7.push(obj(1, false));
+        settle().await;
+        assert_eq!(out_video.current().unwrap().len(), 2);
+
+        // gd-001 takes the floor in the middle of its group 3.
+        let g3 = site.start_group(3);
+        g3.push(obj(0, true));
+        room.set_floor(Some("gd-001".into()));
+        settle().await;
+        assert_eq!(out_video.current().unwrap().seq, 7, "nothing of group 3");
+        // The chair's next group is not recorded any more.
+        chair.start_group(8).push(obj(2, true));
+        settle().await;
+        assert_eq!(out_video.current().unwrap().seq, 7);
+        // gd-001's next keyframe is, numbered after the recording's last group.
+        let g4 = site.start_group(4);
+        g4.push(obj(1, true));
+        settle().await;
+        let cur = out_video.current().unwrap();
+        assert_eq!((cur.seq, cur.len()), (8, 1));
+
+        let who: Vec<String> = speakers
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| s.site.clone())
+            .collect();
+        assert_eq!(who, ["ministry", "gd-001"]);
+        assert_eq!(speakers.lock().unwrap()[0].from_s, 0.0);
+
+        stop.cancel();
+        task.await.unwrap();
+        assert!(out_video.is_closed() && out_audio.is_closed());
+    }
+
+    #[tokio::test]
+    async fn a_recording_needs_a_ts_file_and_a_picture() {
+        let dir = tempfile::tempdir().unwrap();
+        let room = Room::new("drill", "ministry");
+        let e = room
+            .start_recording(None, &dir.path().join("drill.mkv"))
+            .await
+            .unwrap_err();
+        assert!(e.contains("MPEG-TS"), "{e}");
+        let e = room
+            .start_recording(None, &dir.path().join("drill.ts"))
+            .await
+            .unwrap_err();
+        assert!(e.contains("ministry publishes no video"), "{e}");
+        let e = room.stop_recording().await.unwrap_err();
+        assert!(e.contains("not being recorded"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_room_records_its_speaker_to_mpeg_ts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rec/drill.ts");
+        let room = Room::new("drill", "ministry");
+        let video = track("ministry", "video", "high", 1500);
+        room.add_track(video.clone());
+        room.start_recording(None, &path).await.unwrap();
+        let e = room.start_recording(None, &path).await.unwrap_err();
+        assert!(e.contains("already recording the floor"), "{e}");
+        let g = video.start_group(1);
+        for i in 0..3 {
+            g.push(obj(i, i == 0));
+        }
+        g.finish();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let done = room.stop_recording().await.unwrap();
+        assert_eq!(done.path, path);
+        assert_eq!(done.speakers.len(), 1);
+        assert_eq!(done.speakers[0].site, "ministry");
+        assert_eq!(done.stats.objects, 3);
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(!bytes.is_empty() && bytes.len().is_multiple_of(188) && bytes[0] == 0x47);
     }
 }

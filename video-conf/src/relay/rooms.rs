@@ -145,3 +145,134 @@ impl<T> SendModifyRet<T> for watch::Sender<T> {
         out.expect("send_modify runs its closure")
     }
 }
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use crate::conference_wire::TrackInfo;
+
+    /// A track as a publisher announces it.
+    pub(in crate::relay) fn track(
+        publisher: &str,
+        kind: &str,
+        rendition: &str,
+        kbps: u32,
+    ) -> Arc<Track> {
+        Track::new(TrackInfo {
+            publisher: publisher.into(),
+            kind: kind.into(),
+            rendition: rendition.into(),
+            bitrate_kbps: kbps,
+            ..Default::default()
+        })
+    }
+
+    fn join(room: &Room, site: &str) {
+        room.roster.lock().unwrap().insert(
+            site.into(),
+            Member {
+                site: site.into(),
+                role: "site".into(),
+                ..Default::default()
+            },
+        );
+    }
+
+    #[test]
+    fn the_floor_goes_to_a_holder_and_back_to_the_chair() {
+        let room = Room::new("drill", "ministry");
+        let mut seen = room.floor.subscribe();
+        assert_eq!(room.floor().chair, "ministry");
+        assert_eq!(room.floor().holder, None);
+        assert_eq!(room.floor().speaker(), "ministry");
+        assert!(room.floor().may_publish("ministry"));
+        assert!(!room.floor().may_publish("gd-001"));
+
+        room.set_floor(Some("gd-001".into()));
+        assert!(seen.has_changed().unwrap(), "participants are told");
+        assert_eq!(seen.borrow_and_update().holder.as_deref(), Some("gd-001"));
+        assert_eq!(room.floor().speaker(), "gd-001");
+        assert!(room.floor().may_publish("gd-001"));
+        assert!(room.floor().may_publish("ministry"), "the chair always may");
+        assert!(!room.floor().may_publish("gd-002"));
+
+        room.set_floor(None);
+        assert!(seen.has_changed().unwrap());
+        assert_eq!(room.floor().speaker(), "ministry");
+        assert!(!room.floor().may_publish("gd-001"));
+    }
+
+    #[test]
+    fn roll_calls_are_numbered_and_answers_are_per_call() {
+        let room = Room::new("drill", "ministry");
+        let mut asked = room.roll.subscribe();
+        assert!(room.roll.borrow().is_none(), "no roll call yet");
+        assert_eq!(room.roll_call(1_000), 1);
+        assert!(asked.has_changed().unwrap());
+        assert_eq!(
+            asked.borrow_and_update().clone(),
+            Some(conference_wire::RollCall {
+                id: 1,
+                deadline_ms: 1_000
+            })
+        );
+        assert_eq!(room.roll_call(2_000), 2);
+        assert_eq!(
+            room.roll.borrow().as_ref().map(|r| r.deadline_ms),
+            Some(2_000)
+        );
+
+        for site in ["gd-001", "gd-002", "gd-003"] {
+            join(&room, site);
+        }
+        let answer = |site: &str, id: u64| {
+            room.roster
+                .lock()
+                .unwrap()
+                .get_mut(site)
+                .unwrap()
+                .present
+                .push(id);
+        };
+        answer("gd-001", 1);
+        answer("gd-001", 2);
+        answer("gd-003", 2);
+        assert_eq!(room.answered(1), vec!["gd-001".to_string()]);
+        assert_eq!(
+            room.answered(2),
+            vec!["gd-001".to_string(), "gd-003".into()]
+        );
+        assert!(room.answered(3).is_empty());
+        assert_eq!(room.roster().len(), 3);
+    }
+
+    #[test]
+    fn a_track_announced_again_replaces_and_closes_the_old_one() {
+        let room = Room::new("drill", "ministry");
+        let mut list = room.tracks.subscribe();
+        let first = track("gd-001", "video", "high", 1500);
+        room.add_track(first.clone());
+        assert!(list.has_changed().unwrap());
+        list.borrow_and_update();
+        assert_eq!(room.track_keys(), vec![first.key()]);
+        assert!(Arc::ptr_eq(&room.track(&first.key()).unwrap(), &first));
+
+        // The same key again (a reconnection): the new one is the room's, the old one ends.
+        let second = track("gd-001", "video", "high", 1500);
+        room.add_track(second.clone());
+        assert!(first.is_closed());
+        assert!(!second.is_closed());
+        assert!(Arc::ptr_eq(&room.track(&first.key()).unwrap(), &second));
+        list.borrow_and_update();
+
+        // The old publisher leaving does not take the new track with it.
+        room.remove_track(&first);
+        assert!(!list.has_changed().unwrap(), "the list did not change");
+        assert_eq!(room.track_keys().len(), 1);
+
+        room.remove_track(&second);
+        assert!(second.is_closed());
+        assert!(room.track_keys().is_empty());
+        assert!(list.has_changed().unwrap());
+    }
+}
