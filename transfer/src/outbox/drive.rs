@@ -1,0 +1,202 @@
+//! The drivers: per destination and priority class, send the next job over the connection,
+//! write its progress back every second, and record how it ended.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{CLASSES, Job, JobState, Next, Outbox};
+use crate::send::{Progress, SendOptions, SendOutcome, send_file};
+use crate::{TransferError, now_ms};
+
+/// Sends `dest`'s queued transfers over `conn` until `cancel` fires or the connection breaks.
+/// One transfer per priority class at a time, so an alarm transfer never waits behind a bulk
+/// one (its stream has the higher priority on the shared connection).
+pub async fn drive(
+    outbox: Arc<Outbox>,
+    conn: quinn::Connection,
+    dest: String,
+    origin: String,
+    cancel: CancellationToken,
+) {
+    let mut classes = Vec::new();
+    for class in CLASSES {
+        let (outbox, conn, dest, origin, cancel) = (
+            outbox.clone(),
+            conn.clone(),
+            dest.clone(),
+            origin.clone(),
+            cancel.clone(),
+        );
+        classes.push(tokio::spawn(async move {
+            drive_class(&outbox, &conn, &dest, &origin, class, &cancel).await
+        }));
+    }
+    for c in classes {
+        let _ = c.await;
+    }
+}
+
+/// An idle driver with nothing scheduled still looks again this often (a safety net: every
+/// change to a job signals its destination's waker).
+const IDLE_RECHECK: Duration = Duration::from_secs(600);
+
+async fn drive_class(
+    outbox: &Arc<Outbox>,
+    conn: &quinn::Connection,
+    dest: &str,
+    origin: &str,
+    class: &str,
+    cancel: &CancellationToken,
+) {
+    let waker = outbox.waker(dest);
+    loop {
+        // Registered before the look, so a job queued during it wakes this driver.
+        let changed = waker.notified();
+        let next = outbox.next_for(dest, class).unwrap_or_else(|e| {
+            warn!(error = %e, "Outbox unreadable.");
+            Next::Wait(Some(now_ms() + 5_000))
+        });
+        let mut job = match next {
+            Next::Send(job) => *job,
+            Next::Wait(at) => {
+                let wait = at.map_or(IDLE_RECHECK, |t| {
+                    Duration::from_millis(u64::try_from(t - now_ms()).unwrap_or(0))
+                        .min(IDLE_RECHECK)
+                });
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = conn.closed() => return,
+                    _ = changed => {}
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                continue;
+            }
+        };
+        match run_job(outbox, conn, &mut job, origin, cancel).await {
+            Ok(()) => {}
+            Err(e) if e.is_transient() && !matches!(e, TransferError::Paused { .. }) => return,
+            Err(_) => {}
+        }
+    }
+}
+
+async fn run_job(
+    outbox: &Arc<Outbox>,
+    conn: &quinn::Connection,
+    job: &mut Job,
+    origin: &str,
+    cancel: &CancellationToken,
+) -> Result<(), TransferError> {
+    let progress = Arc::new(Progress::default());
+    progress
+        .acked_bytes
+        .store(job.acked_bytes, Ordering::Relaxed);
+    let opts = SendOptions {
+        priority: job.priority.clone(),
+        rate_limit_bps: job.rate_limit_bps,
+        origin: if job.origin.is_empty() {
+            origin.to_string()
+        } else {
+            job.origin.clone()
+        },
+        transfer_id: job.id.clone(),
+        forward_to: job.forward_to.clone(),
+        fresh: job.attempts == 0,
+        ..SendOptions::default()
+    };
+    if job.manifest.chunks.is_empty() && job.manifest.size > 0 {
+        job.manifest = outbox.manifest(&job.manifest.id_hex())?;
+    }
+    job.attempts += 1;
+    job.state = JobState::Sending;
+    job.error = None;
+    job.pause_code = 0;
+    job.updated_ms = now_ms();
+    outbox.save(job).await?;
+    let sent_before = job.sent_bytes;
+    // Progress is written back every second while the transfer runs.
+    let saver = {
+        let (outbox, progress, mut snapshot) = (outbox.clone(), progress.clone(), job.clone());
+        tokio::spawn(async move {
+            let mut last = (std::time::Instant::now(), snapshot.acked_bytes);
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if progress.accepted.load(Ordering::Relaxed) {
+                    // The receiver took the offer: whatever paused it is over.
+                    outbox.note_disk_full(&snapshot, None);
+                }
+                let acked = progress.acked_bytes.load(Ordering::Relaxed);
+                let dt = last.0.elapsed().as_secs_f64().max(1e-3);
+                let rate = ((acked.saturating_sub(last.1)) as f64 * 8.0 / dt) as u64;
+                snapshot.rate_bps = (snapshot.rate_bps + rate) / 2;
+                last = (std::time::Instant::now(), acked);
+                snapshot.acked_bytes = acked;
+                snapshot.sent_bytes = sent_before + progress.sent_bytes.load(Ordering::Relaxed);
+                snapshot.updated_ms = now_ms();
+                let _ = outbox.save(&snapshot).await;
+            }
+        })
+    };
+    let window = job.window;
+    let pause = move || window.is_some_and(|w| !w.contains(now_ms()));
+    let result = tokio::select! {
+        r = send_file(conn, &job.source, &job.manifest, &opts, &progress, &pause) => r,
+        _ = cancel.cancelled() => Err(TransferError::Stream("stopping".into())),
+    };
+    saver.abort();
+    job.acked_bytes = progress.acked_bytes.load(Ordering::Relaxed);
+    job.sent_bytes = sent_before + progress.sent_bytes.load(Ordering::Relaxed);
+    job.updated_ms = now_ms();
+    job.rate_bps = 0;
+    let out = match result {
+        Ok(SendOutcome::Delivered(receipt)) => {
+            outbox.note_disk_full(job, None);
+            info!(transfer = %job.id, dest = %job.dest, path = %receipt.path, "Delivered and verified.");
+            job.acked_bytes = job.manifest.size;
+            job.state = JobState::Delivered;
+            job.receipt = Some(receipt);
+            Ok(())
+        }
+        Ok(SendOutcome::Paused) => {
+            job.state = JobState::Paused;
+            job.error = Some("outside its time window".into());
+            Ok(())
+        }
+        Err(TransferError::Paused {
+            message,
+            retry_after_ms,
+            code,
+        }) => {
+            warn!(transfer = %job.id, %message, "Receiver asks to pause.");
+            job.state = JobState::Paused;
+            job.pause_code = code;
+            if code == crate::wire::codes::DISK_FULL {
+                outbox.note_disk_full(job, Some(format!("{}: {message}", job.manifest.name)));
+            }
+            job.retry_at_ms = now_ms() + retry_after_ms as i64;
+            job.error = Some(message.clone());
+            Err(TransferError::Paused {
+                code,
+                message,
+                retry_after_ms,
+            })
+        }
+        Err(e) if e.is_transient() => {
+            job.state = JobState::Queued;
+            job.error = Some(e.to_string());
+            Err(e)
+        }
+        Err(e) => {
+            warn!(transfer = %job.id, error = %e, "Transfer failed.");
+            job.state = JobState::Failed;
+            job.error = Some(e.to_string());
+            Err(e)
+        }
+    };
+    outbox.save(job).await?;
+    out
+}

@@ -1,0 +1,152 @@
+//! The persistent outbox: transfers queued per destination (sled), and the driver that sends
+//! a destination's transfers over its connection, highest priority first, within each
+//! transfer's time window and rate limit.//!
+//! By job: the jobs here, their state store `store` ([`Outbox`]), `window` (daily time
+//! windows), `schedule` (which job a destination's class driver sends next), `drive` (the
+//! drivers that send them).
+
+mod drive;
+mod schedule;
+mod store;
+mod window;
+
+use std::path::PathBuf;
+
+use crate::{Manifest, Receipt, now_ms};
+
+pub use drive::drive;
+pub use schedule::{CLASSES, Next};
+pub use store::{KEEP_FINISHED, Outbox};
+pub use window::Window;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobState {
+    Queued,
+    Sending,
+    /// Waiting: outside its window, or the receiver asked to pause (disk full).
+    Paused,
+    Delivered,
+    Failed,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Sending => "sending",
+            JobState::Paused => "paused",
+            JobState::Delivered => "delivered",
+            JobState::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Job {
+    pub id: String,
+    /// The receiving node (a site ID, or "controller").
+    pub dest: String,
+    pub source: PathBuf,
+    /// Stored as its head; the chunk hashes are stored once per file ([`Outbox::manifest`])
+    /// and attached when the job runs.
+    #[serde(with = "crate::manifest::head")]
+    pub manifest: Manifest,
+    /// alarm, normal or bulk.
+    pub priority: String,
+    pub rate_limit_bps: Option<u64>,
+    pub window: Option<Window>,
+    pub forward_to: Vec<String>,
+    pub origin: String,
+    pub state: JobState,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    pub acked_bytes: u64,
+    pub sent_bytes: u64,
+    /// Recent rate of acknowledged bytes (bit/s) while sending.
+    pub rate_bps: u64,
+    pub attempts: u64,
+    /// Not before this time (a paused receiver's retry-after).
+    pub retry_at_ms: i64,
+    pub receipt: Option<Receipt>,
+    pub error: Option<String>,
+    /// Why the receiver paused it (a [`crate::wire::codes`] value; 0: not paused by it).
+    #[serde(default)]
+    pub pause_code: u32,
+    /// Delivered by this relay, not sent from here: the job only tracks what the relay
+    /// reports ([`Outbox::apply_forwarded`]).
+    #[serde(default)]
+    pub via: Option<String>,
+    /// A relay's copy toward a site below it: its progress is reported upstream.
+    #[serde(default)]
+    pub forwarded: bool,
+}
+
+impl Job {
+    pub fn new(id: &str, dest: &str, source: PathBuf, manifest: Manifest) -> Job {
+        let now = now_ms();
+        Job {
+            id: id.into(),
+            dest: dest.into(),
+            source,
+            manifest,
+            priority: "normal".into(),
+            rate_limit_bps: None,
+            window: None,
+            forward_to: Vec::new(),
+            origin: String::new(),
+            state: JobState::Queued,
+            created_ms: now,
+            updated_ms: now,
+            acked_bytes: 0,
+            sent_bytes: 0,
+            rate_bps: 0,
+            attempts: 0,
+            retry_at_ms: 0,
+            receipt: None,
+            error: None,
+            pause_code: 0,
+            via: None,
+            forwarded: false,
+        }
+    }
+
+    /// Seconds left at the recent rate.
+    pub fn eta_s(&self) -> Option<u64> {
+        (self.rate_bps > 0).then(|| {
+            (self.manifest.size.saturating_sub(self.acked_bytes) * 8) / self.rate_bps.max(1)
+        })
+    }
+
+    /// The job as the API, the CLIs and the agent's `status.json` show it.
+    pub fn status(&self) -> serde_json::Value {
+        let size = self.manifest.size;
+        serde_json::json!({
+            "id": self.id,
+            "dest": self.dest,
+            "file": self.manifest.name,
+            "bytes": size,
+            "priority": self.priority,
+            "state": self.state,
+            "acked_bytes": self.acked_bytes,
+            "progress_pct": if size == 0 { 100.0 } else { self.acked_bytes as f64 * 100.0 / size as f64 },
+            "rate_bps": self.rate_bps,
+            "eta_s": self.eta_s(),
+            "sent_bytes": self.sent_bytes,
+            "attempts": self.attempts,
+            "window": self.window.map(|w| format!("{:02}:{:02}-{:02}:{:02}", w.start_min / 60, w.start_min % 60, w.end_min / 60, w.end_min % 60)),
+            "rate_limit_bps": self.rate_limit_bps,
+            "error": self.error,
+            "receipt": self.receipt,
+            "via": self.via,
+            "relays_to": self.forward_to,
+            "forwarded": self.forwarded,
+            "created_ms": self.created_ms,
+            "updated_ms": self.updated_ms,
+        })
+    }
+
+    pub fn finished(&self) -> bool {
+        matches!(self.state, JobState::Delivered | JobState::Failed)
+    }
+}

@@ -1,0 +1,129 @@
+//! Scheduling: a job's priority class and when it may run (retry, window), and which job a
+//! destination's class driver sends next (highest class first, then oldest).
+
+use super::{Job, Outbox};
+use crate::{TransferError, now_ms};
+
+/// The driver classes, in rank order: one transfer of each runs at a time per destination.
+pub const CLASSES: [&str; 3] = ["alarm", "normal", "bulk"];
+
+/// What a destination's class driver does next ([`Outbox::next_for`]).
+#[derive(Debug)]
+pub enum Next {
+    Send(Box<Job>),
+    /// Nothing to send now: wake at this time (a window opening, a retry due), or when a job
+    /// for the destination changes ([`Outbox::waker`]).
+    Wait(Option<i64>),
+}
+
+impl Job {
+    fn rank(&self) -> u8 {
+        match self.priority.as_str() {
+            "alarm" => 0,
+            "bulk" => 2,
+            _ => 1,
+        }
+    }
+
+    /// The driver class that sends it: alarm, bulk, or normal (anything else).
+    pub fn class(&self) -> &'static str {
+        CLASSES[usize::from(self.rank())]
+    }
+
+    /// When it may next be sent, not before `now`: `None` if never from here (finished, sent
+    /// by a relay, or an empty window).
+    fn runnable_at(&self, now: i64) -> Option<i64> {
+        if self.via.is_some() || self.finished() {
+            return None;
+        }
+        let from = self.retry_at_ms.max(now);
+        match self.window {
+            Some(w) => w.next_open(from),
+            None => Some(from),
+        }
+    }
+}
+
+impl Outbox {
+    /// The next job of `class` (see [`CLASSES`]) to send to `dest` now: the oldest runnable
+    /// one; or, if none is, when one will be.
+    pub fn next_for(&self, dest: &str, class: &str) -> Result<Next, TransferError> {
+        let now = now_ms();
+        let mut wake: Option<i64> = None;
+        let mut best: Option<Job> = None;
+        for j in self.scan(format!("j/{dest}/").as_bytes())? {
+            if j.dest != dest || j.class() != class {
+                continue;
+            }
+            // `scan` returns jobs oldest first: the first runnable one is the one to send.
+            match j.runnable_at(now) {
+                Some(t) if t > now => wake = Some(wake.map_or(t, |w| w.min(t))),
+                Some(_) if best.is_none() => best = Some(j),
+                _ => {}
+            }
+        }
+        Ok(match best {
+            Some(j) => Next::Send(Box::new(j)),
+            None => Next::Wait(wake),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Manifest;
+    use crate::outbox::JobState;
+
+    #[test]
+    fn next_job_is_highest_priority_then_oldest() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let ob = Outbox::new(db.open_tree("o").unwrap());
+        let m = Manifest {
+            name: "f".into(),
+            size: 1,
+            chunk_size: crate::manifest::MIN_CHUNK,
+            file_hash: [0; 32],
+            chunks: vec![[0; 32]],
+        };
+        let mut a = Job::new("a", "s1", "/x".into(), m.clone());
+        a.priority = "bulk".into();
+        a.created_ms = 1;
+        let mut b = Job::new("b", "s1", "/x".into(), m.clone());
+        b.created_ms = 2;
+        let mut c = Job::new("c", "s1", "/x".into(), m.clone());
+        c.priority = "alarm".into();
+        c.created_ms = 3;
+        let mut d = Job::new("d", "s2", "/x".into(), m.clone());
+        d.priority = "alarm".into();
+        let mut e = Job::new("e", "s1", "/x".into(), m);
+        e.priority = "alarm".into();
+        e.state = JobState::Delivered;
+        for j in [&a, &b, &c, &d, &e] {
+            ob.enqueue((*j).clone()).unwrap();
+        }
+        let next = |class| match ob.next_for("s1", class).unwrap() {
+            Next::Send(j) => Ok(j.id),
+            Next::Wait(at) => Err(at),
+        };
+        // Each class has its own driver: an alarm job does not hold back the others.
+        assert_eq!(next("alarm"), Ok("c".to_string()));
+        assert_eq!(next("normal"), Ok("b".to_string()));
+        assert_eq!(next("bulk"), Ok("a".to_string()));
+        c.state = JobState::Failed;
+        ob.put(&c).unwrap();
+        assert_eq!(next("alarm"), Err(None));
+        // A retry later: the driver is told when to look again.
+        b.retry_at_ms = now_ms() + 60_000;
+        ob.put(&b).unwrap();
+        assert_eq!(next("normal"), Err(Some(b.retry_at_ms)));
+        let mut f = Job::new("f", "s1", "/x".into(), b.manifest.clone());
+        f.created_ms = 9;
+        ob.enqueue(f).unwrap();
+        assert_eq!(next("normal"), Ok("f".to_string()));
+        assert!(matches!(
+            ob.next_for("nowhere", "normal").unwrap(),
+            Next::Wait(None)
+        ));
+    }
+}
