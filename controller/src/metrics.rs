@@ -179,6 +179,24 @@ fn esc(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// The site's satellite modem, in its latest report.
+fn modem(s: &crate::sites::SiteState) -> Option<&tiandi_proto::Modem> {
+    s.latest
+        .as_ref()?
+        .devices
+        .iter()
+        .find_map(|d| d.modem.as_ref())
+}
+
+/// The site's UPS, in its latest report.
+fn ups(s: &crate::sites::SiteState) -> Option<&tiandi_proto::Ups> {
+    s.latest
+        .as_ref()?
+        .devices
+        .iter()
+        .find_map(|d| d.ups.as_ref())
+}
+
 type Gauge = (
     &'static str,
     &'static str,
@@ -248,38 +266,17 @@ const SITE_GAUGES: &[Gauge] = &[
     (
         "tiandi_site_modem_esno_db",
         "Satellite modem Es/No (dB).",
-        |s, _| {
-            s.latest
-                .as_ref()?
-                .devices
-                .iter()
-                .find_map(|d| d.modem.as_ref())
-                .map(|m| f64::from(m.esno_db_x10) / 10.0)
-        },
+        |s, _| modem(s).map(|m| f64::from(m.esno_db_x10) / 10.0),
     ),
     (
         "tiandi_site_ups_on_battery",
         "1 while the UPS runs on battery.",
-        |s, _| {
-            s.latest
-                .as_ref()?
-                .devices
-                .iter()
-                .find_map(|d| d.ups.as_ref())
-                .map(|u| if u.on_battery { 1.0 } else { 0.0 })
-        },
+        |s, _| ups(s).map(|u| if u.on_battery { 1.0 } else { 0.0 }),
     ),
     (
         "tiandi_site_ups_charge_ratio",
         "UPS battery charge (0-1).",
-        |s, _| {
-            s.latest
-                .as_ref()?
-                .devices
-                .iter()
-                .find_map(|d| d.ups.as_ref())
-                .map(|u| f64::from(u.charge_pct) / 100.0)
-        },
+        |s, _| ups(s).map(|u| f64::from(u.charge_pct) / 100.0),
     ),
 ];
 
