@@ -1,20 +1,38 @@
 //! Store-and-forward file transfer over QUIC.
 //!
 //! A file goes as a [`Manifest`] (BLAKE3 of every chunk and of the whole file) and then the
-//! chunks the receiver lacks, on one QUIC stream per transfer ([`wire`]). The receiver
+//! chunks the receiver lacks, on one QUIC stream per transfer ([`transfer_wire`]). The receiver
 //! ([`Inbox`]) checks every chunk, writes it into a temporary file, acknowledges chunks only
 //! once they are on disk (so an acknowledged chunk is never sent again, across link cuts,
 //! restarts and reboots), checks the whole file, and renames it into place: no partial file
 //! is ever visible at its destination. The sender ([`send::send_file`]) re-reads and re-checks
 //! every chunk from the source, so a file that changes while it is sent fails clearly.
+//!
+//! Modules:
+//! - [`transfer_wire`]: the file-transfer protocol (frames, chunk stream headers, bitmaps);
+//!   not the conference protocol, which is the video crate's own.
+//! - [`manifest`]: a file's chunking and hashes.
+//! - [`send`]: the sending side of one transfer over one connection.
+//! - [`inbox`]: the receiving side (serving streams, part files, expiry).
+//! - [`outbox`]: the persistent queue of jobs per destination and the drivers that send them,
+//!   by priority class, within windows and rate limits.
+//! - [`hop`]: the file relay that stores and forwards hop by hop to the sites below a node,
+//!   and reports upstream (not the conference relay).
+//! - [`flags`]: the command-line flags of a send, shared by the binaries.
+//!
+//! The crate owns file transfer end to end: what is on the wire, what is on disk (part files,
+//! its sled trees) and when a file counts as delivered. It must never expose a file at its
+//! destination before the whole file is verified, acknowledge a chunk before it is durable,
+//! or send an acknowledged chunk again; it dials no connections and loads no certificates of
+//! its own (callers hand it QUIC connections and endpoints), and keeps no site registry.
 
 pub mod flags;
+pub mod hop;
 pub mod inbox;
 pub mod manifest;
 pub mod outbox;
-pub mod relay;
 pub mod send;
-pub mod wire;
+pub mod transfer_wire;
 
 use std::path::{Path, PathBuf};
 
@@ -23,7 +41,7 @@ pub use inbox::{Inbox, InboxEvent};
 pub use manifest::Manifest;
 pub use outbox::{Job, JobState, Outbox, Window};
 pub use send::{SendOptions, SendOutcome, send_file};
-pub use wire::{Bitmap, Receipt};
+pub use transfer_wire::{Bitmap, Receipt};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
@@ -41,7 +59,7 @@ pub enum TransferError {
     SourceChanged(String),
     #[error("transfer protocol: {0}")]
     Protocol(String),
-    #[error("transfer protocol version {0} is not supported (this side speaks {v})", v = wire::VERSION)]
+    #[error("transfer protocol version {0} is not supported (this side speaks {v})", v = transfer_wire::VERSION)]
     Version(u32),
     #[error("state store: {0}")]
     Db(#[from] sled::Error),

@@ -18,7 +18,7 @@ use tracing::{debug, warn};
 
 use crate::TransferError;
 use crate::manifest::Manifest;
-use crate::wire::{self, Bitmap, Frame, Offer, Receipt, codes, next, put};
+use crate::transfer_wire::{self, Bitmap, Frame, Offer, Receipt, codes, next, put};
 
 /// Stream priorities on a shared connection (higher goes first). Reports use
 /// [`PRIORITY_REPORTS`]; a transfer class owns a band below it ([`stream_priority`]), and
@@ -121,8 +121,8 @@ pub async fn send_file(
     let (mut w, mut r, have, partial) = loop {
         let (send, recv) = conn.open_bi().await?;
         let _ = send.set_priority(priority);
-        let mut w = FramedWrite::new(send, wire::codec());
-        let mut r = FramedRead::new(recv, wire::codec());
+        let mut w = FramedWrite::new(send, transfer_wire::codec());
+        let mut r = FramedRead::new(recv, transfer_wire::codec());
         let mut offer = Offer::new(manifest, &opts.transfer_id, &opts.priority, &opts.origin);
         offer.forward_to = opts.forward_to.clone();
         put(
@@ -209,11 +209,12 @@ pub async fn send_file(
     // acknowledged); more would only queue inside quinn, where it fills the connection's send
     // buffer (then every stream's writes block, the report stream's acknowledgements too).
     // What the receiver holds of chunks that were cut off: only the rest goes again.
-    let mut partial: std::collections::HashMap<u32, wire::Ranges> = partial
+    let mut partial: std::collections::HashMap<u32, transfer_wire::Ranges> = partial
         .into_iter()
         .filter(|p| p.index < manifest.chunk_count() && !acked.get(p.index))
         .filter_map(|p| {
-            let r = wire::Ranges::from_wire(&p.ranges, manifest.chunk_len(p.index) as u32)?;
+            let r =
+                transfer_wire::Ranges::from_wire(&p.ranges, manifest.chunk_len(p.index) as u32)?;
             Some((p.index, r))
         })
         .collect();
@@ -273,7 +274,7 @@ pub async fn send_file(
                 );
                 let _ = put(
                     &mut w,
-                    Frame::Failed(wire::Failed {
+                    Frame::Failed(transfer_wire::Failed {
                         code: codes::SOURCE_CHANGED,
                         message: msg.clone(),
                         retry_after_ms: 0,
@@ -283,7 +284,7 @@ pub async fn send_file(
                 let _ = w.get_mut().finish();
                 return Err(TransferError::SourceChanged(msg));
             }
-            // A chunk goes on a stream of its own (see `wire`). Opening one waits for the
+            // A chunk goes on a stream of its own (see `transfer_wire`). Opening one waits for the
             // receiver's stream credit, writing for flow control: a dead link shows up here.
             let stall_at =
                 t0 + Duration::from_millis(heard.load(Ordering::Relaxed)) + opts.stall_timeout;
@@ -294,12 +295,15 @@ pub async fn send_file(
                     .into_iter()
                     .map(|(s, e)| {
                         (
-                            wire::piece_header(&manifest.file_hash, i, s).to_vec(),
+                            transfer_wire::piece_header(&manifest.file_hash, i, s).to_vec(),
                             s as usize..e as usize,
                         )
                     })
                     .collect(),
-                None => vec![(wire::chunk_header(&manifest.file_hash, i).to_vec(), 0..len)],
+                None => vec![(
+                    transfer_wire::chunk_header(&manifest.file_hash, i).to_vec(),
+                    0..len,
+                )],
             };
             let room = async {
                 loop {
@@ -458,7 +462,7 @@ fn mark_acked(
     }
 }
 
-fn failed(f: wire::Failed) -> TransferError {
+fn failed(f: transfer_wire::Failed) -> TransferError {
     if f.retry_after_ms > 0 {
         TransferError::Paused {
             code: f.code,

@@ -11,7 +11,7 @@ use tiandi_link::pki::{CONTROLLER_NAME, Ca, site_key_and_csr};
 use tiandi_link::tls::{CertPolicy, Rejection};
 use tiandi_link::{LinkProfile, SiteIdentity};
 use tiandi_transfer::send::Progress;
-use tiandi_transfer::wire::{self, Frame};
+use tiandi_transfer::transfer_wire::{self, Frame};
 use tiandi_transfer::{Inbox, Manifest, SendOptions, SendOutcome, TransferError, send_file};
 
 #[derive(Debug)]
@@ -84,7 +84,7 @@ fn file(dir: &Path, name: &str, len: usize, seed: u8) -> std::path::PathBuf {
 /// Sends one chunk on a stream of its own, as the sender does.
 async fn send_chunk(conn: &quinn::Connection, m: &Manifest, i: u32, data: &[u8]) {
     let mut s = conn.open_uni().await.unwrap();
-    s.write_all(&wire::chunk_header(&m.file_hash, i))
+    s.write_all(&transfer_wire::chunk_header(&m.file_hash, i))
         .await
         .unwrap();
     s.write_all(data).await.unwrap();
@@ -217,9 +217,9 @@ async fn a_corrupt_chunk_is_asked_for_again_and_garbage_is_refused() {
     let data = std::fs::read(&src).unwrap();
     // A hand-written sender that flips a byte in chunk 1 the first time.
     let (send, recv) = sconn.open_bi().await.unwrap();
-    let mut w = tokio_util::codec::FramedWrite::new(send, wire::codec());
-    let mut r = tokio_util::codec::FramedRead::new(recv, wire::codec());
-    let offer = wire::Offer::new(&m, "t1", "normal", "controller");
+    let mut w = tokio_util::codec::FramedWrite::new(send, transfer_wire::codec());
+    let mut r = tokio_util::codec::FramedRead::new(recv, transfer_wire::codec());
+    let offer = transfer_wire::Offer::new(&m, "t1", "normal", "controller");
     w.send(Frame::Offer(offer).encode()).await.unwrap();
     let have = Frame::decode(r.next().await.unwrap().unwrap().freeze()).unwrap();
     assert!(matches!(have, Frame::Have(_)));
@@ -257,20 +257,20 @@ async fn a_corrupt_chunk_is_asked_for_again_and_garbage_is_refused() {
 
     // Garbage on a new stream: a clear refusal, and the connection goes on serving.
     let (send, recv) = sconn.open_bi().await.unwrap();
-    let mut w = tokio_util::codec::FramedWrite::new(send, wire::codec());
-    let mut r = tokio_util::codec::FramedRead::new(recv, wire::codec());
+    let mut w = tokio_util::codec::FramedWrite::new(send, transfer_wire::codec());
+    let mut r = tokio_util::codec::FramedRead::new(recv, transfer_wire::codec());
     w.send(Bytes::from_static(&[1, 0xff, 0xff, 0xff]))
         .await
         .unwrap();
     match Frame::decode(r.next().await.unwrap().unwrap().freeze()).unwrap() {
-        Frame::Failed(f) => assert_eq!(f.code, wire::codes::PROTOCOL, "{}", f.message),
+        Frame::Failed(f) => assert_eq!(f.code, transfer_wire::codes::PROTOCOL, "{}", f.message),
         other => panic!("unexpected {other:?}"),
     }
     // A name that tries to escape the inbox.
     let (send, recv) = sconn.open_bi().await.unwrap();
-    let mut w = tokio_util::codec::FramedWrite::new(send, wire::codec());
-    let mut r = tokio_util::codec::FramedRead::new(recv, wire::codec());
-    let mut evil = wire::Offer::new(&m, "t2", "normal", "controller");
+    let mut w = tokio_util::codec::FramedWrite::new(send, transfer_wire::codec());
+    let mut r = tokio_util::codec::FramedRead::new(recv, transfer_wire::codec());
+    let mut evil = transfer_wire::Offer::new(&m, "t2", "normal", "controller");
     evil.name = "../../etc/cron.d/x".into();
     w.send(Frame::Offer(evil).encode()).await.unwrap();
     match Frame::decode(r.next().await.unwrap().unwrap().freeze()).unwrap() {
@@ -334,9 +334,9 @@ async fn a_chunk_cut_off_half_way_is_completed_with_only_its_missing_part() {
     serve(cconn, ib.clone());
     // A hand-written sender: chunk 0 whole, then half of chunk 1, then the link goes.
     let (send, recv) = sconn.open_bi().await.unwrap();
-    let mut w = tokio_util::codec::FramedWrite::new(send, wire::codec());
-    let mut r = tokio_util::codec::FramedRead::new(recv, wire::codec());
-    w.send(Frame::Offer(wire::Offer::new(&m, "t1", "normal", "controller")).encode())
+    let mut w = tokio_util::codec::FramedWrite::new(send, transfer_wire::codec());
+    let mut r = tokio_util::codec::FramedRead::new(recv, transfer_wire::codec());
+    w.send(Frame::Offer(transfer_wire::Offer::new(&m, "t1", "normal", "controller")).encode())
         .await
         .unwrap();
     let have = Frame::decode(r.next().await.unwrap().unwrap().freeze()).unwrap();
@@ -344,7 +344,7 @@ async fn a_chunk_cut_off_half_way_is_completed_with_only_its_missing_part() {
     let half = m.chunk_len(1) / 2;
     for (i, upto) in [(0u32, m.chunk_len(0)), (1, half)] {
         let mut s = sconn.open_uni().await.unwrap();
-        s.write_all(&wire::chunk_header(&m.file_hash, i))
+        s.write_all(&transfer_wire::chunk_header(&m.file_hash, i))
             .await
             .unwrap();
         let at = m.offset(i) as usize;

@@ -7,14 +7,14 @@ use tokio::sync::mpsc;
 
 use super::{Inbox, PARTIAL_BUDGET, ROUTE_WAIT};
 use crate::TransferError;
-use crate::wire;
+use crate::transfer_wire;
 
 /// A chunk received in part: what arrived of it, kept in memory so that after a broken
 /// connection only the rest is sent again (a cut otherwise costs every chunk that missed a
 /// packet, whole).
 pub(super) struct Partial {
     pub(super) data: Vec<u8>,
-    pub(super) have: wire::Ranges,
+    pub(super) have: transfer_wire::Ranges,
     pub(super) touched: Instant,
 }
 
@@ -63,7 +63,7 @@ impl Inbox {
     /// The stream is read out of order, so that when the connection breaks, whatever of the
     /// chunk arrived is kept (see [`Partial`]); a piece stream adds to such a chunk.
     pub async fn accept_chunk(&self, mut recv: quinn::RecvStream) -> Result<(), TransferError> {
-        let limit = (wire::PIECE_HEADER + crate::manifest::MAX_CHUNK as usize) as u64;
+        let limit = (transfer_wire::PIECE_HEADER + crate::manifest::MAX_CHUNK as usize) as u64;
         let mut pieces: Vec<(u64, bytes::Bytes)> = Vec::new();
         let complete = loop {
             match recv.read_chunk(limit as usize, false).await {
@@ -103,23 +103,23 @@ impl Inbox {
         let Some(magic) = contiguous(0, 1) else {
             return Ok(()); // Nothing usable arrived.
         };
-        let (hash, index, base, piece_offset) = if magic[0] == wire::PIECE_MAGIC {
-            let Some(h) = contiguous(0, wire::PIECE_HEADER as u64) else {
+        let (hash, index, base, piece_offset) = if magic[0] == transfer_wire::PIECE_MAGIC {
+            let Some(h) = contiguous(0, transfer_wire::PIECE_HEADER as u64) else {
                 return Ok(());
             };
-            let mut ch = [0u8; wire::CHUNK_HEADER];
-            ch.copy_from_slice(&h[..wire::CHUNK_HEADER]);
-            ch[0] = wire::CHUNK_MAGIC;
-            let (hash, index) = wire::parse_chunk_header(&ch)?;
+            let mut ch = [0u8; transfer_wire::CHUNK_HEADER];
+            ch.copy_from_slice(&h[..transfer_wire::CHUNK_HEADER]);
+            ch[0] = transfer_wire::CHUNK_MAGIC;
+            let (hash, index) = transfer_wire::parse_chunk_header(&ch)?;
             let off = u32::from_be_bytes([h[37], h[38], h[39], h[40]]);
-            (hash, index, wire::PIECE_HEADER as u64, Some(off))
+            (hash, index, transfer_wire::PIECE_HEADER as u64, Some(off))
         } else {
-            let Some(h) = contiguous(0, wire::CHUNK_HEADER as u64) else {
+            let Some(h) = contiguous(0, transfer_wire::CHUNK_HEADER as u64) else {
                 return Ok(());
             };
-            let h: [u8; wire::CHUNK_HEADER] = h.try_into().expect("header length");
-            let (hash, index) = wire::parse_chunk_header(&h)?;
-            (hash, index, wire::CHUNK_HEADER as u64, None)
+            let h: [u8; transfer_wire::CHUNK_HEADER] = h.try_into().expect("header length");
+            let (hash, index) = transfer_wire::parse_chunk_header(&h)?;
+            (hash, index, transfer_wire::CHUNK_HEADER as u64, None)
         };
         let id = hex::encode(hash);
         let data = if complete && piece_offset.is_none() {
@@ -183,7 +183,7 @@ impl Inbox {
             .entry((id.to_string(), index))
             .or_insert_with(|| Partial {
                 data: vec![0; len as usize],
-                have: wire::Ranges::default(),
+                have: transfer_wire::Ranges::default(),
                 touched: Instant::now(),
             });
         p.touched = Instant::now();

@@ -6,12 +6,12 @@ use std::sync::Arc;
 use super::serve::refuse;
 use super::{Inbox, Served};
 use crate::TransferError;
-use crate::wire::{self, Acked, Frame, Writer, codes, put};
+use crate::transfer_wire::{self, Acked, Frame, Writer, codes, put};
 
 /// Takes a relay's report of its forwarded copies: (the relay's site ID, the items). An error
 /// is sent back to the relay, which reports again later.
 pub type ForwardSink =
-    Arc<dyn Fn(&str, &[wire::ForwardStatus]) -> Result<(), String> + Send + Sync>;
+    Arc<dyn Fn(&str, &[transfer_wire::ForwardStatus]) -> Result<(), String> + Send + Sync>;
 
 impl Inbox {
     /// Where relays' reports of forwarded copies go (once; later calls are ignored).
@@ -23,7 +23,7 @@ impl Inbox {
     pub(super) async fn forwarded(
         &self,
         peer: Option<&str>,
-        f: wire::Forwarded,
+        f: transfer_wire::Forwarded,
         w: &mut Writer,
     ) -> Result<Served, TransferError> {
         let (Some(peer), Some(sink)) = (peer, self.forward_sink.get()) else {

@@ -28,7 +28,7 @@ use tracing::warn;
 
 use crate::TransferError;
 use crate::manifest::Manifest;
-use crate::wire::{Bitmap, Receipt};
+use crate::transfer_wire::{Bitmap, Receipt};
 
 use chunks::{ChunkTx, Partial};
 pub use expire::{Expired, KEEP_ABANDONED, KEEP_COMPLETE};

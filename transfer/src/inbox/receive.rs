@@ -16,7 +16,7 @@ use super::{
     free_bytes, hash_file,
 };
 use crate::manifest::Manifest;
-use crate::wire::{
+use crate::transfer_wire::{
     self, Acked, Bitmap, Failed, Frame, Have, Offer, Reader, Receipt, Resend, Writer, codes, next,
     put,
 };
@@ -107,13 +107,13 @@ impl Inbox {
             .lock()
             .expect("inbox lock poisoned")
             .insert(id.clone(), (manifest.size, manifest.chunk_size));
-        let partial: Vec<wire::PartialChunk> = self
+        let partial: Vec<transfer_wire::PartialChunk> = self
             .partials
             .lock()
             .expect("inbox lock poisoned")
             .iter()
             .filter(|((h, i), _)| *h == id && !st.verified.get(*i))
-            .map(|((_, i), p)| wire::PartialChunk {
+            .map(|((_, i), p)| transfer_wire::PartialChunk {
                 index: *i,
                 ranges: p.have.to_wire(),
             })

@@ -9,7 +9,7 @@ use tracing::{Instrument, debug, warn};
 
 use super::{Inbox, Served};
 use crate::TransferError;
-use crate::wire::{self, Failed, Frame, Reader, Writer, codes, next, put};
+use crate::transfer_wire::{self, Failed, Frame, Reader, Writer, codes, next, put};
 
 impl Inbox {
     /// Serves one incoming transfer stream until the file is complete, the sender stops, or the
@@ -23,8 +23,8 @@ impl Inbox {
         recv: quinn::RecvStream,
         peer: Option<&str>,
     ) -> Result<Served, TransferError> {
-        let mut r: Reader = FramedRead::new(recv, wire::codec());
-        let mut w: Writer = FramedWrite::new(send, wire::codec());
+        let mut r: Reader = FramedRead::new(recv, transfer_wire::codec());
+        let mut w: Writer = FramedWrite::new(send, transfer_wire::codec());
         let first = match next(&mut r).await {
             Ok(f) => f,
             Err(e) => {

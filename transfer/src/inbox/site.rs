@@ -6,11 +6,12 @@ use std::sync::Arc;
 use super::serve::refuse;
 use super::{Inbox, Served};
 use crate::TransferError;
-use crate::wire::{self, Acked, Frame, Writer, codes, put};
+use crate::transfer_wire::{self, Acked, Frame, Writer, codes, put};
 
 /// Answers a relay's question whether a site below may connect: (the relay's site ID, the
 /// question); Err says why not.
-pub type SiteCheck = Arc<dyn Fn(&str, &wire::CheckSite) -> Result<(), String> + Send + Sync>;
+pub type SiteCheck =
+    Arc<dyn Fn(&str, &transfer_wire::CheckSite) -> Result<(), String> + Send + Sync>;
 
 impl Inbox {
     /// Who answers relays' site checks (once; later calls are ignored).
@@ -22,7 +23,7 @@ impl Inbox {
     pub(super) async fn check_site(
         &self,
         peer: Option<&str>,
-        c: wire::CheckSite,
+        c: transfer_wire::CheckSite,
         w: &mut Writer,
     ) -> Result<Served, TransferError> {
         let (Some(peer), Some(check)) = (peer, self.site_check.get()) else {

@@ -174,7 +174,7 @@ async fn run_job(
             warn!(transfer = %job.id, %message, "Receiver asks to pause.");
             job.state = JobState::Paused;
             job.pause_code = code;
-            if code == crate::wire::codes::DISK_FULL {
+            if code == crate::transfer_wire::codes::DISK_FULL {
                 outbox.note_disk_full(job, Some(format!("{}: {message}", job.manifest.name)));
             }
             job.retry_at_ms = now_ms() + retry_after_ms as i64;

@@ -1,6 +1,7 @@
 //! The persistent outbox: transfers queued per destination (sled), and the driver that sends
 //! a destination's transfers over its connection, highest priority first, within each
-//! transfer's time window and rate limit.//!
+//! transfer's time window and rate limit.
+//!
 //! By job: the jobs here, their state store `store` ([`Outbox`]), `window` (daily time
 //! windows), `schedule` (which job a destination's class driver sends next), `drive` (the
 //! drivers that send them).
@@ -70,7 +71,7 @@ pub struct Job {
     pub retry_at_ms: i64,
     pub receipt: Option<Receipt>,
     pub error: Option<String>,
-    /// Why the receiver paused it (a [`crate::wire::codes`] value; 0: not paused by it).
+    /// Why the receiver paused it (a [`crate::transfer_wire::codes`] value; 0: not paused by it).
     #[serde(default)]
     pub pause_code: u32,
     /// Delivered by this relay, not sent from here: the job only tracks what the relay

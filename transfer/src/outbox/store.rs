@@ -29,7 +29,7 @@ pub struct Outbox {
 /// A finished job (delivered or failed) stays listed this long after its last change; then
 /// it goes, and its file's manifest once no job needs it. Longer than the inbox's
 /// [`crate::inbox::KEEP_COMPLETE`]: a relay queues forwarding for every complete file it
-/// holds without a forwarding job ([`crate::relay::forward_completed`]), so it must forget
+/// holds without a forwarding job ([`crate::hop::forward_completed`]), so it must forget
 /// the file before the jobs.
 pub const KEEP_FINISHED: std::time::Duration = std::time::Duration::from_secs(45 * 86_400);
 
@@ -160,7 +160,7 @@ impl Outbox {
     pub fn apply_forwarded(
         &self,
         relay: &str,
-        items: &[crate::wire::ForwardStatus],
+        items: &[crate::transfer_wire::ForwardStatus],
     ) -> Result<usize, TransferError> {
         let mut changed = 0;
         let jobs = self.list()?;
@@ -193,7 +193,7 @@ impl Outbox {
                 // A site below whose disk is full raises the same alarm here as one served
                 // directly.
                 let full = job.state == JobState::Paused
-                    && item.pause_code == crate::wire::codes::DISK_FULL;
+                    && item.pause_code == crate::transfer_wire::codes::DISK_FULL;
                 self.note_disk_full(
                     &job,
                     full.then(|| format!("{}: {}", job.manifest.name, item.error)),
@@ -321,7 +321,7 @@ mod tests {
             ob.next_for("c1", "normal").unwrap(),
             Next::Wait(None)
         ));
-        let item = |site: &str, state: &str, code: u32| crate::wire::ForwardStatus {
+        let item = |site: &str, state: &str, code: u32| crate::transfer_wire::ForwardStatus {
             file_hash: m.id_hex(),
             site: site.into(),
             state: state.into(),

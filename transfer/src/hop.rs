@@ -1,5 +1,6 @@
-//! Relays: a node (a province office) that stores what it receives and forwards it to the
-//! sites below it, so that a file for a province crosses the ministry's uplink once.
+//! The file relay, hop by hop (not the conference relay): a node (a province office) that
+//! stores what it receives and forwards it to the sites below it, so that a file for a
+//! province crosses the ministry's uplink once.
 //!
 //! - [`forward_completed`]: every complete, verified file in the inbox whose offer named sites
 //!   below gets one outbox job per site (idempotent: job IDs are `fwd-<hash>-<site>`, so a
@@ -22,7 +23,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::TransferError;
 use crate::inbox::{Inbox, InboxEvent};
 use crate::outbox::{Job, Outbox, drive};
-use crate::wire::{self, ForwardStatus, Forwarded, Frame};
+use crate::transfer_wire::{self, ForwardStatus, Forwarded, Frame};
 
 /// Items per [`Forwarded`] frame (each is ~150 bytes).
 const REPORT_BATCH: usize = 256;
@@ -189,11 +190,11 @@ async fn send_report(
     items: Vec<ForwardStatus>,
 ) -> Result<(), TransferError> {
     let (send, recv) = conn.open_bi().await?;
-    let mut w = FramedWrite::new(send, wire::codec());
-    let mut r = FramedRead::new(recv, wire::codec());
-    wire::put(&mut w, Frame::Forwarded(Forwarded { items })).await?;
+    let mut w = FramedWrite::new(send, transfer_wire::codec());
+    let mut r = FramedRead::new(recv, transfer_wire::codec());
+    transfer_wire::put(&mut w, Frame::Forwarded(Forwarded { items })).await?;
     let _ = w.get_mut().finish();
-    match wire::next(&mut r).await? {
+    match transfer_wire::next(&mut r).await? {
         Some(Frame::Acked(_)) => Ok(()),
         Some(Frame::Failed(f)) => Err(TransferError::Refused {
             code: f.code,
@@ -261,11 +262,11 @@ impl UpstreamCheck {
 /// Ok(true): allowed; Ok(false): refused upstream; Err: no answer.
 async fn ask(conn: &quinn::Connection, p: &Peer) -> Result<bool, TransferError> {
     let (send, recv) = conn.open_bi().await?;
-    let mut w = FramedWrite::new(send, wire::codec());
-    let mut r = FramedRead::new(recv, wire::codec());
-    wire::put(
+    let mut w = FramedWrite::new(send, transfer_wire::codec());
+    let mut r = FramedRead::new(recv, transfer_wire::codec());
+    transfer_wire::put(
         &mut w,
-        Frame::CheckSite(wire::CheckSite {
+        Frame::CheckSite(transfer_wire::CheckSite {
             site: p.site.clone(),
             serial: p.serial.clone(),
             province: p.province.clone(),
@@ -273,9 +274,9 @@ async fn ask(conn: &quinn::Connection, p: &Peer) -> Result<bool, TransferError> 
     )
     .await?;
     let _ = w.get_mut().finish();
-    match wire::next(&mut r).await? {
+    match transfer_wire::next(&mut r).await? {
         Some(Frame::Acked(_)) => Ok(true),
-        Some(Frame::Failed(f)) if f.code == wire::codes::UNKNOWN_DESTINATION => Ok(false),
+        Some(Frame::Failed(f)) if f.code == transfer_wire::codes::UNKNOWN_DESTINATION => Ok(false),
         Some(other) => Err(TransferError::Protocol(format!(
             "expected an answer, got {}",
             other.kind()
