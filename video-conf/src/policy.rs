@@ -197,3 +197,45 @@ mod tests {
         assert!(!f.may_publish("gd-002"));
     }
 }
+
+/// Properties of a subscriber's queue: whatever groups are in flight, only the oldest are
+/// reset, never one newer than the group starting, and no more than the budget stays.
+#[cfg(test)]
+mod properties {
+    use proptest::collection::hash_set;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn only_the_oldest_groups_are_dropped(
+            in_flight in hash_set(0u64..64, 0..12),
+            new in 0u64..70,
+            extra in 0usize..9,
+        ) {
+            let listed: Vec<u64> = in_flight.iter().copied().collect();
+            let dropped = groups_to_drop(&listed, new, extra);
+            let mut older: Vec<u64> = listed.iter().copied().filter(|g| *g < new).collect();
+            older.sort_unstable();
+            prop_assert!(dropped.iter().all(|g| in_flight.contains(g) && *g < new));
+            // The oldest ones, in order: every group dropped is older than every group kept.
+            prop_assert_eq!(&older[..dropped.len()], &dropped[..]);
+            let kept = older.len() - dropped.len();
+            prop_assert_eq!(kept, older.len().min(MAX_GROUPS_IN_FLIGHT + extra - 1));
+        }
+
+        #[test]
+        fn a_longer_round_trip_never_allows_fewer_groups(
+            rtt_a in 0u64..2_000,
+            rtt_b in 0u64..2_000,
+            spacing in proptest::option::of(0u64..5_000),
+        ) {
+            let ms = Duration::from_millis;
+            let (lo, hi) = (rtt_a.min(rtt_b), rtt_a.max(rtt_b));
+            let s = spacing.map(ms);
+            prop_assert!(extra_in_flight(ms(lo), s) <= extra_in_flight(ms(hi), s));
+            prop_assert!(extra_in_flight(ms(hi), s) <= 8);
+        }
+    }
+}

@@ -270,3 +270,145 @@ mod tests {
         assert_eq!(asm.delivered(), 10_000);
     }
 }
+
+/// Properties of a stream's reassembly: whatever the order, duplication and loss of its
+/// segments, the bytes handed on are the stream's, in order, once; and a block that lost no
+/// more symbols than it has repair symbols is rebuilt without any retransmission.
+#[cfg(test)]
+mod properties {
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::fec::{BLOCK_MAX_BYTES, Params, protect, stream_bytes};
+
+    /// A permutation of `v` drawn from `seed` (Fisher–Yates on a small LCG).
+    fn shuffle<T>(v: &mut [T], mut seed: u64) {
+        for i in (1..v.len()).rev() {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            v.swap(i, (seed >> 33) as usize % (i + 1));
+        }
+    }
+
+    fn drain(asm: &mut Reassembly, out: &mut Vec<u8>) {
+        for b in asm.ready() {
+            out.extend_from_slice(&b);
+        }
+    }
+
+    enum Event {
+        Data(u64, Bytes),
+        Repair(Repair),
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn segments_in_any_order_come_out_in_order_once(
+            len in 1usize..20_000,
+            cuts in vec(any::<u16>(), 0..30),
+            dups in vec((any::<u16>(), 1u16..3000), 0..10),
+            seed in any::<u64>(),
+        ) {
+            let data = stream_bytes(len);
+            let mut at: Vec<usize> = cuts.iter().map(|c| usize::from(*c) % len).collect();
+            at.extend([0, len]);
+            at.sort_unstable();
+            at.dedup();
+            let mut segs: Vec<(usize, usize)> = at.windows(2).map(|w| (w[0], w[1])).collect();
+            // Duplicates and overlaps (retransmissions of what had arrived after all).
+            for (start, n) in dups {
+                let s = usize::from(start) % len;
+                segs.push((s, (s + usize::from(n)).min(len)));
+            }
+            shuffle(&mut segs, seed);
+            let mut asm = Reassembly::default();
+            let mut out = Vec::new();
+            for (s, e) in segs {
+                asm.data(s as u64, Bytes::copy_from_slice(&data[s..e]));
+                drain(&mut asm, &mut out);
+            }
+            prop_assert_eq!(out.len(), len);
+            prop_assert!(out == data);
+            prop_assert_eq!(asm.delivered(), len as u64);
+            prop_assert_eq!(asm.repaired_bytes, 0);
+        }
+
+        #[test]
+        fn lost_symbols_are_rebuilt_when_the_repairs_suffice(
+            len in 1usize..60_000,
+            t64 in 1usize..=22,
+            losses in vec(any::<u16>(), 0..48),
+            seed in any::<u64>(),
+        ) {
+            let p = Params { t: t64 * 64, pct: 25 };
+            let data = stream_bytes(len);
+            let mut events = Vec::new();
+            let mut lost_ranges = Vec::new();
+            let mut all_repairable = true;
+            let mut picks = losses.iter().copied();
+            let starts: Vec<usize> = (0..len).step_by(BLOCK_MAX_BYTES).collect();
+            for &s in &starts {
+                let e = (s + BLOCK_MAX_BYTES).min(len);
+                let block = &data[s..e];
+                let last = e == len;
+                let k = block.len().div_ceil(p.t);
+                let m = p.repairs(k);
+                // Up to six symbols lost per block (three repair symbols at least), drawn from `losses`.
+                let mut lost: Vec<usize> = picks
+                    .by_ref()
+                    .take(6)
+                    .map(|x| usize::from(x) % (k + 2))
+                    .filter(|&i| i < k)
+                    .collect();
+                lost.sort_unstable();
+                lost.dedup();
+                all_repairable &= lost.len() <= m;
+                for i in 0..k {
+                    let (a, b) = (s + i * p.t, (s + (i + 1) * p.t).min(e));
+                    if lost.contains(&i) {
+                        lost_ranges.push((a, b));
+                    } else {
+                        events.push(Event::Data(a as u64, Bytes::copy_from_slice(&data[a..b])));
+                    }
+                }
+                for r in protect(3, s as u64, block, p, last) {
+                    events.push(Event::Repair(r));
+                }
+            }
+            shuffle(&mut events, seed);
+            let mut asm = Reassembly::default();
+            let mut out = Vec::new();
+            for ev in events {
+                match ev {
+                    Event::Data(off, b) => {
+                        asm.data(off, b);
+                        asm.retry();
+                    }
+                    Event::Repair(r) => asm.repair(r),
+                }
+                drain(&mut asm, &mut out);
+            }
+            let lost: usize = lost_ranges.iter().map(|(a, b)| b - a).sum();
+            if all_repairable {
+                prop_assert_eq!(out.len(), len, "whole before any retransmission");
+                prop_assert!(asm.complete(), "the end is known from the last block's repairs");
+                prop_assert!(asm.repaired_bytes as usize >= lost);
+            }
+            prop_assert!(out.len() <= len);
+            prop_assert!(out[..] == data[..out.len()], "never a wrong byte");
+            // QUIC's retransmissions arrive: whatever was not rebuilt flows now.
+            for (a, b) in lost_ranges {
+                asm.data(a as u64, Bytes::copy_from_slice(&data[a..b]));
+                asm.retry();
+                drain(&mut asm, &mut out);
+            }
+            prop_assert_eq!(out.len(), len);
+            prop_assert!(out == data);
+            prop_assert!(asm.complete());
+        }
+    }
+}
