@@ -3,13 +3,23 @@
 //! and cascade, subscribers that lose whole old groups rather than fall behind, renditions
 //! chosen per link, and floor control.
 //!
-//! Start reading at [`conference_wire`] (the protocol), then [`track`] and [`forward`] (how groups move),
-//! [`relay`] and [`client`].
+//! What this crate owns:
+//! * the wire format ([`conference_wire`]: control frames, group and object headers) and its
+//!   I/O ([`io`]);
+//! * tracks and groups, and how they move ([`track`], [`forward`], [`policy`]);
+//! * the relay ([`relay`]): rooms, the floor, roll call, the roster, the cascade to an
+//!   upstream relay, and the recording of a room's group data as MPEG-TS ([`ts`], [`play`]);
+//! * forward error correction of group streams ([`fec`]);
+//! * the participant's side ([`client`]).
 //!
-//! No codec and no FFmpeg here: objects are carried as the publisher made them, and a relay
-//! records them as MPEG-TS with [`ts`]. Encoding, decoding, playing to a decoder and remuxing
-//! belong to the media crate (`video-conf/media`, `tiandi-media`), which also holds the
-//! `tiandi-video` binary; this crate must never depend on it or on ffmpeg-next.
+//! Start reading at [`conference_wire`] (the protocol), then [`track`] and [`forward`] (how
+//! groups move), [`relay`] and [`client`].
+//!
+//! What it must never do: link FFmpeg (no `ffmpeg-next`, no libav*), or decode, encode or
+//! otherwise look inside media. Objects are carried as the publisher made them; encoding,
+//! decoding, playing to a decoder and remuxing belong to the media crate (`video-conf/media`,
+//! `tiandi-media`), which also holds the `tiandi-video` binary. This crate must never depend on
+//! it.
 
 pub mod client;
 pub mod conference_wire;
