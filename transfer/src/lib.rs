@@ -14,6 +14,7 @@
 //! - [`manifest`]: a file's chunking and hashes.
 //! - [`send`]: the sending side of one transfer over one connection.
 //! - [`inbox`]: the receiving side (serving streams, part files, expiry).
+//! - [`priority`]: a transfer's priority class (`alarm`, `normal`, `bulk`).
 //! - [`outbox`]: the persistent queue of jobs per destination and the drivers that send them,
 //!   by priority class, within windows and rate limits.
 //! - [`hop`]: the file relay that stores and forwards hop by hop to the sites below a node,
@@ -31,6 +32,7 @@ pub mod hop;
 pub mod inbox;
 pub mod manifest;
 pub mod outbox;
+pub mod priority;
 pub mod send;
 pub mod transfer_wire;
 
@@ -40,6 +42,7 @@ pub use flags::SendFlags;
 pub use inbox::{Inbox, InboxEvent};
 pub use manifest::Manifest;
 pub use outbox::{Job, JobState, Outbox, Window};
+pub use priority::Priority;
 pub use send::{SendOptions, SendOutcome, send_file};
 pub use transfer_wire::{Bitmap, Receipt};
 

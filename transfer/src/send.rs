@@ -16,9 +16,9 @@ use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{debug, warn};
 
-use crate::TransferError;
 use crate::manifest::Manifest;
 use crate::transfer_wire::{self, Bitmap, Frame, Offer, Receipt, codes, next, put};
+use crate::{Priority, TransferError};
 
 /// Stream priorities on a shared connection (higher goes first). Reports use
 /// [`PRIORITY_REPORTS`]; a transfer class owns a band below it ([`stream_priority`]), and
@@ -29,10 +29,10 @@ const BAND: u32 = 100_000_000;
 
 /// Stream priority of a transfer class (its control stream; its chunks rank below).
 pub fn stream_priority(class: &str) -> i32 {
-    match class {
-        "alarm" => 500_000_000,
-        "bulk" => -500_000_000,
-        _ => 0,
+    match Priority::class_of(class) {
+        Priority::Alarm => 500_000_000,
+        Priority::Bulk => -500_000_000,
+        Priority::Normal => 0,
     }
 }
 

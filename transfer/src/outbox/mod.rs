@@ -41,6 +41,36 @@ impl JobState {
             JobState::Failed => "failed",
         }
     }
+
+    /// Every state, in a job's usual order.
+    pub const ALL: [JobState; 5] = [
+        JobState::Queued,
+        JobState::Sending,
+        JobState::Paused,
+        JobState::Delivered,
+        JobState::Failed,
+    ];
+}
+
+/// A string that names no job state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown job state {0:?}: queued, sending, paused, delivered or failed")]
+pub struct UnknownJobState(pub String);
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for JobState {
+    type Err = UnknownJobState;
+    fn from_str(s: &str) -> Result<JobState, UnknownJobState> {
+        JobState::ALL
+            .into_iter()
+            .find(|j| j.as_str() == s)
+            .ok_or_else(|| UnknownJobState(s.to_string()))
+    }
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -149,5 +179,28 @@ impl Job {
 
     pub fn finished(&self) -> bool {
         matches!(self.state, JobState::Delivered | JobState::Failed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_states_parse_display_and_serialise_by_name() {
+        for s in JobState::ALL {
+            assert_eq!(s.to_string(), s.as_str());
+            assert_eq!(s.as_str().parse::<JobState>(), Ok(s));
+            assert_eq!(
+                serde_json::to_string(&s).unwrap(),
+                format!("\"{}\"", s.as_str())
+            );
+        }
+        assert_eq!(
+            JobState::ALL.map(JobState::as_str),
+            ["queued", "sending", "paused", "delivered", "failed"]
+        );
+        assert!("Queued".parse::<JobState>().is_err());
+        assert!("done".parse::<JobState>().is_err());
     }
 }

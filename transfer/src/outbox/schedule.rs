@@ -2,10 +2,14 @@
 //! destination's class driver sends next (highest class first, then oldest).
 
 use super::{Job, Outbox};
-use crate::{TransferError, now_ms};
+use crate::{Priority, TransferError, now_ms};
 
 /// The driver classes, in rank order: one transfer of each runs at a time per destination.
-pub const CLASSES: [&str; 3] = ["alarm", "normal", "bulk"];
+pub const CLASSES: [&str; 3] = [
+    Priority::Alarm.as_str(),
+    Priority::Normal.as_str(),
+    Priority::Bulk.as_str(),
+];
 
 /// What a destination's class driver does next ([`Outbox::next_for`]).
 #[derive(Debug)]
@@ -17,17 +21,9 @@ pub enum Next {
 }
 
 impl Job {
-    fn rank(&self) -> u8 {
-        match self.priority.as_str() {
-            "alarm" => 0,
-            "bulk" => 2,
-            _ => 1,
-        }
-    }
-
     /// The driver class that sends it: alarm, bulk, or normal (anything else).
     pub fn class(&self) -> &'static str {
-        CLASSES[usize::from(self.rank())]
+        Priority::class_of(&self.priority).as_str()
     }
 
     /// When it may next be sent, not before `now`: `None` if never from here (finished, sent

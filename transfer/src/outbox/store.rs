@@ -175,14 +175,10 @@ impl Outbox {
                 })
                 .cloned()
             {
-                job.state = match item.state.as_str() {
-                    "queued" => JobState::Queued,
-                    "sending" => JobState::Sending,
-                    "paused" => JobState::Paused,
-                    "delivered" => JobState::Delivered,
-                    "failed" => JobState::Failed,
-                    _ => continue,
+                let Ok(state) = item.state.parse::<JobState>() else {
+                    continue;
                 };
+                job.state = state;
                 job.acked_bytes = item.acked_bytes.min(job.manifest.size);
                 job.sent_bytes = item.sent_bytes;
                 job.rate_bps = item.rate_bps;

@@ -61,6 +61,20 @@ impl std::str::FromStr for Window {
     }
 }
 
+/// The form [`Window`]'s `FromStr` reads: `HH:MM-HH:MM`, then the UTC offset if it has one
+/// (`22:00-06:00`, `01:00-06:00+08:00`, `22:00-02:00-05:00`).
+impl std::fmt::Display for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hm = |m: u16| format!("{:02}:{:02}", m / 60, m % 60);
+        write!(f, "{}-{}", hm(self.start_min), hm(self.end_min))?;
+        if self.utc_offset_min != 0 {
+            let sign = if self.utc_offset_min < 0 { '-' } else { '+' };
+            write!(f, "{sign}{}", hm(self.utc_offset_min.unsigned_abs()))?;
+        }
+        Ok(())
+    }
+}
+
 impl Window {
     /// `ms` (Unix time) on the window's clock.
     fn local(&self, ms: i64) -> i64 {
@@ -153,5 +167,30 @@ mod tests {
         // A job stored before offsets existed reads as UTC.
         let old: Window = serde_json::from_str(r#"{"start_min":60,"end_min":360}"#).unwrap();
         assert_eq!(old.utc_offset_min, 0);
+    }
+
+    #[test]
+    fn a_window_displays_as_it_is_parsed() {
+        for s in [
+            "22:00-06:00",
+            "09:30-17:00",
+            "00:00-24:00",
+            "01:00-06:00+08:00",
+            "22:00-02:00-05:00",
+            "10:00-10:00+14:00",
+        ] {
+            let w: Window = s.parse().unwrap();
+            assert_eq!(w.to_string(), s);
+            assert_eq!(w.to_string().parse::<Window>(), Ok(w));
+        }
+        // UTC written with a Z, or with +00:00, displays without an offset.
+        assert_eq!(
+            "22:00-06:00Z".parse::<Window>().unwrap().to_string(),
+            "22:00-06:00"
+        );
+        assert_eq!(
+            "22:00-06:00+00:00".parse::<Window>().unwrap().to_string(),
+            "22:00-06:00"
+        );
     }
 }
