@@ -22,9 +22,9 @@ use crate::ingest::cpu_s;
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use tiandi_link::pki::{self, Ca};
+use tiandi_video::conference_wire::{self, Control, Hello, Object, Role, Subscribe, TrackInfo};
 use tiandi_video::io::{ControlReader, ControlWriter};
 use tiandi_video::track::Track;
-use tiandi_video::wire::{self, Control, Hello, Object, Role, Subscribe, TrackInfo};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -174,7 +174,7 @@ async fn run_async(a: Args, bin: PathBuf) -> anyhow::Result<()> {
         let (send, recv) = conn.open_bi().await?;
         let mut w = ControlWriter(send);
         w.send(&Control::Hello(Hello {
-            version: wire::VERSION,
+            version: conference_wire::VERSION,
             room: "bench".into(),
             role: "site".into(),
             path: vec![],
@@ -254,7 +254,7 @@ async fn run_async(a: Args, bin: PathBuf) -> anyhow::Result<()> {
                     g.push(Object {
                         pts_us: (n * 1_000_000 / FPS) as i64,
                         flags: if n.is_multiple_of(GOP) {
-                            wire::flags::KEY
+                            conference_wire::flags::KEY
                         } else {
                             0
                         },

@@ -7,8 +7,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use tiandi_tests::{AgentProc, ControllerProc};
 use tiandi_video::client::Session;
+use tiandi_video::conference_wire::{self, Object, Role, TrackInfo};
 use tiandi_video::track::Track;
-use tiandi_video::wire::{self, Object, Role, TrackInfo};
 
 struct Site {
     cert: String,
@@ -78,7 +78,11 @@ async fn groups(t: Arc<Track>, from: u64, n: u64) {
         for i in 0..5 {
             group.push(Object {
                 pts_us: (g * 5 + i) as i64 * 40_000,
-                flags: if i == 0 { wire::flags::KEY } else { 0 },
+                flags: if i == 0 {
+                    conference_wire::flags::KEY
+                } else {
+                    0
+                },
                 payload: Bytes::from(vec![1u8; 3000]),
             });
             tokio::time::sleep(Duration::from_millis(40)).await;

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use ff::util::mathematics::rescale::Rescale;
 use ffmpeg_next as ff;
-use tiandi_video::wire::{Object, flags};
+use tiandi_video::conference_wire::{Object, flags};
 use tracing::warn;
 
 use crate::source::Feeder;

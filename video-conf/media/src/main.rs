@@ -228,7 +228,7 @@ async fn main() -> anyhow::Result<()> {
             }
             relay.serve(endpoint.clone(), cancel).await;
             endpoint.close(
-                tiandi_video::wire::codes::SHUTDOWN.into(),
+                tiandi_video::conference_wire::codes::SHUTDOWN.into(),
                 b"relay stopping",
             );
             endpoint.wait_idle().await;
@@ -313,7 +313,7 @@ async fn connect(
     tiandi_video::client::Session::join_with(
         conn,
         &a.room,
-        tiandi_video::wire::Role::Site,
+        tiandi_video::conference_wire::Role::Site,
         vec![],
         a.link_kbps,
         a.fec_rtt_ms,
@@ -324,7 +324,7 @@ async fn connect(
 
 /// Why a session ended, and whether to join again.
 fn after_close(e: &quinn::ConnectionError) -> (String, bool) {
-    use tiandi_video::wire::codes;
+    use tiandi_video::conference_wire::codes;
     match e {
         quinn::ConnectionError::ApplicationClosed(c) => {
             let reason = String::from_utf8_lossy(&c.reason).to_string();

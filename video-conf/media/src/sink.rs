@@ -9,8 +9,8 @@
 
 use ff::util::mathematics::rescale::Rescale;
 use ffmpeg_next as ff;
+use tiandi_video::conference_wire::{Object, TrackInfo};
 use tiandi_video::play::Mux;
-use tiandi_video::wire::{Object, TrackInfo};
 
 use crate::{MediaError, US, ffe, init};
 

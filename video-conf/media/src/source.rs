@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use ff::util::mathematics::rescale::Rescale;
 use ffmpeg_next as ff;
+use tiandi_video::conference_wire::{Object, TrackInfo};
 use tiandi_video::track::{Group, Track};
-use tiandi_video::wire::{Object, TrackInfo};
 use tracing::info;
 
 use crate::encode::{AudioPath, aac, drain_video, x264};
