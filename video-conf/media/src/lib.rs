@@ -15,7 +15,10 @@ use std::time::Duration;
 use ffmpeg_next as ff;
 use tiandi_video::track::Track;
 
+pub mod cli;
 pub mod encode;
+pub mod join;
+pub mod relay_node;
 pub mod remux;
 pub mod sink;
 pub mod source;

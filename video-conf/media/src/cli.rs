@@ -1,0 +1,176 @@
+//! The `tiandi-video` command line: run a relay, join a conference from a site, or remux a
+//! recording. Each command is one function; `main.rs` only parses and calls [`run`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "tiandi-video", version, about = "Tiandi video conferencing")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Run a relay (at a province, say): sites join it with their certificates.
+    Relay(RelayArgs),
+    /// Join a room from a site: publish a source, play what a publisher sends, record it.
+    Join(JoinArgs),
+    /// Copy a recording (a relay's MPEG-TS, say) into another container, no re-encoding: the
+    /// output's extension decides (`.mkv`, `.mp4`, `.ts`).
+    Remux {
+        /// The recording to read.
+        input: PathBuf,
+        /// The file to write.
+        output: PathBuf,
+    },
+}
+
+/// A node's credentials: the CA certificate, its certificate and its key (PEM files).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Creds {
+    /// The CA certificate (PEM) every site's certificate chains to.
+    #[arg(long)]
+    pub ca: PathBuf,
+    /// This node's certificate (PEM): a site certificate from the controller.
+    #[arg(long)]
+    pub cert: PathBuf,
+    /// This node's private key (PEM).
+    #[arg(long)]
+    pub key: PathBuf,
+}
+
+/// The PEM texts of [`Creds`].
+pub struct Pems {
+    pub ca: String,
+    pub cert: String,
+    pub key: String,
+}
+
+impl Creds {
+    /// Reads the three files; an error names the one that failed.
+    pub fn read(&self) -> anyhow::Result<Pems> {
+        let read = |path: &Path, what: &str| {
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading {what} {}", path.display()))
+        };
+        Ok(Pems {
+            ca: read(&self.ca, "CA certificate")?,
+            cert: read(&self.cert, "certificate")?,
+            key: read(&self.key, "key")?,
+        })
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RelayArgs {
+    /// UDP address to listen on.
+    #[arg(long, default_value = "0.0.0.0:4500")]
+    pub listen: SocketAddr,
+    /// This relay's site ID (its certificate's).
+    #[arg(long)]
+    pub name: String,
+    /// The site that chairs the rooms (may always publish; grants the floor).
+    #[arg(long, default_value = "ministry")]
+    pub chair: String,
+    #[command(flatten)]
+    pub creds: Creds,
+    /// The relay above this one (cascade): its address...
+    #[arg(long, requires = "upstream_name")]
+    pub upstream: Option<SocketAddr>,
+    /// ...and its site ID.
+    #[arg(long, requires = "upstream")]
+    pub upstream_name: Option<String>,
+    /// Serve Prometheus metrics (`GET /metrics`) on this TCP address.
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+    /// Link profile of the participants (geo, leo, terrestrial, custom:RTT:KBIT).
+    #[arg(long, default_value = "terrestrial")]
+    pub profile: tiandi_link::LinkProfile,
+    /// Ask for repair datagrams (forward error correction) with the groups sent here once
+    /// the round trip is at least this long (ms; 0: never).
+    #[arg(long, default_value_t = tiandi_video::client::FEC_RTT_MS)]
+    pub fec_rtt_ms: u32,
+    /// Log filter (RUST_LOG wins).
+    #[arg(long, default_value = "info")]
+    pub log: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct JoinArgs {
+    /// The relay's address...
+    #[arg(long)]
+    pub relay: SocketAddr,
+    /// ...and its site ID (the name its certificate carries).
+    #[arg(long)]
+    pub relay_name: String,
+    #[arg(long)]
+    pub room: String,
+    #[command(flatten)]
+    pub creds: Creds,
+    /// What to publish: `pattern`, `udp://HOST:PORT` (MPEG-TS from an encoder or
+    /// ffmpeg), `/dev/videoN`, or a media file. Reaches the others while this site holds
+    /// the floor (or chairs).
+    #[arg(long)]
+    pub publish: Option<String>,
+    /// Where to play: `udp://HOST:PORT` (MPEG-TS to a decoder, TV or VLC) or a file
+    /// (`.ts`; `.mkv` and `.mp4` are remuxed from MPEG-TS when playback ends).
+    #[arg(long)]
+    pub play: Option<String>,
+    /// Also record what is played to this file (`.ts`, `.mkv` or `.mp4`).
+    #[arg(long)]
+    pub record: Option<String>,
+    /// Whose video and audio to play (default: the room's chair).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// The rendition to ask for (default: the relay chooses by this link).
+    #[arg(long, default_value = "")]
+    pub rendition: String,
+    /// How old a frame may be when played (ms): a group's missing frames are waited for
+    /// until then (over a satellite hop a repair takes a round trip).
+    #[arg(long, default_value_t = 1000)]
+    pub latency_ms: u64,
+    /// This site's link rate, if known (kbit/s): the relay starts with a rendition that fits.
+    #[arg(long, default_value_t = 0)]
+    pub link_kbps: u32,
+    /// Leave after this many seconds (default: at Ctrl-C, or when the source ends).
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Ask for repair datagrams (forward error correction) with the groups sent here once
+    /// the round trip is at least this long (ms; 0: never).
+    #[arg(long, default_value_t = tiandi_video::client::FEC_RTT_MS)]
+    pub fec_rtt_ms: u32,
+    #[arg(long, default_value = "terrestrial")]
+    pub profile: tiandi_link::LinkProfile,
+    #[arg(long, default_value = "info")]
+    pub log: String,
+}
+
+/// Runs the command line's command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Remux { input, output } => {
+            let (i, o) = (
+                input.to_string_lossy().to_string(),
+                output.to_string_lossy().to_string(),
+            );
+            tokio::task::spawn_blocking(move || crate::remux(&i, &o))
+                .await?
+                .with_context(|| format!("remuxing {} to {}", input.display(), output.display()))?;
+            println!("wrote {}", output.display());
+            Ok(())
+        }
+        Cmd::Relay(a) => {
+            tiandi_link::init_logging(&a.log);
+            crate::relay_node::run(a).await
+        }
+        Cmd::Join(a) => {
+            tiandi_link::init_logging(&a.log);
+            crate::join::run(a).await
+        }
+    }
+}

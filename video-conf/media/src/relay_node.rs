@@ -1,0 +1,78 @@
+//! `tiandi-video relay`: a standalone conference relay (at a province, say), optionally below
+//! another (cascade), with its metrics on a TCP listener of its own.
+
+use anyhow::Context;
+use tiandi_video::relay::{Relay, RelayOptions, Upstream};
+
+use crate::cli::RelayArgs;
+
+/// Serves the relay until SIGTERM or Ctrl-C, then closes every session.
+pub async fn run(a: RelayArgs) -> anyhow::Result<()> {
+    let pems = a.creds.read()?;
+    let (ca_pem, cert_pem, key_pem) = (&pems.ca, &pems.cert, &pems.key);
+    let tls = tiandi_video::relay_tls(ca_pem, cert_pem, key_pem).context("relay TLS")?;
+    let upstream = match (a.upstream, a.upstream_name.clone()) {
+        (Some(addr), Some(up_name)) => {
+            let client = tiandi_link::client_config(
+                tiandi_video::client_tls(ca_pem, cert_pem, key_pem).context("upstream TLS")?,
+                tiandi_video::transport(a.profile),
+            )?;
+            Some(Upstream {
+                endpoint: tiandi_link::client_endpoint(addr)?,
+                addr,
+                name: up_name,
+                client,
+            })
+        }
+        _ => None,
+    };
+    let secret: [u8; 32] = rand::random();
+    let endpoint =
+        tiandi_link::server_endpoint(a.listen, tls, tiandi_video::transport(a.profile), &secret)
+            .with_context(|| format!("listening on {}", a.listen))?;
+    let relay = Relay::new(RelayOptions {
+        name: a.name.clone(),
+        chair: a.chair.clone(),
+        upstream,
+        open_rooms: true,
+        fec_rtt_ms: a.fec_rtt_ms,
+    });
+    let cancel = tiandi_link::shutdown_token();
+    tracing::info!(listen = %a.listen, relay = %a.name, "Relay running.");
+    println!("relay {} listening on {}", a.name, endpoint.local_addr()?);
+    if let Some(addr) = a.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("metrics listener on {addr}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "Metrics at /metrics.");
+        let r = relay.clone();
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let r = r.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        r.exposition(),
+                    )
+                }
+            }),
+        );
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { c.cancelled().await })
+                .await;
+        });
+    }
+    relay.serve(endpoint.clone(), cancel).await;
+    endpoint.close(
+        tiandi_video::conference_wire::codes::SHUTDOWN.into(),
+        b"relay stopping",
+    );
+    endpoint.wait_idle().await;
+    Ok(())
+}
