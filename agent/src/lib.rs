@@ -130,30 +130,30 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         let relay_ep =
             tiandi_link::server_endpoint_on(socket, server, &rand::random::<[u8; 32]>())?;
         info!(listen = %relay.listen, province = %id.info.province, "Relaying for the sites of this province.");
-        tasks.push(tokio::spawn(tiandi_transfer::relay::serve_downstream(
+        tasks.push(tokio::spawn(tiandi_transfer::hop::serve_downstream(
             relay_ep,
             outbox.clone(),
             id.info.site_id.clone(),
             |c| {
-                tiandi_link::peer_identity(c).map(|i| tiandi_transfer::relay::Peer {
+                tiandi_link::peer_identity(c).map(|i| tiandi_transfer::hop::Peer {
                     site: i.site_id,
                     serial: i.serial,
                     province: i.province,
                 })
             },
-            Arc::new(tiandi_transfer::relay::UpstreamCheck::new(
+            Arc::new(tiandi_transfer::hop::UpstreamCheck::new(
                 site_transfers.upstream.subscribe(),
             )),
             cancel.clone(),
         )));
-        tasks.push(tokio::spawn(tiandi_transfer::relay::forward_loop(
+        tasks.push(tokio::spawn(tiandi_transfer::hop::forward_loop(
             inbox.clone(),
             outbox.clone(),
             id.info.site_id.clone(),
             events_rx,
             cancel.clone(),
         )));
-        tasks.push(tokio::spawn(tiandi_transfer::relay::report_upstream(
+        tasks.push(tokio::spawn(tiandi_transfer::hop::report_upstream(
             outbox.clone(),
             site_transfers.upstream.subscribe(),
             cancel.clone(),
