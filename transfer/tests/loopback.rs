@@ -1,7 +1,8 @@
 //! Transfers over real QUIC on loopback: whole, resumed after a broken connection, a corrupt
-//! chunk, a source that changes, a bad name.
+//! chunk, a source that changes, names that would leave the inbox, a resume told what the
+//! inbox already acknowledged.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +13,9 @@ use tiandi_link::tls::{CertPolicy, Rejection};
 use tiandi_link::{LinkProfile, SiteIdentity};
 use tiandi_transfer::send::Progress;
 use tiandi_transfer::transfer_wire::{self, Frame};
-use tiandi_transfer::{Inbox, Manifest, SendOptions, SendOutcome, TransferError, send_file};
+use tiandi_transfer::{
+    Bitmap, Inbox, Manifest, SendOptions, SendOutcome, TransferError, send_file,
+};
 
 #[derive(Debug)]
 struct AnySite;
@@ -95,6 +98,67 @@ fn no_pause() -> bool {
     false
 }
 
+/// What nearly every test starts from: a source file in a temporary directory, its manifest,
+/// an inbox in `<dir>/in`, and a loopback connection whose receiving end that inbox serves.
+struct Setup {
+    dir: tempfile::TempDir,
+    src: PathBuf,
+    m: Manifest,
+    ib: Arc<Inbox>,
+    /// The server endpoint: kept so the connection lives.
+    _ep: quinn::Endpoint,
+    /// The sender's side.
+    sconn: quinn::Connection,
+    /// The receiver's side (the inbox serves it; closing it cuts the link).
+    cconn: quinn::Connection,
+    /// The inbox's accept loop on `cconn`.
+    served: tokio::task::JoinHandle<()>,
+}
+
+async fn setup(name: &str, len: usize, seed: u8) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let src = file(dir.path(), name, len, seed);
+    let m = Manifest::of_file(&src).unwrap();
+    let ib = inbox(dir.path());
+    let (_ep, sconn, cconn) = pair().await;
+    let served = serve(cconn.clone(), ib.clone());
+    Setup {
+        dir,
+        src,
+        m,
+        ib,
+        _ep,
+        sconn,
+        cconn,
+        served,
+    }
+}
+
+type Writer =
+    tokio_util::codec::FramedWrite<quinn::SendStream, tokio_util::codec::LengthDelimitedCodec>;
+type Reader =
+    tokio_util::codec::FramedRead<quinn::RecvStream, tokio_util::codec::LengthDelimitedCodec>;
+
+/// A control stream of a hand-written sender.
+async fn control(conn: &quinn::Connection) -> (Writer, Reader) {
+    let (send, recv) = conn.open_bi().await.unwrap();
+    (
+        tokio_util::codec::FramedWrite::new(send, transfer_wire::codec()),
+        tokio_util::codec::FramedRead::new(recv, transfer_wire::codec()),
+    )
+}
+
+/// The receiver's next frame.
+async fn frame(r: &mut Reader) -> Frame {
+    Frame::decode(r.next().await.unwrap().unwrap().freeze()).unwrap()
+}
+
+/// Chunk `i` of `data` as the manifest cuts it.
+fn chunk<'a>(m: &Manifest, data: &'a [u8], i: u32) -> &'a [u8] {
+    let s = m.offset(i) as usize;
+    &data[s..s + m.chunk_len(i)]
+}
+
 /// `send_file` with default options and no pause.
 async fn send_default(
     conn: &quinn::Connection,
@@ -136,20 +200,16 @@ async fn send_cut_at_a_third(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_arrives_whole_and_a_second_offer_gets_the_receipt() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = file(dir.path(), "data.bin", 3 * 1024 * 1024 + 17, 1);
-    let m = Manifest::of_file(&src).unwrap();
-    let (_ep, sconn, cconn) = pair().await;
-    let ib = inbox(dir.path());
-    serve(cconn, ib.clone());
+    let t = setup("data.bin", 3 * 1024 * 1024 + 17, 1).await;
+    let (dir, src, m, sconn) = (&t.dir, &t.src, &t.m, &t.sconn);
     let progress = Arc::new(Progress::default());
-    let out = send_default(&sconn, &src, &m, &progress).await.unwrap();
+    let out = send_default(sconn, src, m, &progress).await.unwrap();
     let SendOutcome::Delivered(receipt) = out else {
         panic!("not delivered")
     };
     assert_eq!(receipt.file_hash, m.id_hex());
     let got = std::fs::read(dir.path().join("in/data.bin")).unwrap();
-    assert_eq!(got, std::fs::read(&src).unwrap());
+    assert_eq!(got, std::fs::read(src).unwrap());
     assert_eq!(
         progress
             .sent_bytes
@@ -163,7 +223,7 @@ async fn a_file_arrives_whole_and_a_second_offer_gets_the_receipt() {
         .collect();
     assert_eq!(names.len(), 1, "{names:?}");
     let again = Arc::new(Progress::default());
-    let out = send_default(&sconn, &src, &m, &again).await.unwrap();
+    let out = send_default(sconn, src, m, &again).await.unwrap();
     assert!(matches!(out, SendOutcome::Delivered(_)));
     assert_eq!(
         again.sent_bytes.load(std::sync::atomic::Ordering::Relaxed),
@@ -173,13 +233,9 @@ async fn a_file_arrives_whole_and_a_second_offer_gets_the_receipt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_connection_resumes_without_resending_acknowledged_chunks() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = file(dir.path(), "big.bin", 8 * 1024 * 1024, 2);
-    let m = Manifest::of_file(&src).unwrap();
-    let ib = inbox(dir.path());
-    let (_ep, sconn, cconn) = pair().await;
-    serve(cconn.clone(), ib.clone());
-    let progress = send_cut_at_a_third(&sconn, cconn, &src, &m).await;
+    let t = setup("big.bin", 8 * 1024 * 1024, 2).await;
+    let (dir, src, m, ib) = (&t.dir, &t.src, &t.m, &t.ib);
+    let progress = send_cut_at_a_third(&t.sconn, t.cconn.clone(), src, m).await;
     let third = m.size / 3;
     assert!(
         !dir.path().join("in/big.bin").exists(),
@@ -193,7 +249,7 @@ async fn a_broken_connection_resumes_without_resending_acknowledged_chunks() {
     let (_ep2, sconn2, cconn2) = pair().await;
     serve(cconn2, ib.clone());
     let p2 = Arc::new(Progress::default());
-    let out = send_default(&sconn2, &src, &m, &p2).await.unwrap();
+    let out = send_default(&sconn2, src, m, &p2).await.unwrap();
     assert!(matches!(out, SendOutcome::Delivered(_)));
     let resent = p2.sent_bytes.load(std::sync::atomic::Ordering::Relaxed);
     assert!(
@@ -202,38 +258,30 @@ async fn a_broken_connection_resumes_without_resending_acknowledged_chunks() {
     );
     assert_eq!(
         std::fs::read(dir.path().join("in/big.bin")).unwrap(),
-        std::fs::read(&src).unwrap()
+        std::fs::read(src).unwrap()
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_chunk_is_asked_for_again_and_garbage_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = file(dir.path(), "c.bin", 600 * 1024, 3);
-    let m = Manifest::of_file(&src).unwrap();
-    let ib = inbox(dir.path());
-    let (_ep, sconn, cconn) = pair().await;
-    let served = serve(cconn, ib.clone());
-    let data = std::fs::read(&src).unwrap();
+    let t = setup("c.bin", 600 * 1024, 3).await;
+    let (dir, m, sconn) = (&t.dir, &t.m, &t.sconn);
+    let data = std::fs::read(&t.src).unwrap();
     // A hand-written sender that flips a byte in chunk 1 the first time.
-    let (send, recv) = sconn.open_bi().await.unwrap();
-    let mut w = tokio_util::codec::FramedWrite::new(send, transfer_wire::codec());
-    let mut r = tokio_util::codec::FramedRead::new(recv, transfer_wire::codec());
-    let offer = transfer_wire::Offer::new(&m, "t1", "normal", "controller");
+    let (mut w, mut r) = control(sconn).await;
+    let offer = transfer_wire::Offer::new(m, "t1", "normal", "controller");
     w.send(Frame::Offer(offer).encode()).await.unwrap();
-    let have = Frame::decode(r.next().await.unwrap().unwrap().freeze()).unwrap();
-    assert!(matches!(have, Frame::Have(_)));
+    assert!(matches!(frame(&mut r).await, Frame::Have(_)));
     for i in 0..m.chunk_count() {
-        let s = m.offset(i) as usize;
-        let mut c = data[s..s + m.chunk_len(i)].to_vec();
+        let mut c = chunk(m, &data, i).to_vec();
         if i == 1 {
             c[100] ^= 0x40;
         }
-        send_chunk(&sconn, &m, i, &c).await;
+        send_chunk(sconn, m, i, &c).await;
     }
     let mut resend = None;
     while resend.is_none() {
-        match Frame::decode(r.next().await.unwrap().unwrap().freeze()).unwrap() {
+        match frame(&mut r).await {
             Frame::Resend(x) => resend = Some(x.chunk),
             Frame::Acked(_) => {}
             other => panic!("unexpected {other:?}"),
@@ -241,10 +289,9 @@ async fn a_corrupt_chunk_is_asked_for_again_and_garbage_is_refused() {
     }
     assert_eq!(resend, Some(1));
     assert!(!dir.path().join("in/c.bin").exists());
-    let s = m.offset(1) as usize;
-    send_chunk(&sconn, &m, 1, &data[s..s + m.chunk_len(1)]).await;
+    send_chunk(sconn, m, 1, chunk(m, &data, 1)).await;
     loop {
-        match Frame::decode(r.next().await.unwrap().unwrap().freeze()).unwrap() {
+        match frame(&mut r).await {
             Frame::Done(receipt) => {
                 assert_eq!(receipt.file_hash, m.id_hex());
                 break;
@@ -256,44 +303,35 @@ async fn a_corrupt_chunk_is_asked_for_again_and_garbage_is_refused() {
     assert_eq!(std::fs::read(dir.path().join("in/c.bin")).unwrap(), data);
 
     // Garbage on a new stream: a clear refusal, and the connection goes on serving.
-    let (send, recv) = sconn.open_bi().await.unwrap();
-    let mut w = tokio_util::codec::FramedWrite::new(send, transfer_wire::codec());
-    let mut r = tokio_util::codec::FramedRead::new(recv, transfer_wire::codec());
+    let (mut w, mut r) = control(sconn).await;
     w.send(Bytes::from_static(&[1, 0xff, 0xff, 0xff]))
         .await
         .unwrap();
-    match Frame::decode(r.next().await.unwrap().unwrap().freeze()).unwrap() {
+    match frame(&mut r).await {
         Frame::Failed(f) => assert_eq!(f.code, transfer_wire::codes::PROTOCOL, "{}", f.message),
         other => panic!("unexpected {other:?}"),
     }
     // A name that tries to escape the inbox.
-    let (send, recv) = sconn.open_bi().await.unwrap();
-    let mut w = tokio_util::codec::FramedWrite::new(send, transfer_wire::codec());
-    let mut r = tokio_util::codec::FramedRead::new(recv, transfer_wire::codec());
-    let mut evil = transfer_wire::Offer::new(&m, "t2", "normal", "controller");
+    let (mut w, mut r) = control(sconn).await;
+    let mut evil = transfer_wire::Offer::new(m, "t2", "normal", "controller");
     evil.name = "../../etc/cron.d/x".into();
     w.send(Frame::Offer(evil).encode()).await.unwrap();
-    match Frame::decode(r.next().await.unwrap().unwrap().freeze()).unwrap() {
+    match frame(&mut r).await {
         Frame::Failed(f) => assert!(f.message.contains("file name"), "{}", f.message),
         other => panic!("unexpected {other:?}"),
     }
-    drop(sconn);
-    served.abort();
+    t.served.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_that_changes_fails_clearly_and_leaves_no_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = file(dir.path(), "log.txt", 2 * 1024 * 1024, 4);
-    let m = Manifest::of_file(&src).unwrap();
+    let t = setup("log.txt", 2 * 1024 * 1024, 4).await;
+    let (dir, src, m) = (&t.dir, &t.src, &t.m);
     // Someone appends to it after it was queued.
-    let mut data = std::fs::read(&src).unwrap();
+    let mut data = std::fs::read(src).unwrap();
     data[1_500_000] ^= 1;
-    std::fs::write(&src, &data).unwrap();
-    let ib = inbox(dir.path());
-    let (_ep, sconn, cconn) = pair().await;
-    serve(cconn, ib.clone());
-    let err = send_default(&sconn, &src, &m, &Arc::new(Progress::default()))
+    std::fs::write(src, &data).unwrap();
+    let err = send_default(&t.sconn, src, m, &Arc::new(Progress::default()))
         .await
         .unwrap_err();
     assert!(matches!(err, TransferError::SourceChanged(_)), "{err}");
@@ -304,43 +342,32 @@ async fn a_source_that_changes_fails_clearly_and_leaves_no_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumed_offer_to_a_receiver_that_lost_its_state_sends_the_manifest_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = file(dir.path(), "m.bin", 1_000_000, 9);
-    let m = Manifest::of_file(&src).unwrap();
-    let ib = inbox(dir.path());
-    let (_ep, sconn, cconn) = pair().await;
-    serve(cconn, ib.clone());
+    let t = setup("m.bin", 1_000_000, 9).await;
+    let (dir, src, m, sconn) = (&t.dir, &t.src, &t.m, &t.sconn);
     // The sender believes this is a second attempt: it offers without the chunk hashes.
     let progress = Arc::new(Progress::default());
     progress
         .attempts
         .store(1, std::sync::atomic::Ordering::Relaxed);
-    let out = send_default(&sconn, &src, &m, &progress).await.unwrap();
+    let out = send_default(sconn, src, m, &progress).await.unwrap();
     assert!(matches!(out, SendOutcome::Delivered(_)));
     assert_eq!(
         std::fs::read(dir.path().join("in/m.bin")).unwrap(),
-        std::fs::read(&src).unwrap()
+        std::fs::read(src).unwrap()
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_cut_off_half_way_is_completed_with_only_its_missing_part() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = file(dir.path(), "p.bin", 3 * 32 * 1024 - 100, 4);
-    let m = Manifest::of_file(&src).unwrap();
-    let data = std::fs::read(&src).unwrap();
-    let ib = inbox(dir.path());
-    let (_ep, sconn, cconn) = pair().await;
-    serve(cconn, ib.clone());
+    let t = setup("p.bin", 3 * 32 * 1024 - 100, 4).await;
+    let (dir, src, m, ib, sconn) = (&t.dir, &t.src, &t.m, &t.ib, &t.sconn);
+    let data = std::fs::read(src).unwrap();
     // A hand-written sender: chunk 0 whole, then half of chunk 1, then the link goes.
-    let (send, recv) = sconn.open_bi().await.unwrap();
-    let mut w = tokio_util::codec::FramedWrite::new(send, transfer_wire::codec());
-    let mut r = tokio_util::codec::FramedRead::new(recv, transfer_wire::codec());
-    w.send(Frame::Offer(transfer_wire::Offer::new(&m, "t1", "normal", "controller")).encode())
+    let (mut w, mut r) = control(sconn).await;
+    w.send(Frame::Offer(transfer_wire::Offer::new(m, "t1", "normal", "controller")).encode())
         .await
         .unwrap();
-    let have = Frame::decode(r.next().await.unwrap().unwrap().freeze()).unwrap();
-    assert!(matches!(have, Frame::Have(_)));
+    assert!(matches!(frame(&mut r).await, Frame::Have(_)));
     let half = m.chunk_len(1) / 2;
     for (i, upto) in [(0u32, m.chunk_len(0)), (1, half)] {
         let mut s = sconn.open_uni().await.unwrap();
@@ -364,7 +391,7 @@ async fn a_chunk_cut_off_half_way_is_completed_with_only_its_missing_part() {
     serve(cconn2, ib.clone());
     let p2 = Arc::new(Progress::default());
     p2.attempts.store(1, std::sync::atomic::Ordering::Relaxed); // a resumed transfer
-    let out = send_default(&sconn2, &src, &m, &p2).await.unwrap();
+    let out = send_default(&sconn2, src, m, &p2).await.unwrap();
     assert!(matches!(out, SendOutcome::Delivered(_)), "{out:?}");
     let sent = p2.sent_bytes.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(
@@ -377,21 +404,17 @@ async fn a_chunk_cut_off_half_way_is_completed_with_only_its_missing_part() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limit_is_never_exceeded() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = file(dir.path(), "r.bin", 1024 * 1024, 5);
-    let m = Manifest::of_file(&src).unwrap();
-    let ib = inbox(dir.path());
-    let (_ep, sconn, cconn) = pair().await;
-    serve(cconn, ib);
+    let t = setup("r.bin", 1024 * 1024, 5).await;
+    let (src, m, sconn) = (&t.src, &t.m, &t.sconn);
     let opts = SendOptions {
         rate_limit_bps: Some(4_000_000),
         ..SendOptions::default()
     };
     let t = std::time::Instant::now();
     let out = send_file(
-        &sconn,
-        &src,
-        &m,
+        sconn,
+        src,
+        m,
         &opts,
         &Arc::new(Progress::default()),
         &no_pause,
@@ -413,21 +436,15 @@ async fn a_rate_limit_is_never_exceeded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_receipts_are_forgotten_and_abandoned_part_files_deleted() {
     use tiandi_transfer::inbox::{Expired, KEEP_ABANDONED, KEEP_COMPLETE};
-    let dir = tempfile::tempdir().unwrap();
-    let whole = file(dir.path(), "whole.bin", 700 * 1024, 4);
+    let t = setup("whole.bin", 700 * 1024, 4).await;
+    let (dir, whole, mw, ib, sconn) = (&t.dir, &t.src, &t.m, &t.ib, &t.sconn);
     let cut = file(dir.path(), "cut.bin", 8 * 1024 * 1024, 5);
-    let (mw, mc) = (
-        Manifest::of_file(&whole).unwrap(),
-        Manifest::of_file(&cut).unwrap(),
-    );
-    let ib = inbox(dir.path());
-    let (_ep, sconn, cconn) = pair().await;
-    serve(cconn.clone(), ib.clone());
+    let mc = Manifest::of_file(&cut).unwrap();
     let progress = Arc::new(Progress::default());
-    let out = send_default(&sconn, &whole, &mw, &progress).await.unwrap();
+    let out = send_default(sconn, whole, mw, &progress).await.unwrap();
     assert!(matches!(out, SendOutcome::Delivered(_)));
     // The second one breaks off a third of the way: its sender never comes back.
-    send_cut_at_a_third(&sconn, cconn, &cut, &mc).await;
+    send_cut_at_a_third(sconn, t.cconn.clone(), &cut, &mc).await;
     let part = ib.get(&mc.id_hex()).unwrap().unwrap().part;
     assert!(part.exists());
     let part_len = std::fs::metadata(&part).unwrap().len();
@@ -470,7 +487,7 @@ async fn old_receipts_are_forgotten_and_abandoned_part_files_deleted() {
     assert!(ib.list().unwrap().is_empty());
     assert_eq!(
         std::fs::read(dir.path().join("in/whole.bin")).unwrap(),
-        std::fs::read(&whole).unwrap()
+        std::fs::read(whole).unwrap()
     );
 
     // The abandoned file offered again starts afresh and arrives whole.
@@ -490,12 +507,8 @@ async fn old_receipts_are_forgotten_and_abandoned_part_files_deleted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transfer_being_received_is_never_expired() {
     use tiandi_transfer::inbox::{KEEP_ABANDONED, KEEP_COMPLETE};
-    let dir = tempfile::tempdir().unwrap();
-    let src = file(dir.path(), "slow.bin", 1024 * 1024, 6);
-    let m = Manifest::of_file(&src).unwrap();
-    let ib = inbox(dir.path());
-    let (_ep, sconn, cconn) = pair().await;
-    serve(cconn, ib.clone());
+    let t = setup("slow.bin", 1024 * 1024, 6).await;
+    let (dir, src, m, ib, sconn) = (&t.dir, &t.src, &t.m, &t.ib, &t.sconn);
     let progress = Arc::new(Progress::default());
     let opts = SendOptions {
         rate_limit_bps: Some(2_000_000),
@@ -521,6 +534,117 @@ async fn a_transfer_being_received_is_never_expired() {
     assert!(matches!(out, SendOutcome::Delivered(_)));
     assert_eq!(
         std::fs::read(dir.path().join("in/slow.bin")).unwrap(),
-        std::fs::read(&src).unwrap()
+        std::fs::read(src).unwrap()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_offer_is_told_what_was_acknowledged_and_held_chunks_are_not_taken_again() {
+    let t = setup("h.bin", 10 * 32 * 1024 + 5, 7).await;
+    let (dir, m, sconn) = (&t.dir, &t.m, &t.sconn);
+    let data = std::fs::read(&t.src).unwrap();
+    let offer =
+        || Frame::Offer(transfer_wire::Offer::new(m, "t1", "normal", "controller")).encode();
+    // A hand-written sender sends chunks 0 and 2, waits until both are acknowledged, then
+    // stops.
+    let (mut w, mut r) = control(sconn).await;
+    w.send(offer()).await.unwrap();
+    match frame(&mut r).await {
+        Frame::Have(h) => assert!(h.verified.iter().all(|b| *b == 0), "nothing held yet"),
+        other => panic!("unexpected {other:?}"),
+    }
+    for i in [0, 2] {
+        send_chunk(sconn, m, i, chunk(m, &data, i)).await;
+    }
+    let mut acked = Vec::new();
+    while acked.len() < 2 {
+        match frame(&mut r).await {
+            Frame::Acked(a) => acked.extend(a.chunks),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    acked.sort_unstable();
+    assert_eq!(acked, [0, 2]);
+    w.get_mut().finish().unwrap();
+    drop((w, r));
+
+    // Offered again: the Have lists exactly the acknowledged chunks.
+    let (mut w, mut r) = control(sconn).await;
+    w.send(offer()).await.unwrap();
+    let have = match frame(&mut r).await {
+        Frame::Have(h) => Bitmap::from_bytes(&h.verified, m.chunk_count()),
+        other => panic!("unexpected {other:?}"),
+    };
+    let held: Vec<u32> = (0..m.chunk_count()).filter(|i| have.get(*i)).collect();
+    assert_eq!(held, [0, 2]);
+    // A chunk it holds is not taken again (garbage in its place is not even checked), and
+    // the rest completes the file.
+    send_chunk(sconn, m, 0, &vec![0xAA; m.chunk_len(0)]).await;
+    for i in have.missing().collect::<Vec<_>>() {
+        send_chunk(sconn, m, i, chunk(m, &data, i)).await;
+    }
+    loop {
+        match frame(&mut r).await {
+            Frame::Done(receipt) => {
+                assert_eq!(receipt.file_hash, m.id_hex());
+                break;
+            }
+            Frame::Acked(a) => assert!(
+                !a.chunks.contains(&0) && !a.chunks.contains(&2),
+                "acknowledged again: {:?}",
+                a.chunks
+            ),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(std::fs::read(dir.path().join("in/h.bin")).unwrap(), data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_that_would_leave_the_inbox_directory_are_refused() {
+    let t = setup("n.bin", 40 * 1024, 8).await;
+    let (dir, m, sconn) = (&t.dir, &t.m, &t.sconn);
+    let names = |d: &Path| {
+        let mut v: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = names(dir.path());
+    for name in [
+        "../x",
+        "../../etc/cron.d/x",
+        "/etc/passwd",
+        "sub/x",
+        "sub\\x",
+        "..",
+        ".",
+        "",
+        ".hidden",
+        "x\0y",
+        "x\ny",
+    ] {
+        let (mut w, mut r) = control(sconn).await;
+        let mut offer = transfer_wire::Offer::new(m, "t", "normal", "controller");
+        offer.name = name.into();
+        w.send(Frame::Offer(offer).encode()).await.unwrap();
+        match frame(&mut r).await {
+            Frame::Failed(f) => {
+                assert_eq!(
+                    f.code,
+                    transfer_wire::codes::PROTOCOL,
+                    "{name:?}: {}",
+                    f.message
+                );
+                assert!(f.message.contains("file name"), "{name:?}: {}", f.message);
+            }
+            other => panic!("{name:?}: unexpected {other:?}"),
+        }
+    }
+    // Nothing was created: not beside the inbox, not in it, and no state kept.
+    assert_eq!(before, names(dir.path()));
+    assert_eq!(std::fs::read_dir(dir.path().join("in")).unwrap().count(), 0);
+    assert!(t.ib.list().unwrap().is_empty());
 }
