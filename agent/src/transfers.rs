@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use tiandi_transfer::{Inbox, Job, Manifest, Outbox, Window};
+use tiandi_transfer::{Inbox, Job, JobState, JobStatus, Manifest, Outbox, Priority, Window};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -75,8 +75,9 @@ impl tiandi_uplink::SessionHook for SiteTransfers {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SendRequest {
     pub path: PathBuf,
-    pub priority: String,
-    pub window: Option<String>,
+    pub priority: Priority,
+    #[serde(default, with = "tiandi_transfer::outbox::window::as_text")]
+    pub window: Option<Window>,
     pub rate_limit_mbit: Option<f64>,
 }
 
@@ -109,14 +110,6 @@ pub fn request_send(data_dir: &Path, req: &SendRequest) -> anyhow::Result<String
 }
 
 fn check_request(req: &SendRequest) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        matches!(req.priority.as_str(), "alarm" | "normal" | "bulk"),
-        "priority {:?}: expected alarm, normal or bulk",
-        req.priority
-    );
-    if let Some(w) = &req.window {
-        w.parse::<Window>().map_err(anyhow::Error::msg)?;
-    }
     if let Some(r) = req.rate_limit_mbit {
         anyhow::ensure!(
             r > 0.0 && r.is_finite(),
@@ -189,13 +182,8 @@ async fn take_requests(dir: &Path, outbox: &Outbox, site_id: &str) -> anyhow::Re
                 .await
                 .context("hashing task")??;
             let mut job = Job::new(&id, CONTROLLER, source, manifest);
-            job.priority = req.priority.clone();
-            job.window = req
-                .window
-                .as_deref()
-                .map(str::parse)
-                .transpose()
-                .map_err(anyhow::Error::msg)?;
+            job.priority = req.priority;
+            job.window = req.window;
             job.rate_limit_bps = req.rate_limit_mbit.map(|r| (r * 1e6) as u64);
             job.origin = site_id.to_string();
             Ok(job)
@@ -226,23 +214,27 @@ async fn take_requests(dir: &Path, outbox: &Outbox, site_id: &str) -> anyhow::Re
 
 /// The outbox as JSON (what `status.json` holds).
 pub fn status_json(outbox: &Outbox) -> anyhow::Result<Vec<u8>> {
-    let jobs: Vec<serde_json::Value> = outbox.list()?.iter().map(Job::status).collect();
+    let jobs: Vec<JobStatus> = outbox.list()?.iter().map(Job::status).collect();
     Ok(serde_json::to_vec_pretty(
         &serde_json::json!({ "transfers": jobs }),
     )?)
 }
 
 /// The outbox as the running agent last wrote it (`status.json`); empty if it never did.
-pub fn read_status(data_dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
+pub fn read_status(data_dir: &Path) -> anyhow::Result<Vec<JobStatus>> {
     let p = outgoing_dir(data_dir).join("status.json");
     let text = match std::fs::read(&p) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
     };
-    let v: serde_json::Value =
-        serde_json::from_slice(&text).with_context(|| format!("{}: not JSON", p.display()))?;
-    Ok(v["transfers"].as_array().cloned().unwrap_or_default())
+    #[derive(Deserialize)]
+    struct Status {
+        transfers: Vec<JobStatus>,
+    }
+    let v: Status = serde_json::from_slice(&text)
+        .with_context(|| format!("{}: not the agent's transfer status", p.display()))?;
+    Ok(v.transfers)
 }
 
 /// Why the agent refused request `id`, if it did.
@@ -338,12 +330,14 @@ pub async fn from_relay(
 pub async fn wait_delivered(data_dir: &Path, id: &str, within: Duration) -> anyhow::Result<String> {
     let deadline = std::time::Instant::now() + within;
     loop {
-        if let Some(j) = read_status(data_dir)?.into_iter().find(|j| j["id"] == id) {
-            match j["state"].as_str() {
-                Some("delivered") => {
-                    return Ok(j["receipt"]["node"].as_str().unwrap_or("?").to_string());
+        if let Some(j) = read_status(data_dir)?.into_iter().find(|j| j.id == id) {
+            match j.state {
+                JobState::Delivered => {
+                    return Ok(j.receipt.map(|r| r.node).unwrap_or_else(|| "?".into()));
                 }
-                Some("failed") => anyhow::bail!("transfer {id} failed: {}", j["error"]),
+                JobState::Failed => {
+                    anyhow::bail!("transfer {id} failed: {}", j.error.unwrap_or_default())
+                }
                 _ => {}
             }
         }
@@ -361,34 +355,24 @@ pub async fn wait_delivered(data_dir: &Path, id: &str, within: Duration) -> anyh
 }
 
 /// `tiandi-agent transfers`: one line per outgoing transfer.
-pub fn table(jobs: &[serde_json::Value]) -> String {
+pub fn table(jobs: &[JobStatus]) -> String {
     let mut out = format!(
         "{:<22} {:<14} {:<28} {:>12} {:>6} {:<10} note\n",
         "id", "to", "file", "bytes", "done%", "state"
     );
     for j in jobs {
-        let bytes = j["bytes"].as_u64().unwrap_or(0);
-        let pct = if bytes == 0 {
-            100.0
-        } else {
-            j["acked_bytes"].as_u64().unwrap_or(0) as f64 * 100.0 / bytes as f64
-        };
-        let note = if j["receipt"].is_object() {
-            format!(
-                "verified at {}",
-                j["receipt"]["node"].as_str().unwrap_or("?")
-            )
-        } else {
-            j["error"].as_str().unwrap_or("").to_string()
+        let note = match (&j.receipt, &j.error) {
+            (Some(r), _) => format!("verified at {}", r.node),
+            (None, e) => e.clone().unwrap_or_default(),
         };
         out += &format!(
             "{:<22} {:<14} {:<28} {:>12} {:>6.1} {:<10} {note}\n",
-            j["id"].as_str().unwrap_or(""),
-            j["dest"].as_str().unwrap_or(""),
-            j["file"].as_str().unwrap_or(""),
-            bytes,
-            pct,
-            j["state"].as_str().unwrap_or("")
+            j.id,
+            j.dest,
+            j.file,
+            j.bytes,
+            j.progress_pct,
+            j.state.to_string()
         );
     }
     out

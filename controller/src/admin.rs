@@ -184,7 +184,7 @@ pub struct TransfersRequest {}
 /// Transfers queued by the controller, and (from the running controller) files sites sent it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TransfersAnswer {
-    pub transfers: Vec<transfers::JobStatusView>,
+    pub transfers: Vec<tiandi_transfer::JobStatus>,
     #[serde(default)]
     pub received: Vec<transfers::Received>,
 }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use tiandi_transfer::{Job, Manifest, Outbox, Window};
+use tiandi_transfer::{Job, JobStatus, Manifest, Outbox, Priority, Window};
 
 use crate::registry::Registry;
 
@@ -14,17 +14,14 @@ pub struct SendRequest {
     pub path: String,
     /// `site:ID`, `province:CODE` or `all`.
     pub to: String,
-    #[serde(default = "normal")]
-    pub priority: String,
-    /// `HH:MM-HH:MM` in UTC, or local time with an offset: `01:00-06:00+08:00`.
+    /// alarm, normal or bulk (a request naming another class is refused as it is read).
     #[serde(default)]
-    pub window: Option<String>,
+    pub priority: Priority,
+    /// `HH:MM-HH:MM` in UTC, or local time with an offset: `01:00-06:00+08:00`.
+    #[serde(default, with = "tiandi_transfer::outbox::window::as_text")]
+    pub window: Option<Window>,
     #[serde(default)]
     pub rate_limit_mbit: Option<f64>,
-}
-
-fn normal() -> String {
-    "normal".into()
 }
 
 /// What a send queued: one transfer group, one job per destination (and per relay).
@@ -91,16 +88,7 @@ pub fn queue(
     relays: &BTreeMap<String, String>,
     req: &SendRequest,
 ) -> Result<SendAnswer, SendError> {
-    if !matches!(req.priority.as_str(), "alarm" | "normal" | "bulk") {
-        return Err(SendError::Bad(format!(
-            "priority {:?}: expected alarm, normal or bulk",
-            req.priority
-        )));
-    }
-    let window: Option<Window> = match &req.window {
-        Some(w) => Some(w.parse().map_err(SendError::Bad)?),
-        None => None,
-    };
+    let window = req.window;
     let rate = match req.rate_limit_mbit {
         Some(r) if !(r > 0.0 && r.is_finite()) => {
             return Err(SendError::Bad(format!(
@@ -158,7 +146,7 @@ pub fn queue(
             source.clone(),
             manifest.clone(),
         );
-        job.priority = req.priority.clone();
+        job.priority = req.priority;
         job.window = window;
         job.rate_limit_bps = rate;
         job.origin = "controller".into();
@@ -190,11 +178,8 @@ pub fn queue(
     })
 }
 
-/// One transfer's state as the API shows it.
-pub type JobStatusView = serde_json::Value;
-
 /// Status of every transfer, for the API and `tiandi-controller transfers`.
-pub fn status(outbox: &Outbox) -> Result<Vec<JobStatusView>, SendError> {
+pub fn status(outbox: &Outbox) -> Result<Vec<JobStatus>, SendError> {
     Ok(outbox.list()?.iter().map(Job::status).collect())
 }
 
@@ -240,38 +225,30 @@ pub fn received(inbox: &tiandi_transfer::Inbox) -> Result<Vec<Received>, SendErr
 }
 
 /// The `transfers` table: one line per destination, with progress, rate, ETA and receipt.
-pub fn table(jobs: &[JobStatusView]) -> String {
+pub fn table(jobs: &[JobStatus]) -> String {
     let mut out = format!(
         "{:<36} {:<14} {:<24} {:>6} {:<10} {:>9} {:>8}  receipt/error\n",
         "ID", "DEST", "FILE", "DONE%", "STATE", "RATE", "ETA"
     );
     for t in jobs {
-        let rate = t["rate_bps"].as_u64().unwrap_or(0) as f64 / 1e6;
-        let eta = t["eta_s"]
-            .as_u64()
-            .map(|s| format!("{s}s"))
-            .unwrap_or("-".into());
-        let tail = if t["receipt"].is_object() {
-            format!(
-                "verified at {} ({})",
-                t["receipt"]["node"].as_str().unwrap_or_default(),
-                t["receipt"]["path"].as_str().unwrap_or_default()
-            )
-        } else {
-            t["error"].as_str().unwrap_or_default().to_string()
+        let rate = t.rate_bps as f64 / 1e6;
+        let eta = t.eta_s.map(|s| format!("{s}s")).unwrap_or("-".into());
+        let tail = match (&t.receipt, &t.error) {
+            (Some(r), _) => format!("verified at {} ({})", r.node, r.path),
+            (None, e) => e.clone().unwrap_or_default(),
         };
-        let tail = match (t["via"].as_str(), t["relays_to"].as_array()) {
+        let tail = match (&t.via, t.relays_to.len()) {
             (Some(r), _) => format!("via {r}; {tail}"),
-            (None, Some(b)) if !b.is_empty() => format!("relays to {} site(s); {tail}", b.len()),
+            (None, n) if n > 0 => format!("relays to {n} site(s); {tail}"),
             _ => tail,
         };
         out += &format!(
             "{:<36} {:<14} {:<24} {:>6.1} {:<10} {:>8.2}M {:>8}  {}\n",
-            t["id"].as_str().unwrap_or_default(),
-            t["dest"].as_str().unwrap_or_default(),
-            t["file"].as_str().unwrap_or_default(),
-            t["progress_pct"].as_f64().unwrap_or(0.0),
-            t["state"].as_str().unwrap_or_default(),
+            t.id,
+            t.dest,
+            t.file,
+            t.progress_pct,
+            t.state.to_string(),
             rate,
             eta,
             tail

@@ -68,6 +68,28 @@ async fn admin_routes_need_the_token_and_answer_in_the_shared_types() {
     let (status, _) = get(&format!("{api}/api/admin/registry"));
     assert_eq!(status, 401, "reading the registry needs the token too");
 
+    // A priority class or a window that does not exist is refused as the request is read.
+    let token = std::fs::read_to_string(ctl.core.config.data_dir.join("admin.token")).unwrap();
+    for (body, says) in [
+        (
+            serde_json::json!({"path": "/x", "to": "all", "priority": "urgent"}),
+            "alarm",
+        ),
+        (
+            serde_json::json!({"path": "/x", "to": "all", "window": "25:00-26:00"}),
+            "window",
+        ),
+    ] {
+        let mut r = http()
+            .post(format!("{api}/api/admin/send"))
+            .header("Authorization", &format!("Bearer {}", token.trim()))
+            .send_json(&body)
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 422, "{body}");
+        let text = r.body_mut().read_to_string().unwrap();
+        assert!(text.contains(says), "{body}: {text}");
+    }
+
     let report = blocking(move || {
         let c = AdminClient { cfg: &cli_cfg };
         let t = c
@@ -104,22 +126,16 @@ async fn admin_routes_need_the_token_and_answer_in_the_shared_types() {
 
         let file = c.cfg.data_dir.join("../notice.txt");
         std::fs::write(&file, "drill at 09:00\n").unwrap();
-        let send = |to: &str, priority: &str| SendRequest {
+        let send = |to: &str| SendRequest {
             path: file.display().to_string(),
             to: to.into(),
-            priority: priority.into(),
-            window: None,
+            priority: tiandi_transfer::Priority::Bulk,
+            window: Some("22:00-06:00+08:00".parse().unwrap()),
             rate_limit_mbit: None,
         };
-        let e = c
-            .call(&send("site:nowhere-001", "normal"))
-            .expect_err("nobody");
+        let e = c.call(&send("site:nowhere-001")).expect_err("nobody");
         assert!(e.to_string().contains("unknown destination"), "{e:#}");
-        let e = c.call(&send("all", "urgent")).expect_err("no such class");
-        assert!(e.to_string().contains("alarm, normal or bulk"), "{e:#}");
-        let e = c
-            .call(&send("everyone", "normal"))
-            .expect_err("bad destination");
+        let e = c.call(&send("everyone")).expect_err("bad destination");
         assert!(
             e.to_string().contains("site:ID, province:CODE or all"),
             "{e:#}"

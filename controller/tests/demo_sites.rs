@@ -53,7 +53,7 @@ async fn demo_sites_report_and_take_a_file() {
         &transfers::SendRequest {
             path: file.display().to_string(),
             to: format!("site:{site}"),
-            priority: "normal".into(),
+            priority: tiandi_transfer::Priority::Normal,
             window: None,
             rate_limit_mbit: None,
         },

@@ -6,11 +6,11 @@
 pub struct SendFlags {
     /// alarm, normal or bulk.
     #[arg(long, default_value = "normal")]
-    pub priority: String,
+    pub priority: crate::Priority,
     /// Only send within this daily window, `HH:MM-HH:MM` in UTC (22:00-06:00), or in local time
     /// with a UTC offset after it: `01:00-06:00+08:00` (Beijing).
     #[arg(long)]
-    pub window: Option<String>,
+    pub window: Option<crate::Window>,
     /// At most this many Mbit/s for this transfer.
     #[arg(long)]
     pub rate_limit: Option<f64>,

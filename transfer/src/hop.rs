@@ -63,7 +63,7 @@ pub fn forward_completed(
             }
             let Some(m) = manifest.clone() else { continue };
             let mut job = Job::new(&id, site, st.dest.clone(), m);
-            job.priority = st.priority.clone();
+            job.priority = crate::Priority::class_of(&st.priority);
             job.origin = st.origin.clone();
             job.forwarded = true;
             outbox.enqueue(job)?;

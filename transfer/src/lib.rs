@@ -41,7 +41,7 @@ use std::path::{Path, PathBuf};
 pub use flags::SendFlags;
 pub use inbox::{Inbox, InboxEvent};
 pub use manifest::Manifest;
-pub use outbox::{Job, JobState, Outbox, Window};
+pub use outbox::{Job, JobState, JobStatus, Outbox, Window};
 pub use priority::Priority;
 pub use send::{SendOptions, SendOutcome, send_file};
 pub use transfer_wire::{Bitmap, Receipt};

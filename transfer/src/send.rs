@@ -51,7 +51,7 @@ pub const AHEAD_CWNDS: f64 = 2.5;
 
 pub struct SendOptions {
     /// `alarm`, `normal` or `bulk`.
-    pub priority: String,
+    pub priority: Priority,
     /// At most this many bits per second of chunk payload.
     pub rate_limit_bps: Option<u64>,
     /// Give up on this connection when nothing comes back for this long with chunks unacknowledged.
@@ -67,7 +67,7 @@ pub struct SendOptions {
 impl Default for SendOptions {
     fn default() -> Self {
         SendOptions {
-            priority: "normal".into(),
+            priority: Priority::Normal,
             rate_limit_bps: None,
             stall_timeout: Duration::from_secs(20),
             origin: String::new(),
@@ -111,7 +111,7 @@ pub async fn send_file(
     progress: &Arc<Progress>,
     pause: &(dyn Fn() -> bool + Send + Sync),
 ) -> Result<SendOutcome, TransferError> {
-    let priority = stream_priority(&opts.priority);
+    let priority = stream_priority(opts.priority.as_str());
     // A first attempt starts sending at once (the receiver is expected to hold nothing; if it
     // holds something, its Have arrives one RTT later and stops those chunks). A resumed one
     // offers without the chunk hashes (the receiver keeps them; over a satellite link they are
@@ -123,7 +123,12 @@ pub async fn send_file(
         let _ = send.set_priority(priority);
         let mut w = FramedWrite::new(send, transfer_wire::codec());
         let mut r = FramedRead::new(recv, transfer_wire::codec());
-        let mut offer = Offer::new(manifest, &opts.transfer_id, &opts.priority, &opts.origin);
+        let mut offer = Offer::new(
+            manifest,
+            &opts.transfer_id,
+            opts.priority.as_str(),
+            &opts.origin,
+        );
         offer.forward_to = opts.forward_to.clone();
         put(
             &mut w,

@@ -96,7 +96,7 @@ async fn run_job(
         .acked_bytes
         .store(job.acked_bytes, Ordering::Relaxed);
     let opts = SendOptions {
-        priority: job.priority.clone(),
+        priority: job.priority,
         rate_limit_bps: job.rate_limit_bps,
         origin: if job.origin.is_empty() {
             origin.to_string()

@@ -9,11 +9,11 @@
 mod drive;
 mod schedule;
 mod store;
-mod window;
+pub mod window;
 
 use std::path::PathBuf;
 
-use crate::{Manifest, Receipt, now_ms};
+use crate::{Manifest, Priority, Receipt, now_ms};
 
 pub use drive::drive;
 pub use schedule::{CLASSES, Next};
@@ -73,6 +73,43 @@ impl std::str::FromStr for JobState {
     }
 }
 
+/// A job as the API, the CLIs and the agent's `status.json` show it (one type for the
+/// controller's API and its CLI, and for the agent and its CLI).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct JobStatus {
+    pub id: String,
+    /// The receiving node (a site ID, or "controller").
+    pub dest: String,
+    pub file: String,
+    pub bytes: u64,
+    pub priority: Priority,
+    pub state: JobState,
+    /// Bytes the receiver acknowledged (checked and on its disk).
+    pub acked_bytes: u64,
+    pub progress_pct: f64,
+    /// Recent rate of acknowledged bytes (bit/s) while sending.
+    pub rate_bps: u64,
+    /// Seconds left at the recent rate.
+    pub eta_s: Option<u64>,
+    pub sent_bytes: u64,
+    pub attempts: u64,
+    /// Its daily window, as written (`22:00-06:00`, `01:00-06:00+08:00`).
+    #[serde(with = "window::as_text")]
+    pub window: Option<Window>,
+    pub rate_limit_bps: Option<u64>,
+    pub error: Option<String>,
+    /// The receiver's receipt once it verified the whole file.
+    pub receipt: Option<Receipt>,
+    /// The relay that delivers it (a tracking job).
+    pub via: Option<String>,
+    /// The sites a relay forwards it to.
+    pub relays_to: Vec<String>,
+    /// A relay's copy toward a site below it.
+    pub forwarded: bool,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}
+
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Job {
     pub id: String,
@@ -84,7 +121,7 @@ pub struct Job {
     #[serde(with = "crate::manifest::head")]
     pub manifest: Manifest,
     /// alarm, normal or bulk.
-    pub priority: String,
+    pub priority: Priority,
     pub rate_limit_bps: Option<u64>,
     pub window: Option<Window>,
     pub forward_to: Vec<String>,
@@ -121,7 +158,7 @@ impl Job {
             dest: dest.into(),
             source,
             manifest,
-            priority: "normal".into(),
+            priority: Priority::Normal,
             rate_limit_bps: None,
             window: None,
             forward_to: Vec::new(),
@@ -150,31 +187,35 @@ impl Job {
     }
 
     /// The job as the API, the CLIs and the agent's `status.json` show it.
-    pub fn status(&self) -> serde_json::Value {
+    pub fn status(&self) -> JobStatus {
         let size = self.manifest.size;
-        serde_json::json!({
-            "id": self.id,
-            "dest": self.dest,
-            "file": self.manifest.name,
-            "bytes": size,
-            "priority": self.priority,
-            "state": self.state,
-            "acked_bytes": self.acked_bytes,
-            "progress_pct": if size == 0 { 100.0 } else { self.acked_bytes as f64 * 100.0 / size as f64 },
-            "rate_bps": self.rate_bps,
-            "eta_s": self.eta_s(),
-            "sent_bytes": self.sent_bytes,
-            "attempts": self.attempts,
-            "window": self.window.map(|w| format!("{:02}:{:02}-{:02}:{:02}", w.start_min / 60, w.start_min % 60, w.end_min / 60, w.end_min % 60)),
-            "rate_limit_bps": self.rate_limit_bps,
-            "error": self.error,
-            "receipt": self.receipt,
-            "via": self.via,
-            "relays_to": self.forward_to,
-            "forwarded": self.forwarded,
-            "created_ms": self.created_ms,
-            "updated_ms": self.updated_ms,
-        })
+        JobStatus {
+            id: self.id.clone(),
+            dest: self.dest.clone(),
+            file: self.manifest.name.clone(),
+            bytes: size,
+            priority: self.priority,
+            state: self.state,
+            acked_bytes: self.acked_bytes,
+            progress_pct: if size == 0 {
+                100.0
+            } else {
+                self.acked_bytes as f64 * 100.0 / size as f64
+            },
+            rate_bps: self.rate_bps,
+            eta_s: self.eta_s(),
+            sent_bytes: self.sent_bytes,
+            attempts: self.attempts,
+            window: self.window,
+            rate_limit_bps: self.rate_limit_bps,
+            error: self.error.clone(),
+            receipt: self.receipt.clone(),
+            via: self.via.clone(),
+            relays_to: self.forward_to.clone(),
+            forwarded: self.forwarded,
+            created_ms: self.created_ms,
+            updated_ms: self.updated_ms,
+        }
     }
 
     pub fn finished(&self) -> bool {

@@ -23,7 +23,7 @@ pub enum Next {
 impl Job {
     /// The driver class that sends it: alarm, bulk, or normal (anything else).
     pub fn class(&self) -> &'static str {
-        Priority::class_of(&self.priority).as_str()
+        self.priority.as_str()
     }
 
     /// When it may next be sent, not before `now`: `None` if never from here (finished, sent
@@ -83,17 +83,17 @@ mod tests {
             chunks: vec![[0; 32]],
         };
         let mut a = Job::new("a", "s1", "/x".into(), m.clone());
-        a.priority = "bulk".into();
+        a.priority = Priority::Bulk;
         a.created_ms = 1;
         let mut b = Job::new("b", "s1", "/x".into(), m.clone());
         b.created_ms = 2;
         let mut c = Job::new("c", "s1", "/x".into(), m.clone());
-        c.priority = "alarm".into();
+        c.priority = Priority::Alarm;
         c.created_ms = 3;
         let mut d = Job::new("d", "s2", "/x".into(), m.clone());
-        d.priority = "alarm".into();
+        d.priority = Priority::Alarm;
         let mut e = Job::new("e", "s1", "/x".into(), m);
-        e.priority = "alarm".into();
+        e.priority = Priority::Alarm;
         e.state = JobState::Delivered;
         for j in [&a, &b, &c, &d, &e] {
             ob.enqueue((*j).clone()).unwrap();

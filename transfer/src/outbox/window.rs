@@ -194,3 +194,24 @@ mod tests {
         );
     }
 }
+
+/// Serde of an optional window as its text (`22:00-06:00`, `01:00-06:00+08:00`): how requests
+/// and status carry it (jobs store it as minutes).
+pub mod as_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::Window;
+
+    pub fn serialize<S: Serializer>(w: &Option<Window>, s: S) -> Result<S::Ok, S::Error> {
+        match w {
+            Some(w) => s.collect_str(w),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Window>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|t| t.parse().map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
