@@ -3,27 +3,16 @@
 //! errors come back with the right status and a message that says what to change; and with no
 //! controller running the same requests work on the data directory.
 
+mod common;
+
 use std::time::Duration;
 
+use tiandi_controller::Controller;
 use tiandi_controller::admin::{
     ConferenceRequest, EnrollBatchRequest, EnrollRequest, RegistryRequest, RevokeRequest,
     SendRequest, SiteRef, TransfersRequest,
 };
 use tiandi_controller::cli::AdminClient;
-use tiandi_controller::{Config, Controller};
-use tiandi_link::LinkProfile;
-
-fn config(dir: &std::path::Path) -> Config {
-    let mut cfg = Config {
-        data_dir: dir.join("ctl"),
-        profile: LinkProfile::Terrestrial,
-        ..Config::default()
-    };
-    cfg.quic_listen = "127.0.0.1:0".parse().unwrap();
-    cfg.api_listen = "127.0.0.1:0".parse().unwrap();
-    cfg.ops_listen = "127.0.0.1:0".parse().unwrap();
-    cfg
-}
 
 fn http() -> ureq::Agent {
     ureq::Agent::config_builder()
@@ -48,7 +37,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_routes_need_the_token_and_answer_in_the_shared_types() {
     let dir = tempfile::tempdir().unwrap();
-    let ctl = Controller::start(config(dir.path())).await.unwrap();
+    let ctl = Controller::start(common::config(dir.path())).await.unwrap();
     let api = format!("http://{}", ctl.api_addr);
     let mut cli_cfg = ctl.core.config.clone();
     cli_cfg.api_listen = ctl.api_addr;
@@ -219,7 +208,7 @@ async fn admin_routes_need_the_token_and_answer_in_the_shared_types() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_controller_admin_requests_run_on_the_data_dir() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(dir.path());
+    let mut cfg = common::config(dir.path());
     // Nothing listens here: the client falls back to the data directory.
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     cfg.api_listen = free.local_addr().unwrap();

@@ -1,25 +1,20 @@
 //! The demo's simulated sites report to the controller and take the files it sends (the demo
 //! prints a `send` command to one of them).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use tiandi_controller::{Config, Controller, demo, transfers};
+use tiandi_controller::{Controller, demo, transfers};
 use tiandi_link::LinkProfile;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_sites_report_and_take_a_file() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = Config {
-        data_dir: dir.path().join("demo"),
-        profile: LinkProfile::Terrestrial,
-        ..Config::default()
-    };
-    cfg.quic_listen = "127.0.0.1:0".parse().unwrap();
-    cfg.api_listen = "127.0.0.1:0".parse().unwrap();
-    cfg.ops_listen = "127.0.0.1:0".parse().unwrap();
+    let mut cfg = common::config(dir.path());
     cfg.conference.enabled = false;
     let ctl = Controller::start(cfg).await.unwrap();
     let core = ctl.core.clone();

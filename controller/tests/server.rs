@@ -2,6 +2,8 @@
 //! session protocol (Hello, Welcome, reports, acknowledgements once durable), exactly-once
 //! storage across a reconnect, and the refusals a wrong peer gets, each with its code.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -11,14 +13,7 @@ use tiandi_link::{FrameReader, FrameWriter, LinkProfile};
 use tiandi_proto::{Body, Hello, Report, codes};
 
 fn config(dir: &std::path::Path) -> Config {
-    let mut cfg = Config {
-        data_dir: dir.join("ctl"),
-        profile: LinkProfile::Terrestrial,
-        ..Config::default()
-    };
-    cfg.quic_listen = "127.0.0.1:0".parse().unwrap();
-    cfg.api_listen = "127.0.0.1:0".parse().unwrap();
-    cfg.ops_listen = "127.0.0.1:0".parse().unwrap();
+    let mut cfg = common::config(dir);
     cfg.conference.enabled = false;
     cfg
 }
