@@ -81,7 +81,7 @@ fn a_file_sent_to_a_province_arrives_verified_at_each_site() {
         ),
         (
             vec!["--to", "province:HB", "--priority", "urgent"],
-            "expected alarm, normal or bulk",
+            "unknown priority \"urgent\": alarm, normal or bulk",
         ),
         (
             vec!["--to", "planet:mars"],
@@ -344,7 +344,7 @@ fn a_site_sends_a_file_to_the_controller() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        said.contains("delivered: verified at \"controller\""),
+        said.contains("delivered: verified at controller\n"),
         "{said}"
     );
     // Files from a site land under its own name at the controller: sites cannot overwrite
@@ -372,7 +372,7 @@ fn a_site_sends_a_file_to_the_controller() {
         (vec!["send", "/nonexistent/file"], "/nonexistent/file"),
         (
             vec!["send", src.to_str().unwrap(), "--priority", "urgent"],
-            "expected alarm, normal or bulk",
+            "unknown priority \"urgent\": alarm, normal or bulk",
         ),
         (
             vec!["send", src.to_str().unwrap(), "--window", "9-5"],
