@@ -106,6 +106,18 @@ async fn admin_routes_need_the_token_and_answer_in_the_shared_types() {
             batch.tokens.iter().map(|t| t.token.clone()).collect();
         assert_eq!(tokens.len(), 3, "every token differs");
 
+        // A name that a path join would take for a directory is refused at the edge.
+        for bad in ["..", "."] {
+            let e = c
+                .call(&EnrollRequest {
+                    site_id: bad.into(),
+                    province: "BJ".into(),
+                    ttl_hours: None,
+                })
+                .expect_err("a site named like a directory");
+            assert!(e.to_string().contains("site ID"), "{e:#}");
+        }
+
         let e = c
             .call(&RevokeRequest {
                 site_id: "nowhere-001".into(),
