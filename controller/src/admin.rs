@@ -5,7 +5,6 @@
 //!
 //! Nothing here speaks HTTP or opens the data directory: it gets the registry and the outbox.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -288,9 +287,6 @@ impl AdminCall for RegistryRequest {
         })
     }
 }
-
-/// Via-relay layout of a send, for the answer: relay site → the sites it forwards to.
-pub type ViaRelays = BTreeMap<String, Vec<String>>;
 
 #[cfg(test)]
 mod tests {
