@@ -7,6 +7,7 @@ pub mod config;
 pub mod congestion;
 pub mod enroll;
 pub mod framed;
+pub mod names;
 pub mod pki;
 pub mod runtime;
 pub mod tls;

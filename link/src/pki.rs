@@ -51,22 +51,7 @@ pub struct Issued {
     pub identity: SiteIdentity,
 }
 
-/// Site IDs and province codes: 1–64 of `[A-Za-z0-9._-]`, starting with a letter or a digit
-/// (so `.`, `..` and hidden names, which a path join would take for directories, never pass).
-pub fn validate_name(what: &str, s: &str) -> Result<(), LinkError> {
-    let ok = s.as_bytes().first().is_some_and(u8::is_ascii_alphanumeric)
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(LinkError::BadName(format!(
-            "{what} {s:?}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or \
-             a digit"
-        )))
-    }
-}
+pub use crate::names::validate_name;
 
 fn pki(e: rcgen::Error) -> LinkError {
     LinkError::Pki(e.to_string())
@@ -333,28 +318,6 @@ mod tests {
         let n = site_dns_name(&long);
         assert!(n.split('.').all(|l| !l.is_empty() && l.len() <= 63), "{n}");
         assert!(rustls::pki_types::ServerName::try_from(n).is_ok());
-    }
-
-    #[test]
-    fn names_are_checked() {
-        assert!(validate_name("site ID", "site-01.a_b").is_ok());
-        assert!(validate_name("site ID", "").is_err());
-        assert!(validate_name("site ID", "a/b").is_err());
-        assert!(validate_name("site ID", &"x".repeat(65)).is_err());
-        assert!(validate_name("site ID", &"x".repeat(64)).is_ok());
-        // Names a path join would take for a directory, or hide.
-        for bad in [
-            ".",
-            "..",
-            ".hidden",
-            "-rf",
-            "_x",
-            "a\\b",
-            "%2e%2e",
-            "\u{ff0e}\u{ff0e}",
-        ] {
-            assert!(validate_name("site ID", bad).is_err(), "{bad:?}");
-        }
     }
 
     #[test]
