@@ -10,6 +10,7 @@ pub mod framed;
 pub mod names;
 pub mod pki;
 pub mod runtime;
+pub mod secrets;
 pub mod tls;
 pub mod transport;
 
@@ -32,6 +33,8 @@ pub enum LinkError {
     Pki(String),
     #[error("{0}")]
     BadName(String),
+    #[error("{0}")]
+    Secret(String),
     #[error("TLS: {0}")]
     Tls(String),
     #[error("QUIC endpoint: {0}")]
