@@ -95,17 +95,54 @@ impl LinkProfile {
             .stream_receive_window(VarInt::from_u64(window).unwrap_or(VarInt::MAX))
             .receive_window(VarInt::from_u64(window * 2).unwrap_or(VarInt::MAX))
             .send_window(window * 2)
-            .max_concurrent_bidi_streams(VarInt::from_u32(16))
-            // Transfers send each chunk on a stream of its own: enough for a window of chunks.
-            .max_concurrent_uni_streams(VarInt::from_u32(512))
+            .max_concurrent_bidi_streams(VarInt::from_u32(MAX_BIDI_STREAMS))
+            .max_concurrent_uni_streams(VarInt::from_u32(uni_streams(window * 2)))
             .keep_alive_interval(Some(Duration::from_secs(20)))
             .max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(60_000))));
         t
     }
 }
 
+/// Bidirectional streams a peer may have open at once: a report stream, a control stream per
+/// transfer class and direction, relay reports, conference control; each may buffer one
+/// frame (≤ 2.1 MB, a manifest).
+pub const MAX_BIDI_STREAMS: u32 = 16;
+/// The smallest chunk a transfer sends (`tiandi_transfer::manifest::MIN_CHUNK`; this crate
+/// is below it).
+const MIN_CHUNK: u64 = 32 * 1024;
+/// Bounds of [`uni_streams`].
+pub const MIN_UNI_STREAMS: u32 = 128;
+pub const MAX_UNI_STREAMS: u32 = 512;
+
+/// Unidirectional streams a peer may have open at once. Transfers send each chunk on a stream
+/// of its own, and a sender keeps at most its connection's flow-control window
+/// (`connection_window` bytes) in flight: that many smallest chunks, within
+/// [`MIN_UNI_STREAMS`]..=[`MAX_UNI_STREAMS`]. A GEO link (20 Mbit/s, 600 ms: ~1.5 MB in
+/// flight, ~46 chunks) gets 366; what a stream may make the receiver hold in memory is the
+/// transfer inbox's budget's business (`tiandi_transfer::inbox::CONN_CHUNK_BUDGET`), not
+/// this limit's.
+pub fn uni_streams(connection_window: u64) -> u32 {
+    (connection_window / MIN_CHUNK).clamp(u64::from(MIN_UNI_STREAMS), u64::from(MAX_UNI_STREAMS))
+        as u32
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn stream_limits_cover_a_geo_window_and_stay_bounded() {
+        use super::*;
+        // GEO at 20 Mbit/s × 600 ms: 1.5 MB in flight is 46 chunks of 32 KiB; the limit
+        // covers twice that, and never exceeds 512.
+        let (rtt, bps) = LinkProfile::Geo.nominal();
+        let bdp = (bps / 8) as f64 * rtt.as_secs_f64();
+        let w = (4.0 * bdp) as u64 * 2;
+        let n = uni_streams(w);
+        assert!(u64::from(n) * MIN_CHUNK >= 2 * bdp as u64, "{n}");
+        assert!(n <= MAX_UNI_STREAMS);
+        assert_eq!(uni_streams(0), MIN_UNI_STREAMS);
+        assert_eq!(uni_streams(u64::MAX), MAX_UNI_STREAMS);
+    }
+
     use super::*;
 
     #[test]

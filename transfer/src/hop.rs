@@ -216,44 +216,102 @@ pub struct Peer {
     pub province: String,
 }
 
-/// How often a connected site below is checked again.
-const CHECK_FRESH: Duration = Duration::from_secs(600);
+/// How often every connected site below is checked again with the controller: a revoked
+/// site is disconnected within this plus one round trip (issue 15, finding 6: within 10 s).
+///
+/// Why a bounded periodic re-check and not a push from the controller: it needs no new wire
+/// message and no state at the controller about who is connected where; a lost push cannot
+/// leave a revoked site connected; and the same loop is what makes the relay fail closed when
+/// the controller is out of reach. It costs one small stream per site below every 4 s on the
+/// relay's uplink (~100 bytes each way: 200 sites below, ~10 kbit/s).
+pub const RECHECK: Duration = Duration::from_secs(4);
+/// How long an answer from the controller may take before the relay goes by what it knows.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default of [`UpstreamCheck::with_max_age`] (`[relay] confirmed_within_s` in the agent's
+/// config): a relay that cannot reach the controller admits, and keeps, only sites the
+/// controller confirmed this recently.
+pub const CONFIRMED_WITHIN: Duration = Duration::from_secs(30 * 60);
+/// Sites a relay remembers answers for (the oldest answer goes first beyond this).
+const MAX_KNOWN: usize = 65_536;
 
 /// Asks upstream (the controller keeps the registry) whether a site below may connect: its
 /// certificate may have been revoked or superseded since the CA signed it. Asked at every
-/// connection and every [`CHECK_FRESH`] while connected. With no answer (the uplink is down:
-/// when a relay is most useful), a site is let in unless it was last known refused — said in
-/// the log.
+/// connection and every [`RECHECK`] while connected. With no answer (the uplink is down), the
+/// relay fails closed: a site is let in (or kept) only if the controller confirmed it within
+/// `max_age` ([`CONFIRMED_WITHIN`] by default); a site never confirmed, or last refused, is
+/// refused. Said in the log either way.
 pub struct UpstreamCheck {
     upstream: watch::Receiver<Option<quinn::Connection>>,
-    known: std::sync::Mutex<HashMap<(String, String), bool>>,
+    /// (site, serial) → (allowed, when the controller said so).
+    known: std::sync::Mutex<HashMap<(String, String), (bool, std::time::Instant)>>,
+    max_age: Duration,
 }
 
 impl UpstreamCheck {
     pub fn new(upstream: watch::Receiver<Option<quinn::Connection>>) -> UpstreamCheck {
+        UpstreamCheck::with_max_age(upstream, CONFIRMED_WITHIN)
+    }
+
+    /// With no answer from the controller, admit only sites it confirmed within `max_age`.
+    pub fn with_max_age(
+        upstream: watch::Receiver<Option<quinn::Connection>>,
+        max_age: Duration,
+    ) -> UpstreamCheck {
         UpstreamCheck {
             upstream,
             known: Default::default(),
+            max_age,
         }
     }
 
     pub async fn allowed(&self, p: &Peer) -> bool {
         let key = (p.site.clone(), p.serial.clone());
-        let cached = self.known.lock().expect("lock poisoned").get(&key).copied();
         let conn = self.upstream.borrow().clone();
         let answer = match conn {
-            Some(c) => tokio::time::timeout(REPORT_TIMEOUT, ask(&c, p)).await.ok(),
+            Some(c) => tokio::time::timeout(CHECK_TIMEOUT, ask(&c, p)).await.ok(),
             None => None,
         };
         match answer {
             Some(Ok(ok)) => {
-                self.known.lock().expect("lock poisoned").insert(key, ok);
+                self.remember(key, ok);
                 ok
             }
             Some(Err(_)) | None => {
-                let ok = cached.unwrap_or(true);
-                warn!(site = %p.site, allowed = ok, "No answer from upstream about a site below: going by what was last known.");
-                ok
+                let cached = self.known.lock().expect("lock poisoned").get(&key).copied();
+                self.decide_offline(&p.site, cached)
+            }
+        }
+    }
+
+    fn remember(&self, key: (String, String), ok: bool) {
+        let mut known = self.known.lock().expect("lock poisoned");
+        if known.len() >= MAX_KNOWN
+            && !known.contains_key(&key)
+            && let Some(oldest) = known.iter().min_by_key(|(_, v)| v.1).map(|(k, _)| k.clone())
+        {
+            known.remove(&oldest);
+        }
+        known.insert(key, (ok, std::time::Instant::now()));
+    }
+
+    /// The decision without the controller: fail closed unless confirmed within `max_age`.
+    fn decide_offline(&self, site: &str, cached: Option<(bool, std::time::Instant)>) -> bool {
+        match cached {
+            Some((true, at)) if at.elapsed() <= self.max_age => {
+                debug!(%site, confirmed_s_ago = at.elapsed().as_secs(), "No answer from upstream about a site below: confirmed recently, allowed.");
+                true
+            }
+            Some((true, at)) => {
+                warn!(%site, confirmed_s_ago = at.elapsed().as_secs(), max_age_s = self.max_age.as_secs(), "No answer from upstream about a site below, last confirmed too long ago: refused (fail closed).");
+                false
+            }
+            Some((false, _)) => {
+                warn!(%site, "No answer from upstream about a site below, last known refused: refused.");
+                false
+            }
+            None => {
+                warn!(%site, "No answer from upstream about a site below never confirmed: refused (fail closed).");
+                false
             }
         }
     }
@@ -287,7 +345,7 @@ async fn ask(conn: &quinn::Connection, p: &Peer) -> Result<bool, TransferError> 
 
 /// Serves the sites below: every connection on `endpoint` whose peer `identify` names, and
 /// `check` lets in, gets the outbox driver for that site; a site found refused later (checked
-/// again every [`CHECK_FRESH`]) is disconnected.
+/// again every [`RECHECK`]) is disconnected.
 pub async fn serve_downstream(
     endpoint: quinn::Endpoint,
     outbox: Arc<Outbox>,
@@ -327,8 +385,8 @@ pub async fn serve_downstream(
             let span = info_span!("downstream", %site);
             async move {
                 if !check.allowed(&peer).await {
-                    warn!(%remote, serial = %peer.serial, "Refused a site below: its certificate is revoked or superseded at the controller.");
-                    conn.close(2u32.into(), b"certificate revoked or superseded");
+                    warn!(%remote, serial = %peer.serial, "Refused a site below: its certificate is revoked or superseded at the controller (or, the controller out of reach, was not confirmed recently).");
+                    conn.close(2u32.into(), b"certificate revoked or superseded, or not confirmed by the controller recently");
                     return;
                 }
                 info!(%remote, "Site below connected.");
@@ -340,7 +398,8 @@ pub async fn serve_downstream(
                     node,
                     cancel.clone(),
                 ));
-                let mut recheck = tokio::time::interval(CHECK_FRESH + Duration::from_secs(1));
+                let mut recheck = tokio::time::interval(RECHECK);
+                recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 recheck.tick().await;
                 loop {
                     tokio::select! {
@@ -351,8 +410,8 @@ pub async fn serve_downstream(
                         }
                         _ = recheck.tick() => {
                             if !check.allowed(&peer).await {
-                                warn!("A site below was revoked: disconnecting it.");
-                                conn.close(2u32.into(), b"certificate revoked or superseded");
+                                warn!("A site below was revoked, or cannot be confirmed with the controller: disconnecting it.");
+                                conn.close(2u32.into(), b"certificate revoked or superseded, or not confirmed by the controller recently");
                                 break;
                             }
                         }
@@ -367,4 +426,46 @@ pub async fn serve_downstream(
         });
     }
     endpoint.close(0u32.into(), b"relay stopping");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(site: &str) -> Peer {
+        Peer {
+            site: site.into(),
+            serial: "01".into(),
+            province: "GD".into(),
+        }
+    }
+
+    /// Cut off from the controller (no uplink), a relay admits only sites the controller
+    /// confirmed within `max_age`: never confirmed, refused last, or confirmed too long ago
+    /// are refused (fail closed).
+    #[tokio::test]
+    async fn a_relay_cut_off_admits_only_recently_confirmed_sites() {
+        let (_tx, rx) = watch::channel(None);
+        let check = UpstreamCheck::with_max_age(rx, Duration::from_millis(300));
+        assert!(!check.allowed(&peer("never")).await, "never confirmed");
+        check.remember(("fresh".into(), "01".into()), true);
+        check.remember(("refused".into(), "01".into()), false);
+        assert!(check.allowed(&peer("fresh")).await, "confirmed just now");
+        assert!(!check.allowed(&peer("refused")).await);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(!check.allowed(&peer("fresh")).await, "confirmed too long ago");
+        // Another certificate of the same site is another question.
+        check.remember(("fresh".into(), "02".into()), true);
+        assert!(!check.allowed(&peer("fresh")).await);
+    }
+
+    #[test]
+    fn the_relays_memory_is_bounded() {
+        let (_tx, rx) = watch::channel(None);
+        let check = UpstreamCheck::new(rx);
+        for i in 0..MAX_KNOWN + 10 {
+            check.remember((format!("s{i}"), "01".into()), true);
+        }
+        assert_eq!(check.known.lock().unwrap().len(), MAX_KNOWN);
+    }
 }

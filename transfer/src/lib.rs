@@ -54,7 +54,9 @@ pub enum TransferError {
         #[source]
         source: std::io::Error,
     },
-    #[error("not a valid file name for a transfer: {0:?}")]
+    /// A name from outside refused by the one grammar (`tiandi_link::names`): why, and the
+    /// name, quoted.
+    #[error("name refused: {0}")]
     BadName(String),
     #[error("file of {0} bytes is too big for one transfer")]
     TooBig(u64),

@@ -113,18 +113,14 @@ pub fn chunk_size_for(size: u64) -> u32 {
     c
 }
 
-/// A file name safe to create in a destination directory: no separators, no `..`, no
-/// leading dot (temporary files start with one), not empty, at most 255 bytes.
+/// A file name safe to create in a destination directory: the one grammar of file names
+/// ([`tiandi_link::names::validate_file_name`]: one component, no separators or control
+/// characters, no leading dot (part files start with one), 1–200 bytes).
 pub fn check_name(name: &str) -> Result<(), TransferError> {
-    let bad = name.is_empty()
-        || name.len() > 255
-        || name.starts_with('.')
-        || name.contains(['/', '\\', '\0'])
-        || name.chars().any(char::is_control);
-    if bad {
-        return Err(TransferError::BadName(name.to_string()));
-    }
-    Ok(())
+    tiandi_link::names::validate_file_name("file name", name).map_err(|e| match e {
+        tiandi_link::LinkError::BadName(m) => TransferError::BadName(m),
+        other => TransferError::BadName(other.to_string()),
+    })
 }
 
 impl Manifest {
@@ -133,7 +129,9 @@ impl Manifest {
         let name = path
             .file_name()
             .and_then(|n| n.to_str())
-            .ok_or_else(|| TransferError::BadName(path.display().to_string()))?
+            .ok_or_else(|| {
+                TransferError::BadName(format!("{}: no file name in UTF-8", path.display()))
+            })?
             .to_string();
         check_name(&name)?;
         let io = |e| TransferError::io(path, e);

@@ -52,6 +52,14 @@ pub mod codes {
     pub const VERSION: u32 = 7;
     /// A short offer for a transfer the receiver does not know: send the full one.
     pub const NEED_MANIFEST: u32 = 8;
+    /// A name (file name, site to forward to) that does not pass the one grammar
+    /// (`tiandi_link::names`): refused, nothing written.
+    pub const BAD_NAME: u32 = 9;
+    /// Chunk stream stopped (QUIC `STOP_SENDING` code): the receiver's memory for chunks is
+    /// full (send the transfer again later, from its `Have`).
+    pub const BUSY: u32 = 10;
+    /// Chunk stream stopped: no transfer of this peer's is waiting for it.
+    pub const UNKNOWN_TRANSFER: u32 = 11;
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

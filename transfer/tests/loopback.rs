@@ -625,6 +625,8 @@ async fn names_that_would_leave_the_inbox_directory_are_refused() {
         ".hidden",
         "x\0y",
         "x\ny",
+        &"y".repeat(201),
+        &"y".repeat(256),
     ] {
         let (mut w, mut r) = control(sconn).await;
         let mut offer = transfer_wire::Offer::new(m, "t", "normal", "controller");
@@ -634,7 +636,7 @@ async fn names_that_would_leave_the_inbox_directory_are_refused() {
             Frame::Failed(f) => {
                 assert_eq!(
                     f.code,
-                    transfer_wire::codes::PROTOCOL,
+                    transfer_wire::codes::BAD_NAME,
                     "{name:?}: {}",
                     f.message
                 );
@@ -646,5 +648,152 @@ async fn names_that_would_leave_the_inbox_directory_are_refused() {
     // Nothing was created: not beside the inbox, not in it, and no state kept.
     assert_eq!(before, names(dir.path()));
     assert_eq!(std::fs::read_dir(dir.path().join("in")).unwrap().count(), 0);
+    assert!(t.ib.list().unwrap().is_empty());
+}
+
+/// A receiver serving `conn` as the controller serves a site's: the peer named `site`.
+fn serve_peer(
+    conn: quinn::Connection,
+    inbox: Arc<Inbox>,
+    site: &str,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(tiandi_transfer::inbox::accept_loop(
+        inbox,
+        conn,
+        Some(site.to_string()),
+        tokio_util::sync::CancellationToken::new(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_peers_uploads_are_its_own_and_receipts_name_paths_inside_the_inbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = file(dir.path(), "a.bin", 6 * 32 * 1024 + 9, 3);
+    let data = std::fs::read(&src).unwrap();
+    let m = Manifest::of_file(&src).unwrap();
+    let ib = inbox(dir.path());
+    let (_ea, a_send, a_recv) = pair().await;
+    let (_eb, b_send, b_recv) = pair().await;
+    serve_peer(a_recv, ib.clone(), "site-a");
+    serve_peer(b_recv, ib.clone(), "site-b");
+    let offer =
+        |origin: &str| Frame::Offer(transfer_wire::Offer::new(&m, "t", "normal", origin)).encode();
+
+    // A sends half of its file and stops (a cut transfer).
+    let (mut w, mut r) = control(&a_send).await;
+    w.send(offer("site-a")).await.unwrap();
+    assert!(matches!(frame(&mut r).await, Frame::Have(_)));
+    for i in 0..3 {
+        send_chunk(&a_send, &m, i, chunk(&m, &data, i)).await;
+    }
+    let mut acked = Vec::new();
+    while acked.len() < 3 {
+        match frame(&mut r).await {
+            Frame::Acked(a) => acked.extend(a.chunks),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    w.get_mut().finish().unwrap();
+    drop((w, r));
+
+    // A short offer (no chunk hashes) from B finds no transfer of B's own (A's is not B's).
+    let (mut w2, mut r2) = control(&b_send).await;
+    let short = transfer_wire::Offer::new(&m, "t", "normal", "site-a").short();
+    w2.send(Frame::Offer(short).encode()).await.unwrap();
+    match frame(&mut r2).await {
+        Frame::Failed(f) => assert_eq!(f.code, transfer_wire::codes::NEED_MANIFEST),
+        other => panic!("unexpected {other:?}"),
+    }
+    drop((w2, r2));
+    // B offers the same hash, claiming to be A: it learns nothing of A's chunks (an empty
+    // Have, of a transfer of its own), and its chunks, garbage or not, never reach A's.
+    let (mut w, mut r) = control(&b_send).await;
+    w.send(offer("site-a")).await.unwrap();
+    match frame(&mut r).await {
+        Frame::Have(h) => assert!(h.verified.iter().all(|b| *b == 0), "B saw A's chunks"),
+        other => panic!("unexpected {other:?}"),
+    }
+    for i in 3..6 {
+        send_chunk(&b_send, &m, i, &vec![0x55; m.chunk_len(i)]).await;
+    }
+    w.get_mut().finish().unwrap();
+    drop((w, r));
+
+    // A resumes from its own Have and completes; the receipt names the file inside the inbox.
+    let (mut w, mut r) = control(&a_send).await;
+    w.send(Frame::Offer(transfer_wire::Offer::new(&m, "t", "normal", "site-a").short()).encode())
+        .await
+        .unwrap();
+    let have = match frame(&mut r).await {
+        Frame::Have(h) => Bitmap::from_bytes(&h.verified, m.chunk_count()),
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!(have.count(), 3, "A's own chunks");
+    for i in have.missing().collect::<Vec<_>>() {
+        send_chunk(&a_send, &m, i, chunk(&m, &data, i)).await;
+    }
+    let receipt = loop {
+        match frame(&mut r).await {
+            Frame::Done(receipt) => break receipt,
+            Frame::Acked(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(receipt.path, "site-a/a.bin");
+    assert_eq!(
+        std::fs::read(dir.path().join("in/site-a/a.bin")).unwrap(),
+        data
+    );
+    assert!(!dir.path().join("in/site-b/a.bin").exists());
+
+    // B offering the whole file's hash again gets no receipt of A's: a Have of its own.
+    let (mut w, mut r) = control(&b_send).await;
+    w.send(offer("site-b")).await.unwrap();
+    match frame(&mut r).await {
+        Frame::Have(h) => assert!(h.verified.iter().all(|b| *b == 0)),
+        other => panic!("B learnt of A's file: {other:?}"),
+    }
+    drop((w, r));
+    let states = ib.list().unwrap();
+    let mut origins: Vec<_> = states.iter().map(|s| s.origin.as_str()).collect();
+    origins.sort_unstable();
+    assert_eq!(origins, ["site-a", "site-b"]);
+    assert!(
+        ib.get_from(Some("site-a"), &m.id_hex())
+            .unwrap()
+            .unwrap()
+            .receipt
+            .is_some()
+    );
+    assert!(
+        ib.get_from(Some("site-b"), &m.id_hex())
+            .unwrap()
+            .unwrap()
+            .receipt
+            .is_none()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_for_no_offer_of_its_peer_is_not_read() {
+    let t = setup("u.bin", 3 * 32 * 1024, 5).await;
+    // No offer: the chunk stream is stopped, unread (3 MB is more than the stream's
+    // flow-control window: it cannot all be sent unless the receiver reads), once the
+    // receiver has waited for an offer.
+    let mut s = t.sconn.open_uni().await.unwrap();
+    s.write_all(&transfer_wire::chunk_header(&t.m.file_hash, 0))
+        .await
+        .unwrap();
+    let body = vec![7u8; 3 * 1024 * 1024];
+    let written = tokio::time::timeout(Duration::from_secs(20), s.write_all(&body))
+        .await
+        .expect("stopped within the route wait");
+    match written {
+        Err(quinn::WriteError::Stopped(code)) => assert_eq!(
+            code,
+            quinn::VarInt::from_u32(transfer_wire::codes::UNKNOWN_TRANSFER)
+        ),
+        other => panic!("the receiver read a chunk of no transfer: {other:?}"),
+    }
     assert!(t.ib.list().unwrap().is_empty());
 }

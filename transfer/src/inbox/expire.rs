@@ -45,11 +45,10 @@ impl Inbox {
             Some(r) => age(r.verified_ms) > keep_complete,
             None => age(st.touched_ms.max(st.started_ms)) > keep_abandoned,
         };
-        for st in self.list()? {
+        for (id, st) in self.list_keyed()? {
             if !due(&st) {
                 continue;
             }
-            let id = st.manifest.id_hex();
             // Hold the transfer's lock, as its stream does: skip it if one is running.
             let lock = self
                 .active

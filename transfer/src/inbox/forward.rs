@@ -31,11 +31,35 @@ impl Inbox {
             refuse(w, codes::PROTOCOL, msg).await;
             return Err(TransferError::Protocol(msg.into()));
         };
+        // Names from the relay pass the grammar before they reach a key: an item naming a site
+        // that is no identifier, or a hash that is no hash, is left out and said back (the
+        // rest is applied; the relay reports again, and applying twice is harmless).
+        let (items, refused): (Vec<_>, Vec<_>) = f.items.into_iter().partition(|i| {
+            tiandi_link::names::validate_name("site", &i.site).is_ok()
+                && i.file_hash.len() == 64
+                && i.file_hash.bytes().all(|b| b.is_ascii_hexdigit())
+        });
         // The sink writes (and flushes) state: off the async workers.
-        let (sink, peer_owned, items) = (sink.clone(), peer.to_string(), f.items);
-        let applied = tokio::task::spawn_blocking(move || sink(&peer_owned, &items))
-            .await
-            .unwrap_or_else(|e| Err(format!("relay report task: {e}")));
+        let (sink, peer_owned) = (sink.clone(), peer.to_string());
+        let applied = if items.is_empty() {
+            Ok(())
+        } else {
+            tokio::task::spawn_blocking(move || sink(&peer_owned, &items))
+                .await
+                .unwrap_or_else(|e| Err(format!("relay report task: {e}")))
+        };
+        if let (Ok(()), Some(first)) = (&applied, refused.first()) {
+            let why = match tiandi_link::names::validate_name("site", &first.site) {
+                Err(e) => e.to_string(),
+                Ok(()) => format!("file hash {:?} is not 64 hex digits", first.file_hash),
+            };
+            let msg = format!(
+                "{} item(s) of the report refused (the others applied): {why}",
+                refused.len()
+            );
+            refuse(w, codes::BAD_NAME, &msg).await;
+            return Err(TransferError::BadName(msg));
+        }
         match applied {
             Ok(()) => {
                 put(w, Frame::Acked(Acked { chunks: Vec::new() })).await?;
