@@ -3,6 +3,13 @@
 //!
 //! A site certificate names the site in its subject: CN = site ID, ST = province code. The
 //! controller reads identities only from verified certificates, never from messages.
+//!
+//! Roles: a certificate the controller issued for a conference relay carries, in its subject,
+//! `OU = tiandi-relay` ([`RELAY_OU`]); every other site certificate carries `OU = tiandi-site`.
+//! The CA writes the whole subject itself and takes nothing from the CSR but its public key, so
+//! a site cannot ask for the relay role: the role comes from the enrollment token the operator
+//! minted (`tiandi-controller enroll --role relay`), and the registry records it. A relay reads
+//! the role of each peer with [`role_from_der`] (or `tls::peer_role`) before it lets it cascade.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -42,6 +49,60 @@ pub struct SiteIdentity {
     pub serial: String,
     /// Expiry, Unix seconds.
     pub not_after: i64,
+}
+
+/// What a site certificate lets its holder do, as the CA wrote it (see the module doc).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum CertRole {
+    /// An ordinary site: it reports, receives files, joins conferences as itself.
+    #[default]
+    Site,
+    /// A conference relay: may also join another relay with role `relay` (cascade) and
+    /// announce tracks from the sites below it.
+    Relay,
+}
+
+/// The subject OU of a relay's certificate.
+pub const RELAY_OU: &str = "tiandi-relay";
+/// The subject OU of an ordinary site's certificate.
+pub const SITE_OU: &str = "tiandi-site";
+
+impl CertRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CertRole::Site => "site",
+            CertRole::Relay => "relay",
+        }
+    }
+
+    fn ou(self) -> &'static str {
+        match self {
+            CertRole::Site => SITE_OU,
+            CertRole::Relay => RELAY_OU,
+        }
+    }
+}
+
+impl std::fmt::Display for CertRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for CertRole {
+    type Err = LinkError;
+    fn from_str(s: &str) -> Result<CertRole, LinkError> {
+        match s {
+            "site" => Ok(CertRole::Site),
+            "relay" => Ok(CertRole::Relay),
+            other => Err(LinkError::Pki(format!(
+                "unknown role {other:?}: site or relay"
+            ))),
+        }
+    }
 }
 
 /// A certificate the CA issued.
@@ -183,6 +244,29 @@ impl Ca {
         province: &str,
         validity: Duration,
     ) -> Result<Issued, LinkError> {
+        self.sign_site_as(csr_pem, site_id, province, validity, CertRole::Site)
+    }
+
+    /// [`Ca::sign_site`] for a conference relay (role [`CertRole::Relay`]).
+    pub fn sign_relay(
+        &self,
+        csr_pem: &str,
+        site_id: &str,
+        province: &str,
+        validity: Duration,
+    ) -> Result<Issued, LinkError> {
+        self.sign_site_as(csr_pem, site_id, province, validity, CertRole::Relay)
+    }
+
+    /// [`Ca::sign_site`] with the role the controller decided (the CSR has no say in it).
+    pub fn sign_site_as(
+        &self,
+        csr_pem: &str,
+        site_id: &str,
+        province: &str,
+        validity: Duration,
+        role: CertRole,
+    ) -> Result<Issued, LinkError> {
         validate_name("site ID", site_id)?;
         validate_name("province", province)?;
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
@@ -192,6 +276,7 @@ impl Ca {
         dn.push(DnType::CommonName, site_id);
         dn.push(DnType::StateOrProvinceName, province);
         dn.push(DnType::OrganizationName, "Tiandi site");
+        dn.push(DnType::OrganizationalUnitName, role.ou());
         params.distinguished_name = dn;
         // ServerAuth and the site ID as a DNS name: a site marked as a relay serves the sites
         // below it with the same identity (they connect by its site ID, so no other site can
@@ -247,6 +332,24 @@ pub fn site_key_and_csr(site_id: &str) -> Result<(String, String), LinkError> {
     params.distinguished_name = dn;
     let csr = params.serialize_request(&key).map_err(pki)?;
     Ok((key.serialize_pem(), csr.pem().map_err(pki)?))
+}
+
+/// The role a (verified) certificate carries: [`CertRole::Relay`] only if its subject has
+/// exactly one OU and it is [`RELAY_OU`]; anything else (no OU, certificates from before roles,
+/// several OUs) is an ordinary site. Fails closed: when unsure, not a relay.
+pub fn role_from_der(der: &[u8]) -> Result<CertRole, LinkError> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der)
+        .map_err(|e| LinkError::Pki(format!("unparsable certificate: {e}")))?;
+    let ous: Vec<&str> = cert
+        .subject()
+        .iter_organizational_unit()
+        .map(|a| a.as_str().unwrap_or(""))
+        .collect();
+    Ok(match ous.as_slice() {
+        [ou] if *ou == RELAY_OU => CertRole::Relay,
+        _ => CertRole::Site,
+    })
 }
 
 /// Reads the site identity out of a (verified) certificate.
@@ -305,6 +408,32 @@ mod tests {
         assert_eq!(issued.identity.province, "GD");
         assert_eq!(issued.identity.serial.len(), 32);
         assert!(issued.identity.not_after > unix_now());
+    }
+
+    #[test]
+    fn the_relay_role_comes_from_the_ca_never_from_the_csr() {
+        let ca = Ca::generate("test").unwrap();
+        // A CSR that asks for the relay OU in its own subject gets an ordinary site.
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "gd-001");
+        dn.push(DnType::OrganizationalUnitName, RELAY_OU);
+        params.distinguished_name = dn;
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        let site = ca
+            .sign_site(&csr, "gd-001", "GD", Duration::from_secs(3600))
+            .unwrap();
+        let der = certs_from_pem(&site.cert_pem).unwrap();
+        assert_eq!(role_from_der(&der[0]).unwrap(), CertRole::Site);
+        let relay = ca
+            .sign_relay(&csr, "gd-relay", "GD", Duration::from_secs(3600))
+            .unwrap();
+        let der = certs_from_pem(&relay.cert_pem).unwrap();
+        assert_eq!(role_from_der(&der[0]).unwrap(), CertRole::Relay);
+        assert_eq!(identity_from_der(&der[0]).unwrap().site_id, "gd-relay");
+        assert_eq!("relay".parse::<CertRole>().unwrap(), CertRole::Relay);
+        assert!("admin".parse::<CertRole>().is_err());
     }
 
     #[test]

@@ -298,3 +298,11 @@ pub fn enroll_client_tls(ca_fingerprint: &str) -> Result<rustls::ClientConfig, L
     cfg.resumption = rustls::client::Resumption::disabled();
     Ok(cfg)
 }
+
+/// The role of a connection's (verified) peer certificate ([`pki::CertRole`]); `None` without
+/// a certificate or when it cannot be read (callers treat that as "not a relay").
+pub fn peer_role(conn: &quinn::Connection) -> Option<pki::CertRole> {
+    let any = conn.peer_identity()?;
+    let certs = any.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    pki::role_from_der(certs.first()?).ok()
+}

@@ -287,7 +287,10 @@ impl UpstreamCheck {
         let mut known = self.known.lock().expect("lock poisoned");
         if known.len() >= MAX_KNOWN
             && !known.contains_key(&key)
-            && let Some(oldest) = known.iter().min_by_key(|(_, v)| v.1).map(|(k, _)| k.clone())
+            && let Some(oldest) = known
+                .iter()
+                .min_by_key(|(_, v)| v.1)
+                .map(|(k, _)| k.clone())
         {
             known.remove(&oldest);
         }
@@ -453,7 +456,10 @@ mod tests {
         assert!(check.allowed(&peer("fresh")).await, "confirmed just now");
         assert!(!check.allowed(&peer("refused")).await);
         tokio::time::sleep(Duration::from_millis(400)).await;
-        assert!(!check.allowed(&peer("fresh")).await, "confirmed too long ago");
+        assert!(
+            !check.allowed(&peer("fresh")).await,
+            "confirmed too long ago"
+        );
         // Another certificate of the same site is another question.
         check.remember(("fresh".into(), "02".into()), true);
         assert!(!check.allowed(&peer("fresh")).await);

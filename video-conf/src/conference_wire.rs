@@ -48,8 +48,11 @@ pub mod codes {
     pub const SUPERSEDED: u32 = 6;
     /// The relay or client is shutting down.
     pub const SHUTDOWN: u32 = 7;
-    /// Not allowed for this participant's role.
+    /// Not allowed for this participant's role (a site claiming the relay role, publishing as
+    /// another site).
     pub const FORBIDDEN: u32 = 8;
+    /// The participant's certificate was revoked or superseded, or could not be confirmed.
+    pub const REVOKED: u32 = 9;
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

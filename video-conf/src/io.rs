@@ -16,6 +16,9 @@ pub enum IoError {
     Stream(String),
     #[error("the peer ended the stream")]
     Ended,
+    /// Refused by policy ([`crate::conference_wire::codes`]: `FORBIDDEN`, `REVOKED`).
+    #[error("{reason}")]
+    Refused { code: u32, reason: String },
 }
 
 impl IoError {
@@ -23,6 +26,7 @@ impl IoError {
     pub fn code(&self) -> u32 {
         match self {
             IoError::Wire(w) => w.code(),
+            IoError::Refused { code, .. } => *code,
             _ => crate::conference_wire::codes::PROTOCOL,
         }
     }

@@ -30,6 +30,19 @@ fn site(ca: &Ca, id: &str) -> Site {
     }
 }
 
+/// A relay's certificate: issued by the CA with the relay role (only those may cascade).
+fn relay_cert(ca: &Ca, id: &str) -> Site {
+    let (key, csr) = pki::site_key_and_csr(id).unwrap();
+    let issued = ca
+        .sign_relay(&csr, id, "BJ", Duration::from_secs(3600))
+        .unwrap();
+    Site {
+        id: id.into(),
+        cert: issued.cert_pem,
+        key,
+    }
+}
+
 struct Lab {
     ca: Arc<Ca>,
     relay: Arc<Relay>,
@@ -78,7 +91,7 @@ async fn relay_fec(
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
         .with_test_writer()
         .try_init();
-    let r = site(&ca, name);
+    let r = relay_cert(&ca, name);
     let tls = relay_tls(ca.cert_pem(), &r.cert, &r.key).unwrap();
     let ep =
         tiandi_link::server_endpoint("127.0.0.1:0".parse().unwrap(), tls, transport(), &[7; 32])
@@ -509,11 +522,153 @@ async fn a_cascade_carries_each_stream_once_each_way() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_refuses_a_path_through_itself() {
     let lab = lab().await;
-    let s = site(&lab.ca, "gd-relay");
+    let s = relay_cert(&lab.ca, "gd-relay");
     let conn = lab.connect(&s).await.unwrap();
     let r = Session::join(conn, "drill", Role::Relay, vec![lab.name.clone()], 0).await;
     let err = r.err().expect("refused").to_string();
     assert!(err.contains("loop"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_relay_certificate_may_take_the_relay_role() {
+    let lab = lab().await;
+    // An ordinary site asking for the relay role: refused, with the reason.
+    let s = site(&lab.ca, "gd-001");
+    let conn = lab.connect(&s).await.unwrap();
+    let err = Session::join(conn.clone(), "drill", Role::Relay, vec!["gd-001".into()], 0)
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("not issued for a relay"), "{err}");
+    let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .expect("closed");
+    assert!(
+        reason.to_string().contains("not issued for a relay"),
+        "{reason}"
+    );
+    // A relay certificate may, and announces tracks from below with itself last in `via`.
+    let r = relay_cert(&lab.ca, "gd-relay");
+    let conn = lab.connect(&r).await.unwrap();
+    let relay = Session::join(
+        conn.clone(),
+        "drill",
+        Role::Relay,
+        vec!["gd-relay".into()],
+        0,
+    )
+    .await
+    .expect("a relay certificate may cascade");
+    let below = video("gd-002");
+    relay
+        .publish_via(below.clone(), Some("gd-relay"))
+        .await
+        .unwrap();
+    let viewer = lab.join("bj-001").await;
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if viewer
+                .view()
+                .borrow()
+                .tracks
+                .iter()
+                .any(|t| t.publisher == "gd-002")
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the relay's track from below is offered");
+    // Without itself last in the path: refused.
+    relay.publish(video("gd-003")).await.unwrap();
+    let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .expect("closed");
+    assert!(reason.to_string().contains("itself last"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_publishes_only_as_itself() {
+    let lab = lab().await;
+    let s = site(&lab.ca, "gd-001");
+    let conn = lab.connect(&s).await.unwrap();
+    let me = Session::join(conn.clone(), "drill", Role::Site, vec![], 0)
+        .await
+        .unwrap();
+    me.publish(video("gd-009")).await.unwrap();
+    let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .expect("closed");
+    assert!(
+        reason.to_string().contains("cannot publish as gd-009"),
+        "{reason}"
+    );
+    // Nor as itself through a relay it is not.
+    let conn = lab.connect(&s).await.unwrap();
+    let me = Session::join(conn.clone(), "drill", Role::Site, vec![], 0)
+        .await
+        .unwrap();
+    let mut t = video("gd-001").info.clone();
+    t.via = vec!["gd-relay".into()];
+    me.publish(Track::new(t)).await.unwrap();
+    let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .expect("closed");
+    assert!(reason.to_string().contains("directly"), "{reason}");
+}
+
+/// Revoked sites in a shared set: the relay's certificate policy.
+#[derive(Debug, Default)]
+struct Revoked(std::sync::Mutex<Vec<String>>);
+
+impl tiandi_link::tls::CertPolicy for Revoked {
+    fn check(&self, id: &tiandi_link::SiteIdentity) -> Result<(), tiandi_link::tls::Rejection> {
+        if self.0.lock().unwrap().contains(&id.site_id) {
+            Err(tiandi_link::tls::Rejection::Revoked)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_sites_are_dropped_by_evict_and_by_the_periodic_check() {
+    let lab = lab().await;
+    let policy = Arc::new(Revoked::default());
+    lab.relay.set_cert_policy(policy.clone());
+    let a = lab.join("gd-001").await;
+    let b = lab.join("gd-002").await;
+    let c = lab.join("gd-003").await;
+    assert_eq!(lab.relay.connected_sites(), ["gd-001", "gd-002", "gd-003"]);
+    // Pushed: the controller calls evict_site when it revokes.
+    assert_eq!(lab.relay.evict_site("gd-001"), 1);
+    let reason = tokio::time::timeout(Duration::from_secs(2), a.conn.closed())
+        .await
+        .expect("evicted at once");
+    assert!(reason.to_string().contains("revoked"), "{reason}");
+    // Nobody told the relay: the periodic check finds it within RECHECK.
+    policy.0.lock().unwrap().push("gd-002".into());
+    let started = std::time::Instant::now();
+    tokio::time::timeout(
+        tiandi_video::relay::RECHECK + Duration::from_secs(2),
+        b.conn.closed(),
+    )
+    .await
+    .expect("dropped by the periodic check");
+    eprintln!("dropped after {:?}", started.elapsed());
+    // And it cannot come back.
+    let s = site(&lab.ca, "gd-002");
+    let conn = lab.connect(&s).await.unwrap();
+    assert!(
+        Session::join(conn, "drill", Role::Site, vec![], 0)
+            .await
+            .is_err()
+    );
+    assert!(c.conn.close_reason().is_none(), "the others stay");
+    assert_eq!(lab.relay.connected_sites(), ["gd-003"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

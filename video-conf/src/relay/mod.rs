@@ -15,12 +15,15 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use tiandi_link::SiteIdentity;
+use tiandi_link::tls::CertPolicy;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
+use crate::conference_wire;
 use crate::forward::SendStats;
 
 mod cascade;
@@ -43,6 +46,10 @@ const ANNOUNCE_WAIT: Duration = Duration::from_secs(5);
 /// Control frames queued toward one participant. A participant that lets this many pile up
 /// is not reading its control stream: it is disconnected (the queue never blocks the room).
 const CONTROL_QUEUE: usize = 64;
+/// How often every live participant's certificate is checked again against the relay's
+/// [`CertPolicy`] (if it has one): a revoked site is dropped within this long even if nobody
+/// calls [`Relay::evict_site`] (issue 15, finding 6: within 10 s). A check is a map lookup.
+pub const RECHECK: Duration = Duration::from_secs(3);
 
 /// Counters for the whole relay.
 #[derive(Debug, Default)]
@@ -90,6 +97,17 @@ pub struct Relay {
     fec_rtt_ms: u32,
     rooms: Mutex<HashMap<String, Arc<Room>>>,
     pub stats: RelayStats,
+    /// Every admitted connection, by its QUIC stable id: what [`Relay::evict_site`] and the
+    /// periodic re-check close.
+    live: Mutex<HashMap<usize, Live>>,
+    /// Who may stay connected (the controller's registry on the controller's relay).
+    policy: OnceLock<Arc<dyn CertPolicy>>,
+}
+
+/// A connection this relay admitted, and whose certificate it is.
+struct Live {
+    id: SiteIdentity,
+    conn: quinn::Connection,
 }
 
 impl Relay {
@@ -102,7 +120,105 @@ impl Relay {
             fec_rtt_ms: opts.fec_rtt_ms,
             rooms: Mutex::new(HashMap::new()),
             stats: RelayStats::default(),
+            live: Mutex::new(HashMap::new()),
+            policy: OnceLock::new(),
         })
+    }
+
+    /// Checks every participant against `policy` at admission and every [`RECHECK`] while it
+    /// is connected: one no longer accepted (revoked, superseded) is disconnected with code
+    /// `REVOKED`. Set once (later calls are ignored); the controller gives its registry, the
+    /// same policy its TLS handshake uses.
+    pub fn set_cert_policy(&self, policy: Arc<dyn CertPolicy>) {
+        let _ = self.policy.set(policy);
+    }
+
+    /// Disconnects every session of `site` (its certificate was revoked): code `REVOKED`; it
+    /// leaves its rooms (its tracks end, the roster forgets it). Returns how many connections
+    /// were closed. The controller calls it when it revokes a site.
+    pub fn evict_site(&self, site: &str) -> usize {
+        let conns: Vec<quinn::Connection> = self
+            .live
+            .lock()
+            .expect("live lock poisoned")
+            .values()
+            .filter(|l| l.id.site_id == site)
+            .map(|l| l.conn.clone())
+            .collect();
+        for c in &conns {
+            c.close(
+                conference_wire::codes::REVOKED.into(),
+                b"certificate revoked: this site may no longer take part",
+            );
+        }
+        if !conns.is_empty() {
+            warn!(%site, sessions = conns.len(), "Revoked site disconnected from its conferences.");
+        }
+        conns.len()
+    }
+
+    /// Sites with a live connection here (each once).
+    pub fn connected_sites(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .live
+            .lock()
+            .expect("live lock poisoned")
+            .values()
+            .map(|l| l.id.site_id.clone())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Closes every live connection whose certificate `policy` no longer accepts.
+    fn recheck(&self) -> usize {
+        let Some(policy) = self.policy.get() else {
+            return 0;
+        };
+        let refused: Vec<(quinn::Connection, String)> = self
+            .live
+            .lock()
+            .expect("live lock poisoned")
+            .values()
+            .filter_map(|l| {
+                policy
+                    .check(&l.id)
+                    .err()
+                    .map(|r| (l.conn.clone(), format!("{}: {r:?}", l.id.site_id)))
+            })
+            .collect();
+        for (c, why) in &refused {
+            warn!(why = %why, "Certificate no longer accepted: participant disconnected.");
+            c.close(
+                conference_wire::codes::REVOKED.into(),
+                format!("certificate no longer accepted ({why})").as_bytes(),
+            );
+        }
+        refused.len()
+    }
+
+    fn admit(&self, id: &SiteIdentity, conn: &quinn::Connection) -> Result<(), String> {
+        if let Some(policy) = self.policy.get() {
+            policy
+                .check(id)
+                .map_err(|r| format!("certificate of {} not accepted: {r:?}", id.site_id))?;
+        }
+        self.live.lock().expect("live lock poisoned").insert(
+            conn.stable_id(),
+            Live {
+                id: id.clone(),
+                conn: conn.clone(),
+            },
+        );
+        Ok(())
+    }
+
+    fn forget(&self, conn: &quinn::Connection) {
+        self.live
+            .lock()
+            .expect("live lock poisoned")
+            .remove(&conn.stable_id());
     }
 
     /// Creates a room chaired by `chair`; an existing room of that name (not ended) is
@@ -162,6 +278,19 @@ impl Relay {
 
     /// Accepts participants until `cancel` fires.
     pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint, cancel: CancellationToken) {
+        {
+            let (relay, cancel) = (self.clone(), cancel.clone());
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(RECHECK);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = every.tick() => { relay.recheck(); }
+                    }
+                }
+            });
+        }
         loop {
             let incoming = tokio::select! {
                 _ = cancel.cancelled() => break,

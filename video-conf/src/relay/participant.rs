@@ -135,15 +135,19 @@ impl Participant {
                     let Some(info) = a.track else {
                         return Err(malformed("Announce without a track"));
                     };
-                    // A site publishes as itself only; a relay speaks for the sites below.
-                    if self.role == Role::Site && info.publisher != self.site {
-                        return Err(IoError::Wire(conference_wire::WireError::Malformed {
-                            what: "Announce",
-                            detail: format!(
-                                "site {} cannot publish as {}",
-                                self.site, info.publisher
-                            ),
+                    // A site publishes as itself only, directly; a relay speaks for the sites
+                    // below it, and names itself last in the track's path (issue 15, finding 5).
+                    if let Err(why) = self.may_announce(&info) {
+                        let _ = tx.try_send(Control::Error(ErrorMsg {
+                            code: codes::FORBIDDEN,
+                            message: why.clone(),
                         }));
+                        // Let the Error frame go before the close.
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        return Err(IoError::Refused {
+                            code: codes::FORBIDDEN,
+                            reason: why,
+                        });
                     }
                     if info.via.iter().any(|v| v == &self.relay.name) {
                         warn!(track = %info.key(), via = ?info.via, "A track that already passed through this relay (a cascade loop) is ignored.");
@@ -192,6 +196,31 @@ impl Participant {
                     return Err(malformed(&msg));
                 }
             }
+        }
+    }
+
+    /// Whether this participant may announce `info`: a site only its own tracks, with no relay
+    /// in their path; a relay (role checked against its certificate at admission) only tracks
+    /// that came through it, itself last in `via`.
+    fn may_announce(&self, info: &TrackInfo) -> Result<(), String> {
+        match self.role {
+            Role::Site if info.publisher != self.site => Err(format!(
+                "site {} cannot publish as {}",
+                self.site, info.publisher
+            )),
+            Role::Site if !info.via.is_empty() => Err(format!(
+                "site {} announced a track through relays {:?}: a site publishes only its own \
+                 tracks, directly",
+                self.site, info.via
+            )),
+            Role::Relay if info.via.last() != Some(&self.site) => Err(format!(
+                "relay {} announced {} with path {:?}: a relay announces only tracks from \
+                 below it, itself last in their path",
+                self.site,
+                info.key(),
+                info.via
+            )),
+            _ => Ok(()),
         }
     }
 

@@ -13,7 +13,7 @@ use tracing::{Instrument, info, info_span, warn};
 use super::participant::Participant;
 use super::rooms::Member;
 use super::{CONTROL_QUEUE, HELLO_TIMEOUT, Relay};
-use crate::conference_wire::{self, Control, ErrorMsg, Welcome, codes};
+use crate::conference_wire::{self, Control, ErrorMsg, Role, Welcome, codes};
 use crate::io::{ControlReader, ControlWriter, IoError};
 
 impl Relay {
@@ -26,13 +26,26 @@ impl Relay {
             conn.close(codes::FORBIDDEN.into(), b"a site certificate is required");
             return;
         };
+        // The role the CA wrote into the certificate; unreadable: not a relay.
+        let cert_role = tiandi_link::tls::peer_role(&conn).unwrap_or_default();
         let span = info_span!("participant", site = %id.site_id, remote = %conn.remote_address());
         async move {
+            // Known to `evict_site` and the periodic re-check from before its Hello on.
+            if let Err(why) = self.admit(&id, &conn) {
+                warn!(%why, "Participant refused.");
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                conn.close(codes::REVOKED.into(), why.as_bytes());
+                return;
+            }
             self.stats.connections.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = self.session(&conn, &id.site_id, cancel).await {
+            if let Err(e) = self.session(&conn, &id.site_id, cert_role, cancel).await {
                 warn!(error = %e, "Participant refused or failed.");
+                if matches!(e, IoError::Refused { .. }) {
+                    self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                }
                 conn.close(e.code().into(), e.to_string().as_bytes());
             }
+            self.forget(&conn);
             self.stats.connections.fetch_sub(1, Ordering::Relaxed);
         }
         .instrument(span)
@@ -43,6 +56,7 @@ impl Relay {
         self: &Arc<Self>,
         conn: &quinn::Connection,
         site: &str,
+        cert_role: tiandi_link::pki::CertRole,
         cancel: CancellationToken,
     ) -> Result<(), IoError> {
         let (send, recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
@@ -64,6 +78,28 @@ impl Relay {
             },
         };
         let role = conference_wire::check_hello(&hello)?;
+        // Only a certificate the controller issued for a relay may cascade (issue 15, finding
+        // 5): the relay role lets a participant announce tracks of other sites and bypasses
+        // the floor here, so a site's word for it is not enough.
+        if role == Role::Relay && cert_role != tiandi_link::pki::CertRole::Relay {
+            let msg = format!(
+                "site {site} asked for the relay role, but its certificate was not issued for a \
+                 relay (the controller issues relay certificates: `tiandi-controller enroll \
+                 --role relay`); join as a site"
+            );
+            let _ = writer
+                .send(&Control::Error(ErrorMsg {
+                    code: codes::FORBIDDEN,
+                    message: msg.clone(),
+                }))
+                .await;
+            let _ = writer.0.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(1), writer.0.stopped()).await;
+            return Err(IoError::Refused {
+                code: codes::FORBIDDEN,
+                reason: msg,
+            });
+        }
         if hello.path.iter().any(|p| p == &self.name) {
             let msg = format!(
                 "relay path {:?} already passes through {}: a cascade must not loop",
