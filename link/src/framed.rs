@@ -8,7 +8,10 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use crate::LinkError;
 
-fn codec() -> LengthDelimitedCodec {
+/// The codec of every report stream: a 4-byte big-endian length, then a body of at most
+/// [`MAX_FRAME`] bytes (a longer length is refused before any of its body is buffered). Public
+/// so that the fuzz targets (`fuzz/`) split bytes exactly as a live stream does.
+pub fn codec() -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
         .length_field_length(4)
         .max_frame_length(MAX_FRAME)

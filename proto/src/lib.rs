@@ -48,6 +48,12 @@ pub enum ProtoError {
         got: &'static str,
         expected: &'static str,
     },
+    #[error("{what} of {len} bytes exceeds the limit of {max}")]
+    TooLarge {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
     #[error("name reference {0} is not in this connection's table")]
     UnknownName(u32),
     #[error(
