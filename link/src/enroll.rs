@@ -42,13 +42,19 @@ pub struct Enrolled {
     pub ca_pem: String,
 }
 
-/// The CA fingerprint a token pins (the third dot-separated part of `T1.<secret>.<fp>`).
+/// The CA fingerprint a token pins (the third dot-separated part of `T1.<secret>.<fp>`). The
+/// grammar is the controller's (`registry::parse_token`): a 32-hex-digit secret and a
+/// 64-hex-digit SHA-256, nothing else, so a token the agent accepts is one the controller can
+/// redeem, and nothing but hex ever reaches the TLS pin.
 pub fn token_fingerprint(token: &str) -> Result<String, LinkError> {
-    let parts: Vec<&str> = token.trim().split('.').collect();
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let parts: Vec<&str> = token.trim().splitn(4, '.').collect();
     match parts.as_slice() {
-        ["T1", _, fp] if fp.len() == 64 => Ok(fp.to_ascii_lowercase()),
+        ["T1", secret, fp] if hex(secret, 32) && hex(fp, 64) => Ok(fp.to_ascii_lowercase()),
         _ => Err(LinkError::BadName(
-            "malformed enrollment token (expected T1.<secret>.<fingerprint>)".into(),
+            "malformed enrollment token (expected T1.<secret: 32 hex digits>.<CA fingerprint: \
+             64 hex digits>)"
+                .into(),
         )),
     }
 }
@@ -120,4 +126,32 @@ pub async fn enroll(
     tokio::time::timeout(timeout, work)
         .await
         .map_err(|_| LinkError::Stream(format!("enrollment timed out after {timeout:?}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent reads a token with the controller's grammar: only hex secrets and hex
+    /// fingerprints pass, and the fingerprint comes out lowercase.
+    #[test]
+    fn tokens_follow_the_controllers_grammar() {
+        let (secret, fp) = ("0f".repeat(16), "AB".repeat(32));
+        assert_eq!(
+            token_fingerprint(&format!(" T1.{secret}.{fp}\n")).unwrap(),
+            "ab".repeat(32)
+        );
+        for bad in [
+            format!("T1.{secret}.{}", "zz".repeat(32)),
+            format!("T1.{}.{fp}", "x".repeat(32)),
+            format!("T1.{secret}.{fp}.extra"),
+            format!("T2.{secret}.{fp}"),
+            format!("T1.{secret}{fp}"),
+            format!("T1..{fp}"),
+            format!("T1.{secret}.{}", "é".repeat(32)),
+            String::new(),
+        ] {
+            assert!(token_fingerprint(&bad).is_err(), "{bad:?}");
+        }
+    }
 }
