@@ -11,7 +11,7 @@
 #   --check      wait until every site reports, print one summary line, stop (for tests)
 #
 # While it runs (prefix tds by default):
-#   ip netns exec tds-ctl curl -s localhost:8080/api/sites          # the API
+#   ip netns exec tds-ctl curl -s -H "Authorization: Bearer $(cat DIR/controller/read.token)" localhost:8080/api/sites
 #   ip netns exec tds-ctl tiandi-controller --config DIR/controller.toml send FILE --to all
 #   tiandi-satlink --prefix tds cut s2 ; tiandi-satlink --prefix tds restore s2
 #   tiandi-satlink --prefix tds set s3 loss_pct=5 rate_mbit=2       # rain fade
@@ -117,10 +117,10 @@ if [ "$check" = 1 ]; then
     [ "$(connected || echo 0)" -ge "$sites" ] 2>/dev/null && break
     sleep 0.5
   done
-  summary=$(ip netns exec "$ctl_ns" curl -s localhost:8080/api/summary || true)
+  summary=$(ip netns exec "$ctl_ns" curl -s -H "Authorization: Bearer $(cat "$dir/controller/read.token")" localhost:8080/api/summary || true)
   field() { printf '%s' "$summary" | grep -o "\"$1\":[0-9]*" | head -1 | cut -d: -f2; }
   echo "lab sites=$sites connected=$(field connected) reports_stored=$(field stored_distinct) relay=$relay"
   exit 0
 fi
-echo "lab: up. API: ip netns exec $ctl_ns curl -s localhost:8080/api/sites ; controller config $dir/controller.toml" >&2
+echo "lab: up. API: ip netns exec $ctl_ns curl -s -H \"Authorization: Bearer \$(cat $dir/controller/read.token)\" localhost:8080/api/sites ; controller config $dir/controller.toml" >&2
 if [ "$duration" -gt 0 ]; then sleep "$duration"; else wait "${pids[0]}"; fi

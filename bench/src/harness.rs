@@ -31,14 +31,21 @@ impl Drop for Procs {
 }
 
 /// GET a JSON document from inside network namespace `ns`, within `limit`.
-pub(crate) fn ns_get(ns: &str, url: String, limit: Duration) -> Option<Value> {
+pub(crate) fn ns_get(ns: &str, url: String, token: String, limit: Duration) -> Option<Value> {
     in_netns(ns, move || {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(limit))
             .build()
             .into();
-        agent.get(&url).call().ok()?.body_mut().read_json().ok()
+        agent
+            .get(&url)
+            .header("Authorization", &format!("Bearer {token}"))
+            .call()
+            .ok()?
+            .body_mut()
+            .read_json()
+            .ok()
     })
     .ok()
     .flatten()
@@ -165,8 +172,9 @@ impl OneSite {
         std::fs::write(
             &ctl_cfg,
             format!(
-                "data_dir = {:?}\nquic_listen = \"{quic}\"\napi_listen = \"{api}\"\nops_listen = \"{ops}\"\nprofile = \"geo\"\n[link_rates]\n\"{site}\" = {}\n",
+                "data_dir = {:?}\nquic_listen = \"{quic}\"\napi_listen = \"{api}\"\nops_listen = \"{ops}\"\nprofile = \"geo\"\noutgoing_dirs = [{:?}]\n[link_rates]\n\"{site}\" = {}\n",
                 dir.join("ctl"),
+                dir,
                 s.rate_mbit
             ),
         )?;
@@ -249,6 +257,7 @@ impl OneSite {
         ns_get(
             &self.ctl_ns,
             format!("http://{}{path}", self.api),
+            crate::ingest::token(&self.dir.join("ctl"), "read.token"),
             Duration::from_secs(10),
         )
     }
@@ -281,11 +290,12 @@ impl OneSite {
     /// gives up on any one response after 120 s).
     pub(crate) fn follow_reports(&self, events: Events) {
         let (ns, api, state) = (self.ctl_ns.clone(), self.api, self.follower.clone());
+        let token = crate::ingest::token(&self.dir.join("ctl"), "read.token");
         std::thread::spawn(move || {
             while state.load(Ordering::Acquire) != DONE {
-                let (events, state) = (events.clone(), state.clone());
+                let (events, state, token) = (events.clone(), state.clone(), token.clone());
                 if in_netns(&ns, move || {
-                    crate::ingest::follow_stream(api, &events, &state)
+                    crate::ingest::follow_stream(api, &token, &events, &state)
                 })
                 .is_err()
                 {

@@ -79,6 +79,25 @@ pub(crate) fn get(url: &str) -> Option<Value> {
     http().get(url).call().ok()?.body_mut().read_json().ok()
 }
 
+/// GET with `Authorization: Bearer TOKEN` (every API route needs one).
+pub(crate) fn get_as(url: &str, token: &str) -> Option<Value> {
+    http()
+        .get(url)
+        .header("Authorization", &format!("Bearer {token}"))
+        .call()
+        .ok()?
+        .body_mut()
+        .read_json()
+        .ok()
+}
+
+/// A token the controller made in its data directory (`read.token`, `admin.token`).
+pub(crate) fn token(data_dir: &std::path::Path, name: &str) -> String {
+    std::fs::read_to_string(data_dir.join(name))
+        .map(|t| t.trim().to_string())
+        .unwrap_or_default()
+}
+
 fn metric(ops: SocketAddr, name: &str) -> f64 {
     let text = http()
         .get(&format!("http://{ops}/metrics"))
@@ -203,14 +222,28 @@ pub(crate) const RECORDING: u8 = 1;
 pub(crate) const DONE: u8 = 2;
 
 /// Follows `/api/stream` on a thread of its own (see [`follow_stream`]).
-fn watch_stream(api: SocketAddr, sink: Arc<Mutex<Vec<(i64, i64)>>>, state: Arc<AtomicU8>) {
-    std::thread::spawn(move || follow_stream(api, &sink, &state));
+fn watch_stream(
+    api: SocketAddr,
+    token: String,
+    sink: Arc<Mutex<Vec<(i64, i64)>>>,
+    state: Arc<AtomicU8>,
+) {
+    std::thread::spawn(move || follow_stream(api, &token, &sink, &state));
 }
 
 /// Follows `/api/stream`, recording (sample time, arrival time) of report events while
 /// `state` is [`RECORDING`]; returns once it is [`DONE`] or the stream ends.
-pub(crate) fn follow_stream(api: SocketAddr, sink: &Mutex<Vec<(i64, i64)>>, state: &AtomicU8) {
-    let Ok(resp) = http().get(&format!("http://{api}/api/stream")).call() else {
+pub(crate) fn follow_stream(
+    api: SocketAddr,
+    token: &str,
+    sink: &Mutex<Vec<(i64, i64)>>,
+    state: &AtomicU8,
+) {
+    let Ok(resp) = http()
+        .get(&format!("http://{api}/api/stream"))
+        .header("Authorization", &format!("Bearer {token}"))
+        .call()
+    else {
         return;
     };
     let reader = std::io::BufReader::new(resp.into_body().into_reader());
@@ -289,8 +322,10 @@ pub fn run(sites: usize, interval: f64, duration: f64) -> anyhow::Result<()> {
         .stdout(Stdio::piped())
         .stderr(sim_log)
         .spawn()?;
+    // The controller made its tokens at its first start (the enroll batch ran on its data dir).
+    let read = token(&dir.join("ctl"), "read.token");
     let setup = wait("every site connected", Duration::from_secs(2400), || {
-        get(&format!("http://{api}/api/summary")).is_some_and(|v| {
+        get_as(&format!("http://{api}/api/summary"), &read).is_some_and(|v| {
             v["connected"].as_u64() == Some(sites as u64)
                 && v["sites"].as_u64() == Some(sites as u64)
         })
@@ -320,7 +355,7 @@ pub fn run(sites: usize, interval: f64, duration: f64) -> anyhow::Result<()> {
 
     let events = Arc::new(Mutex::new(Vec::new()));
     let state = Arc::new(AtomicU8::new(WAITING));
-    watch_stream(api, events.clone(), state.clone());
+    watch_stream(api, read.clone(), events.clone(), state.clone());
     std::thread::sleep(Duration::from_millis(500));
     state.store(RECORDING, Ordering::Release);
     std::thread::sleep(Duration::from_secs_f64(duration / 4.0));
@@ -353,7 +388,11 @@ pub fn run(sites: usize, interval: f64, duration: f64) -> anyhow::Result<()> {
         "every site connected and current",
         Duration::from_secs((sites as u64 / 20).max(600)),
         || {
-            get(&format!("http://{api}/api/summary?since={restart_at}")).is_some_and(|v| {
+            get_as(
+                &format!("http://{api}/api/summary?since={restart_at}"),
+                &read,
+            )
+            .is_some_and(|v| {
                 if last_note.elapsed() >= Duration::from_secs(5) {
                     last_note = Instant::now();
                     eprintln!(
@@ -390,8 +429,11 @@ pub fn run(sites: usize, interval: f64, duration: f64) -> anyhow::Result<()> {
         })
         .context("no final statistics from the simulator")?;
     let pushed = final_stats["pushed"].as_u64().unwrap_or(0);
-    let summary =
-        get(&format!("http://{api}/api/summary?count_history=true")).context("summary")?;
+    let summary = get_as(
+        &format!("http://{api}/api/summary?count_history=true"),
+        &token(&dir.join("ctl"), "admin.token"),
+    )
+    .context("summary")?;
     let distinct = summary["stored_distinct"].as_u64().unwrap_or(0);
     let entries = summary["history_entries"].as_u64().unwrap_or(0);
     rss = rss.max(peak_rss_mb(ctl.pid()));

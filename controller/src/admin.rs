@@ -5,6 +5,7 @@
 //!
 //! Nothing here speaks HTTP or opens the data directory: it gets the registry and the outbox.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -167,13 +168,56 @@ impl AdminCall for SendRequest {
     const PATH: &'static str = "/api/admin/send";
     type Answer = SendAnswer;
     fn dispatch(&self, a: &Admin<'_>) -> Result<SendAnswer, AdminError> {
+        let path = outgoing_file(a.config, &self.path)?;
+        let req = SendRequest {
+            path: path.display().to_string(),
+            to: self.to.clone(),
+            priority: self.priority,
+            window: self.window,
+            rate_limit_mbit: self.rate_limit_mbit,
+        };
         Ok(transfers::queue(
             a.registry,
             a.outbox,
             &a.config.relays,
-            self,
+            &req,
         )?)
     }
+}
+
+/// The file a send names, resolved (symlinks followed): it must lie under one of
+/// `outgoing_dirs` and never among the data directory's own files (its keys, tokens,
+/// database), whatever links point there.
+pub fn outgoing_file(config: &crate::Config, path: &str) -> Result<PathBuf, AdminError> {
+    let real = std::path::Path::new(path)
+        .canonicalize()
+        .map_err(|e| AdminError::Bad(format!("{path}: {e}")))?;
+    let canon = |p: &std::path::Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    let data = canon(&config.data_dir);
+    let dirs = config.outgoing_dirs();
+    let allowed = dirs
+        .iter()
+        .map(|d| canon(d))
+        .any(|d| real.starts_with(&d) && (!real.starts_with(&data) || d == data.join("outgoing")));
+    if allowed && real.is_file() {
+        return Ok(real);
+    }
+    let list: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+    Err(AdminError::Bad(if real.starts_with(&data) {
+        format!(
+            "{path}: the controller's data directory is never sent (its keys and tokens live \
+             there); send files from an outgoing directory ({})",
+            list.join(", ")
+        )
+    } else if !allowed {
+        format!(
+            "{path}: not in an outgoing directory ({}): copy it there, or add its directory \
+             to `outgoing_dirs` in the controller's configuration",
+            list.join(", ")
+        )
+    } else {
+        format!("{path}: not a regular file")
+    }))
 }
 
 /// Every transfer and its state.

@@ -1,18 +1,20 @@
 //! The JSON API (dashboard, scripts, the CLI's admin commands) and the ops listener
 //! (`/metrics`, `/health`).
 //!
-//! Admin routes (`/api/admin/*`) need `Authorization: Bearer <data_dir/admin.token>`.
+//! Every route needs a bearer token, checked from the request's head before any body is read
+//! ([`crate::auth`]): `read.token` or `admin.token` for reads, `admin.token` for
+//! `/api/admin/*`. Bodies are at most [`MAX_BODY_BYTES`]; lists are paged.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Json, Router, middleware};
 use futures_util::Stream;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -25,7 +27,7 @@ use crate::admin::{
     RevokeAnswer, RevokeRequest, SendRequest, TransfersAnswer, TransfersRequest,
 };
 use crate::sites::Status;
-use crate::{Core, now_ms};
+use crate::{Core, auth, now_ms};
 
 pub struct AppError(StatusCode, String);
 
@@ -58,14 +60,27 @@ fn internal(e: impl std::fmt::Display) -> AppError {
 
 type ApiResult = Result<Json<Value>, AppError>;
 
+/// A name from a path or a query: the one grammar, or 400 (before it touches a key).
+fn name(what: &str, s: &str) -> Result<(), AppError> {
+    tiandi_link::names::validate_name(what, s).map_err(|e| bad(e.to_string()))
+}
+
+/// Largest request body (an enrollment batch of 20,000 sites is about 1 MB).
+pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+
 pub fn router(core: Arc<Core>) -> Router {
-    Router::new()
+    let tokens = core.tokens.clone();
+    let reads = Router::new()
         .route("/api/sites", get(list_sites))
         .route("/api/sites/{id}", get(one_site))
         .route("/api/sites/{id}/history", get(history))
         .route("/api/alarms", get(alarms))
         .route("/api/stream", get(stream))
         .route("/api/summary", get(summary))
+        .route(TransfersRequest::PATH, get(transfers))
+        .route("/api/conferences", get(conferences))
+        .route_layer(middleware::from_fn_with_state(tokens.clone(), auth::read));
+    let admin = Router::new()
         .route(EnrollRequest::PATH, post(admin_post::<EnrollRequest>))
         .route(
             EnrollBatchRequest::PATH,
@@ -74,16 +89,25 @@ pub fn router(core: Arc<Core>) -> Router {
         .route(RevokeRequest::PATH, post(admin_revoke))
         .route(RegistryRequest::PATH, get(admin_get::<RegistryRequest>))
         .route(SendRequest::PATH, post(admin_post::<SendRequest>))
-        .route(TransfersRequest::PATH, get(transfers))
-        .route("/api/conferences", get(conferences))
         .route(ConferenceRequest::PATH, post(admin_conference))
+        .route_layer(middleware::from_fn_with_state(tokens, auth::admin));
+    reads
+        .merge(admin)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(core)
 }
 
 pub fn ops_router(core: Arc<Core>) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
+    let metrics_route =
+        Router::new()
+            .route("/metrics", get(metrics))
+            .route_layer(middleware::from_fn_with_state(
+                core.tokens.clone(),
+                auth::metrics,
+            ));
+    metrics_route
         .route("/health", get(|| async { "ok\n" }))
+        .layer(DefaultBodyLimit::max(4096))
         .with_state(core)
 }
 
@@ -94,6 +118,9 @@ struct SitesQuery {
 }
 
 async fn list_sites(State(core): State<Arc<Core>>, Query(q): Query<SitesQuery>) -> ApiResult {
+    if let Some(p) = &q.province {
+        name("province", p)?;
+    }
     let status = match q.status.as_deref() {
         None => None,
         Some(s) => Some(Status::parse(s).ok_or_else(|| {
@@ -113,6 +140,7 @@ async fn list_sites(State(core): State<Arc<Core>>, Query(q): Query<SitesQuery>) 
 }
 
 async fn one_site(State(core): State<Arc<Core>>, Path(id): Path<String>) -> ApiResult {
+    name("site ID", &id)?;
     let s = core
         .sites
         .get(&id)
@@ -144,6 +172,7 @@ async fn history(
     Path(id): Path<String>,
     Query(q): Query<HistoryQuery>,
 ) -> ApiResult {
+    name("site ID", &id)?;
     if core.sites.get(&id).is_none() {
         return Err(not_found(format!("no site {id:?}")));
     }
@@ -179,27 +208,45 @@ async fn history(
 struct AlarmsQuery {
     since: Option<i64>,
     limit: Option<usize>,
+    /// The `next` cursor of the previous page: events older than it.
+    before: Option<String>,
     site: Option<String>,
     province: Option<String>,
 }
 
+/// Most log entries one page of `/api/alarms` looks at (a filter matching few events returns
+/// a short page and a cursor, rather than scanning the whole log).
+const ALARM_SCAN: usize = 100_000;
+
+/// Active alarms, and one page of the raise/clear log (oldest first within the page; `next`,
+/// when set, is the `before` of the page of older events).
 async fn alarms(State(core): State<Arc<Core>>, Query(q): Query<AlarmsQuery>) -> ApiResult {
-    let limit = q.limit.unwrap_or(1000).min(100_000);
+    for (what, v) in [("site ID", &q.site), ("province", &q.province)] {
+        if let Some(v) = v {
+            name(what, v)?;
+        }
+    }
+    let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
     let since = q.since.unwrap_or(0);
+    let before = match &q.before {
+        None => None,
+        Some(c) => Some(hex::decode(c).map_err(|_| bad("`before` is not a cursor this API gave"))?),
+    };
     let (site, province) = (q.site.clone(), q.province.clone());
-    let store = core.store.clone();
-    let log = tokio::task::spawn_blocking(move || store.alarms(since, usize::MAX))
-        .await
-        .map_err(internal)?
-        .map_err(internal)?;
-    let keep = |s: &str, p: &str| {
+    let keep = move |s: &str, p: &str| {
         site.as_deref().is_none_or(|x| x == s) && province.as_deref().is_none_or(|x| x == p)
     };
-    let log: Vec<_> = log
-        .into_iter()
-        .filter(|e| keep(&e.site_id, &e.province))
-        .collect();
-    let log = &log[log.len().saturating_sub(limit)..];
+    let store = core.store.clone();
+    let k = keep.clone();
+    let (mut log, next) = tokio::task::spawn_blocking(move || {
+        store.alarms_page(since, before.as_deref(), limit, ALARM_SCAN, |e| {
+            k(&e.site_id, &e.province)
+        })
+    })
+    .await
+    .map_err(internal)?
+    .map_err(internal)?;
+    log.reverse();
     let active: Vec<Value> = core.sites.with_all(|all| {
         all.filter(|s| keep(&s.site_id, &s.province))
             .flat_map(|s| {
@@ -210,7 +257,9 @@ async fn alarms(State(core): State<Arc<Core>>, Query(q): Query<AlarmsQuery>) -> 
             })
             .collect()
     });
-    Ok(Json(json!({ "active": active, "log": log })))
+    Ok(Json(
+        json!({ "active": active, "log": log, "next": next.map(hex::encode) }),
+    ))
 }
 
 async fn stream(
@@ -234,24 +283,6 @@ async fn stream(
     Sse::new(s).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
-fn check_admin(core: &Core, headers: &HeaderMap) -> Result<(), AppError> {
-    let got = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    // Compare digests, so the comparison's timing says nothing about the token.
-    let digest = |s: &str| ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
-    if digest(got).as_ref() == digest(&core.admin_token).as_ref() {
-        Ok(())
-    } else {
-        Err(AppError(
-            StatusCode::UNAUTHORIZED,
-            "admin token required (Authorization: Bearer <data_dir/admin.token>)".into(),
-        ))
-    }
-}
-
 /// An admin request through its one dispatch ([`AdminCall::dispatch`]), off the async
 /// threads (sled blocks).
 async fn run_admin<R: AdminCall>(core: &Arc<Core>, req: R) -> Result<R::Answer, AppError> {
@@ -264,18 +295,14 @@ async fn run_admin<R: AdminCall>(core: &Arc<Core>, req: R) -> Result<R::Answer, 
 
 async fn admin_post<R: AdminCall>(
     State(core): State<Arc<Core>>,
-    headers: HeaderMap,
     Json(req): Json<R>,
 ) -> Result<Json<R::Answer>, AppError> {
-    check_admin(&core, &headers)?;
     run_admin(&core, req).await.map(Json)
 }
 
 async fn admin_get<R: AdminCall + Default>(
     State(core): State<Arc<Core>>,
-    headers: HeaderMap,
 ) -> Result<Json<R::Answer>, AppError> {
-    check_admin(&core, &headers)?;
     run_admin(&core, R::default()).await.map(Json)
 }
 
@@ -289,7 +316,17 @@ struct SummaryQuery {
 
 /// Counts for a wall display or a script: sites by status, connected, fresh since a time, and
 /// how many distinct reports are stored.
-async fn summary(State(core): State<Arc<Core>>, Query(q): Query<SummaryQuery>) -> ApiResult {
+async fn summary(
+    State(core): State<Arc<Core>>,
+    headers: HeaderMap,
+    Query(q): Query<SummaryQuery>,
+) -> ApiResult {
+    if q.count_history == Some(true) && core.tokens.scope(&headers) != Some(auth::Scope::Admin) {
+        return Err(AppError(
+            StatusCode::FORBIDDEN,
+            "count_history scans the whole history: admin token only".into(),
+        ));
+    }
     let since = q.since.unwrap_or(i64::MAX);
     let (sites, connected, fresh, by_status, ids) = core.sites.with_all(|all| {
         let mut by: std::collections::BTreeMap<&'static str, u64> = Default::default();
@@ -329,10 +366,8 @@ async fn summary(State(core): State<Arc<Core>>, Query(q): Query<SummaryQuery>) -
 
 async fn admin_revoke(
     State(core): State<Arc<Core>>,
-    headers: HeaderMap,
     Json(req): Json<RevokeRequest>,
 ) -> Result<Json<RevokeAnswer>, AppError> {
-    check_admin(&core, &headers)?;
     let site = req.site_id.clone();
     let mut answer = run_admin(&core, req).await?;
     answer.disconnected = core.disconnect(
@@ -340,6 +375,10 @@ async fn admin_revoke(
         tiandi_proto::codes::REVOKED,
         "site certificate revoked",
     );
+    let _ = core
+        .conference
+        .as_ref()
+        .map(|(relay, _)| relay.evict_site(&site));
     tracing::warn!(%site, disconnected = answer.disconnected, "Site revoked.");
     Ok(Json(answer))
 }
@@ -408,11 +447,27 @@ async fn conferences(State(core): State<Arc<Core>>) -> ApiResult {
 
 async fn admin_conference(
     State(core): State<Arc<Core>>,
-    headers: HeaderMap,
     Json(req): Json<ConferenceRequest>,
 ) -> ApiResult {
-    check_admin(&core, &headers)?;
     let relay = &conference_relay(&core)?.0;
+    // Every name in the request passes the one grammar before it names a room, a floor
+    // holder or a recording's file.
+    let (room_name, site_name) = match &req {
+        ConferenceRequest::List => (None, None),
+        ConferenceRequest::Create { room, chair } => (Some(room), chair.as_ref()),
+        ConferenceRequest::Show { room }
+        | ConferenceRequest::End { room }
+        | ConferenceRequest::Rollcall { room, .. } => (Some(room), None),
+        ConferenceRequest::Floor { room, site } | ConferenceRequest::Record { room, site, .. } => {
+            (Some(room), site.as_ref())
+        }
+    };
+    if let Some(r) = room_name {
+        name("room", r)?;
+    }
+    if let Some(s) = site_name {
+        name("site ID", s)?;
+    }
     let find = |room: &str| {
         relay
             .find_room(room)
@@ -421,7 +476,6 @@ async fn admin_conference(
     match req {
         ConferenceRequest::List => conferences(State(core.clone())).await,
         ConferenceRequest::Create { room, chair } => {
-            tiandi_link::pki::validate_name("room", &room).map_err(|e| bad(e.to_string()))?;
             let chair = chair.unwrap_or_else(|| core.config.conference.chair.clone());
             let r = relay.create_room(&room, &chair);
             tracing::info!(%room, %chair, "Conference created.");
@@ -458,11 +512,17 @@ async fn admin_conference(
             let ext = format
                 .unwrap_or(core.config.conference.recording_format)
                 .extension();
-            let path = core.config.data_dir.join("recordings").join(format!(
+            let file = format!(
                 "{room}-{}-{}.{ext}",
                 site.as_deref().unwrap_or("floor"),
                 crate::now_ms() / 1000
-            ));
+            );
+            let path = tiandi_link::names::join(
+                &core.config.data_dir.join("recordings"),
+                "recording",
+                &file,
+            )
+            .map_err(|e| bad(e.to_string()))?;
             r.start_recording(site.as_deref(), &path)
                 .await
                 .map_err(bad)?;

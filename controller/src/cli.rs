@@ -255,13 +255,56 @@ fn enroll(
         .collect();
     match out {
         Some(path) => {
-            std::fs::write(&path, lines.join("\n") + "\n")
+            // One-time tokens are secrets: owner-only, like every key Tiandi writes.
+            tiandi_link::pki::write_private(&path, &(lines.join("\n") + "\n"))
                 .with_context(|| format!("writing {}", path.display()))?;
             println!("wrote {} tokens to {}", lines.len(), path.display());
         }
         None => println!("{}", lines.join("\n")),
     }
     Ok(())
+}
+
+/// Where the CLI reaches the controller's API: plain HTTP on a loopback address; HTTPS
+/// otherwise, to the host itself when the API listens on every address.
+pub fn api_base(cfg: &Config) -> String {
+    let a = cfg.api_listen;
+    if crate::http::plain_http_allowed(&a) {
+        return format!("http://{a}");
+    }
+    let ip = match a.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    format!("https://{}", SocketAddr::new(ip, a.port()))
+}
+
+/// An HTTP client for the API: off loopback it trusts only the controller's CA
+/// (`data_dir/ca.pem`) and the certificates of `api_tls_cert`, if set.
+pub fn http_agent(cfg: &Config) -> anyhow::Result<ureq::Agent> {
+    let mut b = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)));
+    if !crate::http::plain_http_allowed(&cfg.api_listen) {
+        let mut roots = Vec::new();
+        let mut files = vec![cfg.data_dir.join("ca.pem")];
+        files.extend(cfg.api_tls_cert.clone());
+        for f in files {
+            let pem = std::fs::read_to_string(&f)
+                .with_context(|| format!("reading {} (the API's TLS trust)", f.display()))?;
+            for der in tiandi_link::pki::certs_from_pem(&pem)? {
+                roots.push(ureq::tls::Certificate::from_der(der.as_ref()).to_owned());
+            }
+        }
+        b = b.tls_config(
+            ureq::tls::TlsConfig::builder()
+                .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(roots)))
+                .unversioned_rustls_crypto_provider(tiandi_link::tls::provider())
+                .build(),
+        );
+    }
+    Ok(b.build().into())
 }
 
 /// Sends admin requests: to the running controller's API if there is one, else through the
@@ -273,7 +316,7 @@ pub struct AdminClient<'a> {
 impl AdminClient<'_> {
     pub fn call<R: AdminCall>(&self, req: &R) -> anyhow::Result<R::Answer> {
         let token_path = self.cfg.data_dir.join("admin.token");
-        if let Ok(token) = std::fs::read_to_string(&token_path)
+        if let Some(token) = tiandi_link::secrets::read_private(&token_path)?
             && let Some(answer) = self.over_http(req, token.trim())?
         {
             return Ok(answer);
@@ -283,12 +326,8 @@ impl AdminClient<'_> {
 
     /// `None` when no controller listens at `api_listen`.
     fn over_http<R: AdminCall>(&self, req: &R, token: &str) -> anyhow::Result<Option<R::Answer>> {
-        let url = format!("http://{}{}", self.cfg.api_listen, R::PATH);
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(10)))
-            .build()
-            .into();
+        let url = format!("{}{}", api_base(self.cfg), R::PATH);
+        let agent = http_agent(self.cfg)?;
         let auth = format!("Bearer {token}");
         let sent = if R::GET {
             agent.get(&url).header("Authorization", &auth).call()

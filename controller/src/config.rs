@@ -14,10 +14,26 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// QUIC listener for agents (UDP).
     pub quic_listen: SocketAddr,
-    /// JSON API (HTTP).
+    /// JSON API. Plain HTTP on a loopback address; HTTPS on any other (see `api_tls_cert`).
+    /// Every route needs a bearer token: `data_dir/read.token` to read, `admin.token` for
+    /// `/api/admin/*`.
     pub api_listen: SocketAddr,
-    /// Prometheus `/metrics` and `/health` (HTTP), separate from the API.
+    /// Prometheus `/metrics` and `/health`, separate from the API. Off loopback: HTTPS, and
+    /// `/metrics` needs `Authorization: Bearer <data_dir/metrics.token>`.
     pub ops_listen: SocketAddr,
+    /// Certificate chain (PEM) the API and ops listeners present off loopback. Unset: one the
+    /// controller's CA issues for the name `tiandi-controller` (clients trust `data_dir/ca.pem`
+    /// and connect by that name).
+    pub api_tls_cert: Option<PathBuf>,
+    /// Its private key (PEM, mode 0600).
+    pub api_tls_key: Option<PathBuf>,
+    /// More names (DNS names or IP addresses) for the certificate the controller's CA makes
+    /// for its listeners when `api_tls_cert` is unset: the names dashboards and Prometheus
+    /// use to reach it.
+    pub api_names: Vec<String>,
+    /// Directories `send` may take files from (the controller reads nothing else for a
+    /// transfer, and never its own data directory). Empty: `data_dir/outgoing`.
+    pub outgoing_dirs: Vec<PathBuf>,
     /// Log filter (`RUST_LOG` overrides).
     pub log: String,
     /// Transport profile of agent connections (`geo`, `leo`, `terrestrial`).
@@ -104,6 +120,15 @@ impl Default for Conference {
 }
 
 impl Config {
+    /// Where `send` may take files from.
+    pub fn outgoing_dirs(&self) -> Vec<PathBuf> {
+        if self.outgoing_dirs.is_empty() {
+            vec![self.data_dir.join("outgoing")]
+        } else {
+            self.outgoing_dirs.clone()
+        }
+    }
+
     /// The committed rate toward `site` in bits per second of UDP payload, if configured.
     pub fn link_rate_bps(&self, site: &str) -> Option<u64> {
         self.link_rates
@@ -155,6 +180,10 @@ impl Default for Config {
             quic_listen: "0.0.0.0:4433".parse().expect("literal"),
             api_listen: "127.0.0.1:8440".parse().expect("literal"),
             ops_listen: "127.0.0.1:9440".parse().expect("literal"),
+            api_tls_cert: None,
+            api_tls_key: None,
+            api_names: Vec::new(),
+            outgoing_dirs: Vec::new(),
             log: "info".into(),
             profile: LinkProfile::Geo,
             history_days: 30,

@@ -63,7 +63,7 @@ fn next_steps(
         let (site, _) = site_name(0);
         s += &format!(
             "Next, in another shell:\n\
-             \x20 sites:      curl -s http://{api}/api/sites | head -c 600; echo\n\
+             \x20 sites:      curl -s -H \"Authorization: Bearer $(cat {dir}/read.token)\" http://{api}/api/sites | head -c 600; echo\n\
              \x20 send a file to site {site}:\n\
              \x20             {ctl} send README.md --to site:{site}\n\
              \x20 follow it:  {ctl} transfers\n\
@@ -152,6 +152,13 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     cfg.profile = LinkProfile::Terrestrial;
+    // The demo sends files from where it was started (`send README.md`); never from its data
+    // directory, which the controller refuses whatever `outgoing_dirs` says.
+    if cfg.outgoing_dirs.is_empty()
+        && let Ok(here) = std::env::current_dir()
+    {
+        cfg.outgoing_dirs = vec![here];
+    }
     let ctl = Controller::start(cfg).await?;
     let core = ctl.core.clone();
     let ids_dir = core.config.data_dir.join("demo-sites");
@@ -175,7 +182,11 @@ pub async fn run(
         "Tiandi demo: controller with {sites} simulated sites (reports every {:?}).",
         interval
     );
-    println!("  API:        http://{}/api/sites", ctl.api_addr);
+    println!(
+        "  API:        http://{}/api/sites (Authorization: Bearer <{}/read.token>)",
+        ctl.api_addr,
+        core.config.data_dir.display()
+    );
     println!("  alarms:     http://{}/api/alarms", ctl.api_addr);
     println!("  live:       http://{}/api/stream", ctl.api_addr);
     println!("  metrics:    http://{}/metrics", ctl.ops_addr);

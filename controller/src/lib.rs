@@ -6,11 +6,13 @@
 
 pub mod admin;
 pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod demo;
 
 pub mod enroll;
+pub mod http;
 pub mod metrics;
 pub mod registry;
 pub mod server;
@@ -66,7 +68,8 @@ pub struct Core {
     conns: Mutex<HashMap<String, quinn::Connection>>,
     closed_wire: Mutex<WireTotals>,
     pub cancel: CancellationToken,
-    pub admin_token: String,
+    /// Bearer tokens of the HTTP listeners ([`auth`]).
+    pub tokens: Arc<auth::Tokens>,
     /// Files queued for sites (store-and-forward transfers).
     pub outbox: Arc<tiandi_transfer::Outbox>,
     /// Files sent by sites land here (`data_dir/inbox`).
@@ -181,8 +184,13 @@ pub struct Controller {
 
 impl Controller {
     pub async fn start(config: Config) -> anyhow::Result<Controller> {
-        std::fs::create_dir_all(&config.data_dir)
-            .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+        if tiandi_link::secrets::private_dir(&config.data_dir)
+            .with_context(|| format!("creating data dir {}", config.data_dir.display()))?
+        {
+            warn!(dir = %config.data_dir.display(), "The data directory was open to others; made it 0700.");
+        }
+        // The CA key signs every site: refuse one others may read (and say how to fix it).
+        tiandi_link::secrets::read_private(&config.data_dir.join("ca.key"))?;
         let ca = Ca::load_or_create(&config.data_dir).context("loading the site CA")?;
         let db_path = config.data_dir.join("db");
         let db = sled::Config::new()
@@ -214,7 +222,11 @@ impl Controller {
                 .with_context(|| format!("loading the latest report of {}", rec.site_id))?;
             sites.insert(&rec.site_id, &rec.province, latest, now);
         }
-        let admin_token = load_admin_token(&config.data_dir)?;
+        let tokens = Arc::new(auth::Tokens::load(
+            &config.data_dir,
+            !http::plain_http_allowed(&config.ops_listen),
+        )?);
+        check_outgoing_dirs(&config)?;
         let outbox = tiandi_transfer::Outbox::new(db.open_tree("outbox")?);
         let inbox = tiandi_transfer::Inbox::new(
             &config.data_dir.join("inbox"),
@@ -274,19 +286,23 @@ impl Controller {
             conns: Mutex::new(HashMap::new()),
             closed_wire: Mutex::new(WireTotals::default()),
             cancel: CancellationToken::new(),
-            admin_token,
+            tokens,
             outbox,
             inbox,
             conference: conference.as_ref().map(|c| (c.0.clone(), c.1)),
             config,
         });
         if let Some((relay, _, endpoint)) = conference {
+            relay.set_cert_policy(core.registry.clone());
             tokio::spawn(relay.serve(endpoint, core.cancel.clone()));
         }
 
         let (chain, key) = core.ca.issue_controller()?;
         let tls = tiandi_link::tls::server_tls(chain, key, core.ca.cert_der(), registry)?;
-        let reset_secret = load_secret(&core.config.data_dir, "quic-reset.key")?;
+        let reset_secret = tiandi_link::secrets::load_or_create_token(
+            &core.config.data_dir.join("quic-reset.key"),
+            "QUIC stateless-reset key",
+        )?;
         // Each connection gets its own transport (see `server::accept_loop`): its congestion
         // controller learns the site's committed rate once the site is known.
         let server_config = Arc::new(tiandi_link::server_config(
@@ -332,19 +348,24 @@ impl Controller {
                 core.cancel.clone(),
             )),
         ];
-        for (listener, router) in [
-            (api_listener, api::router(core.clone())),
-            (ops_listener, api::ops_router(core.clone())),
+        for (listener, addr, router) in [
+            (api_listener, api_addr, api::router(core.clone())),
+            (ops_listener, ops_addr, api::ops_router(core.clone())),
         ] {
-            let cancel = core.cancel.clone();
-            tasks.push(tokio::spawn(async move {
-                let r = axum::serve(listener, router)
-                    .with_graceful_shutdown(async move { cancel.cancelled().await })
-                    .await;
-                if let Err(error) = r {
-                    tracing::error!(%error, "HTTP listener failed.");
-                }
-            }));
+            // Plain HTTP (bearer tokens in clear) only on the host itself.
+            let tls = if http::plain_http_allowed(&addr) {
+                None
+            } else {
+                Some(http::server_tls(&core.config, &core.ca).with_context(|| {
+                    format!("the TLS certificate of the listener on {addr} (not loopback)")
+                })?)
+            };
+            tasks.push(tokio::spawn(http::serve(
+                listener,
+                router,
+                tls,
+                core.cancel.clone(),
+            )));
         }
         info!(%quic_addr, %api_addr, %ops_addr, sites = core.sites.len(), ca = %core.ca.fingerprint(), "Controller started.");
         Ok(Controller {
@@ -405,19 +426,30 @@ impl Controller {
     }
 }
 
-fn load_admin_token(dir: &std::path::Path) -> anyhow::Result<String> {
-    load_secret(dir, "admin.token")
-}
-
-/// A random secret kept in `dir/name` (mode 0600), created on first use.
-fn load_secret(dir: &std::path::Path, name: &str) -> anyhow::Result<String> {
-    let path = dir.join(name);
-    if let Ok(t) = std::fs::read_to_string(&path) {
-        return Ok(t.trim().to_string());
+/// `outgoing_dirs` may not open the data directory: one inside it must be
+/// `data_dir/outgoing` (made here when it is the default).
+fn check_outgoing_dirs(config: &Config) -> anyhow::Result<()> {
+    let data = config
+        .data_dir
+        .canonicalize()
+        .with_context(|| format!("{}", config.data_dir.display()))?;
+    if config.outgoing_dirs.is_empty() {
+        let d = config.data_dir.join("outgoing");
+        std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
     }
-    let t = hex::encode(rand::random::<[u8; 24]>());
-    tiandi_link::pki::write_private(&path, &t)?;
-    Ok(t)
+    for d in &config.outgoing_dirs {
+        let c = d.canonicalize().unwrap_or_else(|_| d.clone());
+        if c.starts_with(&data) && c != data.join("outgoing") {
+            anyhow::bail!(
+                "outgoing_dirs: {} is inside the data directory {}, whose keys and tokens must \
+                 never be sent; use {} or a directory outside it",
+                d.display(),
+                config.data_dir.display(),
+                config.data_dir.join("outgoing").display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Re-evaluates every site each second (a site goes `down` by silence, not by a message).
@@ -496,7 +528,7 @@ fn start_conference_relay(
     let c = &config.conference;
     let (key, csr) = tiandi_link::pki::site_key_and_csr(&c.name)?;
     let cert = ca
-        .sign_site(&csr, &c.name, "ministry", Duration::from_secs(365 * 86_400))?
+        .sign_relay(&csr, &c.name, "ministry", Duration::from_secs(365 * 86_400))?
         .cert_pem;
     let tls = tiandi_video::relay_tls_with(ca.cert_pem(), &cert, &key, registry)?;
     let listen = c

@@ -35,7 +35,16 @@ pub enum StoreError {
     Corrupt { tree: &'static str, message: String },
     #[error(transparent)]
     Log(#[from] crate::wal::WalError),
+    /// A site whose stored sequence numbers would split into more than [`MAX_SEQ_RANGES`]
+    /// pieces: no agent numbers its reports that way (its backlog arrives in order), a hostile
+    /// one could grow the site's state without bound.
+    #[error("site {0}: reports numbered with more than {MAX_SEQ_RANGES} gaps; refusing the report")]
+    TooManyGaps(String),
 }
+
+/// Most disjoint ranges of stored sequence numbers a site may have above its contiguous
+/// prefix (a real agent has a few: its newest report and the backlog still arriving).
+pub const MAX_SEQ_RANGES: usize = 1024;
 
 /// Which sequence numbers of a site are stored.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -54,6 +63,16 @@ impl SeqState {
                 .ranges
                 .iter()
                 .any(|&(a, b)| a <= r.first && r.last <= b)
+    }
+
+    /// Whether storing `r` would make more than [`MAX_SEQ_RANGES`] ranges.
+    pub fn too_sparse_with(&self, r: SeqRange) -> bool {
+        self.ranges.len() >= MAX_SEQ_RANGES
+            && r.first > self.acked_through + 1
+            && !self
+                .ranges
+                .iter()
+                .any(|&(a, b)| !(b + 1 < r.first || r.last + 1 < a))
     }
 
     pub fn add(&mut self, r: SeqRange) {
@@ -275,6 +294,9 @@ impl Store {
                     *epoch = self.pending.lock().expect("pending lock poisoned").epoch;
                 }
                 return Ok(false);
+            }
+            if state.too_sparse_with(range) {
+                return Err(StoreError::TooManyGaps(site.to_string()));
             }
             // The insert happens under the cache lock, so that two sessions of one site (an
             // old connection not yet closed, a new one) cannot both store a sequence number.
@@ -527,6 +549,40 @@ impl Store {
         Ok(())
     }
 
+    /// One page of the alarm log, newest first: events at or after `since_ms` and strictly
+    /// before the cursor `before` (from the previous page), that `keep` accepts; at most
+    /// `limit` of them, looking at no more than `max_scan` entries. Returns the events and
+    /// the cursor of the next page (`None`: nothing older is left).
+    pub fn alarms_page(
+        &self,
+        since_ms: i64,
+        before: Option<&[u8]>,
+        limit: usize,
+        max_scan: usize,
+        keep: impl Fn(&AlarmEvent) -> bool,
+    ) -> Result<(Vec<AlarmEvent>, Option<Vec<u8>>), StoreError> {
+        let start = (since_ms.max(0) as u64).to_be_bytes().to_vec();
+        let range = match before {
+            Some(b) if b > start.as_slice() => self.alarms.range(start..b.to_vec()),
+            Some(_) => return Ok((Vec::new(), None)),
+            None => self.alarms.range(start..),
+        };
+        let mut out = Vec::new();
+        let mut last_key = None;
+        for (scanned, kv) in range.rev().enumerate() {
+            let (k, v) = kv?;
+            if out.len() >= limit || scanned >= max_scan {
+                return Ok((out, last_key));
+            }
+            let ev: AlarmEvent = serde_json::from_slice(&v).map_err(|e| corrupt("alarms", e))?;
+            if keep(&ev) {
+                out.push(ev);
+            }
+            last_key = Some(k.to_vec());
+        }
+        Ok((out, None))
+    }
+
     /// Alarm events since `since_ms`, newest last, at most `limit` (the newest ones).
     pub fn alarms(&self, since_ms: i64, limit: usize) -> Result<Vec<AlarmEvent>, StoreError> {
         let start = (since_ms.max(0) as u64).to_be_bytes().to_vec();
@@ -669,5 +725,68 @@ mod tests {
         assert_eq!(store.prune("a", 2_000).unwrap(), 1);
         assert_eq!(store.history_len("a"), 2);
         assert_eq!(store.history_len("b"), 0);
+    }
+
+    #[test]
+    fn sparse_sequence_numbers_are_bounded() {
+        let mut s = SeqState::default();
+        // Every other number: each one a range of its own, up to the bound.
+        for i in 0..MAX_SEQ_RANGES as u64 {
+            let n = 10 + 2 * i;
+            assert!(!s.too_sparse_with(r(n, n)), "{n}");
+            s.add(r(n, n));
+        }
+        assert_eq!(s.ranges.len(), MAX_SEQ_RANGES);
+        let far = 10 + 2 * MAX_SEQ_RANGES as u64 + 100;
+        assert!(s.too_sparse_with(r(far, far)), "one more gap is refused");
+        // What fills a gap, extends a range or continues the prefix is still taken.
+        assert!(!s.too_sparse_with(r(11, 11)));
+        assert!(!s.too_sparse_with(r(1, 9)));
+        let last = 10 + 2 * (MAX_SEQ_RANGES as u64 - 1);
+        assert!(!s.too_sparse_with(r(last + 1, last + 1)));
+    }
+
+    #[test]
+    fn the_alarm_log_comes_in_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, store) = open(dir.path());
+        for i in 0..25i64 {
+            store
+                .append_alarm(&AlarmEvent {
+                    at_ms: 1000 + i,
+                    site_id: if i % 5 == 0 { "gd-001" } else { "bj-001" }.into(),
+                    province: "X".into(),
+                    alarm: "site-down".into(),
+                    state: "raised".into(),
+                    detail: String::new(),
+                })
+                .unwrap();
+        }
+        // All of it, ten at a time, newest first, each event once.
+        let (mut seen, mut before) = (Vec::new(), None::<Vec<u8>>);
+        loop {
+            let (page, next) = store
+                .alarms_page(0, before.as_deref(), 10, 1000, |_| true)
+                .unwrap();
+            assert!(page.len() <= 10);
+            seen.extend(page.iter().map(|e| e.at_ms));
+            match next {
+                Some(n) => before = Some(n),
+                None => break,
+            }
+        }
+        assert_eq!(seen, (1000..1025).rev().collect::<Vec<_>>());
+        // A filter that matches few: the scan bound cuts the page short and gives a cursor.
+        let (page, next) = store
+            .alarms_page(0, None, 10, 7, |e| e.site_id == "gd-001")
+            .unwrap();
+        assert_eq!(page.iter().map(|e| e.at_ms).collect::<Vec<_>>(), vec![1020]);
+        let (page, _) = store
+            .alarms_page(0, next.as_deref(), 10, 1000, |e| e.site_id == "gd-001")
+            .unwrap();
+        assert_eq!(
+            page.iter().map(|e| e.at_ms).collect::<Vec<_>>(),
+            vec![1015, 1010, 1005, 1000]
+        );
     }
 }

@@ -22,9 +22,18 @@ fn http() -> ureq::Agent {
         .into()
 }
 
-/// GET `url`: (status, JSON body or Null).
+/// GET `url` without a token: (status, JSON body or Null).
 fn get(url: &str) -> (u16, serde_json::Value) {
-    let mut r = http().get(url).call().expect("GET");
+    get_as(url, None)
+}
+
+/// GET `url` with a bearer token.
+fn get_as(url: &str, token: Option<&str>) -> (u16, serde_json::Value) {
+    let mut req = http().get(url);
+    if let Some(t) = token {
+        req = req.header("Authorization", &format!("Bearer {}", t.trim()));
+    }
+    let mut r = req.call().expect("GET");
     let status = r.status().as_u16();
     (status, r.body_mut().read_json().unwrap_or_default())
 }
@@ -198,16 +207,40 @@ async fn admin_routes_need_the_token_and_answer_in_the_shared_types() {
     })
     .await;
 
-    // The read routes and the ops listener.
-    let (status, v) = get(&format!("{api}/api/sites"));
+    // The read routes need a token (read or admin); the ops listener on loopback does not.
+    let read = std::fs::read_to_string(ctl.core.config.data_dir.join("read.token")).unwrap();
+    let read = Some(read.as_str());
+    for path in [
+        "/api/sites",
+        "/api/alarms",
+        "/api/summary",
+        "/api/transfers",
+    ] {
+        let (status, v) = get(&format!("{api}{path}"));
+        assert_eq!(status, 401, "{path} without a token");
+        assert!(v["error"].as_str().unwrap().contains("read.token"), "{v}");
+    }
+    let (status, v) = get_as(&format!("{api}/api/sites"), read);
     assert_eq!((status, v["count"].as_u64()), (200, Some(0)));
-    let (status, v) = get(&format!("{api}/api/sites?status=sunny"));
+    let (status, v) = get_as(&format!("{api}/api/sites"), Some(&token));
+    assert_eq!(
+        (status, v["count"].as_u64()),
+        (200, Some(0)),
+        "admin reads too"
+    );
+    let (status, v) = get_as(&format!("{api}/api/sites?status=sunny"), read);
     assert_eq!(status, 400);
     assert!(v["error"].as_str().unwrap().contains("rain-fade"), "{v}");
-    let (status, _) = get(&format!("{api}/api/sites/bj-001"));
+    let (status, _) = get_as(&format!("{api}/api/sites/bj-001"), read);
     assert_eq!(status, 404);
-    let (status, v) = get(&format!("{api}/api/summary"));
+    let (status, v) = get_as(&format!("{api}/api/sites/..%2f..%2fx"), read);
+    assert_eq!(status, 400, "{v}");
+    let (status, v) = get_as(&format!("{api}/api/summary"), read);
     assert_eq!((status, v["sites"].as_u64()), (200, Some(0)));
+    let (status, _) = get_as(&format!("{api}/api/summary?count_history=true"), read);
+    assert_eq!(status, 403, "a full scan is for the admin token");
+    let (status, _) = get_as(&format!("{api}/api/admin/registry"), read);
+    assert_eq!(status, 403, "the read token does not open admin routes");
     let ops = format!("http://{}", ctl.ops_addr);
     let mut r = http().get(format!("{ops}/metrics")).call().unwrap();
     let text = r.body_mut().read_to_string().unwrap();

@@ -120,7 +120,13 @@ mod tests {
 
     #[test]
     fn file_names() {
-        for good in ["report.pdf", "年度报告.docx", "a..b", "x%2e", &"y".repeat(200)] {
+        for good in [
+            "report.pdf",
+            "年度报告.docx",
+            "a..b",
+            "x%2e",
+            &"y".repeat(200),
+        ] {
             assert!(validate_file_name("file", good).is_ok(), "{good:?}");
         }
         for bad in [
@@ -161,7 +167,9 @@ mod tests {
 
     #[test]
     fn long_names_are_cut_in_messages() {
-        let e = validate_name("site ID", &"z".repeat(5000)).unwrap_err().to_string();
+        let e = validate_name("site ID", &"z".repeat(5000))
+            .unwrap_err()
+            .to_string();
         assert!(e.len() < 300, "{e}");
         assert!(e.contains("5000 bytes"), "{e}");
     }

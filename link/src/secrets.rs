@@ -131,7 +131,9 @@ mod tests {
         ] {
             std::fs::write(&p, text).unwrap();
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode_bits)).unwrap();
-            let e = load_or_create_token(&p, "admin token").unwrap_err().to_string();
+            let e = load_or_create_token(&p, "admin token")
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(expect) && e.contains("admin.token"), "{e}");
         }
     }

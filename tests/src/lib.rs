@@ -71,7 +71,16 @@ fn http() -> ureq::Agent {
 }
 
 pub fn get_json(url: &str) -> Option<Value> {
-    let mut r = http().get(url).call().ok()?;
+    get_json_as(url, None)
+}
+
+/// GET `url` with `Authorization: Bearer TOKEN`: the JSON body of a success.
+pub fn get_json_as(url: &str, token: Option<&str>) -> Option<Value> {
+    let mut req = http().get(url);
+    if let Some(t) = token {
+        req = req.header("Authorization", &format!("Bearer {}", t.trim()));
+    }
+    let mut r = req.call().ok()?;
     if !r.status().is_success() {
         return None;
     }
@@ -177,9 +186,32 @@ impl ControllerProc {
         self.spawn();
     }
 
+    /// GET an API route with the read token.
     pub fn api(&self, path: &str) -> Option<Value> {
         let url = format!("http://{}{}", self.api, path);
-        run_in(self.netns.as_deref(), move || get_json(&url))
+        let token = self.read_token();
+        run_in(self.netns.as_deref(), move || {
+            get_json_as(&url, Some(&token))
+        })
+    }
+
+    /// The data directory the controller runs on.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// The token of the read routes (`data/read.token`), made at the controller's first start.
+    pub fn read_token(&self) -> String {
+        std::fs::read_to_string(self.data_dir().join("read.token"))
+            .map(|t| t.trim().to_string())
+            .unwrap_or_default()
+    }
+
+    /// The admin token (`data/admin.token`).
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.data_dir().join("admin.token"))
+            .map(|t| t.trim().to_string())
+            .unwrap_or_default()
     }
 
     pub fn metrics(&self) -> String {
@@ -436,10 +468,17 @@ impl ControllerProc {
             None => (free_udp(), free_tcp(), free_tcp()),
         };
         let config = dir.join("controller.toml");
+        // Tests send files from their temporary directories (the data dir stays refused);
+        // a test that sets `outgoing_dirs` itself gets its own.
+        let outgoing = if extra_config.contains("outgoing_dirs") {
+            String::new()
+        } else {
+            format!("outgoing_dirs = [{:?}]\n", std::env::temp_dir())
+        };
         std::fs::write(
             &config,
             format!(
-                "data_dir = {:?}\nquic_listen = \"{quic}\"\napi_listen = \"{api}\"\nops_listen = \"{ops}\"\nprofile = {profile:?}\nlog = \"info,tiandi_controller=debug\"\n{extra_config}\n",
+                "data_dir = {:?}\nquic_listen = \"{quic}\"\napi_listen = \"{api}\"\nops_listen = \"{ops}\"\nprofile = {profile:?}\nlog = \"info,tiandi_controller=debug\"\n{outgoing}{extra_config}\n",
                 dir.join("data")
             ),
         )

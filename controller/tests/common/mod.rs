@@ -8,6 +8,8 @@ pub fn config(dir: &std::path::Path) -> Config {
     let mut cfg = Config {
         data_dir: dir.join("ctl"),
         profile: LinkProfile::Terrestrial,
+        // Files to send live in the test's directory (the data dir inside it stays refused).
+        outgoing_dirs: vec![dir.to_path_buf()],
         ..Config::default()
     };
     cfg.quic_listen = "127.0.0.1:0".parse().unwrap();
