@@ -80,6 +80,25 @@ impl LinkError {
     }
 }
 
+impl LinkError {
+    /// Whether the TLS handshake failed (a crypto error, from either side: an unknown CA, a
+    /// certificate that does not verify): not a lossy link, so retrying fast cannot help and
+    /// retries back off exponentially.
+    pub fn is_tls_failure(&self) -> bool {
+        let crypto = |code: u64| (0x100..=0x1ff).contains(&code);
+        match self {
+            LinkError::Connection(quinn::ConnectionError::TransportError(t)) => {
+                crypto(u64::from(t.code))
+            }
+            LinkError::Connection(quinn::ConnectionError::ConnectionClosed(c)) => {
+                crypto(u64::from(c.error_code))
+            }
+            LinkError::Tls(_) => true,
+            _ => false,
+        }
+    }
+}
+
 /// Human-readable reason for a closed connection, with TLS alerts named.
 fn describe_close(e: &quinn::ConnectionError) -> String {
     if let quinn::ConnectionError::ConnectionClosed(c) = e {

@@ -31,6 +31,8 @@ pub fn exists(data_dir: &Path) -> bool {
 
 pub fn save(data_dir: &Path, e: &Enrolled) -> anyhow::Result<()> {
     let d = dir(data_dir);
+    // The data directory holds the site's key and its spool: owner-only.
+    tiandi_link::secrets::private_dir(data_dir)?;
     std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
     tiandi_link::pki::write_private(&d.join("site.key"), &e.key_pem)?;
     std::fs::write(d.join("site.crt"), &e.cert_pem)?;
@@ -44,8 +46,14 @@ pub fn save(data_dir: &Path, e: &Enrolled) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Loads the identity; refuses a site key others may read (and closes a data directory open
+/// to others, saying so).
 pub fn load(data_dir: &Path) -> anyhow::Result<Identity> {
+    if tiandi_link::secrets::private_dir(data_dir)? {
+        tracing::warn!(dir = %data_dir.display(), "The data directory was open to others; made it 0700.");
+    }
     let d = dir(data_dir);
+    tiandi_link::secrets::read_private(&d.join("site.key"))?;
     let read = |name: &str| -> anyhow::Result<String> {
         let p = d.join(name);
         std::fs::read_to_string(&p).with_context(|| {

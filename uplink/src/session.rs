@@ -128,6 +128,8 @@ pub async fn run(
 ) {
     let mut attempt: u32 = 0;
     let mut lost_at: Option<Instant> = None;
+    // Handshakes failed in a row for TLS reasons (an unknown CA, say).
+    let mut tls_failures: u32 = 0;
     loop {
         if cancel.is_cancelled() {
             return;
@@ -147,11 +149,24 @@ pub async fn run(
             .expect("spool lock poisoned")
             .in_flight
             .clear();
+        if !matches!(&result, Err(e) if e.is_tls_failure()) {
+            tls_failures = 0;
+        }
         let delay = match result {
             Ok(()) => return,
             Err(e) if e.is_permanent() => {
                 error!(error = %e, "The controller refuses this site; an operator must act (re-enroll or fix the version). Retrying in 5 min.");
                 PERMANENT_RETRY
+            }
+            Err(e) if e.is_tls_failure() => {
+                // A controller this site cannot trust (or that cannot trust it) will not change
+                // its mind in a second: double the wait each time up to BACKOFF_CAP, with
+                // jitter over its upper half (1, 2, 4, 8 … s: four attempts in the first ten
+                // seconds, then one every 15-30 s).
+                tls_failures = tls_failures.saturating_add(1);
+                let d = tls_backoff(tls_failures);
+                warn!(error = %e, failures = tls_failures, retry_in_ms = d.as_millis() as u64, "TLS handshake with the controller failed.");
+                d
             }
             Err(e) => {
                 // The backoff grows with the time since the link was lost, not with the number
@@ -179,6 +194,15 @@ pub async fn run(
             _ = tokio::time::sleep(delay) => {}
         }
     }
+}
+
+/// The wait after the `n`-th TLS failure in a row: `BACKOFF_BASE × 2^(n-1)` up to
+/// `BACKOFF_CAP`, jittered over its upper half.
+fn tls_backoff(n: u32) -> Duration {
+    let cap = BACKOFF_BASE
+        .saturating_mul(1u32 << n.saturating_sub(1).min(16))
+        .min(BACKOFF_CAP);
+    cap.mul_f64(0.5 + rand::random::<f64>() / 2.0)
 }
 
 fn link_stats(conn: &quinn::Connection) -> LinkStats {
@@ -407,4 +431,31 @@ fn closed_reason(conn: &quinn::Connection) -> Option<LinkError> {
         }
         err
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_failures_back_off_exponentially_with_jitter() {
+        for (n, lo, hi) in [(1, 0.5, 1.0), (2, 1.0, 2.0), (3, 2.0, 4.0), (4, 4.0, 8.0)] {
+            for _ in 0..100 {
+                let d = tls_backoff(n).as_secs_f64();
+                assert!((lo..=hi).contains(&d), "{n}: {d}");
+            }
+        }
+        for n in [6, 20, u32::MAX] {
+            let d = tls_backoff(n).as_secs_f64();
+            assert!((15.0..=30.0).contains(&d), "{n}: {d}");
+        }
+        // Ten seconds of failures: at most four attempts after the first.
+        let mut t = 0.0;
+        let mut attempts = 0;
+        while t < 10.0 {
+            attempts += 1;
+            t += tls_backoff(attempts).as_secs_f64();
+        }
+        assert!(attempts <= 5, "{attempts}");
+    }
 }

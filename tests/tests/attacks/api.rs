@@ -470,3 +470,58 @@ async fn sparse_sequence_numbers_cannot_grow_a_sites_state() {
     );
     ctl.shutdown().await;
 }
+
+/// A site pointed at a controller whose CA it does not trust (a stranger's, a spoof): today it
+/// retried about once a second. It must back off exponentially: at most five handshakes in
+/// the first twelve seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_facing_an_unknown_ca_backs_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ctl = ControllerProc::start(&tmp.path().join("ctl"));
+    let mut site = ctl.new_site(&tmp.path().join("site"), "gd-001", "GD", "");
+    // A controller of another CA, counting the handshakes it is offered.
+    let other = tiandi_link::Ca::generate("not the site's CA").unwrap();
+    let (chain, key) = other.issue_controller().unwrap();
+    let mut tls = quinn::rustls::ServerConfig::builder_with_provider(tiandi_link::tls::provider())
+        .with_protocol_versions(&[&quinn::rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    tls.alpn_protocols = vec![tiandi_link::tls::ALPN_SITE.to_vec()];
+    let ep = tiandi_link::server_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        tls,
+        tiandi_link::LinkProfile::Terrestrial.transport(),
+        &[7u8; 32],
+    )
+    .unwrap();
+    let addr = ep.local_addr().unwrap();
+    let text = std::fs::read_to_string(&site.config).unwrap();
+    let text = text.replace(
+        &format!("controller = \"{}\"", ctl.quic),
+        &format!("controller = \"{addr}\""),
+    );
+    assert!(text.contains(&addr.to_string()), "{text}");
+    std::fs::write(&site.config, text).unwrap();
+    site.start();
+    let started = Instant::now();
+    let mut offered = 0;
+    while let Ok(Some(incoming)) = tokio::time::timeout(
+        Duration::from_secs(12).saturating_sub(started.elapsed()),
+        ep.accept(),
+    )
+    .await
+    {
+        offered += 1;
+        tokio::spawn(async move {
+            let _ = incoming.await;
+        });
+    }
+    site.stop();
+    assert!(offered >= 1, "the agent never tried");
+    assert!(
+        offered <= 5,
+        "{offered} handshakes in 12 s with a controller of an unknown CA"
+    );
+}
