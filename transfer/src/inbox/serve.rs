@@ -106,6 +106,14 @@ impl Inbox {
             },
             None => self.dir.clone(),
         };
+        // Chunk streams of a first attempt may already be waiting for this offer (they carry
+        // no length of their own): its shape now, before any wait for the lock or the disk.
+        self.shapes
+            .lock()
+            .expect("inbox lock poisoned")
+            .entry(key.clone())
+            .or_insert((manifest.size, manifest.chunk_size));
+        self.route_added.notify_waiters();
         // Take over from an older stream of the same transfer (a link cut leaves it hanging).
         let (token, lock) = {
             let mut active = self.active.lock().expect("inbox lock poisoned");
