@@ -44,6 +44,21 @@ pub struct Config {
 pub struct RelayConfig {
     /// UDP address the sites below connect to.
     pub listen: std::net::SocketAddr,
+    /// While the controller cannot be reached, admit (and keep) only sites below that it
+    /// confirmed within this many seconds; others are refused (fail closed). Default 1800.
+    #[serde(default = "default_confirmed_within_s")]
+    pub confirmed_within_s: u64,
+}
+
+fn default_confirmed_within_s() -> u64 {
+    tiandi_transfer::hop::CONFIRMED_WITHIN.as_secs()
+}
+
+impl RelayConfig {
+    /// [`RelayConfig::confirmed_within_s`] as a duration.
+    pub fn confirmed_within(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.confirmed_within_s)
+    }
 }
 
 impl Default for Config {
@@ -157,7 +172,9 @@ mod tests {
         )
         .unwrap();
         c.validate("a.toml").unwrap();
-        assert_eq!(c.relay.unwrap().listen.port(), 4434);
+        let relay = c.relay.unwrap();
+        assert_eq!(relay.listen.port(), 4434);
+        assert_eq!(relay.confirmed_within_s, 1800, "the default");
         let c: Config = tiandi_link::config::parse_toml(
             "a.toml",
             "[via_relay]\naddress = \"10.0.0.5\"\nsite = \"gd-relay\"\n",

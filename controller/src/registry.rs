@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tiandi_link::pki::{self, unix_now, validate_name};
+use tiandi_link::pki::{self, CertRole, unix_now, validate_name};
 use tiandi_link::tls::{CertPolicy, Rejection};
 use tiandi_link::{Ca, SiteIdentity};
 
@@ -41,6 +41,10 @@ pub struct SiteRecord {
     pub not_after: i64,
     pub enrolled_at: i64,
     pub revoked_at: Option<i64>,
+    /// What its current certificate lets it do (a conference relay, or an ordinary site); the
+    /// CA wrote it into the certificate from the token (records from before roles: a site).
+    #[serde(default)]
+    pub role: CertRole,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -48,6 +52,9 @@ struct TokenRecord {
     site_id: String,
     province: String,
     expires_at: i64,
+    /// The role the certificate will carry: the operator's decision, never the site's.
+    #[serde(default)]
+    role: CertRole,
 }
 
 /// A one-time enrollment token, as the API and the CLI show it.
@@ -57,6 +64,9 @@ pub struct Token {
     pub site_id: String,
     pub province: String,
     pub expires_at: i64,
+    /// The role the site's certificate will carry.
+    #[serde(default)]
+    pub role: CertRole,
 }
 
 #[derive(Debug)]
@@ -65,6 +75,9 @@ pub struct Registry {
     tokens: sled::Tree,
     cache: RwLock<HashMap<String, SiteRecord>>,
     ca_fingerprint: String,
+    /// Bumped whenever a certificate stops being accepted (revocation, re-enrollment): live
+    /// sessions watch it and check their certificate again (issue 15, finding 6).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 fn hash(secret: &str) -> Vec<u8> {
@@ -89,7 +102,15 @@ impl Registry {
             tokens,
             cache: RwLock::new(cache),
             ca_fingerprint: ca.fingerprint(),
+            changes: tokio::sync::watch::channel(0).0,
         }))
+    }
+
+    /// Changes whenever a certificate may have stopped being accepted (a revocation, a
+    /// re-enrollment that supersedes the old certificate): a live session checks its own
+    /// certificate again ([`CertPolicy::check`]) and closes if it is no longer accepted.
+    pub fn watch_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     fn put(&self, rec: SiteRecord) -> Result<(), RegistryError> {
@@ -100,6 +121,7 @@ impl Registry {
             .write()
             .expect("registry lock poisoned")
             .insert(rec.site_id.clone(), rec);
+        self.changes.send_modify(|n| *n += 1);
         Ok(())
     }
 
@@ -110,7 +132,19 @@ impl Registry {
         province: &str,
         ttl: Duration,
     ) -> Result<Token, RegistryError> {
-        let t = self.create_token_unflushed(site_id, province, ttl)?;
+        self.create_token_as(site_id, province, ttl, CertRole::Site)
+    }
+
+    /// [`Registry::create_token`] for a certificate with `role` (`CertRole::Relay`: a
+    /// conference relay that may cascade; only an operator mints such a token).
+    pub fn create_token_as(
+        &self,
+        site_id: &str,
+        province: &str,
+        ttl: Duration,
+        role: CertRole,
+    ) -> Result<Token, RegistryError> {
+        let t = self.create_token_unflushed(site_id, province, ttl, role)?;
         self.tokens.flush()?;
         Ok(t)
     }
@@ -123,7 +157,7 @@ impl Registry {
     ) -> Result<Vec<Token>, RegistryError> {
         let tokens = sites
             .iter()
-            .map(|(s, p)| self.create_token_unflushed(s, p, ttl))
+            .map(|(s, p)| self.create_token_unflushed(s, p, ttl, CertRole::Site))
             .collect::<Result<Vec<_>, _>>()?;
         self.tokens.flush()?;
         Ok(tokens)
@@ -134,6 +168,7 @@ impl Registry {
         site_id: &str,
         province: &str,
         ttl: Duration,
+        role: CertRole,
     ) -> Result<Token, RegistryError> {
         validate_name("site ID", site_id)?;
         validate_name("province", province)?;
@@ -143,6 +178,7 @@ impl Registry {
             site_id: site_id.into(),
             province: province.into(),
             expires_at,
+            role,
         };
         let v = serde_json::to_vec(&rec).map_err(|e| RegistryError::Corrupt(e.to_string()))?;
         self.tokens.insert(hash(&secret), v)?;
@@ -151,6 +187,7 @@ impl Registry {
             site_id: site_id.into(),
             province: province.into(),
             expires_at,
+            role,
         })
     }
 
@@ -174,7 +211,14 @@ impl Registry {
         if rec.expires_at < unix_now() {
             return Err(RegistryError::TokenExpired);
         }
-        self.issue(&rec.site_id, &rec.province, csr_pem, ca, cert_validity)
+        self.issue_as(
+            &rec.site_id,
+            &rec.province,
+            csr_pem,
+            ca,
+            cert_validity,
+            rec.role,
+        )
     }
 
     /// Signs a CSR for a site without a token (the controller's own simulated sites).
@@ -186,7 +230,27 @@ impl Registry {
         ca: &Ca,
         cert_validity: Duration,
     ) -> Result<pki::Issued, RegistryError> {
-        let issued = ca.sign_site(csr_pem, site_id, province, cert_validity)?;
+        self.issue_as(
+            site_id,
+            province,
+            csr_pem,
+            ca,
+            cert_validity,
+            CertRole::Site,
+        )
+    }
+
+    /// [`Registry::issue`] with a role (the CA writes it into the certificate; recorded here).
+    pub fn issue_as(
+        &self,
+        site_id: &str,
+        province: &str,
+        csr_pem: &str,
+        ca: &Ca,
+        cert_validity: Duration,
+        role: CertRole,
+    ) -> Result<pki::Issued, RegistryError> {
+        let issued = ca.sign_site_as(csr_pem, site_id, province, cert_validity, role)?;
         self.put(SiteRecord {
             site_id: site_id.into(),
             province: province.into(),
@@ -194,6 +258,7 @@ impl Registry {
             not_after: issued.identity.not_after,
             enrolled_at: unix_now(),
             revoked_at: None,
+            role,
         })?;
         Ok(issued)
     }
@@ -301,6 +366,41 @@ mod tests {
         drop(reg);
         let reg = Registry::open(&db, &ca).unwrap();
         assert_eq!(reg.check(&issued2.identity), Err(Rejection::Revoked));
+    }
+
+    #[test]
+    fn a_relay_token_gives_a_relay_certificate_and_the_registry_records_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let ca = Ca::generate("t").unwrap();
+        let reg = Registry::open(&db, &ca).unwrap();
+        let mut changes = reg.watch_changes();
+        changes.mark_unchanged();
+        let t = reg
+            .create_token_as("gd-relay", "GD", Duration::from_secs(60), CertRole::Relay)
+            .unwrap();
+        assert_eq!(t.role, CertRole::Relay);
+        let (_k, csr) = pki::site_key_and_csr("gd-relay").unwrap();
+        let issued = reg
+            .redeem(&t.token, &csr, &ca, Duration::from_secs(3600))
+            .unwrap();
+        let der = pki::certs_from_pem(&issued.cert_pem).unwrap();
+        assert_eq!(pki::role_from_der(&der[0]).unwrap(), CertRole::Relay);
+        assert_eq!(reg.get("gd-relay").unwrap().role, CertRole::Relay);
+        assert!(changes.has_changed().unwrap(), "enrollment is a change");
+        changes.mark_unchanged();
+        reg.revoke("gd-relay").unwrap();
+        assert!(changes.has_changed().unwrap(), "revocation is a change");
+        // An ordinary token gives an ordinary certificate.
+        let t = reg
+            .create_token("gd-001", "GD", Duration::from_secs(60))
+            .unwrap();
+        let issued = reg
+            .redeem(&t.token, &csr, &ca, Duration::from_secs(3600))
+            .unwrap();
+        let der = pki::certs_from_pem(&issued.cert_pem).unwrap();
+        assert_eq!(pki::role_from_der(&der[0]).unwrap(), CertRole::Site);
+        assert_eq!(reg.get("gd-001").unwrap().role, CertRole::Site);
     }
 
     #[test]

@@ -177,6 +177,9 @@ async fn site_connection(core: Arc<Core>, conn: quinn::Connection, rate: RateSlo
         );
         return;
     };
+    // Revocations and re-enrollments from now on reach this session (issue 15, finding 6):
+    // watched before the check below, so none falls between the check and the watch.
+    let changes = core.registry.watch_changes();
     // The TLS verifier checked the registry already; check again in case the site was revoked
     // between the handshake and now.
     if let Err(r) = tiandi_link::tls::CertPolicy::check(core.registry.as_ref(), &id) {
@@ -201,7 +204,7 @@ async fn site_connection(core: Arc<Core>, conn: quinn::Connection, rate: RateSlo
             );
         }
         core.metrics.connections.inc();
-        let result = session(&core, &conn, &id, &rate).await;
+        let result = session(&core, &conn, &id, &rate, changes).await;
         core.metrics.connections.dec();
         if core.unregister_conn(&id.site_id, &conn) {
             core.sites.set_connected(&id.site_id, false, None);
@@ -240,7 +243,22 @@ async fn session(
     conn: &quinn::Connection,
     id: &SiteIdentity,
     rate: &RateSlot,
+    mut changes: tokio::sync::watch::Receiver<u64>,
 ) -> Result<(), SessionError> {
+    // A revocation that came between the handshake's check and the registration of this
+    // connection (`disconnect` on revoke found nothing to close) is caught here.
+    let still_accepted = |changes: &mut tokio::sync::watch::Receiver<u64>| {
+        changes.mark_unchanged();
+        tiandi_link::tls::CertPolicy::check(core.registry.as_ref(), id).map_err(|r| {
+            SessionError::Refuse(
+                codes::REVOKED,
+                format!("certificate no longer accepted: {r:?}"),
+                "revoked",
+            )
+        })
+    };
+    still_accepted(&mut changes)?;
+    let mut watching = true;
     let configured_rate = core.config.link_rate_bps(&id.site_id).is_some();
     let (send, recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
         .await
@@ -407,6 +425,18 @@ async fn session(
                         writer.feed(Body::Ack(a)).await?;
                     }
                     writer.flush().await?;
+                }
+            }
+            // The registry changed (a revocation, a re-enrollment): this certificate may no
+            // longer be accepted. Rare, so every session waking for it costs nothing.
+            r = changes.changed(), if watching => {
+                if r.is_err() {
+                    watching = false;
+                    continue;
+                }
+                if let Err(e) = still_accepted(&mut changes) {
+                    warn!("Certificate revoked or superseded: closing the session.");
+                    return Err(e);
                 }
             }
             e = conn.closed() => return Err(SessionError::Closed(e.to_string())),
