@@ -141,8 +141,9 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
                     province: i.province,
                 })
             },
-            Arc::new(tiandi_transfer::hop::UpstreamCheck::new(
+            Arc::new(tiandi_transfer::hop::UpstreamCheck::with_max_age(
                 site_transfers.upstream.subscribe(),
+                relay.confirmed_within(),
             )),
             cancel.clone(),
         )));

@@ -85,14 +85,21 @@ pub struct EnrollRequest {
     /// Token lifetime (default: `token_hours`).
     #[serde(default)]
     pub ttl_hours: Option<u32>,
+    /// The role its certificate will carry (`relay`: a conference relay that may cascade).
+    #[serde(default)]
+    pub role: tiandi_link::pki::CertRole,
 }
 
 impl AdminCall for EnrollRequest {
     const PATH: &'static str = "/api/admin/enroll";
     type Answer = Token;
     fn dispatch(&self, a: &Admin<'_>) -> Result<Token, AdminError> {
-        Ok(a.registry
-            .create_token(&self.site_id, &self.province, a.ttl(self.ttl_hours))?)
+        Ok(a.registry.create_token_as(
+            &self.site_id,
+            &self.province,
+            a.ttl(self.ttl_hours),
+            self.role,
+        )?)
     }
 }
 

@@ -51,6 +51,9 @@ pub enum Cmd {
         /// Token lifetime in hours (default: `token_hours`).
         #[arg(long)]
         ttl_hours: Option<u32>,
+        /// The certificate's role: `site`, or `relay` for a conference relay that may cascade.
+        #[arg(long, default_value = "site", conflicts_with = "batch")]
+        role: tiandi_link::pki::CertRole,
         /// Create N tokens for sites PREFIX0001.. spread over the 31 provinces.
         #[arg(long)]
         batch: Option<usize>,
@@ -162,10 +165,19 @@ pub async fn run(cli: Cli, mut cfg: Config) -> anyhow::Result<()> {
             site,
             province,
             ttl_hours,
+            role,
             batch,
             prefix,
             out,
-        } => enroll(&client, site.zip(province), ttl_hours, batch, &prefix, out),
+        } => enroll(
+            &client,
+            site.zip(province),
+            role,
+            ttl_hours,
+            batch,
+            &prefix,
+            out,
+        ),
         Cmd::Send { file, to, flags } => {
             let path = file
                 .canonicalize()
@@ -218,6 +230,7 @@ pub async fn run(cli: Cli, mut cfg: Config) -> anyhow::Result<()> {
 fn enroll(
     client: &AdminClient<'_>,
     one: Option<(String, String)>,
+    role: tiandi_link::pki::CertRole,
     ttl_hours: Option<u32>,
     batch: Option<usize>,
     prefix: &str,
@@ -230,11 +243,12 @@ fn enroll(
             site_id,
             province,
             ttl_hours: Some(hours),
+            role,
         })?;
         println!("{}", t.token);
         eprintln!(
-            "one-time token for site {} (expires in {hours} h); on the site run:\n  tiandi-agent enroll --controller <ADDR:PORT> --token {}",
-            t.site_id, t.token
+            "one-time token for {} {} (expires in {hours} h); on the site run:\n  tiandi-agent enroll --controller <ADDR:PORT> --token {}",
+            t.role, t.site_id, t.token
         );
         return Ok(());
     };

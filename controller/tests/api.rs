@@ -95,6 +95,7 @@ async fn admin_routes_need_the_token_and_answer_in_the_shared_types() {
                 site_id: "bj-001".into(),
                 province: "BJ".into(),
                 ttl_hours: Some(2),
+                role: Default::default(),
             })
             .expect("enroll");
         assert_eq!((t.site_id.as_str(), t.province.as_str()), ("bj-001", "BJ"));
@@ -122,6 +123,7 @@ async fn admin_routes_need_the_token_and_answer_in_the_shared_types() {
                     site_id: bad.into(),
                     province: "BJ".into(),
                     ttl_hours: None,
+                    role: Default::default(),
                 })
                 .expect_err("a site named like a directory");
             assert!(e.to_string().contains("site ID"), "{e:#}");
@@ -266,6 +268,7 @@ async fn without_a_controller_admin_requests_run_on_the_data_dir() {
                 site_id: "xz-001".into(),
                 province: "XZ".into(),
                 ttl_hours: None,
+                role: Default::default(),
             })
             .expect("enroll offline");
         let e = c

@@ -22,12 +22,18 @@ impl Drop for Kill {
     }
 }
 
+/// A certificate for `id`: relays (`*-relay`) get the relay role the CA gives only them (a
+/// cascade from a site certificate is refused), everyone else a site's.
 fn creds(ca: &Ca, dir: &Path, id: &str) -> (PathBuf, PathBuf) {
     let (key, csr) = pki::site_key_and_csr(id).unwrap();
-    let cert = ca
-        .sign_site(&csr, id, "GD", Duration::from_secs(3600))
-        .unwrap()
-        .cert_pem;
+    let ttl = Duration::from_secs(3600);
+    let cert = if id.ends_with("-relay") {
+        ca.sign_relay(&csr, id, "GD", ttl)
+    } else {
+        ca.sign_site(&csr, id, "GD", ttl)
+    }
+    .unwrap()
+    .cert_pem;
     let (c, k) = (dir.join(format!("{id}.pem")), dir.join(format!("{id}.key")));
     std::fs::write(&c, cert).unwrap();
     std::fs::write(&k, key).unwrap();
