@@ -403,6 +403,9 @@ pub fn piece_header(file_hash: &Hash, index: u32, offset: u32) -> [u8; PIECE_HEA
     h
 }
 
+/// Most byte ranges one chunk's holdings may be sent as.
+pub const MAX_WIRE_RANGES: usize = 4096;
+
 /// Byte ranges (start, end exclusive), kept sorted and merged.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Ranges(pub Vec<(u32, u32)>);
@@ -454,18 +457,22 @@ impl Ranges {
         self.0.iter().flat_map(|(s, e)| [*s, *e]).collect()
     }
     /// From the wire, checked against the chunk's length (None: malformed).
+    /// The wire carries them as `to_wire` writes them: sorted, disjoint, not touching, at most
+    /// [`MAX_WIRE_RANGES`]; anything else is refused in one pass (re-sorting a hostile list
+    /// range by range cost minutes of the runtime's CPU: found by the `transfer_frame` fuzz
+    /// target's regression seed).
     pub fn from_wire(v: &[u32], len: u32) -> Option<Ranges> {
-        if !v.len().is_multiple_of(2) {
+        if !v.len().is_multiple_of(2) || v.len() / 2 > MAX_WIRE_RANGES {
             return None;
         }
-        let mut r = Ranges::default();
+        let mut out: Vec<(u32, u32)> = Vec::with_capacity(v.len() / 2);
         for p in v.chunks(2) {
-            if p[0] >= p[1] || p[1] > len {
+            if p[0] >= p[1] || p[1] > len || out.last().is_some_and(|l| p[0] <= l.1) {
                 return None;
             }
-            r.add(p[0], p[1]);
+            out.push((p[0], p[1]));
         }
-        Some(r)
+        Some(Ranges(out))
     }
 }
 
@@ -605,5 +612,29 @@ mod tests {
         assert_eq!(c.count(), 2);
         assert_eq!(c.missing().count(), 8);
         assert!(!c.complete());
+    }
+
+    #[test]
+    fn ranges_from_the_wire_are_sorted_disjoint_and_bounded() {
+        let r = Ranges::from_wire(&[0, 10, 20, 30], 100).unwrap();
+        assert_eq!(Ranges::from_wire(&r.to_wire(), 100), Some(r));
+        for bad in [
+            &[20, 30, 0, 10][..],
+            &[0, 10, 10, 20],
+            &[0, 10, 5, 20],
+            &[0, 200],
+            &[5, 5],
+            &[1],
+        ] {
+            assert_eq!(Ranges::from_wire(bad, 100), None, "{bad:?}");
+        }
+        let many: Vec<u32> = (0..=MAX_WIRE_RANGES as u32)
+            .flat_map(|i| [3 * i, 3 * i + 1])
+            .collect();
+        assert_eq!(Ranges::from_wire(&many, u32::MAX), None);
+        let t = std::time::Instant::now();
+        let most = &many[..2 * MAX_WIRE_RANGES];
+        assert!(Ranges::from_wire(most, u32::MAX).is_some());
+        assert!(t.elapsed() < std::time::Duration::from_millis(100));
     }
 }
