@@ -369,12 +369,16 @@ async fn admin_revoke(
     Json(req): Json<RevokeRequest>,
 ) -> Result<Json<RevokeAnswer>, AppError> {
     let site = req.site_id.clone();
+    // The site's session sees the registry change and may close itself before we get here:
+    // whether it was connected is known only before the revocation.
+    let was_connected = core.is_connected(&site);
     let mut answer = run_admin(&core, req).await?;
-    answer.disconnected = core.disconnect(
+    let closed_here = core.disconnect(
         &site,
         tiandi_proto::codes::REVOKED,
         "site certificate revoked",
     );
+    answer.disconnected = was_connected || closed_here;
     let _ = core
         .conference
         .as_ref()

@@ -126,6 +126,14 @@ impl Core {
         }
     }
 
+    /// Whether the site has a live connection.
+    pub fn is_connected(&self, site: &str) -> bool {
+        self.conns
+            .lock()
+            .expect("conns lock poisoned")
+            .contains_key(site)
+    }
+
     /// Closes the live connection of a site (after revocation).
     pub fn disconnect(&self, site: &str, code: u32, reason: &str) -> bool {
         if let Some(c) = self.conns.lock().expect("conns lock poisoned").remove(site) {
