@@ -340,8 +340,15 @@ fn a_site_sends_a_file_to_the_controller() {
     let said = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
+        "{said}{}\n--- agent log ---\n{}\n--- controller log ---\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        tail(&agent.log(), 60),
+        ctl.log()
+            .lines()
+            .filter(|l| l.contains("panicked") || l.contains("tiandi_") && l.contains(" at "))
+            .take(40)
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     assert!(
         said.contains("delivered: verified at controller\n"),
@@ -384,4 +391,13 @@ fn a_site_sends_a_file_to_the_controller() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(expect), "{args:?}: {err}");
     }
+}
+
+/// The last `n` lines of a log.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.contains("Report spooled"))
+        .collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }

@@ -41,7 +41,26 @@ impl Assembler {
         if ordered && !self.state.is_ordered() {
             return Err(IllegalOrderedRead);
         } else if !ordered && self.state.is_ordered() {
-            // Enter unordered mode
+            // Enter unordered mode. Tiandi: first drop what an ordered read already returned
+            // (buffers received before the read index passed them are trimmed only when read
+            // in order); left in, an unordered read would return those bytes again and count
+            // them twice, so `bytes_read` could pass `end`.
+            let bytes_read = self.bytes_read;
+            for mut b in std::mem::take(&mut self.data).into_vec() {
+                let end = b.offset + b.bytes.len() as u64;
+                if end <= bytes_read {
+                    self.buffered -= b.bytes.len();
+                    self.allocated -= b.allocation_size;
+                    continue;
+                }
+                if b.offset < bytes_read {
+                    let skip = (bytes_read - b.offset) as usize;
+                    b.bytes.advance(skip);
+                    b.offset += skip as u64;
+                    self.buffered -= skip;
+                }
+                self.data.push(b);
+            }
             if !self.data.is_empty() {
                 // Get rid of possible duplicates
                 self.defragment();
@@ -201,7 +220,9 @@ impl Assembler {
         // `self.end - self.bytes_read` as an upper bound of buffered unique
         // bytes. This will cause a defragmentation if the amount of duplicate
         // bytes exceedes a proportion of the receive window size.
-        let buffered = self.buffered.min((self.end - self.bytes_read) as usize);
+        let buffered = self
+            .buffered
+            .min(self.end.saturating_sub(self.bytes_read) as usize);
         let over_allocation = self.allocated - buffered;
         // Rationale: on the one hand, we want to defragment rarely, ideally never
         // in non-pathological scenarios. However, a pathological or malicious
@@ -683,6 +704,34 @@ mod test {
             Some(Chunk::new(0, Bytes::from_static(b"abc")))
         );
         assert_eq!(x.read(3, false), None);
+    }
+
+    /// Tiandi: a stream read in order for a while (a header) and then out of order must not
+    /// return bytes the ordered read already gave out, nor count them twice.
+    #[test]
+    fn ordered_read_then_unordered_returns_each_byte_once() {
+        let mut x = Assembler::new();
+        x.insert(0, Bytes::from_static(b"0123456789"), 10).unwrap();
+        x.insert(5, Bytes::from_static(b"56789abcdefghij"), 15).unwrap();
+        assert_eq!(
+            x.read(10, true),
+            Some(Chunk::new(0, Bytes::from_static(b"0123456789")))
+        );
+        x.ensure_ordering(false).unwrap();
+        assert_eq!(
+            x.read(usize::MAX, false),
+            Some(Chunk::new(10, Bytes::from_static(b"abcdefghij")))
+        );
+        assert_eq!(x.read(usize::MAX, false), None);
+        assert_eq!(x.bytes_read, 20);
+        // Further data, duplicated or new, still works without overflow.
+        x.insert(0, Bytes::from_static(b"0123456789"), 10).unwrap();
+        x.insert(20, Bytes::from_static(b"klmno"), 5).unwrap();
+        assert_eq!(
+            x.read(usize::MAX, false),
+            Some(Chunk::new(20, Bytes::from_static(b"klmno")))
+        );
+        assert_eq!(x.read(usize::MAX, false), None);
     }
 
     #[test]
