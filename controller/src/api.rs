@@ -115,11 +115,20 @@ pub fn ops_router(core: Arc<Core>) -> Router {
 struct SitesQuery {
     province: Option<String>,
     status: Option<String>,
+    /// At most this many sites in the page (default 1,000, at most 10,000).
+    limit: Option<usize>,
+    /// The page after this site ID (the `next` of the previous page).
+    after: Option<String>,
 }
 
+/// Sites matching the filters, by site ID, one page at a time: `count` is how many match in
+/// all, `next` (when more follow) is the `after` of the next page.
 async fn list_sites(State(core): State<Arc<Core>>, Query(q): Query<SitesQuery>) -> ApiResult {
     if let Some(p) = &q.province {
         name("province", p)?;
+    }
+    if let Some(a) = &q.after {
+        name("site ID", a)?;
     }
     let status = match q.status.as_deref() {
         None => None,
@@ -129,14 +138,28 @@ async fn list_sites(State(core): State<Arc<Core>>, Query(q): Query<SitesQuery>) 
             ))
         })?),
     };
-    let mut list: Vec<Value> = core.sites.with_all(|all| {
-        all.filter(|s| q.province.as_deref().is_none_or(|p| s.province == p))
+    let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
+    let (count, page, next) = core.sites.with_all(|all| {
+        let mut matching: Vec<_> = all
+            .filter(|s| q.province.as_deref().is_none_or(|p| s.province == p))
             .filter(|s| status.is_none_or(|st| s.status == st))
+            .collect();
+        matching.sort_unstable_by(|a, b| a.site_id.cmp(&b.site_id));
+        let count = matching.len();
+        let from = q
+            .after
+            .as_deref()
+            .map_or(0, |a| matching.partition_point(|s| s.site_id.as_str() <= a));
+        let rest = &matching[from..];
+        let page: Vec<Value> = rest
+            .iter()
+            .take(limit)
             .map(|s| serde_json::to_value(s).unwrap_or(Value::Null))
-            .collect()
+            .collect();
+        let next = (rest.len() > limit).then(|| rest[limit - 1].site_id.clone());
+        (count, page, next)
     });
-    list.sort_by(|a, b| a["site_id"].as_str().cmp(&b["site_id"].as_str()));
-    Ok(Json(json!({ "count": list.len(), "sites": list })))
+    Ok(Json(json!({ "count": count, "sites": page, "next": next })))
 }
 
 async fn one_site(State(core): State<Arc<Core>>, Path(id): Path<String>) -> ApiResult {

@@ -19,7 +19,7 @@ async fn demo_sites_report_and_take_a_file() {
     let ctl = Controller::start(cfg).await.unwrap();
     let core = ctl.core.clone();
     let ids_dir = core.config.data_dir.join("demo-sites");
-    let creds = demo::site_creds(&core, 2, &ids_dir).unwrap();
+    let creds = demo::site_creds(&core, 3, &ids_dir).unwrap();
     let cancel = CancellationToken::new();
     let shareds = tiandi_sim::start(
         creds,
@@ -36,7 +36,7 @@ async fn demo_sites_report_and_take_a_file() {
     )
     .await
     .unwrap();
-    assert_eq!(shareds.len(), 2);
+    assert_eq!(shareds.len(), 3);
 
     let (site, _) = demo::site_name(0);
     let file = dir.path().join("notice.txt");
@@ -71,6 +71,55 @@ async fn demo_sites_report_and_take_a_file() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // `/api/sites` pages: two pages of two and one, each site once, by site ID.
+    let api = format!("http://{}", ctl.api_addr);
+    let read = std::fs::read_to_string(core.config.data_dir.join("read.token")).unwrap();
+    let pages = tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let get = |q: &str| -> serde_json::Value {
+            agent
+                .get(format!("{api}/api/sites?{q}"))
+                .header("Authorization", &format!("Bearer {}", read.trim()))
+                .call()
+                .unwrap()
+                .body_mut()
+                .read_json()
+                .unwrap()
+        };
+        let first = get("limit=2");
+        let after = first["next"].as_str().expect("a next page").to_string();
+        let second = get(&format!("limit=2&after={after}"));
+        let bad = get("after=..%2f");
+        (first, second, bad)
+    })
+    .await
+    .unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<String> {
+        v["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["site_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (first, second, bad) = pages;
+    assert_eq!(
+        (first["count"].as_u64(), second["count"].as_u64()),
+        (Some(3), Some(3))
+    );
+    let mut all = ids(&first);
+    assert_eq!(all.len(), 2, "{first}");
+    all.extend(ids(&second));
+    assert!(second["next"].is_null(), "the last page: {second}");
+    let mut sorted: Vec<String> = (0..3).map(|i| demo::site_name(i).0).collect();
+    sorted.sort();
+    assert_eq!(all, sorted);
+    assert!(bad["error"].as_str().unwrap().contains("site ID"), "{bad}");
+
     cancel.cancel();
     ctl.shutdown().await;
 }

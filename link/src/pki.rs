@@ -364,6 +364,14 @@ pub fn identity_from_der(der: &[u8]) -> Result<SiteIdentity, LinkError> {
     let site_id = first(&mut subject.iter_common_name())
         .ok_or_else(|| LinkError::Pki("certificate has no site ID (CN)".into()))?;
     let province = first(&mut subject.iter_state_or_province()).unwrap_or_default();
+    // The names a certificate carries become paths, keys and labels: they pass the same
+    // grammar as every other name from outside, even under a trusted CA (issue 15, finding 1).
+    crate::names::validate_name("certificate site ID (CN)", &site_id)
+        .map_err(|e| LinkError::Pki(e.to_string()))?;
+    if !province.is_empty() {
+        crate::names::validate_name("certificate province (ST)", &province)
+            .map_err(|e| LinkError::Pki(e.to_string()))?;
+    }
     Ok(SiteIdentity {
         site_id,
         province,
@@ -372,18 +380,36 @@ pub fn identity_from_der(der: &[u8]) -> Result<SiteIdentity, LinkError> {
     })
 }
 
-/// Writes a secret file readable only by its owner.
+/// Writes a secret file readable only by its owner (0600), atomically: the contents go to a
+/// new 0600 file beside it, synced, then renamed over `path`, so a full disk or a kill leaves
+/// the old secret whole, and a file that was there with looser permissions is replaced, not
+/// reused with its mode.
 pub fn write_private(path: &Path, contents: &str) -> Result<(), LinkError> {
     use std::io::Write;
     #[cfg(unix)]
     use std::os::unix::fs::OpenOptionsExt;
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| LinkError::Pki(format!("{} names no file", path.display())))?;
+    let tmp = path.with_file_name(format!(
+        ".{}.{}.tmp",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true).create_new(true);
     #[cfg(unix)]
     opts.mode(0o600);
-    let mut f = opts.open(path).map_err(|e| LinkError::io(path, e))?;
-    f.write_all(contents.as_bytes())
-        .map_err(|e| LinkError::io(path, e))
+    let _ = std::fs::remove_file(&tmp);
+    let written = opts.open(&tmp).and_then(|mut f| {
+        f.write_all(contents.as_bytes())?;
+        f.sync_all()
+    });
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(LinkError::io(path, e));
+    }
+    Ok(())
 }
 
 pub fn unix_now() -> i64 {
@@ -434,6 +460,41 @@ mod tests {
         assert_eq!(identity_from_der(&der[0]).unwrap().site_id, "gd-relay");
         assert_eq!("relay".parse::<CertRole>().unwrap(), CertRole::Relay);
         assert!("admin".parse::<CertRole>().is_err());
+    }
+
+    #[test]
+    fn a_certificate_naming_a_path_is_no_identity() {
+        for (cn, st) in [("..", "GD"), ("a/b", "GD"), ("gd-001", "../x"), ("", "GD")] {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::default();
+            let mut dn = DistinguishedName::new();
+            dn.push(DnType::CommonName, cn);
+            dn.push(DnType::StateOrProvinceName, st);
+            params.distinguished_name = dn;
+            let cert = params.self_signed(&key).unwrap();
+            let err = identity_from_der(cert.der()).unwrap_err().to_string();
+            assert!(err.contains("certificate"), "{cn:?}/{st:?}: {err}");
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn private_files_are_replaced_0600_and_whole() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("admin.token");
+        std::fs::write(&p, "old").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_private(&p, "new secret").unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "new secret");
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(
+            mode, 0o600,
+            "a looser file already there is replaced, not reused"
+        );
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "no temporary file left");
+        assert!(write_private(&dir.path().join("no/such/dir/k"), "x").is_err());
     }
 
     #[test]

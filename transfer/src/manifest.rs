@@ -195,6 +195,14 @@ impl Manifest {
         if self.chunk_size < MIN_CHUNK || self.chunk_size > MAX_CHUNK {
             return bad(format!("chunk size {} out of range", self.chunk_size));
         }
+        // Bounded whatever the frame limit: a receiver keeps a bitmap and a hash per chunk.
+        if self.chunks.len() as u64 > MAX_CHUNKS || self.size > MAX_CHUNKS * u64::from(MAX_CHUNK) {
+            return bad(format!(
+                "{} chunks of {} bytes exceeds the limit of {MAX_CHUNKS} chunks",
+                self.chunks.len(),
+                self.size
+            ));
+        }
         let expected = self.size.div_ceil(u64::from(self.chunk_size));
         if expected != self.chunks.len() as u64 {
             return bad(format!(

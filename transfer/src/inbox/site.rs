@@ -31,6 +31,33 @@ impl Inbox {
             refuse(w, codes::PROTOCOL, msg).await;
             return Err(TransferError::Protocol(msg.into()));
         };
+        // Names from the network pass the one grammar before they are looked up.
+        let named = tiandi_link::names::validate_name("site", &c.site)
+            .and_then(|()| {
+                if c.province.is_empty() {
+                    Ok(())
+                } else {
+                    tiandi_link::names::validate_name("province", &c.province)
+                }
+            })
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                if !c.serial.is_empty()
+                    && c.serial.len() <= 64
+                    && c.serial.bytes().all(|b| b.is_ascii_hexdigit())
+                {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "certificate serial {:?} is not 1-64 hex digits",
+                        c.serial
+                    ))
+                }
+            });
+        if let Err(why) = named {
+            refuse(w, codes::BAD_NAME, &why).await;
+            return Err(TransferError::Protocol(why));
+        }
         match check(peer, &c) {
             Ok(()) => {
                 put(w, Frame::Acked(Acked { chunks: Vec::new() })).await?;

@@ -9,6 +9,11 @@ use tracing::debug;
 
 use super::Repair;
 
+/// Blocks with repairs pending, per stream. A group is a few blocks; a peer sending repairs
+/// for many more (blocks that never complete) loses the oldest, so a hostile or broken sender
+/// cannot grow a receiver's memory (issue 15, finding 8).
+pub const MAX_BLOCKS: usize = 64;
+
 /// Repairs known for one block.
 struct Block {
     len: u64,
@@ -62,6 +67,16 @@ impl Reassembly {
             self.blocks.remove(&r.start);
             return;
         }
+        if !self.blocks.contains_key(&r.start)
+            && self.blocks.len() >= MAX_BLOCKS
+            && let Some(oldest) = self.blocks.keys().copied().min()
+        {
+            debug!(
+                oldest,
+                "Too many blocks awaiting repair: the oldest one's symbols dropped."
+            );
+            self.blocks.remove(&oldest);
+        }
         let b = self.blocks.entry(r.start).or_insert_with(|| Block {
             len: u64::from(r.len),
             t: usize::from(r.t),
@@ -70,6 +85,10 @@ impl Reassembly {
             symbols: BTreeMap::new(),
         });
         if b.len != u64::from(r.len) || b.t != usize::from(r.t) || b.k != usize::from(r.k) {
+            return;
+        }
+        // A block never needs more repair symbols than it has originals.
+        if b.symbols.len() >= b.k && !b.symbols.contains_key(&usize::from(r.index)) {
             return;
         }
         b.symbols.insert(usize::from(r.index), r.data);
@@ -193,6 +212,35 @@ impl Reassembly {
 mod tests {
     use super::*;
     use crate::fec::{Encoder, Params, protect, stream_bytes};
+
+    /// Repairs for blocks that never complete (a hostile sender's) hold at most MAX_BLOCKS
+    /// blocks.
+    #[test]
+    fn repairs_for_many_blocks_are_bounded() {
+        let mut asm = Reassembly::default();
+        // Seven repair symbols for eight originals, none of which arrives: never enough.
+        for start in 0..10_000u64 {
+            for index in 0..7u16 {
+                asm.repair(Repair {
+                    stream: 0,
+                    start: start * 16_384,
+                    len: 8 * 1024,
+                    t: 1024,
+                    k: 8,
+                    m: 8,
+                    index,
+                    last: false,
+                    data: Bytes::from(vec![0u8; 1024]),
+                });
+            }
+        }
+        assert_eq!(asm.blocks.len(), MAX_BLOCKS);
+        assert!(asm.blocks.values().all(|b| b.symbols.len() <= b.k));
+        assert!(
+            asm.blocks.contains_key(&(9_999 * 16_384)),
+            "the newest kept"
+        );
+    }
 
     /// Holes of lost packets are rebuilt from repair symbols before any retransmission, in
     /// any order of arrival; bytes come out in order, once.
