@@ -6,7 +6,7 @@
 //! - a bound on connections at once ([`MAX_CONNECTIONS`]; beyond it a new one is closed at
 //!   once), on the TLS handshake and on reading a request's head ([`HEAD_TIMEOUT`]), so slow
 //!   clients cannot hold the listener;
-//! - request heads of at most [`MAX_HEAD_BYTES`] (bodies are bounded by the router).
+//! - request heads bounded by [`MAX_HEAD_BYTES`] (bodies are bounded by the router).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +23,9 @@ use tracing::{debug, warn};
 pub const MAX_CONNECTIONS: usize = 1024;
 /// Longest wait for a TLS handshake, and for a request's head once a connection is idle.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest request head (request line and headers).
+/// hyper's read buffer for a request head: a head still incomplete once the buffer holds this
+/// much is refused (431). The check follows a read, so a head up to twice this may be read
+/// whole; never more (the attacks test sends 300 KiB).
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// Whether plain HTTP may be served on `addr`: loopback only.

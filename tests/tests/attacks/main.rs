@@ -5,5 +5,6 @@
 
 mod api;
 mod conference;
+mod handshake;
 mod names;
 mod transfer;
