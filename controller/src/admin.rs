@@ -237,6 +237,12 @@ pub struct TransfersAnswer {
     pub transfers: Vec<tiandi_transfer::JobStatus>,
     #[serde(default)]
     pub received: Vec<transfers::Received>,
+    /// How many transfers there are (the API returns the newest `limit`).
+    #[serde(default)]
+    pub total_transfers: usize,
+    /// How many files sites sent there are.
+    #[serde(default)]
+    pub total_received: usize,
 }
 
 impl AdminCall for TransfersRequest {
@@ -247,6 +253,8 @@ impl AdminCall for TransfersRequest {
         Ok(TransfersAnswer {
             transfers: transfers::status(a.outbox)?,
             received: Vec::new(),
+            total_transfers: 0,
+            total_received: 0,
         })
     }
 }

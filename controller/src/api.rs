@@ -410,9 +410,31 @@ async fn admin_revoke(
     Ok(Json(answer))
 }
 
-async fn transfers(State(core): State<Arc<Core>>) -> Result<Json<TransfersAnswer>, AppError> {
+#[derive(Deserialize)]
+struct TransfersQuery {
+    /// At most this many transfers, and files received, newest first (default 1,000, at
+    /// most 10,000); `total_transfers` and `total_received` say how many there are.
+    limit: Option<usize>,
+}
+
+async fn transfers(
+    State(core): State<Arc<Core>>,
+    Query(q): Query<TransfersQuery>,
+) -> Result<Json<TransfersAnswer>, AppError> {
+    let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
     let mut answer = run_admin(&core, TransfersRequest {}).await?;
-    answer.received = crate::transfers::received(&core.inbox).map_err(internal)?;
+    let inbox = core.inbox.clone();
+    answer.received = tokio::task::spawn_blocking(move || crate::transfers::received(&inbox))
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+    answer.total_transfers = answer.transfers.len();
+    answer.total_received = answer.received.len();
+    answer
+        .transfers
+        .sort_by_key(|j| std::cmp::Reverse(j.created_ms));
+    answer.transfers.truncate(limit);
+    answer.received.truncate(limit);
     Ok(Json(answer))
 }
 

@@ -205,6 +205,13 @@ pub async fn run(cli: Cli, mut cfg: Config) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&a)?);
             } else {
                 print!("{}", crate::transfers::table(&a.transfers));
+                if a.total_transfers > a.transfers.len() {
+                    println!(
+                        "(the newest {} of {} transfers; GET /api/transfers?limit=N for more)",
+                        a.transfers.len(),
+                        a.total_transfers
+                    );
+                }
             }
             Ok(())
         }

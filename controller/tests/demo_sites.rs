@@ -54,6 +54,20 @@ async fn demo_sites_report_and_take_a_file() {
         },
     )
     .unwrap();
+    // A second transfer (to another site), so that a page of one leaves one out.
+    transfers::queue(
+        &core.registry,
+        &core.outbox,
+        &BTreeMap::new(),
+        &transfers::SendRequest {
+            path: file.display().to_string(),
+            to: format!("site:{}", demo::site_name(1).0),
+            priority: tiandi_transfer::Priority::Normal,
+            window: None,
+            rate_limit_mbit: None,
+        },
+    )
+    .unwrap();
     let landed = ids_dir.join(&site).join("inbox").join("notice.txt");
     let start = Instant::now();
     loop {
@@ -94,6 +108,16 @@ async fn demo_sites_report_and_take_a_file() {
         let after = first["next"].as_str().expect("a next page").to_string();
         let second = get(&format!("limit=2&after={after}"));
         let bad = get("after=..%2f");
+        let t = agent
+            .get(format!("{api}/api/transfers?limit=1"))
+            .header("Authorization", &format!("Bearer {}", read.trim()))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_json::<serde_json::Value>()
+            .unwrap();
+        assert_eq!(t["transfers"].as_array().unwrap().len(), 1, "{t}");
+        assert_eq!(t["total_transfers"], 2, "{t}");
         (first, second, bad)
     })
     .await
