@@ -557,6 +557,7 @@ fn start_conference_relay(
         upstream: None,
         open_rooms: false,
         fec_rtt_ms: tiandi_video::client::FEC_RTT_MS,
+        confirmed_within: tiandi_video::relay::CONFIRMED_WITHIN,
     });
     info!(%addr, name = %c.name, "Conference relay listening.");
     Ok((relay, addr, endpoint))

@@ -15,6 +15,16 @@
 //!                      Present (roll call), Health (how its tracks arrive)
 //! relay → participant: Welcome, Tracks (what it can subscribe to), Floor, RollCall, Error
 //! ```
+//!
+//! A relay below asking whether its participants' certificates are still good (revocation,
+//! [`crate::relay`]) opens a connection of its own with its relay certificate and, instead of
+//! a control stream, one bidirectional stream per question:
+//!
+//! ```text
+//! relay below → relay: CheckSites (at most MAX_CHECK_SITES certificates), stream finished
+//! relay → relay below: SitesChecked (one verdict per certificate, in order), or Error
+//!                      (FORBIDDEN: not a relay certificate; UNANSWERED: no authority reached)
+//! ```
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message;
@@ -31,6 +41,10 @@ pub const GROUP_MAGIC: u8 = 0xD1;
 pub const GROUP_HEADER_LEN: usize = 1 + 1 + 4 + 8;
 /// Header bytes of an object: length, timestamp, flags.
 pub const OBJECT_HEADER_LEN: usize = 4 + 8 + 1;
+/// The most certificates one [`CheckSites`] (and so one [`SitesChecked`]) may carry: a relay
+/// asks about more in several. 1024 of the longest (64-byte names, 32-digit serial) are
+/// ~170 KiB, within [`MAX_CONTROL`].
+pub const MAX_CHECK_SITES: usize = 1024;
 
 /// Stable error codes (control `Error` frames and QUIC close/reset codes).
 pub mod codes {
@@ -53,6 +67,9 @@ pub mod codes {
     pub const FORBIDDEN: u32 = 8;
     /// The participant's certificate was revoked or superseded, or could not be confirmed.
     pub const REVOKED: u32 = 9;
+    /// A [`super::CheckSites`] this relay cannot answer: it has no registry, and the relay
+    /// above it (which it asks in turn) did not answer in time.
+    pub const UNANSWERED: u32 = 10;
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -303,6 +320,43 @@ pub struct ErrorMsg {
     pub message: String,
 }
 
+/// A certificate as a relay saw it at the handshake: whose, and which one.
+#[derive(Clone, PartialEq, Eq, Hash, prost::Message)]
+pub struct SiteCert {
+    #[prost(string, tag = "1")]
+    pub site: String,
+    #[prost(string, tag = "2")]
+    pub province: String,
+    /// The certificate's serial number (hex): only the registry's current one is accepted.
+    #[prost(string, tag = "3")]
+    pub serial: String,
+}
+
+/// A relay below asks whether these certificates may still take part (revoked? superseded?).
+/// Only a relay certificate may ask; at most [`MAX_CHECK_SITES`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CheckSites {
+    #[prost(message, repeated, tag = "1")]
+    pub sites: Vec<SiteCert>,
+}
+
+/// The answer about one certificate of a [`CheckSites`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SiteVerdict {
+    #[prost(bool, tag = "1")]
+    pub allowed: bool,
+    /// Why (refused: "revoked", "superseded ..."; allowed: who said so).
+    #[prost(string, tag = "2")]
+    pub reason: String,
+}
+
+/// The answer to a [`CheckSites`]: one verdict per certificate, in the same order.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SitesChecked {
+    #[prost(message, repeated, tag = "1")]
+    pub results: Vec<SiteVerdict>,
+}
+
 /// A control frame.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Control {
@@ -317,6 +371,8 @@ pub enum Control {
     Present(Present),
     Health(Health),
     Error(ErrorMsg),
+    CheckSites(CheckSites),
+    SitesChecked(SitesChecked),
 }
 
 impl Control {
@@ -333,6 +389,8 @@ impl Control {
             Control::Present(_) => 9,
             Control::Health(_) => 10,
             Control::Error(_) => 11,
+            Control::CheckSites(_) => 12,
+            Control::SitesChecked(_) => 13,
         }
     }
 
@@ -349,6 +407,8 @@ impl Control {
             Control::Present(_) => "Present",
             Control::Health(_) => "Health",
             Control::Error(_) => "Error",
+            Control::CheckSites(_) => "CheckSites",
+            Control::SitesChecked(_) => "SitesChecked",
         }
     }
 
@@ -366,6 +426,8 @@ impl Control {
             Control::Present(m) => m.encode_to_vec(),
             Control::Health(m) => m.encode_to_vec(),
             Control::Error(m) => m.encode_to_vec(),
+            Control::CheckSites(m) => m.encode_to_vec(),
+            Control::SitesChecked(m) => m.encode_to_vec(),
         };
         let mut b = BytesMut::with_capacity(5 + body.len());
         b.put_u32(body.len() as u32 + 1);
@@ -394,6 +456,16 @@ impl Control {
             9 => Control::Present(d(body)?),
             10 => Control::Health(d(body)?),
             11 => Control::Error(d(body)?),
+            12 => {
+                let m: CheckSites = d(body)?;
+                bounded("CheckSites", m.sites.len())?;
+                Control::CheckSites(m)
+            }
+            13 => {
+                let m: SitesChecked = d(body)?;
+                bounded("SitesChecked", m.results.len())?;
+                Control::SitesChecked(m)
+            }
             k => return Err(WireError::UnknownKind(k)),
         })
     }
@@ -413,6 +485,17 @@ impl Control {
         }
         Ok(len)
     }
+}
+
+/// At most [`MAX_CHECK_SITES`] entries in a check or its answer.
+fn bounded(what: &'static str, n: usize) -> Result<(), WireError> {
+    if n > MAX_CHECK_SITES {
+        return Err(malformed(
+            what,
+            format!("{n} certificates, at most {MAX_CHECK_SITES} in one frame"),
+        ));
+    }
+    Ok(())
 }
 
 /// The start of a group stream.
@@ -558,6 +641,91 @@ mod tests {
             assert_eq!(len, bytes.len() - 4);
             assert_eq!(Control::decode(&bytes[4..]).unwrap(), f);
         }
+    }
+
+    fn cert(i: usize) -> SiteCert {
+        SiteCert {
+            site: format!("gd-{i:03}"),
+            province: "GD".into(),
+            serial: format!("{i:032x}"),
+        }
+    }
+
+    #[test]
+    fn site_checks_round_trip_in_order() {
+        let frames = [
+            Control::CheckSites(CheckSites {
+                sites: vec![cert(1), cert(2), cert(3)],
+            }),
+            Control::SitesChecked(SitesChecked {
+                results: vec![
+                    SiteVerdict {
+                        allowed: true,
+                        reason: "registry".into(),
+                    },
+                    SiteVerdict {
+                        allowed: false,
+                        reason: "revoked".into(),
+                    },
+                    SiteVerdict::default(),
+                ],
+            }),
+            Control::CheckSites(CheckSites { sites: vec![] }),
+        ];
+        for f in frames {
+            let bytes = f.encode();
+            let len = Control::frame_len(bytes[..4].try_into().unwrap()).unwrap();
+            assert_eq!(len, bytes.len() - 4);
+            assert_eq!(Control::decode(&bytes[4..]).unwrap(), f);
+        }
+        assert_eq!(
+            Control::decode(&Control::CheckSites(CheckSites::default()).encode()[4..])
+                .unwrap()
+                .name(),
+            "CheckSites"
+        );
+    }
+
+    #[test]
+    fn a_check_of_more_than_1024_sites_is_malformed() {
+        // The longest certificates allowed, as many as allowed: one frame, within the limit.
+        let long = |i: usize| SiteCert {
+            site: format!("{i:0>64}"),
+            province: "P".repeat(64),
+            serial: "f".repeat(32),
+        };
+        let full = Control::CheckSites(CheckSites {
+            sites: (0..MAX_CHECK_SITES).map(long).collect(),
+        });
+        let bytes = full.encode();
+        assert!(Control::frame_len(bytes[..4].try_into().unwrap()).is_ok());
+        assert_eq!(Control::decode(&bytes[4..]).unwrap(), full);
+
+        let over = Control::CheckSites(CheckSites {
+            sites: (0..=MAX_CHECK_SITES).map(cert).collect(),
+        });
+        let err = Control::decode(&over.encode()[4..]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                WireError::Malformed {
+                    what: "CheckSites",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(err.code(), codes::PROTOCOL);
+        let over = Control::SitesChecked(SitesChecked {
+            results: vec![SiteVerdict::default(); MAX_CHECK_SITES + 1],
+        });
+        assert!(matches!(
+            Control::decode(&over.encode()[4..]).unwrap_err(),
+            WireError::Malformed {
+                what: "SitesChecked",
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -48,6 +48,9 @@ struct Lab {
     relay: Arc<Relay>,
     addr: std::net::SocketAddr,
     name: String,
+    /// The relay's endpoint: closing it stops the relay (every connection closed, new ones
+    /// refused).
+    endpoint: quinn::Endpoint,
     _cancel: tokio_util::sync::DropGuard,
 }
 
@@ -87,6 +90,25 @@ async fn relay_fec(
     open_rooms: bool,
     fec_rtt_ms: u32,
 ) -> Lab {
+    relay_full(
+        ca,
+        name,
+        upstream,
+        open_rooms,
+        fec_rtt_ms,
+        tiandi_video::relay::CONFIRMED_WITHIN,
+    )
+    .await
+}
+
+async fn relay_full(
+    ca: Arc<Ca>,
+    name: &str,
+    upstream: Option<&Lab>,
+    open_rooms: bool,
+    fec_rtt_ms: u32,
+    confirmed_within: Duration,
+) -> Lab {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
         .with_test_writer()
@@ -113,14 +135,16 @@ async fn relay_fec(
         upstream,
         open_rooms,
         fec_rtt_ms,
+        confirmed_within,
     });
     let cancel = CancellationToken::new();
-    tokio::spawn(relay.clone().serve(ep, cancel.clone()));
+    tokio::spawn(relay.clone().serve(ep.clone(), cancel.clone()));
     Lab {
         ca,
         relay,
         addr,
         name: r.id,
+        endpoint: ep,
         _cancel: cancel.drop_guard(),
     }
 }
@@ -152,6 +176,14 @@ impl Lab {
         Session::join_with(conn, "drill", Role::Site, vec![], 0, fec_rtt_ms)
             .await
             .unwrap()
+    }
+
+    /// Joins with this certificate (the same one again: same serial); Err: why refused.
+    async fn join_as(&self, s: &Site) -> Result<Arc<Session>, String> {
+        let conn = self.connect(s).await?;
+        Session::join(conn, "drill", Role::Site, vec![], 0)
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -716,4 +748,228 @@ async fn conferences_roll_call_and_end() {
             .expect("disconnected when the conference ends");
     }
     assert!(lab.relay.find_room("drill").is_none());
+}
+
+/// A cascade whose top relay has the registry (a policy that can revoke) and whose relays
+/// below have none: `low` below `top`, `county` below `low`.
+struct Guarded {
+    top: Lab,
+    low: Lab,
+    county: Lab,
+    revoked: Arc<Revoked>,
+}
+
+async fn guarded(confirmed_within: Duration) -> Guarded {
+    let ca = Arc::new(Ca::generate("test CA").unwrap());
+    let top = relay_on(ca.clone(), "ministry-relay", None).await;
+    let revoked = Arc::new(Revoked::default());
+    top.relay.set_cert_policy(revoked.clone());
+    let fec = tiandi_video::client::FEC_RTT_MS;
+    let low = relay_full(
+        ca.clone(),
+        "gd-relay",
+        Some(&top),
+        true,
+        fec,
+        confirmed_within,
+    )
+    .await;
+    let county = relay_full(
+        ca,
+        "gd-county-relay",
+        Some(&low),
+        true,
+        fec,
+        confirmed_within,
+    )
+    .await;
+    Guarded {
+        top,
+        low,
+        county,
+        revoked,
+    }
+}
+
+/// The code and reason `conn` was closed with, within `within`.
+async fn closed_with(conn: &quinn::Connection, within: Duration) -> (u32, String) {
+    match tokio::time::timeout(within, conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => (
+            c.error_code.into_inner() as u32,
+            String::from_utf8_lossy(&c.reason).into_owned(),
+        ),
+        Ok(other) => panic!("closed otherwise: {other}"),
+        Err(_) => panic!("still open after {within:?}"),
+    }
+}
+
+/// Revocation reaches a standalone relay (no registry of its own) through the relay above:
+/// a site revoked at the top is dropped by the relay below it within 10 s with `REVOKED`, and
+/// by a relay two levels down (which asks the one above, which asks the top); a site revoked
+/// before it joins is refused at admission; the others stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_revoked_above_is_dropped_by_the_relays_below_within_10s() {
+    let g = guarded(tiandi_video::relay::CONFIRMED_WITHIN).await;
+    let a = g.low.join("gd-001").await;
+    let b = g.low.join("gd-002").await;
+    let c = g.county.join("gd-003").await;
+    let here = |lab: &Lab, s: &str| lab.relay.connected_sites().iter().any(|x| x == s);
+    assert!(here(&g.low, "gd-001") && here(&g.low, "gd-002") && here(&g.county, "gd-003"));
+
+    g.revoked.0.lock().unwrap().push("gd-001".into());
+    g.revoked.0.lock().unwrap().push("gd-003".into());
+    let started = std::time::Instant::now();
+    let (code, reason) = closed_with(&a.conn, Duration::from_secs(10)).await;
+    eprintln!("dropped one level down after {:?}", started.elapsed());
+    assert_eq!(code, conference_wire::codes::REVOKED, "{reason}");
+    assert!(reason.contains("revoked"), "{reason}");
+    let (code, reason) = closed_with(&c.conn, Duration::from_secs(10)).await;
+    eprintln!("dropped two levels down after {:?}", started.elapsed());
+    assert_eq!(code, conference_wire::codes::REVOKED, "{reason}");
+    assert!(reason.contains("revoked"), "{reason}");
+
+    // Revoked before it ever joins: refused at admission, with the reason.
+    g.revoked.0.lock().unwrap().push("gd-004".into());
+    let err = g
+        .low
+        .join_as(&site(&g.low.ca, "gd-004"))
+        .await
+        .err()
+        .expect("a site revoked above is refused below");
+    assert!(err.contains("revoked"), "{err}");
+    assert!(g.low.join_as(&site(&g.low.ca, "gd-001")).await.is_err());
+    assert!(b.conn.close_reason().is_none(), "the others stay");
+    assert!(!here(&g.low, "gd-001") && here(&g.low, "gd-002") && !here(&g.county, "gd-003"));
+}
+
+/// The relay above out of reach (stopped): a site it confirmed moments ago is admitted below
+/// and kept until its confirmation is older than `confirmed_within` (here 3 s), then dropped
+/// and refused; a site never confirmed is refused at once (fail closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_cut_off_from_above_keeps_only_recently_confirmed_sites() {
+    let g = guarded(Duration::from_secs(3)).await;
+    let known = site(&g.low.ca, "gd-001");
+    let stranger = site(&g.low.ca, "gd-009");
+    let a = g.low.join_as(&known).await.expect("confirmed above");
+    // A second session: confirmed again just now.
+    let a2 = g.low.join_as(&known).await.expect("confirmed above");
+
+    g.top.endpoint.close(0u32.into(), b"stopped");
+    let cut = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let again = g
+        .low
+        .join_as(&known)
+        .await
+        .expect("confirmed moments ago: admitted while the relay above is away");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), again.conn.closed())
+            .await
+            .is_err(),
+        "and kept: {:?}",
+        again.conn.close_reason()
+    );
+    let err = g
+        .low
+        .join_as(&stranger)
+        .await
+        .err()
+        .expect("never confirmed: refused while the relay above is away");
+    assert!(err.contains("never confirmed"), "{err}");
+
+    // Confirmed more than 3 s ago: every session dropped at a re-check, and refused after.
+    for s in [&a, &a2, &again] {
+        let (code, reason) = closed_with(&s.conn, Duration::from_secs(15)).await;
+        assert_eq!(code, conference_wire::codes::REVOKED, "{reason}");
+        assert!(reason.contains("fail closed"), "{reason}");
+    }
+    eprintln!("dropped {:?} after the cut", cut.elapsed());
+    assert!(
+        cut.elapsed() >= Duration::from_secs(2),
+        "not before its time"
+    );
+    let err = g.low.join_as(&known).await.err().expect("refused now");
+    assert!(err.contains("fail closed"), "{err}");
+}
+
+/// Asks `conn`'s relay about `sites` on a stream of its own.
+async fn check_sites(
+    conn: &quinn::Connection,
+    sites: Vec<conference_wire::SiteCert>,
+) -> Result<Option<conference_wire::Control>, tiandi_video::io::IoError> {
+    use tiandi_video::io::{ControlReader, ControlWriter};
+    let (send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| tiandi_video::io::IoError::Stream(e.to_string()))?;
+    let (mut w, mut r) = (ControlWriter(send), ControlReader(recv));
+    w.send(&conference_wire::Control::CheckSites(
+        conference_wire::CheckSites { sites },
+    ))
+    .await?;
+    let _ = w.0.finish();
+    tokio::time::timeout(Duration::from_secs(5), r.recv())
+        .await
+        .expect("an answer in time")
+}
+
+fn cert_of(id: &str) -> conference_wire::SiteCert {
+    conference_wire::SiteCert {
+        site: id.into(),
+        province: "BJ".into(),
+        serial: "00ff".into(),
+    }
+}
+
+/// Only a relay certificate may ask about other sites' certificates: an ordinary site that
+/// opens with `CheckSites` is refused with `FORBIDDEN`. A relay certificate gets one verdict
+/// per certificate, in order, on as many streams of its connection as it asks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_relay_certificate_may_check_sites() {
+    let lab = lab().await;
+    let revoked = Arc::new(Revoked::default());
+    revoked.0.lock().unwrap().push("gd-002".into());
+    lab.relay.set_cert_policy(revoked);
+
+    let s = site(&lab.ca, "gd-001");
+    let conn = lab.connect(&s).await.unwrap();
+    match check_sites(&conn, vec![cert_of("gd-002")]).await {
+        Ok(Some(conference_wire::Control::Error(e))) => {
+            assert_eq!(e.code, conference_wire::codes::FORBIDDEN, "{e:?}");
+            assert!(e.message.contains("relay certificate"), "{e:?}");
+        }
+        other => assert!(other.is_err(), "{other:?}"),
+    }
+    let (code, reason) = closed_with(&conn, Duration::from_secs(5)).await;
+    assert_eq!(code, conference_wire::codes::FORBIDDEN, "{reason}");
+
+    let r = relay_cert(&lab.ca, "gd-relay");
+    let conn = lab.connect(&r).await.unwrap();
+    for _ in 0..2 {
+        let answer = check_sites(
+            &conn,
+            vec![cert_of("gd-001"), cert_of("gd-002"), cert_of("../etc")],
+        )
+        .await
+        .unwrap();
+        let Some(conference_wire::Control::SitesChecked(a)) = answer else {
+            panic!("{answer:?}");
+        };
+        let got: Vec<bool> = a.results.iter().map(|v| v.allowed).collect();
+        assert_eq!(got, [true, false, false], "{a:?}");
+        assert!(a.results[1].reason.contains("revoked"), "{a:?}");
+    }
+    assert!(conn.close_reason().is_none());
+    // More than a frame may carry: malformed; that stream alone is answered with an error,
+    // the connection goes on.
+    let too_many = (0..=conference_wire::MAX_CHECK_SITES)
+        .map(|i| cert_of(&format!("gd-{i}")))
+        .collect();
+    match check_sites(&conn, too_many).await {
+        Ok(Some(conference_wire::Control::Error(e))) => {
+            assert_eq!(e.code, conference_wire::codes::PROTOCOL, "{e:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(conn.close_reason().is_none());
 }

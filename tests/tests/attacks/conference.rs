@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tiandi_tests::{AgentProc, ControllerProc, free_udp, wait_for};
+use tiandi_tests::{AgentProc, ControllerProc, bin, free_udp, wait_for};
 use tiandi_video::client::Session;
 use tiandi_video::conference_wire::{Role, TrackInfo};
 use tiandi_video::track::Track;
@@ -415,4 +415,129 @@ async fn relay_cut_off_from_the_controller_admits_only_recently_confirmed_sites(
         closed_within(&late, Duration::from_secs(5)).await.is_some(),
         "refused once its confirmation is too old"
     );
+}
+
+/// A standalone conference relay (`tiandi-video relay`, the real binary), killed when dropped;
+/// its log printed if the test failed.
+struct VideoRelay {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl VideoRelay {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for VideoRelay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- tiandi-video relay log ---\n{}", self.log());
+        }
+    }
+}
+
+/// Finding 6, below the controller: a province's standalone conference relay (`tiandi-video
+/// relay`, with a relay certificate the controller issued, cascading to the controller's
+/// relay) has no registry of its own. A site joins the conference through it; `tiandi-controller
+/// revoke` drops the site's session at the standalone relay within 10 s (the relay asks the
+/// controller's relay about its participants every 3 s), and it cannot join there again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_site_is_dropped_by_a_standalone_relay_below_the_controller() {
+    let c = conference();
+    // The province relay's certificate: enrolled with the relay role.
+    let token = c.ctl.enroll("bj-relay", "BJ", &["--role", "relay"]);
+    let dir = c._tmp.path().join("bj-relay");
+    let _enrolled = AgentProc::enroll(&dir, c.ctl.quic, &token, "");
+    let idd = dir.join("data/identity");
+    let listen = free_udp();
+    let log = dir.join("video-relay.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let child = std::process::Command::new(bin("tiandi-video"))
+        .args([
+            "relay",
+            "--listen",
+            &listen.to_string(),
+            "--name",
+            "bj-relay",
+        ])
+        .arg("--ca")
+        .arg(idd.join("ca.crt"))
+        .arg("--cert")
+        .arg(idd.join("site.crt"))
+        .arg("--key")
+        .arg(idd.join("site.key"))
+        .args([
+            "--upstream",
+            &c.addr.to_string(),
+            "--upstream-name",
+            &c.relay,
+            "--log",
+            "info",
+        ])
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("tiandi-video runs");
+    let relay = VideoRelay { child, log };
+    wait_for("the standalone relay", Duration::from_secs(30), || {
+        relay.log().contains("listening on").then_some(())
+    });
+
+    // bj-001 joins the conference through the standalone relay (asked about upstream, and
+    // confirmed by the controller's registry).
+    let s = Session::join(
+        connect_relay(listen, "bj-relay", &c.sites[1])
+            .await
+            .unwrap(),
+        "drill",
+        Role::Site,
+        vec![],
+        0,
+    )
+    .await
+    .expect("an enrolled site joins through the standalone relay");
+    let other = Session::join(
+        connect_relay(listen, "bj-relay", &c.sites[2])
+            .await
+            .unwrap(),
+        "drill",
+        Role::Site,
+        vec![],
+        0,
+    )
+    .await
+    .expect("another site joins too");
+    assert!(
+        closed_within(&s.conn, Duration::from_secs(4))
+            .await
+            .is_none(),
+        "kept while enrolled (past a re-check): {:?}",
+        s.conn.close_reason()
+    );
+
+    let started = Instant::now();
+    cli_ok(&c.ctl, &["revoke", "--site", "bj-001"]);
+    let reason = closed_within(&s.conn, Duration::from_secs(10))
+        .await
+        .expect("the standalone relay drops the revoked site within 10 s");
+    eprintln!(
+        "dropped {:?} after the revocation: {reason}",
+        started.elapsed()
+    );
+    assert!(reason.contains("revoked"), "{reason}");
+    assert!(other.conn.close_reason().is_none(), "the others stay");
+    // And it cannot join there again.
+    let again = match connect_relay(listen, "bj-relay", &c.sites[1]).await {
+        Err(e) => Err(e),
+        Ok(conn) => Session::join(conn, "drill", Role::Site, vec![], 0)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+    };
+    let err = again.expect_err("a revoked site is refused by the standalone relay");
+    assert!(err.contains("revoked"), "{err}");
 }

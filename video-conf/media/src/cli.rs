@@ -85,6 +85,11 @@ pub struct RelayArgs {
     /// ...and its site ID.
     #[arg(long, requires = "upstream")]
     pub upstream_name: Option<String>,
+    /// With an upstream: while the relay above does not answer about participants'
+    /// certificates (revocation), admit and keep only those it confirmed within this many
+    /// seconds; refuse the others (fail closed).
+    #[arg(long, default_value_t = tiandi_video::relay::CONFIRMED_WITHIN.as_secs())]
+    pub confirmed_within_s: u64,
     /// Serve Prometheus metrics (`GET /metrics`) on this TCP address.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,

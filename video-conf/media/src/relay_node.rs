@@ -1,5 +1,9 @@
 //! `tiandi-video relay`: a standalone conference relay (at a province, say), optionally below
-//! another (cascade), with its metrics on a TCP listener of its own.
+//! another (cascade), with its metrics on a TCP listener of its own. Its TLS handshake trusts
+//! the CA; below another relay it also asks that one about every participant's certificate at
+//! admission and every 3 s (revocation), failing closed after `--confirmed-within-s` without
+//! an answer. A top relay (no `--upstream`) cannot learn of revocations: cascade it to the
+//! controller's relay.
 
 use anyhow::Context;
 use tiandi_video::relay::{Relay, RelayOptions, Upstream};
@@ -30,12 +34,18 @@ pub async fn run(a: RelayArgs) -> anyhow::Result<()> {
     let endpoint =
         tiandi_link::server_endpoint(a.listen, tls, tiandi_video::transport(a.profile), &secret)
             .with_context(|| format!("listening on {}", a.listen))?;
+    if upstream.is_none() {
+        tracing::warn!(
+            "No --upstream: this relay trusts every certificate of the CA and cannot learn of revocations (cascade it to the controller's relay to have them checked)."
+        );
+    }
     let relay = Relay::new(RelayOptions {
         name: a.name.clone(),
         chair: a.chair.clone(),
         upstream,
         open_rooms: true,
         fec_rtt_ms: a.fec_rtt_ms,
+        confirmed_within: std::time::Duration::from_secs(a.confirmed_within_s),
     });
     let cancel = tiandi_link::shutdown_token();
     tracing::info!(listen = %a.listen, relay = %a.name, "Relay running.");

@@ -141,6 +141,7 @@ mod tests {
             upstream: None,
             open_rooms: false,
             fec_rtt_ms: 0,
+            confirmed_within: crate::relay::CONFIRMED_WITHIN,
         });
         r.stats.connections.fetch_add(2, Ordering::Relaxed);
         r.stats.refused.fetch_add(1, Ordering::Relaxed);

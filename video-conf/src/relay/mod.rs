@@ -7,11 +7,26 @@
 //! once whatever the number of viewers behind it. Groups from a site without the floor stop at
 //! the first relay.
 //!
+//! Revocation: a relay re-checks every participant's certificate at admission and every
+//! [`RECHECK`] (3 s) while it is connected, and disconnects one no longer accepted with
+//! `REVOKED`. The controller's relay checks against the registry itself ([`Relay::set_cert_policy`],
+//! plus [`Relay::evict_site`] at once when the controller revokes). A standalone relay
+//! (`tiandi-video relay`) has no registry: if it cascades, it asks the relay above
+//! ([`RelayOptions::upstream`]) on a connection of its own with its relay certificate, one
+//! `CheckSites` for all its live participants every 3 s and one per admission, and the relay
+//! above answers from its registry or asks its own upstream in turn (county → province →
+//! ministry: the controller). Without an answer (upstream out of reach, or 5 s without a
+//! reply) it fails closed: it admits and keeps only participants upstream confirmed within
+//! [`RelayOptions::confirmed_within`] (default [`CONFIRMED_WITHIN`], 30 min); never confirmed or
+//! last refused ones are refused. A top relay without a registry or an upstream trusts the CA
+//! alone (its TLS handshake): it cannot know of revocations.
+//!
 //! This module holds the [`Relay`] itself (options, counters, its rooms, the accept loop);
 //! the rest is one job per file: `rooms` (a conference's floor, roll call, roster and
 //! tracks), `recording`, `cascade` (the upstream session), `session` (admitting a
 //! participant), `participant` (its control stream and group streams), `subscription`
-//! (sending it a track) and `metrics` (the Prometheus exposition).
+//! (sending it a track), `check` (revocation checks, asked of the relay above and answered
+//! for the relays below) and `metrics` (the Prometheus exposition).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,6 +42,7 @@ use crate::conference_wire;
 use crate::forward::SendStats;
 
 mod cascade;
+mod check;
 mod metrics;
 mod participant;
 mod recording;
@@ -34,6 +50,7 @@ mod rooms;
 mod session;
 mod subscription;
 
+pub use check::{CHECK_TIMEOUT, CONFIRMED_WITHIN};
 pub use recording::{RecordingDone, Speaker};
 pub use rooms::{HealthView, Member, Room};
 
@@ -47,8 +64,11 @@ const ANNOUNCE_WAIT: Duration = Duration::from_secs(5);
 /// is not reading its control stream: it is disconnected (the queue never blocks the room).
 const CONTROL_QUEUE: usize = 64;
 /// How often every live participant's certificate is checked again against the relay's
-/// [`CertPolicy`] (if it has one): a revoked site is dropped within this long even if nobody
-/// calls [`Relay::evict_site`] (issue 15, finding 6: within 10 s). A check is a map lookup.
+/// [`CertPolicy`] (if it has one), or with the relay above (if it cascades): a revoked site
+/// is dropped within this long (plus one round trip upstream) even if nobody calls
+/// [`Relay::evict_site`] (issue 15, finding 6: within 10 s). With a policy a check is a map
+/// lookup; upstream, one stream every 3 s carrying every live certificate (~100 bytes each
+/// way per site).
 pub const RECHECK: Duration = Duration::from_secs(3);
 
 /// Counters for the whole relay.
@@ -77,6 +97,10 @@ pub struct RelayOptions {
     /// Ask for repair datagrams ([`crate::fec`]) with the groups that participants and the
     /// upstream relay send here once the round trip is at least this long (ms; 0: never).
     pub fec_rtt_ms: u32,
+    /// With an upstream: when the relay above does not answer about a participant's
+    /// certificate, admit and keep it only if it confirmed it within this long (fail closed);
+    /// [`CONFIRMED_WITHIN`] by default. Unused without an upstream.
+    pub confirmed_within: Duration,
 }
 
 /// Where a cascading relay takes its rooms from (a province relay's ministry relay).
@@ -102,6 +126,8 @@ pub struct Relay {
     live: Mutex<HashMap<usize, Live>>,
     /// Who may stay connected (the controller's registry on the controller's relay).
     policy: OnceLock<Arc<dyn CertPolicy>>,
+    /// Without a policy, with an upstream: who may stay connected, asked of the relay above.
+    checker: Option<check::UpstreamCheck>,
 }
 
 /// A connection this relay admitted, and whose certificate it is.
@@ -112,6 +138,10 @@ struct Live {
 
 impl Relay {
     pub fn new(opts: RelayOptions) -> Arc<Relay> {
+        let checker = opts
+            .upstream
+            .clone()
+            .map(|up| check::UpstreamCheck::new(up, opts.confirmed_within));
         Arc::new(Relay {
             name: opts.name,
             chair: opts.chair,
@@ -122,13 +152,15 @@ impl Relay {
             stats: RelayStats::default(),
             live: Mutex::new(HashMap::new()),
             policy: OnceLock::new(),
+            checker,
         })
     }
 
     /// Checks every participant against `policy` at admission and every [`RECHECK`] while it
     /// is connected: one no longer accepted (revoked, superseded) is disconnected with code
     /// `REVOKED`. Set once (later calls are ignored); the controller gives its registry, the
-    /// same policy its TLS handshake uses.
+    /// same policy its TLS handshake uses. A policy wins over asking upstream, and answers
+    /// the relays below.
     pub fn set_cert_policy(&self, policy: Arc<dyn CertPolicy>) {
         let _ = self.policy.set(policy);
     }
@@ -171,38 +203,59 @@ impl Relay {
         v
     }
 
-    /// Closes every live connection whose certificate `policy` no longer accepts.
-    fn recheck(&self) -> usize {
-        let Some(policy) = self.policy.get() else {
+    /// Closes every live connection whose certificate is no longer accepted: by the policy,
+    /// or by the relay above (fail closed without its answer). Returns how many.
+    async fn recheck(&self) -> usize {
+        if self.policy.get().is_none() && self.checker.is_none() {
             return 0;
-        };
-        let refused: Vec<(quinn::Connection, String)> = self
+        }
+        let live: Vec<(SiteIdentity, quinn::Connection)> = self
             .live
             .lock()
             .expect("live lock poisoned")
             .values()
-            .filter_map(|l| {
-                policy
-                    .check(&l.id)
-                    .err()
-                    .map(|r| (l.conn.clone(), format!("{}: {r:?}", l.id.site_id)))
-            })
+            .map(|l| (l.id.clone(), l.conn.clone()))
             .collect();
-        for (c, why) in &refused {
+        // Each certificate once, however many connections it holds.
+        let mut certs: Vec<conference_wire::SiteCert> =
+            live.iter().map(|(id, _)| check::site_cert(id)).collect();
+        certs.sort_by(|a, b| (&a.site, &a.serial).cmp(&(&b.site, &b.serial)));
+        certs.dedup_by(|a, b| (&a.site, &a.serial) == (&b.site, &b.serial));
+        let Some(verdicts) = self.verdicts(&certs).await else {
+            return 0;
+        };
+        let refused: HashMap<(String, String), String> = certs
+            .into_iter()
+            .zip(verdicts)
+            .filter_map(|(c, v)| v.err().map(|why| ((c.site, c.serial), why)))
+            .collect();
+        let mut closed = 0;
+        for (id, c) in &live {
+            let Some(why) = refused.get(&(id.site_id.clone(), id.serial.clone())) else {
+                continue;
+            };
+            if c.close_reason().is_some() {
+                continue;
+            }
             warn!(why = %why, "Certificate no longer accepted: participant disconnected.");
             c.close(
                 conference_wire::codes::REVOKED.into(),
                 format!("certificate no longer accepted ({why})").as_bytes(),
             );
+            closed += 1;
         }
-        refused.len()
+        closed
     }
 
-    fn admit(&self, id: &SiteIdentity, conn: &quinn::Connection) -> Result<(), String> {
-        if let Some(policy) = self.policy.get() {
-            policy
-                .check(id)
-                .map_err(|r| format!("certificate of {} not accepted: {r:?}", id.site_id))?;
+    /// Registers an admitted connection (what [`Relay::evict_site`] and the re-check close),
+    /// after checking its certificate: with the policy, or with the relay above.
+    async fn admit(&self, id: &SiteIdentity, conn: &quinn::Connection) -> Result<(), String> {
+        if let Some(verdict) = self
+            .verdicts(&[check::site_cert(id)])
+            .await
+            .and_then(|v| v.into_iter().next())
+        {
+            verdict.map_err(|why| format!("certificate not accepted ({why})"))?;
         }
         self.live.lock().expect("live lock poisoned").insert(
             conn.stable_id(),
@@ -286,7 +339,7 @@ impl Relay {
                 loop {
                     tokio::select! {
                         _ = cancel.cancelled() => return,
-                        _ = every.tick() => { relay.recheck(); }
+                        _ = every.tick() => { relay.recheck().await; }
                     }
                 }
             });
@@ -323,6 +376,7 @@ mod tests {
             upstream: None,
             open_rooms,
             fec_rtt_ms: 0,
+            confirmed_within: CONFIRMED_WITHIN,
         })
     }
 

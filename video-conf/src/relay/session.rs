@@ -1,5 +1,6 @@
 //! Admitting a participant: its certificate, the Hello, loop and room checks, the Welcome,
-//! then its session until it leaves or the conference ends.
+//! then its session until it leaves or the conference ends. (A relay below that opens with
+//! `CheckSites` instead of a Hello is served by `check`.)
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -30,8 +31,9 @@ impl Relay {
         let cert_role = tiandi_link::tls::peer_role(&conn).unwrap_or_default();
         let span = info_span!("participant", site = %id.site_id, remote = %conn.remote_address());
         async move {
-            // Known to `evict_site` and the periodic re-check from before its Hello on.
-            if let Err(why) = self.admit(&id, &conn) {
+            // Checked (with the policy, or with the relay above), and known to `evict_site` and
+            // the periodic re-check, from before its Hello on.
+            if let Err(why) = self.admit(&id, &conn).await {
                 warn!(%why, "Participant refused.");
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
                 conn.close(codes::REVOKED.into(), why.as_bytes());
@@ -68,6 +70,12 @@ impl Relay {
             Err(_) => return Err(IoError::Stream("no Hello in time".into())),
             Ok(r) => match r? {
                 Some(Control::Hello(h)) => h,
+                // A relay below asking about its participants' certificates: not a session.
+                Some(Control::CheckSites(q)) => {
+                    return self
+                        .serve_checks(conn, cert_role, (writer, q), cancel)
+                        .await;
+                }
                 Some(other) => {
                     return Err(IoError::Wire(conference_wire::WireError::Malformed {
                         what: "control stream",
