@@ -42,6 +42,20 @@ impl ControlWriter {
     pub async fn send(&mut self, c: &Control) -> Result<(), IoError> {
         self.0.write_all(&c.encode()).await.map_err(stream_err)
     }
+
+    /// A refusal the peer can read: an `Error` frame, the stream finished, and up to a second
+    /// for the peer to take it before the caller closes the connection (a close discards what
+    /// is still in flight; it carries the reason too). Best effort: a peer gone already is fine.
+    pub async fn refuse(&mut self, code: u32, message: &str) {
+        let _ = self
+            .send(&Control::Error(crate::conference_wire::ErrorMsg {
+                code,
+                message: message.to_string(),
+            }))
+            .await;
+        let _ = self.0.finish();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.0.stopped()).await;
+    }
 }
 
 pub struct ControlReader(pub quinn::RecvStream);

@@ -417,14 +417,7 @@ impl Relay {
             let msg = "only a relay certificate may check other sites' certificates (the \
                        controller issues them: `tiandi-controller enroll --role relay`)"
                 .to_string();
-            let _ = writer
-                .send(&Control::Error(ErrorMsg {
-                    code: codes::FORBIDDEN,
-                    message: msg.clone(),
-                }))
-                .await;
-            let _ = writer.0.finish();
-            let _ = tokio::time::timeout(Duration::from_secs(1), writer.0.stopped()).await;
+            writer.refuse(codes::FORBIDDEN, &msg).await;
             return Err(IoError::Refused {
                 code: codes::FORBIDDEN,
                 reason: msg,

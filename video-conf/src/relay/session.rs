@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -14,7 +13,7 @@ use tracing::{Instrument, info, info_span, warn};
 use super::participant::Participant;
 use super::rooms::Member;
 use super::{CONTROL_QUEUE, HELLO_TIMEOUT, Relay};
-use crate::conference_wire::{self, Control, ErrorMsg, Role, Welcome, codes};
+use crate::conference_wire::{self, Control, Role, Welcome, codes};
 use crate::io::{ControlReader, ControlWriter, IoError};
 
 impl Relay {
@@ -95,14 +94,7 @@ impl Relay {
                  relay (the controller issues relay certificates: `tiandi-controller enroll \
                  --role relay`); join as a site"
             );
-            let _ = writer
-                .send(&Control::Error(ErrorMsg {
-                    code: codes::FORBIDDEN,
-                    message: msg.clone(),
-                }))
-                .await;
-            let _ = writer.0.finish();
-            let _ = tokio::time::timeout(Duration::from_secs(1), writer.0.stopped()).await;
+            writer.refuse(codes::FORBIDDEN, &msg).await;
             return Err(IoError::Refused {
                 code: codes::FORBIDDEN,
                 reason: msg,
@@ -113,16 +105,7 @@ impl Relay {
                 "relay path {:?} already passes through {}: a cascade must not loop",
                 hello.path, self.name
             );
-            let _ = writer
-                .send(&Control::Error(ErrorMsg {
-                    code: codes::LOOP,
-                    message: msg.clone(),
-                }))
-                .await;
-            // Let the Error frame arrive before the close discards it (the close carries
-            // the reason too).
-            let _ = writer.0.finish();
-            let _ = tokio::time::timeout(Duration::from_secs(1), writer.0.stopped()).await;
+            writer.refuse(codes::LOOP, &msg).await;
             conn.close(codes::LOOP.into(), msg.as_bytes());
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
             return Ok(());
@@ -132,14 +115,7 @@ impl Relay {
             None if self.open_rooms => self.room(&hello.room),
             None => {
                 let msg = format!("there is no conference {:?} here", hello.room);
-                let _ = writer
-                    .send(&Control::Error(ErrorMsg {
-                        code: codes::NO_ROOM,
-                        message: msg.clone(),
-                    }))
-                    .await;
-                let _ = writer.0.finish();
-                let _ = tokio::time::timeout(Duration::from_secs(1), writer.0.stopped()).await;
+                writer.refuse(codes::NO_ROOM, &msg).await;
                 conn.close(codes::NO_ROOM.into(), msg.as_bytes());
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
