@@ -4,6 +4,7 @@
 
 pub mod clock;
 pub mod config;
+pub mod confirm;
 pub mod congestion;
 pub mod enroll;
 pub mod framed;

@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tiandi_link::confirm::{Confirmations, Offline};
 use tokio::sync::{mpsc, watch};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
@@ -231,9 +232,6 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// config): a relay that cannot reach the controller admits, and keeps, only sites the
 /// controller confirmed this recently.
 pub const CONFIRMED_WITHIN: Duration = Duration::from_secs(30 * 60);
-/// Sites a relay remembers answers for (the oldest answer goes first beyond this).
-const MAX_KNOWN: usize = 65_536;
-
 /// Asks upstream (the controller keeps the registry) whether a site below may connect: its
 /// certificate may have been revoked or superseded since the CA signed it. Asked at every
 /// connection and every [`RECHECK`] while connected. With no answer (the uplink is down), the
@@ -242,9 +240,8 @@ const MAX_KNOWN: usize = 65_536;
 /// refused. Said in the log either way.
 pub struct UpstreamCheck {
     upstream: watch::Receiver<Option<quinn::Connection>>,
-    /// (site, serial) → (allowed, when the controller said so).
-    known: std::sync::Mutex<HashMap<(String, String), (bool, std::time::Instant)>>,
-    max_age: Duration,
+    /// The controller's last answer per certificate (bounded).
+    known: Confirmations,
 }
 
 impl UpstreamCheck {
@@ -259,13 +256,11 @@ impl UpstreamCheck {
     ) -> UpstreamCheck {
         UpstreamCheck {
             upstream,
-            known: Default::default(),
-            max_age,
+            known: Confirmations::new(max_age),
         }
     }
 
     pub async fn allowed(&self, p: &Peer) -> bool {
-        let key = (p.site.clone(), p.serial.clone());
         let conn = self.upstream.borrow().clone();
         let answer = match conn {
             Some(c) => tokio::time::timeout(CHECK_TIMEOUT, ask(&c, p)).await.ok(),
@@ -273,50 +268,33 @@ impl UpstreamCheck {
         };
         match answer {
             Some(Ok(ok)) => {
-                self.remember(key, ok);
+                let reason = if ok { "" } else { "refused by the controller" };
+                self.known.remember(&p.site, &p.serial, ok, reason);
                 ok
             }
-            Some(Err(_)) | None => {
-                let cached = self.known.lock().expect("lock poisoned").get(&key).copied();
-                self.decide_offline(&p.site, cached)
-            }
+            Some(Err(_)) | None => self.decide_offline(p),
         }
     }
 
-    fn remember(&self, key: (String, String), ok: bool) {
-        let mut known = self.known.lock().expect("lock poisoned");
-        if known.len() >= MAX_KNOWN
-            && !known.contains_key(&key)
-            && let Some(oldest) = known
-                .iter()
-                .min_by_key(|(_, v)| v.1)
-                .map(|(k, _)| k.clone())
-        {
-            known.remove(&oldest);
-        }
-        known.insert(key, (ok, std::time::Instant::now()));
-    }
-
-    /// The decision without the controller: fail closed unless confirmed within `max_age`.
-    fn decide_offline(&self, site: &str, cached: Option<(bool, std::time::Instant)>) -> bool {
-        match cached {
-            Some((true, at)) if at.elapsed() <= self.max_age => {
-                debug!(%site, confirmed_s_ago = at.elapsed().as_secs(), "No answer from upstream about a site below: confirmed recently, allowed.");
-                true
+    /// The decision without the controller: fail closed unless confirmed within the age.
+    fn decide_offline(&self, p: &Peer) -> bool {
+        let site = &p.site;
+        let offline = self.known.offline(site, &p.serial);
+        match &offline {
+            Offline::Recent(ago) => {
+                debug!(%site, confirmed_s_ago = ago.as_secs(), "No answer from upstream about a site below: confirmed recently, allowed.");
             }
-            Some((true, at)) => {
-                warn!(%site, confirmed_s_ago = at.elapsed().as_secs(), max_age_s = self.max_age.as_secs(), "No answer from upstream about a site below, last confirmed too long ago: refused (fail closed).");
-                false
+            Offline::TooOld(ago) => {
+                warn!(%site, confirmed_s_ago = ago.as_secs(), max_age_s = self.known.max_age().as_secs(), "No answer from upstream about a site below, last confirmed too long ago: refused (fail closed).");
             }
-            Some((false, _)) => {
+            Offline::Refused(_) => {
                 warn!(%site, "No answer from upstream about a site below, last known refused: refused.");
-                false
             }
-            None => {
+            Offline::Never => {
                 warn!(%site, "No answer from upstream about a site below never confirmed: refused (fail closed).");
-                false
             }
         }
+        offline.allowed()
     }
 }
 
@@ -451,8 +429,8 @@ mod tests {
         let (_tx, rx) = watch::channel(None);
         let check = UpstreamCheck::with_max_age(rx, Duration::from_millis(300));
         assert!(!check.allowed(&peer("never")).await, "never confirmed");
-        check.remember(("fresh".into(), "01".into()), true);
-        check.remember(("refused".into(), "01".into()), false);
+        check.known.remember("fresh", "01", true, "");
+        check.known.remember("refused", "01", false, "");
         assert!(check.allowed(&peer("fresh")).await, "confirmed just now");
         assert!(!check.allowed(&peer("refused")).await);
         tokio::time::sleep(Duration::from_millis(400)).await;
@@ -461,7 +439,7 @@ mod tests {
             "confirmed too long ago"
         );
         // Another certificate of the same site is another question.
-        check.remember(("fresh".into(), "02".into()), true);
+        check.known.remember("fresh", "02", true, "");
         assert!(!check.allowed(&peer("fresh")).await);
     }
 
@@ -469,9 +447,9 @@ mod tests {
     fn the_relays_memory_is_bounded() {
         let (_tx, rx) = watch::channel(None);
         let check = UpstreamCheck::new(rx);
-        for i in 0..MAX_KNOWN + 10 {
-            check.remember((format!("s{i}"), "01".into()), true);
+        for i in 0..tiandi_link::confirm::MAX_KNOWN + 10 {
+            check.known.remember(&format!("s{i}"), "01", true, "");
         }
-        assert_eq!(check.known.lock().unwrap().len(), MAX_KNOWN);
+        assert_eq!(check.known.len(), tiandi_link::confirm::MAX_KNOWN);
     }
 }

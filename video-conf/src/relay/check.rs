@@ -19,12 +19,12 @@
 //! is always the authority's; a top relay with neither (a standalone relay trusting the CA
 //! alone) allows every certificate.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tiandi_link::SiteIdentity;
+use tiandi_link::confirm::{Confirmations, Offline};
 use tiandi_link::pki::CertRole;
 use tiandi_link::tls::Rejection;
 use tokio_util::sync::CancellationToken;
@@ -43,8 +43,6 @@ pub const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// (`tiandi-video relay --confirmed-within-s`): a relay that cannot reach its upstream admits,
 /// and keeps, only participants upstream confirmed this recently.
 pub const CONFIRMED_WITHIN: Duration = Duration::from_secs(30 * 60);
-/// Certificates a relay remembers answers for (the oldest answer goes first beyond this).
-const MAX_KNOWN: usize = 65_536;
 /// How long a check stream from below may take to bring its question.
 const QUESTION_TIMEOUT: Duration = Duration::from_secs(10);
 /// First and longest wait before connecting to the upstream again after a failure.
@@ -71,72 +69,51 @@ pub(super) fn rejection_text(r: &Rejection) -> &'static str {
     }
 }
 
-/// A certificate as the answers know it: (site, serial).
-type CertKey = (String, String);
-
-/// Upstream's last answer about a certificate: allowed, why, when.
-type Answer = (bool, String, Instant);
-
-/// The last answer about each certificate. Bounded ([`MAX_KNOWN`]); no I/O.
+/// The last answer about each certificate (`tiandi_link::confirm`, bounded; no I/O), and the
+/// fail-closed decision from it, in words for the log and the close reason.
 pub(super) struct Answers {
-    known: Mutex<HashMap<CertKey, Answer>>,
-    max_age: Duration,
+    known: Confirmations,
+    pub(super) max_age: Duration,
 }
 
 impl Answers {
     pub(super) fn new(max_age: Duration) -> Answers {
         Answers {
-            known: Mutex::default(),
+            known: Confirmations::new(max_age),
             max_age,
         }
     }
 
     pub(super) fn remember(&self, c: &SiteCert, v: &SiteVerdict) {
-        let key = (c.site.clone(), c.serial.clone());
-        let mut known = self.known.lock().expect("answers lock poisoned");
-        if known.len() >= MAX_KNOWN
-            && !known.contains_key(&key)
-            && let Some(oldest) = known
-                .iter()
-                .min_by_key(|(_, v)| v.2)
-                .map(|(k, _)| k.clone())
-        {
-            known.remove(&oldest);
-        }
-        known.insert(key, (v.allowed, v.reason.clone(), Instant::now()));
+        self.known
+            .remember(&c.site, &c.serial, v.allowed, &v.reason);
     }
 
     /// The decision without an answer from upstream (`why`): fail closed unless confirmed
     /// within `max_age`. Said in the log either way.
     pub(super) fn decide_offline(&self, c: &SiteCert, why: &str) -> Result<(), String> {
-        let cached = self
-            .known
-            .lock()
-            .expect("answers lock poisoned")
-            .get(&(c.site.clone(), c.serial.clone()))
-            .cloned();
         let site = &c.site;
         let max_age_s = self.max_age.as_secs();
-        match cached {
-            Some((true, _, at)) if at.elapsed() <= self.max_age => {
-                debug!(%site, confirmed_s_ago = at.elapsed().as_secs(), %why, "No answer from upstream about a participant: confirmed recently, allowed.");
+        match self.known.offline(site, &c.serial) {
+            Offline::Recent(ago) => {
+                debug!(%site, confirmed_s_ago = ago.as_secs(), %why, "No answer from upstream about a participant: confirmed recently, allowed.");
                 Ok(())
             }
-            Some((true, _, at)) => {
-                let ago = at.elapsed().as_secs();
+            Offline::TooOld(ago) => {
+                let ago = ago.as_secs();
                 warn!(%site, confirmed_s_ago = ago, max_age_s, %why, "No answer from upstream about a participant, last confirmed too long ago: refused (fail closed).");
                 Err(format!(
                     "{site}: not confirmed by the relay above for {ago} s (over {max_age_s} s), \
                      which does not answer: fail closed"
                 ))
             }
-            Some((false, reason, _)) => {
+            Offline::Refused(reason) => {
                 warn!(%site, %reason, %why, "No answer from upstream about a participant, last known refused: refused.");
                 Err(format!(
                     "{site}: last refused by the relay above ({reason}), which does not answer"
                 ))
             }
-            None => {
+            Offline::Never => {
                 warn!(%site, %why, "No answer from upstream about a participant never confirmed: refused (fail closed).");
                 Err(format!(
                     "{site}: never confirmed by the relay above, which does not answer: fail closed"
@@ -147,7 +124,7 @@ impl Answers {
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.known.lock().unwrap().len()
+        self.known.len()
     }
 }
 
@@ -546,6 +523,7 @@ mod tests {
     #[test]
     fn the_memory_of_answers_is_bounded() {
         let a = Answers::new(CONFIRMED_WITHIN);
+        use tiandi_link::confirm::MAX_KNOWN;
         for i in 0..MAX_KNOWN + 10 {
             a.remember(&cert(&format!("s{i}"), "01"), &said(true));
         }
