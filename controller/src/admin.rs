@@ -58,6 +58,7 @@ pub struct Admin<'a> {
     pub registry: &'a Registry,
     pub outbox: &'a Outbox,
     pub config: &'a crate::Config,
+    pub users: &'a crate::users::Users,
 }
 
 impl Admin<'_> {
@@ -75,6 +76,10 @@ pub trait AdminCall: Serialize + DeserializeOwned + Send + 'static {
     type Answer: Serialize + DeserializeOwned + Send + 'static;
     /// Runs the request against the registry and outbox (blocking: sled).
     fn dispatch(&self, admin: &Admin<'_>) -> Result<Self::Answer, AdminError>;
+    /// What the audit log says it did: the action and what it acted on (`None`: a read).
+    fn audit(&self) -> Option<(String, String)> {
+        None
+    }
 }
 
 /// A one-time enrollment token for a site.
@@ -93,6 +98,12 @@ pub struct EnrollRequest {
 impl AdminCall for EnrollRequest {
     const PATH: &'static str = "/api/admin/enroll";
     type Answer = Token;
+    fn audit(&self) -> Option<(String, String)> {
+        Some((
+            "enroll".into(),
+            format!("{} ({}, {})", self.site_id, self.province, self.role),
+        ))
+    }
     fn dispatch(&self, a: &Admin<'_>) -> Result<Token, AdminError> {
         Ok(a.registry.create_token_as(
             &self.site_id,
@@ -129,6 +140,9 @@ pub struct EnrollBatchAnswer {
 impl AdminCall for EnrollBatchRequest {
     const PATH: &'static str = "/api/admin/enroll-batch";
     type Answer = EnrollBatchAnswer;
+    fn audit(&self) -> Option<(String, String)> {
+        Some(("enroll".into(), format!("{} sites", self.sites.len())))
+    }
     fn dispatch(&self, a: &Admin<'_>) -> Result<EnrollBatchAnswer, AdminError> {
         if self.sites.len() > MAX_BATCH {
             return Err(AdminError::Bad(format!(
@@ -161,6 +175,9 @@ pub struct RevokeAnswer {
 impl AdminCall for RevokeRequest {
     const PATH: &'static str = "/api/admin/revoke";
     type Answer = RevokeAnswer;
+    fn audit(&self) -> Option<(String, String)> {
+        Some(("revoke".into(), self.site_id.clone()))
+    }
     fn dispatch(&self, a: &Admin<'_>) -> Result<RevokeAnswer, AdminError> {
         Ok(RevokeAnswer {
             revoked: a.registry.revoke(&self.site_id)?,
@@ -174,6 +191,9 @@ pub use crate::transfers::{SendAnswer, SendRequest};
 impl AdminCall for SendRequest {
     const PATH: &'static str = "/api/admin/send";
     type Answer = SendAnswer;
+    fn audit(&self) -> Option<(String, String)> {
+        Some(("send".into(), format!("{} to {}", self.path, self.to)))
+    }
     fn dispatch(&self, a: &Admin<'_>) -> Result<SendAnswer, AdminError> {
         let path = outgoing_file(a.config, &self.path)?;
         let req = SendRequest {
@@ -319,6 +339,18 @@ impl AdminCall for ConferenceRequest {
     /// Each operation answers with its own shape (a room, a list, a recording); the CLI
     /// prints it as it comes.
     type Answer = serde_json::Value;
+    fn audit(&self) -> Option<(String, String)> {
+        let (op, room) = match self {
+            ConferenceRequest::List => return None,
+            ConferenceRequest::Show { .. } => return None,
+            ConferenceRequest::Create { room, .. } => ("create", room),
+            ConferenceRequest::End { room } => ("end", room),
+            ConferenceRequest::Floor { room, .. } => ("floor", room),
+            ConferenceRequest::Record { room, .. } => ("record", room),
+            ConferenceRequest::Rollcall { room, .. } => ("rollcall", room),
+        };
+        Some((format!("conference.{op}"), room.clone()))
+    }
     fn dispatch(&self, a: &Admin<'_>) -> Result<serde_json::Value, AdminError> {
         Err(AdminError::NeedsController(format!(
             "conferences live in the running controller: start it (its API at {} did not answer)",
@@ -343,6 +375,143 @@ impl AdminCall for RegistryRequest {
     fn dispatch(&self, a: &Admin<'_>) -> Result<RegistryAnswer, AdminError> {
         Ok(RegistryAnswer {
             sites: a.registry.list(),
+        })
+    }
+}
+
+/// Operator accounts: list, add, set a password, change a role, disable, enable. A password
+/// left out is made here (20 random characters) and returned once; a password set by someone
+/// other than its user must be changed at its next login.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum UserRequest {
+    List,
+    Add {
+        name: String,
+        role: String,
+        #[serde(default)]
+        province: Option<String>,
+        #[serde(default)]
+        password: Option<String>,
+    },
+    Passwd {
+        name: String,
+        #[serde(default)]
+        password: Option<String>,
+    },
+    Role {
+        name: String,
+        role: String,
+        #[serde(default)]
+        province: Option<String>,
+    },
+    Disable {
+        name: String,
+    },
+    Enable {
+        name: String,
+    },
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct UserAnswer {
+    pub users: Vec<crate::users::UserView>,
+    /// A password made by the controller, shown this once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+}
+
+impl From<crate::users::UserError> for AdminError {
+    fn from(e: crate::users::UserError) -> Self {
+        use crate::users::UserError as E;
+        match e {
+            E::Unknown(_) => AdminError::NotFound(e.to_string()),
+            E::Bad(_) => AdminError::Bad(e.to_string()),
+            E::Db(_) | E::Corrupt(..) => AdminError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl AdminCall for UserRequest {
+    const PATH: &'static str = "/api/admin/users";
+    type Answer = UserAnswer;
+    fn audit(&self) -> Option<(String, String)> {
+        let (op, name, detail) = match self {
+            UserRequest::List => return None,
+            UserRequest::Add {
+                name,
+                role,
+                province,
+                ..
+            }
+            | UserRequest::Role {
+                name,
+                role,
+                province,
+            } => (
+                if matches!(self, UserRequest::Add { .. }) {
+                    "add"
+                } else {
+                    "role"
+                },
+                name,
+                format!(
+                    " as {role}{}",
+                    province
+                        .as_deref()
+                        .map(|p| format!(":{p}"))
+                        .unwrap_or_default()
+                ),
+            ),
+            UserRequest::Passwd { name, .. } => ("passwd", name, String::new()),
+            UserRequest::Disable { name } => ("disable", name, String::new()),
+            UserRequest::Enable { name } => ("enable", name, String::new()),
+        };
+        Some((format!("user.{op}"), format!("{name}{detail}")))
+    }
+    fn dispatch(&self, a: &Admin<'_>) -> Result<UserAnswer, AdminError> {
+        use crate::users::{Role, random_password};
+        let mut made = None;
+        let mut pw = |given: &Option<String>| match given {
+            Some(p) => p.clone(),
+            None => {
+                let p = random_password();
+                made = Some(p.clone());
+                p
+            }
+        };
+        match self {
+            UserRequest::List => {}
+            UserRequest::Add {
+                name,
+                role,
+                province,
+                password,
+            } => {
+                let role = Role::parse(role, province.as_deref())?;
+                a.users.add(name, role, &pw(password), true)?;
+            }
+            UserRequest::Passwd { name, password } => {
+                a.users.set_password(name, &pw(password), true)?;
+            }
+            UserRequest::Role {
+                name,
+                role,
+                province,
+            } => {
+                a.users
+                    .change_role(name, Role::parse(role, province.as_deref())?)?;
+            }
+            UserRequest::Disable { name } => {
+                a.users.set_disabled(name, true)?;
+            }
+            UserRequest::Enable { name } => {
+                a.users.set_disabled(name, false)?;
+            }
+        }
+        Ok(UserAnswer {
+            users: a.users.list()?,
+            password: made,
         })
     }
 }

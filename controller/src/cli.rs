@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 
 use crate::admin::{
     Admin, AdminCall, AdminError, ConferenceRequest, EnrollBatchRequest, EnrollRequest,
-    RevokeRequest, SendRequest, SiteRef, TransfersRequest,
+    RevokeRequest, SendRequest, SiteRef, TransfersRequest, UserRequest,
 };
 use crate::registry::Registry;
 use crate::{Config, Controller, demo};
@@ -89,6 +89,18 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Console and API accounts (works with the controller running or not). A password not
+    /// given in a file is made here and printed once; it must be changed at the first login.
+    User {
+        #[command(subcommand)]
+        op: UserCmd,
+    },
+    /// The audit log: every login, revocation, enrollment, send, acknowledgement and account
+    /// change.
+    Audit {
+        #[command(subcommand)]
+        op: AuditCmd,
+    },
     /// The controller with simulated sites, on embedded defaults.
     Demo {
         #[arg(long, default_value_t = 200)]
@@ -97,6 +109,95 @@ pub enum Cmd {
         #[arg(long, default_value_t = 10.0)]
         interval: f64,
     },
+}
+
+#[derive(Subcommand)]
+pub enum UserCmd {
+    /// Every account, its role and its API tokens.
+    List,
+    /// A new account: `--role admin|province|viewer|kiosk` (`province` with `--province CODE`).
+    Add {
+        name: String,
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        province: Option<String>,
+        /// Read the password from this file (mode 0600) instead of making one.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+    },
+    /// A new password for an account (its sessions end).
+    Passwd {
+        name: String,
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+    },
+    /// Change an account's role.
+    Role {
+        name: String,
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        province: Option<String>,
+    },
+    /// Disable an account: its sessions and tokens stop working at once.
+    Disable { name: String },
+    /// Enable a disabled account.
+    Enable { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum AuditCmd {
+    /// Every entry, oldest first, as JSON lines (to standard output, or `--out FILE`, 0600).
+    Export {
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// A password from a file an operator prepared: owner-only, one line.
+fn password_from(file: &Option<PathBuf>) -> anyhow::Result<Option<String>> {
+    let Some(f) = file else { return Ok(None) };
+    let pw = tiandi_link::secrets::read_private(f)?
+        .with_context(|| format!("{}: no such file", f.display()))?;
+    Ok(Some(pw.trim_end_matches(['\n', '\r']).to_string()))
+}
+
+impl UserCmd {
+    fn request(&self) -> anyhow::Result<UserRequest> {
+        Ok(match self {
+            UserCmd::List => UserRequest::List,
+            UserCmd::Add {
+                name,
+                role,
+                province,
+                password_file,
+            } => UserRequest::Add {
+                name: name.clone(),
+                role: role.clone(),
+                province: province.clone(),
+                password: password_from(password_file)?,
+            },
+            UserCmd::Passwd {
+                name,
+                password_file,
+            } => UserRequest::Passwd {
+                name: name.clone(),
+                password: password_from(password_file)?,
+            },
+            UserCmd::Role {
+                name,
+                role,
+                province,
+            } => UserRequest::Role {
+                name: name.clone(),
+                role: role.clone(),
+                province: province.clone(),
+            },
+            UserCmd::Disable { name } => UserRequest::Disable { name: name.clone() },
+            UserCmd::Enable { name } => UserRequest::Enable { name: name.clone() },
+        })
+    }
 }
 
 impl Cli {
@@ -220,6 +321,34 @@ pub async fn run(cli: Cli, mut cfg: Config) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&a)?);
             Ok(())
         }
+        Cmd::User { op } => {
+            let a = client.call(&op.request()?)?;
+            if let Some(pw) = &a.password {
+                println!(
+                    "one-time password: {pw}\n(shown once; it must be changed at the first login)"
+                );
+            }
+            if matches!(op, UserCmd::List) || a.password.is_none() {
+                for u in &a.users {
+                    println!(
+                        "{:<24} {:<10} {:<6} {}{}",
+                        u.name,
+                        u.role,
+                        u.province.as_deref().unwrap_or("-"),
+                        if u.disabled { "disabled" } else { "enabled" },
+                        if u.tokens.is_empty() {
+                            String::new()
+                        } else {
+                            format!(", {} API token(s)", u.tokens.len())
+                        }
+                    );
+                }
+            }
+            Ok(())
+        }
+        Cmd::Audit {
+            op: AuditCmd::Export { out },
+        } => audit_export(&client, out),
         Cmd::Revoke { site } => {
             let a = client.call(&RevokeRequest { site_id: site })?;
             let closed = if a.disconnected {
@@ -231,6 +360,76 @@ pub async fn run(cli: Cli, mut cfg: Config) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `audit export`: from the running controller's API (page by page), else from the data
+/// directory.
+fn audit_export(client: &AdminClient<'_>, out: Option<PathBuf>) -> anyhow::Result<()> {
+    let mut lines: Vec<u8> = Vec::new();
+    let cfg = client.cfg;
+    let token = tiandi_link::secrets::read_private(&cfg.data_dir.join("admin.token"))?;
+    let mut online = false;
+    if let Some(token) = token {
+        let agent = http_agent(cfg)?;
+        let mut before: Option<String> = None;
+        let mut pages = Vec::new();
+        loop {
+            let mut url = format!("{}/api/admin/audit?limit=5000", api_base(cfg));
+            if let Some(b) = &before {
+                url += &format!("&before={b}");
+            }
+            let r = agent
+                .get(&url)
+                .header("Authorization", &format!("Bearer {}", token.trim()))
+                .call();
+            let mut resp = match r {
+                Ok(r) => r,
+                Err(ureq::Error::Io(_)) | Err(ureq::Error::ConnectionFailed) => break,
+                Err(e) => return Err(e).with_context(|| format!("calling {url}")),
+            };
+            online = true;
+            let v: serde_json::Value = resp.body_mut().read_json()?;
+            if !resp.status().is_success() {
+                bail!("{url}: {}", v["error"].as_str().unwrap_or("failed"));
+            }
+            pages.push(v["entries"].as_array().cloned().unwrap_or_default());
+            match v["next"].as_str() {
+                Some(n) => before = Some(n.to_string()),
+                None => break,
+            }
+        }
+        // Pages come newest first: write oldest first.
+        for e in pages.into_iter().flatten().rev() {
+            lines.extend(serde_json::to_vec(&e)?);
+            lines.push(b'\n');
+        }
+    }
+    if !online {
+        let db = sled::open(cfg.data_dir.join("db")).with_context(|| {
+            format!(
+                "opening {} (the controller runs, but its API at {} did not answer)",
+                cfg.data_dir.join("db").display(),
+                cfg.api_listen
+            )
+        })?;
+        crate::audit::Audit::open(&db)?.export(&mut lines)?;
+    }
+    match out {
+        Some(path) => {
+            tiandi_link::pki::write_private(&path, &String::from_utf8_lossy(&lines))
+                .with_context(|| format!("writing {}", path.display()))?;
+            eprintln!(
+                "wrote {} audit entries to {}",
+                lines.iter().filter(|b| **b == b'\n').count(),
+                path.display()
+            );
+        }
+        None => {
+            use std::io::Write;
+            std::io::stdout().write_all(&lines)?;
+        }
+    }
+    Ok(())
 }
 
 /// `enroll`: one site's token (with what to run on the site), or a batch of them.
@@ -284,6 +483,19 @@ fn enroll(
         None => println!("{}", lines.join("\n")),
     }
     Ok(())
+}
+
+/// Who the audit log names for a command run on the data directory itself: `cli:<login>`.
+fn offline_user() -> String {
+    let who = std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| "unknown".into());
+    let who: String = who
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        .take(64)
+        .collect();
+    format!("cli:{who}")
 }
 
 /// Where the CLI reaches the controller's API: plain HTTP on a loopback address; HTTPS
@@ -398,12 +610,24 @@ impl AdminClient<'_> {
         })?;
         let registry = Registry::open(&db, &ca)?;
         let outbox = tiandi_transfer::Outbox::new(db.open_tree("outbox")?);
+        let users = crate::users::Users::open(&db)?;
         let admin = Admin {
             registry: &registry,
             outbox: &outbox,
             config: cfg,
+            users: &users,
         };
-        let answer = req.dispatch(&admin).map_err(|e| match e {
+        let result = req.dispatch(&admin);
+        if let Some((action, target)) = req.audit() {
+            // The command line on the controller's host, without the controller running.
+            let e = crate::audit::entry(&offline_user(), "admin", &action, &target);
+            let e = match &result {
+                Ok(_) => e,
+                Err(err) => e.with_outcome(&format!("failed: {err}")),
+            };
+            crate::audit::Audit::open(&db)?.record(e);
+        }
+        let answer = result.map_err(|e| match e {
             AdminError::NeedsController(m) => anyhow::anyhow!(m),
             other => anyhow::anyhow!("{}: {other}", R::PATH),
         })?;

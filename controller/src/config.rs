@@ -58,6 +58,36 @@ pub struct Config {
     /// and it forwards them (the sites name it in their `[via_relay]`).
     pub relays: std::collections::BTreeMap<String, String>,
     pub conference: Conference,
+    pub console: Console,
+}
+
+/// The web console (served on `api_listen`) and its accounts.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Console {
+    /// Minutes a console session may stay unused before it ends.
+    pub session_idle_minutes: u32,
+    /// Hours a console session lasts at most (a shift), however busy.
+    pub session_hours: u32,
+    /// Days the kiosk account's session (the NOC's wall screen) lasts at most.
+    pub kiosk_session_days: u32,
+    /// The first administrator's password, read from this file (mode 0600) at the first start
+    /// instead of a one-time password printed on standard output.
+    pub admin_password_file: Option<PathBuf>,
+    /// Days the audit log is kept (0: for ever).
+    pub audit_days: u32,
+}
+
+impl Default for Console {
+    fn default() -> Self {
+        Console {
+            session_idle_minutes: 30,
+            session_hours: 12,
+            kiosk_session_days: 30,
+            admin_password_file: None,
+            audit_days: 1095,
+        }
+    }
 }
 
 /// The conference relay inside the controller.
@@ -195,6 +225,7 @@ impl Default for Config {
             link_rates: Default::default(),
             relays: Default::default(),
             conference: Conference::default(),
+            console: Console::default(),
         }
     }
 }

@@ -103,6 +103,36 @@ fn next_steps(
     s
 }
 
+/// The demo's console accounts besides `admin`: one of each role.
+pub const DEMO_USERS: [(&str, &str, Option<&str>); 4] = [
+    ("ops", "admin", None),
+    ("gd-ops", "province", Some("GD")),
+    ("viewer", "viewer", None),
+    ("wall", "kiosk", None),
+];
+
+/// Makes the demo's accounts on its first run (random passwords, kept in
+/// `data_dir/demo-logins.txt`, mode 0600) and returns that file's text.
+pub fn demo_logins(core: &crate::Core) -> anyhow::Result<String> {
+    let file = core.config.data_dir.join("demo-logins.txt");
+    if let Some(text) = tiandi_link::secrets::read_private(&file)? {
+        return Ok(text);
+    }
+    let mut text = String::new();
+    for (name, role, province) in DEMO_USERS {
+        let pw = crate::users::random_password();
+        let role = crate::users::Role::parse(role, province)?;
+        if core.users.get(name)?.is_none() {
+            core.users.add(name, role.clone(), &pw, false)?;
+        } else {
+            core.users.set_password(name, &pw, false)?;
+        }
+        text += &format!("{name:<8} {pw}  ({role})\n");
+    }
+    tiandi_link::pki::write_private(&file, &text)?;
+    Ok(text)
+}
+
 /// The first `sites` demo sites' credentials, issued directly by the controller's CA and kept
 /// under `ids_dir/<site>/identity` (reused while the registry still holds the site).
 pub fn site_creds(
@@ -167,7 +197,16 @@ pub async fn run(
     sim::start(
         creds,
         sim::SimOptions {
-            controller: ctl.quic_addr.to_string(),
+            // Listening on every address (a config's `0.0.0.0`): the sites dial the host itself.
+            controller: if ctl.quic_addr.ip().is_unspecified() {
+                std::net::SocketAddr::new(
+                    std::net::Ipv4Addr::LOCALHOST.into(),
+                    ctl.quic_addr.port(),
+                )
+                .to_string()
+            } else {
+                ctl.quic_addr.to_string()
+            },
             interval,
             outages: true,
             profile: LinkProfile::Terrestrial,
@@ -182,6 +221,14 @@ pub async fn run(
         "Tiandi demo: controller with {sites} simulated sites (reports every {:?}).",
         interval
     );
+    println!(
+        "  console:    http://{}/  log in as one of (also in {}):",
+        ctl.api_addr,
+        core.config.data_dir.join("demo-logins.txt").display()
+    );
+    for line in demo_logins(&core)?.lines() {
+        println!("              {line}");
+    }
     println!(
         "  API:        http://{}/api/sites (Authorization: Bearer <{}/read.token>)",
         ctl.api_addr,

@@ -64,10 +64,10 @@ pub async fn serve(
         conns.spawn(async move {
             let _permit = permit;
             match tls {
-                None => connection(stream, router, cancel).await,
+                None => connection(stream, peer, router, cancel).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => connection(s, router, cancel).await,
+                        Ok(Ok(s)) => connection(s, peer, router, cancel).await,
                         Ok(Err(error)) => debug!(%peer, %error, "TLS handshake failed."),
                         Err(_) => debug!(%peer, "TLS handshake timed out."),
                     }
@@ -82,10 +82,16 @@ pub async fn serve(
     .await;
 }
 
-async fn connection<S>(stream: S, router: Router, cancel: CancellationToken)
-where
+async fn connection<S>(
+    stream: S,
+    peer: std::net::SocketAddr,
+    router: Router,
+    cancel: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Handlers and the audit log learn the client's address from `ConnectInfo`.
+    let router = router.layer(axum::Extension(axum::extract::ConnectInfo(peer)));
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEAD_TIMEOUT)

@@ -4,11 +4,15 @@
 //! metrics ([`metrics`]); admin requests are typed once ([`admin`]) for the API and the CLI
 //! ([`cli`]). [`Controller::start`] wires it together; `main.rs` only starts the CLI.
 
+pub mod account;
+pub mod acks;
 pub mod admin;
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod demo;
 
 pub mod enroll;
@@ -16,9 +20,12 @@ pub mod http;
 pub mod metrics;
 pub mod registry;
 pub mod server;
+pub mod sessions;
 pub mod sites;
 pub mod store;
 pub mod transfers;
+pub mod users;
+pub mod views;
 pub mod wal;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -47,11 +54,38 @@ pub use tiandi_link::clock::now_ms;
 pub enum Event {
     Report {
         site_id: String,
+        province: String,
         seq: u64,
         taken_ms: i64,
         visible_ms: i64,
     },
     Alarm(AlarmEvent),
+    /// A site's status or connection changed.
+    Site {
+        site_id: String,
+        province: String,
+        status: sites::Status,
+        connected: bool,
+        at_ms: i64,
+    },
+}
+
+impl Event {
+    /// The province of the site the event is about.
+    pub fn province(&self) -> &str {
+        match self {
+            Event::Report { province, .. } | Event::Site { province, .. } => province,
+            Event::Alarm(a) => &a.province,
+        }
+    }
+    /// Its name in `/api/stream?events=…`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::Report { .. } => "report",
+            Event::Alarm(_) => "alarm",
+            Event::Site { .. } => "site",
+        }
+    }
 }
 
 /// Shared state of a running controller.
@@ -76,6 +110,18 @@ pub struct Core {
     pub inbox: Arc<tiandi_transfer::Inbox>,
     /// The conference relay and its address, if enabled.
     pub conference: Option<(Arc<tiandi_video::relay::Relay>, std::net::SocketAddr)>,
+    /// Operator accounts, their sessions, failed-login counts, the audit log ([`users`],
+    /// [`sessions`], [`audit`]) and alarm acknowledgements ([`acks`]).
+    pub users: Arc<users::Users>,
+    pub sessions: sessions::Sessions,
+    pub throttle: sessions::Throttle,
+    pub audit: Arc<audit::Audit>,
+    pub acks: acks::Acks,
+    /// When this controller started (Unix ms).
+    pub started_ms: i64,
+    /// The last sample of the stored-report counter (time, count) and the rate between the
+    /// two samples before it, for [`Core::report_rate`].
+    rate_sample: Mutex<(i64, u64, f64)>,
 }
 
 impl Core {
@@ -123,6 +169,7 @@ impl Core {
             registry: &self.registry,
             outbox: &self.outbox,
             config: &self.config,
+            users: &self.users,
         }
     }
 
@@ -144,8 +191,42 @@ impl Core {
         }
     }
 
+    /// Reports stored per second, over the last few seconds (sampled when asked, at most
+    /// every 2 s).
+    pub fn report_rate(&self) -> f64 {
+        let mut s = self.rate_sample.lock().expect("rate lock poisoned");
+        let (now, n) = (now_ms(), self.metrics.reports.get());
+        if now - s.0 >= 2000 {
+            s.2 = (n.saturating_sub(s.1)) as f64 * 1000.0 / (now - s.0) as f64;
+            s.0 = now;
+            s.1 = n;
+        }
+        (s.2 * 10.0).round() / 10.0
+    }
+
+    /// Tells the live stream a site's status or connection changed.
+    pub fn site_changed(&self, site_id: &str) {
+        if self.events.receiver_count() == 0 {
+            return;
+        }
+        let ev = self.sites.with_site(site_id, |s| Event::Site {
+            site_id: s.site_id.clone(),
+            province: s.province.clone(),
+            status: s.status,
+            connected: s.connected,
+            at_ms: now_ms(),
+        });
+        if let Some(ev) = ev {
+            let _ = self.events.send(ev);
+        }
+    }
+
     pub fn record_alarms(&self, events: Vec<AlarmEvent>) {
+        let mut changed: Vec<String> = Vec::new();
         for ev in events {
+            if !changed.contains(&ev.site_id) {
+                changed.push(ev.site_id.clone());
+            }
             if ev.state == "raised" {
                 warn!(site = %ev.site_id, alarm = %ev.alarm, detail = %ev.detail, "Alarm raised.");
             } else {
@@ -159,6 +240,9 @@ impl Core {
                 tracing::error!(%error, "Could not write the alarm log.");
             }
             let _ = self.events.send(Event::Alarm(ev));
+        }
+        for site in changed {
+            self.site_changed(&site);
         }
     }
 
@@ -283,6 +367,20 @@ impl Controller {
         } else {
             None
         };
+        let users = Arc::new(users::Users::open(&db).context("opening the user accounts")?);
+        let first_admin = first_admin(&config, &users)?;
+        let c = &config.console;
+        let sessions = sessions::Sessions::open(
+            &db,
+            sessions::Lifetimes {
+                idle_ms: i64::from(c.session_idle_minutes.max(1)) * 60_000,
+                absolute_ms: i64::from(c.session_hours.max(1)) * 3_600_000,
+                kiosk_absolute_ms: i64::from(c.kiosk_session_days.max(1)) * 86_400_000,
+            },
+        )
+        .context("opening the console sessions")?;
+        let audit = Arc::new(audit::Audit::open(&db).context("opening the audit log")?);
+        let acks = acks::Acks::open(&db).context("opening the alarm acknowledgements")?;
         let (events, _) = broadcast::channel(16_384);
         let core = Arc::new(Core {
             ca,
@@ -298,8 +396,19 @@ impl Controller {
             outbox,
             inbox,
             conference: conference.as_ref().map(|c| (c.0.clone(), c.1)),
+            users,
+            sessions,
+            throttle: Default::default(),
+            audit,
+            acks,
+            started_ms: now_ms(),
+            rate_sample: Mutex::new((now_ms(), 0, 0.0)),
             config,
         });
+        if let Some(how) = first_admin {
+            core.audit
+                .record(audit::entry("controller", "", "user.add", "admin").with_detail(&how));
+        }
         if let Some((relay, _, endpoint)) = conference {
             relay.set_cert_policy(core.registry.clone());
             tokio::spawn(relay.serve(endpoint, core.cancel.clone()));
@@ -376,6 +485,24 @@ impl Controller {
             )));
         }
         info!(%quic_addr, %api_addr, %ops_addr, sites = core.sites.len(), ca = %core.ca.fingerprint(), "Controller started.");
+        if core
+            .users
+            .get(FIRST_ADMIN)
+            .ok()
+            .flatten()
+            .is_some_and(|u| u.must_change)
+        {
+            let file = core.config.data_dir.join(FIRST_PASSWORD_FILE);
+            if let Ok(Some(pw)) = tiandi_link::secrets::read_private(&file) {
+                println!(
+                    "Console: {}/ user `{FIRST_ADMIN}`, one-time password {} (also in {}; \
+                     change it at the first login)",
+                    cli::api_base(&core.config),
+                    pw.trim(),
+                    file.display()
+                );
+            }
+        }
         Ok(Controller {
             core,
             quic_addr,
@@ -432,6 +559,44 @@ impl Controller {
             "Stopped."
         );
     }
+}
+
+/// The first administrator's account name.
+pub const FIRST_ADMIN: &str = "admin";
+/// Where the first administrator's one-time password is kept until it is changed (0600).
+pub const FIRST_PASSWORD_FILE: &str = "initial-admin-password";
+
+/// With no account yet, makes the administrator `admin`: with the password of
+/// `console.admin_password_file`, else a one-time password (printed at start, and in
+/// `data_dir/initial-admin-password` until it is changed). Returns how, for the audit log.
+fn first_admin(config: &Config, users: &users::Users) -> anyhow::Result<Option<String>> {
+    if !users.is_empty() {
+        return Ok(None);
+    }
+    let (pw, one_time, how) = match &config.console.admin_password_file {
+        Some(f) => {
+            let pw = tiandi_link::secrets::read_private(f)?.with_context(|| {
+                format!("console.admin_password_file {}: no such file", f.display())
+            })?;
+            let pw = pw.trim_end_matches(['\n', '\r']).to_string();
+            users::check_password(&pw)
+                .map_err(|e| anyhow::anyhow!("console.admin_password_file {}: {e}", f.display()))?;
+            (pw, false, format!("password from {}", f.display()))
+        }
+        None => (
+            users::random_password(),
+            true,
+            "one-time password".to_string(),
+        ),
+    };
+    if one_time {
+        tiandi_link::pki::write_private(&config.data_dir.join(FIRST_PASSWORD_FILE), &pw)?;
+    }
+    users
+        .add(FIRST_ADMIN, users::Role::Admin, &pw, one_time)
+        .context("creating the first administrator")?;
+    info!(user = FIRST_ADMIN, %how, "Created the first administrator.");
+    Ok(Some(how))
 }
 
 /// `outgoing_dirs` may not open the data directory: one inside it must be
@@ -518,6 +683,17 @@ async fn prune_loop(core: Arc<Core>) {
         }
         if removed > 0 {
             info!(removed, "Pruned history beyond retention.");
+        }
+        if let Err(error) = core.acks.prune(cutoff) {
+            warn!(%error, "Pruning alarm acknowledgements failed.");
+        }
+        let days = core.config.console.audit_days;
+        if days > 0 {
+            match core.audit.prune(now_ms() - i64::from(days) * 86_400_000) {
+                Ok(n) if n > 0 => info!(removed = n, "Pruned the audit log beyond audit_days."),
+                Ok(_) => {}
+                Err(error) => warn!(%error, "Pruning the audit log failed."),
+            }
         }
     }
 }

@@ -208,6 +208,7 @@ async fn site_connection(core: Arc<Core>, conn: quinn::Connection, rate: RateSlo
         core.metrics.connections.dec();
         if core.unregister_conn(&id.site_id, &conn) {
             core.sites.set_connected(&id.site_id, false, None);
+            core.site_changed(&id.site_id);
         }
         match result {
             Ok(()) => debug!("Session ended."),
@@ -313,6 +314,7 @@ async fn session(
     let interval_ms = i64::from(hello.interval_ms.max(1000));
     core.sites
         .set_connected(&id.site_id, true, Some(interval_ms));
+    core.site_changed(&id.site_id);
     // Transfers share this connection: files queued for the site go out on their own streams
     // (below the report stream's priority), and files the site sends come in on streams it
     // opens. Both stop with the session.
@@ -401,6 +403,7 @@ async fn session(
                         .observe((now - taken_ms).max(0) as f64 / 1000.0);
                     let _ = core.events.send(Event::Report {
                         site_id: id.site_id.clone(),
+                        province: id.province.clone(),
                         seq,
                         taken_ms,
                         visible_ms: now,

@@ -389,7 +389,16 @@ impl Sites {
             .cloned()
     }
 
-    /// Sites matching the filters, sorted by ID. `f` runs under the read lock.
+    /// Runs `f` on one site's state, without copying it.
+    pub fn with_site<T>(&self, site_id: &str, f: impl FnOnce(&SiteState) -> T) -> Option<T> {
+        self.map
+            .read()
+            .expect("sites lock poisoned")
+            .get(site_id)
+            .map(f)
+    }
+
+    /// Every site's state; `f` runs under the read lock.
     pub fn with_all<T>(&self, f: impl FnOnce(&mut dyn Iterator<Item = &SiteState>) -> T) -> T {
         let map = self.map.read().expect("sites lock poisoned");
         f(&mut map.values())

@@ -82,6 +82,11 @@ impl Room {
         id
     }
 
+    /// The latest roll call: its id and deadline (Unix ms).
+    pub fn current_roll_call(&self) -> Option<(u64, i64)> {
+        self.roll.borrow().as_ref().map(|r| (r.id, r.deadline_ms))
+    }
+
     /// Sites that answered roll call `id`.
     pub fn answered(&self, id: u64) -> Vec<String> {
         self.roster()
