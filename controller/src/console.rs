@@ -354,6 +354,8 @@ fn shell(
             head {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width";
+                // No favicon request (and no 404 in the console's log).
+                link rel="icon" href="data:,";
                 title { (t(lang, "app.title")) " · " (title) }
                 link rel="stylesheet" href=(asset_url("console.css"));
                 link rel="stylesheet" href=(asset_url("uPlot.min.css"));

@@ -2,6 +2,7 @@
 //! binaries (built by `cargo build --workspace --bins`, which the README's test command runs
 //! first), real `snmpd`, and talks to them over their real interfaces.
 
+pub mod browser;
 pub mod snmpd;
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
@@ -103,6 +104,8 @@ pub struct ControllerProc {
     log: PathBuf,
     /// The network namespace it runs in (None: the test's own).
     pub netns: Option<String>,
+    /// The subcommand and its flags (`run`, or `demo --sites N …`).
+    args: Vec<String>,
 }
 
 /// A command for `program`, inside network namespace `ns` if given.
@@ -145,7 +148,7 @@ impl ControllerProc {
         let child = command_in(self.netns.as_deref(), bin("tiandi-controller"))
             .arg("--config")
             .arg(&self.config)
-            .arg("run")
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -458,6 +461,49 @@ impl ControllerProc {
         profile: &str,
         extra_config: &str,
     ) -> ControllerProc {
+        ControllerProc::start_args(dir, netns, profile, extra_config, &["run"])
+    }
+
+    /// `tiandi-controller demo`: the controller with `sites` simulated sites reporting every
+    /// `interval_s` seconds, and the demo's console accounts (`demo-logins.txt` in its data
+    /// directory; [`ControllerProc::demo_password`]).
+    pub fn start_demo(
+        dir: &Path,
+        sites: usize,
+        interval_s: f64,
+        extra_config: &str,
+    ) -> ControllerProc {
+        let (n, i) = (sites.to_string(), interval_s.to_string());
+        ControllerProc::start_args(
+            dir,
+            None,
+            "terrestrial",
+            extra_config,
+            &["demo", "--sites", &n, "--interval", &i],
+        )
+    }
+
+    /// A demo account's password.
+    pub fn demo_password(&self, user: &str) -> String {
+        let file = self.data_dir().join("demo-logins.txt");
+        let text = wait_for("demo-logins.txt", Duration::from_secs(30), || {
+            std::fs::read_to_string(&file).ok()
+        });
+        text.lines()
+            .find_map(|l| {
+                let mut w = l.split_whitespace();
+                (w.next() == Some(user)).then(|| w.next().map(str::to_string))?
+            })
+            .unwrap_or_else(|| panic!("no demo account {user} in {}", file.display()))
+    }
+
+    fn start_args(
+        dir: &Path,
+        netns: Option<(&str, std::net::IpAddr)>,
+        profile: &str,
+        extra_config: &str,
+        args: &[&str],
+    ) -> ControllerProc {
         std::fs::create_dir_all(dir).unwrap();
         let (quic, api, ops) = match netns {
             Some((_, ip)) => (
@@ -492,6 +538,7 @@ impl ControllerProc {
             child: None,
             log: dir.join("controller.log"),
             netns: netns.map(|(ns, _)| ns.to_string()),
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         c.spawn();
         c
