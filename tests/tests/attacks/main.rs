@@ -5,6 +5,7 @@
 
 mod api;
 mod conference;
+mod console;
 mod handshake;
 mod names;
 mod transfer;
