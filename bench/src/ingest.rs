@@ -137,16 +137,17 @@ fn peak_rss_mb(pid: u32) -> f64 {
         .unwrap_or(0.0)
 }
 
-struct Ctl {
-    bin: PathBuf,
-    config: PathBuf,
-    ops: SocketAddr,
-    log: PathBuf,
-    child: Option<Child>,
+/// A release controller process (`run` on a config).
+pub(crate) struct Ctl {
+    pub(crate) bin: PathBuf,
+    pub(crate) config: PathBuf,
+    pub(crate) ops: SocketAddr,
+    pub(crate) log: PathBuf,
+    pub(crate) child: Option<Child>,
 }
 
 impl Ctl {
-    fn start(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn start(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -174,10 +175,10 @@ impl Ctl {
         }
         Ok(())
     }
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
-    fn stop(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn stop(&mut self) -> anyhow::Result<()> {
         if let Some(mut c) = self.child.take() {
             Command::new("kill")
                 .arg("-TERM")
@@ -198,13 +199,17 @@ impl Drop for Ctl {
     }
 }
 
-fn free_tcp() -> SocketAddr {
+pub(crate) fn free_tcp() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
 }
 
-fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> anyhow::Result<Duration> {
+pub(crate) fn wait(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> bool,
+) -> anyhow::Result<Duration> {
     let t = Instant::now();
     while !f() {
         if t.elapsed() > timeout {

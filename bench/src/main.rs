@@ -15,6 +15,7 @@
 //! sites produced with what the controller stored (lost, duplicated). Peak RSS is the
 //! controller's VmHWM, the larger of its two runs.
 
+mod dashboard;
 mod geolink;
 mod geotransfer;
 mod harness;
@@ -51,6 +52,9 @@ enum Cmd {
         #[arg(long, default_value_t = 60.0)]
         duration: f64,
     },
+    /// The web console at scale: the site list API under 20 clients, a cold page load in
+    /// headless Chromium, and live updates in an open page.
+    Dashboard(dashboard::Args),
     /// The transport alone over one emulated GEO link: QUIC (fixed-rate and Cubic) against
     /// TCP (BBR and Cubic). Needs root.
     GeoLink(geolink::Args),
@@ -81,6 +85,7 @@ fn main() -> anyhow::Result<()> {
             interval,
             duration,
         } => ingest::run(sites, interval, duration),
+        Cmd::Dashboard(a) => dashboard::run(a),
         Cmd::GeoLink(a) => geolink::run(a),
         Cmd::GeoTransfer(a) => geotransfer::run(a),
         Cmd::ReportLatency(a) => reportlatency::run(a),

@@ -199,6 +199,17 @@ impl Browser {
             .unwrap_or_else(|e| panic!("choosing {value} in {css}: {e}"));
     }
 
+    /// Sets a cookie for the page's origin (open a page of it first): a session made outside
+    /// the browser, so a measurement starts with nothing cached.
+    pub fn add_cookie(&self, name: &str, value: &str) {
+        let mut c = fantoccini::cookies::Cookie::new(name.to_string(), value.to_string());
+        c.set_path("/");
+        c.set_http_only(true);
+        self.rt
+            .block_on(self.c().add_cookie(c))
+            .unwrap_or_else(|e| panic!("setting cookie {name}: {e}"));
+    }
+
     /// A PNG of the whole window, written to `path`.
     pub fn screenshot(&self, path: &Path) {
         let png = self
