@@ -1388,6 +1388,7 @@ function makeChart(site, metric) {
       } catch (e) { note.textContent = errText(e); return; }
       const pts = (d && d.points) || [];
       note.textContent = pts.length ? '' : T('chart.no_data');
+      el.dataset.points = String(pts.length);
       // Buckets the server left out are gaps: a null breaks the line.
       const step = (to - from) / 300;
       const xs = [], av = [], mn = [], mx = [];
@@ -1428,6 +1429,7 @@ function pageSite() {
   let detail = null;
   let pending = [];
   let firstDone = false;
+  let missing = false;
 
   const canWrite = ME && ME.can_write;
   const revoke = canWrite ? h('button#revoke.danger', { type: 'button' }, T('site.revoke')) : null;
@@ -1583,6 +1585,15 @@ function pageSite() {
         markReady();
       }
     } catch (e) {
+      if (e.status === 404) {
+        // Unknown here, or outside this account's province: nothing of the page is shown.
+        if (missing) return;
+        missing = firstDone = true;
+        replace(m, h('div.pagehead.sitehead', h('a.back', { href: '/sites', title: T('nav.sites') }, '‹'), h('h1#site-title', id)),
+          h('div.errorbox#site-missing', T('site.not_found')), footer());
+        markReady();
+        return;
+      }
       if (!firstDone) {
         firstDone = true;
         status.textContent = '?';
