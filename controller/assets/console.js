@@ -1590,7 +1590,7 @@ function pageSite() {
         if (missing) return;
         missing = firstDone = true;
         replace(m, h('div.pagehead.sitehead', h('a.back', { href: '/sites', title: T('nav.sites') }, '‹'), h('h1#site-title', id)),
-          h('div.errorbox#site-missing', T('site.not_found')), footer());
+          h('div#site-missing.errorbox', T('site.not_found')), footer());
         markReady();
         return;
       }

@@ -136,14 +136,16 @@ fn console_in_a_real_browser() {
     );
 
     // A site's page: its latest state and its history drawn as a chart.
-    b.goto(&format!("{base}/sites/gd-001"));
+    // The demo is young: its last hour (12 s buckets) holds several points, its last day one.
+    b.goto(&format!("{base}/sites/gd-001?range=1h"));
     b.wait_css("div.chart[data-metric] canvas", T);
+    b.wait_css("button.range.active[data-range='1h']", T);
     assert_eq!(b.text("h1#site-title").trim(), "gd-001");
     let points = b.wait_js(
         "a chart drawn from the server's downsampled history",
         r#"(n => n >= 2 ? n : null)(Math.max(0, ...[...document.querySelectorAll('div.chart[data-points]')]
              .map(c => +c.dataset.points)))"#,
-        T,
+        Duration::from_secs(45),
     );
     assert!(points.as_u64().unwrap() <= 300, "downsampled to the asked points: {points}");
     let inked = b.wait_js(
