@@ -1955,6 +1955,7 @@ function pageTransfers() {
       if (p) p.textContent = ' ' + pct(ev.progress_pct, 1);
       if (tr.dataset.state !== ev.state) { const s = tr.querySelector('td.st'); if (s) replace(s, stateBadge(ev.state)); tr.dataset.state = ev.state; }
     }
+    recordLive('transfer', ev.id + '/' + ev.dest, ev.state, ev.at_ms);
     kick();
   }, kick, ['transfer']);
   // Without transfer events (a server that has none), poll.

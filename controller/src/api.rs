@@ -510,10 +510,10 @@ async fn stream(
             let kinds: Vec<String> = list.split(',').map(|k| k.trim().to_string()).collect();
             if let Some(k) = kinds
                 .iter()
-                .find(|k| !["report", "alarm", "site"].contains(&k.as_str()))
+                .find(|k| !["report", "alarm", "site", "transfer"].contains(&k.as_str()))
             {
                 return Err(bad(format!(
-                    "unknown event kind {k:?} (report, alarm, site)"
+                    "unknown event kind {k:?} (report, alarm, site, transfer)"
                 )));
             }
             kinds

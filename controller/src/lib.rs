@@ -68,13 +68,29 @@ pub enum Event {
         connected: bool,
         at_ms: i64,
     },
+    /// A transfer to a site was queued, moved (every second while sending) or finished.
+    Transfer {
+        id: String,
+        /// The receiving site (or node).
+        dest: String,
+        /// The receiver's province; empty when the receiver is not a site (administrators
+        /// only see those).
+        province: String,
+        state: tiandi_transfer::outbox::JobState,
+        progress_pct: f64,
+        acked_bytes: u64,
+        rate_bps: u64,
+        at_ms: i64,
+    },
 }
 
 impl Event {
     /// The province of the site the event is about.
     pub fn province(&self) -> &str {
         match self {
-            Event::Report { province, .. } | Event::Site { province, .. } => province,
+            Event::Report { province, .. }
+            | Event::Site { province, .. }
+            | Event::Transfer { province, .. } => province,
             Event::Alarm(a) => &a.province,
         }
     }
@@ -84,6 +100,7 @@ impl Event {
             Event::Report { .. } => "report",
             Event::Alarm(_) => "alarm",
             Event::Site { .. } => "site",
+            Event::Transfer { .. } => "transfer",
         }
     }
 }
@@ -382,6 +399,30 @@ impl Controller {
         let audit = Arc::new(audit::Audit::open(&db).context("opening the audit log")?);
         let acks = acks::Acks::open(&db).context("opening the alarm acknowledgements")?;
         let (events, _) = broadcast::channel(16_384);
+        {
+            // Transfers on the live stream: each job write (queued, progress every second
+            // while sending, finished) as an event, when anyone listens.
+            let (events, sites) = (events.clone(), sites.clone());
+            outbox.observe(move |job| {
+                if events.receiver_count() == 0 {
+                    return;
+                }
+                let status = job.status();
+                let province = sites
+                    .with_site(&job.dest, |s| s.province.clone())
+                    .unwrap_or_default();
+                let _ = events.send(Event::Transfer {
+                    id: status.id,
+                    dest: status.dest,
+                    province,
+                    state: status.state,
+                    progress_pct: status.progress_pct,
+                    acked_bytes: status.acked_bytes,
+                    rate_bps: status.rate_bps,
+                    at_ms: now_ms(),
+                });
+            });
+        }
         let core = Arc::new(Core {
             ca,
             registry: registry.clone(),

@@ -147,7 +147,10 @@ fn console_in_a_real_browser() {
              .map(c => +c.dataset.points)))"#,
         Duration::from_secs(45),
     );
-    assert!(points.as_u64().unwrap() <= 300, "downsampled to the asked points: {points}");
+    assert!(
+        points.as_u64().unwrap() <= 300,
+        "downsampled to the asked points: {points}"
+    );
     let inked = b.wait_js(
         "a chart with a line drawn",
         r#"[...document.querySelectorAll('div.chart[data-metric] canvas')].some(c => {
@@ -227,6 +230,12 @@ fn console_in_a_real_browser() {
     b.wait_js(
         "the page showing it delivered",
         "document.querySelector(\"table#transfers tr[data-dest='gd-001']\")?.innerText.includes('100')",
+        T,
+    );
+    // It moved on the live stream's transfer events, not only by the page's slow poll.
+    b.wait_js(
+        "a transfer event shown in its row",
+        "window.__tiandi.live.some(l => l.kind === 'transfer' && l.key.endsWith('/gd-001'))",
         T,
     );
     shot(&b, "transfers");
@@ -322,7 +331,11 @@ fn console_in_a_real_browser() {
     b.wait_js("the page settled", "document.documentElement.dataset.ready === '1' || document.querySelector('#toast')?.innerText", T);
     b.wait_css("div#site-missing", T);
     assert_eq!(
-        (b.count("div.chart"), b.count("span#site-status"), b.count("button#revoke")),
+        (
+            b.count("div.chart"),
+            b.count("span#site-status"),
+            b.count("button#revoke")
+        ),
         (0, 0, 0),
         "no other province's site details: {}",
         b.text("main")

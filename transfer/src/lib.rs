@@ -84,6 +84,19 @@ pub enum TransferError {
     Stalled(std::time::Duration),
 }
 
+/// Flushes `tree` on tokio's blocking pool, not on an async worker (a flush behind a busy
+/// disk would hold up every task on it) and not with sled's own `flush_async`: that runs the
+/// flush on sled's small thread pool, which also writes the log buffers the flush waits for,
+/// so a few concurrent `flush_async` calls (a send to every site, each driver saving its
+/// progress) took every thread of it and waited for ever.
+pub(crate) async fn flush_off_thread(tree: &sled::Tree) -> Result<(), TransferError> {
+    let tree = tree.clone();
+    tokio::task::spawn_blocking(move || tree.flush())
+        .await
+        .map_err(|e| TransferError::Db(sled::Error::ReportableBug(format!("flush task: {e}"))))??;
+    Ok(())
+}
+
 impl TransferError {
     pub fn io(path: &Path, source: std::io::Error) -> TransferError {
         TransferError::Io {

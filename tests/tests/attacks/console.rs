@@ -95,13 +95,18 @@ fn bearer(base: &str, token: &str, method: &str, path: &str, body: Option<Value>
 }
 
 /// The provinces of the events a session's live stream carries within `for_ms`.
-fn stream_provinces(api: std::net::SocketAddr, cookie: &str, for_ms: u64) -> Vec<String> {
+fn stream_provinces(
+    api: std::net::SocketAddr,
+    cookie: &str,
+    query: &str,
+    for_ms: u64,
+) -> Vec<String> {
     let mut s = TcpStream::connect(api).unwrap();
     s.set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
     write!(
         s,
-        "GET /api/stream HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\nAccept: text/event-stream\r\n\r\n"
+        "GET /api/stream{query} HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\nAccept: text/event-stream\r\n\r\n"
     )
     .unwrap();
     let mut r = BufReader::new(s);
@@ -127,7 +132,16 @@ fn stream_provinces(api: std::net::SocketAddr, cookie: &str, for_ms: u64) -> Vec
 #[test]
 fn console_sessions_roles_and_csrf_hold() {
     let dir = tempfile::tempdir().unwrap();
-    let ctl = ControllerProc::start_demo(dir.path(), 62, 1.0, "");
+    let outgoing = dir.path().join("outgoing");
+    std::fs::create_dir_all(&outgoing).unwrap();
+    let notice = outgoing.join("notice.txt");
+    std::fs::write(&notice, "drill at 10:00\n").unwrap();
+    let ctl = ControllerProc::start_demo(
+        &dir.path().join("ctl"),
+        62,
+        1.0,
+        &format!("outgoing_dirs = [{outgoing:?}]\n"),
+    );
     tiandi_tests::wait_for("the demo's sites", Duration::from_secs(60), || {
         ctl.api("/api/summary")
             .filter(|v| v["connected"].as_u64() == Some(62))
@@ -255,7 +269,23 @@ fn console_sessions_roles_and_csrf_hold() {
         json!(true),
         "bj-001 was not revoked"
     );
-    assert_eq!(stream_provinces(ctl.api, &gd.cookie, 3000), ["GD"]);
+    assert_eq!(stream_provinces(ctl.api, &gd.cookie, "", 3000), ["GD"]);
+    // Transfers too: the ministry sends to every site, GD's operator follows GD's only.
+    let reader = {
+        let (api, cookie) = (ctl.api, gd.cookie.clone());
+        std::thread::spawn(move || stream_provinces(api, &cookie, "?events=transfer", 5000))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, answer) = call(
+        &base,
+        &ops,
+        "POST",
+        "/api/admin/send",
+        Some(json!({"path": notice.display().to_string(), "to": "all"})),
+        true,
+    );
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(reader.join().unwrap(), ["GD"], "transfer events of GD only");
 
     // A read-only account (the kiosk; the viewer is held above), and its API token, change
     // nothing.

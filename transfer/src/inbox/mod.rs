@@ -291,7 +291,7 @@ impl Inbox {
             key.as_bytes(),
             serde_json::to_vec(s).expect("state serialises"),
         )?;
-        self.tree.flush_async().await?;
+        crate::flush_off_thread(&self.tree).await?;
         Ok(())
     }
 

@@ -24,7 +24,14 @@ pub struct Outbox {
     /// Held while a manifest is stored for a new job or removed as unused ([`Outbox::expire`]):
     /// a job is never queued on a manifest being removed.
     manifests: std::sync::Mutex<()>,
+    /// Told of every job written (queued, progress every second while sending, finished):
+    /// the controller's live stream. Runs on the writer's thread, so it must be quick and
+    /// must not write to the outbox.
+    observer: std::sync::OnceLock<Observer>,
 }
+
+/// What [`Outbox::observe`] keeps.
+type Observer = Box<dyn Fn(&Job) + Send + Sync>;
 
 /// A finished job (delivered or failed) stays listed this long after its last change; then
 /// it goes, and its file's manifest once no job needs it. Longer than the inbox's
@@ -40,7 +47,14 @@ impl Outbox {
             wakers: Default::default(),
             disk_full: Default::default(),
             manifests: Default::default(),
+            observer: Default::default(),
         })
+    }
+
+    /// Calls `f` with every job written from now on. One observer per outbox: a second is
+    /// refused (`false`).
+    pub fn observe(&self, f: impl Fn(&Job) + Send + Sync + 'static) -> bool {
+        self.observer.set(Box::new(f)).is_ok()
     }
 
     /// Removes jobs finished more than `keep` before `now_ms`, then the manifests no job
@@ -85,6 +99,9 @@ impl Outbox {
         )?;
         self.tree.flush()?;
         self.notify(&job.dest);
+        if let Some(f) = self.observer.get() {
+            f(job);
+        }
         Ok(())
     }
 
@@ -128,7 +145,10 @@ impl Outbox {
             Self::job_key(&job.dest, &job.id),
             serde_json::to_vec(job).expect("job serialises"),
         )?;
-        self.tree.flush_async().await?;
+        crate::flush_off_thread(&self.tree).await?;
+        if let Some(f) = self.observer.get() {
+            f(job);
+        }
         Ok(())
     }
 
@@ -352,5 +372,41 @@ mod tests {
             1
         );
         assert!(ob.paused_on_full_disk().is_empty());
+    }
+
+    #[test]
+    fn the_observer_sees_every_write_and_only_one_observer_is_kept() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let ob = Outbox::new(db.open_tree("o").unwrap());
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        assert!(ob.observe(move |j| s2.lock().unwrap().push((
+            j.id.clone(),
+            j.state,
+            j.acked_bytes
+        ))));
+        assert!(!ob.observe(|_| {}), "a second observer is refused");
+        let m = Manifest {
+            name: "f".into(),
+            size: 10,
+            chunk_size: crate::manifest::MIN_CHUNK,
+            file_hash: [4; 32],
+            chunks: vec![[4; 32]],
+        };
+        ob.enqueue(Job::new("t1", "s1", "/x".into(), m)).unwrap();
+        let mut j = ob.get("s1", "t1").unwrap().unwrap();
+        j.acked_bytes = 5;
+        ob.put(&j).unwrap();
+        j.state = JobState::Delivered;
+        j.acked_bytes = 10;
+        ob.put(&j).unwrap();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [
+                ("t1".to_string(), JobState::Queued, 0),
+                ("t1".to_string(), JobState::Queued, 5),
+                ("t1".to_string(), JobState::Delivered, 10),
+            ]
+        );
     }
 }
