@@ -5,8 +5,8 @@
 //!   none, a random status or none, sometimes a text filter, a random sort column and order, a
 //!   random page) from 20 concurrent clients with a user's API token, for a bounded count and
 //!   time: the p99 latency;
-//! - **P**: headless Chromium, cold (a fresh profile: nothing cached), logged in by a session
-//!   cookie set before the first page: from navigation start to the site table showing its
+//! - **P**: headless Chromium, cold (a fresh profile: nothing cached), logged in by a
+//!   `/api/login` fetch before the first page: from navigation start to the site table showing its
 //!   first rows (`window.__tiandi.firstRowsAt`, the page's own performance clock); the median
 //!   of three cold browsers;
 //! - **L**: the overview open in Chromium for a while: for every site or alarm event the page
@@ -183,12 +183,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .stderr(sim_log)
         .spawn()?;
     let read = token(&dir.join("ctl"), "read.token");
-    let setup = wait("every site connected", Duration::from_secs(2400), || {
-        get_as(&format!("http://{api}/api/summary"), &read)
-            .is_some_and(|v| v["connected"].as_u64() == Some(a.sites as u64))
-    })?;
+    // `--outages` keeps some sites' links down from the start (3 % are outage-prone, down for
+    // one to four minutes at a time), so "every site" is 97 % of them.
+    let enough = a.sites as u64 * 97 / 100;
+    let setup = wait(
+        "97 % of the sites connected",
+        Duration::from_secs(2400),
+        || {
+            get_as(&format!("http://{api}/api/summary"), &read)
+                .is_some_and(|v| v["connected"].as_u64().is_some_and(|c| c >= enough))
+        },
+    )?;
     eprintln!(
-        "{} sites connected in {:.1} s",
+        "{enough} of {} sites connected in {:.1} s",
         a.sites,
         setup.as_secs_f64()
     );
@@ -252,13 +259,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         percentile(&l, 0.5) as f64 / 1000.0
     );
 
-    // P: cold browsers, each logged in by a cookie set before its first page.
+    // P: cold browsers, each logged in (`/api/login` from the licence text, a page of the
+    // origin that loads nothing the console uses) before its first console page.
     let mut loads = Vec::new();
     for _ in 0..3 {
-        let c = login_cookie(api, "admin", password)?;
         let b = Browser::start();
-        b.goto(&format!("http://{api}/api/health-of-nothing"));
-        b.add_cookie("tiandi_session", &c);
+        b.goto(&format!("http://{api}/assets/LICENCES.md"));
+        b.log_in_by_api("admin", password);
         b.goto(&format!("http://{api}/sites"));
         let v = b.wait_js(
             "the site table's first rows",
@@ -272,10 +279,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     eprintln!("P: cold loads {loads:?} ms");
 
     // L: the overview open while sites change.
-    let c = login_cookie(api, "admin", password)?;
     let b = Browser::start();
-    b.goto(&format!("http://{api}/api/health-of-nothing"));
-    b.add_cookie("tiandi_session", &c);
+    b.goto(&format!("http://{api}/assets/LICENCES.md"));
+    b.log_in_by_api("admin", password);
     b.goto(&format!("http://{api}/"));
     b.wait_js(
         "the overview",

@@ -199,15 +199,22 @@ impl Browser {
             .unwrap_or_else(|e| panic!("choosing {value} in {css}: {e}"));
     }
 
-    /// Sets a cookie for the page's origin (open a page of it first): a session made outside
-    /// the browser, so a measurement starts with nothing cached.
-    pub fn add_cookie(&self, name: &str, value: &str) {
-        let mut c = fantoccini::cookies::Cookie::new(name.to_string(), value.to_string());
-        c.set_path("/");
-        c.set_http_only(true);
-        self.rt
-            .block_on(self.c().add_cookie(c))
-            .unwrap_or_else(|e| panic!("setting cookie {name}: {e}"));
+    /// Logs in from the current page of the console's origin (any page of it: the licence
+    /// text loads nothing else) by posting to `/api/login` as the login form does; the browser
+    /// keeps the session cookie. Nothing of the console is cached, so the next page is cold.
+    pub fn log_in_by_api(&self, user: &str, password: &str) {
+        let status = self.js_async(
+            r#"const [user, password, done] = arguments;
+               fetch('/api/login', { method: 'POST', headers: { 'content-type': 'application/json' },
+                 body: JSON.stringify({ user, password }) }).then(r => done(r.status), e => done(String(e)));"#,
+            vec![json!(user), json!(password)],
+        );
+        assert_eq!(
+            status,
+            json!(200),
+            "logging in as {user} from {}",
+            self.url()
+        );
     }
 
     /// A PNG of the whole window, written to `path`.
