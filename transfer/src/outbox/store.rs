@@ -409,4 +409,52 @@ mod tests {
             ]
         );
     }
+
+    /// A send to every site while each driver saves its progress: many flushes at once, from
+    /// async tasks and blocking threads. With sled's `flush_async` this hung the database
+    /// (its pool both waited in the flushes and owed them the writes); it must finish.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_flushes_at_once_finish() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let ob = Outbox::new(db.open_tree("o").unwrap());
+        let m = Manifest {
+            name: "f".into(),
+            size: 10,
+            chunk_size: crate::manifest::MIN_CHUNK,
+            file_hash: [5; 32],
+            chunks: vec![[5; 32]],
+        };
+        let work = async {
+            let mut tasks = Vec::new();
+            for i in 0..64 {
+                let (a, ma) = (ob.clone(), m.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut job = Job::new(&format!("t{i}"), &format!("s{i}"), "/x".into(), ma);
+                    for n in 0..20 {
+                        job.acked_bytes = n;
+                        a.save(&job).await.unwrap();
+                    }
+                }));
+                let (b, m) = (ob.clone(), m.clone());
+                tasks.push(tokio::task::spawn_blocking(move || {
+                    for n in 0..5 {
+                        b.enqueue(Job::new(
+                            &format!("b{i}-{n}"),
+                            &format!("s{i}"),
+                            "/x".into(),
+                            m.clone(),
+                        ))
+                        .unwrap();
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(120), work)
+            .await
+            .expect("the flushes finished");
+        assert_eq!(ob.list().unwrap().len(), 64 + 64 * 5);
+    }
 }
