@@ -216,8 +216,16 @@ pub struct ConditionInfo {
     pub since_ms: i64,
 }
 
+/// The sites, and which are in each province (a province operator's lists, and any list
+/// filtered by province, read ~1/31 of the sites instead of all of them).
+#[derive(Default)]
+struct Table {
+    sites: HashMap<String, SiteState>,
+    by_province: HashMap<String, BTreeSet<String>>,
+}
+
 pub struct Sites {
-    map: RwLock<HashMap<String, SiteState>>,
+    map: RwLock<Table>,
     thresholds: Thresholds,
     default_interval_ms: i64,
 }
@@ -225,7 +233,7 @@ pub struct Sites {
 impl Sites {
     pub fn new(thresholds: Thresholds) -> Sites {
         Sites {
-            map: RwLock::new(HashMap::new()),
+            map: RwLock::new(Table::default()),
             thresholds,
             default_interval_ms: 10_000,
         }
@@ -234,23 +242,35 @@ impl Sites {
     /// Adds a known site (from the registry) with its last stored report. `now_ms` counts as
     /// its last contact, so a controller restart does not mark every site down at once.
     pub fn insert(&self, site_id: &str, province: &str, latest: Option<Report>, now_ms: i64) {
-        let mut map = self.map.write().expect("sites lock poisoned");
-        let e = map.entry(site_id.to_string()).or_insert_with(|| SiteState {
-            site_id: site_id.to_string(),
-            province: province.to_string(),
-            status: Status::Up,
-            conditions: Vec::new(),
-            connected: false,
-            last_seen_ms: None,
-            latest_taken_ms: None,
-            latest_seq: None,
-            interval_ms: self.default_interval_ms,
-            reports: 0,
-            status_since_ms: now_ms,
-            latest: None,
-            active: BTreeSet::new(),
-            external: Default::default(),
-        });
+        let mut table = self.map.write().expect("sites lock poisoned");
+        let Table { sites, by_province } = &mut *table;
+        let e = sites
+            .entry(site_id.to_string())
+            .or_insert_with(|| SiteState {
+                site_id: site_id.to_string(),
+                province: province.to_string(),
+                status: Status::Up,
+                conditions: Vec::new(),
+                connected: false,
+                last_seen_ms: None,
+                latest_taken_ms: None,
+                latest_seq: None,
+                interval_ms: self.default_interval_ms,
+                reports: 0,
+                status_since_ms: now_ms,
+                latest: None,
+                active: BTreeSet::new(),
+                external: Default::default(),
+            });
+        if e.province != province
+            && let Some(ids) = by_province.get_mut(&e.province)
+        {
+            ids.remove(site_id);
+        }
+        by_province
+            .entry(province.to_string())
+            .or_default()
+            .insert(site_id.to_string());
         e.province = province.to_string();
         if e.last_seen_ms.is_none() {
             e.last_seen_ms = Some(now_ms);
@@ -264,7 +284,7 @@ impl Sites {
 
     pub fn set_connected(&self, site_id: &str, connected: bool, interval_ms: Option<i64>) {
         let mut map = self.map.write().expect("sites lock poisoned");
-        if let Some(s) = map.get_mut(site_id) {
+        if let Some(s) = map.sites.get_mut(site_id) {
             s.connected = connected;
             if let Some(i) = interval_ms {
                 s.interval_ms = i.max(1000);
@@ -275,7 +295,7 @@ impl Sites {
     /// Records a report and re-evaluates the site. Returns alarm events.
     pub fn on_report(&self, site_id: &str, report: Report, now_ms: i64) -> Vec<AlarmEvent> {
         let mut map = self.map.write().expect("sites lock poisoned");
-        let Some(s) = map.get_mut(site_id) else {
+        let Some(s) = map.sites.get_mut(site_id) else {
             return Vec::new();
         };
         s.last_seen_ms = Some(now_ms);
@@ -298,7 +318,7 @@ impl Sites {
         now_ms: i64,
     ) -> Vec<AlarmEvent> {
         let mut map = self.map.write().expect("sites lock poisoned");
-        let Some(s) = map.get_mut(site_id) else {
+        let Some(s) = map.sites.get_mut(site_id) else {
             return Vec::new();
         };
         let changed = match detail {
@@ -315,7 +335,7 @@ impl Sites {
     pub fn tick(&self, now_ms: i64) -> Vec<AlarmEvent> {
         let mut map = self.map.write().expect("sites lock poisoned");
         let mut events = Vec::new();
-        for s in map.values_mut() {
+        for s in map.sites.values_mut() {
             events.extend(self.reevaluate(s, now_ms));
         }
         events
@@ -385,6 +405,7 @@ impl Sites {
         self.map
             .read()
             .expect("sites lock poisoned")
+            .sites
             .get(site_id)
             .cloned()
     }
@@ -394,6 +415,7 @@ impl Sites {
         self.map
             .read()
             .expect("sites lock poisoned")
+            .sites
             .get(site_id)
             .map(f)
     }
@@ -401,11 +423,22 @@ impl Sites {
     /// Every site's state; `f` runs under the read lock.
     pub fn with_all<T>(&self, f: impl FnOnce(&mut dyn Iterator<Item = &SiteState>) -> T) -> T {
         let map = self.map.read().expect("sites lock poisoned");
-        f(&mut map.values())
+        f(&mut map.sites.values())
+    }
+
+    /// The sites of one province (in site-ID order); `f` runs under the read lock.
+    pub fn with_province<T>(
+        &self,
+        province: &str,
+        f: impl FnOnce(&mut dyn Iterator<Item = &SiteState>) -> T,
+    ) -> T {
+        let map = self.map.read().expect("sites lock poisoned");
+        let ids = map.by_province.get(province);
+        f(&mut ids.into_iter().flatten().filter_map(|id| map.sites.get(id)))
     }
 
     pub fn len(&self) -> usize {
-        self.map.read().expect("sites lock poisoned").len()
+        self.map.read().expect("sites lock poisoned").sites.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -463,6 +496,30 @@ mod tests {
             .into_iter()
             .map(|(c, _)| c)
             .collect()
+    }
+
+    #[test]
+    fn a_province_lists_its_own_sites_and_follows_a_move() {
+        let sites = Sites::new(Thresholds::default());
+        for (id, p) in [
+            ("gd-2", "GD"),
+            ("bj-1", "BJ"),
+            ("gd-1", "GD"),
+            ("x-1", "GD"),
+        ] {
+            sites.insert(id, p, None, 0);
+        }
+        let ids = |p: &str| {
+            sites.with_province(p, |it| it.map(|s| s.site_id.clone()).collect::<Vec<_>>())
+        };
+        assert_eq!(ids("GD"), ["gd-1", "gd-2", "x-1"]);
+        assert_eq!(ids("BJ"), ["bj-1"]);
+        assert!(ids("XJ").is_empty());
+        // Enrolled again in another province: listed there only.
+        sites.insert("x-1", "BJ", None, 0);
+        assert_eq!(ids("GD"), ["gd-1", "gd-2"]);
+        assert_eq!(ids("BJ"), ["bj-1", "x-1"]);
+        assert_eq!(sites.len(), 4);
     }
 
     #[test]

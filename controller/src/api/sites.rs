@@ -101,7 +101,7 @@ pub(super) async fn list_sites(
         .filter(|_| by == SortKey::SiteId && !descending);
     // Under the sites' read lock: filter, select the page (a linear selection and a sort of
     // the page, not of every site), and write the answer out, with no copy of a site.
-    let body = core.sites.with_all(|all| {
+    let page = |all: &mut dyn Iterator<Item = &crate::sites::SiteState>| {
         let mut matching: Vec<_> = all.filter(|s| filter.matches(s)).collect();
         let count = matching.len();
         let from = match cursor {
@@ -128,7 +128,11 @@ pub(super) async fn list_sites(
             sites: page,
             next,
         })
-    });
+    };
+    let body = match filter.province.as_deref() {
+        Some(code) => core.sites.with_province(code, page),
+        None => core.sites.with_all(page),
+    };
     let body = body.map_err(internal)?;
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
