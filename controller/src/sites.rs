@@ -331,12 +331,35 @@ impl Sites {
         self.reevaluate(s, now_ms)
     }
 
-    /// Re-evaluates every site (for `down`); returns alarm events.
+    /// Re-evaluates the sites whose silence matters now (for `down`); returns alarm events.
+    ///
+    /// Between reports only silence changes a site's conditions, so only the sites silent
+    /// past their limit or already down (their detail, "no report for N s", moves) need it:
+    /// they are found under the read lock and re-evaluated under the write lock. Re-evaluating
+    /// every site under the write lock each second held ingest and every list behind it for
+    /// tens of milliseconds at 20,000 sites.
     pub fn tick(&self, now_ms: i64) -> Vec<AlarmEvent> {
+        let after = i64::from(self.thresholds.down_after_intervals.max(1));
+        let due: Vec<String> = {
+            let map = self.map.read().expect("sites lock poisoned");
+            map.sites
+                .values()
+                .filter(|s| {
+                    let silent = now_ms - s.last_seen_ms.unwrap_or(now_ms);
+                    silent > s.interval_ms.max(1000) * after || s.active.contains(&Condition::Down)
+                })
+                .map(|s| s.site_id.clone())
+                .collect()
+        };
+        if due.is_empty() {
+            return Vec::new();
+        }
         let mut map = self.map.write().expect("sites lock poisoned");
         let mut events = Vec::new();
-        for s in map.sites.values_mut() {
-            events.extend(self.reevaluate(s, now_ms));
+        for id in &due {
+            if let Some(s) = map.sites.get_mut(id) {
+                events.extend(self.reevaluate(s, now_ms));
+            }
         }
         events
     }
