@@ -173,6 +173,10 @@ fn refuse(status: StatusCode, msg: &str) -> Response {
     (status, axum::Json(serde_json::json!({ "error": msg }))).into_response()
 }
 
+fn refuse_boxed(status: StatusCode, msg: &str) -> Box<Response> {
+    Box::new(refuse(status, msg))
+}
+
 /// The caller's address, when the listener recorded it.
 pub fn client_addr(req: &Request) -> Option<std::net::IpAddr> {
     req.extensions()
@@ -187,7 +191,7 @@ const WHILE_MUST_CHANGE: [&str; 3] = ["/api/me", "/api/me/password", "/api/logou
 /// console's session cookie. Checked from the head, before any body is read. A console request
 /// that changes state must carry the session's CSRF token; an account that must change its
 /// password may do nothing else first.
-pub fn principal(core: &crate::Core, req: &Request) -> Result<Principal, Response> {
+pub fn principal(core: &crate::Core, req: &Request) -> Result<Principal, Box<Response>> {
     let headers = req.headers();
     let addr = client_addr(req);
     let p = if let Some(got) = bearer(headers) {
@@ -215,13 +219,18 @@ pub fn principal(core: &crate::Core, req: &Request) -> Result<Principal, Respons
                     must_change: false,
                 },
                 Ok(None) => {
-                    return Err(refuse(
+                    return Err(refuse_boxed(
                         StatusCode::UNAUTHORIZED,
                         "unknown or revoked token (Authorization: Bearer <a user's API token, \
                          data_dir/read.token or data_dir/admin.token>)",
                     ));
                 }
-                Err(e) => return Err(refuse(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string())),
+                Err(e) => {
+                    return Err(refuse_boxed(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        &e.to_string(),
+                    ));
+                }
             },
         }
     } else if let Some(c) = cookie(headers, SESSION_COOKIE) {
@@ -230,7 +239,7 @@ pub fn principal(core: &crate::Core, req: &Request) -> Result<Principal, Respons
             (!u.disabled && u.password_changed_ms == s.password_changed_ms).then_some((s, u))
         });
         let Some((s, u)) = live else {
-            return Err(refuse(
+            return Err(refuse_boxed(
                 StatusCode::UNAUTHORIZED,
                 "your session has ended: log in again",
             ));
@@ -238,7 +247,7 @@ pub fn principal(core: &crate::Core, req: &Request) -> Result<Principal, Respons
         if !matches!(req.method(), &Method::GET | &Method::HEAD) {
             let sent = headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok());
             if !sent.is_some_and(|t| same_secret(t, &s.csrf)) {
-                return Err(refuse(
+                return Err(refuse_boxed(
                     StatusCode::FORBIDDEN,
                     "this request changes state and lacks the session's CSRF token \
                      (header X-CSRF-Token): reload the page",
@@ -256,14 +265,14 @@ pub fn principal(core: &crate::Core, req: &Request) -> Result<Principal, Respons
             must_change: u.must_change,
         }
     } else {
-        return Err(refuse(
+        return Err(refuse_boxed(
             StatusCode::UNAUTHORIZED,
             "log in, or send a token (Authorization: Bearer <a user's API token, \
              data_dir/read.token or data_dir/admin.token>)",
         ));
     };
     if p.must_change && !WHILE_MUST_CHANGE.contains(&req.uri().path()) {
-        return Err(refuse(
+        return Err(refuse_boxed(
             StatusCode::FORBIDDEN,
             "change your password first (POST /api/me/password)",
         ));
@@ -282,7 +291,7 @@ pub async fn authenticate(
             req.extensions_mut().insert(p);
             next.run(req).await
         }
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 

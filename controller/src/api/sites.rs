@@ -379,7 +379,7 @@ pub(super) async fn overview(
         *by_severity.entry(sev.as_str()).or_default() += 1;
     }
     let total_active = active.len();
-    active.sort_by(|a, b| b.1.cmp(&a.1));
+    active.sort_by_key(|a| std::cmp::Reverse(a.1));
     let mut unacked = 0u64;
     for (_, since, v) in &active {
         let (site, alarm) = (
