@@ -78,13 +78,7 @@ pub(super) async fn admin_conference(
 ) -> ApiResult {
     let what = req.audit();
     let result = conference_op(&core, &p, req).await;
-    if let Some((action, target)) = what {
-        let e = p.audit(&action, &target);
-        core.audit.record(match &result {
-            Ok(_) => e,
-            Err(AppError(code, msg)) => e.with_outcome(&format!("failed: {code} {msg}")),
-        });
-    }
+    record_outcome(&core, &p, what, &result);
     result
 }
 

@@ -176,14 +176,24 @@ pub async fn run_admin_as<R: AdminCall>(
 ) -> Result<R::Answer, AppError> {
     let what = req.audit();
     let result = run_admin(core, req).await;
+    record_outcome(core, p, what, &result);
+    result
+}
+
+/// Writes `p`'s action (if it is one the audit log keeps) with how it ended.
+fn record_outcome<T>(
+    core: &Core,
+    p: &Principal,
+    what: Option<(String, String)>,
+    result: &Result<T, AppError>,
+) {
     if let Some((action, target)) = what {
         let e = p.audit(&action, &target);
-        core.audit.record(match &result {
+        core.audit.record(match result {
             Ok(_) => e,
             Err(AppError(code, msg)) => e.with_outcome(&format!("failed: {code} {msg}")),
         });
     }
-    result
 }
 
 /// Writes a refusal of `p`'s request to the audit log and returns it.

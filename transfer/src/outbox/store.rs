@@ -268,18 +268,22 @@ mod tests {
     use super::*;
     use crate::outbox::Next;
 
-    #[test]
-    fn finished_jobs_go_after_a_while_and_their_manifests_once_unused() {
-        let db = sled::Config::new().temporary(true).open().unwrap();
-        let ob = Outbox::new(db.open_tree("o").unwrap());
-        let manifest = |n: u8| Manifest {
+    /// A one-chunk file of 10 bytes whose hashes are all `n`.
+    fn small(n: u8) -> Manifest {
+        Manifest {
             name: format!("f{n}"),
             size: 10,
             chunk_size: crate::manifest::MIN_CHUNK,
             file_hash: [n; 32],
             chunks: vec![[n; 32]],
-        };
-        let (a, b) = (manifest(1), manifest(2));
+        }
+    }
+
+    #[test]
+    fn finished_jobs_go_after_a_while_and_their_manifests_once_unused() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let ob = Outbox::new(db.open_tree("o").unwrap());
+        let (a, b) = (small(1), small(2));
         let day = 86_400_000;
         let now = now_ms();
         // File a: delivered 50 days ago to s1, still queued for s2. File b: only a job
@@ -386,13 +390,7 @@ mod tests {
             j.acked_bytes
         ))));
         assert!(!ob.observe(|_| {}), "a second observer is refused");
-        let m = Manifest {
-            name: "f".into(),
-            size: 10,
-            chunk_size: crate::manifest::MIN_CHUNK,
-            file_hash: [4; 32],
-            chunks: vec![[4; 32]],
-        };
+        let m = small(4);
         ob.enqueue(Job::new("t1", "s1", "/x".into(), m)).unwrap();
         let mut j = ob.get("s1", "t1").unwrap().unwrap();
         j.acked_bytes = 5;
@@ -417,13 +415,7 @@ mod tests {
     async fn many_flushes_at_once_finish() {
         let db = sled::Config::new().temporary(true).open().unwrap();
         let ob = Outbox::new(db.open_tree("o").unwrap());
-        let m = Manifest {
-            name: "f".into(),
-            size: 10,
-            chunk_size: crate::manifest::MIN_CHUNK,
-            file_hash: [5; 32],
-            chunks: vec![[5; 32]],
-        };
+        let m = small(5);
         let work = async {
             let mut tasks = Vec::new();
             for i in 0..64 {
