@@ -5,7 +5,7 @@ use super::*;
 
 #[derive(Deserialize)]
 pub(super) struct StreamQuery {
-    /// Comma-separated kinds: `report`, `alarm`, `site` (default: all).
+    /// Comma-separated kinds: `report`, `alarm`, `site`, `transfer` (default: the first three).
     events: Option<String>,
 }
 
