@@ -1,0 +1,35 @@
+//! Tiandi's backup repository format: content-defined chunks ([`chunker`]), named by keyed
+//! BLAKE3, compressed with zstd and sealed with an authenticated cipher ([`crypto`]), gathered
+//! into packs whose trailer a storing partner can read and verify without the key
+//! ([`pack`]). `FORMAT.md` is the byte-level description, versioned.
+//!
+//! This is the repository's core, free of I/O beyond the readers and byte slices it is given:
+//! the snapshot tree, the index, the backends (directory, a partner over Tiandi's transfer
+//! engine, S3) and the scheduler build on it.
+
+pub mod chunker;
+pub mod crypto;
+pub mod pack;
+
+/// The repository format this crate writes (and the newest it reads).
+pub const FORMAT_VERSION: u8 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("wrong passphrase or key file, or the key file was changed")]
+    WrongKey,
+    #[error("cipher suite {0} is not known to this version (1 = XChaCha20-Poly1305)")]
+    UnknownSuite(u8),
+    #[error("format version {0} is newer than this program reads ({FORMAT_VERSION})")]
+    Version(u8),
+    #[error("a blob failed authentication: it was changed, or belongs to another repository")]
+    Tampered,
+    #[error("pack: {0}")]
+    BadPack(String),
+    #[error("key file: {0}")]
+    KeyFile(String),
+    #[error("reading: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("compression: {0}")]
+    Compression(String),
+}
