@@ -3,13 +3,14 @@
 //! into packs whose trailer a storing partner can read and verify without the key
 //! ([`pack`]). `FORMAT.md` is the byte-level description, versioned.
 //!
-//! This is the repository's core, free of I/O beyond the readers and byte slices it is given:
-//! the snapshot tree, the index, the backends (directory, a partner over Tiandi's transfer
-//! engine, S3) and the scheduler build on it.
+//! [`repo`] keeps a repository in a local directory (init, open, backup, snapshots, restore);
+//! the other backends (a partner over Tiandi's transfer engine, S3), retention and prune, the
+//! scheduler and the CLI build on it.
 
 pub mod chunker;
 pub mod crypto;
 pub mod pack;
+pub mod repo;
 
 /// The repository format this crate writes (and the newest it reads).
 pub const FORMAT_VERSION: u8 = 1;

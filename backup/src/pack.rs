@@ -35,10 +35,15 @@ pub struct Entry {
 }
 
 /// Builds one pack in memory.
-#[derive(Default)]
 pub struct PackWriter {
     buf: Vec<u8>,
     entries: Vec<Entry>,
+}
+
+impl Default for PackWriter {
+    fn default() -> PackWriter {
+        PackWriter::new()
+    }
 }
 
 impl PackWriter {
