@@ -194,6 +194,40 @@ fn is_hex_name(s: &str) -> bool {
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
+/// What a check of the packs found (without the key).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CheckSummary {
+    pub packs: u64,
+    pub blobs: u64,
+    pub bytes: u64,
+    /// Packs whose bytes are not their name, or whose trailer is wrong, with why.
+    pub damaged: Vec<String>,
+}
+
+/// Checks every pack of the repository in `dir` against its name and trailer: what the
+/// partner storing it runs, without the key. Reads one pack at a time.
+pub fn check_packs(dir: &Path) -> Result<CheckSummary, BackupError> {
+    let mut sum = CheckSummary::default();
+    for sub in names(&dir.join("packs"))? {
+        for n in names(&dir.join("packs").join(&sub))? {
+            let p = dir.join("packs").join(&sub).join(&n);
+            sum.packs += 1;
+            let Ok(name) = blake3::Hash::from_hex(&n) else {
+                sum.damaged
+                    .push(format!("{}: not a pack name", p.display()));
+                continue;
+            };
+            let bytes = fs::read(&p).map_err(|e| io(&p, e))?;
+            sum.bytes += bytes.len() as u64;
+            match pack::verify(&name, &bytes) {
+                Ok(blobs) => sum.blobs += blobs as u64,
+                Err(e) => sum.damaged.push(format!("{}: {e}", p.display())),
+            }
+        }
+    }
+    Ok(sum)
+}
+
 impl Repo {
     /// Creates a repository in `dir` (absent or empty), with a first key file for `holder`.
     pub fn init(
@@ -693,6 +727,23 @@ mod tests {
             Repo::init(&dir, "x", b"p", FAST, 1).is_err(),
             "not an empty directory"
         );
+        // The partner's check, without the key: all good, then one flipped byte found.
+        let c = check_packs(&dir).unwrap();
+        assert!(
+            c.packs >= 1 && c.blobs == s1.new_chunks && c.damaged.is_empty(),
+            "{c:?}"
+        );
+        let sub = names(&dir.join("packs")).unwrap().remove(0);
+        let first = dir
+            .join("packs")
+            .join(&sub)
+            .join(names(&dir.join("packs").join(&sub)).unwrap().remove(0));
+        let mut bytes = fs::read(&first).unwrap();
+        bytes[100] ^= 1;
+        fs::write(&first, bytes).unwrap();
+        let c = check_packs(&dir).unwrap();
+        assert_eq!(c.damaged.len(), 1, "{c:?}");
+        assert!(c.damaged[0].contains("not its name"), "{c:?}");
     }
 
     #[test]
