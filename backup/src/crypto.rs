@@ -246,16 +246,19 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
     (s.len() <= 4096).then(|| hex::decode(s).ok())?
 }
 
+/// Cheap parameters for tests: they check the wrapping, not Argon2id's cost.
+#[cfg(test)]
+pub(crate) const TEST_KDF: KdfParams = KdfParams {
+    memory_kib: 64,
+    iterations: 1,
+    parallelism: 1,
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Cheap parameters: the tests check the wrapping, not Argon2id's cost.
-    const FAST: KdfParams = KdfParams {
-        memory_kib: 64,
-        iterations: 1,
-        parallelism: 1,
-    };
+    const FAST: KdfParams = TEST_KDF;
 
     #[test]
     fn a_key_file_opens_with_its_passphrase_only() {

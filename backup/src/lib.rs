@@ -11,6 +11,7 @@ pub mod chunker;
 pub mod crypto;
 pub mod pack;
 pub mod repo;
+pub mod snapshot;
 
 /// The repository format this crate writes (and the newest it reads).
 pub const FORMAT_VERSION: u8 = 1;

@@ -76,6 +76,11 @@ fn secret(cli: &Cli) -> anyhow::Result<Vec<u8>> {
     Ok(line.as_bytes().to_vec())
 }
 
+/// The repository, opened with the passphrase.
+fn open(cli: &Cli) -> anyhow::Result<Repo> {
+    Repo::open(&cli.repo, &secret(cli)?).with_context(|| format!("opening {}", cli.repo.display()))
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -108,8 +113,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Backup { paths, host, tags } => {
-            let mut r = Repo::open(dir, &secret(cli)?)
-                .with_context(|| format!("opening {}", dir.display()))?;
+            let mut r = open(cli)?;
             let host = match host {
                 Some(h) => h.clone(),
                 None => std::fs::read_to_string("/etc/hostname")
@@ -142,8 +146,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Cmd::Snapshots => {
-            let r = Repo::open(dir, &secret(cli)?)
-                .with_context(|| format!("opening {}", dir.display()))?;
+            let r = open(cli)?;
             let list: Vec<_> = r
                 .snapshots()?
                 .into_iter()
@@ -173,8 +176,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Restore { snapshot, target } => {
-            let r = Repo::open(dir, &secret(cli)?)
-                .with_context(|| format!("opening {}", dir.display()))?;
+            let r = open(cli)?;
             let s = r
                 .restore(snapshot, target)
                 .with_context(|| format!("restoring {snapshot} into {}", target.display()))?;

@@ -214,24 +214,15 @@ mod tests {
         let count_at = bytes.len() - TAIL;
         let second = count_at - ENTRY;
         bytes[second + 32..second + 40].copy_from_slice(&(HEADER as u64 + 10).to_le_bytes());
-        let hash_at = bytes.len() - END.len() - 32;
-        let h = blake3::hash(&bytes[..hash_at]);
-        bytes[hash_at..hash_at + 32].copy_from_slice(h.as_bytes());
-        assert!(
-            read_trailer(&bytes)
-                .unwrap_err()
-                .to_string()
-                .contains("expected")
-        );
+        let refused = |bytes: &mut Vec<u8>| {
+            let hash_at = bytes.len() - END.len() - 32;
+            let h = blake3::hash(&bytes[..hash_at]);
+            bytes[hash_at..hash_at + 32].copy_from_slice(h.as_bytes());
+            read_trailer(bytes).unwrap_err().to_string()
+        };
+        assert!(refused(&mut bytes).contains("expected"));
         // A count that cannot fit.
         bytes[count_at..count_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
-        let h = blake3::hash(&bytes[..hash_at]);
-        bytes[hash_at..hash_at + 32].copy_from_slice(h.as_bytes());
-        assert!(
-            read_trailer(&bytes)
-                .unwrap_err()
-                .to_string()
-                .contains("cannot fit")
-        );
+        assert!(refused(&mut bytes).contains("cannot fit"));
     }
 }
