@@ -543,7 +543,23 @@ impl Repo {
                     n.path
                 )));
             }
+            // Nor through a link: a link restored earlier (or already in the target) must not
+            // carry a later node outside the target.
+            let mut at = target.to_path_buf();
+            for c in rel.parent().into_iter().flat_map(Path::components) {
+                at.push(c);
+                if fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
+                    return Err(BackupError::BadPack(format!(
+                        "snapshot path {:?} goes through the link {}",
+                        n.path,
+                        at.display()
+                    )));
+                }
+            }
             let dest = target.join(rel);
+            if n.kind != Kind::Dir && fs::symlink_metadata(&dest).is_ok() {
+                fs::remove_file(&dest).map_err(|e| io(&dest, e))?;
+            }
             match n.kind {
                 Kind::Dir => {
                     fs::create_dir_all(&dest).map_err(|e| io(&dest, e))?;
@@ -553,7 +569,6 @@ impl Repo {
                 }
                 Kind::Symlink => {
                     let t = n.target.as_deref().unwrap_or_default();
-                    let _ = fs::remove_file(&dest);
                     std::os::unix::fs::symlink(t, &dest).map_err(|e| io(&dest, e))?;
                     let when = nix::sys::time::TimeVal::new(n.mtime_s, (n.mtime_ns / 1000).into());
                     nix::sys::stat::lutimes(&dest, &when, &when)
@@ -761,6 +776,41 @@ mod tests {
             assert!(err.to_string().contains("plain relative"), "{bad}: {err}");
         }
         assert!(!t.path().join("escape").exists());
+        // A link, then a file "inside" it: refused before anything is written through it.
+        let outside = t.path().join("outside");
+        fs::create_dir_all(&outside).unwrap();
+        let node = |path: &str, kind: Kind, target: Option<String>| Node {
+            path: path.into(),
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime_s: 0,
+            mtime_ns: 0,
+            size: 0,
+            chunks: vec![],
+            target,
+        };
+        let snap = Snapshot {
+            time_ms: 1,
+            host: "h".into(),
+            paths: vec![],
+            tags: vec![],
+            nodes: vec![
+                node("r", Kind::Dir, None),
+                node("r/a", Kind::Symlink, Some(outside.display().to_string())),
+                node("r/a/planted", Kind::File, None),
+            ],
+        };
+        let sealed = repo
+            .keys
+            .seal(SNAPSHOT_AAD, &serde_json::to_vec(&snap).unwrap());
+        write_atomic(&dir.join("snapshots/00000000000000aa"), &sealed).unwrap();
+        let err = repo
+            .restore("00000000000000aa", &t.path().join("out2"))
+            .unwrap_err();
+        assert!(err.to_string().contains("goes through the link"), "{err}");
+        assert!(!outside.join("planted").exists());
         assert!(repo.snapshot("../config").is_err());
     }
 }
