@@ -10,6 +10,7 @@
 pub mod chunker;
 pub mod crypto;
 pub mod pack;
+pub mod policy;
 pub mod repo;
 pub mod snapshot;
 

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use tiandi_backup::crypto::KdfParams;
+use tiandi_backup::policy;
 use tiandi_backup::repo::{self, Repo};
 
 #[derive(Parser)]
@@ -59,6 +60,33 @@ enum Cmd {
     },
     /// Check every pack against its name and trailer (needs no passphrase).
     Check,
+    /// Remove the snapshots a retention policy does not keep (their data stays until prune).
+    Forget {
+        #[command(flatten)]
+        keep: KeepArgs,
+        /// Hours east of UTC for the hourly/daily/… buckets (Beijing: 8).
+        #[arg(long, default_value_t = 8, allow_hyphen_values = true)]
+        tz_offset_hours: i64,
+        /// Say what would go; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct KeepArgs {
+    #[arg(long, default_value_t = 0)]
+    keep_last: u32,
+    #[arg(long, default_value_t = 0)]
+    keep_hourly: u32,
+    #[arg(long, default_value_t = 0)]
+    keep_daily: u32,
+    #[arg(long, default_value_t = 0)]
+    keep_weekly: u32,
+    #[arg(long, default_value_t = 0)]
+    keep_monthly: u32,
+    #[arg(long, default_value_t = 0)]
+    keep_yearly: u32,
 }
 
 fn secret(cli: &Cli) -> anyhow::Result<Vec<u8>> {
@@ -189,6 +217,53 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                     s.bytes,
                     target.display()
                 )
+            });
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Forget {
+            keep,
+            tz_offset_hours,
+            dry_run,
+        } => {
+            let keep = policy::Keep {
+                last: keep.keep_last,
+                hourly: keep.keep_hourly,
+                daily: keep.keep_daily,
+                weekly: keep.keep_weekly,
+                monthly: keep.keep_monthly,
+                yearly: keep.keep_yearly,
+            };
+            if keep.is_empty() {
+                bail!(
+                    "no --keep-* given: forget keeps everything without a policy, so it would do nothing"
+                );
+            }
+            if !(-12..=14).contains(tz_offset_hours) {
+                bail!("--tz-offset-hours {tz_offset_hours}: a zone is between -12 and +14");
+            }
+            let r = open(cli)?;
+            let all: Vec<(String, i64)> = r
+                .snapshots()?
+                .into_iter()
+                .map(|(id, s)| (id, s.time_ms))
+                .collect();
+            let decisions = policy::apply(&all, &keep, tz_offset_hours * 3600);
+            if !dry_run {
+                for d in decisions.iter().filter(|d| d.reasons.is_empty()) {
+                    r.forget(&d.id)
+                        .with_context(|| format!("forgetting {}", d.id))?;
+                }
+            }
+            print(cli.json, &decisions, || {
+                decisions
+                    .iter()
+                    .map(|d| match d.reasons.is_empty() {
+                        true if *dry_run => format!("{}  would go", d.id),
+                        true => format!("{}  removed", d.id),
+                        false => format!("{}  kept ({})", d.id, d.reasons.join(", ")),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
             });
             Ok(ExitCode::SUCCESS)
         }

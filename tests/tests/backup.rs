@@ -153,6 +153,32 @@ fn back_up_restore_check_and_survive_a_kill() {
             .is_empty()
     );
 
+    // Retention: keep the newest only; the others' snapshot files go, the kept one restores.
+    let dry = json(&run(
+        &repo,
+        Some(&pw),
+        &["forget", "--keep-last", "1", "--dry-run"],
+    ));
+    assert_eq!(dry.as_array().unwrap().len(), 3);
+    assert_eq!(
+        json(&run(&repo, Some(&pw), &["snapshots"]))
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    let f = json(&run(&repo, Some(&pw), &["forget", "--keep-last", "1"]));
+    assert_eq!(f[0]["id"], s3["snapshot"]);
+    assert_eq!(f[0]["reasons"][0], "last");
+    let left = json(&run(&repo, Some(&pw), &["snapshots"]));
+    assert_eq!(left.as_array().unwrap().len(), 1);
+    assert_eq!(left[0]["id"], s3["snapshot"]);
+    assert_eq!(
+        run(&repo, Some(&pw), &["forget"]).status.code(),
+        Some(1),
+        "no policy: refused"
+    );
+
     // Now damage one pack.
     let victim = first_file(&repo.join("packs"));
     let mut bytes = std::fs::read(&victim).unwrap();

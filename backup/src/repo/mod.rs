@@ -503,6 +503,21 @@ impl Repo {
             .map_err(|e| BackupError::BadPack(format!("snapshot {id}: {e}")))
     }
 
+    /// Removes snapshot `id` (its data stays until a prune finds it unused).
+    pub fn forget(&self, id: &str) -> Result<(), BackupError> {
+        if !is_hex_name(id) {
+            return Err(BackupError::BadPack(format!(
+                "snapshot ID {id:?} is not one"
+            )));
+        }
+        let dir = self.dir.join("snapshots");
+        let p = dir.join(id);
+        fs::remove_file(&p).map_err(|e| io(&p, e))?;
+        fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io(&dir, e))
+    }
+
     fn chunk(&self, id_hex: &str) -> Result<Vec<u8>, BackupError> {
         let id = hex::decode(id_hex)
             .ok()
