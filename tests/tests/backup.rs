@@ -178,6 +178,21 @@ fn back_up_restore_check_and_survive_a_kill() {
         Some(1),
         "no policy: refused"
     );
+    let out3 = t.path().join("out3");
+    json(&run(
+        &repo,
+        Some(&pw),
+        &[
+            "restore",
+            s3["snapshot"].as_str().unwrap(),
+            "--target",
+            out3.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(
+        std::fs::read(src.join("dumps/today.sql")).unwrap(),
+        std::fs::read(out3.join("province-db/dumps/today.sql")).unwrap()
+    );
 
     // Now damage one pack.
     let victim = first_file(&repo.join("packs"));
