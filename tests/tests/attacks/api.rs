@@ -455,13 +455,18 @@ async fn sparse_sequence_numbers_cannot_grow_a_sites_state() {
         conn.closed().await
     })
     .await;
-    let reason = match closed {
+    match closed {
         Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
-            String::from_utf8_lossy(&c.reason).into_owned()
+            let reason = String::from_utf8_lossy(&c.reason).into_owned();
+            assert!(reason.contains("gaps"), "closed with: {reason}");
         }
+        // The controller closed and forgot the connection, but its one CONNECTION_CLOSE was
+        // lost in the flood (loopback buffers full under a loaded CI machine): the flood's
+        // next packets got a stateless reset. Closed all the same; the bound below is the
+        // point.
+        Ok(quinn::ConnectionError::Reset) => {}
         other => panic!("after {sent} sparse reports the connection is still open: {other:?}"),
-    };
-    assert!(reason.contains("gaps"), "closed with: {reason}");
+    }
     let st = ctl.core.store.seq_state("gd-009").unwrap();
     assert!(
         st.ranges.len() <= 1024,
