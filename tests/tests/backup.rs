@@ -27,6 +27,36 @@ fn json(o: &Output) -> Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
+/// Restores `snapshot` into `out` and compares `files` (relative to the backed-up
+/// `province-db`) with the source; the restore's answer.
+fn restore_same(
+    repo: &Path,
+    pw: &Path,
+    snapshot: &Value,
+    out: &Path,
+    src: &Path,
+    files: &[&str],
+) -> Value {
+    let r = json(&run(
+        repo,
+        Some(pw),
+        &[
+            "restore",
+            snapshot.as_str().unwrap(),
+            "--target",
+            out.to_str().unwrap(),
+        ],
+    ));
+    for f in files {
+        assert_eq!(
+            std::fs::read(src.join(f)).unwrap(),
+            std::fs::read(out.join("province-db").join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    r
+}
+
 fn secret_file(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -80,24 +110,15 @@ fn back_up_restore_check_and_survive_a_kill() {
 
     // Restore the first and compare.
     let out = t.path().join("out");
-    let r = json(&run(
+    let r = restore_same(
         &repo,
-        Some(&pw),
-        &[
-            "restore",
-            s1["snapshot"].as_str().unwrap(),
-            "--target",
-            out.to_str().unwrap(),
-        ],
-    ));
+        &pw,
+        &s1["snapshot"],
+        &out,
+        &src,
+        &["dumps/today.sql", "README"],
+    );
     assert_eq!(r["files"], 2);
-    for f in ["dumps/today.sql", "README"] {
-        assert_eq!(
-            std::fs::read(src.join(f)).unwrap(),
-            std::fs::read(out.join("province-db").join(f)).unwrap(),
-            "{f}"
-        );
-    }
 
     // The partner's check needs no passphrase; a damaged pack is found (exit 3).
     let c = json(&run(&repo, None, &["check"]));
@@ -132,19 +153,13 @@ fn back_up_restore_check_and_survive_a_kill() {
         "{written} packs were written before the kill, yet the next run stored {s3}"
     );
     let out2 = t.path().join("out2");
-    json(&run(
+    restore_same(
         &repo,
-        Some(&pw),
-        &[
-            "restore",
-            s3["snapshot"].as_str().unwrap(),
-            "--target",
-            out2.to_str().unwrap(),
-        ],
-    ));
-    assert_eq!(
-        std::fs::read(src.join("dumps/tomorrow.sql")).unwrap(),
-        std::fs::read(out2.join("province-db/dumps/tomorrow.sql")).unwrap()
+        &pw,
+        &s3["snapshot"],
+        &out2,
+        &src,
+        &["dumps/tomorrow.sql"],
     );
     assert!(
         json(&run(&repo, None, &["check"]))["damaged"]
@@ -179,19 +194,13 @@ fn back_up_restore_check_and_survive_a_kill() {
         "no policy: refused"
     );
     let out3 = t.path().join("out3");
-    json(&run(
+    restore_same(
         &repo,
-        Some(&pw),
-        &[
-            "restore",
-            s3["snapshot"].as_str().unwrap(),
-            "--target",
-            out3.to_str().unwrap(),
-        ],
-    ));
-    assert_eq!(
-        std::fs::read(src.join("dumps/today.sql")).unwrap(),
-        std::fs::read(out3.join("province-db/dumps/today.sql")).unwrap()
+        &pw,
+        &s3["snapshot"],
+        &out3,
+        &src,
+        &["dumps/today.sql"],
     );
 
     // Now damage one pack.

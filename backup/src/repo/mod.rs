@@ -663,47 +663,11 @@ mod tests {
         same(&src, &out.join("data"));
     }
 
-    #[test]
-    fn a_snapshot_path_that_climbs_out_is_refused() {
-        let t = tempfile::tempdir().unwrap();
-        let dir = t.path().join("repo");
-        let repo = Repo::init(&dir, "m", b"pass phrase", FAST, 1).unwrap();
-        for bad in ["../escape", "/etc/x", "a/../../b", ""] {
-            let snap = Snapshot {
-                time_ms: 1,
-                host: "h".into(),
-                paths: vec![],
-                tags: vec![],
-                nodes: vec![Node {
-                    path: bad.into(),
-                    kind: Kind::Dir,
-                    mode: 0o755,
-                    uid: 0,
-                    gid: 0,
-                    mtime_s: 0,
-                    mtime_ns: 0,
-                    size: 0,
-                    chunks: vec![],
-                    target: None,
-                }],
-            };
-            let sealed = repo
-                .keys
-                .seal(SNAPSHOT_AAD, &serde_json::to_vec(&snap).unwrap());
-            write_atomic(&dir.join("snapshots/0123456789abcdef"), &sealed).unwrap();
-            let err = repo
-                .restore("0123456789abcdef", &t.path().join("out"))
-                .unwrap_err();
-            assert!(err.to_string().contains("plain relative"), "{bad}: {err}");
-        }
-        assert!(!t.path().join("escape").exists());
-        // A link, then a file "inside" it: refused before anything is written through it.
-        let outside = t.path().join("outside");
-        fs::create_dir_all(&outside).unwrap();
-        let node = |path: &str, kind: Kind, target: Option<String>| Node {
+    fn node(path: &str, kind: Kind, target: Option<String>) -> Node {
+        Node {
             path: path.into(),
             kind,
-            mode: 0o644,
+            mode: 0o755,
             uid: 0,
             gid: 0,
             mtime_s: 0,
@@ -711,25 +675,52 @@ mod tests {
             size: 0,
             chunks: vec![],
             target,
-        };
+        }
+    }
+
+    /// Writes a snapshot of these nodes as a key holder could, and restores it into `out`.
+    fn restore_planted(repo: &Repo, id: &str, nodes: Vec<Node>, out: &Path) -> BackupError {
         let snap = Snapshot {
             time_ms: 1,
             host: "h".into(),
             paths: vec![],
             tags: vec![],
-            nodes: vec![
-                node("r", Kind::Dir, None),
-                node("r/a", Kind::Symlink, Some(outside.display().to_string())),
-                node("r/a/planted", Kind::File, None),
-            ],
+            nodes,
         };
         let sealed = repo
             .keys
             .seal(SNAPSHOT_AAD, &serde_json::to_vec(&snap).unwrap());
-        write_atomic(&dir.join("snapshots/00000000000000aa"), &sealed).unwrap();
-        let err = repo
-            .restore("00000000000000aa", &t.path().join("out2"))
-            .unwrap_err();
+        write_atomic(&repo.dir.join("snapshots").join(id), &sealed).unwrap();
+        repo.restore(id, out).unwrap_err()
+    }
+
+    #[test]
+    fn a_snapshot_path_that_climbs_out_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let repo = Repo::init(&t.path().join("repo"), "m", b"pass phrase", FAST, 1).unwrap();
+        for bad in ["../escape", "/etc/x", "a/../../b", ""] {
+            let err = restore_planted(
+                &repo,
+                "0123456789abcdef",
+                vec![node(bad, Kind::Dir, None)],
+                &t.path().join("out"),
+            );
+            assert!(err.to_string().contains("plain relative"), "{bad}: {err}");
+        }
+        assert!(!t.path().join("escape").exists());
+        // A link, then a file "inside" it: refused before anything is written through it.
+        let outside = t.path().join("outside");
+        fs::create_dir_all(&outside).unwrap();
+        let err = restore_planted(
+            &repo,
+            "00000000000000aa",
+            vec![
+                node("r", Kind::Dir, None),
+                node("r/a", Kind::Symlink, Some(outside.display().to_string())),
+                node("r/a/planted", Kind::File, None),
+            ],
+            &t.path().join("out2"),
+        );
         assert!(err.to_string().contains("goes through the link"), "{err}");
         assert!(!outside.join("planted").exists());
         assert!(repo.snapshot("../config").is_err());
