@@ -11,7 +11,7 @@
 //!   blob to its ID, so a blob moved to another ID fails to open. A suite byte leaves room for
 //!   SM4-GCM (国密) without a new format.
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -67,13 +67,14 @@ impl Keys {
         let cipher = XChaCha20Poly1305::new((&self.enc).into());
         let mut nonce = [0u8; NONCE];
         rand::rng().fill_bytes(&mut nonce);
-        let ct = cipher
-            .encrypt(XNonce::from_slice(&nonce), Payload { msg: plain, aad })
-            .expect("XChaCha20-Poly1305 seals any length we give it");
-        let mut out = Vec::with_capacity(1 + NONCE + ct.len());
+        let mut out = Vec::with_capacity(OVERHEAD + plain.len());
         out.push(SUITE_XCHACHA20_POLY1305);
         out.extend_from_slice(&nonce);
-        out.extend_from_slice(&ct);
+        out.extend_from_slice(plain);
+        let tag = cipher
+            .encrypt_in_place_detached(XNonce::from_slice(&nonce), aad, &mut out[1 + NONCE..])
+            .expect("XChaCha20-Poly1305 seals any length we give it");
+        out.extend_from_slice(&tag);
         out
     }
 
@@ -92,28 +93,39 @@ impl Keys {
             .map_err(|_| BackupError::Tampered)
     }
 
-    /// A chunk as it is stored: compressed (zstd), then sealed under its ID.
+    /// A chunk (or a tree) as it is stored: compressed (zstd), then sealed under its ID.
     pub fn seal_chunk(&self, id: &ChunkId, plain: &[u8]) -> Result<Vec<u8>, BackupError> {
-        let packed =
-            zstd::bulk::compress(plain, 3).map_err(|e| BackupError::Compression(e.to_string()))?;
-        Ok(self.seal(id, &packed))
+        Ok(self.seal(id, &compress(plain)?))
     }
 
     /// A stored chunk back to its plaintext, checked against its ID. `max_len` bounds what
-    /// decompression may produce (the chunker's maximum).
+    /// decompression may produce (the chunker's maximum, or the largest tree).
     pub fn open_chunk(
         &self,
         id: &ChunkId,
         sealed: &[u8],
         max_len: usize,
     ) -> Result<Vec<u8>, BackupError> {
-        let packed = self.open(id, sealed)?;
-        let plain = zstd::bulk::decompress(&packed, max_len)
-            .map_err(|e| BackupError::Compression(e.to_string()))?;
+        let plain = decompress(&self.open(id, sealed)?, max_len)?;
         if &self.chunk_id(&plain) != id {
             return Err(BackupError::Tampered);
         }
         Ok(plain)
+    }
+
+    /// A repository file (an index, a snapshot): compressed, sealed, bound to `aad`.
+    pub fn seal_file(&self, aad: &[u8], plain: &[u8]) -> Result<Vec<u8>, BackupError> {
+        Ok(self.seal(aad, &compress(plain)?))
+    }
+
+    /// [`Keys::seal_file`] undone; decompression is bounded by `max_len`.
+    pub fn open_file(
+        &self,
+        aad: &[u8],
+        sealed: &[u8],
+        max_len: usize,
+    ) -> Result<Vec<u8>, BackupError> {
+        decompress(&self.open(aad, sealed)?, max_len)
     }
 
     fn to_bytes(&self) -> [u8; 72] {
@@ -170,6 +182,48 @@ pub struct KeyFile {
 const KDF_ARGON2ID: &str = "argon2id";
 /// What a key file's wrapped keys are bound to.
 const KEYFILE_AAD: &[u8] = b"tiandi-backup keyfile v1";
+
+/// zstd level 3 (what restic's `auto` is close to), one compression context per thread: a
+/// context costs more to set up than a small file costs to compress.
+fn compress(plain: &[u8]) -> Result<Vec<u8>, BackupError> {
+    thread_local! {
+        static CCTX: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    CCTX.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = Some(
+                zstd::bulk::Compressor::new(3)
+                    .map_err(|e| BackupError::Compression(e.to_string()))?,
+            );
+        }
+        c.as_mut()
+            .expect("set above")
+            .compress(plain)
+            .map_err(|e| BackupError::Compression(e.to_string()))
+    })
+}
+
+fn decompress(packed: &[u8], max_len: usize) -> Result<Vec<u8>, BackupError> {
+    thread_local! {
+        static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    DCTX.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(
+                zstd::bulk::Decompressor::new()
+                    .map_err(|e| BackupError::Compression(e.to_string()))?,
+            );
+        }
+        d.as_mut()
+            .expect("set above")
+            .decompress(packed, max_len)
+            .map_err(|e| BackupError::Compression(e.to_string()))
+    })
+}
 
 fn derive(secret: &[u8], salt: &[u8], p: KdfParams) -> Result<[u8; 32], BackupError> {
     let params = argon2::Params::new(p.memory_kib, p.iterations, p.parallelism, Some(32))

@@ -3,10 +3,11 @@
 //! into packs whose trailer a storing partner can read and verify without the key
 //! ([`pack`]). `FORMAT.md` is the byte-level description, versioned.
 //!
-//! [`repo`] keeps a repository in a local directory (init, open, backup, snapshots, restore);
-//! the other backends (a partner over Tiandi's transfer engine, S3), retention and prune, the
-//! scheduler and the CLI build on it.
+//! [`repo`] keeps a repository on a [`backend::Backend`] (a local directory today): init,
+//! open, back up, list, browse, restore, prune; [`policy`] decides which snapshots a retention
+//! policy keeps.
 
+pub mod backend;
 pub mod chunker;
 pub mod crypto;
 pub mod pack;

@@ -1,16 +1,20 @@
 //! `tiandi-backup`: the backup repository from the command line, for people and schedulers.
 //!
 //! Exit codes: 0 done; 1 failed (nothing was changed that a later run would trip over);
-//! 3 done but some paths were left out (listed), or a check found damaged packs.
+//! 3 done but some paths were left out (listed), or a check or drill found damage.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use tiandi_backup::backend::Local;
 use tiandi_backup::crypto::KdfParams;
 use tiandi_backup::policy;
-use tiandi_backup::repo::{self, Repo};
+use tiandi_backup::repo::{self, BackupOptions, Progress, PruneOptions, Repo, RestoreOptions};
+
+mod text;
 
 #[derive(Parser)]
 #[command(
@@ -20,10 +24,10 @@ use tiandi_backup::repo::{self, Repo};
 )]
 struct Cli {
     /// The repository (a directory).
-    #[arg(long, short = 'r', env = "TIANDI_BACKUP_REPO")]
-    repo: PathBuf,
+    #[arg(long, short = 'r', env = "TIANDI_BACKUP_REPO", global = true)]
+    repo: Option<PathBuf>,
     /// A file (mode 0600) holding the passphrase; its first line is used.
-    #[arg(long, env = "TIANDI_BACKUP_PASSWORD_FILE")]
+    #[arg(long, env = "TIANDI_BACKUP_PASSWORD_FILE", global = true)]
     password_file: Option<PathBuf>,
     /// Print results as JSON (one object) instead of text.
     #[arg(long, global = true)]
@@ -49,17 +53,58 @@ enum Cmd {
         host: Option<String>,
         #[arg(long = "tag")]
         tags: Vec<String>,
+        /// Compare with this snapshot (default: the newest of this host and these paths).
+        #[arg(long)]
+        parent: Option<String>,
+        /// Read every file, even those the parent snapshot has unchanged.
+        #[arg(long)]
+        force: bool,
+        /// Compress-and-seal threads (default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// List the snapshots.
     Snapshots,
-    /// Restore a snapshot into a directory.
+    /// List what a snapshot holds (under a path of it).
+    Ls {
+        snapshot: String,
+        #[arg(default_value = "")]
+        path: String,
+    },
+    /// What changed between two snapshots: + added, - removed, M contents, T kind, U metadata.
+    Diff { from: String, to: String },
+    /// Write one file of a snapshot to standard output.
+    Dump { snapshot: String, path: String },
+    /// Restore a snapshot (ID, a unique start of one, or `latest`) into a directory; run
+    /// again after an interruption, it writes only what is missing.
     Restore {
         snapshot: String,
         #[arg(long)]
         target: PathBuf,
+        /// Only this path of the snapshot (`name/inside/it`).
+        #[arg(long)]
+        path: Option<String>,
+        /// Pack readers (default: cores + 1).
+        #[arg(long)]
+        threads: Option<usize>,
     },
-    /// Check every pack against its name and trailer (needs no passphrase).
-    Check,
+    /// Check every pack against its name and trailer (needs no passphrase); with
+    /// --read-data-pct and the passphrase, also open every blob of that share of the packs.
+    Check {
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+        read_data_pct: u8,
+    },
+    /// A restore drill: restore (a sample of) a snapshot into a scratch directory, compare it
+    /// with the snapshot, remove it; the result is the evidence.
+    Drill {
+        #[arg(default_value = "latest")]
+        snapshot: String,
+        /// A new directory for the restore (removed afterwards).
+        #[arg(long)]
+        scratch: PathBuf,
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u8).range(1..=100))]
+        sample_pct: u8,
+    },
     /// Remove the snapshots a retention policy does not keep (their data stays until prune).
     Forget {
         #[command(flatten)]
@@ -70,6 +115,39 @@ enum Cmd {
         /// Say what would go; remove nothing.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Give back the space of data no snapshot uses: mark now, delete what an earlier prune
+    /// marked more than the grace period ago.
+    Prune {
+        #[arg(long, default_value_t = 24.0)]
+        grace_hours: f64,
+        /// Repack packs with less than this share of their bytes in use.
+        #[arg(long, default_value_t = 0.5)]
+        repack_below: f64,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// The repository's keys: list, add, remove.
+    Key {
+        #[command(subcommand)]
+        cmd: KeyCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCmd {
+    List,
+    /// Add a key for another holder, with its own passphrase file.
+    Add {
+        #[arg(long)]
+        holder: String,
+        #[arg(long)]
+        new_password_file: PathBuf,
+    },
+    /// Remove a holder's key (not the one in use, not the last).
+    Remove {
+        #[arg(long)]
+        holder: String,
     },
 }
 
@@ -89,12 +167,7 @@ struct KeepArgs {
     keep_yearly: u32,
 }
 
-fn secret(cli: &Cli) -> anyhow::Result<Vec<u8>> {
-    let Some(f) = &cli.password_file else {
-        bail!(
-            "no passphrase: give --password-file (or TIANDI_BACKUP_PASSWORD_FILE), a file of mode 0600"
-        );
-    };
+fn read_secret(f: &std::path::Path) -> anyhow::Result<Vec<u8>> {
     let text = tiandi_link::secrets::read_private(f)?
         .with_context(|| format!("{}: no such file", f.display()))?;
     let line = text.lines().next().unwrap_or_default();
@@ -104,9 +177,25 @@ fn secret(cli: &Cli) -> anyhow::Result<Vec<u8>> {
     Ok(line.as_bytes().to_vec())
 }
 
+fn secret(cli: &Cli) -> anyhow::Result<Vec<u8>> {
+    let Some(f) = &cli.password_file else {
+        bail!(
+            "no passphrase: give --password-file (or TIANDI_BACKUP_PASSWORD_FILE), a file of mode 0600"
+        );
+    };
+    read_secret(f)
+}
+
+fn dir(cli: &Cli) -> anyhow::Result<&PathBuf> {
+    cli.repo
+        .as_ref()
+        .context("no repository: give --repo (or TIANDI_BACKUP_REPO)")
+}
+
 /// The repository, opened with the passphrase.
 fn open(cli: &Cli) -> anyhow::Result<Repo> {
-    Repo::open(&cli.repo, &secret(cli)?).with_context(|| format!("opening {}", cli.repo.display()))
+    let dir = dir(cli)?;
+    Repo::open(dir, &secret(cli)?).with_context(|| format!("opening {}", dir.display()))
 }
 
 fn now_ms() -> i64 {
@@ -127,10 +216,18 @@ fn print<T: serde::Serialize>(json: bool, value: &T, text: impl FnOnce() -> Stri
     }
 }
 
+fn code(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    }
+}
+
 fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
-    let dir = &cli.repo;
     match &cli.cmd {
         Cmd::Init { holder } => {
+            let dir = dir(cli)?;
             Repo::init(dir, holder, &secret(cli)?, KdfParams::default(), now_ms())
                 .with_context(|| format!("making a repository in {}", dir.display()))?;
             print(
@@ -140,7 +237,14 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Backup { paths, host, tags } => {
+        Cmd::Backup {
+            paths,
+            host,
+            tags,
+            parent,
+            force,
+            threads,
+        } => {
             let mut r = open(cli)?;
             let host = match host {
                 Some(h) => h.clone(),
@@ -148,30 +252,25 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                     .map(|h| h.trim().to_string())
                     .unwrap_or_else(|_| "unknown".into()),
             };
-            let s = r
-                .backup(paths, &host, tags, now_ms())
-                .context("backing up")?;
-            print(cli.json, &s, || {
-                let mut t = format!(
-                    "snapshot {} saved: {} files, {} directories, {} bytes; new: {} chunks, {} bytes in {} packs",
-                    s.snapshot,
-                    s.files,
-                    s.dirs,
-                    s.bytes,
-                    s.new_chunks,
-                    s.new_bytes,
-                    s.packs_written
-                );
-                for k in &s.skipped {
-                    t.push_str(&format!("\nleft out: {k}"));
+            let mut o = BackupOptions::new(&host, now_ms());
+            o.tags = tags.clone();
+            o.parent = parent.clone();
+            o.force = *force;
+            if let Some(t) = threads {
+                o.threads = (*t).max(1);
+            }
+            let tty = !cli.json && std::io::stderr().is_terminal();
+            let mut report = |p: &Progress| {
+                if tty {
+                    eprint!("\r{}", text::progress(p));
                 }
-                t
-            });
-            Ok(if s.skipped.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(3)
-            })
+            };
+            let s = r.backup(paths, &o, &mut report).context("backing up")?;
+            if tty {
+                eprintln!();
+            }
+            print(cli.json, &s, || text::backup(&s));
+            Ok(code(s.skipped_count == 0))
         }
         Cmd::Snapshots => {
             let r = open(cli)?;
@@ -181,44 +280,98 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 .map(|(id, s)| {
                     serde_json::json!({
                         "id": id, "time_ms": s.time_ms, "host": s.host, "paths": s.paths,
-                        "tags": s.tags, "nodes": s.nodes.len(),
-                        "bytes": s.nodes.iter().map(|n| n.size).sum::<u64>(),
+                        "tags": s.tags, "parent": s.parent, "files": s.totals.files,
+                        "bytes": s.totals.bytes, "new_bytes": s.totals.new_bytes,
+                        "stored_bytes": s.totals.stored_bytes,
                     })
                 })
                 .collect();
-            print(cli.json, &list, || {
-                list.iter()
-                    .map(|s| {
-                        format!(
-                            "{}  {}  {}  {}  {} bytes",
-                            s["id"].as_str().unwrap_or_default(),
-                            s["time_ms"],
-                            s["host"].as_str().unwrap_or_default(),
-                            s["paths"],
-                            s["bytes"]
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            });
+            print(cli.json, &list, || text::snapshots(&list));
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Restore { snapshot, target } => {
+        Cmd::Ls { snapshot, path } => {
             let r = open(cli)?;
-            let s = r
-                .restore(snapshot, target)
-                .with_context(|| format!("restoring {snapshot} into {}", target.display()))?;
-            print(cli.json, &s, || {
-                format!(
-                    "restored {} files, {} directories, {} links, {} bytes into {}",
-                    s.files,
-                    s.dirs,
-                    s.symlinks,
-                    s.bytes,
-                    target.display()
-                )
-            });
+            let mut all = Vec::new();
+            r.ls(snapshot, path, &mut |e| {
+                if cli.json {
+                    all.push(e);
+                } else {
+                    println!("{}", text::ls(&e));
+                }
+            })?;
+            if cli.json {
+                print(true, &all, String::new);
+            }
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Diff { from, to } => {
+            let r = open(cli)?;
+            let mut all = Vec::new();
+            r.diff(from, to, &mut |c| {
+                if cli.json {
+                    all.push(c);
+                } else {
+                    println!("{}  {}", c.what, c.path);
+                }
+            })?;
+            if cli.json {
+                print(true, &all, String::new);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Dump { snapshot, path } => {
+            let r = open(cli)?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            r.dump(snapshot, path, &mut out)?;
+            std::io::Write::flush(&mut out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Restore {
+            snapshot,
+            target,
+            path,
+            threads,
+        } => {
+            let r = open(cli)?;
+            let mut o = RestoreOptions {
+                path: path.clone(),
+                ..RestoreOptions::default()
+            };
+            if let Some(t) = threads {
+                o.threads = (*t).max(1);
+            }
+            let s = r
+                .restore(snapshot, target, &o)
+                .with_context(|| format!("restoring {snapshot} into {}", target.display()))?;
+            print(cli.json, &s, || text::restore(&s, target));
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Check { read_data_pct } => {
+            let dir = dir(cli)?;
+            let s = repo::check_packs(&Local::new(dir))
+                .with_context(|| format!("checking {}", dir.display()))?;
+            let data = if *read_data_pct > 0 || cli.password_file.is_some() {
+                Some(open(cli)?.check_data(*read_data_pct)?)
+            } else {
+                None
+            };
+            let ok = s.damaged.is_empty() && data.as_ref().is_none_or(|d| d.errors.is_empty());
+            print(
+                cli.json,
+                &serde_json::json!({ "packs": s, "data": data }),
+                || text::check(&s, data.as_ref()),
+            );
+            Ok(code(ok))
+        }
+        Cmd::Drill {
+            snapshot,
+            scratch,
+            sample_pct,
+        } => {
+            let r = open(cli)?;
+            let d = r.drill(snapshot, scratch, *sample_pct)?;
+            print(cli.json, &d, || text::drill(&d));
+            Ok(code(d.mismatches.is_empty()))
         }
         Cmd::Forget {
             keep,
@@ -254,37 +407,70 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                         .with_context(|| format!("forgetting {}", d.id))?;
                 }
             }
-            print(cli.json, &decisions, || {
-                decisions
-                    .iter()
-                    .map(|d| match d.reasons.is_empty() {
-                        true if *dry_run => format!("{}  would go", d.id),
-                        true => format!("{}  removed", d.id),
-                        false => format!("{}  kept ({})", d.id, d.reasons.join(", ")),
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            });
+            print(cli.json, &decisions, || text::forget(&decisions, *dry_run));
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Check => {
-            let s =
-                repo::check_packs(dir).with_context(|| format!("checking {}", dir.display()))?;
-            print(cli.json, &s, || {
-                let mut t = format!(
-                    "{} packs, {} blobs, {} bytes checked",
-                    s.packs, s.blobs, s.bytes
-                );
-                for d in &s.damaged {
-                    t.push_str(&format!("\ndamaged: {d}"));
+        Cmd::Prune {
+            grace_hours,
+            repack_below,
+            dry_run,
+        } => {
+            if !(0.0..=24.0 * 365.0).contains(grace_hours) {
+                bail!("--grace-hours {grace_hours}: between 0 and a year");
+            }
+            if !(0.0..=1.0).contains(repack_below) {
+                bail!("--repack-below {repack_below}: a share between 0 and 1");
+            }
+            let mut r = open(cli)?;
+            let mut o = PruneOptions::new(now_ms());
+            o.grace_ms = (grace_hours * 3600e3) as i64;
+            o.repack_below = *repack_below;
+            o.dry_run = *dry_run;
+            let s = r.prune(&o).context("pruning")?;
+            print(cli.json, &s, || text::prune(&s));
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Key { cmd } => {
+            let r = open(cli)?;
+            match cmd {
+                KeyCmd::List => {
+                    let l = r.keys_list(&secret(cli)?)?;
+                    print(cli.json, &l, || {
+                        l.iter()
+                            .map(|k| {
+                                format!(
+                                    "{}{}  created {}",
+                                    if k.current { "* " } else { "  " },
+                                    k.holder,
+                                    text::time(k.created_ms)
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    });
                 }
-                t
-            });
-            Ok(if s.damaged.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(3)
-            })
+                KeyCmd::Add {
+                    holder,
+                    new_password_file,
+                } => {
+                    r.key_add(
+                        holder,
+                        &read_secret(new_password_file)?,
+                        KdfParams::default(),
+                        now_ms(),
+                    )?;
+                    print(cli.json, &serde_json::json!({ "added": holder }), || {
+                        format!("added a key for {holder}")
+                    });
+                }
+                KeyCmd::Remove { holder } => {
+                    r.key_remove(holder, &secret(cli)?)?;
+                    print(cli.json, &serde_json::json!({ "removed": holder }), || {
+                        format!("removed {holder}'s key")
+                    });
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Tiandi benchmarks. Each runs the real release binaries as separate processes and ends with
 //! one `key=value` summary line.
 //!
-//! `geo-link`: see `geolink.rs`. `impairments`: see `impairments.rs`.
+//! `backup`: see `backup.rs`. `geo-link`: see `geolink.rs`. `impairments`: see `impairments.rs`.
 //!
 //! `ingest`: the controller and `tiandi-agent simulate` (N sites over real QUIC on loopback).
 //! Measures, over the first quarter of the run (steady state, no API client attached):
@@ -15,6 +15,7 @@
 //! sites produced with what the controller stored (lost, duplicated). Peak RSS is the
 //! controller's VmHWM, the larger of its two runs.
 
+mod backup;
 mod dashboard;
 mod geolink;
 mod geotransfer;
@@ -55,6 +56,10 @@ enum Cmd {
     /// The web console at scale: the site list API under 20 clients, a cold page load in
     /// headless Chromium, and live updates in an open page.
     Dashboard(dashboard::Args),
+    /// Tiandi's backup against restic on vendored source trees and a database-like file:
+    /// first and incremental backups, a restore checked file by file, repository size, peak
+    /// RSS. Needs restic (`apt-get install restic`).
+    Backup(backup::Args),
     /// The transport alone over one emulated GEO link: QUIC (fixed-rate and Cubic) against
     /// TCP (BBR and Cubic). Needs root.
     GeoLink(geolink::Args),
@@ -86,6 +91,7 @@ fn main() -> anyhow::Result<()> {
             duration,
         } => ingest::run(sites, interval, duration),
         Cmd::Dashboard(a) => dashboard::run(a),
+        Cmd::Backup(a) => backup::run(a),
         Cmd::GeoLink(a) => geolink::run(a),
         Cmd::GeoTransfer(a) => geotransfer::run(a),
         Cmd::ReportLatency(a) => reportlatency::run(a),

@@ -122,8 +122,9 @@ fn back_up_restore_check_and_survive_a_kill() {
 
     // The partner's check needs no passphrase; a damaged pack is found (exit 3).
     let c = json(&run(&repo, None, &["check"]));
-    assert!(c["damaged"].as_array().unwrap().is_empty(), "{c}");
-    assert!(c["packs"].as_u64().unwrap() >= 2, "{c}");
+    assert!(c["packs"]["damaged"].as_array().unwrap().is_empty(), "{c}");
+    assert!(c["packs"]["packs"].as_u64().unwrap() >= 2, "{c}");
+    assert!(c["data"].is_null(), "no key, no data check: {c}");
 
     // SIGKILL in the middle of a backup of new data, then the same backup again: what the
     // killed run had written in packs is not stored again.
@@ -162,7 +163,7 @@ fn back_up_restore_check_and_survive_a_kill() {
         &["dumps/tomorrow.sql"],
     );
     assert!(
-        json(&run(&repo, None, &["check"]))["damaged"]
+        json(&run(&repo, None, &["check"]))["packs"]["damaged"]
             .as_array()
             .unwrap()
             .is_empty()
@@ -211,7 +212,135 @@ fn back_up_restore_check_and_survive_a_kill() {
     let o = run(&repo, None, &["check"]);
     assert_eq!(o.status.code(), Some(3));
     let c: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(c["damaged"].as_array().unwrap().len(), 1, "{c}");
+    assert_eq!(c["packs"]["damaged"].as_array().unwrap().len(), 1, "{c}");
+    // With the key, reading every pack: the damaged one is named again, by its blobs' check.
+    let o = run(&repo, Some(&pw), &["check", "--read-data-pct", "100"]);
+    assert_eq!(o.status.code(), Some(3));
+    let c: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(!c["data"]["errors"].as_array().unwrap().is_empty(), "{c}");
+}
+
+#[test]
+fn browse_drill_prune_and_keys_from_the_command_line() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("province-db");
+    std::fs::create_dir_all(src.join("dumps")).unwrap();
+    std::fs::write(src.join("dumps/a.sql"), noise(9 << 20, 1)).unwrap();
+    std::fs::write(src.join("dumps/b.sql"), noise(9 << 20, 2)).unwrap();
+    std::fs::write(src.join("README"), "dumped nightly\n").unwrap();
+    let repo = t.path().join("repo");
+    let pw = t.path().join("pw");
+    secret_file(&pw, "correct horse battery staple\n");
+    json(&run(&repo, Some(&pw), &["init"]));
+    let s1 = json(&run(&repo, Some(&pw), &["backup", src.to_str().unwrap()]));
+    std::fs::remove_file(src.join("dumps/a.sql")).unwrap();
+    std::fs::write(src.join("README"), "dumped nightly, then weekly\n").unwrap();
+    let s2 = json(&run(&repo, Some(&pw), &["backup", src.to_str().unwrap()]));
+    assert_eq!(
+        s2["unchanged_files"], 1,
+        "b.sql is taken from the parent: {s2}"
+    );
+    assert_eq!(s2["parent"], s1["snapshot"]);
+
+    let ls = json(&run(
+        &repo,
+        Some(&pw),
+        &["ls", "latest", "province-db/dumps"],
+    ));
+    let paths: Vec<&str> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["province-db/dumps", "province-db/dumps/b.sql"]);
+    let d = json(&run(
+        &repo,
+        Some(&pw),
+        &["diff", s1["snapshot"].as_str().unwrap(), "latest"],
+    ));
+    let d: Vec<String> = d
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            format!(
+                "{} {}",
+                c["what"].as_str().unwrap(),
+                c["path"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(d, ["M province-db/README", "- province-db/dumps/a.sql"]);
+    let dump = run(&repo, Some(&pw), &["dump", "latest", "province-db/README"]);
+    assert!(dump.status.success());
+    assert_eq!(dump.stdout, b"dumped nightly, then weekly\n");
+
+    // A drill restores and compares, and leaves nothing behind.
+    let scratch = t.path().join("drill");
+    let dr = json(&run(
+        &repo,
+        Some(&pw),
+        &["drill", "--scratch", scratch.to_str().unwrap()],
+    ));
+    assert_eq!(dr["files"], 2, "{dr}");
+    assert!(dr["mismatches"].as_array().unwrap().is_empty(), "{dr}");
+    assert!(!scratch.exists());
+
+    // Forget the first snapshot, prune with no grace: a.sql's data goes at the second prune.
+    let packs = || walk_count(&repo.join("packs"));
+    json(&run(&repo, Some(&pw), &["forget", "--keep-last", "1"]));
+    let p1 = json(&run(&repo, Some(&pw), &["prune", "--grace-hours", "0"]));
+    assert!(p1["marked_bytes"].as_u64().unwrap() > 0, "{p1}");
+    let before = packs();
+    let p2 = json(&run(&repo, Some(&pw), &["prune", "--grace-hours", "0"]));
+    assert!(p2["deleted_packs"].as_u64().unwrap() >= 1, "{p2}");
+    assert!(packs() < before, "{p2}");
+    let c = json(&run(&repo, Some(&pw), &["check", "--read-data-pct", "100"]));
+    assert!(c["data"]["errors"].as_array().unwrap().is_empty(), "{c}");
+    let out = t.path().join("out");
+    restore_same(
+        &repo,
+        &pw,
+        &Value::from("latest"),
+        &out,
+        &src,
+        &["dumps/b.sql", "README"],
+    );
+
+    // A second key for the DR centre opens the repository; the last key cannot be removed.
+    let dr_pw = t.path().join("dr-pw");
+    secret_file(&dr_pw, "the DR centre's own passphrase\n");
+    json(&run(
+        &repo,
+        Some(&pw),
+        &[
+            "key",
+            "add",
+            "--holder",
+            "dr-centre",
+            "--new-password-file",
+            dr_pw.to_str().unwrap(),
+        ],
+    ));
+    let keys = json(&run(&repo, Some(&dr_pw), &["key", "list"]));
+    assert_eq!(keys.as_array().unwrap().len(), 2, "{keys}");
+    json(&run(
+        &repo,
+        Some(&dr_pw),
+        &["key", "remove", "--holder", "owner"],
+    ));
+    assert_eq!(run(&repo, Some(&pw), &["snapshots"]).status.code(), Some(1));
+    assert_eq!(
+        run(
+            &repo,
+            Some(&dr_pw),
+            &["key", "remove", "--holder", "dr-centre"]
+        )
+        .status
+        .code(),
+        Some(1)
+    );
 }
 
 fn walk_count(dir: &Path) -> usize {
