@@ -12,9 +12,12 @@ use crate::BackupError;
 use crate::crypto::Keys;
 
 /// Smallest chunk (but the last of a file).
-pub const MIN: usize = 256 * 1024;
-/// The average chunk.
-pub const AVG: usize = 1024 * 1024;
+pub const MIN: usize = 128 * 1024;
+/// FastCDC's target size (its masks); with the minimum and level-1 normalisation the chunks
+/// average about 440 KiB. Measured on database-like data with 1 % of its 4 KiB pages rewritten
+/// (`tiandi-bench backup`): a 1 MiB target (1.6 MiB real mean) stored 97 % of the file again,
+/// this one 70 %, restic (whose Rabin chunker cuts such pages at its 512 KiB minimum) 72 %.
+pub const AVG: usize = 256 * 1024;
 /// Largest chunk: also the bound on what one chunk may decompress to.
 pub const MAX: usize = 4 * 1024 * 1024;
 
@@ -48,38 +51,31 @@ impl Chunker {
         mut source: R,
         mut emit: impl FnMut(&[u8]) -> Result<(), BackupError>,
     ) -> Result<u64, BackupError> {
-        self.buf.clear();
-        let mut start = 0;
+        if self.buf.len() != 2 * MAX {
+            self.buf = vec![0; 2 * MAX];
+        }
+        let (mut start, mut end) = (0, 0);
         let mut eof = false;
         let mut total = 0u64;
         loop {
-            if !eof && self.buf.len() - start < MAX {
-                self.buf.drain(..start);
+            if !eof && end - start < MAX {
+                self.buf.copy_within(start..end, 0);
+                end -= start;
                 start = 0;
-                while !eof && self.buf.len() < 2 * MAX {
-                    let have = self.buf.len();
-                    self.buf.resize(2 * MAX, 0);
-                    match source.read(&mut self.buf[have..]) {
-                        Ok(0) => {
-                            self.buf.truncate(have);
-                            eof = true;
-                        }
-                        Ok(n) => self.buf.truncate(have + n),
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
-                            self.buf.truncate(have);
-                        }
-                        Err(e) => {
-                            self.buf.truncate(have);
-                            return Err(BackupError::Io(e));
-                        }
+                while !eof && end < self.buf.len() {
+                    match source.read(&mut self.buf[end..]) {
+                        Ok(0) => eof = true,
+                        Ok(n) => end += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(BackupError::Io(e)),
                     }
                 }
             }
-            if start == self.buf.len() {
+            if start == end {
                 return Ok(total);
             }
             let (_, n) = cut_gear(
-                &self.buf[start..],
+                &self.buf[start..end],
                 MIN,
                 AVG,
                 MAX,
@@ -135,6 +131,26 @@ mod tests {
             .filter(|&&(o, n)| a.iter().any(|&(o2, n2)| o2 + 1000 == o && n2 == n))
             .count();
         assert!(same + 2 >= a.len(), "{same} of {} chunks kept", a.len());
+        // Reads of any size give the same cuts.
+        struct Trickle<'a>(&'a [u8]);
+        impl Read for Trickle<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                let n = buf.len().min(self.0.len()).min(7777);
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let mut slow = Vec::new();
+        let mut at = 0u64;
+        Chunker::new(&keys)
+            .chunks(Trickle(&data), |c| {
+                slow.push((at, c.len()));
+                at += c.len() as u64;
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(a, slow);
         // The same cuts as the crate's own streaming chunker (the format names its algorithm).
         let theirs: Vec<(u64, usize)> = fastcdc::v2020::StreamCDC::with_level_and_seed(
             &data[..],

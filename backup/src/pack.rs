@@ -78,6 +78,7 @@ impl PackWriter {
 
     /// The pack's bytes and its name (BLAKE3 of them), and its entries.
     pub fn finish(mut self) -> (blake3::Hash, Vec<u8>, Vec<Entry>) {
+        self.buf.reserve_exact(self.entries.len() * ENTRY + TAIL);
         for e in &self.entries {
             self.buf.extend_from_slice(&e.id);
             self.buf.extend_from_slice(&e.offset.to_le_bytes());
