@@ -3,9 +3,9 @@
 //! into packs whose trailer a storing partner can read and verify without the key
 //! ([`pack`]). `FORMAT.md` is the byte-level description, versioned.
 //!
-//! [`repo`] keeps a repository on a [`backend::Backend`] (a local directory today): init,
-//! open, back up, list, browse, restore, prune; [`policy`] decides which snapshots a retention
-//! policy keeps.
+//! [`repo`] keeps a repository on a [`backend::Backend`] (a local directory, or an S3 bucket:
+//! [`s3`]): init, open, back up, list, browse, restore, prune; [`policy`] decides which
+//! snapshots a retention policy keeps.
 
 pub mod backend;
 pub mod chunker;
@@ -13,6 +13,7 @@ pub mod crypto;
 pub mod pack;
 pub mod policy;
 pub mod repo;
+pub mod s3;
 pub mod snapshot;
 
 /// The repository format this crate writes (and the newest it reads).

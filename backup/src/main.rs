@@ -6,13 +6,15 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use tiandi_backup::backend::Local;
+use tiandi_backup::backend::{Backend, Local};
 use tiandi_backup::crypto::KdfParams;
 use tiandi_backup::policy;
 use tiandi_backup::repo::{self, BackupOptions, Progress, PruneOptions, Repo, RestoreOptions};
+use tiandi_backup::s3::{self, S3Backend, S3Config};
 
 mod text;
 
@@ -23,9 +25,14 @@ mod text;
     about = "Deduplicated, encrypted backups that a partner can verify without the key"
 )]
 struct Cli {
-    /// The repository (a directory).
+    /// The repository: a directory, or an S3 bucket `s3:https://host[:port]/bucket[/prefix]`
+    /// (plain http:// only to a loopback address). A directory named `s3:…` is `./s3:…`.
     #[arg(long, short = 'r', env = "TIANDI_BACKUP_REPO", global = true)]
     repo: Option<PathBuf>,
+    /// For an S3 repository: a file (mode 0600) of TOML, `access_key_id = "…"` and
+    /// `secret_access_key = "…"`.
+    #[arg(long, env = "TIANDI_BACKUP_S3_CREDENTIALS_FILE", global = true)]
+    s3_credentials_file: Option<PathBuf>,
     /// A file (mode 0600) holding the passphrase; its first line is used.
     #[arg(long, env = "TIANDI_BACKUP_PASSWORD_FILE", global = true)]
     password_file: Option<PathBuf>,
@@ -192,10 +199,31 @@ fn dir(cli: &Cli) -> anyhow::Result<&PathBuf> {
         .context("no repository: give --repo (or TIANDI_BACKUP_REPO)")
 }
 
+/// Where the repository is: a directory, or an S3 bucket with the credentials file's keys.
+fn backend(cli: &Cli) -> anyhow::Result<Arc<dyn Backend>> {
+    let repo = dir(cli)?;
+    let Some(location) = repo.to_str().filter(|r| r.starts_with("s3:")) else {
+        return Ok(Arc::new(Local::new(repo)));
+    };
+    let Some(f) = &cli.s3_credentials_file else {
+        bail!(
+            "{location}: no S3 credentials: give --s3-credentials-file (or \
+             TIANDI_BACKUP_S3_CREDENTIALS_FILE), a file of mode 0600"
+        );
+    };
+    let text = tiandi_link::secrets::read_private(f)?
+        .with_context(|| format!("{}: no such file", f.display()))?;
+    let (id, secret) = s3::credentials_from_toml(&text, &f.display().to_string())?;
+    Ok(Arc::new(S3Backend::new(&S3Config::from_location(
+        location, &id, &secret,
+    )?)?))
+}
+
 /// The repository, opened with the passphrase.
 fn open(cli: &Cli) -> anyhow::Result<Repo> {
-    let dir = dir(cli)?;
-    Repo::open(dir, &secret(cli)?).with_context(|| format!("opening {}", dir.display()))
+    let be = backend(cli)?;
+    let what = be.describe();
+    Repo::open_on(be, &secret(cli)?).with_context(|| format!("opening {what}"))
 }
 
 fn now_ms() -> i64 {
@@ -227,13 +255,14 @@ fn code(ok: bool) -> ExitCode {
 fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     match &cli.cmd {
         Cmd::Init { holder } => {
-            let dir = dir(cli)?;
-            Repo::init(dir, holder, &secret(cli)?, KdfParams::default(), now_ms())
-                .with_context(|| format!("making a repository in {}", dir.display()))?;
+            let be = backend(cli)?;
+            let what = be.describe();
+            Repo::init_on(be, holder, &secret(cli)?, KdfParams::default(), now_ms())
+                .with_context(|| format!("making a repository in {what}"))?;
             print(
                 cli.json,
-                &serde_json::json!({ "repository": dir, "holder": holder }),
-                || format!("created repository {} (key holder {holder})", dir.display()),
+                &serde_json::json!({ "repository": what, "holder": holder }),
+                || format!("created repository {what} (key holder {holder})"),
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -347,9 +376,9 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Check { read_data_pct } => {
-            let dir = dir(cli)?;
-            let s = repo::check_packs(&Local::new(dir))
-                .with_context(|| format!("checking {}", dir.display()))?;
+            let be = backend(cli)?;
+            let s =
+                repo::check_packs(&*be).with_context(|| format!("checking {}", be.describe()))?;
             let data = if *read_data_pct > 0 || cli.password_file.is_some() {
                 Some(open(cli)?.check_data(*read_data_pct)?)
             } else {
