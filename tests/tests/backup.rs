@@ -67,7 +67,11 @@ fn back_up_restore_check_and_survive_a_kill() {
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("province-db");
     std::fs::create_dir_all(src.join("dumps")).unwrap();
-    std::fs::write(src.join("dumps/today.sql"), noise(40 << 20, 11)).unwrap();
+    std::fs::write(
+        src.join("dumps/today.sql"),
+        tiandi_tests::noise(40 << 20, 11),
+    )
+    .unwrap();
     std::fs::write(src.join("README"), "dumped nightly by the pre-hook\n").unwrap();
     let repo = t.path().join("repo");
     let pw = t.path().join("pw");
@@ -128,7 +132,11 @@ fn back_up_restore_check_and_survive_a_kill() {
 
     // SIGKILL in the middle of a backup of new data, then the same backup again: what the
     // killed run had written in packs is not stored again.
-    std::fs::write(src.join("dumps/tomorrow.sql"), noise(96 << 20, 12)).unwrap();
+    std::fs::write(
+        src.join("dumps/tomorrow.sql"),
+        tiandi_tests::noise(96 << 20, 12),
+    )
+    .unwrap();
     let mut child = Command::new(tiandi_tests::bin("tiandi-backup"))
         .arg("--repo")
         .arg(&repo)
@@ -225,8 +233,8 @@ fn browse_drill_prune_and_keys_from_the_command_line() {
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("province-db");
     std::fs::create_dir_all(src.join("dumps")).unwrap();
-    std::fs::write(src.join("dumps/a.sql"), noise(9 << 20, 1)).unwrap();
-    std::fs::write(src.join("dumps/b.sql"), noise(9 << 20, 2)).unwrap();
+    std::fs::write(src.join("dumps/a.sql"), tiandi_tests::noise(9 << 20, 1)).unwrap();
+    std::fs::write(src.join("dumps/b.sql"), tiandi_tests::noise(9 << 20, 2)).unwrap();
     std::fs::write(src.join("README"), "dumped nightly\n").unwrap();
     let repo = t.path().join("repo");
     let pw = t.path().join("pw");
@@ -375,18 +383,4 @@ fn first_file(dir: &Path) -> std::path::PathBuf {
         }
     }
     panic!("no file under {}", dir.display())
-}
-
-/// Bytes that neither deduplicate nor compress (xorshift64*), reproducible by seed.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }

@@ -107,8 +107,12 @@ fn random_hex(n: usize) -> String {
 fn source(dir: &Path) -> PathBuf {
     let src = dir.join("province-db");
     std::fs::create_dir_all(src.join("dumps")).unwrap();
-    std::fs::write(src.join("dumps/today.sql"), noise(20 << 20, 7)).unwrap();
-    std::fs::write(src.join("dumps/small.sql"), noise(3000, 8)).unwrap();
+    std::fs::write(
+        src.join("dumps/today.sql"),
+        tiandi_tests::noise(20 << 20, 7),
+    )
+    .unwrap();
+    std::fs::write(src.join("dumps/small.sql"), tiandi_tests::noise(3000, 8)).unwrap();
     std::fs::write(src.join("README"), "dumped nightly by the pre-hook\n").unwrap();
     src
 }
@@ -362,18 +366,4 @@ fn a_repository_in_a_bucket_from_the_command_line() {
     let e = failed(&run(&repo, &wrong, &pw, &["snapshots"]));
     assert!(e.contains(BUCKET) && e.contains(&s3.endpoint()), "{e}");
     assert!(!e.contains("not-the-secret"), "{e}");
-}
-
-/// Bytes that neither deduplicate nor compress (xorshift64*), reproducible by seed.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
