@@ -62,6 +62,14 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// This site's backup jobs (pushed by the controller): last runs, next runs, shipping to
+    /// the partner; as the running agent last wrote them.
+    Backups {
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run N simulated sites over real QUIC connections (load generator).
     Simulate(crate::simulate::SimulateArgs),
 }
@@ -170,6 +178,88 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", transfers::table(&jobs));
             Ok(())
         }
+        Cmd::Backups { data_dir, json } => {
+            let dir = data_dir.unwrap_or(cfg.data_dir);
+            let file = dir.join("backup").join("status.json");
+            let st: tiandi_backup::scheduler::Status = match std::fs::read(&file) {
+                Ok(b) => serde_json::from_slice(&b)
+                    .with_context(|| format!("reading {}", file.display()))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    tiandi_backup::scheduler::Status::default()
+                }
+                Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+                return Ok(());
+            }
+            print!("{}", backups_table(&st, tiandi_transfer::now_ms()));
+            Ok(())
+        }
         Cmd::Simulate(args) => crate::simulate::run(args).await,
     }
+}
+
+/// `tiandi-agent backups`: a line per job and kind, then a line per shipped repository.
+fn backups_table(st: &tiandi_backup::scheduler::Status, now_ms: i64) -> String {
+    use std::fmt::Write;
+    let ago = |ms: i64| {
+        let s = (now_ms - ms).max(0) / 1000;
+        match s {
+            0..120 => format!("{s} s ago"),
+            120..7200 => format!("{} min ago", s / 60),
+            _ => format!("{} h ago", s / 3600),
+        }
+    };
+    let mut out = String::new();
+    if st.jobs.is_empty() {
+        out.push_str("no backup jobs (the controller configures them)\n");
+    }
+    for j in &st.jobs {
+        for k in &j.kinds {
+            let last = match &k.last {
+                None => "never run".to_string(),
+                Some(r) if r.ok => format!("ok {}", ago(r.started_ms)),
+                Some(r) => format!(
+                    "FAILED {}: {}",
+                    ago(r.started_ms),
+                    r.error.as_deref().unwrap_or("")
+                ),
+            };
+            let next = match k.next_ms {
+                Some(t) if t <= now_ms => "due".to_string(),
+                Some(t) => format!("in {} min", (t - now_ms) / 60_000),
+                None => "-".into(),
+            };
+            let _ = writeln!(out, "{:<24} {:<7} {last:<40} next {next}", j.job, k.kind);
+        }
+        if let Some(r) = &j.running {
+            let _ = writeln!(
+                out,
+                "{:<24} {:<7} running: {} files, {:.1} of {:.1} MB{}",
+                j.job,
+                r.kind,
+                r.files,
+                r.bytes as f64 / 1e6,
+                r.total_bytes as f64 / 1e6,
+                r.eta_s.map(|s| format!(", {s} s left")).unwrap_or_default()
+            );
+        }
+    }
+    for s in &st.shipping {
+        let _ = writeln!(
+            out,
+            "repository {:<14} to {:<12} {} ({} files, {:.1} MB waiting){}",
+            s.repo,
+            s.to,
+            if s.in_sync { "in sync" } else { "sending" },
+            s.pending_files,
+            s.pending_bytes as f64 / 1e6,
+            s.error
+                .as_deref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        );
+    }
+    out
 }

@@ -37,6 +37,12 @@ pub struct Config {
     pub relay: Option<RelayConfig>,
     /// Files for this site come through its province's relay (`[via_relay]`).
     pub via_relay: Option<crate::transfers::ViaRelay>,
+    /// Local backup repositories this agent ships to its partner (`[[backup_repos]]`: `name`,
+    /// `path`, `to` = `controller`), in the `backup` transfer class.
+    pub backup_repos: Vec<tiandi_backup::partner::ShipConfig>,
+    /// Days files of a partner's repository kept here (`data_dir/backups/controller/`) stay
+    /// in its trash after the partner pruned them, before they are removed.
+    pub backup_trash_days: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -76,6 +82,8 @@ impl Default for Config {
             devices: Vec::new(),
             relay: None,
             via_relay: None,
+            backup_repos: Vec::new(),
+            backup_trash_days: 7,
         }
     }
 }
@@ -136,6 +144,16 @@ impl Config {
         for (i, d) in self.devices.iter().enumerate() {
             let key = format!("devices[{i}]");
             d.validate(file, &key)?;
+        }
+        for (i, r) in self.backup_repos.iter().enumerate() {
+            r.validate()
+                .map_err(|e| format!("{file}: key `backup_repos[{i}]`: {e}"))?;
+            if r.to != "controller" {
+                return Err(format!(
+                    "{file}: key `backup_repos[{i}].to`: {:?}: an agent ships to `controller`",
+                    r.to
+                ));
+            }
         }
         if let Some(v) = &self.via_relay {
             tiandi_link::pki::validate_name("relay site", &v.site)

@@ -103,6 +103,17 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         upstream: tokio::sync::watch::channel(None).0,
     });
     let mut tasks = vec![
+        // Repositories of partners (the controller's) that arrive in the inbox go into
+        // data_dir/backups/controller/<repo>/.
+        tokio::spawn(
+            tiandi_backup::partner::Placement {
+                inbox: cfg.data_dir.join("inbox"),
+                peer: Some(transfers::CONTROLLER.into()),
+                backups: cfg.data_dir.join("backups"),
+                hold: Duration::from_secs(u64::from(cfg.backup_trash_days) * 86_400),
+            }
+            .run(cancel.clone()),
+        ),
         tokio::spawn(transfers::intake_loop(
             cfg.data_dir.clone(),
             outbox.clone(),
@@ -116,6 +127,47 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
             cancel.clone(),
         )),
     ];
+    // Backups: the jobs the controller pushes run here on their schedules, into local
+    // repositories (data_dir/backup/repos/); those and `backup_repos` are shipped to the
+    // controller in the backup class; each run's result goes to the controller.
+    let shipper = Arc::new(
+        tiandi_backup::partner::Shipper::new(
+            outbox.clone(),
+            transfers_db.open_tree("backup-ship")?,
+            &cfg.data_dir.join("backup-ship"),
+            cfg.backup_repos.clone(),
+        )
+        .context("starting backup shipping")?,
+    );
+    tasks.push(tokio::spawn(shipper.clone().run(
+        Duration::from_secs(1),
+        Some(cfg.data_dir.join("backup-ship").join("status.json")),
+        cancel.clone(),
+    )));
+    let scheduler = tiandi_backup::scheduler::Scheduler::new(
+        &id.info.site_id,
+        &cfg.data_dir.join("backup"),
+        transfers_db.open_tree("backup-jobs")?,
+        shipper,
+        tiandi_backup::scheduler::outbox_sink(
+            outbox.clone(),
+            transfers::CONTROLLER,
+            &cfg.data_dir.join("backup").join("results"),
+        ),
+    )
+    .map_err(anyhow::Error::msg)
+    .context("starting the backup scheduler")?;
+    tasks.push(tokio::spawn(
+        scheduler.run(
+            Some(
+                cfg.data_dir
+                    .join("inbox")
+                    .join(tiandi_backup::scheduler::PUSHED_NAME),
+            ),
+            Some(cfg.data_dir.join("backup").join("status.json")),
+            cancel.clone(),
+        ),
+    ));
     if let Some(relay) = &cfg.relay {
         let tls = tiandi_link::tls::relay_server_tls(
             &id.ca_pem,

@@ -10,10 +10,14 @@
 pub mod backend;
 pub mod chunker;
 pub mod crypto;
+pub mod job;
 pub mod pack;
+pub mod partner;
 pub mod policy;
 pub mod repo;
 pub mod s3;
+pub mod schedule;
+pub mod scheduler;
 pub mod snapshot;
 
 /// The repository format this crate writes (and the newest it reads).
@@ -33,7 +37,8 @@ pub enum BackupError {
     BadPack(String),
     #[error("key file: {0}")]
     KeyFile(String),
-    #[error("reading: {0}")]
+    /// An I/O error; its message names the file or object.
+    #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("compression: {0}")]
     Compression(String),

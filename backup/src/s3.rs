@@ -77,6 +77,15 @@ impl fmt::Debug for S3Config {
     }
 }
 
+/// Whether `host` is this machine: 127.0.0.0/8, ::1 or `localhost`.
+fn is_loopback(host: &url::Host<&str>) -> bool {
+    match host {
+        url::Host::Domain(d) => d.eq_ignore_ascii_case("localhost"),
+        url::Host::Ipv4(ip) => IpAddr::V4(*ip).is_loopback(),
+        url::Host::Ipv6(ip) => IpAddr::V6(*ip).is_loopback(),
+    }
+}
+
 fn refuse(what: String) -> BackupError {
     BackupError::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, what))
 }
@@ -140,12 +149,7 @@ impl S3Config {
         match url.scheme() {
             "https" => {}
             "http" => {
-                let loopback = match host {
-                    url::Host::Domain(d) => d.eq_ignore_ascii_case("localhost"),
-                    url::Host::Ipv4(ip) => IpAddr::V4(ip).is_loopback(),
-                    url::Host::Ipv6(ip) => IpAddr::V6(ip).is_loopback(),
-                };
-                if !loopback {
+                if !is_loopback(&host) {
                     return Err(refuse(format!(
                         "S3 endpoint {}: plain http:// is allowed only to a loopback address \
                          (127.0.0.0/8, ::1, localhost); use https://",
@@ -234,15 +238,36 @@ pub struct S3Backend {
     prefix: String,
 }
 
+/// The HTTP client's options for a checked `config`.
+fn client_options(config: &S3Config) -> ClientOptions {
+    let http = config.endpoint.starts_with("http:");
+    let client = ClientOptions::new()
+        .with_allow_http(http)
+        .with_timeout(REQUEST_TIMEOUT)
+        .with_connect_timeout(CONNECT_TIMEOUT);
+    let loopback = url::Url::parse(&config.endpoint)
+        .ok()
+        .is_some_and(|u| u.host().is_some_and(|h| is_loopback(&h)));
+    if !loopback {
+        return client;
+    }
+    // reqwest (under object_store) sends every request through HTTP_PROXY / HTTPS_PROXY /
+    // ALL_PROXY from the environment unless NO_PROXY names the host, and such lists seldom name
+    // 127.0.0.1: a server on this machine would be asked through a proxy, which cannot reach
+    // it or carries the repository's traffic (plain HTTP allowed here) off the machine.
+    // ClientOptions cannot turn the environment's proxies off, but a proxy given here replaces
+    // them: one that every loopback host is excluded from is never used. Its address is the
+    // discard port on this machine, so a request that still went to it would fail, not leave.
+    client
+        .with_proxy_url("http://127.0.0.1:9")
+        .with_proxy_excludes("localhost,127.0.0.0/8,::1")
+}
+
 impl S3Backend {
     /// Checks `config` ([`S3Config::check`]) and makes the client; nothing is sent yet.
     pub fn new(config: &S3Config) -> Result<S3Backend, BackupError> {
         config.check()?;
-        let http = config.endpoint.starts_with("http:");
-        let client = ClientOptions::new()
-            .with_allow_http(http)
-            .with_timeout(REQUEST_TIMEOUT)
-            .with_connect_timeout(CONNECT_TIMEOUT);
+        let client = client_options(config);
         let retry = RetryConfig {
             backoff: BackoffConfig::default(),
             max_retries: MAX_RETRIES,
@@ -510,5 +535,73 @@ mod tests {
         drop(rt);
         let root = S3Backend::new(&loc("s3:http://127.0.0.1:9/ops-backup").unwrap()).unwrap();
         assert_eq!(root.key("config").unwrap().as_ref(), "config");
+    }
+
+    /// Counts the connections to a listener on 127.0.0.1, answering each request with a 404.
+    fn counting_server() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::io::{BufRead, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = hits.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut r = std::io::BufReader::new(c);
+                let mut line = String::new();
+                while r.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                let _ = r.get_mut().write_all(
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+            }
+        });
+        (port, hits)
+    }
+
+    /// With the proxy variables set (and NO_PROXY not), a loopback endpoint is still asked
+    /// directly. The variables are set for a child process running this test, not in this one.
+    #[test]
+    fn a_loopback_endpoint_is_asked_directly_whatever_the_proxy_variables_say() {
+        const CHILD: &str = "TIANDI_S3_PROXY_TEST_ENDPOINT";
+        if let Some(endpoint) = std::env::var_os(CHILD) {
+            let c = loc(&format!("s3:{}/ops-backup", endpoint.to_str().unwrap())).unwrap();
+            let e = S3Backend::new(&c).unwrap().read("config").unwrap_err();
+            assert!(e.to_string().contains("ops-backup"), "{e}");
+            return;
+        }
+        let (server, server_hits) = counting_server();
+        let (proxy, proxy_hits) = counting_server();
+        let proxy_url = format!("http://127.0.0.1:{proxy}");
+        for endpoint in [
+            format!("http://127.0.0.1:{server}"),
+            format!("http://localhost:{server}"),
+        ] {
+            // This very binary, even if a build has replaced its file since it started.
+            let out = std::process::Command::new("/proc/self/exe")
+                .args([
+                    "--exact",
+                    "s3::tests::a_loopback_endpoint_is_asked_directly_whatever_the_proxy_variables_say",
+                    "--test-threads=1",
+                ])
+                .env(CHILD, &endpoint)
+                .env("HTTP_PROXY", &proxy_url)
+                .env("HTTPS_PROXY", &proxy_url)
+                .env("ALL_PROXY", &proxy_url)
+                .env("http_proxy", &proxy_url)
+                .env_remove("NO_PROXY")
+                .env_remove("no_proxy")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success() && String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+                "{endpoint}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert_eq!(proxy_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert!(server_hits.load(std::sync::atomic::Ordering::SeqCst) >= 2);
     }
 }

@@ -19,8 +19,10 @@
 //! polled every 20 ms), the repository's size (its files' bytes). Summary: `data_mb` (version 1,
 //! MB), then Tiandi ÷ restic for the first backup, the mean incremental backup, the restore, the
 //! repository after all versions, and the largest peak RSS of any run (`init` included).
-//! `geo_utilisation` and `resent_after_cut_kb` (an incremental sent to a partner over an
-//! emulated GEO link) are `na` until that backend exists.
+//! `geo_utilisation` and `resent_after_cut_kb`: the last version's incremental (the files the
+//! last Tiandi backup added to its repository) shipped to a partner over an emulated GEO link,
+//! clean and with a cut (`backupgeo.rs`; root, for the namespaces; `--no-geo` leaves it out and
+//! prints `na`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -49,6 +51,19 @@ pub struct Args {
     /// Versions backed up: the corpus, then one edit after another.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(2..))]
     pub versions: u32,
+    /// Leave out the satellite part (it needs root).
+    #[arg(long)]
+    pub no_geo: bool,
+    /// The emulated link of the satellite part: rate (Mbit/s), round trip (ms), loss each way
+    /// (%), and how long it is cut in the second run (s).
+    #[arg(long, default_value_t = 20.0)]
+    pub geo_rate_mbit: f64,
+    #[arg(long, default_value_t = 600.0)]
+    pub geo_rtt_ms: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub geo_loss_pct: f64,
+    #[arg(long, default_value_t = 60.0)]
+    pub geo_cut_s: f64,
 }
 
 const PAGE: usize = 4096;
@@ -174,12 +189,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if !Path::new(RESTIC).exists() {
         bail!("{RESTIC} not found: install restic (`apt-get install restic`)");
     }
-    let work = a.work;
+    let work = a.work.clone();
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let work = work.canonicalize()?;
     let corpus = corpus(&work, a.db_mib)?;
 
-    let fresh = ["data", "logs", "tiandi-repo", "restic-repo", "restic-cache"];
+    let fresh = [
+        "data",
+        "logs",
+        "tiandi-repo",
+        "restic-repo",
+        "restic-cache",
+        "geo-stage",
+    ];
     let restores = ["restore-tiandi", "restore-restic"];
     for d in fresh.iter().chain(&restores) {
         remove_dir(&work.join(d))?;
@@ -203,6 +225,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let turns = |v: u32| if v % 2 == 1 { [0, 1] } else { [1, 0] };
     let mut first_bytes = 0;
     let mut want = Tree::default();
+    let mut before_last = Vec::new();
     for v in 1..=a.versions {
         if v > 1 {
             let [e, r, ad, p] = edit_version(&data, v)?;
@@ -213,6 +236,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         want = tree(&data)?;
         if v == 1 {
             first_bytes = want.bytes;
+        }
+        if v == a.versions {
+            before_last = crate::backupgeo::list(&tools[0].repo())?;
         }
         for i in turns(v) {
             tools[i].backup(&data, v)?;
@@ -243,9 +269,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         eprintln!("{what:<24}{t:>10.2}{r:>10.2}");
     }
     let [f, i, r, s, m] = figures.map(|(_, t, r)| format!("{:.3}", t / r));
-    let (geo_u, geo_k) = geo_incremental().map_or(("na".into(), "na".into()), |(u, k)| {
-        (format!("{u:.3}"), format!("{k:.0}"))
-    });
+    let (geo_u, geo_k) = if a.no_geo {
+        ("na".to_string(), "na".to_string())
+    } else {
+        let g = geo_incremental(&a, &work, &tools[0].repo(), &before_last)?;
+        (
+            format!("{:.3}", g.utilisation),
+            format!("{:.0}", g.resent_kb),
+        )
+    };
     println!(
         "backup data_mb={:.1} first_ratio={f} incr_ratio={i} restore_ratio={r} size_ratio={s} rss_ratio={m} geo_utilisation={geo_u} resent_after_cut_kb={geo_k}",
         first_bytes as f64 / MB
@@ -253,14 +285,51 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// TODO(geo): send one incremental backup to a partner over an emulated GEO link and return
-/// (link utilisation, KB sent again after a link cut). The partner backend does not exist yet:
-/// `None`, and the summary line says `na`.
-fn geo_incremental() -> Option<(f64, f64)> {
-    None
+/// The last incremental's new repository files, hard-linked into `geo-stage/` in their places,
+/// shipped over the emulated link; the run with the cut (the clean one is printed).
+fn geo_incremental(
+    a: &Args,
+    work: &Path,
+    repo: &Path,
+    before: &[(String, u64)],
+) -> anyhow::Result<crate::backupgeo::GeoRun> {
+    let stage = work.join("geo-stage");
+    remove_dir(&stage)?;
+    let old: BTreeSet<&String> = before.iter().map(|(p, _)| p).collect();
+    let mut n = (0, 0);
+    for (p, size) in crate::backupgeo::list(repo)? {
+        if old.contains(&p) {
+            continue;
+        }
+        let to = stage.join(&p);
+        fs::create_dir_all(to.parent().context("a repository path has a parent")?)?;
+        fs::hard_link(repo.join(&p), &to).with_context(|| format!("linking {p}"))?;
+        n = (n.0 + 1, n.1 + size);
+    }
+    eprintln!(
+        "satellite part: the last incremental's {} new repository files, {:.1} MB, to a partner over {} Mbit/s, {} ms, {} % loss",
+        n.0,
+        n.1 as f64 / MB,
+        a.geo_rate_mbit,
+        a.geo_rtt_ms,
+        a.geo_loss_pct
+    );
+    let g = crate::backupgeo::Geo {
+        rate_mbit: a.geo_rate_mbit,
+        rtt_ms: a.geo_rtt_ms,
+        loss_pct: a.geo_loss_pct,
+        cut: Duration::from_secs_f64(a.geo_cut_s),
+        time_limit: Duration::from_secs(1800),
+    };
+    let (clean, cut) = crate::backupgeo::run(&g, &stage, work)?;
+    eprintln!(
+        "satellite part: clean {:.1} s, utilisation {:.3}; with a {} s cut {:.1} s, utilisation {:.3} (cut excluded), {:.0} kB sent again",
+        clean.secs, clean.utilisation, a.geo_cut_s, cut.secs, cut.utilisation, cut.resent_kb
+    );
+    Ok(cut)
 }
 
-fn remove_dir(d: &Path) -> anyhow::Result<()> {
+pub(crate) fn remove_dir(d: &Path) -> anyhow::Result<()> {
     match fs::remove_dir_all(d) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             Err(e).with_context(|| format!("removing {}", d.display()))

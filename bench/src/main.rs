@@ -16,6 +16,7 @@
 //! controller's VmHWM, the larger of its two runs.
 
 mod backup;
+mod backupgeo;
 mod dashboard;
 mod geolink;
 mod geotransfer;

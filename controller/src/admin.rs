@@ -59,6 +59,7 @@ pub struct Admin<'a> {
     pub outbox: &'a Outbox,
     pub config: &'a crate::Config,
     pub users: &'a crate::users::Users,
+    pub backups: &'a crate::backups::Backups,
 }
 
 impl Admin<'_> {
@@ -275,6 +276,27 @@ impl AdminCall for TransfersRequest {
             received: Vec::new(),
             total_transfers: 0,
             total_received: 0,
+        })
+    }
+}
+
+/// Every backup job and where it stands.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BackupsRequest {}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackupsAnswer {
+    pub jobs: Vec<crate::backups::BackupStatus>,
+}
+
+impl AdminCall for BackupsRequest {
+    const PATH: &'static str = "/api/backups";
+    const GET: bool = true;
+    type Answer = BackupsAnswer;
+    fn dispatch(&self, a: &Admin<'_>) -> Result<BackupsAnswer, AdminError> {
+        let province = |site: &str| a.registry.get(site).map(|r| r.province).unwrap_or_default();
+        Ok(BackupsAnswer {
+            jobs: a.backups.status(tiandi_transfer::now_ms(), &province),
         })
     }
 }

@@ -11,8 +11,8 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
 use crate::admin::{
-    Admin, AdminCall, AdminError, ConferenceRequest, EnrollBatchRequest, EnrollRequest,
-    RevokeRequest, SendRequest, SiteRef, TransfersRequest, UserRequest,
+    Admin, AdminCall, AdminError, BackupsRequest, ConferenceRequest, EnrollBatchRequest,
+    EnrollRequest, RevokeRequest, SendRequest, SiteRef, TransfersRequest, UserRequest,
 };
 use crate::registry::Registry;
 use crate::{Config, Controller, demo};
@@ -85,6 +85,13 @@ pub enum Cmd {
     },
     /// Transfers and their state: per destination progress, rate, ETA and receipt.
     Transfers {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Backup jobs: last run, age of the newest backup at the partner against the RPO, size,
+    /// dedup, next run, verify and drill (works with the controller running or not).
+    Backups {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -313,6 +320,18 @@ pub async fn run(cli: Cli, mut cfg: Config) -> anyhow::Result<()> {
                         a.total_transfers
                     );
                 }
+            }
+            Ok(())
+        }
+        Cmd::Backups { json } => {
+            let a = client.call(&BackupsRequest {})?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&a)?);
+            } else {
+                print!(
+                    "{}",
+                    crate::backups::table(&a.jobs, tiandi_transfer::now_ms())
+                );
             }
             Ok(())
         }
@@ -611,11 +630,13 @@ impl AdminClient<'_> {
         let registry = Registry::open(&db, &ca)?;
         let outbox = tiandi_transfer::Outbox::new(db.open_tree("outbox")?);
         let users = crate::users::Users::open(&db)?;
+        let backups = crate::backups::Backups::open(&db, cfg)?;
         let admin = Admin {
             registry: &registry,
             outbox: &outbox,
             config: cfg,
             users: &users,
+            backups: &backups,
         };
         let result = req.dispatch(&admin);
         if let Some((action, target)) = req.audit() {

@@ -59,6 +59,15 @@ pub struct Config {
     pub relays: std::collections::BTreeMap<String, String>,
     pub conference: Conference,
     pub console: Console,
+    /// The controller's own backup repositories, shipped to partner sites in the `backup`
+    /// transfer class (`[[backup_repos]]`: `name`, `path`, `to` = a site ID).
+    pub backup_repos: Vec<tiandi_backup::partner::ShipConfig>,
+    /// Days files that sites' repositories here (`data_dir/backups/<site>/`) pruned stay in
+    /// the trash before they are removed: a site taken over cannot erase its backups here.
+    pub backup_trash_days: u32,
+    /// Backup jobs (`[[backup_jobs]]`): who backs up what, when, kept how long, to whom.
+    /// Pushed to each site; `site = "controller"` jobs run here. See the example config.
+    pub backup_jobs: Vec<tiandi_backup::job::JobSpec>,
 }
 
 /// The web console (served on `api_listen`) and its accounts.
@@ -226,6 +235,9 @@ impl Default for Config {
             relays: Default::default(),
             conference: Conference::default(),
             console: Console::default(),
+            backup_repos: Vec::new(),
+            backup_trash_days: 7,
+            backup_jobs: Vec::new(),
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod backups;
 pub mod cli;
 pub mod config;
 pub mod console;
@@ -134,6 +135,8 @@ pub struct Core {
     pub throttle: sessions::Throttle,
     pub audit: Arc<audit::Audit>,
     pub acks: acks::Acks,
+    /// Backup jobs, their results and the partner copies kept here ([`backups`]).
+    pub backups: Arc<backups::Backups>,
     /// When this controller started (Unix ms).
     pub started_ms: i64,
     /// The last sample of the stored-report counter (time, count) and the rate between the
@@ -187,6 +190,7 @@ impl Core {
             outbox: &self.outbox,
             config: &self.config,
             users: &self.users,
+            backups: &self.backups,
         }
     }
 
@@ -398,6 +402,8 @@ impl Controller {
         .context("opening the console sessions")?;
         let audit = Arc::new(audit::Audit::open(&db).context("opening the audit log")?);
         let acks = acks::Acks::open(&db).context("opening the alarm acknowledgements")?;
+        let backups =
+            Arc::new(backups::Backups::open(&db, &config).context("opening the backup jobs")?);
         let (events, _) = broadcast::channel(16_384);
         {
             // Transfers on the live stream: each job write (queued, progress every second
@@ -442,6 +448,7 @@ impl Controller {
             throttle: Default::default(),
             audit,
             acks,
+            backups,
             started_ms: now_ms(),
             rate_sample: Mutex::new((now_ms(), 0, 0.0)),
             config,
@@ -505,7 +512,61 @@ impl Controller {
                 core.outbox.clone(),
                 core.cancel.clone(),
             )),
+            // Sites' backup repositories arrive in inbox/<site>/ and are kept in
+            // data_dir/backups/<site>/<repo>/.
+            tokio::spawn(
+                tiandi_backup::partner::Placement {
+                    inbox: core.config.data_dir.join("inbox"),
+                    peer: None,
+                    backups: core.config.data_dir.join("backups"),
+                    hold: Duration::from_secs(u64::from(core.config.backup_trash_days) * 86_400),
+                }
+                .run(core.cancel.clone()),
+            ),
         ];
+        // The controller's own repositories (`backup_repos`, and the jobs it runs itself) go
+        // to partner sites in the backup class; sites' jobs are pushed to them, their results
+        // taken in, their alarms raised (`backup_loop`).
+        let shipper = Arc::new(
+            tiandi_backup::partner::Shipper::new(
+                core.outbox.clone(),
+                db.open_tree("backup-ship")?,
+                &core.config.data_dir.join("backup-ship"),
+                core.config.backup_repos.clone(),
+            )
+            .context("starting backup shipping (backup_repos)")?,
+        );
+        tasks.push(tokio::spawn(shipper.clone().run(
+            Duration::from_secs(1),
+            Some(core.config.data_dir.join("backup-ship").join("status.json")),
+            core.cancel.clone(),
+        )));
+        let own_jobs = tiandi_backup::job::Jobs::new(now_ms(), core.backups.jobs().to_vec());
+        if own_jobs
+            .for_site(tiandi_backup::job::CONTROLLER)
+            .next()
+            .is_some()
+        {
+            let backups = core.backups.clone();
+            let scheduler = tiandi_backup::scheduler::Scheduler::new(
+                tiandi_backup::job::CONTROLLER,
+                &core.config.data_dir.join("backup"),
+                db.open_tree("backup-jobs")?,
+                shipper,
+                Box::new(move |r| backups.record(r).map_err(|e| e.to_string())),
+            )
+            .map_err(anyhow::Error::msg)
+            .context("starting the backup scheduler")?;
+            scheduler
+                .set_jobs(own_jobs)
+                .context("the controller's own backup jobs")?;
+            tasks.push(tokio::spawn(scheduler.run(
+                None,
+                Some(core.config.data_dir.join("backup").join("status.json")),
+                core.cancel.clone(),
+            )));
+        }
+        tasks.push(tokio::spawn(backup_loop(core.clone())));
         for (listener, addr, router) in [
             (api_listener, api_addr, api::router(core.clone())),
             (ops_listener, ops_addr, api::ops_router(core.clone())),
@@ -703,6 +764,65 @@ fn transfer_alarms(core: &Core, before: BTreeSet<String>) -> BTreeSet<String> {
         core.record_alarms(ev);
     }
     now.into_keys().collect()
+}
+
+/// Backups: sites' results taken in every two seconds; every thirty, jobs pushed where they
+/// changed, and each site's backup alarms raised or cleared.
+async fn backup_loop(core: Arc<Core>) {
+    let mut every = tokio::time::interval(Duration::from_secs(2));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut n: u64 = 0;
+    let mut raised: BTreeMap<String, BTreeSet<sites::Condition>> = BTreeMap::new();
+    loop {
+        tokio::select! {
+            _ = core.cancel.cancelled() => break,
+            _ = every.tick() => {}
+        }
+        let c = core.clone();
+        let took = tokio::task::spawn_blocking(move || c.backups.take_results().len())
+            .await
+            .unwrap_or(0);
+        n += 1;
+        if took == 0 && n % 15 != 1 {
+            continue;
+        }
+        let c = core.clone();
+        let conds = tokio::task::spawn_blocking(move || {
+            if let Err(e) = c.backups.push(&c.outbox) {
+                warn!(error = %e, "Pushing backup jobs failed.");
+            }
+            let sites = c.sites.clone();
+            let statuses = c.backups.status(now_ms(), &|s| {
+                sites
+                    .with_site(s, |x| x.province.clone())
+                    .unwrap_or_default()
+            });
+            c.metrics.set_backups(&statuses);
+            c.backups.conditions(&statuses)
+        })
+        .await
+        .unwrap_or_default();
+        let t = now_ms();
+        for (site, now) in &conds {
+            let before = raised.remove(site).unwrap_or_default();
+            for cond in [
+                sites::Condition::BackupFailed,
+                sites::Condition::BackupOverdue,
+                sites::Condition::BackupCheckFailed,
+            ] {
+                let detail = now.get(&cond).cloned();
+                if detail.is_none() && !before.contains(&cond) {
+                    continue;
+                }
+                let ev = core.sites.set_external(site, cond, detail, t);
+                core.record_alarms(ev);
+            }
+        }
+        raised = conds
+            .into_iter()
+            .map(|(s, c)| (s, c.into_keys().collect()))
+            .collect();
+    }
 }
 
 /// Deletes history older than the retention, hourly.

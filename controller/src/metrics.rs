@@ -28,9 +28,47 @@ pub struct Metrics {
     pub ingest_seconds: Histogram,
     pub report_delay_seconds: Histogram,
     pub enrollments: IntCounterVec,
+    /// Backup jobs (labels `job`, `site`; `kind` for run results): set every 30 s.
+    pub backup: [prometheus::GaugeVec; 6],
 }
 
 impl Metrics {
+    /// Sets the backup gauges from the jobs' statuses (jobs no longer configured vanish).
+    pub fn set_backups(&self, jobs: &[crate::backups::BackupStatus]) {
+        for g in &self.backup {
+            g.reset();
+        }
+        let [success, age, overdue, ok, repo, partner] = &self.backup;
+        for j in jobs {
+            let l = [j.job.as_str(), j.site.as_str()];
+            if let Some(t) = j.last_success_ms {
+                success.with_label_values(&l).set(t as f64 / 1000.0);
+            }
+            if let Some(a) = j.age_s {
+                age.with_label_values(&l).set(a as f64);
+            }
+            overdue
+                .with_label_values(&l)
+                .set(if j.overdue { 1.0 } else { 0.0 });
+            for (kind, r) in [
+                ("backup", &j.last_backup),
+                ("verify", &j.last_verify),
+                ("drill", &j.last_drill),
+            ] {
+                if let Some(r) = r {
+                    ok.with_label_values(&[j.job.as_str(), j.site.as_str(), kind])
+                        .set(if r.ok { 1.0 } else { 0.0 });
+                }
+            }
+            if j.last_success_ms.is_some() {
+                repo.with_label_values(&l).set(j.repo_bytes as f64);
+            }
+            if let Some(b) = j.partner_bytes {
+                partner.with_label_values(&l).set(b as f64);
+            }
+        }
+    }
+
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let reports = IntCounter::new(REPORTS, "Reports stored (each once).").expect("metric");
@@ -93,6 +131,41 @@ impl Metrics {
             &["result"],
         )
         .expect("metric");
+        let g = |name: &str, help: &str, labels: &[&str]| {
+            prometheus::GaugeVec::new(Opts::new(name, help), labels).expect("metric")
+        };
+        let backup = [
+            g(
+                "tiandi_backup_last_success_timestamp_seconds",
+                "Start of the job's newest successful backup.",
+                &["job", "site"],
+            ),
+            g(
+                "tiandi_backup_age_seconds",
+                "Age of the job's newest good backup at its partner (the recovery point).",
+                &["job", "site"],
+            ),
+            g(
+                "tiandi_backup_overdue",
+                "1 when the job's newest good backup at its partner is older than its RPO.",
+                &["job", "site"],
+            ),
+            g(
+                "tiandi_backup_last_run_ok",
+                "1 when the job's last run of the kind succeeded, 0 when it failed.",
+                &["job", "site", "kind"],
+            ),
+            g(
+                "tiandi_backup_repository_bytes",
+                "Size of the job's repository at the site, after its last successful backup.",
+                &["job", "site"],
+            ),
+            g(
+                "tiandi_backup_partner_bytes",
+                "Size of the job's repository copy kept by this controller as its partner.",
+                &["job", "site"],
+            ),
+        ];
         for m in [
             Box::new(reports.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duplicates.clone()),
@@ -105,7 +178,13 @@ impl Metrics {
             Box::new(ingest_seconds.clone()),
             Box::new(report_delay_seconds.clone()),
             Box::new(enrollments.clone()),
-        ] {
+        ]
+        .into_iter()
+        .chain(
+            backup
+                .iter()
+                .map(|g| Box::new(g.clone()) as Box<dyn prometheus::core::Collector>),
+        ) {
             registry.register(m).expect("unique metric names");
         }
         Metrics {
@@ -121,6 +200,7 @@ impl Metrics {
             ingest_seconds,
             report_delay_seconds,
             enrollments,
+            backup,
         }
     }
 

@@ -20,6 +20,12 @@ pub enum Condition {
     DiskFull,
     /// A transfer to the site is paused: its disk cannot hold the file.
     TransferPaused,
+    /// The site's last backup run failed.
+    BackupFailed,
+    /// The site's newest backup at its partner is older than the job's RPO.
+    BackupOverdue,
+    /// A verify or a restore drill of the site's repository failed.
+    BackupCheckFailed,
     Degraded,
 }
 
@@ -31,6 +37,9 @@ impl Condition {
             Condition::RainFade => "rain-fade",
             Condition::DiskFull => "disk-full",
             Condition::TransferPaused => "transfer-paused",
+            Condition::BackupFailed => "backup-failed",
+            Condition::BackupOverdue => "backup-overdue",
+            Condition::BackupCheckFailed => "backup-check-failed",
             Condition::Degraded => "degraded",
         }
     }
@@ -181,7 +190,13 @@ pub fn status_of(conds: &BTreeSet<Condition>) -> Status {
         Some(Condition::OnBattery) => Status::OnBattery,
         Some(Condition::RainFade) => Status::RainFade,
         Some(Condition::DiskFull) => Status::DiskFull,
-        Some(Condition::TransferPaused) | Some(Condition::Degraded) => Status::Degraded,
+        Some(
+            Condition::TransferPaused
+            | Condition::BackupFailed
+            | Condition::BackupOverdue
+            | Condition::BackupCheckFailed
+            | Condition::Degraded,
+        ) => Status::Degraded,
     }
 }
 

@@ -14,7 +14,7 @@ pub struct SendRequest {
     pub path: String,
     /// `site:ID`, `province:CODE` or `all`.
     pub to: String,
-    /// alarm, normal or bulk (a request naming another class is refused as it is read).
+    /// alarm, normal, bulk or backup (a request naming another class is refused as it is read).
     #[serde(default)]
     pub priority: Priority,
     /// `HH:MM-HH:MM` in UTC, or local time with an offset: `01:00-06:00+08:00`.

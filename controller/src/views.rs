@@ -25,7 +25,7 @@ impl Severity {
     pub fn of(alarm: &str) -> Severity {
         match alarm {
             "site-down" => Severity::Critical,
-            "on-battery" | "disk-full" => Severity::Major,
+            "on-battery" | "disk-full" | "backup-failed" | "backup-overdue" => Severity::Major,
             _ => Severity::Minor,
         }
     }

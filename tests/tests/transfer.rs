@@ -81,7 +81,7 @@ fn a_file_sent_to_a_province_arrives_verified_at_each_site() {
         ),
         (
             vec!["--to", "province:HB", "--priority", "urgent"],
-            "unknown priority \"urgent\": alarm, normal or bulk",
+            "unknown priority \"urgent\": alarm, normal, bulk or backup",
         ),
         (
             vec!["--to", "planet:mars"],
@@ -379,7 +379,7 @@ fn a_site_sends_a_file_to_the_controller() {
         (vec!["send", "/nonexistent/file"], "/nonexistent/file"),
         (
             vec!["send", src.to_str().unwrap(), "--priority", "urgent"],
-            "unknown priority \"urgent\": alarm, normal or bulk",
+            "unknown priority \"urgent\": alarm, normal, bulk or backup",
         ),
         (
             vec!["send", src.to_str().unwrap(), "--window", "9-5"],

@@ -4,7 +4,7 @@
 /// How a file goes: its priority class, a daily window, a rate limit.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SendFlags {
-    /// alarm, normal or bulk.
+    /// alarm, normal, bulk or backup.
     #[arg(long, default_value = "normal")]
     pub priority: crate::Priority,
     /// Only send within this daily window, `HH:MM-HH:MM` in UTC (22:00-06:00), or in local time

@@ -1,7 +1,8 @@
-//! A transfer's priority class: `alarm`, `normal` or `bulk`, parsed once at the edge
+//! A transfer's priority class: `alarm`, `normal`, `bulk` or `backup`, parsed once at the edge
 //! ([`std::str::FromStr`]) and written back the same way ([`std::fmt::Display`], serde).
 
-/// A transfer's priority class. Its string forms are `"alarm"`, `"normal"` and `"bulk"` (serde
+/// A transfer's priority class. Its string forms are `"alarm"`, `"normal"`, `"bulk"` and
+/// `"backup"` (serde
 /// too). Jobs, offers and inbox states carry it as the string; [`Priority::class_of`] reads
 /// such a string as the drivers and stream priorities do (anything unknown is normal).
 #[derive(
@@ -24,22 +25,31 @@ pub enum Priority {
     #[default]
     Normal,
     Bulk,
+    /// Backup repositories shipped to their partner: below everything else, so a backup never
+    /// holds back a report, an alarm or an operator's file.
+    Backup,
 }
 
 /// A string that names no priority class.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown priority {0:?}: alarm, normal or bulk")]
+#[error("unknown priority {0:?}: alarm, normal, bulk or backup")]
 pub struct UnknownPriority(pub String);
 
 impl Priority {
     /// Every class, highest first (the drivers' rank order).
-    pub const ALL: [Priority; 3] = [Priority::Alarm, Priority::Normal, Priority::Bulk];
+    pub const ALL: [Priority; 4] = [
+        Priority::Alarm,
+        Priority::Normal,
+        Priority::Bulk,
+        Priority::Backup,
+    ];
 
     pub const fn as_str(self) -> &'static str {
         match self {
             Priority::Alarm => "alarm",
             Priority::Normal => "normal",
             Priority::Bulk => "bulk",
+            Priority::Backup => "backup",
         }
     }
 
@@ -92,5 +102,6 @@ mod tests {
         assert!("".parse::<Priority>().is_err());
         assert_eq!(Priority::class_of("urgent"), Priority::Normal);
         assert_eq!(Priority::class_of("bulk"), Priority::Bulk);
+        assert_eq!(Priority::class_of("backup"), Priority::Backup);
     }
 }

@@ -32,6 +32,7 @@ pub fn stream_priority(class: &str) -> i32 {
     match Priority::class_of(class) {
         Priority::Alarm => 500_000_000,
         Priority::Bulk => -500_000_000,
+        Priority::Backup => -1_000_000_000,
         Priority::Normal => 0,
     }
 }
@@ -50,7 +51,7 @@ fn chunk_priority(class: i32, n: u32) -> i32 {
 pub const AHEAD_CWNDS: f64 = 2.5;
 
 pub struct SendOptions {
-    /// `alarm`, `normal` or `bulk`.
+    /// `alarm`, `normal`, `bulk` or `backup`.
     pub priority: Priority,
     /// At most this many bits per second of chunk payload.
     pub rate_limit_bps: Option<u64>,

@@ -77,7 +77,7 @@ pub struct Offer {
     /// The chunks' hashes, 32 bytes each, in order.
     #[prost(bytes = "vec", tag = "6")]
     pub chunk_hashes: Vec<u8>,
-    /// alarm, normal or bulk.
+    /// alarm, normal, bulk or backup.
     #[prost(string, tag = "7")]
     pub priority: String,
     /// Who queued the transfer (a site ID, or "controller").

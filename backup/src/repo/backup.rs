@@ -10,6 +10,10 @@
 //! becomes a tree blob; an unchanged directory's tree has the same ID and is stored once.
 //! Every 32 packs an index file is written, so a backup killed half-way leaves at most 32 packs
 //! for the next one to index from their trailers.
+//!
+//! A file that cannot be opened or read is left out (the summary lists it) and the backup goes
+//! on. An error writing to the repository (a pack, an index) ends the backup with that error —
+//! the first worker's, naming the file — after the packs already written whole get an index.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -117,6 +121,17 @@ struct Sink {
     written: Written,
     packs: u64,
     stored: u64,
+    /// The first error of a worker (the backup's error; the walker sees only that one failed).
+    error: Option<BackupError>,
+}
+
+/// What the pipeline did, once its workers are done.
+struct Finished {
+    /// Packs written whole and not yet in an index.
+    written: Written,
+    packs: u64,
+    stored: u64,
+    /// Why it stopped, if it did: the first worker's error, or the last pack's write.
     error: Option<BackupError>,
 }
 
@@ -134,13 +149,18 @@ fn worker(
     sink: Arc<Mutex<Sink>>,
     failed: Arc<AtomicBool>,
 ) {
+    // The error goes in before the flag is raised: whoever sees the flag finds the error.
     let fail = |e: BackupError| {
-        failed.store(true, Ordering::SeqCst);
         let mut s = sink.lock().expect("sink lock");
         s.error.get_or_insert(e);
+        failed.store(true, Ordering::SeqCst);
     };
     loop {
         let next = rx.lock().expect("queue lock").recv();
+        // Another worker failed: the backup is over, nothing more is written.
+        if failed.load(Ordering::SeqCst) {
+            return;
+        }
         let Ok((id, plain)) = next else { return };
         let sealed = match keys.seal_chunk(&id, &plain) {
             Ok(s) => s,
@@ -157,12 +177,23 @@ fn worker(
             let (name, bytes, entries) = w.finish();
             let file = super::pack_file(name.to_hex().as_str());
             if let Err(e) = be.write(&file, &bytes) {
-                return fail(e);
+                return fail(writing(&file, e));
             }
             let mut s = sink.lock().expect("sink lock");
             s.written.push((*name.as_bytes(), entries));
             s.packs += 1;
         }
+    }
+}
+
+/// A repository write's error, naming the file.
+fn writing(file: &str, e: BackupError) -> BackupError {
+    match e {
+        BackupError::Io(e) => BackupError::Io(std::io::Error::new(
+            e.kind(),
+            format!("writing {file}: {e}"),
+        )),
+        other => other,
     }
 }
 
@@ -202,6 +233,8 @@ impl Pipeline {
         }
     }
 
+    /// Queues a blob. An error means the workers stopped: the walker stops too, and
+    /// [`Pipeline::finish`] returns the worker's error, which is the backup's.
     fn send(&self, id: ChunkId, plain: Vec<u8>) -> Result<(), BackupError> {
         let sent = self
             .tx
@@ -209,18 +242,11 @@ impl Pipeline {
             .expect("open until finish")
             .send((id, plain));
         if sent.is_err() || self.failed.load(Ordering::SeqCst) {
-            return Err(self.error());
+            return Err(BackupError::Io(std::io::Error::other(
+                "the backup workers stopped",
+            )));
         }
         Ok(())
-    }
-
-    fn error(&self) -> BackupError {
-        self.sink
-            .lock()
-            .expect("sink lock")
-            .error
-            .take()
-            .unwrap_or_else(|| BackupError::Io(std::io::Error::other("a backup worker stopped")))
     }
 
     /// The packs written since the last call, once there are `at_least`.
@@ -233,26 +259,38 @@ impl Pipeline {
         }
     }
 
-    /// Waits for the workers, writes the last pack; the packs not yet in an index.
-    fn finish(
-        mut self,
-        be: &dyn crate::backend::Backend,
-    ) -> Result<(Written, u64, u64), BackupError> {
+    /// Waits for the workers and, unless one failed, writes the last pack. The packs written
+    /// whole are returned even after an error, for an index.
+    fn finish(mut self, be: &dyn crate::backend::Backend) -> Finished {
         drop(self.tx.take());
+        let mut panicked = false;
         for w in self.workers.drain(..) {
-            let _ = w.join();
+            panicked |= w.join().is_err();
         }
-        let mut s = self.sink.lock().expect("sink lock");
-        if let Some(e) = s.error.take() {
-            return Err(e);
+        let mut s = self.sink.lock().unwrap_or_else(|p| p.into_inner());
+        let mut error = s.error.take();
+        if error.is_none() && panicked {
+            error = Some(BackupError::Io(std::io::Error::other(
+                "a backup worker panicked",
+            )));
         }
-        if !s.writer.is_empty() {
+        if error.is_none() && !s.writer.is_empty() {
             let (name, bytes, entries) = std::mem::take(&mut s.writer).finish();
-            be.write(&super::pack_file(name.to_hex().as_str()), &bytes)?;
-            s.written.push((*name.as_bytes(), entries));
-            s.packs += 1;
+            let file = super::pack_file(name.to_hex().as_str());
+            match be.write(&file, &bytes) {
+                Ok(()) => {
+                    s.written.push((*name.as_bytes(), entries));
+                    s.packs += 1;
+                }
+                Err(e) => error = Some(writing(&file, e)),
+            }
         }
-        Ok((std::mem::take(&mut s.written), s.packs, s.stored))
+        Finished {
+            written: std::mem::take(&mut s.written),
+            packs: s.packs,
+            stored: s.stored,
+            error,
+        }
     }
 }
 
@@ -480,10 +518,15 @@ impl Run<'_, '_> {
         };
         let mut chunker = self.chunker.take().expect("one file at a time");
         let mut ids = Vec::new();
+        // Whether the error (if any) came from storing, not from reading the file: a file
+        // that cannot be read is left out, a repository that cannot be written ends the backup.
+        let mut storing = false;
         let res = chunker.chunks(f, |c| {
             let id = self.repo.keys.chunk_id(c);
             ids.push((hex::encode(id), c.len() as u32));
-            if self.store(id, c)? {
+            let stored = self.store(id, c);
+            storing = stored.is_err();
+            if stored? {
                 self.sum.new_chunks += 1;
                 self.sum.new_bytes += c.len() as u64;
                 self.progress.new_bytes += c.len() as u64;
@@ -495,6 +538,7 @@ impl Run<'_, '_> {
         self.chunker = Some(chunker);
         match res {
             Ok(n) => node.size = n,
+            Err(e) if storing => return Err(e),
             Err(BackupError::Io(e)) => {
                 skip(&mut self.sum, format!("{}: {e}", path.display()));
                 return Ok(false);
@@ -645,13 +689,24 @@ impl Repo {
             mut sum,
             ..
         } = run;
-        // Whatever happened, the packs written so far get an index: a rerun reuses them.
-        let finished = pipe.finish(&*repo.be);
-        let (written, packs, stored) = finished?;
-        if !written.is_empty() {
-            repo.write_index(written)?;
+        // Whatever happened, the packs written whole so far get an index: a rerun reuses them.
+        let Finished {
+            written,
+            packs,
+            stored,
+            error,
+        } = pipe.finish(&*repo.be);
+        let indexed = if written.is_empty() {
+            Ok(())
+        } else {
+            repo.write_index(written)
+        };
+        // A worker's error first: what the walker saw of it says only that the workers stopped.
+        if let Some(e) = error {
+            return Err(e);
         }
         let tree = tree?;
+        indexed?;
         sum.packs_written = packs;
         sum.stored_bytes = stored;
         sum.duration_ms = started.elapsed().as_millis() as u64;

@@ -368,3 +368,97 @@ fn keys_are_added_listed_and_removed() {
         "the last key"
     );
 }
+
+/// A directory whose pack writes number `fail` (counted from 0) fail, as on a full disk,
+/// until it is `healed`.
+struct FullDisk {
+    inner: Local,
+    fail: std::ops::Range<usize>,
+    packs: std::sync::atomic::AtomicUsize,
+    healed: std::sync::atomic::AtomicBool,
+}
+
+impl Backend for FullDisk {
+    fn read(&self, name: &str) -> Result<Vec<u8>, BackupError> {
+        self.inner.read(name)
+    }
+    fn read_range(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, BackupError> {
+        self.inner.read_range(name, offset, len)
+    }
+    fn write(&self, name: &str, bytes: &[u8]) -> Result<(), BackupError> {
+        let n = std::sync::atomic::Ordering::SeqCst;
+        if name.starts_with("packs/")
+            && self.fail.contains(&self.packs.fetch_add(1, n))
+            && !self.healed.load(n)
+        {
+            // ENOSPC: "No space left on device (os error 28)".
+            return Err(BackupError::Io(std::io::Error::from_raw_os_error(28)));
+        }
+        self.inner.write(name, bytes)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, BackupError> {
+        self.inner.list(prefix)
+    }
+    fn remove(&self, name: &str) -> Result<(), BackupError> {
+        self.inner.remove(name)
+    }
+    fn is_empty(&self) -> Result<bool, BackupError> {
+        self.inner.is_empty()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+#[test]
+fn a_repository_write_error_stops_the_backup_with_its_message() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("data");
+    fs::create_dir_all(&src).unwrap();
+    // 40 MiB that do not compress: two full packs written by the workers, and a last one.
+    for (i, name) in ["a.bin", "b.bin"].iter().enumerate() {
+        let mut b = vec![0u8; 20 << 20];
+        rand::rngs::StdRng::seed_from_u64(10 + i as u64).fill_bytes(&mut b);
+        fs::write(src.join(name), &b).unwrap();
+    }
+    fs::write(src.join("small.txt"), "drill at 10:00\n").unwrap();
+    let dir = t.path().join("repo");
+    for (fail, repo_dir) in [(1..usize::MAX, dir.clone()), (1..2, t.path().join("repo2"))] {
+        let full = Arc::new(FullDisk {
+            inner: Local::new(&repo_dir),
+            fail: fail.clone(),
+            packs: Default::default(),
+            healed: Default::default(),
+        });
+        let mut repo = Repo::init_on(full.clone(), "m", b"pass phrase", FAST, 1).unwrap();
+        let err = repo
+            .backup(std::slice::from_ref(&src), &opts(1), &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("No space left on device"), "{fail:?}: {err}");
+        assert!(
+            err.contains("writing packs/"),
+            "{fail:?}: names the file: {err}"
+        );
+        assert!(repo.snapshots().unwrap().is_empty(), "no snapshot");
+        // The index names only packs that are there, whole.
+        let reopened = Repo::open(&repo_dir, b"pass phrase").unwrap();
+        for loc in reopened.index.blobs.values() {
+            let name = hex::encode(reopened.index.packs[loc.pack as usize]);
+            assert!(repo_dir.join(pack_file(&name)).is_file(), "{name}");
+        }
+        assert!(check_packs(&*reopened.be).unwrap().damaged.is_empty());
+        drop(reopened);
+        // The disk has room again: a backup completes on the same repository value, reusing
+        // the pack written whole; the repository opens and restores it.
+        full.healed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let s = backup(&mut repo, &src, 2);
+        assert_eq!((s.files, s.skipped_count), (3, 0), "{s:?}");
+        assert!(s.new_bytes < s.bytes, "the first pack is reused: {s:?}");
+        let again = Repo::open(&repo_dir, b"pass phrase").unwrap();
+        let out = t.path().join(format!("out-{}", s.snapshot));
+        restore(&again, &s.snapshot, &out);
+        same(&src, &out.join("data"));
+        assert!(check_packs(&*again.be).unwrap().damaged.is_empty());
+    }
+}

@@ -29,9 +29,9 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use axum::Extension;
 
 use crate::admin::{
-    AdminCall, AdminError, ConferenceRequest, EnrollBatchRequest, EnrollRequest, RegistryRequest,
-    RevokeAnswer, RevokeRequest, SendAnswer, SendRequest, TransfersAnswer, TransfersRequest,
-    UserRequest,
+    AdminCall, AdminError, BackupsAnswer, BackupsRequest, ConferenceRequest, EnrollBatchRequest,
+    EnrollRequest, RegistryRequest, RevokeAnswer, RevokeRequest, SendAnswer, SendRequest,
+    TransfersAnswer, TransfersRequest, UserRequest,
 };
 use crate::auth::Principal;
 use crate::sites::Status;
@@ -102,6 +102,7 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/api/summary", get(summary))
         .route("/api/overview", get(overview))
         .route(TransfersRequest::PATH, get(transfers))
+        .route(BackupsRequest::PATH, get(backups_list))
         .route("/api/conferences", get(conferences))
         .route("/api/me", get(account::me))
         .route("/api/logout", post(account::logout))

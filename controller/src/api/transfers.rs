@@ -114,3 +114,15 @@ pub(super) async fn transfers(
     answer.received.truncate(limit);
     Ok(Json(answer))
 }
+
+/// Backup jobs; a province operator sees those of the province's sites.
+pub(super) async fn backups_list(
+    State(core): State<Arc<Core>>,
+    Extension(p): Extension<Principal>,
+) -> Result<Json<BackupsAnswer>, AppError> {
+    let mut answer = run_admin(&core, BackupsRequest {}).await?;
+    if p.province().is_some() {
+        answer.jobs.retain(|j| p.sees(&j.province));
+    }
+    Ok(Json(answer))
+}

@@ -181,6 +181,8 @@ impl Inbox {
                             "a chunk stream longer than its chunk ({need} bytes)"
                         )));
                     }
+                    self.chunk_bytes_in
+                        .fetch_add(c.bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     pieces.push((c.offset, c.bytes));
                 }
                 Ok(Ok(None)) => break true,

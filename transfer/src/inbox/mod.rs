@@ -144,6 +144,10 @@ pub struct Inbox {
     route_added: tokio::sync::Notify,
     /// Chunk bytes held in memory by every connection together ([`INBOX_CHUNK_BUDGET`]).
     chunk_memory: Arc<tokio::sync::Semaphore>,
+    /// Chunk payload bytes read from chunk streams since start, every connection together (a
+    /// byte that arrives twice counts twice: beyond the files' sizes, this is what cuts and
+    /// retries cost the link).
+    pub chunk_bytes_in: std::sync::atomic::AtomicU64,
 }
 
 /// How a served stream ended.
@@ -189,6 +193,7 @@ impl Inbox {
             shapes: Mutex::new(HashMap::new()),
             route_added: tokio::sync::Notify::new(),
             chunk_memory: Arc::new(tokio::sync::Semaphore::new(INBOX_CHUNK_BUDGET)),
+            chunk_bytes_in: Default::default(),
         }))
     }
 

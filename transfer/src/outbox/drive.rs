@@ -43,6 +43,9 @@ pub async fn drive(
 /// An idle driver with nothing scheduled still looks again this often (a safety net: every
 /// change to a job signals its destination's waker).
 const IDLE_RECHECK: Duration = Duration::from_secs(600);
+/// After a transfer broke off on a connection that is still up, the class tries again after
+/// this long.
+const RETRY_ON_LIVE_CONNECTION: Duration = Duration::from_secs(2);
 
 async fn drive_class(
     outbox: &Arc<Outbox>,
@@ -78,7 +81,19 @@ async fn drive_class(
         };
         match run_job(outbox, conn, &mut job, origin, cancel).await {
             Ok(()) => {}
-            Err(e) if e.is_transient() && !matches!(e, TransferError::Paused { .. }) => return,
+            Err(e) if e.is_transient() && !matches!(e, TransferError::Paused { .. }) => {
+                if conn.close_reason().is_some() {
+                    return;
+                }
+                // The connection lives on (a stall across a link cut shorter than its idle
+                // timeout, a reset stream): try again shortly, from what the receiver holds,
+                // instead of leaving this class idle until the next connection.
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = conn.closed() => return,
+                    _ = tokio::time::sleep(RETRY_ON_LIVE_CONNECTION) => {}
+                }
+            }
             Err(_) => {}
         }
     }

@@ -120,7 +120,7 @@ pub struct Job {
     /// and attached when the job runs.
     #[serde(with = "crate::manifest::head")]
     pub manifest: Manifest,
-    /// alarm, normal or bulk.
+    /// alarm, normal, bulk or backup.
     pub priority: Priority,
     pub rate_limit_bps: Option<u64>,
     pub window: Option<Window>,

@@ -5,10 +5,11 @@ use super::{Job, Outbox};
 use crate::{Priority, TransferError, now_ms};
 
 /// The driver classes, in rank order: one transfer of each runs at a time per destination.
-pub const CLASSES: [&str; 3] = [
+pub const CLASSES: [&str; 4] = [
     Priority::Alarm.as_str(),
     Priority::Normal.as_str(),
     Priority::Bulk.as_str(),
+    Priority::Backup.as_str(),
 ];
 
 /// What a destination's class driver does next ([`Outbox::next_for`]).
@@ -21,7 +22,7 @@ pub enum Next {
 }
 
 impl Job {
-    /// The driver class that sends it: alarm, bulk, or normal (anything else).
+    /// The driver class that sends it: alarm, bulk, backup, or normal (anything else).
     pub fn class(&self) -> &'static str {
         self.priority.as_str()
     }
