@@ -43,6 +43,10 @@ pub struct Config {
     /// Days files of a partner's repository kept here (`data_dir/backups/controller/`) stay
     /// in its trash after the partner pruned them, before they are removed.
     pub backup_trash_days: u32,
+    /// Modem Es/No (dB) below which the site is in a rain fade: backup transfers wait (they
+    /// pause, and resume from where they were) until it is over. The controller's
+    /// `thresholds.rain_fade_esno_db` says the same for its alarm.
+    pub rain_fade_esno_db: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -84,6 +88,7 @@ impl Default for Config {
             via_relay: None,
             backup_repos: Vec::new(),
             backup_trash_days: 7,
+            rain_fade_esno_db: 5.0,
         }
     }
 }

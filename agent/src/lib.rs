@@ -96,6 +96,14 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     )
     .context("opening the transfer inbox")?;
     let outbox = tiandi_transfer::Outbox::new(transfers_db.open_tree("outbox")?);
+    if !cfg.devices.is_empty() {
+        // Whether the link is in a rain fade is known after the first poll of the modem:
+        // backups wait for it.
+        outbox.hold(
+            tiandi_transfer::Priority::Backup,
+            Some("waiting for the first poll of the site's devices".into()),
+        );
+    }
     let site_transfers = Arc::new(transfers::SiteTransfers {
         site_id: id.info.site_id.clone(),
         inbox: inbox.clone(),
@@ -245,6 +253,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_millis(interval_ms as u64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut unspooled: std::collections::VecDeque<Report> = std::collections::VecDeque::new();
+    let mut in_fade = false;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
@@ -268,6 +277,28 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
                 f64::from(kbps) * 1e3,
             ));
         }
+        // A rain fade holds backups back (they pause and resume where they were); reports,
+        // alarms and other files go on.
+        let fade = devices
+            .iter()
+            .filter(|d| d.status == tiandi_proto::DeviceStatus::Ok as i32)
+            .filter_map(|d| d.modem.as_ref().map(|m| (&d.name, m.esno_db_x10)))
+            .find(|(_, e)| f64::from(*e) / 10.0 < cfg.rain_fade_esno_db)
+            .map(|(n, e)| {
+                format!(
+                    "rain fade: {n} Es/No {:.1} dB (below {:.1})",
+                    f64::from(e) / 10.0,
+                    cfg.rain_fade_esno_db
+                )
+            });
+        if outbox.hold(tiandi_transfer::Priority::Backup, fade.clone()) {
+            match &fade {
+                Some(why) => warn!(%why, "Backups wait out the rain fade."),
+                None if in_fade => info!("The rain fade is over: backups go on."),
+                None => {}
+            }
+        }
+        in_fade = fade.is_some();
         let report = Report {
             taken_ms,
             host: host_sample,

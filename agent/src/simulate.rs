@@ -106,6 +106,7 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
             outages,
             profile,
             inboxes: None,
+            backup_sites: Vec::new(),
         },
         &data_dir.join("spool"),
         stop.clone(),

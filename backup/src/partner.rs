@@ -129,6 +129,9 @@ struct Entry {
     /// The transfer carrying it now (None: to be sent).
     job: Option<String>,
     delivered: bool,
+    /// When the partner's receipt came (ms; 0 in records made before it was kept).
+    #[serde(default)]
+    delivered_ms: i64,
     failures: u32,
     error: Option<String>,
 }
@@ -245,9 +248,12 @@ impl Shipper {
                     warn!(file = %f.display(), "Cannot write the backup shipping status.");
                 }
             }
+            // In sync: look less often (a repository being written is seen within ten
+            // passes' time; one being sent is looked at every pass).
+            let idle = statuses.iter().all(|s| s.in_sync);
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(every) => {}
+                _ = tokio::time::sleep(if idle { every * 10 } else { every }) => {}
             }
         }
     }
@@ -326,6 +332,7 @@ impl Shipper {
             match self.job_state(r, &id)? {
                 Some(j) if j.state == JobState::Delivered => {
                     e.delivered = true;
+                    e.delivered_ms = j.updated_ms;
                     e.failures = 0;
                     e.error = None;
                     self.put(r, path, e)?;
@@ -376,7 +383,9 @@ impl Shipper {
             )));
         }
         self.next_stage(r, &mut entries, &local, lists_in_flight)?;
-        self.status(r)
+        // The records as they are now (the pass changed them).
+        let entries = self.entries(r)?;
+        Ok(status_of(r, &entries, &local))
     }
 
     /// Sends the files of the lowest stage not yet wholly at the partner (a stage goes only
@@ -497,48 +506,47 @@ impl Shipper {
 
     /// Where `r` stands, from the shipper's records and the local repository.
     pub fn status(&self, r: &ShipConfig) -> Result<ShipStatus, PartnerError> {
-        let entries = self.entries(r)?;
-        let local = walk(&r.path)?;
-        let mut s = ShipStatus {
-            repo: r.name.clone(),
-            to: r.to.clone(),
-            ..ShipStatus::default()
-        };
-        for (path, &(size, mtime)) in &local {
-            match entries.get(path) {
-                Some(e) if e.delivered && e.size == size && e.mtime_ns == mtime => {
-                    s.delivered_files += 1;
-                    s.delivered_bytes += size;
-                }
-                Some(e) => {
-                    s.pending_files += 1;
-                    s.pending_bytes += size;
-                    if e.failures >= MAX_FAILURES && s.error.is_none() {
-                        s.error = Some(format!(
-                            "{path}: the partner refused it {} times: {}",
-                            e.failures,
-                            e.error.as_deref().unwrap_or("no reason given")
-                        ));
-                    }
-                }
-                None => {
-                    s.pending_files += 1;
-                    s.pending_bytes += size;
-                }
-            }
-        }
-        s.pending_deletions = entries.keys().filter(|p| !local.contains_key(*p)).count() as u64;
-        for e in entries.values() {
-            if let Some(id) = &e.job
-                && e.delivered
-                && let Some(j) = self.job_state(r, id)?
-            {
-                s.last_delivered_ms = s.last_delivered_ms.max(j.updated_ms);
-            }
-        }
-        s.in_sync = s.pending_files == 0 && s.pending_deletions == 0 && s.error.is_none();
-        Ok(s)
+        Ok(status_of(r, &self.entries(r)?, &walk(&r.path)?))
     }
+}
+
+fn status_of(
+    r: &ShipConfig,
+    entries: &BTreeMap<String, Entry>,
+    local: &BTreeMap<String, (u64, i128)>,
+) -> ShipStatus {
+    let mut s = ShipStatus {
+        repo: r.name.clone(),
+        to: r.to.clone(),
+        ..ShipStatus::default()
+    };
+    for (path, &(size, mtime)) in local {
+        match entries.get(path) {
+            Some(e) if e.delivered && e.size == size && e.mtime_ns == mtime => {
+                s.delivered_files += 1;
+                s.delivered_bytes += size;
+            }
+            Some(e) => {
+                s.pending_files += 1;
+                s.pending_bytes += size;
+                if e.failures >= MAX_FAILURES && s.error.is_none() {
+                    s.error = Some(format!(
+                        "{path}: the partner refused it {} times: {}",
+                        e.failures,
+                        e.error.as_deref().unwrap_or("no reason given")
+                    ));
+                }
+            }
+            None => {
+                s.pending_files += 1;
+                s.pending_bytes += size;
+            }
+        }
+    }
+    s.pending_deletions = entries.keys().filter(|p| !local.contains_key(*p)).count() as u64;
+    s.last_delivered_ms = entries.values().map(|e| e.delivered_ms).max().unwrap_or(0);
+    s.in_sync = s.pending_files == 0 && s.pending_deletions == 0 && s.error.is_none();
+    s
 }
 
 /// Every repository file under `dir`: path → (size, mtime in ns). Names starting with `.`
@@ -550,7 +558,8 @@ fn walk(dir: &Path) -> Result<BTreeMap<String, (u64, i128)>, PartnerError> {
     while let Some((d, rel)) = stack.pop() {
         let rd = match std::fs::read_dir(&d) {
             Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !rel.is_empty() => continue,
+            // A repository not made yet (its job has not run) holds nothing to send.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(io(&d)(e)),
         };
         for e in rd {

@@ -54,6 +54,10 @@ pub struct Args {
     /// Leave out the satellite part (it needs root).
     #[arg(long)]
     pub no_geo: bool,
+    /// Only the satellite part, on the incremental a full run left in `geo-stage/` (for
+    /// working on the transfer engine; prints the satellite figures only).
+    #[arg(long)]
+    pub geo_only: bool,
     /// The emulated link of the satellite part: rate (Mbit/s), round trip (ms), loss each way
     /// (%), and how long it is cut in the second run (s).
     #[arg(long, default_value_t = 20.0)]
@@ -192,6 +196,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let work = a.work.clone();
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let work = work.canonicalize()?;
+    if a.geo_only {
+        let stage = work.join("geo-stage");
+        if crate::backupgeo::list(&stage)?.is_empty() {
+            bail!("{} is empty: run the whole bench once", stage.display());
+        }
+        let g = geo_run(&a, &work, &stage)?;
+        println!(
+            "backup geo_utilisation={:.3} resent_after_cut_kb={:.0}",
+            g.utilisation, g.resent_kb
+        );
+        return Ok(());
+    }
     let corpus = corpus(&work, a.db_mib)?;
 
     let fresh = [
@@ -314,6 +330,10 @@ fn geo_incremental(
         a.geo_rtt_ms,
         a.geo_loss_pct
     );
+    geo_run(a, work, &stage)
+}
+
+fn geo_run(a: &Args, work: &Path, stage: &Path) -> anyhow::Result<crate::backupgeo::GeoRun> {
     let g = crate::backupgeo::Geo {
         rate_mbit: a.geo_rate_mbit,
         rtt_ms: a.geo_rtt_ms,
@@ -321,7 +341,7 @@ fn geo_incremental(
         cut: Duration::from_secs_f64(a.geo_cut_s),
         time_limit: Duration::from_secs(1800),
     };
-    let (clean, cut) = crate::backupgeo::run(&g, &stage, work)?;
+    let (clean, cut) = crate::backupgeo::run(&g, stage, work)?;
     eprintln!(
         "satellite part: clean {:.1} s, utilisation {:.3}; with a {} s cut {:.1} s, utilisation {:.3} (cut excluded), {:.0} kB sent again",
         clean.secs, clean.utilisation, a.geo_cut_s, cut.secs, cut.utilisation, cut.resent_kb

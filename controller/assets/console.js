@@ -2347,12 +2347,70 @@ function pageAudit() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Backups: every job, its last run, the age of its newest backup at the partner against the RPO
+// ---------------------------------------------------------------------------------------------
+
+function backupRun(r) {
+  if (!r) return h('span.muted', T('backups.never'));
+  return h('span', h('span.state.s-' + (r.ok ? 'delivered' : 'failed'), T(r.ok ? 'backups.ok' : 'backups.failed')), ' ',
+    timeEl(r.started_ms), r.error ? h('div.bad.small', r.error) : null);
+}
+function pageBackups() {
+  const m = MAIN();
+  const tbody = h('tbody');
+  const totals = h('span.count-label');
+  replace(m,
+    pageHead(T('nav.backups'), totals, h('span.stale', { hidden: true })),
+    section(null, h('p.muted', T('backups.about')),
+      h('div.tablewrap', h('table#backups.grid',
+        h('thead', h('tr', h('th', T('backups.job')), h('th', T('col.site')), h('th', T('backups.to')), h('th', T('backups.last')),
+          h('th.num', T('backups.age')), h('th.num', T('backups.size')), h('th.num', T('backups.new')), h('th.num', T('backups.dedup')),
+          h('th', T('backups.next')), h('th', T('backups.verify')), h('th', T('backups.drill')))),
+        tbody))),
+    footer());
+  let first = true;
+  const load = async () => {
+    try {
+      const data = await api('/api/backups');
+      const jobs = data.jobs || [];
+      const frag = document.createDocumentFragment();
+      for (const j of jobs) {
+        const age = j.age_s != null ? fmtDur(j.age_s) : '—';
+        frag.appendChild(h('tr' + (j.overdue || (j.last_backup && !j.last_backup.ok) ? '.s-failed' : ''), { data: { job: j.job } },
+          h('td', h('b', j.job), h('div.muted.small', j.schedule)),
+          h('td', j.site === 'controller' ? T('backups.ministry') : siteLink(j.site)),
+          h('td', j.to === 'controller' ? T('backups.ministry') : siteLink(j.to),
+            j.at_partner === false ? h('div.muted.small', T('backups.sending')) : null),
+          h('td', backupRun(j.last_backup)),
+          h('td.num' + (j.overdue ? '.bad' : ''), age, h('div.muted.small', T('backups.rpo', { h: j.rpo_hours }))),
+          h('td.num', fmtBytes(j.repo_bytes || 0), j.partner_bytes != null ? h('div.muted.small', T('backups.at_partner', { size: fmtBytes(j.partner_bytes) })) : null),
+          h('td.num', fmtBytes(j.new_bytes || 0)),
+          h('td.num', j.dedup_ratio != null ? j.dedup_ratio.toFixed(1) + '×' : '—'),
+          h('td', j.next_run_ms ? timeEl(j.next_run_ms) : '—'),
+          h('td', backupRun(j.last_verify)),
+          h('td', backupRun(j.last_drill))));
+      }
+      if (!jobs.length) frag.appendChild(h('tr', h('td.muted', { colspan: 11 }, T('backups.none'))));
+      tbody.replaceChildren(frag);
+      totals.textContent = T('backups.count', { n: jobs.length, bad: jobs.filter((j) => j.overdue || (j.last_backup && !j.last_backup.ok)).length });
+      setStale(false);
+    } catch (e) {
+      setStale(true, e);
+      toastError(e);
+    }
+    if (first) { first = false; markReady(); }
+  };
+  load();
+  setInterval(load, 30000);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Start
 // ---------------------------------------------------------------------------------------------
 
 const PAGES = {
   login: pageLogin, overview: pageOverview, sites: pageSites, site: pageSite, alarms: pageAlarms,
-  transfers: pageTransfers, conferences: pageConferences, wall: pageWall, users: pageUsers, audit: pageAudit,
+  transfers: pageTransfers, backups: pageBackups, conferences: pageConferences, wall: pageWall, users: pageUsers, audit: pageAudit,
 };
 function start() {
   if (!document.getElementById('main')) return;

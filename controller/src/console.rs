@@ -118,6 +118,7 @@ pub fn router() -> Router<Arc<Core>> {
         .route("/sites/{id}", get(site_page))
         .route("/alarms", get(|s, r| page(s, r, "alarms")))
         .route("/transfers", get(|s, r| page(s, r, "transfers")))
+        .route("/backups", get(|s, r| page(s, r, "backups")))
         .route("/conferences", get(|s, r| page(s, r, "conferences")))
         .route("/wall", get(|s, r| page(s, r, "wall")))
         .route("/admin/users", get(|s, r| page(s, r, "users")))
@@ -328,6 +329,7 @@ fn shell(
             "sites",
             "alarms",
             "transfers",
+            "backups",
             "conferences",
             "wall",
             "users",
@@ -338,6 +340,7 @@ fn shell(
             "sites",
             "alarms",
             "transfers",
+            "backups",
             "conferences",
             "wall",
         ],

@@ -27,6 +27,79 @@ pub fn site_name(i: usize) -> (String, &'static str) {
     )
 }
 
+/// The demo's mutual backup (省部互备): the first two provinces' offices back up their records
+/// to the ministry, and the ministry backs up its own to the first, each on a schedule, with a
+/// pre-hook that "dumps" (stamps the time), retention, verify and a restore drill. The data
+/// and passphrases are made in `data_dir/demo-data/` on the first run. Returns the sites that
+/// run jobs.
+fn mutual_backup(cfg: &mut Config) -> anyhow::Result<Vec<String>> {
+    use std::os::unix::fs::PermissionsExt;
+    let base = std::path::absolute(cfg.data_dir.join("demo-data"))?;
+    let (a, _) = site_name(0);
+    let (b, _) = site_name(1);
+    let mut jobs = Vec::new();
+    for who in [a.as_str(), b.as_str(), "ministry"] {
+        let data = base.join(who);
+        std::fs::create_dir_all(data.join("records"))?;
+        let pw = base.join(format!("{who}.pass"));
+        if !pw.exists() {
+            std::fs::write(&pw, format!("{:032x}\n", rand::random::<u128>()))?;
+            std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600))?;
+        }
+        let records = data.join("records").join("registry.csv");
+        if !records.exists() {
+            let mut text = String::from("id,name,county,updated\n");
+            for i in 0..20_000 {
+                text.push_str(&format!(
+                    "{i},household {i},{who}-{:03},2026-{:02}-{:02}\n",
+                    i % 97,
+                    i % 12 + 1,
+                    i % 28 + 1
+                ));
+            }
+            std::fs::write(&records, text)?;
+        }
+        let (site, repo, to) = if who == "ministry" {
+            (
+                "controller".to_string(),
+                "ministry-records".to_string(),
+                a.clone(),
+            )
+        } else {
+            (
+                who.to_string(),
+                format!("{who}-records"),
+                "controller".to_string(),
+            )
+        };
+        let toml = format!(
+            r#"name = "{repo}"
+site = "{site}"
+repo = "{repo}"
+paths = [{data:?}]
+password_file = {pw:?}
+schedule = "every 10m"
+pre_hook = ["/bin/sh", "-c", "date -u > {stamp}"]
+keep_last = 6
+keep_daily = 7
+rpo_hours = 1
+verify = "every 1h"
+verify_read_pct = 20
+drill = "every 1h"
+drill_sample_pct = 50
+to = "{to}"
+"#,
+            stamp = data.join("dumped-at.txt").display()
+        );
+        jobs.push(
+            toml::from_str::<tiandi_backup::job::JobSpec>(&toml)
+                .with_context(|| format!("the demo's job {repo}"))?,
+        );
+    }
+    cfg.backup_jobs = jobs;
+    Ok(vec![a, b])
+}
+
 /// The room the demo opens on its conference relay.
 pub const DEMO_ROOM: &str = "demo";
 
@@ -68,6 +141,17 @@ fn next_steps(
              \x20             {ctl} send README.md --to site:{site}\n\
              \x20 follow it:  {ctl} transfers\n\
              \x20 received:   ls {dir}/demo-sites/{site}/inbox/\n"
+        );
+    }
+    if sites >= 2 {
+        let (a, _) = site_name(0);
+        let (b, _) = site_name(1);
+        s += &format!(
+            "Mutual backup (省部互备: {a} and {b} to the ministry, the ministry to {a}; every 10 \
+             minutes, verify and drill hourly):\n\
+             \x20 the jobs:   {ctl} backups\n\
+             \x20 at the ministry: ls {dir}/backups/{a}/{a}-records/snapshots/\n\
+             \x20 at {a}: ls {dir}/demo-sites/{a}/backups/controller/ministry-records/\n"
         );
     }
     if let (Some(r), true) = (relay, sites >= 2) {
@@ -189,6 +273,11 @@ pub async fn run(
     {
         cfg.outgoing_dirs = vec![here];
     }
+    let backup_sites = if cfg.backup_jobs.is_empty() && sites >= 2 {
+        mutual_backup(&mut cfg).context("setting up the demo's mutual backup")?
+    } else {
+        Vec::new()
+    };
     let ctl = Controller::start(cfg).await?;
     let core = ctl.core.clone();
     let ids_dir = core.config.data_dir.join("demo-sites");
@@ -211,6 +300,7 @@ pub async fn run(
             outages: true,
             profile: LinkProfile::Terrestrial,
             inboxes: Some(ids_dir.clone()),
+            backup_sites: backup_sites.clone(),
         },
         &core.config.data_dir.join("demo-spool"),
         sim_cancel.clone(),

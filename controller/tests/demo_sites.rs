@@ -29,6 +29,7 @@ async fn demo_sites_report_and_take_a_file() {
             outages: false,
             profile: LinkProfile::Terrestrial,
             inboxes: Some(ids_dir.clone()),
+            backup_sites: Vec::new(),
         },
         &core.config.data_dir.join("demo-spool"),
         cancel.clone(),

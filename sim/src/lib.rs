@@ -259,21 +259,88 @@ pub struct SimOptions {
     /// Sites take files sent to them into `<this>/<site ID>/inbox` (the demo); None: they take
     /// none (the load generator).
     pub inboxes: Option<PathBuf>,
+    /// Of those, the sites that run the backup jobs the controller pushes them, as an agent
+    /// does (the demo's mutual backup): repositories in `<inboxes>/<site ID>/backup/repos/`,
+    /// shipped to the controller; the controller's repositories sent to them kept in
+    /// `<inboxes>/<site ID>/backups/controller/`.
+    pub backup_sites: Vec<String>,
 }
 
 /// A simulated site's side of transfers: it takes the files the controller sends, like an
-/// agent's inbox (it sends none and relays none).
-struct SimInbox(Arc<tiandi_transfer::Inbox>);
+/// agent's inbox, and (a backup site) sends what its outbox holds.
+struct SimTransfers {
+    site_id: String,
+    inbox: Arc<tiandi_transfer::Inbox>,
+    outbox: Option<Arc<tiandi_transfer::Outbox>>,
+}
 
-impl uplink::SessionHook for SimInbox {
+impl uplink::SessionHook for SimTransfers {
     fn on_session(self: Arc<Self>, conn: &quinn::Connection, stop: CancellationToken) {
         tokio::spawn(tiandi_transfer::inbox::accept_loop(
-            self.0.clone(),
+            self.inbox.clone(),
             conn.clone(),
             None,
-            stop,
+            stop.clone(),
         ));
+        if let Some(outbox) = &self.outbox {
+            tokio::spawn(tiandi_transfer::outbox::drive(
+                outbox.clone(),
+                conn.clone(),
+                "controller".into(),
+                self.site_id.clone(),
+                stop,
+            ));
+        }
     }
+}
+
+/// A backup site's outbox, shipper, scheduler and placement, running until `cancel`.
+fn start_backups(
+    db: &sled::Db,
+    site_id: &str,
+    dir: &Path,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Arc<tiandi_transfer::Outbox>> {
+    use tiandi_backup::{partner, scheduler};
+    let outbox = tiandi_transfer::Outbox::new(db.open_tree(format!("outbox/{site_id}"))?);
+    let shipper = Arc::new(partner::Shipper::new(
+        outbox.clone(),
+        db.open_tree(format!("backup-ship/{site_id}"))?,
+        &dir.join("backup-ship"),
+        Vec::new(),
+    )?);
+    tokio::spawn(
+        shipper
+            .clone()
+            .run(Duration::from_secs(1), None, cancel.clone()),
+    );
+    let sched = scheduler::Scheduler::new(
+        site_id,
+        &dir.join("backup"),
+        db.open_tree(format!("backup-jobs/{site_id}"))?,
+        shipper,
+        scheduler::outbox_sink(
+            outbox.clone(),
+            "controller",
+            &dir.join("backup").join("results"),
+        ),
+    )
+    .map_err(anyhow::Error::msg)?;
+    tokio::spawn(sched.run(
+        Some(dir.join("inbox").join(scheduler::PUSHED_NAME)),
+        Some(dir.join("backup").join("status.json")),
+        cancel.clone(),
+    ));
+    tokio::spawn(
+        partner::Placement {
+            inbox: dir.join("inbox"),
+            peer: Some("controller".into()),
+            backups: dir.join("backups"),
+            hold: Duration::from_secs(7 * 86_400),
+        }
+        .run(cancel.clone()),
+    );
+    Ok(outbox)
 }
 
 /// Starts every site; returns their shared states. Sites start spread over one interval.
@@ -316,7 +383,8 @@ pub async fn start(
         let shared = Shared::new(spool);
         let on_session: Option<Arc<dyn uplink::SessionHook>> = match &opts.inboxes {
             Some(dir) => {
-                let dir = dir.join(&c.site_id).join("inbox");
+                let site_dir = dir.join(&c.site_id);
+                let dir = site_dir.join("inbox");
                 let inbox = tiandi_transfer::Inbox::new(
                     &dir,
                     db.open_tree(format!("inbox/{}", c.site_id))?,
@@ -324,7 +392,19 @@ pub async fn start(
                     None,
                 )
                 .with_context(|| format!("opening {}", dir.display()))?;
-                Some(Arc::new(SimInbox(inbox)))
+                let outbox = if opts.backup_sites.contains(&c.site_id) {
+                    Some(
+                        start_backups(&db, &c.site_id, &site_dir, &cancel)
+                            .with_context(|| format!("{}: starting its backups", c.site_id))?,
+                    )
+                } else {
+                    None
+                };
+                Some(Arc::new(SimTransfers {
+                    site_id: c.site_id.clone(),
+                    inbox,
+                    outbox,
+                }))
             }
             None => None,
         };

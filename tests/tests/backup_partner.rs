@@ -385,3 +385,75 @@ pre_hook = ["/bin/false"]
     site.stop();
     ctl.stop();
 }
+
+/// A rain fade (the site's modem, a real `snmpd`, reports Es/No below the threshold) holds the
+/// backup class back: nothing of the repository reaches the controller while it lasts, while
+/// reports go on; when the Es/No recovers the repository is shipped.
+#[test]
+fn backups_wait_out_a_rain_fade() {
+    let t = tempfile::tempdir().unwrap();
+    let snmpd = tiandi_tests::snmpd::Snmpd::start(&t.path().join("snmpd"));
+    let modem = t.path().join("snmpd/modem.sh");
+    let set_esno = |x10: u32| {
+        let s = std::fs::read_to_string(&modem).unwrap();
+        let line = s
+            .lines()
+            .find(|l| l.contains(".1.1.0)"))
+            .unwrap()
+            .to_string();
+        let new = format!("  .1.3.6.1.4.1.99999.1.1.0) printf '%s\\ninteger\\n{x10}\\n' \"$2\" ;;");
+        std::fs::write(&modem, s.replace(&line, &new)).unwrap();
+    };
+    set_esno(31);
+    let pw = t.path().join("pw");
+    secret_file(&pw, "rain or shine\n");
+    let repo = t.path().join("repo");
+    let src = t.path().join("data");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a.db"), tiandi_tests::noise(2 << 20, 8)).unwrap();
+    json(&backup(&repo, Some(&pw), &["init"]));
+    json(&backup(
+        &repo,
+        Some(&pw),
+        &["backup", src.to_str().unwrap()],
+    ));
+    let ctl = ControllerProc::start(&t.path().join("ctl"));
+    let mut site = ctl.new_site(
+        &t.path().join("site"),
+        "hn-017",
+        "HN",
+        &format!(
+            "interval_s = 1.0\n[[backup_repos]]\nname = \"hn-db\"\npath = {repo:?}\n\n\
+             [[devices]]\nname = \"modem\"\nprofile = \"vsat-modem\"\naddress = \"{}\"\n\
+             timeout_ms = 1000\n[devices.oids]\nesno = {{ oid = \"1.3.6.1.4.1.99999.1.1.0\", scale = 0.1 }}\n",
+            snmpd.addr
+        ),
+    );
+    site.start();
+    // The controller sees the fade in the reports; the repository stays at the site.
+    wait_for(
+        "rain fade at the controller",
+        Duration::from_secs(30),
+        || {
+            let s = ctl.api("/api/sites/hn-017")?;
+            (s["status"] == "rain-fade").then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_secs(8));
+    let copy = ctl.data_dir().join("backups/hn-017/hn-db");
+    assert!(
+        files(&copy).is_empty(),
+        "nothing is shipped in a rain fade: {:?}",
+        files(&copy)
+    );
+    assert!(
+        site.log().contains("Backups wait out the rain fade"),
+        "{}",
+        site.log()
+    );
+    // Clear sky: the repository follows.
+    set_esno(92);
+    wait_in_sync(&repo, &copy, "the repository after the fade");
+    assert!(site.log().contains("The rain fade is over"));
+    site.stop();
+}

@@ -102,6 +102,28 @@ fn console_in_a_real_browser() {
                 .filter(|v| v["connected"].as_u64() == Some(SITES as u64))
         },
     );
+    // The demo's mutual backup: two provinces' offices to the ministry, the ministry to the
+    // first; each job's first run is due at once, verify and drill follow.
+    let jobs = tiandi_tests::wait_for(
+        "the demo's backup jobs to run",
+        Duration::from_secs(120),
+        || {
+            let a = ctl.api("/api/backups")?;
+            let jobs = a["jobs"].as_array()?.clone();
+            (jobs.len() == 3
+                && jobs.iter().all(|j| {
+                    j["last_backup"]["ok"] == true
+                        && j["last_verify"]["ok"] == true
+                        && j["last_drill"]["ok"] == true
+                }))
+            .then_some(jobs)
+        },
+    );
+    assert!(
+        jobs.iter()
+            .any(|j| j["site"] == "controller" && j["to"] == "bj-001"),
+        "{jobs:?}"
+    );
     let base = format!("http://{}", ctl.api);
     let b = Browser::start();
 
@@ -127,6 +149,19 @@ fn console_in_a_real_browser() {
         .unwrap();
     assert_eq!(b.count("table#sites-table tr[data-site]") as u64, sc);
     shot(&b, "sites");
+
+    // The backups page: the demo's three jobs, each with its last run, verify and drill.
+    b.goto(&format!("{base}/backups"));
+    b.wait_css("table#backups tr[data-job]", T);
+    assert_eq!(b.count("table#backups tr[data-job]"), 3);
+    assert!(
+        b.text("table#backups").contains("bj-001-records"),
+        "{}",
+        b.text("table#backups")
+    );
+    assert_eq!(b.count("table#backups tr.s-failed"), 0);
+    no_page_errors(&b, "backups");
+    shot(&b, "backups");
     // The filter is in the URL: a shared link opens the same table.
     b.goto(&format!("{base}/sites?province=GD&sort=site_id&order=desc"));
     b.wait_js(

@@ -91,6 +91,11 @@ pub struct Progress {
     pub attempts: AtomicU64,
     /// The receiver accepted the current attempt's offer (it answered Have or acknowledged).
     pub accepted: std::sync::atomic::AtomicBool,
+    /// Every chunk is handed to QUIC: what is left is waiting for acknowledgements and the
+    /// receipt (a driver may start the next transfer now; see `outbox::drive`).
+    pub handed: std::sync::atomic::AtomicBool,
+    /// Signalled when `handed` becomes true.
+    pub handed_now: tokio::sync::Notify,
 }
 
 #[derive(Debug)]
@@ -257,6 +262,7 @@ pub async fn send_file(
             if acked.get(i) {
                 continue;
             }
+            progress.handed.store(false, Ordering::Relaxed);
             if pause() {
                 let _ = w.get_mut().finish();
                 return Ok(SendOutcome::Paused);
@@ -378,6 +384,9 @@ pub async fn send_file(
             continue;
         }
         // Everything sent: wait for acknowledgements, resend requests, or the receipt.
+        if !progress.handed.swap(true, Ordering::Relaxed) {
+            progress.handed_now.notify_waiters();
+        }
         if shown.take().is_some() {
             debug!(
                 ms = t0.elapsed().as_millis() as u64,

@@ -6,15 +6,16 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use super::{CLASSES, Job, JobState, Next, Outbox};
 use crate::send::{Progress, SendOptions, SendOutcome, send_file};
 use crate::{TransferError, now_ms};
 
 /// Sends `dest`'s queued transfers over `conn` until `cancel` fires or the connection breaks.
-/// One transfer per priority class at a time, so an alarm transfer never waits behind a bulk
-/// one (its stream has the higher priority on the shared connection).
+/// A driver per priority class, so an alarm transfer never waits behind a bulk one (its
+/// stream has the higher priority on the shared connection); within a class one transfer
+/// sends at a time, the next one's offer overlapping the last one's tail ([`LOOKAHEAD`]).
 pub async fn drive(
     outbox: Arc<Outbox>,
     conn: quinn::Connection,
@@ -47,6 +48,23 @@ const IDLE_RECHECK: Duration = Duration::from_secs(600);
 /// this long.
 const RETRY_ON_LIVE_CONNECTION: Duration = Duration::from_secs(2);
 
+/// Transfers of one class under way on one connection, at most. The next starts only once
+/// every one before it has handed all its chunks to QUIC, so data still leaves in order; what
+/// overlaps is the tail of one (its last acknowledgements, the receiver's whole-file check,
+/// the receipt) with the offer and `Have` of the next, two round trips that would otherwise
+/// leave a GEO link idle for each file: a backup's 16 MiB packs went out at 0.79 of a 20
+/// Mbit/s, 600 ms link one after the other.
+const LOOKAHEAD: usize = 2;
+/// How often a driver with a transfer that has not handed all its chunks yet looks whether
+/// it has (an atomic load).
+const HANDED_POLL: Duration = Duration::from_millis(100);
+
+struct Running {
+    id: String,
+    progress: Arc<Progress>,
+    task: tokio::task::JoinHandle<Result<(), TransferError>>,
+}
+
 async fn drive_class(
     outbox: &Arc<Outbox>,
     conn: &quinn::Connection,
@@ -56,35 +74,34 @@ async fn drive_class(
     cancel: &CancellationToken,
 ) {
     let waker = outbox.waker(dest);
+    // Signalled by each transfer as it ends (a permit is kept if nobody waits yet).
+    let ended = Arc::new(tokio::sync::Notify::new());
+    let mut running: Vec<Running> = Vec::new();
     loop {
         // Registered before the look, so a job queued during it wakes this driver.
         let changed = waker.notified();
-        let next = outbox.next_for(dest, class).unwrap_or_else(|e| {
-            warn!(error = %e, "Outbox unreadable.");
-            Next::Wait(Some(now_ms() + 5_000))
-        });
-        let mut job = match next {
-            Next::Send(job) => *job,
-            Next::Wait(at) => {
-                let wait = at.map_or(IDLE_RECHECK, |t| {
-                    Duration::from_millis(u64::try_from(t - now_ms()).unwrap_or(0))
-                        .min(IDLE_RECHECK)
-                });
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = conn.closed() => return,
-                    _ = changed => {}
-                    _ = tokio::time::sleep(wait) => {}
-                }
+        // Take in the transfers that ended.
+        let mut broke = false;
+        let mut k = 0;
+        while k < running.len() {
+            if !running[k].task.is_finished() {
+                k += 1;
                 continue;
             }
-        };
-        match run_job(outbox, conn, &mut job, origin, cancel).await {
-            Ok(()) => {}
-            Err(e) if e.is_transient() && !matches!(e, TransferError::Paused { .. }) => {
-                if conn.close_reason().is_some() {
-                    return;
-                }
+            let r = running.remove(k);
+            if let Ok(Err(e)) = r.task.await
+                && e.is_transient()
+                && !matches!(e, TransferError::Paused { .. })
+            {
+                broke = true;
+            }
+        }
+        if broke {
+            if conn.close_reason().is_some() {
+                finish(running).await;
+                return;
+            }
+            if running.is_empty() {
                 // The connection lives on (a stall across a link cut shorter than its idle
                 // timeout, a reset stream): try again shortly, from what the receiver holds,
                 // instead of leaving this class idle until the next connection.
@@ -93,9 +110,78 @@ async fn drive_class(
                     _ = conn.closed() => return,
                     _ = tokio::time::sleep(RETRY_ON_LIVE_CONNECTION) => {}
                 }
+                continue;
             }
-            Err(_) => {}
         }
+        let room = running.len() < LOOKAHEAD
+            && running
+                .iter()
+                .all(|r| r.progress.handed.load(Ordering::Relaxed));
+        let mut wait = IDLE_RECHECK;
+        if room && !broke {
+            let ids: Vec<String> = running.iter().map(|r| r.id.clone()).collect();
+            match outbox.next_for_except(dest, class, &ids) {
+                Ok(Next::Send(job)) => {
+                    let progress = Arc::new(Progress::default());
+                    let (outbox, conn, origin, cancel, ended, p) = (
+                        outbox.clone(),
+                        conn.clone(),
+                        origin.to_string(),
+                        cancel.clone(),
+                        ended.clone(),
+                        progress.clone(),
+                    );
+                    let id = job.id.clone();
+                    let task = tokio::spawn(
+                        async move {
+                            let mut job = *job;
+                            let r = run_job(&outbox, &conn, &mut job, &origin, &cancel, p).await;
+                            ended.notify_one();
+                            r
+                        }
+                        .in_current_span(),
+                    );
+                    running.push(Running { id, progress, task });
+                    continue;
+                }
+                Ok(Next::Wait(at)) => {
+                    wait = at.map_or(IDLE_RECHECK, |t| {
+                        Duration::from_millis(u64::try_from(t - now_ms()).unwrap_or(0))
+                            .min(IDLE_RECHECK)
+                    });
+                }
+                Err(e) => {
+                    warn!(error = %e, "Outbox unreadable.");
+                    wait = Duration::from_secs(5);
+                }
+            }
+        }
+        if running
+            .iter()
+            .any(|r| !r.progress.handed.load(Ordering::Relaxed))
+        {
+            wait = wait.min(HANDED_POLL);
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                finish(running).await;
+                return;
+            }
+            _ = conn.closed() => {
+                finish(running).await;
+                return;
+            }
+            _ = changed => {}
+            _ = ended.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Waits for the transfers still under way (they end with the connection or the stop).
+async fn finish(running: Vec<Running>) {
+    for r in running {
+        let _ = r.task.await;
     }
 }
 
@@ -105,8 +191,8 @@ async fn run_job(
     job: &mut Job,
     origin: &str,
     cancel: &CancellationToken,
+    progress: Arc<Progress>,
 ) -> Result<(), TransferError> {
-    let progress = Arc::new(Progress::default());
     progress
         .acked_bytes
         .store(job.acked_bytes, Ordering::Relaxed);
@@ -157,7 +243,9 @@ async fn run_job(
         })
     };
     let window = job.window;
-    let pause = move || window.is_some_and(|w| !w.contains(now_ms()));
+    let (held_by, class) = (outbox.clone(), job.priority);
+    let pause =
+        move || window.is_some_and(|w| !w.contains(now_ms())) || held_by.held(class).is_some();
     let result = tokio::select! {
         r = send_file(conn, &job.source, &job.manifest, &opts, &progress, &pause) => r,
         _ = cancel.cancelled() => Err(TransferError::Stream("stopping".into())),
@@ -178,7 +266,11 @@ async fn run_job(
         }
         Ok(SendOutcome::Paused) => {
             job.state = JobState::Paused;
-            job.error = Some("outside its time window".into());
+            job.error = Some(
+                outbox
+                    .held(job.priority)
+                    .unwrap_or_else(|| "outside its time window".into()),
+            );
             Ok(())
         }
         Err(TransferError::Paused {

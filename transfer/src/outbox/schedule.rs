@@ -45,11 +45,27 @@ impl Outbox {
     /// The next job of `class` (see [`CLASSES`]) to send to `dest` now: the oldest runnable
     /// one; or, if none is, when one will be.
     pub fn next_for(&self, dest: &str, class: &str) -> Result<Next, TransferError> {
+        self.next_for_except(dest, class, &[])
+    }
+
+    /// [`Outbox::next_for`], passing over the jobs in `running` (a driver's transfers under
+    /// way).
+    pub fn next_for_except(
+        &self,
+        dest: &str,
+        class: &str,
+        running: &[String],
+    ) -> Result<Next, TransferError> {
         let now = now_ms();
+        // A held class waits for its release (which wakes the drivers), looking again now
+        // and then in case a release was missed.
+        if self.held(Priority::class_of(class)).is_some() {
+            return Ok(Next::Wait(Some(now + 30_000)));
+        }
         let mut wake: Option<i64> = None;
         let mut best: Option<Job> = None;
         for j in self.scan(format!("j/{dest}/").as_bytes())? {
-            if j.dest != dest || j.class() != class {
+            if j.dest != dest || j.class() != class || running.contains(&j.id) {
                 continue;
             }
             // `scan` returns jobs oldest first: the first runnable one is the one to send.
@@ -106,6 +122,17 @@ mod tests {
         // Each class has its own driver: an alarm job does not hold back the others.
         assert_eq!(next("alarm"), Ok("c".to_string()));
         assert_eq!(next("normal"), Ok("b".to_string()));
+        assert_eq!(next("bulk"), Ok("a".to_string()));
+        // A held class sends nothing (a rain fade holds backups); the others go on.
+        assert!(ob.hold(Priority::Bulk, Some("rain fade".into())));
+        assert!(
+            !ob.hold(Priority::Bulk, Some("rain fade".into())),
+            "no change"
+        );
+        assert!(matches!(next("bulk"), Err(Some(_))));
+        assert_eq!(next("normal"), Ok("b".to_string()));
+        assert!(ob.hold(Priority::Bulk, None));
+        assert_eq!(ob.held(Priority::Bulk), None);
         assert_eq!(next("bulk"), Ok("a".to_string()));
         c.state = JobState::Failed;
         ob.put(&c).unwrap();

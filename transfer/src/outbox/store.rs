@@ -28,6 +28,9 @@ pub struct Outbox {
     /// the controller's live stream. Runs on the writer's thread, so it must be quick and
     /// must not write to the outbox.
     observer: std::sync::OnceLock<Observer>,
+    /// Classes held back for now (a rain fade holds backups), with why: their drivers send
+    /// nothing new, and a transfer of theirs under way pauses at its next chunk.
+    held: std::sync::Mutex<std::collections::BTreeMap<crate::Priority, String>>,
 }
 
 /// What [`Outbox::observe`] keeps.
@@ -48,7 +51,42 @@ impl Outbox {
             disk_full: Default::default(),
             manifests: Default::default(),
             observer: Default::default(),
+            held: Default::default(),
         })
+    }
+
+    /// Holds a class back (`Some(why)`) or lets it go again (`None`); returns whether that
+    /// changed anything. Released, every destination's drivers look again at once.
+    pub fn hold(&self, class: crate::Priority, why: Option<String>) -> bool {
+        let changed = {
+            let mut held = self.held.lock().expect("outbox lock poisoned");
+            match why {
+                Some(w) => held.insert(class, w.clone()).as_ref() != Some(&w),
+                None => held.remove(&class).is_some(),
+            }
+        };
+        if changed {
+            let wakers: Vec<Arc<Notify>> = self
+                .wakers
+                .lock()
+                .expect("outbox lock poisoned")
+                .values()
+                .cloned()
+                .collect();
+            for w in wakers {
+                w.notify_waiters();
+            }
+        }
+        changed
+    }
+
+    /// Why a class is held back now, if it is.
+    pub fn held(&self, class: crate::Priority) -> Option<String> {
+        self.held
+            .lock()
+            .expect("outbox lock poisoned")
+            .get(&class)
+            .cloned()
     }
 
     /// Calls `f` with every job written from now on. One observer per outbox: a second is
