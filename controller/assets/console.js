@@ -2387,7 +2387,8 @@ function pageBackups() {
           h('td.num', fmtBytes(j.new_bytes || 0)),
           h('td.num', j.dedup_ratio != null ? j.dedup_ratio.toFixed(1) + '×' : '—'),
           h('td', j.next_run_ms ? timeEl(j.next_run_ms) : '—'),
-          h('td', backupRun(j.last_verify)),
+          h('td', backupRun(j.last_verify),
+            j.partner_check ? h('div.small', h('span.muted', T('backups.partner_check') + ' '), backupRun(j.partner_check)) : null),
           h('td', backupRun(j.last_drill))));
       }
       if (!jobs.length) frag.appendChild(h('tr', h('td.muted', { colspan: 11 }, T('backups.none'))));

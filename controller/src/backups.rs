@@ -90,6 +90,9 @@ pub struct BackupStatus {
     pub partner_bytes: Option<u64>,
     pub last_verify: Option<RunSummary>,
     pub last_drill: Option<RunSummary>,
+    /// The check of the partner's copy here, without the key (every pack against its name
+    /// and trailer), on the job's verify schedule.
+    pub partner_check: Option<RunSummary>,
 }
 
 pub struct Backups {
@@ -259,6 +262,63 @@ impl Backups {
         Ok(queued)
     }
 
+    fn partner_check(&self, job: &str) -> Option<RunSummary> {
+        let v = self.meta.get(format!("pcheck/{job}")).ok()??;
+        serde_json::from_slice(&v).ok()
+    }
+
+    /// Checks, without the key, the partner copies kept here whose job's verify schedule says
+    /// so (every pack read and checked against its name and trailer); returns how many ran.
+    /// Slow for a large copy: run it on a thread of its own.
+    pub fn partner_checks(&self, now_ms: i64) -> usize {
+        let mut n = 0;
+        for j in &self.jobs {
+            let Some(copy) = self.partner_copy(j) else {
+                continue;
+            };
+            let last = self.partner_check(&j.name).map(|r| r.started_ms);
+            if !job::due(j, JobKind::Verify, last, now_ms) || !copy.join("config").is_file() {
+                continue;
+            }
+            let t = std::time::Instant::now();
+            let be = tiandi_backup::backend::Local::new(&copy);
+            let (ok, error) = match tiandi_backup::repo::check_packs(&be) {
+                Ok(c) if c.damaged.is_empty() => (true, None),
+                Ok(c) => (
+                    false,
+                    Some(format!(
+                        "{} of {} packs damaged: {}",
+                        c.damaged.len(),
+                        c.packs,
+                        c.damaged
+                            .iter()
+                            .take(3)
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    )),
+                ),
+                Err(e) => (false, Some(e.to_string())),
+            };
+            if !ok {
+                warn!(job = %j.name, error = ?error, "The partner copy kept here failed its check.");
+            }
+            let r = RunSummary {
+                started_ms: now_ms,
+                duration_ms: t.elapsed().as_millis() as u64,
+                ok,
+                error,
+                snapshot: None,
+            };
+            let _ = self.meta.insert(
+                format!("pcheck/{}", j.name),
+                serde_json::to_vec(&r).expect("summaries serialise"),
+            );
+            n += 1;
+        }
+        n
+    }
+
     /// Where a job's repository is kept here when this node is its partner.
     fn partner_copy(&self, j: &JobSpec) -> Option<PathBuf> {
         (j.to == job::CONTROLLER && j.site != job::CONTROLLER)
@@ -332,6 +392,7 @@ impl Backups {
                 .results(&j.name, JobKind::Drill, 1)
                 .first()
                 .map(RunSummary::from),
+            partner_check: self.partner_check(&j.name),
             ..BackupStatus::default()
         };
         if let Some(r) = last_ok {
@@ -383,7 +444,11 @@ impl Backups {
                     },
                 );
             }
-            for (what, r) in [("verify", &s.last_verify), ("drill", &s.last_drill)] {
+            for (what, r) in [
+                ("verify", &s.last_verify),
+                ("drill", &s.last_drill),
+                ("the check of the partner's copy", &s.partner_check),
+            ] {
                 if let Some(r) = r
                     && !r.ok
                 {
@@ -442,14 +507,18 @@ pub fn table(rows: &[BackupStatus], now_ms: i64) -> String {
             Some(t) => format!("in {} min", (t - now_ms) / 60_000),
             None => "-".into(),
         };
-        let checks = [("verify", &s.last_verify), ("drill", &s.last_drill)]
-            .iter()
-            .filter_map(|(w, r)| {
-                r.as_ref()
-                    .map(|r| format!("{w} {}", if r.ok { "ok" } else { "FAILED" }))
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
+        let checks = [
+            ("verify", &s.last_verify),
+            ("drill", &s.last_drill),
+            ("partner check", &s.partner_check),
+        ]
+        .iter()
+        .filter_map(|(w, r)| {
+            r.as_ref()
+                .map(|r| format!("{w} {}", if r.ok { "ok" } else { "FAILED" }))
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
         let _ = writeln!(
             out,
             "{:<22} {:<12} {:<10} {:<20} {:>8} {:>10.1} {:>7} {:<12} {}{}",

@@ -773,6 +773,8 @@ async fn backup_loop(core: Arc<Core>) {
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut n: u64 = 0;
     let mut raised: BTreeMap<String, BTreeSet<sites::Condition>> = BTreeMap::new();
+    // The partner copies' checks read every pack: on a thread of their own, one at a time.
+    let checking = Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
         tokio::select! {
             _ = core.cancel.cancelled() => break,
@@ -785,6 +787,13 @@ async fn backup_loop(core: Arc<Core>) {
         n += 1;
         if took == 0 && n % 15 != 1 {
             continue;
+        }
+        if !checking.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            let (c, flag) = (core.clone(), checking.clone());
+            tokio::task::spawn_blocking(move || {
+                c.backups.partner_checks(now_ms());
+                flag.store(false, std::sync::atomic::Ordering::SeqCst);
+            });
         }
         let c = core.clone();
         let conds = tokio::task::spawn_blocking(move || {

@@ -155,10 +155,30 @@ impl ControllerProc {
             .unwrap();
         self.child = Some(child);
         let url = format!("http://{}/health", self.ops);
-        wait_for("controller /health", Duration::from_secs(30), || {
-            let url = url.clone();
-            run_in(self.netns.as_deref(), move || get_text(&url))
-        });
+        // Up within a minute (a loaded CI machine runs two tests at once); if not, or if it
+        // exits, the failure shows the end of its log.
+        let start = Instant::now();
+        loop {
+            let u = url.clone();
+            if run_in(self.netns.as_deref(), move || get_text(&u)).is_some() {
+                break;
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || start.elapsed() > Duration::from_secs(60) {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                panic!(
+                    "controller /health: {} after {:?}; the end of its log:\n{}",
+                    exited.map_or("no answer".to_string(), |s| format!("exited with {s}")),
+                    start.elapsed(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Graceful stop (SIGTERM), waiting for the process to exit.

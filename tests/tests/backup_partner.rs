@@ -309,6 +309,19 @@ pre_hook = ["/bin/false"]
         },
     );
     assert_eq!(status["last_backup"]["ok"], true, "{status}");
+    // The ministry checks its copy without the key on the job's verify schedule.
+    wait_for(
+        "the partner's check of its copy",
+        Duration::from_secs(90),
+        || {
+            let a = ctl.api("/api/backups")?;
+            a["jobs"]
+                .as_array()?
+                .iter()
+                .any(|j| j["job"] == "gd-db-nightly" && j["partner_check"]["ok"] == true)
+                .then_some(())
+        },
+    );
     assert_eq!(status["overdue"], false, "{status}");
     assert_eq!(status["province"], "gd");
     assert!(status["bytes"].as_u64().unwrap() >= 3 << 20, "{status}");
