@@ -543,3 +543,111 @@ pub fn table(rows: &[BackupStatus], now_ms: i64) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(name: &str, site: &str) -> JobSpec {
+        toml::from_str(&format!(
+            "name = \"{name}\"\nsite = \"{site}\"\nrepo = \"{name}\"\npaths = [\"/srv\"]\n\
+             password_file = \"/etc/pw\"\nschedule = \"every 1h\"\n"
+        ))
+        .unwrap()
+    }
+
+    fn result_file(dir: &Path, r: &JobResult) {
+        std::fs::create_dir_all(dir).unwrap();
+        let name = format!(
+            "{}{}~{}~{}.json",
+            tiandi_backup::scheduler::RESULT_PREFIX,
+            r.job,
+            r.kind,
+            r.started_ms
+        );
+        std::fs::write(dir.join(name), serde_json::to_vec(r).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_site_reports_only_its_own_jobs_and_failures_raise_alarms() {
+        let t = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let config = crate::Config {
+            data_dir: t.path().to_path_buf(),
+            backup_jobs: vec![job("gd-db", "gd-prov"), job("hn-db", "hn-prov")],
+            ..crate::Config::default()
+        };
+        let b = Backups::open(&db, &config).unwrap();
+        let inbox = t.path().join("inbox");
+        let ok = JobResult {
+            job: "gd-db".into(),
+            site: "gd-prov".into(),
+            repo: "gd-db".into(),
+            started_ms: 1_000,
+            ok: true,
+            ..JobResult::default()
+        };
+        result_file(&inbox.join("gd-prov"), &ok);
+        // hn-prov claims a run of gd-prov's job, and one in gd-prov's name: both refused.
+        result_file(
+            &inbox.join("hn-prov"),
+            &JobResult {
+                started_ms: 2_000,
+                ..ok.clone()
+            },
+        );
+        result_file(
+            &inbox.join("hn-prov"),
+            &JobResult {
+                site: "hn-prov".into(),
+                started_ms: 3_000,
+                ..ok.clone()
+            },
+        );
+        // A name that is not a site's directory is not read at all.
+        result_file(
+            &inbox.join(".."),
+            &JobResult {
+                started_ms: 4_000,
+                ..ok.clone()
+            },
+        );
+        let took = b.take_results();
+        assert_eq!(took.len(), 1, "{took:?}");
+        assert_eq!(took[0].started_ms, 1_000);
+        assert!(
+            std::fs::read_dir(inbox.join("hn-prov"))
+                .unwrap()
+                .next()
+                .is_none(),
+            "refused results are removed, not kept"
+        );
+        // A failed run raises backup-failed on its site; a job never backed up at the partner
+        // within its RPO is overdue.
+        let failed = JobResult {
+            started_ms: 5_000,
+            ok: false,
+            error: Some("pre-hook /usr/local/bin/dump exited with status 3".into()),
+            ..ok.clone()
+        };
+        b.record(&failed).unwrap();
+        let now = 5_000 + 27 * 3_600_000;
+        let st = b.status(now, &|_| "GD".into());
+        let c = b.conditions(&st);
+        let gd = &c["gd-prov"];
+        assert!(gd[&Condition::BackupFailed].contains("status 3"), "{gd:?}");
+        assert!(gd.contains_key(&Condition::BackupOverdue), "{gd:?}");
+        // The results kept are bounded.
+        for i in 0..(KEEP_RESULTS as i64 + 20) {
+            b.record(&JobResult {
+                started_ms: 10_000 + i,
+                ..ok.clone()
+            })
+            .unwrap();
+        }
+        assert_eq!(
+            b.results("gd-db", JobKind::Backup, 1000).len(),
+            KEEP_RESULTS
+        );
+    }
+}
