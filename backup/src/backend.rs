@@ -60,6 +60,35 @@ pub(crate) fn io(path: &Path, e: std::io::Error) -> BackupError {
     ))
 }
 
+/// Bytes of the files under `dir` (links not followed; 0 if it is not there): a local
+/// repository's size.
+pub fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    // The layout is shallow (packs/ab/…); the depth bound only stops a pathological tree.
+    let mut stack = vec![(dir.to_path_buf(), 0u32)];
+    while let Some((d, depth)) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let Ok(md) = e.metadata() else { continue };
+            if md.is_dir() && depth < 16 {
+                stack.push((e.path(), depth + 1));
+            } else if md.is_file() {
+                total += md.len();
+            }
+        }
+    }
+    total
+}
+
+/// Writes `path` whole or not at all: a temporary file beside it, synced, renamed over it.
+pub fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
 /// A repository in a local directory.
 pub struct Local {
     dir: PathBuf,

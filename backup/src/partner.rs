@@ -605,12 +605,7 @@ fn walk(dir: &Path) -> Result<BTreeMap<String, (u64, i128)>, PartnerError> {
 }
 
 fn write_durable(path: &Path, bytes: &[u8]) -> Result<(), PartnerError> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    crate::backend::write_durable(path, bytes).map_err(io(path))
 }
 
 /// What one [`place_all`] pass did.

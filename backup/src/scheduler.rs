@@ -18,6 +18,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tracing::{Instrument, info, info_span, warn};
 
+use crate::backend::write_durable;
 use crate::job::{self, JobKind, JobResult, JobSpec, Jobs, JobsError};
 use crate::partner::{ShipConfig, ShipStatus, Shipper};
 use crate::repo::Progress;
@@ -416,15 +417,6 @@ impl RepoLock {
             )),
         }
     }
-}
-
-fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 /// What a result file's transfer name starts with: `backup-result~<job>~<kind>~<ms>.json`.

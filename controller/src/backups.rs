@@ -12,7 +12,7 @@
 //! `data_dir/backup/repos/`, shipped to the partner site they name.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use tiandi_backup::job::{self, JobKind, JobResult, JobSpec, Jobs};
@@ -383,7 +383,7 @@ impl Backups {
             age_s: recovery.map(|r| (now_ms - r.started_ms) / 1000),
             overdue: age_ms > i64::from(j.rpo_hours) * 3_600_000,
             next_run_ms: next,
-            partner_bytes: copy.as_deref().map(dir_bytes),
+            partner_bytes: copy.as_deref().map(tiandi_backup::backend::dir_bytes),
             last_verify: self
                 .results(&j.name, JobKind::Verify, 1)
                 .first()
@@ -467,25 +467,6 @@ impl Backups {
     }
 }
 
-/// Bytes of the files under `dir` (0 if it is not there).
-fn dir_bytes(dir: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            match e.metadata() {
-                Ok(m) if m.is_dir() => stack.push(e.path()),
-                Ok(m) => total += m.len(),
-                Err(_) => {}
-            }
-        }
-    }
-    total
-}
-
 /// `tiandi-controller backups`: a line per job.
 pub fn table(rows: &[BackupStatus], now_ms: i64) -> String {
     use std::fmt::Write;
@@ -546,6 +527,8 @@ pub fn table(rows: &[BackupStatus], now_ms: i64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     fn job(name: &str, site: &str) -> JobSpec {

@@ -605,3 +605,35 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// `tiandi-backup --repo REPO --json [--password-file PW] ARGS` (the passphrase variable
+/// removed from its environment); its output.
+pub fn backup_cli(repo: &Path, pw: Option<&Path>, args: &[&str]) -> std::process::Output {
+    let mut c = Command::new(bin("tiandi-backup"));
+    c.arg("--repo").arg(repo).arg("--json");
+    if let Some(p) = pw {
+        c.arg("--password-file").arg(p);
+    }
+    c.args(args)
+        .env_remove("TIANDI_BACKUP_PASSWORD_FILE")
+        .output()
+        .unwrap()
+}
+
+/// A command's JSON output; panics with its stdout and stderr when it failed.
+pub fn ok_json(o: &std::process::Output) -> Value {
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// Writes a secret file of mode 0600.
+pub fn secret_file(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}

@@ -9,22 +9,14 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use serde_json::Value;
+use tiandi_tests::secret_file;
 
 fn run(repo: &Path, pw: Option<&Path>, args: &[&str]) -> Output {
-    let mut c = Command::new(tiandi_tests::bin("tiandi-backup"));
-    c.arg("--repo").arg(repo).arg("--json");
-    if let Some(p) = pw {
-        c.arg("--password-file").arg(p);
-    }
-    c.args(args)
-        .env_remove("TIANDI_BACKUP_PASSWORD_FILE")
-        .output()
-        .unwrap()
+    tiandi_tests::backup_cli(repo, pw, args)
 }
 
 fn json(o: &Output) -> Value {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice(&o.stdout).unwrap()
+    tiandi_tests::ok_json(o)
 }
 
 /// Restores `snapshot` into `out` and compares `files` (relative to the backed-up
@@ -55,11 +47,6 @@ fn restore_same(
         );
     }
     r
-}
-
-fn secret_file(path: &Path, text: &str) {
-    std::fs::write(path, text).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
 #[test]

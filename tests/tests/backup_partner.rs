@@ -5,39 +5,19 @@
 //! the key gives back the files (the disaster-recovery case). A prune at the origin reaches the
 //! partner as a deletion list whose files go to the partner's trash, not away.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use serde_json::Value;
-use tiandi_tests::{ControllerProc, wait_for};
+use tiandi_tests::{ControllerProc, secret_file, wait_for};
 
 fn backup(repo: &Path, pw: Option<&Path>, args: &[&str]) -> Output {
-    let mut c = Command::new(tiandi_tests::bin("tiandi-backup"));
-    c.arg("--repo").arg(repo).arg("--json");
-    if let Some(p) = pw {
-        c.arg("--password-file").arg(p);
-    }
-    c.args(args)
-        .env_remove("TIANDI_BACKUP_PASSWORD_FILE")
-        .output()
-        .unwrap()
+    tiandi_tests::backup_cli(repo, pw, args)
 }
 
 fn json(o: &Output) -> Value {
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout).unwrap()
-}
-
-fn secret_file(path: &Path, text: &str) {
-    std::fs::write(path, text).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    tiandi_tests::ok_json(o)
 }
 
 /// Every file under `dir`, relative, sorted.

@@ -2,6 +2,7 @@
 
 use super::hook::*;
 use super::*;
+use crate::backend::dir_bytes;
 
 /// The passphrase: the first line of a file of mode 0600.
 pub(super) fn read_secret(f: &Path) -> Result<Vec<u8>, String> {
@@ -16,25 +17,6 @@ pub(super) fn read_secret(f: &Path) -> Result<Vec<u8>, String> {
         ));
     }
     Ok(line.as_bytes().to_vec())
-}
-
-/// Bytes of the files under `dir` (links not followed).
-pub(super) fn dir_bytes(dir: &Path) -> u64 {
-    let mut total = 0;
-    // The layout is shallow (packs/ab/…); the depth bound only stops a pathological tree.
-    let mut stack = vec![(dir.to_path_buf(), 0u32)];
-    while let Some((d, depth)) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            let Ok(md) = e.metadata() else { continue };
-            if md.is_dir() && depth < 16 {
-                stack.push((e.path(), depth + 1));
-            } else if md.is_file() {
-                total += md.len();
-            }
-        }
-    }
-    total
 }
 
 /// The message of a panic.
