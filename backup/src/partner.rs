@@ -151,6 +151,11 @@ struct ListEntry {
 struct DeletionList {
     repo: String,
     paths: Vec<String>,
+    /// The list's own ID: two lists naming the same files are two files (a receiver that
+    /// already holds a file of the same bytes from this peer would take the second as
+    /// delivered without placing it).
+    #[serde(default)]
+    id: String,
 }
 
 /// Where one repository's shipping stands.
@@ -487,15 +492,16 @@ impl Shipper {
             if at_partner.is_empty() {
                 continue;
             }
-            let list = DeletionList {
-                repo: r.name.clone(),
-                paths: at_partner.iter().map(|p| p.to_string()).collect(),
-            };
             let id = format!(
                 "bk{}-{:08x}",
                 tiandi_transfer::now_ms(),
                 rand::random::<u32>()
             );
+            let list = DeletionList {
+                repo: r.name.clone(),
+                paths: at_partner.iter().map(|p| p.to_string()).collect(),
+                id: id.clone(),
+            };
             let source = self.spool.join(format!("{id}.json"));
             write_durable(
                 &source,
