@@ -792,6 +792,23 @@ pub struct Placement {
     pub hold: Duration,
 }
 
+/// The peers' directories of a node's inbox (`inbox/<site>/`, where each site's files land):
+/// (site, directory), names through the one validator; nothing if the inbox is not there.
+pub fn peer_dirs(inbox: &Path) -> Vec<(String, PathBuf)> {
+    std::fs::read_dir(inbox)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .filter_map(|e| {
+                    let n = e.file_name().to_str()?.to_string();
+                    tiandi_link::names::validate_name("site", &n).ok()?;
+                    Some((n, e.path()))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// How often arrived files are placed, and the trash looked at.
 const PLACE_EVERY: Duration = Duration::from_secs(2);
 const PURGE_EVERY: Duration = Duration::from_secs(3600);
@@ -802,18 +819,7 @@ impl Placement {
         let mut total = Placed::default();
         let peers: Vec<(String, PathBuf)> = match &self.peer {
             Some(p) => vec![(p.clone(), self.inbox.clone())],
-            None => std::fs::read_dir(&self.inbox)
-                .map(|rd| {
-                    rd.flatten()
-                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                        .filter_map(|e| {
-                            let n = e.file_name().to_str()?.to_string();
-                            tiandi_link::names::validate_name("site", &n).ok()?;
-                            Some((n, e.path()))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
+            None => peer_dirs(&self.inbox),
         };
         for (peer, incoming) in peers {
             let backups = self.backups.join(&peer);

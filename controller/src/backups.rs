@@ -166,17 +166,8 @@ impl Backups {
     pub fn take_results(&self) -> Vec<JobResult> {
         let inbox = self.data_dir.join("inbox");
         let mut out = Vec::new();
-        let Ok(sites) = std::fs::read_dir(&inbox) else {
-            return out;
-        };
-        for site in sites.flatten() {
-            let Some(name) = site.file_name().to_str().map(str::to_string) else {
-                continue;
-            };
-            if tiandi_link::names::validate_name("site", &name).is_err() {
-                continue;
-            }
-            let Ok(files) = std::fs::read_dir(site.path()) else {
+        for (name, dir) in tiandi_backup::partner::peer_dirs(&inbox) {
+            let Ok(files) = std::fs::read_dir(&dir) else {
                 continue;
             };
             for f in files.flatten().take(MAX_TAKE) {
