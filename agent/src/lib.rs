@@ -253,7 +253,8 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_millis(interval_ms as u64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut unspooled: std::collections::VecDeque<Report> = std::collections::VecDeque::new();
-    let mut in_fade = false;
+    // The last rain fade seen (its reason), kept while the modem does not answer.
+    let mut fade_seen: Option<String> = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
@@ -278,27 +279,40 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
             ));
         }
         // A rain fade holds backups back (they pause and resume where they were); reports,
-        // alarms and other files go on.
-        let fade = devices
+        // alarms and other files go on. A round in which no modem answered (a slow or busy
+        // modem) changes nothing: the last verdict stands until one answers again.
+        let modem_answered = devices
             .iter()
-            .filter(|d| d.status == tiandi_proto::DeviceStatus::Ok as i32)
-            .filter_map(|d| d.modem.as_ref().map(|m| (&d.name, m.esno_db_x10)))
-            .find(|(_, e)| f64::from(*e) / 10.0 < cfg.rain_fade_esno_db)
-            .map(|(n, e)| {
-                format!(
-                    "rain fade: {n} Es/No {:.1} dB (below {:.1})",
-                    f64::from(e) / 10.0,
-                    cfg.rain_fade_esno_db
-                )
-            });
+            .any(|d| d.status == tiandi_proto::DeviceStatus::Ok as i32 && d.modem.is_some());
+        let device_failed = devices
+            .iter()
+            .any(|d| d.status != tiandi_proto::DeviceStatus::Ok as i32);
+        let fade = if !modem_answered && device_failed && fade_seen.is_some() {
+            fade_seen.clone()
+        } else {
+            devices
+                .iter()
+                .filter(|d| d.status == tiandi_proto::DeviceStatus::Ok as i32)
+                .filter_map(|d| d.modem.as_ref().map(|m| (&d.name, m.esno_db_x10)))
+                .find(|(_, e)| f64::from(*e) / 10.0 < cfg.rain_fade_esno_db)
+                .map(|(n, e)| {
+                    format!(
+                        "rain fade: {n} Es/No {:.1} dB (below {:.1})",
+                        f64::from(e) / 10.0,
+                        cfg.rain_fade_esno_db
+                    )
+                })
+        };
         if outbox.hold(tiandi_transfer::Priority::Backup, fade.clone()) {
             match &fade {
                 Some(why) => warn!(%why, "Backups wait out the rain fade."),
-                None if in_fade => info!("The rain fade is over: backups go on."),
+                None if fade_seen.is_some() => {
+                    info!("The rain fade is over: backups go on.")
+                }
                 None => {}
             }
         }
-        in_fade = fade.is_some();
+        fade_seen = fade;
         let report = Report {
             taken_ms,
             host: host_sample,

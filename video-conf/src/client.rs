@@ -92,10 +92,15 @@ impl Session {
         link_kbps: u32,
         fec_rtt_ms: u32,
     ) -> Result<Arc<Session>, IoError> {
+        // Closed by the relay (it may refuse before reading the Hello): its reason says why.
+        let closed = |e: IoError| match conn.close_reason() {
+            Some(reason) => IoError::Stream(format!("the relay closed the connection: {reason}")),
+            None => e,
+        };
         let (send, recv) = conn
             .open_bi()
             .await
-            .map_err(|e| IoError::Stream(e.to_string()))?;
+            .map_err(|e| closed(IoError::Stream(e.to_string())))?;
         let (mut w, mut r) = (ControlWriter(send), ControlReader(recv));
         w.send(&Control::Hello(Hello {
             version: conference_wire::VERSION,
@@ -105,18 +110,11 @@ impl Session {
             link_kbps,
             fec_rtt_ms,
         }))
-        .await?;
+        .await
+        .map_err(closed)?;
         let welcome = match tokio::time::timeout(Duration::from_secs(20), r.recv()).await {
             Err(_) => return Err(IoError::Stream("no Welcome in time".into())),
-            // Closed by the relay: its reason says why.
-            Ok(Err(e)) => {
-                return Err(match conn.close_reason() {
-                    Some(reason) => {
-                        IoError::Stream(format!("the relay closed the connection: {reason}"))
-                    }
-                    None => e,
-                });
-            }
+            Ok(Err(e)) => return Err(closed(e)),
             Ok(Ok(m)) => match m {
                 Some(Control::Welcome(w)) => w,
                 Some(Control::Error(e)) => {
