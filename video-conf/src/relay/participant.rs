@@ -86,8 +86,11 @@ impl Participant {
         let mut tracks = self.room.tracks.subscribe();
         let mut floor = self.room.floor.subscribe();
         let mut roll = self.room.roll.subscribe();
+        // The current state at once: a roll call under way when this participant joined (or
+        // made between its Welcome and this task's start) is put to it too.
         tracks.mark_changed();
         floor.mark_changed();
+        roll.mark_changed();
         loop {
             let msg = tokio::select! {
                 _ = stop.cancelled() => return,
