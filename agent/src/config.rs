@@ -13,6 +13,11 @@ pub use crate::device::{DeviceConfig, DeviceProfile, ModemOids, ScaledOid, SnmpV
 pub struct Config {
     /// The controller's QUIC address, `host:port`.
     pub controller: String,
+    /// The controller's other addresses (its standby at the DR centre): tried in turn when
+    /// `controller` fails three times in a row, or at once when it stands down. The site
+    /// reports to whichever answers at the highest fencing epoch it has seen; no re-enrollment
+    /// (a standby holds the same CA and registry).
+    pub standby_controllers: Vec<String>,
     /// Key, certificate, CA and spool live here.
     pub data_dir: PathBuf,
     /// Seconds between reports.
@@ -75,6 +80,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             controller: "127.0.0.1:4433".into(),
+            standby_controllers: Vec::new(),
             data_dir: PathBuf::from("tiandi-data/agent"),
             interval_s: 10.0,
             profile: LinkProfile::Geo,

@@ -234,6 +234,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         endpoint.clone(),
         uplink::UplinkConfig {
             controller: cfg.controller.clone(),
+            standby: cfg.standby_controllers.clone(),
             site_id: id.info.site_id.clone(),
             client,
             interval_ms: interval_ms as u32,

@@ -108,6 +108,36 @@ pub enum Cmd {
         #[command(subcommand)]
         op: AuditCmd,
     },
+    /// Follow a primary controller as its standby (disaster recovery): its state is copied
+    /// here as it changes, until `promote`; then this process runs as the controller. The
+    /// first time, `--token` from `tiandi-controller enroll --role standby` on the primary.
+    Standby {
+        /// The primary's QUIC address (`host:port`).
+        #[arg(long)]
+        primary: String,
+        #[arg(long)]
+        token: Option<String>,
+        #[arg(long)]
+        quic_listen: Option<SocketAddr>,
+        #[arg(long)]
+        ops_listen: Option<SocketAddr>,
+    },
+    /// Promote the standby running with this configuration: it stops following, takes the
+    /// next fencing epoch and serves as the controller (agents that list it come over).
+    Promote,
+    /// Write the controller's state (what a standby copies: registry, accounts, audit log,
+    /// history, the CA and tokens) to DIR/controller-state.tdstate, with the controller
+    /// stopped (a running one exports every `[replica] export_every_minutes`).
+    StateExport {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Rebuild an empty data directory from an export: a controller started on it takes over
+    /// (at the exporter's fencing epoch + 1) with the state as of the export.
+    StateImport {
+        #[arg(long)]
+        from: PathBuf,
+    },
     /// The controller with simulated sites, on embedded defaults.
     Demo {
         #[arg(long, default_value_t = 200)]
@@ -264,6 +294,63 @@ pub async fn run(cli: Cli, mut cfg: Config) -> anyhow::Result<()> {
             ctl.shutdown().await;
             // Everything is flushed and closed: do not wait for idle pool threads to wind down.
             std::process::exit(0)
+        }
+        Cmd::Standby {
+            primary,
+            token,
+            quic_listen,
+            ops_listen,
+        } => {
+            cfg.quic_listen = quic_listen.unwrap_or(cfg.quic_listen);
+            cfg.ops_listen = ops_listen.unwrap_or(cfg.ops_listen);
+            let shutdown = tiandi_link::shutdown_token();
+            crate::replica::standby::run(&cfg, &primary, token.as_deref(), shutdown.clone())
+                .await?;
+            let ctl = Controller::start(cfg).await?;
+            println!(
+                "tiandi-controller: promoted; agents quic://{} api http://{} metrics http://{}/metrics",
+                ctl.quic_addr, ctl.api_addr, ctl.ops_addr
+            );
+            shutdown.cancelled().await;
+            ctl.shutdown().await;
+            std::process::exit(0)
+        }
+        Cmd::Promote => promote(&cfg),
+        Cmd::StateExport { out } => {
+            let db_path = cfg.data_dir.join("db");
+            let db = sled::open(&db_path).with_context(|| {
+                format!(
+                    "opening {} (is the controller running? it exports by itself every \
+                     [replica] export_every_minutes)",
+                    db_path.display()
+                )
+            })?;
+            let epoch = crate::replica::epoch(&db)?;
+            let e = crate::replica::export::export(
+                &db,
+                &cfg.data_dir,
+                toml::to_string(&cfg).unwrap_or_default().into_bytes(),
+                epoch,
+                &out,
+            )?;
+            println!(
+                "exported {} items ({} bytes, epoch {}) to {}",
+                e.items,
+                e.bytes,
+                e.epoch,
+                e.path.display()
+            );
+            Ok(())
+        }
+        Cmd::StateImport { from } => {
+            let i = crate::replica::export::import(&from, &cfg.data_dir)?;
+            println!(
+                "imported {} items into {}; a controller started on it serves at fencing epoch {}",
+                i.items,
+                cfg.data_dir.display(),
+                i.epoch
+            );
+            Ok(())
         }
         Cmd::Demo { sites, interval } => {
             let every = Duration::from_secs_f64(interval);
@@ -655,4 +742,31 @@ impl AdminClient<'_> {
         db.flush()?;
         Ok(answer)
     }
+}
+
+/// Asks the standby on `ops_listen` to take over (with the primary's admin token, which the
+/// standby holds as a copy).
+fn promote(cfg: &Config) -> anyhow::Result<()> {
+    let token = tiandi_link::secrets::read_private(&cfg.data_dir.join("admin.token"))?
+        .with_context(|| {
+            format!(
+                "{}: no admin token (has this standby copied its primary yet?)",
+                cfg.data_dir.join("admin.token").display()
+            )
+        })?;
+    let url = format!("http://{}/promote", cfg.ops_listen);
+    let resp = ureq::post(&url)
+        .header("Authorization", &format!("Bearer {}", token.trim()))
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .send_empty()
+        .with_context(|| format!("asking the standby at {url} (is it running?)"))?;
+    let status = resp.status();
+    let body = resp.into_body().read_to_string().unwrap_or_default();
+    if !status.is_success() {
+        bail!("the standby refuses ({status}): {body}");
+    }
+    println!("{body}");
+    Ok(())
 }

@@ -68,6 +68,26 @@ pub struct Config {
     /// Backup jobs (`[[backup_jobs]]`): who backs up what, when, kept how long, to whom.
     /// Pushed to each site; `site = "controller"` jobs run here. See the example config.
     pub backup_jobs: Vec<tiandi_backup::job::JobSpec>,
+    /// Disaster recovery of the controller itself (`[replica]`).
+    pub replica: Replica,
+}
+
+/// A standby (`tiandi-controller standby --primary ADDR`) follows this controller over its
+/// QUIC listener with nothing to configure here; these keys are for a controller that may
+/// have been replaced while it was away.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Replica {
+    /// Other controllers (`host:port` of their QUIC listeners: the standby that may have been
+    /// promoted). Before serving, this controller asks each its fencing epoch and refuses to
+    /// start if one is above its own (it was replaced: start it as a standby instead).
+    pub peers: Vec<String>,
+    /// Minutes between exports of the controller's state (what a standby copies) to
+    /// `export_dir/controller-state.tdstate` (0600; it holds the CA key): a backup job of the
+    /// controller's takes it from there. 0: never.
+    pub export_every_minutes: u32,
+    /// Where the export is written; empty: `data_dir/state-export`.
+    pub export_dir: Option<PathBuf>,
 }
 
 /// The web console (served on `api_listen`) and its accounts.
@@ -238,6 +258,7 @@ impl Default for Config {
             backup_repos: Vec::new(),
             backup_trash_days: 7,
             backup_jobs: Vec::new(),
+            replica: Replica::default(),
         }
     }
 }

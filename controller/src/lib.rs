@@ -20,6 +20,7 @@ pub mod enroll;
 pub mod http;
 pub mod metrics;
 pub mod registry;
+pub mod replica;
 pub mod server;
 pub mod sessions;
 pub mod sites;
@@ -137,6 +138,8 @@ pub struct Core {
     pub acks: acks::Acks,
     /// Backup jobs, their results and the partner copies kept here ([`backups`]).
     pub backups: Arc<backups::Backups>,
+    /// The replication log standbys follow, and this controller's fencing epoch ([`replica`]).
+    pub replica: Arc<replica::primary::Primary>,
     /// When this controller started (Unix ms).
     pub started_ms: i64,
     /// The last sample of the stored-report counter (time, count) and the rate between the
@@ -200,6 +203,21 @@ impl Core {
             .lock()
             .expect("conns lock poisoned")
             .contains_key(site)
+    }
+
+    /// Closes every site's live connection; returns how many.
+    pub fn disconnect_all(&self, code: u32, reason: &str) -> usize {
+        let all: Vec<quinn::Connection> = self
+            .conns
+            .lock()
+            .expect("conns lock poisoned")
+            .drain()
+            .map(|(_, c)| c)
+            .collect();
+        for c in &all {
+            c.close(code.into(), reason.as_bytes());
+        }
+        all.len()
     }
 
     /// Closes the live connection of a site (after revocation).
@@ -327,6 +345,17 @@ impl Controller {
                 log.display()
             )
         })?;
+        let replica = replica::primary::Primary::start(
+            &db,
+            &config.data_dir,
+            toml::to_string(&config).unwrap_or_default(),
+            replica::epoch(&db)?,
+        )
+        .context("starting the replication log")?;
+        {
+            let replica = replica.clone();
+            store.on_stored(Box::new(move |site, bytes| replica.report(site, bytes)));
+        }
         let sites = Arc::new(Sites::new(config.thresholds.clone()));
         let now = now_ms();
         for rec in registry.list() {
@@ -449,6 +478,7 @@ impl Controller {
             audit,
             acks,
             backups,
+            replica,
             started_ms: now_ms(),
             rate_sample: Mutex::new((now_ms(), 0, 0.0)),
             config,
@@ -485,6 +515,7 @@ impl Controller {
             })
             .with_context(|| format!("binding QUIC listener {}", core.config.quic_listen))?;
         let quic_addr = endpoint.local_addr()?;
+        replica::primary::check_peers(&core, &endpoint).await?;
 
         let api_listener = tokio::net::TcpListener::bind(core.config.api_listen)
             .await
@@ -505,6 +536,8 @@ impl Controller {
                 server_config,
             )),
             tokio::spawn(tick_loop(core.clone())),
+            tokio::spawn(replica::primary::stand_down(core.clone())),
+            tokio::spawn(replica::primary::export_loop(core.clone())),
             tokio::spawn(prune_loop(core.clone())),
             // Sites' uploads leave a state each: old ones are forgotten, abandoned ones freed.
             tokio::spawn(tiandi_transfer::expire_loop(
@@ -629,6 +662,7 @@ impl Controller {
         // No new handshakes from here on: one completed now would leave its agent waiting for
         // a Welcome from a process about to exit. Then close every connection.
         self.core.cancel.cancel();
+        self.core.replica.stop();
         self.endpoint.set_server_config(None);
         self.endpoint.close(
             tiandi_proto::codes::SHUTDOWN.into(),

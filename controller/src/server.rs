@@ -155,6 +155,15 @@ async fn handle(core: Arc<Core>, conn: quinn::Connection, rate: RateSlot) {
     match alpn.as_deref() {
         Some(p) if p == tls::ALPN_ENROLL => crate::enroll::serve(core, conn).await,
         Some(p) if p == tls::ALPN_SITE => site_connection(core, conn, rate).await,
+        Some(p) if p == tls::ALPN_REPLICA => {
+            let id = tiandi_link::peer_identity(&conn);
+            let role = id
+                .as_ref()
+                .map(|_| tiandi_link::tls::peer_role(&conn).unwrap_or_default());
+            let name = id.map_or_else(|| "(no certificate)".to_string(), |i| i.site_id);
+            let cancel = core.cancel.child_token();
+            core.replica.clone().serve(conn, role, name, cancel).await
+        }
         _ => conn.close(codes::PROTOCOL.into(), b"unknown application protocol"),
     }
 }
@@ -189,6 +198,28 @@ async fn site_connection(core: Arc<Core>, conn: quinn::Connection, rate: RateSlo
             codes::REVOKED,
             &format!("certificate not accepted: {r:?}"),
             "revoked",
+        );
+        return;
+    }
+    // A standby's certificate follows the replication log and does nothing a site does.
+    if tiandi_link::tls::peer_role(&conn).unwrap_or_default() == tiandi_link::pki::CertRole::Standby
+    {
+        refuse(
+            &core,
+            &conn,
+            codes::IDENTITY,
+            "a standby controller's certificate cannot act as a site",
+            "identity",
+        );
+        return;
+    }
+    if let Some((epoch, who)) = core.replica.superseded() {
+        refuse(
+            &core,
+            &conn,
+            codes::SUPERSEDED,
+            &format!("this controller stands down: {who} knows of a controller at epoch {epoch}"),
+            "superseded",
         );
         return;
     }
@@ -298,6 +329,17 @@ async fn session(
             "identity",
         ));
     }
+    // Fencing: a site that has seen a controller at a higher epoch knows this one was
+    // superseded (a standby was promoted): this one stands down, the site goes on elsewhere.
+    core.replica
+        .hear_epoch(hello.epoch, &format!("site {}", id.site_id));
+    if let Some((epoch, who)) = core.replica.superseded() {
+        return Err(SessionError::Refuse(
+            codes::SUPERSEDED,
+            format!("this controller stands down: {who} knows of a controller at epoch {epoch}"),
+            "superseded",
+        ));
+    }
     let state = core
         .store
         .seq_state(&id.site_id)
@@ -309,6 +351,7 @@ async fn session(
             acked_through: state.acked_through,
             acked_ranges: state.to_ranges(),
             server_time_ms: now_ms(),
+            epoch: core.replica.epoch(),
         }))
         .await?;
     let interval_ms = i64::from(hello.interval_ms.max(1000));

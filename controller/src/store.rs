@@ -172,7 +172,13 @@ pub struct Store {
     /// Set by every write (and every duplicate awaiting its acknowledgement).
     dirty: std::sync::atomic::AtomicBool,
     flushed: watch::Sender<u64>,
+    /// Told of every report stored from a site (not of those stored again from the log at
+    /// open): the replication log ([`crate::replica`]).
+    tap: std::sync::OnceLock<ReportTap>,
 }
+
+/// What [`Store::on_stored`] calls: the site and the report's bytes as stored.
+pub type ReportTap = Box<dyn Fn(&str, &[u8]) + Send + Sync>;
 
 struct Pending {
     records: Vec<u8>,
@@ -226,6 +232,7 @@ impl Store {
             unsaved: std::sync::atomic::AtomicBool::new(true),
             dirty: std::sync::atomic::AtomicBool::new(false),
             flushed,
+            tap: std::sync::OnceLock::new(),
         });
         if !records.is_empty() {
             let mut stored = 0;
@@ -268,6 +275,27 @@ impl Store {
 
     /// Stores a report unless every sequence number it covers is stored already. Returns
     /// whether it was new, and the write epoch to wait for before acknowledging.
+    /// Calls `tap` with every report stored from now on (once; a second tap is refused).
+    pub fn on_stored(&self, tap: ReportTap) -> bool {
+        self.tap.set(tap).is_ok()
+    }
+
+    /// Stores a report a primary controller stored (a standby following its log): the same
+    /// insert, no log record of its own (the standby checkpoints as it applies).
+    pub fn replicate(&self, site: &str, report: &Report) -> Result<bool, StoreError> {
+        let new = self.insert(site, report, None)?;
+        if new {
+            self.unsaved.store(true, Ordering::Release);
+        }
+        Ok(new)
+    }
+
+    /// Forgets the cached sequence states (a standby whose trees a snapshot replaced).
+    pub fn forget_cached(&self) {
+        self.seq_cache.lock().expect("seq cache poisoned").clear();
+        self.seq_dirty.lock().expect("seq dirty poisoned").clear();
+    }
+
     pub fn ingest(&self, site: &str, report: &Report) -> Result<(bool, u64), StoreError> {
         let mut epoch = 0;
         let new = self.insert(site, report, Some(&mut epoch))?;
@@ -311,6 +339,11 @@ impl Store {
                 let mut p = self.pending.lock().expect("pending lock poisoned");
                 crate::wal::encode(&mut p.records, site, &bytes);
                 *epoch = p.epoch;
+                drop(p);
+                // Under the cache lock: a site's reports reach the tap in the order stored.
+                if let Some(tap) = self.tap.get() {
+                    tap(site, &bytes);
+                }
             }
             state.add(range);
         }

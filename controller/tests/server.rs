@@ -60,6 +60,7 @@ async fn hello(conn: &quinn::Connection, claim: &str, major: u32) -> (FrameWrite
         minor: tiandi_proto::MINOR,
         agent_version: "test".into(),
         interval_ms: 10_000,
+        epoch: 0,
     }))
     .await
     .unwrap();

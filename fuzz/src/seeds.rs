@@ -106,6 +106,7 @@ fn report_stream(v: &mut Vec<Seed>) {
         minor: MINOR,
         agent_version: "0.1.0".into(),
         interval_ms: 10_000,
+        epoch: 0,
     }));
     let welcome = encode(Body::Welcome(Welcome {
         major: MAJOR,
@@ -113,6 +114,7 @@ fn report_stream(v: &mut Vec<Seed>) {
         acked_through: 7,
         acked_ranges: vec![SeqRange { first: 9, last: 12 }],
         server_time_ms: 1_790_000_000_000,
+        epoch: 1,
     }));
     let ack = encode(Body::Ack(Ack { first: 1, last: 3 }));
     let refused = encode(Body::Refused(Refused {

@@ -60,6 +60,18 @@ impl LinkError {
         }
     }
     /// Whether trying again later can help (a refusal for identity or version cannot).
+    /// The controller stands down or is behind this site's fencing epoch: another address
+    /// of the controller is to be tried at once.
+    pub fn is_superseded(&self) -> bool {
+        match self {
+            LinkError::Refused { code, .. } => *code == tiandi_proto::codes::SUPERSEDED,
+            LinkError::Connection(quinn::ConnectionError::ApplicationClosed(c)) => {
+                c.error_code == tiandi_proto::codes::SUPERSEDED.into()
+            }
+            _ => false,
+        }
+    }
+
     pub fn is_permanent(&self) -> bool {
         match self {
             LinkError::Refused { code, .. } => matches!(

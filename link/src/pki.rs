@@ -63,10 +63,15 @@ pub enum CertRole {
     /// A conference relay: may also join another relay with role `relay` (cascade) and
     /// announce tracks from the sites below it.
     Relay,
+    /// A standby controller at the DR centre: may follow the controller's replication log
+    /// (and nothing a site may do besides).
+    Standby,
 }
 
 /// The subject OU of a relay's certificate.
 pub const RELAY_OU: &str = "tiandi-relay";
+/// The subject OU of a standby controller's certificate.
+pub const STANDBY_OU: &str = "tiandi-standby";
 /// The subject OU of an ordinary site's certificate.
 pub const SITE_OU: &str = "tiandi-site";
 
@@ -75,6 +80,7 @@ impl CertRole {
         match self {
             CertRole::Site => "site",
             CertRole::Relay => "relay",
+            CertRole::Standby => "standby",
         }
     }
 
@@ -82,6 +88,7 @@ impl CertRole {
         match self {
             CertRole::Site => SITE_OU,
             CertRole::Relay => RELAY_OU,
+            CertRole::Standby => STANDBY_OU,
         }
     }
 }
@@ -98,8 +105,9 @@ impl std::str::FromStr for CertRole {
         match s {
             "site" => Ok(CertRole::Site),
             "relay" => Ok(CertRole::Relay),
+            "standby" => Ok(CertRole::Standby),
             other => Err(LinkError::Pki(format!(
-                "unknown role {other:?}: site or relay"
+                "unknown role {other:?}: site, relay or standby"
             ))),
         }
     }
@@ -334,8 +342,8 @@ pub fn site_key_and_csr(site_id: &str) -> Result<(String, String), LinkError> {
     Ok((key.serialize_pem(), csr.pem().map_err(pki)?))
 }
 
-/// The role a (verified) certificate carries: [`CertRole::Relay`] only if its subject has
-/// exactly one OU and it is [`RELAY_OU`]; anything else (no OU, certificates from before roles,
+/// The role a (verified) certificate carries: [`CertRole::Relay`] (or `Standby`) only if its
+/// subject has exactly one OU and it is [`RELAY_OU`] (or [`STANDBY_OU`]); anything else (no OU, certificates from before roles,
 /// several OUs) is an ordinary site. Fails closed: when unsure, not a relay.
 pub fn role_from_der(der: &[u8]) -> Result<CertRole, LinkError> {
     use x509_parser::prelude::*;
@@ -348,6 +356,7 @@ pub fn role_from_der(der: &[u8]) -> Result<CertRole, LinkError> {
         .collect();
     Ok(match ous.as_slice() {
         [ou] if *ou == RELAY_OU => CertRole::Relay,
+        [ou] if *ou == STANDBY_OU => CertRole::Standby,
         _ => CertRole::Site,
     })
 }

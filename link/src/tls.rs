@@ -26,6 +26,9 @@ use crate::pki::{self, SiteIdentity, certs_from_pem, key_from_pem};
 pub const ALPN_SITE: &[u8] = b"tiandi/1";
 /// ALPN of the enrollment connection (no client certificate yet).
 pub const ALPN_ENROLL: &[u8] = b"tiandi-enroll/1";
+/// ALPN of a standby controller's replication connection (a `standby` certificate), and of a
+/// controller asking another which fencing epoch it is at (no certificate needed for that).
+pub const ALPN_REPLICA: &[u8] = b"tiandi-replica/1";
 
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -125,7 +128,11 @@ pub fn server_tls(
     policy: Arc<dyn CertPolicy>,
 ) -> Result<rustls::ServerConfig, LinkError> {
     let mut cfg = server_with_policy(vec![ca.clone()], chain, key, policy, false)?;
-    cfg.alpn_protocols = vec![ALPN_SITE.to_vec(), ALPN_ENROLL.to_vec()];
+    cfg.alpn_protocols = vec![
+        ALPN_SITE.to_vec(),
+        ALPN_ENROLL.to_vec(),
+        ALPN_REPLICA.to_vec(),
+    ];
     Ok(cfg)
 }
 
@@ -219,6 +226,32 @@ pub fn site_client_tls(
         .with_client_auth_cert(certs_from_pem(cert_pem)?, key_from_pem(key_pem)?)
         .map_err(tls)?;
     cfg.alpn_protocols = vec![ALPN_SITE.to_vec()];
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Ok(cfg)
+}
+
+/// A controller's replication client (ALPN [`ALPN_REPLICA`]): trusts the site CA; with
+/// `identity` (a standby's certificate and key) it may follow the log, without it it may only
+/// ask the epoch.
+pub fn replica_client_tls(
+    ca_pem: &str,
+    identity: Option<(&str, &str)>,
+) -> Result<rustls::ClientConfig, LinkError> {
+    let mut roots = RootCertStore::empty();
+    for c in certs_from_pem(ca_pem)? {
+        roots.add(c).map_err(tls)?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls)?
+        .with_root_certificates(roots);
+    let mut cfg = match identity {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(certs_from_pem(cert)?, key_from_pem(key)?)
+            .map_err(tls)?,
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![ALPN_REPLICA.to_vec()];
     cfg.resumption = rustls::client::Resumption::disabled();
     Ok(cfg)
 }

@@ -33,6 +33,9 @@ pub mod codes {
     pub const SHUTDOWN: u32 = 5;
     pub const OVERLOAD: u32 = 6;
     pub const INTERNAL: u32 = 7;
+    /// This controller stands down: another was promoted at a higher fencing epoch (the site
+    /// tries its other controller addresses at once).
+    pub const SUPERSEDED: u32 = 8;
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -44,6 +44,10 @@ pub struct Hello {
     pub agent_version: String,
     #[prost(uint32, tag = "5")]
     pub interval_ms: u32,
+    /// The highest controller fencing epoch this site has seen (0: none). A controller below
+    /// it was superseded by a promoted standby and stands down when it hears this.
+    #[prost(uint64, tag = "6")]
+    pub epoch: u64,
 }
 
 /// The controller's answer to [`Hello`]: what it already holds for this site, so the agent
@@ -63,6 +67,10 @@ pub struct Welcome {
     pub acked_ranges: Vec<SeqRange>,
     #[prost(int64, tag = "5")]
     pub server_time_ms: i64,
+    /// The controller's fencing epoch (1 until a standby is promoted; 0 from controllers that
+    /// predate it, taken as 1). A site refuses a controller below the highest it has seen.
+    #[prost(uint64, tag = "6")]
+    pub epoch: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, prost::Message, Serialize)]

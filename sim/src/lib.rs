@@ -412,6 +412,7 @@ pub async fn start(
             endpoint.clone(),
             uplink::UplinkConfig {
                 controller: opts.controller.clone(),
+                standby: Vec::new(),
                 site_id: c.site_id.clone(),
                 client,
                 interval_ms: interval_ms as u32,

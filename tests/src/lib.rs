@@ -503,6 +503,44 @@ impl ControllerProc {
         )
     }
 
+    /// `tiandi-controller standby --primary PRIMARY --token TOKEN` in `dir` (its own QUIC,
+    /// API and ops addresses; `/health` on ops answers while it follows).
+    pub fn start_standby(
+        dir: &Path,
+        primary: SocketAddr,
+        token: &str,
+        extra_config: &str,
+    ) -> ControllerProc {
+        let p = primary.to_string();
+        ControllerProc::start_args(
+            dir,
+            None,
+            "terrestrial",
+            extra_config,
+            &["standby", "--primary", &p, "--token", token],
+        )
+    }
+
+    /// GET a JSON route of the ops listener (`/health/replica`, a standby's `/health`).
+    pub fn ops_json(&self, path: &str) -> Option<Value> {
+        let url = format!("http://{}{}", self.ops, path);
+        run_in(self.netns.as_deref(), move || get_json_as(&url, None))
+    }
+
+    /// SIGKILL, and no restart.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again (after `kill9` or `stop`) with the same arguments; panics with the end of
+    /// the log if it does not come up.
+    pub fn start_again(&mut self) {
+        self.spawn();
+    }
+
     /// A demo account's password.
     pub fn demo_password(&self, user: &str) -> String {
         let file = self.data_dir().join("demo-logins.txt");

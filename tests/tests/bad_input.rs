@@ -88,6 +88,7 @@ fn hello(site: &str, major: u32) -> Vec<u8> {
         minor: 0,
         agent_version: "test".into(),
         interval_ms: 1000,
+        epoch: 0,
     }))
 }
 
@@ -116,6 +117,7 @@ async fn malformed_input_closes_only_the_offending_connection() {
         tiandi_link::client_endpoint(ctl.quic_addr).unwrap(),
         uplink::UplinkConfig {
             controller: ctl.quic_addr.to_string(),
+            standby: Vec::new(),
             site_id: "good-site".into(),
             client: tiandi_link::client_config(tls, LinkProfile::Terrestrial.transport()).unwrap(),
             interval_ms: 100,

@@ -38,6 +38,9 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 /// controller starved of CPU can fall silent for several seconds, and thousands of agents
 /// reconnecting at that moment would bury it.
 const SILENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Failed attempts in a row at one controller address before the next is tried (a restart
+/// of the primary is over before this many; a lost primary is left within a minute).
+pub const SWITCH_AFTER: u32 = 3;
 /// After a permanent refusal (revoked, unknown, wrong version) retry only this often.
 const PERMANENT_RETRY: Duration = Duration::from_secs(300);
 
@@ -90,6 +93,10 @@ impl Shared {
 #[derive(Clone)]
 pub struct UplinkConfig {
     pub controller: String,
+    /// Other addresses of the controller (a standby at the DR centre that may be promoted):
+    /// tried in turn when the current one fails [`SWITCH_AFTER`] times in a row, or at once
+    /// when it stands down or is behind the highest fencing epoch this site has seen.
+    pub standby: Vec<String>,
     pub site_id: String,
     pub client: quinn::ClientConfig,
     pub interval_ms: u32,
@@ -130,6 +137,11 @@ pub async fn run(
     let mut lost_at: Option<Instant> = None;
     // Handshakes failed in a row for TLS reasons (an unknown CA, say).
     let mut tls_failures: u32 = 0;
+    // The controller addresses, the one in use, and failures in a row there.
+    let addrs: Vec<String> = std::iter::once(cfg.controller.clone())
+        .chain(cfg.standby.iter().cloned())
+        .collect();
+    let (mut current, mut failed_here) = (0usize, 0u32);
     loop {
         if cancel.is_cancelled() {
             return;
@@ -141,7 +153,7 @@ pub async fn run(
             }
         }
         let started = Instant::now();
-        let result = session(&endpoint, &cfg, &shared, &cancel).await;
+        let result = session(&endpoint, &cfg, &addrs[current], &shared, &cancel).await;
         shared.connected.store(false, Ordering::Relaxed);
         shared
             .spool
@@ -151,6 +163,34 @@ pub async fn run(
             .clear();
         if !matches!(&result, Err(e) if e.is_tls_failure()) {
             tls_failures = 0;
+        }
+        if addrs.len() > 1 {
+            // A session that got going resets the count; a stale or standing-down controller
+            // is left at once, any other failure after SWITCH_AFTER in a row.
+            if started.elapsed() > BACKOFF_CAP {
+                failed_here = 0;
+            }
+            failed_here += 1;
+            let stale = matches!(&result, Err(e) if e.is_superseded());
+            if stale || failed_here >= SWITCH_AFTER {
+                let from = current;
+                current = (current + 1) % addrs.len();
+                failed_here = 0;
+                warn!(from = %addrs[from], to = %addrs[current], "Trying the controller's next address.");
+                if stale {
+                    // No wait: the next one is probably the controller that took over.
+                    continue;
+                }
+                // A fresh address is tried soon (jittered over a second), not after the
+                // backoff the failing one had grown.
+                attempt = 0;
+                lost_at = Some(Instant::now());
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs_f64(rand::random::<f64>())) => {}
+                }
+                continue;
+            }
         }
         let delay = match result {
             Ok(()) => return,
@@ -244,10 +284,17 @@ impl Sender {
 async fn session(
     endpoint: &quinn::Endpoint,
     cfg: &UplinkConfig,
+    controller: &str,
     shared: &Arc<Shared>,
     cancel: &CancellationToken,
 ) -> Result<(), LinkError> {
-    let addr = resolve(&cfg.controller).await?;
+    let addr = resolve(controller).await?;
+    let epoch_seen = shared
+        .spool
+        .lock()
+        .expect("spool lock poisoned")
+        .epoch()
+        .map_err(|e| LinkError::Stream(e.to_string()))?;
     let connecting = endpoint.connect_with(cfg.client.clone(), addr, CONTROLLER_NAME)?;
     let conn = tokio::time::timeout(cfg.connect_timeout, connecting)
         .await
@@ -271,6 +318,7 @@ async fn session(
             minor: tiandi_proto::MINOR,
             agent_version: env!("CARGO_PKG_VERSION").into(),
             interval_ms: cfg.interval_ms,
+            epoch: epoch_seen,
         }))
         .await?;
     let welcome = tokio::select! {
@@ -287,6 +335,25 @@ async fn session(
     tiandi_proto::check_version(welcome.major, welcome.minor)?;
     let (dropped, backlog) = {
         let mut spool = shared.spool.lock().expect("spool lock poisoned");
+        // Fencing: a controller below the highest epoch seen was replaced (0: one that
+        // predates epochs, taken as 1).
+        let epoch = welcome.epoch.max(1);
+        if !spool
+            .see_epoch(epoch)
+            .map_err(|e| LinkError::Stream(e.to_string()))?
+        {
+            conn.close(
+                tiandi_proto::codes::SUPERSEDED.into(),
+                b"this controller was replaced at a higher epoch",
+            );
+            return Err(LinkError::Refused {
+                code: tiandi_proto::codes::SUPERSEDED,
+                reason: format!(
+                    "{addr} is at epoch {epoch}, below the {epoch_seen} this site has seen: a \
+                     standby took over from it"
+                ),
+            });
+        }
         let d = spool
             .apply_welcome(welcome.acked_through, &welcome.acked_ranges)
             .map_err(|e| LinkError::Stream(e.to_string()))?;

@@ -62,6 +62,7 @@ async fn controller(
                 acked_through,
                 acked_ranges: Vec::new(),
                 server_time_ms: tiandi_link::clock::now_ms(),
+                epoch: 1,
             }))
             .await
             .unwrap();
@@ -121,6 +122,7 @@ fn uplink(ca: &Ca, addr: SocketAddr, shared: Arc<Shared>) -> CancellationToken {
             .unwrap();
     let cfg = UplinkConfig {
         controller: addr.to_string(),
+        standby: Vec::new(),
         site_id: "nx-001".into(),
         client,
         interval_ms: 10_000,

@@ -155,6 +155,10 @@ pub fn ops_router(core: Arc<Core>) -> Router {
             ));
     metrics_route
         .route("/health", get(|| async { "ok\n" }))
+        .route(
+            "/health/replica",
+            get(|State(core): State<Arc<Core>>| async move { axum::Json(core.replica.status()) }),
+        )
         .layer(DefaultBodyLimit::max(4096))
         .with_state(core)
 }
@@ -231,6 +235,7 @@ async fn metrics(State(core): State<Arc<Core>>) -> impl IntoResponse {
     if let Some((relay, _)) = &core.conference {
         body.push_str(&relay.exposition());
     }
+    body.push_str(&core.replica.exposition());
     (
         [(
             header::CONTENT_TYPE,

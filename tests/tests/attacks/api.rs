@@ -435,6 +435,7 @@ async fn sparse_sequence_numbers_cannot_grow_a_sites_state() {
         minor: 0,
         agent_version: "attack".into(),
         interval_ms: 1000,
+        epoch: 0,
     }))
     .await
     .unwrap();

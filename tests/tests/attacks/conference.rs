@@ -216,6 +216,7 @@ async fn revoked_site_loses_its_report_connection_within_10s() {
         minor: tiandi_proto::MINOR,
         agent_version: "attack".into(),
         interval_ms: 10_000,
+        epoch: 0,
     }))
     .await
     .unwrap();

@@ -93,6 +93,7 @@ async fn connect(ctl_quic: std::net::SocketAddr, agent: AgentProc) -> RawSite {
         tiandi_link::client_endpoint(ctl_quic).unwrap(),
         uplink::UplinkConfig {
             controller: ctl_quic.to_string(),
+            standby: Vec::new(),
             site_id: id.info.site_id.clone(),
             client: tiandi_link::client_config(tls, LinkProfile::Terrestrial.transport()).unwrap(),
             interval_ms: 1000,

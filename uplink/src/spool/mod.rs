@@ -372,6 +372,31 @@ impl Spool {
         Ok(())
     }
 
+    /// The highest controller fencing epoch this site has seen (0: none yet).
+    pub fn epoch(&self) -> Result<u64, SpoolError> {
+        Ok(self
+            .tree
+            .get(self.meta_key(b"epoch"))?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes))
+    }
+
+    /// A controller at `epoch` answered: false if that is below the highest seen (a
+    /// controller replaced by a promoted standby: not to be reported to); otherwise kept
+    /// (durably: a restarted agent must not forget it).
+    pub fn see_epoch(&mut self, epoch: u64) -> Result<bool, SpoolError> {
+        let seen = self.epoch()?;
+        if epoch < seen {
+            return Ok(false);
+        }
+        if epoch > seen {
+            self.tree
+                .insert(self.meta_key(b"epoch"), &epoch.to_be_bytes())?;
+            self.tree.flush()?;
+        }
+        Ok(true)
+    }
+
     pub fn flush(&self) -> Result<(), SpoolError> {
         self.tree.flush()?;
         Ok(())

@@ -1,0 +1,188 @@
+//! The primary's replication log: every change of the replicated state, numbered, stamped and
+//! hash-chained, kept in a ring bounded in bytes. A standby that falls further behind than the
+//! ring reaches starts again from a snapshot (as a Redis replica does past its backlog).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use prost::Message;
+use tokio::sync::watch;
+
+use super::wire::{self, Change, Item};
+
+/// What the ring keeps at most (encoded items): at 2,000 sites reporting every 10 s (~1 KB a
+/// report) about ten minutes of history.
+pub const RING_BYTES: usize = 128 << 20;
+
+pub struct Entry {
+    pub seq: u64,
+    pub hash: [u8; 32],
+    pub at_ms: i64,
+    pub item: Vec<u8>,
+}
+
+struct Inner {
+    /// The sequence number the next record gets.
+    next: u64,
+    /// The chain hash of the last record (the genesis before the first).
+    hash: [u8; 32],
+    ring: VecDeque<Arc<Entry>>,
+    bytes: usize,
+}
+
+pub struct Log {
+    pub run: u64,
+    inner: Mutex<Inner>,
+    tip: watch::Sender<u64>,
+    cap: usize,
+}
+
+/// Records from a position the ring no longer holds.
+#[derive(Debug)]
+pub struct Gone;
+
+impl Log {
+    pub fn new(run: u64, cap: usize) -> Arc<Log> {
+        Arc::new(Log {
+            run,
+            inner: Mutex::new(Inner {
+                next: 1,
+                hash: wire::genesis(run),
+                ring: VecDeque::new(),
+                bytes: 0,
+            }),
+            tip: watch::channel(0).0,
+            cap,
+        })
+    }
+
+    /// Appends a change; returns its sequence number.
+    pub fn push(&self, change: Change) -> u64 {
+        let item = Item {
+            change: Some(change),
+        }
+        .encode_to_vec();
+        let at_ms = crate::now_ms();
+        let seq = {
+            let mut g = self.inner.lock().expect("replication log poisoned");
+            let seq = g.next;
+            let hash = wire::chain(&g.hash, seq, &item);
+            g.next += 1;
+            g.hash = hash;
+            g.bytes += item.len();
+            g.ring.push_back(Arc::new(Entry {
+                seq,
+                hash,
+                at_ms,
+                item,
+            }));
+            while g.bytes > self.cap && g.ring.len() > 1 {
+                let e = g.ring.pop_front().expect("ring not empty");
+                g.bytes -= e.item.len();
+            }
+            seq
+        };
+        self.tip.send_replace(seq);
+        seq
+    }
+
+    /// The next sequence number and the chain hash before it: where a snapshot taken now
+    /// continues.
+    pub fn position(&self) -> (u64, [u8; 32]) {
+        let g = self.inner.lock().expect("replication log poisoned");
+        (g.next, g.hash)
+    }
+
+    /// The chain hash before `seq`, if the ring can still continue from there.
+    pub fn hash_before(&self, seq: u64) -> Option<[u8; 32]> {
+        let g = self.inner.lock().expect("replication log poisoned");
+        if seq == g.next {
+            return Some(g.hash);
+        }
+        if seq == 1 {
+            return (g.ring.front().map(|e| e.seq) == Some(1)).then(|| wire::genesis(self.run));
+        }
+        let first = g.ring.front()?.seq;
+        if seq <= first || seq > g.next {
+            return None;
+        }
+        Some(g.ring[(seq - 1 - first) as usize].hash)
+    }
+
+    /// Up to `limit` records from `seq` on (none when `seq` is the next to come).
+    pub fn from(&self, seq: u64, limit: usize) -> Result<Vec<Arc<Entry>>, Gone> {
+        let g = self.inner.lock().expect("replication log poisoned");
+        if seq >= g.next {
+            return Ok(Vec::new());
+        }
+        let first = g.ring.front().map(|e| e.seq).ok_or(Gone)?;
+        if seq < first {
+            return Err(Gone);
+        }
+        Ok(g.ring
+            .iter()
+            .skip((seq - first) as usize)
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    /// When record `seq` was logged, if the ring still holds it.
+    pub fn at_ms(&self, seq: u64) -> Option<i64> {
+        let g = self.inner.lock().expect("replication log poisoned");
+        let first = g.ring.front()?.seq;
+        g.ring
+            .get(usize::try_from(seq.checked_sub(first)?).ok()?)
+            .map(|e| e.at_ms)
+    }
+
+    /// The newest sequence number, changing as records are logged.
+    pub fn tip(&self) -> watch::Receiver<u64> {
+        self.tip.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replica::wire::FileRec;
+
+    fn file(n: usize) -> Change {
+        Change::File(FileRec {
+            name: "admin.token".into(),
+            data: vec![7; n],
+            mode: 0o600,
+            remove: false,
+        })
+    }
+
+    #[test]
+    fn records_chain_and_the_ring_forgets_the_oldest_past_its_bound() {
+        let log = Log::new(42, 10_000);
+        assert_eq!(log.hash_before(1), Some(wire::genesis(42)));
+        for i in 1..=30 {
+            assert_eq!(log.push(file(1000)), i);
+        }
+        // ~1 KB each, 10 KB kept: the first records are gone.
+        assert!(matches!(log.from(1, 10), Err(Gone)));
+        assert_eq!(log.hash_before(1), None);
+        let kept = log.from(25, 100).unwrap();
+        assert_eq!(kept.first().unwrap().seq, 25);
+        assert_eq!(kept.last().unwrap().seq, 30);
+        assert!(log.from(31, 10).unwrap().is_empty());
+        // Each hash follows from the one before (the ring's oldest record has no predecessor
+        // left to continue from: a follower there takes a snapshot).
+        let first = log.from(22, 100).unwrap().first().unwrap().seq;
+        assert_eq!(log.hash_before(first), None);
+        let mut prev = log.hash_before(first + 1).unwrap();
+        for e in log.from(first + 1, 100).unwrap() {
+            assert_eq!(e.hash, wire::chain(&prev, e.seq, &e.item));
+            prev = e.hash;
+        }
+        assert_eq!(log.position(), (31, prev));
+        assert_eq!(log.hash_before(31), Some(prev));
+        assert!(log.at_ms(30).is_some());
+        assert!(log.at_ms(1).is_none());
+        assert_eq!(*log.tip().borrow(), 30);
+    }
+}
