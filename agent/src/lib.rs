@@ -165,6 +165,11 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     )
     .map_err(anyhow::Error::msg)
     .context("starting the backup scheduler")?;
+    scheduler.set_leases(Arc::new(transfers::ControllerLeases {
+        site_id: id.info.site_id.clone(),
+        upstream: site_transfers.upstream.subscribe(),
+        rt: tokio::runtime::Handle::current(),
+    }));
     tasks.push(tokio::spawn(
         scheduler.run(
             Some(

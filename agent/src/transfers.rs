@@ -377,3 +377,56 @@ pub fn table(jobs: &[JobStatus]) -> String {
     }
     out
 }
+
+/// The site's backup runs take their repositories' leases from the controller, over the live
+/// connection (none: the run holds its repository by the local lock only, and says so).
+pub struct ControllerLeases {
+    pub site_id: String,
+    pub upstream: watch::Receiver<Option<quinn::Connection>>,
+    pub rt: tokio::runtime::Handle,
+}
+
+impl ControllerLeases {
+    fn ask(
+        &self,
+        l: tiandi_transfer::transfer_wire::Lease,
+    ) -> Result<tiandi_transfer::transfer_wire::Lease, tiandi_transfer::lease::LeaseError> {
+        let conn = self.upstream.borrow().clone().ok_or_else(|| {
+            tiandi_transfer::lease::LeaseError::Unreachable(
+                "no connection to the controller".into(),
+            )
+        })?;
+        // Called from the scheduler's blocking threads, never from the runtime's own.
+        self.rt.block_on(tiandi_transfer::lease::ask(
+            &conn,
+            l,
+            std::time::Duration::from_secs(15),
+        ))
+    }
+}
+
+impl tiandi_backup::scheduler::Leases for ControllerLeases {
+    fn take(
+        &self,
+        repo: &str,
+        holder: &str,
+        ttl_s: u32,
+    ) -> Result<i64, tiandi_transfer::lease::LeaseError> {
+        self.ask(tiandi_transfer::transfer_wire::Lease {
+            key: format!("{}/{repo}", self.site_id),
+            holder: holder.into(),
+            ttl_s,
+            ..Default::default()
+        })
+        .map(|l| l.expires_ms)
+    }
+
+    fn release(&self, repo: &str, holder: &str) {
+        let _ = self.ask(tiandi_transfer::transfer_wire::Lease {
+            key: format!("{}/{repo}", self.site_id),
+            holder: holder.into(),
+            release: true,
+            ..Default::default()
+        });
+    }
+}

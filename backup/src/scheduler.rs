@@ -71,7 +71,22 @@ pub struct Status {
     pub shipping: Vec<ShipStatus>,
 }
 
+/// Leases on repositories, held at the controller (`tiandi_transfer::lease`): a run takes one
+/// before it writes, renews it every third of [`LEASE_TTL_S`] while it runs and gives it back
+/// at the end; a run that dies leaves a lease that expires by itself.
+pub trait Leases: Send + Sync {
+    /// Takes or renews the lease on `repo` for `holder`: until when (Unix ms).
+    fn take(&self, repo: &str, holder: &str, ttl_s: u32) -> Result<i64, LeaseError>;
+    fn release(&self, repo: &str, holder: &str);
+}
+
+pub use tiandi_transfer::lease::LeaseError;
+
+/// A run's lease lasts this long past its last renewal.
+pub const LEASE_TTL_S: u32 = 120;
+
 pub struct Scheduler {
+    leases: std::sync::OnceLock<Arc<dyn Leases>>,
     site: String,
     repos_dir: PathBuf,
     scratch_dir: PathBuf,
@@ -101,6 +116,7 @@ impl Scheduler {
         }
         let static_repos = shipper.repos();
         let s = Scheduler {
+            leases: std::sync::OnceLock::new(),
             site: site.to_string(),
             repos_dir: dir.join("repos"),
             scratch_dir: dir.join("scratch"),
@@ -125,6 +141,12 @@ impl Scheduler {
             Err(e) => return Err(format!("{}: {e}", s.jobs_file.display())),
         }
         Ok(Arc::new(s))
+    }
+
+    /// Runs take leases from `leases` from now on (once; later calls are ignored). Without
+    /// it (or when it does not answer) a run holds its repository by the local lock only.
+    pub fn set_leases(&self, leases: Arc<dyn Leases>) {
+        let _ = self.leases.set(leases);
     }
 
     /// Where job `repo`'s repository lives.
@@ -341,15 +363,56 @@ impl Scheduler {
                         r.eta_s = p.eta_s();
                     }
                 };
-                info!(repo = %spec.repo, "Backup job starting.");
-                job::run(
-                    spec,
-                    kind,
-                    &self.repos_dir,
-                    &self.scratch_dir,
-                    started,
-                    &mut progress,
-                )
+                let holder = format!("{}/{kind}/{started}", spec.name);
+                let lease = self.leases.get().map(|l| {
+                    let taken = l.take(&spec.repo, &holder, LEASE_TTL_S);
+                    (l.clone(), taken)
+                });
+                match lease {
+                    Some((_, Err(LeaseError::Held(why)))) => JobResult {
+                        job: spec.name.clone(),
+                        kind,
+                        site: self.site.clone(),
+                        repo: spec.repo.clone(),
+                        started_ms: started,
+                        ok: false,
+                        error: Some(format!(
+                            "repository {} is leased to another run: {why}",
+                            spec.repo
+                        )),
+                        ..JobResult::default()
+                    },
+                    lease => {
+                        let (renewer, said) = match &lease {
+                            Some((l, Ok(until))) => (
+                                Some(Renewer::start(l.clone(), &spec.repo, &holder)),
+                                format!("held at the controller (until {until} ms, renewed)"),
+                            ),
+                            Some((_, Err(e))) => {
+                                (None, format!("none ({e}): held by the local lock only"))
+                            }
+                            None => (None, "none: held by the local lock only".into()),
+                        };
+                        info!(repo = %spec.repo, lease = %said, "Backup job starting.");
+                        let mut r = job::run(
+                            spec,
+                            kind,
+                            &self.repos_dir,
+                            &self.scratch_dir,
+                            started,
+                            &mut progress,
+                        );
+                        r.lease = Some(match renewer.map(Renewer::stop) {
+                            Some(Some(lost)) => {
+                                r.warnings
+                                    .push(format!("the lease was lost during the run: {lost}"));
+                                format!("lost during the run: {lost}")
+                            }
+                            _ => said,
+                        });
+                        r
+                    }
+                }
             }
             Err(why) => JobResult {
                 job: spec.name.clone(),
@@ -507,4 +570,50 @@ pub fn take_result(path: &Path, site: &str) -> Result<JobResult, String> {
     })();
     let _ = std::fs::remove_file(path);
     out
+}
+
+/// Renews a run's lease every third of [`LEASE_TTL_S`] on a thread of its own; [`Renewer::stop`]
+/// gives it back and says whether it was lost on the way (taken by another after renewals
+/// failed for a whole lease).
+struct Renewer {
+    stop: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    thread: std::thread::JoinHandle<Option<String>>,
+}
+
+impl Renewer {
+    fn start(leases: Arc<dyn Leases>, repo: &str, holder: &str) -> Renewer {
+        let stop = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let (s, repo, holder) = (stop.clone(), repo.to_string(), holder.to_string());
+        let thread = std::thread::spawn(move || {
+            let every = Duration::from_secs(u64::from(LEASE_TTL_S / 3));
+            let mut lost = None;
+            loop {
+                let (lock, cv) = &*s;
+                let done = cv
+                    .wait_timeout_while(lock.lock().expect("renewer lock"), every, |d| !*d)
+                    .expect("renewer lock");
+                if *done.0 {
+                    break;
+                }
+                drop(done);
+                match leases.take(&repo, &holder, LEASE_TTL_S) {
+                    Ok(_) => {}
+                    Err(LeaseError::Held(why)) => {
+                        warn!(%repo, %why, "The run's lease was taken by another holder.");
+                        lost = Some(why);
+                    }
+                    Err(e) => warn!(%repo, error = %e, "The run's lease could not be renewed."),
+                }
+            }
+            leases.release(&repo, &holder);
+            lost
+        });
+        Renewer { stop, thread }
+    }
+
+    fn stop(self) -> Option<String> {
+        *self.stop.0.lock().expect("renewer lock") = true;
+        self.stop.1.notify_all();
+        self.thread.join().unwrap_or(None)
+    }
 }

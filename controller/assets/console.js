@@ -32,7 +32,7 @@ function T(key, vars) {
 const STATUSES = ['up', 'degraded', 'rain-fade', 'on-battery', 'disk-full', 'down'];
 // How bad a status is (for "worst" and ordering): higher is worse.
 const STATUS_RANK = { up: 0, 'rain-fade': 1, degraded: 2, 'on-battery': 3, 'disk-full': 4, down: 5 };
-const ALARMS = ['site-down', 'on-battery', 'disk-full', 'rain-fade', 'degraded', 'transfer-paused', 'backup-failed', 'backup-overdue', 'backup-check-failed'];
+const ALARMS = ['site-down', 'on-battery', 'disk-full', 'rain-fade', 'degraded', 'transfer-paused', 'backup-failed', 'backup-overdue', 'backup-check-failed', 'backup-near-quota'];
 const SEVERITIES = ['critical', 'major', 'minor'];
 const SEV_RANK = { critical: 0, major: 1, minor: 2 };
 const PROVINCES = 'BJ TJ HE SX NM LN JL HL SH JS ZJ AH FJ JX SD HA HB HN GD GX HI CQ SC GZ YN XZ SN GS QH NX XJ'.split(' ');

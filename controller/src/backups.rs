@@ -6,7 +6,8 @@
 //! `tiandi_backup::partner`). From those the controller says, per job: the last run and the
 //! last success, whether that snapshot is here at the partner (the recovery point that
 //! counts), its age against the job's RPO, sizes and dedup, the next run; and raises
-//! `backup-failed`, `backup-overdue` and `backup-check-failed` on the site.
+//! `backup-failed`, `backup-overdue`, `backup-check-failed` and `backup-near-quota` on the
+//! site.
 //!
 //! Jobs with `site = "controller"` run in the controller itself ([`Scheduler`]), into
 //! `data_dir/backup/repos/`, shipped to the partner site they name.
@@ -62,6 +63,8 @@ impl From<&JobResult> for RunSummary {
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct BackupStatus {
     pub job: String,
+    /// The lease on the job's repository, while a run holds it.
+    pub lease: Option<crate::leases::Held>,
     pub site: String,
     pub province: String,
     pub repo: String,
@@ -88,12 +91,19 @@ pub struct BackupStatus {
     pub snapshots: u64,
     /// The partner's copy here: bytes and files.
     pub partner_bytes: Option<u64>,
+    /// The job's quota (bytes) and the share of it the repository takes (the larger of its
+    /// size at the site and the partner's copy here).
+    pub quota_bytes: Option<u64>,
+    pub quota_used_pct: Option<f64>,
     pub last_verify: Option<RunSummary>,
     pub last_drill: Option<RunSummary>,
     /// The check of the partner's copy here, without the key (every pack against its name
     /// and trailer), on the job's verify schedule.
     pub partner_check: Option<RunSummary>,
 }
+
+/// A repository past this share of its quota raises `backup-near-quota`.
+pub const NEAR_QUOTA_PCT: f64 = 90.0;
 
 pub struct Backups {
     /// `<job>/<kind>/<started_ms, 20 digits>` → result JSON.
@@ -103,6 +113,8 @@ pub struct Backups {
     meta: sled::Tree,
     data_dir: PathBuf,
     jobs: Vec<JobSpec>,
+    /// Leases on the repositories the jobs write ([`crate::leases`]).
+    pub leases: std::sync::Arc<crate::leases::Leases>,
 }
 
 impl Backups {
@@ -116,6 +128,7 @@ impl Backups {
             meta: db.open_tree("backup-meta")?,
             data_dir: config.data_dir.clone(),
             jobs: jobs.jobs,
+            leases: std::sync::Arc::new(crate::leases::Leases::open(db)?),
         };
         let now = tiandi_transfer::now_ms();
         for j in &b.jobs {
@@ -361,6 +374,7 @@ impl Backups {
             job::next_run(j, JobKind::Backup, now_ms)
         };
         let mut s = BackupStatus {
+            lease: self.leases.get(&format!("{}/{}", j.site, j.repo), now_ms),
             job: j.name.clone(),
             site: j.site.clone(),
             province: province_of(&j.site),
@@ -375,6 +389,8 @@ impl Backups {
             overdue: age_ms > i64::from(j.rpo_hours) * 3_600_000,
             next_run_ms: next,
             partner_bytes: copy.as_deref().map(tiandi_backup::backend::dir_bytes),
+            quota_bytes: j.quota_gb.map(|g| u64::from(g) * 1_000_000_000),
+            quota_used_pct: None,
             last_verify: self
                 .results(&j.name, JobKind::Verify, 1)
                 .first()
@@ -393,6 +409,10 @@ impl Backups {
             s.dedup_ratio = r.dedup_ratio;
             s.repo_bytes = r.repo_bytes;
             s.snapshots = r.snapshots;
+        }
+        if let Some(q) = s.quota_bytes.filter(|q| *q > 0) {
+            let used = s.repo_bytes.max(s.partner_bytes.unwrap_or(0));
+            s.quota_used_pct = Some((used as f64 * 1000.0 / q as f64).round() / 10.0);
         }
         s
     }
@@ -433,6 +453,18 @@ impl Backups {
                             s.job, s.rpo_hours
                         ),
                     },
+                );
+            }
+            if let (Some(pct), Some(q)) = (s.quota_used_pct, s.quota_bytes)
+                && pct >= NEAR_QUOTA_PCT
+            {
+                c.insert(
+                    Condition::BackupNearQuota,
+                    format!(
+                        "{}: the repository takes {pct:.1} % of its {:.1} GB quota",
+                        s.job,
+                        q as f64 / 1e9
+                    ),
                 );
             }
             for (what, r) in [
@@ -623,5 +655,46 @@ mod tests {
             b.results("gd-db", JobKind::Backup, 1000).len(),
             KEEP_RESULTS
         );
+    }
+
+    #[test]
+    fn a_repository_past_nine_tenths_of_its_quota_raises_backup_near_quota() {
+        let t = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let mut quota = job("gd-db", "gd-prov");
+        quota.quota_gb = Some(10);
+        let config = crate::Config {
+            data_dir: t.path().to_path_buf(),
+            backup_jobs: vec![quota, job("hn-db", "hn-prov")],
+            ..crate::Config::default()
+        };
+        let b = Backups::open(&db, &config).unwrap();
+        let run = |job: &str, site: &str, repo_bytes: u64, at: i64| JobResult {
+            job: job.into(),
+            site: site.into(),
+            repo: job.into(),
+            started_ms: at,
+            ok: true,
+            repo_bytes,
+            ..JobResult::default()
+        };
+        b.record(&run("gd-db", "gd-prov", 8_500_000_000, 1_000))
+            .unwrap();
+        b.record(&run("hn-db", "hn-prov", 50_000_000_000, 1_000))
+            .unwrap();
+        let st = b.status(2_000, &|_| "GD".into());
+        assert_eq!(st[0].quota_used_pct, Some(85.0));
+        assert!(st[1].quota_used_pct.is_none(), "no quota, no share");
+        let c = b.conditions(&st);
+        assert!(!c["gd-prov"].contains_key(&Condition::BackupNearQuota));
+        b.record(&run("gd-db", "gd-prov", 9_100_000_000, 3_000))
+            .unwrap();
+        let st = b.status(4_000, &|_| "GD".into());
+        let c = b.conditions(&st);
+        assert!(
+            c["gd-prov"][&Condition::BackupNearQuota].contains("91.0 % of its 10.0 GB"),
+            "{c:?}"
+        );
+        assert!(!c["hn-prov"].contains_key(&Condition::BackupNearQuota));
     }
 }

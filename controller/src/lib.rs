@@ -18,6 +18,7 @@ pub mod demo;
 
 pub mod enroll;
 pub mod http;
+pub mod leases;
 pub mod metrics;
 pub mod registry;
 pub mod replica;
@@ -483,6 +484,12 @@ impl Controller {
             rate_sample: Mutex::new((now_ms(), 0, 0.0)),
             config,
         });
+        {
+            // Sites' runs take their repositories' leases here (the key was checked: their own).
+            let leases = core.backups.leases.clone();
+            core.inbox
+                .on_lease(Arc::new(move |_site, l| leases.grant(l, now_ms())));
+        }
         if let Some(how) = first_admin {
             core.audit
                 .record(audit::entry("controller", "", "user.add", "admin").with_detail(&how));
@@ -590,6 +597,7 @@ impl Controller {
             )
             .map_err(anyhow::Error::msg)
             .context("starting the backup scheduler")?;
+            scheduler.set_leases(Arc::new(leases::Local(core.backups.leases.clone())));
             scheduler
                 .set_jobs(own_jobs)
                 .context("the controller's own backup jobs")?;
@@ -852,6 +860,7 @@ async fn backup_loop(core: Arc<Core>) {
                 sites::Condition::BackupFailed,
                 sites::Condition::BackupOverdue,
                 sites::Condition::BackupCheckFailed,
+                sites::Condition::BackupNearQuota,
             ] {
                 let detail = now.get(&cond).cloned();
                 if detail.is_none() && !before.contains(&cond) {

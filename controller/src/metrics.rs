@@ -29,7 +29,7 @@ pub struct Metrics {
     pub report_delay_seconds: Histogram,
     pub enrollments: IntCounterVec,
     /// Backup jobs (labels `job`, `site`; `kind` for run results): set every 30 s.
-    pub backup: [prometheus::GaugeVec; 6],
+    pub backup: [prometheus::GaugeVec; 7],
 }
 
 impl Metrics {
@@ -38,7 +38,7 @@ impl Metrics {
         for g in &self.backup {
             g.reset();
         }
-        let [success, age, overdue, ok, repo, partner] = &self.backup;
+        let [success, age, overdue, ok, repo, partner, quota] = &self.backup;
         for j in jobs {
             let l = [j.job.as_str(), j.site.as_str()];
             if let Some(t) = j.last_success_ms {
@@ -62,6 +62,9 @@ impl Metrics {
             }
             if j.last_success_ms.is_some() {
                 repo.with_label_values(&l).set(j.repo_bytes as f64);
+            }
+            if let Some(pct) = j.quota_used_pct {
+                quota.with_label_values(&l).set(pct / 100.0);
             }
             if let Some(b) = j.partner_bytes {
                 partner.with_label_values(&l).set(b as f64);
@@ -163,6 +166,11 @@ impl Metrics {
             g(
                 "tiandi_backup_partner_bytes",
                 "Size of the job's repository copy kept by this controller as its partner.",
+                &["job", "site"],
+            ),
+            g(
+                "tiandi_backup_quota_used_ratio",
+                "Share of the job's quota its repository takes (jobs with a quota_gb).",
                 &["job", "site"],
             ),
         ];

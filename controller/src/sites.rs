@@ -26,6 +26,8 @@ pub enum Condition {
     BackupOverdue,
     /// A verify or a restore drill of the site's repository failed.
     BackupCheckFailed,
+    /// A repository of the site's passed 90 % of its quota.
+    BackupNearQuota,
     Degraded,
 }
 
@@ -40,6 +42,7 @@ impl Condition {
             Condition::BackupFailed => "backup-failed",
             Condition::BackupOverdue => "backup-overdue",
             Condition::BackupCheckFailed => "backup-check-failed",
+            Condition::BackupNearQuota => "backup-near-quota",
             Condition::Degraded => "degraded",
         }
     }
@@ -195,6 +198,7 @@ pub fn status_of(conds: &BTreeSet<Condition>) -> Status {
             | Condition::BackupFailed
             | Condition::BackupOverdue
             | Condition::BackupCheckFailed
+            | Condition::BackupNearQuota
             | Condition::Degraded,
         ) => Status::Degraded,
     }

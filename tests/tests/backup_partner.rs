@@ -266,6 +266,11 @@ pre_hook = ["/bin/false"]
 "#,
         dump = dump.display()
     );
+    // `degraded` is what a failed job makes a site; a full disk or a busy CPU on the test
+    // machine would show instead, so the host thresholds are out of reach here.
+    let jobs = format!(
+        "{jobs}\n[thresholds]\ncpu_degraded_pct = 101.0\nmem_degraded_pct = 101.0\ndisk_full_pct = 101.0\n"
+    );
     let mut ctl = ControllerProc::start_with(&t.path().join("ctl"), None, &jobs);
     let mut site = ctl.new_site(&t.path().join("gd"), "gd-prov", "gd", "");
     site.start();
@@ -289,6 +294,12 @@ pre_hook = ["/bin/false"]
         },
     );
     assert_eq!(status["last_backup"]["ok"], true, "{status}");
+    // The run held its repository by a lease at the controller (renewed, then given back).
+    assert!(
+        site.log().contains("held at the controller"),
+        "{}",
+        site.log()
+    );
     // The ministry checks its copy without the key on the job's verify schedule.
     wait_for(
         "the partner's check of its copy",

@@ -30,6 +30,7 @@
 pub mod flags;
 pub mod hop;
 pub mod inbox;
+pub mod lease;
 pub mod manifest;
 pub mod outbox;
 pub mod priority;

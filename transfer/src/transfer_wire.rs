@@ -60,6 +60,8 @@ pub mod codes {
     pub const BUSY: u32 = 10;
     /// Chunk stream stopped: no transfer of this peer's is waiting for it.
     pub const UNKNOWN_TRANSFER: u32 = 11;
+    /// A lease asked for is held by another holder until it expires.
+    pub const LEASE_HELD: u32 = 12;
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -194,6 +196,25 @@ pub struct CheckSite {
     pub province: String,
 }
 
+/// A lease on a shared resource (a backup repository), asked of the controller: to take or
+/// renew it (`ttl_s` > 0) or give it back (`release`). Answered with a `Lease` whose
+/// `expires_ms` says until when it is held, or `Failed` (`LEASE_HELD`, saying by whom).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Lease {
+    /// `<site>/<name>`: a site asks only for its own.
+    #[prost(string, tag = "1")]
+    pub key: String,
+    /// Who holds it (a run: `<job>/<kind>/<start ms>`).
+    #[prost(string, tag = "2")]
+    pub holder: String,
+    #[prost(uint32, tag = "3")]
+    pub ttl_s: u32,
+    #[prost(bool, tag = "4")]
+    pub release: bool,
+    #[prost(int64, tag = "5")]
+    pub expires_ms: i64,
+}
+
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Forwarded {
     #[prost(message, repeated, tag = "1")]
@@ -210,6 +231,7 @@ pub enum Frame {
     Failed(Failed),
     Forwarded(Forwarded),
     CheckSite(CheckSite),
+    Lease(Lease),
 }
 
 impl Frame {
@@ -223,6 +245,7 @@ impl Frame {
             Frame::Failed(_) => "Failed",
             Frame::Forwarded(_) => "Forwarded",
             Frame::CheckSite(_) => "CheckSite",
+            Frame::Lease(_) => "Lease",
         }
     }
 
@@ -243,6 +266,7 @@ impl Frame {
             Frame::Failed(m) => with_kind(7, m),
             Frame::Forwarded(m) => with_kind(8, m),
             Frame::CheckSite(m) => with_kind(9, m),
+            Frame::Lease(m) => with_kind(10, m),
         }
     }
 
@@ -261,6 +285,7 @@ impl Frame {
             7 => Frame::Failed(Failed::decode(b).map_err(pe)?),
             8 => Frame::Forwarded(Forwarded::decode(b).map_err(pe)?),
             9 => Frame::CheckSite(CheckSite::decode(b).map_err(pe)?),
+            10 => Frame::Lease(Lease::decode(b).map_err(pe)?),
             k => return Err(TransferError::Protocol(format!("unknown frame kind {k}"))),
         })
     }

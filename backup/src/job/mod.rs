@@ -119,6 +119,10 @@ pub struct JobSpec {
     /// The newest good backup may be this old before the controller raises an alarm.
     #[serde(default = "default_rpo_hours")]
     pub rpo_hours: u32,
+    /// What the partner keeps for this repository at most (GB; unset: no quota). The
+    /// controller raises `backup-near-quota` when the repository passes 90 % of it.
+    #[serde(default)]
+    pub quota_gb: Option<u32>,
     /// When to check the repository: every pack, and this share of them opened with the key.
     #[serde(default)]
     pub verify: Option<Schedule>,
@@ -223,6 +227,11 @@ impl JobSpec {
                     self.hook_timeout_s
                 ),
             ));
+        }
+        if let Some(q) = self.quota_gb
+            && !(1..=1_000_000).contains(&q)
+        {
+            return Err(at("quota_gb", format!("{q}: between 1 and 1,000,000 GB")));
         }
         if !(1..=366 * 24).contains(&self.rpo_hours) {
             return Err(at(
@@ -441,6 +450,9 @@ pub struct JobResult {
     /// The end of a failed hook's output (stderr, or stdout when stderr was empty).
     pub pre_hook_output: Option<String>,
     pub post_hook_output: Option<String>,
+    /// How the run held its repository beyond the local lock: the lease at the controller
+    /// (until when), or why it ran without one (the controller out of reach).
+    pub lease: Option<String>,
 }
 
 impl JobResult {

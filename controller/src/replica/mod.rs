@@ -36,6 +36,7 @@ pub const TREES: &[&str] = &[
     "alarms",
     "backup-results",
     "backup-meta",
+    "backup-leases",
 ];
 
 /// Trees sent whole in a snapshot and kept by reports afterwards (the store's history and its

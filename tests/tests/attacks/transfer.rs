@@ -562,3 +562,71 @@ fn many_streams_and_large_chunks_do_not_exhaust_the_controller() {
         started.elapsed()
     );
 }
+
+/// Leases on backup repositories (issue 17: no stale locks): a site takes the lease on its own
+/// repository over its real connection; a second holder is refused with the first one named;
+/// it cannot take another site's; the lease shows in `GET /api/backups` while held, and once
+/// released the next holder takes it.
+#[test]
+fn a_site_leases_only_its_own_repositories_one_holder_at_a_time() {
+    use tiandi_transfer::lease::{LeaseError, ask};
+    use tiandi_transfer::transfer_wire::Lease;
+    let tmp = tempfile::tempdir().unwrap();
+    let jobs = r#"
+[[backup_jobs]]
+name = "gd-db"
+site = "gd-001"
+repo = "db"
+paths = ["/nonexistent"]
+password_file = "/nonexistent"
+schedule = "daily 02:00+08:00"
+"#;
+    let ctl = ControllerProc::start_with(&tmp.path().join("ctl"), None, jobs);
+    let agent = enroll(&ctl, &tmp.path().join("gd-001"), "gd-001");
+    let rt = runtime();
+    let site = rt.block_on(connect(ctl.quic, agent));
+    let lease = |key: &str, holder: &str, release: bool| Lease {
+        key: key.into(),
+        holder: holder.into(),
+        ttl_s: if release { 0 } else { 120 },
+        release,
+        ..Default::default()
+    };
+    let t = Duration::from_secs(10);
+    let held = rt
+        .block_on(ask(
+            &site.conn,
+            lease("gd-001/db", "gd-db/backup/1", false),
+            t,
+        ))
+        .expect("the site's own repository");
+    assert!(held.expires_ms > tiandi_link::clock::now_ms() + 100_000);
+    let v = ctl.api("/api/backups").unwrap();
+    assert_eq!(v["jobs"][0]["lease"]["holder"], "gd-db/backup/1", "{v}");
+    match rt.block_on(ask(
+        &site.conn,
+        lease("gd-001/db", "gd-db/backup/2", false),
+        t,
+    )) {
+        Err(LeaseError::Held(why)) => assert!(why.contains("gd-db/backup/1"), "{why}"),
+        other => panic!("a second holder must be refused: {other:?}"),
+    }
+    match rt.block_on(ask(&site.conn, lease("gd-002/db", "x", false), t)) {
+        Err(LeaseError::Unreachable(why)) => assert!(why.contains("only its own"), "{why}"),
+        other => panic!("another site's lease must be refused: {other:?}"),
+    }
+    rt.block_on(ask(
+        &site.conn,
+        lease("gd-001/db", "gd-db/backup/1", true),
+        t,
+    ))
+    .unwrap();
+    assert!(ctl.api("/api/backups").unwrap()["jobs"][0]["lease"].is_null());
+    rt.block_on(ask(
+        &site.conn,
+        lease("gd-001/db", "gd-db/backup/2", false),
+        t,
+    ))
+    .expect("free again");
+    drop(site);
+}

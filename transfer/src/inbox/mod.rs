@@ -38,6 +38,7 @@ use chunks::{ChunkTx, Partial};
 pub use expire::{Expired, KEEP_ABANDONED, KEEP_COMPLETE};
 pub use forward::ForwardSink;
 pub use serve::accept_loop;
+pub(crate) use serve::refuse as refuse_on;
 pub use site::SiteCheck;
 
 /// Acknowledge (after an fsync) at least every this many chunks…
@@ -126,6 +127,7 @@ pub struct Inbox {
     dir: PathBuf,
     forward_sink: std::sync::OnceLock<ForwardSink>,
     site_check: std::sync::OnceLock<SiteCheck>,
+    pub(crate) lease: std::sync::OnceLock<crate::lease::LeaseHandler>,
     tree: sled::Tree,
     node: String,
     /// Space kept free on the destination's file system.
@@ -182,6 +184,7 @@ impl Inbox {
             dir: dir.to_path_buf(),
             forward_sink: Default::default(),
             site_check: Default::default(),
+            lease: Default::default(),
             tree,
             node: node.to_string(),
             reserve_bytes: 0,

@@ -36,6 +36,7 @@ impl Inbox {
             Some(Frame::Offer(o)) => o,
             Some(Frame::Forwarded(f)) => return self.forwarded(peer, f, &mut w).await,
             Some(Frame::CheckSite(c)) => return self.check_site(peer, c, &mut w).await,
+            Some(Frame::Lease(l)) => return self.lease(peer, l, &mut w).await,
             Some(other) => {
                 let msg = format!("expected Offer, got {}", other.kind());
                 refuse(&mut w, codes::PROTOCOL, &msg).await;
@@ -249,7 +250,7 @@ pub async fn accept_loop(
     }
 }
 
-pub(super) async fn refuse(w: &mut Writer, code: u32, message: &str) {
+pub(crate) async fn refuse(w: &mut Writer, code: u32, message: &str) {
     let _ = put(
         w,
         Frame::Failed(Failed {
