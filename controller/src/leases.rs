@@ -18,6 +18,9 @@ pub struct Held {
     pub expires_ms: i64,
 }
 
+/// Leases one site (or the controller) holds at once, at most.
+pub const MAX_PER_SITE: usize = 64;
+
 pub struct Leases {
     tree: sled::Tree,
     held: Mutex<HashMap<String, Held>>,
@@ -60,6 +63,28 @@ impl Leases {
                 "held by {} since {} until {} (Unix ms)",
                 h.holder, h.since_ms, h.expires_ms
             ));
+        }
+        if current.is_none() {
+            // Bounded: expired leases go, and a site holds at most MAX_PER_SITE at once.
+            let expired: Vec<String> = held
+                .values()
+                .filter(|h| h.expires_ms <= now_ms)
+                .map(|h| h.key.clone())
+                .collect();
+            for k in expired {
+                held.remove(&k);
+                let _ = self.tree.remove(k.as_bytes());
+            }
+            let site = l.key.split('/').next().unwrap_or_default();
+            let mine = held
+                .keys()
+                .filter(|k| k.split('/').next() == Some(site))
+                .count();
+            if mine >= MAX_PER_SITE {
+                return Err(format!(
+                    "{site} holds {mine} leases already (at most {MAX_PER_SITE})"
+                ));
+            }
         }
         let ttl = i64::from(l.ttl_s.min(tiandi_transfer::lease::MAX_TTL_S));
         let h = Held {
@@ -183,5 +208,20 @@ mod tests {
         rel.holder = "run-b".into();
         l.grant(&rel, t0 + 180_004).unwrap();
         assert!(l.get("bj-001/db", t0 + 180_005).is_none());
+        // Bounded per site; expired ones do not count.
+        let t1 = t0 + 1_000_000;
+        for i in 0..MAX_PER_SITE {
+            l.grant(&ask(&format!("sh-001/r{i}"), "x", 60), t1).unwrap();
+        }
+        let err = l.grant(&ask("sh-001/one-more", "x", 60), t1).unwrap_err();
+        assert!(err.contains("at most"), "{err}");
+        assert!(
+            l.grant(&ask("gd-001/db", "x", 60), t1).is_ok(),
+            "another site's count"
+        );
+        assert!(
+            l.grant(&ask("sh-001/one-more", "x", 60), t1 + 61_000)
+                .is_ok()
+        );
     }
 }

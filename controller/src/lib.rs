@@ -10,6 +10,7 @@ pub mod admin;
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod backup_tasks;
 pub mod backups;
 pub mod cli;
 pub mod config;
@@ -17,6 +18,7 @@ pub mod console;
 pub mod demo;
 
 pub mod enroll;
+pub mod housekeeping;
 pub mod http;
 pub mod leases;
 pub mod metrics;
@@ -31,7 +33,7 @@ pub mod users;
 pub mod views;
 pub mod wal;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -484,12 +486,6 @@ impl Controller {
             rate_sample: Mutex::new((now_ms(), 0, 0.0)),
             config,
         });
-        {
-            // Sites' runs take their repositories' leases here (the key was checked: their own).
-            let leases = core.backups.leases.clone();
-            core.inbox
-                .on_lease(Arc::new(move |_site, l| leases.grant(l, now_ms())));
-        }
         if let Some(how) = first_admin {
             core.audit
                 .record(audit::entry("controller", "", "user.add", "admin").with_detail(&how));
@@ -542,72 +538,18 @@ impl Controller {
                 endpoint.clone(),
                 server_config,
             )),
-            tokio::spawn(tick_loop(core.clone())),
+            tokio::spawn(housekeeping::tick_loop(core.clone())),
             tokio::spawn(replica::primary::stand_down(core.clone())),
             tokio::spawn(replica::primary::export_loop(core.clone())),
-            tokio::spawn(prune_loop(core.clone())),
+            tokio::spawn(housekeeping::prune_loop(core.clone())),
             // Sites' uploads leave a state each: old ones are forgotten, abandoned ones freed.
             tokio::spawn(tiandi_transfer::expire_loop(
                 core.inbox.clone(),
                 core.outbox.clone(),
                 core.cancel.clone(),
             )),
-            // Sites' backup repositories arrive in inbox/<site>/ and are kept in
-            // data_dir/backups/<site>/<repo>/.
-            tokio::spawn(
-                tiandi_backup::partner::Placement {
-                    inbox: core.config.data_dir.join("inbox"),
-                    peer: None,
-                    backups: core.config.data_dir.join("backups"),
-                    hold: Duration::from_secs(u64::from(core.config.backup_trash_days) * 86_400),
-                }
-                .run(core.cancel.clone()),
-            ),
         ];
-        // The controller's own repositories (`backup_repos`, and the jobs it runs itself) go
-        // to partner sites in the backup class; sites' jobs are pushed to them, their results
-        // taken in, their alarms raised (`backup_loop`).
-        let shipper = Arc::new(
-            tiandi_backup::partner::Shipper::new(
-                core.outbox.clone(),
-                db.open_tree("backup-ship")?,
-                &core.config.data_dir.join("backup-ship"),
-                core.config.backup_repos.clone(),
-            )
-            .context("starting backup shipping (backup_repos)")?,
-        );
-        tasks.push(tokio::spawn(shipper.clone().run(
-            Duration::from_secs(1),
-            Some(core.config.data_dir.join("backup-ship").join("status.json")),
-            core.cancel.clone(),
-        )));
-        let own_jobs = tiandi_backup::job::Jobs::new(now_ms(), core.backups.jobs().to_vec());
-        if own_jobs
-            .for_site(tiandi_backup::job::CONTROLLER)
-            .next()
-            .is_some()
-        {
-            let backups = core.backups.clone();
-            let scheduler = tiandi_backup::scheduler::Scheduler::new(
-                tiandi_backup::job::CONTROLLER,
-                &core.config.data_dir.join("backup"),
-                db.open_tree("backup-jobs")?,
-                shipper,
-                Box::new(move |r| backups.record(r).map_err(|e| e.to_string())),
-            )
-            .map_err(anyhow::Error::msg)
-            .context("starting the backup scheduler")?;
-            scheduler.set_leases(Arc::new(leases::Local(core.backups.leases.clone())));
-            scheduler
-                .set_jobs(own_jobs)
-                .context("the controller's own backup jobs")?;
-            tasks.push(tokio::spawn(scheduler.run(
-                None,
-                Some(core.config.data_dir.join("backup").join("status.json")),
-                core.cancel.clone(),
-            )));
-        }
-        tasks.push(tokio::spawn(backup_loop(core.clone())));
+        tasks.extend(backup_tasks::start(&core, &db)?);
         for (listener, addr, router) in [
             (api_listener, api_addr, api::router(core.clone())),
             (ops_listener, ops_addr, api::ops_router(core.clone())),
@@ -767,148 +709,6 @@ fn check_outgoing_dirs(config: &Config) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Re-evaluates every site each second (a site goes `down` by silence, not by a message).
-async fn tick_loop(core: Arc<Core>) {
-    let mut paused = BTreeSet::new();
-    let mut every = tokio::time::interval(Duration::from_secs(1));
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    loop {
-        tokio::select! {
-            _ = core.cancel.cancelled() => break,
-            _ = every.tick() => {}
-        }
-        let events = core.sites.tick(now_ms());
-        core.record_alarms(events);
-        paused = transfer_alarms(&core, paused);
-    }
-}
-
-/// Raises `transfer-paused` on the sites with a transfer paused because their disk is full,
-/// and clears it where none is any more. Returns the sites now paused.
-fn transfer_alarms(core: &Core, before: BTreeSet<String>) -> BTreeSet<String> {
-    let now: BTreeMap<String, String> = core.outbox.paused_on_full_disk();
-    let t = now_ms();
-    for (site, detail) in &now {
-        let ev = core.sites.set_external(
-            site,
-            sites::Condition::TransferPaused,
-            Some(detail.clone()),
-            t,
-        );
-        core.record_alarms(ev);
-    }
-    for site in before.iter().filter(|s| !now.contains_key(*s)) {
-        let ev = core
-            .sites
-            .set_external(site, sites::Condition::TransferPaused, None, t);
-        core.record_alarms(ev);
-    }
-    now.into_keys().collect()
-}
-
-/// Backups: sites' results taken in every two seconds; every thirty, jobs pushed where they
-/// changed, and each site's backup alarms raised or cleared.
-async fn backup_loop(core: Arc<Core>) {
-    let mut every = tokio::time::interval(Duration::from_secs(2));
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut n: u64 = 0;
-    let mut raised: BTreeMap<String, BTreeSet<sites::Condition>> = BTreeMap::new();
-    // The partner copies' checks read every pack: on a thread of their own, one at a time.
-    let checking = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    loop {
-        tokio::select! {
-            _ = core.cancel.cancelled() => break,
-            _ = every.tick() => {}
-        }
-        let c = core.clone();
-        let took = tokio::task::spawn_blocking(move || c.backups.take_results().len())
-            .await
-            .unwrap_or(0);
-        n += 1;
-        if took == 0 && n % 15 != 1 {
-            continue;
-        }
-        if !checking.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            let (c, flag) = (core.clone(), checking.clone());
-            tokio::task::spawn_blocking(move || {
-                c.backups.partner_checks(now_ms());
-                flag.store(false, std::sync::atomic::Ordering::SeqCst);
-            });
-        }
-        let c = core.clone();
-        let conds = tokio::task::spawn_blocking(move || {
-            if let Err(e) = c.backups.push(&c.outbox) {
-                warn!(error = %e, "Pushing backup jobs failed.");
-            }
-            let sites = c.sites.clone();
-            let statuses = c.backups.status(now_ms(), &|s| {
-                sites
-                    .with_site(s, |x| x.province.clone())
-                    .unwrap_or_default()
-            });
-            c.metrics.set_backups(&statuses);
-            c.backups.conditions(&statuses)
-        })
-        .await
-        .unwrap_or_default();
-        let t = now_ms();
-        for (site, now) in &conds {
-            let before = raised.remove(site).unwrap_or_default();
-            for cond in [
-                sites::Condition::BackupFailed,
-                sites::Condition::BackupOverdue,
-                sites::Condition::BackupCheckFailed,
-                sites::Condition::BackupNearQuota,
-            ] {
-                let detail = now.get(&cond).cloned();
-                if detail.is_none() && !before.contains(&cond) {
-                    continue;
-                }
-                let ev = core.sites.set_external(site, cond, detail, t);
-                core.record_alarms(ev);
-            }
-        }
-        raised = conds
-            .into_iter()
-            .map(|(s, c)| (s, c.into_keys().collect()))
-            .collect();
-    }
-}
-
-/// Deletes history older than the retention, hourly.
-async fn prune_loop(core: Arc<Core>) {
-    let mut every = tokio::time::interval(Duration::from_secs(3600));
-    loop {
-        tokio::select! {
-            _ = core.cancel.cancelled() => break,
-            _ = every.tick() => {}
-        }
-        let cutoff = now_ms() - i64::from(core.config.history_days) * 86_400_000;
-        let mut removed = 0;
-        for rec in core.registry.list() {
-            match core.store.prune(&rec.site_id, cutoff) {
-                Ok(n) => removed += n,
-                Err(error) => warn!(%error, site = %rec.site_id, "Pruning history failed."),
-            }
-            tokio::task::yield_now().await;
-        }
-        if removed > 0 {
-            info!(removed, "Pruned history beyond retention.");
-        }
-        if let Err(error) = core.acks.prune(cutoff) {
-            warn!(%error, "Pruning alarm acknowledgements failed.");
-        }
-        let days = core.config.console.audit_days;
-        if days > 0 {
-            match core.audit.prune(now_ms() - i64::from(days) * 86_400_000) {
-                Ok(n) if n > 0 => info!(removed = n, "Pruned the audit log beyond audit_days."),
-                Ok(_) => {}
-                Err(error) => warn!(%error, "Pruning the audit log failed."),
-            }
-        }
-    }
 }
 
 /// The conference relay: a site certificate of its own from the CA (the name sites connect
