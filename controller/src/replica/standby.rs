@@ -159,6 +159,26 @@ pub async fn run(
         None,
         http_stop.clone(),
     ));
+    // The copy keeps the same history the primary does: older reports go hourly.
+    let pruner = {
+        let (db, store, stop, days) = (
+            db.clone(),
+            store.clone(),
+            http_stop.clone(),
+            config.history_days,
+        );
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = every.tick() => {}
+                }
+                let (db, store) = (db.clone(), store.clone());
+                let _ = tokio::task::spawn_blocking(move || prune_history(&db, &store, days)).await;
+            }
+        })
+    };
     println!("tiandi-controller standby: following {primary}, health http://{ops_addr}/health");
     info!(%primary, ops = %ops_addr, "Standby following the primary.");
 
@@ -226,6 +246,7 @@ pub async fn run(
     );
     http_stop.cancel();
     let _ = http.await;
+    let _ = pruner.await;
     drop(store);
     drop(meta);
     db.flush()?;
@@ -495,6 +516,30 @@ fn write_with_mode(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
     std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
     Ok(())
+}
+
+/// Removes reports older than `days` from the copy, for every site in its registry.
+fn prune_history(db: &sled::Db, store: &Store, days: u32) {
+    let cutoff = crate::now_ms() - i64::from(days) * 86_400_000;
+    let Ok(sites) = db.open_tree("sites") else {
+        return;
+    };
+    let mut removed = 0;
+    for site in sites.iter().keys().flatten() {
+        let Ok(site) = std::str::from_utf8(&site) else {
+            continue;
+        };
+        if tiandi_link::names::validate_name("site", site).is_err() {
+            continue;
+        }
+        match store.prune(site, cutoff) {
+            Ok(n) => removed += n,
+            Err(error) => warn!(%error, %site, "Pruning the copy's history failed."),
+        }
+    }
+    if removed > 0 {
+        info!(removed, "Pruned the copy's history beyond history_days.");
+    }
 }
 
 fn get_u64(t: &sled::Tree, k: &[u8]) -> anyhow::Result<u64> {
