@@ -7,11 +7,14 @@
 //! the repository (`backups/<peer>/<repo>/`) that `tiandi-backup check` verifies without the
 //! key and `restore` restores from with it (the disaster-recovery case).
 //!
-//! Order at the partner is the repository's own (FORMAT.md "Writing"): a stage is sent only
-//! when everything before it was delivered and verified — `config` and `keys/`, then
-//! `packs/`, then `index/`, `snapshots/` and `pending/`, then deletions — so the copy at the
-//! partner is a valid repository at every moment, and a snapshot there never names a pack
-//! that has not arrived.
+//! Order at the partner is the repository's own (FORMAT.md "Writing"): `config` and `keys/`,
+//! then `packs/`, then `index/`, `snapshots/` and `pending/`, then deletions — so the copy at
+//! the partner is a valid repository at every moment, and a snapshot there never names a pack
+//! that has not arrived. A stage is sent when everything before it was delivered and
+//! verified, with one exception that saves a GEO link a round trip or two per backup: the
+//! packs go behind an awaits list naming them, and once that list is delivered and every
+//! pack is on its way, the snapshots and index files follow at once; the partner holds them
+//! (`place_all`) until every listed pack is in the copy.
 //!
 //! Deletions are not carried out at the partner at once: the files go to
 //! `backups/<peer>/.trash/<repo>/<ms>/` and are removed after a hold period
@@ -19,6 +22,7 @@
 //! by pruning (the same idea as restic's rest-server `--append-only`, with a time limit).
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -122,6 +126,29 @@ fn write_durable(path: &Path, bytes: &[u8]) -> Result<(), PartnerError> {
     crate::backend::write_durable(path, bytes).map_err(io(path))
 }
 
+/// A list of the packs a repository's next snapshots and index files need, sent ahead of
+/// those packs: the partner holds the snapshots (and later deletions) of that repository
+/// while a listed file has not arrived, so the shipper can send them right behind the packs
+/// instead of waiting a round trip or two for the last pack's receipt.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct AwaitsList {
+    repo: String,
+    paths: Vec<String>,
+    id: String,
+}
+
+/// The shipper's record of the awaits list sent with a repository's packs now on their way.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct AwaitsEntry {
+    job: String,
+    source: PathBuf,
+}
+
+/// An awaits list not satisfied after this long is dropped at the partner (a listed pack
+/// removed at the site before it was sent), with a warning; the shipper's own order (a stage
+/// after the one before it was delivered) still holds.
+pub const AWAITS_HOLD: Duration = Duration::from_secs(3600);
+
 /// A deletion list on its way.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct ListEntry {
@@ -172,6 +199,47 @@ mod tests {
         ] {
             assert_eq!(parse_ship_name(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn snapshots_wait_at_the_partner_for_the_packs_an_awaits_list_names() {
+        let t = tempfile::tempdir().unwrap();
+        let (incoming, backups) = (t.path().join("in"), t.path().join("backups"));
+        std::fs::create_dir_all(&incoming).unwrap();
+        let arrive = |path: &str, bytes: &[u8]| {
+            std::fs::write(incoming.join(ship_name("db", path)), bytes).unwrap();
+        };
+        let list = AwaitsList {
+            repo: "db".into(),
+            paths: vec!["packs/ab/p1".into(), "packs/cd/p2".into()],
+            id: "aw1".into(),
+        };
+        arrive("awaits/aw1", &serde_json::to_vec(&list).unwrap());
+        arrive("packs/ab/p1", b"pack one");
+        arrive("snapshots/s1", b"snapshot");
+        arrive("index/i1", b"index");
+        let p = place_all(&incoming, &backups).unwrap();
+        assert_eq!(p.files, 1, "only the pack: {p:?}");
+        let copy = backups.join("db");
+        assert!(copy.join("packs/ab/p1").exists());
+        assert!(!copy.join("snapshots/s1").exists(), "held: p2 is not here");
+        assert!(incoming.join(ship_name("db", "snapshots/s1")).exists());
+        // The last pack comes: the list is done, the snapshot and the index follow.
+        arrive("packs/cd/p2", b"pack two");
+        let p = place_all(&incoming, &backups).unwrap();
+        assert_eq!(p.files, 3, "{p:?}");
+        assert!(copy.join("snapshots/s1").exists() && copy.join("index/i1").exists());
+        assert!(!incoming.join(ship_name("db", "awaits/aw1")).exists());
+        // A list naming a hostile path is refused, and holds nothing back.
+        let bad = AwaitsList {
+            repo: "db".into(),
+            paths: vec!["../../etc/passwd".into()],
+            id: "aw2".into(),
+        };
+        arrive("awaits/aw2", &serde_json::to_vec(&bad).unwrap());
+        arrive("snapshots/s2", b"snapshot two");
+        let p = place_all(&incoming, &backups).unwrap();
+        assert_eq!((p.files, p.refused), (1, 1), "{p:?}");
     }
 
     #[test]

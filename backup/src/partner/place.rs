@@ -1,6 +1,7 @@
 //! The partner's side: [`place_all`] and [`Placement`] put arrived files into the copy,
 //! deletions into its trash.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +28,7 @@ pub struct Placed {
 /// rename, and a list is removed only after its files were moved.
 pub fn place_all(incoming: &Path, backups: &Path) -> Result<Placed, PartnerError> {
     let mut arrived: Vec<(u8, String, String, PathBuf)> = Vec::new();
+    let mut awaits: Vec<(String, PathBuf)> = Vec::new();
     let mut placed = Placed::default();
     let rd = match std::fs::read_dir(incoming) {
         Ok(rd) => rd,
@@ -43,6 +45,9 @@ pub fn place_all(incoming: &Path, backups: &Path) -> Result<Placed, PartnerError
             continue;
         }
         match parse_ship_name(&name) {
+            Some((repo, path)) if path.starts_with("awaits/") => {
+                awaits.push((repo, e.path()));
+            }
             Some((repo, path)) => {
                 let st = if path.starts_with("deletions/") {
                     DELETIONS
@@ -58,7 +63,18 @@ pub fn place_all(incoming: &Path, backups: &Path) -> Result<Placed, PartnerError
         }
     }
     arrived.sort();
+    // Packs (and the configuration) first; then the repositories whose awaits lists name a
+    // pack not here yet are held back (their snapshots, index files and deletions wait).
+    let mut held: BTreeSet<String> = BTreeSet::new();
+    let mut awaits_looked = false;
     for (st, repo, path, from) in arrived {
+        if st >= 2 && !awaits_looked {
+            awaits_looked = true;
+            held = held_repos(backups, &awaits, &mut placed)?;
+        }
+        if held.contains(&repo) {
+            continue;
+        }
         let repo_dir = tiandi_link::names::join(backups, "repository", &repo)
             .map_err(|e| PartnerError::Bad(e.to_string()))?;
         if st == DELETIONS {
@@ -82,7 +98,70 @@ pub fn place_all(incoming: &Path, backups: &Path) -> Result<Placed, PartnerError
         placed.files += 1;
         placed.bytes += size;
     }
+    if !awaits_looked && !awaits.is_empty() {
+        // Nothing waits on them this pass: the lists satisfied (or too old) go.
+        held_repos(backups, &awaits, &mut placed)?;
+    }
     Ok(placed)
+}
+
+/// Reads the awaits lists that arrived: one whose files are all in its repository now is
+/// done (removed); one older than [`AWAITS_HOLD`] is dropped with a warning; any other holds
+/// its repository back. Returns the repositories held.
+fn held_repos(
+    backups: &Path,
+    awaits: &[(String, PathBuf)],
+    placed: &mut Placed,
+) -> Result<BTreeSet<String>, PartnerError> {
+    let mut held = BTreeSet::new();
+    for (repo, file) in awaits {
+        let list = std::fs::read(file)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<AwaitsList>(&b).map_err(|e| e.to_string()))
+            .and_then(|l| {
+                if &l.repo != repo {
+                    return Err(format!("a list for {:?} sent as {repo:?}", l.repo));
+                }
+                if l.paths.len() > MAX_LIST {
+                    return Err(format!("{} paths (at most {MAX_LIST})", l.paths.len()));
+                }
+                for p in &l.paths {
+                    check_name(p).map_err(|e| e.to_string())?;
+                }
+                Ok(l)
+            });
+        let l = match list {
+            Ok(l) => l,
+            Err(why) => {
+                // It would hold nothing back: removed, said once.
+                warn!(file = %file.display(), %why, "An awaits list was refused and removed.");
+                placed.refused += 1;
+                std::fs::remove_file(file).map_err(io(file))?;
+                continue;
+            }
+        };
+        let repo_dir = tiandi_link::names::join(backups, "repository", repo)
+            .map_err(|e| PartnerError::Bad(e.to_string()))?;
+        let missing = l
+            .paths
+            .iter()
+            .filter(|p| !repo_dir.join(p).exists())
+            .count();
+        let age = std::fs::metadata(file)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .unwrap_or_default();
+        if missing == 0 {
+            std::fs::remove_file(file).map_err(io(file))?;
+        } else if age > AWAITS_HOLD {
+            warn!(%repo, missing, "An awaits list still names files that never came: dropped.");
+            std::fs::remove_file(file).map_err(io(file))?;
+        } else {
+            held.insert(repo.clone());
+        }
+    }
+    Ok(held)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), PartnerError> {

@@ -301,10 +301,32 @@ impl Shipper {
                 _ => undelivered.push((stage(path), path, true)),
             }
         }
+        if !undelivered.iter().any(|u| u.0 == 1) {
+            self.forget_awaits(r)?;
+        }
         if let Some(first) = undelivered.iter().map(|u| u.0).min() {
+            // Packs to send: an awaits list naming every pack not yet delivered goes first.
+            // Packs all on their way (none failed) and that list delivered: the snapshots and
+            // index files go right behind them, the partner holding them until the packs are
+            // there (see `AwaitsList`).
+            let mut sending = first;
+            if first == 1 {
+                let packs: Vec<&String> = undelivered
+                    .iter()
+                    .filter(|u| u.0 == 1)
+                    .map(|u| u.1)
+                    .collect();
+                if undelivered.iter().any(|u| u.0 == 1 && u.2) {
+                    self.send_awaits(r, &packs)?;
+                } else if packs.iter().all(|p| entries[*p].failures == 0)
+                    && self.awaits_delivered(r)?
+                {
+                    sending = 2;
+                }
+            }
             for (_, path, _) in undelivered
                 .into_iter()
-                .filter(|&(st, _, send)| st == first && send)
+                .filter(|&(st, _, send)| st == sending && send)
             {
                 let (size, mtime) = local[path];
                 let mut e = entries.get(path).cloned().unwrap_or_default();
@@ -389,6 +411,63 @@ impl Shipper {
                 format!("d/{}/{}/{id}", r.to, r.name).into_bytes(),
                 serde_json::to_vec(&l).expect("lists serialise"),
             )?;
+        }
+        Ok(())
+    }
+
+    fn akey(r: &ShipConfig) -> Vec<u8> {
+        format!("a/{}/{}", r.to, r.name).into_bytes()
+    }
+
+    /// Queues an awaits list naming `packs` (ahead of them: the outbox sends a class's jobs
+    /// oldest first), replacing the one before.
+    fn send_awaits(&self, r: &ShipConfig, packs: &[&String]) -> Result<(), PartnerError> {
+        self.forget_awaits(r)?;
+        let id = format!(
+            "aw{}-{:08x}",
+            tiandi_transfer::now_ms(),
+            rand::random::<u32>()
+        );
+        let list = AwaitsList {
+            repo: r.name.clone(),
+            paths: packs.iter().take(MAX_LIST).map(|p| p.to_string()).collect(),
+            id: id.clone(),
+        };
+        let source = self.spool.join(format!("{id}.json"));
+        write_durable(
+            &source,
+            &serde_json::to_vec(&list).expect("lists serialise"),
+        )?;
+        let mut manifest = Manifest::of_file(&source)?;
+        manifest.name = ship_name(&r.name, &format!("awaits/{id}"));
+        let mut job = Job::new(&id, &r.to, source.clone(), manifest);
+        job.priority = Priority::Backup;
+        self.outbox.enqueue(job)?;
+        self.tree.insert(
+            Self::akey(r),
+            serde_json::to_vec(&AwaitsEntry { job: id, source }).expect("lists serialise"),
+        )?;
+        Ok(())
+    }
+
+    /// Whether the repository's awaits list reached the partner.
+    fn awaits_delivered(&self, r: &ShipConfig) -> Result<bool, PartnerError> {
+        let Some(v) = self.tree.get(Self::akey(r))? else {
+            return Ok(false);
+        };
+        let Ok(a) = serde_json::from_slice::<AwaitsEntry>(&v) else {
+            return Ok(false);
+        };
+        Ok(self
+            .job_state(r, &a.job)?
+            .is_some_and(|j| j.state == JobState::Delivered))
+    }
+
+    fn forget_awaits(&self, r: &ShipConfig) -> Result<(), PartnerError> {
+        if let Some(v) = self.tree.remove(Self::akey(r))?
+            && let Ok(a) = serde_json::from_slice::<AwaitsEntry>(&v)
+        {
+            let _ = std::fs::remove_file(&a.source);
         }
         Ok(())
     }
