@@ -225,7 +225,12 @@ async fn ship(
             );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let jobs = outbox.list()?;
+        // The repository's files (the awaits list that goes ahead of the packs is not one).
+        let jobs: Vec<_> = outbox
+            .list()?
+            .into_iter()
+            .filter(|j| !j.manifest.name.contains("~awaits~"))
+            .collect();
         let delivered = jobs
             .iter()
             .filter(|j| j.state == JobState::Delivered)
@@ -250,7 +255,17 @@ async fn ship(
             files.len()
         );
     }
-    let read = inbox.chunk_bytes_in.load(Ordering::Relaxed);
+    // The awaits lists sent ahead of the packs are read once too: not "read twice".
+    let awaits: u64 = outbox
+        .list()?
+        .iter()
+        .filter(|j| j.manifest.name.contains("~awaits~"))
+        .map(|j| j.manifest.size)
+        .sum();
+    let read = inbox
+        .chunk_bytes_in
+        .load(Ordering::Relaxed)
+        .saturating_sub(awaits);
     let up_secs = secs - cut.map_or(0.0, |c| c.as_secs_f64());
     let r = GeoRun {
         secs,
