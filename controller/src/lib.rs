@@ -327,18 +327,7 @@ impl Controller {
         tiandi_link::secrets::read_private(&config.data_dir.join("ca.key"))?;
         let ca = Ca::load_or_create(&config.data_dir).context("loading the site CA")?;
         let db_path = config.data_dir.join("db");
-        let db = sled::Config::new()
-            .path(&db_path)
-            .cache_capacity(64 * 1024 * 1024)
-            // The store flushes at its checkpoints (its write-ahead log covers the time between).
-            .flush_every_ms(None)
-            .open()
-            .with_context(|| {
-                format!(
-                    "opening {} (is another controller running with this data dir?)",
-                    db_path.display()
-                )
-            })?;
+        let db = open_db(&db_path)?;
         let registry = Registry::open(&db, &ca).context("opening the site registry")?;
         let log = config.data_dir.join("reports.wal");
         let store = Store::open(&db, &log).with_context(|| {
@@ -645,6 +634,22 @@ impl Controller {
             "Stopped."
         );
     }
+}
+
+/// The controller's sled database (also a standby's copy of it): 64 MB of cache, flushed at
+/// the store's checkpoints only (its write-ahead log covers the time between).
+pub fn open_db(path: &std::path::Path) -> anyhow::Result<sled::Db> {
+    sled::Config::new()
+        .path(path)
+        .cache_capacity(64 * 1024 * 1024)
+        .flush_every_ms(None)
+        .open()
+        .with_context(|| {
+            format!(
+                "opening {} (is another controller running with this data dir?)",
+                path.display()
+            )
+        })
 }
 
 /// The first administrator's account name.

@@ -14,7 +14,12 @@ const SITES: [&str; 3] = ["bj-001", "sh-001", "gd-001"];
 #[test]
 fn a_standby_follows_is_promoted_when_the_primary_dies_and_the_old_primary_stands_down() {
     let t = tempfile::tempdir().unwrap();
-    let mut primary = ControllerProc::start(&t.path().join("primary"));
+    // The primary also exports its state for its own backup (the first export at start).
+    let mut primary = ControllerProc::start_with(
+        &t.path().join("primary"),
+        None,
+        "[replica]\nexport_every_minutes = 60\n",
+    );
     let token = primary.enroll("dr-standby", "BJ", &["--role", "standby"]);
     let standby =
         ControllerProc::start_standby(&t.path().join("standby"), primary.quic, &token, "");
@@ -36,6 +41,19 @@ fn a_standby_follows_is_promoted_when_the_primary_dies_and_the_old_primary_stand
             a
         })
         .collect();
+    let exported = primary
+        .data_dir()
+        .join("state-export/controller-state.tdstate");
+    wait_for(
+        "the primary's periodic export",
+        Duration::from_secs(30),
+        || exported.exists().then_some(()),
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&exported).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the export holds the CA key");
+    }
     // State other than reports: an operator account made at the primary.
     let out = primary.cli(&["user", "add", "duty-officer", "--role", "viewer"]);
     assert!(
@@ -153,8 +171,11 @@ fn a_standby_follows_is_promoted_when_the_primary_dies_and_the_old_primary_stand
 
     // The old primary comes back knowing its peer: it refuses to serve.
     let original = std::fs::read_to_string(&primary.config).unwrap();
-    let mut cfg = original.clone();
-    cfg.push_str(&format!("\n[replica]\npeers = [\"{}\"]\n", standby.quic));
+    let cfg = original.replace(
+        "[replica]\n",
+        &format!("[replica]\npeers = [\"{}\"]\n", standby.quic),
+    );
+    assert_ne!(cfg, original);
     std::fs::write(&primary.config, cfg).unwrap();
     let out = std::process::Command::new(bin("tiandi-controller"))
         .arg("--config")

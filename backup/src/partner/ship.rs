@@ -55,6 +55,15 @@ pub struct Shipper {
     repos: std::sync::Mutex<Vec<ShipConfig>>,
 }
 
+/// A transfer's ID (and a list's): `<prefix><ms>-<random>`.
+fn list_id(prefix: &str) -> String {
+    format!(
+        "{prefix}{}-{:08x}",
+        tiandi_transfer::now_ms(),
+        rand::random::<u32>()
+    )
+}
+
 fn check_repos(repos: &[ShipConfig]) -> Result<(), PartnerError> {
     let mut names = BTreeSet::new();
     for r in repos {
@@ -344,11 +353,7 @@ impl Shipper {
                     Err(err) => return Err(err.into()),
                 };
                 manifest.name = ship_name(&r.name, path);
-                let id = format!(
-                    "bk{}-{:08x}",
-                    tiandi_transfer::now_ms(),
-                    rand::random::<u32>()
-                );
+                let id = list_id("bk");
                 let mut job = Job::new(&id, &r.to, file, manifest);
                 job.priority = Priority::Backup;
                 self.outbox.enqueue(job)?;
@@ -382,26 +387,18 @@ impl Shipper {
             if at_partner.is_empty() {
                 continue;
             }
-            let id = format!(
-                "bk{}-{:08x}",
-                tiandi_transfer::now_ms(),
-                rand::random::<u32>()
-            );
+            let id = list_id("bk");
             let list = DeletionList {
                 repo: r.name.clone(),
                 paths: at_partner.iter().map(|p| p.to_string()).collect(),
                 id: id.clone(),
             };
-            let source = self.spool.join(format!("{id}.json"));
-            write_durable(
-                &source,
+            let source = self.send_list(
+                r,
+                "deletions",
+                &id,
                 &serde_json::to_vec(&list).expect("lists serialise"),
             )?;
-            let mut manifest = Manifest::of_file(&source)?;
-            manifest.name = ship_name(&r.name, &format!("deletions/{id}"));
-            let mut job = Job::new(&id, &r.to, source.clone(), manifest);
-            job.priority = Priority::Backup;
-            self.outbox.enqueue(job)?;
             let l = ListEntry {
                 job: id.clone(),
                 paths: list.paths,
@@ -415,6 +412,26 @@ impl Shipper {
         Ok(())
     }
 
+    /// Keeps a list of the shipper's own (`deletions/<id>` or `awaits/<id>` at the partner)
+    /// in the spool and queues it in the backup class; returns where it is kept until
+    /// delivered.
+    fn send_list(
+        &self,
+        r: &ShipConfig,
+        kind: &str,
+        id: &str,
+        bytes: &[u8],
+    ) -> Result<PathBuf, PartnerError> {
+        let source = self.spool.join(format!("{id}.json"));
+        write_durable(&source, bytes)?;
+        let mut manifest = Manifest::of_file(&source)?;
+        manifest.name = ship_name(&r.name, &format!("{kind}/{id}"));
+        let mut job = Job::new(id, &r.to, source.clone(), manifest);
+        job.priority = Priority::Backup;
+        self.outbox.enqueue(job)?;
+        Ok(source)
+    }
+
     fn akey(r: &ShipConfig) -> Vec<u8> {
         format!("a/{}/{}", r.to, r.name).into_bytes()
     }
@@ -423,26 +440,18 @@ impl Shipper {
     /// oldest first), replacing the one before.
     fn send_awaits(&self, r: &ShipConfig, packs: &[&String]) -> Result<(), PartnerError> {
         self.forget_awaits(r)?;
-        let id = format!(
-            "aw{}-{:08x}",
-            tiandi_transfer::now_ms(),
-            rand::random::<u32>()
-        );
+        let id = list_id("aw");
         let list = AwaitsList {
             repo: r.name.clone(),
             paths: packs.iter().take(MAX_LIST).map(|p| p.to_string()).collect(),
             id: id.clone(),
         };
-        let source = self.spool.join(format!("{id}.json"));
-        write_durable(
-            &source,
+        let source = self.send_list(
+            r,
+            "awaits",
+            &id,
             &serde_json::to_vec(&list).expect("lists serialise"),
         )?;
-        let mut manifest = Manifest::of_file(&source)?;
-        manifest.name = ship_name(&r.name, &format!("awaits/{id}"));
-        let mut job = Job::new(&id, &r.to, source.clone(), manifest);
-        job.priority = Priority::Backup;
-        self.outbox.enqueue(job)?;
         self.tree.insert(
             Self::akey(r),
             serde_json::to_vec(&AwaitsEntry { job: id, source }).expect("lists serialise"),

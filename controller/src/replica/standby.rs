@@ -121,17 +121,7 @@ pub async fn run(
         tiandi_link::client_config(tls, tiandi_link::LinkProfile::Terrestrial.transport())?;
 
     let db_path = dir.join("db");
-    let db = sled::Config::new()
-        .path(&db_path)
-        .cache_capacity(64 * 1024 * 1024)
-        .flush_every_ms(None)
-        .open()
-        .with_context(|| {
-            format!(
-                "opening {} (is a controller running with this data dir?)",
-                db_path.display()
-            )
-        })?;
+    let db = crate::open_db(&db_path)?;
     let store = Store::open(&db, &dir.join("reports.wal"))?;
     let meta = db.open_tree(super::META_TREE)?;
     let shared = Arc::new(Shared {

@@ -1,0 +1,187 @@
+use super::*;
+
+fn r(first: u64, last: u64) -> SeqRange {
+    SeqRange { first, last }
+}
+
+/// The database and store a controller keeps in `dir` (`db/`, `reports.wal`).
+fn open(dir: &std::path::Path) -> (sled::Db, Arc<Store>) {
+    let db = sled::open(dir.join("db")).unwrap();
+    let store = Store::open(&db, &dir.join("reports.wal")).unwrap();
+    (db, store)
+}
+
+fn rep(seq: u64) -> Report {
+    Report {
+        seq,
+        taken_ms: 1_000 * seq as i64,
+        ..Default::default()
+    }
+}
+
+/// The sequence numbers of `site`'s history, in time order.
+fn seqs(store: &Store, site: &str) -> Vec<u64> {
+    store
+        .history(site, 0, i64::MAX, 100)
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect()
+}
+
+#[test]
+fn seq_state_tracks_current_first_then_backlog() {
+    let mut s = SeqState::default();
+    // Current state (seq 100) arrives first, then the backlog 1..=99 in order.
+    s.add(r(100, 100));
+    assert_eq!(s.acked_through, 0);
+    assert!(s.covers(r(100, 100)));
+    for i in 1..=99 {
+        assert!(!s.covers(r(i, i)));
+        s.add(r(i, i));
+    }
+    assert_eq!(s.acked_through, 100);
+    assert!(s.ranges.is_empty());
+    // A downsampled range.
+    s.add(r(105, 110));
+    s.add(r(101, 104));
+    assert_eq!((s.acked_through, s.ranges.len()), (110, 0));
+    assert!(s.covers(r(50, 60)));
+    assert!(!s.covers(r(110, 111)));
+}
+
+#[test]
+fn what_the_log_holds_is_stored_at_open_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("reports.wal");
+    {
+        // Report 1 reached sled's disk before the "crash"; 1 and 2 are in the log.
+        let (_db, store) = open(dir.path());
+        store.ingest("a", &rep(1)).unwrap();
+        store.checkpoint().unwrap();
+    }
+    {
+        let (mut wal, _) = crate::wal::Wal::open(&log).unwrap();
+        let mut buf = Vec::new();
+        crate::wal::encode(&mut buf, "a", &rep(1).encode_to_vec());
+        crate::wal::encode(&mut buf, "a", &rep(2).encode_to_vec());
+        wal.commit(&buf).unwrap();
+    }
+    let (db, store) = open(dir.path());
+    let h = seqs(&store, "a");
+    assert_eq!(h, vec![1, 2]);
+    assert_eq!(store.history_entries(), 2);
+    assert_eq!(store.seq_state("a").unwrap().acked_through, 2);
+    // Checkpointed at open: the log is empty, and the state is on disk.
+    assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
+    drop(store);
+    drop(db);
+    let (_db, store) = open(dir.path());
+    assert_eq!(store.seq_state("a").unwrap().acked_through, 2);
+}
+
+#[test]
+fn a_commit_makes_reports_durable_in_the_log_and_releases_their_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("reports.wal");
+    let (_db, store) = open(dir.path());
+    let flushed = store.subscribe_flushed();
+    let (new, epoch) = store
+        .ingest(
+            "a",
+            &Report {
+                seq: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert!(new);
+    assert!(*flushed.borrow() < epoch);
+    store.flush().unwrap();
+    assert!(*flushed.borrow() >= epoch);
+    let (_, records) = crate::wal::Wal::open(&log).unwrap();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].site, "a");
+}
+
+#[test]
+fn ingest_is_exactly_once_and_history_is_ordered_by_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_db, store) = open(dir.path());
+    assert!(store.ingest("a", &rep(3)).unwrap().0);
+    assert!(store.ingest("a", &rep(1)).unwrap().0);
+    assert!(!store.ingest("a", &rep(3)).unwrap().0);
+    assert!(store.ingest("a", &rep(2)).unwrap().0);
+    assert!(!store.ingest("a", &rep(1)).unwrap().0);
+    let h = seqs(&store, "a");
+    assert_eq!(h, vec![1, 2, 3]);
+    assert_eq!(store.seq_state("a").unwrap().acked_through, 3);
+    assert_eq!(store.latest("a").unwrap().unwrap().seq, 3);
+    assert!(store.latest("b").unwrap().is_none());
+    assert_eq!(store.prune("a", 2_000).unwrap(), 1);
+    assert_eq!(store.history_len("a"), 2);
+    assert_eq!(store.history_len("b"), 0);
+}
+
+#[test]
+fn sparse_sequence_numbers_are_bounded() {
+    let mut s = SeqState::default();
+    // Every other number: each one a range of its own, up to the bound.
+    for i in 0..MAX_SEQ_RANGES as u64 {
+        let n = 10 + 2 * i;
+        assert!(!s.too_sparse_with(r(n, n)), "{n}");
+        s.add(r(n, n));
+    }
+    assert_eq!(s.ranges.len(), MAX_SEQ_RANGES);
+    let far = 10 + 2 * MAX_SEQ_RANGES as u64 + 100;
+    assert!(s.too_sparse_with(r(far, far)), "one more gap is refused");
+    // What fills a gap, extends a range or continues the prefix is still taken.
+    assert!(!s.too_sparse_with(r(11, 11)));
+    assert!(!s.too_sparse_with(r(1, 9)));
+    let last = 10 + 2 * (MAX_SEQ_RANGES as u64 - 1);
+    assert!(!s.too_sparse_with(r(last + 1, last + 1)));
+}
+
+#[test]
+fn the_alarm_log_comes_in_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_db, store) = open(dir.path());
+    for i in 0..25i64 {
+        store
+            .append_alarm(&AlarmEvent {
+                at_ms: 1000 + i,
+                site_id: if i % 5 == 0 { "gd-001" } else { "bj-001" }.into(),
+                province: "X".into(),
+                alarm: "site-down".into(),
+                state: "raised".into(),
+                detail: String::new(),
+            })
+            .unwrap();
+    }
+    // All of it, ten at a time, newest first, each event once.
+    let (mut seen, mut before) = (Vec::new(), None::<Vec<u8>>);
+    loop {
+        let (page, next) = store
+            .alarms_page(0, before.as_deref(), 10, 1000, |_| true)
+            .unwrap();
+        assert!(page.len() <= 10);
+        seen.extend(page.iter().map(|e| e.at_ms));
+        match next {
+            Some(n) => before = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(seen, (1000..1025).rev().collect::<Vec<_>>());
+    // A filter that matches few: the scan bound cuts the page short and gives a cursor.
+    let (page, next) = store
+        .alarms_page(0, None, 10, 7, |e| e.site_id == "gd-001")
+        .unwrap();
+    assert_eq!(page.iter().map(|e| e.at_ms).collect::<Vec<_>>(), vec![1020]);
+    let (page, _) = store
+        .alarms_page(0, next.as_deref(), 10, 1000, |e| e.site_id == "gd-001")
+        .unwrap();
+    assert_eq!(
+        page.iter().map(|e| e.at_ms).collect::<Vec<_>>(),
+        vec![1015, 1010, 1005, 1000]
+    );
+}
