@@ -22,6 +22,7 @@ pub fn all() -> Vec<Seed> {
     fec_seeds(&mut v);
     enroll_token(&mut v);
     admin_json(&mut v);
+    replica_frame(&mut v);
     v
 }
 
@@ -226,6 +227,16 @@ fn transfer_frame(v: &mut Vec<Seed>) {
                     receipt: Some(receipt),
                     ..Default::default()
                 }],
+            }),
+        ),
+        (
+            "lease",
+            Frame::Lease(tw::Lease {
+                key: "gd-002/db".into(),
+                holder: "gd-db/backup/1796540000000".into(),
+                ttl_s: 120,
+                release: false,
+                expires_ms: 0,
             }),
         ),
         (
@@ -524,5 +535,83 @@ fn admin_json(v: &mut Vec<Seed>) {
         let mut b = vec![which];
         b.extend_from_slice(body.as_bytes());
         v.push(("admin_json", name.into(), b));
+    }
+}
+
+fn replica_frame(v: &mut Vec<Seed>) {
+    use prost::Message;
+    use tiandi_controller::replica::wire::{self, Change, FileRec, Item, Msg, ReportRec, TreeOp};
+    let item = |c: Change| Item { change: Some(c) }.encode_to_vec();
+    let tree = item(Change::Tree(TreeOp {
+        tree: "sites".into(),
+        key: b"gd-002".to_vec(),
+        value: b"{\"site_id\":\"gd-002\"}".to_vec(),
+        remove: false,
+    }));
+    let report = item(Change::Report(ReportRec {
+        site: "gd-002".into(),
+        report: sample_report(7).encode_to_vec(),
+    }));
+    let file = item(Change::File(FileRec {
+        name: "admin.token".into(),
+        data: b"0123456789abcdef0123456789abcdef".to_vec(),
+        mode: 0o600,
+        remove: false,
+    }));
+    let g = wire::genesis(42);
+    let h1 = wire::chain(&g, 1, &tree);
+    let msgs = [
+        (
+            "follow",
+            Msg::Follow(wire::Follow {
+                version: wire::VERSION,
+                run: 42,
+                next_seq: 2,
+                hash: h1.to_vec(),
+                epoch: 1,
+                epoch_only: false,
+            }),
+        ),
+        (
+            "start",
+            Msg::Start(wire::Start {
+                run: 42,
+                epoch: 1,
+                snapshot: true,
+                seq: 1,
+                hash: g.to_vec(),
+                primary: String::new(),
+            }),
+        ),
+        ("item-tree", Msg::Item(tree.clone())),
+        ("item-file", Msg::Item(file)),
+        (
+            "rec-report",
+            Msg::Rec(wire::Rec {
+                seq: 2,
+                hash: wire::chain(&h1, 2, &report).to_vec(),
+                at_ms: 1_796_540_000_000,
+                item: report,
+            }),
+        ),
+        (
+            "snap-end",
+            Msg::SnapEnd(wire::SnapEnd {
+                items: 1,
+                digest: blake3::hash(&tree).as_bytes().to_vec(),
+            }),
+        ),
+        ("beat", Msg::Beat(wire::Beat { tip: 2, at_ms: 1 })),
+        ("applied", Msg::Applied(wire::Applied { seq: 2 })),
+        (
+            "refused",
+            Msg::Refused(wire::Refused {
+                reason: "superseded".into(),
+                epoch: 2,
+            }),
+        ),
+    ];
+    for (name, m) in msgs {
+        v.push(("replica_frame", name.into(), wire::encode(m)[4..].to_vec()));
     }
 }
