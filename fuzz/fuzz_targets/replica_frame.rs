@@ -13,7 +13,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     if let Ok(item) = Item::decode(data) {
-        let again = Item::decode(item.encode_to_vec().as_slice()).expect("a re-encoded item decodes");
+        let again =
+            Item::decode(item.encode_to_vec().as_slice()).expect("a re-encoded item decodes");
         assert_eq!(again, item);
     }
     let Ok(msg) = wire::decode(data) else {
@@ -31,7 +32,10 @@ fuzz_target!(|data: &[u8]| {
             let _ = Item::decode(r.item.as_slice());
             // The chain check a standby makes: deterministic, and sensitive to the item.
             let g = wire::genesis(r.seq);
-            assert_eq!(wire::chain(&g, r.seq, &r.item), wire::chain(&g, r.seq, &r.item));
+            assert_eq!(
+                wire::chain(&g, r.seq, &r.item),
+                wire::chain(&g, r.seq, &r.item)
+            );
         }
         Msg::Item(b) => {
             let _ = Item::decode(b.as_slice());
