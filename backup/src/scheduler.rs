@@ -340,6 +340,20 @@ impl Scheduler {
         }
     }
 
+    /// The result of a run that could not start (its repository held by another).
+    fn not_run(&self, spec: &JobSpec, kind: JobKind, started: i64, why: String) -> JobResult {
+        JobResult {
+            job: spec.name.clone(),
+            kind,
+            site: self.site.clone(),
+            repo: spec.repo.clone(),
+            started_ms: started,
+            ok: false,
+            error: Some(why),
+            ..JobResult::default()
+        }
+    }
+
     /// One run, now, under the repository's lock; records and sinks its result.
     fn run_one(&self, spec: &JobSpec, kind: JobKind) -> JobResult {
         let started = tiandi_transfer::now_ms();
@@ -369,19 +383,12 @@ impl Scheduler {
                     (l.clone(), taken)
                 });
                 match lease {
-                    Some((_, Err(LeaseError::Held(why)))) => JobResult {
-                        job: spec.name.clone(),
+                    Some((_, Err(LeaseError::Held(why)))) => self.not_run(
+                        spec,
                         kind,
-                        site: self.site.clone(),
-                        repo: spec.repo.clone(),
-                        started_ms: started,
-                        ok: false,
-                        error: Some(format!(
-                            "repository {} is leased to another run: {why}",
-                            spec.repo
-                        )),
-                        ..JobResult::default()
-                    },
+                        started,
+                        format!("repository {} is leased to another run: {why}", spec.repo),
+                    ),
                     lease => {
                         let (renewer, said) = match &lease {
                             Some((l, Ok(until))) => (
@@ -414,16 +421,7 @@ impl Scheduler {
                     }
                 }
             }
-            Err(why) => JobResult {
-                job: spec.name.clone(),
-                kind,
-                site: self.site.clone(),
-                repo: spec.repo.clone(),
-                started_ms: started,
-                ok: false,
-                error: Some(why),
-                ..JobResult::default()
-            },
+            Err(why) => self.not_run(spec, kind, started, why),
         };
         if result.ok {
             info!(duration_ms = result.duration_ms, snapshot = ?result.snapshot, "Backup job done.");
