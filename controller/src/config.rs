@@ -70,6 +70,26 @@ pub struct Config {
     pub backup_jobs: Vec<tiandi_backup::job::JobSpec>,
     /// Disaster recovery of the controller itself (`[replica]`).
     pub replica: Replica,
+    /// What `/metrics` exposes (`[metrics]`).
+    pub metrics: MetricsConfig,
+}
+
+/// The Prometheus exposition on `ops_listen`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Groups of per-site series exposed: `status`, `host`, `link`, `modem`, `ups`,
+    /// `devices`, `interfaces`, `alarms` (all by default). Each is one or more series per site
+    /// (`dashboards/METRICS.md` counts them); a large fleet may leave out `interfaces`.
+    pub site_series: Vec<crate::metrics::SiteSeries>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            site_series: crate::metrics::SiteSeries::ALL.to_vec(),
+        }
+    }
 }
 
 /// A standby (`tiandi-controller standby --primary ADDR`) follows this controller over its
@@ -259,6 +279,7 @@ impl Default for Config {
             backup_trash_days: 7,
             backup_jobs: Vec::new(),
             replica: Replica::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }

@@ -83,6 +83,7 @@ pre_hook = ["/bin/sh", "-c", "date -u > {stamp}"]
 keep_last = 6
 keep_daily = 7
 rpo_hours = 1
+quota_gb = 1
 verify = "every 1h"
 verify_read_pct = 20
 drill = "every 1h"

@@ -357,6 +357,8 @@ async fn session(
     let interval_ms = i64::from(hello.interval_ms.max(1000));
     core.sites
         .set_connected(&id.site_id, true, Some(interval_ms));
+    core.sites
+        .set_agent_version(&id.site_id, &hello.agent_version);
     core.site_changed(&id.site_id);
     // Transfers share this connection: files queued for the site go out on their own streams
     // (below the report stream's priority), and files the site sends come in on streams it

@@ -219,6 +219,9 @@ pub struct SiteState {
     pub interval_ms: i64,
     pub reports: u64,
     pub status_since_ms: i64,
+    /// The agent's version, as its latest Hello said (`null` until it connects; "invalid" for
+    /// a version string that is not a plain version).
+    pub agent_version: Option<String>,
     #[serde(skip)]
     pub latest: Option<Report>,
     #[serde(skip)]
@@ -226,6 +229,9 @@ pub struct SiteState {
     /// Conditions set from outside the reports (a paused transfer), with their details.
     #[serde(skip)]
     pub external: std::collections::BTreeMap<Condition, String>,
+    /// How often each alarm was raised since the controller started (rain-fade episodes).
+    #[serde(skip)]
+    pub raised: std::collections::BTreeMap<Condition, u64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -277,9 +283,11 @@ impl Sites {
                 interval_ms: self.default_interval_ms,
                 reports: 0,
                 status_since_ms: now_ms,
+                agent_version: None,
                 latest: None,
                 active: BTreeSet::new(),
                 external: Default::default(),
+                raised: Default::default(),
             });
         if e.province != province
             && let Some(ids) = by_province.get_mut(&e.province)
@@ -308,6 +316,23 @@ impl Sites {
             if let Some(i) = interval_ms {
                 s.interval_ms = i.max(1000);
             }
+        }
+    }
+
+    /// Records the version the site's agent announced (checked: at most 32 characters of
+    /// `0-9A-Za-z.+-~_`; anything else is kept as "invalid", never as given).
+    pub fn set_agent_version(&self, site_id: &str, version: &str) {
+        let ok = !version.is_empty()
+            && version.len() <= 32
+            && version
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".+-~_".contains(&b));
+        let v = if ok { version } else { "invalid" };
+        let mut map = self.map.write().expect("sites lock poisoned");
+        if let Some(s) = map.sites.get_mut(site_id)
+            && s.agent_version.as_deref() != Some(v)
+        {
+            s.agent_version = Some(v.to_string());
         }
     }
 
@@ -402,6 +427,7 @@ impl Sites {
                 .join("; ")
         };
         for c in new.difference(&s.active) {
+            *s.raised.entry(*c).or_default() += 1;
             events.push(AlarmEvent {
                 at_ms: now_ms,
                 site_id: s.site_id.clone(),

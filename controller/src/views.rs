@@ -398,9 +398,11 @@ mod tests {
             interval_ms: 10_000,
             reports: 0,
             status_since_ms: 0,
+            agent_version: None,
             latest,
             active: Default::default(),
             external: Default::default(),
+            raised: Default::default(),
         }
     }
 

@@ -192,6 +192,9 @@ impl SimSite {
                         rx_level_dbm_x10: (-600.0 + self.esno * 15.0) as i32,
                         modcod: modcod.into(),
                         tx_power_dbm_x10: if raining { -30 } else { -90 },
+                        // A 2 Msym/s carrier: its information rate follows the ModCod.
+                        rx_rate_kbps: if raining { 2_000 } else { 4_000 },
+                        tx_rate_kbps: if raining { 512 } else { 1_024 },
                         ..Default::default()
                     }),
                     ..Default::default()

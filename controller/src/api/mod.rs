@@ -228,10 +228,15 @@ async fn admin_get<R: AdminCall + Default>(
 async fn metrics(State(core): State<Arc<Core>>) -> impl IntoResponse {
     let mut body = core.metrics.render(
         &core.sites,
+        &core.config.metrics.site_series,
         core.wire_totals(),
         core.store.flush_count(),
         now_ms(),
     );
+    match crate::transfers::status(&core.outbox) {
+        Ok(jobs) => crate::metrics::render_transfers(&mut body, &jobs),
+        Err(e) => tracing::warn!(error = %e, "Transfers left out of /metrics."),
+    }
     if let Some((relay, _)) = &core.conference {
         body.push_str(&relay.exposition());
     }

@@ -90,7 +90,8 @@ pub struct RelayArgs {
     /// seconds; refuse the others (fail closed).
     #[arg(long, default_value_t = tiandi_video::relay::CONFIRMED_WITHIN.as_secs())]
     pub confirmed_within_s: u64,
-    /// Serve Prometheus metrics (`GET /metrics`) on this TCP address.
+    /// Serve Prometheus metrics (`GET /metrics`) on this TCP address (loopback only: plain
+    /// HTTP; a Prometheus on the same host scrapes it).
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
     /// Link profile of the participants (geo, leo, terrestrial, custom:RTT:KBIT).

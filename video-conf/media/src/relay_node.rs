@@ -51,6 +51,14 @@ pub async fn run(a: RelayArgs) -> anyhow::Result<()> {
     tracing::info!(listen = %a.listen, relay = %a.name, "Relay running.");
     println!("relay {} listening on {}", a.name, endpoint.local_addr()?);
     if let Some(addr) = a.metrics {
+        // Plain HTTP only on loopback: a Prometheus beside the relay scrapes it and sends the
+        // series on over TLS (remote_write; dashboards/prometheus/province.yml).
+        anyhow::ensure!(
+            addr.ip().is_loopback(),
+            "--metrics {addr}: the relay serves metrics over plain HTTP, so only on a loopback \
+             address (127.0.0.1:PORT); scrape it with a Prometheus on the same host, which \
+             forwards with remote_write over TLS (dashboards/prometheus/province.yml)"
+        );
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("metrics listener on {addr}"))?;

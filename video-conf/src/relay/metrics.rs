@@ -109,6 +109,84 @@ impl Relay {
             "Tracks published in a conference.",
             &|r| r.track_keys().len(),
         );
+        let relay = label(&self.name);
+        // Renditions on offer: tracks per kind and rendition (the low rendition a narrow
+        // link gets shows here once a publisher offers it).
+        let _ = write!(
+            out,
+            "# HELP tiandi_video_room_renditions Tracks of a conference by kind and rendition.
+             # TYPE tiandi_video_room_renditions gauge
+"
+        );
+        for r in &rooms {
+            let mut n: std::collections::BTreeMap<(String, String), u64> = Default::default();
+            for k in r.track_keys() {
+                *n.entry((k.kind, k.rendition)).or_default() += 1;
+            }
+            for ((kind, rendition), c) in n {
+                let _ = writeln!(
+                    out,
+                    "tiandi_video_room_renditions{{relay=\"{relay}\",room=\"{}\",kind=\"{}\",rendition=\"{}\"}} {c}",
+                    label(&r.name),
+                    label(&kind),
+                    label(&rendition)
+                );
+            }
+        }
+        // What each participant says it receives (its reports, summed over its tracks).
+        type Figure = fn(&super::rooms::HealthView) -> f64;
+        let figures: [(&str, &str, &str, Figure, bool); 4] = [
+            (
+                "tiandi_video_participant_receive_rate_bytes_per_second",
+                "gauge",
+                "What a participant receives, as it reports (all its tracks).",
+                |h| f64::from(h.kbps) * 125.0,
+                false,
+            ),
+            (
+                "tiandi_video_participant_frames_total",
+                "counter",
+                "Frames a participant has shown (all its tracks), as it reports.",
+                |h| h.frames as f64,
+                false,
+            ),
+            (
+                "tiandi_video_participant_groups_lost_total",
+                "counter",
+                "Groups a participant lost (all its tracks), as it reports.",
+                |h| h.groups_lost as f64,
+                false,
+            ),
+            (
+                "tiandi_video_participant_latency_seconds",
+                "gauge",
+                "A participant's worst latency behind capture over its tracks, as it reports.",
+                |h| f64::from(h.latency_ms.max(0)) / 1000.0,
+                true,
+            ),
+        ];
+        for (name, kind, help, f, max) in figures {
+            let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
+            for r in &rooms {
+                for m in r.roster() {
+                    if m.health.is_empty() {
+                        continue;
+                    }
+                    let vals = m.health.values().map(f);
+                    let v = if max {
+                        vals.fold(0.0, f64::max)
+                    } else {
+                        vals.sum()
+                    };
+                    let _ = writeln!(
+                        out,
+                        "{name}{{relay=\"{relay}\",room=\"{}\",site=\"{}\"}} {v}",
+                        label(&r.name),
+                        label(&m.site)
+                    );
+                }
+            }
+        }
         out
     }
 }
