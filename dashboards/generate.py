@@ -751,7 +751,8 @@ def backups():
                     st("Overdue", [q("sum(tiandi_backup_overdue)")], red_above=1),
                     st(
                         "Failed last run",
-                        [q('count(tiandi_backup_last_run_ok == 0) or vector(0)')],
+                        [q("sum(1 - tiandi_backup_last_run_ok)")],
+                        desc="Jobs whose last backup, verify or drill failed (each kind counts).",
                         red_above=1,
                     ),
                     st("Stored at partners", [q("sum(tiandi_backup_partner_bytes)")], unit="bytes"),
@@ -786,7 +787,7 @@ def backups():
                     ),
                     ts(
                         "Age against RPO",
-                        [q("tiandi_backup_age_seconds / tiandi_backup_rpo_seconds", "{{site}} {{job}}")],
+                        [q("tiandi_backup_age_seconds / tiandi_backup_rpo_seconds", "{{site}} {{backup_job}}")],
                         unit="percentunit",
                         w=12,
                         desc="Above 100 %: the newest good backup at the partner is older than the job allows.",
@@ -794,15 +795,15 @@ def backups():
                     ts(
                         "Sizes",
                         [
-                            q("tiandi_backup_repository_bytes", "{{site}} {{job}} repository"),
-                            q("tiandi_backup_partner_bytes", "{{site}} {{job}} at partner"),
+                            q("tiandi_backup_repository_bytes", "{{site}} {{backup_job}} repository"),
+                            q("tiandi_backup_partner_bytes", "{{site}} {{backup_job}} at partner"),
                         ],
                         unit="bytes",
                         w=12,
                     ),
                     ts(
                         "Quota used",
-                        [q("tiandi_backup_quota_used_ratio", "{{site}} {{job}}")],
+                        [q("tiandi_backup_quota_used_ratio", "{{site}} {{backup_job}}")],
                         unit="percentunit",
                         w=12,
                         lo=0,

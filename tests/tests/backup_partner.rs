@@ -362,7 +362,7 @@ pre_hook = ["/bin/false"]
     let metrics = ctl.metrics();
     assert!(
         metrics.contains(
-            r#"tiandi_backup_last_run_ok{job="gd-files",kind="backup",site="gd-prov"} 0"#
+            r#"tiandi_backup_last_run_ok{backup_job="gd-files",kind="backup",site="gd-prov"} 0"#
         ),
         "{}",
         metrics
