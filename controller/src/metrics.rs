@@ -815,8 +815,22 @@ const SITE_FAMILIES: &[Family] = &[
         "tiandi_site_alarms_raised_total",
         "Times each alarm of a site was raised since the controller started (episodes).",
         |s, _, e| {
+            // `site-down`, and `rain-fade` for a site with a modem, start at 0, so that
+            // increase() counts a site's first episode too.
+            use crate::sites::Condition;
+            let mut seen: Vec<(Condition, u64)> = Vec::new();
+            seen.push((Condition::Down, 0));
+            if modem(s).is_some() {
+                seen.push((Condition::RainFade, 0));
+            }
             for (c, n) in &s.raised {
-                e(&[("alarm", c.name())], *n as f64)
+                match seen.iter_mut().find(|(x, _)| x == c) {
+                    Some(e) => e.1 = *n,
+                    None => seen.push((*c, *n)),
+                }
+            }
+            for (c, n) in seen {
+                e(&[("alarm", c.name())], n as f64)
             }
         },
     ),
@@ -974,6 +988,8 @@ mod tests {
             r#"tiandi_site_modem_info{site="xz-001",province="XZ",modcod="8PSK 2/3"} 1"#,
             r#"tiandi_site_modem_receive_rate_bytes_per_second{site="xz-001",province="XZ"} 500000"#,
             r#"tiandi_site_device_up{site="xz-001",province="XZ",device="modem",profile="vsat-modem"} 1"#,
+            r#"tiandi_site_alarms_raised_total{site="xz-001",province="XZ",alarm="rain-fade"} 0"#,
+            r#"tiandi_site_alarms_raised_total{site="xz-002",province="XZ",alarm="site-down"} 0"#,
             r#"tiandi_site_network_receive_bytes_total{site="xz-001",province="XZ",interface="eth0"} 10"#,
             "# TYPE tiandi_site_link_packets_sent_total counter",
             "# TYPE tiandi_build_info gauge",
