@@ -263,3 +263,26 @@ fn backups_table(st: &tiandi_backup::scheduler::Status, now_ms: i64) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod manual {
+    /// The package's manual page (`debian/tiandi-agent.1`) is this command line, rendered by
+    /// clap_mangen; `TIANDI_BLESS=1 cargo test -p tiandi-agent manual_page` rewrites it.
+    #[test]
+    fn the_packaged_manual_page_is_the_command_line() {
+        use clap::CommandFactory;
+        let mut out = Vec::new();
+        clap_mangen::Man::new(super::Cli::command())
+            .render(&mut out)
+            .expect("render");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/debian/tiandi-agent.1");
+        if std::env::var_os("TIANDI_BLESS").is_some() {
+            std::fs::write(path, &out).expect("write the manual page");
+        }
+        assert!(
+            std::fs::read(path).ok().as_deref() == Some(&out[..]),
+            "debian/tiandi-agent.1 is not the command line: TIANDI_BLESS=1 cargo test -p \
+             tiandi-agent manual_page"
+        );
+    }
+}

@@ -770,3 +770,26 @@ fn promote(cfg: &Config) -> anyhow::Result<()> {
     println!("{body}");
     Ok(())
 }
+
+#[cfg(test)]
+mod manual {
+    /// The package's manual page (`debian/tiandi-controller.1`) is this command line, rendered by
+    /// clap_mangen; `TIANDI_BLESS=1 cargo test -p tiandi-controller manual_page` rewrites it.
+    #[test]
+    fn the_packaged_manual_page_is_the_command_line() {
+        use clap::CommandFactory;
+        let mut out = Vec::new();
+        clap_mangen::Man::new(super::Cli::command())
+            .render(&mut out)
+            .expect("render");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/debian/tiandi-controller.1");
+        if std::env::var_os("TIANDI_BLESS").is_some() {
+            std::fs::write(path, &out).expect("write the manual page");
+        }
+        assert!(
+            std::fs::read(path).ok().as_deref() == Some(&out[..]),
+            "debian/tiandi-controller.1 is not the command line: TIANDI_BLESS=1 cargo test -p \
+             tiandi-controller manual_page"
+        );
+    }
+}
