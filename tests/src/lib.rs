@@ -3,6 +3,7 @@
 //! first), real `snmpd`, and talks to them over their real interfaces.
 
 pub mod browser;
+pub mod container;
 pub mod snmpd;
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};

@@ -140,6 +140,32 @@ async fn a_province_transfer_crosses_the_ministry_uplink_once_and_reaches_every_
         "the relay's link carried {relay_up} bytes toward the counties"
     );
 
+    // The same file sent to the province again (a rollout staged twice): a new request, so
+    // every site's new job ends delivered, the relay re-offering its copy to the counties
+    // that still hold it; and the uplink carries no second copy.
+    let before = tx_bytes(&topo.ctl_ns(), "eth0");
+    let out = ctl.cli(&["send", src.to_str().unwrap(), "--to", "province:GD"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(
+        "every receipt of the second send",
+        Duration::from_secs(60),
+        || {
+            let v = ctl.api("/api/transfers")?;
+            let t = v["transfers"].as_array()?.clone();
+            (t.len() == 8 && t.iter().all(|j| j["state"] == "delivered")).then_some(())
+        },
+    );
+    let again = tx_bytes(&topo.ctl_ns(), "eth0") - before;
+    println!("relay: the same file again: ministry_sent_bytes={again}");
+    assert!(
+        (again as f64) < 0.1 * data.len() as f64,
+        "sending a file the province holds again cost the uplink {again} bytes"
+    );
+
     // A county revoked at the controller is refused by the relay too (the relay asks).
     let out = ctl.cli(&["revoke", "--site", "gd-003"]);
     assert!(

@@ -12,6 +12,8 @@
 use std::path::Path;
 use std::process::Command;
 
+use tiandi_tests::container::{Container, Network};
+
 fn run(cmd: &mut Command) -> String {
     let out = cmd
         .output()
@@ -68,25 +70,7 @@ const PACKAGES: [Package; 3] = [
 ];
 
 fn build(p: &Package, out: &Path) -> std::path::PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let text = run(Command::new(cargo)
-        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-        .args([
-            "deb",
-            "-q",
-            "-p",
-            p.krate,
-            "--profile",
-            "dev",
-            "--no-build",
-            "-o",
-        ])
-        .arg(out));
-    let deb = text
-        .lines()
-        .find(|l| l.ends_with(".deb"))
-        .unwrap_or_else(|| panic!("cargo deb printed no package: {text}"));
-    std::path::PathBuf::from(deb.trim())
+    tiandi_tests::container::deb(p.krate, out)
 }
 
 #[test]
@@ -223,4 +207,86 @@ fn the_packages_are_lintian_clean_and_their_units_verify_and_are_hardened() {
         scores.push(format!("{}={exposure}", p.unit));
     }
     eprintln!("systemd-analyze security: {}", scores.join(" "));
+}
+
+#[test]
+fn the_packaged_controller_and_agent_run_hardened_under_systemd_and_the_site_reports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let debs = tmp.path().join("debs");
+    std::fs::create_dir_all(&debs).unwrap();
+    for p in &PACKAGES[..2] {
+        tiandi_tests::bin(p.binary);
+        build(p, &debs);
+    }
+    let c = Container::boot("sc-001", Network::Private, &[(&debs, "/debs")]);
+    c.sh("dpkg -i /debs/tiandi-controller_*.deb /debs/tiandi-agent_*.deb");
+    // The controller is enabled and started by its package; the agent waits for enrollment.
+    let health = "python3 -c 'import urllib.request; urllib.request.urlopen(\"http://127.0.0.1:9440/health\")'";
+    tiandi_tests::wait_for(
+        "the packaged controller to answer",
+        std::time::Duration::from_secs(30),
+        || c.sh_any(health).1.then_some(()),
+    );
+    assert_eq!(
+        c.sh("systemctl is-enabled tiandi-agent || true").trim(),
+        "disabled"
+    );
+    let out = c.sh(
+        "runuser -u tiandi -- tiandi-controller --config /etc/tiandi/controller.toml \
+         enroll --site sc-001 --province SC",
+    );
+    let token = out
+        .split_whitespace()
+        .find(|w| w.starts_with("T1."))
+        .unwrap_or_else(|| panic!("no token in: {out}"))
+        .to_string();
+    c.sh(&format!(
+        "cd / && runuser -u tiandi -- tiandi-agent --config /etc/tiandi/agent.toml enroll \
+         --controller 127.0.0.1:4433 --token {token}"
+    ));
+    c.sh("systemctl enable --now tiandi-agent");
+    // The site reports, with the package's version, to the controller.
+    let site = "python3 -c '
+import json, urllib.request
+t = open(\"/var/lib/tiandi/controller/read.token\").read().strip()
+r = urllib.request.Request(\"http://127.0.0.1:8440/api/sites/sc-001\", headers={\"Authorization\": \"Bearer \" + t})
+d = json.load(urllib.request.urlopen(r))
+print(d[\"connected\"], d[\"agent_version\"], d[\"reports\"])'";
+    tiandi_tests::wait_for(
+        "the packaged agent's reports at the packaged controller",
+        std::time::Duration::from_secs(60),
+        || {
+            let (out, ok) = c.sh_any(site);
+            let want = format!("True {} ", env!("CARGO_PKG_VERSION"));
+            (ok && out.starts_with(&want) && !out.trim().ends_with(" 0")).then_some(())
+        },
+    );
+    // The hardening is in force in the running processes: no new privileges, a seccomp filter,
+    // no capability but the agent's CAP_DAC_READ_SEARCH (bit 2).
+    for (unit, cap) in [
+        ("tiandi-controller", "0000000000000000"),
+        ("tiandi-agent", "0000000000000004"),
+    ] {
+        let status = c.sh(&format!(
+            "grep -E '^(NoNewPrivs|Seccomp|CapEff):' /proc/$(systemctl show -p MainPID --value {unit})/status"
+        ));
+        assert!(status.contains("NoNewPrivs:\t1"), "{unit}: {status}");
+        assert!(status.contains("Seccomp:\t2"), "{unit}: {status}");
+        assert!(
+            status.contains(&format!("CapEff:\t{cap}")),
+            "{unit}: {status}"
+        );
+        assert_eq!(
+            c.sh(&format!("systemctl is-active {unit}")).trim(),
+            "active"
+        );
+    }
+    // The data directories and the site's key are the service's alone.
+    assert_eq!(
+        c.sh("stat -c '%a %U' /var/lib/tiandi/controller /var/lib/tiandi/agent /var/lib/tiandi/agent/identity/site.key"),
+        "700 tiandi\n700 tiandi\n600 tiandi\n"
+    );
+    // Purging the agent keeps the site's identity and spool.
+    c.sh("systemctl stop tiandi-agent && dpkg --purge tiandi-agent");
+    c.sh("test -f /var/lib/tiandi/agent/identity/site.key && test ! -e /etc/tiandi/agent.toml");
 }

@@ -4,7 +4,8 @@
 //!
 //! - [`forward_completed`]: every complete, verified file in the inbox whose offer named sites
 //!   below gets one outbox job per site (idempotent: job IDs are `fwd-<hash>-<site>`, so a
-//!   restart or a repeated event adds nothing twice).
+//!   restart or a repeated event adds nothing twice; a file offered again after its copies
+//!   finished sends them again, as a new request from upstream).
 //! - [`serve_downstream`]: the sites below connect to the relay (mutual TLS, same CA); each
 //!   connection gets the outbox driver for its site, exactly as the controller does.
 //! - [`report_upstream`]: how each forwarded copy is doing (state, progress, receipt) goes
@@ -56,7 +57,20 @@ pub fn forward_completed(
         let mut manifest = None;
         for site in st.forward_to.iter().filter(|s| s.as_str() != node) {
             let id = forward_job_id(&receipt.file_hash, site);
-            if outbox.get(site, &id)?.is_some() {
+            if let Some(mut job) = outbox.get(site, &id)? {
+                // Offered again since this copy finished: sent again (a site that still
+                // holds it answers at once with its receipt, and upstream's new job gets it).
+                if job.finished() && st.touched_ms > job.updated_ms {
+                    job.state = crate::outbox::JobState::Queued;
+                    job.acked_bytes = 0;
+                    job.sent_bytes = 0;
+                    job.receipt = None;
+                    job.error = None;
+                    job.retry_at_ms = 0;
+                    job.updated_ms = crate::now_ms();
+                    outbox.put(&job)?;
+                    queued += 1;
+                }
                 continue;
             }
             if manifest.is_none() {
@@ -150,16 +164,19 @@ pub async fn report_upstream(
                 confirmed.get(id).is_none_or(|old| {
                     // The timestamp alone changes every second while sending: report on
                     // state, progress and outcome.
+                    // A copy sent again (offered again upstream) counts a new attempt.
                     (
                         old.state.as_str(),
                         old.acked_bytes,
                         old.receipt.is_some(),
                         &old.error,
+                        old.attempts,
                     ) != (
                         st.state.as_str(),
                         st.acked_bytes,
                         st.receipt.is_some(),
                         &st.error,
+                        st.attempts,
                     )
                 })
             })

@@ -60,8 +60,9 @@ pub struct SendOptions {
     pub origin: String,
     pub transfer_id: String,
     pub forward_to: Vec<String>,
-    /// A transfer never offered before: start sending before the receiver's Have arrives
-    /// (saves one round trip; used only on a transfer's first attempt).
+    /// A file never offered to this receiver before: start sending before the receiver's
+    /// Have arrives (saves one round trip; used only on a transfer's first attempt, and not
+    /// when another job offered the receiver the same file, which it may hold already).
     pub fresh: bool,
 }
 

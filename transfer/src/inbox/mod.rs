@@ -113,6 +113,9 @@ pub struct InState {
 pub enum InboxEvent {
     /// A file is complete, verified and in place.
     Complete(Box<InState>),
+    /// A file already here was offered again (its `touched_ms` is the offer's time): on a
+    /// relay, the sites below get it again.
+    Reoffered(Box<InState>),
     /// The disk cannot hold the rest of a transfer: paused until space is freed.
     DiskFull {
         name: String,

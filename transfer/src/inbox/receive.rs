@@ -58,12 +58,23 @@ impl Inbox {
         // Its sender is still there (even if it is only told the disk is full again).
         st.touched_ms = now_ms();
         // Already here and intact: answer with the receipt.
-        if let Some(receipt) = &st.receipt {
+        if let Some(receipt) = st.receipt.clone() {
             if st.dest.exists() {
+                // A repeated offer is a new request: on a relay, the sites it names (new ones
+                // too) get the file again, each answering at once if it still holds it.
+                if !offer.forward_to.is_empty() {
+                    for f in &offer.forward_to {
+                        if !st.forward_to.contains(f) {
+                            st.forward_to.push(f.clone());
+                        }
+                    }
+                    self.store_async(key, &st).await?;
+                    self.emit(InboxEvent::Reoffered(Box::new(st.clone())));
+                }
                 // Stored before receipts named paths relative to the inbox: say it so now.
                 let receipt = Receipt {
                     path: self.receipt_path(&st.dest),
-                    ..receipt.clone()
+                    ..receipt
                 };
                 put(w, Frame::Done(receipt)).await?;
                 let _ = w.get_mut().finish();

@@ -206,7 +206,7 @@ async fn run_job(
         },
         transfer_id: job.id.clone(),
         forward_to: job.forward_to.clone(),
-        fresh: job.attempts == 0,
+        fresh: job.attempts == 0 && !outbox.offered_before(job)?,
         ..SendOptions::default()
     };
     if job.manifest.chunks.is_empty() && job.manifest.size > 0 {

@@ -260,6 +260,17 @@ impl Outbox {
         Ok(changed)
     }
 
+    /// Whether `dest` was offered this file before by another job (it may hold it already:
+    /// a new job then waits for its answer before sending chunks, instead of sending a
+    /// window of them speculatively).
+    pub fn offered_before(&self, job: &Job) -> Result<bool, TransferError> {
+        let hash = job.manifest.id_hex();
+        Ok(self
+            .scan(format!("j/{}/", job.dest).as_bytes())?
+            .iter()
+            .any(|j| j.id != job.id && j.attempts > 0 && j.manifest.id_hex() == hash))
+    }
+
     /// Every job (manifests without chunk hashes), oldest first.
     pub fn list(&self) -> Result<Vec<Job>, TransferError> {
         self.scan(b"j/")
