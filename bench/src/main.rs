@@ -25,6 +25,7 @@ mod impairments;
 mod ingest;
 mod relayfanout;
 mod reportlatency;
+mod videogeo;
 mod wakecost;
 
 use clap::{Parser, Subcommand};
@@ -82,6 +83,10 @@ enum Cmd {
     /// What this machine charges for a thread wake-up and a durable group commit (CPU per
     /// event): the floor under `ingest`'s CPU per report.
     WakeCost(wakecost::Args),
+    /// A conference as a county on a GEO link sees it: the test pattern at the ministry, a
+    /// province relay cascading from it, the county's viewer behind an emulated GEO link;
+    /// frames shown, freezes, age, sound gaps, repair overhead. Needs root and ffprobe.
+    VideoGeo(videogeo::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -97,6 +102,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::GeoTransfer(a) => geotransfer::run(a),
         Cmd::ReportLatency(a) => reportlatency::run(a),
         Cmd::Impairments(a) => impairments::run(a),
+        Cmd::VideoGeo(a) => videogeo::run(a),
         Cmd::RelayFanout(a) => relayfanout::run(a),
         Cmd::WakeCost(a) => wakecost::run(a),
     }

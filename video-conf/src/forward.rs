@@ -24,8 +24,9 @@ pub struct SendStats {
     pub groups_dropped: AtomicU64,
     pub objects_sent: AtomicU64,
     pub bytes_sent: AtomicU64,
-    /// Repair datagrams sent ([`crate::fec`]).
+    /// Repair datagrams sent ([`crate::fec`]), and their bytes.
     pub repairs_sent: AtomicU64,
+    pub repair_bytes_sent: AtomicU64,
     pub parent: Option<Arc<SendStats>>,
 }
 
@@ -55,9 +56,11 @@ impl SendStats {
         });
     }
 
-    fn repairs(&self, n: usize) {
+    fn repairs(&self, n: usize, bytes: usize) {
         self.each(&|s| {
             s.repairs_sent.fetch_add(n as u64, Ordering::Relaxed);
+            s.repair_bytes_sent
+                .fetch_add(bytes as u64, Ordering::Relaxed);
         });
     }
 
@@ -99,12 +102,13 @@ fn send_repairs(conn: &quinn::Connection, stats: &SendStats, repairs: Vec<fec::R
     if repairs.is_empty() {
         return;
     }
-    stats.repairs(repairs.len());
+    let datagrams: Vec<_> = repairs.iter().map(|r| r.encode()).collect();
+    stats.repairs(datagrams.len(), datagrams.iter().map(|d| d.len()).sum());
     let conn = conn.clone();
     tokio::spawn(async move {
         tokio::time::sleep(fec::REPAIR_DELAY).await;
-        for r in repairs {
-            if let Err(e) = conn.send_datagram(r.encode()) {
+        for d in datagrams {
+            if let Err(e) = conn.send_datagram(d) {
                 debug!(error = %e, "Repair datagram not sent.");
                 return;
             }

@@ -80,6 +80,12 @@ impl Relay {
             "Repair datagrams (FEC) sent.",
             g(&send.repairs_sent),
         );
+        one(
+            "tiandi_video_repair_bytes_sent_total",
+            "counter",
+            "Bytes of repair datagrams (FEC) sent.",
+            g(&send.repair_bytes_sent),
+        );
         let rooms = self.rooms();
         one(
             "tiandi_video_rooms",
