@@ -296,6 +296,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let payload = counter(&metrics, "tiandi_video_payload_bytes_sent_total");
     let repair = counter(&metrics, "tiandi_video_repair_bytes_sent_total");
     eprintln!("video-geo: the county's player: {summary}");
+    // Where lost groups went: reset by the province relay (a newer group replaced one still
+    // unacknowledged), or skipped by the player (dropped on the way or given up on as late).
+    eprintln!(
+        "video-geo: groups reset by the province relay: {}; groups the player skipped (video, audio): {}",
+        counter(&metrics, "tiandi_video_groups_dropped_total"),
+        summary
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("skipped="))
+            .unwrap_or("?")
+    );
     println!(
         "video-geo loss_pct={} frames_sent={frames_sent} frames_shown_pct={shown_pct:.2} freezes={freezes} \
          longest_freeze_ms={longest:.0} age_p50_ms={:.0} age_p99_ms={:.0} audio_gap_max_ms={audio_gap:.0} \
