@@ -72,8 +72,14 @@ fn creds(ca: &Ca, dir: &Path, id: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
     Ok((c, k))
 }
 
-/// `tiandi-video args…` as `me` in namespace `ns`, its output in `dir/me.out|log`.
+/// `tiandi-video args…` as `me` in namespace `ns`, its output in `dir/me.out|log`. The province
+/// relay logs each group it resets, with its path's state (why it was still unacknowledged).
 fn video(bin: &Path, ns: &str, dir: &Path, me: &str, args: &[&str]) -> anyhow::Result<Kill> {
+    let log = if me == "gd-relay" {
+        "info,tiandi_video::forward=debug"
+    } else {
+        "info"
+    };
     let child = Topology::command(ns, bin)
         .args(args)
         .arg("--ca")
@@ -82,7 +88,7 @@ fn video(bin: &Path, ns: &str, dir: &Path, me: &str, args: &[&str]) -> anyhow::R
         .arg(dir.join(format!("{me}.pem")))
         .arg("--key")
         .arg(dir.join(format!("{me}.key")))
-        .args(["--profile", "geo", "--log", "info"])
+        .args(["--profile", "geo", "--log", log])
         .stdout(std::fs::File::create(dir.join(format!("{me}.out")))?)
         .stderr(std::fs::File::create(dir.join(format!("{me}.log")))?)
         .stdin(Stdio::null())

@@ -212,6 +212,16 @@ async fn send_group(
         Err(IoError::Ended) => {
             let _ = s.reset(codes::SUPERSEDED.into());
             stats.group_dropped();
+            let p = conn.stats().path;
+            debug!(
+                kind,
+                group = group.seq,
+                rtt_ms = p.rtt.as_millis() as u64,
+                cwnd = p.cwnd,
+                lost_packets = p.lost_packets,
+                congestion_events = p.congestion_events,
+                "Group reset before it was all written: a newer one started, or it ended upstream."
+            );
             return false;
         }
         Err(e) => {
@@ -220,11 +230,24 @@ async fn send_group(
         }
     }
     // Written: it stays "in flight" (and may still be dropped) until the peer has it all.
+    let written_at = std::time::Instant::now();
     tokio::select! {
         r = s.stopped() => matches!(r, Ok(None)),
         _ = stop.cancelled() => {
             let _ = s.reset(codes::SUPERSEDED.into());
             stats.group_dropped();
+            // Why a whole group was unacknowledged this long: the path's state says (issue 19).
+            let p = conn.stats().path;
+            debug!(
+                kind,
+                group = group.seq,
+                written_ms_ago = written_at.elapsed().as_millis() as u64,
+                rtt_ms = p.rtt.as_millis() as u64,
+                cwnd = p.cwnd,
+                lost_packets = p.lost_packets,
+                congestion_events = p.congestion_events,
+                "Group written but unacknowledged reset: a newer one started."
+            );
             false
         }
     }
