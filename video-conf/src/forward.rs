@@ -116,6 +116,27 @@ fn send_repairs(conn: &quinn::Connection, stats: &SendStats, repairs: Vec<fec::R
     });
 }
 
+/// A group reset by a newer one (or ended upstream), with the path's state: why a group was
+/// still unacknowledged `written_ago` after its last byte was written (None: not all written).
+fn log_reset(
+    conn: &quinn::Connection,
+    kind: &str,
+    seq: u64,
+    written_ago: Option<std::time::Duration>,
+) {
+    let p = conn.stats().path;
+    debug!(
+        kind,
+        group = seq,
+        written_ms_ago = written_ago.map(|d| d.as_millis() as u64),
+        rtt_ms = p.rtt.as_millis() as u64,
+        cwnd = p.cwnd,
+        lost_packets = p.lost_packets,
+        congestion_events = p.congestion_events,
+        "Group reset: a newer one started, or it ended upstream."
+    );
+}
+
 /// Sends `group` on a new unidirectional stream as track `id`, objects as they arrive, and
 /// waits for the peer to have it all. Returns false if it was dropped or failed.
 #[allow(clippy::too_many_arguments)]
@@ -212,16 +233,7 @@ async fn send_group(
         Err(IoError::Ended) => {
             let _ = s.reset(codes::SUPERSEDED.into());
             stats.group_dropped();
-            let p = conn.stats().path;
-            debug!(
-                kind,
-                group = group.seq,
-                rtt_ms = p.rtt.as_millis() as u64,
-                cwnd = p.cwnd,
-                lost_packets = p.lost_packets,
-                congestion_events = p.congestion_events,
-                "Group reset before it was all written: a newer one started, or it ended upstream."
-            );
+            log_reset(conn, kind, group.seq, None);
             return false;
         }
         Err(e) => {
@@ -236,18 +248,7 @@ async fn send_group(
         _ = stop.cancelled() => {
             let _ = s.reset(codes::SUPERSEDED.into());
             stats.group_dropped();
-            // Why a whole group was unacknowledged this long: the path's state says (issue 19).
-            let p = conn.stats().path;
-            debug!(
-                kind,
-                group = group.seq,
-                written_ms_ago = written_at.elapsed().as_millis() as u64,
-                rtt_ms = p.rtt.as_millis() as u64,
-                cwnd = p.cwnd,
-                lost_packets = p.lost_packets,
-                congestion_events = p.congestion_events,
-                "Group written but unacknowledged reset: a newer one started."
-            );
+            log_reset(conn, kind, group.seq, Some(written_at.elapsed()));
             false
         }
     }
