@@ -9,8 +9,10 @@
 //! - `frames_sent`: the frames the publisher sent over the recording's span (25 fps between
 //!   the first and the last recorded frame); `frames_shown_pct`: the share of them recorded.
 //! - `freezes`: gaps of 120 ms or more between consecutive recorded frames (two frames or more
-//!   missing); `longest_freeze_ms`: the longest still picture, the larger of the longest gap in
-//!   the recording and the longest wall-clock wait between frames at the player.
+//!   missing), plus the player's stalls: waits of 120 ms or more between frames it showed
+//!   (counted apart, so a stall over missing frames counts twice: an upper bound);
+//!   `longest_freeze_ms`: the longest still picture, the larger of the longest gap in the
+//!   recording and the longest wall-clock wait between frames at the player.
 //! - `age_p50_ms`, `age_p99_ms`: capture to display, by the publisher's clock carried in the
 //!   test pattern (the player's figures).
 //! - `audio_gap_max_ms`: the longest hole in the recorded sound (21 ms is one AAC frame: none).
@@ -75,10 +77,12 @@ fn creds(ca: &Ca, dir: &Path, id: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
 /// `tiandi-video args…` as `me` in namespace `ns`, its output in `dir/me.out|log`. The province
 /// relay logs each group it resets, with its path's state (why it was still unacknowledged).
 fn video(bin: &Path, ns: &str, dir: &Path, me: &str, args: &[&str]) -> anyhow::Result<Kill> {
-    let log = if me == "gd-relay" {
-        "info,tiandi_video::forward=debug"
-    } else {
-        "info"
+    // Why groups are lost: the province relay logs each group it resets, the county's
+    // player each group it gives up.
+    let log = match me {
+        "gd-relay" => "info,tiandi_video::forward=debug",
+        "gd-county" => "info,tiandi_video::play=debug,tiandi_video::forward=debug",
+        _ => "info",
     };
     let child = Topology::command(ns, bin)
         .args(args)
@@ -257,7 +261,30 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         a.duration, a.rate_kbit, a.rtt_ms, a.loss_pct
     );
     let mut viewer = video(&bin, &county, &dir, "gd-county", &args)?;
-    let status = viewer.0.wait()?;
+    let scrape = || {
+        in_netns(&prov, || {
+            crate::ingest::http()
+                .get("http://127.0.0.1:9464/metrics")
+                .call()
+                .ok()?
+                .into_body()
+                .read_to_string()
+                .ok()
+        })
+        .ok()
+        .flatten()
+    };
+    // The province relay's roster while the county watches (its player reports every 5 s).
+    let mut roster = String::new();
+    let status = loop {
+        if let Some(st) = viewer.0.try_wait()? {
+            break st;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        if let Some(m) = scrape().filter(|m| m.contains("participant_frames_shown_ratio{")) {
+            roster = m;
+        }
+    };
     let summary = std::fs::read_to_string(dir.join("gd-county.out"))?
         .lines()
         .find(|l| l.starts_with("played "))
@@ -268,16 +295,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             std::fs::read_to_string(dir.join("gd-county.log")).unwrap_or_default()
         );
     };
-    let metrics = in_netns(&prov, || {
-        crate::ingest::http()
-            .get("http://127.0.0.1:9464/metrics")
-            .call()
-            .ok()?
-            .into_body()
-            .read_to_string()
-            .ok()
-    })?
-    .context("the province relay's metrics")?;
+    let metrics = scrape().context("the province relay's metrics")?;
+    let geo_link = topo.link(2).status().down_counters;
     drop(topo);
 
     let (vid, aud) = recorded(&out)?;
@@ -288,7 +307,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let frames_sent = (span * FPS).round() as u64 + 1;
     let shown_pct = 100.0 * vid.len() as f64 / frames_sent as f64;
     let gaps: Vec<f64> = vid.windows(2).map(|w| (w[1] - w[0]) * 1000.0).collect();
-    let freezes = gaps.iter().filter(|g| **g >= FREEZE_MS).count();
+    let stalls = field(&summary, "freezes")? as usize;
+    let freezes = gaps.iter().filter(|g| **g >= FREEZE_MS).count() + stalls;
     let wall_gap = summary
         .split_whitespace()
         .find_map(|kv| kv.strip_prefix("max_wall_gap_ms="))
@@ -311,6 +331,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .split_whitespace()
             .find_map(|kv| kv.strip_prefix("skipped="))
             .unwrap_or("?")
+    );
+    eprintln!(
+        "video-geo: the province relay's roster, the county's last report: shown {:.1} %, {} freezes, longest {:.0} ms, age p99 {:.0} ms",
+        100.0 * counter(&roster, "tiandi_video_participant_frames_shown_ratio"),
+        counter(&roster, "tiandi_video_participant_freezes_total"),
+        1000.0 * counter(&roster, "tiandi_video_participant_longest_freeze_seconds"),
+        1000.0 * counter(&roster, "tiandi_video_participant_frame_age_p99_seconds"),
+    );
+    eprintln!(
+        "video-geo: the GEO link toward the county: {} frames in, {} lost at random, {} dropped by its full queue",
+        geo_link.frames_in, geo_link.lost, geo_link.queue_drops
     );
     println!(
         "video-geo loss_pct={} frames_sent={frames_sent} frames_shown_pct={shown_pct:.2} freezes={freezes} \

@@ -257,8 +257,13 @@ impl Session {
     }
 
     /// Reports to the relay how each received track arrives, every `every`, until the session
-    /// ends (the relay shows it in the room's roster).
-    pub fn report_health(self: &Arc<Self>, every: Duration) {
+    /// ends (the relay shows it in the room's roster); with what `played` shows of `(publisher,
+    /// video)`, a player's frames shown, freezes and age.
+    pub fn report_health(
+        self: &Arc<Self>,
+        every: Duration,
+        played: Option<(String, Arc<crate::play::Live>)>,
+    ) {
         let s = self.clone();
         tokio::spawn(async move {
             let mut last: HashMap<(String, String), u64> = HashMap::new();
@@ -275,6 +280,11 @@ impl Session {
                         .unwrap_or(0);
                     let kbps =
                         (c.bytes.saturating_sub(prev) * 8) as f64 / every.as_secs_f64() / 1000.0;
+                    let w = played
+                        .as_ref()
+                        .filter(|(p, _)| *p == publisher && kind == "video")
+                        .map(|(_, live)| live.watched())
+                        .unwrap_or_default();
                     let h = conference_wire::Health {
                         publisher,
                         kind,
@@ -283,6 +293,11 @@ impl Session {
                         frames: c.objects,
                         groups_lost: c.groups_lost,
                         latency_ms: c.latency_ms.unwrap_or(-1) as i32,
+                        shown: w.shown,
+                        expected: w.expected,
+                        freezes: w.freezes,
+                        longest_freeze_ms: w.longest_freeze_ms,
+                        age_p99_ms: if w.shown > 0 { w.age_p99_ms } else { -1 },
                     };
                     if s.ctl.try_send(Control::Health(h)).is_err() {
                         return;

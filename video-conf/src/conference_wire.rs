@@ -310,6 +310,19 @@ pub struct Health {
     /// Capture to arrival (ms), when clocks allow.
     #[prost(int32, tag = "7")]
     pub latency_ms: i32,
+    /// What the participant's player shows of this video track (all 0: not playing it):
+    /// frames shown, frames sent over the same span, freezes, the longest (ms), and the
+    /// 99th percentile of the latest frames' age when shown (ms; -1: unknown).
+    #[prost(uint64, tag = "8")]
+    pub shown: u64,
+    #[prost(uint64, tag = "9")]
+    pub expected: u64,
+    #[prost(uint64, tag = "10")]
+    pub freezes: u64,
+    #[prost(uint32, tag = "11")]
+    pub longest_freeze_ms: u32,
+    #[prost(int32, tag = "12")]
+    pub age_p99_ms: i32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

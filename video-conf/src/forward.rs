@@ -9,7 +9,7 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::conference_wire::{GroupHeader, codes};
+use crate::conference_wire::{GROUP_HEADER_LEN, GroupHeader, OBJECT_HEADER_LEN, codes};
 use crate::fec::{self, GroupRecv};
 use crate::io::{self, IoError};
 use crate::policy;
@@ -138,7 +138,9 @@ fn log_reset(
 }
 
 /// Sends `group` on a new unidirectional stream as track `id`, objects as they arrive, and
-/// waits for the peer to have it all. Returns false if it was dropped or failed.
+/// waits for the peer to have it all. Returns false if it was dropped or failed. With repair
+/// wanted: the group's blocks ([`Group::repair_blocks`], shared by every subscriber), as many
+/// symbols of each as this path's loss needs, once this stream has carried the block.
 #[allow(clippy::too_many_arguments)]
 async fn send_group(
     conn: &quinn::Connection,
@@ -158,9 +160,29 @@ async fn send_group(
         }
     };
     let _ = s.set_priority(policy::group_priority(kind, group.seq));
-    let mut enc = fec
-        .params(conn)
-        .map(|p| fec::Encoder::new(s.id().into(), p));
+    let repair = fec.wanted(conn);
+    let sid: u64 = s.id().into();
+    let eps = fec::odds(kind);
+    let base = GROUP_HEADER_LEN as u64;
+    // Blocks sent so far; object bytes written so far.
+    let mut sent = 0usize;
+    let mut carried = 0u64;
+    let mut repairs_through = |carried: u64, ended: bool| {
+        let (blocks, _) = group.repair_blocks(eps);
+        let loss = fec.loss(conn);
+        let mut out = Vec::new();
+        while let Some(b) = blocks.get(sent)
+            && b.start + u64::from(b.len) <= carried
+        {
+            out.extend(b.repairs(sid, base, b.needed(loss, eps)));
+            sent += 1;
+        }
+        // The group ended on a block closed before: its end travels alone.
+        if ended && !blocks.last().is_some_and(|b| b.last) {
+            out.push(fec::Repair::end(sid, base + carried));
+        }
+        send_repairs(conn, stats, out);
+    };
     let write = async {
         let header = GroupHeader {
             track: id,
@@ -173,8 +195,8 @@ async fn send_group(
         let mut header = Some(Bytes::copy_from_slice(&header));
         let mut next = 0;
         loop {
-            // With repair: a block also closes when it is old enough, objects or not.
-            let due = enc.as_ref().and_then(fec::Encoder::deadline);
+            // With repair: the open block closes when it is old enough, objects or not.
+            let due = if repair { group.repair_blocks(eps).1 } else { None };
             let fetched = match due {
                 Some(d) => tokio::select! {
                     f = group.next_from(next) => Some(f),
@@ -186,16 +208,13 @@ async fn send_group(
                 None => {}
                 Some(Fetch::Objects(objs)) => {
                     let prefix = header.take();
-                    if let (Some(e), Some(h)) = (enc.as_mut(), &prefix) {
-                        e.wrote(h);
+                    if let (true, Some(h)) = (repair, &prefix) {
+                        send_repairs(conn, stats, fec::header_repairs(sid, h));
                     }
                     io::write_objects(&mut s, prefix, &objs).await?;
                     for o in &objs {
                         stats.object(o.payload.len());
-                        if let Some(e) = enc.as_mut() {
-                            e.wrote(&o.header());
-                            e.wrote(&o.payload);
-                        }
+                        carried += (OBJECT_HEADER_LEN + o.payload.len()) as u64;
                     }
                     next += objs.len();
                 }
@@ -204,20 +223,17 @@ async fn send_group(
                         s.write_all(&h)
                             .await
                             .map_err(|e| IoError::Stream(e.to_string()))?;
-                        if let Some(e) = enc.as_mut() {
-                            e.wrote(&h);
-                        }
                     }
-                    if let Some(e) = enc.as_mut() {
-                        send_repairs(conn, stats, e.flush(true));
+                    if repair {
+                        repairs_through(carried, true);
                     }
                     return Ok::<(), IoError>(());
                 }
                 // Dropped upstream: dropped here too, not passed on as complete.
                 Some(Fetch::Aborted) => return Err(IoError::Ended),
             }
-            if let Some(e) = enc.as_mut() {
-                send_repairs(conn, stats, e.flush(false));
+            if repair {
+                repairs_through(carried, false);
             }
         }
     };
@@ -338,18 +354,31 @@ pub struct Received {
 }
 
 /// Reads one incoming group stream into `track` (the caller found the track from the
-/// header). A group older than the track's current one is refused: live beats complete. A
+/// header). A group older than the track's current one is refused (live beats complete)
+/// unless it is one of the few recent ones the track holds ([`Track::late_group`]). A
 /// stream reset or broken half-way leaves the group aborted (forwarded as dropped).
 pub async fn receive_group(
     mut recv: GroupRecv,
     header: GroupHeader,
     track: &Track,
 ) -> Result<Received, IoError> {
-    if track.current().is_some_and(|g| g.seq >= header.group) {
-        recv.stop(codes::SUPERSEDED);
-        return Ok(Received::default());
-    }
-    let group = track.start_group(header.group);
+    let group = if track.current().is_some_and(|g| g.seq >= header.group) {
+        // Its start arrived after a newer group's (its first packet was lost): kept for
+        // in-order readers if it is recent, else refused.
+        match track.late_group(header.group) {
+            Some(g) => {
+                debug!(group = header.group, "A group's start came after a newer one's: held.");
+                g
+            }
+            None => {
+                debug!(group = header.group, "A group's start came after a newer one's: too old.");
+                recv.stop(codes::SUPERSEDED);
+                return Ok(Received::default());
+            }
+        }
+    } else {
+        track.start_group(header.group)
+    };
     let mut n = Received::default();
     let out = loop {
         match io::read_object(&mut recv).await {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::conference_wire::{Object, TrackInfo};
 use crate::track::Track;
@@ -60,6 +60,9 @@ pub struct Sink {
     pub stats: PlayStats,
     /// Per stream: wall time of the last write.
     last_wall: Vec<Option<Instant>>,
+    /// The video's frame interval seen (µs; 0: not yet).
+    interval_us: i64,
+    live: Arc<Live>,
 }
 
 /// What a player saw.
@@ -74,7 +77,82 @@ pub struct PlayStats {
     pub max_pts_gap_ms: Vec<f64>,
     /// Per stream: the longest wall-clock wait between consecutive frames (ms): a stall.
     pub max_wall_gap_ms: Vec<f64>,
+    /// Audio frames concealed (the last one repeated in place of a late one).
+    pub concealed: u64,
+    /// Video stalls: a wall-clock wait between consecutive frames of at least [`FREEZE`]
+    /// and three frame intervals.
+    pub freezes: u64,
 }
+
+/// What a player has shown so far, read while it plays: a session reports it to its relay,
+/// whose roster shows each viewer's frames shown, freezes and age (the NOC sees a struggling
+/// county during the call).
+#[derive(Debug, Default)]
+pub struct Live {
+    state: std::sync::Mutex<LiveState>,
+}
+
+#[derive(Debug, Default)]
+struct LiveState {
+    now: Watched,
+    first_pts: Option<i64>,
+    /// The latest frames' ages (ms), at most [`LIVE_AGES`].
+    ages: std::collections::VecDeque<f64>,
+}
+
+/// Frames whose age [`Watched::age_p99_ms`] is taken over (10 s of 25 fps video).
+pub const LIVE_AGES: usize = 250;
+
+/// A player's video so far.
+#[derive(Debug, Default, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Watched {
+    /// Video frames shown, and the frames the publisher sent over the same span (by the
+    /// frame interval).
+    pub shown: u64,
+    pub expected: u64,
+    pub freezes: u64,
+    pub longest_freeze_ms: u32,
+    /// 99th percentile of the latest frames' age, capture to shown (ms; -1: unknown).
+    pub age_p99_ms: i32,
+}
+
+impl Live {
+    pub fn watched(&self) -> Watched {
+        let s = self.state.lock().expect("live lock poisoned");
+        let mut w = s.now;
+        w.age_p99_ms = if s.ages.is_empty() {
+            -1
+        } else {
+            let mut v: Vec<f64> = s.ages.iter().copied().collect();
+            v.sort_by(f64::total_cmp);
+            v[((v.len() - 1) as f64 * 0.99).round() as usize] as i32
+        };
+        w
+    }
+
+    fn frame(&self, pts_us: i64, interval_us: i64, stall: Option<Duration>, age_ms: Option<f64>) {
+        let mut s = self.state.lock().expect("live lock poisoned");
+        let first = *s.first_pts.get_or_insert(pts_us);
+        s.now.shown += 1;
+        if interval_us > 0 {
+            s.now.expected = ((pts_us - first) / interval_us) as u64 + 1;
+        }
+        s.now.expected = s.now.expected.max(s.now.shown);
+        if let Some(d) = stall {
+            s.now.freezes += 1;
+            s.now.longest_freeze_ms = s.now.longest_freeze_ms.max(d.as_millis() as u32);
+        }
+        if let Some(a) = age_ms {
+            if s.ages.len() == LIVE_AGES {
+                s.ages.pop_front();
+            }
+            s.ages.push_back(a);
+        }
+    }
+}
+
+/// The shortest stall counted as a freeze.
+pub const FREEZE: Duration = Duration::from_millis(120);
 
 impl PlayStats {
     pub fn latency_pct(&self, p: f64) -> f64 {
@@ -95,13 +173,15 @@ impl PlayStats {
                 .join(",")
         };
         format!(
-            "objects={} skipped={} latency_p50_ms={:.0} latency_p99_ms={:.0} latency_max_ms={:.0} max_pts_gap_ms={} max_wall_gap_ms={}",
+            "objects={} skipped={} concealed={} freezes={} latency_p50_ms={:.0} latency_p99_ms={:.0} latency_max_ms={:.0} max_pts_gap_ms={} max_wall_gap_ms={}",
             self.objects,
             self.skipped
                 .iter()
                 .map(u64::to_string)
                 .collect::<Vec<_>>()
                 .join(","),
+            self.concealed,
+            self.freezes,
             self.latency_pct(0.5),
             self.latency_pct(0.99),
             self.latency_pct(1.0),
@@ -112,7 +192,7 @@ impl PlayStats {
 }
 
 impl Sink {
-    pub fn new(mux: Box<dyn Mux>, tracks: &[TrackInfo]) -> Sink {
+    pub fn new(mux: Box<dyn Mux>, tracks: &[TrackInfo], live: Arc<Live>) -> Sink {
         Sink {
             mux,
             last: vec![i64::MIN; tracks.len()],
@@ -126,6 +206,8 @@ impl Sink {
                 ..Default::default()
             },
             last_wall: vec![None; tracks.len()],
+            interval_us: 0,
+            live,
         }
     }
 
@@ -188,21 +270,40 @@ impl Sink {
             return Ok(false);
         }
         if *last != i64::MIN {
+            if Some(index) == self.video {
+                let step = o.pts_us - *last;
+                if self.interval_us == 0 || step < self.interval_us {
+                    self.interval_us = step;
+                }
+            }
             let gap = (o.pts_us - *last) as f64 / 1000.0;
             let m = &mut self.stats.max_pts_gap_ms[index];
             *m = m.max(gap);
         }
         *last = o.pts_us;
         let now = Instant::now();
+        let mut stall = None;
         if let Some(prev) = self.last_wall[index].replace(now) {
-            let w = now.duration_since(prev).as_secs_f64() * 1000.0;
+            let w = now.duration_since(prev);
+            let ms = w.as_secs_f64() * 1000.0;
             let m = &mut self.stats.max_wall_gap_ms[index];
-            *m = m.max(w);
+            *m = m.max(ms);
+            if Some(index) == self.video
+                && w >= FREEZE
+                && w.as_micros() as i64 >= 3 * self.interval_us.max(1)
+            {
+                self.stats.freezes += 1;
+                stall = Some(w);
+            }
         }
+        let mut age = None;
         if self.clocks[index] != 0 {
-            self.stats
-                .latency_ms
-                .push((crate::now_us() - self.clocks[index] - o.pts_us) as f64 / 1000.0);
+            let a = (crate::now_us() - self.clocks[index] - o.pts_us) as f64 / 1000.0;
+            self.stats.latency_ms.push(a);
+            age = Some(a);
+        }
+        if Some(index) == self.video {
+            self.live.frame(o.pts_us, self.interval_us, stall, age);
         }
         self.stats.objects += 1;
         self.mux.write(index, o)?;
@@ -220,64 +321,178 @@ pub async fn record(
     tracks: Vec<Arc<Track>>,
     path: std::path::PathBuf,
     stop: tokio_util::sync::CancellationToken,
-    latency: Duration,
+    budget: Budget,
 ) -> Result<PlayStats, MediaError> {
+    let live = Arc::new(Live::default());
     let open: OpenMux = Box::new(move |infos: &[TrackInfo]| {
         Ok(Box::new(crate::ts::TsMux::create(&path, infos)?) as Box<dyn Mux>)
     });
-    play_into(tracks, open, stop, latency).await
+    play_into(tracks, open, stop, budget, live).await
 }
 
 /// How long a player waits at least for the rest of a group once a newer one has begun
-/// (longer, up to its target latency, when the publisher's clock is known).
+/// (when the publisher's clock is unknown; with it, as long as [`Budget`] allows).
 pub const TAIL_GRACE: Duration = Duration::from_millis(300);
 
-/// The oldest a frame may be when played (µs): the target latency; or, when the clocks are
-/// so far apart that frames arrive older than that, the youngest age seen plus half of it.
-pub fn age_budget(latency: Duration, min_age_us: i64) -> i64 {
-    let l = latency.as_micros() as i64;
-    if min_age_us == i64::MAX {
-        l
-    } else {
-        l.max(min_age_us.saturating_add(l / 2))
+/// The least allowance a path gets (a LAN: a frame's interval and the host's scheduling).
+pub const ALLOWANCE_FLOOR: Duration = Duration::from_millis(150);
+/// The allowance until a path's round trip is known.
+pub const ALLOWANCE_START: Duration = Duration::from_millis(1000);
+/// Audio frames in a row a player conceals (repeats the last one for) while the real ones
+/// are late: ~200 ms of AAC. Longer, and the sound pauses instead of buzzing.
+pub const CONCEAL_MAX: u32 = 10;
+
+/// A path's allowance: a lost packet repaired by retransmission arrives ~1.5 round trips
+/// after the original would have (the loss shows when later packets are acknowledged, then
+/// the copy travels), plus the path's jitter. A GEO viewer (600 ms) gets ~1 s, a LAN viewer
+/// the floor.
+pub fn path_allowance(rtt: Duration, jitter: Duration) -> Duration {
+    (rtt.mul_f64(1.5) + jitter).max(ALLOWANCE_FLOOR)
+}
+
+/// How late a player lets a frame be, measured from the youngest age frames arrive with
+/// (that age is the path's delay plus any offset between the publisher's clock and ours):
+///
+/// - the *cushion*: frames are played at their capture time plus that age plus the cushion
+///   (a jitter buffer), so that a frame held up by the path's jitter or by a loss that repair
+///   datagrams rebuild (up to a block's time, [`crate::fec::BLOCK_MAX_AGE`]) is still on time:
+///   the picture does not stutter. An audio frame not here a little after its time is
+///   concealed (the last one repeated).
+/// - the *allowance*: a video frame later than the cushion holds the picture until it comes
+///   (then the frames behind it follow at once: the picture catches up), and is given up
+///   with the rest of its group only when a newer group has begun and it is a whole
+///   allowance past the allowance.
+///
+/// The allowance is fixed (`--latency-ms`, a relay's recording) or follows the path
+/// ([`path_allowance`] of the session's round trip, [`Budget::follow`], and the jitter frames
+/// arrive with); the cushion follows the jitter and whether repairs come, within the
+/// allowance (0 until [`Budget::follow`] is called: a recording writes as frames come).
+#[derive(Clone, Debug)]
+pub struct Budget {
+    follows: bool,
+    allowance_us: Arc<AtomicI64>,
+    cushion_us: Arc<AtomicI64>,
+    /// Mean spread of arrival ages over the youngest (µs, EWMA 1/16).
+    spread_us: Arc<AtomicI64>,
+}
+
+/// What the cushion adds for repair: a block's time and a little for the repair datagrams to
+/// follow their data.
+pub const REPAIR_CUSHION: Duration = Duration::from_millis(
+    crate::fec::BLOCK_MAX_AGE.as_millis() as u64 + 40,
+);
+
+impl Budget {
+    pub fn fixed(allowance: Duration) -> Budget {
+        Budget {
+            follows: false,
+            allowance_us: Arc::new(AtomicI64::new(allowance.as_micros() as i64)),
+            cushion_us: Arc::default(),
+            spread_us: Arc::default(),
+        }
+    }
+
+    pub fn cushion(&self) -> Duration {
+        Duration::from_micros(self.cushion_us.load(Ordering::Relaxed).max(0) as u64)
+    }
+
+    /// Follows the path: [`ALLOWANCE_START`] until [`Budget::follow`] is told a round trip.
+    pub fn path() -> Budget {
+        Budget {
+            follows: true,
+            ..Budget::fixed(ALLOWANCE_START)
+        }
+    }
+
+    /// The session's round trip now, and whether repair datagrams come with its groups (its
+    /// owner calls this every second or so). A fixed budget keeps its allowance.
+    pub fn follow(&self, rtt: Duration, repairs: bool) {
+        let jitter = Duration::from_micros(2 * self.spread_us.load(Ordering::Relaxed).max(0) as u64);
+        if self.follows {
+            let a = path_allowance(rtt, jitter);
+            self.allowance_us
+                .store(a.as_micros() as i64, Ordering::Relaxed);
+        }
+        let c = (jitter + if repairs { REPAIR_CUSHION } else { Duration::ZERO })
+            .min(self.allowance());
+        self.cushion_us
+            .store(c.as_micros() as i64, Ordering::Relaxed);
+    }
+
+    pub fn allowance(&self) -> Duration {
+        Duration::from_micros(self.allowance_us.load(Ordering::Relaxed).max(0) as u64)
+    }
+
+    /// A frame arrived `spread` later than the youngest (clamped to 500 ms: a frame held
+    /// behind a repaired loss is not the path's jitter).
+    fn arrived(&self, spread_us: i64) {
+        let x = spread_us.clamp(0, 500_000);
+        let _ = self
+            .spread_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| Some(m + (x - m) / 16));
     }
 }
 
-/// How long a player waits for a group's next frame: until it is `due_us` (the budget of
-/// [`age_budget`]; past it, the rest of the group is given up: live beats complete, and
-/// video skips to the next keyframe while sound goes on); at least [`TAIL_GRACE`] once a
-/// newer group has begun (its stream may have overtaken this one's tail); without a clock,
-/// that grace or, with no newer group, as long as it takes.
-pub fn tail_wait(newer: bool, due_us: Option<i64>, now_us: i64) -> Duration {
-    let until_due = due_us.map(|d| Duration::from_micros(u64::try_from(d - now_us).unwrap_or(0)));
-    match (newer, until_due) {
-        (false, None) => Duration::from_secs(3600),
-        (false, Some(d)) => d,
-        (true, None) => TAIL_GRACE,
-        (true, Some(d)) => d.max(TAIL_GRACE),
+/// What a player does when a track's next frame has not come by the time it waited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overdue {
+    /// Plays the last audio frame again in its place, and goes on waiting for the next.
+    Conceal,
+    /// Gives up the rest of the group and goes on at the next.
+    GiveUp,
+}
+
+/// How long a player waits for a track's next frame, and what then. `due_us`: when it is
+/// due (None: the publisher's clock or the frame interval unknown yet); `newer`: a newer
+/// group has begun; `conceal`: an audio track that may conceal one more frame.
+pub fn next_wait(
+    conceal: bool,
+    newer: bool,
+    due_us: Option<i64>,
+    allowance_us: i64,
+    now_us: i64,
+) -> (Duration, Overdue) {
+    let until = |t: i64| Duration::from_micros(u64::try_from(t - now_us).unwrap_or(0));
+    match due_us {
+        None if newer => (TAIL_GRACE, Overdue::GiveUp),
+        None => (Duration::from_secs(3600), Overdue::GiveUp),
+        Some(d) if conceal => (until(d), Overdue::Conceal),
+        // Nothing newer to show: waiting costs nothing, the picture holds.
+        Some(_) if !newer => (Duration::from_secs(3600), Overdue::GiveUp),
+        Some(d) => (until(d + allowance_us).max(TAIL_GRACE), Overdue::GiveUp),
     }
 }
 
-/// Plays `tracks` (received, or a local source's) into the muxer `open` makes for them (on the
-/// sink's thread: a muxer may block on its file or socket) until they end or `stop` fires: each track's groups in order, from the current one. With the publisher's
-/// clock known, no frame older than `latency` ([`age_budget`]) is played: a group whose next
-/// frame is late, or arrives older than that, is given up, as is a dropped one (counted in
-/// the result: groups skipped per track), and the track goes on at its next group.
+/// Plays `tracks` (received, or a local source's) into the muxer `open` makes for them (on
+/// the sink's thread: a muxer may block on its file or socket) until they end or `stop`
+/// fires: each track's groups in order, from the current one, frames as soon as they are
+/// here. A frame later than `budget` allows holds the picture until it comes (then the ones
+/// behind it follow at once: the picture catches up), a late audio frame is concealed; a
+/// group is given up only when it was reset on the way, or a newer one has begun and its
+/// next frame is a whole allowance overdue (counted: groups skipped per track). What it
+/// shows is in `live` as it plays.
 pub async fn play_into(
     tracks: Vec<Arc<Track>>,
     open: OpenMux,
     stop: tokio_util::sync::CancellationToken,
-    latency: Duration,
+    budget: Budget,
+    live: Arc<Live>,
 ) -> Result<PlayStats, MediaError> {
     let infos: Vec<TrackInfo> = tracks.iter().map(|t| t.info.clone()).collect();
     // Bounded: a sink that cannot keep up (a slow disk) holds the readers back, and the
     // relay then drops old groups for this client rather than queue them.
-    let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Object)>(1024);
+    // Each object with the wall time (µs) it is to be played at (0: at once): the sink waits
+    // for it, a jitter buffer of the budget's cushion.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Object, i64)>(1024);
     let writer = std::thread::Builder::new()
         .name("media-sink".into())
         .spawn(move || -> Result<PlayStats, MediaError> {
-            let mut sink = Sink::new(open(&infos)?, &infos);
-            while let Ok((i, o)) = rx.recv() {
+            let mut sink = Sink::new(open(&infos)?, &infos, live);
+            while let Ok((i, o, at)) = rx.recv() {
+                let wait = at - crate::now_us();
+                if at != 0 && wait > 0 {
+                    std::thread::sleep(Duration::from_micros(wait.min(10_000_000) as u64));
+                }
                 sink.write(i, &o)?;
             }
             sink.finish()
@@ -288,104 +503,177 @@ pub async fn play_into(
     // between the publisher's clock and ours.
     let min_age = Arc::new(AtomicI64::new(i64::MAX));
     for (i, t) in tracks.into_iter().enumerate() {
-        let (tx, stop, min_age) = (tx.clone(), stop.clone(), min_age.clone());
+        let (tx, stop, min_age, budget) = (tx.clone(), stop.clone(), min_age.clone(), budget.clone());
         readers.push(tokio::spawn(async move {
-            let mut rx = t.subscribe();
-            let mut skipped = 0u64;
-            let mut last_seq = 0u64;
-            while let Some(g) = crate::track::next_group(&t, &mut rx, &stop).await {
-                if last_seq != 0 && g.seq > last_seq + 1 {
-                    skipped += g.seq - last_seq - 1;
-                }
-                last_seq = g.seq;
-                let mut n = 0;
-                // Media time of this group's last frame played.
-                let mut last_pts: Option<i64> = None;
-                loop {
-                    // The next frame is due on screen when the last one played is as old as
-                    // the budget allows (if the publisher's clock is known).
-                    let due = (t.info.clock_us != 0)
-                        .then_some(last_pts)
-                        .flatten()
-                        .map(|p| {
-                            t.info.clock_us
-                                + p
-                                + age_budget(latency, min_age.load(Ordering::Relaxed))
-                        });
-                    let grace = tail_wait(rx.has_changed().unwrap_or(false), due, crate::now_us());
-                    // A newer group arriving while this one waits ends the wait: look again
-                    // with the tail's grace.
-                    let mut newer = rx.clone();
-                    let newer_known = rx.has_changed().unwrap_or(false);
-                    let fetched = tokio::select! {
-                        _ = stop.cancelled() => None,
-                        _ = newer.changed(), if !newer_known => continue,
-                        f = tokio::time::timeout(grace, g.next_from(n)) => match f {
-                            Ok(f) => Some(f),
-                            Err(_) => { skipped += 1; break }
-                        },
-                    };
-                    match fetched {
-                        Some(crate::track::Fetch::Objects(objs)) => {
-                            n += objs.len();
-                            if let Some(o) = objs.last() {
-                                last_pts = Some(o.pts_us);
-                                if t.info.clock_us != 0 {
-                                    let age = crate::now_us() - t.info.clock_us - o.pts_us;
-                                    min_age.fetch_min(age, Ordering::Relaxed);
-                                }
-                            }
-                            // A frame already older than the budget is not shown, nor the
-                            // rest of its group (it would not decode without it): a late
-                            // joiner's first group, or a frame a repair came too late for.
-                            let budget = age_budget(latency, min_age.load(Ordering::Relaxed));
-                            let now = crate::now_us();
-                            let late = |o: &Object| {
-                                t.info.clock_us != 0 && now - t.info.clock_us - o.pts_us > budget
-                            };
-                            let too_late = objs.iter().position(late);
-                            let objs = match too_late {
-                                Some(k) => objs[..k].to_vec(),
-                                None => objs,
-                            };
-                            for o in objs {
-                                let tx = tx.clone();
-                                if tokio::task::spawn_blocking(move || tx.send((i, o)))
-                                    .await
-                                    .map_or(true, |r| r.is_err())
-                                {
-                                    return skipped;
-                                }
-                            }
-                            if too_late.is_some() {
-                                skipped += 1;
-                                break;
-                            }
-                        }
-                        Some(crate::track::Fetch::Aborted) => {
-                            skipped += 1;
-                            break;
-                        }
-                        Some(crate::track::Fetch::End) => break,
-                        None => return skipped,
-                    }
-                }
-            }
-            skipped
+            let mut r = Reader {
+                index: i,
+                tx,
+                min_age: min_age.clone(),
+                budget: budget.clone(),
+                audio: t.info.kind == "audio",
+                clock: t.info.clock_us,
+                last: None,
+                interval_us: 0,
+                concealed_run: 0,
+                counts: TrackCounts::default(),
+            };
+            r.run(&t, &stop).await;
+            r.counts
         }));
     }
     drop(tx);
-    let mut skipped = Vec::new();
+    let mut counts = Vec::new();
     for r in readers {
-        skipped.push(r.await.unwrap_or(0));
+        counts.push(r.await.unwrap_or_default());
     }
     let mut stats = tokio::task::spawn_blocking(move || writer.join())
         .await
         .map_err(|e| MediaError::Unsupported(format!("sink: {e}")))?
         .map_err(|_| MediaError::Unsupported("the sink thread panicked".into()))??;
-    stats.skipped = skipped;
+    stats.skipped = counts.iter().map(|c| c.skipped).collect();
+    stats.concealed = counts.iter().map(|c| c.concealed).sum();
     info!(objects = stats.objects, "Playback ended.");
     Ok(stats)
+}
+
+/// What one track's reader counted.
+#[derive(Debug, Default, Clone, Copy)]
+struct TrackCounts {
+    skipped: u64,
+    concealed: u64,
+}
+
+/// One track's reader: its groups in order into the sink's channel.
+struct Reader {
+    index: usize,
+    tx: std::sync::mpsc::SyncSender<(usize, Object, i64)>,
+    min_age: Arc<AtomicI64>,
+    budget: Budget,
+    audio: bool,
+    /// The publisher's wall clock at media time 0 (µs; 0: unknown).
+    clock: i64,
+    /// The last frame passed on (a concealment repeats it).
+    last: Option<Object>,
+    /// The frame interval seen (µs; 0: not yet).
+    interval_us: i64,
+    concealed_run: u32,
+    counts: TrackCounts,
+}
+
+impl Reader {
+    /// Passes `o` on, unless it is not after the last one (a frame concealed meanwhile).
+    /// False once the sink is gone.
+    async fn pass(&mut self, o: Object) -> bool {
+        if let Some(l) = &self.last {
+            if o.pts_us <= l.pts_us {
+                return true;
+            }
+            let step = o.pts_us - l.pts_us;
+            if self.interval_us == 0 || step < self.interval_us {
+                self.interval_us = step;
+            }
+        }
+        self.last = Some(o.clone());
+        // Played at its time: capture, the path's delay, the cushion (the sink waits).
+        let min = self.min_age.load(Ordering::Relaxed);
+        let at = if self.clock != 0 && min != i64::MAX {
+            self.clock + o.pts_us + min + self.budget.cushion().as_micros() as i64
+        } else {
+            0
+        };
+        let (tx, i) = (self.tx.clone(), self.index);
+        !tokio::task::spawn_blocking(move || tx.send((i, o, at)))
+            .await
+            .map_or(true, |r| r.is_err())
+    }
+
+    async fn run(&mut self, t: &Track, stop: &tokio_util::sync::CancellationToken) {
+        let (min_age, budget) = (self.min_age.clone(), self.budget.clone());
+        let kind = t.info.kind.as_str();
+        let mut rx = t.subscribe();
+        let mut last_seq = 0u64;
+        while let Some(g) = crate::track::next_in_order(t, &mut rx, last_seq, stop).await {
+            if last_seq != 0 && g.seq > last_seq + 1 {
+                self.counts.skipped += g.seq - last_seq - 1;
+                debug!(kind, from = last_seq + 1, to = g.seq - 1, "Groups never seen: dropped on the way.");
+            }
+            last_seq = g.seq;
+            let mut n = 0;
+            loop {
+                let min = min_age.load(Ordering::Relaxed);
+                let allowance = budget.allowance().as_micros() as i64;
+                let cushion = budget.cushion().as_micros() as i64;
+                // The next frame is due when the one after the last played is as old as the
+                // youngest arrival plus the allowance (video), or two frames after its time
+                // to play (audio: then it is concealed).
+                let due = match &self.last {
+                    Some(l) if self.clock != 0 && min != i64::MAX && self.interval_us > 0 => {
+                        let next = self.clock + l.pts_us + self.interval_us + min;
+                        Some(if self.audio {
+                            next + cushion + 2 * self.interval_us
+                        } else {
+                            next + allowance
+                        })
+                    }
+                    _ => None,
+                };
+                let newer_known = t.current().is_some_and(|c| c.seq > g.seq);
+                rx.borrow_and_update();
+                let conceal = self.audio && self.last.is_some() && self.concealed_run < CONCEAL_MAX;
+                let (wait, overdue) =
+                    next_wait(conceal, newer_known, due, allowance, crate::now_us());
+                // A newer group arriving while this one waits: look again.
+                let mut newer = rx.clone();
+                let fetched = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = newer.changed(), if !newer_known => continue,
+                    f = tokio::time::timeout(wait, g.next_from(n)) => f,
+                };
+                let objs = match fetched {
+                    Ok(crate::track::Fetch::Objects(objs)) => objs,
+                    Ok(crate::track::Fetch::End) => break,
+                    Ok(crate::track::Fetch::Aborted) => {
+                        self.counts.skipped += 1;
+                        debug!(kind, group = g.seq, played = n, "Group given up: reset on the way.");
+                        break;
+                    }
+                    Err(_) if overdue == Overdue::Conceal => {
+                        let Some(l) = &self.last else { continue };
+                        let o = Object {
+                            pts_us: l.pts_us + self.interval_us,
+                            ..l.clone()
+                        };
+                        self.concealed_run += 1;
+                        self.counts.concealed += 1;
+                        if !self.pass(o).await {
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(_) => {
+                        self.counts.skipped += 1;
+                        debug!(kind, group = g.seq, played = n, waited_ms = wait.as_millis() as u64, "Group given up: its next frame is a whole allowance overdue and a newer group has begun.");
+                        break;
+                    }
+                };
+                n += objs.len();
+                self.concealed_run = 0;
+                if self.clock != 0 {
+                    let now = crate::now_us();
+                    for o in &objs {
+                        let age = now - self.clock - o.pts_us;
+                        let min = min_age.fetch_min(age, Ordering::Relaxed).min(age);
+                        budget.arrived(age - min);
+                    }
+                }
+                for o in objs {
+                    if !self.pass(o).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -393,21 +681,58 @@ mod tests {
     use super::*;
 
     #[test]
-    fn frames_later_than_the_budget_are_not_waited_for() {
-        let l = Duration::from_millis(1000);
-        // Clocks in step: the budget is the target latency.
-        assert_eq!(age_budget(l, i64::MAX), 1_000_000);
-        assert_eq!(age_budget(l, 300_000), 1_000_000);
-        // The publisher's clock 5 s behind ours: judged from the youngest age seen.
-        assert_eq!(age_budget(l, 5_300_000), 5_800_000);
+    fn a_late_frame_is_waited_for_and_a_group_given_up_only_behind_a_newer_one() {
+        let ms = |m: i64| m * 1000;
         let now = 10_000_000;
+        let a = ms(1000);
+        // Clock or interval unknown: the tail's grace once a newer group has begun.
+        assert_eq!(next_wait(false, true, None, a, now), (TAIL_GRACE, Overdue::GiveUp));
+        assert_eq!(next_wait(false, false, None, a, now).0, Duration::from_secs(3600));
+        // Video, nothing newer: the picture holds as long as it takes.
+        assert_eq!(next_wait(false, false, Some(now - 1), a, now).0, Duration::from_secs(3600));
+        // A newer group: waited for until a whole allowance past due.
         assert_eq!(
-            tail_wait(false, Some(now + 700_000), now),
-            Duration::from_millis(700)
+            next_wait(false, true, Some(now + ms(200)), a, now),
+            (Duration::from_millis(1200), Overdue::GiveUp)
         );
-        assert_eq!(tail_wait(false, Some(now - 1), now), Duration::ZERO);
-        assert_eq!(tail_wait(true, Some(now - 1), now), TAIL_GRACE);
-        assert_eq!(tail_wait(true, None, now), TAIL_GRACE);
-        assert_eq!(tail_wait(false, None, now), Duration::from_secs(3600));
+        assert_eq!(next_wait(false, true, Some(now - ms(5000)), a, now).0, TAIL_GRACE);
+        // Audio: concealed once due, newer group or not.
+        assert_eq!(
+            next_wait(true, true, Some(now + ms(30)), a, now),
+            (Duration::from_millis(30), Overdue::Conceal)
+        );
+        assert_eq!(next_wait(true, false, Some(now - 1), a, now), (Duration::ZERO, Overdue::Conceal));
+    }
+
+    #[test]
+    fn the_allowance_follows_the_path() {
+        let ms = Duration::from_millis;
+        assert_eq!(path_allowance(ms(600), ms(40)), ms(940));
+        assert_eq!(path_allowance(ms(2), ms(1)), ALLOWANCE_FLOOR);
+        let b = Budget::path();
+        assert_eq!(b.allowance(), ALLOWANCE_START);
+        assert_eq!(b.cushion(), Duration::ZERO);
+        b.follow(ms(600), true);
+        assert_eq!(b.allowance(), ms(900));
+        assert_eq!(b.cushion(), REPAIR_CUSHION, "a block's time for its repair");
+        // Frames arriving 160 ms later than the youngest, again and again: that is jitter.
+        for _ in 0..200 {
+            b.arrived(160_000);
+        }
+        b.follow(ms(600), false);
+        assert!(b.allowance() > ms(1200) && b.allowance() <= ms(1220), "{:?}", b.allowance());
+        assert!(b.cushion() > ms(300) && b.cushion() <= ms(320), "{:?}", b.cushion());
+        // A LAN: the floor, and a cushion within it.
+        let lan = Budget::path();
+        for _ in 0..200 {
+            lan.arrived(400_000);
+        }
+        lan.follow(ms(1), false);
+        assert!(lan.cushion() <= lan.allowance());
+        // A fixed budget keeps its allowance; its cushion follows.
+        let f = Budget::fixed(ms(2000));
+        f.follow(ms(10), true);
+        assert_eq!(f.allowance(), ms(2000));
+        assert_eq!(f.cushion(), REPAIR_CUSHION);
     }
 }

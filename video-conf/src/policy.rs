@@ -33,6 +33,21 @@ pub fn groups_to_drop(in_flight: &[u64], new: u64, extra: usize) -> Vec<u64> {
     older
 }
 
+/// A path shorter than this takes a late joiner's current group whatever its age: the
+/// rest of the group follows in a moment, and the picture is there at once.
+pub const SHORT_PATH: Duration = Duration::from_millis(100);
+/// On a longer path a late joiner starts with the current group only if it is at most this
+/// old on arrival (its age plus half the round trip).
+pub const JOIN_FRESH: Duration = Duration::from_millis(400);
+
+/// Whether a new subscriber starts with the track's current group (from its keyframe,
+/// `group_age` old) or waits for the next one. Over a long, narrow path an old group is a
+/// burst of seconds of video the link queues and drops, and frames older than any player's
+/// budget; the next keyframe is at most a group away.
+pub fn join_current(group_age: Duration, min_rtt: Duration) -> bool {
+    min_rtt < SHORT_PATH || group_age + min_rtt / 2 <= JOIN_FRESH
+}
+
 /// Stream priority of a group: audio above all video; newer groups above older ones.
 pub fn group_priority(kind: &str, seq: u64) -> i32 {
     let base = if kind == "audio" { 1 << 24 } else { 0 };
@@ -146,6 +161,17 @@ mod tests {
         assert_eq!(extra_in_flight(ms(600), Some(ms(2000))), 0);
         assert_eq!(extra_in_flight(ms(40), Some(ms(500))), 0);
         assert_eq!(extra_in_flight(ms(600), None), 0);
+    }
+
+    #[test]
+    fn a_late_joiner_over_a_long_path_waits_for_a_fresh_group() {
+        let ms = Duration::from_millis;
+        // A LAN: the current group, however old.
+        assert!(join_current(ms(1900), ms(2)));
+        // GEO: only a group that has just begun.
+        assert!(join_current(ms(50), ms(600)));
+        assert!(!join_current(ms(200), ms(600)));
+        assert!(!join_current(ms(1900), ms(600)));
     }
 
     #[test]

@@ -15,9 +15,13 @@ use crate::conference_wire::{Object, TrackInfo, TrackKey};
 #[derive(Debug)]
 pub struct Group {
     pub seq: u64,
+    /// When it began here (its header arrived, or its producer started it).
+    started: std::time::Instant,
     objects: Mutex<Vec<Object>>,
     /// (objects so far, end)
     state: watch::Sender<(usize, End)>,
+    /// Its repair blocks, cut once for every subscriber that wants repair.
+    repair: Mutex<crate::fec::GroupBlocks>,
 }
 
 /// How far a group is.
@@ -43,8 +47,10 @@ impl Group {
     pub fn new(seq: u64) -> Arc<Group> {
         Arc::new(Group {
             seq,
+            started: std::time::Instant::now(),
             objects: Mutex::new(Vec::new()),
             state: watch::channel((0, End::Open)).0,
+            repair: Default::default(),
         })
     }
 
@@ -116,6 +122,41 @@ impl Group {
         }
     }
 
+    /// How old its first object is: by the publisher's clock (`clock_us`, its wall clock at
+    /// media time 0; 0: unknown) when that says older, else since the group began here (a
+    /// relay that just joined a cascade receives an old group as new). A clock that runs
+    /// ahead of ours makes a group look older, never younger than it began here.
+    pub fn age(&self, clock_us: i64) -> std::time::Duration {
+        let here = self.started.elapsed();
+        let first = self
+            .objects
+            .lock()
+            .expect("group lock poisoned")
+            .first()
+            .map(|o| o.pts_us);
+        match first {
+            Some(pts) if clock_us != 0 => {
+                let us = (crate::now_us() - clock_us - pts).clamp(0, 60_000_000) as u64;
+                here.max(std::time::Duration::from_micros(us))
+            }
+            _ => here,
+        }
+    }
+
+    /// Its repair blocks closed so far ([`crate::fec::GroupBlocks`]: cut from its objects
+    /// once, whoever asks first), with `eps` the odds of failure its kind accepts; and when
+    /// the open block is due to close.
+    pub fn repair_blocks(
+        &self,
+        eps: f64,
+    ) -> (Vec<Arc<crate::fec::Block>>, Option<std::time::Instant>) {
+        let objs = self.objects.lock().expect("group lock poisoned");
+        let ended = self.state.borrow().1 == End::Complete;
+        let mut r = self.repair.lock().expect("repair lock poisoned");
+        let blocks = r.advance(&objs, ended, eps);
+        (blocks, r.deadline())
+    }
+
     /// Bytes of payload so far.
     pub fn payload_bytes(&self) -> usize {
         self.objects
@@ -130,11 +171,18 @@ impl Group {
 /// Follows a track's current group ([`Track::subscribe`]).
 pub type GroupWatch = watch::Receiver<Option<Arc<Group>>>;
 
-/// A track: its description and its current group.
+/// Groups a track holds besides its current one, for readers that follow it in order (a
+/// player, a copy): a group whose start was delayed behind a newer one's (its first packet
+/// lost) is still played in its turn.
+pub const RECENT_GROUPS: usize = 4;
+
+/// A track: its description, its current group and the few before it.
 #[derive(Debug)]
 pub struct Track {
     pub info: TrackInfo,
     latest: watch::Sender<Option<Arc<Group>>>,
+    /// The newest [`RECENT_GROUPS`] groups, by sequence.
+    recent: Mutex<std::collections::BTreeMap<u64, Arc<Group>>>,
     closed: std::sync::atomic::AtomicBool,
 }
 
@@ -143,6 +191,7 @@ impl Track {
         Arc::new(Track {
             info,
             latest: watch::channel(None).0,
+            recent: Default::default(),
             closed: Default::default(),
         })
     }
@@ -160,8 +209,44 @@ impl Track {
     /// its producer to finish (a relay may still be receiving its tail).
     pub fn start_group(&self, seq: u64) -> Arc<Group> {
         let g = Group::new(seq);
+        self.hold(&g);
         self.latest.send_replace(Some(g.clone()));
         g
+    }
+
+    fn hold(&self, g: &Arc<Group>) {
+        let mut r = self.recent.lock().expect("recent lock poisoned");
+        r.insert(g.seq, g.clone());
+        while r.len() > RECENT_GROUPS {
+            r.pop_first();
+        }
+    }
+
+    /// A group older than the current one whose start arrived late: held for in-order
+    /// readers (who are woken), if it is newer than the oldest held and not already there.
+    /// The current group stays what it is.
+    pub fn late_group(&self, seq: u64) -> Option<Arc<Group>> {
+        {
+            let r = self.recent.lock().expect("recent lock poisoned");
+            let oldest = r.keys().next().copied()?;
+            if seq <= oldest || r.contains_key(&seq) {
+                return None;
+            }
+        }
+        let g = Group::new(seq);
+        self.hold(&g);
+        self.latest.send_modify(|_| {});
+        Some(g)
+    }
+
+    /// The oldest group held that is newer than `seq`.
+    pub fn group_after(&self, seq: u64) -> Option<Arc<Group>> {
+        self.recent
+            .lock()
+            .expect("recent lock poisoned")
+            .range(seq + 1..)
+            .next()
+            .map(|(_, g)| g.clone())
     }
 
     /// The current group, if any.
@@ -180,6 +265,7 @@ impl Track {
     pub fn close(&self) {
         self.closed
             .store(true, std::sync::atomic::Ordering::Release);
+        self.recent.lock().expect("recent lock poisoned").clear();
         if let Some(old) = self.latest.send_replace(None) {
             old.finish();
         }
@@ -187,6 +273,36 @@ impl Track {
 
     pub fn subscribers(&self) -> usize {
         self.latest.receiver_count()
+    }
+}
+
+/// The group to read after group `last` (0: none yet) of `track`, in order: the next one
+/// held, else the next to start; the current one for a reader's first. `None` once the track
+/// has closed or `stop` fires.
+pub async fn next_in_order(
+    track: &Track,
+    rx: &mut GroupWatch,
+    last: u64,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Option<Arc<Group>> {
+    loop {
+        if last != 0
+            && let Some(g) = track.group_after(last)
+        {
+            rx.borrow_and_update();
+            return Some(g);
+        }
+        let g = next_group(track, rx, stop).await?;
+        if last == 0 || g.seq > last {
+            // Another may have been held meanwhile, older than this one: that one first.
+            if last != 0
+                && let Some(h) = track.group_after(last)
+                && h.seq < g.seq
+            {
+                return Some(h);
+            }
+            return Some(g);
+        }
     }
 }
 
@@ -236,14 +352,26 @@ pub async fn copy_groups(
     if numbering == Numbering::Next {
         rx.borrow_and_update();
     }
-    while let Some(g) = next_group(&from, &mut rx, &stop).await {
-        let current = to.current().map(|c| c.seq);
-        let seq = match numbering {
-            Numbering::Same if current.is_some_and(|c| c >= g.seq) => continue,
-            Numbering::Same => g.seq,
-            Numbering::Next => current.map_or(1, |c| c + 1),
+    let mut last = 0;
+    loop {
+        let g = match numbering {
+            // In order: a group whose start arrived late is copied too, in its place.
+            Numbering::Same => next_in_order(&from, &mut rx, last, &stop).await,
+            Numbering::Next => next_group(&from, &mut rx, &stop).await,
         };
-        let out = to.start_group(seq);
+        let Some(g) = g else { break };
+        last = last.max(g.seq);
+        let current = to.current().map(|c| c.seq);
+        let out = match numbering {
+            Numbering::Same if current.is_some_and(|c| c >= g.seq) => {
+                let Some(out) = to.late_group(g.seq) else {
+                    continue;
+                };
+                out
+            }
+            Numbering::Same => to.start_group(g.seq),
+            Numbering::Next => to.start_group(current.map_or(1, |c| c + 1)),
+        };
         let (stop, map) = (stop.clone(), map.clone());
         tokio::spawn(async move {
             let mut n = 0;

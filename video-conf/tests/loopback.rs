@@ -313,7 +313,7 @@ async fn groups_fan_out_whole_and_a_late_joiner_starts_at_a_keyframe() {
     assert!(first[0].2, "starts with a keyframe: {first:?}");
     assert!(first[0].1 >= 1);
     // Each viewer's health reaches the room's roster.
-    a.report_health(Duration::from_millis(200));
+    a.report_health(Duration::from_millis(200), None);
     src.await.unwrap();
     let room = lab.relay.room("drill");
     let roster = room.roster();

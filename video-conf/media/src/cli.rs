@@ -136,9 +136,11 @@ pub struct JoinArgs {
     /// The rendition to ask for (default: the relay chooses by this link).
     #[arg(long, default_value = "")]
     pub rendition: String,
-    /// How old a frame may be when played (ms): a group's missing frames are waited for
-    /// until then (over a satellite hop a repair takes a round trip).
-    #[arg(long, default_value_t = 1000)]
+    /// How much later than the path's delay a frame may be played (ms): a late frame is
+    /// waited for that long before the sound is concealed or, a whole allowance later, its
+    /// group given up. 0: follow the path (1.5 round trips, a retransmission's, plus
+    /// jitter: ~1 s over GEO, 150 ms on a LAN).
+    #[arg(long, default_value_t = 0)]
     pub latency_ms: u64,
     /// This site's link rate, if known (kbit/s): the relay starts with a rendition that fits.
     #[arg(long, default_value_t = 0)]

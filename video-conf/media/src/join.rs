@@ -93,11 +93,16 @@ pub async fn run(a: JoinArgs) -> anyhow::Result<()> {
         None => None,
     };
     let playing = a.play.is_some() || a.record.is_some();
-    let latency = std::time::Duration::from_millis(a.latency_ms);
+    let budget = match a.latency_ms {
+        0 => media::Budget::path(),
+        ms => media::Budget::fixed(std::time::Duration::from_millis(ms)),
+    };
     let from = a
         .from
         .clone()
         .unwrap_or_else(|| session.welcome.chair.clone());
+    // What the first player shows, for the relay's roster.
+    let live = Arc::new(media::Live::default());
     // What the players read: one track per kind for the whole run, fed by each session.
     let mut out: Vec<(&str, Arc<Track>)> = Vec::new();
     let mut players = Vec::new();
@@ -105,7 +110,31 @@ pub async fn run(a: JoinArgs) -> anyhow::Result<()> {
     let mut ended = None;
     loop {
         let run = stop.child_token();
-        session.report_health(std::time::Duration::from_secs(5));
+        session.report_health(
+            std::time::Duration::from_secs(5),
+            playing.then(|| (from.clone(), live.clone())),
+        );
+        {
+            // The players' budget follows this session's round trip, and whether repair
+            // datagrams come with its groups (asked for from `--fec-rtt-ms` on).
+            let (conn, budget, run) = (session.conn.clone(), budget.clone(), run.clone());
+            let fec_ms = u64::from(a.fec_rtt_ms);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                let mut min_rtt = std::time::Duration::MAX;
+                loop {
+                    tokio::select! {
+                        _ = run.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
+                    let rtt = conn.rtt();
+                    min_rtt = min_rtt.min(rtt);
+                    let repairs = fec_ms == 1
+                        || (fec_ms != 0 && min_rtt >= std::time::Duration::from_millis(fec_ms));
+                    budget.follow(rtt, repairs);
+                }
+            });
+        }
         if let Some(src) = &source {
             for t in &src.tracks {
                 session.publish(t.clone()).await?;
@@ -138,12 +167,17 @@ pub async fn run(a: JoinArgs) -> anyhow::Result<()> {
                     out.push((kind, Track::new(t.info.clone())));
                 }
                 let tracks: Vec<_> = out.iter().map(|(_, t)| t.clone()).collect();
-                for sink in a.play.iter().chain(a.record.iter()) {
-                    let (tracks, sink, stop, latency) =
-                        (tracks.clone(), sink.clone(), stop.clone(), latency);
+                for (i, sink) in a.play.iter().chain(a.record.iter()).enumerate() {
+                    let (tracks, sink, stop, budget) =
+                        (tracks.clone(), sink.clone(), stop.clone(), budget.clone());
+                    let live = if i == 0 {
+                        live.clone()
+                    } else {
+                        Arc::default()
+                    };
                     println!("playing {from} to {sink}");
                     players.push(tokio::spawn(async move {
-                        media::play(tracks, &sink, stop, latency).await
+                        media::play(tracks, &sink, stop, budget, live).await
                     }));
                 }
             }

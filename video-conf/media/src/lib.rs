@@ -10,7 +10,6 @@
 //! sinks run on threads of their own; tracks and channels connect them to the async side.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use ffmpeg_next as ff;
 use tiandi_video::track::Track;
@@ -25,7 +24,7 @@ pub mod source;
 
 pub use remux::remux;
 pub use source::{AUDIO_GROUP, Source, SourceOptions, open_source};
-pub use tiandi_video::play::{MediaError, PlayStats, TAIL_GRACE, age_budget, tail_wait};
+pub use tiandi_video::play::{Budget, Live, MediaError, PlayStats};
 
 /// An FFmpeg error as a [`MediaError`], saying what failed.
 pub(crate) fn ffe(what: impl Into<String>) -> impl FnOnce(ff::Error) -> MediaError {
@@ -50,15 +49,16 @@ pub fn init() {
 
 /// Plays `tracks` (received, or a local source's) into `spec` ([`sink::open`]: `udp://HOST:PORT`,
 /// or a `.ts`, `.mkv` or `.mp4` file) until they end or `stop` fires, as
-/// [`tiandi_video::play::play_into`] says: no frame older than `latency`, a group given up
-/// when its next frame is late, the start at a video keyframe with its sound.
+/// [`tiandi_video::play::play_into`] says: a late frame waited for within `budget` (then the
+/// picture catches up, the sound is concealed), the start at a video keyframe with its sound.
 pub async fn play(
     tracks: Vec<Arc<Track>>,
     spec: &str,
     stop: tokio_util::sync::CancellationToken,
-    latency: Duration,
+    budget: Budget,
+    live: Arc<Live>,
 ) -> Result<PlayStats, MediaError> {
     let spec = spec.to_string();
     let open: tiandi_video::play::OpenMux = Box::new(move |infos| sink::open(&spec, infos));
-    tiandi_video::play::play_into(tracks, open, stop, latency).await
+    tiandi_video::play::play_into(tracks, open, stop, budget, live).await
 }

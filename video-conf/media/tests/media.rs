@@ -51,7 +51,8 @@ async fn a_test_pattern_becomes_two_aligned_renditions_and_audio() {
                 vec![high, audio],
                 out.to_str().unwrap(),
                 stop,
-                Duration::from_secs(1),
+                media::Budget::fixed(Duration::from_secs(1)),
+                Default::default(),
             )
             .await
         }
@@ -64,7 +65,8 @@ async fn a_test_pattern_becomes_two_aligned_renditions_and_audio() {
                 vec![low],
                 out.to_str().unwrap(),
                 stop,
-                Duration::from_secs(1),
+                media::Budget::fixed(Duration::from_secs(1)),
+                Default::default(),
             )
             .await
         }

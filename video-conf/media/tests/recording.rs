@@ -47,7 +47,7 @@ async fn a_relay_recording_is_mpeg_ts_that_ffprobe_reads_whole() {
         vec![high, audio],
         out.clone(),
         stop.clone(),
-        Duration::from_secs(2),
+        tiandi_video::play::Budget::fixed(Duration::from_secs(2)),
     ));
     tokio::time::sleep(Duration::from_secs(6)).await;
     stop.cancel();

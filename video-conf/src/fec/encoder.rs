@@ -1,11 +1,10 @@
-//! The sending side: a group stream's bytes cut into blocks, each block's repair symbols.
-
-use std::time::Instant;
+//! One block's repair symbols with given code parameters (tests, fuzzing and tools; a
+//! relay's group streams use [`super::GroupBlocks`]).
 
 use bytes::Bytes;
 use tracing::debug;
 
-use super::{BLOCK_MAX_AGE, BLOCK_MAX_BYTES, Params, Repair};
+use super::{Params, Repair};
 
 /// Repair symbols for the block `data` at stream offset `start`.
 pub fn protect(stream: u64, start: u64, data: &[u8], p: Params, last: bool) -> Vec<Repair> {
@@ -40,61 +39,5 @@ pub fn protect(stream: u64, start: u64, data: &[u8], p: Params, last: bool) -> V
             debug!(error = %e, k, m, t, "No repair for a block.");
             Vec::new()
         }
-    }
-}
-
-/// The sending side of one group stream: collects the bytes written and cuts them into blocks.
-pub struct Encoder {
-    stream: u64,
-    params: Params,
-    /// Stream offset of the block being collected.
-    start: u64,
-    block: Vec<u8>,
-    since: Option<Instant>,
-}
-
-impl Encoder {
-    pub fn new(stream: u64, params: Params) -> Encoder {
-        Encoder {
-            stream,
-            params,
-            start: 0,
-            block: Vec::new(),
-            since: None,
-        }
-    }
-
-    /// Bytes just written to the stream.
-    pub fn wrote(&mut self, b: &[u8]) {
-        self.since.get_or_insert_with(Instant::now);
-        self.block.extend_from_slice(b);
-    }
-
-    /// When the block being collected is due to close.
-    pub fn deadline(&self) -> Option<Instant> {
-        self.since.map(|s| s + BLOCK_MAX_AGE)
-    }
-
-    /// Closes the block if it is due (or, `last`, the stream ends with it): its repair
-    /// symbols.
-    pub fn flush(&mut self, last: bool) -> Vec<Repair> {
-        let due = self.block.len() >= BLOCK_MAX_BYTES
-            || self.since.is_some_and(|s| s.elapsed() >= BLOCK_MAX_AGE);
-        if self.block.is_empty() {
-            // The stream ends on a block already sent: say where it ends.
-            return if last {
-                vec![Repair::end(self.stream, self.start)]
-            } else {
-                Vec::new()
-            };
-        }
-        if !(due || last) {
-            return Vec::new();
-        }
-        let out = protect(self.stream, self.start, &self.block, self.params, last);
-        self.start += self.block.len() as u64;
-        self.block.clear();
-        self.since = None;
-        out
     }
 }

@@ -9,25 +9,31 @@
 //! reliable: QUIC still retransmits, the repair only gets there first. Nothing changes on a
 //! link where no datagram arrives.
 //!
-//! A *block* is a run of the stream's bytes (a few frames, ≤ [`BLOCK_MAX_BYTES`] or
-//! [`BLOCK_MAX_AGE`]), cut into `k` symbols of `t` bytes (the last one zero-padded), with `m`
-//! repair symbols. A lost packet of the stream can touch up to three symbols (symbols are
-//! about a packet long), so a block has at least three repair symbols (`k ≥ 3`), and
-//! [`Params::pct`] per cent of `k` where that is more. Which receiver wants repairs, from what
-//! round-trip time on, is its choice (`fec_rtt_ms` in `Hello` and `Welcome`).
+//! A *block* is a run of a group's object bytes (≤ [`BLOCK_MAX_BYTES`], closed once
+//! [`BLOCK_MAX_AGE`] old), cut into `k` symbols of [`SYMBOL`] bytes (a quarter packet; the
+//! last one zero-padded). Blocks are cut and encoded once per group, for every subscriber
+//! ([`GroupBlocks`]), with as many repair symbols as the worst loss needs; each subscriber
+//! sends the first `m` of them that *its* path needs: [`repairs_needed`] for the loss its
+//! connection shows ([`LossMeter`]) and the odds its track kind accepts ([`odds`]: a video
+//! block that fails holds the picture for a retransmission, an audio frame is concealed). A
+//! subscriber's 14-byte stream header, which names its own track id, has a tiny block of its
+//! own ([`header_repairs`]). Which receiver wants repairs, from what round-trip time on, is
+//! its choice (`fec_rtt_ms` in `Hello` and `Welcome`).
 //!
 //! Repair datagram (big-endian): `[0xFE, version, flags, stream id u64, block start u32,
 //! block len u32, t u16, k u16, m u16, index u16, symbol (t bytes)]`; flag 1: the block ends
 //! the stream, so a receiver that rebuilt it knows the stream is whole without waiting for
 //! a lost FIN's retransmission.
 //!
-//! Here: the shared code parameters ([`Params`], and the receiver's [`Wish`]) and datagram
-//! format ([`Repair`]); the sender's side ([`Encoder`], [`protect`]); the receiver's side, a
+//! Here: the sizing ([`repairs_needed`], [`LossMeter`]), the receiver's [`Wish`] and datagram
+//! format ([`Repair`]); the sender's side ([`GroupBlocks`], [`protect`] for one block with
+//! fixed [`Params`]); the receiver's side, a
 //! stream's [`Reassembly`] (where holes are rebuilt), the connection's [`RepairRouter`] (repair
 //! datagrams to their streams) and the reader of a group stream ([`GroupRecv`]).
 
 use std::time::Duration;
 
+mod blocks;
 mod datagram;
 mod encoder;
 mod params;
@@ -36,8 +42,11 @@ mod recv;
 mod router;
 
 pub use datagram::Repair;
-pub use encoder::{Encoder, protect};
-pub use params::{Params, Wish};
+pub use encoder::protect;
+pub use blocks::{Block, GroupBlocks, header_repairs, odds};
+pub use params::{
+    LOSS_CEIL, LOSS_FLOOR, LossMeter, PACKET_BYTES, Params, SYMBOL, Wish, repairs_needed,
+};
 pub use reassembly::Reassembly;
 pub use recv::{GroupRecv, ReadError, Repaired};
 pub use router::RepairRouter;
@@ -48,9 +57,11 @@ pub const HEADER_LEN: usize = 27;
 /// Flag: this block ends the stream (its end is the stream's final size).
 pub const FLAG_LAST: u8 = 1;
 /// A block closes at this size…
-pub const BLOCK_MAX_BYTES: usize = 16 * 1024;
-/// …or once its first bytes are this old (a repair can come no sooner than its block ends).
-pub const BLOCK_MAX_AGE: Duration = Duration::from_millis(50);
+pub const BLOCK_MAX_BYTES: usize = 64 * 1024;
+/// …or once its first bytes are this old: a repair can come no sooner than its block ends,
+/// so a loss early in a block holds the picture up to this long (within a 300 ms freeze);
+/// longer blocks need less repair for the same odds (more packets share the symbols).
+pub const BLOCK_MAX_AGE: Duration = Duration::from_millis(200);
 /// How long after its block's data a repair is sent (so that the two travel apart).
 pub const REPAIR_DELAY: Duration = Duration::from_millis(5);
 /// Repair datagrams per connection waiting for their stream to be accepted.

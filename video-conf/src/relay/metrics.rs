@@ -139,50 +139,85 @@ impl Relay {
                 );
             }
         }
-        // What each participant says it receives (its reports, summed over its tracks).
-        type Figure = fn(&super::rooms::HealthView) -> f64;
-        let figures: [(&str, &str, &str, Figure, bool); 4] = [
+        // What each participant says it receives (its reports, summed over its tracks), and
+        // what its player shows of the video it plays.
+        type Figure = fn(&super::rooms::HealthView) -> Option<f64>;
+        #[derive(Clone, Copy)]
+        enum Over {
+            Sum,
+            Max,
+            Min,
+        }
+        let figures: [(&str, &str, &str, Figure, Over); 8] = [
             (
                 "tiandi_video_participant_receive_rate_bytes_per_second",
                 "gauge",
                 "What a participant receives, as it reports (all its tracks).",
-                |h| f64::from(h.kbps) * 125.0,
-                false,
+                |h| Some(f64::from(h.kbps) * 125.0),
+                Over::Sum,
             ),
             (
                 "tiandi_video_participant_frames_total",
                 "counter",
-                "Frames a participant has shown (all its tracks), as it reports.",
-                |h| h.frames as f64,
-                false,
+                "Frames a participant has received (all its tracks), as it reports.",
+                |h| Some(h.frames as f64),
+                Over::Sum,
             ),
             (
                 "tiandi_video_participant_groups_lost_total",
                 "counter",
                 "Groups a participant lost (all its tracks), as it reports.",
-                |h| h.groups_lost as f64,
-                false,
+                |h| Some(h.groups_lost as f64),
+                Over::Sum,
             ),
             (
                 "tiandi_video_participant_latency_seconds",
                 "gauge",
                 "A participant's worst latency behind capture over its tracks, as it reports.",
-                |h| f64::from(h.latency_ms.max(0)) / 1000.0,
-                true,
+                |h| Some(f64::from(h.latency_ms.max(0)) / 1000.0),
+                Over::Max,
+            ),
+            (
+                "tiandi_video_participant_frames_shown_ratio",
+                "gauge",
+                "The share of the video frames sent that a participant's player has shown (the worst of the videos it plays).",
+                |h| h.shown_pct.map(|p| p / 100.0),
+                Over::Min,
+            ),
+            (
+                "tiandi_video_participant_freezes_total",
+                "counter",
+                "Stalls of 120 ms or more in the video a participant's player shows.",
+                |h| h.freezes.map(|f| f as f64),
+                Over::Sum,
+            ),
+            (
+                "tiandi_video_participant_longest_freeze_seconds",
+                "gauge",
+                "The longest stall in the video a participant's player shows.",
+                |h| h.longest_freeze_ms.map(|f| f64::from(f) / 1000.0),
+                Over::Max,
+            ),
+            (
+                "tiandi_video_participant_frame_age_p99_seconds",
+                "gauge",
+                "99th percentile of the latest frames' age when a participant's player showed them (capture to screen).",
+                |h| h.age_p99_ms.filter(|a| *a >= 0).map(|a| f64::from(a) / 1000.0),
+                Over::Max,
             ),
         ];
-        for (name, kind, help, f, max) in figures {
+        for (name, kind, help, f, over) in figures {
             let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
             for r in &rooms {
                 for m in r.roster() {
-                    if m.health.is_empty() {
+                    let vals: Vec<f64> = m.health.values().filter_map(f).collect();
+                    if vals.is_empty() {
                         continue;
                     }
-                    let vals = m.health.values().map(f);
-                    let v = if max {
-                        vals.fold(0.0, f64::max)
-                    } else {
-                        vals.sum()
+                    let v = match over {
+                        Over::Sum => vals.iter().sum(),
+                        Over::Max => vals.iter().copied().fold(0.0, f64::max),
+                        Over::Min => vals.iter().copied().fold(f64::INFINITY, f64::min),
                     };
                     let _ = writeln!(
                         out,

@@ -179,16 +179,8 @@ impl Participant {
                 }
                 Control::Present(p) => self.member(|m| m.present.push(p.id)),
                 Control::Health(h) => self.member(|m| {
-                    m.health.insert(
-                        format!("{}/{}", h.publisher, h.kind),
-                        HealthView {
-                            rendition: h.rendition,
-                            kbps: h.kbps,
-                            frames: h.frames,
-                            groups_lost: h.groups_lost,
-                            latency_ms: h.latency_ms,
-                        },
-                    );
+                    m.health
+                        .insert(format!("{}/{}", h.publisher, h.kind), HealthView::from_report(h));
                 }),
                 other => {
                     let msg = format!("unexpected {} from a participant", other.name());

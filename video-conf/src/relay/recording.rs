@@ -239,7 +239,7 @@ impl Room {
             list,
             path.to_path_buf(),
             stop.clone(),
-            Duration::from_secs(2),
+            crate::play::Budget::fixed(Duration::from_secs(2)),
         ));
         let who = publisher.unwrap_or("the floor").to_string();
         info!(room = %self.name, who, path = %path.display(), "Recording.");

@@ -30,6 +30,35 @@ pub struct HealthView {
     pub frames: u64,
     pub groups_lost: u64,
     pub latency_ms: i32,
+    /// What its player shows (video; absent when it does not play the track): frames shown
+    /// of those sent (%), freezes, the longest (ms), the latest frames' age p99 (ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shown_pct: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub freezes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub longest_freeze_ms: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub age_p99_ms: Option<i32>,
+}
+
+impl HealthView {
+    pub fn from_report(h: conference_wire::Health) -> HealthView {
+        let playing = h.shown > 0;
+        HealthView {
+            rendition: h.rendition,
+            kbps: h.kbps,
+            frames: h.frames,
+            groups_lost: h.groups_lost,
+            latency_ms: h.latency_ms,
+            shown_pct: playing.then(|| {
+                (1000.0 * h.shown as f64 / h.expected.max(h.shown) as f64).round() / 10.0
+            }),
+            freezes: playing.then_some(h.freezes),
+            longest_freeze_ms: playing.then_some(h.longest_freeze_ms),
+            age_p99_ms: playing.then_some(h.age_p99_ms),
+        }
+    }
 }
 
 pub struct Room {

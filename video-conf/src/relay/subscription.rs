@@ -87,6 +87,12 @@ impl Participant {
                         rx.borrow_and_update();
                         // What is still in flight of the old rendition is of no use now.
                         forward::cancel_all(&flights);
+                    } else if let Some(g) = t.current() {
+                        let (age, rtt) = (g.age(t.info.clock_us), self.fec.min_rtt(&self.conn));
+                        if !crate::policy::join_current(age, rtt) {
+                            debug!(track = %t.key(), group = g.seq, age_ms = age.as_millis() as u64, "Starting at the next group: the current one is too old for this path.");
+                            rx.borrow_and_update();
+                        }
                     }
                     debug!(track = %t.key(), "Sending rendition.");
                     current = Some((t, rx));
