@@ -99,6 +99,18 @@ pub fn cancel_all(flights: &InFlight) {
 /// Sends a block's repair datagrams a moment after its data: queued at once they would share
 /// a packet with the data they repair, and be lost with it.
 fn send_repairs(conn: &quinn::Connection, stats: &SendStats, repairs: Vec<fec::Repair>) {
+    send_repairs_after(conn, stats, repairs, std::time::Duration::ZERO);
+}
+
+/// The two repairs of a group stream's header go this far apart.
+const HEADER_REPAIR_SPACING: std::time::Duration = std::time::Duration::from_millis(30);
+
+fn send_repairs_after(
+    conn: &quinn::Connection,
+    stats: &SendStats,
+    repairs: Vec<fec::Repair>,
+    extra: std::time::Duration,
+) {
     if repairs.is_empty() {
         return;
     }
@@ -106,7 +118,7 @@ fn send_repairs(conn: &quinn::Connection, stats: &SendStats, repairs: Vec<fec::R
     stats.repairs(datagrams.len(), datagrams.iter().map(|d| d.len()).sum());
     let conn = conn.clone();
     tokio::spawn(async move {
-        tokio::time::sleep(fec::REPAIR_DELAY).await;
+        tokio::time::sleep(fec::REPAIR_DELAY + extra).await;
         for d in datagrams {
             if let Err(e) = conn.send_datagram(d) {
                 debug!(error = %e, "Repair datagram not sent.");
@@ -196,7 +208,11 @@ async fn send_group(
         let mut next = 0;
         loop {
             // With repair: the open block closes when it is old enough, objects or not.
-            let due = if repair { group.repair_blocks(eps).1 } else { None };
+            let due = if repair {
+                group.repair_blocks(eps).1
+            } else {
+                None
+            };
             let fetched = match due {
                 Some(d) => tokio::select! {
                     f = group.next_from(next) => Some(f),
@@ -209,7 +225,15 @@ async fn send_group(
                 Some(Fetch::Objects(objs)) => {
                     let prefix = header.take();
                     if let (true, Some(h)) = (repair, &prefix) {
-                        send_repairs(conn, stats, fec::header_repairs(sid, h));
+                        // Apart, so that one lost packet does not take both.
+                        for (i, r) in fec::header_repairs(sid, h).into_iter().enumerate() {
+                            send_repairs_after(
+                                conn,
+                                stats,
+                                vec![r],
+                                HEADER_REPAIR_SPACING * i as u32,
+                            );
+                        }
                     }
                     io::write_objects(&mut s, prefix, &objs).await?;
                     for o in &objs {
@@ -367,11 +391,17 @@ pub async fn receive_group(
         // in-order readers if it is recent, else refused.
         match track.late_group(header.group) {
             Some(g) => {
-                debug!(group = header.group, "A group's start came after a newer one's: held.");
+                debug!(
+                    group = header.group,
+                    "A group's start came after a newer one's: held."
+                );
                 g
             }
             None => {
-                debug!(group = header.group, "A group's start came after a newer one's: too old.");
+                debug!(
+                    group = header.group,
+                    "A group's start came after a newer one's: too old."
+                );
                 recv.stop(codes::SUPERSEDED);
                 return Ok(Received::default());
             }

@@ -378,9 +378,8 @@ pub struct Budget {
 
 /// What the cushion adds for repair: a block's time and a little for the repair datagrams to
 /// follow their data.
-pub const REPAIR_CUSHION: Duration = Duration::from_millis(
-    crate::fec::BLOCK_MAX_AGE.as_millis() as u64 + 40,
-);
+pub const REPAIR_CUSHION: Duration =
+    Duration::from_millis(crate::fec::BLOCK_MAX_AGE.as_millis() as u64 + 40);
 
 impl Budget {
     pub fn fixed(allowance: Duration) -> Budget {
@@ -407,16 +406,26 @@ impl Budget {
     /// The session's round trip now, and whether repair datagrams come with its groups (its
     /// owner calls this every second or so). A fixed budget keeps its allowance.
     pub fn follow(&self, rtt: Duration, repairs: bool) {
-        let jitter = Duration::from_micros(2 * self.spread_us.load(Ordering::Relaxed).max(0) as u64);
+        let jitter = Duration::from_micros(self.jitter_us() as u64);
         if self.follows {
             let a = path_allowance(rtt, jitter);
             self.allowance_us
                 .store(a.as_micros() as i64, Ordering::Relaxed);
         }
-        let c = (jitter + if repairs { REPAIR_CUSHION } else { Duration::ZERO })
-            .min(self.allowance());
+        let c = (jitter
+            + if repairs {
+                REPAIR_CUSHION
+            } else {
+                Duration::ZERO
+            })
+        .min(self.allowance());
         self.cushion_us
             .store(c.as_micros() as i64, Ordering::Relaxed);
+    }
+
+    /// Twice the mean spread of arrival ages (µs): how unevenly frames come.
+    fn jitter_us(&self) -> i64 {
+        2 * self.spread_us.load(Ordering::Relaxed).max(0)
     }
 
     pub fn allowance(&self) -> Duration {
@@ -429,7 +438,9 @@ impl Budget {
         let x = spread_us.clamp(0, 500_000);
         let _ = self
             .spread_us
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| Some(m + (x - m) / 16));
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| {
+                Some(m + (x - m) / 16)
+            });
     }
 }
 
@@ -488,12 +499,27 @@ pub async fn play_into(
         .name("media-sink".into())
         .spawn(move || -> Result<PlayStats, MediaError> {
             let mut sink = Sink::new(open(&infos)?, &infos, live);
-            while let Ok((i, o, at)) = rx.recv() {
-                let wait = at - crate::now_us();
-                if at != 0 && wait > 0 {
-                    std::thread::sleep(Duration::from_micros(wait.min(10_000_000) as u64));
+            let mut due = Playout::default();
+            // Objects arrive in their tracks' arrival order (a keyframe after the sound of
+            // its moment); they are written in the order of their time to play.
+            loop {
+                while let Some((i, o)) = due.pop_due() {
+                    sink.write(i, &o)?;
                 }
-                sink.write(i, &o)?;
+                if due.closed && due.is_empty() {
+                    break;
+                }
+                let got = match due.wait() {
+                    None => rx
+                        .recv()
+                        .map_err(|_| std::sync::mpsc::RecvTimeoutError::Disconnected),
+                    Some(d) => rx.recv_timeout(d),
+                };
+                match got {
+                    Ok((i, o, at)) => due.push(i, o, at),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => due.closed = true,
+                }
             }
             sink.finish()
         })
@@ -503,13 +529,15 @@ pub async fn play_into(
     // between the publisher's clock and ours.
     let min_age = Arc::new(AtomicI64::new(i64::MAX));
     for (i, t) in tracks.into_iter().enumerate() {
-        let (tx, stop, min_age, budget) = (tx.clone(), stop.clone(), min_age.clone(), budget.clone());
+        let (tx, stop, min_age, budget) =
+            (tx.clone(), stop.clone(), min_age.clone(), budget.clone());
         readers.push(tokio::spawn(async move {
             let mut r = Reader {
                 index: i,
                 tx,
                 min_age: min_age.clone(),
                 budget: budget.clone(),
+                last_at: 0,
                 audio: t.info.kind == "audio",
                 clock: t.info.clock_us,
                 last: None,
@@ -536,6 +564,49 @@ pub async fn play_into(
     Ok(stats)
 }
 
+/// Objects waiting for their time to play, earliest first (at most [`PLAYOUT_MAX`]: beyond
+/// that the earliest is played at once).
+#[derive(Default)]
+struct Playout {
+    heap: std::collections::BinaryHeap<std::cmp::Reverse<(i64, u64, usize)>>,
+    objects: std::collections::HashMap<u64, Object>,
+    n: u64,
+    /// The readers are gone: what is left is played at once.
+    closed: bool,
+}
+
+/// Objects a player holds for their time to play (~10 s of video and sound).
+pub const PLAYOUT_MAX: usize = 4096;
+
+impl Playout {
+    fn push(&mut self, index: usize, o: Object, at: i64) {
+        self.n += 1;
+        self.heap.push(std::cmp::Reverse((at, self.n, index)));
+        self.objects.insert(self.n, o);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.heap.is_empty()
+    }
+
+    /// How long until the earliest is due (None: nothing held).
+    fn wait(&self) -> Option<Duration> {
+        let std::cmp::Reverse((at, _, _)) = self.heap.peek()?;
+        Some(Duration::from_micros(
+            u64::try_from(at - crate::now_us()).unwrap_or(0),
+        ))
+    }
+
+    fn pop_due(&mut self) -> Option<(usize, Object)> {
+        let std::cmp::Reverse((at, _, _)) = *self.heap.peek()?;
+        if !self.closed && self.heap.len() <= PLAYOUT_MAX && at > crate::now_us() {
+            return None;
+        }
+        let std::cmp::Reverse((_, n, i)) = self.heap.pop()?;
+        Some((i, self.objects.remove(&n)?))
+    }
+}
+
 /// What one track's reader counted.
 #[derive(Debug, Default, Clone, Copy)]
 struct TrackCounts {
@@ -549,6 +620,8 @@ struct Reader {
     tx: std::sync::mpsc::SyncSender<(usize, Object, i64)>,
     min_age: Arc<AtomicI64>,
     budget: Budget,
+    /// When the last object passed on is to be played (µs; 0: at once).
+    last_at: i64,
     audio: bool,
     /// The publisher's wall clock at media time 0 (µs; 0: unknown).
     clock: i64,
@@ -561,11 +634,12 @@ struct Reader {
 }
 
 impl Reader {
-    /// Passes `o` on, unless it is not after the last one (a frame concealed meanwhile).
-    /// False once the sink is gone.
+    /// Passes `o` on, unless it is not after the last one by half a frame (a frame concealed
+    /// in its place meanwhile, whose time may differ by a rounding). False once the sink is
+    /// gone.
     async fn pass(&mut self, o: Object) -> bool {
         if let Some(l) = &self.last {
-            if o.pts_us <= l.pts_us {
+            if o.pts_us <= l.pts_us + self.interval_us / 2 {
                 return true;
             }
             let step = o.pts_us - l.pts_us;
@@ -576,11 +650,15 @@ impl Reader {
         self.last = Some(o.clone());
         // Played at its time: capture, the path's delay, the cushion (the sink waits).
         let min = self.min_age.load(Ordering::Relaxed);
+        // Never before the track's previous one (the youngest age can fall meanwhile): a
+        // track's frames are written in their order.
         let at = if self.clock != 0 && min != i64::MAX {
-            self.clock + o.pts_us + min + self.budget.cushion().as_micros() as i64
+            (self.clock + o.pts_us + min + self.budget.cushion().as_micros() as i64)
+                .max(self.last_at)
         } else {
-            0
+            self.last_at
         };
+        self.last_at = at;
         let (tx, i) = (self.tx.clone(), self.index);
         !tokio::task::spawn_blocking(move || tx.send((i, o, at)))
             .await
@@ -592,10 +670,19 @@ impl Reader {
         let kind = t.info.kind.as_str();
         let mut rx = t.subscribe();
         let mut last_seq = 0u64;
-        while let Some(g) = crate::track::next_in_order(t, &mut rx, last_seq, stop).await {
+        // A group missing in the sequence may still come (its first packet lost): waited for
+        // as long as the cushion, so its frames can still be played on time.
+        while let Some(g) =
+            crate::track::next_in_order(t, &mut rx, last_seq, stop, budget.cushion()).await
+        {
             if last_seq != 0 && g.seq > last_seq + 1 {
                 self.counts.skipped += g.seq - last_seq - 1;
-                debug!(kind, from = last_seq + 1, to = g.seq - 1, "Groups never seen: dropped on the way.");
+                debug!(
+                    kind,
+                    from = last_seq + 1,
+                    to = g.seq - 1,
+                    "Groups never seen: dropped on the way."
+                );
             }
             last_seq = g.seq;
             let mut n = 0;
@@ -610,7 +697,7 @@ impl Reader {
                     Some(l) if self.clock != 0 && min != i64::MAX && self.interval_us > 0 => {
                         let next = self.clock + l.pts_us + self.interval_us + min;
                         Some(if self.audio {
-                            next + cushion + 2 * self.interval_us
+                            next + cushion.max(budget.jitter_us()) + 2 * self.interval_us
                         } else {
                             next + allowance
                         })
@@ -634,7 +721,12 @@ impl Reader {
                     Ok(crate::track::Fetch::End) => break,
                     Ok(crate::track::Fetch::Aborted) => {
                         self.counts.skipped += 1;
-                        debug!(kind, group = g.seq, played = n, "Group given up: reset on the way.");
+                        debug!(
+                            kind,
+                            group = g.seq,
+                            played = n,
+                            "Group given up: reset on the way."
+                        );
                         break;
                     }
                     Err(_) if overdue == Overdue::Conceal => {
@@ -652,7 +744,13 @@ impl Reader {
                     }
                     Err(_) => {
                         self.counts.skipped += 1;
-                        debug!(kind, group = g.seq, played = n, waited_ms = wait.as_millis() as u64, "Group given up: its next frame is a whole allowance overdue and a newer group has begun.");
+                        debug!(
+                            kind,
+                            group = g.seq,
+                            played = n,
+                            waited_ms = wait.as_millis() as u64,
+                            "Group given up: its next frame is a whole allowance overdue and a newer group has begun."
+                        );
                         break;
                     }
                 };
@@ -686,22 +784,69 @@ mod tests {
         let now = 10_000_000;
         let a = ms(1000);
         // Clock or interval unknown: the tail's grace once a newer group has begun.
-        assert_eq!(next_wait(false, true, None, a, now), (TAIL_GRACE, Overdue::GiveUp));
-        assert_eq!(next_wait(false, false, None, a, now).0, Duration::from_secs(3600));
+        assert_eq!(
+            next_wait(false, true, None, a, now),
+            (TAIL_GRACE, Overdue::GiveUp)
+        );
+        assert_eq!(
+            next_wait(false, false, None, a, now).0,
+            Duration::from_secs(3600)
+        );
         // Video, nothing newer: the picture holds as long as it takes.
-        assert_eq!(next_wait(false, false, Some(now - 1), a, now).0, Duration::from_secs(3600));
+        assert_eq!(
+            next_wait(false, false, Some(now - 1), a, now).0,
+            Duration::from_secs(3600)
+        );
         // A newer group: waited for until a whole allowance past due.
         assert_eq!(
             next_wait(false, true, Some(now + ms(200)), a, now),
             (Duration::from_millis(1200), Overdue::GiveUp)
         );
-        assert_eq!(next_wait(false, true, Some(now - ms(5000)), a, now).0, TAIL_GRACE);
+        assert_eq!(
+            next_wait(false, true, Some(now - ms(5000)), a, now).0,
+            TAIL_GRACE
+        );
         // Audio: concealed once due, newer group or not.
         assert_eq!(
             next_wait(true, true, Some(now + ms(30)), a, now),
             (Duration::from_millis(30), Overdue::Conceal)
         );
-        assert_eq!(next_wait(true, false, Some(now - 1), a, now), (Duration::ZERO, Overdue::Conceal));
+        assert_eq!(
+            next_wait(true, false, Some(now - 1), a, now),
+            (Duration::ZERO, Overdue::Conceal)
+        );
+    }
+
+    #[test]
+    fn objects_are_played_in_the_order_of_their_time() {
+        let o = |pts: i64| Object {
+            pts_us: pts,
+            flags: 0,
+            payload: bytes::Bytes::new(),
+        };
+        let now = crate::now_us();
+        let mut p = Playout::default();
+        // Sound for a moment arrives before the picture of that moment.
+        p.push(1, o(2), now + 60_000);
+        p.push(0, o(1), now + 20_000);
+        p.push(1, o(3), now - 5_000);
+        assert_eq!(
+            p.pop_due().map(|(i, o)| (i, o.pts_us)),
+            Some((1, 3)),
+            "late: at once"
+        );
+        assert!(p.pop_due().is_none(), "the rest is not due yet");
+        assert!(p.wait().unwrap() <= Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(25));
+        assert_eq!(p.pop_due().map(|(i, _)| i), Some(0));
+        assert!(p.pop_due().is_none());
+        p.closed = true;
+        assert_eq!(
+            p.pop_due().map(|(i, _)| i),
+            Some(1),
+            "closed: what is left at once"
+        );
+        assert!(p.is_empty());
     }
 
     #[test]
@@ -720,8 +865,16 @@ mod tests {
             b.arrived(160_000);
         }
         b.follow(ms(600), false);
-        assert!(b.allowance() > ms(1200) && b.allowance() <= ms(1220), "{:?}", b.allowance());
-        assert!(b.cushion() > ms(300) && b.cushion() <= ms(320), "{:?}", b.cushion());
+        assert!(
+            b.allowance() > ms(1200) && b.allowance() <= ms(1220),
+            "{:?}",
+            b.allowance()
+        );
+        assert!(
+            b.cushion() > ms(300) && b.cushion() <= ms(320),
+            "{:?}",
+            b.cushion()
+        );
         // A LAN: the floor, and a cushion within it.
         let lan = Budget::path();
         for _ in 0..200 {

@@ -239,6 +239,16 @@ impl Track {
         Some(g)
     }
 
+    /// The groups held, oldest first.
+    pub fn recent_groups(&self) -> Vec<Arc<Group>> {
+        self.recent
+            .lock()
+            .expect("recent lock poisoned")
+            .values()
+            .cloned()
+            .collect()
+    }
+
     /// The oldest group held that is newer than `seq`.
     pub fn group_after(&self, seq: u64) -> Option<Arc<Group>> {
         self.recent
@@ -277,18 +287,30 @@ impl Track {
 }
 
 /// The group to read after group `last` (0: none yet) of `track`, in order: the next one
-/// held, else the next to start; the current one for a reader's first. `None` once the track
-/// has closed or `stop` fires.
+/// held (a missing one before it waited for `grace`), else the next to start; the current
+/// one for a reader's first. `None` once the track has closed or `stop` fires.
 pub async fn next_in_order(
     track: &Track,
     rx: &mut GroupWatch,
     last: u64,
     stop: &tokio_util::sync::CancellationToken,
+    grace: std::time::Duration,
 ) -> Option<Arc<Group>> {
+    let deadline = tokio::time::Instant::now() + grace;
     loop {
         if last != 0
             && let Some(g) = track.group_after(last)
         {
+            // A group missing before it may still come (its start's packet was lost):
+            // waited for until `grace` has passed.
+            if g.seq > last + 1 && tokio::time::Instant::now() < deadline {
+                tokio::select! {
+                    _ = stop.cancelled() => return None,
+                    r = rx.changed() => if r.is_err() { return Some(g) },
+                    _ = tokio::time::sleep_until(deadline) => {}
+                }
+                continue;
+            }
             rx.borrow_and_update();
             return Some(g);
         }
@@ -352,24 +374,45 @@ pub async fn copy_groups(
     if numbering == Numbering::Next {
         rx.borrow_and_update();
     }
-    let mut last = 0;
+    // Same numbering: every group `from` holds is copied once, in its place, a group whose
+    // start arrived late too (sequences copied, the latest few).
+    let mut copied = std::collections::BTreeSet::new();
+    let mut todo: std::collections::VecDeque<Arc<Group>> = Default::default();
     loop {
-        let g = match numbering {
-            // In order: a group whose start arrived late is copied too, in its place.
-            Numbering::Same => next_in_order(&from, &mut rx, last, &stop).await,
-            Numbering::Next => next_group(&from, &mut rx, &stop).await,
-        };
-        let Some(g) = g else { break };
-        last = last.max(g.seq);
+        if todo.is_empty() {
+            let Some(g) = next_group(&from, &mut rx, &stop).await else {
+                break;
+            };
+            match numbering {
+                Numbering::Same => {
+                    let floor = copied.first().copied().unwrap_or(0);
+                    todo.extend(
+                        from.recent_groups()
+                            .into_iter()
+                            .filter(|h| !copied.contains(&h.seq) && h.seq > floor),
+                    );
+                }
+                Numbering::Next => todo.push_back(g),
+            }
+            continue;
+        }
+        let Some(g) = todo.pop_front() else { continue };
         let current = to.current().map(|c| c.seq);
         let out = match numbering {
-            Numbering::Same if current.is_some_and(|c| c >= g.seq) => {
-                let Some(out) = to.late_group(g.seq) else {
-                    continue;
-                };
-                out
+            Numbering::Same => {
+                copied.insert(g.seq);
+                while copied.len() > 2 * RECENT_GROUPS {
+                    copied.pop_first();
+                }
+                if current.is_some_and(|c| c >= g.seq) {
+                    let Some(out) = to.late_group(g.seq) else {
+                        continue;
+                    };
+                    out
+                } else {
+                    to.start_group(g.seq)
+                }
             }
-            Numbering::Same => to.start_group(g.seq),
             Numbering::Next => to.start_group(current.map_or(1, |c| c + 1)),
         };
         let (stop, map) = (stop.clone(), map.clone());

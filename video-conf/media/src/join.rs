@@ -170,11 +170,7 @@ pub async fn run(a: JoinArgs) -> anyhow::Result<()> {
                 for (i, sink) in a.play.iter().chain(a.record.iter()).enumerate() {
                     let (tracks, sink, stop, budget) =
                         (tracks.clone(), sink.clone(), stop.clone(), budget.clone());
-                    let live = if i == 0 {
-                        live.clone()
-                    } else {
-                        Arc::default()
-                    };
+                    let live = if i == 0 { live.clone() } else { Arc::default() };
                     println!("playing {from} to {sink}");
                     players.push(tokio::spawn(async move {
                         media::play(tracks, &sink, stop, budget, live).await

@@ -197,7 +197,11 @@ mod tests {
         Object {
             pts_us: i as i64 * 40_000,
             flags: u8::from(i == 0),
-            payload: Bytes::from((0..n).map(|j| ((i * 31 + j * 7) % 251) as u8).collect::<Vec<_>>()),
+            payload: Bytes::from(
+                (0..n)
+                    .map(|j| ((i * 31 + j * 7) % 251) as u8)
+                    .collect::<Vec<_>>(),
+            ),
         }
     }
 
@@ -215,7 +219,9 @@ mod tests {
     /// each rebuilds the packets it lost from the symbols it was sent.
     #[test]
     fn one_cut_serves_every_subscriber() {
-        let objs: Vec<Object> = (0..30).map(|i| obj(i, if i == 0 { 40_000 } else { 3_000 })).collect();
+        let objs: Vec<Object> = (0..30)
+            .map(|i| obj(i, if i == 0 { 40_000 } else { 3_000 }))
+            .collect();
         let mut cut = GroupBlocks::default();
         // Objects arrive in three batches; the group ends with the last.
         cut.advance(&objs[..10], false, 1e-4);
@@ -226,7 +232,11 @@ mod tests {
         assert_eq!(total, cut.taken());
         assert!(blocks.iter().all(|b| b.len as usize <= BLOCK_MAX_BYTES));
         for (id, loss, lose_every) in [(7u32, 0.01, 97usize), (9, 0.05, 23)] {
-            let header = crate::conference_wire::GroupHeader { track: id, group: 3 }.encode();
+            let header = crate::conference_wire::GroupHeader {
+                track: id,
+                group: 3,
+            }
+            .encode();
             let data = stream(&header, &objs);
             let mut asm = Reassembly::default();
             // Packets of 1,200 bytes, one in every `lose_every` lost, the first one too

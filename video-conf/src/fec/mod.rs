@@ -41,9 +41,9 @@ mod reassembly;
 mod recv;
 mod router;
 
+pub use blocks::{Block, GroupBlocks, header_repairs, odds};
 pub use datagram::Repair;
 pub use encoder::protect;
-pub use blocks::{Block, GroupBlocks, header_repairs, odds};
 pub use params::{
     LOSS_CEIL, LOSS_FLOOR, LossMeter, PACKET_BYTES, Params, SYMBOL, Wish, repairs_needed,
 };

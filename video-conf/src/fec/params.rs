@@ -164,10 +164,10 @@ impl Wish {
     /// The share of packets `conn` loses now ([`LossMeter`]).
     pub fn loss(&self, conn: &quinn::Connection) -> f64 {
         let p = conn.stats().path;
-        self.loss
-            .lock()
-            .expect("loss lock poisoned")
-            .sample(p.sent_packets, p.lost_packets.saturating_sub(p.spurious_lost_packets))
+        self.loss.lock().expect("loss lock poisoned").sample(
+            p.sent_packets,
+            p.lost_packets.saturating_sub(p.spurious_lost_packets),
+        )
     }
 }
 
@@ -180,12 +180,20 @@ mod tests {
         // A quarter-second of 1.5 Mbit/s video: 147 symbols of 320 bytes.
         let k = 147;
         let at = |loss: f64| repairs_needed(k, SYMBOL, PACKET_BYTES, loss, 1e-4);
-        assert!(at(0.01) < at(0.05) && at(0.05) < at(0.10), "{} {} {}", at(0.01), at(0.05), at(0.10));
+        assert!(
+            at(0.01) < at(0.05) && at(0.05) < at(0.10),
+            "{} {} {}",
+            at(0.01),
+            at(0.05),
+            at(0.10)
+        );
         // Within 30 % at 1 % loss, counting the datagrams' headers.
         let share = |m: usize, k: usize| (m * (SYMBOL + HEADER_LEN)) as f64 / (k * SYMBOL) as f64;
         assert!(share(at(0.01), k) <= 0.30, "{}", at(0.01));
         // A short block pays more per byte for the same odds.
-        assert!(share(repairs_needed(10, SYMBOL, PACKET_BYTES, 0.01, 1e-4), 10) > share(at(0.01), k));
+        assert!(
+            share(repairs_needed(10, SYMBOL, PACKET_BYTES, 0.01, 1e-4), 10) > share(at(0.01), k)
+        );
         // A block of one symbol needs at most a few copies; never nothing.
         assert!((1..=4).contains(&repairs_needed(1, SYMBOL, 300, 0.01, 1e-2)));
         assert_eq!(repairs_needed(0, SYMBOL, 300, 0.01, 1e-2), 0);

@@ -202,7 +202,11 @@ impl Relay {
                 "tiandi_video_participant_frame_age_p99_seconds",
                 "gauge",
                 "99th percentile of the latest frames' age when a participant's player showed them (capture to screen).",
-                |h| h.age_p99_ms.filter(|a| *a >= 0).map(|a| f64::from(a) / 1000.0),
+                |h| {
+                    h.age_p99_ms
+                        .filter(|a| *a >= 0)
+                        .map(|a| f64::from(a) / 1000.0)
+                },
                 Over::Max,
             ),
         ];

@@ -179,8 +179,10 @@ impl Participant {
                 }
                 Control::Present(p) => self.member(|m| m.present.push(p.id)),
                 Control::Health(h) => self.member(|m| {
-                    m.health
-                        .insert(format!("{}/{}", h.publisher, h.kind), HealthView::from_report(h));
+                    m.health.insert(
+                        format!("{}/{}", h.publisher, h.kind),
+                        HealthView::from_report(h),
+                    );
                 }),
                 other => {
                     let msg = format!("unexpected {} from a participant", other.name());

@@ -51,9 +51,8 @@ impl HealthView {
             frames: h.frames,
             groups_lost: h.groups_lost,
             latency_ms: h.latency_ms,
-            shown_pct: playing.then(|| {
-                (1000.0 * h.shown as f64 / h.expected.max(h.shown) as f64).round() / 10.0
-            }),
+            shown_pct: playing
+                .then(|| (1000.0 * h.shown as f64 / h.expected.max(h.shown) as f64).round() / 10.0),
             freezes: playing.then_some(h.freezes),
             longest_freeze_ms: playing.then_some(h.longest_freeze_ms),
             age_p99_ms: playing.then_some(h.age_p99_ms),
