@@ -35,6 +35,11 @@ pub struct Args {
     /// Seconds of measurement.
     #[arg(long, default_value_t = 30.0)]
     pub duration: f64,
+    /// Every subscriber asks for repair datagrams (as a GEO viewer does; they are not read
+    /// here): what repair costs the relay per subscriber, its blocks being encoded once per
+    /// group for all of them.
+    #[arg(long)]
+    pub repair: bool,
 }
 
 const FPS: u64 = 25;
@@ -159,7 +164,16 @@ async fn run_async(a: Args, bin: PathBuf) -> anyhow::Result<()> {
     session.publish(track.clone()).await?;
 
     // Subscribers.
-    eprintln!("connecting {} subscribers...", a.subscribers);
+    eprintln!(
+        "connecting {} subscribers{}...",
+        a.subscribers,
+        if a.repair {
+            ", each asking for repair datagrams"
+        } else {
+            ""
+        }
+    );
+    let repair = a.repair;
     let tallies: Vec<Arc<Tally>> = (0..a.subscribers).map(|_| Arc::default()).collect();
     let recording = Arc::new(AtomicBool::new(false));
     let mut ep = tiandi_link::client_endpoint(addr)?;
@@ -179,8 +193,8 @@ async fn run_async(a: Args, bin: PathBuf) -> anyhow::Result<()> {
             role: "site".into(),
             path: vec![],
             link_kbps: 0,
-            // Loopback: no repair datagrams (they would never be needed).
-            fec_rtt_ms: 0,
+            // Loopback: no repair datagrams (they would never be needed), unless asked.
+            fec_rtt_ms: u32::from(repair),
         }))
         .await?;
         w.send(&Control::Subscribe(Subscribe {

@@ -2005,10 +2005,16 @@ function pageConferences() {
     if (!keys.length) return h('td.muted', '—');
     return h('td.health', keys.map((k) => {
       const x = hs[k] || {};
-      const bad = (x.groups_lost || 0) > 0 || (x.latency_ms || 0) > 800;
+      // What the viewer's player shows (video it plays): frames shown, freezes, frame age.
+      const played = x.shown_pct != null;
+      const bad = (x.groups_lost || 0) > 0 || (x.latency_ms || 0) > 800
+        || (played && (x.shown_pct < 99 || (x.longest_freeze_ms || 0) > 1000 || (x.age_p99_ms || 0) > 1500));
+      const shown = played ? [' · ' + T('conf.shown') + ' ' + x.shown_pct.toFixed(1) + ' %',
+        ' · ' + T('conf.freezes') + ' ' + num(x.freezes) + ' (' + T('conf.longest') + ' ' + num(x.longest_freeze_ms) + ' ms)',
+        ' · ' + T('conf.age') + ' ' + num(x.age_p99_ms) + ' ms'] : [];
       return h('div.hl' + (bad ? '.warn' : ''), { title: k + ' · ' + T('conf.frames') + ' ' + num(x.frames) },
         h('span.rend', x.rendition || '—'), ' ', fmtKbps(x.kbps), ' · ', num(x.latency_ms) + ' ms',
-        ' · ' + T('conf.lost') + ' ' + num(x.groups_lost), h('span.muted.small', ' ' + k));
+        ' · ' + T('conf.lost') + ' ' + num(x.groups_lost), ...shown, h('span.muted.small', ' ' + k));
     }));
   };
   const renderRoom = (c) => {

@@ -1,6 +1,7 @@
 //! Conferences over emulated links (root: network namespaces and the user-space link
 //! emulator), with the real `tiandi-video` binaries and `ffprobe`: a GEO site (600 ms RTT, 1 %
-//! loss), a site behind 512 kbit/s, and a terrestrial site watch the ministry's test pattern.
+//! loss), a site behind 512 kbit/s, and a terrestrial site watch the ministry's test pattern;
+//! and through a cascade with loss at each hop (a GEO county at 5 %).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -10,12 +11,18 @@ use tiandi_link::pki::{self, Ca};
 use tiandi_satlink::{Shape, Spec, Topology};
 use tiandi_tests::{bin, can_emulate_links, command_in};
 
+/// A site's certificate, or a relay's for an ID ending in `-relay` (a cascading relay joins
+/// the one above in the relay role).
 fn creds(ca: &Ca, dir: &Path, id: &str) -> (PathBuf, PathBuf) {
     let (key, csr) = pki::site_key_and_csr(id).unwrap();
-    let cert = ca
-        .sign_site(&csr, id, "GD", Duration::from_secs(3600))
-        .unwrap()
-        .cert_pem;
+    let ttl = Duration::from_secs(3600);
+    let cert = if id.ends_with("-relay") {
+        ca.sign_relay(&csr, id, "GD", ttl)
+    } else {
+        ca.sign_site(&csr, id, "GD", ttl)
+    }
+    .unwrap()
+    .cert_pem;
     let (c, k) = (dir.join(format!("{id}.pem")), dir.join(format!("{id}.key")));
     std::fs::write(&c, cert).unwrap();
     std::fs::write(&k, key).unwrap();
@@ -40,7 +47,12 @@ fn video(ns: &str, dir: &Path, me: &str, args: &[&str], c: &(PathBuf, PathBuf), 
             .arg(&c.0)
             .arg("--key")
             .arg(&c.1)
-            .args(["--profile", "geo", "--log", "warn"])
+            .args([
+                "--profile",
+                "geo",
+                "--log",
+                &std::env::var("TIANDI_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            ])
             .stdout(std::fs::File::create(dir.join(format!("{me}.out"))).unwrap())
             .stderr(std::fs::File::create(dir.join(format!("{me}.log"))).unwrap())
             .stdin(Stdio::null())
@@ -240,35 +252,50 @@ async fn geo_narrow_terrestrial(prefix: &str, net: [u8; 3], geo_displace_pct: f6
         eprintln!("{n}: {}", line(n));
     }
 
-    // GEO: every frame shown within a second of capture (glass to glass, by the publisher's
-    // clock carried with the test pattern): repair datagrams rebuild most losses at once,
-    // and a frame that would still be late is not shown (video skips to its next keyframe);
-    // sound never stalls for longer than that budget while video drops groups.
+    // GEO, 1 % loss (issue 19's targets, with room for noise): at least 99 % of the frames
+    // sent shown (counted in the recording), no hole or stall in the picture of half a
+    // second, every frame within 1.2 s of capture at the 99th percentile (glass to glass, by
+    // the publisher's clock carried with the test pattern: the path's delay, the player's
+    // cushion for repairs), and the sound never stalls audibly.
     let g = line("gd-geo");
-    assert!(stat(&g, "latency_p50_ms") < 600.0, "{g}");
-    assert!(stat(&g, "latency_p99_ms") < 1000.0, "{g}");
-    // The budget is checked as frames leave the network; writing them adds a few ms.
-    assert!(stat(&g, "latency_max_ms") < 1100.0, "{g}");
-    let audio_stall = g
-        .split("max_wall_gap_ms=")
-        .nth(1)
-        .and_then(|v| {
-            v.split(',')
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse::<f64>()
-                .ok()
-        })
-        .unwrap();
-    assert!(audio_stall < 1000.0, "audio stalled {audio_stall} ms: {g}");
     let (gv, ga) = frames(&outs[0]);
+    let gtimes: Vec<f64> = gv.iter().map(|f| f.1).collect();
+    let (shown, gap, agap) = (
+        shown_pct(&gtimes),
+        longest_gap_ms(&gtimes),
+        longest_gap_ms(&ga),
+    );
+    eprintln!("gd-geo: shown {shown:.2} %, longest gap {gap:.0} ms, sound gap {agap:.0} ms");
     assert!(
-        gv.len() > 400 && ga.len() > 800,
+        gv.len() > 600 && ga.len() > 1200,
         "{} video, {} audio frames",
         gv.len(),
         ga.len()
     );
+    assert!(shown >= 99.0, "{shown:.2} % of the frames shown: {g}");
+    assert!(gap < 500.0, "a {gap:.0} ms hole in the picture: {g}");
+    assert!(agap < 150.0, "a {agap:.0} ms hole in the sound: {g}");
+    assert!(stat(&g, "latency_p50_ms") < 1000.0, "{g}");
+    assert!(stat(&g, "latency_p99_ms") < 1200.0, "{g}");
+    let stalls = |i: usize| {
+        g.split("max_wall_gap_ms=")
+            .nth(1)
+            .and_then(|v| {
+                v.split_whitespace()
+                    .next()?
+                    .split(',')
+                    .nth(i)?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap()
+    };
+    assert!(
+        stalls(0) < 500.0,
+        "the picture stood still {} ms: {g}",
+        stalls(0)
+    );
+    assert!(stalls(1) < 500.0, "the sound stalled {} ms: {g}", stalls(1));
 
     // The narrow site ends up on the low rendition, and from then on nothing stalls.
     let (nv, na) = frames(&outs[1]);
@@ -358,27 +385,255 @@ async fn geo_under_a_second_narrow_link_gets_the_low_rendition_nobody_stalls() {
 async fn geo_under_a_second_narrow_link_gets_the_low_rendition_nobody_stalls_with_1_pct_bounded_reordering()
  {
     // Every assertion of the test without reordering holds (inside the scenario), among them
-    // the GEO site's own: latency, the sound never stalls for 1 s, more than 400 video and 800
-    // audio frames recorded.
+    // the GEO site's own: at least 99 % of the frames shown, no hole or stall of half a second
+    // in the picture, frame age p99 within 1.2 s, the sound without an audible gap.
     let geo = geo_narrow_terrestrial("tdvidr", [10, 205, 0], 1.0).await;
     eprintln!(
         "gd-geo with 1 % bounded reordering: video_frames={} audio_frames={} skipped={:?} max_wall_gap_ms={:?}",
         geo.video_frames, geo.audio_frames, geo.skipped, geo.max_wall_gap_ms
     );
-    // "No more groups lost than without reordering", as a fixed bound rather than a second run
-    // of the same scenario to compare with (random loss makes two runs differ): the test
-    // without reordering accepts more than 400 video frames of the 750 that 30 s at 25 fps
-    // carry, i.e. at most (750 − 400) / 50 = 7 lost video groups (a keyframe every 50
-    // frames). The same frame threshold holds here (asserted inside the scenario), and the
-    // groups the player skipped (whole, or given up on part-way as late) must stay within that
-    // bound. "No longer freeze": the scenario's own stall bound, the sound never stopping for
-    // 1 s, holds here too. (Measured on a 2-core machine, three runs each: without reordering
-    // 4–6 video groups skipped and 609–676 video frames; with it 4–5 and 626–677.)
-    const VIDEO_GROUPS_LOST_AT_MOST: u64 = (750 - 400) / 50;
+    // And the player gave up at most one video group (issue 13's bound was 7 of the ~16 a
+    // 30 s call carries, before issue 19; 99 % of the frames allows one).
     assert!(
-        geo.skipped[0] <= VIDEO_GROUPS_LOST_AT_MOST,
-        "{} video groups lost at 1 % bounded reordering (without: at most {VIDEO_GROUPS_LOST_AT_MOST}): {}",
+        geo.skipped[0] <= 1,
+        "{} video groups lost at 1 % bounded reordering: {}",
         geo.skipped[0],
         geo.line
+    );
+}
+
+/// Frames shown of those sent (%), from a recording's video frame times at 25 fps: the frames
+/// between the first and the last recorded against those the publisher sent over that span.
+fn shown_pct(times: &[f64]) -> f64 {
+    let (Some(first), Some(last)) = (times.first(), times.last()) else {
+        return 0.0;
+    };
+    let sent = ((last - first) * 25.0).round() + 1.0;
+    100.0 * times.len() as f64 / sent
+}
+
+/// The longest step between consecutive times (ms).
+fn longest_gap_ms(times: &[f64]) -> f64 {
+    times
+        .windows(2)
+        .map(|w| (w[1] - w[0]) * 1000.0)
+        .fold(0.0, f64::max)
+}
+
+/// Issue 19: the picture holds through a cascade with loss at each hop. The ministry relay (the
+/// controller's network) and the test pattern; a province relay cascading from it behind a
+/// terrestrial line losing 1 % each way; a county behind a GEO link (4 Mbit/s, 600 ms) losing
+/// 5 % each way, the worst case the issue names (at least 97 % of the frames, no freeze over a
+/// second, frame age p99 within 1.5 s, the sound without an audible gap); and a county on a
+/// narrow 512 kbit/s line losing 1 %, which gets the low rendition and holds it. The frames are
+/// counted from the recordings with `ffprobe`.
+///
+/// The name extends the GEO test's, so that nextest's override for it (the cores to itself: real
+/// encoders in real time) covers this one too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn geo_under_a_second_narrow_link_gets_the_low_rendition_nobody_stalls_through_a_lossy_cascade()
+ {
+    assert!(
+        can_emulate_links(),
+        "this test needs root and /dev/net/tun (CI runs it as root)"
+    );
+    let province = Shape {
+        rate_kbit: 20_000,
+        delay_ms: 10.0,
+        loss_pct: 1.0,
+        queue_bytes: 500_000,
+        ..Shape::default()
+    };
+    let geo = Shape {
+        rate_kbit: 4_000,
+        delay_ms: 300.0,
+        loss_pct: 5.0,
+        queue_bytes: 100_000,
+        ..Shape::default()
+    };
+    let narrow_down = Shape {
+        rate_kbit: 512,
+        delay_ms: 20.0,
+        loss_pct: 1.0,
+        queue_bytes: 48_000,
+        ..Shape::default()
+    };
+    let narrow_up = Shape {
+        rate_kbit: 2_000,
+        delay_ms: 20.0,
+        loss_pct: 1.0,
+        queue_bytes: 100_000,
+        ..Shape::default()
+    };
+    let spec = Spec {
+        prefix: "tdvcas".into(),
+        net: [10, 206, 0],
+        sites: vec![
+            (province.clone(), province),
+            (geo.clone(), geo),
+            (narrow_up, narrow_down),
+        ],
+        seed: Some(23),
+    };
+    let topo = Topology::up(&spec).expect("topology up");
+    let tmp = tempfile::tempdir().unwrap();
+    // TIANDI_TEST_KEEP=1 keeps the logs and recordings.
+    let d = &if std::env::var_os("TIANDI_TEST_KEEP").is_some() {
+        tmp.keep()
+    } else {
+        tmp.path().to_path_buf()
+    };
+    let ca = Ca::generate("test CA").unwrap();
+    let ca_p = d.join("ca.pem");
+    std::fs::write(&ca_p, ca.cert_pem()).unwrap();
+    let ministry = format!("{}:4500", topo.ctl_addr());
+    let gd = format!("{}:4500", topo.site_addr(1));
+    let ctl = topo.ctl_ns();
+    let _top = video(
+        &ctl,
+        d,
+        "ministry-relay",
+        &["relay", "--listen", &ministry, "--name", "ministry-relay"],
+        &creds(&ca, d, "ministry-relay"),
+        &ca_p,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let _gd_relay = video(
+        &topo.site_ns(1),
+        d,
+        "gd-relay",
+        &[
+            "relay",
+            "--listen",
+            &gd,
+            "--name",
+            "gd-relay",
+            "--upstream",
+            &ministry,
+            "--upstream-name",
+            "ministry-relay",
+        ],
+        &creds(&ca, d, "gd-relay"),
+        &ca_p,
+    );
+    let _publisher = video(
+        &ctl,
+        d,
+        "ministry",
+        &[
+            "join",
+            "--relay",
+            &ministry,
+            "--relay-name",
+            "ministry-relay",
+            "--room",
+            "drill",
+            "--publish",
+            "pattern",
+            "--duration",
+            "50",
+        ],
+        &creds(&ca, d, "ministry"),
+        &ca_p,
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let names = ["gd-geo", "gd-narrow"];
+    let outs: Vec<PathBuf> = names.iter().map(|n| d.join(format!("{n}.ts"))).collect();
+    let players: Vec<Kill> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let out = outs[i].to_str().unwrap().to_string();
+            video(
+                &topo.site_ns(i + 2),
+                d,
+                n,
+                &[
+                    "join",
+                    "--relay",
+                    &gd,
+                    "--relay-name",
+                    "gd-relay",
+                    "--room",
+                    "drill",
+                    "--play",
+                    &out,
+                    "--from",
+                    "ministry",
+                    "--duration",
+                    "30",
+                ],
+                &creds(&ca, d, n),
+                &ca_p,
+            )
+        })
+        .collect();
+    for mut p in players {
+        let st = tokio::task::spawn_blocking(move || p.0.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(st.success());
+    }
+    let line = |n: &str| -> String {
+        std::fs::read_to_string(d.join(format!("{n}.out")))
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("played "))
+            .unwrap_or_else(|| {
+                panic!(
+                    "{n} printed no summary: {}",
+                    std::fs::read_to_string(d.join(format!("{n}.log"))).unwrap_or_default()
+                )
+            })
+            .to_string()
+    };
+    let (g, n) = (line("gd-geo"), line("gd-narrow"));
+    drop(topo);
+
+    // The GEO county, 5 % loss below 1 % loss: the targets at 5 %, with room for noise.
+    let (gv, ga) = frames(&outs[0]);
+    let times: Vec<f64> = gv.iter().map(|f| f.1).collect();
+    let (shown, gap, agap) = (
+        shown_pct(&times),
+        longest_gap_ms(&times),
+        longest_gap_ms(&ga),
+    );
+    eprintln!(
+        "gd-geo: {g}\ngd-geo: shown {shown:.2} %, longest gap {gap:.0} ms, sound gap {agap:.0} ms"
+    );
+    assert!(gv.len() > 600, "{} video frames: {g}", gv.len());
+    assert!(shown >= 97.0, "{shown:.2} % of the frames shown: {g}");
+    assert!(gap < 1000.0, "a {gap:.0} ms hole in the picture: {g}");
+    let wall = g
+        .split("max_wall_gap_ms=")
+        .nth(1)
+        .and_then(|v| v.split(',').next()?.parse::<f64>().ok())
+        .unwrap();
+    assert!(wall < 1000.0, "the picture stood still {wall:.0} ms: {g}");
+    assert!(stat(&g, "latency_p99_ms") < 1500.0, "{g}");
+    assert!(agap < 300.0, "a {agap:.0} ms hole in the sound: {g}");
+
+    // The narrow county ends on the low rendition and holds it: its last 10 s complete.
+    let (nv, na) = frames(&outs[1]);
+    let end = nv.last().map_or(0.0, |f| f.1);
+    let tail: Vec<&(u64, f64)> = nv.iter().filter(|(_, t)| *t > end - 10.0).collect();
+    eprintln!("gd-narrow: {n}");
+    assert!(
+        !tail.is_empty() && tail.iter().all(|(h, _)| *h == 360),
+        "narrow site heights: {:?}",
+        tail.iter().map(|x| x.0).collect::<Vec<_>>()
+    );
+    let tail_times: Vec<f64> = tail.iter().map(|f| f.1).collect();
+    let tail_shown = shown_pct(&tail_times);
+    assert!(
+        tail_shown >= 97.0,
+        "{tail_shown:.2} % of the low rendition's frames in the last 10 s: {n}"
+    );
+    let atail: Vec<f64> = na.iter().copied().filter(|t| *t > end - 10.0).collect();
+    assert!(
+        longest_gap_ms(&atail) < 300.0,
+        "narrow site sound gap {:.0} ms",
+        longest_gap_ms(&atail)
     );
 }

@@ -49,6 +49,9 @@ pub struct Session {
     pub repair_router: Option<Arc<crate::fec::RepairRouter>>,
     /// The relay's wish for repair with the groups sent to it.
     fec_out: Arc<crate::fec::Wish>,
+    /// A relay's session keeps each rendition in a track of its own (its viewers get the one
+    /// their link carries); a site's, all in one per publisher and kind (what it plays).
+    by_rendition: bool,
 }
 
 /// What arrived of one publisher's kind of track.
@@ -151,6 +154,7 @@ impl Session {
             cancel: cancel.clone(),
             repair_router: (fec_rtt_ms > 0).then(|| crate::fec::RepairRouter::start(&conn)),
             fec_out: crate::fec::Wish::new(fec_wish),
+            by_rendition: role == conference_wire::Role::Relay,
         });
         tokio::spawn(write_control(w, rx, cancel.clone()));
         tokio::spawn(s.clone().read_control(r, view_tx));
@@ -222,6 +226,17 @@ impl Session {
 
     /// The received track for `publisher`'s `kind` (any rendition), waiting for it.
     pub async fn received(&self, publisher: &str, kind: &str) -> Arc<Track> {
+        self.received_rendition(publisher, kind, None).await
+    }
+
+    /// The received track for `publisher`'s `kind` in `rendition` (a relay's session keeps
+    /// each in its own; None: any), waiting for it.
+    pub async fn received_rendition(
+        &self,
+        publisher: &str,
+        kind: &str,
+        rendition: Option<&str>,
+    ) -> Arc<Track> {
         let mut rx = self.received_tx.subscribe();
         loop {
             if let Some(t) = self
@@ -229,7 +244,11 @@ impl Session {
                 .lock()
                 .expect("received lock poisoned")
                 .iter()
-                .find(|(k, _)| k.publisher == publisher && k.kind == kind)
+                .find(|(k, _)| {
+                    k.publisher == publisher
+                        && k.kind == kind
+                        && rendition.is_none_or(|r| k.rendition == r)
+                })
                 .map(|(_, t)| t.clone())
             {
                 return t;
@@ -240,8 +259,8 @@ impl Session {
         }
     }
 
-    /// Every received track (one per publisher and kind: renditions land in the same one,
-    /// switching at group boundaries).
+    /// Every received track (a site's: one per publisher and kind, renditions landing in the
+    /// same one, switching at group boundaries; a relay's: one per rendition).
     pub fn received_tracks(&self) -> Vec<Arc<Track>> {
         self.received
             .lock()
@@ -379,10 +398,15 @@ impl Session {
                     recv.stop(conference_wire::codes::PROTOCOL);
                     return;
                 };
+                let rendition = if s.by_rendition {
+                    info.rendition.clone()
+                } else {
+                    String::new()
+                };
                 let key = TrackKey {
                     publisher: info.publisher.clone(),
                     kind: info.kind.clone(),
-                    rendition: String::new(),
+                    rendition: rendition.clone(),
                 };
                 let track = {
                     let mut m = s.received.lock().expect("received lock poisoned");
@@ -390,7 +414,7 @@ impl Session {
                         .or_insert_with(|| {
                             s.received_tx.send_modify(|n| *n += 1);
                             Track::new(TrackInfo {
-                                rendition: String::new(),
+                                rendition,
                                 ..info.clone()
                             })
                         })

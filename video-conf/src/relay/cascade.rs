@@ -15,7 +15,8 @@ use crate::track::Track;
 
 impl Relay {
     /// Starts the room's upstream session once (a cascading relay's): every track the
-    /// upstream offers comes down once, whatever the number of viewers here; tracks published
+    /// upstream offers (each rendition) comes down once, whatever the number of viewers here;
+    /// tracks published
     /// here go up once; the upstream's floor applies here.
     pub(super) fn ensure_cascade(self: &Arc<Self>, room: &Arc<Room>, cancel: &CancellationToken) {
         let Some(up) = self.upstream.clone() else {
@@ -76,7 +77,7 @@ impl Relay {
         view.mark_changed();
         let mut tracks = room.tracks.subscribe();
         tracks.mark_changed();
-        let mut down: std::collections::HashSet<(String, String)> = Default::default();
+        let mut down: std::collections::HashSet<(String, String, String)> = Default::default();
         let mut up_keys: std::collections::HashSet<TrackKey> = Default::default();
         let result = loop {
             tokio::select! {
@@ -91,12 +92,14 @@ impl Relay {
                         if t.via.iter().any(|x| x == &self.name) {
                             continue;
                         }
-                        let k = (t.publisher.clone(), t.kind.clone());
+                        // Each rendition on its own: viewers here get the one their link
+                        // carries (a county on a narrow line the low one).
+                        let k = (t.publisher.clone(), t.kind.clone(), t.rendition.clone());
                         if down.insert(k.clone()) {
-                            session.subscribe(&k.0, &k.1, "").await?;
+                            session.subscribe(&k.0, &k.1, &k.2).await?;
                             let (session, room) = (session.clone(), room.clone());
                             tokio::spawn(async move {
-                                let track = session.received(&k.0, &k.1).await;
+                                let track = session.received_rendition(&k.0, &k.1, Some(&k.2)).await;
                                 debug!(track = %track.key(), "Upstream track here.");
                                 room.add_track(track);
                             }.in_current_span());

@@ -30,8 +30,10 @@ pub(super) struct Participant {
     pub(super) announces: watch::Sender<u64>,
     /// Our ids for the room's tracks on this connection.
     pub(super) out_ids: Mutex<HashMap<TrackKey, u32>>,
-    /// Its subscriptions: (publisher, kind) → stop.
-    pub(super) subs: Mutex<HashMap<(String, String), CancellationToken>>,
+    /// Its subscriptions: (publisher, kind, rendition) → stop. A site has one per publisher
+    /// and kind (rendition empty: a new Subscribe replaces it); a cascading relay one per
+    /// rendition, so that its own viewers can be given each.
+    pub(super) subs: Mutex<HashMap<(String, String, String), CancellationToken>>,
     pub(super) link_kbps: u32,
     /// The participant's wish for repair datagrams ([`Hello::fec_rtt_ms`]).
     pub(super) fec: Arc<crate::fec::Wish>,
@@ -168,14 +170,16 @@ impl Participant {
                 }
                 Control::Subscribe(s) => self.subscribe(s.publisher, s.kind, s.rendition),
                 Control::Unsubscribe(u) => {
-                    if let Some(stop) = self
-                        .subs
+                    self.subs
                         .lock()
                         .expect("subs lock poisoned")
-                        .remove(&(u.publisher, u.kind))
-                    {
-                        stop.cancel();
-                    }
+                        .retain(|(p, k, _), stop| {
+                            let gone = *p == u.publisher && *k == u.kind;
+                            if gone {
+                                stop.cancel();
+                            }
+                            !gone
+                        });
                 }
                 Control::Present(p) => self.member(|m| m.present.push(p.id)),
                 Control::Health(h) => self.member(|m| {

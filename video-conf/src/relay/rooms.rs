@@ -184,6 +184,43 @@ pub(super) mod tests {
     use super::*;
     use crate::conference_wire::TrackInfo;
 
+    /// The roster shows what a viewer's player shows: frames shown of those sent, freezes,
+    /// frame age; nothing of it for a track the participant does not play.
+    #[test]
+    fn a_viewers_report_shows_what_its_player_shows() {
+        let report = |shown, expected| conference_wire::Health {
+            publisher: "ministry".into(),
+            kind: "video".into(),
+            rendition: "high".into(),
+            kbps: 1500,
+            frames: 1400,
+            groups_lost: 0,
+            latency_ms: 380,
+            shown,
+            expected,
+            freezes: 3,
+            longest_freeze_ms: 240,
+            age_p99_ms: 702,
+        };
+        let v = HealthView::from_report(report(1440, 1450));
+        assert_eq!(v.shown_pct, Some(99.3));
+        assert_eq!(
+            (v.freezes, v.longest_freeze_ms, v.age_p99_ms),
+            (Some(3), Some(240), Some(702))
+        );
+        let json = serde_json::to_value(&v).unwrap();
+        assert_eq!(json["shown_pct"], 99.3);
+        // Not playing: the reception alone, no player figures.
+        let v = HealthView::from_report(report(0, 0));
+        assert_eq!(v.shown_pct, None);
+        let json = serde_json::to_value(&v).unwrap();
+        assert!(
+            json.get("shown_pct").is_none() && json.get("freezes").is_none(),
+            "{json}"
+        );
+        assert_eq!(json["latency_ms"], 380);
+    }
+
     /// A track as a publisher announces it.
     pub(in crate::relay) fn track(
         publisher: &str,

@@ -16,11 +16,17 @@ impl Participant {
     /// carries, until it unsubscribes or leaves.
     pub(super) fn subscribe(self: &Arc<Self>, publisher: String, kind: String, rendition: String) {
         let stop = CancellationToken::new();
+        // A relay below takes each rendition on a subscription of its own.
+        let which = if self.role == crate::conference_wire::Role::Relay {
+            rendition.clone()
+        } else {
+            String::new()
+        };
         if let Some(old) = self
             .subs
             .lock()
             .expect("subs lock poisoned")
-            .insert((publisher.clone(), kind.clone()), stop.clone())
+            .insert((publisher.clone(), kind.clone(), which), stop.clone())
         {
             old.cancel();
         }
@@ -82,11 +88,12 @@ impl Participant {
                 (_, Some(t)) => {
                     // A switch (or the start): a late joiner takes the current group at once;
                     // a switch waits for the new rendition's next group (a group boundary).
+                    // The old rendition's group in flight goes on: the viewer plays it until
+                    // that boundary (the renditions' keyframes are at the same frames), and
+                    // older ones are reset as any are when newer groups start.
                     let mut rx = t.subscribe();
                     if current.is_some() {
                         rx.borrow_and_update();
-                        // What is still in flight of the old rendition is of no use now.
-                        forward::cancel_all(&flights);
                     } else if let Some(g) = t.current() {
                         let (age, rtt) = (g.age(t.info.clock_us), self.fec.min_rtt(&self.conn));
                         if !crate::policy::join_current(age, rtt) {
