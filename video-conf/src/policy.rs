@@ -92,6 +92,26 @@ impl RenditionChooser {
         }
     }
 
+    /// The renditions on offer changed (a cascade brings them down one by one): the
+    /// current one is kept if it is still there, else the nearest below its rate.
+    pub fn offer(&mut self, mut renditions: Vec<(String, u32)>) {
+        renditions.sort_by_key(|r| std::cmp::Reverse(r.1));
+        if renditions == self.renditions {
+            return;
+        }
+        let (name, rate) = self
+            .renditions
+            .get(self.current)
+            .cloned()
+            .unwrap_or_default();
+        self.current = renditions
+            .iter()
+            .position(|r| r.0 == name)
+            .or_else(|| renditions.iter().position(|r| r.1 <= rate))
+            .unwrap_or(renditions.len().saturating_sub(1));
+        self.renditions = renditions;
+    }
+
     pub fn current(&self) -> &str {
         self.renditions
             .get(self.current)
@@ -208,6 +228,24 @@ mod tests {
         assert_eq!(c.observe(0, 900.0, 23_000), "low");
         // Clean, but without room for the high one: stays.
         assert_eq!(c.observe(0, 1600.0, 60_000), "low");
+    }
+
+    #[test]
+    fn renditions_that_come_later_are_chosen_from() {
+        // Only the high one here yet (a cascade brings them one by one).
+        let mut c = RenditionChooser::new(vec![("high".into(), 1500)], 0, 0);
+        assert_eq!(c.observe(1, 0.0, 1_000), "high", "nothing lower to go to");
+        c.offer(vec![("low".into(), 300), ("high".into(), 1500)]);
+        assert_eq!(c.current(), "high", "kept while it is there");
+        assert_eq!(c.observe(1, 0.0, 2_000), "low");
+        // The current one goes away: the nearest below it.
+        c.offer(vec![("high".into(), 1500)]);
+        assert_eq!(c.current(), "high", "nothing below: the lowest there is");
+        c.offer(vec![("mid".into(), 800), ("high".into(), 1500), ("low".into(), 300)]);
+        assert_eq!(c.current(), "high");
+        assert_eq!(c.observe(1, 0.0, 3_000), "mid");
+        c.offer(vec![("high".into(), 1500), ("low".into(), 300)]);
+        assert_eq!(c.current(), "low");
     }
 
     #[test]

@@ -64,15 +64,22 @@ impl Participant {
                 .filter(|t| t.info.publisher == publisher && t.info.kind == kind)
                 .cloned()
                 .collect();
-            if chooser.is_none() && !options.is_empty() {
-                chooser = Some(RenditionChooser::new(
-                    options
-                        .iter()
-                        .map(|t| (t.info.rendition.clone(), t.info.bitrate_kbps))
-                        .collect(),
-                    self.link_kbps,
-                    crate::now_ms(),
-                ));
+            let offered: Vec<(String, u32)> = options
+                .iter()
+                .map(|t| (t.info.rendition.clone(), t.info.bitrate_kbps))
+                .collect();
+            match chooser.as_mut() {
+                // Renditions may come one by one (a cascade's), or go.
+                Some(c) if !offered.is_empty() => c.offer(offered),
+                Some(_) => {}
+                None if !offered.is_empty() => {
+                    chooser = Some(RenditionChooser::new(
+                        offered,
+                        self.link_kbps,
+                        crate::now_ms(),
+                    ));
+                }
+                None => {}
             }
             let want = if !fixed.is_empty() {
                 fixed.to_string()
