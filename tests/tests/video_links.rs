@@ -425,7 +425,8 @@ fn longest_gap_ms(times: &[f64]) -> f64 {
 /// terrestrial line losing 1 % each way; a county behind a GEO link (4 Mbit/s, 600 ms) losing
 /// 5 % each way, the worst case the issue names (at least 97 % of the frames, no freeze over a
 /// second, frame age p99 within 1.5 s, the sound without an audible gap); and a county on a
-/// narrow 512 kbit/s line losing 1 %, which gets the low rendition and holds it. The frames are
+/// narrow 512 kbit/s line losing 1 %, which says so (`--link-kbps`, as a site that knows its
+/// line does) and gets the low rendition through the cascade and holds it. The frames are
 /// counted from the recordings with `ffprobe`.
 ///
 /// The name extends the GEO test's, so that nextest's override for it (the cores to itself: real
@@ -544,6 +545,7 @@ async fn geo_under_a_second_narrow_link_gets_the_low_rendition_nobody_stalls_thr
         .enumerate()
         .map(|(i, n)| {
             let out = outs[i].to_str().unwrap().to_string();
+            let line = if *n == "gd-narrow" { "512" } else { "0" };
             video(
                 &topo.site_ns(i + 2),
                 d,
@@ -562,6 +564,8 @@ async fn geo_under_a_second_narrow_link_gets_the_low_rendition_nobody_stalls_thr
                     "ministry",
                     "--duration",
                     "30",
+                    "--link-kbps",
+                    line,
                 ],
                 &creds(&ca, d, n),
                 &ca_p,
@@ -614,7 +618,7 @@ async fn geo_under_a_second_narrow_link_gets_the_low_rendition_nobody_stalls_thr
     assert!(stat(&g, "latency_p99_ms") < 1500.0, "{g}");
     assert!(agap < 300.0, "a {agap:.0} ms hole in the sound: {g}");
 
-    // The narrow county ends on the low rendition and holds it: its last 10 s complete.
+    // The narrow county is on the low rendition and holds it: its last 10 s complete.
     let (nv, na) = frames(&outs[1]);
     let end = nv.last().map_or(0.0, |f| f.1);
     let tail: Vec<&(u64, f64)> = nv.iter().filter(|(_, t)| *t > end - 10.0).collect();

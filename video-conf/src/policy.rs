@@ -48,6 +48,12 @@ pub fn join_current(group_age: Duration, min_rtt: Duration) -> bool {
     min_rtt < SHORT_PATH || group_age + min_rtt / 2 <= JOIN_FRESH
 }
 
+/// Whether a path is queueing (its round trip well above the lowest it has shown): a link
+/// past its capacity, not one that merely loses packets.
+pub fn queueing(rtt: Duration, min_rtt: Duration) -> bool {
+    rtt > min_rtt * 3 / 2 + Duration::from_millis(20)
+}
+
 /// Stream priority of a group: audio above all video; newer groups above older ones.
 pub fn group_priority(kind: &str, seq: u64) -> i32 {
     let base = if kind == "audio" { 1 << 24 } else { 0 };
@@ -67,7 +73,19 @@ pub struct RenditionChooser {
     renditions: Vec<(String, u32)>,
     current: usize,
     clean_since_ms: i64,
+    /// The clean spell a step up waits for: [`UPGRADE_AFTER_MS`], doubled by each step up
+    /// the link could not carry (stepped down again within that spell), at most
+    /// [`UPGRADE_AFTER_MAX_MS`]. The rate estimate cannot see the room a link has above what
+    /// it carries now, so every step up is a probe, and a failed probe costs the viewer a
+    /// group.
+    upgrade_after_ms: i64,
+    upgraded_at_ms: Option<i64>,
+    /// The link rate the site declared (kbit/s; 0: unknown): never a rendition above it.
+    declared_kbps: u32,
 }
+
+/// The longest wait between two attempts to step up.
+pub const UPGRADE_AFTER_MAX_MS: i64 = 320_000;
 
 /// A clean spell this long, with room for the higher rendition, before stepping up.
 pub const UPGRADE_AFTER_MS: i64 = 20_000;
@@ -89,6 +107,9 @@ impl RenditionChooser {
             renditions,
             current,
             clean_since_ms: now_ms,
+            upgrade_after_ms: UPGRADE_AFTER_MS,
+            upgraded_at_ms: None,
+            declared_kbps,
         }
     }
 
@@ -127,14 +148,24 @@ impl RenditionChooser {
         let too_slow = est_kbps > 0.0 && est_kbps < f64::from(cur_rate);
         if (dropped_groups > 0 || too_slow) && self.current + 1 < self.renditions.len() {
             self.current += 1;
+            // A step up the link could not carry: wait twice as long before the next.
+            if self
+                .upgraded_at_ms
+                .is_some_and(|t| now_ms - t < self.upgrade_after_ms)
+            {
+                self.upgrade_after_ms = (self.upgrade_after_ms * 2).min(UPGRADE_AFTER_MAX_MS);
+            }
+            self.upgraded_at_ms = None;
             self.clean_since_ms = now_ms;
         } else if dropped_groups > 0 || too_slow {
             self.clean_since_ms = now_ms;
-        } else if self.current > 0 && now_ms - self.clean_since_ms >= UPGRADE_AFTER_MS {
-            let up = self.renditions[self.current - 1].1;
-            if est_kbps >= f64::from(up) * HEADROOM {
+        } else if self.current > 0 && now_ms - self.clean_since_ms >= self.upgrade_after_ms {
+            let up = f64::from(self.renditions[self.current - 1].1) * HEADROOM;
+            let fits = self.declared_kbps == 0 || up <= f64::from(self.declared_kbps);
+            if fits && est_kbps >= up {
                 self.current -= 1;
                 self.clean_since_ms = now_ms;
+                self.upgraded_at_ms = Some(now_ms);
             }
         }
         self.current()
@@ -195,6 +226,16 @@ mod tests {
     }
 
     #[test]
+    fn a_queueing_path_is_told_from_a_lossy_one() {
+        let ms = Duration::from_millis;
+        // A 512 kbit/s line with its queue full: 40 ms at best, 700 ms now.
+        assert!(queueing(ms(700), ms(40)));
+        // GEO losing packets, not queueing.
+        assert!(!queueing(ms(640), ms(600)));
+        assert!(!queueing(ms(45), ms(40)));
+    }
+
+    #[test]
     fn audio_outranks_video_and_newer_outranks_older() {
         assert!(group_priority("audio", 1) > group_priority("video", 1_000));
         assert!(group_priority("video", 8) > group_priority("video", 7));
@@ -212,6 +253,9 @@ mod tests {
     fn a_narrow_declared_link_starts_low() {
         assert_eq!(chooser(0).current(), "high");
         assert_eq!(chooser(512).current(), "low");
+        // And stays there, whatever the estimate says.
+        let mut c = chooser(512);
+        assert_eq!(c.observe(0, 50_000.0, 60_000), "low");
         assert_eq!(chooser(4000).current(), "high");
         assert_eq!(chooser(100).current(), "low", "the lowest if nothing fits");
     }
@@ -231,6 +275,24 @@ mod tests {
     }
 
     #[test]
+    fn a_step_up_the_link_cannot_carry_is_tried_again_later_and_later() {
+        let mut c = chooser(0);
+        assert_eq!(c.observe(1, 0.0, 0), "low");
+        // 20 s clean, and an estimate with room (it cannot see the room there really is).
+        assert_eq!(c.observe(0, 5000.0, 20_000), "high");
+        assert_eq!(c.observe(1, 0.0, 22_000), "low", "the probe failed");
+        // Next try after 40 s clean, not 20.
+        assert_eq!(c.observe(0, 5000.0, 42_000), "low");
+        assert_eq!(c.observe(0, 5000.0, 62_000), "high");
+        assert_eq!(c.observe(1, 0.0, 63_000), "low");
+        assert_eq!(c.observe(0, 5000.0, 63_000 + 79_000), "low");
+        assert_eq!(c.observe(0, 5000.0, 63_000 + 80_000), "high");
+        // A step up that holds longer than its wait is no failed probe.
+        assert_eq!(c.observe(1, 0.0, 63_000 + 80_000 + 200_000), "low");
+        assert_eq!(c.upgrade_after_ms, 80_000);
+    }
+
+    #[test]
     fn renditions_that_come_later_are_chosen_from() {
         // Only the high one here yet (a cascade brings them one by one).
         let mut c = RenditionChooser::new(vec![("high".into(), 1500)], 0, 0);
@@ -241,7 +303,11 @@ mod tests {
         // The current one goes away: the nearest below it.
         c.offer(vec![("high".into(), 1500)]);
         assert_eq!(c.current(), "high", "nothing below: the lowest there is");
-        c.offer(vec![("mid".into(), 800), ("high".into(), 1500), ("low".into(), 300)]);
+        c.offer(vec![
+            ("mid".into(), 800),
+            ("high".into(), 1500),
+            ("low".into(), 300),
+        ]);
         assert_eq!(c.current(), "high");
         assert_eq!(c.observe(1, 0.0, 3_000), "mid");
         c.offer(vec![("high".into(), 1500), ("low".into(), 300)]);

@@ -48,7 +48,13 @@ impl Live {
         w
     }
 
-    pub(super) fn frame(&self, pts_us: i64, interval_us: i64, stall: Option<Duration>, age_ms: Option<f64>) {
+    pub(super) fn frame(
+        &self,
+        pts_us: i64,
+        interval_us: i64,
+        stall: Option<Duration>,
+        age_ms: Option<f64>,
+    ) {
         let mut s = self.state.lock().expect("live lock poisoned");
         let first = *s.first_pts.get_or_insert(pts_us);
         s.now.shown += 1;
@@ -68,4 +74,3 @@ impl Live {
         }
     }
 }
-

@@ -277,7 +277,6 @@ pub async fn record(
     play_into(tracks, open, stop, budget, live).await
 }
 
-
 /// Plays `tracks` (received, or a local source's) into the muxer `open` makes for them (on
 /// the sink's thread: a muxer may block on its file or socket) until they end or `stop`
 /// fires: each track's groups in order, from the current one, frames as soon as they are

@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use crate::conference_wire::Object;
 
-
 /// Objects waiting for their time to play, earliest first (at most [`PLAYOUT_MAX`]: beyond
 /// that the earliest is played at once).
 #[derive(Default)]

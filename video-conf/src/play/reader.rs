@@ -10,7 +10,6 @@ use super::{Budget, CONCEAL_MAX, Overdue, next_wait};
 use crate::conference_wire::Object;
 use crate::track::Track;
 
-
 /// What one track's reader counted.
 #[derive(Debug, Default, Clone, Copy)]
 pub(super) struct TrackCounts {

@@ -95,12 +95,17 @@ impl Participant {
                 (_, Some(t)) => {
                     // A switch (or the start): a late joiner takes the current group at once;
                     // a switch waits for the new rendition's next group (a group boundary).
-                    // The old rendition's group in flight goes on: the viewer plays it until
-                    // that boundary (the renditions' keyframes are at the same frames), and
-                    // older ones are reset as any are when newer groups start.
+                    // The old rendition's group in flight goes on (the viewer plays it until
+                    // that boundary: the renditions' keyframes are at the same frames), unless
+                    // the link is queueing: then what is in flight is the backlog the switch
+                    // is meant to clear, and is dropped.
                     let mut rx = t.subscribe();
                     if current.is_some() {
                         rx.borrow_and_update();
+                        let base = self.fec.min_rtt(&self.conn);
+                        if crate::policy::queueing(self.conn.rtt(), base) {
+                            forward::cancel_all(&flights);
+                        }
                     } else if let Some(g) = t.current() {
                         let (age, rtt) = (g.age(t.info.clock_us), self.fec.min_rtt(&self.conn));
                         if !crate::policy::join_current(age, rtt) {
