@@ -142,7 +142,8 @@ pub struct JoinArgs {
     /// jitter: ~1 s over GEO, 150 ms on a LAN).
     #[arg(long, default_value_t = 0)]
     pub latency_ms: u64,
-    /// This site's link rate, if known (kbit/s): the relay starts with a rendition that fits.
+    /// This site's link rate, if known (kbit/s): the relay starts with a rendition that fits
+    /// and never sends one above it.
     #[arg(long, default_value_t = 0)]
     pub link_kbps: u32,
     /// Leave after this many seconds (default: at Ctrl-C, or when the source ends).
