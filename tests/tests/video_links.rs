@@ -61,6 +61,32 @@ fn video(ns: &str, dir: &Path, me: &str, args: &[&str], c: &(PathBuf, PathBuf), 
     )
 }
 
+/// Waits for the players to end, each successfully.
+async fn wait_all(players: Vec<Kill>) {
+    for mut p in players {
+        let st = tokio::task::spawn_blocking(move || p.0.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(st.success());
+    }
+}
+
+/// The `played …` summary `tiandi-video join` printed for `n`.
+fn summary(d: &Path, n: &str) -> String {
+    std::fs::read_to_string(d.join(format!("{n}.out")))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("played "))
+        .unwrap_or_else(|| {
+            panic!(
+                "{n} printed no summary: {}",
+                std::fs::read_to_string(d.join(format!("{n}.log"))).unwrap_or_default()
+            )
+        })
+        .to_string()
+}
+
 /// (height, pts) of each video frame, and pts of each audio frame.
 fn frames(path: &Path) -> (Vec<(u64, f64)>, Vec<f64>) {
     let out = Command::new("ffprobe")
@@ -228,26 +254,8 @@ async fn geo_narrow_terrestrial(prefix: &str, net: [u8; 3], geo_displace_pct: f6
             video(&topo.site_ns(i + 1), d, n, &a, &creds(&ca, d, n), &ca_p)
         })
         .collect();
-    for mut p in players {
-        let st = tokio::task::spawn_blocking(move || p.0.wait())
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(st.success());
-    }
-    let line = |n: &str| -> String {
-        std::fs::read_to_string(d.join(format!("{n}.out")))
-            .unwrap()
-            .lines()
-            .find(|l| l.starts_with("played "))
-            .unwrap_or_else(|| {
-                panic!(
-                    "{n} printed no summary: {}",
-                    std::fs::read_to_string(d.join(format!("{n}.log"))).unwrap_or_default()
-                )
-            })
-            .to_string()
-    };
+    wait_all(players).await;
+    let line = |n: &str| summary(d, n);
     for n in names {
         eprintln!("{n}: {}", line(n));
     }
@@ -572,26 +580,8 @@ async fn geo_under_a_second_narrow_link_gets_the_low_rendition_nobody_stalls_thr
             )
         })
         .collect();
-    for mut p in players {
-        let st = tokio::task::spawn_blocking(move || p.0.wait())
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(st.success());
-    }
-    let line = |n: &str| -> String {
-        std::fs::read_to_string(d.join(format!("{n}.out")))
-            .unwrap()
-            .lines()
-            .find(|l| l.starts_with("played "))
-            .unwrap_or_else(|| {
-                panic!(
-                    "{n} printed no summary: {}",
-                    std::fs::read_to_string(d.join(format!("{n}.log"))).unwrap_or_default()
-                )
-            })
-            .to_string()
-    };
+    wait_all(players).await;
+    let line = |n: &str| summary(d, n);
     let (g, n) = (line("gd-geo"), line("gd-narrow"));
     drop(topo);
 

@@ -88,7 +88,7 @@ pub struct RenditionChooser {
 pub const UPGRADE_AFTER_MAX_MS: i64 = 320_000;
 
 /// A clean spell this long, with room for the higher rendition, before stepping up.
-pub const UPGRADE_AFTER_MS: i64 = 20_000;
+pub const UPGRADE_AFTER_MS: i64 = 60_000;
 /// The measured rate must exceed a rendition's bitrate by this factor to choose it.
 pub const HEADROOM: f64 = 1.3;
 
@@ -262,34 +262,38 @@ mod tests {
 
     #[test]
     fn steps_down_on_drops_and_up_only_after_a_clean_spell() {
+        const U: i64 = UPGRADE_AFTER_MS;
         let mut c = chooser(0);
         assert_eq!(c.observe(0, 5000.0, 1_000), "high");
         assert_eq!(c.observe(2, 0.0, 2_000), "low");
         // Plenty of rate, but not clean for long enough yet.
-        assert_eq!(c.observe(0, 5000.0, 10_000), "low");
-        assert_eq!(c.observe(0, 5000.0, 22_000), "high");
+        assert_eq!(c.observe(0, 5000.0, 2_000 + U - 1), "low");
+        assert_eq!(c.observe(0, 5000.0, 2_000 + U), "high");
         // A measured rate below the current rendition steps down too.
-        assert_eq!(c.observe(0, 900.0, 23_000), "low");
+        assert_eq!(c.observe(0, 900.0, 3_000 + U), "low");
         // Clean, but without room for the high one: stays.
-        assert_eq!(c.observe(0, 1600.0, 60_000), "low");
+        assert_eq!(c.observe(0, 1600.0, 10 * U), "low");
     }
 
     #[test]
     fn a_step_up_the_link_cannot_carry_is_tried_again_later_and_later() {
+        const U: i64 = UPGRADE_AFTER_MS;
         let mut c = chooser(0);
         assert_eq!(c.observe(1, 0.0, 0), "low");
-        // 20 s clean, and an estimate with room (it cannot see the room there really is).
-        assert_eq!(c.observe(0, 5000.0, 20_000), "high");
-        assert_eq!(c.observe(1, 0.0, 22_000), "low", "the probe failed");
-        // Next try after 40 s clean, not 20.
-        assert_eq!(c.observe(0, 5000.0, 42_000), "low");
-        assert_eq!(c.observe(0, 5000.0, 62_000), "high");
-        assert_eq!(c.observe(1, 0.0, 63_000), "low");
-        assert_eq!(c.observe(0, 5000.0, 63_000 + 79_000), "low");
-        assert_eq!(c.observe(0, 5000.0, 63_000 + 80_000), "high");
+        // A clean spell, and an estimate with room (it cannot see the room there really is).
+        assert_eq!(c.observe(0, 5000.0, U), "high");
+        assert_eq!(c.observe(1, 0.0, U + 2_000), "low", "the probe failed");
+        // The next try after twice the spell.
+        let t = U + 2_000;
+        assert_eq!(c.observe(0, 5000.0, t + 2 * U - 1), "low");
+        assert_eq!(c.observe(0, 5000.0, t + 2 * U), "high");
+        let t = t + 2 * U + 1_000;
+        assert_eq!(c.observe(1, 0.0, t), "low");
+        assert_eq!(c.observe(0, 5000.0, t + 4 * U - 1), "low");
+        assert_eq!(c.observe(0, 5000.0, t + 4 * U), "high");
         // A step up that holds longer than its wait is no failed probe.
-        assert_eq!(c.observe(1, 0.0, 63_000 + 80_000 + 200_000), "low");
-        assert_eq!(c.upgrade_after_ms, 80_000);
+        assert_eq!(c.observe(1, 0.0, t + 4 * U + 5 * U), "low");
+        assert_eq!(c.upgrade_after_ms, (4 * U).min(UPGRADE_AFTER_MAX_MS));
     }
 
     #[test]
