@@ -179,8 +179,10 @@ async fn send_group(
     // Blocks sent so far; object bytes written so far.
     let mut sent = 0usize;
     let mut carried = 0u64;
+    // Sends the repairs of the blocks this stream has carried; returns when the group's open
+    // block is due to close.
     let mut repairs_through = |carried: u64, ended: bool| {
-        let (blocks, _) = group.repair_blocks(eps);
+        let (blocks, due) = group.repair_blocks(eps);
         let loss = fec.loss(conn);
         let mut out = Vec::new();
         while let Some(b) = blocks.get(sent)
@@ -194,6 +196,7 @@ async fn send_group(
             out.push(fec::Repair::end(sid, base + carried));
         }
         send_repairs(conn, stats, out);
+        due
     };
     let write = async {
         let header = GroupHeader {
@@ -206,13 +209,9 @@ async fn send_group(
         // once would cost each subscriber a packet (and an acknowledgement) of its own.
         let mut header = Some(Bytes::copy_from_slice(&header));
         let mut next = 0;
+        // With repair: the open block closes when it is old enough, objects or not.
+        let mut due: Option<std::time::Instant> = None;
         loop {
-            // With repair: the open block closes when it is old enough, objects or not.
-            let due = if repair {
-                group.repair_blocks(eps).1
-            } else {
-                None
-            };
             let fetched = match due {
                 Some(d) => tokio::select! {
                     f = group.next_from(next) => Some(f),
@@ -257,7 +256,7 @@ async fn send_group(
                 Some(Fetch::Aborted) => return Err(IoError::Ended),
             }
             if repair {
-                repairs_through(carried, false);
+                due = repairs_through(carried, false);
             }
         }
     };
