@@ -9,11 +9,13 @@ pub mod congestion;
 pub mod enroll;
 pub mod framed;
 pub mod names;
+pub mod paths;
 pub mod pki;
 pub mod runtime;
 pub mod secrets;
 pub mod tls;
 pub mod transport;
+pub mod window;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
