@@ -52,6 +52,14 @@ pub struct Config {
     /// pause, and resume from where they were) until it is over. The controller's
     /// `thresholds.rain_fade_esno_db` says the same for its alarm.
     pub rain_fade_esno_db: f64,
+    /// A dual-homed site's paths (`[[paths]]`: `name`, `bind`, `profile`, `controller`,
+    /// `budget_kbps`, `probe_ms`, `window`): a connection to the controller over each, reports
+    /// over the best one that is up, each transfer class over the path its policy gives it.
+    /// Empty: one path, wherever the routing table sends `controller`.
+    pub paths: Vec<tiandi_link::paths::PathSpec>,
+    /// Which path each class uses (`[path_policy]`); the controller's `[path_policy]`, when it
+    /// has one, replaces it.
+    pub path_policy: tiandi_link::paths::Policy,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -95,6 +103,8 @@ impl Default for Config {
             backup_repos: Vec::new(),
             backup_trash_days: 7,
             rain_fade_esno_db: 5.0,
+            paths: Vec::new(),
+            path_policy: Default::default(),
         }
     }
 }
@@ -123,6 +133,35 @@ impl Config {
                     tiandi_link::congestion::SiteRateConfig::new(rate, self.profile.nominal().0),
                 ));
             }
+        }
+        std::sync::Arc::new(t)
+    }
+
+    /// The QUIC transport over one of a dual-homed site's paths: its profile (else the
+    /// site's), a keep-alive every probe interval (the path's health), and at most its budget
+    /// (`budget_kbps`; a satellite path without one: `link_rate_mbit` if set).
+    pub fn path_transport(
+        &self,
+        path: &tiandi_link::paths::PathSpec,
+    ) -> std::sync::Arc<quinn::TransportConfig> {
+        let profile = path.profile.unwrap_or(self.profile);
+        let mut t = profile.transport_config();
+        t.tail_copies(true);
+        t.keep_alive_interval(Some(path.probe()));
+        let rate_bps = if path.budget_kbps > 0 {
+            Some(tiandi_link::congestion::udp_payload_bps(
+                f64::from(path.budget_kbps) * 1e3,
+            ))
+        } else if path.kind() == tiandi_link::paths::PathKind::Sky {
+            self.link_rate_mbit
+                .map(|m| tiandi_link::congestion::udp_payload_bps(m * 1e6))
+        } else {
+            None
+        };
+        if let Some(bps) = rate_bps {
+            let mut c = tiandi_link::congestion::FixedRateConfig::new(bps);
+            c.initial_rtt = profile.nominal().0;
+            t.congestion_controller_factory(std::sync::Arc::new(c));
         }
         std::sync::Arc::new(t)
     }
@@ -156,6 +195,20 @@ impl Config {
             let key = format!("devices[{i}]");
             d.validate(file, &key)?;
         }
+        tiandi_link::paths::validate_paths(&self.paths)
+            .map_err(|e| format!("{file}: key `{e}`"))?;
+        for (i, p) in self.paths.iter().enumerate() {
+            if let Some(c) = &p.controller
+                && !c.contains(':')
+            {
+                return Err(format!(
+                    "{file}: key `paths[{i}].controller`: {c:?} is not host:port"
+                ));
+            }
+        }
+        self.path_policy
+            .validate()
+            .map_err(|e| format!("{file}: key `{e}`"))?;
         for (i, r) in self.backup_repos.iter().enumerate() {
             r.validate()
                 .map_err(|e| format!("{file}: key `backup_repos[{i}]`: {e}"))?;

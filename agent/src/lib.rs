@@ -50,6 +50,43 @@ pub async fn enroll(
     })
 }
 
+/// One endpoint per path, bound to the path's interface or address, with the path's
+/// transport.
+async fn path_links(
+    cfg: &Config,
+    id: &identity::Identity,
+) -> anyhow::Result<Vec<uplink::PathLink>> {
+    let mut links = Vec::new();
+    for (i, p) in cfg.paths.iter().enumerate() {
+        let controller = p
+            .controller
+            .clone()
+            .unwrap_or_else(|| cfg.controller.clone());
+        let addr = tokio::net::lookup_host(&controller)
+            .await
+            .with_context(|| format!("paths[{i}] ({}): resolving {controller}", p.name))?
+            .next()
+            .with_context(|| {
+                format!(
+                    "paths[{i}] ({}): {controller} resolves to no address",
+                    p.name
+                )
+            })?;
+        let socket = tiandi_link::paths::bind_socket(p.bind.as_deref(), addr)
+            .with_context(|| format!("paths[{i}] ({}): its socket", p.name))?;
+        let endpoint = tiandi_link::client_endpoint_on(socket)?;
+        let tls = tiandi_link::tls::site_client_tls(&id.ca_pem, &id.cert_pem, &id.key_pem)
+            .context("loading the site identity")?;
+        let client = tiandi_link::client_config(tls, cfg.path_transport(p))?;
+        links.push(uplink::PathLink {
+            endpoint,
+            client,
+            controller,
+        });
+    }
+    Ok(links)
+}
+
 /// Runs the agent until `cancel` fires.
 pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     let id = identity::load(&cfg.data_dir)?;
@@ -235,20 +272,34 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
             cancel.clone(),
         )));
     }
-    let uplink = tokio::spawn(uplink::run(
-        endpoint.clone(),
-        uplink::UplinkConfig {
-            controller: cfg.controller.clone(),
-            standby: cfg.standby_controllers.clone(),
-            site_id: id.info.site_id.clone(),
-            client,
-            interval_ms: interval_ms as u32,
-            connect_timeout: cfg.profile.connect_timeout(),
-            on_session: Some(site_transfers),
-        },
-        shared.clone(),
-        cancel.clone(),
-    ));
+    let uplink_cfg = uplink::UplinkConfig {
+        controller: cfg.controller.clone(),
+        standby: cfg.standby_controllers.clone(),
+        site_id: id.info.site_id.clone(),
+        client,
+        interval_ms: interval_ms as u32,
+        connect_timeout: cfg.profile.connect_timeout(),
+        on_session: Some(site_transfers),
+    };
+    let uplink = if cfg.paths.is_empty() {
+        tokio::spawn(uplink::run(
+            endpoint.clone(),
+            uplink_cfg,
+            shared.clone(),
+            cancel.clone(),
+        ))
+    } else {
+        let links = path_links(&cfg, &id).await?;
+        let board = uplink::paths::Board::new(cfg.paths.clone(), cfg.path_policy.clone());
+        info!(paths = ?cfg.paths.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), "Dual-homed: a connection to the controller over each path.");
+        tokio::spawn(uplink::run_paths(
+            links,
+            uplink_cfg,
+            board,
+            shared.clone(),
+            cancel.clone(),
+        ))
+    };
 
     let host = Arc::new(Mutex::new(
         collect::HostCollector::new(cfg.ignore_mounts.clone(), cfg.ignore_interfaces.clone())

@@ -33,7 +33,12 @@ pub struct SiteTransfers {
 impl tiandi_uplink::SessionHook for SiteTransfers {
     /// Starts this site's side of transfers on a new controller connection; it all stops when
     /// `stop` fires.
-    fn on_session(self: Arc<Self>, conn: &quinn::Connection, stop: CancellationToken) {
+    fn on_session(
+        self: Arc<Self>,
+        conn: &quinn::Connection,
+        stop: CancellationToken,
+        route: tiandi_uplink::Route,
+    ) {
         tokio::spawn(
             tiandi_transfer::inbox::accept_loop(
                 self.inbox.clone(),
@@ -44,12 +49,13 @@ impl tiandi_uplink::SessionHook for SiteTransfers {
             .in_current_span(),
         );
         tokio::spawn(
-            tiandi_transfer::outbox::drive(
+            tiandi_transfer::outbox::drive_routed(
                 self.outbox.clone(),
                 conn.clone(),
                 CONTROLLER.into(),
                 self.site_id.clone(),
                 stop.clone(),
+                route.classes(),
             )
             .in_current_span(),
         );

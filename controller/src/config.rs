@@ -72,6 +72,11 @@ pub struct Config {
     pub replica: Replica,
     /// What `/metrics` exposes (`[metrics]`).
     pub metrics: MetricsConfig,
+    /// Which of a dual-homed site's paths each class of traffic uses (`[path_policy]`),
+    /// pushed to every site in its Welcome; absent: each site's own configuration decides
+    /// (by default reports, alarms, conferences and normal transfers take the first path
+    /// that is up, bulk transfers and backups stay off satellite paths outside their window).
+    pub path_policy: Option<tiandi_link::paths::Policy>,
 }
 
 /// The Prometheus exposition on `ops_listen`.
@@ -280,6 +285,7 @@ impl Default for Config {
             backup_jobs: Vec::new(),
             replica: Replica::default(),
             metrics: MetricsConfig::default(),
+            path_policy: None,
         }
     }
 }

@@ -22,6 +22,7 @@ pub mod housekeeping;
 pub mod http;
 pub mod leases;
 pub mod metrics;
+pub mod paths;
 pub mod registry;
 pub mod replica;
 pub mod server;
@@ -33,7 +34,6 @@ pub mod users;
 pub mod views;
 pub mod wal;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -87,6 +87,16 @@ pub enum Event {
         rate_bps: u64,
         at_ms: i64,
     },
+    /// A dual-homed site moved a class of traffic to another path (site clock).
+    Path {
+        site_id: String,
+        province: String,
+        class: String,
+        from: Option<String>,
+        to: Option<String>,
+        reason: String,
+        at_ms: i64,
+    },
 }
 
 impl Event {
@@ -95,7 +105,8 @@ impl Event {
         match self {
             Event::Report { province, .. }
             | Event::Site { province, .. }
-            | Event::Transfer { province, .. } => province,
+            | Event::Transfer { province, .. }
+            | Event::Path { province, .. } => province,
             Event::Alarm(a) => &a.province,
         }
     }
@@ -106,6 +117,7 @@ impl Event {
             Event::Alarm(_) => "alarm",
             Event::Site { .. } => "site",
             Event::Transfer { .. } => "transfer",
+            Event::Path { .. } => "path",
         }
     }
 }
@@ -121,7 +133,8 @@ pub struct Core {
     /// Live events. Full-buffer policy: a slow subscriber loses the oldest events (it is told
     /// how many) and never slows ingest down.
     pub events: broadcast::Sender<Event>,
-    conns: Mutex<HashMap<String, quinn::Connection>>,
+    /// Every site's live connections, one per path ([`paths`]).
+    pub links: paths::Links,
     closed_wire: Mutex<WireTotals>,
     pub cancel: CancellationToken,
     /// Bearer tokens of the HTTP listeners ([`auth`]).
@@ -151,39 +164,21 @@ pub struct Core {
 }
 
 impl Core {
-    /// Registers the live connection of a site; returns the one it replaces.
-    fn register_conn(&self, site: &str, conn: &quinn::Connection) -> Option<quinn::Connection> {
-        self.conns
-            .lock()
-            .expect("conns lock poisoned")
-            .insert(site.to_string(), conn.clone())
-    }
-
-    /// Forgets a site's connection that ended; returns whether it was the site's current
-    /// one (a superseded connection ending late must not mark a reconnected site offline).
+    /// Forgets a site's connection that ended; returns whether the site has no connection
+    /// left (a superseded connection ending late must not mark a reconnected site offline).
     fn unregister_conn(&self, site: &str, conn: &quinn::Connection) -> bool {
-        let current = {
-            let mut conns = self.conns.lock().expect("conns lock poisoned");
-            // No entry: it was taken out (revocation closes the connection that way).
-            let current = conns
-                .get(site)
-                .is_none_or(|c| c.stable_id() == conn.stable_id());
-            if current {
-                conns.remove(site);
-            }
-            current
-        };
+        let none = self.links.unregister(site, conn);
         self.closed_wire
             .lock()
             .expect("wire lock poisoned")
             .add(&conn.stats());
-        current
+        none
     }
 
     /// UDP totals of every agent connection, open and closed.
     pub fn wire_totals(&self) -> WireTotals {
         let mut t = *self.closed_wire.lock().expect("wire lock poisoned");
-        for c in self.conns.lock().expect("conns lock poisoned").values() {
+        for c in self.links.all() {
             t.add(&c.stats());
         }
         t
@@ -202,21 +197,12 @@ impl Core {
 
     /// Whether the site has a live connection.
     pub fn is_connected(&self, site: &str) -> bool {
-        self.conns
-            .lock()
-            .expect("conns lock poisoned")
-            .contains_key(site)
+        self.links.is_connected(site)
     }
 
     /// Closes every site's live connection; returns how many.
     pub fn disconnect_all(&self, code: u32, reason: &str) -> usize {
-        let all: Vec<quinn::Connection> = self
-            .conns
-            .lock()
-            .expect("conns lock poisoned")
-            .drain()
-            .map(|(_, c)| c)
-            .collect();
+        let all = self.links.drain();
         for c in &all {
             c.close(code.into(), reason.as_bytes());
         }
@@ -225,12 +211,11 @@ impl Core {
 
     /// Closes the live connection of a site (after revocation).
     pub fn disconnect(&self, site: &str, code: u32, reason: &str) -> bool {
-        if let Some(c) = self.conns.lock().expect("conns lock poisoned").remove(site) {
+        let conns = self.links.remove(site);
+        for c in &conns {
             c.close(code.into(), reason.as_bytes());
-            true
-        } else {
-            false
         }
+        !conns.is_empty()
     }
 
     /// Reports stored per second, over the last few seconds (sampled when asked, at most
@@ -457,7 +442,7 @@ impl Controller {
             sites,
             metrics: Metrics::new(),
             events,
-            conns: Mutex::new(HashMap::new()),
+            links: paths::Links::default(),
             closed_wire: Mutex::new(WireTotals::default()),
             cancel: CancellationToken::new(),
             tokens,

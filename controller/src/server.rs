@@ -228,12 +228,6 @@ async fn site_connection(core: Arc<Core>, conn: quinn::Connection, rate: RateSlo
     }
     let span = info_span!("site", site = %id.site_id, %remote);
     async move {
-        if let Some(old) = core.register_conn(&id.site_id, &conn) {
-            old.close(
-                codes::SHUTDOWN.into(),
-                b"superseded by a newer connection of this site",
-            );
-        }
         core.metrics.connections.inc();
         let result = session(&core, &conn, &id, &rate, changes).await;
         core.metrics.connections.dec();
@@ -241,6 +235,8 @@ async fn site_connection(core: Arc<Core>, conn: quinn::Connection, rate: RateSlo
             core.sites.set_connected(&id.site_id, false, None);
             core.site_changed(&id.site_id);
         }
+        core.sites
+            .set_path_connections(&id.site_id, &core.links.connected_paths(&id.site_id));
         match result {
             Ok(()) => debug!("Session ended."),
             Err(SessionError::Closed(e)) => debug!(error = %e, "Connection closed."),
@@ -319,6 +315,15 @@ async fn session(
             "version",
         ));
     }
+    if !hello.path.is_empty()
+        && let Err(e) = tiandi_link::names::validate_name("path", &hello.path)
+    {
+        return Err(SessionError::Refuse(
+            codes::PROTOCOL,
+            e.to_string(),
+            "protocol",
+        ));
+    }
     if hello.site_id != id.site_id {
         return Err(SessionError::Refuse(
             codes::IDENTITY,
@@ -344,6 +349,31 @@ async fn session(
         .store
         .seq_state(&id.site_id)
         .map_err(|e| SessionError::Refuse(codes::INTERNAL, e.to_string(), "internal"))?;
+    // One connection per path: a newer one on the same path replaces the older (a site with
+    // one path: any older one).
+    match core.links.register(&id.site_id, &hello.path, conn) {
+        Ok(old) => {
+            for c in old {
+                c.close(
+                    codes::SHUTDOWN.into(),
+                    b"superseded by a newer connection of this site",
+                );
+            }
+        }
+        Err(crate::paths::TooManyPaths) => {
+            return Err(SessionError::Refuse(
+                codes::PROTOCOL,
+                format!(
+                    "site {} already has {} paths connected",
+                    id.site_id,
+                    tiandi_link::paths::MAX_PATHS
+                ),
+                "protocol",
+            ));
+        }
+    }
+    core.sites
+        .set_path_connections(&id.site_id, &core.links.connected_paths(&id.site_id));
     writer
         .send(Body::Welcome(Welcome {
             major: tiandi_proto::MAJOR,
@@ -352,6 +382,11 @@ async fn session(
             acked_ranges: state.to_ranges(),
             server_time_ms: now_ms(),
             epoch: core.replica.epoch(),
+            path_policy: core
+                .config
+                .path_policy
+                .as_ref()
+                .map(tiandi_link::paths::policy_to_wire),
         }))
         .await?;
     let interval_ms = i64::from(hello.interval_ms.max(1000));
@@ -368,13 +403,15 @@ async fn session(
         .set_priority(tiandi_transfer::send::PRIORITY_REPORTS);
     let transfers = core.cancel.child_token();
     let _stop_transfers = transfers.clone().drop_guard();
+    // A dual-homed site's classes go over the path it chose for each (its `Paths` frames).
     tokio::spawn(
-        tiandi_transfer::outbox::drive(
+        tiandi_transfer::outbox::drive_routed(
             core.outbox.clone(),
             conn.clone(),
             id.site_id.clone(),
             "controller".into(),
             transfers.clone(),
+            core.links.route(&id.site_id, &hello.path),
         )
         .in_current_span(),
     );
@@ -401,6 +438,10 @@ async fn session(
                     None => return Ok(()),
                     Some(b) => b,
                 };
+                if let Body::Paths(p) = &body {
+                    paths_frame(core, id, p)?;
+                    continue;
+                }
                 let Body::Report(mut report) = body else {
                     return Err(SessionError::Refuse(
                         codes::PROTOCOL,
@@ -490,4 +531,48 @@ async fn session(
             e = conn.closed() => return Err(SessionError::Closed(e.to_string())),
         }
     }
+}
+
+/// A dual-homed site's `Paths` frame: its transfers follow the class uses, the site's view and
+/// the redundancy alarm are updated, each new switch is an event.
+fn paths_frame(
+    core: &Arc<Core>,
+    id: &SiteIdentity,
+    frame: &tiandi_proto::Paths,
+) -> Result<(), SessionError> {
+    let (paths, uses, switches) = crate::paths::check(frame).map_err(|e| {
+        SessionError::Refuse(
+            codes::PROTOCOL,
+            format!("invalid Paths frame: {e}"),
+            "protocol",
+        )
+    })?;
+    core.links.set_uses(&id.site_id, &uses);
+    let now = now_ms();
+    let (fresh, alarms) = core
+        .sites
+        .set_paths(&id.site_id, paths, uses, switches, now);
+    core.sites
+        .set_path_connections(&id.site_id, &core.links.connected_paths(&id.site_id));
+    for sw in fresh {
+        info!(class = %sw.class, from = sw.from.as_deref().unwrap_or("-"), to = sw.to.as_deref().unwrap_or("-"), reason = %sw.reason, "Site switched path.");
+        core.metrics
+            .path_switches
+            .with_label_values(&[sw.class.as_str()])
+            .inc();
+        let _ = core.events.send(Event::Path {
+            site_id: id.site_id.clone(),
+            province: id.province.clone(),
+            class: sw.class,
+            from: sw.from,
+            to: sw.to,
+            reason: sw.reason,
+            at_ms: sw.at_ms,
+        });
+    }
+    if !alarms.is_empty() {
+        core.record_alarms(alarms);
+        core.site_changed(&id.site_id);
+    }
+    Ok(())
 }

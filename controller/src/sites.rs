@@ -28,6 +28,8 @@ pub enum Condition {
     BackupCheckFailed,
     /// A repository of the site's passed 90 % of its quota.
     BackupNearQuota,
+    /// A dual-homed site is down to one path: one more cut and it is down.
+    PathRedundancyLost,
     Degraded,
 }
 
@@ -43,6 +45,7 @@ impl Condition {
             Condition::BackupOverdue => "backup-overdue",
             Condition::BackupCheckFailed => "backup-check-failed",
             Condition::BackupNearQuota => "backup-near-quota",
+            Condition::PathRedundancyLost => "path-redundancy-lost",
             Condition::Degraded => "degraded",
         }
     }
@@ -199,6 +202,7 @@ pub fn status_of(conds: &BTreeSet<Condition>) -> Status {
             | Condition::BackupOverdue
             | Condition::BackupCheckFailed
             | Condition::BackupNearQuota
+            | Condition::PathRedundancyLost
             | Condition::Degraded,
         ) => Status::Degraded,
     }
@@ -222,6 +226,9 @@ pub struct SiteState {
     /// The agent's version, as its latest Hello said (`null` until it connects; "invalid" for
     /// a version string that is not a plain version).
     pub agent_version: Option<String>,
+    /// A dual-homed site's paths, class uses and latest switches (`null` for a site with one
+    /// path).
+    pub paths: Option<crate::paths::SitePaths>,
     #[serde(skip)]
     pub latest: Option<Report>,
     #[serde(skip)]
@@ -284,6 +291,7 @@ impl Sites {
                 reports: 0,
                 status_since_ms: now_ms,
                 agent_version: None,
+                paths: None,
                 latest: None,
                 active: BTreeSet::new(),
                 external: Default::default(),
@@ -350,6 +358,64 @@ impl Sites {
             s.latest = Some(report);
         }
         self.reevaluate(s, now_ms)
+    }
+
+    /// A dual-homed site's `Paths` frame, checked: updates its paths and class uses, adds
+    /// new switches (a switch the site sent over two paths is kept once), and raises or
+    /// clears `path-redundancy-lost`. Returns the new switches and the alarm events.
+    pub fn set_paths(
+        &self,
+        site_id: &str,
+        paths: Vec<crate::paths::PathView>,
+        uses: std::collections::BTreeMap<String, String>,
+        switches: Vec<crate::paths::SwitchView>,
+        now_ms: i64,
+    ) -> (Vec<crate::paths::SwitchView>, Vec<AlarmEvent>) {
+        let mut map = self.map.write().expect("sites lock poisoned");
+        let Some(s) = map.sites.get_mut(site_id) else {
+            return (Vec::new(), Vec::new());
+        };
+        let view = s.paths.get_or_insert_with(Default::default);
+        view.paths = paths;
+        view.uses = uses;
+        view.updated_ms = now_ms;
+        let mut fresh = Vec::new();
+        for sw in switches {
+            if view.switches.contains(&sw) {
+                continue;
+            }
+            if view.switches.len() == crate::paths::SWITCHES_KEPT {
+                view.switches.pop_front();
+            }
+            view.switches.push_back(sw.clone());
+            fresh.push(sw);
+        }
+        let lost = view.redundancy_lost();
+        let changed = match lost {
+            Some(d) => {
+                s.external
+                    .insert(Condition::PathRedundancyLost, d.clone())
+                    .as_ref()
+                    != Some(&d)
+            }
+            None => s.external.remove(&Condition::PathRedundancyLost).is_some(),
+        };
+        let events = if changed {
+            self.reevaluate(s, now_ms)
+        } else {
+            Vec::new()
+        };
+        (fresh, events)
+    }
+
+    /// Marks which of a dual-homed site's paths the controller holds a connection on.
+    pub fn set_path_connections(&self, site_id: &str, connected: &[String]) {
+        let mut map = self.map.write().expect("sites lock poisoned");
+        if let Some(view) = map.sites.get_mut(site_id).and_then(|s| s.paths.as_mut()) {
+            for p in &mut view.paths {
+                p.connected = connected.contains(&p.name);
+            }
+        }
     }
 
     /// Sets (`Some(detail)`) or clears a condition that does not come from reports; returns

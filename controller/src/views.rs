@@ -399,6 +399,7 @@ mod tests {
             reports: 0,
             status_since_ms: 0,
             agent_version: None,
+            paths: None,
             latest,
             active: Default::default(),
             external: Default::default(),

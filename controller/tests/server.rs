@@ -61,6 +61,7 @@ async fn hello(conn: &quinn::Connection, claim: &str, major: u32) -> (FrameWrite
         agent_version: "test".into(),
         interval_ms: 10_000,
         epoch: 0,
+        path: String::new(),
     }))
     .await
     .unwrap();

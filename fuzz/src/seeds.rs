@@ -108,6 +108,7 @@ fn report_stream(v: &mut Vec<Seed>) {
         agent_version: "0.1.0".into(),
         interval_ms: 10_000,
         epoch: 0,
+        path: "ground".into(),
     }));
     let welcome = encode(Body::Welcome(Welcome {
         major: MAJOR,
@@ -116,13 +117,44 @@ fn report_stream(v: &mut Vec<Seed>) {
         acked_ranges: vec![SeqRange { first: 9, last: 12 }],
         server_time_ms: 1_790_000_000_000,
         epoch: 1,
+        path_policy: Some(PathPolicy {
+            classes: vec![ClassRule {
+                class: "bulk".into(),
+                paths: vec!["ground".into(), "sky@window".into()],
+            }],
+            critical_on_all: true,
+        }),
     }));
     let ack = encode(Body::Ack(Ack { first: 1, last: 3 }));
     let refused = encode(Body::Refused(Refused {
         code: codes::IDENTITY,
         reason: "site ID does not match the certificate".into(),
     }));
-    let mut session = vec![hello];
+    let paths = encode(Body::Paths(Paths {
+        paths: vec![PathStatus {
+            name: "sky".into(),
+            kind: "sky".into(),
+            state: "up".into(),
+            rtt_ms: 612,
+            loss_permille: 10,
+            tx_kbps: 2,
+            rx_kbps: 3,
+            budget_kbps: 512,
+            since_ms: 1_790_000_000_000,
+        }],
+        uses: vec![ClassUse {
+            class: "reports".into(),
+            path: "sky".into(),
+        }],
+        switches: vec![PathSwitch {
+            at_ms: 1_790_000_000_000,
+            class: "reports".into(),
+            from: "ground".into(),
+            to: "sky".into(),
+            reason: "path down".into(),
+        }],
+    }));
+    let mut session = vec![hello, paths];
     session.extend(reports);
     // The first byte is the size of the pieces the stream arrives in.
     let mut s = vec![63];

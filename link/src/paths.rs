@@ -752,6 +752,33 @@ impl Selector {
     }
 }
 
+/// The wire form of a policy.
+pub fn policy_to_wire(p: &Policy) -> tiandi_proto::PathPolicy {
+    tiandi_proto::PathPolicy {
+        classes: p
+            .classes
+            .iter()
+            .map(|(c, rule)| tiandi_proto::ClassRule {
+                class: c.as_str().into(),
+                paths: rule.clone(),
+            })
+            .collect(),
+        critical_on_all: p.critical_on_all,
+    }
+}
+
+/// A policy from its wire form; unknown classes are skipped (a newer controller's).
+pub fn policy_from_wire(w: &tiandi_proto::PathPolicy) -> Policy {
+    Policy {
+        classes: w
+            .classes
+            .iter()
+            .filter_map(|r| Class::parse(&r.class).map(|c| (c, r.paths.clone())))
+            .collect(),
+        critical_on_all: w.critical_on_all,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,7 +19,7 @@ pub use prost::Message;
 pub const MAJOR: u32 = 1;
 /// Protocol minor version: peers within one minor of each other are supported (protobuf skips
 /// the fields the older side does not know).
-pub const MINOR: u32 = 0;
+pub const MINOR: u32 = 1;
 /// The largest frame either side accepts (a report is ~200 bytes; a downsampled one too).
 pub const MAX_FRAME: usize = 64 * 1024;
 
@@ -82,6 +82,7 @@ impl Body {
             Body::Report(_) => "Report",
             Body::Ack(_) => "Ack",
             Body::Refused(_) => "Refused",
+            Body::Paths(_) => "Paths",
         }
     }
 }

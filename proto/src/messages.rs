@@ -12,7 +12,7 @@ use serde::Serialize;
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Envelope {
-    #[prost(oneof = "Body", tags = "1, 2, 3, 4, 5")]
+    #[prost(oneof = "Body", tags = "1, 2, 3, 4, 5, 6")]
     pub body: Option<Body>,
 }
 
@@ -28,6 +28,10 @@ pub enum Body {
     Ack(Ack),
     #[prost(message, tag = "5")]
     Refused(Refused),
+    /// A dual-homed site's paths and which one each class uses (from minor 1; sent only to a
+    /// controller whose Welcome says minor ≥ 1).
+    #[prost(message, tag = "6")]
+    Paths(Paths),
 }
 
 /// First message from the agent on its report stream.
@@ -48,6 +52,10 @@ pub struct Hello {
     /// it was superseded by a promoted standby and stands down when it hears this.
     #[prost(uint64, tag = "6")]
     pub epoch: u64,
+    /// Which of the site's paths this connection runs over (`ground`, `sky`; empty: a site
+    /// with one path). One connection per path at a time.
+    #[prost(string, tag = "7")]
+    pub path: String,
 }
 
 /// The controller's answer to [`Hello`]: what it already holds for this site, so the agent
@@ -71,6 +79,92 @@ pub struct Welcome {
     /// predate it, taken as 1). A site refuses a controller below the highest it has seen.
     #[prost(uint64, tag = "6")]
     pub epoch: u64,
+    /// The path policy set centrally (absent: the site's own configuration decides).
+    #[prost(message, optional, tag = "7")]
+    pub path_policy: Option<PathPolicy>,
+}
+
+/// Which paths each class of traffic may use, in order of preference (`tiandi_link::paths`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PathPolicy {
+    #[prost(message, repeated, tag = "1")]
+    pub classes: Vec<ClassRule>,
+    /// A critical report goes over every path that is up.
+    #[prost(bool, tag = "2")]
+    pub critical_on_all: bool,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ClassRule {
+    /// `reports`, `alarm`, `conference`, `normal`, `bulk`, `backup`.
+    #[prost(string, tag = "1")]
+    pub class: String,
+    /// Path names, a name with `@window` for "only within that path's window".
+    #[prost(string, repeated, tag = "2")]
+    pub paths: Vec<String>,
+}
+
+/// A dual-homed site's view of its paths, sent on every path's report stream when something
+/// changes (and every 10 s while anything is not up).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Paths {
+    #[prost(message, repeated, tag = "1")]
+    pub paths: Vec<PathStatus>,
+    /// The path each class uses now (a class with no usable path is absent).
+    #[prost(message, repeated, tag = "2")]
+    pub uses: Vec<ClassUse>,
+    /// Switches since the last `Paths` this connection carried, oldest first.
+    #[prost(message, repeated, tag = "3")]
+    pub switches: Vec<PathSwitch>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PathStatus {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// `ground` or `sky`.
+    #[prost(string, tag = "2")]
+    pub kind: String,
+    /// `up`, `suspect` or `down`.
+    #[prost(string, tag = "3")]
+    pub state: String,
+    #[prost(uint32, tag = "4")]
+    pub rtt_ms: u32,
+    #[prost(uint32, tag = "5")]
+    pub loss_permille: u32,
+    #[prost(uint32, tag = "6")]
+    pub tx_kbps: u32,
+    #[prost(uint32, tag = "7")]
+    pub rx_kbps: u32,
+    /// The agent's budget on this path (kbit/s; 0: none).
+    #[prost(uint32, tag = "8")]
+    pub budget_kbps: u32,
+    /// Since when (site clock, Unix ms) it is in this state.
+    #[prost(int64, tag = "9")]
+    pub since_ms: i64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ClassUse {
+    #[prost(string, tag = "1")]
+    pub class: String,
+    #[prost(string, tag = "2")]
+    pub path: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PathSwitch {
+    #[prost(int64, tag = "1")]
+    pub at_ms: i64,
+    #[prost(string, tag = "2")]
+    pub class: String,
+    /// Empty: none.
+    #[prost(string, tag = "3")]
+    pub from: String,
+    #[prost(string, tag = "4")]
+    pub to: String,
+    #[prost(string, tag = "5")]
+    pub reason: String,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, prost::Message, Serialize)]

@@ -278,7 +278,12 @@ struct SimTransfers {
 }
 
 impl uplink::SessionHook for SimTransfers {
-    fn on_session(self: Arc<Self>, conn: &quinn::Connection, stop: CancellationToken) {
+    fn on_session(
+        self: Arc<Self>,
+        conn: &quinn::Connection,
+        stop: CancellationToken,
+        route: uplink::Route,
+    ) {
         tokio::spawn(tiandi_transfer::inbox::accept_loop(
             self.inbox.clone(),
             conn.clone(),
@@ -286,12 +291,13 @@ impl uplink::SessionHook for SimTransfers {
             stop.clone(),
         ));
         if let Some(outbox) = &self.outbox {
-            tokio::spawn(tiandi_transfer::outbox::drive(
+            tokio::spawn(tiandi_transfer::outbox::drive_routed(
                 outbox.clone(),
                 conn.clone(),
                 "controller".into(),
                 self.site_id.clone(),
                 stop,
+                route.classes(),
             ));
         }
     }

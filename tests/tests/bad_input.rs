@@ -89,6 +89,7 @@ fn hello(site: &str, major: u32) -> Vec<u8> {
         agent_version: "test".into(),
         interval_ms: 1000,
         epoch: 0,
+        path: String::new(),
     }))
 }
 

@@ -10,7 +10,8 @@
 //! ([`SessionHook`]); it must never drop a report the controller has not acknowledged.
 
 pub mod identity;
+pub mod paths;
 pub mod session;
 pub mod spool;
 
-pub use session::{SessionHook, Shared, UplinkConfig, WINDOW, run};
+pub use session::{PathLink, Route, SessionHook, Shared, UplinkConfig, WINDOW, run, run_paths};

@@ -6,6 +6,7 @@
 //! Reconnection uses exponential backoff with full jitter, so thousands of sites coming back
 //! after a controller restart arrive spread out instead of in one wave.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,10 +14,11 @@ use std::time::{Duration, Instant};
 
 use tiandi_link::{FrameReader, FrameWriter, LinkError, pki::CONTROLLER_NAME};
 use tiandi_proto::{Body, Hello, LinkStats, Report, names::NameEncoder};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::paths::PathCtx;
 use crate::spool::Spool;
 
 /// Backlog reports in flight at once (the current report always goes out at once).
@@ -47,8 +49,12 @@ const PERMANENT_RETRY: Duration = Duration::from_secs(300);
 /// State shared by the collector and the uplink of one site.
 pub struct Shared {
     pub spool: Mutex<Spool>,
-    /// Signalled when a new report is in the spool.
-    pub new_report: Notify,
+    /// The newest report's sequence number, changed when a new report is in the spool (every
+    /// path's session watches it).
+    pub new_report: watch::Sender<u64>,
+    /// Reports that changed the site's critical state (a UPS on battery, a device lost), the
+    /// latest [`CRITICAL_KEPT`]: a dual-homed site sends them over every path that is up.
+    pub critical: Mutex<(u64, VecDeque<u64>)>,
     /// Signalled by the uplink on every (re)connection: take a sample now, so the controller
     /// gets the current state at once, not at the next tick.
     pub sample_now: Notify,
@@ -65,7 +71,8 @@ impl Shared {
     pub fn new(spool: Spool) -> Arc<Shared> {
         Arc::new(Shared {
             spool: Mutex::new(spool),
-            new_report: Notify::new(),
+            new_report: watch::channel(0).0,
+            critical: Mutex::new((0, VecDeque::new())),
             sample_now: Notify::new(),
             link: Mutex::new(None),
             offline: AtomicBool::new(false),
@@ -80,14 +87,60 @@ impl Shared {
         if report.link.is_none() {
             report.link = self.link.lock().expect("link lock poisoned").clone();
         }
+        let signature = critical_signature(&report);
         let seq = self
             .spool
             .lock()
             .expect("spool lock poisoned")
             .push(report)?;
-        self.new_report.notify_one();
+        {
+            let mut c = self.critical.lock().expect("critical lock poisoned");
+            if c.0 != signature {
+                // The first report of a run is critical only if something is wrong.
+                if c.0 != 0 || signature != critical_signature(&Report::default()) {
+                    if c.1.len() == CRITICAL_KEPT {
+                        c.1.pop_front();
+                    }
+                    c.1.push_back(seq);
+                }
+                c.0 = signature;
+            }
+        }
+        self.new_report.send_replace(seq);
         Ok(seq)
     }
+
+    /// Whether report `seq` changed the site's critical state.
+    pub fn is_critical(&self, seq: u64) -> bool {
+        self.critical
+            .lock()
+            .expect("critical lock poisoned")
+            .1
+            .contains(&seq)
+    }
+}
+
+/// Critical reports remembered for sending over every path.
+pub const CRITICAL_KEPT: usize = 16;
+
+/// What of a report makes for a critical alarm at the controller: each device's status and
+/// whether a UPS is on battery. A report whose signature differs from the one before raised
+/// or cleared such an alarm. Never 0.
+fn critical_signature(r: &Report) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for d in &r.devices {
+        eat(d.name.as_bytes());
+        eat(&d.name_ref.to_le_bytes());
+        eat(&d.status.to_le_bytes());
+        eat(&[u8::from(d.ups.as_ref().is_some_and(|u| u.on_battery))]);
+    }
+    h.max(1)
 }
 
 #[derive(Clone)]
@@ -114,8 +167,66 @@ pub struct UplinkConfig {
 /// Work a site runs on each controller connection beside the report stream (the agent's file
 /// transfers), for as long as that connection lasts.
 pub trait SessionHook: Send + Sync {
-    /// Starts it on a new controller connection; it all stops when `stop` fires.
-    fn on_session(self: Arc<Self>, conn: &quinn::Connection, stop: CancellationToken);
+    /// Starts it on a new controller connection; it all stops when `stop` fires. `route`
+    /// says which transfer classes go over this connection (all of them on a site with one
+    /// path).
+    fn on_session(self: Arc<Self>, conn: &quinn::Connection, stop: CancellationToken, route: Route);
+}
+
+/// Which classes of traffic a connection carries.
+#[derive(Clone)]
+pub enum Route {
+    /// The site's only connection: everything.
+    All,
+    /// Path `index` of a dual-homed site: the classes the board gives it, changing over time.
+    Path(PathCtx),
+}
+
+impl Route {
+    /// Whether this connection carries `class` now.
+    pub fn carries(&self, class: tiandi_link::paths::Class) -> bool {
+        match self {
+            Route::All => true,
+            Route::Path(p) => p.board.current(class) == Some(p.index),
+        }
+    }
+
+    /// Resolves when what this connection carries may have changed (never, for `All`).
+    pub async fn changed(&self, rx: &mut Option<watch::Receiver<u64>>) {
+        match rx {
+            Some(rx) => {
+                if rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// A receiver for [`Route::changed`].
+    pub fn watch(&self) -> Option<watch::Receiver<u64>> {
+        match self {
+            Route::All => None,
+            Route::Path(p) => Some(p.board.subscribe()),
+        }
+    }
+
+    /// The transfer classes this connection carries, for the outbox's drivers.
+    pub fn classes(&self) -> tiandi_transfer::outbox::ClassRoute {
+        match self {
+            Route::All => tiandi_transfer::outbox::ClassRoute::all(),
+            Route::Path(p) => {
+                let (board, index) = (p.board.clone(), p.index);
+                tiandi_transfer::outbox::ClassRoute::new(
+                    move |class| {
+                        tiandi_link::paths::Class::parse(class)
+                            .is_some_and(|c| board.current(c) == Some(index))
+                    },
+                    p.board.subscribe(),
+                )
+            }
+        }
+    }
 }
 
 async fn resolve(addr: &str) -> Result<SocketAddr, LinkError> {
@@ -132,6 +243,66 @@ pub async fn run(
     cfg: UplinkConfig,
     shared: Arc<Shared>,
     cancel: CancellationToken,
+) {
+    run_one(endpoint, cfg, shared, cancel, None).await
+}
+
+/// One path of a dual-homed site: its endpoint (bound as the path says), its client
+/// configuration (its profile, probe interval and budget) and the controller's addresses over
+/// it.
+pub struct PathLink {
+    pub endpoint: quinn::Endpoint,
+    pub client: quinn::ClientConfig,
+    pub controller: String,
+}
+
+/// A dual-homed site's uplink: a session on every path at once (each a warm standby for the
+/// others), reports over the path the board chooses, until cancelled.
+pub async fn run_paths(
+    links: Vec<PathLink>,
+    cfg: UplinkConfig,
+    board: Arc<crate::paths::Board>,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) {
+    assert_eq!(links.len(), board.len(), "one link per path");
+    tokio::spawn(board.clone().run(cancel.clone()));
+    let mut tasks = Vec::new();
+    for (index, link) in links.into_iter().enumerate() {
+        let mut cfg = cfg.clone();
+        cfg.client = link.client;
+        cfg.controller = link.controller;
+        let ctx = PathCtx {
+            index,
+            board: board.clone(),
+        };
+        let span = tracing::info_span!("path", path = %ctx.name());
+        tasks.push(tokio::spawn(tracing::Instrument::instrument(
+            run_one(
+                link.endpoint,
+                cfg,
+                shared.clone(),
+                cancel.clone(),
+                Some(ctx),
+            ),
+            span,
+        )));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+/// How soon a path redials while another path of the site is up (its failure is its own, not
+/// the controller's): about a second, jittered.
+const PATH_REDIAL: Duration = Duration::from_secs(1);
+
+async fn run_one(
+    endpoint: quinn::Endpoint,
+    cfg: UplinkConfig,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    ctx: Option<PathCtx>,
 ) {
     let mut attempt: u32 = 0;
     let mut lost_at: Option<Instant> = None;
@@ -153,14 +324,30 @@ pub async fn run(
             }
         }
         let started = Instant::now();
-        let result = session(&endpoint, &cfg, &addrs[current], &shared, &cancel).await;
-        shared.connected.store(false, Ordering::Relaxed);
-        shared
-            .spool
-            .lock()
-            .expect("spool lock poisoned")
-            .in_flight
-            .clear();
+        let result = session(
+            &endpoint,
+            &cfg,
+            &addrs[current],
+            &shared,
+            &cancel,
+            ctx.as_ref(),
+        )
+        .await;
+        if ctx.as_ref().is_none_or(|c| !c.board.other_up(c.index)) {
+            shared.connected.store(false, Ordering::Relaxed);
+        }
+        if let Some(c) = &ctx
+            && c.board.other_up(c.index)
+            && !matches!(&result, Err(e) if e.is_permanent() || e.is_tls_failure() || e.is_superseded())
+        {
+            // Another path reaches the controller: this path's failure is its own. Dial again
+            // soon, so the line's return is noticed within seconds.
+            debug!(result = ?result.as_ref().err().map(|e| e.to_string()), "Path session ended; dialling again.");
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(PATH_REDIAL.mul_f64(0.5 + rand::random::<f64>() / 2.0)) => continue,
+            }
+        }
         if !matches!(&result, Err(e) if e.is_tls_failure()) {
             tls_failures = 0;
         }
@@ -260,12 +447,16 @@ fn link_stats(conn: &quinn::Connection) -> LinkStats {
 struct Sender {
     writer: FrameWriter,
     names: NameEncoder,
-    /// When each in-flight report was sent.
+    /// When each report in flight on this connection was sent.
     sent_at: std::collections::BTreeMap<u64, Instant>,
+    shared: Arc<Shared>,
 }
 
 impl Sender {
     async fn send(&mut self, shared: &Shared, mut r: Report) -> Result<(), LinkError> {
+        if self.sent_at.contains_key(&r.seq) {
+            return Ok(());
+        }
         shared
             .spool
             .lock()
@@ -281,12 +472,23 @@ impl Sender {
     }
 }
 
+impl Drop for Sender {
+    /// What this connection carried unacknowledged is no longer in flight on it.
+    fn drop(&mut self) {
+        let mut spool = self.shared.spool.lock().expect("spool lock poisoned");
+        for seq in self.sent_at.keys() {
+            spool.in_flight.release(*seq);
+        }
+    }
+}
+
 async fn session(
     endpoint: &quinn::Endpoint,
     cfg: &UplinkConfig,
     controller: &str,
     shared: &Arc<Shared>,
     cancel: &CancellationToken,
+    ctx: Option<&PathCtx>,
 ) -> Result<(), LinkError> {
     let addr = resolve(controller).await?;
     let epoch_seen = shared
@@ -310,6 +512,7 @@ async fn session(
         writer: FrameWriter::new(send),
         names: NameEncoder::default(),
         sent_at: Default::default(),
+        shared: shared.clone(),
     };
     out.writer
         .send(Body::Hello(Hello {
@@ -319,6 +522,7 @@ async fn session(
             agent_version: env!("CARGO_PKG_VERSION").into(),
             interval_ms: cfg.interval_ms,
             epoch: epoch_seen,
+            path: ctx.map(PathCtx::name).unwrap_or_default(),
         }))
         .await?;
     let welcome = tokio::select! {
@@ -367,40 +571,73 @@ async fn session(
         .writer
         .stream_mut()
         .set_priority(tiandi_transfer::send::PRIORITY_REPORTS);
+    // A dual-homed site: this path is up; the controller's policy (if it sets one) applies.
+    let _registered = ctx.map(|c| {
+        if let Some(p) = &welcome.path_policy {
+            c.board.set_policy(p);
+        }
+        c.board.connected(c.index, &conn);
+        Registered(c.clone(), conn.clone())
+    });
+    // The controller knows `Paths` frames from minor 1 on.
+    let paths_frames = ctx.filter(|_| welcome.minor >= 1);
+    let mut board_rx = ctx.map(|c| c.board.subscribe());
+    let mut switches_sent = 0u64;
     let transfers = cancel.child_token();
     let _stop_transfers = transfers.clone().drop_guard();
     if let Some(t) = &cfg.on_session {
-        t.clone().on_session(&conn, transfers);
+        let route = match ctx {
+            None => crate::Route::All,
+            Some(c) => crate::Route::Path(c.clone()),
+        };
+        t.clone().on_session(&conn, transfers, route);
     }
-    *shared.link.lock().expect("link lock poisoned") = Some(link_stats(&conn));
-    shared.sample_now.notify_one();
+    let reports_here = || ctx.is_none_or(|c| c.board.reports_here(c.index));
+    let mut active = reports_here();
+    if active {
+        *shared.link.lock().expect("link lock poisoned") = Some(link_stats(&conn));
+        shared.sample_now.notify_one();
+    }
+    if let Some(c) = paths_frames {
+        let (p, last) = c.board.wire(switches_sent);
+        switches_sent = last;
+        out.writer.send(Body::Paths(p)).await?;
+    }
 
     // Current state first: the newest spooled report now, a fresh sample right after.
-    let newest = shared
-        .spool
-        .lock()
-        .expect("spool lock poisoned")
-        .newest()
-        .map_err(|e| LinkError::Stream(e.to_string()))?;
-    if let Some(r) = newest {
-        out.send(shared, r).await?;
+    let mut new_report = shared.new_report.subscribe();
+    if active {
+        let newest = shared
+            .spool
+            .lock()
+            .expect("spool lock poisoned")
+            .newest()
+            .map_err(|e| LinkError::Stream(e.to_string()))?;
+        if let Some(r) = newest {
+            out.send(shared, r).await?;
+        }
     }
     let mut cursor = 0u64;
     let mut stats_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut paths_refresh = tokio::time::interval(PATHS_REFRESH);
+    paths_refresh.reset();
     // When a datagram last arrived from the controller (QUIC acknowledgements included).
     let mut rx_seen = (conn.stats().udp_rx.datagrams, Instant::now());
     loop {
-        // Fill the backlog window, oldest first.
-        let next: Vec<Report> = {
+        // Fill the backlog window, oldest first (only on the path that carries reports).
+        let next: Vec<Report> = if !active {
+            Vec::new()
+        } else {
             let spool = shared.spool.lock().expect("spool lock poisoned");
-            let room = WINDOW.saturating_sub(spool.in_flight.len());
+            let mine = out.sent_at.len();
+            let room = WINDOW.saturating_sub(mine);
             if room == 0 {
                 Vec::new()
             } else {
                 let mut v = spool
-                    .after(cursor, room + spool.in_flight.len())
+                    .after(cursor, room + mine)
                     .map_err(|e| LinkError::Stream(e.to_string()))?;
-                v.retain(|r| !spool.in_flight.contains(&r.seq));
+                v.retain(|r| !out.sent_at.contains_key(&r.seq));
                 v.truncate(room);
                 v
             }
@@ -418,14 +655,44 @@ async fn session(
                 conn.close(0u32.into(), b"agent stopping");
                 return Ok(());
             }
-            _ = shared.new_report.notified() => {
-                let newest = {
-                    let spool = shared.spool.lock().expect("spool lock poisoned");
-                    spool.newest().map_err(|e| LinkError::Stream(e.to_string()))?
-                        .filter(|r| !spool.in_flight.contains(&r.seq))
-                };
-                if let Some(r) = newest {
-                    out.send(shared, r).await?;
+            _ = new_report.changed() => {
+                let seq = *new_report.borrow_and_update();
+                let critical = ctx.is_some_and(|c| shared.is_critical(seq) && c.board.critical_here(c.index));
+                if active || critical {
+                    let newest = shared.spool.lock().expect("spool lock poisoned").newest()
+                        .map_err(|e| LinkError::Stream(e.to_string()))?;
+                    if let Some(r) = newest {
+                        if !active {
+                            info!(seq = r.seq, "Critical report sent over this path too.");
+                        }
+                        out.send(shared, r).await?;
+                    }
+                }
+            }
+            _ = async { board_rx.as_mut().expect("guarded").changed().await }, if board_rx.is_some() => {
+                let now_active = reports_here();
+                if now_active != active {
+                    active = now_active;
+                    if active {
+                        // Reports come this way now: everything unacknowledged again, oldest
+                        // first (the path they went over may be dead).
+                        info!("Reports go over this path now.");
+                        cursor = 0;
+                        *shared.link.lock().expect("link lock poisoned") = Some(link_stats(&conn));
+                    }
+                }
+                if let Some(c) = paths_frames {
+                    let (p, last) = c.board.wire(switches_sent);
+                    switches_sent = last;
+                    out.writer.send(Body::Paths(p)).await?;
+                }
+            }
+            _ = paths_refresh.tick(), if paths_frames.is_some() => {
+                // Fresh figures (RTT, loss, rates) now and then, even without a change.
+                if let Some(c) = paths_frames {
+                    let (p, last) = c.board.wire(switches_sent);
+                    switches_sent = last;
+                    out.writer.send(Body::Paths(p)).await?;
                 }
             }
             msg = reader.recv() => match msg {
@@ -447,7 +714,9 @@ async fn session(
                 Err(e) => return Err(closed_reason(&conn).unwrap_or(e)),
             },
             _ = stats_tick.tick() => {
-                *shared.link.lock().expect("link lock poisoned") = Some(link_stats(&conn));
+                if active {
+                    *shared.link.lock().expect("link lock poisoned") = Some(link_stats(&conn));
+                }
                 if shared.offline.load(Ordering::Relaxed) {
                     conn.close(0u32.into(), b"site link down (simulated)");
                     return Err(LinkError::Stream("simulated outage".into()));
@@ -473,6 +742,19 @@ async fn session(
             }
             e = conn.closed() => return Err(app_close(e)),
         }
+    }
+}
+
+/// A `Paths` frame goes out at least this often on a dual-homed site's connections (fresh
+/// RTT, loss and rates for the controller's view).
+const PATHS_REFRESH: Duration = Duration::from_secs(10);
+
+/// A path's session registered on the board; unregistered when dropped.
+struct Registered(PathCtx, quinn::Connection);
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.0.board.disconnected(self.0.index, &self.1);
     }
 }
 

@@ -63,6 +63,7 @@ async fn controller(
                 acked_ranges: Vec::new(),
                 server_time_ms: tiandi_link::clock::now_ms(),
                 epoch: 1,
+                path_policy: None,
             }))
             .await
             .unwrap();

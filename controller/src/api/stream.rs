@@ -18,15 +18,20 @@ pub(super) async fn stream(
     Query(q): Query<StreamQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, AppError> {
     let kinds: Vec<String> = match q.events.as_deref().filter(|e| !e.is_empty()) {
-        None => vec!["report".into(), "alarm".into(), "site".into()],
+        None => vec![
+            "report".into(),
+            "alarm".into(),
+            "site".into(),
+            "path".into(),
+        ],
         Some(list) => {
             let kinds: Vec<String> = list.split(',').map(|k| k.trim().to_string()).collect();
             if let Some(k) = kinds
                 .iter()
-                .find(|k| !["report", "alarm", "site", "transfer"].contains(&k.as_str()))
+                .find(|k| !["report", "alarm", "site", "transfer", "path"].contains(&k.as_str()))
             {
                 return Err(bad(format!(
-                    "unknown event kind {k:?} (report, alarm, site, transfer)"
+                    "unknown event kind {k:?} (report, alarm, site, transfer, path)"
                 )));
             }
             kinds

@@ -42,6 +42,8 @@ pub struct Metrics {
     pub ingest_seconds: Histogram,
     pub report_delay_seconds: Histogram,
     pub enrollments: IntCounterVec,
+    /// Dual-homed sites' switches of a class to another path, by class.
+    pub path_switches: IntCounterVec,
     /// Backup jobs (labels `job`, `site`; `kind` for run results): set every 30 s.
     pub backup: [prometheus::GaugeVec; 8],
 }
@@ -150,6 +152,18 @@ impl Metrics {
             &["result"],
         )
         .expect("metric");
+        let path_switches = IntCounterVec::new(
+            Opts::new(
+                "tiandi_path_switches_total",
+                "Dual-homed sites' switches of a traffic class to another path (failover, \
+                 switch-back, a window), by class.",
+            ),
+            &["class"],
+        )
+        .expect("metric");
+        for c in tiandi_link::paths::Class::ALL {
+            path_switches.with_label_values(&[c.as_str()]);
+        }
         // Label values known in advance start at 0, so that rate() sees the first one.
         for r in ENROLL_RESULTS {
             enrollments.with_label_values(&[r]);
@@ -214,6 +228,7 @@ impl Metrics {
             Box::new(ingest_seconds.clone()),
             Box::new(report_delay_seconds.clone()),
             Box::new(enrollments.clone()),
+            Box::new(path_switches.clone()),
         ]
         .into_iter()
         .chain(
@@ -242,6 +257,7 @@ impl Metrics {
             ingest_seconds,
             report_delay_seconds,
             enrollments,
+            path_switches,
             backup,
         }
     }

@@ -436,6 +436,7 @@ async fn sparse_sequence_numbers_cannot_grow_a_sites_state() {
         agent_version: "attack".into(),
         interval_ms: 1000,
         epoch: 0,
+        path: String::new(),
     }))
     .await
     .unwrap();

@@ -217,6 +217,7 @@ async fn revoked_site_loses_its_report_connection_within_10s() {
         agent_version: "attack".into(),
         interval_ms: 10_000,
         epoch: 0,
+        path: String::new(),
     }))
     .await
     .unwrap();

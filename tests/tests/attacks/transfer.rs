@@ -56,6 +56,7 @@ impl uplink::SessionHook for Hook {
         self: Arc<Self>,
         conn: &quinn::Connection,
         _stop: tokio_util::sync::CancellationToken,
+        _route: uplink::Route,
     ) {
         let _ = self.0.send(conn.clone());
     }

@@ -23,17 +23,101 @@ pub async fn drive(
     origin: String,
     cancel: CancellationToken,
 ) {
+    drive_routed(outbox, conn, dest, origin, cancel, ClassRoute::all()).await
+}
+
+/// Which priority classes a connection carries now, and a signal when that may change: a
+/// dual-homed site's transfers of each class follow the path chosen for that class.
+#[derive(Clone)]
+pub struct ClassRoute {
+    carries: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+    changes: Option<tokio::sync::watch::Receiver<u64>>,
+}
+
+impl ClassRoute {
+    /// Every class, always (a site with one path).
+    pub fn all() -> ClassRoute {
+        ClassRoute {
+            carries: Arc::new(|_| true),
+            changes: None,
+        }
+    }
+
+    /// The classes `carries` says (called with a class's name, [`CLASSES`]), looked at again
+    /// whenever `changes` changes.
+    pub fn new(
+        carries: impl Fn(&str) -> bool + Send + Sync + 'static,
+        changes: tokio::sync::watch::Receiver<u64>,
+    ) -> ClassRoute {
+        ClassRoute {
+            carries: Arc::new(carries),
+            changes: Some(changes),
+        }
+    }
+
+    async fn changed(changes: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+        match changes {
+            Some(rx) => {
+                if rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// [`drive`], each class only while `route` gives it to this connection: a class taken away
+/// stops its transfer in flight (it resumes on the connection that gets the class, from what
+/// the receiver holds), a class given starts its driver.
+pub async fn drive_routed(
+    outbox: Arc<Outbox>,
+    conn: quinn::Connection,
+    dest: String,
+    origin: String,
+    cancel: CancellationToken,
+    route: ClassRoute,
+) {
     let mut classes = Vec::new();
     for class in CLASSES {
-        let (outbox, conn, dest, origin, cancel) = (
+        let (outbox, conn, dest, origin, cancel, route) = (
             outbox.clone(),
             conn.clone(),
             dest.clone(),
             origin.clone(),
             cancel.clone(),
+            route.clone(),
         );
         classes.push(tokio::spawn(async move {
-            drive_class(&outbox, &conn, &dest, &origin, class, &cancel).await
+            let mut changes = route.changes.clone();
+            loop {
+                if cancel.is_cancelled() || conn.close_reason().is_some() {
+                    return;
+                }
+                if !(route.carries)(class) {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = conn.closed() => return,
+                        _ = ClassRoute::changed(&mut changes) => continue,
+                    }
+                }
+                let run = cancel.child_token();
+                let driving = drive_class(&outbox, &conn, &dest, &origin, class, &run);
+                tokio::pin!(driving);
+                loop {
+                    tokio::select! {
+                        _ = &mut driving => return,
+                        _ = ClassRoute::changed(&mut changes) => {
+                            if !(route.carries)(class) {
+                                info!(class, "This class's transfers move to another path.");
+                                run.cancel();
+                                (&mut driving).await;
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
         }));
     }
     for c in classes {

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use crate::{Manifest, Priority, Receipt, now_ms};
 
-pub use drive::drive;
+pub use drive::{ClassRoute, drive, drive_routed};
 pub use schedule::{CLASSES, Next};
 pub use store::{KEEP_FINISHED, Outbox};
 pub use window::Window;

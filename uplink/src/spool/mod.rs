@@ -16,7 +16,6 @@
 //! rename of the `CURRENT` file. A crash at any point leaves either the old generation or the
 //! complete new one current; the other is removed on the next open.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use tiandi_proto::{Message, Report, SeqRange};
@@ -89,12 +88,47 @@ pub struct Spool {
     count: usize,
     interval_ms: i64,
     durable: bool,
-    /// Sequence numbers sent on the current connection and not yet acknowledged.
-    pub in_flight: BTreeSet<u64>,
+    /// Sequence numbers sent on a live connection and not yet acknowledged (a dual-homed
+    /// site may have one in flight on two paths at once).
+    pub in_flight: InFlight,
     /// Reports merged by downsampling since start (for logs and tests).
     pub merged: u64,
     /// Reports dropped because even the coarsest downsampling could not fit the quota.
     pub dropped: u64,
+}
+
+/// Reports in flight, counted per connection that carries them: a downsampling rewrite
+/// leaves them alone until every connection has had its acknowledgement or ended.
+#[derive(Debug, Default)]
+pub struct InFlight(std::collections::BTreeMap<u64, u32>);
+
+impl InFlight {
+    /// One more connection carries `seq`.
+    pub fn insert(&mut self, seq: u64) {
+        *self.0.entry(seq).or_default() += 1;
+    }
+    /// A connection that carried `seq` ended without its acknowledgement.
+    pub fn release(&mut self, seq: u64) {
+        if let std::collections::btree_map::Entry::Occupied(mut e) = self.0.entry(seq) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+    /// `seq` is acknowledged: no connection carries it any more.
+    pub fn remove(&mut self, seq: &u64) {
+        self.0.remove(seq);
+    }
+    pub fn contains(&self, seq: &u64) -> bool {
+        self.0.contains_key(seq)
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 impl Spool {
@@ -152,7 +186,7 @@ impl Spool {
             count: 0,
             interval_ms: interval_ms.max(100),
             durable,
-            in_flight: BTreeSet::new(),
+            in_flight: InFlight::default(),
             merged: 0,
             dropped: 0,
         };
@@ -312,7 +346,6 @@ impl Spool {
         acked_through: u64,
         ranges: &[SeqRange],
     ) -> Result<usize, SpoolError> {
-        self.in_flight.clear();
         let known_max = ranges
             .iter()
             .map(|r| r.last)
