@@ -290,7 +290,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         ))
     } else {
         let links = path_links(&cfg, &id).await?;
-        let board = uplink::paths::Board::new(cfg.paths.clone(), cfg.path_policy.clone());
+        let board = tiandi_link::paths::Board::new(cfg.paths.clone(), cfg.path_policy.clone());
         info!(paths = ?cfg.paths.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), "Dual-homed: a connection to the controller over each path.");
         tokio::spawn(uplink::run_paths(
             links,

@@ -10,7 +10,6 @@
 //! ([`SessionHook`]); it must never drop a report the controller has not acknowledged.
 
 pub mod identity;
-pub mod paths;
 pub mod session;
 pub mod spool;
 

@@ -18,8 +18,8 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::paths::PathCtx;
 use crate::spool::Spool;
+use tiandi_link::paths::PathCtx;
 
 /// Backlog reports in flight at once (the current report always goes out at once).
 pub const WINDOW: usize = 32;
@@ -261,7 +261,7 @@ pub struct PathLink {
 pub async fn run_paths(
     links: Vec<PathLink>,
     cfg: UplinkConfig,
-    board: Arc<crate::paths::Board>,
+    board: Arc<tiandi_link::paths::Board>,
     shared: Arc<Shared>,
     cancel: CancellationToken,
 ) {

@@ -32,6 +32,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+pub mod board;
+pub use board::{Board, PathCtx};
+
 use crate::LinkError;
 use crate::transport::LinkProfile;
 use crate::window::Window;

@@ -1,16 +1,16 @@
-//! A dual-homed site's uplink: one connection to the controller per path, each made ready
-//! before it is needed (see `tiandi_link::paths` for why not one migrated connection). The
-//! [`Board`] holds every path's connection and health and the selector's decision; each path's
-//! session asks it whether reports go out here, and sends the controller a `Paths` frame when
-//! something changes, so that the controller drives each transfer class on the path the site
-//! chose and shows the site's paths.
+//! A dual-homed component's paths at run time: one connection per path (to the controller, or
+//! to a conference relay), each made ready before it is needed (see the parent module for why
+//! not one migrated connection). The [`Board`] holds every path's connection and health and the
+//! selector's decision; a path's session asks it what goes over that path, and (the agent's
+//! uplink) sends the controller a `Paths` frame when something changes, so that the controller
+//! drives each transfer class on the path the site chose and shows the site's paths.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tiandi_link::paths::policy_from_wire;
-use tiandi_link::paths::{Class, Health, PathSpec, PathState, Policy, Sample, Selector, Switch};
+use super::policy_from_wire;
+use super::{Class, Health, PathSpec, PathState, Policy, Sample, Selector, Switch};
 use tiandi_proto::{ClassUse, PathPolicy, PathStatus, PathSwitch, Paths};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -67,7 +67,7 @@ impl Board {
                 conns: vec![None; n],
                 switches: VecDeque::new(),
                 next_switch: 1,
-                since_ms: vec![tiandi_link::clock::now_ms(); n],
+                since_ms: vec![crate::clock::now_ms(); n],
                 states: vec![PathState::Down; n],
             }),
             version: watch::channel(0).0,
@@ -196,7 +196,7 @@ impl Board {
         let changed = {
             let mut g = self.lock();
             let now = Instant::now();
-            let unix_ms = tiandi_link::clock::now_ms();
+            let unix_ms = crate::clock::now_ms();
             let mut changed = false;
             for i in 0..g.conns.len() {
                 if let Some(c) = g.conns[i].clone() {
@@ -246,8 +246,8 @@ impl Board {
                 PathStatus {
                     name: p.name.clone(),
                     kind: match p.kind() {
-                        tiandi_link::paths::PathKind::Ground => "ground".into(),
-                        tiandi_link::paths::PathKind::Sky => "sky".into(),
+                        super::PathKind::Ground => "ground".into(),
+                        super::PathKind::Sky => "sky".into(),
                     },
                     state: h.state.as_str().into(),
                     rtt_ms: h.rtt.as_millis().min(u128::from(u32::MAX)) as u32,
@@ -325,7 +325,7 @@ impl Board {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tiandi_link::paths::policy_to_wire;
+    use crate::paths::policy_to_wire;
     use tiandi_proto::ClassRule;
 
     #[test]
@@ -346,7 +346,7 @@ mod tests {
     #[test]
     fn without_connections_no_path_carries_reports_and_the_wire_says_so() {
         let mut sky = PathSpec::named("sky");
-        sky.profile = Some(tiandi_link::LinkProfile::Geo);
+        sky.profile = Some(crate::LinkProfile::Geo);
         let b = Board::new(vec![PathSpec::named("ground"), sky], Policy::default());
         b.tick();
         assert!(!b.reports_here(0) && !b.reports_here(1));
