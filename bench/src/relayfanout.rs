@@ -195,12 +195,14 @@ async fn run_async(a: Args, bin: PathBuf) -> anyhow::Result<()> {
             link_kbps: 0,
             // Loopback: no repair datagrams (they would never be needed), unless asked.
             fec_rtt_ms: u32::from(repair),
+            ..Default::default()
         }))
         .await?;
         w.send(&Control::Subscribe(Subscribe {
             publisher: "ministry".into(),
             kind: "video".into(),
             rendition: String::new(),
+            ..Default::default()
         }))
         .await?;
         tokio::spawn(async move {

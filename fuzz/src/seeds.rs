@@ -352,6 +352,7 @@ fn conference_wire(v: &mut Vec<Seed>) {
                 path: vec!["relay-gd".into()],
                 link_kbps: 2048,
                 fec_rtt_ms: 200,
+                ..Default::default()
             }),
         ),
         (
@@ -382,6 +383,7 @@ fn conference_wire(v: &mut Vec<Seed>) {
                 publisher: "gd-001".into(),
                 kind: "video".into(),
                 rendition: "720p".into(),
+                ..Default::default()
             }),
         ),
         (

@@ -95,6 +95,22 @@ impl Session {
         link_kbps: u32,
         fec_rtt_ms: u32,
     ) -> Result<Arc<Session>, IoError> {
+        Session::join_path(conn, room, role, path, link_kbps, fec_rtt_ms, "", false).await
+    }
+
+    /// [`Session::join_with`] over one of a dual-homed site's paths (`site_path`), as a warm
+    /// standby (`standby`: kept ready and probed, no roster change) or not.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn join_path(
+        conn: quinn::Connection,
+        room: &str,
+        role: conference_wire::Role,
+        path: Vec<String>,
+        link_kbps: u32,
+        fec_rtt_ms: u32,
+        site_path: &str,
+        standby: bool,
+    ) -> Result<Arc<Session>, IoError> {
         // Closed by the relay (it may refuse before reading the Hello): its reason says why.
         let closed = |e: IoError| match conn.close_reason() {
             Some(reason) => IoError::Stream(format!("the relay closed the connection: {reason}")),
@@ -112,6 +128,8 @@ impl Session {
             path,
             link_kbps,
             fec_rtt_ms,
+            site_path: site_path.into(),
+            standby,
         }))
         .await
         .map_err(closed)?;
@@ -211,6 +229,37 @@ impl Session {
             publisher: publisher.into(),
             kind: kind.into(),
             rendition: rendition.into(),
+            ..Default::default()
+        }))
+        .await
+    }
+
+    /// [`Session::subscribe`] for a failover from another path: the current group at once,
+    /// from its keyframe however old, starting with `start_rendition` (what the other path
+    /// carried; empty: the relay's choice).
+    pub async fn subscribe_failover(
+        &self,
+        publisher: &str,
+        kind: &str,
+        rendition: &str,
+        start_rendition: &str,
+    ) -> Result<(), IoError> {
+        self.control(Control::Subscribe(Subscribe {
+            publisher: publisher.into(),
+            kind: kind.into(),
+            rendition: rendition.into(),
+            from_current: true,
+            start_rendition: start_rendition.into(),
+        }))
+        .await
+    }
+
+    /// Stops a publisher's `kind` coming over this session (a dual-homed site moved its
+    /// conference to another path).
+    pub async fn unsubscribe(&self, publisher: &str, kind: &str) -> Result<(), IoError> {
+        self.control(Control::Unsubscribe(conference_wire::Unsubscribe {
+            publisher: publisher.into(),
+            kind: kind.into(),
         }))
         .await
     }
@@ -283,6 +332,17 @@ impl Session {
         every: Duration,
         played: Option<(String, Arc<crate::play::Live>)>,
     ) {
+        self.report_health_until(every, played, self.cancel.clone());
+    }
+
+    /// [`Session::report_health`] until `until` fires too (a dual-homed site's conference
+    /// moved to another path's session).
+    pub fn report_health_until(
+        self: &Arc<Self>,
+        every: Duration,
+        played: Option<(String, Arc<crate::play::Live>)>,
+        until: CancellationToken,
+    ) {
         let s = self.clone();
         tokio::spawn(async move {
             let mut last: HashMap<(String, String), u64> = HashMap::new();
@@ -291,6 +351,7 @@ impl Session {
             loop {
                 tokio::select! {
                     _ = s.cancel.cancelled() => return,
+                    _ = until.cancelled() => return,
                     _ = tick.tick() => {}
                 }
                 for ((publisher, kind), c) in s.counts() {

@@ -151,6 +151,14 @@ pub struct Hello {
     /// is at least this long (ms; 0: never, 1: always): [`crate::fec`].
     #[prost(uint32, tag = "6")]
     pub fec_rtt_ms: u32,
+    /// Which of a dual-homed site's paths this connection runs over (empty: the site's only
+    /// one).
+    #[prost(string, tag = "7")]
+    pub site_path: String,
+    /// A warm standby: the site is here already over another path; this connection is kept
+    /// ready (and probed) to take over, and does not change the roster.
+    #[prost(bool, tag = "8")]
+    pub standby: bool,
 }
 
 /// A track as the relay offers it.
@@ -261,6 +269,14 @@ pub struct Subscribe {
     pub kind: String,
     #[prost(string, tag = "3")]
     pub rendition: String,
+    /// Start with the current group from its keyframe, however old (a failover: the viewer
+    /// holds the start of that group and needs the rest at once).
+    #[prost(bool, tag = "4")]
+    pub from_current: bool,
+    /// The rendition to start with (the one the viewer was receiving over its other path);
+    /// the relay's choice follows the link from the next group on.
+    #[prost(string, tag = "5")]
+    pub start_rendition: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -608,6 +624,9 @@ pub fn check_hello(h: &Hello) -> Result<Role, WireError> {
     if h.version != VERSION {
         return Err(WireError::Version(h.version));
     }
+    if !h.site_path.is_empty() && tiandi_link::names::validate_name("path", &h.site_path).is_err() {
+        return Err(malformed("Hello", format!("path name {:?}", h.site_path)));
+    }
     Role::parse(&h.role).ok_or_else(|| malformed("Hello", format!("unknown role {:?}", h.role)))
 }
 
@@ -625,6 +644,7 @@ mod tests {
                 path: vec!["ministry".into()],
                 link_kbps: 512,
                 fec_rtt_ms: 200,
+                ..Default::default()
             }),
             Control::Tracks(Tracks {
                 tracks: vec![TrackInfo {

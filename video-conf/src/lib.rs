@@ -40,7 +40,22 @@ pub use tiandi_link::clock::now_ms;
 /// instead of Cubic. Cubic reads the random loss of a satellite link as congestion and
 /// collapses its window (see `geo-link`: 0.7 Mbit/s of 20 at 1 % loss), which a live stream
 /// cannot wait out; BBR paces at the delivery rate it measures.
+/// [`transport`] over one of a dual-homed site's paths: a keep-alive every `probe` (the
+/// path's health; `tiandi_link::paths`).
+pub fn path_transport(
+    profile: tiandi_link::LinkProfile,
+    probe: std::time::Duration,
+) -> std::sync::Arc<quinn::TransportConfig> {
+    let mut t = transport_config(profile);
+    t.keep_alive_interval(Some(probe));
+    std::sync::Arc::new(t)
+}
+
 pub fn transport(profile: tiandi_link::LinkProfile) -> std::sync::Arc<quinn::TransportConfig> {
+    std::sync::Arc::new(transport_config(profile))
+}
+
+fn transport_config(profile: tiandi_link::LinkProfile) -> quinn::TransportConfig {
     let mut t = profile.transport_config();
     t.congestion_controller_factory(std::sync::Arc::new(quinn::congestion::BbrConfig::default()));
     // A conference notices a dead relay or participant within seconds (a site then joins
@@ -49,7 +64,7 @@ pub fn transport(profile: tiandi_link::LinkProfile) -> std::sync::Arc<quinn::Tra
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(std::time::Duration::from_secs(10)).expect("10 s fits"),
     ));
-    std::sync::Arc::new(t)
+    t
 }
 
 /// Relay TLS: the relay's own site certificate; any site of the CA may join (which rooms it

@@ -113,6 +113,18 @@ impl RenditionChooser {
         }
     }
 
+    /// Starts at rendition `name` if it is on offer (and not above the declared rate): a
+    /// viewer failing over from another path goes on with what it was receiving.
+    pub fn start_at(&mut self, name: &str) {
+        if let Some(i) = self.renditions.iter().position(|(n, k)| {
+            n == name
+                && (self.declared_kbps == 0
+                    || f64::from(*k) * HEADROOM <= f64::from(self.declared_kbps))
+        }) {
+            self.current = i;
+        }
+    }
+
     /// The renditions on offer changed (a cascade brings them down one by one): the
     /// current one is kept if it is still there, else the nearest below its rate.
     pub fn offer(&mut self, mut renditions: Vec<(String, u32)>) {

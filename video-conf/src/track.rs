@@ -444,6 +444,79 @@ pub async fn bridge(from: Arc<Track>, to: Arc<Track>, stop: tokio_util::sync::Ca
     copy_groups(from, to, stop, Numbering::Same, |o| o).await;
 }
 
+/// [`bridge`] for a failover between a dual-homed site's paths: a group `to` holds already
+/// (its start came over the other path) goes on from the object after the last one it holds
+/// (the same rendition: [`crate::client::Session::subscribe_failover`]), instead of being
+/// skipped; a group `to` has whole is skipped. When `stop` fires the groups being copied are
+/// left open, for the next bridge to go on with.
+pub async fn bridge_resuming(
+    from: Arc<Track>,
+    to: Arc<Track>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut rx = from.subscribe();
+    let mut copied = std::collections::BTreeSet::new();
+    let mut todo: std::collections::VecDeque<Arc<Group>> = Default::default();
+    loop {
+        if todo.is_empty() {
+            if next_group(&from, &mut rx, &stop).await.is_none() {
+                break;
+            }
+            let floor = copied.first().copied().unwrap_or(0);
+            todo.extend(
+                from.recent_groups()
+                    .into_iter()
+                    .filter(|h| !copied.contains(&h.seq) && h.seq > floor),
+            );
+            continue;
+        }
+        let Some(g) = todo.pop_front() else { continue };
+        copied.insert(g.seq);
+        while copied.len() > 2 * RECENT_GROUPS {
+            copied.pop_first();
+        }
+        let held = to.recent_groups().into_iter().find(|h| h.seq == g.seq);
+        let (out, skip) = match held {
+            Some(h) if h.ended() => continue,
+            Some(h) => {
+                let n = h.len();
+                (h, n)
+            }
+            None => {
+                if to.current().is_some_and(|c| c.seq >= g.seq) {
+                    let Some(out) = to.late_group(g.seq) else {
+                        continue;
+                    };
+                    (out, 0)
+                } else {
+                    (to.start_group(g.seq), 0)
+                }
+            }
+        };
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut n = skip;
+            loop {
+                let f = tokio::select! {
+                    // Left open: the bridge from the other path may go on with it.
+                    _ = stop.cancelled() => return,
+                    f = g.next_from(n) => f,
+                };
+                match f {
+                    Fetch::Objects(objs) => {
+                        n += objs.len();
+                        for o in objs {
+                            out.push(o);
+                        }
+                    }
+                    Fetch::End => return out.finish(),
+                    Fetch::Aborted => return out.abort(),
+                }
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -516,5 +589,57 @@ mod tests {
         t.close();
         rx.changed().await.unwrap();
         assert!(rx.borrow_and_update().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_failover_bridge_goes_on_with_the_group_the_other_path_began() {
+        let out = Track::new(TrackInfo::default());
+        // Over the ground path: group 5, three frames, then the line is cut.
+        let ground = Track::new(TrackInfo::default());
+        let stop_ground = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(bridge_resuming(
+            ground.clone(),
+            out.clone(),
+            stop_ground.clone(),
+        ));
+        let g = ground.start_group(5);
+        for i in 0..3 {
+            g.push(obj(i, i == 0));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        stop_ground.cancel();
+        let held = out.current().unwrap();
+        assert_eq!(
+            (held.seq, held.len(), held.ended()),
+            (5, 3, false),
+            "left open"
+        );
+        // Over the sky path: group 5 again from its keyframe, then group 6.
+        let sky = Track::new(TrackInfo::default());
+        let g = sky.start_group(5);
+        tokio::spawn(bridge_resuming(
+            sky.clone(),
+            out.clone(),
+            Default::default(),
+        ));
+        for i in 0..6 {
+            g.push(obj(i, i == 0));
+        }
+        g.finish();
+        let g6 = sky.start_group(6);
+        g6.push(obj(10, true));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let five = out
+            .recent_groups()
+            .into_iter()
+            .find(|h| h.seq == 5)
+            .unwrap();
+        assert!(five.is_complete());
+        let Fetch::Objects(objs) = five.next_from(0).await else {
+            panic!("objects")
+        };
+        let n: Vec<u8> = objs.iter().map(|o| o.payload[0]).collect();
+        assert_eq!(n, vec![0, 1, 2, 3, 4, 5], "each frame once, in order");
+        assert_eq!(out.current().unwrap().seq, 6);
     }
 }

@@ -200,6 +200,54 @@ impl PathSpec {
     }
 }
 
+/// A path on a command line: `NAME[=BIND][,KEY=VALUE...]` with keys `relay`, `controller`,
+/// `profile`, `kind`, `budget_kbps`, `probe_ms`, `window` (`sky=10.1.1.11,relay=10.1.1.1:4443,
+/// profile=geo`).
+impl std::str::FromStr for PathSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<PathSpec, String> {
+        let mut parts = s.split(',');
+        let head = parts.next().unwrap_or("");
+        let (name, bind) = match head.split_once('=') {
+            Some((n, b)) => (n, (!b.is_empty()).then(|| b.to_string())),
+            None => (head, None),
+        };
+        let mut p = PathSpec::named(name);
+        p.bind = bind;
+        for kv in parts {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("path {s:?}: {kv:?} is not KEY=VALUE"))?;
+            let num = |v: &str| {
+                v.parse::<u32>()
+                    .map_err(|_| format!("path {s:?}: {k} {v:?} is not a number"))
+            };
+            match k {
+                "relay" => p.relay = Some(v.into()),
+                "controller" => p.controller = Some(v.into()),
+                "profile" => p.profile = Some(v.parse()?),
+                "kind" => {
+                    p.kind = Some(match v {
+                        "ground" => PathKind::Ground,
+                        "sky" => PathKind::Sky,
+                        _ => return Err(format!("path {s:?}: kind {v:?} is not ground or sky")),
+                    })
+                }
+                "budget_kbps" => p.budget_kbps = num(v)?,
+                "probe_ms" => p.probe_ms = Some(num(v)?),
+                "window" => p.window = Some(v.parse()?),
+                other => {
+                    return Err(format!(
+                        "path {s:?}: unknown key {other:?} (relay, controller, profile, kind, budget_kbps, probe_ms, window)"
+                    ));
+                }
+            }
+        }
+        p.validate("path").map_err(|e| e.to_string())?;
+        Ok(p)
+    }
+}
+
 /// Checks a site's paths together: each valid, names distinct, at most [`MAX_PATHS`].
 pub fn validate_paths(paths: &[PathSpec]) -> Result<(), LinkError> {
     if paths.len() > MAX_PATHS {
@@ -1018,6 +1066,31 @@ mod tests {
         .unwrap();
         assert_eq!(t.window.unwrap().utc_offset_min, 480);
         assert!(toml::from_str::<PathSpec>("name = \"x\"\nbandwidth = 1\n").is_err());
+    }
+
+    #[test]
+    fn a_path_from_a_command_line() {
+        let p: PathSpec = "sky=10.1.1.11,relay=10.1.1.1:4443,profile=geo,probe_ms=500"
+            .parse()
+            .unwrap();
+        assert_eq!(p.name, "sky");
+        assert_eq!(p.bind.as_deref(), Some("10.1.1.11"));
+        assert_eq!(p.relay.as_deref(), Some("10.1.1.1:4443"));
+        assert_eq!(
+            (p.kind(), p.probe()),
+            (PathKind::Sky, Duration::from_millis(500))
+        );
+        let g: PathSpec = "ground".parse().unwrap();
+        assert_eq!((g.bind.clone(), g.kind()), (None, PathKind::Ground));
+        for bad in [
+            "",
+            "../x=1.2.3.4",
+            "sky=1.2.3.4,rate=5",
+            "sky,budget_kbps=x",
+            "a,probe_ms=1",
+        ] {
+            assert!(bad.parse::<PathSpec>().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -155,6 +155,14 @@ pub struct JoinArgs {
     pub fec_rtt_ms: u32,
     #[arg(long, default_value = "terrestrial")]
     pub profile: tiandi_link::LinkProfile,
+    /// One of a dual-homed site's paths, `NAME[=BIND][,KEY=VALUE...]` (keys: `relay`,
+    /// `profile`, `kind`, `budget_kbps`, `probe_ms`), e.g. `--path ground=10.1.0.11 --path
+    /// sky=10.1.1.11,relay=10.1.1.1:4443,profile=geo`: a session is held over each (bound to
+    /// BIND, an address or an interface), the conference plays over the first that is up
+    /// and moves to another when it fails, then back after the first has been up for a while.
+    /// `--relay` is the relay's address on paths without `relay=`.
+    #[arg(long = "path", value_name = "PATH")]
+    pub paths: Vec<tiandi_link::paths::PathSpec>,
     #[arg(long, default_value = "info")]
     pub log: String,
 }

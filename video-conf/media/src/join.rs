@@ -33,7 +33,7 @@ async fn connect(
 }
 
 /// Why a session ended, and whether to join again.
-fn after_close(e: &quinn::ConnectionError) -> (String, bool) {
+pub(crate) fn after_close(e: &quinn::ConnectionError) -> (String, bool) {
     use tiandi_video::conference_wire::codes;
     match e {
         quinn::ConnectionError::ApplicationClosed(c) => {
@@ -60,6 +60,10 @@ fn after_close(e: &quinn::ConnectionError) -> (String, bool) {
 /// it joins again with backoff (1 s doubling to 30 s, jittered), publishing the same source
 /// again and playing on into the same sinks, until stopped or the conference ends.
 pub async fn run(a: JoinArgs) -> anyhow::Result<()> {
+    if !a.paths.is_empty() {
+        // A dual-homed site: a session over each path.
+        return crate::join_paths::run(a).await;
+    }
     use crate as media;
     use std::sync::Arc;
     use tiandi_video::track::Track;

@@ -17,6 +17,7 @@ use tiandi_video::track::Track;
 pub mod cli;
 pub mod encode;
 pub mod join;
+pub mod join_paths;
 pub mod relay_node;
 pub mod remux;
 pub mod sink;

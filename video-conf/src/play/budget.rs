@@ -49,6 +49,8 @@ pub struct Budget {
     cushion_us: Arc<AtomicI64>,
     /// Mean spread of arrival ages over the youngest (µs, EWMA 1/16).
     spread_us: Arc<AtomicI64>,
+    /// Bumped when the frames start coming over another path ([`Budget::rebase`]).
+    path_epoch: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// What the cushion adds for repair: a block's time and a little for the repair datagrams to
@@ -63,6 +65,7 @@ impl Budget {
             allowance_us: Arc::new(AtomicI64::new(allowance.as_micros() as i64)),
             cushion_us: Arc::default(),
             spread_us: Arc::default(),
+            path_epoch: Arc::default(),
         }
     }
 
@@ -96,6 +99,18 @@ impl Budget {
         .min(self.allowance());
         self.cushion_us
             .store(c.as_micros() as i64, Ordering::Relaxed);
+    }
+
+    /// The frames come over another path now (a dual-homed site's failover or switch-back):
+    /// the players learn its delay afresh, instead of taking every frame of a longer path as
+    /// late against the shorter one's.
+    pub fn rebase(&self) {
+        self.path_epoch.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many times [`Budget::rebase`] was called.
+    pub(super) fn path_epoch(&self) -> u64 {
+        self.path_epoch.load(Ordering::Relaxed)
     }
 
     /// Twice the mean spread of arrival ages (µs): how unevenly frames come.

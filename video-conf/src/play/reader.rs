@@ -73,6 +73,7 @@ impl Reader {
         let kind = t.info.kind.as_str();
         let mut rx = t.subscribe();
         let mut last_seq = 0u64;
+        let mut epoch = budget.path_epoch();
         // A group missing in the sequence may still come (its first packet lost): waited for
         // as long as the cushion, so its frames can still be played on time.
         while let Some(g) =
@@ -159,6 +160,11 @@ impl Reader {
                 };
                 n += objs.len();
                 self.concealed_run = 0;
+                if budget.path_epoch() != epoch {
+                    // Another path: its delay is learnt from the frames that come over it.
+                    epoch = budget.path_epoch();
+                    min_age.store(i64::MAX, Ordering::Relaxed);
+                }
                 if self.clock != 0 {
                     let now = crate::now_us();
                     for o in &objs {

@@ -35,6 +35,8 @@ pub(super) struct Participant {
     /// rendition, so that its own viewers can be given each.
     pub(super) subs: Mutex<HashMap<(String, String, String), CancellationToken>>,
     pub(super) link_kbps: u32,
+    /// Which of a dual-homed site's paths this connection runs over (empty: its only one).
+    pub(super) site_path: String,
     /// The participant's wish for repair datagrams ([`Hello::fec_rtt_ms`]).
     pub(super) fec: Arc<crate::fec::Wish>,
     /// Repair datagrams for the groups it sends, if this relay asks for them.
@@ -43,7 +45,7 @@ pub(super) struct Participant {
 
 impl Participant {
     /// Updates this participant's roster entry.
-    fn member(&self, f: impl FnOnce(&mut Member)) {
+    pub(super) fn member(&self, f: impl FnOnce(&mut Member)) {
         if let Some(m) = self
             .room
             .roster
@@ -168,7 +170,7 @@ impl Participant {
                     self.room.add_track(t);
                     self.announces.send_modify(|n| *n += 1);
                 }
-                Control::Subscribe(s) => self.subscribe(s.publisher, s.kind, s.rendition),
+                Control::Subscribe(s) => self.subscribe(s),
                 Control::Unsubscribe(u) => {
                     self.subs
                         .lock()
@@ -306,12 +308,24 @@ impl Participant {
         {
             self.room.remove_track(&t);
         }
-        self.room
-            .roster
-            .lock()
-            .expect("roster lock poisoned")
-            .remove(&self.site);
-        info!("Participant left.");
+        {
+            let mut roster = self.room.roster.lock().expect("roster lock poisoned");
+            let gone = match roster.get_mut(&self.site) {
+                Some(m) if !self.site_path.is_empty() => {
+                    // A dual-homed site leaves when its last path does.
+                    m.paths.retain(|p| *p != self.site_path);
+                    if m.path == self.site_path {
+                        m.path.clear();
+                    }
+                    m.paths.is_empty()
+                }
+                _ => true,
+            };
+            if gone {
+                roster.remove(&self.site);
+            }
+        }
+        info!(path = %self.site_path, "Participant left.");
     }
 }
 

@@ -21,6 +21,12 @@ pub struct Member {
     pub health: BTreeMap<String, HealthView>,
     /// Roll calls it answered.
     pub present: Vec<u64>,
+    /// A dual-homed site's paths connected here (its standby's too), and the one its
+    /// subscriptions run over now (empty for a site with one path).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub path: String,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]

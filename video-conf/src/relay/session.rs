@@ -132,14 +132,33 @@ impl Relay {
                 fec_rtt_ms: self.fec_rtt_ms,
             }))
             .await?;
-        room.roster.lock().expect("roster lock poisoned").insert(
-            site.to_string(),
-            Member {
-                site: site.into(),
-                role: role.as_str().into(),
-                ..Default::default()
-            },
-        );
+        {
+            let mut roster = room.roster.lock().expect("roster lock poisoned");
+            if hello.site_path.is_empty() {
+                roster.insert(
+                    site.to_string(),
+                    Member {
+                        site: site.into(),
+                        role: role.as_str().into(),
+                        ..Default::default()
+                    },
+                );
+            } else {
+                // A dual-homed site: one entry for all its paths; a standby joins it quietly.
+                let m = roster.entry(site.to_string()).or_insert_with(|| Member {
+                    site: site.into(),
+                    role: role.as_str().into(),
+                    ..Default::default()
+                });
+                if !m.paths.contains(&hello.site_path) {
+                    m.paths.push(hello.site_path.clone());
+                    m.paths.sort();
+                }
+                if !hello.standby {
+                    m.path = hello.site_path.clone();
+                }
+            }
+        }
 
         let p = Arc::new(Participant {
             relay: self.clone(),
@@ -152,6 +171,7 @@ impl Relay {
             out_ids: Mutex::new(HashMap::new()),
             subs: Mutex::new(HashMap::new()),
             link_kbps: hello.link_kbps,
+            site_path: hello.site_path.clone(),
             fec: crate::fec::Wish::new(hello.fec_rtt_ms),
             repair_router: (self.fec_rtt_ms > 0).then(|| crate::fec::RepairRouter::start(conn)),
         });

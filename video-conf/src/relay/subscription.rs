@@ -14,7 +14,14 @@ use crate::track::Track;
 impl Participant {
     /// Sends one publisher's video (or audio) to this participant, in the rendition its link
     /// carries, until it unsubscribes or leaves.
-    pub(super) fn subscribe(self: &Arc<Self>, publisher: String, kind: String, rendition: String) {
+    pub(super) fn subscribe(self: &Arc<Self>, s: crate::conference_wire::Subscribe) {
+        let crate::conference_wire::Subscribe {
+            publisher,
+            kind,
+            rendition,
+            from_current,
+            start_rendition,
+        } = s;
         let stop = CancellationToken::new();
         // A relay below takes each rendition on a subscription of its own.
         let which = if self.role == crate::conference_wire::Role::Relay {
@@ -30,11 +37,22 @@ impl Participant {
         {
             old.cancel();
         }
+        if !self.site_path.is_empty() {
+            // A dual-homed site's subscriptions run over this path now.
+            let path = self.site_path.clone();
+            self.member(|m| m.path = path);
+        }
         let p = self.clone();
         tokio::spawn(
             async move {
-                p.run_subscription(&publisher, &kind, &rendition, &stop)
-                    .await
+                p.run_subscription(
+                    &publisher,
+                    &kind,
+                    &rendition,
+                    (from_current, &start_rendition),
+                    &stop,
+                )
+                .await
             }
             .in_current_span(),
         );
@@ -45,6 +63,7 @@ impl Participant {
         publisher: &str,
         kind: &str,
         fixed: &str,
+        (from_current, start_rendition): (bool, &str),
         stop: &CancellationToken,
     ) {
         let mut tracks = self.room.tracks.subscribe();
@@ -73,11 +92,13 @@ impl Participant {
                 Some(c) if !offered.is_empty() => c.offer(offered),
                 Some(_) => {}
                 None if !offered.is_empty() => {
-                    chooser = Some(RenditionChooser::new(
-                        offered,
-                        self.link_kbps,
-                        crate::now_ms(),
-                    ));
+                    let mut c = RenditionChooser::new(offered, self.link_kbps, crate::now_ms());
+                    if !start_rendition.is_empty() {
+                        // A failover: the rendition the viewer was receiving, so that the
+                        // group it holds the start of goes on in kind.
+                        c.start_at(start_rendition);
+                    }
+                    chooser = Some(c);
                 }
                 None => {}
             }
@@ -108,7 +129,7 @@ impl Participant {
                         }
                     } else if let Some(g) = t.current() {
                         let (age, rtt) = (g.age(t.info.clock_us), self.fec.min_rtt(&self.conn));
-                        if !crate::policy::join_current(age, rtt) {
+                        if !from_current && !crate::policy::join_current(age, rtt) {
                             debug!(track = %t.key(), group = g.seq, age_ms = age.as_millis() as u64, "Starting at the next group: the current one is too old for this path.");
                             rx.borrow_and_update();
                         }
