@@ -181,6 +181,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         net: [10, 207, 0],
         sites: vec![(ground.clone(), ground), (geo.clone(), geo)],
         seed: Some(19),
+        second: Vec::new(),
+        second_net: None,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -5,6 +5,15 @@
 //! hub.
 //!
 //! Addresses: controller `NET.1`, site `i` (1-based) `NET.(10+i)`, all in `NET.0/24`.
+//!
+//! A dual-homed site (a terrestrial line and a satellite link, say) has a second link of its
+//! own when [`Spec::second`] is given: a second bridge `br1` in the hub, `eth1` in the
+//! controller at `SECOND.1` and `eth1` in site `i` at `SECOND.(10+i)`, all in `SECOND.0/24`
+//! (by default `NET` with its third octet plus one), each site's `eth1` behind its own pair of
+//! TAP devices and emulator task, shaped, cut and restored apart from the first link. No
+//! routes are added: each interface has its own subnet, so a socket bound to a site's second
+//! address talking to `SECOND.1` leaves by `eth1`.
+//!
 //! Everything is torn down by [`Topology::down`] or on drop, and a stale topology with the same
 //! prefix (a crashed run) is removed before a new one is built. Needs root and `/dev/net/tun`.
 
@@ -46,6 +55,12 @@ pub struct Spec {
     pub sites: Vec<(Shape, Shape)>,
     /// Fixed RNG seed for repeatable loss patterns.
     pub seed: Option<u64>,
+    /// Each site's second link, (site to hub, hub to site) shaping like `sites`: empty for
+    /// none, else one entry per site.
+    pub second: Vec<(Shape, Shape)>,
+    /// First three octets of the second links' /24; `None` is `net` with its third octet plus
+    /// one. Unused without second links.
+    pub second_net: Option<[u8; 3]>,
 }
 
 impl Spec {
@@ -56,7 +71,65 @@ impl Spec {
             net: [10, 200, 0],
             sites: vec![(shape.clone(), shape); n],
             seed: None,
+            second: Vec::new(),
+            second_net: None,
         }
+    }
+
+    /// Checks what [`Topology::up`] would build, without building anything.
+    pub fn validate(&self) -> Result<(), TopoError> {
+        let p = &self.prefix;
+        if p.is_empty() || p.len() > 6 || !p.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(TopoError::Invalid(format!(
+                "prefix {p:?}: 1 to 6 letters or digits"
+            )));
+        }
+        if self.sites.is_empty() || self.sites.len() > 240 {
+            return Err(TopoError::Invalid(format!(
+                "{} sites: between 1 and 240",
+                self.sites.len()
+            )));
+        }
+        if !self.second.is_empty() && self.second.len() != self.sites.len() {
+            return Err(TopoError::Invalid(format!(
+                "{} second links for {} sites: give one per site, or none",
+                self.second.len(),
+                self.sites.len()
+            )));
+        }
+        for (up, down) in self.sites.iter().chain(&self.second) {
+            up.validate().map_err(TopoError::Invalid)?;
+            down.validate().map_err(TopoError::Invalid)?;
+        }
+        self.second_net_resolved()?;
+        Ok(())
+    }
+
+    /// The second links' /24, when there are second links.
+    fn second_net_resolved(&self) -> Result<Option<[u8; 3]>, TopoError> {
+        if self.second.is_empty() {
+            return Ok(None);
+        }
+        let [a, b, c] = self.net;
+        let second = match self.second_net {
+            Some(n) => n,
+            None => [
+                a,
+                b,
+                c.checked_add(1).ok_or_else(|| {
+                    TopoError::Invalid(format!(
+                        "net {a}.{b}.{c}: the second links' default network {a}.{b}.{c}+1 \
+                         does not exist; give second_net"
+                    ))
+                })?,
+            ],
+        };
+        if second == self.net {
+            return Err(TopoError::Invalid(format!(
+                "second_net {a}.{b}.{c} is net itself: the second links need a /24 of their own"
+            )));
+        }
+        Ok(Some(second))
     }
 }
 
@@ -64,7 +137,10 @@ impl Spec {
 pub struct Topology {
     prefix: String,
     net: [u8; 3],
+    second_net: Option<[u8; 3]>,
     links: Vec<LinkHandle>,
+    /// Empty, or one per site.
+    second_links: Vec<LinkHandle>,
     tasks: Vec<JoinHandle<()>>,
     cancel: CancellationToken,
     torn_down: bool,
@@ -90,6 +166,16 @@ fn run(args: &[&str]) -> Result<String, TopoError> {
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// One interface on one of the hub's bridges.
+struct Port {
+    bridge: &'static str,
+    /// The interface's name in the controller or site.
+    dev: &'static str,
+    mac: String,
+    /// Address with prefix length.
+    addr: String,
 }
 
 fn mac(last: u16) -> String {
@@ -120,6 +206,23 @@ impl Topology {
     pub fn link(&self, i: usize) -> &LinkHandle {
         &self.links[i - 1]
     }
+    /// Whether the sites have second links.
+    pub fn has_second(&self) -> bool {
+        !self.second_links.is_empty()
+    }
+    /// Control of site `i`'s second link (1-based), if it has one.
+    pub fn second_link(&self, i: usize) -> Option<&LinkHandle> {
+        self.second_links.get(i.checked_sub(1)?)
+    }
+    /// The controller's address on the second links' network (`SECOND.1`).
+    pub fn ctl_addr2(&self) -> Option<Ipv4Addr> {
+        self.second_net.map(|n| Ipv4Addr::new(n[0], n[1], n[2], 1))
+    }
+    /// Site `i`'s address on its second link (`SECOND.(10+i)`).
+    pub fn site_addr2(&self, i: usize) -> Option<Ipv4Addr> {
+        self.second_net
+            .map(|n| Ipv4Addr::new(n[0], n[1], n[2], 10 + i as u8))
+    }
 
     /// A command that runs `program` inside namespace `ns`.
     pub fn command(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
@@ -131,27 +234,15 @@ impl Topology {
     /// Builds the topology. Must be called within a tokio runtime, which then carries the
     /// emulator.
     pub fn up(spec: &Spec) -> Result<Topology, TopoError> {
+        spec.validate()?;
         let p = &spec.prefix;
-        if p.is_empty() || p.len() > 6 || !p.chars().all(|c| c.is_ascii_alphanumeric()) {
-            return Err(TopoError::Invalid(format!(
-                "prefix {p:?}: 1 to 6 letters or digits"
-            )));
-        }
-        if spec.sites.is_empty() || spec.sites.len() > 240 {
-            return Err(TopoError::Invalid(format!(
-                "{} sites: between 1 and 240",
-                spec.sites.len()
-            )));
-        }
-        for (up, down) in &spec.sites {
-            up.validate().map_err(TopoError::Invalid)?;
-            down.validate().map_err(TopoError::Invalid)?;
-        }
         down_prefix(p);
         let mut topo = Topology {
             prefix: p.clone(),
             net: spec.net,
+            second_net: spec.second_net_resolved()?,
             links: Vec::new(),
+            second_links: Vec::new(),
             tasks: Vec::new(),
             cancel: CancellationToken::new(),
             torn_down: false,
@@ -173,83 +264,137 @@ impl Topology {
     }
 
     fn build(&mut self, spec: &Spec) -> Result<(), TopoError> {
-        let net = format!("{}.{}.{}", spec.net[0], spec.net[1], spec.net[2]);
+        let dotted = |n: [u8; 3]| format!("{}.{}.{}", n[0], n[1], n[2]);
+        let net = dotted(spec.net);
+        let second_net = self.second_net.map(dotted);
         let (hub, ctl) = (self.hub_ns(), self.ctl_ns());
         netns_add(&hub)?;
         netns_add(&ctl)?;
-        run(&["ip", "-n", &hub, "link", "add", "br0", "type", "bridge"])?;
-        run(&["ip", "-n", &hub, "link", "set", "br0", "up"])?;
+        self.ctl_port(
+            &Port {
+                bridge: "br0",
+                dev: "eth0",
+                mac: mac(1),
+                addr: format!("{net}.1/24"),
+            },
+            "ctl",
+        )?;
+        if let Some(second_net) = &second_net {
+            self.ctl_port(
+                &Port {
+                    bridge: "br1",
+                    dev: "eth1",
+                    mac: mac(0x100 + 1),
+                    addr: format!("{second_net}.1/24"),
+                },
+                "ctlb",
+            )?;
+        }
+        for (i, (up, down)) in spec.sites.iter().enumerate() {
+            let i = i + 1;
+            netns_add(&self.site_ns(i))?;
+            let link = self.site_port(
+                i,
+                &Port {
+                    bridge: "br0",
+                    dev: "eth0",
+                    mac: mac(10 + i as u16),
+                    addr: format!("{net}.{}/24", 10 + i),
+                },
+                ('a', 'b'),
+                LinkHandle::new(
+                    up.clone(),
+                    down.clone(),
+                    spec.seed.map(|s| s.wrapping_add(2 * i as u64)),
+                ),
+            )?;
+            self.links.push(link);
+            if let (Some(second_net), Some((up, down))) = (&second_net, spec.second.get(i - 1)) {
+                let link = self.site_port(
+                    i,
+                    &Port {
+                        bridge: "br1",
+                        dev: "eth1",
+                        mac: mac(0x100 + 10 + i as u16),
+                        addr: format!("{second_net}.{}/24", 10 + i),
+                    },
+                    ('c', 'd'),
+                    // Seeds apart from every first link's (2i and 2i + 1, i <= 240).
+                    LinkHandle::new(
+                        up.clone(),
+                        down.clone(),
+                        spec.seed.map(|s| s.wrapping_add(2 * (256 + i) as u64)),
+                    ),
+                )?;
+                self.second_links.push(link);
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts the controller on `port.bridge` (created here) through a veth pair: `hub_end` in
+    /// the hub, `port.dev` in the controller.
+    fn ctl_port(&self, port: &Port, hub_end: &str) -> Result<(), TopoError> {
+        let (hub, ctl) = (self.hub_ns(), self.ctl_ns());
+        let (bridge, dev) = (port.bridge, port.dev);
+        run(&["ip", "-n", &hub, "link", "add", bridge, "type", "bridge"])?;
+        run(&["ip", "-n", &hub, "link", "set", bridge, "up"])?;
         run(&[
-            "ip", "-n", &hub, "link", "add", "ctl", "type", "veth", "peer", "name", "eth0",
-            "netns", &ctl,
+            "ip", "-n", &hub, "link", "add", hub_end, "type", "veth", "peer", "name", dev, "netns",
+            &ctl,
         ])?;
-        run(&["ip", "-n", &ctl, "link", "set", "eth0", "address", &mac(1)])?;
+        run(&["ip", "-n", &ctl, "link", "set", dev, "address", &port.mac])?;
+        run(&["ip", "-n", &ctl, "addr", "add", &port.addr, "dev", dev])?;
+        run(&["ip", "-n", &ctl, "link", "set", dev, "up"])?;
+        run(&[
+            "ip", "-n", &hub, "link", "set", hub_end, "master", bridge, "up",
+        ])?;
+        Ok(())
+    }
+
+    /// Puts site `i` on `port.bridge` through an emulated link: TAP devices
+    /// `{prefix}s{i}{site_end}` (renamed `dev` in the site) and `{prefix}s{i}{hub_end}` (on the
+    /// bridge), with the emulator between them driven by `link`, which is returned.
+    fn site_port(
+        &mut self,
+        i: usize,
+        port: &Port,
+        (site_end, hub_end): (char, char),
+        link: LinkHandle,
+    ) -> Result<LinkHandle, TopoError> {
+        let (hub, ns) = (self.hub_ns(), self.site_ns(i));
+        let dev = port.dev;
+        // Created in this namespace, then moved: the open file descriptors keep working.
+        let (site_tap, hub_tap) = (
+            format!("{}s{i}{site_end}", self.prefix),
+            format!("{}s{i}{hub_end}", self.prefix),
+        );
+        let site_dev = tap(&site_tap)?;
+        let hub_dev = tap(&hub_tap)?;
+        run(&["ip", "link", "set", &site_tap, "netns", &ns])?;
+        run(&["ip", "link", "set", &hub_tap, "netns", &hub])?;
+        run(&["ip", "-n", &ns, "link", "set", &site_tap, "name", dev])?;
+        run(&["ip", "-n", &ns, "link", "set", dev, "address", &port.mac])?;
+        run(&["ip", "-n", &ns, "addr", "add", &port.addr, "dev", dev])?;
+        run(&["ip", "-n", &ns, "link", "set", dev, "up"])?;
         run(&[
             "ip",
             "-n",
-            &ctl,
-            "addr",
-            "add",
-            &format!("{net}.1/24"),
-            "dev",
-            "eth0",
+            &hub,
+            "link",
+            "set",
+            &hub_tap,
+            "master",
+            port.bridge,
+            "up",
         ])?;
-        run(&["ip", "-n", &ctl, "link", "set", "eth0", "up"])?;
-        run(&[
-            "ip", "-n", &hub, "link", "set", "ctl", "master", "br0", "up",
-        ])?;
-        for (i, (up, down)) in spec.sites.iter().enumerate() {
-            let i = i + 1;
-            let ns = self.site_ns(i);
-            netns_add(&ns)?;
-            // Created in this namespace, then moved: the open file descriptors keep working.
-            let (site_tap, hub_tap) = (
-                format!("{}s{i}a", self.prefix),
-                format!("{}s{i}b", self.prefix),
-            );
-            let site_dev = tap(&site_tap)?;
-            let hub_dev = tap(&hub_tap)?;
-            run(&["ip", "link", "set", &site_tap, "netns", &ns])?;
-            run(&["ip", "link", "set", &hub_tap, "netns", &hub])?;
-            run(&["ip", "-n", &ns, "link", "set", &site_tap, "name", "eth0"])?;
-            run(&[
-                "ip",
-                "-n",
-                &ns,
-                "link",
-                "set",
-                "eth0",
-                "address",
-                &mac(10 + i as u16),
-            ])?;
-            run(&[
-                "ip",
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{net}.{}/24", 10 + i),
-                "dev",
-                "eth0",
-            ])?;
-            run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
-            run(&[
-                "ip", "-n", &hub, "link", "set", &hub_tap, "master", "br0", "up",
-            ])?;
-            let link = LinkHandle::new(
-                up.clone(),
-                down.clone(),
-                spec.seed.map(|s| s.wrapping_add(2 * i as u64)),
-            );
-            self.tasks.push(tokio::spawn(emu::run(
-                site_dev,
-                hub_dev,
-                link.clone(),
-                self.cancel.clone(),
-            )));
-            self.links.push(link);
-        }
-        Ok(())
+        self.tasks.push(tokio::spawn(emu::run(
+            site_dev,
+            hub_dev,
+            link.clone(),
+            self.cancel.clone(),
+        )));
+        Ok(link)
     }
 
     /// Stops the emulator and removes every namespace (killing what runs in them).
@@ -355,4 +500,43 @@ pub fn in_netns<T: Send + 'static>(
     })
     .join()
     .map_err(|_| std::io::Error::other("thread in the namespace panicked"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_links_are_one_per_site_on_a_network_of_their_own() {
+        let mut spec = Spec::uniform("tdx", 3, Shape::default());
+        spec.net = [10, 9, 0];
+        spec.validate().expect("no second links");
+        // Without second links, second_net is not used.
+        spec.second_net = Some(spec.net);
+        spec.validate().expect("second_net unused");
+
+        spec.second_net = None;
+        spec.second = vec![(Shape::default(), Shape::default()); 2];
+        let e = spec.validate().unwrap_err().to_string();
+        assert!(e.contains('2') && e.contains('3'), "{e}");
+        spec.second.push((Shape::default(), Shape::default()));
+        spec.validate().expect("one per site");
+        assert_eq!(spec.second_net_resolved().unwrap(), Some([10, 9, 1]));
+
+        spec.second_net = Some([10, 9, 0]);
+        let e = spec.validate().unwrap_err().to_string();
+        assert!(e.contains("10.9.0") && e.contains("second_net"), "{e}");
+        spec.second_net = Some([10, 8, 0]);
+        spec.validate().expect("a /24 of its own");
+
+        spec.net = [10, 9, 255];
+        spec.second_net = None;
+        let e = spec.validate().unwrap_err().to_string();
+        assert!(e.contains("10.9.255") && e.contains("second_net"), "{e}");
+
+        spec.net = [10, 9, 0];
+        spec.second[1].0.loss_pct = 200.0;
+        let e = spec.validate().unwrap_err().to_string();
+        assert!(e.contains("loss_pct"), "{e}");
+    }
 }

@@ -231,6 +231,8 @@ fn site_yml_and_a_staged_rollout_run_over_geo_links_and_the_package_crosses_the_
         net: [10, 204, 0],
         sites: links,
         seed: Some(18),
+        second: Vec::new(),
+        second_net: None,
     };
     let topo = Topology::up(&spec).expect("topology up");
     let mut hosts: Vec<(String, String, String)> = Vec::new(); // (name, netns, address)

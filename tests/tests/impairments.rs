@@ -114,6 +114,8 @@ fn run(case: Case) {
         sites: vec![(case.up.clone(), case.down.clone())],
         // Repeatable impairment patterns.
         seed: Some(13),
+        second: Vec::new(),
+        second_net: None,
     };
     // Declared first, dropped last: the processes go before their namespaces.
     let topo = Topology::up(&spec).expect("topology up");

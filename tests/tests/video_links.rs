@@ -182,6 +182,8 @@ async fn geo_narrow_terrestrial(prefix: &str, net: [u8; 3], geo_displace_pct: f6
             (lan.clone(), lan),
         ],
         seed: Some(11),
+        second: Vec::new(),
+        second_net: None,
     };
     let topo = Topology::up(&spec).expect("topology up");
     let tmp = tempfile::tempdir().unwrap();
@@ -483,6 +485,8 @@ async fn geo_under_a_second_narrow_link_gets_the_low_rendition_nobody_stalls_thr
             (narrow_up, narrow_down),
         ],
         seed: Some(23),
+        second: Vec::new(),
+        second_net: None,
     };
     let topo = Topology::up(&spec).expect("topology up");
     let tmp = tempfile::tempdir().unwrap();
