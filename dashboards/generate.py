@@ -201,12 +201,45 @@ def dash(uid, title, desc, rows, site=False):
 
 S = 'site="$site"'
 
+# tiandi_site_path_state's values, as the console shows them.
+PATH_STATES = dm.ValueMap(
+    options={
+        "2": dm.ValueMappingResult(text="up", color="green", index=0),
+        "1": dm.ValueMappingResult(text="suspect", color="yellow", index=1),
+        "0": dm.ValueMappingResult(text="down", color="red", index=2),
+    }
+)
+
+
+def path_states():
+    """Each path of each dual-homed site, down first, its state in colour."""
+    return (
+        tb(
+            "Dual-homed sites: paths",
+            [q(f"sort(tiandi_site_path_state{{{P}}})")],
+            w=12,
+            h=10,
+            rename={"Value": "state"},
+            desc="Each path (terrestrial line, satellite link) of each dual-homed site, as the site "
+            "sees it. A site with one path up has the path-redundancy-lost alarm.",
+        )
+        .mappings([PATH_STATES])
+        .override_by_name(
+            "state",
+            [
+                dm.DynamicConfigValue(
+                    id_val="custom.cellOptions", value={"type": "color-background"}
+                )
+            ],
+        )
+    )
+
 
 def fleet():
     return dash(
         "tiandi-fleet",
         "Tiandi / Fleet overview",
-        "Sites up, down and degraded by province, and the alarms of the fleet.",
+        "Sites up, down and degraded by province, the alarms of the fleet, and dual-homed sites' paths.",
         [
             (
                 "Sites",
@@ -306,6 +339,25 @@ def fleet():
                         unit="s",
                         w=12,
                         desc="Sample time at the site to stored at the controller (backlog after an outage counts whole).",
+                    ),
+                ],
+            ),
+            (
+                "Dual-homed sites",
+                [
+                    path_states(),
+                    ts(
+                        "Path switches per minute, by class",
+                        [
+                            q(
+                                'sum by (class) (rate(tiandi_path_switches_total{job=~"$job"}[5m])) * 60',
+                                "{{class}}",
+                            )
+                        ],
+                        w=12,
+                        h=10,
+                        desc="Dual-homed sites moving a class of traffic to another path: failover when a "
+                        "path goes down, switch-back after the hold, a window opening or closing.",
                     ),
                 ],
             ),

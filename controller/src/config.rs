@@ -84,8 +84,9 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// Groups of per-site series exposed: `status`, `host`, `link`, `modem`, `ups`,
-    /// `devices`, `interfaces`, `alarms` (all by default). Each is one or more series per site
-    /// (`dashboards/METRICS.md` counts them); a large fleet may leave out `interfaces`.
+    /// `devices`, `interfaces`, `alarms`, `paths` (all by default). Each is one or more series
+    /// per site (`dashboards/METRICS.md` counts them); a large fleet may leave out
+    /// `interfaces`.
     pub site_series: Vec<crate::metrics::SiteSeries>,
 }
 
@@ -340,6 +341,36 @@ mod tests {
             tiandi_link::config::parse_toml("c.toml", "[link_rates]\n\"gd-001\" = 2.0\n").unwrap();
         assert_eq!(r.link_rate_bps("gd-001"), Some(1_943_775));
         assert_eq!(r.link_rate_bps("nowhere"), None);
+    }
+
+    #[test]
+    fn the_commented_path_policy_of_the_example_parses_when_uncommented() {
+        let text = include_str!("../../config/controller.example.toml");
+        let c: Config = tiandi_link::config::parse_toml("controller.example.toml", text).unwrap();
+        assert_eq!(
+            c.path_policy, None,
+            "commented out: each site's own decides"
+        );
+        let (_, section) = text.split_once("#[path_policy]").expect("the section");
+        let uncommented: String = std::iter::once("[path_policy]")
+            // `#key = …` is an example; `# text` is prose.
+            .chain(
+                section
+                    .lines()
+                    .filter_map(|l| l.strip_prefix('#'))
+                    .filter(|l| !l.is_empty() && !l.starts_with(' ')),
+            )
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c: Config = tiandi_link::config::parse_toml("c.toml", &uncommented).unwrap();
+        let p = c.path_policy.expect("a policy");
+        p.validate().unwrap();
+        assert!(p.critical_on_all);
+        assert_eq!(
+            p.classes[&tiandi_link::paths::Class::Bulk],
+            ["ground", "sky@window"]
+        );
+        assert_eq!(p.classes.len(), 3);
     }
 
     #[test]

@@ -101,6 +101,197 @@ to = "{to}"
     Ok(vec![a, b])
 }
 
+/// Every tenth demo site from the fourth (`sx-001`, `ah-001`, `hi-001`, …) is dual-homed
+/// (issue 20): a ground line beside its satellite link.
+pub fn dual_homed(index: usize) -> bool {
+    index % 10 == 3
+}
+
+/// A dual-homed demo site's ground line, in its 5-minute cycle (each site at its own phase):
+/// suspect for 5 s, down for a minute, then up again; the classes it carried come back after
+/// the agent's 10 s hold (`Held`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ground {
+    Up,
+    Suspect,
+    Down,
+    Held,
+}
+
+const CYCLE_S: i64 = 300;
+
+/// The ground line of demo site `index` at `unix_s`, and the start of its cycle (Unix s).
+fn ground_at(index: usize, unix_s: i64) -> (Ground, i64) {
+    let o = (unix_s + 37 * index as i64).rem_euclid(CYCLE_S);
+    let g = match o {
+        0..5 => Ground::Suspect,
+        5..65 => Ground::Down,
+        65..75 => Ground::Held,
+        _ => Ground::Up,
+    };
+    (g, unix_s - o)
+}
+
+/// Where a class goes in each state of the ground line, as the agent's default policy has it:
+/// reports, alarms, conferences and normal files take the first path up (ground, then sky) and
+/// come back after the hold; bulk files and backups use ground paths only (the demo's sky path
+/// has no window), and come back as soon as the line is up.
+fn class_path(class: &str, g: Ground) -> Option<&'static str> {
+    let ground_only = matches!(class, "bulk" | "backup");
+    match (g, ground_only) {
+        (Ground::Up | Ground::Suspect, _) => Some("ground"),
+        (Ground::Down, true) => None,
+        (Ground::Down | Ground::Held, false) => Some("sky"),
+        (Ground::Held, true) => Some("ground"),
+    }
+}
+
+/// The switches between two states of the ground line seen at `now_s` (`cycle`: the start of
+/// the cycle the new state is in), with the reasons the agent's selector gives; each at the
+/// latest time it could have happened (a site seen again after a long outage may have crossed
+/// into a new cycle).
+fn switches_between(
+    before: Ground,
+    after: Ground,
+    cycle: i64,
+    now_s: i64,
+) -> Vec<tiandi_proto::PathSwitch> {
+    tiandi_link::paths::Class::ALL
+        .iter()
+        .map(|c| c.as_str())
+        .filter_map(|class| {
+            let (from, to) = (class_path(class, before), class_path(class, after));
+            if from == to {
+                return None;
+            }
+            let (at_s, reason) = match (from, to) {
+                (_, None) => (cycle + 5, "no path usable"),
+                (None, Some(_)) => (cycle + 65, "path up"),
+                (_, Some("sky")) => (cycle + 5, "path down"),
+                _ => (cycle + 75, "preferred path back"),
+            };
+            let at_s = if at_s > now_s { at_s - CYCLE_S } else { at_s };
+            Some(tiandi_proto::PathSwitch {
+                at_ms: at_s * 1000,
+                class: class.into(),
+                from: from.unwrap_or_default().into(),
+                to: to.unwrap_or_default().into(),
+                reason: reason.into(),
+            })
+        })
+        .collect()
+}
+
+/// The `Paths` frame a dual-homed demo site sends at `now_ms` (made-up figures: a ground line
+/// of ~30 ms, a GEO link of ~600 ms with a 512 kbit/s budget).
+fn paths_frame(
+    index: usize,
+    g: Ground,
+    cycle: i64,
+    started_ms: i64,
+    now_ms: i64,
+    switches: Vec<tiandi_proto::PathSwitch>,
+) -> tiandi_proto::Paths {
+    let jitter = |n: u32| ((now_ms / 1000 * 7919 + index as i64 * 104_729) % i64::from(n)) as u32;
+    let (ground_state, ground_since) = match g {
+        Ground::Up | Ground::Held => ("up", cycle + 65),
+        Ground::Suspect => ("suspect", cycle),
+        Ground::Down => ("down", cycle + 5),
+    };
+    let reports_on_ground = class_path("reports", g) == Some("ground");
+    let (carrying, idle) = (3 + jitter(3), 0);
+    let paths = vec![
+        tiandi_proto::PathStatus {
+            name: "ground".into(),
+            kind: "ground".into(),
+            state: ground_state.into(),
+            rtt_ms: if g == Ground::Down {
+                0
+            } else {
+                25 + jitter(15)
+            },
+            loss_permille: if g == Ground::Up {
+                jitter(5)
+            } else {
+                50 + jitter(100)
+            },
+            tx_kbps: if reports_on_ground { carrying } else { idle },
+            rx_kbps: if reports_on_ground { 1 } else { idle },
+            budget_kbps: 0,
+            since_ms: ground_since * 1000,
+        },
+        tiandi_proto::PathStatus {
+            name: "sky".into(),
+            kind: "sky".into(),
+            state: "up".into(),
+            rtt_ms: 600 + jitter(60),
+            loss_permille: 3 + jitter(12),
+            tx_kbps: if reports_on_ground { 1 } else { carrying },
+            rx_kbps: 1,
+            budget_kbps: 512,
+            since_ms: started_ms,
+        },
+    ];
+    let uses = tiandi_link::paths::Class::ALL
+        .iter()
+        .filter_map(|c| {
+            class_path(c.as_str(), g).map(|p| tiandi_proto::ClassUse {
+                class: c.as_str().into(),
+                path: p.into(),
+            })
+        })
+        .collect();
+    tiandi_proto::Paths {
+        paths,
+        uses,
+        switches,
+    }
+}
+
+/// Plays the `Paths` frames of the demo's dual-homed sites (the simulated sites hold one
+/// connection each, on no path of their own), through the same checks and bookkeeping as a
+/// real site's frames: the console's paths panel, the `paths` metrics, `path` events and
+/// `path-redundancy-lost` show what they would for such a site. A site sends only while it is
+/// connected; switches made meanwhile arrive when it is back. The paths it shows connected are
+/// those not down while its one connection is open.
+async fn dual_homed_paths(
+    core: std::sync::Arc<crate::Core>,
+    sites: Vec<(String, String, usize)>,
+    cancel: CancellationToken,
+) {
+    let started_ms = tiandi_link::clock::now_ms();
+    let mut before: std::collections::HashMap<String, Ground> = Default::default();
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = tiandi_link::clock::now_ms();
+        for (site, province, index) in &sites {
+            if core.sites.with_site(site, |s| s.connected) != Some(true) {
+                continue;
+            }
+            let (g, cycle) = ground_at(*index, now / 1000);
+            let switches = match before.insert(site.clone(), g) {
+                Some(b) if b != g => switches_between(b, g, cycle, now / 1000),
+                _ => Vec::new(),
+            };
+            let frame = paths_frame(*index, g, cycle, started_ms, now, switches);
+            if let Err(error) = crate::server::apply_paths(&core, site, province, &frame) {
+                tracing::warn!(%site, %error, "The demo's paths frame was refused.");
+            }
+            let connected: Vec<String> = frame
+                .paths
+                .iter()
+                .filter(|p| p.state != "down")
+                .map(|p| p.name.clone())
+                .collect();
+            core.sites.set_path_connections(site, &connected);
+        }
+    }
+}
+
 /// The room the demo opens on its conference relay.
 pub const DEMO_ROOM: &str = "demo";
 
@@ -308,8 +499,18 @@ pub async fn run(
         sim_cancel.clone(),
     )
     .await?;
+    let dual: Vec<(String, String, usize)> = (0..sites)
+        .filter(|&i| dual_homed(i))
+        .map(|i| {
+            let (site, province) = site_name(i);
+            (site, province.to_string(), i)
+        })
+        .collect();
+    let duals = dual.len();
+    tokio::spawn(dual_homed_paths(core.clone(), dual, sim_cancel.clone()));
     println!(
-        "Tiandi demo: controller with {sites} simulated sites (reports every {:?}).",
+        "Tiandi demo: controller with {sites} simulated sites (reports every {:?}; {duals} of \
+         them dual-homed, their ground lines down for a minute every five).",
         interval
     );
     println!(
@@ -354,4 +555,77 @@ pub async fn run(
     tokio::time::sleep(Duration::from_millis(200)).await;
     ctl.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dual_homed_demo_site_fails_over_and_comes_back_as_an_agent_would() {
+        let i = 3;
+        assert!(dual_homed(i) && !dual_homed(0) && !dual_homed(18) && !dual_homed(30));
+        // The start of a cycle of site 3.
+        let t0 = 1_800_000_000 - (1_800_000_000 + 37 * 3) % CYCLE_S;
+        assert_eq!(ground_at(i, t0), (Ground::Suspect, t0));
+        assert_eq!(ground_at(i, t0 + 5).0, Ground::Down);
+        assert_eq!(ground_at(i, t0 + 70).0, Ground::Held);
+        assert_eq!(ground_at(i, t0 + 299), (Ground::Up, t0));
+
+        let down = switches_between(Ground::Up, Ground::Down, t0, t0 + 30);
+        assert_eq!(down.len(), 6, "every class leaves the ground line");
+        let reports = down.iter().find(|s| s.class == "reports").unwrap();
+        assert_eq!(
+            (
+                reports.from.as_str(),
+                reports.to.as_str(),
+                reports.reason.as_str()
+            ),
+            ("ground", "sky", "path down")
+        );
+        let bulk = down.iter().find(|s| s.class == "bulk").unwrap();
+        assert_eq!(
+            (bulk.to.as_str(), bulk.reason.as_str()),
+            ("", "no path usable")
+        );
+        assert_eq!(bulk.at_ms, (t0 + 5) * 1000);
+        let held = switches_between(Ground::Down, Ground::Held, t0, t0 + 66);
+        assert_eq!(held.len(), 2, "bulk and backup come back at once");
+        let back = switches_between(Ground::Held, Ground::Up, t0, t0 + 80);
+        assert!(
+            back.iter()
+                .all(|s| s.reason == "preferred path back" && s.to == "ground")
+        );
+        assert_eq!(back.len(), 4);
+        assert!(back.iter().all(|s| s.at_ms == (t0 + 75) * 1000));
+        assert!(switches_between(Ground::Up, Ground::Suspect, t0, t0 + 1).is_empty());
+        // Seen last while held, again in the next cycle's first seconds: back in the last one.
+        let late = switches_between(
+            Ground::Held,
+            Ground::Suspect,
+            t0 + CYCLE_S,
+            t0 + CYCLE_S + 2,
+        );
+        assert!(late.iter().all(|s| s.at_ms == (t0 + 75) * 1000), "{late:?}");
+
+        // The frame passes the controller's checks and shows the lost redundancy.
+        let frame = paths_frame(i, Ground::Down, t0, 0, (t0 + 30) * 1000, down);
+        let (paths, uses, switches) = crate::paths::check(&frame).unwrap();
+        assert_eq!(switches.len(), 6);
+        assert_eq!(uses.get("bulk"), None);
+        assert_eq!(uses["reports"], "sky");
+        let view = crate::paths::SitePaths {
+            paths,
+            uses,
+            ..Default::default()
+        };
+        assert_eq!(
+            view.redundancy_lost().as_deref(),
+            Some("only sky is up (ground down)")
+        );
+        let up = paths_frame(i, Ground::Up, t0, 0, (t0 + 100) * 1000, Vec::new());
+        let (paths, uses, _) = crate::paths::check(&up).unwrap();
+        assert_eq!(uses.len(), 6);
+        assert!(paths.iter().all(|p| p.state == "up"));
+    }
 }

@@ -87,11 +87,12 @@ impl SitePaths {
     }
 }
 
+/// A checked `Paths` frame: the paths, the class uses (class → path), the switches.
+pub type Checked = (Vec<PathView>, BTreeMap<String, String>, Vec<SwitchView>);
+
 /// A site's `Paths` frame, checked: every name passes the one validator, every list has a
 /// bound, unknown classes and states are refused.
-pub fn check(
-    frame: &Paths,
-) -> Result<(Vec<PathView>, BTreeMap<String, String>, Vec<SwitchView>), String> {
+pub fn check(frame: &Paths) -> Result<Checked, String> {
     if frame.paths.len() > MAX_PATHS {
         return Err(format!("{} paths: at most {MAX_PATHS}", frame.paths.len()));
     }

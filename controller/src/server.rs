@@ -533,27 +533,36 @@ async fn session(
     }
 }
 
-/// A dual-homed site's `Paths` frame: its transfers follow the class uses, the site's view and
-/// the redundancy alarm are updated, each new switch is an event.
+/// A dual-homed site's `Paths` frame, from its connection.
 fn paths_frame(
     core: &Arc<Core>,
     id: &SiteIdentity,
     frame: &tiandi_proto::Paths,
 ) -> Result<(), SessionError> {
-    let (paths, uses, switches) = crate::paths::check(frame).map_err(|e| {
+    apply_paths(core, &id.site_id, &id.province, frame).map_err(|e| {
         SessionError::Refuse(
             codes::PROTOCOL,
             format!("invalid Paths frame: {e}"),
             "protocol",
         )
-    })?;
-    core.links.set_uses(&id.site_id, &uses);
+    })
+}
+
+/// A dual-homed site's `Paths` frame (a connection's, or one the demo plays for its simulated
+/// dual-homed sites): its transfers follow the class uses, the site's view and the redundancy
+/// alarm are updated, each new switch is an event.
+pub(crate) fn apply_paths(
+    core: &Arc<Core>,
+    site_id: &str,
+    province: &str,
+    frame: &tiandi_proto::Paths,
+) -> Result<(), String> {
+    let (paths, uses, switches) = crate::paths::check(frame)?;
+    core.links.set_uses(site_id, &uses);
     let now = now_ms();
-    let (fresh, alarms) = core
-        .sites
-        .set_paths(&id.site_id, paths, uses, switches, now);
+    let (fresh, alarms) = core.sites.set_paths(site_id, paths, uses, switches, now);
     core.sites
-        .set_path_connections(&id.site_id, &core.links.connected_paths(&id.site_id));
+        .set_path_connections(site_id, &core.links.connected_paths(site_id));
     for sw in fresh {
         info!(class = %sw.class, from = sw.from.as_deref().unwrap_or("-"), to = sw.to.as_deref().unwrap_or("-"), reason = %sw.reason, "Site switched path.");
         core.metrics
@@ -561,8 +570,8 @@ fn paths_frame(
             .with_label_values(&[sw.class.as_str()])
             .inc();
         let _ = core.events.send(Event::Path {
-            site_id: id.site_id.clone(),
-            province: id.province.clone(),
+            site_id: site_id.to_string(),
+            province: province.to_string(),
             class: sw.class,
             from: sw.from,
             to: sw.to,
@@ -572,7 +581,7 @@ fn paths_frame(
     }
     if !alarms.is_empty() {
         core.record_alarms(alarms);
-        core.site_changed(&id.site_id);
+        core.site_changed(site_id);
     }
     Ok(())
 }

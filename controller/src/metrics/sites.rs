@@ -48,10 +48,14 @@ pub enum SiteSeries {
     Interfaces,
     /// `tiandi_site_alarm{alarm}`, one per active alarm.
     Alarms,
+    /// A dual-homed site's paths (issue 20): each path's state, RTT, loss and whether the
+    /// controller holds a connection on it; which path each class of traffic uses. Sites with
+    /// one path have none.
+    Paths,
 }
 
 impl SiteSeries {
-    pub const ALL: [SiteSeries; 8] = [
+    pub const ALL: [SiteSeries; 9] = [
         SiteSeries::Status,
         SiteSeries::Host,
         SiteSeries::Link,
@@ -60,6 +64,7 @@ impl SiteSeries {
         SiteSeries::Devices,
         SiteSeries::Interfaces,
         SiteSeries::Alarms,
+        SiteSeries::Paths,
     ];
 }
 
@@ -115,6 +120,21 @@ fn link(s: &crate::sites::SiteState) -> Option<&tiandi_proto::LinkStats> {
 
 fn devices(s: &crate::sites::SiteState) -> &[tiandi_proto::Device] {
     s.latest.as_ref().map_or(&[], |r| r.devices.as_slice())
+}
+
+/// A dual-homed site's paths, as its latest `Paths` frame described them (none for a site
+/// with one path).
+fn paths(s: &crate::sites::SiteState) -> &[crate::paths::PathView] {
+    s.paths.as_ref().map_or(&[], |p| p.paths.as_slice())
+}
+
+/// `tiandi_site_path_state`'s value of a path's state.
+fn path_state(state: &str) -> f64 {
+    match state {
+        "up" => 2.0,
+        "suspect" => 1.0,
+        _ => 0.0,
+    }
 }
 
 fn profile_name(p: i32) -> &'static str {
@@ -523,6 +543,60 @@ const SITE_FAMILIES: &[Family] = &[
             }
             for (c, n) in seen {
                 e(&[("alarm", c.name())], n as f64)
+            }
+        },
+    ),
+    gauge(
+        G::Paths,
+        "tiandi_site_path_state",
+        "Each path of a dual-homed site, as the site sees it: 2 up, 1 suspect, 0 down.",
+        |s, _, e| {
+            for p in paths(s) {
+                e(
+                    &[("path", &p.name), ("kind", &p.kind)],
+                    path_state(&p.state),
+                )
+            }
+        },
+    ),
+    gauge(
+        G::Paths,
+        "tiandi_site_path_rtt_seconds",
+        "Round-trip time of each path of a dual-homed site, as the site measured it.",
+        |s, _, e| {
+            for p in paths(s) {
+                e(&[("path", &p.name)], f64::from(p.rtt_ms) / 1000.0)
+            }
+        },
+    ),
+    gauge(
+        G::Paths,
+        "tiandi_site_path_loss_ratio",
+        "Packet loss of each path of a dual-homed site (0-1), as the site measured it.",
+        |s, _, e| {
+            for p in paths(s) {
+                e(&[("path", &p.name)], p.loss_pct / 100.0)
+            }
+        },
+    ),
+    gauge(
+        G::Paths,
+        "tiandi_site_path_connected",
+        "1 while the controller holds a live connection of the dual-homed site on the path.",
+        |s, _, e| {
+            for p in paths(s) {
+                e(&[("path", &p.name)], if p.connected { 1.0 } else { 0.0 })
+            }
+        },
+    ),
+    gauge(
+        G::Paths,
+        "tiandi_site_class_path",
+        "1 for the path each class of a dual-homed site's traffic uses now (a class with no \
+         usable path has none).",
+        |s, _, e| {
+            for (class, path) in s.paths.iter().flat_map(|p| &p.uses) {
+                e(&[("class", class), ("path", path)], 1.0)
             }
         },
     ),

@@ -94,9 +94,114 @@ fn groups_turned_off_leave_their_families_out() {
         "tiandi_site_modem_esno_db",
         "tiandi_site_device_up",
         "tiandi_site_network_receive_bytes_total",
+        "tiandi_site_path_state",
+        "tiandi_site_class_path",
     ] {
         assert!(!text.contains(family), "{family} is out");
     }
+}
+
+#[test]
+fn every_group_has_a_config_name_and_a_family() {
+    // `[metrics] site_series` names each group; the example config lists them all.
+    let names: Vec<String> = SiteSeries::ALL
+        .iter()
+        .map(|g| {
+            serde_json::to_value(g)
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "status",
+            "host",
+            "link",
+            "modem",
+            "ups",
+            "devices",
+            "interfaces",
+            "alarms",
+            "paths"
+        ]
+    );
+    let example = include_str!("../../../config/controller.example.toml");
+    let listed = example
+        .lines()
+        .find(|l| l.starts_with("site_series = "))
+        .expect("site_series in the example config");
+    for n in &names {
+        assert!(
+            listed.contains(&format!("\"{n}\"")),
+            "{n} is not in {listed}"
+        );
+    }
+    let text = render(&SiteSeries::ALL);
+    for family in ["tiandi_site_path_state", "tiandi_site_class_path"] {
+        assert!(text.contains(&format!("# TYPE {family} gauge")), "{family}");
+    }
+}
+
+#[test]
+fn a_dual_homed_site_shows_its_paths_and_a_single_homed_one_none() {
+    use crate::paths::PathView;
+    let sites = sites();
+    let path = |name: &str, kind: &str, state: &str, rtt_ms: u32, loss_pct: f64| PathView {
+        name: name.into(),
+        kind: kind.into(),
+        state: state.into(),
+        rtt_ms,
+        loss_pct,
+        tx_kbps: 0,
+        rx_kbps: 0,
+        budget_kbps: 0,
+        since_ms: 0,
+        connected: false,
+    };
+    let uses = [("reports", "sky"), ("alarm", "sky"), ("bulk", "ground")]
+        .into_iter()
+        .map(|(c, p)| (c.to_string(), p.to_string()))
+        .collect();
+    let (_, alarms) = sites.set_paths(
+        "xz-001",
+        vec![
+            path("ground", "ground", "down", 25, 0.0),
+            path("sky", "sky", "up", 612, 1.5),
+        ],
+        uses,
+        Vec::new(),
+        1_500,
+    );
+    assert_eq!(alarms.len(), 1, "path-redundancy-lost raised");
+    sites.set_path_connections("xz-001", &["sky".to_string()]);
+    let text = Metrics::new().render(&sites, &SiteSeries::ALL, WireTotals::default(), 0, 2_000);
+    let mine: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("tiandi_site_path_") || l.starts_with("tiandi_site_class_path"))
+        .collect();
+    assert_eq!(
+        mine,
+        [
+            r#"tiandi_site_path_state{site="xz-001",province="XZ",path="ground",kind="ground"} 0"#,
+            r#"tiandi_site_path_state{site="xz-001",province="XZ",path="sky",kind="sky"} 2"#,
+            r#"tiandi_site_path_rtt_seconds{site="xz-001",province="XZ",path="ground"} 0.025"#,
+            r#"tiandi_site_path_rtt_seconds{site="xz-001",province="XZ",path="sky"} 0.612"#,
+            r#"tiandi_site_path_loss_ratio{site="xz-001",province="XZ",path="ground"} 0"#,
+            r#"tiandi_site_path_loss_ratio{site="xz-001",province="XZ",path="sky"} 0.015"#,
+            r#"tiandi_site_path_connected{site="xz-001",province="XZ",path="ground"} 0"#,
+            r#"tiandi_site_path_connected{site="xz-001",province="XZ",path="sky"} 1"#,
+            r#"tiandi_site_class_path{site="xz-001",province="XZ",class="alarm",path="sky"} 1"#,
+            r#"tiandi_site_class_path{site="xz-001",province="XZ",class="bulk",path="ground"} 1"#,
+            r#"tiandi_site_class_path{site="xz-001",province="XZ",class="reports",path="sky"} 1"#,
+        ],
+        "xz-002 has one path: no series"
+    );
+    assert!(text.contains(
+        r#"tiandi_site_alarm{site="xz-001",province="XZ",alarm="path-redundancy-lost"} 1"#
+    ));
 }
 
 #[test]
