@@ -32,7 +32,7 @@ function T(key, vars) {
 const STATUSES = ['up', 'degraded', 'rain-fade', 'on-battery', 'disk-full', 'down'];
 // How bad a status is (for "worst" and ordering): higher is worse.
 const STATUS_RANK = { up: 0, 'rain-fade': 1, degraded: 2, 'on-battery': 3, 'disk-full': 4, down: 5 };
-const ALARMS = ['site-down', 'on-battery', 'disk-full', 'rain-fade', 'degraded', 'transfer-paused', 'backup-failed', 'backup-overdue', 'backup-check-failed', 'backup-near-quota'];
+const ALARMS = ['site-down', 'on-battery', 'disk-full', 'rain-fade', 'degraded', 'transfer-paused', 'backup-failed', 'backup-overdue', 'backup-check-failed', 'backup-near-quota', 'path-redundancy-lost'];
 const SEVERITIES = ['critical', 'major', 'minor'];
 const SEV_RANK = { critical: 0, major: 1, minor: 2 };
 const PROVINCES = 'BJ TJ HE SX NM LN JL HL SH JS ZJ AH FJ JX SD HA HB HN GD GX HI CQ SC GZ YN XZ SN GS QH NX XJ'.split(' ');
@@ -130,6 +130,21 @@ function badge(status) {
 }
 function sevBadge(sev) { return h('span.sev.sev-' + sev, T('sev.' + sev)); }
 function siteLink(id) { return h('a.site', { href: '/sites/' + encodeURIComponent(id) }, id); }
+/** A path's state (up, suspect, down) in the status colours: up, degraded, down. */
+const PATH_STATE_COLOUR = { up: 'up', suspect: 'degraded', down: 'down' };
+function pathBadge(state) {
+  const s = PATH_STATE_COLOUR[state] ? state : 'down';
+  return h('span.badge.st-' + PATH_STATE_COLOUR[s], { data: { state: s } }, T('paths.state.' + s));
+}
+/** Traffic classes of a dual-homed site, in the order the site's policy lists them. */
+const PATH_CLASSES = ['reports', 'alarm', 'conference', 'normal', 'bulk', 'backup'];
+/** Why a site switched a class to another path, as its selector says it; other text as sent. */
+const PATH_REASONS = {
+  'path down': 'paths.why.down', 'path up': 'paths.why.up', 'preferred path back': 'paths.why.back',
+  'path losing packets': 'paths.why.losing', 'no path usable': 'paths.why.none',
+  'not allowed now (window closed or policy)': 'paths.why.not_allowed',
+};
+function pathReason(r) { return PATH_REASONS[r] ? T(PATH_REASONS[r]) : r || ''; }
 
 function debounce(fn, ms) {
   let t = null;
@@ -959,6 +974,7 @@ function pageSites() {
     province: PROVINCES.includes(q0.get('province')) ? q0.get('province') : '',
     status: STATUSES.includes(q0.get('status')) ? q0.get('status') : '',
     link: ['satellite', 'terrestrial'].includes(q0.get('link')) ? q0.get('link') : '',
+    redundancy: q0.get('redundancy') === 'lost' ? 'lost' : '',
     q: (q0.get('q') || '').slice(0, 100),
     sort: SITE_SORTS.includes(q0.get('sort')) ? q0.get('sort') : 'site_id',
     order: q0.get('order') === 'desc' ? 'desc' : 'asc',
@@ -974,6 +990,8 @@ function pageSites() {
     [['', T('filter.all_statuses')]].concat(STATUSES.map((s) => [s, T('status.' + s)])), st.status);
   const fLink = selectOf({ id: 'f-link', title: T('col.link') },
     [['', T('filter.all_links')], ['satellite', T('link.satellite')], ['terrestrial', T('link.terrestrial')]], st.link);
+  const fRed = selectOf({ id: 'f-redundancy', title: T('site.paths') },
+    [['', T('filter.all_redundancy')], ['lost', T('filter.redundancy_lost')]], st.redundancy);
   const fQ = h('input#f-q', { type: 'search', placeholder: T('sites.search'), value: st.q, autocomplete: 'off', spellcheck: 'false' });
   const reset = h('button.ghost', { type: 'button' }, T('filter.reset'));
   const countEl = h('span#sites-count', '0');
@@ -1000,7 +1018,7 @@ function pageSites() {
 
   replace(m,
     pageHead(T('nav.sites'), h('span.count-label', T('sites.count').split('{n}')[0], countEl, T('sites.count').split('{n}').slice(1).join('')), loading),
-    h('div.filters', fProv, fStatus, fLink, fQ, reset),
+    h('div.filters', fProv, fStatus, fLink, fRed, fQ, reset),
     h('div.tablewrap.sites-wrap', table),
     h('div.pager', first, prev, info, next, last),
     footer());
@@ -1010,6 +1028,7 @@ function pageSites() {
     if (st.province) q.set('province', st.province);
     if (st.status) q.set('status', st.status);
     if (st.link) q.set('link', st.link);
+    if (st.redundancy) q.set('redundancy', st.redundancy);
     if (st.q) q.set('q', st.q);
     if (st.sort !== 'site_id') q.set('sort', st.sort);
     if (st.order !== 'asc') q.set('order', st.order);
@@ -1036,15 +1055,24 @@ function pageSites() {
   };
 
   const cellNum = (v, fmt, cls) => h('td.num' + (cls ? '.' + cls : ''), v == null ? '—' : fmt(v));
+  // A dual-homed site: a small mark under its link type, a warning one when it is down to one
+  // path; its paths' states in the tooltip.
+  const pathsMark = (s) => {
+    if (!s.paths) return null;
+    const title = s.paths.map((p) => p.name + ': ' + T('paths.state.' + p.state)).join(' · ');
+    return s.redundancy_lost
+      ? h('div', h('span.cond.sev-minor.path-lost', { title }, '⚠ ' + T('paths.one_left')))
+      : h('div.muted.small.path-dual', { title }, T('paths.dual'));
+  };
   const renderRow = (s) => {
     const l = s.link || {}, hs = s.host || {};
     const conds = s.conditions || [];
-    const tr = h('tr.st-' + s.status + (s.connected ? '' : '.offline'), { data: { site: s.site_id, status: s.status } },
+    const tr = h('tr.st-' + s.status + (s.connected ? '' : '.offline'), { data: { site: s.site_id, status: s.status, dual: s.paths ? '1' : null } },
       h('td.id', siteLink(s.site_id)),
       h('td', { title: s.province }, provName(s.province)),
       h('td.status', badge(s.status)),
       h('td.conds', conds.map((c) => h('span.cond.sev-' + severityOf(c.condition), { title: (c.detail || '') + ' · ' + fmtTime(c.since_ms, 'full') }, T('alarm.' + c.condition)))),
-      h('td.linktype', l.type ? T('link.' + l.type) : '—'),
+      h('td.linktype', l.type ? T('link.' + l.type) : '—', pathsMark(s)),
       cellNum(l.rtt_ms, (v) => num(v) + ' ms', l.rtt_ms > 1000 ? 'warn' : ''),
       cellNum(l.loss_pct, (v) => pct(v, 2), l.loss_pct >= 2 ? 'bad' : l.loss_pct >= 0.5 ? 'warn' : ''),
       cellNum(l.esno_db, (v) => num(v, 1) + ' dB', l.esno_db != null && l.esno_db < 5 ? 'warn' : ''),
@@ -1065,6 +1093,7 @@ function pageSites() {
     if (st.province) q.set('province', st.province);
     if (st.status) q.set('status', st.status);
     if (st.link) q.set('link', st.link);
+    if (st.redundancy) q.set('redundancy', st.redundancy);
     if (st.q) q.set('q', st.q);
     q.set('sort', st.sort);
     q.set('order', st.order);
@@ -1111,12 +1140,13 @@ function pageSites() {
   fProv.addEventListener('change', () => { st.province = fProv.value; change(true); });
   fStatus.addEventListener('change', () => { st.status = fStatus.value; change(true); });
   fLink.addEventListener('change', () => { st.link = fLink.value; change(true); });
+  fRed.addEventListener('change', () => { st.redundancy = fRed.value; change(true); });
   const typed = debounce(() => { const v = fQ.value.trim(); if (v !== st.q) { st.q = v; change(true); } }, 250);
   fQ.addEventListener('input', typed);
   fQ.addEventListener('keydown', (e) => { if (e.key === 'Escape') { fQ.value = ''; typed(); } });
   reset.addEventListener('click', () => {
-    Object.assign(st, { province: '', status: '', link: '', q: '', sort: 'site_id', order: 'asc', page: 1 });
-    fProv.value = fStatus.value = fLink.value = fQ.value = '';
+    Object.assign(st, { province: '', status: '', link: '', redundancy: '', q: '', sort: 'site_id', order: 'asc', page: 1 });
+    fProv.value = fStatus.value = fLink.value = fRed.value = fQ.value = '';
     change(true);
   });
   thead.addEventListener('click', (e) => {
@@ -1154,7 +1184,8 @@ function pageSites() {
     if (st.province && ev.province !== st.province) return false;
     if (st.q && !String(ev.site_id).toLowerCase().includes(st.q.toLowerCase())) return false;
     if (st.status) return ev.status === st.status;
-    return st.sort === 'status' || st.sort === 'last_seen';
+    // A site that lost (or got back) a path changes its alarms, not always its status.
+    return !!st.redundancy || st.sort === 'status' || st.sort === 'last_seen';
   };
   Live.start(['site'], (ev) => {
     if (ev.type !== 'site') return;
@@ -1175,7 +1206,8 @@ function pageSites() {
       void tr.offsetWidth; // restart the animation
       tr.classList.add('flash');
       recordLive('site', ev.site_id, ev.status, ev.at_ms);
-      if (st.status && ev.status !== st.status) refetch();
+      // A dual-homed site's row also shows its paths: fetched again (a status says nothing of them).
+      if ((st.status && ev.status !== st.status) || st.redundancy || tr.dataset.dual) refetch();
     } else if (mayMatch(ev)) {
       refetch();
     }
@@ -1421,7 +1453,11 @@ function pageSite() {
   const status = h('span#site-status.badge', { data: { status: 'unknown' } }, '…');
   const sub = h('span.site-sub');
   const summary = h('div.slot'), conds = h('div.slot'), link = h('div.slot'), host = h('div.slot'),
-    devices = h('div.slot'), cert = h('div.slot'), alarms = h('div.slot'), xfers = h('div.slot');
+    devices = h('div.slot'), cert = h('div.slot'), alarms = h('div.slot'), xfers = h('div.slot'), paths = h('div.slot');
+  // A dual-homed site's paths: shown only for a site that has them.
+  const pathsPanel = section(T('site.paths'), paths);
+  pathsPanel.id = 'site-paths';
+  pathsPanel.hidden = true;
   const ranges = h('div.ranges', Object.keys(RANGES).map((r) => h('button.range', { type: 'button', data: { range: r } }, T('range.' + r))));
   const charts = h('div.charts');
   let range = RANGES[new URLSearchParams(location.search).get('range')] ? new URLSearchParams(location.search).get('range') : '24h';
@@ -1443,6 +1479,7 @@ function pageSite() {
       section(T('site.summary'), summary, conds),
       section(T('site.link'), link),
       section(T('site.host'), host)),
+    pathsPanel,
     section(T('site.charts'), ranges, charts),
     h('div.site-grid2',
       section(T('site.devices'), devices),
@@ -1528,6 +1565,49 @@ function pageSite() {
       ]));
       if (revoke) { revoke.disabled = !!c.revoked_ms; revoke.textContent = c.revoked_ms ? T('site.revoked') : T('site.revoke'); }
     } else replace(cert, h('p.muted', T('cert.none')));
+    renderPaths(d.paths);
+  };
+
+  // Each path (state in the status colours, figures as the site measured them, whether this
+  // controller holds a connection on it), the path each class of traffic uses, and the latest
+  // switches, newest first.
+  const renderPaths = (p) => {
+    pathsPanel.hidden = !p;
+    if (!p) { clear(paths); return; }
+    const list = p.paths || [], uses = p.uses || {};
+    const sw = (p.switches || []).slice().reverse();
+    const lossCls = (x) => (x >= 2 ? 'bad' : x >= 0.5 ? 'warn' : '');
+    replace(paths,
+      h('p.muted.small', T('paths.about'), ' ', T('paths.updated'), ' ', timeEl(p.updated_ms)),
+      h('table#site-paths-table.grid',
+        h('thead', h('tr', h('th', T('paths.name')), h('th', T('paths.kind')), h('th', T('col.state')),
+          h('th.num', T('col.rtt')), h('th.num', T('col.loss')), h('th.num', T('col.tx')), h('th.num', T('col.rx')),
+          h('th.num', T('paths.budget')), h('th', T('site.connection')))),
+        h('tbody', list.length ? list.map((x) => h('tr', { data: { path: x.name, state: x.state } },
+          h('td', h('b', x.name)),
+          h('td', T('link.' + (x.kind === 'sky' ? 'satellite' : 'terrestrial'))),
+          h('td', pathBadge(x.state), x.since_ms ? h('div.muted.small', T('site.since') + ' ', timeEl(x.since_ms)) : null),
+          h('td.num', x.rtt_ms ? num(x.rtt_ms) + ' ms' : '—'),
+          h('td.num' + (lossCls(x.loss_pct) ? '.' + lossCls(x.loss_pct) : ''), pct(x.loss_pct, 1)),
+          h('td.num', fmtKbps(x.tx_kbps)), h('td.num', fmtKbps(x.rx_kbps)),
+          h('td.num', x.budget_kbps ? fmtKbps(x.budget_kbps) : T('paths.no_limit')),
+          h('td' + (x.connected ? '.ok' : '.bad'), x.connected ? '✓ ' + T('site.connected') : '✗ ' + T('site.disconnected')))) : emptyRow(9))),
+      h('div.site-grid2',
+        h('div',
+          h('h3', T('paths.uses')),
+          h('table#site-path-uses.grid.small',
+            h('thead', h('tr', h('th', T('paths.class')), h('th', T('paths.name')))),
+            h('tbody', PATH_CLASSES.concat(Object.keys(uses).filter((c) => !PATH_CLASSES.includes(c))).map((c) =>
+              h('tr', { data: { class: c } }, h('td', T('paths.class.' + c)),
+                h('td', uses[c] ? h('b', uses[c]) : h('span.bad', T('paths.none_usable')))))))),
+        h('div',
+          h('h3', T('paths.switches')),
+          h('table#site-path-switches.grid.small',
+            h('thead', h('tr', h('th', T('col.time')), h('th', T('paths.class')), h('th', T('paths.from_to')), h('th', T('paths.reason')))),
+            h('tbody', sw.length ? sw.map((x) => h('tr', { data: { class: x.class } },
+              h('td', timeEl(x.at_ms)), h('td', T('paths.class.' + x.class)),
+              h('td', (x.from || T('paths.nowhere')) + ' → ' + (x.to || T('paths.nowhere'))),
+              h('td.detail', { title: x.reason || '' }, pathReason(x.reason)))) : emptyRow(4, T('paths.no_switches')))))));
   };
 
   const renderAlarms = (ad) => {
@@ -1631,10 +1711,11 @@ function pageSite() {
 
   const kick = coalescer(load, 500);
   const kickX = coalescer(loadXfers, 1000);
-  Live.start(['site', 'alarm', 'transfer'], (ev) => {
+  Live.start(['site', 'alarm', 'transfer', 'path'], (ev) => {
     if ((ev.type === 'site' || ev.type === 'alarm') && ev.site_id === id) { pending.push(ev); kick(); }
+    else if (ev.type === 'path' && ev.site_id === id) kick();
     else if (ev.type === 'transfer' && ev.dest === id) kickX();
-  }, () => { kick(); kickX(); }, ['transfer']);
+  }, () => { kick(); kickX(); }, ['transfer', 'path']);
   setInterval(() => { loadCharts(); loadXfers(); }, 30000);
   setInterval(() => { if (detail) kick(); }, 60000);
   load();

@@ -428,6 +428,45 @@ mod tests {
     }
 
     #[test]
+    fn every_key_the_script_names_has_its_strings() {
+        let js = std::str::from_utf8(include_bytes!("../assets/console.js")).unwrap();
+        // Keys written out whole: `T('site.paths')`.
+        let mut keys: Vec<String> = js
+            .split("T('")
+            .skip(1)
+            .filter_map(|rest| rest.split_once('\''))
+            .filter(|(k, after)| {
+                !k.is_empty()
+                    && !k.ends_with('.')
+                    && (after.starts_with(')') || after.starts_with(','))
+            })
+            .map(|(k, _)| k.to_string())
+            .collect();
+        // Keys in tables (`'paths.why.down'`), whole.
+        keys.extend(
+            js.match_indices("'paths.")
+                .filter_map(|(at, _)| js[at + 1..].split_once('\'').map(|(k, _)| k))
+                .filter(|k| !k.ends_with('.'))
+                .map(str::to_string),
+        );
+        // Keys made from a value: a dual-homed site's path states and traffic classes, and the
+        // alarm it raises.
+        keys.extend(["up", "suspect", "down"].map(|s| format!("paths.state.{s}")));
+        keys.extend(tiandi_link::paths::Class::ALL.map(|c| format!("paths.class.{}", c.as_str())));
+        keys.push(format!(
+            "alarm.{}",
+            crate::sites::Condition::PathRedundancyLost.name()
+        ));
+        assert!(keys.len() > 200, "{} keys", keys.len());
+        for k in keys {
+            assert!(
+                strings().contains_key(&k),
+                "console.js uses {k}, which i18n.json lacks"
+            );
+        }
+    }
+
+    #[test]
     fn boot_json_cannot_close_its_script() {
         let m = shell(
             "en",

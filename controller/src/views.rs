@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use tiandi_proto::Report;
 
-use crate::sites::{ConditionInfo, SiteState, Status};
+use crate::sites::{Condition, ConditionInfo, SiteState, Status};
 
 /// How urgent an alarm is: what the NOC looks at first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -125,6 +125,13 @@ pub fn host_view(r: Option<&Report>) -> HostView {
     }
 }
 
+/// One path of a dual-homed site, in its row: its name and state (`up`, `suspect`, `down`).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct PathBrief<'a> {
+    pub name: &'a str,
+    pub state: &'a str,
+}
+
 /// One line of the site table.
 #[derive(Clone, Debug, Serialize)]
 pub struct SiteRow<'a> {
@@ -138,6 +145,17 @@ pub struct SiteRow<'a> {
     pub conditions: &'a [ConditionInfo],
     pub link: LinkView,
     pub host: HostView,
+    /// A dual-homed site's paths (`null` for a site with one path); the whole view is in
+    /// `GET /api/sites/{id}`.
+    pub paths: Option<Vec<PathBrief<'a>>>,
+    /// The site is down to one path (the `path-redundancy-lost` alarm is active).
+    pub redundancy_lost: bool,
+}
+
+/// Whether the site's `path-redundancy-lost` alarm is active (not while it is down: then
+/// `site-down` is its only alarm).
+pub fn redundancy_lost(s: &SiteState) -> bool {
+    s.active.contains(&Condition::PathRedundancyLost)
 }
 
 pub fn row(s: &SiteState) -> SiteRow<'_> {
@@ -152,6 +170,16 @@ pub fn row(s: &SiteState) -> SiteRow<'_> {
         conditions: &s.conditions,
         link: link_view(s.latest.as_ref()),
         host: host_view(s.latest.as_ref()),
+        paths: s.paths.as_ref().map(|p| {
+            p.paths
+                .iter()
+                .map(|p| PathBrief {
+                    name: &p.name,
+                    state: &p.state,
+                })
+                .collect()
+        }),
+        redundancy_lost: redundancy_lost(s),
     }
 }
 
@@ -230,12 +258,15 @@ pub struct Filter {
     pub link: Option<LinkType>,
     /// Part of the site ID, any case.
     pub text: Option<String>,
+    /// Only dual-homed sites down to one path (`redundancy=lost`).
+    pub redundancy_lost: bool,
 }
 
 impl Filter {
     pub fn matches(&self, s: &SiteState) -> bool {
         self.province.as_deref().is_none_or(|p| s.province == p)
             && self.status.is_none_or(|st| s.status == st)
+            && (!self.redundancy_lost || redundancy_lost(s))
             && self
                 .link
                 .is_none_or(|l| link_kind(s.latest.as_ref()) == Some(l))
@@ -442,6 +473,77 @@ mod tests {
         assert_eq!((n, by["up"]), (4, 2));
         let gd = provinces.iter().find(|p| p.code == "GD").unwrap();
         assert_eq!((gd.total, gd.worst), (3, Some(Status::Down)));
+    }
+
+    #[test]
+    fn a_dual_homed_sites_row_has_its_paths_and_the_redundancy_filter_finds_it() {
+        use crate::paths::{PathView, SitePaths};
+        let path = |name: &str, state: &str| PathView {
+            name: name.into(),
+            kind: name.into(),
+            state: state.into(),
+            rtt_ms: 0,
+            loss_pct: 0.0,
+            tx_kbps: 0,
+            rx_kbps: 0,
+            budget_kbps: 0,
+            since_ms: 0,
+            connected: false,
+        };
+        let mut dual = site("gd-001", "GD", Status::Degraded, Some(30), false);
+        dual.paths = Some(SitePaths {
+            paths: vec![path("ground", "down"), path("sky", "up")],
+            ..Default::default()
+        });
+        dual.active = [Condition::PathRedundancyLost].into();
+        let mut both_up = site("gd-002", "GD", Status::Up, Some(30), false);
+        both_up.paths = Some(SitePaths {
+            paths: vec![path("ground", "up"), path("sky", "suspect")],
+            ..Default::default()
+        });
+        let single = site("gd-003", "GD", Status::Up, Some(30), false);
+
+        let r = row(&dual);
+        assert_eq!(
+            r.paths.as_deref(),
+            Some(
+                &[
+                    PathBrief {
+                        name: "ground",
+                        state: "down"
+                    },
+                    PathBrief {
+                        name: "sky",
+                        state: "up"
+                    }
+                ][..]
+            )
+        );
+        assert!(r.redundancy_lost);
+        let json = serde_json::to_value(row(&both_up)).unwrap();
+        assert_eq!(
+            json["paths"],
+            serde_json::json!([{"name": "ground", "state": "up"}, {"name": "sky", "state": "suspect"}])
+        );
+        assert_eq!(json["redundancy_lost"], false);
+        let json = serde_json::to_value(row(&single)).unwrap();
+        assert!(json["paths"].is_null() && json["redundancy_lost"] == false);
+
+        let lost = Filter {
+            redundancy_lost: true,
+            ..Default::default()
+        };
+        let all = [dual, both_up, single];
+        let ids: Vec<_> = all
+            .iter()
+            .filter(|s| lost.matches(s))
+            .map(|s| s.site_id.as_str())
+            .collect();
+        assert_eq!(ids, ["gd-001"]);
+        assert_eq!(
+            all.iter().filter(|s| Filter::default().matches(s)).count(),
+            3
+        );
     }
 
     #[test]

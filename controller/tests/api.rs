@@ -249,6 +249,65 @@ async fn admin_routes_need_the_token_and_answer_in_the_shared_types() {
     assert!(text.contains("# TYPE"), "{text}");
     let (status, _) = get(&format!("{ops}/health"));
     assert_eq!(status, 200);
+
+    // A dual-homed site down to one path: its paths in full on its page, in brief in the list,
+    // which `redundancy=lost` narrows to such sites.
+    let now = tiandi_link::clock::now_ms();
+    ctl.core.sites.insert("gd-009", "GD", None, now);
+    ctl.core.sites.insert("gd-010", "GD", None, now);
+    let path = |name: &str, state: &str| tiandi_controller::paths::PathView {
+        name: name.into(),
+        kind: name.into(),
+        state: state.into(),
+        rtt_ms: 600,
+        loss_pct: 0.5,
+        tx_kbps: 12,
+        rx_kbps: 3,
+        budget_kbps: 512,
+        since_ms: now,
+        connected: false,
+    };
+    let switch = tiandi_controller::paths::SwitchView {
+        at_ms: now,
+        class: "reports".into(),
+        from: Some("ground".into()),
+        to: Some("sky".into()),
+        reason: "path down".into(),
+    };
+    ctl.core.sites.set_paths(
+        "gd-009",
+        vec![path("ground", "down"), path("sky", "up")],
+        [("reports".to_string(), "sky".to_string())].into(),
+        vec![switch],
+        now,
+    );
+    let (status, v) = get_as(&format!("{api}/api/sites/gd-009"), read);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["paths"]["paths"][1]["name"], "sky", "{v}");
+    assert_eq!(v["paths"]["paths"][1]["budget_kbps"], 512, "{v}");
+    assert_eq!(v["paths"]["uses"]["reports"], "sky", "{v}");
+    assert_eq!(v["paths"]["switches"][0]["reason"], "path down", "{v}");
+    assert_eq!(
+        v["conditions"][0]["condition"], "path-redundancy-lost",
+        "{v}"
+    );
+    let (_, v) = get_as(&format!("{api}/api/sites/gd-010"), read);
+    assert!(v["paths"].is_null(), "one path: {v}");
+    let (status, v) = get_as(&format!("{api}/api/sites?province=GD"), read);
+    assert_eq!((status, v["count"].as_u64()), (200, Some(2)), "{v}");
+    assert_eq!(
+        v["sites"][0]["paths"],
+        serde_json::json!([{"name": "ground", "state": "down"}, {"name": "sky", "state": "up"}])
+    );
+    assert_eq!(v["sites"][0]["redundancy_lost"], true);
+    assert!(v["sites"][1]["paths"].is_null());
+    assert_eq!(v["sites"][1]["redundancy_lost"], false);
+    let (status, v) = get_as(&format!("{api}/api/sites?redundancy=lost"), read);
+    assert_eq!((status, v["count"].as_u64()), (200, Some(1)), "{v}");
+    assert_eq!(v["sites"][0]["site_id"], "gd-009");
+    let (status, v) = get_as(&format!("{api}/api/sites?redundancy=maybe"), read);
+    assert_eq!(status, 400);
+    assert!(v["error"].as_str().unwrap().contains("lost"), "{v}");
     ctl.shutdown().await;
 }
 

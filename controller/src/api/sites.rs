@@ -11,6 +11,8 @@ pub(super) struct SitesQuery {
     link: Option<String>,
     /// Part of the site ID.
     q: Option<String>,
+    /// `lost`: only dual-homed sites down to one path (`path-redundancy-lost`).
+    redundancy: Option<String>,
     /// A column ([`SortKey::NAMES`]); default `site_id`.
     sort: Option<String>,
     /// `asc` (default) or `desc`.
@@ -70,6 +72,11 @@ pub(super) async fn list_sites(
             )));
         }
     };
+    let redundancy_lost = match q.redundancy.as_deref().filter(|s| !s.is_empty()) {
+        None => false,
+        Some("lost") => true,
+        Some(other) => return Err(bad(format!("unknown redundancy {other:?} (lost)"))),
+    };
     let text = q.q.as_deref().map(str::trim).filter(|t| !t.is_empty());
     if let Some(t) = text
         && (t.len() > 64 || t.chars().any(|c| c.is_control()))
@@ -91,6 +98,7 @@ pub(super) async fn list_sites(
         status,
         link,
         text: text.map(str::to_string),
+        redundancy_lost,
     };
     let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
     let offset = q.offset.unwrap_or(0);
