@@ -140,6 +140,10 @@ pub(crate) struct SiteSetup<'a> {
     /// The controller's API and ops ports on 127.0.0.1 in the hub's namespace.
     pub api_port: u16,
     pub ops_port: u16,
+    /// More of the agent's configuration (TOML appended: a dual-homed site's `[[paths]]`);
+    /// with it the controller listens on every address of its namespace and neither side is
+    /// paced at `rate_mbit` (each path has its own congestion control).
+    pub agent_toml: Option<String>,
 }
 
 /// The controller (hub namespace of link 1) and one enrolled, reporting agent (site 1's
@@ -165,6 +169,16 @@ impl OneSite {
         let (ctl_bin, agent_bin) = s.bins.clone();
         let (ctl_ns, site_ns) = (topo.ctl_ns(), topo.site_ns(1));
         let quic = format!("{}:4433", topo.ctl_addr());
+        let listen = if s.agent_toml.is_some() {
+            "0.0.0.0:4433".to_string()
+        } else {
+            quic.clone()
+        };
+        let rates = if s.agent_toml.is_some() {
+            String::new()
+        } else {
+            format!("[link_rates]\n\"{}\" = {}\n", s.site, s.rate_mbit)
+        };
         let api: SocketAddr = format!("127.0.0.1:{}", s.api_port).parse()?;
         let ops = format!("127.0.0.1:{}", s.ops_port);
         let site = s.site;
@@ -172,10 +186,9 @@ impl OneSite {
         std::fs::write(
             &ctl_cfg,
             format!(
-                "data_dir = {:?}\nquic_listen = \"{quic}\"\napi_listen = \"{api}\"\nops_listen = \"{ops}\"\nprofile = \"geo\"\noutgoing_dirs = [{:?}]\n[link_rates]\n\"{site}\" = {}\n",
+                "data_dir = {:?}\nquic_listen = \"{listen}\"\napi_listen = \"{api}\"\nops_listen = \"{ops}\"\nprofile = \"geo\"\noutgoing_dirs = [{:?}]\n{rates}",
                 dir.join("ctl"),
                 dir,
-                s.rate_mbit
             ),
         )?;
         let log = |name: &str| -> anyhow::Result<std::fs::File> {
@@ -199,10 +212,13 @@ impl OneSite {
         std::fs::write(
             &agent_cfg,
             format!(
-                "controller = \"{quic}\"\ndata_dir = {:?}\nprofile = \"geo\"\ninterval_s = {}\nlink_rate_mbit = {}\n",
+                "controller = \"{quic}\"\ndata_dir = {:?}\nprofile = \"geo\"\ninterval_s = {}\n{}",
                 dir.join("site"),
                 s.interval_s,
-                s.rate_mbit
+                match &s.agent_toml {
+                    Some(extra) => extra.clone(),
+                    None => format!("link_rate_mbit = {}\n", s.rate_mbit),
+                }
             ),
         )?;
         let mut one = OneSite {

@@ -396,6 +396,7 @@ fn run_case(
             // Ports of their own: the last case's sockets may linger.
             api_port: 18180 + i,
             ops_port: 19180 + i,
+            agent_toml: None,
         },
     )
     .context("starting the controller and the site")?;

@@ -21,6 +21,7 @@ mod dashboard;
 mod geolink;
 mod geotransfer;
 mod harness;
+mod hybridfailover;
 mod impairments;
 mod ingest;
 mod relayfanout;
@@ -87,6 +88,11 @@ enum Cmd {
     /// province relay cascading from it, the county's viewer behind an emulated GEO link;
     /// frames shown, freezes, age, sound gaps, repair overhead. Needs root and ffprobe.
     VideoGeo(videogeo::Args),
+    /// A dual-homed site (a ground line and a GEO link, each emulated) playing a conference,
+    /// reporting every 2 s and receiving a bulk file while its ground line is cut and restored:
+    /// the freeze, reports lost, the longest report gap, the switch-back time, the transfer's
+    /// resumption. Needs root and ffprobe.
+    HybridFailover(hybridfailover::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -103,6 +109,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::ReportLatency(a) => reportlatency::run(a),
         Cmd::Impairments(a) => impairments::run(a),
         Cmd::VideoGeo(a) => videogeo::run(a),
+        Cmd::HybridFailover(a) => hybridfailover::run(a),
         Cmd::RelayFanout(a) => relayfanout::run(a),
         Cmd::WakeCost(a) => wakecost::run(a),
     }

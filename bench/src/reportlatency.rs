@@ -50,6 +50,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             interval_s: a.interval_s,
             api_port: 18080,
             ops_port: 19090,
+            agent_toml: None,
         },
     )?;
     // Every report event, as (sample time, arrival time).

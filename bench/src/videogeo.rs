@@ -51,7 +51,7 @@ const FPS: f64 = 25.0;
 /// A gap between recorded frames this long or longer is a freeze (two frames or more missing).
 const FREEZE_MS: f64 = 120.0;
 
-struct Kill(Child);
+pub(crate) struct Kill(pub(crate) Child);
 impl Drop for Kill {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -59,7 +59,7 @@ impl Drop for Kill {
     }
 }
 
-fn creds(ca: &Ca, dir: &Path, id: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+pub(crate) fn creds(ca: &Ca, dir: &Path, id: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
     let (key, csr) = pki::site_key_and_csr(id)?;
     let ttl = Duration::from_secs(86_400);
     let cert = if id.ends_with("-relay") {
@@ -76,7 +76,13 @@ fn creds(ca: &Ca, dir: &Path, id: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
 
 /// `tiandi-video args…` as `me` in namespace `ns`, its output in `dir/me.out|log`. The province
 /// relay logs each group it resets, with its path's state (why it was still unacknowledged).
-fn video(bin: &Path, ns: &str, dir: &Path, me: &str, args: &[&str]) -> anyhow::Result<Kill> {
+pub(crate) fn video(
+    bin: &Path,
+    ns: &str,
+    dir: &Path,
+    me: &str,
+    args: &[&str],
+) -> anyhow::Result<Kill> {
     // Why groups are lost: the province relay logs each group it resets, the county's
     // player each group it gives up.
     let log = match me {
@@ -102,7 +108,7 @@ fn video(bin: &Path, ns: &str, dir: &Path, me: &str, args: &[&str]) -> anyhow::R
 }
 
 /// Recorded video and audio frames' presentation times (s).
-fn recorded(path: &Path) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+pub(crate) fn recorded(path: &Path) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     let out = Command::new("ffprobe")
         .args([
             "-v",
@@ -141,7 +147,7 @@ fn recorded(path: &Path) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
 }
 
 /// `key=value` from the player's summary line (the first value of a list).
-fn field(line: &str, key: &str) -> anyhow::Result<f64> {
+pub(crate) fn field(line: &str, key: &str) -> anyhow::Result<f64> {
     line.split_whitespace()
         .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
         .and_then(|v| v.split(',').next()?.parse().ok())

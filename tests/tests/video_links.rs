@@ -635,3 +635,178 @@ async fn geo_under_a_second_narrow_link_gets_the_low_rendition_nobody_stalls_thr
         longest_gap_ms(&atail)
     );
 }
+
+/// Issue 20: a dual-homed county plays a conference over its ground line and keeps playing
+/// through a cut of it: a session over each path (the satellite's a standby), the conference
+/// moves to the satellite when the line fails (no freeze of 2.5 s or more, no group given up
+/// for good) and back to the line after its hold once it returns; the relay's roster lists the
+/// county once, with both paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dual_homed_county_keeps_playing_through_a_cut_of_its_ground_line() {
+    assert!(
+        can_emulate_links(),
+        "this test needs root and /dev/net/tun (CI runs it as root)"
+    );
+    let ground = Shape {
+        rate_kbit: 10_000,
+        delay_ms: 10.0,
+        queue_bytes: 250_000,
+        ..Shape::default()
+    };
+    let sky = Shape {
+        rate_kbit: 4_000,
+        delay_ms: 300.0,
+        loss_pct: 1.0,
+        queue_bytes: 100_000,
+        ..Shape::default()
+    };
+    let spec = Spec {
+        prefix: "tdvdual".into(),
+        net: [10, 211, 0],
+        sites: vec![(ground.clone(), ground)],
+        seed: Some(20),
+        second: vec![(sky.clone(), sky)],
+        second_net: None,
+    };
+    let topo = Topology::up(&spec).expect("topology up");
+    let tmp = tempfile::tempdir().unwrap();
+    let d = &if std::env::var_os("TIANDI_TEST_KEEP").is_some() {
+        tmp.keep()
+    } else {
+        tmp.path().to_path_buf()
+    };
+    let ca = Ca::generate("test CA").unwrap();
+    let ca_p = d.join("ca.pem");
+    std::fs::write(&ca_p, ca.cert_pem()).unwrap();
+    let ctl = topo.ctl_ns();
+    let relay1 = format!("{}:4500", topo.ctl_addr());
+    let relay2 = format!("{}:4500", topo.ctl_addr2().unwrap());
+    let _relay = video(
+        &ctl,
+        d,
+        "ministry-relay",
+        &[
+            "relay",
+            "--listen",
+            "0.0.0.0:4500",
+            "--name",
+            "ministry-relay",
+            "--metrics",
+            "127.0.0.1:9466",
+        ],
+        &creds(&ca, d, "ministry-relay"),
+        &ca_p,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let _publisher = video(
+        &ctl,
+        d,
+        "ministry",
+        &[
+            "join",
+            "--relay",
+            &relay1,
+            "--relay-name",
+            "ministry-relay",
+            "--room",
+            "drill",
+            "--publish",
+            "pattern",
+            "--duration",
+            "60",
+        ],
+        &creds(&ca, d, "ministry"),
+        &ca_p,
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let out = d.join("gd-dual.ts");
+    let ground_path = format!(
+        "ground={},relay={relay1},profile=terrestrial",
+        topo.site_addr(1)
+    );
+    let sky_path = format!(
+        "sky={},relay={relay2},profile=geo",
+        topo.site_addr2(1).unwrap()
+    );
+    let viewer = video(
+        &topo.site_ns(1),
+        d,
+        "gd-dual",
+        &[
+            "join",
+            "--relay",
+            &relay1,
+            "--relay-name",
+            "ministry-relay",
+            "--room",
+            "drill",
+            "--path",
+            &ground_path,
+            "--path",
+            &sky_path,
+            "--play",
+            out.to_str().unwrap(),
+            "--from",
+            "ministry",
+            "--duration",
+            "40",
+        ],
+        &creds(&ca, d, "gd-dual"),
+        &ca_p,
+    );
+    let said =
+        |what: &str| std::fs::read_to_string(d.join("gd-dual.out")).is_ok_and(|s| s.contains(what));
+    for _ in 0..100 {
+        if said("playing ministry") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    // The relay's roster: the county once, both paths, playing over the ground line.
+    let roster = tiandi_satlink::topo::in_netns(&ctl, || {
+        Command::new("curl")
+            .args(["-s", "http://127.0.0.1:9466/metrics"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default()
+    })
+    .unwrap();
+    let participants = roster
+        .lines()
+        .find(|l| l.starts_with("tiandi_video_room_participants{"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+    assert_eq!(
+        participants,
+        Some(2),
+        "the publisher and the county, once for its two sessions: {roster}"
+    );
+    topo.link(1).cut();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        said("conference moves from ground to sky"),
+        "{}",
+        std::fs::read_to_string(d.join("gd-dual.log")).unwrap_or_default()
+    );
+    topo.link(1).restore();
+    wait_all(vec![viewer]).await;
+    let s = summary(d, "gd-dual");
+    assert!(said("conference moves from sky to ground"), "{s}");
+    drop(topo);
+
+    let (v, _a) = frames(&out);
+    let times: Vec<f64> = v.iter().map(|f| f.1).collect();
+    let (shown, gap) = (shown_pct(&times), longest_gap_ms(&times));
+    let wall = s
+        .split("max_wall_gap_ms=")
+        .nth(1)
+        .and_then(|v| v.split(',').next()?.parse::<f64>().ok())
+        .unwrap();
+    eprintln!(
+        "gd-dual: {s}\ngd-dual: shown {shown:.2} %, longest gap {gap:.0} ms, longest wait {wall:.0} ms"
+    );
+    assert!(v.len() > 500, "{} video frames: {s}", v.len());
+    assert!(gap < 2500.0, "a {gap:.0} ms hole in the picture: {s}");
+    assert!(wall < 2500.0, "the picture stood still {wall:.0} ms: {s}");
+    assert!(shown >= 90.0, "{shown:.2} % of the frames shown: {s}");
+}
