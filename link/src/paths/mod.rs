@@ -271,8 +271,8 @@ pub fn validate_paths(paths: &[PathSpec]) -> Result<(), LinkError> {
 /// Where a path's socket is bound.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Bind {
-    /// A local interface (`SO_BINDTODEVICE`: needs `CAP_NET_RAW`, which the agent's unit
-    /// grants).
+    /// A local interface (`SO_BINDTODEVICE`; since Linux 5.7 an unprivileged process may set
+    /// it on a socket not yet bound to a device, so the agent needs no capability for it).
     Interface(String),
     Address(IpAddr),
 }
