@@ -82,6 +82,7 @@ async fn path_links(
             endpoint,
             client,
             controller,
+            connect_timeout: p.profile.unwrap_or(cfg.profile).connect_timeout(),
         });
     }
     Ok(links)

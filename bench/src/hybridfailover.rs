@@ -65,10 +65,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let bins = crate::ingest::binaries()?;
     let media = crate::ingest::release_binaries(&["tiandi-media"])?.remove(0);
+    // A leased line's router: 100 ms of buffer at its rate.
     let ground = Shape {
         rate_kbit: 10_000,
         delay_ms: 10.0,
-        queue_bytes: 250_000,
+        queue_bytes: 125_000,
         ..Shape::default()
     };
     let sky = Shape {

@@ -254,6 +254,8 @@ pub struct PathLink {
     pub endpoint: quinn::Endpoint,
     pub client: quinn::ClientConfig,
     pub controller: String,
+    /// How long one connection attempt over this path may take (its profile's).
+    pub connect_timeout: Duration,
 }
 
 /// A dual-homed site's uplink: a session on every path at once (each a warm standby for the
@@ -272,6 +274,7 @@ pub async fn run_paths(
         let mut cfg = cfg.clone();
         cfg.client = link.client;
         cfg.controller = link.controller;
+        cfg.connect_timeout = link.connect_timeout;
         let ctx = PathCtx {
             index,
             board: board.clone(),

@@ -393,6 +393,9 @@ pub struct Health {
     rx: u64,
     last_rx: Instant,
     pub rtt: Duration,
+    /// The lowest smoothed RTT seen on the connection: the path's own delay, without the
+    /// queue a transfer builds on it.
+    pub min_rtt: Duration,
     /// Fraction of packets lost (smoothed).
     pub loss: f64,
     loss_base: (u64, u64),
@@ -412,6 +415,7 @@ impl Health {
             rx: 0,
             last_rx: now,
             rtt: Duration::ZERO,
+            min_rtt: Duration::MAX,
             loss: 0.0,
             loss_base: (0, 0),
             tx_bps: 0.0,
@@ -420,14 +424,32 @@ impl Health {
         }
     }
 
-    /// Silence after which the path is suspect.
-    pub fn suspect_after(&self) -> Duration {
-        self.probe + (self.rtt * 2).max(Duration::from_millis(150))
+    fn base_rtt(&self) -> Duration {
+        if self.min_rtt == Duration::MAX {
+            self.rtt
+        } else {
+            self.min_rtt
+        }
     }
 
-    /// Silence after which the path is down.
+    /// Silence after which the path is suspect: a probe interval and two of the path's own
+    /// round trips (the smoothed one if a queue makes it longer; at least 120 ms).
+    pub fn suspect_after(&self) -> Duration {
+        self.probe
+            + (self.base_rtt() * 2)
+                .max(self.rtt)
+                .max(Duration::from_millis(120))
+    }
+
+    /// Silence after which the path is down: a probe interval and three of its own round
+    /// trips and 200 ms (1.5 smoothed ones if a queue makes that longer; at least 300 ms).
+    /// Measured from the path's own delay, not the smoothed RTT a transfer's queue inflates:
+    /// over a busy 20 ms line the cut is seen after ~0.6 s, not ~1.1 s.
     pub fn down_after(&self) -> Duration {
-        self.probe + (self.rtt * 3 + Duration::from_millis(200)).max(Duration::from_millis(400))
+        self.probe
+            + (self.base_rtt() * 3 + Duration::from_millis(200))
+                .max(self.rtt.mul_f64(1.5))
+                .max(Duration::from_millis(300))
     }
 
     /// A new connection on the path: up, counters from here.
@@ -436,6 +458,11 @@ impl Health {
         self.rx = s.rx_datagrams;
         self.last_rx = now;
         self.rtt = s.rtt;
+        self.min_rtt = if s.rtt.is_zero() {
+            Duration::MAX
+        } else {
+            s.rtt
+        };
         self.loss_base = (s.lost_packets, s.sent_packets);
         self.last = Some((now, s.tx_bytes, s.rx_bytes));
         self.set(PathState::Up, now);
@@ -468,6 +495,7 @@ impl Health {
         }
         if !s.rtt.is_zero() {
             self.rtt = s.rtt;
+            self.min_rtt = self.min_rtt.min(s.rtt);
         }
         let sent = s.sent_packets.saturating_sub(self.loss_base.1);
         if sent >= LOSS_WINDOW {
@@ -860,11 +888,17 @@ mod tests {
         ground.connected(t0, &sample(1, 20));
         let ms = |n: u64| t0 + Duration::from_millis(n);
         assert_eq!(ground.observe(ms(300), &sample(2, 20)), PathState::Up);
-        // Nothing since 300 ms: suspect after 250 + 150, down after 250 + 400.
+        // Nothing since 300 ms: suspect after 250 + 120, down after 250 + 300.
         assert_eq!(ground.observe(ms(600), &sample(2, 20)), PathState::Up);
-        assert_eq!(ground.observe(ms(720), &sample(2, 20)), PathState::Suspect);
-        assert_eq!(ground.observe(ms(960), &sample(2, 20)), PathState::Down);
-        assert_eq!(ground.since, ms(960));
+        assert_eq!(ground.observe(ms(690), &sample(2, 20)), PathState::Suspect);
+        assert_eq!(ground.observe(ms(860), &sample(2, 20)), PathState::Down);
+        assert_eq!(ground.since, ms(860));
+        // A transfer's queue inflates the smoothed RTT to 220 ms: the line's own 20 ms
+        // still sets the limits, within 1.5 smoothed round trips.
+        let mut busy = Health::new(PROBE_GROUND, t0);
+        busy.connected(t0, &sample(1, 20));
+        busy.observe(ms(100), &sample(2, 220));
+        assert_eq!(busy.down_after(), Duration::from_millis(250 + 330));
         // It speaks again: up.
         assert_eq!(ground.observe(ms(1000), &sample(3, 20)), PathState::Up);
 
@@ -927,9 +961,9 @@ mod tests {
 
         // The fibre is cut: everything but bulk and backup moves to the sky at once.
         h[0].observe(at(1.0), &sample(2, 20));
-        h[0].observe(at(1.7), &sample(2, 20));
+        h[0].observe(at(1.6), &sample(2, 20));
         assert_eq!(h[0].state, PathState::Down);
-        assert!(sel.decide(at(1.7), 0, &h));
+        assert!(sel.decide(at(1.6), 0, &h));
         assert_eq!(sel.current(Class::Reports), Some(1));
         assert_eq!(sel.current(Class::Conference), Some(1));
         assert_eq!(sel.current(Class::Bulk), None);
