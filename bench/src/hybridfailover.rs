@@ -294,11 +294,36 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         v.sort_unstable();
         v
     };
-    let report_gap = arrivals
-        .windows(2)
-        .map(|w| w[1] - w[0])
-        .max()
-        .unwrap_or(i64::MAX);
+    let widest = arrivals.windows(2).max_by_key(|w| w[1] - w[0]);
+    let report_gap = widest.map_or(i64::MAX, |w| w[1] - w[0]);
+    if let Some(w) = widest {
+        eprintln!(
+            "hybrid-failover: the longest report gap: from {:.2} s to {:.2} s (cut at {}, restored at {})",
+            (w[0] - unix0) as f64 / 1000.0,
+            (w[1] - unix0) as f64 / 1000.0,
+            a.cut_at,
+            a.restore_at
+        );
+    }
+    let around: Vec<(i64, i64)> = events
+        .lock()
+        .expect("events")
+        .iter()
+        .copied()
+        .filter(|(_, arrived)| (ms(a.cut_at - 3.0)..=ms(a.cut_at + 4.0)).contains(arrived))
+        .collect();
+    eprintln!(
+        "hybrid-failover: reports around the cut (taken/visible, s): {}",
+        around
+            .iter()
+            .map(|(t, v)| format!(
+                "{:.2}/{:.2}",
+                (t - unix0) as f64 / 1000.0,
+                (v - unix0) as f64 / 1000.0
+            ))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     let switches = site["paths"]["switches"]
         .as_array()
         .cloned()

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
+use tiandi_link::congestion::RateSlot;
 use tiandi_link::paths::{Class, MAX_PATHS};
 use tiandi_proto::Paths;
 use tiandi_transfer::outbox::ClassRoute;
@@ -174,8 +175,9 @@ pub fn check(frame: &Paths) -> Result<Checked, String> {
 
 /// Per site: its live connections by path, and the class uses its transfers follow.
 struct SiteLinks {
-    /// (path name, connection); "" for a site with one path.
-    conns: Vec<(String, quinn::Connection)>,
+    /// (path name, connection, its congestion controller's rate); "" for a site with one
+    /// path.
+    conns: Vec<(String, quinn::Connection, RateSlot)>,
     /// Class → path, as the site's latest `Paths` frame said (read by its drivers).
     uses: Arc<Mutex<BTreeMap<String, String>>>,
     /// Bumped when `uses` changes: the transfer drivers look again.
@@ -214,11 +216,12 @@ impl Links {
         site: &str,
         path: &str,
         conn: &quinn::Connection,
+        rate: &RateSlot,
     ) -> Result<Vec<quinn::Connection>, TooManyPaths> {
         let mut g = self.lock();
         let s = g.entry(site.to_string()).or_default();
         let mut old = Vec::new();
-        s.conns.retain(|(p, c)| {
+        s.conns.retain(|(p, c, _)| {
             // A one-path site replaces everything; a path replaces itself and a one-path
             // connection (the agent was reconfigured).
             let replaced = path.is_empty() || p == path || p.is_empty();
@@ -230,7 +233,7 @@ impl Links {
         if s.conns.len() >= MAX_PATHS {
             return Err(TooManyPaths);
         }
-        s.conns.push((path.to_string(), conn.clone()));
+        s.conns.push((path.to_string(), conn.clone(), rate.clone()));
         Ok(old)
     }
 
@@ -240,7 +243,8 @@ impl Links {
         let Some(s) = g.get_mut(site) else {
             return true;
         };
-        s.conns.retain(|(_, c)| c.stable_id() != conn.stable_id());
+        s.conns
+            .retain(|(_, c, _)| c.stable_id() != conn.stable_id());
         let none = s.conns.is_empty();
         if none {
             g.remove(site);
@@ -256,7 +260,7 @@ impl Links {
     pub fn connected_paths(&self, site: &str) -> Vec<String> {
         self.lock()
             .get(site)
-            .map(|s| s.conns.iter().map(|(p, _)| p.clone()).collect())
+            .map(|s| s.conns.iter().map(|(p, _, _)| p.clone()).collect())
             .unwrap_or_default()
     }
 
@@ -264,7 +268,7 @@ impl Links {
     pub fn all(&self) -> Vec<quinn::Connection> {
         self.lock()
             .values()
-            .flat_map(|s| s.conns.iter().map(|(_, c)| c.clone()))
+            .flat_map(|s| s.conns.iter().map(|(_, c, _)| c.clone()))
             .collect()
     }
 
@@ -272,7 +276,7 @@ impl Links {
     pub fn drain(&self) -> Vec<quinn::Connection> {
         self.lock()
             .drain()
-            .flat_map(|(_, s)| s.conns.into_iter().map(|(_, c)| c))
+            .flat_map(|(_, s)| s.conns.into_iter().map(|(_, c, _)| c))
             .collect()
     }
 
@@ -280,7 +284,7 @@ impl Links {
     pub fn remove(&self, site: &str) -> Vec<quinn::Connection> {
         self.lock()
             .remove(site)
-            .map(|s| s.conns.into_iter().map(|(_, c)| c).collect())
+            .map(|s| s.conns.into_iter().map(|(_, c, _)| c).collect())
             .unwrap_or_default()
     }
 
@@ -303,6 +307,27 @@ impl Links {
             },
             s.changes.subscribe(),
         )
+    }
+
+    /// Paces what goes to the site over each path at the budget the site gave it
+    /// (`budget_kbps`, kbit/s; 0: none), below `configured_bps` (the site's `link_rates`) if
+    /// that is lower: a path's budget is never exceeded, this way either.
+    pub fn set_budgets(&self, site: &str, budgets: &[(String, u32)], configured_bps: Option<u64>) {
+        let g = self.lock();
+        let Some(s) = g.get(site) else {
+            return;
+        };
+        for (path, conn_rate) in s.conns.iter().map(|(p, _, r)| (p, r)) {
+            let Some((_, kbps)) = budgets.iter().find(|(p, k)| p == path && *k > 0) else {
+                continue;
+            };
+            let bps = tiandi_link::congestion::udp_payload_bps(f64::from(*kbps) * 1e3);
+            let bps = configured_bps.map_or(bps, |c| c.min(bps));
+            if conn_rate.get() != bps {
+                tracing::info!(path = %path, kbps, "Paced at the site's budget on this path.");
+                conn_rate.set(bps);
+            }
+        }
     }
 
     /// Sets the class uses a site announced; its drivers follow.

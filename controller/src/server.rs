@@ -16,6 +16,8 @@ use crate::{Core, Event, now_ms};
 /// this long will not finish: its agent moved on. Stop it, and free its admission slot.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+/// What a site connection may hold of datagrams (the agents' nudges, never read).
+const DATAGRAM_BUFFER: usize = 4 * 1024;
 
 /// Paces admissions at `rate` per second with a burst allowance.
 pub struct Pacer {
@@ -122,6 +124,10 @@ pub async fn accept_loop(
             // The last window of a transfer once more into the round trip the link would
             // idle through, when that transfer lost packets (vendor/README.md).
             transport.tail_copies(true);
+            // Agents send a tiny datagram after a report over a long path (it makes QUIC find a
+            // lost report in about a round trip, not a probe timeout); nothing reads them here,
+            // so a few kB hold what arrives between reads that never come.
+            transport.datagram_receive_buffer_size(Some(DATAGRAM_BUFFER));
             config.transport_config(Arc::new(transport));
             let connecting = match incoming.accept_with(Arc::new(config)) {
                 Ok(c) => c,
@@ -351,7 +357,7 @@ async fn session(
         .map_err(|e| SessionError::Refuse(codes::INTERNAL, e.to_string(), "internal"))?;
     // One connection per path: a newer one on the same path replaces the older (a site with
     // one path: any older one).
-    match core.links.register(&id.site_id, &hello.path, conn) {
+    match core.links.register(&id.site_id, &hello.path, conn, rate) {
         Ok(old) => {
             for c in old {
                 c.close(
@@ -471,7 +477,10 @@ async fn session(
                     // No committed rate in the config: pace at the rate the site's modem
                     // reports toward it (it follows ModCod changes in rain fade); a backlog
                     // report's figure is history, not the rate now.
+                    // (A dual-homed site's modem speaks for its satellite path only, which
+                    // is paced at the budget its `Paths` frames give.)
                     if !configured_rate
+                        && hello.path.is_empty()
                         && now - taken_ms < 120_000
                         && let Some(kbps) = report
                             .devices
@@ -559,6 +568,12 @@ pub(crate) fn apply_paths(
 ) -> Result<(), String> {
     let (paths, uses, switches) = crate::paths::check(frame)?;
     core.links.set_uses(site_id, &uses);
+    let budgets: Vec<(String, u32)> = paths
+        .iter()
+        .map(|p| (p.name.clone(), p.budget_kbps))
+        .collect();
+    core.links
+        .set_budgets(site_id, &budgets, core.config.link_rate_bps(site_id));
     let now = now_ms();
     let (fresh, alarms) = core.sites.set_paths(site_id, paths, uses, switches, now);
     core.sites

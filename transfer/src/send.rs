@@ -55,11 +55,13 @@ pub const AHEAD_CWNDS: f64 = 2.5;
 pub const AHEAD_CWNDS_CLEAN: f64 = 1.25;
 
 /// How many congestion windows of chunk data to keep handed to QUIC: [`AHEAD_CWNDS_CLEAN`]
-/// while the connection has lost under 0.2 % of a thousand packets or more, else
-/// [`AHEAD_CWNDS`].
+/// while the connection has lost under 0.2 % of a thousand packets or more, or on a short
+/// path (under 100 ms: a retransmission costs the sender a few milliseconds of refill, not a
+/// satellite round trip), else [`AHEAD_CWNDS`].
 pub fn ahead_cwnds(stats: &quinn::ConnectionStats) -> f64 {
     let p = &stats.path;
-    if p.sent_packets >= 1000 && p.lost_packets * 500 < p.sent_packets {
+    let clean = p.sent_packets >= 1000 && p.lost_packets * 500 < p.sent_packets;
+    if clean || p.rtt < Duration::from_millis(100) {
         AHEAD_CWNDS_CLEAN
     } else {
         AHEAD_CWNDS

@@ -453,6 +453,31 @@ struct Sender {
     /// When each report in flight on this connection was sent.
     sent_at: std::collections::BTreeMap<u64, Instant>,
     shared: Arc<Shared>,
+    conn: quinn::Connection,
+}
+
+/// From this smoothed round trip on, a report is followed by [`NUDGES`] tiny datagrams.
+pub const NUDGE_RTT: Duration = Duration::from_millis(150);
+/// When the nudges follow a report: each is ack-eliciting, and their acknowledgements, coming
+/// without the report's, make QUIC declare a lost report lost about a round trip after it was
+/// sent (time threshold) instead of at its probe timeout (~1.4 round trips later, then one way
+/// more): over GEO with 1 % loss, a lost report is visible ~0.5 s sooner.
+const NUDGES: [Duration; 2] = [Duration::from_millis(15), Duration::from_millis(60)];
+
+/// Sends the nudges after a report over a long path (nothing on a short one).
+fn nudge(conn: &quinn::Connection) {
+    if conn.rtt() < NUDGE_RTT || conn.max_datagram_size().is_none() {
+        return;
+    }
+    let conn = conn.clone();
+    tokio::spawn(async move {
+        let mut at = Duration::ZERO;
+        for d in NUDGES {
+            tokio::time::sleep(d - at).await;
+            at = d;
+            let _ = conn.send_datagram(vec![0u8].into());
+        }
+    });
 }
 
 impl Sender {
@@ -470,6 +495,7 @@ impl Sender {
         self.names.compress(&mut r);
         let seq = r.seq;
         self.writer.send(Body::Report(r)).await?;
+        nudge(&self.conn);
         tracing::trace!(seq, "Report sent.");
         Ok(())
     }
@@ -516,6 +542,7 @@ async fn session(
         names: NameEncoder::default(),
         sent_at: Default::default(),
         shared: shared.clone(),
+        conn: conn.clone(),
     };
     out.writer
         .send(Body::Hello(Hello {

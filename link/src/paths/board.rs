@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 /// How often health is sampled and the selector runs.
-pub const TICK: Duration = Duration::from_millis(100);
+pub const TICK: Duration = Duration::from_millis(50);
 /// Switch events kept for the `Paths` frames (each connection sends those it has not sent).
 const SWITCHES_KEPT: usize = 16;
 /// A path down this long has its connection closed and made anew: a connection whose probes

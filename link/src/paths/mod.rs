@@ -41,8 +41,9 @@ use crate::window::Window;
 
 /// Paths a site may have (a ground line, a satellite link, a spare or two).
 pub const MAX_PATHS: usize = 4;
-/// Keep-alive (probe) interval on a ground path unless configured.
-pub const PROBE_GROUND: Duration = Duration::from_millis(250);
+/// Keep-alive (probe) interval on a ground path unless configured (~50 bytes each way per
+/// probe: nothing on a terrestrial line; a busy path sends none, its traffic is the probe).
+pub const PROBE_GROUND: Duration = Duration::from_millis(100);
 /// Keep-alive (probe) interval on a satellite path unless configured: ~50 bytes each way per
 /// second, cheap for a VSAT carrier's budget.
 pub const PROBE_SKY: Duration = Duration::from_secs(1);
@@ -433,23 +434,23 @@ impl Health {
     }
 
     /// Silence after which the path is suspect: a probe interval and two of the path's own
-    /// round trips (the smoothed one if a queue makes it longer; at least 120 ms).
+    /// round trips (the smoothed one if a queue makes it longer; at least 100 ms).
     pub fn suspect_after(&self) -> Duration {
         self.probe
             + (self.base_rtt() * 2)
                 .max(self.rtt)
-                .max(Duration::from_millis(120))
+                .max(Duration::from_millis(100))
     }
 
     /// Silence after which the path is down: a probe interval and three of its own round
-    /// trips and 200 ms (1.5 smoothed ones if a queue makes that longer; at least 300 ms).
+    /// trips and 150 ms (1.5 smoothed ones if a queue makes that longer; at least 250 ms).
     /// Measured from the path's own delay, not the smoothed RTT a transfer's queue inflates:
-    /// over a busy 20 ms line the cut is seen after ~0.6 s, not ~1.1 s.
+    /// over a busy 20 ms line the cut is seen after ~0.35 s, not ~1.1 s.
     pub fn down_after(&self) -> Duration {
         self.probe
-            + (self.base_rtt() * 3 + Duration::from_millis(200))
+            + (self.base_rtt() * 3 + Duration::from_millis(150))
                 .max(self.rtt.mul_f64(1.5))
-                .max(Duration::from_millis(300))
+                .max(Duration::from_millis(250))
     }
 
     /// A new connection on the path: up, counters from here.
@@ -888,17 +889,17 @@ mod tests {
         ground.connected(t0, &sample(1, 20));
         let ms = |n: u64| t0 + Duration::from_millis(n);
         assert_eq!(ground.observe(ms(300), &sample(2, 20)), PathState::Up);
-        // Nothing since 300 ms: suspect after 250 + 120, down after 250 + 300.
-        assert_eq!(ground.observe(ms(600), &sample(2, 20)), PathState::Up);
-        assert_eq!(ground.observe(ms(690), &sample(2, 20)), PathState::Suspect);
-        assert_eq!(ground.observe(ms(860), &sample(2, 20)), PathState::Down);
-        assert_eq!(ground.since, ms(860));
+        // Nothing since 300 ms: suspect after 100 + 100, down after 100 + 250.
+        assert_eq!(ground.observe(ms(450), &sample(2, 20)), PathState::Up);
+        assert_eq!(ground.observe(ms(510), &sample(2, 20)), PathState::Suspect);
+        assert_eq!(ground.observe(ms(660), &sample(2, 20)), PathState::Down);
+        assert_eq!(ground.since, ms(660));
         // A transfer's queue inflates the smoothed RTT to 220 ms: the line's own 20 ms
         // still sets the limits, within 1.5 smoothed round trips.
         let mut busy = Health::new(PROBE_GROUND, t0);
         busy.connected(t0, &sample(1, 20));
         busy.observe(ms(100), &sample(2, 220));
-        assert_eq!(busy.down_after(), Duration::from_millis(250 + 330));
+        assert_eq!(busy.down_after(), Duration::from_millis(100 + 330));
         // It speaks again: up.
         assert_eq!(ground.observe(ms(1000), &sample(3, 20)), PathState::Up);
 
@@ -907,7 +908,7 @@ mod tests {
         sky.connected(t0, &sample(1, 600));
         assert_eq!(sky.observe(ms(1700), &sample(1, 600)), PathState::Up);
         assert_eq!(sky.observe(ms(2300), &sample(1, 600)), PathState::Suspect);
-        assert_eq!(sky.observe(ms(3100), &sample(1, 600)), PathState::Down);
+        assert_eq!(sky.observe(ms(3000), &sample(1, 600)), PathState::Down);
         sky.disconnected(ms(3200));
         assert_eq!(
             sky.observe(ms(3300), &sample(9, 600)),
@@ -961,9 +962,9 @@ mod tests {
 
         // The fibre is cut: everything but bulk and backup moves to the sky at once.
         h[0].observe(at(1.0), &sample(2, 20));
-        h[0].observe(at(1.6), &sample(2, 20));
+        h[0].observe(at(1.4), &sample(2, 20));
         assert_eq!(h[0].state, PathState::Down);
-        assert!(sel.decide(at(1.6), 0, &h));
+        assert!(sel.decide(at(1.4), 0, &h));
         assert_eq!(sel.current(Class::Reports), Some(1));
         assert_eq!(sel.current(Class::Conference), Some(1));
         assert_eq!(sel.current(Class::Bulk), None);

@@ -111,8 +111,14 @@ impl Reader {
                 let newer_known = t.current().is_some_and(|c| c.seq > g.seq);
                 rx.borrow_and_update();
                 let conceal = self.audio && self.last.is_some() && self.concealed_run < CONCEAL_MAX;
-                let (wait, overdue) =
-                    next_wait(conceal, newer_known, due, allowance, crate::now_us());
+                // The frames come over another path now (a dual-homed site's failover) and a
+                // newer group has begun there: the rest of this one will not come (the relay
+                // started the new path at a newer group): go on at once.
+                let (wait, overdue) = if newer_known && budget.path_epoch() != epoch {
+                    (std::time::Duration::ZERO, Overdue::GiveUp)
+                } else {
+                    next_wait(conceal, newer_known, due, allowance, crate::now_us())
+                };
                 // A newer group arriving while this one waits: look again.
                 let mut newer = rx.clone();
                 let fetched = tokio::select! {
