@@ -65,11 +65,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let bins = crate::ingest::binaries()?;
     let media = crate::ingest::release_binaries(&["tiandi-media"])?.remove(0);
-    // A leased line's router: 100 ms of buffer at its rate.
+    // A leased line's router: 50 ms of buffer at its rate (2.5 × the line's bandwidth-delay
+    // product; what is queued when the fibre is cut is lost with it).
     let ground = Shape {
         rate_kbit: 10_000,
         delay_ms: 10.0,
-        queue_bytes: 125_000,
+        queue_bytes: 62_500,
         ..Shape::default()
     };
     let sky = Shape {

@@ -245,6 +245,7 @@ fn paths_frame(
         paths,
         uses,
         switches,
+        ..Default::default()
     }
 }
 

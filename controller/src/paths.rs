@@ -182,6 +182,8 @@ struct SiteLinks {
     uses: Arc<Mutex<BTreeMap<String, String>>>,
     /// Bumped when `uses` changes: the transfer drivers look again.
     changes: watch::Sender<u64>,
+    /// (run, version) of the newest `Paths` frame applied.
+    seen: (u64, u64),
 }
 
 impl Default for SiteLinks {
@@ -190,6 +192,7 @@ impl Default for SiteLinks {
             conns: Vec::new(),
             uses: Arc::default(),
             changes: watch::channel(0).0,
+            seen: (0, 0),
         }
     }
 }
@@ -330,6 +333,21 @@ impl Links {
         }
     }
 
+    /// Whether a `Paths` frame of (`run`, `version`) is not older than the newest applied
+    /// (a frame over a long path can arrive after a newer one over a short path); records it.
+    /// A frame without them (0, 0) is always taken.
+    pub fn fresh(&self, site: &str, run: u64, version: u64) -> bool {
+        let mut g = self.lock();
+        let Some(s) = g.get_mut(site) else {
+            return true;
+        };
+        if run != 0 && run == s.seen.0 && version < s.seen.1 {
+            return false;
+        }
+        s.seen = (run, version);
+        true
+    }
+
     /// Sets the class uses a site announced; its drivers follow.
     pub fn set_uses(&self, site: &str, uses: &BTreeMap<String, String>) {
         let g = self.lock();
@@ -380,7 +398,21 @@ mod tests {
                 to: "sky".into(),
                 reason: "path down\n".into(),
             }],
+            run: 7,
+            version: 3,
         }
+    }
+
+    #[test]
+    fn a_frame_overtaken_by_a_newer_one_over_a_shorter_path_is_stale() {
+        let links = Links::default();
+        let _ = links.route("s", "ground");
+        assert!(links.fresh("s", 7, 3));
+        assert!(links.fresh("s", 7, 3), "a refresh of the same state");
+        assert!(links.fresh("s", 7, 5));
+        assert!(!links.fresh("s", 7, 4), "older, over the satellite");
+        assert!(links.fresh("s", 9, 1), "the agent restarted");
+        assert!(links.fresh("s", 0, 0), "without an order: taken");
     }
 
     #[test]

@@ -567,6 +567,14 @@ pub(crate) fn apply_paths(
     frame: &tiandi_proto::Paths,
 ) -> Result<(), String> {
     let (paths, uses, switches) = crate::paths::check(frame)?;
+    if !core.links.fresh(site_id, frame.run, frame.version) {
+        tracing::debug!(
+            run = frame.run,
+            version = frame.version,
+            "A stale Paths frame (overtaken by a newer one over another path) is ignored."
+        );
+        return Ok(());
+    }
     core.links.set_uses(site_id, &uses);
     let budgets: Vec<(String, u32)> = paths
         .iter()

@@ -153,6 +153,8 @@ fn report_stream(v: &mut Vec<Seed>) {
             to: "sky".into(),
             reason: "path down".into(),
         }],
+        run: 7,
+        version: 2,
     }));
     let mut session = vec![hello, paths];
     session.extend(reports);

@@ -116,6 +116,13 @@ pub struct Paths {
     /// Switches since the last `Paths` this connection carried, oldest first.
     #[prost(message, repeated, tag = "3")]
     pub switches: Vec<PathSwitch>,
+    /// The agent run that sent it (random at its start) and the state's version in that run:
+    /// frames travel over paths of different delays, and one that describes an older state
+    /// than the last applied (a satellite path's, overtaken by the ground line's) is stale.
+    #[prost(uint64, tag = "4")]
+    pub run: u64,
+    #[prost(uint64, tag = "5")]
+    pub version: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

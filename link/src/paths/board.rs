@@ -41,6 +41,8 @@ pub struct Board {
     inner: Mutex<Inner>,
     /// Bumped on every change of a path's state or of a class's path.
     version: watch::Sender<u64>,
+    /// This run's random ID (in `Paths` frames, with the version).
+    run: u64,
 }
 
 /// A path's part in a session: which path this connection runs over.
@@ -71,6 +73,7 @@ impl Board {
                 states: vec![PathState::Down; n],
             }),
             version: watch::channel(0).0,
+            run: rand::random::<u64>().max(1),
         })
     }
 
@@ -289,6 +292,8 @@ impl Board {
                 paths,
                 uses,
                 switches,
+                run: self.run,
+                version: *self.version.borrow(),
             },
             last,
         )
