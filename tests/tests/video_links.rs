@@ -661,7 +661,7 @@ async fn a_dual_homed_county_keeps_playing_through_a_cut_of_its_ground_line() {
         ..Shape::default()
     };
     let spec = Spec {
-        prefix: "tdvdual".into(),
+        prefix: "tdvdh".into(),
         net: [10, 211, 0],
         sites: vec![(ground.clone(), ground)],
         seed: Some(20),
