@@ -49,19 +49,16 @@ fn chunk_priority(class: i32, n: u32) -> i32 {
 /// 5/4, a 20 Mbit/s GEO link at 5 % loss each way ran at 0.65 of its rate: chunks waiting for
 /// a retransmission (and the retransmission's own loss) held the sender back, not the link.
 pub const AHEAD_CWNDS: f64 = 2.5;
-/// On a path that has lost (almost) nothing, one window in flight and a quarter more for the
-/// acknowledgements' way back is all the sender needs: what it hands QUIC beyond that is what a
-/// cut (a dual-homed site's ground line) throws away and sends again.
+/// On a short path one window in flight and a quarter more for the acknowledgements' way back
+/// is all the sender needs: what it hands QUIC beyond that is what a cut (a dual-homed site's
+/// ground line) throws away and sends again.
 pub const AHEAD_CWNDS_CLEAN: f64 = 1.25;
 
-/// How many congestion windows of chunk data to keep handed to QUIC: [`AHEAD_CWNDS_CLEAN`]
-/// while the connection has lost under 0.2 % of a thousand packets or more, or on a short
-/// path (under 100 ms: a retransmission costs the sender a few milliseconds of refill, not a
-/// satellite round trip), else [`AHEAD_CWNDS`].
+/// How many congestion windows of chunk data to keep handed to QUIC: [`AHEAD_CWNDS_CLEAN`] on
+/// a short path (under 100 ms: a retransmission costs the sender a few milliseconds of refill,
+/// not a satellite round trip), else [`AHEAD_CWNDS`].
 pub fn ahead_cwnds(stats: &quinn::ConnectionStats) -> f64 {
-    let p = &stats.path;
-    let clean = p.sent_packets >= 1000 && p.lost_packets * 500 < p.sent_packets;
-    if clean || p.rtt < Duration::from_millis(100) {
+    if stats.path.rtt < Duration::from_millis(100) {
         AHEAD_CWNDS_CLEAN
     } else {
         AHEAD_CWNDS
