@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use tiandi_link::LinkProfile;
 
-pub use crate::device::{DeviceConfig, DeviceProfile, ModemOids, ScaledOid, SnmpVersion, V3Config};
+pub use crate::device::{DeviceConfig, OidOverride, ScaledOid, SnmpVersion, V3Config};
+use crate::profile::Profiles;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -38,6 +39,10 @@ pub struct Config {
     pub ignore_interfaces: Vec<String>,
     /// SNMP devices at the site.
     pub devices: Vec<DeviceConfig>,
+    /// A directory of device profiles (`*.toml`, the form of the built-in ones) beside the
+    /// built-in and vendor profiles: a device the agent was not shipped with, without a new
+    /// release. Unset: the built-ins only.
+    pub profiles_dir: Option<PathBuf>,
     /// This site relays transfers to the sites of its province (`[relay]`).
     pub relay: Option<RelayConfig>,
     /// Files for this site come through its province's relay (`[via_relay]`).
@@ -98,6 +103,7 @@ impl Default for Config {
             ignore_mounts: Vec::new(),
             ignore_interfaces: vec!["lo".into()],
             devices: Vec::new(),
+            profiles_dir: None,
             relay: None,
             via_relay: None,
             backup_repos: Vec::new(),
@@ -110,6 +116,14 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The profiles this agent knows: the built-ins and `profiles_dir`'s.
+    pub fn profiles(&self) -> Result<Profiles, String> {
+        match &self.profiles_dir {
+            None => Ok(Profiles::built_in()),
+            Some(d) => Profiles::with_dir(d),
+        }
+    }
+
     /// The QUIC transport toward the controller: the profile, paced at the committed rate
     /// (`link_rate_mbit`, else what `rate` is set to — the modem's figure — once known; loss-
     /// based until then).
@@ -191,9 +205,15 @@ impl Config {
         if self.spool_quota_mb < 4 {
             return Err(format!("{file}: key `spool_quota_mb`: at least 4 MB"));
         }
+        let profiles = self
+            .profiles()
+            .map_err(|e| format!("{file}: key `profiles_dir`: {e}"))?;
         for (i, d) in self.devices.iter().enumerate() {
             let key = format!("devices[{i}]");
-            d.validate(file, &key)?;
+            d.validate(file, &key, &profiles)?;
+            if self.devices[..i].iter().any(|x| x.name == d.name) {
+                return Err(format!("{file}: key `{key}.name`: {:?} twice", d.name));
+            }
         }
         tiandi_link::paths::validate_paths(&self.paths)
             .map_err(|e| format!("{file}: key `{e}`"))?;
@@ -280,6 +300,14 @@ mod tests {
             "/etc/tiandi/agent.toml",
             "[[devices]]\nname = \"m\"\nprofile = \"toaster\"\naddress = \"x\"\n",
         )
+        .and_then(|c: Config| {
+            c.validate("/etc/tiandi/agent.toml").map_err(|m| {
+                tiandi_link::config::ConfigError::Syntax {
+                    file: String::new(),
+                    message: m,
+                }
+            })
+        })
         .unwrap_err()
         .to_string();
         assert!(

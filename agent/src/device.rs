@@ -2,19 +2,12 @@
 //! version and credentials, and the checks serde cannot make. Shared by the configuration
 //! ([`crate::config`]) and the poller ([`crate::snmp`]); it depends on neither.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use snmp2::v3;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DeviceProfile {
-    /// Router interfaces (IF-MIB: ifHC*Octets, ifOperStatus, errors).
-    IfMib,
-    /// UPS (RFC 1628 UPS-MIB: on battery, charge, runtime left).
-    UpsMib,
-    /// Satellite modem: vendor OIDs given in `[devices.oids]`.
-    VsatModem,
-}
+use crate::profile::Profiles;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -27,7 +20,8 @@ pub enum SnmpVersion {
 #[serde(deny_unknown_fields)]
 pub struct DeviceConfig {
     pub name: String,
-    pub profile: DeviceProfile,
+    /// Its profile (`ups-mib`, `if-mib`, `vsat-modem`, a vendor's, or one of `profiles_dir`).
+    pub profile: String,
     /// `host:port` (port 161 if omitted).
     pub address: String,
     #[serde(default = "default_version")]
@@ -40,9 +34,30 @@ pub struct DeviceConfig {
     /// Per-poll timeout in milliseconds.
     #[serde(default = "default_timeout")]
     pub timeout_ms: u64,
-    /// VSAT modem OIDs (numeric, vendor-specific).
+    /// OIDs (and scales) for the profile's objects by name, where the profile leaves them to
+    /// the device (`vsat-modem`: `esno`, `rx_level`, `tx_power`, `modcod`, `rx_rate`,
+    /// `tx_rate`) or where this device has them elsewhere.
     #[serde(default)]
-    pub oids: Option<ModemOids>,
+    pub oids: BTreeMap<String, OidOverride>,
+    /// The most interface rows read from its ifTable (default 256, at most 4096); a longer
+    /// table is cut there and marked `truncated`.
+    #[serde(default)]
+    pub max_interfaces: Option<usize>,
+    /// Traps and informs from this device are taken (from its address, with its community or
+    /// its v3 user) when the agent listens for them (`[traps]`). Default yes.
+    #[serde(default = "yes")]
+    pub traps: bool,
+    /// Check the device's reachability each round (`[reachability]`): an ICMP echo to its
+    /// address (default yes) …
+    #[serde(default = "yes")]
+    pub ping: bool,
+    /// … and a TCP connect to these ports (its web interface, say).
+    #[serde(default)]
+    pub tcp_ports: Vec<u16>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_version() -> SnmpVersion {
@@ -67,8 +82,30 @@ pub struct V3Config {
     pub priv_password: String,
 }
 
-/// A modem figure: its OID and the factor that turns the raw value into the unit
-/// (dB, dBm). Integer and decimal-string answers are both accepted.
+/// An object's OID on this device: `"1.3.6…"`, or `{ oid = "1.3.6…", scale = 0.1 }`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OidOverride {
+    Oid(String),
+    Scaled(ScaledOid),
+}
+
+impl OidOverride {
+    pub fn oid(&self) -> &str {
+        match self {
+            OidOverride::Oid(o) => o,
+            OidOverride::Scaled(s) => &s.oid,
+        }
+    }
+    pub fn scale(&self) -> Option<f64> {
+        match self {
+            OidOverride::Oid(_) => None,
+            OidOverride::Scaled(s) => Some(s.scale),
+        }
+    }
+}
+
+/// An OID and the factor that turns the raw value into the profile's unit (dB, dBm).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScaledOid {
@@ -81,74 +118,98 @@ fn one() -> f64 {
     1.0
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModemOids {
-    /// Es/No or SNR (dB).
-    pub esno: ScaledOid,
-    /// Receive level (dBm).
-    #[serde(default)]
-    pub rx_level: Option<ScaledOid>,
-    /// Transmit power (dBm).
-    #[serde(default)]
-    pub tx_power: Option<ScaledOid>,
-    /// Current ModCod (string or integer).
-    #[serde(default)]
-    pub modcod: Option<String>,
-    /// Information rate toward the site (scaled to kbit/s): the controller paces at it.
-    #[serde(default)]
-    pub rx_rate: Option<ScaledOid>,
-    /// Information rate from the site (scaled to kbit/s): the agent paces at it.
-    #[serde(default)]
-    pub tx_rate: Option<ScaledOid>,
-}
-
 impl DeviceConfig {
-    /// Checks what serde cannot, naming the key (`devices[i]`) in `file`.
-    pub fn validate(&self, file: &str, key: &str) -> Result<(), String> {
+    /// Checks what serde cannot against the profiles the agent knows, naming the key
+    /// (`devices[i]`) in `file`.
+    pub fn validate(&self, file: &str, key: &str, profiles: &Profiles) -> Result<(), String> {
+        tiandi_link::names::validate_name("device name", &self.name)
+            .map_err(|e| format!("{file}: key `{key}.name`: {e}"))?;
         if self.version == SnmpVersion::V3 && self.v3.is_none() {
             return Err(format!(
                 "{file}: key `{key}.v3`: version = \"v3\" needs user and passwords"
             ));
         }
-        if self.profile == DeviceProfile::VsatModem && self.oids.is_none() {
+        let Some(p) = profiles.get(&self.profile) else {
             return Err(format!(
-                "{file}: key `{key}.oids`: a vsat-modem needs its OIDs (esno at least)"
+                "{file}: key `{key}.profile`: no profile {:?} (known: {})",
+                self.profile,
+                profiles.names().collect::<Vec<_>>().join(", ")
+            ));
+        };
+        for (k, o) in &self.oids {
+            if p.object(k).is_none() {
+                return Err(format!(
+                    "{file}: key `{key}.oids.{k}`: profile {:?} has no object {k:?} (it has: {})",
+                    p.name,
+                    p.objects
+                        .iter()
+                        .map(|o| o.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            if parse_oid(o.oid()).is_err() {
+                return Err(format!(
+                    "{file}: key `{key}.oids.{k}`: {:?} is not a numeric OID",
+                    o.oid()
+                ));
+            }
+            if let Some(s) = o.scale()
+                && !(s.is_finite() && s != 0.0)
+            {
+                return Err(format!(
+                    "{file}: key `{key}.oids.{k}.scale`: {s} is not a usable factor"
+                ));
+            }
+        }
+        for o in &p.objects {
+            if o.essential && o.oid.is_none() && !self.oids.contains_key(&o.name) {
+                return Err(format!(
+                    "{file}: key `{key}.oids.{}`: profile {:?} needs its OID for this device",
+                    o.name, p.name
+                ));
+            }
+        }
+        if let Some(n) = self.max_interfaces
+            && !(1..=crate::profile::MAX_INTERFACES).contains(&n)
+        {
+            return Err(format!(
+                "{file}: key `{key}.max_interfaces`: 1 to {}",
+                crate::profile::MAX_INTERFACES
             ));
         }
-        if let Some(o) = &self.oids {
-            for (k, oid) in [
-                ("esno", Some(&o.esno.oid)),
-                ("rx_level", o.rx_level.as_ref().map(|x| &x.oid)),
-                ("tx_power", o.tx_power.as_ref().map(|x| &x.oid)),
-                ("modcod", o.modcod.as_ref()),
-                ("rx_rate", o.rx_rate.as_ref().map(|x| &x.oid)),
-                ("tx_rate", o.tx_rate.as_ref().map(|x| &x.oid)),
-            ] {
-                if let Some(oid) = oid
-                    && parse_oid(oid).is_err()
-                {
-                    return Err(format!(
-                        "{file}: key `{key}.oids.{k}`: {oid:?} is not a numeric OID"
-                    ));
-                }
-            }
+        if self.tcp_ports.len() > 8 || self.tcp_ports.contains(&0) {
+            return Err(format!(
+                "{file}: key `{key}.tcp_ports`: at most 8 ports, none 0"
+            ));
         }
         if let Some(v3) = &self.v3 {
             security(v3).map_err(|e| format!("{file}: key `{key}.v3`: {e}"))?;
         }
         Ok(())
     }
-}
 
-pub fn parse_oid(s: &str) -> Result<Vec<u64>, String> {
-    let s = s.trim().trim_start_matches('.');
-    let parts: Result<Vec<u64>, _> = s.split('.').map(str::parse::<u64>).collect();
-    match parts {
-        Ok(p) if p.len() >= 2 => Ok(p),
-        _ => Err(format!("{s:?} is not a numeric OID")),
+    /// The device's address with the SNMP port (161 when not given).
+    pub fn snmp_addr(&self) -> String {
+        if self.address.contains(':') {
+            self.address.clone()
+        } else {
+            format!("{}:161", self.address)
+        }
+    }
+
+    /// Its host alone (for the reachability checks).
+    pub fn host(&self) -> &str {
+        match self.address.rsplit_once(':') {
+            Some((h, p)) if p.parse::<u16>().is_ok() => {
+                h.trim_start_matches('[').trim_end_matches(']')
+            }
+            _ => &self.address,
+        }
     }
 }
+
+pub use crate::profile::parse_oid;
 
 pub fn security(c: &V3Config) -> Result<v3::Security, String> {
     let auth = match c.auth_protocol.to_ascii_lowercase().as_str() {

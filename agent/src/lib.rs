@@ -7,6 +7,7 @@ pub mod cli;
 pub mod collect;
 pub mod config;
 pub mod device;
+pub mod profile;
 pub mod simulate;
 pub mod snmp;
 pub mod transfers;
@@ -306,8 +307,17 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         collect::HostCollector::new(cfg.ignore_mounts.clone(), cfg.ignore_interfaces.clone())
             .map_err(anyhow::Error::msg)?,
     ));
-    let mut pollers: Vec<snmp::Poller> =
-        cfg.devices.iter().cloned().map(snmp::Poller::new).collect();
+    let profiles = cfg.profiles().map_err(anyhow::Error::msg)?;
+    let mut pollers: Vec<snmp::Poller> = cfg
+        .devices
+        .iter()
+        .map(|d| {
+            let p = profiles
+                .get(&d.profile)
+                .with_context(|| format!("device {}: no profile {:?}", d.name, d.profile))?;
+            Ok(snmp::Poller::new(d.clone(), p.clone()))
+        })
+        .collect::<anyhow::Result<_>>()?;
     let mut tick = tokio::time::interval(Duration::from_millis(interval_ms as u64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut unspooled: std::collections::VecDeque<Report> = std::collections::VecDeque::new();

@@ -617,6 +617,7 @@ mod tests {
                         on_battery,
                         charge_pct: 80,
                         runtime_s: 1200,
+                        ..Default::default()
                     }),
                     ..Default::default()
                 },

@@ -85,6 +85,7 @@ fn sample_report(seq: u64) -> proto::Report {
                 on_battery: true,
                 charge_pct: 80,
                 runtime_s: 2400,
+                ..Default::default()
             }),
             ..Default::default()
         }],

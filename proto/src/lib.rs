@@ -19,7 +19,7 @@ pub use prost::Message;
 pub const MAJOR: u32 = 1;
 /// Protocol minor version: peers within one minor of each other are supported (protobuf skips
 /// the fields the older side does not know).
-pub const MINOR: u32 = 1;
+pub const MINOR: u32 = 2;
 /// The largest frame either side accepts (a report is ~200 bytes; a downsampled one too).
 pub const MAX_FRAME: usize = 64 * 1024;
 
@@ -180,6 +180,7 @@ mod tests {
                         on_battery: false,
                         charge_pct: 100,
                         runtime_s: 2400,
+                        ..Default::default()
                     }),
                     ..Default::default()
                 },

@@ -134,6 +134,7 @@ mod tests {
                         on_battery,
                         charge_pct: 100,
                         runtime_s: 600,
+                        ..Default::default()
                     }),
                     ..Default::default()
                 },

@@ -16,6 +16,8 @@ pub struct Envelope {
     pub body: Option<Body>,
 }
 
+// A report is the message nearly every frame carries: boxing it would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, PartialEq, prost::Oneof)]
 pub enum Body {
     #[prost(message, tag = "1")]
@@ -227,6 +229,21 @@ pub struct Report {
     pub link: Option<LinkStats>,
     #[prost(message, repeated, tag = "8")]
     pub devices: Vec<Device>,
+    /// What the site's devices said on their own since the last report (SNMP traps and
+    /// informs the device's profile names), oldest first; a flood is summarised (`count`).
+    /// From minor 2.
+    #[prost(message, repeated, tag = "9")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<DeviceEvent>,
+    /// Reachability of the site's devices and next hop (ICMP echo, TCP connect). From minor 2.
+    #[prost(message, repeated, tag = "10")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub probes: Vec<Probe>,
+    /// The trap listener's counters since the agent started (absent: no listener). From
+    /// minor 2.
+    #[prost(message, optional, tag = "11")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traps: Option<TrapStats>,
 }
 
 fn is_zero_u64(v: &u64) -> bool {
@@ -335,6 +352,9 @@ pub enum Profile {
     IfMib = 1,
     UpsMib = 2,
     VsatModem = 3,
+    /// An operator's profile whose kind is none of the above (its name is in
+    /// `Device.profile_name`).
+    Other = 4,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration, Serialize)]
@@ -376,6 +396,327 @@ pub struct Device {
     #[prost(message, optional, tag = "7")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub modem: Option<Modem>,
+    /// The profile's objects that fill none of the typed fields above (from minor 2).
+    #[prost(message, repeated, tag = "9")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<ObjectValue>,
+    /// Objects of the profile the device did not answer properly (from minor 2). A device with
+    /// problems but every essential object is `ok`; one whose essential object is missing or
+    /// wrong is `bad-answer`, and still carries every value it did answer.
+    #[prost(message, repeated, tag = "10")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<ObjectProblem>,
+    /// The profile's alarms that hold now (from minor 2).
+    #[prost(message, repeated, tag = "11")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub alarms: Vec<DeviceAlarm>,
+    /// The profile the device was polled with (`ups-mib`, an operator's `acme-ups`; from
+    /// minor 2).
+    #[prost(string, tag = "12")]
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub profile_name: String,
+    #[prost(uint32, tag = "13")]
+    #[serde(skip)]
+    pub profile_name_ref: u32,
+    /// How the device's address answered this round's reachability check (`null`: not
+    /// checked).
+    #[prost(message, optional, tag = "14")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reach: Option<Probe>,
+}
+
+/// One object of a device's profile: a number (`num` × 10^`exp`, in `unit`) or a text (an
+/// enumeration's label, a string).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ObjectValue {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(uint32, tag = "2")]
+    pub name_ref: u32,
+    #[prost(sint64, tag = "3")]
+    pub num: i64,
+    #[prost(sint32, tag = "4")]
+    pub exp: i32,
+    #[prost(string, tag = "5")]
+    pub text: String,
+    #[prost(uint32, tag = "6")]
+    pub text_ref: u32,
+    #[prost(string, tag = "7")]
+    pub unit: String,
+    #[prost(uint32, tag = "8")]
+    pub unit_ref: u32,
+    /// Whether `num` carries the value (a text-only object has none).
+    #[prost(bool, tag = "9")]
+    pub has_num: bool,
+}
+
+impl ObjectValue {
+    /// The number, if the object is one.
+    pub fn number(&self) -> Option<f64> {
+        self.has_num
+            .then(|| self.num as f64 * 10f64.powi(self.exp.clamp(-18, 18)))
+    }
+    /// A number as a mantissa and a decimal exponent: the shortest of up to six decimals that
+    /// holds it to a part in a billion (a varint of 1–3 bytes for most device figures).
+    pub fn set_number(&mut self, v: f64) {
+        self.has_num = true;
+        if !v.is_finite() {
+            (self.num, self.exp) = (0, 0);
+            return;
+        }
+        for d in 0..=6 {
+            let scaled = v * 10f64.powi(d);
+            if scaled.abs() >= 9.0e15 {
+                break;
+            }
+            let m = scaled.round();
+            if (m - scaled).abs() <= 1e-9 * scaled.abs().max(1.0) || d == 6 {
+                (self.num, self.exp) = (m as i64, -d);
+                return;
+            }
+        }
+        (self.num, self.exp) = (v.round().clamp(-9.0e15, 9.0e15) as i64, 0);
+    }
+}
+
+impl Serialize for ObjectValue {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("name", &self.name)?;
+        if let Some(v) = self.number() {
+            m.serialize_entry("value", &v)?;
+        }
+        if !self.text.is_empty() {
+            m.serialize_entry("text", &self.text)?;
+        }
+        if !self.unit.is_empty() {
+            m.serialize_entry("unit", &self.unit)?;
+        }
+        m.end()
+    }
+}
+
+/// How an object of a profile was not answered properly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration, Serialize)]
+#[repr(i32)]
+pub enum ProblemKind {
+    Unknown = 0,
+    /// The device does not implement the object (`noSuchObject`).
+    NoSuchObject = 1,
+    /// The object exists, not this instance (`noSuchInstance`).
+    NoSuchInstance = 2,
+    /// The device's MIB view ended before the object (`endOfMibView`).
+    EndOfMibView = 3,
+    /// An answer of another type than the profile's (a string for an integer).
+    WrongType = 4,
+    /// A value outside the profile's range.
+    OutOfRange = 5,
+    /// The device answered the request with an error status (`noSuchName`, `genErr`).
+    ErrorStatus = 6,
+    /// A table cut short at its bound of rows or of time.
+    Truncated = 7,
+}
+
+impl ProblemKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProblemKind::Unknown => "unknown",
+            ProblemKind::NoSuchObject => "no-such-object",
+            ProblemKind::NoSuchInstance => "no-such-instance",
+            ProblemKind::EndOfMibView => "end-of-mib-view",
+            ProblemKind::WrongType => "wrong-type",
+            ProblemKind::OutOfRange => "out-of-range",
+            ProblemKind::ErrorStatus => "error-status",
+            ProblemKind::Truncated => "truncated",
+        }
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct ObjectProblem {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(uint32, tag = "2")]
+    #[serde(skip)]
+    pub name_ref: u32,
+    #[prost(enumeration = "ProblemKind", tag = "3")]
+    #[serde(serialize_with = "ser_problem")]
+    pub kind: i32,
+    /// What came instead (`OCTET STRING "n/a"`, `150 above 100`); empty for a missing object.
+    #[prost(string, tag = "4")]
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+    /// The object is one the profile calls essential.
+    #[prost(bool, tag = "5")]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub essential: bool,
+}
+
+fn ser_problem<S: serde::Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(
+        ProblemKind::try_from(*v)
+            .unwrap_or(ProblemKind::Unknown)
+            .as_str(),
+    )
+}
+
+/// How urgent an alarm or event of a device's profile is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, prost::Enumeration, Serialize)]
+#[repr(i32)]
+pub enum Severity {
+    Unknown = 0,
+    Info = 1,
+    Warning = 2,
+    Minor = 3,
+    Major = 4,
+    Critical = 5,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Unknown => "unknown",
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Minor => "minor",
+            Severity::Major => "major",
+            Severity::Critical => "critical",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Severity> {
+        [
+            Severity::Info,
+            Severity::Warning,
+            Severity::Minor,
+            Severity::Major,
+            Severity::Critical,
+        ]
+        .into_iter()
+        .find(|x| x.as_str() == s)
+    }
+}
+
+fn ser_severity<S: serde::Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(Severity::try_from(*v).unwrap_or(Severity::Unknown).as_str())
+}
+
+/// An alarm of a device's profile that holds now (`battery-low`, `modem-fault`).
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct DeviceAlarm {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(uint32, tag = "2")]
+    #[serde(skip)]
+    pub name_ref: u32,
+    #[prost(enumeration = "Severity", tag = "3")]
+    #[serde(serialize_with = "ser_severity")]
+    pub severity: i32,
+    /// Why (`battery_status = low`).
+    #[prost(string, tag = "4")]
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+/// Something a device said on its own: a trap or an inform its profile names.
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct DeviceEvent {
+    #[prost(string, tag = "1")]
+    pub device: String,
+    #[prost(uint32, tag = "2")]
+    #[serde(skip)]
+    pub device_ref: u32,
+    /// The profile's name for it (`on-battery`, `link-down`).
+    #[prost(string, tag = "3")]
+    pub name: String,
+    #[prost(uint32, tag = "4")]
+    #[serde(skip)]
+    pub name_ref: u32,
+    #[prost(enumeration = "Severity", tag = "5")]
+    #[serde(serialize_with = "ser_severity")]
+    pub severity: i32,
+    /// When the agent received it (Unix ms, site clock); the first of a summarised flood.
+    #[prost(int64, tag = "6")]
+    pub at_ms: i64,
+    /// How many like it arrived (1 unless a flood was summarised).
+    #[prost(uint32, tag = "7")]
+    pub count: u32,
+    /// The varbinds that say which (`ifIndex 3`), short.
+    #[prost(string, tag = "8")]
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+    /// It came as an inform (acknowledged to the device), not a trap.
+    #[prost(bool, tag = "9")]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub inform: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration, Serialize)]
+#[repr(i32)]
+pub enum ProbeKind {
+    Unknown = 0,
+    Icmp = 1,
+    Tcp = 2,
+}
+
+fn ser_probe_kind<S: serde::Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(
+        match ProbeKind::try_from(*v).unwrap_or(ProbeKind::Unknown) {
+            ProbeKind::Unknown => "unknown",
+            ProbeKind::Icmp => "icmp",
+            ProbeKind::Tcp => "tcp",
+        },
+    )
+}
+
+/// One reachability check: an ICMP echo or a TCP connect.
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct Probe {
+    /// The check's name (a device's, `next-hop`, or a configured one's).
+    #[prost(string, tag = "1")]
+    pub target: String,
+    #[prost(uint32, tag = "2")]
+    #[serde(skip)]
+    pub target_ref: u32,
+    #[prost(enumeration = "ProbeKind", tag = "3")]
+    #[serde(serialize_with = "ser_probe_kind")]
+    pub kind: i32,
+    #[prost(bool, tag = "4")]
+    pub ok: bool,
+    /// Round trip (ICMP) or time to connect (TCP), microseconds; 0 when not `ok`.
+    #[prost(uint32, tag = "5")]
+    #[serde(skip_serializing_if = "is_zero_u32")]
+    pub rtt_us: u32,
+    /// Why not (`timeout`, `refused`, `unreachable`).
+    #[prost(string, tag = "6")]
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub error: String,
+    #[prost(uint32, tag = "7")]
+    #[serde(skip)]
+    pub error_ref: u32,
+}
+
+/// The trap listener's counters (cumulative since the agent started).
+#[derive(Clone, Copy, PartialEq, prost::Message, Serialize)]
+pub struct TrapStats {
+    /// Traps and informs from configured devices that parsed and authenticated.
+    #[prost(uint64, tag = "1")]
+    pub received: u64,
+    /// Of those, sent on as events.
+    #[prost(uint64, tag = "2")]
+    pub forwarded: u64,
+    /// Folded into a flood's summary instead of going one by one.
+    #[prost(uint64, tag = "3")]
+    pub summarised: u64,
+    /// From an address that is no configured device: ignored.
+    #[prost(uint64, tag = "4")]
+    pub unknown_source: u64,
+    /// Not SNMP, wrong community, failed authentication or decryption: ignored.
+    #[prost(uint64, tag = "5")]
+    pub rejected: u64,
+    /// Traps of no interest to the device's profile: counted, not sent.
+    #[prost(uint64, tag = "6")]
+    pub ignored: u64,
 }
 
 fn ser_profile<S: serde::Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
@@ -384,6 +725,7 @@ fn ser_profile<S: serde::Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
         Profile::IfMib => "if-mib",
         Profile::UpsMib => "ups-mib",
         Profile::VsatModem => "vsat-modem",
+        Profile::Other => "other",
     })
 }
 
@@ -418,6 +760,17 @@ pub struct DeviceInterface {
     pub in_errors: u64,
     #[prost(uint64, tag = "7")]
     pub out_errors: u64,
+    /// `ifAlias`: what the operator called the port ("uplink to Xian").
+    #[prost(string, tag = "9")]
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub alias: String,
+    #[prost(uint32, tag = "10")]
+    #[serde(skip)]
+    pub alias_ref: u32,
+    /// `ifHighSpeed` (Mbit/s; 0 unknown).
+    #[prost(uint32, tag = "11")]
+    #[serde(skip_serializing_if = "is_zero_u32")]
+    pub speed_mbps: u32,
 }
 
 /// RFC 1628 UPS figures.
@@ -429,7 +782,24 @@ pub struct Ups {
     pub charge_pct: u32,
     #[prost(uint32, tag = "3")]
     pub runtime_s: u32,
+    /// Figures the UPS did not give (`UPS_*` bits; from minor 2): a charge or runtime of 0 with
+    /// its bit set is not known, not empty.
+    #[prost(uint32, tag = "4")]
+    #[serde(skip_serializing_if = "is_zero_u32")]
+    pub missing: u32,
 }
+
+/// [`Ups::missing`]: the charge is not known.
+pub const UPS_CHARGE: u32 = 1;
+/// [`Ups::missing`]: the runtime left is not known.
+pub const UPS_RUNTIME: u32 = 2;
+
+/// [`Modem::missing`]: the receive level is not known.
+pub const MODEM_RX_LEVEL: u32 = 1;
+/// [`Modem::missing`]: the transmit power is not known.
+pub const MODEM_TX_POWER: u32 = 2;
+/// [`Modem::missing`]: the ModCod is not known.
+pub const MODEM_MODCOD: u32 = 4;
 
 /// Satellite modem figures (vendor OIDs come from the agent's config).
 #[derive(Clone, PartialEq, prost::Message, Serialize)]
@@ -453,4 +823,8 @@ pub struct Modem {
     /// what it sends at it unless its config sets a rate.
     #[prost(uint32, tag = "7")]
     pub tx_rate_kbps: u32,
+    /// Figures the modem did not give (`MODEM_*` bits; from minor 2).
+    #[prost(uint32, tag = "8")]
+    #[serde(skip_serializing_if = "is_zero_u32")]
+    pub missing: u32,
 }

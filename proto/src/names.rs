@@ -4,6 +4,10 @@
 //! (reports are processed in stream order), so the tables stay identical without any extra
 //! message. A new connection starts with empty tables.
 //!
+//! The fields of minor 2 (aliases, profile objects, events, probes) are visited too: a peer of
+//! minor 1 never sends them, and the agent strips them ([`strip_for_minor`]) before it
+//! compresses a report for a controller of minor 1, so both tables stay the same.
+//!
 //! Bounds (a hostile peer must not grow a table or amplify a frame): a table holds at most
 //! [`MAX_NAMES`] names and [`MAX_TABLE_BYTES`] bytes of them (a name that would pass either
 //! limit travels as text, on both ends alike); and a report whose names, once expanded, come to
@@ -45,10 +49,37 @@ fn visit<E>(
         f(&mut d.name, &mut d.name_ref)?;
         for i in &mut d.interfaces {
             f(&mut i.name, &mut i.name_ref)?;
+            // From minor 2 (an older peer never sends one, and one is never sent to it).
+            f(&mut i.alias, &mut i.alias_ref)?;
         }
         if let Some(m) = d.modem.as_mut() {
             f(&mut m.modcod, &mut m.modcod_ref)?;
         }
+        // From here on, fields of minor 2.
+        f(&mut d.profile_name, &mut d.profile_name_ref)?;
+        for v in &mut d.values {
+            f(&mut v.name, &mut v.name_ref)?;
+            f(&mut v.text, &mut v.text_ref)?;
+            f(&mut v.unit, &mut v.unit_ref)?;
+        }
+        for p in &mut d.problems {
+            f(&mut p.name, &mut p.name_ref)?;
+        }
+        for a in &mut d.alarms {
+            f(&mut a.name, &mut a.name_ref)?;
+        }
+        if let Some(p) = d.reach.as_mut() {
+            f(&mut p.target, &mut p.target_ref)?;
+            f(&mut p.error, &mut p.error_ref)?;
+        }
+    }
+    for e in &mut report.events {
+        f(&mut e.device, &mut e.device_ref)?;
+        f(&mut e.name, &mut e.name_ref)?;
+    }
+    for p in &mut report.probes {
+        f(&mut p.target, &mut p.target_ref)?;
+        f(&mut p.error, &mut p.error_ref)?;
     }
     Ok(())
 }
@@ -121,6 +152,31 @@ impl NameDecoder {
             }
             Ok(())
         })
+    }
+}
+
+/// Clears the fields a peer of `minor` does not know, so that its name table (which does not
+/// visit them) stays the same as ours. Call before [`NameEncoder::compress`].
+pub fn strip_for_minor(report: &mut Report, minor: u32) {
+    if minor >= 2 {
+        return;
+    }
+    report.events.clear();
+    report.probes.clear();
+    report.traps = None;
+    for d in &mut report.devices {
+        d.values.clear();
+        d.problems.clear();
+        d.alarms.clear();
+        d.profile_name.clear();
+        d.reach = None;
+        if d.profile == crate::Profile::Other as i32 {
+            d.profile = crate::Profile::Unknown as i32;
+        }
+        for i in &mut d.interfaces {
+            i.alias.clear();
+            i.speed_mbps = 0;
+        }
     }
 }
 

@@ -207,6 +207,7 @@ impl SimSite {
                         on_battery,
                         charge_pct: self.charge as u32,
                         runtime_s: (self.charge * 36.0) as u32,
+                        ..Default::default()
                     }),
                     ..Default::default()
                 },

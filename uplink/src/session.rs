@@ -450,6 +450,8 @@ fn link_stats(conn: &quinn::Connection) -> LinkStats {
 struct Sender {
     writer: FrameWriter,
     names: NameEncoder,
+    /// The controller's protocol minor (its Welcome's): what it does not know is not sent.
+    peer_minor: u32,
     /// When each report in flight on this connection was sent.
     sent_at: std::collections::BTreeMap<u64, Instant>,
     shared: Arc<Shared>,
@@ -492,6 +494,7 @@ impl Sender {
             .in_flight
             .insert(r.seq);
         self.sent_at.insert(r.seq, Instant::now());
+        tiandi_proto::names::strip_for_minor(&mut r, self.peer_minor);
         self.names.compress(&mut r);
         let seq = r.seq;
         self.writer.send(Body::Report(r)).await?;
@@ -540,6 +543,7 @@ async fn session(
     let mut out = Sender {
         writer: FrameWriter::new(send),
         names: NameEncoder::default(),
+        peer_minor: 0,
         sent_at: Default::default(),
         shared: shared.clone(),
         conn: conn.clone(),
@@ -567,6 +571,7 @@ async fn session(
         e = conn.closed() => return Err(app_close(e)),
     };
     tiandi_proto::check_version(welcome.major, welcome.minor)?;
+    out.peer_minor = welcome.minor;
     let (dropped, backlog) = {
         let mut spool = shared.spool.lock().expect("spool lock poisoned");
         // Fencing: a controller below the highest epoch seen was replaced (0: one that

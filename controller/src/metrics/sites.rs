@@ -143,6 +143,7 @@ fn profile_name(p: i32) -> &'static str {
         tiandi_proto::Profile::IfMib => "if-mib",
         tiandi_proto::Profile::UpsMib => "ups-mib",
         tiandi_proto::Profile::VsatModem => "vsat-modem",
+        tiandi_proto::Profile::Other => "other",
     }
 }
 
