@@ -1,9 +1,17 @@
 //! Named metrics of a report, for history queries and exports. Names are stable:
 //! `report.seq`, `host.cpu_pct`, `host.load1`, `host.mem_used_pct`, `host.uptime_s`, `fs.<mount>.used_pct`,
 //! `if.<name>.rx_bytes`, `link.rtt_ms`, `modem.esno_db`, `ups.on_battery`,
-//! `dev.<device>.if.<name>.in_octets`, …
+//! `dev.<device>.if.<name>.in_octets`, `dev.<device>.<value>` (each numeric object of a
+//! device's profile that fills no typed field: `dev.ups.battery_temperature`), …
+//!
+//! A figure the device did not give (`Ups.missing`, `Modem.missing`) has no series in that
+//! report: a gap in the chart, not a zero.
 
-use crate::{DeviceStatus, Report};
+use crate::{DeviceStatus, MODEM_RX_LEVEL, MODEM_TX_POWER, Report, UPS_CHARGE, UPS_RUNTIME};
+
+/// The names `dev.<device>.…` takes for itself: an object of that name has no series (it
+/// would shadow the device's own).
+const RESERVED: [&str; 2] = ["ok", "if"];
 
 /// Every metric of a report as (name, value).
 pub fn series(r: &Report) -> Vec<(String, f64)> {
@@ -55,14 +63,18 @@ pub fn series(r: &Report) -> Vec<(String, f64)> {
         );
         if let Some(m) = &d.modem {
             put("modem.esno_db".into(), f64::from(m.esno_db_x10) / 10.0);
-            put(
-                "modem.rx_level_dbm".into(),
-                f64::from(m.rx_level_dbm_x10) / 10.0,
-            );
-            put(
-                "modem.tx_power_dbm".into(),
-                f64::from(m.tx_power_dbm_x10) / 10.0,
-            );
+            if m.missing & MODEM_RX_LEVEL == 0 {
+                put(
+                    "modem.rx_level_dbm".into(),
+                    f64::from(m.rx_level_dbm_x10) / 10.0,
+                );
+            }
+            if m.missing & MODEM_TX_POWER == 0 {
+                put(
+                    "modem.tx_power_dbm".into(),
+                    f64::from(m.tx_power_dbm_x10) / 10.0,
+                );
+            }
             if m.rx_rate_kbps > 0 {
                 put("modem.rx_rate_kbps".into(), f64::from(m.rx_rate_kbps));
             }
@@ -75,8 +87,20 @@ pub fn series(r: &Report) -> Vec<(String, f64)> {
                 "ups.on_battery".into(),
                 if u.on_battery { 1.0 } else { 0.0 },
             );
-            put("ups.charge_pct".into(), f64::from(u.charge_pct));
-            put("ups.runtime_s".into(), f64::from(u.runtime_s));
+            if u.missing & UPS_CHARGE == 0 {
+                put("ups.charge_pct".into(), f64::from(u.charge_pct));
+            }
+            if u.missing & UPS_RUNTIME == 0 {
+                put("ups.runtime_s".into(), f64::from(u.runtime_s));
+            }
+        }
+        for v in &d.values {
+            if let Some(n) = v.number().filter(|n| n.is_finite())
+                && !v.name.is_empty()
+                && !RESERVED.contains(&v.name.as_str())
+            {
+                put(format!("dev.{}.{}", d.name, v.name), n);
+            }
         }
         for i in &d.interfaces {
             let p = format!("dev.{}.if.{}", d.name, i.name);
@@ -96,4 +120,84 @@ pub fn value(r: &Report, name: &str) -> Option<f64> {
         .into_iter()
         .find(|(k, _)| k == name)
         .map(|(_, v)| v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Device, Modem, ObjectValue, Ups};
+
+    fn num(name: &str, v: f64, unit: &str) -> ObjectValue {
+        let mut o = ObjectValue {
+            name: name.into(),
+            unit: unit.into(),
+            ..Default::default()
+        };
+        o.set_number(v);
+        o
+    }
+
+    #[test]
+    fn numeric_values_are_series_and_missing_figures_are_gaps() {
+        let r = Report {
+            seq: 7,
+            devices: vec![
+                Device {
+                    name: "ups".into(),
+                    status: DeviceStatus::Ok as i32,
+                    ups: Some(Ups {
+                        charge_pct: 0,
+                        runtime_s: 1800,
+                        missing: UPS_CHARGE,
+                        ..Default::default()
+                    }),
+                    values: vec![
+                        num("battery_temperature", 31.5, "°C"),
+                        num("output_load", 42.0, "%"),
+                        ObjectValue {
+                            name: "battery_status".into(),
+                            text: "normal".into(),
+                            ..Default::default()
+                        },
+                        num("ok", 3.0, ""),
+                    ],
+                    ..Default::default()
+                },
+                Device {
+                    name: "modem".into(),
+                    status: DeviceStatus::Ok as i32,
+                    modem: Some(Modem {
+                        esno_db_x10: 95,
+                        rx_level_dbm_x10: -450,
+                        missing: MODEM_TX_POWER,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let s = series(&r);
+        let names: Vec<&str> = s.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(value(&r, "dev.ups.battery_temperature"), Some(31.5));
+        assert_eq!(value(&r, "dev.ups.output_load"), Some(42.0));
+        assert_eq!(
+            value(&r, "dev.ups.ok"),
+            Some(1.0),
+            "the device's own, not the object's"
+        );
+        assert_eq!(names.iter().filter(|n| **n == "dev.ups.ok").count(), 1);
+        assert!(
+            !names.contains(&"dev.ups.battery_status"),
+            "text has no series"
+        );
+        assert!(
+            !names.contains(&"ups.charge_pct"),
+            "an unknown charge is no 0 %"
+        );
+        assert_eq!(value(&r, "ups.runtime_s"), Some(1800.0));
+        assert_eq!(value(&r, "modem.rx_level_dbm"), Some(-45.0));
+        assert!(!names.contains(&"modem.tx_power_dbm"));
+        assert_eq!(value(&r, "modem.esno_db"), Some(9.5));
+    }
 }
