@@ -18,7 +18,28 @@ const BUILT_IN: [(&str, &str); 3] = [
 
 /// Vendor profiles shipped with the agent (public MIBs; each checked against its MIB's text
 /// by `tests/mib_check.rs`).
-const VENDOR: [(&str, &str); 0] = [];
+const VENDOR: [(&str, &str); 5] = [
+    (
+        "vendor/apc-ups.toml",
+        include_str!("../../profiles/vendor/apc-ups.toml"),
+    ),
+    (
+        "vendor/dvb-rcs-terminal.toml",
+        include_str!("../../profiles/vendor/dvb-rcs-terminal.toml"),
+    ),
+    (
+        "vendor/eaton-xups.toml",
+        include_str!("../../profiles/vendor/eaton-xups.toml"),
+    ),
+    (
+        "vendor/idirect-nms.toml",
+        include_str!("../../profiles/vendor/idirect-nms.toml"),
+    ),
+    (
+        "vendor/newtec-mdm6000.toml",
+        include_str!("../../profiles/vendor/newtec-mdm6000.toml"),
+    ),
+];
 
 /// Every profile an agent knows, by name.
 #[derive(Clone, Debug)]
