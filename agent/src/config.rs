@@ -43,6 +43,9 @@ pub struct Config {
     /// built-in and vendor profiles: a device the agent was not shipped with, without a new
     /// release. Unset: the built-ins only.
     pub profiles_dir: Option<PathBuf>,
+    /// Listen for the devices' SNMP traps and informs (`[traps]`: `listen`, `per_minute`,
+    /// `engine_id`). Unset: no listener; devices are only polled.
+    pub traps: Option<crate::traps::TrapsConfig>,
     /// This site relays transfers to the sites of its province (`[relay]`).
     pub relay: Option<RelayConfig>,
     /// Files for this site come through its province's relay (`[via_relay]`).
@@ -104,6 +107,7 @@ impl Default for Config {
             ignore_interfaces: vec!["lo".into()],
             devices: Vec::new(),
             profiles_dir: None,
+            traps: None,
             relay: None,
             via_relay: None,
             backup_repos: Vec::new(),
@@ -204,6 +208,9 @@ impl Config {
             .map_err(|e| format!("{file}: key `profile`: {e}"))?;
         if self.spool_quota_mb < 4 {
             return Err(format!("{file}: key `spool_quota_mb`: at least 4 MB"));
+        }
+        if let Some(t) = &self.traps {
+            t.validate(file)?;
         }
         let profiles = self
             .profiles()

@@ -11,6 +11,7 @@ pub mod profile;
 pub mod simulate;
 pub mod snmp;
 pub mod transfers;
+pub mod traps;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -318,6 +319,36 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
             Ok(snmp::Poller::new(d.clone(), p.clone()))
         })
         .collect::<anyhow::Result<_>>()?;
+    // Traps and informs: a listener that wakes the loop below when a device speaks up.
+    let traps = match &cfg.traps {
+        None => None,
+        Some(t) => {
+            let traps = traps::Traps::new(t.per_minute);
+            let devices = pollers
+                .iter()
+                .map(|p| (p.config().clone(), p.profile().clone()))
+                .collect();
+            let boots = traps::next_boots(&cfg.data_dir);
+            let (t, traps2, cancel2, site) = (
+                t.clone(),
+                traps.clone(),
+                cancel.clone(),
+                id.info.site_id.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                if let Err(error) = traps::run(t, devices, site, boots, traps2, cancel2).await {
+                    warn!(
+                        error = format!("{error:#}"),
+                        "The trap listener stopped: devices are only polled."
+                    );
+                }
+            }));
+            Some(traps)
+        }
+    };
+    // An out-of-cycle report (a trap) no sooner than this after the last one.
+    const TRAP_REPORT_GAP: Duration = Duration::from_secs(1);
+    let mut last_report = std::time::Instant::now() - TRAP_REPORT_GAP;
     let mut tick = tokio::time::interval(Duration::from_millis(interval_ms as u64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut unspooled: std::collections::VecDeque<Report> = std::collections::VecDeque::new();
@@ -328,7 +359,15 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
             _ = cancel.cancelled() => break,
             _ = tick.tick() => {}
             _ = shared.sample_now.notified() => tick.reset(),
+            _ = async { traps.as_ref().expect("guarded").notify.notified().await }, if traps.is_some() => {
+                // A few more may follow (a UPS sends on-battery and an alarm together): take
+                // them in the same report; and no more than one such report a second.
+                let wait = TRAP_REPORT_GAP.saturating_sub(last_report.elapsed()).max(Duration::from_millis(150));
+                tokio::time::sleep(wait).await;
+                tick.reset();
+            }
         }
+        last_report = std::time::Instant::now();
         let taken_ms = now_ms();
         let h = host.clone();
         let host_sample =
@@ -385,8 +424,16 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
             taken_ms,
             host: host_sample,
             devices,
+            events: traps.as_ref().map(|t| t.take()).unwrap_or_default(),
+            traps: traps.as_ref().map(|t| t.stats()),
             ..Default::default()
         };
+        if !report.events.is_empty() {
+            info!(
+                events = report.events.len(),
+                "Device events go with this report."
+            );
+        }
         // A spool write can fail (disk full): keep the reports in memory, in order, and retry
         // at every tick. Bounded: beyond MAX_UNSPOOLED the two oldest held reports are merged
         // (downsampled) rather than dropped.

@@ -94,8 +94,13 @@ pub fn private_dir(dir: &Path) -> Result<bool, LinkError> {
 /// Equality of two secrets in time that depends only on their lengths' digests: both sides are
 /// hashed (SHA-256) and the digests compared in constant time.
 pub fn same_secret(a: &str, b: &str) -> bool {
+    same_secret_bytes(a.as_bytes(), b.as_bytes())
+}
+
+/// [`same_secret`] of bytes (an SNMP community).
+pub fn same_secret_bytes(a: &[u8], b: &[u8]) -> bool {
     use subtle::ConstantTimeEq;
-    let d = |s: &str| ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
+    let d = |s: &[u8]| ring::digest::digest(&ring::digest::SHA256, s);
     bool::from(d(a).as_ref().ct_eq(d(b).as_ref()))
 }
 

@@ -190,7 +190,10 @@ async fn a_ups_that_implements_part_of_rfc_1628_reports_what_it_has() {
         .collect();
     assert_eq!(
         values,
-        [("output_source", "battery"), ("battery_status", "normal")]
+        [
+            ("output_source", "battery"),
+            ("battery_status", "batteryNormal")
+        ]
     );
     // net-snmp answers a GET its pass script has nothing for with noSuchInstance or
     // noSuchObject; each is named as it came.

@@ -88,6 +88,12 @@ impl Shared {
             report.link = self.link.lock().expect("link lock poisoned").clone();
         }
         let signature = critical_signature(&report);
+        // A device that spoke up (a trap or inform of major severity or more) is news for the
+        // controller whatever the figures say.
+        let urgent = report
+            .events
+            .iter()
+            .any(|e| e.severity >= tiandi_proto::Severity::Major as i32);
         let seq = self
             .spool
             .lock()
@@ -95,9 +101,9 @@ impl Shared {
             .push(report)?;
         {
             let mut c = self.critical.lock().expect("critical lock poisoned");
-            if c.0 != signature {
+            if c.0 != signature || urgent {
                 // The first report of a run is critical only if something is wrong.
-                if c.0 != 0 || signature != critical_signature(&Report::default()) {
+                if urgent || c.0 != 0 || signature != critical_signature(&Report::default()) {
                     if c.1.len() == CRITICAL_KEPT {
                         c.1.pop_front();
                     }
@@ -123,8 +129,9 @@ impl Shared {
 /// Critical reports remembered for sending over every path.
 pub const CRITICAL_KEPT: usize = 16;
 
-/// What of a report makes for a critical alarm at the controller: each device's status and
-/// whether a UPS is on battery. A report whose signature differs from the one before raised
+/// What of a report makes for a critical alarm at the controller: each device's status,
+/// whether a UPS is on battery, its profile's alarms, its reachability and the site's other
+/// reachability checks. A report whose signature differs from the one before raised
 /// or cleared such an alarm. Never 0.
 fn critical_signature(r: &Report) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -139,6 +146,16 @@ fn critical_signature(r: &Report) -> u64 {
         eat(&d.name_ref.to_le_bytes());
         eat(&d.status.to_le_bytes());
         eat(&[u8::from(d.ups.as_ref().is_some_and(|u| u.on_battery))]);
+        // A profile's alarm raised or cleared, a device that stopped answering its ping.
+        for a in &d.alarms {
+            eat(a.name.as_bytes());
+            eat(&a.severity.to_le_bytes());
+        }
+        eat(&[u8::from(d.reach.as_ref().is_none_or(|p| p.ok))]);
+    }
+    for p in &r.probes {
+        eat(p.target.as_bytes());
+        eat(&[u8::from(p.ok)]);
     }
     h.max(1)
 }

@@ -361,7 +361,7 @@ mod tests {
             values,
             [
                 ("output_source", "battery", Some(5.0)),
-                ("battery_status", "normal", Some(2.0))
+                ("battery_status", "batteryNormal", Some(2.0))
             ]
         );
         assert_eq!(

@@ -517,6 +517,10 @@ pub struct Pdu<'a> {
     pub v1_trap_info: Option<V1TrapInfo<'a>>,
     #[cfg(feature = "v3")]
     pub v3_msg_id: i32,
+    /// The scoped PDU's contextEngineID as received (Tiandi patch): an answer echoes it (for a
+    /// notification it is the originator's engine, not the receiver's).
+    #[cfg(feature = "v3")]
+    pub v3_context_engine_id: Vec<u8>,
 }
 
 #[derive(Debug, Clone)]
@@ -561,6 +565,8 @@ impl<'a> Pdu<'a> {
             }),
             #[cfg(feature = "v3")]
             v3_msg_id: 0,
+            #[cfg(feature = "v3")]
+            v3_context_engine_id: Vec::new(),
         })
     }
 
@@ -648,6 +654,8 @@ impl<'a> Pdu<'a> {
             v1_trap_info: None,
             #[cfg(feature = "v3")]
             v3_msg_id: 0,
+            #[cfg(feature = "v3")]
+            v3_context_engine_id: Vec::new(),
         })
     }
 
@@ -689,9 +697,21 @@ impl<'a> Pdu<'a> {
             let (oids, values): (Vec<Oid>, Vec<Value>) = varbind_pairs.into_iter().unzip();
             let values_ref: Vec<(&Oid, Value)> = oids.iter().zip(values).collect();
 
-            v3::build(
+            // Tiandi patch: the msgID of the message this answers, when it is an answer.
+            let msg_id = if matches!(
+                self.message_type,
+                MessageType::Response | MessageType::Report
+            ) && self.v3_msg_id != 0
+            {
+                self.v3_msg_id
+            } else {
+                self.req_id
+            };
+            v3::build_with_msg_id(
                 ident,
                 self.req_id,
+                msg_id,
+                &self.v3_context_engine_id,
                 &values_ref,
                 self.error_status,
                 self.error_index,

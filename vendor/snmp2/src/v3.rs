@@ -1065,7 +1065,7 @@ impl<'a> Pdu<'a> {
 
         let mut scoped_pdu_rdr = AsnReader::from_bytes(scoped_pdu_seq);
 
-        let _context_engine_id = scoped_pdu_rdr.read_asn_octetstring()?;
+        let context_engine_id = scoped_pdu_rdr.read_asn_octetstring()?.to_vec();
 
         let _context_name = scoped_pdu_rdr.read_asn_octetstring()?;
 
@@ -1112,6 +1112,7 @@ impl<'a> Pdu<'a> {
             varbinds,
             v1_trap_info: None,
             v3_msg_id: i32::try_from(msg_id).map_err(|_| Error::ValueOutOfRange)?,
+            v3_context_engine_id: context_engine_id,
         })
     }
 }
@@ -1158,6 +1159,35 @@ pub(crate) fn build(
     buf: &mut Buf,
     security: Option<&Security>,
 ) -> Result<()> {
+    build_with_msg_id(
+        ident,
+        req_id,
+        req_id,
+        &[],
+        values,
+        non_repeaters,
+        max_repetitions,
+        buf,
+        security,
+    )
+}
+
+/// [`build`] with the message's msgID given (Tiandi patch): a Response to an Inform or a
+/// Report must carry the msgID of the message it answers (RFC 3412 §7.1 step 3), which is not
+/// its request-id; and its contextEngineID the request's (empty: this engine's). Only a
+/// confirmed-class PDU is reportable (RFC 3412 §6.4).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn build_with_msg_id(
+    ident: u8,
+    req_id: i32,
+    msg_id: i32,
+    context_engine_id: &[u8],
+    values: &[(&Oid, Value)],
+    non_repeaters: u32,
+    max_repetitions: u32,
+    buf: &mut Buf,
+    security: Option<&Security>,
+) -> Result<()> {
     let security = security.ok_or(Error::AuthFailure(AuthErrorKind::SecurityNotProvided))?;
     let truncation_len = security.auth_protocol.truncation_length();
     buf.reset();
@@ -1167,7 +1197,16 @@ pub(crate) fn build(
     let mut sec_buf_len = 0;
     let mut priv_params: Vec<u8> = Vec::new();
     let mut inner_len = 0;
-    let mut flags = V3_MSG_FLAGS_REPORTABLE;
+    let confirmed = matches!(
+        ident,
+        snmp::MSG_GET | snmp::MSG_GET_NEXT | snmp::MSG_GET_BULK | snmp::MSG_SET | snmp::MSG_INFORM
+    );
+    let mut flags = if confirmed { V3_MSG_FLAGS_REPORTABLE } else { 0 };
+    let context_engine_id = if context_engine_id.is_empty() {
+        security.engine_id()
+    } else {
+        context_engine_id
+    };
 
     if security.need_auth() {
         flags |= V3_MSG_FLAGS_AUTH;
@@ -1179,7 +1218,7 @@ pub(crate) fn build(
         pdu_buf.push_sequence(|buf| {
             pdu::build_inner(req_id, ident, values, max_repetitions, non_repeaters, buf);
             buf.push_octet_string(&security.context_name);
-            buf.push_octet_string(security.engine_id());
+            buf.push_octet_string(context_engine_id);
         });
         let (encrypted, salt) = security.encrypt(&pdu_buf)?;
         priv_params.extend_from_slice(&salt);
@@ -1195,7 +1234,7 @@ pub(crate) fn build(
             buf.push_sequence(|buf| {
                 pdu::build_inner(req_id, ident, values, max_repetitions, non_repeaters, buf);
                 buf.push_octet_string(&security.context_name);
-                buf.push_octet_string(security.engine_id());
+                buf.push_octet_string(context_engine_id);
             });
         }
         let l0 = buf.len();
@@ -1224,7 +1263,7 @@ pub(crate) fn build(
             buf.push_integer(3); // security_model
             buf.push_octet_string(&[flags]); // flags
             buf.push_integer(BUFFER_SIZE.try_into().unwrap()); // max_size
-            buf.push_integer(req_id.into()); // msg_id
+            buf.push_integer(msg_id.into()); // msg_id
         });
         buf.push_integer(3); // version
         auth_pos = buf.len() - l0 - (sec_buf_len - auth_pos);
