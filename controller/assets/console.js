@@ -32,16 +32,22 @@ function T(key, vars) {
 const STATUSES = ['up', 'degraded', 'rain-fade', 'on-battery', 'disk-full', 'down'];
 // How bad a status is (for "worst" and ordering): higher is worse.
 const STATUS_RANK = { up: 0, 'rain-fade': 1, degraded: 2, 'on-battery': 3, 'disk-full': 4, down: 5 };
-const ALARMS = ['site-down', 'on-battery', 'disk-full', 'rain-fade', 'degraded', 'transfer-paused', 'backup-failed', 'backup-overdue', 'backup-check-failed', 'backup-near-quota', 'path-redundancy-lost'];
+// Every alarm, most urgent first, with its severity as the server gives it (the page's boot
+// data; the list here only stands in for a page without it).
+const ALARM_INFO = Array.isArray(BOOT.alarms) && BOOT.alarms.length ? BOOT.alarms : [
+  ['site-down', 'critical'], ['battery-low', 'critical'], ['on-battery', 'major'], ['rain-fade', 'minor'], ['disk-full', 'major'],
+  ['device-unreachable', 'major'], ['device-alarm', 'major'], ['transfer-paused', 'minor'], ['backup-failed', 'major'],
+  ['backup-overdue', 'major'], ['backup-check-failed', 'minor'], ['backup-near-quota', 'minor'], ['path-redundancy-lost', 'minor'],
+  ['degraded', 'minor']].map(([name, severity]) => ({ name, severity }));
+const ALARMS = ALARM_INFO.map((a) => a.name);
+const ALARM_SEVERITY = Object.fromEntries(ALARM_INFO.map((a) => [a.name, a.severity]));
 const SEVERITIES = ['critical', 'major', 'minor'];
 const SEV_RANK = { critical: 0, major: 1, minor: 2 };
 const PROVINCES = 'BJ TJ HE SX NM LN JL HL SH JS ZJ AH FJ JX SD HA HB HN GD GX HI CQ SC GZ YN XZ SN GS QH NX XJ'.split(' ');
 const SITE_SORTS = ['site_id', 'province', 'status', 'last_seen', 'rtt', 'loss', 'esno', 'modcod', 'rx_rate', 'tx_rate', 'cpu'];
 
 function severityOf(alarm) {
-  if (alarm === 'site-down') return 'critical';
-  if (alarm === 'on-battery' || alarm === 'disk-full') return 'major';
-  return 'minor';
+  return ALARM_SEVERITY[alarm] || 'minor';
 }
 function provName(code) {
   if (!code) return '';
@@ -1446,6 +1452,87 @@ function kvList(pairs) {
   return h('dl.kv', pairs.filter(Boolean).map(([k, v, cls]) => [h('dt', k), h('dd' + (cls ? '.' + cls : ''), v == null ? '—' : v)]));
 }
 
+// A device's answer: its status, its profile's objects (values, problems, alarms), how its
+// address answered the reachability check, its ports. Everything here came from the network:
+// text nodes only (h() never parses HTML).
+const DEV_STATUSES = ['ok', 'timeout', 'bad-answer', 'error'];
+const DEV_SEVERITIES = ['critical', 'major', 'minor', 'warning', 'info'];
+// Ups.missing and Modem.missing: figures the device did not give (a 0 there is unknown).
+const UPS_CHARGE = 1, UPS_RUNTIME = 2, MODEM_RX_LEVEL = 1, MODEM_TX_POWER = 2, MODEM_MODCOD = 4;
+function devSevBadge(sev) {
+  const s = DEV_SEVERITIES.includes(sev) ? sev : 'unknown';
+  return h('span.sev.sev-' + s, T('sev.' + s));
+}
+function fmtRttUs(us) { return (us < 10000 ? num(us / 1000, 1) : num(Math.round(us / 1000))) + ' ms'; }
+/** A reachability check: "✓ ping 0.4 ms", "✗ ping: timeout". */
+function reachText(p) {
+  const kind = T('dev.reach.' + (p.kind === 'icmp' || p.kind === 'tcp' ? p.kind : 'unknown'));
+  return p.ok ? h('span.ok', '✓ ' + kind + ' ' + fmtRttUs(p.rtt_us || 0))
+    : h('span.bad', '✗ ' + kind + ': ' + (p.error || T('dev.no_answer')));
+}
+function objValue(v) {
+  const parts = [];
+  if (v.value != null) parts.push(num(v.value, 2) + (v.unit ? ' ' + v.unit : ''));
+  if (v.text) parts.push(v.text);
+  return parts.join(' · ') || '—';
+}
+function unknownOr(missing, text) { return missing ? h('span.muted', T('dev.unknown')) : text; }
+function deviceCard(x) {
+  const st = DEV_STATUSES.includes(x.status) ? x.status : 'unknown';
+  const ok = st === 'ok';
+  const u = x.ups, mo = x.modem, ifs = x.interfaces || [], problems = x.problems || [];
+  const down = ifs.filter((i) => !i.oper_up).length;
+  return h('div.devcard' + (ok ? '' : '.dev-bad'), { data: { device: x.name, status: st } },
+    h('div.devhead',
+      h('b.devname', x.name),
+      h('span.muted', x.profile_name || x.profile || ''),
+      h('span' + (ok ? '.ok' : '.bad'), (ok ? '✓ ' : '✗ ') + T('dev.status.' + st)),
+      x.error ? h('span.bad', x.error) : null,
+      x.reach ? h('span.devreach', h('span.muted', T('dev.reach') + ' '), reachText(x.reach)) : null),
+    u ? h('div.devline', h('b', 'UPS '), u.on_battery ? h('span.warn', T('status.on-battery')) : T('dev.mains'),
+      ' · ' + T('dev.charge') + ' ', unknownOr(u.missing & UPS_CHARGE, pct(u.charge_pct, 0)),
+      ' · ' + T('dev.runtime') + ' ', unknownOr(u.missing & UPS_RUNTIME, fmtDur(u.runtime_s))) : null,
+    mo ? h('div.devline', h('b', T('dev.modem') + ' '), 'Es/No ' + num(mo.esno_db_x10 / 10, 1) + ' dB · ',
+      unknownOr(mo.missing & MODEM_MODCOD, mo.modcod || '—'), ' · ↓ ' + fmtKbps(mo.rx_rate_kbps) + ' · ↑ ' + fmtKbps(mo.tx_rate_kbps),
+      ' · ' + T('site.rx_level') + ' ', unknownOr(mo.missing & MODEM_RX_LEVEL, num(mo.rx_level_dbm_x10 / 10, 1) + ' dBm'),
+      ' · ' + T('site.tx_power') + ' ', unknownOr(mo.missing & MODEM_TX_POWER, num(mo.tx_power_dbm_x10 / 10, 1) + ' dBm')) : null,
+    (x.alarms || []).length ? h('ul.devalarms', x.alarms.map((a) => h('li', { data: { alarm: a.name } },
+      devSevBadge(a.severity), ' ', h('b', a.name), a.detail ? h('span.detail', ' ' + a.detail) : null))) : null,
+    (x.values || []).length ? h('table.grid.small.devvalues',
+      h('thead', h('tr', h('th', T('dev.object')), h('th.num', T('dev.value')))),
+      h('tbody', x.values.map((v) => h('tr', { data: { object: v.name } }, h('td', v.name), h('td.num', objValue(v)))))) : null,
+    problems.length ? h('div.devproblems',
+      h('h4', T('dev.problems', { n: problems.length })),
+      h('table.grid.small',
+        h('thead', h('tr', h('th', T('dev.object')), h('th', T('dev.kind')), h('th', T('col.detail')), h('th', ''))),
+        h('tbody', problems.map((p) => h('tr' + (p.essential ? '.essential' : ''), { data: { object: p.name, kind: p.kind } },
+          h('td', p.name), h('td', T('dev.problem.' + p.kind)), h('td.detail', p.detail || ''),
+          h('td', p.essential ? h('span.bad', T('dev.essential')) : h('span.muted', T('dev.not_essential')))))))) : null,
+    ifs.length ? h('details.devifs', { open: ifs.length <= 8 },
+      h('summary', T('dev.interfaces', { n: ifs.length }), down ? h('span.bad', ' · ' + T('dev.ifs_down', { n: down })) : null),
+      h('table.grid.small',
+        h('thead', h('tr', h('th.num', '#'), h('th', T('site.interface')), h('th', T('dev.alias')), h('th.num', T('dev.speed')),
+          h('th', T('col.status')), h('th.num', '↓ ' + T('site.rx_bytes')), h('th.num', '↑ ' + T('site.tx_bytes')), h('th.num', T('dev.errors')))),
+        h('tbody', ifs.map((i) => h('tr', { data: { interface: i.name, oper: i.oper_up ? 'up' : 'down' } },
+          h('td.num', String(i.index)), h('td', i.name), h('td', i.alias || ''),
+          h('td.num', i.speed_mbps ? fmtBps(i.speed_mbps * 1e6) : '—'),
+          h('td', i.oper_up ? h('span.ok', '▲ ' + T('dev.if_up')) : h('span.bad', '▼ ' + T('dev.if_down'))),
+          h('td.num', fmtBytes(i.in_octets)), h('td.num', fmtBytes(i.out_octets)),
+          h('td.num' + ((i.in_errors || 0) + (i.out_errors || 0) ? '.warn' : ''), num((i.in_errors || 0) + (i.out_errors || 0)))))))) : null);
+}
+
+/** What a site's devices said on their own (traps, informs), newest first; a flood the agent
+ *  summarised is one line: "link-down ×340". */
+function deviceEventsTable(list) {
+  return h('table#site-device-events.grid.small',
+    h('thead', h('tr', h('th', T('col.time')), h('th', T('col.severity')), h('th', T('dev.name')), h('th', T('dev.event')),
+      h('th', T('col.detail')), h('th', T('dev.how')))),
+    h('tbody', list.length ? list.map((e) => h('tr' + (SEV_RANK[e.severity] != null ? '.sev-' + e.severity : ''), { data: { device: e.device, event: e.name } },
+      h('td', timeEl(e.at_ms)), h('td', devSevBadge(e.severity)), h('td', e.device),
+      h('td', h('b', e.name + (e.count > 1 ? ' ×' + e.count : ''))), h('td.detail', e.detail || ''),
+      h('td.muted', e.inform ? T('dev.inform') : T('dev.trap')))) : emptyRow(6, T('dev.no_events'))));
+}
+
 function pageSite() {
   const m = MAIN();
   const id = (BOOT.params && BOOT.params.site) || decodeURIComponent(location.pathname.split('/').pop() || '');
@@ -1453,7 +1540,10 @@ function pageSite() {
   const status = h('span#site-status.badge', { data: { status: 'unknown' } }, '…');
   const sub = h('span.site-sub');
   const summary = h('div.slot'), conds = h('div.slot'), link = h('div.slot'), host = h('div.slot'),
-    devices = h('div.slot'), cert = h('div.slot'), alarms = h('div.slot'), xfers = h('div.slot'), paths = h('div.slot');
+    devices = h('div.slot'), cert = h('div.slot'), alarms = h('div.slot'), xfers = h('div.slot'), paths = h('div.slot'),
+    devEvents = h('div.slot');
+  // The site's device events, newest first (from its answer, then the live stream).
+  let eventList = [];
   // A dual-homed site's paths: shown only for a site that has them.
   const pathsPanel = section(T('site.paths'), paths);
   pathsPanel.id = 'site-paths';
@@ -1481,8 +1571,9 @@ function pageSite() {
       section(T('site.host'), host)),
     pathsPanel,
     section(T('site.charts'), ranges, charts),
+    section(T('site.devices'), devices),
     h('div.site-grid2',
-      section(T('site.devices'), devices),
+      section(T('site.device_events'), devEvents),
       section(T('site.certificate'), cert)),
     section(T('site.alarms'), alarms),
     section(T('site.transfers'), xfers),
@@ -1540,18 +1631,9 @@ function pageSite() {
       ifs.length ? h('table.grid.small', h('thead', h('tr', h('th', T('site.interface')), h('th.num', '↓ ' + T('site.rx_bytes')), h('th.num', '↑ ' + T('site.tx_bytes')))),
         h('tbody', ifs.map((x) => h('tr', h('td', x.name), h('td.num', fmtBytes(x.rx_bytes)), h('td.num', fmtBytes(x.tx_bytes)))))) : null);
     const devs = lat.devices || [];
-    replace(devices, devs.length ? h('table.grid.devices',
-      h('thead', h('tr', h('th', T('dev.name')), h('th', T('dev.profile')), h('th', T('col.status')), h('th', T('dev.details')))),
-      h('tbody', devs.map((x) => h('tr' + (x.status ? '.dev-bad' : ''),
-        h('td', x.name), h('td', x.profile || '—'),
-        h('td', x.status ? h('span.bad', '✗ ' + (x.error || T('dev.problem') + ' ' + x.status)) : h('span.ok', '✓ ' + T('dev.ok'))),
-        h('td.devdetail',
-          x.ups ? h('div', h('b', 'UPS '), x.ups.on_battery ? h('span.warn', T('status.on-battery')) : T('dev.mains'),
-            ' · ' + T('dev.charge') + ' ' + pct(x.ups.charge_pct, 0) + ' · ' + T('dev.runtime') + ' ' + fmtDur(x.ups.runtime_s)) : null,
-          x.modem ? h('div', h('b', T('dev.modem') + ' '), 'Es/No ' + num(x.modem.esno_db_x10 / 10, 1) + ' dB · ' + (x.modem.modcod || '—') +
-            ' · ↓ ' + fmtKbps(x.modem.rx_rate_kbps) + ' · ↑ ' + fmtKbps(x.modem.tx_rate_kbps) +
-            ' · ' + T('site.rx_level') + ' ' + num(x.modem.rx_level_dbm_x10 / 10, 1) + ' dBm') : null,
-          (x.interfaces || []).length ? h('div.muted', T('dev.interfaces', { n: x.interfaces.length })) : null))))) : h('p.muted', T('dev.none')));
+    replace(devices, devs.length ? h('div.devcards', devs.map(deviceCard)) : h('p.muted', T('dev.none')));
+    eventList = (d.events || []).slice(0, 100);
+    replace(devEvents, deviceEventsTable(eventList));
     const c = d.certificate;
     if (c) {
       const left = c.not_after_ms ? (c.not_after_ms - Date.now()) / 86400e3 : null;
@@ -1711,11 +1793,18 @@ function pageSite() {
 
   const kick = coalescer(load, 500);
   const kickX = coalescer(loadXfers, 1000);
-  Live.start(['site', 'alarm', 'transfer', 'path'], (ev) => {
+  Live.start(['site', 'alarm', 'transfer', 'path', 'device-event'], (ev) => {
     if ((ev.type === 'site' || ev.type === 'alarm') && ev.site_id === id) { pending.push(ev); kick(); }
     else if (ev.type === 'path' && ev.site_id === id) kick();
+    else if (ev.type === 'device-event' && ev.site_id === id) {
+      // At once, before the refetch its report brings.
+      eventList = [ev].concat(eventList.filter((e) => !(e.seq === ev.seq && e.at_ms === ev.at_ms && e.device === ev.device && e.name === ev.name))).slice(0, 100);
+      replace(devEvents, deviceEventsTable(eventList));
+      recordLive('device-event', id, ev.name, ev.at_ms);
+      kick();
+    }
     else if (ev.type === 'transfer' && ev.dest === id) kickX();
-  }, () => { kick(); kickX(); }, ['transfer', 'path']);
+  }, () => { kick(); kickX(); }, ['transfer', 'path', 'device-event']);
   setInterval(() => { loadCharts(); loadXfers(); }, 30000);
   setInterval(() => { if (detail) kick(); }, 60000);
   load();

@@ -292,6 +292,18 @@ fn html_response(m: Markup) -> Response {
     r
 }
 
+/// Every alarm a site can have, most urgent first, with its severity as the API gives it: the
+/// script's filters and badges come from here, so they cannot disagree with the server.
+fn alarms() -> serde_json::Value {
+    crate::sites::Condition::ALL
+        .iter()
+        .map(|c| {
+            json!({"name": c.name(),
+                   "severity": crate::views::Severity::of(c.name()).as_str()})
+        })
+        .collect()
+}
+
 /// The shell every page shares.
 fn shell(
     lang: &str,
@@ -312,7 +324,7 @@ fn shell(
     let i18n: BTreeMap<&str, String> = strings().keys().map(|k| (k.as_str(), t(lang, k))).collect();
     let boot = json!({
         "page": which, "lang": lang, "tz": tz, "me": me, "csrf": csrf, "params": params,
-        "version": env!("CARGO_PKG_VERSION"), "i18n": i18n,
+        "version": env!("CARGO_PKG_VERSION"), "i18n": i18n, "alarms": alarms(),
     });
     // In a <script> element only `</` could end it early: JSON escapes it as `<\/`.
     let boot = serde_json::to_string(&boot)
@@ -453,10 +465,26 @@ mod tests {
         // alarm it raises.
         keys.extend(["up", "suspect", "down"].map(|s| format!("paths.state.{s}")));
         keys.extend(tiandi_link::paths::Class::ALL.map(|c| format!("paths.class.{}", c.as_str())));
-        keys.push(format!(
-            "alarm.{}",
-            crate::sites::Condition::PathRedundancyLost.name()
-        ));
+        // Every alarm, and what a device's answer names: its status, its problems' kinds,
+        // the severities of its alarms and events, how its reachability was checked.
+        keys.extend(
+            crate::sites::Condition::ALL
+                .iter()
+                .map(|c| format!("alarm.{}", c.name())),
+        );
+        keys.extend(
+            ["ok", "timeout", "bad-answer", "error", "unknown"].map(|s| format!("dev.status.{s}")),
+        );
+        keys.extend(
+            (0..=7)
+                .map(|k| tiandi_proto::ProblemKind::try_from(k).unwrap().as_str())
+                .map(|k| format!("dev.problem.{k}")),
+        );
+        keys.extend(
+            ["unknown", "info", "warning", "minor", "major", "critical"]
+                .map(|s| format!("sev.{s}")),
+        );
+        keys.extend(["icmp", "tcp", "unknown"].map(|k| format!("dev.reach.{k}")));
         assert!(keys.len() > 200, "{} keys", keys.len());
         for k in keys {
             assert!(
@@ -464,6 +492,39 @@ mod tests {
                 "console.js uses {k}, which i18n.json lacks"
             );
         }
+    }
+
+    #[test]
+    fn the_page_gives_the_script_every_alarm_with_the_servers_severity() {
+        let m = shell("en", "UTC", "alarms", None, &json!({})).into_string();
+        let boot = m
+            .split("<script id=\"boot\" type=\"application/json\">")
+            .nth(1)
+            .and_then(|r| r.split("</script>").next())
+            .expect("the boot script");
+        let v: serde_json::Value = serde_json::from_str(boot).unwrap();
+        let alarms = v["alarms"].as_array().unwrap();
+        assert_eq!(alarms.len(), crate::sites::Condition::ALL.len());
+        assert_eq!(
+            alarms[0],
+            json!({"name": "site-down", "severity": "critical"})
+        );
+        for (name, sev) in [
+            ("battery-low", "critical"),
+            ("backup-failed", "major"),
+            ("backup-overdue", "major"),
+            ("device-unreachable", "major"),
+            ("device-alarm", "major"),
+            ("rain-fade", "minor"),
+        ] {
+            assert!(
+                alarms.contains(&json!({"name": name, "severity": sev})),
+                "{name} {sev}"
+            );
+        }
+        // The script takes them from there (its own list is only a fallback).
+        let js = std::str::from_utf8(include_bytes!("../assets/console.js")).unwrap();
+        assert!(js.contains("BOOT.alarms"));
     }
 
     #[test]

@@ -97,6 +97,14 @@ pub enum Event {
         reason: String,
         at_ms: i64,
     },
+    /// A site's device said something on its own: a trap or an inform its profile names
+    /// (`link-down`; a flood the agent summarised is one event with its `count`). Site clock.
+    DeviceEvent {
+        site_id: String,
+        province: String,
+        #[serde(flatten)]
+        event: store::DeviceEventEntry,
+    },
 }
 
 impl Event {
@@ -106,7 +114,8 @@ impl Event {
             Event::Report { province, .. }
             | Event::Site { province, .. }
             | Event::Transfer { province, .. }
-            | Event::Path { province, .. } => province,
+            | Event::Path { province, .. }
+            | Event::DeviceEvent { province, .. } => province,
             Event::Alarm(a) => &a.province,
         }
     }
@@ -118,6 +127,7 @@ impl Event {
             Event::Site { .. } => "site",
             Event::Transfer { .. } => "transfer",
             Event::Path { .. } => "path",
+            Event::DeviceEvent { .. } => "device-event",
         }
     }
 }
@@ -270,6 +280,30 @@ impl Core {
         }
         for site in changed {
             self.site_changed(&site);
+        }
+    }
+
+    /// The device events of a report just stored (the store kept them already): each is
+    /// counted, logged and sent on the live stream.
+    pub fn device_events(&self, site_id: &str, province: &str, report: &tiandi_proto::Report) {
+        for e in report
+            .events
+            .iter()
+            .take(store::DEVICE_EVENTS_PER_REPORT)
+            .map(|e| store::DeviceEventEntry::from_wire(e, report.seq))
+        {
+            self.metrics
+                .device_events
+                .with_label_values(&[metrics::severity_label(&e.severity)])
+                .inc_by(u64::from(e.count));
+            info!(site = %site_id, device = %e.device, event = %e.title(), severity = %e.severity, detail = %e.detail, "Device event.");
+            if self.events.receiver_count() > 0 {
+                let _ = self.events.send(Event::DeviceEvent {
+                    site_id: site_id.to_string(),
+                    province: province.to_string(),
+                    event: e,
+                });
+            }
         }
     }
 

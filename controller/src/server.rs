@@ -491,6 +491,9 @@ async fn session(
                     {
                         rate.set(tiandi_link::congestion::udp_payload_bps(f64::from(kbps) * 1e3));
                     }
+                    if !report.events.is_empty() {
+                        core.device_events(&id.site_id, &id.province, &report);
+                    }
                     let alarms = core.sites.on_report(&id.site_id, report, now);
                     core.metrics.ingest_seconds.observe(started.elapsed().as_secs_f64());
                     core.metrics

@@ -6,18 +6,26 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::RwLock;
 
 use serde::Serialize;
-use tiandi_proto::{DeviceStatus, Report};
+use tiandi_proto::{Device, DeviceStatus, Probe, ProbeKind, Report, UPS_CHARGE, UPS_RUNTIME};
 
 use crate::config::Thresholds;
 use crate::store::AlarmEvent;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "kebab-case")]
+/// What can be wrong with a site, most urgent first (the order [`status_of`] and every list
+/// of a site's conditions follow). Serialised as its alarm name ([`Condition::name`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Condition {
     Down,
+    /// A UPS's battery is low (its profile's `battery-low` alarm): the site goes down soon.
+    BatteryLow,
     OnBattery,
     RainFade,
     DiskFull,
+    /// A device (or the site's next hop) answers neither SNMP nor its reachability check.
+    DeviceUnreachable,
+    /// Alarms of devices' profiles that hold now (`ups-overload`, `modem-fault`), one
+    /// condition for all of a site's.
+    DeviceAlarm,
     /// A transfer to the site is paused: its disk cannot hold the file.
     TransferPaused,
     /// The site's last backup run failed.
@@ -34,12 +42,33 @@ pub enum Condition {
 }
 
 impl Condition {
+    /// Every condition, most urgent first.
+    pub const ALL: [Condition; 14] = [
+        Condition::Down,
+        Condition::BatteryLow,
+        Condition::OnBattery,
+        Condition::RainFade,
+        Condition::DiskFull,
+        Condition::DeviceUnreachable,
+        Condition::DeviceAlarm,
+        Condition::TransferPaused,
+        Condition::BackupFailed,
+        Condition::BackupOverdue,
+        Condition::BackupCheckFailed,
+        Condition::BackupNearQuota,
+        Condition::PathRedundancyLost,
+        Condition::Degraded,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Condition::Down => "site-down",
+            Condition::BatteryLow => "battery-low",
             Condition::OnBattery => "on-battery",
             Condition::RainFade => "rain-fade",
             Condition::DiskFull => "disk-full",
+            Condition::DeviceUnreachable => "device-unreachable",
+            Condition::DeviceAlarm => "device-alarm",
             Condition::TransferPaused => "transfer-paused",
             Condition::BackupFailed => "backup-failed",
             Condition::BackupOverdue => "backup-overdue",
@@ -48,6 +77,12 @@ impl Condition {
             Condition::PathRedundancyLost => "path-redundancy-lost",
             Condition::Degraded => "degraded",
         }
+    }
+}
+
+impl Serialize for Condition {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
     }
 }
 
@@ -138,35 +173,54 @@ pub fn evaluate(
             }
         }
     }
+    let mut device_alarms = Vec::new();
     for d in &r.devices {
-        if d.status != DeviceStatus::Ok as i32 {
-            let what = DeviceStatus::try_from(d.status)
-                .map(|s| format!("{s:?}").to_lowercase())
-                .unwrap_or_else(|_| "unknown".into());
-            let err = if d.error.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", d.error)
-            };
-            out.push((
-                Condition::Degraded,
-                format!("device {} {what}{err}", d.name),
-            ));
-            continue;
+        let status = DeviceStatus::try_from(d.status).unwrap_or(DeviceStatus::Unknown);
+        if status != DeviceStatus::Ok {
+            out.push(device_not_ok(d, status));
         }
-        if let Some(u) = &d.ups
+        if status == DeviceStatus::Ok
+            && let Some(u) = &d.ups
             && u.on_battery
         {
             out.push((
                 Condition::OnBattery,
-                format!(
-                    "{} on battery, {} % charge, {} min left",
-                    d.name,
-                    u.charge_pct,
-                    u.runtime_s / 60
-                ),
+                format!("{} on battery, {}", d.name, ups_left(u)),
             ));
         }
+        // A device that answered in part (`bad-answer`) still says which alarms hold.
+        for a in &d.alarms {
+            let why = if a.detail.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", a.detail)
+            };
+            match a.name.as_str() {
+                "battery-low" => out.push((
+                    Condition::BatteryLow,
+                    match &d.ups {
+                        Some(u) => format!("{} battery low{why}, {}", d.name, ups_left(u)),
+                        None => format!("{} battery low{why}", d.name),
+                    },
+                )),
+                // From `ups.on_battery`; an operator's profile without UPS figures says it
+                // with its alarm alone.
+                "on-battery" if d.ups.is_some() => {}
+                "on-battery" => {
+                    out.push((Condition::OnBattery, format!("{} on battery{why}", d.name)))
+                }
+                _ => device_alarms.push(format!("{}: {}{why}", d.name, a.name)),
+            }
+        }
+    }
+    if !device_alarms.is_empty() {
+        out.push((Condition::DeviceAlarm, device_alarms.join("; ")));
+    }
+    for p in r.probes.iter().filter(|p| !p.ok) {
+        out.push((
+            Condition::DeviceUnreachable,
+            format!("{} unreachable ({})", p.target, probe_failure(p)),
+        ));
     }
     for d in &r.devices {
         if let Some(m) = &d.modem
@@ -187,17 +241,125 @@ pub fn evaluate(
     out
 }
 
+/// A device that did not answer its poll usably: unreachable when its reachability check
+/// failed too, degraded otherwise (saying so when it answers the check but not SNMP).
+fn device_not_ok(d: &Device, status: DeviceStatus) -> (Condition, String) {
+    let silent = matches!(status, DeviceStatus::Timeout | DeviceStatus::Error);
+    match &d.reach {
+        Some(p) if !p.ok && silent => (
+            Condition::DeviceUnreachable,
+            format!("{} unreachable ({})", d.name, probe_failure(p)),
+        ),
+        Some(p) if p.ok && silent => (
+            Condition::Degraded,
+            format!(
+                "{} answers {} ({}) but not SNMP: {}",
+                d.name,
+                match ProbeKind::try_from(p.kind) {
+                    Ok(ProbeKind::Tcp) => "TCP connect",
+                    _ => "ping",
+                },
+                rtt_text(p.rtt_us),
+                if !d.error.is_empty() {
+                    d.error.as_str()
+                } else if status == DeviceStatus::Timeout {
+                    "no answer"
+                } else {
+                    "error"
+                }
+            ),
+        ),
+        _ => {
+            // A partial answer: the essential objects it lacks say why.
+            let essential: Vec<String> = d
+                .problems
+                .iter()
+                .filter(|p| p.essential)
+                .map(|p| {
+                    let kind = tiandi_proto::ProblemKind::try_from(p.kind)
+                        .unwrap_or(tiandi_proto::ProblemKind::Unknown)
+                        .as_str();
+                    format!("{} {kind}", p.name)
+                })
+                .collect();
+            let why = if !d.error.is_empty() {
+                format!(": {}", d.error)
+            } else if !essential.is_empty() {
+                format!(": {}", essential.join(", "))
+            } else {
+                String::new()
+            };
+            (
+                Condition::Degraded,
+                format!("device {} {}{why}", d.name, status_text(status)),
+            )
+        }
+    }
+}
+
+fn status_text(s: DeviceStatus) -> &'static str {
+    match s {
+        DeviceStatus::Unknown => "unknown",
+        DeviceStatus::Ok => "ok",
+        DeviceStatus::Timeout => "timeout",
+        DeviceStatus::BadAnswer => "bad-answer",
+        DeviceStatus::Error => "error",
+    }
+}
+
+/// How a reachability check failed: `icmp: timeout`.
+fn probe_failure(p: &Probe) -> String {
+    let kind = match ProbeKind::try_from(p.kind) {
+        Ok(ProbeKind::Icmp) => "icmp",
+        Ok(ProbeKind::Tcp) => "tcp",
+        _ => "check",
+    };
+    let error = if p.error.is_empty() {
+        "no answer"
+    } else {
+        p.error.as_str()
+    };
+    format!("{kind}: {error}")
+}
+
+/// A round trip: `0.4 ms`, `612 ms`.
+fn rtt_text(us: u32) -> String {
+    if us < 10_000 {
+        format!("{:.1} ms", f64::from(us) / 1000.0)
+    } else {
+        format!("{} ms", us / 1000)
+    }
+}
+
+/// A UPS's charge and runtime left, each "unknown" when the UPS did not give it (a 0 with its
+/// `missing` bit is not an empty battery).
+fn ups_left(u: &tiandi_proto::Ups) -> String {
+    let charge = if u.missing & UPS_CHARGE != 0 {
+        "charge unknown".to_string()
+    } else {
+        format!("{} % charge", u.charge_pct)
+    };
+    let runtime = if u.missing & UPS_RUNTIME != 0 {
+        "runtime unknown".to_string()
+    } else {
+        format!("{} min left", u.runtime_s / 60)
+    };
+    format!("{charge}, {runtime}")
+}
+
 /// The one status shown for a site: the most urgent condition.
 pub fn status_of(conds: &BTreeSet<Condition>) -> Status {
     // BTreeSet orders by the enum's declaration order, most urgent first.
     match conds.iter().next() {
         None => Status::Up,
         Some(Condition::Down) => Status::Down,
-        Some(Condition::OnBattery) => Status::OnBattery,
+        Some(Condition::BatteryLow | Condition::OnBattery) => Status::OnBattery,
         Some(Condition::RainFade) => Status::RainFade,
         Some(Condition::DiskFull) => Status::DiskFull,
         Some(
-            Condition::TransferPaused
+            Condition::DeviceUnreachable
+            | Condition::DeviceAlarm
+            | Condition::TransferPaused
             | Condition::BackupFailed
             | Condition::BackupOverdue
             | Condition::BackupCheckFailed
@@ -717,5 +879,224 @@ mod tests {
             ("site-down", "cleared")
         );
         assert_eq!(sites.get("s").unwrap().status, Status::Up);
+    }
+
+    fn all(r: &Report) -> Vec<(Condition, String)> {
+        evaluate(Some(r), 0, 10_000, &Thresholds::default())
+    }
+
+    fn alarm(name: &str, sev: tiandi_proto::Severity, detail: &str) -> tiandi_proto::DeviceAlarm {
+        tiandi_proto::DeviceAlarm {
+            name: name.into(),
+            severity: sev as i32,
+            detail: detail.into(),
+            ..Default::default()
+        }
+    }
+
+    fn probe(target: &str, ok: bool, rtt_us: u32, error: &str) -> Probe {
+        Probe {
+            target: target.into(),
+            kind: ProbeKind::Icmp as i32,
+            ok,
+            rtt_us,
+            error: error.into(),
+            ..Default::default()
+        }
+    }
+
+    fn device(name: &str, status: DeviceStatus) -> Device {
+        Device {
+            name: name.into(),
+            status: status as i32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_low_battery_is_on_battery_urgent_and_unknown_figures_are_not_zero() {
+        use tiandi_proto::Severity as S;
+        let mut r = report(90, true, 500, 100);
+        let ups = &mut r.devices[1];
+        ups.ups = Some(Ups {
+            on_battery: true,
+            missing: UPS_CHARGE | UPS_RUNTIME,
+            ..Default::default()
+        });
+        ups.alarms = vec![
+            alarm("on-battery", S::Critical, "output_source = battery"),
+            alarm("battery-low", S::Critical, "battery_status = low"),
+        ];
+        let found = all(&r);
+        assert_eq!(
+            found,
+            vec![
+                (
+                    Condition::OnBattery,
+                    "ups on battery, charge unknown, runtime unknown".to_string()
+                ),
+                (
+                    Condition::BatteryLow,
+                    "ups battery low (battery_status = low), charge unknown, runtime unknown"
+                        .to_string()
+                ),
+            ],
+            "on-battery once, from the UPS figures"
+        );
+        let set: BTreeSet<Condition> = found.iter().map(|(c, _)| *c).collect();
+        assert_eq!(set.first(), Some(&Condition::BatteryLow), "the more urgent");
+        assert_eq!(status_of(&set), Status::OnBattery);
+        // Known figures are said as they are.
+        r.devices[1].ups = Some(Ups {
+            on_battery: true,
+            charge_pct: 18,
+            runtime_s: 240,
+            ..Default::default()
+        });
+        assert!(all(&r).iter().any(|(c, d)| *c == Condition::BatteryLow
+            && d == "ups battery low (battery_status = low), 18 % charge, 4 min left"));
+    }
+
+    #[test]
+    fn device_alarms_are_one_condition_listing_each() {
+        use tiandi_proto::Severity as S;
+        let mut r = report(90, false, 500, 100);
+        r.devices[1].alarms = vec![alarm("ups-overload", S::Major, "output_load = 112")];
+        r.devices[0].alarms = vec![alarm("modem-fault", S::Critical, "")];
+        let found = all(&r);
+        assert_eq!(
+            found,
+            vec![(
+                Condition::DeviceAlarm,
+                "modem: modem-fault; ups: ups-overload (output_load = 112)".to_string()
+            )]
+        );
+        assert_eq!(
+            status_of(&[Condition::DeviceAlarm].into()),
+            Status::Degraded
+        );
+        // An operator's UPS profile without UPS figures: its on-battery alarm is the site's.
+        let mut r = report(90, false, 500, 100);
+        let mut other = device("acme", DeviceStatus::Ok);
+        other.profile = tiandi_proto::Profile::Other as i32;
+        other.alarms = vec![alarm("on-battery", S::Critical, "source = battery")];
+        r.devices.push(other);
+        assert_eq!(
+            all(&r),
+            vec![(
+                Condition::OnBattery,
+                "acme on battery (source = battery)".to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn unreachable_devices_and_next_hops_and_a_device_that_pings_but_does_not_answer() {
+        let mut r = report(90, false, 500, 100);
+        let mut router = device("router", DeviceStatus::Timeout);
+        router.error = "no answer within 2000 ms".into();
+        router.reach = Some(probe("router", false, 0, "timeout"));
+        r.devices.push(router);
+        r.probes = vec![
+            probe("next-hop", false, 0, "timeout"),
+            probe("dns", true, 900, ""),
+        ];
+        assert_eq!(
+            all(&r),
+            vec![
+                (
+                    Condition::DeviceUnreachable,
+                    "router unreachable (icmp: timeout)".to_string()
+                ),
+                (
+                    Condition::DeviceUnreachable,
+                    "next-hop unreachable (icmp: timeout)".to_string()
+                ),
+            ]
+        );
+        assert_eq!(
+            status_of(&[Condition::DeviceUnreachable].into()),
+            Status::Degraded
+        );
+        // It answers its ping: reachable, but SNMP is broken there (degraded, saying so).
+        let mut r = report(90, false, 500, 100);
+        r.devices[0].status = DeviceStatus::Timeout as i32;
+        r.devices[0].modem = None;
+        r.devices[0].error = "no answer within 2000 ms".into();
+        r.devices[0].reach = Some(probe("modem", true, 400, ""));
+        assert_eq!(
+            all(&r),
+            vec![(
+                Condition::Degraded,
+                "modem answers ping (0.4 ms) but not SNMP: no answer within 2000 ms".to_string()
+            )]
+        );
+        // No reachability check: degraded, as before.
+        r.devices[0].reach = None;
+        assert_eq!(
+            all(&r),
+            vec![(
+                Condition::Degraded,
+                "device modem timeout: no answer within 2000 ms".to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn problems_degrade_a_site_only_when_an_essential_object_is_missing() {
+        use tiandi_proto::{ObjectProblem, ProblemKind, Severity as S};
+        let problem = |name: &str, kind: ProblemKind, essential: bool| ObjectProblem {
+            name: name.into(),
+            kind: kind as i32,
+            essential,
+            ..Default::default()
+        };
+        let mut r = report(90, false, 500, 100);
+        r.devices[1].problems = vec![
+            problem("battery_temperature", ProblemKind::NoSuchObject, false),
+            problem("minutes_remaining", ProblemKind::WrongType, false),
+        ];
+        assert!(all(&r).is_empty(), "an ok UPS with gaps is ok");
+        // Its essential object missing: bad-answer, degraded; what it did say still counts.
+        r.devices[1].status = DeviceStatus::BadAnswer as i32;
+        r.devices[1]
+            .problems
+            .push(problem("output_source", ProblemKind::NoSuchObject, true));
+        r.devices[1].alarms = vec![alarm("battery-low", S::Critical, "battery_status = low")];
+        assert_eq!(
+            all(&r),
+            vec![
+                (
+                    Condition::Degraded,
+                    "device ups bad-answer: output_source no-such-object".to_string()
+                ),
+                (
+                    Condition::BatteryLow,
+                    "ups battery low (battery_status = low), 80 % charge, 20 min left".to_string()
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn conditions_are_ordered_named_and_serialised_by_name() {
+        let mut sorted = Condition::ALL;
+        sorted.sort();
+        assert_eq!(sorted, Condition::ALL, "ALL is in urgency order");
+        let names: BTreeSet<&str> = Condition::ALL.iter().map(|c| c.name()).collect();
+        assert_eq!(names.len(), Condition::ALL.len());
+        assert_eq!(
+            serde_json::to_value(Condition::Down).unwrap(),
+            serde_json::json!("site-down")
+        );
+        assert_eq!(
+            serde_json::to_value(Condition::DeviceUnreachable).unwrap(),
+            serde_json::json!("device-unreachable")
+        );
+        assert_eq!(status_of(&Condition::ALL.into()), Status::Down);
+        assert_eq!(
+            status_of(&[Condition::BatteryLow, Condition::DiskFull].into()),
+            Status::OnBattery
+        );
     }
 }

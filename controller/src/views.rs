@@ -20,12 +20,15 @@ pub enum Severity {
 }
 
 impl Severity {
-    /// A site that is down is critical; a site on battery or with a full disk will be down
-    /// soon; rain fades pass by themselves.
+    /// A site that is down, or whose UPS battery is low, is critical (down or about to be);
+    /// a site on battery or with a full disk will be down soon, one with a device that does
+    /// not answer or in alarm, or whose backups fail, needs someone; rain fades pass by
+    /// themselves. The console takes this table from the page (`BOOT.alarms`).
     pub fn of(alarm: &str) -> Severity {
         match alarm {
-            "site-down" => Severity::Critical,
-            "on-battery" | "disk-full" | "backup-failed" | "backup-overdue" => Severity::Major,
+            "site-down" | "battery-low" => Severity::Critical,
+            "on-battery" | "disk-full" | "device-unreachable" | "device-alarm"
+            | "backup-failed" | "backup-overdue" => Severity::Major,
             _ => Severity::Minor,
         }
     }
@@ -599,5 +602,31 @@ mod tests {
         assert!(downsample(&[], 0, 10, 5).is_empty());
         assert_eq!(Severity::of("site-down"), Severity::Critical);
         assert_eq!(Severity::of("rain-fade"), Severity::Minor);
+    }
+
+    #[test]
+    fn every_condition_has_a_severity_and_the_urgent_ones_come_first() {
+        use crate::sites::Condition as C;
+        let of = |c: C| Severity::of(c.name());
+        assert_eq!(of(C::Down), Severity::Critical);
+        assert_eq!(of(C::BatteryLow), Severity::Critical);
+        for c in [
+            C::OnBattery,
+            C::DiskFull,
+            C::DeviceUnreachable,
+            C::DeviceAlarm,
+            C::BackupFailed,
+            C::BackupOverdue,
+        ] {
+            assert_eq!(of(c), Severity::Major, "{c:?}");
+        }
+        for c in [
+            C::RainFade,
+            C::PathRedundancyLost,
+            C::Degraded,
+            C::TransferPaused,
+        ] {
+            assert_eq!(of(c), Severity::Minor, "{c:?}");
+        }
     }
 }

@@ -216,3 +216,243 @@ async fn a_wrong_peer_is_refused_with_its_reason() {
     assert!(refused.contains("Revoked"), "{refused}");
     ctl.shutdown().await;
 }
+
+/// A minor-2 report: a partial UPS, an unreachable router, a modem that pings but does not
+/// answer SNMP, a failed next hop, and two device events (one a summarised flood).
+fn partial_report(seq: u64) -> Report {
+    use tiandi_proto::{
+        Device, DeviceAlarm, DeviceEvent, DeviceStatus, ObjectProblem, ObjectValue, Probe,
+        ProbeKind, ProblemKind, Profile, Severity, UPS_RUNTIME, Ups,
+    };
+    let probe = |target: &str, ok: bool, rtt_us: u32, error: &str| Probe {
+        target: target.into(),
+        kind: ProbeKind::Icmp as i32,
+        ok,
+        rtt_us,
+        error: error.into(),
+        ..Default::default()
+    };
+    let mut load = ObjectValue {
+        name: "output_load".into(),
+        unit: "%".into(),
+        ..Default::default()
+    };
+    load.set_number(112.0);
+    let now = tiandi_link::clock::now_ms();
+    Report {
+        seq,
+        taken_ms: now - 500,
+        devices: vec![
+            Device {
+                name: "ups".into(),
+                profile: Profile::UpsMib as i32,
+                profile_name: "ups-mib".into(),
+                status: DeviceStatus::Ok as i32,
+                ups: Some(Ups {
+                    on_battery: true,
+                    charge_pct: 35,
+                    missing: UPS_RUNTIME,
+                    ..Default::default()
+                }),
+                values: vec![load],
+                problems: vec![ObjectProblem {
+                    name: "minutes_remaining".into(),
+                    kind: ProblemKind::NoSuchObject as i32,
+                    ..Default::default()
+                }],
+                alarms: vec![
+                    DeviceAlarm {
+                        name: "battery-low".into(),
+                        severity: Severity::Critical as i32,
+                        detail: "battery_status = low".into(),
+                        ..Default::default()
+                    },
+                    DeviceAlarm {
+                        name: "ups-overload".into(),
+                        severity: Severity::Major as i32,
+                        detail: "output_load = 112".into(),
+                        ..Default::default()
+                    },
+                ],
+                reach: Some(probe("ups", true, 800, "")),
+                ..Default::default()
+            },
+            Device {
+                name: "router".into(),
+                profile: Profile::IfMib as i32,
+                status: DeviceStatus::Timeout as i32,
+                error: "no answer within 2000 ms".into(),
+                reach: Some(probe("router", false, 0, "timeout")),
+                ..Default::default()
+            },
+            Device {
+                name: "camera".into(),
+                profile: Profile::Other as i32,
+                profile_name: "acme-camera".into(),
+                status: DeviceStatus::Timeout as i32,
+                error: "no answer within 2000 ms".into(),
+                reach: Some(probe("camera", true, 400, "")),
+                ..Default::default()
+            },
+        ],
+        events: vec![
+            DeviceEvent {
+                device: "router".into(),
+                name: "link-down".into(),
+                severity: Severity::Major as i32,
+                at_ms: now - 2000,
+                count: 340,
+                detail: "ifIndex 1".into(),
+                ..Default::default()
+            },
+            DeviceEvent {
+                device: "ups".into(),
+                name: "on-battery".into(),
+                severity: Severity::Critical as i32,
+                at_ms: now - 1000,
+                count: 1,
+                inform: true,
+                ..Default::default()
+            },
+        ],
+        probes: vec![probe("next-hop", false, 0, "timeout")],
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_events_and_partial_answers_reach_the_noc() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = Controller::start(config(dir.path())).await.unwrap();
+    let s = site(&ctl.core, "gs-002");
+    let mut live = ctl.core.events.subscribe();
+
+    let conn = connect(&s, ctl.quic_addr).await.unwrap();
+    let (mut w, mut r) = hello(&conn, &s.id, tiandi_proto::MAJOR).await;
+    assert!(matches!(next(&mut r).await, Body::Welcome(_)));
+    // The same report twice: its events count once.
+    for _ in 0..2 {
+        w.send(Body::Report(partial_report(1))).await.unwrap();
+        assert!(matches!(next(&mut r).await, Body::Ack(_)));
+    }
+
+    // The live stream: each event as it came, the flood as one.
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let ev = tokio::time::timeout(Duration::from_secs(5), live.recv())
+            .await
+            .expect("an event within 5 s")
+            .unwrap();
+        let v = serde_json::to_value(&ev).unwrap();
+        if v["type"] == "device-event" {
+            seen.push(v);
+        }
+    }
+    assert_eq!(seen[0]["site_id"], "gs-002");
+    assert_eq!(seen[0]["province"], "GS");
+    assert_eq!(
+        (&seen[0]["device"], &seen[0]["name"], &seen[0]["count"]),
+        (&"router".into(), &"link-down".into(), &340.into())
+    );
+    assert_eq!(seen[0]["severity"], "major");
+    assert_eq!(
+        (&seen[1]["name"], &seen[1]["inform"]),
+        (&"on-battery".into(), &true.into())
+    );
+
+    // The site's answer: its events, newest first; its devices whole; its conditions.
+    let api = format!("http://{}", ctl.api_addr);
+    let read = std::fs::read_to_string(ctl.core.config.data_dir.join("read.token")).unwrap();
+    let v: serde_json::Value = tokio::task::spawn_blocking(move || {
+        ureq::get(format!("{api}/api/sites/gs-002"))
+            .header("Authorization", &format!("Bearer {}", read.trim()))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_json()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let events = v["events"].as_array().unwrap();
+    assert_eq!(events.len(), 2, "once each: {v}");
+    assert_eq!(events[0]["name"], "on-battery");
+    assert_eq!(
+        (&events[1]["name"], &events[1]["count"]),
+        (&"link-down".into(), &340.into())
+    );
+    let ups = &v["latest"]["devices"][0];
+    assert_eq!(ups["profile_name"], "ups-mib");
+    assert_eq!(
+        ups["values"][0],
+        serde_json::json!({"name": "output_load", "value": 112.0, "unit": "%"})
+    );
+    assert_eq!(ups["problems"][0]["kind"], "no-such-object");
+    assert_eq!(ups["reach"]["rtt_us"], 800);
+    assert_eq!(v["status"], "on-battery", "{v}");
+    let conds: std::collections::BTreeMap<String, String> = v["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["condition"].as_str().unwrap().to_string(),
+                c["detail"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        conds.keys().map(String::as_str).collect::<Vec<_>>(),
+        [
+            "battery-low",
+            "degraded",
+            "device-alarm",
+            "device-unreachable",
+            "on-battery"
+        ],
+        "{conds:?}"
+    );
+    assert_eq!(
+        v["conditions"][0]["condition"], "battery-low",
+        "the most urgent first"
+    );
+    assert_eq!(
+        conds["on-battery"],
+        "ups on battery, 35 % charge, runtime unknown"
+    );
+    assert_eq!(
+        conds["device-unreachable"],
+        "router unreachable (icmp: timeout); next-hop unreachable (icmp: timeout)"
+    );
+    assert_eq!(
+        conds["degraded"],
+        "camera answers ping (0.4 ms) but not SNMP: no answer within 2000 ms"
+    );
+    assert_eq!(
+        conds["device-alarm"],
+        "ups: ups-overload (output_load = 112)"
+    );
+    assert!(
+        v["metrics"]
+            .as_array()
+            .unwrap()
+            .contains(&"dev.ups.output_load".into())
+    );
+
+    let text = ctl.core.metrics.render(
+        &ctl.core.sites,
+        &tiandi_controller::metrics::SiteSeries::ALL,
+        Default::default(),
+        0,
+        tiandi_link::clock::now_ms(),
+    );
+    for line in [
+        r#"tiandi_device_events_total{severity="major"} 340"#,
+        r#"tiandi_device_events_total{severity="critical"} 1"#,
+        r#"tiandi_site_device_reachable{site="gs-002",province="GS",device="router"} 0"#,
+        r#"tiandi_site_device_problems{site="gs-002",province="GS",device="ups"} 1"#,
+    ] {
+        assert!(text.contains(line), "missing {line}");
+    }
+    ctl.shutdown().await;
+}

@@ -17,7 +17,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tiandi_link::LinkProfile;
 use tiandi_proto::{
-    Device, DeviceInterface, DeviceStatus, Filesystem, Host, Interface, Modem, Profile, Report, Ups,
+    Device, DeviceAlarm, DeviceEvent, DeviceInterface, DeviceStatus, Filesystem, Host, Interface,
+    Modem, ObjectProblem, ObjectValue, Probe, ProbeKind, ProblemKind, Profile, Report, Severity,
+    TrapStats, UPS_RUNTIME, Ups,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -25,8 +27,101 @@ use tiandi_transfer::now_ms;
 use tiandi_uplink::spool::Spool;
 use tiandi_uplink::{self as uplink, Shared};
 
+/// What a few simulated sites show beyond the common figures: what a site's devices answer
+/// in part, say on their own, or do not answer at all. Only a few of the first
+/// [`SHOWCASE_SITES`] have any (the demo's), so the load generator's report stays as small as
+/// ever.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Showcase {
+    None,
+    /// A UPS that answers RFC 1628 in part (no runtime, a battery temperature of the wrong
+    /// type): its mains fail for 4 minutes every 15, and its battery runs low in the last
+    /// minute of each (`on-battery` and `battery-low` traps and alarms).
+    PartialUps,
+    /// A router whose WAN port goes down for 30 s every 5 minutes (`link-down`, `link-up`
+    /// traps; every third time a flapping port, summarised as one `link-down ×340`), its
+    /// ports named (`ifAlias`) and their speeds known.
+    TrappingRouter,
+    /// A router, the site's next hop, that answers neither SNMP nor ping.
+    UnreachableRouter,
+    /// A router that answers ping but not SNMP.
+    SilentRouter,
+}
+
+/// The sites that may show something of [`Showcase`]: the first 200 (the demo's default).
+pub const SHOWCASE_SITES: u64 = 200;
+
+impl Showcase {
+    /// Site `index`'s: 18 of the first 120 sites show one (none of 120 are dual-homed in the
+    /// demo: those are `index % 10 == 3`).
+    pub fn of(index: u64) -> Showcase {
+        if index >= SHOWCASE_SITES {
+            return Showcase::None;
+        }
+        match index % 40 {
+            5 | 25 => Showcase::PartialUps,
+            7 | 27 => Showcase::TrappingRouter,
+            17 => Showcase::UnreachableRouter,
+            37 => Showcase::SilentRouter,
+            _ => Showcase::None,
+        }
+    }
+}
+
+/// A UPS's mains failure of the demo at `now_ms`: (on battery, battery low, charge %).
+fn mains_cycle(index: u64, now_ms: i64) -> (bool, bool, f64) {
+    let o = (now_ms / 1000 + 97 * index as i64).rem_euclid(900) as f64;
+    if o < 240.0 {
+        (true, o >= 180.0, 100.0 - o * 0.35)
+    } else {
+        (false, false, (16.0 + (o - 240.0) * 0.15).min(100.0))
+    }
+}
+
+/// A router's WAN port in the demo at `now_ms`: (up, this outage is a flapping port).
+fn wan_cycle(index: u64, now_ms: i64) -> (bool, bool) {
+    let t = now_ms / 1000 + 61 * index as i64;
+    (t.rem_euclid(300) >= 30, t.div_euclid(300) % 3 == 0)
+}
+
+fn icmp(target: &str, rtt_us: Option<u32>) -> Probe {
+    Probe {
+        target: target.into(),
+        kind: ProbeKind::Icmp as i32,
+        ok: rtt_us.is_some(),
+        rtt_us: rtt_us.unwrap_or(0),
+        error: if rtt_us.is_some() { "" } else { "timeout" }.into(),
+        ..Default::default()
+    }
+}
+
+fn number(name: &str, v: f64, unit: &str) -> ObjectValue {
+    let mut o = ObjectValue {
+        name: name.into(),
+        unit: unit.into(),
+        ..Default::default()
+    };
+    o.set_number(v);
+    o
+}
+
+fn text(name: &str, v: &str) -> ObjectValue {
+    ObjectValue {
+        name: name.into(),
+        text: v.into(),
+        ..Default::default()
+    }
+}
+
 /// One simulated site's figures.
 pub struct SimSite {
+    index: u64,
+    showcase: Showcase,
+    /// The showcase's state at the last sample (its traps come on changes).
+    was_on_battery: Option<bool>,
+    was_low: Option<bool>,
+    wan_was_up: Option<bool>,
+    traps: TrapStats,
     rng: StdRng,
     boot_ms: i64,
     cpu: f64,
@@ -58,6 +153,12 @@ impl SimSite {
         let prone_rain = rng.random_bool(0.12);
         let prone_power = rng.random_bool(0.06);
         SimSite {
+            index,
+            showcase: Showcase::of(index),
+            was_on_battery: None,
+            was_low: None,
+            wan_was_up: None,
+            traps: TrapStats::default(),
             boot_ms: now_ms - rng.random_range(3_600_000..90 * 86_400_000i64),
             cpu: rng.random_range(5.0..40.0),
             mem_used: rng.random_range(0.3..0.7),
@@ -142,7 +243,7 @@ impl SimSite {
         };
         let root_total = 60_000u64;
         let data_total = 400_000u64;
-        Report {
+        let mut report = Report {
             taken_ms: now_ms,
             host: Some(Host {
                 cpu_permille: (self.cpu * 10.0) as u32,
@@ -237,7 +338,176 @@ impl SimSite {
                 },
             ],
             ..Default::default()
+        };
+        self.showcase(&mut report, now_ms);
+        report
+    }
+
+    /// What this site shows of [`Showcase`], into its report.
+    fn showcase(&mut self, report: &mut Report, now_ms: i64) {
+        let jitter = self.rng.random_range(0..200);
+        let Some(i) = report.devices.iter().position(|d| d.name == "router") else {
+            return;
+        };
+        match self.showcase {
+            Showcase::None => {}
+            Showcase::PartialUps => {
+                let (on_battery, low, charge) = mains_cycle(self.index, now_ms);
+                if self.was_on_battery.is_some_and(|w| w != on_battery) && on_battery {
+                    self.trap(
+                        report,
+                        now_ms,
+                        "ups",
+                        "on-battery",
+                        Severity::Critical,
+                        1,
+                        "",
+                    );
+                }
+                if self.was_low.is_some_and(|w| w != low) && low {
+                    self.trap(
+                        report,
+                        now_ms,
+                        "ups",
+                        "battery-low",
+                        Severity::Critical,
+                        1,
+                        "upsAlarmLowBattery",
+                    );
+                }
+                (self.was_on_battery, self.was_low) = (Some(on_battery), Some(low));
+                let Some(ups) = report.devices.iter_mut().find(|d| d.name == "ups") else {
+                    return;
+                };
+                ups.profile_name = "ups-mib".into();
+                ups.ups = Some(Ups {
+                    on_battery,
+                    charge_pct: charge as u32,
+                    runtime_s: 0,
+                    missing: UPS_RUNTIME,
+                });
+                ups.values = vec![
+                    text("battery_status", if low { "low" } else { "normal" }),
+                    number("output_load", 38.0 + f64::from(jitter % 7), "%"),
+                ];
+                ups.problems = vec![
+                    ObjectProblem {
+                        name: "minutes_remaining".into(),
+                        kind: ProblemKind::NoSuchObject as i32,
+                        ..Default::default()
+                    },
+                    ObjectProblem {
+                        name: "battery_temperature".into(),
+                        kind: ProblemKind::WrongType as i32,
+                        detail: "OCTET STRING \"n/a\"".into(),
+                        ..Default::default()
+                    },
+                ];
+                ups.alarms = [
+                    on_battery.then_some(("on-battery", "output_source = battery")),
+                    low.then_some(("battery-low", "battery_status = low")),
+                ]
+                .into_iter()
+                .flatten()
+                .map(|(name, detail)| DeviceAlarm {
+                    name: name.into(),
+                    severity: Severity::Critical as i32,
+                    detail: detail.into(),
+                    ..Default::default()
+                })
+                .collect();
+                ups.reach = Some(icmp("ups", Some(600 + jitter)));
+            }
+            Showcase::TrappingRouter => {
+                let (up, flapping) = wan_cycle(self.index, now_ms);
+                if let Some(was) = self.wan_was_up
+                    && was != up
+                {
+                    if up {
+                        self.trap(
+                            report,
+                            now_ms,
+                            "router",
+                            "link-up",
+                            Severity::Info,
+                            1,
+                            "ifIndex 1 (wan)",
+                        );
+                    } else if flapping {
+                        self.trap(
+                            report,
+                            now_ms,
+                            "router",
+                            "link-down",
+                            Severity::Major,
+                            340,
+                            "ifIndex 1 (wan), flapping",
+                        );
+                    } else {
+                        self.trap(
+                            report,
+                            now_ms,
+                            "router",
+                            "link-down",
+                            Severity::Major,
+                            1,
+                            "ifIndex 1 (wan)",
+                        );
+                    }
+                }
+                self.wan_was_up = Some(up);
+                let router = &mut report.devices[i];
+                router.profile_name = "if-mib".into();
+                for (port, (alias, speed)) in router
+                    .interfaces
+                    .iter_mut()
+                    .zip([("uplink to the county network", 100), ("office LAN", 1000)])
+                {
+                    port.alias = alias.into();
+                    port.speed_mbps = speed;
+                }
+                router.interfaces[0].oper_up = up;
+                router.reach = Some(icmp("router", Some(300 + jitter)));
+                report.traps = Some(self.traps);
+            }
+            Showcase::UnreachableRouter | Showcase::SilentRouter => {
+                let pings = self.showcase == Showcase::SilentRouter;
+                let router = &mut report.devices[i];
+                router.status = DeviceStatus::Timeout as i32;
+                router.error = "no answer within 2000 ms".into();
+                router.interfaces.clear();
+                router.reach = Some(icmp("router", pings.then_some(400 + jitter)));
+                if !pings {
+                    report.probes = vec![icmp("next-hop", None)];
+                }
+            }
         }
+    }
+
+    /// A trap of one of this site's devices, into the report (and the listener's counters).
+    #[allow(clippy::too_many_arguments)]
+    fn trap(
+        &mut self,
+        report: &mut Report,
+        now_ms: i64,
+        device: &str,
+        name: &str,
+        severity: Severity,
+        count: u32,
+        detail: &str,
+    ) {
+        self.traps.received += u64::from(count);
+        self.traps.forwarded += 1;
+        self.traps.summarised += u64::from(count - 1);
+        report.events.push(DeviceEvent {
+            device: device.into(),
+            name: name.into(),
+            severity: severity as i32,
+            at_ms: now_ms,
+            count,
+            detail: detail.into(),
+            ..Default::default()
+        });
     }
 }
 
@@ -469,7 +739,7 @@ mod tests {
 
     #[test]
     fn simulated_figures_change_and_stay_plausible() {
-        let mut s = SimSite::new(7, 1_800_000_000_000, false);
+        let mut s = SimSite::new(8, 1_800_000_000_000, false);
         let a = s.sample(1_800_000_000_000, 10.0);
         let b = s.sample(1_800_000_010_000, 10.0);
         let (ha, hb) = (a.host.unwrap(), b.host.unwrap());
@@ -477,5 +747,72 @@ mod tests {
         assert!(hb.cpu_permille <= 1000 && hb.mem_used_mib <= hb.mem_total_mib);
         assert_eq!(b.devices.len(), 3);
         assert!(!s.link_down(1_800_000_020_000), "outages were disabled");
+        assert!(a.events.is_empty() && a.probes.is_empty() && a.traps.is_none());
+        assert!(b.devices.iter().all(|d| d.values.is_empty()
+            && d.problems.is_empty()
+            && d.profile_name.is_empty()
+            && d.reach.is_none()));
+    }
+
+    /// The devices of site `index`'s samples every 10 s over an hour.
+    fn hour(index: u64) -> Vec<Report> {
+        let t0 = 1_800_000_000_000;
+        let mut s = SimSite::new(index, t0, false);
+        (0..360).map(|i| s.sample(t0 + i * 10_000, 10.0)).collect()
+    }
+
+    #[test]
+    fn a_few_sites_show_partial_answers_traps_and_unreachable_devices() {
+        let kinds: Vec<Showcase> = (0..120).map(Showcase::of).collect();
+        let count = |k| kinds.iter().filter(|x| **x == k).count();
+        assert_eq!(count(Showcase::PartialUps), 6);
+        assert_eq!(count(Showcase::TrappingRouter), 6);
+        assert_eq!(count(Showcase::UnreachableRouter), 3);
+        assert_eq!(count(Showcase::SilentRouter), 3);
+        assert!((0..120).all(|i| i % 10 != 3 || Showcase::of(i) == Showcase::None));
+        assert!((SHOWCASE_SITES..SHOWCASE_SITES + 400).all(|i| Showcase::of(i) == Showcase::None));
+
+        // A partial UPS: runtime unknown, two problems, a low battery and its traps in the hour.
+        let ups = hour(5);
+        let u = |r: &Report| r.devices.iter().find(|d| d.name == "ups").unwrap().clone();
+        assert!(ups.iter().all(|r| u(r).problems.len() == 2
+            && u(r).ups.unwrap().missing == UPS_RUNTIME
+            && u(r).status == DeviceStatus::Ok as i32));
+        assert!(
+            ups.iter()
+                .any(|r| u(r).alarms.iter().any(|a| a.name == "battery-low"))
+        );
+        assert!(ups.iter().any(|r| u(r).alarms.is_empty()));
+        let events: Vec<&str> = ups
+            .iter()
+            .flat_map(|r| r.events.iter().map(|e| e.name.as_str()))
+            .collect();
+        assert!(
+            events.contains(&"on-battery") && events.contains(&"battery-low"),
+            "{events:?}"
+        );
+
+        // A trapping router: link-down and link-up, once a flood; named ports.
+        let router = hour(7);
+        let events: Vec<(String, u32)> = router
+            .iter()
+            .flat_map(|r| r.events.iter().map(|e| (e.name.clone(), e.count)))
+            .collect();
+        assert!(events.contains(&("link-down".into(), 340)), "{events:?}");
+        assert!(events.contains(&("link-down".into(), 1)), "{events:?}");
+        assert!(events.contains(&("link-up".into(), 1)), "{events:?}");
+        let ports = &router[0].devices[2].interfaces;
+        assert_eq!(
+            (ports[0].alias.as_str(), ports[0].speed_mbps),
+            ("uplink to the county network", 100)
+        );
+
+        // Unreachable, and answering ping only.
+        let r = &hour(17)[0];
+        assert_eq!(r.devices[2].status, DeviceStatus::Timeout as i32);
+        assert!(!r.devices[2].reach.as_ref().unwrap().ok);
+        assert_eq!(r.probes[0].target, "next-hop");
+        let r = &hour(37)[0];
+        assert!(r.devices[2].reach.as_ref().unwrap().ok && r.probes.is_empty());
     }
 }

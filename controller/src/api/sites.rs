@@ -163,6 +163,9 @@ pub(super) fn visible_site(core: &Core, p: &Principal, id: &str) -> Result<Strin
         .ok_or_else(|| not_found(format!("no site {id:?}")))
 }
 
+/// Device events one site's answer lists (its newest).
+pub(super) const SITE_EVENTS: usize = 100;
+
 pub(super) async fn one_site(
     State(core): State<Arc<Core>>,
     Extension(p): Extension<Principal>,
@@ -185,6 +188,14 @@ pub(super) async fn one_site(
         None => Value::Null,
     };
     v["latest"] = serde_json::to_value(&s.latest).map_err(internal)?;
+    // What its devices said on their own (traps, informs), newest first.
+    let store = core.store.clone();
+    let site = id.clone();
+    let events = tokio::task::spawn_blocking(move || store.device_events(&site, SITE_EVENTS))
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+    v["events"] = serde_json::to_value(&events).map_err(internal)?;
     v["metrics"] = json!(
         s.latest
             .as_ref()

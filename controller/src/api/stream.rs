@@ -1,13 +1,25 @@
-//! The live stream (`/api/stream`, Server-Sent Events): reports, site changes, alarms and
-//! transfers, filtered to what the caller may see; it ends with the caller's session.
+//! The live stream (`/api/stream`, Server-Sent Events): reports, site changes, alarms, device
+//! events and transfers, filtered to what the caller may see; it ends with the caller's
+//! session.
 
 use super::*;
 
 #[derive(Deserialize)]
 pub(super) struct StreamQuery {
-    /// Comma-separated kinds: `report`, `alarm`, `site`, `transfer` (default: the first three).
+    /// Comma-separated kinds: `report`, `alarm`, `site`, `transfer`, `path`, `device-event`
+    /// (default: all but `transfer`).
     events: Option<String>,
 }
+
+/// The kinds of events the stream carries.
+const KINDS: [&str; 6] = [
+    "report",
+    "alarm",
+    "site",
+    "transfer",
+    "path",
+    "device-event",
+];
 
 /// How often a console's event stream checks that its session still lives.
 pub(super) const STREAM_SESSION_CHECK: Duration = Duration::from_secs(5);
@@ -23,15 +35,14 @@ pub(super) async fn stream(
             "alarm".into(),
             "site".into(),
             "path".into(),
+            "device-event".into(),
         ],
         Some(list) => {
             let kinds: Vec<String> = list.split(',').map(|k| k.trim().to_string()).collect();
-            if let Some(k) = kinds
-                .iter()
-                .find(|k| !["report", "alarm", "site", "transfer", "path"].contains(&k.as_str()))
-            {
+            if let Some(k) = kinds.iter().find(|k| !KINDS.contains(&k.as_str())) {
                 return Err(bad(format!(
-                    "unknown event kind {k:?} (report, alarm, site, transfer, path)"
+                    "unknown event kind {k:?} ({})",
+                    KINDS.join(", ")
                 )));
             }
             kinds

@@ -26,6 +26,18 @@ pub const DUPLICATES: &str = "tiandi_reports_duplicate_total";
 
 /// `tiandi_enrollments_total{result}` values.
 pub const ENROLL_RESULTS: [&str; 2] = ["issued", "refused"];
+/// `tiandi_device_events_total{severity}` values (each from 0).
+pub const SEVERITIES: [&str; 5] = ["info", "warning", "minor", "major", "critical"];
+
+/// A device event's severity as a label: one of [`SEVERITIES`], else `unknown`.
+pub fn severity_label(s: &str) -> &'static str {
+    SEVERITIES
+        .iter()
+        .find(|x| **x == s)
+        .copied()
+        .unwrap_or("unknown")
+}
+
 /// `tiandi_connections_refused_total{reason}` values set up front (others may follow).
 const REFUSED_REASONS: [&str; 2] = ["overload", "handshake"];
 
@@ -44,6 +56,8 @@ pub struct Metrics {
     pub enrollments: IntCounterVec,
     /// Dual-homed sites' switches of a class to another path, by class.
     pub path_switches: IntCounterVec,
+    /// Traps and informs of the sites' devices, by severity (a summarised flood counts whole).
+    pub device_events: IntCounterVec,
     /// Backup jobs (labels `job`, `site`; `kind` for run results): set every 30 s.
     pub backup: [prometheus::GaugeVec; 8],
 }
@@ -164,6 +178,18 @@ impl Metrics {
         for c in tiandi_link::paths::Class::ALL {
             path_switches.with_label_values(&[c.as_str()]);
         }
+        let device_events = IntCounterVec::new(
+            Opts::new(
+                "tiandi_device_events_total",
+                "Traps and informs the sites' devices sent (link-down, on-battery, …), by \
+                 severity; a flood the agent summarised counts whole.",
+            ),
+            &["severity"],
+        )
+        .expect("metric");
+        for s in SEVERITIES {
+            device_events.with_label_values(&[s]);
+        }
         // Label values known in advance start at 0, so that rate() sees the first one.
         for r in ENROLL_RESULTS {
             enrollments.with_label_values(&[r]);
@@ -229,6 +255,7 @@ impl Metrics {
             Box::new(report_delay_seconds.clone()),
             Box::new(enrollments.clone()),
             Box::new(path_switches.clone()),
+            Box::new(device_events.clone()),
         ]
         .into_iter()
         .chain(
@@ -258,6 +285,7 @@ impl Metrics {
             report_delay_seconds,
             enrollments,
             path_switches,
+            device_events,
             backup,
         }
     }

@@ -42,7 +42,8 @@ pub enum SiteSeries {
     Modem,
     /// The UPS: on battery, charge, runtime.
     Ups,
-    /// Each polled SNMP device: answering or not.
+    /// Each polled SNMP device: answering or not, how many of its profile's objects it did
+    /// not answer properly, and whether its address answers the reachability check.
     Devices,
     /// Per interface (host NICs and device ports): bytes, errors, oper status.
     Interfaces,
@@ -344,9 +345,9 @@ const SITE_FAMILIES: &[Family] = &[
     gauge(
         G::Modem,
         "tiandi_site_modem_rx_level_dbm",
-        "Satellite modem receive level (dBm).",
+        "Satellite modem receive level (dBm; none while the modem does not give it).",
         |s, _, e| {
-            if let Some(m) = modem(s) {
+            if let Some(m) = modem(s).filter(|m| m.missing & tiandi_proto::MODEM_RX_LEVEL == 0) {
                 e(&[], f64::from(m.rx_level_dbm_x10) / 10.0)
             }
         },
@@ -354,9 +355,9 @@ const SITE_FAMILIES: &[Family] = &[
     gauge(
         G::Modem,
         "tiandi_site_modem_tx_power_dbm",
-        "Satellite modem transmit power (dBm).",
+        "Satellite modem transmit power (dBm; none while the modem does not give it).",
         |s, _, e| {
-            if let Some(m) = modem(s) {
+            if let Some(m) = modem(s).filter(|m| m.missing & tiandi_proto::MODEM_TX_POWER == 0) {
                 e(&[], f64::from(m.tx_power_dbm_x10) / 10.0)
             }
         },
@@ -404,9 +405,9 @@ const SITE_FAMILIES: &[Family] = &[
     gauge(
         G::Ups,
         "tiandi_site_ups_charge_ratio",
-        "UPS battery charge (0-1).",
+        "UPS battery charge (0-1; none while the UPS does not give it).",
         |s, _, e| {
-            if let Some(u) = ups(s) {
+            if let Some(u) = ups(s).filter(|u| u.missing & tiandi_proto::UPS_CHARGE == 0) {
                 e(&[], f64::from(u.charge_pct) / 100.0)
             }
         },
@@ -414,9 +415,9 @@ const SITE_FAMILIES: &[Family] = &[
     gauge(
         G::Ups,
         "tiandi_site_ups_runtime_seconds",
-        "UPS runtime left on battery, as the UPS estimates it.",
+        "UPS runtime left on battery, as the UPS estimates it (none while it does not give it).",
         |s, _, e| {
-            if let Some(u) = ups(s) {
+            if let Some(u) = ups(s).filter(|u| u.missing & tiandi_proto::UPS_RUNTIME == 0) {
                 e(&[], f64::from(u.runtime_s))
             }
         },
@@ -432,6 +433,30 @@ const SITE_FAMILIES: &[Family] = &[
                     &[("device", &d.name), ("profile", profile_name(d.profile))],
                     if ok { 1.0 } else { 0.0 },
                 )
+            }
+        },
+    ),
+    gauge(
+        G::Devices,
+        "tiandi_site_device_problems",
+        "Objects of an SNMP device's profile it did not answer properly at the last poll (no \
+         such object or instance, wrong type, out of range, error status, a table cut short).",
+        |s, _, e| {
+            for d in devices(s) {
+                e(&[("device", &d.name)], d.problems.len() as f64)
+            }
+        },
+    ),
+    gauge(
+        G::Devices,
+        "tiandi_site_device_reachable",
+        "1 when an SNMP device's address answered its reachability check (ICMP echo, TCP \
+         connect) at the last poll, 0 when not; none for a device not checked.",
+        |s, _, e| {
+            for d in devices(s) {
+                if let Some(p) = &d.reach {
+                    e(&[("device", &d.name)], if p.ok { 1.0 } else { 0.0 })
+                }
             }
         },
     ),

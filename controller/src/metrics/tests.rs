@@ -232,3 +232,98 @@ fn the_transfer_queue_counts_every_state_and_what_is_left_per_destination() {
     assert!(out.contains("tiandi_transfer_rate_bytes_per_second{dest=\"gd-001\"} 1000"));
     assert!(!out.contains("dest=\"gd-002\""));
 }
+
+#[test]
+fn device_problems_and_reachability_and_unknown_ups_figures() {
+    use tiandi_proto::{ObjectProblem, Probe, ProblemKind, Ups};
+    let sites = Sites::new(crate::config::Thresholds::default());
+    let report = Report {
+        seq: 1,
+        devices: vec![
+            Device {
+                name: "ups".into(),
+                profile: tiandi_proto::Profile::UpsMib as i32,
+                status: DeviceStatus::Ok as i32,
+                ups: Some(Ups {
+                    charge_pct: 0,
+                    runtime_s: 600,
+                    missing: tiandi_proto::UPS_CHARGE,
+                    ..Default::default()
+                }),
+                problems: vec![
+                    ObjectProblem {
+                        name: "charge".into(),
+                        kind: ProblemKind::NoSuchObject as i32,
+                        ..Default::default()
+                    },
+                    ObjectProblem {
+                        name: "battery_temperature".into(),
+                        kind: ProblemKind::WrongType as i32,
+                        ..Default::default()
+                    },
+                ],
+                reach: Some(Probe {
+                    ok: true,
+                    rtt_us: 400,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            Device {
+                name: "router".into(),
+                profile: tiandi_proto::Profile::IfMib as i32,
+                status: DeviceStatus::Timeout as i32,
+                reach: Some(Probe {
+                    ok: false,
+                    error: "timeout".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            Device {
+                name: "switch".into(),
+                status: DeviceStatus::Ok as i32,
+                ..Default::default()
+            },
+        ],
+        ..Default::default()
+    };
+    sites.insert("yn-005", "YN", None, 1_000);
+    sites.on_report("yn-005", report, 1_000);
+    let m = Metrics::new();
+    m.device_events.with_label_values(&["major"]).inc_by(340);
+    let text = m.render(&sites, &SiteSeries::ALL, WireTotals::default(), 0, 2_000);
+    let mine: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("tiandi_site_device_problems")
+                || l.starts_with("tiandi_site_device_reachable")
+                || l.starts_with("tiandi_site_ups_")
+        })
+        .collect();
+    assert_eq!(
+        mine,
+        [
+            r#"tiandi_site_ups_on_battery{site="yn-005",province="YN"} 0"#,
+            r#"tiandi_site_ups_runtime_seconds{site="yn-005",province="YN"} 600"#,
+            r#"tiandi_site_device_problems{site="yn-005",province="YN",device="ups"} 2"#,
+            r#"tiandi_site_device_problems{site="yn-005",province="YN",device="router"} 0"#,
+            r#"tiandi_site_device_problems{site="yn-005",province="YN",device="switch"} 0"#,
+            r#"tiandi_site_device_reachable{site="yn-005",province="YN",device="ups"} 1"#,
+            r#"tiandi_site_device_reachable{site="yn-005",province="YN",device="router"} 0"#,
+        ],
+        "an unknown charge is no 0 %; a device not checked has no reachability"
+    );
+    for line in [
+        r#"tiandi_device_events_total{severity="major"} 340"#,
+        r#"tiandi_device_events_total{severity="info"} 0"#,
+        r#"tiandi_device_events_total{severity="critical"} 0"#,
+        r#"tiandi_site_alarm{site="yn-005",province="YN",alarm="device-unreachable"} 1"#,
+    ] {
+        assert!(text.contains(line), "missing {line}");
+    }
+    assert!(
+        !text.contains("tiandi_device_events_total{site"),
+        "no per-site label"
+    );
+}

@@ -3,7 +3,7 @@
 //! `tiandi-controller promote`).
 //!
 //! What is replicated: every report as the primary stored it (the standby stores it through
-//! its own [`crate::store::Store`], so its sequence states are exact), every key of the trees
+//! its own [`crate::store::Store`], so its sequence states and device events are exact), every key of the trees
 //! in [`TREES`] (the registry and its tokens, operator accounts and their API tokens, console
 //! sessions, the audit log, alarm acknowledgements, the alarm log, backup results), the files
 //! in [`FILES`] (the CA and its key, the API tokens) and the primary's effective configuration
@@ -39,9 +39,9 @@ pub const TREES: &[&str] = &[
     "backup-leases",
 ];
 
-/// Trees sent whole in a snapshot and kept by reports afterwards (the store's history and its
-/// sequence states).
-pub const REPORT_TREES: &[&str] = &["history", "seqs"];
+/// Trees sent whole in a snapshot and kept by reports afterwards (the store's history, its
+/// sequence states and the device events its reports carried).
+pub const REPORT_TREES: &[&str] = &["history", "seqs", crate::store::DEVICE_EVENTS_TREE];
 
 /// Files of the data directory replicated, with their modes.
 pub const FILES: &[(&str, u32)] = &[

@@ -1,7 +1,9 @@
 //! Durable state in sled: each site's history (keyed by site, sample time and sequence number,
 //! so storing a report twice writes the same key: exactly once by construction), the
-//! acknowledged sequence ranges per site, and the alarm log. A site's latest report is the last
-//! entry of its history.
+//! acknowledged sequence ranges per site, the alarm log, and each site's device events (the
+//! traps and informs its devices sent, taken from its reports as they are stored: an index of
+//! the history, so kept exactly once and made again from the write-ahead log like the reports
+//! themselves). A site's latest report is the last entry of its history.
 //!
 //! Durability: an acknowledgement is sent only after the report is durable. One sled insert
 //! and one record of the write-ahead log ([`crate::wal`]) per report; the committer (group
@@ -20,6 +22,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tiandi_proto::{Message, Report, SeqRange};
 use tokio::sync::watch;
+
+/// The tree of the sites' device events.
+pub const DEVICE_EVENTS_TREE: &str = "device_events";
 
 pub const FLUSH_COALESCE: Duration = Duration::from_millis(15);
 /// How often sled is flushed and the write-ahead log emptied (sooner if the log grows past
@@ -118,6 +123,76 @@ pub struct AlarmEvent {
     pub detail: String,
 }
 
+/// One thing a site's device said on its own (a trap or an inform its profile names), as it
+/// is kept and listed: `link-down ×340` is one entry with `count` 340.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DeviceEventEntry {
+    pub device: String,
+    /// The profile's name for it (`link-down`, `on-battery`).
+    pub name: String,
+    /// `info`, `warning`, `minor`, `major` or `critical`.
+    pub severity: String,
+    /// When the agent received it (site clock, Unix ms); the first of a summarised flood.
+    pub at_ms: i64,
+    /// How many like it arrived (more than 1: a flood the agent summarised).
+    pub count: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+    /// It came as an inform (acknowledged to the device), not a trap.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inform: bool,
+    /// The report that carried it.
+    pub seq: u64,
+}
+
+/// The most device events kept per site (the oldest go first); older than the history's
+/// retention, they go with it.
+pub const DEVICE_EVENTS_PER_SITE: usize = 500;
+/// The most events of one report that are kept (a merged report carries at most 128).
+pub const DEVICE_EVENTS_PER_REPORT: usize = 256;
+
+/// `s` without control characters, at most `max` characters.
+fn clean(s: &str, max: usize) -> String {
+    s.chars().filter(|c| !c.is_control()).take(max).collect()
+}
+
+impl DeviceEventEntry {
+    /// The entry of an event from a report (names and detail from the network: bounded, no
+    /// control characters).
+    pub fn from_wire(e: &tiandi_proto::DeviceEvent, seq: u64) -> DeviceEventEntry {
+        DeviceEventEntry {
+            device: clean(&e.device, 64),
+            name: clean(&e.name, 64),
+            severity: tiandi_proto::Severity::try_from(e.severity)
+                .unwrap_or(tiandi_proto::Severity::Unknown)
+                .as_str()
+                .to_string(),
+            at_ms: e.at_ms,
+            count: e.count.max(1),
+            detail: clean(&e.detail, 256),
+            inform: e.inform,
+            seq,
+        }
+    }
+
+    /// How the console and logs name it: `link-down`, `link-down ×340`.
+    pub fn title(&self) -> String {
+        if self.count > 1 {
+            format!("{} ×{}", self.name, self.count)
+        } else {
+            self.name.clone()
+        }
+    }
+}
+
+/// A device event's key: site, time, report, place in the report (the same event stored
+/// again writes the same key).
+fn event_key(site: &str, at_ms: i64, seq: u64, index: usize) -> Vec<u8> {
+    let mut k = history_key(site, at_ms, seq);
+    k.extend_from_slice(&(index as u32).to_be_bytes());
+    k
+}
+
 #[derive(Default)]
 struct Wake {
     dirty: bool,
@@ -160,6 +235,8 @@ pub struct Store {
     wake_cv: std::sync::Condvar,
     flushes: AtomicU64,
     alarms: sled::Tree,
+    /// Each site's device events ([`DeviceEventEntry`]), by site and time.
+    device_events: sled::Tree,
     seq_cache: Mutex<HashMap<String, SeqState>>,
     /// Records for the next commit, and the epoch they will be durable in (one lock, so that
     /// a report waits exactly for the commit that carries its record).
@@ -221,6 +298,7 @@ impl Store {
             wake_cv: std::sync::Condvar::new(),
             flushes: AtomicU64::new(0),
             alarms: db.open_tree("alarms")?,
+            device_events: db.open_tree(DEVICE_EVENTS_TREE)?,
             db: db.clone(),
             seq_cache: Mutex::new(HashMap::new()),
             pending: Mutex::new(Pending {
@@ -346,6 +424,9 @@ impl Store {
                 }
             }
             state.add(range);
+            if !report.events.is_empty() {
+                self.index_events(site, report)?;
+            }
         }
         {
             let mut dirty = self.seq_dirty.lock().expect("seq dirty poisoned");
@@ -556,20 +637,74 @@ impl Store {
         }
     }
 
-    /// Deletes `site`'s history older than `cutoff_ms`; returns how many reports went.
+    /// Deletes `site`'s history and device events older than `cutoff_ms`; returns how many
+    /// went.
     pub fn prune(&self, site: &str, cutoff_ms: i64) -> Result<usize, StoreError> {
         let start = history_key(site, 0, 0);
         let end = history_key(site, cutoff_ms, 0);
         let mut n = 0;
-        for kv in self.history.range(start..end) {
+        for kv in self.history.range(start.clone()..end.clone()) {
             let (k, _) = kv?;
             self.history.remove(k)?;
+            n += 1;
+        }
+        for kv in self.device_events.range(start..end) {
+            let (k, _) = kv?;
+            self.device_events.remove(k)?;
             n += 1;
         }
         if n > 0 {
             self.unsaved.store(true, Ordering::Release);
         }
         Ok(n)
+    }
+
+    /// Keeps a stored report's device events, and at most [`DEVICE_EVENTS_PER_SITE`] of the
+    /// site's.
+    fn index_events(&self, site: &str, report: &Report) -> Result<(), StoreError> {
+        for (i, e) in report
+            .events
+            .iter()
+            .take(DEVICE_EVENTS_PER_REPORT)
+            .enumerate()
+        {
+            let entry = DeviceEventEntry::from_wire(e, report.seq);
+            self.device_events.insert(
+                event_key(site, e.at_ms, report.seq, i),
+                serde_json::to_vec(&entry).map_err(|e| corrupt("device_events", e))?,
+            )?;
+        }
+        let keys: Vec<sled::IVec> = self
+            .device_events
+            .scan_prefix(site_prefix(site))
+            .keys()
+            .collect::<Result<_, _>>()?;
+        for k in keys
+            .iter()
+            .take(keys.len().saturating_sub(DEVICE_EVENTS_PER_SITE))
+        {
+            self.device_events.remove(k)?;
+        }
+        Ok(())
+    }
+
+    /// A site's newest device events, newest first, at most `limit`.
+    pub fn device_events(
+        &self,
+        site: &str,
+        limit: usize,
+    ) -> Result<Vec<DeviceEventEntry>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self
+            .device_events
+            .scan_prefix(site_prefix(site))
+            .rev()
+            .take(limit)
+        {
+            let (_, v) = kv?;
+            out.push(serde_json::from_slice(&v).map_err(|e| corrupt("device_events", e))?);
+        }
+        Ok(out)
     }
 
     pub fn append_alarm(&self, ev: &AlarmEvent) -> Result<(), StoreError> {

@@ -185,3 +185,86 @@ fn the_alarm_log_comes_in_pages() {
         vec![1015, 1010, 1005, 1000]
     );
 }
+
+fn with_events(seq: u64, events: &[(&str, u32)]) -> Report {
+    Report {
+        events: events
+            .iter()
+            .enumerate()
+            .map(|(i, (name, count))| tiandi_proto::DeviceEvent {
+                device: "router".into(),
+                name: (*name).into(),
+                severity: tiandi_proto::Severity::Major as i32,
+                at_ms: 1_000 * seq as i64 + i as i64,
+                count: *count,
+                detail: "ifIndex 1\n(wan)".into(),
+                ..Default::default()
+            })
+            .collect(),
+        ..rep(seq)
+    }
+}
+
+#[test]
+fn device_events_are_kept_once_per_site_bounded_and_made_again_from_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("reports.wal");
+    {
+        let (_db, store) = open(dir.path());
+        let r = with_events(1, &[("link-down", 1), ("link-down", 340)]);
+        assert!(store.ingest("a", &r).unwrap().0);
+        assert!(!store.ingest("a", &r).unwrap().0, "a duplicate");
+        store
+            .ingest("b", &with_events(1, &[("link-up", 1)]))
+            .unwrap();
+        let a = store.device_events("a", 10).unwrap();
+        assert_eq!(a.len(), 2, "once each: {a:?}");
+        assert_eq!(a[0].title(), "link-down ×340", "newest first");
+        assert_eq!(a[1].title(), "link-down");
+        assert_eq!(
+            (a[0].severity.as_str(), a[0].seq, a[0].detail.as_str()),
+            ("major", 1, "ifIndex 1(wan)")
+        );
+        assert_eq!(store.device_events("b", 10).unwrap().len(), 1);
+        // Report 2 was in the log only when the controller "crashed": its events come back
+        // with it.
+        let mut wal = crate::wal::Wal::open(&log).unwrap().0;
+        let mut buf = Vec::new();
+        crate::wal::encode(
+            &mut buf,
+            "a",
+            &with_events(2, &[("on-battery", 1)]).encode_to_vec(),
+        );
+        wal.commit(&buf).unwrap();
+    }
+    let (_db, store) = open(dir.path());
+    let a = store.device_events("a", 10).unwrap();
+    assert_eq!(
+        a.iter().map(|e| e.title()).collect::<Vec<_>>(),
+        ["on-battery", "link-down ×340", "link-down"]
+    );
+    // At most DEVICE_EVENTS_PER_SITE per site: the oldest go.
+    for seq in 3..3 + DEVICE_EVENTS_PER_SITE as u64 {
+        store
+            .ingest("a", &with_events(seq, &[("link-up", 1)]))
+            .unwrap();
+    }
+    let a = store.device_events("a", usize::MAX).unwrap();
+    assert_eq!(a.len(), DEVICE_EVENTS_PER_SITE);
+    assert!(a.iter().all(|e| e.name == "link-up"));
+    // Older than the retention: gone with the history.
+    let removed = store.prune("a", 1_000 * 100).unwrap();
+    assert!(removed > 0);
+    assert!(
+        store
+            .device_events("a", usize::MAX)
+            .unwrap()
+            .iter()
+            .all(|e| e.at_ms >= 100_000)
+    );
+    assert_eq!(
+        store.device_events("b", 10).unwrap().len(),
+        1,
+        "b's are its own"
+    );
+}
