@@ -46,6 +46,10 @@ pub struct Config {
     /// Listen for the devices' SNMP traps and informs (`[traps]`: `listen`, `per_minute`,
     /// `engine_id`). Unset: no listener; devices are only polled.
     pub traps: Option<crate::traps::TrapsConfig>,
+    /// Reachability checks (`[reachability]`: `next_hop`, `timeout_ms`, `attempts`,
+    /// `[[reachability.targets]]`): each device's echo (`ping`) and TCP ports, the default
+    /// gateway, and more hosts, every round beside the SNMP poll.
+    pub reachability: crate::reach::ReachConfig,
     /// This site relays transfers to the sites of its province (`[relay]`).
     pub relay: Option<RelayConfig>,
     /// Files for this site come through its province's relay (`[via_relay]`).
@@ -108,6 +112,7 @@ impl Default for Config {
             devices: Vec::new(),
             profiles_dir: None,
             traps: None,
+            reachability: Default::default(),
             relay: None,
             via_relay: None,
             backup_repos: Vec::new(),
@@ -212,6 +217,7 @@ impl Config {
         if let Some(t) = &self.traps {
             t.validate(file)?;
         }
+        self.reachability.validate(file)?;
         let profiles = self
             .profiles()
             .map_err(|e| format!("{file}: key `profiles_dir`: {e}"))?;

@@ -8,6 +8,7 @@ pub mod collect;
 pub mod config;
 pub mod device;
 pub mod profile;
+pub mod reach;
 pub mod simulate;
 pub mod snmp;
 pub mod transfers;
@@ -346,6 +347,8 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
             Some(traps)
         }
     };
+    // Reachability: each device's echo and ports, the next hop, the configured targets.
+    let prober = reach::Prober::new(cfg.reachability.clone());
     // An out-of-cycle report (a trap) no sooner than this after the last one.
     const TRAP_REPORT_GAP: Duration = Duration::from_secs(1);
     let mut last_report = std::time::Instant::now() - TRAP_REPORT_GAP;
@@ -372,7 +375,11 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         let h = host.clone();
         let host_sample =
             tokio::task::spawn_blocking(move || h.lock().expect("collector poisoned").sample());
-        let devices = snmp::poll_all(&mut pollers).await;
+        let (mut devices, reached) =
+            tokio::join!(snmp::poll_all(&mut pollers), prober.round(&cfg.devices));
+        for (d, r) in devices.iter_mut().zip(reached.devices) {
+            d.reach = r;
+        }
         let host_sample = host_sample.await.ok();
         if cfg.link_rate_mbit.is_none()
             && let Some(kbps) = devices
@@ -424,6 +431,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
             taken_ms,
             host: host_sample,
             devices,
+            probes: reached.probes,
             events: traps.as_ref().map(|t| t.take()).unwrap_or_default(),
             traps: traps.as_ref().map(|t| t.stats()),
             ..Default::default()

@@ -1631,7 +1631,13 @@ function pageSite() {
       ifs.length ? h('table.grid.small', h('thead', h('tr', h('th', T('site.interface')), h('th.num', '↓ ' + T('site.rx_bytes')), h('th.num', '↑ ' + T('site.tx_bytes')))),
         h('tbody', ifs.map((x) => h('tr', h('td', x.name), h('td.num', fmtBytes(x.rx_bytes)), h('td.num', fmtBytes(x.tx_bytes)))))) : null);
     const devs = lat.devices || [];
-    replace(devices, devs.length ? h('div.devcards', devs.map(deviceCard)) : h('p.muted', T('dev.none')));
+    const probes = lat.probes || [];
+    replace(devices, devs.length ? h('div.devcards', devs.map(deviceCard)) : h('p.muted', T('dev.none')),
+      probes.length ? h('div#site-probes', h('h4', T('dev.checks')),
+        h('table.grid.small',
+          h('thead', h('tr', h('th', T('dev.check')), h('th', T('col.status')))),
+          h('tbody', probes.map((p) => h('tr', { data: { target: p.target, ok: p.ok ? 'yes' : 'no' } },
+            h('td', p.target === 'next-hop' ? T('dev.next_hop') : p.target), h('td', reachText(p))))))) : null);
     eventList = (d.events || []).slice(0, 100);
     replace(devEvents, deviceEventsTable(eventList));
     const c = d.certificate;

@@ -368,8 +368,15 @@ impl AgentProc {
         std::fs::write(
             &config,
             format!(
-                "controller = \"{controller}\"\ndata_dir = {:?}\nprofile = \"terrestrial\"\nlog = \"info,tiandi_agent=debug,tiandi_uplink=debug\"\n{extra_config}\n",
-                dir.join("data")
+                "controller = \"{controller}\"\ndata_dir = {:?}\nprofile = \"terrestrial\"\nlog = \"info,tiandi_agent=debug,tiandi_uplink=debug\"\n{}{extra_config}\n",
+                dir.join("data"),
+                // The machine's own default gateway is not the test's to ping: a test that
+                // wants the next-hop check sets up its own namespace and `[reachability]`.
+                if extra_config.contains("[reachability]") {
+                    ""
+                } else {
+                    "reachability = { next_hop = false }\n"
+                }
             ),
         )
         .unwrap();

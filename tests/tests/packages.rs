@@ -262,10 +262,11 @@ print(d[\"connected\"], d[\"agent_version\"], d[\"reports\"])'";
         },
     );
     // The hardening is in force in the running processes: no new privileges, a seccomp filter,
-    // no capability but the agent's CAP_DAC_READ_SEARCH (bit 2).
+    // no capability but the agent's CAP_DAC_READ_SEARCH (bit 2) and CAP_NET_BIND_SERVICE (bit
+    // 10, for the trap listener on port 162).
     for (unit, cap) in [
         ("tiandi-controller", "0000000000000000"),
-        ("tiandi-agent", "0000000000000004"),
+        ("tiandi-agent", "0000000000000404"),
     ] {
         let status = c.sh(&format!(
             "grep -E '^(NoNewPrivs|Seccomp|CapEff):' /proc/$(systemctl show -p MainPID --value {unit})/status"
