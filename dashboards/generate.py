@@ -21,7 +21,7 @@ import sys
 from grafana_foundation_sdk.builders import common as cb
 from grafana_foundation_sdk.builders import dashboard as db
 from grafana_foundation_sdk.builders import prometheus as pq
-from grafana_foundation_sdk.builders import stat, table, timeseries
+from grafana_foundation_sdk.builders import stat, statetimeline, table, timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common as cm
 from grafana_foundation_sdk.models import dashboard as dm
@@ -235,11 +235,46 @@ def path_states():
     )
 
 
+# A device's checks: 1 the device answers (SNMP, or its reachability check), 0 it does not.
+CHECK_STATES = dm.ValueMap(
+    options={
+        "1": dm.ValueMappingResult(text="answers", color="green", index=0),
+        "0": dm.ValueMappingResult(text="no answer", color="red", index=1),
+    }
+)
+
+
+def device_checks():
+    """Each SNMP device of the site: its poll, and its reachability check where it has one."""
+    return (
+        statetimeline.Panel()
+        .title("Devices: SNMP and reachability")
+        .datasource(DS)
+        .span(12)
+        .height(8)
+        .description(
+            "Each SNMP device: whether it answered its last poll usably (snmp) and, for a device "
+            "with a reachability check, whether its address answered that (ICMP echo or TCP "
+            "connect). Answering the check but not SNMP: the device is up, its SNMP agent or "
+            "community is not; answering neither: the device-unreachable alarm."
+        )
+        .mappings([CHECK_STATES])
+        .show_value(cm.VisibilityMode.NEVER)
+        .with_target(
+            q(
+                f'label_replace(tiandi_site_device_up{{{S}}}, "check", "snmp", "device", ".*")'
+                f' or label_replace(tiandi_site_device_reachable{{{S}}}, "check", "reachability", "device", ".*")',
+                "{{device}} {{check}}",
+            )
+        )
+    )
+
+
 def fleet():
     return dash(
         "tiandi-fleet",
         "Tiandi / Fleet overview",
-        "Sites up, down and degraded by province, the alarms of the fleet, and dual-homed sites' paths.",
+        "Sites up, down and degraded by province, the alarms of the fleet, SNMP devices and their events, and dual-homed sites' paths.",
         [
             (
                 "Sites",
@@ -339,6 +374,68 @@ def fleet():
                         unit="s",
                         w=12,
                         desc="Sample time at the site to stored at the controller (backlog after an outage counts whole).",
+                    ),
+                ],
+            ),
+            (
+                "Devices",
+                [
+                    st(
+                        "Unreachable",
+                        [q(f"count(tiandi_site_device_reachable{{{P}}} == 0) or vector(0)")],
+                        w=6,
+                        red_above=1,
+                        desc="Devices whose address did not answer their reachability check (ICMP "
+                        "echo, TCP connect) at the last poll.",
+                    ),
+                    st(
+                        "Not answering SNMP",
+                        [q(f"count(tiandi_site_device_up{{{P}}} == 0) or vector(0)")],
+                        w=6,
+                        red_above=1,
+                    ),
+                    st(
+                        "Objects not answered",
+                        [q(f"sum(tiandi_site_device_problems{{{P}}})")],
+                        w=6,
+                        desc="Objects of the devices' SNMP profiles they did not answer properly at the "
+                        "last poll (no such object, wrong type, out of range, an error): a firmware "
+                        "the profile does not fit, most often.",
+                    ),
+                    st(
+                        "Critical device events (1 h)",
+                        [q('sum(increase(tiandi_device_events_total{job=~"$job",severity="critical"}[1h]))')],
+                        w=6,
+                        desc="Critical traps and informs of the sites' devices in the last hour.",
+                    ),
+                    ts(
+                        "Device events per minute, by severity",
+                        [
+                            q(
+                                'sum by (severity) (rate(tiandi_device_events_total{job=~"$job"}[$__rate_interval])) * 60',
+                                "{{severity}}",
+                            )
+                        ],
+                        w=8,
+                        h=10,
+                        stack=True,
+                        desc="Traps and informs of all the sites' devices (link-down, on-battery, …); a "
+                        "flood the agent summarised counts whole. The province filter does not apply: "
+                        "the counter is the fleet's. The console's site page lists each site's events.",
+                    ),
+                    tb(
+                        "Unreachable devices",
+                        [q(f"tiandi_site_device_reachable{{{P}}} == 0")],
+                        w=8,
+                        h=10,
+                        hide=["Value"],
+                    ),
+                    tb(
+                        "Devices with objects not answered",
+                        [q(f"sort_desc(tiandi_site_device_problems{{{P}}} > 0)")],
+                        w=8,
+                        h=10,
+                        rename={"Value": "objects"},
                     ),
                 ],
             ),
@@ -491,6 +588,22 @@ def site():
                     ),
                     ts("UPS runtime left", [q(f"tiandi_site_ups_runtime_seconds{{{S}}}", "runtime")], unit="s", w=8),
                     ts("On battery", [q(f"tiandi_site_ups_on_battery{{{S}}}", "on battery")], w=8, lo=0, hi=1),
+                ],
+            ),
+            (
+                "Devices",
+                [
+                    device_checks(),
+                    ts(
+                        "Objects not answered, per device",
+                        [q(f"tiandi_site_device_problems{{{S}}}", "{{device}}")],
+                        w=12,
+                        lo=0,
+                        desc="Objects of the device's SNMP profile it did not answer properly at the last "
+                        "poll (no such object or instance, wrong type, out of range, an error status, a "
+                        "table cut short). The console's device card names them; its events (traps) are "
+                        "there too (the fleet dashboard counts them by severity).",
+                    ),
                 ],
             ),
             (
