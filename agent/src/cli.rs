@@ -70,6 +70,27 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The device profiles this agent knows (built in, vendors', `profiles_dir`'s), or one in
+    /// full; with --dir, checks an operator's profile directory first (errors name the file
+    /// and key).
+    Profiles {
+        /// One profile: its objects, alarms and traps.
+        name: Option<String>,
+        /// A profile directory to check and list (instead of the config's `profiles_dir`).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Poll the configured devices once, with their reachability checks, and show what each
+    /// answered: for a technician at the site, before and after changing a device or profile.
+    CheckDevices {
+        /// Only this device.
+        #[arg(long)]
+        device: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run N simulated sites over real QUIC connections (load generator).
     Simulate(crate::simulate::SimulateArgs),
 }
@@ -194,6 +215,78 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             print!("{}", backups_table(&st, tiandi_transfer::now_ms()));
+            Ok(())
+        }
+        Cmd::Profiles { name, dir, json } => {
+            let profiles = match &dir {
+                Some(d) => crate::profile::Profiles::with_dir(d).map_err(anyhow::Error::msg)?,
+                None => cfg.profiles().map_err(anyhow::Error::msg)?,
+            };
+            match name {
+                Some(n) => {
+                    let p = profiles.get(&n).with_context(|| {
+                        format!(
+                            "no profile {n:?} (known: {})",
+                            profiles.names().collect::<Vec<_>>().join(", ")
+                        )
+                    })?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(p)?);
+                    } else {
+                        print!("{}", crate::profile::describe(p));
+                    }
+                }
+                None if json => {
+                    let all: Vec<_> = profiles.iter().collect();
+                    println!("{}", serde_json::to_string_pretty(&all)?);
+                }
+                None => print!("{}", crate::profile::table(&profiles)),
+            }
+            Ok(())
+        }
+        Cmd::CheckDevices { device, json } => {
+            let profiles = cfg.profiles().map_err(anyhow::Error::msg)?;
+            let devices: Vec<_> = cfg
+                .devices
+                .iter()
+                .filter(|d| device.as_ref().is_none_or(|n| &d.name == n))
+                .cloned()
+                .collect();
+            if devices.is_empty() {
+                bail!(
+                    "no device {} in the configuration (devices: {})",
+                    device.as_deref().unwrap_or("at all"),
+                    cfg.devices
+                        .iter()
+                        .map(|d| d.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            let mut pollers = devices
+                .iter()
+                .map(|d| {
+                    let p = profiles.get(&d.profile).with_context(|| {
+                        format!("device {}: no profile {:?}", d.name, d.profile)
+                    })?;
+                    Ok(crate::snmp::Poller::new(d.clone(), p.clone()))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let prober = crate::reach::Prober::new(cfg.reachability.clone());
+            let (mut answers, reached) =
+                tokio::join!(crate::snmp::poll_all(&mut pollers), prober.round(&devices));
+            for (d, r) in answers.iter_mut().zip(reached.devices) {
+                d.reach = r;
+            }
+            if json {
+                let v = serde_json::json!({ "devices": answers, "probes": reached.probes });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!(
+                    "{}",
+                    crate::profile::answers_text(&answers, &reached.probes)
+                );
+            }
             Ok(())
         }
         Cmd::Simulate(args) => crate::simulate::run(args).await,

@@ -31,6 +31,12 @@ fn mibs_dir() -> PathBuf {
 /// MIBS/MIBDIRS of the machine takes part.
 fn translate(args: &[&str]) -> (bool, String, String) {
     let mibs = mibs_dir();
+    // Its own persistent directory: net-snmp caches MIB indexes there (/var/lib/snmp by
+    // default), and two runs at once read each other's half-written index.
+    let persist = tempfile::tempdir().expect("a temporary directory");
+    for d in ["mib_indexes", "cert_indexes"] {
+        std::fs::create_dir(persist.path().join(d)).expect("a temporary directory");
+    }
     let out = Command::new("snmptranslate")
         .arg("-M")
         .arg(&mibs)
@@ -39,6 +45,7 @@ fn translate(args: &[&str]) -> (bool, String, String) {
         .env_remove("MIBS")
         .env_remove("MIBDIRS")
         .env("SNMPCONFPATH", &mibs)
+        .env("SNMP_PERSISTENT_DIR", persist.path())
         .output()
         .unwrap_or_else(|e| {
             panic!(

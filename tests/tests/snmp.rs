@@ -296,6 +296,64 @@ severity = "warning"
         r.error
     );
     assert_eq!(r.values.len(), 2, "what it answered is still there");
+
+    // The same from the agent binary, as a technician at the site runs it: the directory is
+    // checked and listed, the device polled once and shown.
+    let conf = tmp.path().join("agent.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "profiles_dir = {dir:?}\nreachability = {{ next_hop = false }}\n\
+             [[devices]]\nname = \"r1\"\nprofile = \"county-router\"\naddress = \"{}\"\n\
+             timeout_ms = 1500\n",
+            d.addr
+        ),
+    )
+    .unwrap();
+    let agent = |args: &[&str]| {
+        std::process::Command::new(tiandi_tests::bin("tiandi-agent"))
+            .arg("--config")
+            .arg(&conf)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = agent(&["profiles"]);
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{listing}");
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.starts_with("county-router") && l.contains("4 (1)")),
+        "{listing}"
+    );
+    let out = agent(&["check-devices", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r1 = &v["devices"][0];
+    assert_eq!(r1["status"], "bad-answer", "{r1}");
+    assert_eq!(r1["values"][0]["name"], "uptime");
+    assert_eq!(r1["reach"]["ok"], true, "loopback answers an echo: {r1}");
+    let out = agent(&["check-devices"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("problem: vendor_temp no-such-object — ESSENTIAL"),
+        "{text}"
+    );
+    // A broken profile file: the error names the file and the key, and nothing is polled.
+    std::fs::write(
+        dir.join("broken.toml"),
+        "name = \"broken\"\nkind = \"router\"\n[[objects]]\nname = \"x\"\noid = \"1.3.a\"\ntype = \"gauge\"\n",
+    )
+    .unwrap();
+    let out = agent(&["profiles", "--dir", dir.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("broken.toml: key `objects[0].oid`"), "{err}");
 }
 
 /// A 48-port switch's interface table through GETBULK, from net-snmp's own IF-MIB: every

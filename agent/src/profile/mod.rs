@@ -11,9 +11,11 @@
 
 mod apply;
 mod load;
+mod show;
 
 pub use apply::{Answer, Raw, apply};
 pub use load::{Profiles, load_dir, parse};
+pub use show::{answers_text, describe, probe_text, table};
 
 use std::collections::BTreeMap;
 
