@@ -82,8 +82,22 @@ fn the_agent_template_renders_a_configuration_the_agent_accepts() {
     // Ansible renders the role's configuration task with the inventory's variables for sc-002
     // (a site of Sichuan behind its relay) and a device list.
     let devices = r#"[{"name": "modem", "profile": "vsat-modem",
-        "address": "192.168.1.1:161", "community": "public",
-        "oids": {"esno": {"oid": "1.3.6.1.4.1.99999.1.1.0", "scale": 0.1}}}]"#;
+        "address": "192.168.1.1:161", "community": "public", "tcp_ports": [80],
+        "oids": {"esno": {"oid": "1.3.6.1.4.1.99999.1.1.0", "scale": 0.1},
+                 "modcod": "1.3.6.1.4.1.99999.1.3.0"}},
+        {"name": "ups", "profile": "ups-mib", "address": "192.168.1.2", "version": "v3",
+         "v3": {"user": "tiandi", "auth_protocol": "sha1", "auth_password": "a\"uth-pass",
+                "priv_protocol": "aes128", "priv_password": "priv-pass"}},
+        {"name": "switch", "profile": "county-switch", "address": "192.168.1.3",
+         "max_interfaces": 64, "ping": false, "traps": true}]"#;
+    // An operator's profile, installed beside the configuration and checked by the agent.
+    let profile = tmp.path().join("county-switch.toml");
+    std::fs::write(
+        &profile,
+        "name = \"county-switch\"\nkind = \"router\"\ninterfaces = true\n[[objects]]\n\
+         name = \"uptime\"\noid = \"1.3.6.1.2.1.1.3.0\"\ntype = \"timeticks\"\n",
+    )
+    .unwrap();
     let play = tmp.path().join("render.yml");
     std::fs::write(
         &play,
@@ -97,6 +111,11 @@ fn the_agent_template_renders_a_configuration_the_agent_accepts() {
         "tiandi_agent_config_group": "root",
         "tiandi_agent_data_dir": tmp.path().join("data"),
         "tiandi_agent_devices": serde_json::from_str::<serde_json::Value>(devices).unwrap(),
+        "tiandi_agent_profiles": [profile],
+        "tiandi_agent_profiles_dir": tmp.path().join("profiles"),
+        "tiandi_agent_binary": tiandi_tests::bin("tiandi-agent"),
+        "tiandi_agent_traps_listen": "0.0.0.0:162",
+        "tiandi_agent_reach_targets": [{"name": "province-hub", "address": "10.10.0.1", "tcp_port": 443}],
     });
     run(
         "ansible-playbook",
@@ -108,6 +127,19 @@ fn the_agent_template_renders_a_configuration_the_agent_accepts() {
         text.contains("[via_relay]") && text.contains("site = \"sc-relay\""),
         "{text}"
     );
+    assert!(
+        tmp.path().join("profiles/county-switch.toml").exists(),
+        "the profile was not installed"
+    );
+    for want in [
+        "[traps]\nlisten = \"0.0.0.0:162\"",
+        "auth_password = \"a\\\"uth-pass\"",
+        "[[reachability.targets]]\nname = \"province-hub\"",
+        "modcod = \"1.3.6.1.4.1.99999.1.3.0\"",
+        "tcp_ports = [80]",
+    ] {
+        assert!(text.contains(want), "no {want:?} in:\n{text}");
+    }
     // The agent reads it: `transfers` loads the configuration before anything else, and names
     // the file and key of anything wrong.
     let agent = tiandi_tests::bin("tiandi-agent");
