@@ -198,6 +198,78 @@ fn console_in_a_real_browser() {
     shot(&b, "site");
     no_page_errors(&b, "site");
 
+    // Devices as they are in the field (the demo's showcase sites). ln-001's UPS implements
+    // part of RFC 1628: its card lists what it answered and names each object it did not,
+    // and says "unknown" for the runtime it does not give rather than 0.
+    b.goto(&format!("{base}/sites/ln-001"));
+    b.wait_css(
+        "div.devcard[data-device='ups'] div.devproblems tr[data-kind]",
+        T,
+    );
+    let kinds = b.js(
+        "return [...document.querySelectorAll(\"div.devcard[data-device='ups'] div.devproblems tr[data-kind]\")].map(r => r.dataset.object + ':' + r.dataset.kind)",
+        vec![],
+    );
+    let kinds: Vec<String> = serde_json::from_value(kinds).unwrap();
+    assert!(kinds.len() >= 2, "{kinds:?}");
+    assert!(
+        kinds.iter().any(|k| k.ends_with(":wrong-type")),
+        "{kinds:?}"
+    );
+    assert!(
+        b.count("div.devcard[data-device='ups'] table.devvalues tr[data-object]") >= 1,
+        "the values it did answer are shown"
+    );
+    let ups_line = b.text("div.devcard[data-device='ups'] div.devline");
+    assert!(
+        ups_line.contains("unknown") || ups_line.contains("未知"),
+        "{ups_line}"
+    );
+    // The UPS alone does not degrade the site: nothing essential is missing.
+    assert!(
+        b.count("div.devcard[data-device='ups'].dev-bad") == 0,
+        "a partial answer is not a bad device"
+    );
+    b.js(
+        "document.querySelector(\"div.devcard[data-device='ups']\").scrollIntoView(); return 1",
+        vec![],
+    );
+    shot(&b, "site-partial-ups");
+    // Its certificate: valid for a year and more, not "expired in 1970" (seconds read as ms).
+    let cert = &ctl.api("/api/sites/ln-001").unwrap()["certificate"];
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let not_after = cert["not_after_ms"].as_i64().unwrap();
+    assert!(not_after > now_ms + 300 * 86_400_000, "{cert}");
+    let enrolled = cert["enrolled_ms"].as_i64().unwrap();
+    assert!((now_ms - enrolled).abs() < 3_600_000, "{cert}");
+    assert!(
+        !b.text("body").contains("已过期"),
+        "the certificate panel says expired"
+    );
+    no_page_errors(&b, "site-partial-ups");
+    // hn-001's router answers neither SNMP nor an echo, nor does its next hop: the site's
+    // checks say so and its conditions name the router.
+    b.goto(&format!("{base}/sites/hn-001"));
+    b.wait_css(
+        "div#site-probes tr[data-target='next-hop'][data-ok='no']",
+        T,
+    );
+    b.wait_css("div.devcard[data-device='router'].dev-bad span.devreach", T);
+    let conds = b.text("body");
+    assert!(
+        conds.contains("router unreachable"),
+        "the condition's detail names the router"
+    );
+    b.js(
+        "document.querySelector('div.devcards').scrollIntoView(); return 1",
+        vec![],
+    );
+    shot(&b, "site-unreachable-router");
+    no_page_errors(&b, "site-unreachable-router");
+
     // The overview: a map of the 31 provinces coloured by their worst status.
     b.goto(&format!("{base}/"));
     b.wait_css("svg#map path[data-province][data-worst]", T);

@@ -182,8 +182,10 @@ pub(super) async fn one_site(
     v["host"] = serde_json::to_value(&r.host).map_err(internal)?;
     v["certificate"] = match core.registry.get(&id) {
         Some(rec) => json!({
-            "serial": rec.serial, "not_after_ms": rec.not_after, "enrolled_ms": rec.enrolled_at,
-            "revoked_ms": rec.revoked_at, "role": rec.role,
+            // The registry keeps Unix seconds (the certificate's own resolution).
+            "serial": rec.serial, "not_after_ms": rec.not_after.saturating_mul(1000),
+            "enrolled_ms": rec.enrolled_at.saturating_mul(1000),
+            "revoked_ms": rec.revoked_at.map(|t| t.saturating_mul(1000)), "role": rec.role,
         }),
         None => Value::Null,
     };
