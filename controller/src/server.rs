@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tiandi_link::congestion::{RateSlot, SiteRateConfig};
 use tiandi_link::{FrameReader, FrameWriter, LinkError, SiteIdentity, tls};
-use tiandi_proto::{Ack, Body, Welcome, codes, names::NameDecoder};
+use tiandi_proto::{Ack, Body, Welcome, codes, delta::DeltaDecoder, names::NameDecoder};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{Core, Event, now_ms};
@@ -433,6 +433,9 @@ async fn session(
     debug!(agent = %hello.agent_version, version = format!("{}.{}", hello.major, hello.minor), acked_through = state.acked_through, "Site connected.");
 
     let mut names = NameDecoder::default();
+    // The previous report of this connection, whole, for the next delta report: one report per
+    // connected site (2-3 KB; ~50 MB at 20,000 sites), nothing for an agent older than minor 3.
+    let mut delta = DeltaDecoder::for_peer(hello.minor);
     let mut flushed = core.store.subscribe_flushed();
     flushed.mark_unchanged();
     // Acknowledgements wait here until their write epoch is durable.
@@ -456,6 +459,8 @@ async fn session(
                     ));
                 };
                 names.expand(&mut report).map_err(LinkError::from)?;
+                // Every report, a duplicate too: the next may be encoded against it.
+                delta.decode(&mut report).map_err(LinkError::from)?;
                 if report.seq == 0 || (report.seq_last != 0 && report.seq_last < report.seq) {
                     return Err(SessionError::Refuse(
                         codes::PROTOCOL,

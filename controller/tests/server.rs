@@ -456,3 +456,98 @@ async fn device_events_and_partial_answers_reach_the_noc() {
     }
     ctl.shutdown().await;
 }
+
+/// Delta reports (minor 3): each restored against the connection's previous report (a
+/// duplicate's too, which is decoded though not stored again); one with nothing before it on
+/// its connection, or from an agent that said minor 2, closes the connection with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_reports_are_restored_and_malformed_ones_refused() {
+    use tiandi_proto::DeltaMode;
+    use tiandi_proto::delta::DeltaEncoder;
+    use tiandi_proto::names::NameEncoder;
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = Controller::start(config(dir.path())).await.unwrap();
+    let s = site(&ctl.core, "gs-003");
+
+    let conn = connect(&s, ctl.quic_addr).await.unwrap();
+    let (mut w, mut r) = hello(&conn, &s.id, tiandi_proto::MAJOR).await;
+    let Body::Welcome(wel) = next(&mut r).await else {
+        panic!("expected Welcome");
+    };
+    let (mut names, mut delta) = (NameEncoder::default(), DeltaEncoder::for_peer(wel.minor));
+    let t0 = tiandi_link::clock::now_ms() - 60_000;
+    let sent: Vec<Report> = (1..=3u64)
+        .map(|seq| {
+            let mut rep = partial_report(seq);
+            rep.taken_ms = t0 + seq as i64 * 10_000;
+            let ups = rep.devices[0].ups.as_mut().unwrap();
+            ups.charge_pct -= seq as u32;
+            ups.on_battery = seq != 2;
+            rep.devices[0].values[0].set_number(112.0 + seq as f64 / 2.0);
+            rep.devices[1].reach.as_mut().unwrap().ok = seq == 3;
+            rep.events.truncate(usize::from(seq == 1));
+            rep
+        })
+        .collect();
+    for (i, rep) in [&sent[0], &sent[1], &sent[1], &sent[2]]
+        .into_iter()
+        .enumerate()
+    {
+        let mut wire = rep.clone();
+        delta.encode(&mut wire);
+        // The first whole, then by position (the same devices and checks each time).
+        let mode = if i == 0 {
+            DeltaMode::Whole
+        } else {
+            DeltaMode::ByPosition
+        };
+        assert_eq!(wire.delta, mode as i32, "report {i}");
+        names.compress(&mut wire);
+        w.send(Body::Report(wire)).await.unwrap();
+        let Body::Ack(a) = next(&mut r).await else {
+            panic!("expected Ack");
+        };
+        assert_eq!(a.first, rep.seq);
+    }
+    let stored = ctl.core.store.history("gs-003", 0, i64::MAX, 10).unwrap();
+    assert_eq!(stored, sent);
+    assert_eq!(ctl.core.metrics.duplicates.get(), 1);
+
+    // A delta report first on a connection.
+    let conn = connect(&s, ctl.quic_addr).await.unwrap();
+    let (mut w, mut r) = hello(&conn, &s.id, tiandi_proto::MAJOR).await;
+    assert!(matches!(next(&mut r).await, Body::Welcome(_)));
+    let mut orphan = partial_report(4);
+    orphan.delta = DeltaMode::ByKey as i32;
+    w.send(Body::Report(orphan)).await.unwrap();
+    let (code, reason) = closed_with(&conn).await;
+    assert_eq!(code, u64::from(codes::PROTOCOL));
+    assert!(reason.contains("no earlier report"), "{reason}");
+
+    // A delta report from an agent of minor 2, after a whole one.
+    let conn = connect(&s, ctl.quic_addr).await.unwrap();
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let (mut w, mut r) = (FrameWriter::new(send), FrameReader::new(recv));
+    w.send(Body::Hello(Hello {
+        site_id: s.id.clone(),
+        major: tiandi_proto::MAJOR,
+        minor: 2,
+        agent_version: "older".into(),
+        interval_ms: 10_000,
+        epoch: 0,
+        path: String::new(),
+    }))
+    .await
+    .unwrap();
+    assert!(matches!(next(&mut r).await, Body::Welcome(_)));
+    w.send(Body::Report(partial_report(4))).await.unwrap();
+    assert!(matches!(next(&mut r).await, Body::Ack(_)));
+    let mut delta_from_old = partial_report(5);
+    delta_from_old.delta = DeltaMode::ByPosition as i32;
+    w.send(Body::Report(delta_from_old)).await.unwrap();
+    let (code, reason) = closed_with(&conn).await;
+    assert_eq!(code, u64::from(codes::PROTOCOL));
+    assert!(reason.contains("predates"), "{reason}");
+    assert_eq!(ctl.core.store.history_len("gs-003"), 4);
+    ctl.shutdown().await;
+}

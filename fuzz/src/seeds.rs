@@ -93,15 +93,30 @@ fn sample_report(seq: u64) -> proto::Report {
     }
 }
 
+/// Reports 1..=n of a site as a sender of this version encodes them: figures changing a little
+/// each time, delta-encoded against the one before (all but the first), names compressed.
+fn sent_reports(n: u64) -> Vec<bytes::Bytes> {
+    use proto::*;
+    let mut names = names::NameEncoder::default();
+    let mut delta = delta::DeltaEncoder::for_peer(MINOR);
+    (1..=n)
+        .map(|seq| {
+            let mut r = sample_report(seq);
+            r.taken_ms += seq as i64 * 10_000;
+            let host = r.host.as_mut().expect("sample has a host");
+            host.uptime_s += seq * 10;
+            host.interfaces[0].rx_bytes += seq * 1_234_567;
+            host.cpu_permille += (seq as u32 * 37) % 100;
+            delta.encode(&mut r);
+            names.compress(&mut r);
+            encode(Body::Report(r))
+        })
+        .collect()
+}
+
 fn report_stream(v: &mut Vec<Seed>) {
     use proto::*;
-    let mut enc = names::NameEncoder::default();
-    let mut reports = Vec::new();
-    for seq in 1..=3 {
-        let mut r = sample_report(seq);
-        enc.compress(&mut r);
-        reports.push(encode(Body::Report(r)));
-    }
+    let reports = sent_reports(3);
     let hello = encode(Body::Hello(Hello {
         site_id: "gd-001".into(),
         major: MAJOR,
@@ -189,6 +204,15 @@ fn report_stream(v: &mut Vec<Seed>) {
     let mut s = vec![255];
     s.extend(framed(&[with(vec![long]), with(vec![refs; 12_000])]));
     v.push(("report_stream", "regression-names-amplify".into(), s));
+    // Delta reports: a connection's reports in order, and one with nothing before it.
+    v.push(("report_delta", "session".into(), framed(&sent_reports(4))));
+    let mut orphan = sample_report(2);
+    orphan.delta = proto::DeltaMode::ByKey as i32;
+    v.push((
+        "report_delta",
+        "delta-first".into(),
+        framed(&[encode(Body::Report(orphan))]),
+    ));
 }
 
 fn sample_manifest() -> Manifest {

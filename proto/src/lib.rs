@@ -6,6 +6,7 @@
 //! integer (the same layout as `tokio_util::codec::LengthDelimitedCodec`, which the link layer
 //! uses). Frames above [`MAX_FRAME`] are refused before their body is read.
 
+pub mod delta;
 mod merge;
 mod messages;
 pub mod names;
@@ -18,8 +19,9 @@ pub use prost::Message;
 /// Protocol major version: peers with different majors refuse each other.
 pub const MAJOR: u32 = 1;
 /// Protocol minor version: peers within one minor of each other are supported (protobuf skips
-/// the fields the older side does not know).
-pub const MINOR: u32 = 2;
+/// the fields the older side does not know). 3: delta reports ([`delta`]); 2: device profiles'
+/// objects, events, reachability; 1: a dual-homed site's `Paths`.
+pub const MINOR: u32 = 3;
 /// The largest frame either side accepts (a report is ~200 bytes; a downsampled one too).
 pub const MAX_FRAME: usize = 64 * 1024;
 
@@ -59,6 +61,8 @@ pub enum ProtoError {
     },
     #[error("name reference {0} is not in this connection's table")]
     UnknownName(u32),
+    #[error("{0}")]
+    Delta(&'static str),
     #[error(
         "protocol version {peer_major}.{peer_minor} is not supported (this side speaks {MAJOR}.{MINOR}, majors must match)"
     )]

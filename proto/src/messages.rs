@@ -244,6 +244,25 @@ pub struct Report {
     #[prost(message, optional, tag = "11")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub traps: Option<TrapStats>,
+    /// On the wire only: whether this report's figures are differences from the previous
+    /// report on the same connection, and how its entries match that report's ([`DeltaMode`],
+    /// [`crate::delta`]; from minor 3). Always `Whole` in a stored report.
+    #[prost(enumeration = "DeltaMode", tag = "12")]
+    #[serde(skip)]
+    pub delta: i32,
+}
+
+/// How a report on the wire is encoded ([`Report::delta`], [`crate::delta`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
+#[repr(i32)]
+pub enum DeltaMode {
+    /// Every figure as it is.
+    Whole = 0,
+    /// Figures as differences from the previous report's; entries of lists matched by key.
+    ByKey = 1,
+    /// As `ByKey`, but every list holds the previous report's keys in the same order: entries
+    /// match by position, and their keys are left out.
+    ByPosition = 2,
 }
 
 fn is_zero_u64(v: &u64) -> bool {

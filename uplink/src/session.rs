@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tiandi_link::{FrameReader, FrameWriter, LinkError, pki::CONTROLLER_NAME};
-use tiandi_proto::{Body, Hello, LinkStats, Report, names::NameEncoder};
+use tiandi_proto::{Body, Hello, LinkStats, Report, delta::DeltaEncoder, names::NameEncoder};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -467,6 +467,9 @@ fn link_stats(conn: &quinn::Connection) -> LinkStats {
 struct Sender {
     writer: FrameWriter,
     names: NameEncoder,
+    /// The previous report sent on this connection (for a controller of minor 3 on: figures
+    /// go as differences from it). A new connection starts without one.
+    delta: DeltaEncoder,
     /// The controller's protocol minor (its Welcome's): what it does not know is not sent.
     peer_minor: u32,
     /// When each report in flight on this connection was sent.
@@ -512,6 +515,7 @@ impl Sender {
             .insert(r.seq);
         self.sent_at.insert(r.seq, Instant::now());
         tiandi_proto::names::strip_for_minor(&mut r, self.peer_minor);
+        self.delta.encode(&mut r);
         self.names.compress(&mut r);
         let seq = r.seq;
         self.writer.send(Body::Report(r)).await?;
@@ -560,6 +564,7 @@ async fn session(
     let mut out = Sender {
         writer: FrameWriter::new(send),
         names: NameEncoder::default(),
+        delta: DeltaEncoder::default(),
         peer_minor: 0,
         sent_at: Default::default(),
         shared: shared.clone(),
@@ -589,6 +594,7 @@ async fn session(
     };
     tiandi_proto::check_version(welcome.major, welcome.minor)?;
     out.peer_minor = welcome.minor;
+    out.delta = DeltaEncoder::for_peer(welcome.minor);
     let (dropped, backlog) = {
         let mut spool = shared.spool.lock().expect("spool lock poisoned");
         // Fencing: a controller below the highest epoch seen was replaced (0: one that
