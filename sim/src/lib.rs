@@ -131,8 +131,8 @@ pub struct SimSite {
     fs_data: f64,
     rx: [u64; 2],
     tx: [u64; 2],
-    router_in: [u64; 2],
-    router_out: [u64; 2],
+    router_in: [u64; 4],
+    router_out: [u64; 4],
     esno: f64,
     charge: f64,
     rain_until: i64,
@@ -173,14 +173,8 @@ impl SimSite {
                 rng.random_range(0..1u64 << 34),
                 rng.random_range(0..1u64 << 30),
             ],
-            router_in: [
-                rng.random_range(0..1u64 << 36),
-                rng.random_range(0..1u64 << 36),
-            ],
-            router_out: [
-                rng.random_range(0..1u64 << 35),
-                rng.random_range(0..1u64 << 35),
-            ],
+            router_in: std::array::from_fn(|_| rng.random_range(0..1u64 << 36)),
+            router_out: std::array::from_fn(|_| rng.random_range(0..1u64 << 35)),
             esno: rng.random_range(8.0..12.0),
             charge: 100.0,
             rain_until: 0,
@@ -212,6 +206,8 @@ impl SimSite {
         for i in 0..2 {
             self.rx[i] += (r.random_range(20_000.0..400_000.0) * dt_s) as u64;
             self.tx[i] += (r.random_range(5_000.0..100_000.0) * dt_s) as u64;
+        }
+        for i in 0..4 {
             self.router_in[i] += (r.random_range(50_000.0..600_000.0) * dt_s) as u64;
             self.router_out[i] += (r.random_range(10_000.0..200_000.0) * dt_s) as u64;
         }
@@ -316,24 +312,19 @@ impl SimSite {
                     name: "router".into(),
                     profile: Profile::IfMib as i32,
                     status: DeviceStatus::Ok as i32,
-                    interfaces: vec![
-                        DeviceInterface {
-                            index: 1,
-                            name: "wan".into(),
+                    // A 4-port router: the WAN port and three LAN ports.
+                    interfaces: ["wan", "lan", "lan2", "lan3"]
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, name)| DeviceInterface {
+                            index: i as u32 + 1,
+                            name: name.into(),
                             oper_up: true,
-                            in_octets: self.router_in[0],
-                            out_octets: self.router_out[0],
+                            in_octets: self.router_in[i],
+                            out_octets: self.router_out[i],
                             ..Default::default()
-                        },
-                        DeviceInterface {
-                            index: 2,
-                            name: "lan".into(),
-                            oper_up: true,
-                            in_octets: self.router_in[1],
-                            out_octets: self.router_out[1],
-                            ..Default::default()
-                        },
-                    ],
+                        })
+                        .collect(),
                     ..Default::default()
                 },
             ],
