@@ -63,10 +63,7 @@ impl Snmpd {
 
     /// An snmpd whose UPS subtree is answered by `ups_script` (a `pass` script).
     pub fn start_with(dir: &Path, ups_script: &str) -> Snmpd {
-        let snmpd = ["/usr/sbin/snmpd", "/usr/bin/snmpd"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("snmpd is not installed (apt-get install snmpd; .ci/run does this)");
+        let snmpd = snmpd_program();
         std::fs::create_dir_all(dir.join("persist")).unwrap();
         std::fs::write(dir.join("modem.sh"), MODEM).unwrap();
         std::fs::write(dir.join("ups.sh"), ups_script).unwrap();
@@ -131,7 +128,16 @@ pub fn garbage_device() -> SocketAddr {
     addr
 }
 
-fn ip(args: &[&str]) {
+/// Where Debian's `snmpd` is.
+pub fn snmpd_program() -> &'static str {
+    ["/usr/sbin/snmpd", "/usr/bin/snmpd"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("snmpd is not installed (apt-get install snmpd; .ci/run does this)")
+}
+
+/// `ip ARGS`, which must succeed.
+pub fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("ip");
     assert!(
         out.status.success(),
@@ -221,10 +227,7 @@ impl Switch {
             ),
         )
         .unwrap();
-        let snmpd = ["/usr/sbin/snmpd", "/usr/bin/snmpd"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("snmpd is not installed");
+        let snmpd = snmpd_program();
         let child = Command::new("ip")
             .args(["netns", "exec", &sw, snmpd])
             .env("SNMP_PERSISTENT_DIR", dir.join("persist"))

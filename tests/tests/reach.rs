@@ -10,19 +10,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
+use tiandi_tests::snmpd::{ip, snmpd_program};
 use tiandi_tests::{AgentProc, ControllerProc, can_emulate_links, command_in, wait_for};
 
 const P: &str = "tdrch";
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 struct Lan {
     snmpd: Child,
@@ -55,11 +46,7 @@ impl Lan {
              rocommunity public 10.214.0.0/24\n",
         )
         .unwrap();
-        let snmpd = ["/usr/sbin/snmpd", "/usr/bin/snmpd"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .expect("snmpd is not installed");
-        let child = command_in(Some(&d), snmpd)
+        let child = command_in(Some(&d), snmpd_program())
             .args(["-f", "-Lo", "-C", "-c"])
             .arg(dir.join("snmpd.conf"))
             .arg("-p")
