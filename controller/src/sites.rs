@@ -291,19 +291,9 @@ fn device_not_ok(d: &Device, status: DeviceStatus) -> (Condition, String) {
             };
             (
                 Condition::Degraded,
-                format!("device {} {}{why}", d.name, status_text(status)),
+                format!("device {} {}{why}", d.name, status.as_str()),
             )
         }
-    }
-}
-
-fn status_text(s: DeviceStatus) -> &'static str {
-    match s {
-        DeviceStatus::Unknown => "unknown",
-        DeviceStatus::Ok => "ok",
-        DeviceStatus::Timeout => "timeout",
-        DeviceStatus::BadAnswer => "bad-answer",
-        DeviceStatus::Error => "error",
     }
 }
 

@@ -748,15 +748,24 @@ fn ser_profile<S: serde::Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
     })
 }
 
-fn ser_status<S: serde::Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(
-        match DeviceStatus::try_from(*v).unwrap_or(DeviceStatus::Unknown) {
+impl DeviceStatus {
+    /// Its name in JSON, logs and the console: `ok`, `timeout`, `bad-answer`, …
+    pub fn as_str(self) -> &'static str {
+        match self {
             DeviceStatus::Unknown => "unknown",
             DeviceStatus::Ok => "ok",
             DeviceStatus::Timeout => "timeout",
             DeviceStatus::BadAnswer => "bad-answer",
             DeviceStatus::Error => "error",
-        },
+        }
+    }
+}
+
+fn ser_status<S: serde::Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(
+        DeviceStatus::try_from(*v)
+            .unwrap_or(DeviceStatus::Unknown)
+            .as_str(),
     )
 }
 

@@ -115,16 +115,6 @@ pub fn describe(p: &Profile) -> String {
     out
 }
 
-fn status(d: &Device) -> &'static str {
-    match DeviceStatus::try_from(d.status).unwrap_or(DeviceStatus::Unknown) {
-        DeviceStatus::Unknown => "unknown",
-        DeviceStatus::Ok => "ok",
-        DeviceStatus::Timeout => "timeout",
-        DeviceStatus::BadAnswer => "bad-answer",
-        DeviceStatus::Error => "error",
-    }
-}
-
 /// A check's result: `ok icmp 0.4 ms`, `FAILED tcp: refused`.
 pub fn probe_text(p: &Probe) -> String {
     let kind = match ProbeKind::try_from(p.kind) {
@@ -143,7 +133,15 @@ pub fn probe_text(p: &Probe) -> String {
 pub fn answers_text(devices: &[Device], probes: &[Probe]) -> String {
     let mut out = String::new();
     for d in devices {
-        let _ = write!(out, "{} ({}): {}", d.name, d.profile_name, status(d));
+        let _ = write!(
+            out,
+            "{} ({}): {}",
+            d.name,
+            d.profile_name,
+            DeviceStatus::try_from(d.status)
+                .unwrap_or(DeviceStatus::Unknown)
+                .as_str()
+        );
         if !d.error.is_empty() {
             let _ = write!(out, " — {}", d.error);
         }
