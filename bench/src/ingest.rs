@@ -62,9 +62,13 @@ pub(crate) fn release_binaries(packages: &[&str]) -> anyhow::Result<Vec<PathBuf>
 }
 
 /// The controller's and the agent's release binaries.
+/// `TIANDI_BENCH_CONTROLLER` names another controller binary (one built with
+/// `--features system-alloc` for heaptrack, in a target directory of its own).
 pub(crate) fn binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
     let b = release_binaries(&["tiandi-controller", "tiandi-agent"])?;
-    Ok((b[0].clone(), b[1].clone()))
+    let ctl =
+        std::env::var_os("TIANDI_BENCH_CONTROLLER").map_or_else(|| b[0].clone(), PathBuf::from);
+    Ok((ctl, b[1].clone()))
 }
 
 pub(crate) fn http() -> ureq::Agent {
@@ -152,9 +156,20 @@ impl Ctl {
             .create(true)
             .append(true)
             .open(&self.log)?;
+        // `TIANDI_BENCH_WRAP="heaptrack -o /tmp/ht"` (or `perf record -g -o …`) runs the
+        // controller under a profiler: the words go before the binary (profiling, not figures).
+        let wrap = std::env::var("TIANDI_BENCH_WRAP").unwrap_or_default();
+        let mut words = wrap.split_whitespace();
+        let mut cmd = match words.next() {
+            Some(prog) => {
+                let mut c = Command::new(prog);
+                c.args(words).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
         self.child = Some(
-            Command::new(&self.bin)
-                .arg("--config")
+            cmd.arg("--config")
                 .arg(&self.config)
                 .arg("run")
                 .stdout(Stdio::null())

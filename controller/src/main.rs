@@ -7,7 +7,9 @@ use tiandi_controller::cli::{self, Cli};
 
 /// mimalloc rather than glibc's malloc: with thousands of QUIC connections, glibc's allocator
 /// was a fifth of the controller's CPU per report (its slow path sorting freed chunks on the
-/// packet-receive path).
+/// packet-receive path). The `system-alloc` feature leaves glibc's in place, for a heap
+/// profiler that interposes malloc (`heaptrack`; see the README's scale section).
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
