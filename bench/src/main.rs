@@ -13,10 +13,16 @@
 //! controller (SIGTERM, start again) and measures the time until every site is connected and
 //! current again. At the end the simulator drains its spools and the bench compares what the
 //! sites produced with what the controller stored (lost, duplicated). Peak RSS is the
-//! controller's VmHWM, the larger of its two runs.
+//! controller's VmHWM, the larger of its two runs. `--sites` takes a comma-separated list
+//! (`--sites 2000,5000,10000,20000`): one run per count, in order, each ending with its own
+//! summary line. `--plot PATH` then writes the cost curve as an SVG (`curve.rs`: CPU per
+//! report, memory per site, p99 visibility and reconnection against the number of sites, each
+//! with its target at 20,000 sites); `--plot-from LOG --plot PATH` draws it from the summary
+//! lines of a saved log instead, running nothing.
 
 mod backup;
 mod backupgeo;
+mod curve;
 mod dashboard;
 mod geolink;
 mod geotransfer;
@@ -45,16 +51,30 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Many sites reporting to one controller, with a controller restart half-way.
+    /// Many sites reporting to one controller, with a controller restart half-way; one run per
+    /// site count, optionally drawn as a cost curve.
     Ingest {
-        #[arg(long, default_value_t = 2000)]
-        sites: usize,
+        /// Site counts, comma-separated (`2000,5000,10000,20000`): one run each, in order.
+        #[arg(long, value_delimiter = ',', default_value = "2000", num_args = 1)]
+        sites: Vec<usize>,
         /// Seconds between reports.
         #[arg(long, default_value_t = 10.0)]
         interval: f64,
         /// Seconds of measurement (the restart happens half-way).
         #[arg(long, default_value_t = 60.0)]
         duration: f64,
+        /// After the runs, write their cost curve (SVG) here.
+        #[arg(long, value_name = "PATH")]
+        plot: Option<std::path::PathBuf>,
+        /// Run nothing: draw the curve of the `ingest sites=` lines of this saved log (other
+        /// lines are ignored) into `--plot`.
+        #[arg(
+            long,
+            value_name = "FILE",
+            requires = "plot",
+            conflicts_with_all = ["sites", "interval", "duration"]
+        )]
+        plot_from: Option<std::path::PathBuf>,
     },
     /// The web console at scale: the site list API under 20 clients, a cold page load in
     /// headless Chromium, and live updates in an open page.
@@ -101,7 +121,9 @@ fn main() -> anyhow::Result<()> {
             sites,
             interval,
             duration,
-        } => ingest::run(sites, interval, duration),
+            plot,
+            plot_from,
+        } => ingest_counts(&sites, interval, duration, plot, plot_from),
         Cmd::Dashboard(a) => dashboard::run(a),
         Cmd::Backup(a) => backup::run(a),
         Cmd::GeoLink(a) => geolink::run(a),
@@ -113,4 +135,39 @@ fn main() -> anyhow::Result<()> {
         Cmd::RelayFanout(a) => relayfanout::run(a),
         Cmd::WakeCost(a) => wakecost::run(a),
     }
+}
+
+/// `ingest` at each site count in turn (each run's summary line as it ends), then the curve if
+/// asked; or, with `plot_from`, only the curve of a saved log.
+fn ingest_counts(
+    sites: &[usize],
+    interval: f64,
+    duration: f64,
+    plot: Option<std::path::PathBuf>,
+    plot_from: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    let runs = match plot_from {
+        Some(log) => curve::read_log(&log)?,
+        None => {
+            let mut runs = Vec::with_capacity(sites.len());
+            for (i, &n) in sites.iter().enumerate() {
+                if sites.len() > 1 {
+                    eprintln!("ingest: starting {n} sites ({} of {})", i + 1, sites.len());
+                }
+                let figures = ingest::run(n, interval, duration)?;
+                println!("{figures}");
+                runs.push(figures);
+            }
+            runs
+        }
+    };
+    if let Some(path) = plot {
+        curve::write(&path, &runs)?;
+        eprintln!(
+            "cost curve of {} runs written to {}",
+            runs.len(),
+            path.display()
+        );
+    }
+    Ok(())
 }
