@@ -712,6 +712,15 @@ impl Sites {
         f(&mut map.sites.values())
     }
 
+    /// Runs `f` on each of these sites that exists, in the order given, under one hold of
+    /// the read lock.
+    pub fn with_each(&self, ids: &[String], mut f: impl FnMut(&SiteState)) {
+        let map = self.map.read().expect("sites lock poisoned");
+        for s in ids.iter().filter_map(|id| map.sites.get(id)) {
+            f(s);
+        }
+    }
+
     /// The sites of one province (in site-ID order); `f` runs under the read lock.
     pub fn with_province<T>(
         &self,

@@ -19,6 +19,7 @@ mod transfers;
 
 pub use sites::SiteSeries;
 use sites::render_sites;
+pub use sites::render_sites_chunked;
 pub use transfers::render_transfers;
 
 pub const REPORTS: &str = "tiandi_reports_total";
@@ -299,6 +300,14 @@ impl Metrics {
         commits: u64,
         now_ms: i64,
     ) -> String {
+        let mut out = self.render_own(wire, commits);
+        render_sites(&mut out, sites, groups, now_ms);
+        out
+    }
+
+    /// The controller's own metrics and QUIC wire totals, without the per-site families
+    /// (`/metrics` streams those after it: [`render_sites_chunked`]).
+    pub fn render_own(&self, wire: WireTotals, commits: u64) -> String {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         let mut out = String::from_utf8(buf).unwrap_or_default();
@@ -317,7 +326,6 @@ impl Metrics {
              tiandi_store_commits_total {}\n",
             wire.rx_bytes, wire.tx_bytes, wire.rx_datagrams, wire.tx_datagrams, commits
         );
-        render_sites(&mut out, sites, groups, now_ms);
         out
     }
 }

@@ -628,17 +628,44 @@ const SITE_FAMILIES: &[Family] = &[
     ),
 ];
 
+/// Sites rendered under one hold of the sites' read lock: ingest waits at most that long
+/// (at 20,000 sites the whole exposition, ~130 MB, held it for about a second; issue 22).
+const SITES_PER_LOCK: usize = 256;
+/// Text handed on at a time by [`render_sites_chunked`].
+pub const CHUNK_BYTES: usize = 256 * 1024;
+
+/// The per-site families into one string (tests, small fleets).
 pub(super) fn render_sites(out: &mut String, sites: &Sites, groups: &[SiteSeries], now_ms: i64) {
-    sites.with_all(|all| {
-        let mut list: Vec<_> = all.collect();
-        list.sort_by(|a, b| a.site_id.cmp(&b.site_id));
-        for f in SITE_FAMILIES.iter().filter(|f| groups.contains(&f.group)) {
-            let _ = writeln!(
-                out,
-                "# HELP {} {}\n# TYPE {} {}",
-                f.name, f.help, f.name, f.kind
-            );
-            for s in &list {
+    render_sites_chunked(sites, groups, now_ms, |chunk| {
+        out.push_str(&chunk);
+        true
+    });
+}
+
+/// The per-site families, handed to `emit` in pieces of about [`CHUNK_BYTES`] (each family
+/// whole and in site-ID order across pieces), taking the sites' read lock for
+/// [`SITES_PER_LOCK`] sites at a time; stops when `emit` returns false (the client went).
+/// A site that goes between the listing and its turn is left out.
+pub fn render_sites_chunked(
+    sites: &Sites,
+    groups: &[SiteSeries],
+    now_ms: i64,
+    mut emit: impl FnMut(String) -> bool,
+) {
+    if groups.is_empty() {
+        return;
+    }
+    let mut ids: Vec<String> = sites.with_all(|all| all.map(|s| s.site_id.clone()).collect());
+    ids.sort_unstable();
+    let mut out = String::with_capacity(CHUNK_BYTES + 4096);
+    for f in SITE_FAMILIES.iter().filter(|f| groups.contains(&f.group)) {
+        let _ = writeln!(
+            out,
+            "# HELP {} {}\n# TYPE {} {}",
+            f.name, f.help, f.name, f.kind
+        );
+        for batch in ids.chunks(SITES_PER_LOCK) {
+            sites.with_each(batch, |s| {
                 let (site, province) = (esc(&s.site_id), esc(&s.province));
                 (f.series)(s, now_ms, &mut |extra, v| {
                     let _ = write!(out, "{}{{site=\"{site}\",province=\"{province}\"", f.name);
@@ -647,7 +674,18 @@ pub(super) fn render_sites(out: &mut String, sites: &Sites, groups: &[SiteSeries
                     }
                     let _ = writeln!(out, "}} {v}");
                 });
+            });
+            if out.len() >= CHUNK_BYTES
+                && !emit(std::mem::replace(
+                    &mut out,
+                    String::with_capacity(CHUNK_BYTES + 4096),
+                ))
+            {
+                return;
             }
         }
-    });
+    }
+    if !out.is_empty() {
+        emit(out);
+    }
 }

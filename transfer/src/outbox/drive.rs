@@ -78,6 +78,27 @@ pub async fn drive_routed(
     cancel: CancellationToken,
     route: ClassRoute,
 ) {
+    // Most connected sites have nothing queued: one small task waits for a site's first job
+    // before its four class drivers start (~6 KB per connected site, 120 MB at 20,000 sites;
+    // issue 22). They stay until the connection ends.
+    let waker = outbox.waker(&dest);
+    loop {
+        let changed = waker.notified();
+        match outbox.has_unfinished(&dest) {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => {
+                warn!(error = %e, "Outbox unreadable; starting the drivers.");
+                break;
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = conn.closed() => return,
+            _ = changed => {}
+            _ = tokio::time::sleep(IDLE_RECHECK) => {}
+        }
+    }
     let mut classes = Vec::new();
     for class in CLASSES {
         let (outbox, conn, dest, origin, cancel, route) = (

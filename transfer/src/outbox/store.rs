@@ -276,6 +276,14 @@ impl Outbox {
         self.scan(b"j/")
     }
 
+    /// Whether `dest` has a job not yet finished (delivered or failed).
+    pub fn has_unfinished(&self, dest: &str) -> Result<bool, TransferError> {
+        Ok(self
+            .scan(format!("j/{dest}/").as_bytes())?
+            .iter()
+            .any(|j| j.dest == dest && !j.finished()))
+    }
+
     pub(super) fn scan(&self, prefix: &[u8]) -> Result<Vec<Job>, TransferError> {
         let mut v: Vec<Job> = Vec::new();
         for kv in self.tree.scan_prefix(prefix) {
