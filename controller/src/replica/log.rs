@@ -3,6 +3,7 @@
 //! ring reaches starts again from a snapshot (as a Redis replica does past its backlog).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use prost::Message;
@@ -13,6 +14,13 @@ use super::wire::{self, Change, Item};
 /// What the ring keeps at most (encoded items): at 2,000 sites reporting every 10 s (~1 KB a
 /// report) about ten minutes of history.
 pub const RING_BYTES: usize = 128 << 20;
+/// What the ring keeps while no standby follows, nor has for [`FOLLOWER_GRACE_MS`]: a standby
+/// that comes after that starts from a snapshot anyway (at 20,000 sites the full ring is a
+/// minute of reports, and 128 MB of a controller's memory budget for no one; issue 22).
+pub const IDLE_RING_BYTES: usize = 8 << 20;
+/// How long after its last standby went the ring stays full size, for that standby's return
+/// (a restart, a short link cut) to resume rather than take a snapshot.
+pub const FOLLOWER_GRACE_MS: i64 = 10 * 60 * 1000;
 
 pub struct Entry {
     pub seq: u64,
@@ -35,6 +43,10 @@ pub struct Log {
     inner: Mutex<Inner>,
     tip: watch::Sender<u64>,
     cap: usize,
+    /// Standbys following now.
+    following: AtomicUsize,
+    /// When the last one stopped following (0: none ever did).
+    unfollowed_ms: AtomicI64,
 }
 
 /// Records from a position the ring no longer holds.
@@ -53,7 +65,32 @@ impl Log {
             }),
             tip: watch::channel(0).0,
             cap,
+            following: AtomicUsize::new(0),
+            unfollowed_ms: AtomicI64::new(0),
         })
+    }
+
+    /// A standby starts following (`true`) or stops (`false`).
+    pub fn set_following(&self, yes: bool) {
+        if yes {
+            self.following.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.following.fetch_sub(1, Ordering::Relaxed);
+            self.unfollowed_ms.store(crate::now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// The ring's bound now: [`Log::new`]'s while a standby follows or may come back,
+    /// else [`IDLE_RING_BYTES`] at most.
+    fn cap_now(&self, now_ms: i64) -> usize {
+        let gone = self.unfollowed_ms.load(Ordering::Relaxed);
+        if self.following.load(Ordering::Relaxed) > 0
+            || (gone > 0 && now_ms - gone < FOLLOWER_GRACE_MS)
+        {
+            self.cap
+        } else {
+            self.cap.min(IDLE_RING_BYTES)
+        }
     }
 
     /// Appends a change; returns its sequence number.
@@ -76,7 +113,8 @@ impl Log {
                 at_ms,
                 item,
             }));
-            while g.bytes > self.cap && g.ring.len() > 1 {
+            let cap = self.cap_now(at_ms);
+            while g.bytes > cap && g.ring.len() > 1 {
                 let e = g.ring.pop_front().expect("ring not empty");
                 g.bytes -= e.item.len();
             }
@@ -184,5 +222,28 @@ mod tests {
         assert!(log.at_ms(30).is_some());
         assert!(log.at_ms(1).is_none());
         assert_eq!(*log.tip().borrow(), 30);
+    }
+
+    #[test]
+    fn the_ring_stays_small_while_no_standby_follows_and_grows_while_one_does() {
+        let log = Log::new(7, 32 << 20);
+        let held = |log: &Log| log.inner.lock().unwrap().bytes;
+        for _ in 0..12 {
+            log.push(file(1 << 20));
+        }
+        assert!(held(&log) <= IDLE_RING_BYTES, "{}", held(&log));
+        log.set_following(true);
+        for _ in 0..12 {
+            log.push(file(1 << 20));
+        }
+        assert!(held(&log) > IDLE_RING_BYTES + (3 << 20), "{}", held(&log));
+        // Gone a moment ago: the ring stays full size for its return.
+        log.set_following(false);
+        log.push(file(1 << 20));
+        assert!(held(&log) > IDLE_RING_BYTES + (3 << 20));
+        assert_eq!(
+            log.cap_now(crate::now_ms() + FOLLOWER_GRACE_MS + 1),
+            IDLE_RING_BYTES
+        );
     }
 }

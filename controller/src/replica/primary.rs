@@ -353,6 +353,7 @@ impl Primary {
                     snapshot: !resume,
                 },
             );
+        self.log.set_following(true);
         let _forget = Forget(self, key);
         info!(standby = %name, remote = %conn.remote_address(), resume, from = next, "A standby follows the log.");
         wire::write(
@@ -625,6 +626,7 @@ impl Drop for Forget<'_> {
             .lock()
             .expect("followers lock poisoned")
             .remove(&self.1);
+        self.0.log.set_following(false);
     }
 }
 

@@ -99,7 +99,10 @@ enum ConnectionEvent {
         error_code: VarInt,
         reason: bytes::Bytes,
     },
-    Proto(proto::ConnectionEvent),
+    /// Boxed (Tiandi): tokio's unbounded channel allocates its first block of 32 events when
+    /// made, one per connection; an event inline (~220 bytes) made that block ~7 KB per
+    /// connection, boxed ~1.5 KB (vendor/README.md).
+    Proto(Box<proto::ConnectionEvent>),
     Rebind(Arc<dyn AsyncUdpSocket>),
 }
 
