@@ -128,6 +128,8 @@ pub async fn accept_loop(
             // lost report in about a round trip, not a probe timeout); nothing reads them here,
             // so a few kB hold what arrives between reads that never come.
             transport.datagram_receive_buffer_size(Some(DATAGRAM_BUFFER));
+            // Few chunk streams until the site starts a transfer (the inbox raises it then).
+            transport.max_concurrent_uni_streams(tiandi_link::transport::IDLE_UNI_STREAMS.into());
             config.transport_config(Arc::new(transport));
             let connecting = match incoming.accept_with(Arc::new(config)) {
                 Ok(c) => c,
@@ -422,11 +424,12 @@ async fn session(
         .in_current_span(),
     );
     tokio::spawn(
-        tiandi_transfer::inbox::accept_loop(
+        tiandi_transfer::inbox::accept_loop_raising(
             core.inbox.clone(),
             conn.clone(),
             Some(id.site_id.clone()),
             transfers,
+            Some(core.config.profile.uni_streams()),
         )
         .in_current_span(),
     );

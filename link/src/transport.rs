@@ -84,19 +84,32 @@ impl LinkProfile {
         Arc::new(self.transport_config())
     }
 
+    /// The connection's flow-control window (bytes): four bandwidth-delay products, at
+    /// least 1 MB.
+    fn window(self) -> u64 {
+        let (rtt, bits_per_s) = self.nominal();
+        let bdp = (bits_per_s / 8) as f64 * rtt.as_secs_f64();
+        (4.0 * bdp).max(1_000_000.0) as u64
+    }
+
+    /// Unidirectional streams a peer may open for transfers on this profile's connections
+    /// ([`uni_streams`] of the connection window).
+    pub fn uni_streams(self) -> u32 {
+        uni_streams(self.window() * 2)
+    }
+
     /// [`LinkProfile::transport`], unshared, for a caller that adds to it (a congestion
     /// controller for a known link rate, say).
     pub fn transport_config(self) -> TransportConfig {
-        let (rtt, bits_per_s) = self.nominal();
-        let bdp = (bits_per_s / 8) as f64 * rtt.as_secs_f64();
-        let window = (4.0 * bdp).max(1_000_000.0) as u64;
+        let (rtt, _) = self.nominal();
+        let window = self.window();
         let mut t = TransportConfig::default();
         t.initial_rtt(rtt)
             .stream_receive_window(VarInt::from_u64(window).unwrap_or(VarInt::MAX))
             .receive_window(VarInt::from_u64(window * 2).unwrap_or(VarInt::MAX))
             .send_window(window * 2)
             .max_concurrent_bidi_streams(VarInt::from_u32(MAX_BIDI_STREAMS))
-            .max_concurrent_uni_streams(VarInt::from_u32(uni_streams(window * 2)))
+            .max_concurrent_uni_streams(VarInt::from_u32(self.uni_streams()))
             .keep_alive_interval(Some(Duration::from_secs(20)))
             .max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(60_000))));
         t
@@ -110,6 +123,11 @@ pub const MAX_BIDI_STREAMS: u32 = 16;
 /// The smallest chunk a transfer sends (`tiandi_transfer::manifest::MIN_CHUNK`; this crate
 /// is below it).
 const MIN_CHUNK: u64 = 32 * 1024;
+/// Unidirectional streams a peer may open before its first transfer on the connection: a
+/// controller's site connections start with these and get [`LinkProfile::uni_streams`] when
+/// the site opens a transfer (quinn keeps an entry per stream the peer may open: 128 of them
+/// were ~7 KB of each connected site's memory; issue 22).
+pub const IDLE_UNI_STREAMS: u32 = 4;
 /// Bounds of [`uni_streams`].
 pub const MIN_UNI_STREAMS: u32 = 128;
 pub const MAX_UNI_STREAMS: u32 = 512;

@@ -37,8 +37,8 @@ use crate::transfer_wire::{Bitmap, Receipt};
 use chunks::{ChunkTx, Partial};
 pub use expire::{Expired, KEEP_ABANDONED, KEEP_COMPLETE};
 pub use forward::ForwardSink;
-pub use serve::accept_loop;
 pub(crate) use serve::refuse as refuse_on;
+pub use serve::{accept_loop, accept_loop_raising};
 pub use site::SiteCheck;
 
 /// Acknowledge (after an fsync) at least every this many chunks…

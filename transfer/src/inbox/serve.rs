@@ -212,6 +212,20 @@ pub async fn accept_loop(
     peer: Option<String>,
     stop: CancellationToken,
 ) {
+    accept_loop_raising(inbox, conn, peer, stop, None).await
+}
+
+/// [`accept_loop`] on a connection that lets its peer open few unidirectional streams until
+/// a transfer starts (`tiandi_link::transport::IDLE_UNI_STREAMS`): at the first control
+/// stream the peer opens, the limit goes up to `uni_streams` (its chunk streams wait at most
+/// a round trip for the credit).
+pub async fn accept_loop_raising(
+    inbox: Arc<Inbox>,
+    conn: quinn::Connection,
+    peer: Option<String>,
+    stop: CancellationToken,
+    mut uni_streams: Option<u32>,
+) {
     // Chunk bytes this connection may hold in memory (see `CONN_CHUNK_BUDGET`).
     let budget = Arc::new(tokio::sync::Semaphore::new(super::CONN_CHUNK_BUDGET));
     loop {
@@ -222,6 +236,9 @@ pub async fn accept_loop(
             _ = stop.cancelled() => return,
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
+                    if let Some(n) = uni_streams.take() {
+                        conn.set_max_concurrent_uni_streams(quinn::VarInt::from_u32(n));
+                    }
                     tokio::spawn(
                         async move {
                             if let Err(e) = inbox.serve(send, recv, peer.as_deref()).await {
