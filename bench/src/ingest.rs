@@ -343,7 +343,12 @@ impl std::fmt::Display for Figures {
 /// One run with `sites` sites; the caller prints its summary line.
 pub fn run(sites: usize, interval: f64, duration: f64) -> anyhow::Result<Figures> {
     let (ctl_bin, agent_bin) = binaries()?;
-    let tmp = tempfile::Builder::new().prefix("tiandi-bench-").tempdir()?;
+    let mut tmp = tempfile::Builder::new().prefix("tiandi-bench-").tempdir()?;
+    // `TIANDI_BENCH_KEEP=1` keeps the run's directory (logs, data) for a look afterwards.
+    if std::env::var_os("TIANDI_BENCH_KEEP").is_some() {
+        tmp.disable_cleanup(true);
+        eprintln!("keeping {}", tmp.path().display());
+    }
     let dir = tmp.path();
     let quic = UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
     let (api, ops) = (free_tcp(), free_tcp());
