@@ -158,8 +158,10 @@ impl Ctl {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        // `TIANDI_BENCH_WRAP="heaptrack -o /tmp/ht"` (or `perf record -g -o …`) runs the
-        // controller under a profiler: the words go before the binary (profiling, not figures).
+        // `TIANDI_BENCH_WRAP='env LD_PRELOAD=…/libheaptrack_preload.so DUMP_HEAPTRACK_OUTPUT=…'`
+        // runs the controller under a profiler: the words go before the binary (profiling, not
+        // figures). The wrapper must exec the controller (`env` does; heaptrack's own script
+        // does not), since its pid is the one signalled and measured.
         let wrap = std::env::var("TIANDI_BENCH_WRAP").unwrap_or_default();
         let mut words = wrap.split_whitespace();
         let mut cmd = match words.next() {

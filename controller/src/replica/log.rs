@@ -113,10 +113,15 @@ impl Log {
                 at_ms,
                 item,
             }));
+            // At most a few records go per push beyond the one that makes room: when the
+            // bound drops (the last standby's grace ends), the ring shrinks over the next
+            // pushes rather than in one long hold of the lock on the ingest path.
             let cap = self.cap_now(at_ms);
-            while g.bytes > cap && g.ring.len() > 1 {
+            let mut dropped = 0;
+            while g.bytes > cap && g.ring.len() > 1 && dropped < 64 {
                 let e = g.ring.pop_front().expect("ring not empty");
                 g.bytes -= e.item.len();
+                dropped += 1;
             }
             seq
         };

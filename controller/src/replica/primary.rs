@@ -326,17 +326,16 @@ impl Primary {
             return Err(io(why));
         }
         let key = conn.stable_id();
-        let hash_ok = |seq: u64| {
-            self.log
-                .hash_before(seq)
-                .is_some_and(|h| h.as_slice() == follow.hash.as_slice())
-        };
-        let resume = follow.run == run && hash_ok(follow.next_seq);
-        let (mut next, hash) = if resume {
-            let h = self.log.hash_before(follow.next_seq).expect("checked");
-            (follow.next_seq, h)
-        } else {
-            self.log.position()
+        // One look at the ring: a record logged between two looks could push out the one
+        // the standby continues from.
+        let resumable = (follow.run == run)
+            .then(|| self.log.hash_before(follow.next_seq))
+            .flatten()
+            .filter(|h| h.as_slice() == follow.hash.as_slice());
+        let resume = resumable.is_some();
+        let (mut next, hash) = match resumable {
+            Some(h) => (follow.next_seq, h),
+            None => self.log.position(),
         };
         self.followers
             .lock()

@@ -276,12 +276,13 @@ impl Outbox {
         self.scan(b"j/")
     }
 
-    /// Whether `dest` has a job not yet finished (delivered or failed).
+    /// Whether `dest` has a job not yet finished (delivered or failed) that this node sends
+    /// itself (a relay carries those with `via`).
     pub fn has_unfinished(&self, dest: &str) -> Result<bool, TransferError> {
         Ok(self
             .scan(format!("j/{dest}/").as_bytes())?
             .iter()
-            .any(|j| j.dest == dest && !j.finished()))
+            .any(|j| j.dest == dest && j.via.is_none() && !j.finished()))
     }
 
     pub(super) fn scan(&self, prefix: &[u8]) -> Result<Vec<Job>, TransferError> {
