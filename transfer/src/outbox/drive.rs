@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use super::{CLASSES, Job, JobState, Next, Outbox};
 use crate::send::{Progress, SendOptions, SendOutcome, send_file};
@@ -80,32 +80,72 @@ pub async fn drive_routed(
 ) {
     // Most connected sites have nothing queued: one small task waits for a site's first job
     // before its four class drivers start (~6 KB per connected site, 120 MB at 20,000 sites;
-    // issue 22). They stay until the connection ends.
+    // issue 22), and they stop again once the site has had nothing unfinished for a minute
+    // or two (a job queued meanwhile wakes the waiter, which starts them again).
     let waker = outbox.waker(&dest);
     loop {
-        let changed = waker.notified();
-        match outbox.has_unfinished(&dest) {
-            Ok(true) => break,
-            Ok(false) => {}
-            Err(e) => {
-                warn!(error = %e, "Outbox unreadable; starting the drivers.");
-                break;
+        loop {
+            let changed = waker.notified();
+            match outbox.has_unfinished(&dest) {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(error = %e, "Outbox unreadable; starting the drivers.");
+                    break;
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = conn.closed() => return,
+                _ = changed => {}
+                _ = tokio::time::sleep(IDLE_RECHECK) => {}
             }
         }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = conn.closed() => return,
-            _ = changed => {}
-            _ = tokio::time::sleep(IDLE_RECHECK) => {}
+        let drivers = cancel.child_token();
+        let classes = spawn_classes(&outbox, &conn, &dest, &origin, &drivers, &route);
+        let mut every = tokio::time::interval(DRIVERS_IDLE_CHECK);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every.tick().await;
+        let mut idle = 0;
+        let ended = loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break true,
+                _ = conn.closed() => break true,
+                _ = every.tick() => {
+                    idle = if matches!(outbox.has_unfinished(&dest), Ok(false)) { idle + 1 } else { 0 };
+                    if idle >= 2 {
+                        break false;
+                    }
+                }
+            }
+        };
+        drivers.cancel();
+        for c in classes {
+            let _ = c.await;
         }
+        if ended {
+            return;
+        }
+        debug!("Nothing left to send to this site: its class drivers stop until the next job.");
     }
+}
+
+/// Each class's driver on `conn`, while `route` gives the class to it.
+fn spawn_classes(
+    outbox: &Arc<Outbox>,
+    conn: &quinn::Connection,
+    dest: &str,
+    origin: &str,
+    cancel: &CancellationToken,
+    route: &ClassRoute,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let mut classes = Vec::new();
     for class in CLASSES {
         let (outbox, conn, dest, origin, cancel, route) = (
             outbox.clone(),
             conn.clone(),
-            dest.clone(),
-            origin.clone(),
+            dest.to_string(),
+            origin.to_string(),
             cancel.clone(),
             route.clone(),
         );
@@ -141,11 +181,12 @@ pub async fn drive_routed(
             }
         }));
     }
-    for c in classes {
-        let _ = c.await;
-    }
+    classes
 }
 
+/// How often a site's running class drivers look whether it still has anything unfinished
+/// (two looks in a row with nothing stop them).
+const DRIVERS_IDLE_CHECK: Duration = Duration::from_secs(60);
 /// An idle driver with nothing scheduled still looks again this often (a safety net: every
 /// change to a job signals its destination's waker).
 const IDLE_RECHECK: Duration = Duration::from_secs(600);
