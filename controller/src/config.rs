@@ -77,6 +77,66 @@ pub struct Config {
     /// (by default reports, alarms, conferences and normal transfers take the first path
     /// that is up, bulk transfers and backups stay off satellite paths outside their window).
     pub path_policy: Option<tiandi_link::paths::Policy>,
+    /// Tier two, a province's side (`[upstream]`): forward this controller's site summaries
+    /// and alarm events to the ministry's controller. Absent: this controller is the top.
+    pub upstream: Option<Upstream>,
+    /// Tier two, the ministry's side (`[national]`): which sites are province controllers.
+    pub national: National,
+}
+
+/// A province controller's link to the ministry's ([`crate::federation`]). It is a site of
+/// the ministry's controller: enroll it once with `tiandi-agent enroll --controller MINISTRY
+/// --token TOKEN --data-dir IDENTITY_DIR` (a token the ministry made for a site named after
+/// the province, e.g. `province-sc`), then name that directory here.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// The ministry controller's QUIC address (`host:port`).
+    pub controller: String,
+    /// Its standby's addresses, tried in turn when it fails.
+    #[serde(default)]
+    pub standby: Vec<String>,
+    /// The enrolled identity (and the spool of what waits for the ministry, `spool/`).
+    pub identity_dir: PathBuf,
+    /// Seconds between forwarded reports (each carries what changed since the last).
+    #[serde(default = "Upstream::default_interval_s")]
+    pub interval_s: f64,
+    /// Disk the spool may use while the ministry is out of reach (MB).
+    #[serde(default = "Upstream::default_spool_quota_mb")]
+    pub spool_quota_mb: u64,
+}
+
+impl Upstream {
+    fn default_interval_s() -> f64 {
+        10.0
+    }
+    fn default_spool_quota_mb() -> u64 {
+        1024
+    }
+}
+
+/// The ministry's controller: which of its sites are province controllers whose reports
+/// carry their sites' summaries and alarms ([`crate::federation`]).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct National {
+    /// Site IDs (as enrolled here) of the province controllers. A summary from any other
+    /// site is refused (logged and counted, the rest of its report kept).
+    pub provinces: Vec<String>,
+    /// Most sites one province may list (beyond it new ones are refused, loudly).
+    pub max_sites_per_province: usize,
+    /// Alarm events kept in the national alarm log (oldest dropped first).
+    pub alarm_log_entries: usize,
+}
+
+impl Default for National {
+    fn default() -> Self {
+        National {
+            provinces: Vec::new(),
+            max_sites_per_province: 50_000,
+            alarm_log_entries: 100_000,
+        }
+    }
 }
 
 /// The Prometheus exposition on `ops_listen`.
@@ -287,6 +347,8 @@ impl Default for Config {
             replica: Replica::default(),
             metrics: MetricsConfig::default(),
             path_policy: None,
+            upstream: None,
+            national: National::default(),
         }
     }
 }
@@ -371,6 +433,33 @@ mod tests {
             ["ground", "sky@window"]
         );
         assert_eq!(p.classes.len(), 3);
+    }
+
+    #[test]
+    fn the_commented_upstream_of_the_example_parses_when_uncommented() {
+        let text = include_str!("../../config/controller.example.toml");
+        let (_, section) = text.split_once("#[upstream]").expect("the section");
+        let keys: Vec<&str> = section
+            .lines()
+            .skip(1)
+            .take_while(|l| !l.is_empty())
+            .filter_map(|l| l.strip_prefix('#'))
+            .filter(|l| !l.starts_with(' '))
+            .collect();
+        let c: Config =
+            tiandi_link::config::parse_toml("c.toml", &format!("[upstream]\n{}", keys.join("\n")))
+                .unwrap();
+        let u = c.upstream.expect("an upstream");
+        assert_eq!(u.controller, "ministry.example:4433");
+        assert_eq!((u.interval_s, u.spool_quota_mb), (10.0, 1024));
+        let d = Config::default();
+        assert_eq!(
+            d.national.max_sites_per_province,
+            tiandi_link::config::parse_toml::<Config>("controller.example.toml", text)
+                .unwrap()
+                .national
+                .max_sites_per_province
+        );
     }
 
     #[test]

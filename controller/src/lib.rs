@@ -18,6 +18,7 @@ pub mod console;
 pub mod demo;
 
 pub mod enroll;
+pub mod federation;
 pub mod housekeeping;
 pub mod http;
 pub mod leases;
@@ -166,6 +167,9 @@ pub struct Core {
     pub backups: Arc<backups::Backups>,
     /// The replication log standbys follow, and this controller's fencing epoch ([`replica`]).
     pub replica: Arc<replica::primary::Primary>,
+    /// The ministry's national view, when it lists province controllers (`[national]`,
+    /// [`federation`]).
+    pub national: Option<Arc<federation::National>>,
     /// When this controller started (Unix ms).
     pub started_ms: i64,
     /// The last sample of the stored-report counter (time, count) and the rate between the
@@ -469,7 +473,20 @@ impl Controller {
                 });
             });
         }
+        let national = if config.national.provinces.is_empty() {
+            None
+        } else {
+            for p in &config.national.provinces {
+                tiandi_link::names::validate_name("site ID", p)
+                    .with_context(|| format!("national.provinces: {p:?}"))?;
+            }
+            Some(Arc::new(
+                federation::National::open(&db, config.national.clone())
+                    .context("opening the national view")?,
+            ))
+        };
         let core = Arc::new(Core {
+            national,
             ca,
             registry: registry.clone(),
             store: store.clone(),
@@ -558,6 +575,18 @@ impl Controller {
             )),
         ];
         tasks.extend(backup_tasks::start(&core, &db)?);
+        if let Some(up) = core.config.upstream.clone() {
+            let (core, db) = (core.clone(), db.clone());
+            tasks.push(tokio::spawn(async move {
+                let cancel = core.cancel.clone();
+                if let Err(error) = federation::forward(core, db, up, cancel).await {
+                    tracing::error!(
+                        error = format!("{error:#}"),
+                        "Forwarding to the ministry stopped."
+                    );
+                }
+            }));
+        }
         for (listener, addr, router) in [
             (api_listener, api_addr, api::router(core.clone())),
             (ops_listener, ops_addr, api::ops_router(core.clone())),

@@ -502,6 +502,9 @@ async fn session(
                     if !report.events.is_empty() {
                         core.device_events(&id.site_id, &id.province, &report);
                     }
+                    if let Some(fed) = report.federation.take() {
+                        crate::federation::on_report(core, &id.site_id, &id.province, seq, fed);
+                    }
                     let alarms = core.sites.on_report(&id.site_id, report, now);
                     core.metrics.ingest_seconds.observe(started.elapsed().as_secs_f64());
                     core.metrics

@@ -258,6 +258,8 @@ impl Diff for Report {
             probes,
             traps,
             delta: _,
+            // Carried whole: every summary and alarm in it is new.
+            federation: _,
         } = self;
         i64d(d, taken_ms, p.taken_ms);
         one(h, host, &p.host)?;

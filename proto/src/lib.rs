@@ -19,9 +19,10 @@ pub use prost::Message;
 /// Protocol major version: peers with different majors refuse each other.
 pub const MAJOR: u32 = 1;
 /// Protocol minor version: peers within one minor of each other are supported (protobuf skips
-/// the fields the older side does not know). 3: delta reports ([`delta`]); 2: device profiles'
-/// objects, events, reachability; 1: a dual-homed site's `Paths`.
-pub const MINOR: u32 = 3;
+/// the fields the older side does not know). 4: a province controller's [`Federation`] in its
+/// reports to the ministry's; 3: delta reports ([`delta`]); 2: device profiles' objects,
+/// events, reachability; 1: a dual-homed site's `Paths`.
+pub const MINOR: u32 = 4;
 /// The largest frame either side accepts (a report is ~200 bytes; a downsampled one too).
 pub const MAX_FRAME: usize = 64 * 1024;
 

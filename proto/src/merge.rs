@@ -56,8 +56,13 @@ fn merge_events(all: impl Iterator<Item = DeviceEvent>) -> Vec<DeviceEvent> {
     folded
 }
 
-/// Merges `reports` (ascending sequence order, at least one) into one report.
+/// Merges `reports` (ascending sequence order, at least one) into one report. `None` for a
+/// group holding a province's [`crate::Federation`]: summaries and alarm events are not
+/// figures to average, and folding many into one could outgrow a frame.
 pub fn merge(reports: &[Report]) -> Option<Report> {
+    if reports.len() > 1 && reports.iter().any(|r| r.federation.is_some()) {
+        return None;
+    }
     let first = reports.first()?;
     let last = reports.last()?;
     let samples: u32 = reports.iter().map(|r| r.samples.max(1)).sum();
@@ -394,6 +399,31 @@ mod tests {
         );
         assert_eq!(again.events.len(), 4);
         assert_eq!(again.devices[0].alarms.len(), 1);
+    }
+
+    #[test]
+    fn a_province_s_forwarded_reports_are_never_merged() {
+        let mut a = report(1, 100, 120, false);
+        let b = report(2, 200, 120, false);
+        a.federation = Some(crate::Federation {
+            alarms: vec![crate::AlarmChange {
+                at_ms: 1,
+                site_id: "sc-001".into(),
+                alarm: "site-down".into(),
+                state: "raised".into(),
+                detail: String::new(),
+            }],
+            ..Default::default()
+        });
+        assert!(
+            merge(&[a.clone(), b.clone()]).is_none(),
+            "alarm events are not averaged away"
+        );
+        assert_eq!(
+            merge(std::slice::from_ref(&a)).unwrap().federation,
+            a.federation
+        );
+        assert!(merge(&[b.clone(), b]).is_some());
     }
 
     #[test]

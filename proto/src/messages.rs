@@ -250,6 +250,82 @@ pub struct Report {
     #[prost(enumeration = "DeltaMode", tag = "12")]
     #[serde(skip)]
     pub delta: i32,
+    /// From a province controller to the ministry's only (tier two, from minor 4): its sites'
+    /// summaries that changed and its alarm events since its previous report.
+    #[prost(message, optional, tag = "13")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub federation: Option<Federation>,
+}
+
+/// What a province controller forwards to the ministry's in one report: the summaries of its
+/// sites that changed, and its alarm events in the order it logged them. At its start it lists
+/// every site once (a roster); the ministry then forgets the province's sites that roster did
+/// not name. Bounded by [`Federation::MAX_SITES`] and [`Federation::MAX_ALARMS`] per report.
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct Federation {
+    #[prost(message, repeated, tag = "1")]
+    pub sites: Vec<SiteSummary>,
+    #[prost(message, repeated, tag = "2")]
+    pub alarms: Vec<AlarmChange>,
+    /// The roster these summaries belong to: the province controller's start (Unix ms); it
+    /// only grows.
+    #[prost(uint64, tag = "3")]
+    pub roster: u64,
+    /// The last report of roster `roster`'s full listing: every site of the province has been
+    /// named in it (or changed since).
+    #[prost(bool, tag = "4")]
+    pub roster_done: bool,
+    /// How many sites the province holds now.
+    #[prost(uint32, tag = "5")]
+    pub total_sites: u32,
+}
+
+impl Federation {
+    /// Most site summaries in one report (a summary is ~60-120 bytes; a frame 64 KiB).
+    pub const MAX_SITES: usize = 300;
+    /// Most alarm events in one report.
+    pub const MAX_ALARMS: usize = 150;
+}
+
+/// One site as its province sees it: enough for a national view and national alarm counts.
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct SiteSummary {
+    #[prost(string, tag = "1")]
+    pub site_id: String,
+    /// `up`, `degraded`, `down`, `rain-fade`, `on-battery`, `disk-full`.
+    #[prost(string, tag = "2")]
+    pub status: String,
+    #[prost(bool, tag = "3")]
+    pub connected: bool,
+    /// Province controller's clock, Unix ms, of the site's last report (0: never).
+    #[prost(int64, tag = "4")]
+    pub last_seen_ms: i64,
+    /// Its active conditions (`site-down`, `rain-fade`, …).
+    #[prost(string, repeated, tag = "5")]
+    pub conditions: Vec<String>,
+    /// Since when it has had this status (province clock, Unix ms).
+    #[prost(int64, tag = "6")]
+    pub status_since_ms: i64,
+    /// The site left the province (revoked or removed): the ministry forgets it.
+    #[prost(bool, tag = "7")]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub removed: bool,
+}
+
+/// An alarm raised or cleared at a province (its controller's clock).
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct AlarmChange {
+    #[prost(int64, tag = "1")]
+    pub at_ms: i64,
+    #[prost(string, tag = "2")]
+    pub site_id: String,
+    #[prost(string, tag = "3")]
+    pub alarm: String,
+    /// `raised` or `cleared`.
+    #[prost(string, tag = "4")]
+    pub state: String,
+    #[prost(string, tag = "5")]
+    pub detail: String,
 }
 
 /// How a report on the wire is encoded ([`Report::delta`], [`crate::delta`]).

@@ -40,12 +40,14 @@ use crate::{Core, Event, account, auth, now_ms};
 
 mod alarms;
 mod conferences;
+mod national;
 mod sites;
 mod stream;
 mod transfers;
 
 use alarms::*;
 use conferences::*;
+use national::*;
 use sites::*;
 use stream::*;
 use transfers::*;
@@ -104,6 +106,9 @@ pub fn router(core: Arc<Core>) -> Router {
         .route(TransfersRequest::PATH, get(transfers))
         .route(BackupsRequest::PATH, get(backups_list))
         .route("/api/conferences", get(conferences))
+        .route("/api/national", get(national_provinces))
+        .route("/api/national/alarms", get(national_alarms))
+        .route("/api/national/{from}/sites", get(national_sites))
         .route("/api/me", get(account::me))
         .route("/api/logout", post(account::logout))
         .route("/api/me/password", post(account::password))

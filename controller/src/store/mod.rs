@@ -751,6 +751,32 @@ impl Store {
         Ok((out, None))
     }
 
+    /// Alarm events logged after the one at `after` (a key this returned; `None`: from the
+    /// start), oldest first, at most `limit`, each with its key (what a province controller
+    /// forwards to the ministry's, from where it stopped).
+    pub fn alarms_after(
+        &self,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, AlarmEvent)>, StoreError> {
+        let range = match after {
+            Some(k) => self.alarms.range((
+                std::ops::Bound::Excluded(k.to_vec()),
+                std::ops::Bound::Unbounded,
+            )),
+            None => self.alarms.range::<Vec<u8>, _>(..),
+        };
+        let mut out = Vec::new();
+        for kv in range.take(limit) {
+            let (k, v) = kv?;
+            out.push((
+                k.to_vec(),
+                serde_json::from_slice(&v).map_err(|e| corrupt("alarms", e))?,
+            ));
+        }
+        Ok(out)
+    }
+
     /// Alarm events since `since_ms`, newest last, at most `limit` (the newest ones).
     pub fn alarms(&self, since_ms: i64, limit: usize) -> Result<Vec<AlarmEvent>, StoreError> {
         let start = (since_ms.max(0) as u64).to_be_bytes().to_vec();

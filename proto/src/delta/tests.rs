@@ -97,6 +97,7 @@ fn report(r: &mut Rng) -> Report {
         probes: r.vec(probe),
         traps: r.opt(traps),
         delta: DeltaMode::Whole as i32,
+        federation: None,
     }
 }
 
