@@ -391,7 +391,12 @@ pub fn run(sites: usize, interval: f64, duration: f64) -> anyhow::Result<Figures
         .arg(dir.join("sim"))
         .args(["--interval", &interval.to_string(), "--stats"])
         .arg(&stats)
-        .env("RUST_LOG", "warn")
+        // `TIANDI_BENCH_SIM_LOG=info,tiandi_uplink=debug` (with TIANDI_BENCH_KEEP): why the
+        // simulated sites' attempts failed, in sim.log.
+        .env(
+            "RUST_LOG",
+            std::env::var("TIANDI_BENCH_SIM_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::piped())
         .stderr(sim_log)
         .spawn()?;

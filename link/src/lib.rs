@@ -96,6 +96,23 @@ impl LinkError {
 }
 
 impl LinkError {
+    /// Whether the peer is up but turned this connection away for now: its admission queue
+    /// was full (QUIC `CONNECTION_REFUSED` before the handshake), or it said it is overloaded.
+    /// Coming back within seconds can help; a long backoff only leaves it idle later.
+    pub fn is_busy(&self) -> bool {
+        let overload = u64::from(tiandi_proto::codes::OVERLOAD);
+        match self {
+            LinkError::Refused { code, .. } => *code == tiandi_proto::codes::OVERLOAD,
+            LinkError::Connection(quinn::ConnectionError::ConnectionClosed(c)) => {
+                c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
+            }
+            LinkError::Connection(quinn::ConnectionError::ApplicationClosed(c)) => {
+                u64::from(c.error_code) == overload
+            }
+            _ => false,
+        }
+    }
+
     /// Whether the TLS handshake failed (a crypto error, from either side: an unknown CA, a
     /// certificate that does not verify): not a lossy link, so retrying fast cannot help and
     /// retries back off exponentially.

@@ -43,6 +43,9 @@ const SILENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Failed attempts in a row at one controller address before the next is tried (a restart
 /// of the primary is over before this many; a lost primary is left within a minute).
 pub const SWITCH_AFTER: u32 = 3;
+/// Retries after a busy refusal ([`busy_backoff`]).
+const BUSY_BASE: Duration = Duration::from_secs(2);
+const BUSY_CAP: Duration = Duration::from_secs(16);
 /// After a permanent refusal (revoked, unknown, wrong version) retry only this often.
 const PERMANENT_RETRY: Duration = Duration::from_secs(300);
 
@@ -328,6 +331,8 @@ async fn run_one(
     let mut lost_at: Option<Instant> = None;
     // Handshakes failed in a row for TLS reasons (an unknown CA, say).
     let mut tls_failures: u32 = 0;
+    // Attempts in a row the controller turned away as busy (its admission queue full).
+    let mut busy: u32 = 0;
     // The controller addresses, the one in use, and failures in a row there.
     let addrs: Vec<String> = std::iter::once(cfg.controller.clone())
         .chain(cfg.standby.iter().cloned())
@@ -371,7 +376,12 @@ async fn run_one(
         if !matches!(&result, Err(e) if e.is_tls_failure()) {
             tls_failures = 0;
         }
-        if addrs.len() > 1 {
+        let is_busy = matches!(&result, Err(e) if e.is_busy());
+        if !is_busy {
+            busy = 0;
+        }
+        // A busy controller is up: no reason to try its standby.
+        if addrs.len() > 1 && !is_busy {
             // A session that got going resets the count; a stale or standing-down controller
             // is left at once, any other failure after SWITCH_AFTER in a row.
             if started.elapsed() > BACKOFF_CAP {
@@ -404,6 +414,16 @@ async fn run_one(
             Err(e) if e.is_permanent() => {
                 error!(error = %e, "The controller refuses this site; an operator must act (re-enroll or fix the version). Retrying in 5 min.");
                 PERMANENT_RETRY
+            }
+            Err(e) if e.is_busy() => {
+                // The controller is up and admitting others (after its restart, thousands of
+                // sites at once): come back within seconds, widening the spread each time it
+                // says busy again, so that its queue stays full but not flooded. Not the
+                // outage backoff: that would leave the controller idle later.
+                busy = busy.saturating_add(1);
+                let d = busy_backoff(busy);
+                debug!(error = %e, busy, retry_in_ms = d.as_millis() as u64, "The controller is busy admitting others.");
+                d
             }
             Err(e) if e.is_tls_failure() => {
                 // A controller this site cannot trust (or that cannot trust it) will not change
@@ -441,6 +461,15 @@ async fn run_one(
             _ = tokio::time::sleep(delay) => {}
         }
     }
+}
+
+/// The wait after the `n`-th busy refusal in a row: uniform over `[d/4, d]` with `d` = 2 s
+/// doubling up to [`BUSY_CAP`] (0.5–2 s, 1–4 s, 2–8 s, then 4–16 s).
+fn busy_backoff(n: u32) -> Duration {
+    let d = BUSY_BASE
+        .saturating_mul(1u32 << n.saturating_sub(1).min(16))
+        .min(BUSY_CAP);
+    d.mul_f64(0.25 + 0.75 * rand::random::<f64>())
 }
 
 /// The wait after the `n`-th TLS failure in a row: `BACKOFF_BASE × 2^(n-1)` up to
@@ -864,5 +893,34 @@ mod tests {
             t += tls_backoff(attempts).as_secs_f64();
         }
         assert!(attempts <= 5, "{attempts}");
+    }
+
+    #[test]
+    fn a_busy_controller_is_retried_within_seconds_spreading_out() {
+        for (n, lo, hi) in [(1, 0.5, 2.0), (2, 1.0, 4.0), (3, 2.0, 8.0), (4, 4.0, 16.0)] {
+            for _ in 0..100 {
+                let d = busy_backoff(n).as_secs_f64();
+                assert!((lo..=hi).contains(&d), "{n}: {d}");
+            }
+        }
+        for n in [5, 30, u32::MAX] {
+            let d = busy_backoff(n).as_secs_f64();
+            assert!((4.0..=16.0).contains(&d), "{n}: {d}");
+        }
+        let refused = LinkError::Connection(quinn::ConnectionError::ConnectionClosed(
+            quinn::ConnectionClose {
+                error_code: quinn::TransportErrorCode::CONNECTION_REFUSED,
+                frame_type: None,
+                reason: Default::default(),
+            },
+        ));
+        assert!(refused.is_busy() && !refused.is_tls_failure() && !refused.is_permanent());
+        let overload = LinkError::Refused {
+            code: tiandi_proto::codes::OVERLOAD,
+            reason: "busy".into(),
+        };
+        assert!(overload.is_busy());
+        let gone = LinkError::Stream("no handshake within 3s".into());
+        assert!(!gone.is_busy());
     }
 }
