@@ -25,6 +25,9 @@ use tracing::{info, warn};
 
 pub use config::Config;
 
+/// How long enrollment keeps coming back to a controller that says it is busy.
+const ENROLL_BUSY_FOR: Duration = Duration::from_secs(600);
+
 /// Reports held in memory while the spool cannot be written (a day at 10 s).
 const MAX_UNSPOOLED: usize = 8640;
 
@@ -42,9 +45,25 @@ pub async fn enroll(
         .next()
         .with_context(|| format!("{controller} resolves to no address"))?;
     let endpoint = tiandi_link::client_endpoint(addr)?;
-    let enrolled = tiandi_link::enroll::enroll(&endpoint, addr, token, Duration::from_secs(30))
-        .await
-        .with_context(|| format!("enrolling with {controller}"))?;
+    // A controller busy taking thousands of sites in turns this one away before the handshake
+    // (the token is not spent): come back when it says, for up to ENROLL_BUSY_FOR.
+    let started = std::time::Instant::now();
+    let enrolled = loop {
+        match tiandi_link::enroll::enroll(&endpoint, addr, token, Duration::from_secs(30)).await {
+            Err(e) if e.is_busy() && started.elapsed() < ENROLL_BUSY_FOR => {
+                let wait = e
+                    .retry_after()
+                    .unwrap_or(Duration::from_secs(2))
+                    .mul_f64(1.0 + 0.1 * rand::random::<f64>());
+                info!(
+                    retry_in_ms = wait.as_millis() as u64,
+                    "The controller is busy enrolling others; trying again."
+                );
+                tokio::time::sleep(wait).await;
+            }
+            r => break r.with_context(|| format!("enrolling with {controller}"))?,
+        }
+    };
     identity::save(data_dir, &enrolled)?;
     endpoint.wait_idle().await;
     Ok(identity::SiteInfo {

@@ -115,15 +115,21 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
     .await?;
     let write_stats = |final_: bool| -> anyhow::Result<()> {
         let (mut pushed, mut spooled, mut connected, mut acked) = (0u64, 0u64, 0u64, 0u64);
-        for (_, s) in &shareds {
+        // At the end: the sites still holding reports (at most 50), to look for in the log.
+        let mut unsent = Vec::new();
+        for (id, s) in &shareds {
             let sp = s.spool.lock().expect("spool lock poisoned");
             pushed += sp.next_seq() - 1;
             spooled += sp.len() as u64;
-            connected += u64::from(s.connected.load(Ordering::Relaxed));
+            let up = s.connected.load(Ordering::Relaxed);
+            connected += u64::from(up);
             acked += s.acked.load(Ordering::Relaxed);
+            if final_ && !sp.is_empty() && unsent.len() < 50 {
+                unsent.push(serde_json::json!({"site": id, "spooled": sp.len(), "connected": up}));
+            }
         }
         let v = serde_json::json!({"sites": shareds.len(), "pushed": pushed, "acked": acked,
-            "spooled": spooled, "connected": connected, "final": final_});
+            "spooled": spooled, "connected": connected, "final": final_, "unsent": unsent});
         if let Some(p) = &stats {
             let tmp = p.with_extension("tmp");
             std::fs::write(&tmp, v.to_string())?;

@@ -522,6 +522,9 @@ pub fn run(sites: usize, interval: f64, duration: f64) -> anyhow::Result<Figures
         "sites produced {pushed} reports; controller holds {distinct} distinct in {entries} history entries; simulator left {} spooled",
         final_stats["spooled"]
     );
+    if final_stats["spooled"].as_u64().unwrap_or(0) > 0 {
+        eprintln!("sites still holding reports: {}", final_stats["unsent"]);
+    }
     Ok(Figures {
         sites,
         reports: pushed,

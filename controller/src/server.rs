@@ -36,15 +36,101 @@ impl Pacer {
         }
     }
 
-    /// The instant this admission may proceed.
-    pub fn reserve(&self) -> Instant {
+    /// The instant this admission may proceed, if no later than `deadline`; `None` (and
+    /// nothing reserved) otherwise. A refused attempt must not take a slot: under sustained
+    /// overload every refusal would push the schedule further out, until nothing is admitted.
+    pub fn reserve(&self, deadline: Instant) -> Option<Instant> {
         let mut next = self.next.lock().expect("pacer lock poisoned");
         let now = Instant::now();
         let earliest = now.checked_sub(self.burst).unwrap_or(now);
         let at = (*next).max(earliest);
+        if at > deadline {
+            return None;
+        }
         *next = at + self.interval;
-        at
+        Some(at)
     }
+}
+
+/// When a client turned away may come back (the reason of its `CONNECTION_REFUSED`,
+/// `retry-after-ms=N`): after those already waiting and those told before it, at the rate the
+/// controller has been completing handshakes. After a restart 20,000 sites arrive within
+/// seconds; told when, they come back spread over the time the controller needs to take them
+/// in, instead of all retrying at once and being refused again (each refusal costs the site a
+/// new handshake's key exchange).
+pub struct Comeback {
+    state: std::sync::Mutex<ComebackState>,
+    max_rate: f64,
+}
+
+struct ComebackState {
+    /// When everything promised so far has been taken in.
+    until: Instant,
+    /// Handshakes completed per second (moving average) and the count at the last sample.
+    rate: f64,
+    last_count: u64,
+    last_at: Instant,
+}
+
+impl Comeback {
+    /// Least a client is told to wait.
+    pub const MIN: Duration = Duration::from_millis(500);
+    /// How far ahead slots are promised. The rate they are spaced at is learned as the storm
+    /// goes (a controller just started takes fewer than it will a few seconds later), so a
+    /// client whose slot would be later is told to ask again within this, spread out, and
+    /// gets a slot from the schedule as it stands then.
+    pub const HORIZON: Duration = Duration::from_secs(15);
+
+    pub fn new(max_rate: u32) -> Comeback {
+        let now = Instant::now();
+        Comeback {
+            state: std::sync::Mutex::new(ComebackState {
+                until: now,
+                rate: f64::from(max_rate.max(1)) / 4.0,
+                last_count: 0,
+                last_at: now,
+            }),
+            max_rate: f64::from(max_rate.max(1)),
+        }
+    }
+
+    /// Takes the count of completed handshakes in (at most every second).
+    pub fn sample(&self, completed: u64) {
+        let mut s = self.state.lock().expect("comeback lock poisoned");
+        let dt = s.last_at.elapsed().as_secs_f64();
+        if dt < 1.0 {
+            return;
+        }
+        let now_rate = completed.saturating_sub(s.last_count) as f64 / dt;
+        // Only a second with work in it says what the controller can do.
+        if now_rate > 0.0 {
+            s.rate = (0.5 * s.rate + 0.5 * now_rate).clamp(self.max_rate.min(20.0), self.max_rate);
+        }
+        s.last_count = completed;
+        s.last_at = Instant::now();
+    }
+
+    /// A slot for a client turned away now: how long it is to wait.
+    pub fn reserve(&self, waiting: usize) -> Duration {
+        let mut s = self.state.lock().expect("comeback lock poisoned");
+        let now = Instant::now();
+        // A quarter faster than measured: the rate is learned from the handshakes the
+        // controller was given, so slots no faster than that would never find out it can do
+        // more (one too early is refused again, with a later slot).
+        let per = Duration::from_secs_f64(1.0 / (1.25 * s.rate));
+        let queued = now + per.mul_f64(waiting as f64);
+        let at = s.until.max(queued).max(now + Self::MIN);
+        if at > now + Self::HORIZON {
+            return Self::HORIZON.mul_f64(0.5 + 0.5 * rand::random::<f64>());
+        }
+        s.until = at + per;
+        at - now
+    }
+}
+
+/// The reason a busy refusal carries ([`Comeback`]; `tiandi_uplink` reads it).
+pub fn retry_reason(after: Duration) -> String {
+    format!("retry-after-ms={}", after.as_millis())
 }
 
 pub async fn accept_loop(
@@ -65,38 +151,40 @@ pub async fn accept_loop(
         core.config.admission.concurrent_handshakes.max(1),
     ));
     let max_wait = Duration::from_millis(core.config.admission.max_wait_ms);
+    let comeback = Arc::new(Comeback::new(core.config.admission.handshakes_per_s));
     loop {
+        comeback.sample(core.metrics.handshakes.get());
         let incoming = tokio::select! {
             _ = core.cancel.cancelled() => break,
             i = endpoint.accept() => match i { Some(i) => i, None => break },
         };
-        if pending.load(Ordering::Relaxed) >= core.config.admission.max_pending {
+        let waiting = pending.load(Ordering::Relaxed);
+        if waiting >= core.config.admission.max_pending {
             core.metrics.refused.with_label_values(&["overload"]).inc();
-            incoming.refuse();
+            incoming.refuse_with_reason(&retry_reason(comeback.reserve(waiting)));
             continue;
         }
         pending.fetch_add(1, Ordering::Relaxed);
         core.metrics.pending_admission.inc();
-        let (core, pacer, pending, slots, server_config) = (
+        let (core, pacer, pending, slots, server_config, comeback) = (
             core.clone(),
             pacer.clone(),
             pending.clone(),
             slots.clone(),
             server_config.clone(),
+            comeback.clone(),
         );
         tokio::spawn(async move {
             let deadline = tokio::time::Instant::now() + max_wait;
-            let at = tokio::time::Instant::from(pacer.reserve());
-            let permit = if at > deadline {
-                None
-            } else {
-                tokio::select! {
+            let permit = match pacer.reserve(deadline.into_std()) {
+                None => None,
+                Some(at) => tokio::select! {
                     p = async {
-                        tokio::time::sleep_until(at).await;
+                        tokio::time::sleep_until(at.into()).await;
                         tokio::time::timeout_at(deadline, slots.acquire_owned()).await
                     } => p.ok().and_then(Result::ok),
                     _ = core.cancel.cancelled() => None,
-                }
+                },
             };
             pending.fetch_sub(1, Ordering::Relaxed);
             core.metrics.pending_admission.dec();
@@ -107,7 +195,8 @@ pub async fn accept_loop(
             }
             let Some(permit) = permit else {
                 core.metrics.refused.with_label_values(&["overload"]).inc();
-                incoming.refuse();
+                let waiting = pending.load(Ordering::Relaxed);
+                incoming.refuse_with_reason(&retry_reason(comeback.reserve(waiting)));
                 return;
             };
             let remote = incoming.remote_address();
@@ -621,4 +710,65 @@ pub(crate) fn apply_paths(
         core.site_changed(site_id);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_clients_are_given_slots_spread_at_the_handshake_rate() {
+        let c = Comeback::new(1000);
+        // Learned rate: 400 handshakes in a second.
+        c.state.lock().unwrap().last_at = Instant::now() - Duration::from_secs(1);
+        c.sample(400);
+        let rate = c.state.lock().unwrap().rate;
+        assert!((300.0..=330.0).contains(&rate), "{rate}");
+        // 2,000 refused one after another: each later than the one before, a slot every
+        // 1 / (1.25 × rate) s, never sooner than MIN, never later than MAX.
+        let slots: Vec<Duration> = (0..2000).map(|_| c.reserve(0)).collect();
+        assert!(slots[0] >= Comeback::MIN);
+        assert!(slots.windows(2).all(|w| w[1] > w[0]));
+        let span = (slots[1999] - slots[0]).as_secs_f64();
+        let expected = 1999.0 / (1.25 * rate);
+        assert!((span - expected).abs() < 0.5, "{span} vs {expected}");
+        // With 600 already waiting, the first slot comes after them.
+        let c = Comeback::new(1000);
+        let first = c.reserve(600).as_secs_f64();
+        let per = 1.0 / (1.25 * 250.0);
+        assert!((first - 600.0 * per).abs() < 0.05, "{first}");
+        // The pacer: a refused reservation takes no slot (overload must not push the schedule
+        // out for good).
+        let p = Pacer::new(10, 1);
+        let soon = Instant::now() + Duration::from_millis(250);
+        let taken: Vec<Option<Instant>> = (0..10).map(|_| p.reserve(soon)).collect();
+        assert_eq!(taken.iter().filter(|t| t.is_some()).count(), 3, "{taken:?}");
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            p.reserve(Instant::now() + Duration::from_millis(250))
+                .is_some(),
+            "after the refusals the next slot is still near"
+        );
+        // A configured rate below the floor of the learned one is no panic (issue 22).
+        let slow = Comeback::new(5);
+        slow.state.lock().unwrap().last_at = Instant::now() - Duration::from_secs(1);
+        slow.sample(3);
+        assert!(slow.state.lock().unwrap().rate <= 5.0);
+        // Past the horizon nothing is promised: ask again within it, spread out.
+        let c = Comeback::new(20);
+        let later: Vec<Duration> = (0..1000).map(|_| c.reserve(0)).skip(500).collect();
+        assert!(
+            later
+                .iter()
+                .all(|d| *d <= Comeback::HORIZON && *d >= Comeback::HORIZON / 2)
+        );
+        assert!(
+            later.windows(2).any(|w| w[0] != w[1]),
+            "spread, not one instant"
+        );
+        assert_eq!(
+            retry_reason(Duration::from_millis(1500)),
+            "retry-after-ms=1500"
+        );
+    }
 }

@@ -20,6 +20,7 @@ pub mod window;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use framed::{FrameReader, FrameWriter};
 pub use pki::{Ca, SiteIdentity};
@@ -53,6 +54,9 @@ pub enum LinkError {
     #[error("refused by peer (code {code}): {reason}")]
     Refused { code: u32, reason: String },
 }
+
+/// The longest a busy peer's `retry-after` is taken at its word.
+pub const RETRY_AFTER_MAX: Duration = Duration::from_secs(60);
 
 impl LinkError {
     pub fn io(path: &Path, source: std::io::Error) -> Self {
@@ -111,6 +115,23 @@ impl LinkError {
             }
             _ => false,
         }
+    }
+
+    /// When a busy peer said to come back (`retry-after-ms=N` in its refusal), within
+    /// [`RETRY_AFTER_MAX`]. Unauthenticated, as every refusal before a handshake is: a hint.
+    pub fn retry_after(&self) -> Option<Duration> {
+        let LinkError::Connection(quinn::ConnectionError::ConnectionClosed(c)) = self else {
+            return None;
+        };
+        if c.error_code != quinn::TransportErrorCode::CONNECTION_REFUSED {
+            return None;
+        }
+        let ms: u64 = std::str::from_utf8(&c.reason)
+            .ok()?
+            .strip_prefix("retry-after-ms=")?
+            .parse()
+            .ok()?;
+        Some(Duration::from_millis(ms).min(RETRY_AFTER_MAX))
     }
 
     /// Whether the TLS handshake failed (a crypto error, from either side: an unknown CA, a

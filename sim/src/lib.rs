@@ -679,19 +679,23 @@ pub async fn start(
             }
             None => None,
         };
-        tokio::spawn(uplink::run(
-            endpoint.clone(),
-            uplink::UplinkConfig {
-                controller: opts.controller.clone(),
-                standby: Vec::new(),
-                site_id: c.site_id.clone(),
-                client,
-                interval_ms: interval_ms as u32,
-                connect_timeout: opts.profile.connect_timeout(),
-                on_session,
-            },
-            shared.clone(),
-            cancel.clone(),
+        let span = tracing::info_span!("site", site = %c.site_id);
+        tokio::spawn(tracing::Instrument::instrument(
+            uplink::run(
+                endpoint.clone(),
+                uplink::UplinkConfig {
+                    controller: opts.controller.clone(),
+                    standby: Vec::new(),
+                    site_id: c.site_id.clone(),
+                    client,
+                    interval_ms: interval_ms as u32,
+                    connect_timeout: opts.profile.connect_timeout(),
+                    on_session,
+                },
+                shared.clone(),
+                cancel.clone(),
+            ),
+            span,
         ));
         let (s, cancel2, outages) = (shared.clone(), stop_reports.clone(), opts.outages);
         let interval = opts.interval;

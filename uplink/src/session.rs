@@ -421,7 +421,12 @@ async fn run_one(
                 // says busy again, so that its queue stays full but not flooded. Not the
                 // outage backoff: that would leave the controller idle later.
                 busy = busy.saturating_add(1);
-                let d = busy_backoff(busy);
+                // The controller said when (its admission schedule): then, give or take a
+                // tenth; otherwise guess.
+                let d = match e.retry_after() {
+                    Some(after) => after.mul_f64(1.0 + 0.1 * rand::random::<f64>()),
+                    None => busy_backoff(busy),
+                };
                 debug!(error = %e, busy, retry_in_ms = d.as_millis() as u64, "The controller is busy admitting others.");
                 d
             }
@@ -915,6 +920,26 @@ mod tests {
             },
         ));
         assert!(refused.is_busy() && !refused.is_tls_failure() && !refused.is_permanent());
+        assert_eq!(refused.retry_after(), None, "no hint: busy_backoff");
+        let told = |reason: &'static str| {
+            LinkError::Connection(quinn::ConnectionError::ConnectionClosed(
+                quinn::ConnectionClose {
+                    error_code: quinn::TransportErrorCode::CONNECTION_REFUSED,
+                    frame_type: None,
+                    reason: reason.as_bytes().to_vec().into(),
+                },
+            ))
+        };
+        assert_eq!(
+            told("retry-after-ms=2500").retry_after(),
+            Some(Duration::from_millis(2500))
+        );
+        assert_eq!(
+            told("retry-after-ms=99999999").retry_after(),
+            Some(tiandi_link::RETRY_AFTER_MAX),
+            "a hint is taken at its word only so far"
+        );
+        assert_eq!(told("retry-after-ms=soon").retry_after(), None);
         let overload = LinkError::Refused {
             code: tiandi_proto::codes::OVERLOAD,
             reason: "busy".into(),

@@ -729,6 +729,19 @@ impl Endpoint {
 
     /// Reject this incoming connection attempt
     pub fn refuse(&mut self, incoming: Incoming, buf: &mut Vec<u8>) -> Transmit {
+        self.refuse_with_reason(incoming, "", buf)
+    }
+
+    /// [`Endpoint::refuse`], telling the peer why in the close frame's reason (Tiandi: when
+    /// a busy server can take the connection, so that refused clients come back when they
+    /// can be served instead of all at once). Unauthenticated, like every Initial packet: a
+    /// client treats it as a hint.
+    pub fn refuse_with_reason(
+        &mut self,
+        incoming: Incoming,
+        reason: &str,
+        buf: &mut Vec<u8>,
+    ) -> Transmit {
         self.clean_up_incoming(&incoming);
         incoming.improper_drop_warner.dismiss();
 
@@ -737,7 +750,7 @@ impl Endpoint {
             incoming.addresses,
             &incoming.crypto,
             &incoming.packet.header.src_cid,
-            TransportError::CONNECTION_REFUSED(""),
+            TransportError::CONNECTION_REFUSED(reason),
             buf,
         )
     }

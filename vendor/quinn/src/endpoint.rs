@@ -446,11 +446,13 @@ impl EndpointInner {
         }
     }
 
-    pub(crate) fn refuse(&self, incoming: proto::Incoming) {
+    pub(crate) fn refuse(&self, incoming: proto::Incoming, reason: &str) {
         let mut state = self.state.lock().unwrap();
         state.stats.refused_handshakes += 1;
         let mut response_buffer = Vec::new();
-        let transmit = state.inner.refuse(incoming, &mut response_buffer);
+        let transmit = state
+            .inner
+            .refuse_with_reason(incoming, reason, &mut response_buffer);
         respond(transmit, &response_buffer, &*state.socket);
     }
 

@@ -43,7 +43,13 @@ impl Incoming {
     /// Reject this incoming connection attempt
     pub fn refuse(mut self) {
         let state = self.0.take().unwrap();
-        state.endpoint.refuse(state.inner);
+        state.endpoint.refuse(state.inner, "");
+    }
+
+    /// [`Incoming::refuse`], telling the client why (Tiandi: when to come back).
+    pub fn refuse_with_reason(mut self, reason: &str) {
+        let state = self.0.take().unwrap();
+        state.endpoint.refuse(state.inner, reason);
     }
 
     /// Respond with a retry packet, requiring the client to retry with address validation
@@ -104,7 +110,7 @@ impl Drop for Incoming {
     fn drop(&mut self) {
         // Implicit reject, similar to Connection's implicit close
         if let Some(state) = self.0.take() {
-            state.endpoint.refuse(state.inner);
+            state.endpoint.refuse(state.inner, "");
         }
     }
 }
