@@ -173,6 +173,7 @@ impl Forwarding {
 }
 
 const CURSOR_KEY: &[u8] = b"alarm_cursor";
+const ROSTER_KEY: &[u8] = b"roster";
 
 /// Forwards this province to the ministry until cancelled (`[upstream]`).
 pub async fn forward(
@@ -202,16 +203,23 @@ pub async fn forward(
     )
     .with_context(|| format!("opening the upstream spool {}", spool_dir.display()))?;
     let shared = tiandi_uplink::Shared::new(spool);
-    let addr = tokio::net::lookup_host(&cfg.controller)
-        .await
-        .with_context(|| format!("upstream.controller: resolving {}", cfg.controller))?
-        .next()
-        .with_context(|| {
-            format!(
-                "upstream.controller: {} resolves to no address",
-                cfg.controller
-            )
-        })?;
+    // The ministry's name may not resolve yet (its DNS down with it): keep trying.
+    let addr = loop {
+        match tokio::net::lookup_host(&cfg.controller)
+            .await
+            .map(|mut a| a.next())
+        {
+            Ok(Some(a)) => break a,
+            r => {
+                let why = r.map_or_else(|e| e.to_string(), |_| "no address".into());
+                warn!(controller = %cfg.controller, error = %why, "upstream.controller does not resolve; trying again in 30 s.");
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                }
+            }
+        }
+    };
     let endpoint = tiandi_link::client_endpoint(addr)?;
     info!(as_site = %id.info.site_id, ministry = %cfg.controller, "Forwarding this province's summaries and alarms to the ministry.");
     let uplink = tokio::spawn(tiandi_uplink::run(
@@ -230,7 +238,15 @@ pub async fn forward(
     ));
     let tree = db.open_tree("upstream")?;
     let cursor = tree.get(CURSOR_KEY)?.map(|v| v.to_vec());
-    let mut fwd = Forwarding::new(crate::now_ms().max(0) as u64, cursor);
+    // This start's roster: its time, but always above the last one (a clock stepped back
+    // must not make the ministry ignore it).
+    let last_roster = tree
+        .get(ROSTER_KEY)?
+        .and_then(|v| Some(u64::from_be_bytes(v.as_ref().try_into().ok()?)))
+        .unwrap_or(0);
+    let roster = (crate::now_ms().max(0) as u64).max(last_roster + 1);
+    tree.insert(ROSTER_KEY, &roster.to_be_bytes())?;
+    let mut fwd = Forwarding::new(roster, cursor);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -284,7 +300,7 @@ pub enum NationalError {
     Db(#[from] sled::Error),
 }
 
-/// One forwarded site as the ministry keeps it.
+/// One forwarded site as the ministry keeps it (or a removed one's tombstone: `removed`).
 #[derive(Clone, Debug, Serialize)]
 pub struct NationalSite {
     #[serde(flatten)]
@@ -292,6 +308,7 @@ pub struct NationalSite {
     /// The report (sequence number at the province's uplink) that last set it.
     #[serde(skip)]
     pub seq: u64,
+    /// The roster of that report.
     #[serde(skip)]
     pub roster: u64,
 }
@@ -305,8 +322,42 @@ struct Province {
     /// A roster's end that arrived before all of the roster did: (roster, its report's seq).
     pending_roster: Option<(u64, u64)>,
     total_sites: u32,
+    /// The newest report applied (what `total_sites` is from).
+    last_seq: u64,
     last_report_ms: i64,
+    /// Sites, and the tombstones of removed ones (kept until no older report can arrive).
     sites: BTreeMap<String, NationalSite>,
+    tombstones: usize,
+}
+
+impl Province {
+    fn meta(&self) -> Vec<u8> {
+        let (pr, pa) = self.pending_roster.unwrap_or((0, 0));
+        let mut v = Vec::with_capacity(44 + self.province.len());
+        for x in [self.roster, pr, pa, self.last_seq] {
+            v.extend_from_slice(&x.to_be_bytes());
+        }
+        v.extend_from_slice(&self.total_sites.to_be_bytes());
+        v.extend_from_slice(self.province.as_bytes());
+        v
+    }
+
+    fn from_meta(v: &[u8]) -> Option<Province> {
+        let u = |i: usize| {
+            Some(u64::from_be_bytes(
+                v.get(i * 8..i * 8 + 8)?.try_into().ok()?,
+            ))
+        };
+        let (roster, pr, pa, last_seq) = (u(0)?, u(1)?, u(2)?, u(3)?);
+        Some(Province {
+            roster,
+            pending_roster: (pr > 0).then_some((pr, pa)),
+            last_seq,
+            total_sites: u32::from_be_bytes(v.get(32..36)?.try_into().ok()?),
+            province: String::from_utf8_lossy(v.get(36..)?).into_owned(),
+            ..Default::default()
+        })
+    }
 }
 
 /// A province's figures for the national view.
@@ -346,12 +397,14 @@ pub struct National {
     provinces: RwLock<HashMap<String, Province>>,
     /// `from \0 site` → seq (8) ‖ roster (8) ‖ summary (protobuf).
     sites_tree: sled::Tree,
-    /// `from` → roster (8) ‖ total (4) ‖ province name.
+    /// `from` → [`Province::meta`].
     meta_tree: sled::Tree,
-    /// `from \0 seq (8) ‖ index (4)` → JSON [`NationalAlarm`]; in the province's order.
+    /// `from \0 seq (8) ‖ index (4)` → JSON [`NationalAlarm`] (the same event applied twice
+    /// is one entry).
     alarms_tree: sled::Tree,
-    /// Every forwarded alarm event's key, oldest first by arrival, to bound the log.
-    alarm_keys: std::sync::Mutex<std::collections::VecDeque<Vec<u8>>>,
+    /// The log's keys by the provinces' event time: what is listed newest first and what is
+    /// dropped oldest first past `alarm_log_entries`.
+    alarm_index: std::sync::Mutex<std::collections::BTreeSet<(i64, Vec<u8>)>>,
 }
 
 /// A province is current while its controller's link is up and its last report is no older
@@ -368,6 +421,11 @@ fn site_key(from: &str, site: &str) -> Vec<u8> {
     k
 }
 
+/// The province controller a national key belongs to (the part before its NUL).
+fn key_from(k: &[u8]) -> &[u8] {
+    k.split(|b| *b == 0).next().unwrap_or_default()
+}
+
 impl National {
     /// Opens the national view (loads what was forwarded before).
     pub fn open(db: &sled::Db, cfg: NationalConfig) -> Result<National, NationalError> {
@@ -378,26 +436,19 @@ impl National {
         let mut provinces: HashMap<String, Province> = HashMap::new();
         for kv in meta_tree.iter() {
             let (k, v) = kv?;
-            if v.len() < 12 {
-                continue;
-            }
             let from = String::from_utf8_lossy(&k).into_owned();
-            provinces.insert(
-                from,
-                Province {
-                    roster: u64::from_be_bytes(v[..8].try_into().expect("8 bytes")),
-                    total_sites: u32::from_be_bytes(v[8..12].try_into().expect("4 bytes")),
-                    province: String::from_utf8_lossy(&v[12..]).into_owned(),
-                    ..Default::default()
-                },
-            );
+            match Province::from_meta(&v) {
+                Some(p) => {
+                    provinces.insert(from, p);
+                }
+                None => {
+                    warn!(province = %from, "A stored national province record does not decode; skipped.")
+                }
+            }
         }
         for kv in sites_tree.iter() {
             let (k, v) = kv?;
-            let Some(split) = k.iter().position(|b| *b == 0) else {
-                continue;
-            };
-            let from = String::from_utf8_lossy(&k[..split]).into_owned();
+            let from = String::from_utf8_lossy(key_from(&k)).into_owned();
             if v.len() < 16 {
                 continue;
             }
@@ -406,6 +457,7 @@ impl National {
                 continue;
             };
             let p = provinces.entry(from).or_default();
+            p.tombstones += usize::from(summary.removed);
             p.sites.insert(
                 summary.site_id.clone(),
                 NationalSite {
@@ -415,18 +467,20 @@ impl National {
                 },
             );
         }
-        let alarm_keys = alarms_tree
-            .iter()
-            .keys()
-            .filter_map(|k| k.ok().map(|k| k.to_vec()))
-            .collect();
+        let mut index = std::collections::BTreeSet::new();
+        for kv in alarms_tree.iter() {
+            let (k, v) = kv?;
+            if let Ok(a) = serde_json::from_slice::<NationalAlarm>(&v) {
+                index.insert((a.at_ms, k.to_vec()));
+            }
+        }
         Ok(National {
             cfg,
             provinces: RwLock::new(provinces),
             sites_tree,
             meta_tree,
             alarms_tree,
-            alarm_keys: std::sync::Mutex::new(alarm_keys),
+            alarm_index: std::sync::Mutex::new(index),
         })
     }
 
@@ -438,7 +492,8 @@ impl National {
     /// Applies a stored report's federation from province controller `from` (of province
     /// `province`, as its certificate says). `stored_through`: every report of `from` up to
     /// this sequence number is stored (the contiguous prefix). Returns how many summaries and
-    /// alarm events were refused (bad names, over the bound).
+    /// alarm events were refused (bad names, over the bound). The caller applies one
+    /// province's reports one at a time (its session).
     pub fn apply(
         &self,
         from: &str,
@@ -453,6 +508,7 @@ impl National {
             return Err(NationalError::NotAProvince(from.to_string()));
         }
         let mut refused = 0;
+        let mut batch = sled::Batch::default();
         let mut provinces = self.provinces.write().expect("national lock poisoned");
         let p = provinces.entry(from.to_string()).or_default();
         p.province = province.to_string();
@@ -461,10 +517,10 @@ impl National {
             p.roster = fed.roster;
             p.pending_roster = None;
         }
-        if fed.roster == p.roster {
+        if seq > p.last_seq {
+            p.last_seq = seq;
             p.total_sites = fed.total_sites;
         }
-        let mut batch = sled::Batch::default();
         for s in fed.sites {
             if tiandi_link::names::validate_name("site ID", &s.site_id).is_err()
                 || (!s.removed && Status::parse(&s.status).is_none())
@@ -476,32 +532,30 @@ impl National {
                 refused += 1;
                 continue;
             }
-            let key = site_key(from, &s.site_id);
             match p.sites.get(&s.site_id) {
+                // A later report said otherwise already (its removal too: the tombstone).
                 Some(old) if old.seq > seq => continue,
-                None if !s.removed && p.sites.len() >= self.cfg.max_sites_per_province => {
+                None if !s.removed
+                    && p.sites.len() - p.tombstones >= self.cfg.max_sites_per_province =>
+                {
                     refused += 1;
                     continue;
                 }
                 _ => {}
             }
-            if s.removed {
-                p.sites.remove(&s.site_id);
-                batch.remove(key);
-                continue;
-            }
-            let roster = fed.roster.max(p.roster);
             let mut v = Vec::with_capacity(16 + s.encoded_len());
             v.extend_from_slice(&seq.to_be_bytes());
-            v.extend_from_slice(&roster.to_be_bytes());
+            v.extend_from_slice(&fed.roster.to_be_bytes());
             s.encode(&mut v).expect("a Vec grows");
-            batch.insert(key, v);
+            batch.insert(site_key(from, &s.site_id), v);
+            let was_removed = p.sites.get(&s.site_id).is_some_and(|o| o.summary.removed);
+            p.tombstones = p.tombstones + usize::from(s.removed) - usize::from(was_removed);
             p.sites.insert(
                 s.site_id.clone(),
                 NationalSite {
                     summary: s,
                     seq,
-                    roster,
+                    roster: fed.roster,
                 },
             );
         }
@@ -516,7 +570,7 @@ impl National {
             let gone: Vec<String> = p
                 .sites
                 .iter()
-                .filter(|(_, s)| s.roster < roster)
+                .filter(|(_, s)| s.roster < roster && !s.summary.removed)
                 .map(|(k, _)| k.clone())
                 .collect();
             if !gone.is_empty() {
@@ -528,18 +582,26 @@ impl National {
             }
             p.pending_roster = None;
         }
-        let mut meta = Vec::with_capacity(12 + province.len());
-        meta.extend_from_slice(&p.roster.to_be_bytes());
-        meta.extend_from_slice(&p.total_sites.to_be_bytes());
-        meta.extend_from_slice(province.as_bytes());
-        self.meta_tree.insert(from.as_bytes(), meta)?;
-        drop(provinces);
+        // Tombstones go once no report older than them can still arrive.
+        if p.tombstones > 0 {
+            let done: Vec<String> = p
+                .sites
+                .iter()
+                .filter(|(_, s)| s.summary.removed && s.seq <= stored_through)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for d in done {
+                batch.remove(site_key(from, &d));
+                p.sites.remove(&d);
+                p.tombstones -= 1;
+            }
+        }
+        self.meta_tree.insert(from.as_bytes(), p.meta())?;
+        // Under the lock: what is on disk follows the order memory was changed in.
         self.sites_tree.apply_batch(batch)?;
+        drop(provinces);
 
-        let mut keys = self
-            .alarm_keys
-            .lock()
-            .expect("national alarm lock poisoned");
+        let mut alarms = Vec::new();
         for (i, a) in fed.alarms.into_iter().enumerate() {
             if tiandi_link::names::validate_name("site ID", &a.site_id).is_err()
                 || tiandi_link::names::validate_name("alarm", &a.alarm).is_err()
@@ -551,21 +613,32 @@ impl National {
             let mut k = site_key(from, "");
             k.extend_from_slice(&seq.to_be_bytes());
             k.extend_from_slice(&(i as u32).to_be_bytes());
-            let ev = NationalAlarm {
-                from: from.to_string(),
-                province: province.to_string(),
-                at_ms: a.at_ms,
-                site_id: a.site_id,
-                alarm: a.alarm,
-                state: a.state,
-                detail: a.detail.chars().take(MAX_DETAIL).collect(),
-            };
-            let v = serde_json::to_vec(&ev).expect("plain data serializes");
-            if self.alarms_tree.insert(k.as_slice(), v)?.is_none() {
-                keys.push_back(k);
+            alarms.push((
+                k,
+                NationalAlarm {
+                    from: from.to_string(),
+                    province: province.to_string(),
+                    at_ms: a.at_ms,
+                    site_id: a.site_id,
+                    alarm: a.alarm,
+                    state: a.state,
+                    detail: a.detail.chars().take(MAX_DETAIL).collect(),
+                },
+            ));
+        }
+        if !alarms.is_empty() {
+            let mut index = self
+                .alarm_index
+                .lock()
+                .expect("national alarm lock poisoned");
+            for (k, ev) in alarms {
+                let v = serde_json::to_vec(&ev).expect("plain data serializes");
+                self.alarms_tree.insert(k.as_slice(), v)?;
+                index.insert((ev.at_ms, k));
             }
-            while keys.len() > self.cfg.alarm_log_entries.max(1) {
-                if let Some(old) = keys.pop_front() {
+            // Oldest (by the provinces' clocks) dropped first.
+            while index.len() > self.cfg.alarm_log_entries.max(1) {
+                if let Some((_, old)) = index.pop_first() {
                     self.alarms_tree.remove(old)?;
                 }
             }
@@ -584,11 +657,11 @@ impl National {
         let provinces = self.provinces.read().expect("national lock poisoned");
         let mut out: Vec<ProvinceView> = provinces
             .iter()
-            .filter(|(_, p)| sees(&p.province))
+            .filter(|(from, p)| self.is_province(from) && sees(&p.province))
             .map(|(from, p)| {
                 let mut by_status = BTreeMap::new();
                 let (mut conn, mut alarmed) = (0, 0);
-                for s in p.sites.values() {
+                for s in p.sites.values().filter(|s| !s.summary.removed) {
                     *by_status.entry(s.summary.status.clone()).or_insert(0) += 1;
                     conn += usize::from(s.summary.connected);
                     alarmed += usize::from(!s.summary.conditions.is_empty());
@@ -599,7 +672,7 @@ impl National {
                     current: is_current(p, link(from), now_ms),
                     last_report_ms: (p.last_report_ms > 0).then_some(p.last_report_ms),
                     total_sites: p.total_sites,
-                    known_sites: p.sites.len(),
+                    known_sites: p.sites.len() - p.tombstones,
                     connected: conn,
                     by_status,
                     alarmed,
@@ -622,6 +695,9 @@ impl National {
         sees: impl Fn(&str) -> bool,
         link: (bool, i64),
     ) -> Option<Vec<NationalSite>> {
+        if !self.is_province(from) {
+            return None;
+        }
         let provinces = self.provinces.read().expect("national lock poisoned");
         let p = provinces.get(from).filter(|p| sees(&p.province))?;
         let current = is_current(p, link, now_ms);
@@ -633,6 +709,7 @@ impl National {
         };
         Some(
             range
+                .filter(|(_, s)| !s.summary.removed)
                 .take(limit)
                 .map(|(_, s)| {
                     let mut s = s.clone();
@@ -645,25 +722,33 @@ impl National {
         )
     }
 
-    /// The national alarm log, newest first (by the provinces' clocks, then their order),
-    /// at most `limit`, only the provinces the caller may see: taken from the `4 × limit`
-    /// latest to arrive (a province's backlog arrives newest first).
+    /// The national alarm log, newest first (by the provinces' clocks), at most `limit`, only
+    /// the provinces the caller may see.
     pub fn alarms(&self, limit: usize, sees: impl Fn(&str) -> bool) -> Vec<NationalAlarm> {
-        let keys = self
-            .alarm_keys
+        // Which province controllers the caller may see, then the keys, then the values: no
+        // lock held while reading the log.
+        let visible: HashSet<Vec<u8>> = self
+            .provinces
+            .read()
+            .expect("national lock poisoned")
+            .iter()
+            .filter(|(from, p)| self.is_province(from) && sees(&p.province))
+            .map(|(from, _)| from.as_bytes().to_vec())
+            .collect();
+        let keys: Vec<Vec<u8>> = self
+            .alarm_index
             .lock()
-            .expect("national alarm lock poisoned");
-        let mut out: Vec<(Vec<u8>, NationalAlarm)> = keys
+            .expect("national alarm lock poisoned")
             .iter()
             .rev()
-            .filter_map(|k| Some((k.clone(), self.alarms_tree.get(k).ok().flatten()?)))
-            .filter_map(|(k, v)| Some((k, serde_json::from_slice::<NationalAlarm>(&v).ok()?)))
-            .filter(|(_, a)| sees(&a.province))
-            .take(limit.saturating_mul(4))
+            .filter(|(_, k)| visible.contains(key_from(k)))
+            .take(limit)
+            .map(|(_, k)| k.clone())
             .collect();
-        drop(keys);
-        out.sort_by(|(ka, a), (kb, b)| b.at_ms.cmp(&a.at_ms).then(kb.cmp(ka)));
-        out.into_iter().take(limit).map(|(_, a)| a).collect()
+        keys.iter()
+            .filter_map(|k| self.alarms_tree.get(k).ok().flatten())
+            .filter_map(|v| serde_json::from_slice::<NationalAlarm>(&v).ok())
+            .collect()
     }
 }
 

@@ -558,7 +558,7 @@ impl Controller {
             .start_committer()
             .context("starting the store's committer thread")?;
         let mut tasks = vec![
-            tokio::spawn(supervise_accept(
+            tokio::spawn(server::supervise_accept(
                 core.clone(),
                 endpoint.clone(),
                 server_config,
@@ -681,32 +681,6 @@ impl Controller {
             total_ms = started.elapsed().as_millis() as u64,
             "Stopped."
         );
-    }
-}
-
-/// Runs the QUIC accept loop; if it panics (a bug), logs it and starts it again, rather than
-/// leave a controller that answers `/health` but admits no site.
-async fn supervise_accept(
-    core: Arc<Core>,
-    endpoint: quinn::Endpoint,
-    server_config: Arc<quinn::ServerConfig>,
-) {
-    loop {
-        let run = tokio::spawn(server::accept_loop(
-            core.clone(),
-            endpoint.clone(),
-            server_config.clone(),
-        ));
-        match run.await {
-            Ok(()) => return,
-            Err(e) if e.is_panic() && !core.cancel.is_cancelled() => {
-                tracing::error!(
-                    "The QUIC accept loop panicked (a bug: see the log above); starting it again."
-                );
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(_) => return,
-        }
     }
 }
 

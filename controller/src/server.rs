@@ -133,6 +133,32 @@ pub fn retry_reason(after: Duration) -> String {
     format!("retry-after-ms={}", after.as_millis())
 }
 
+/// Runs the QUIC accept loop; if it panics (a bug), logs it and starts it again, rather than
+/// leave a controller that answers `/health` but admits no site.
+pub async fn supervise_accept(
+    core: Arc<Core>,
+    endpoint: quinn::Endpoint,
+    server_config: Arc<quinn::ServerConfig>,
+) {
+    loop {
+        let run = tokio::spawn(accept_loop(
+            core.clone(),
+            endpoint.clone(),
+            server_config.clone(),
+        ));
+        match run.await {
+            Ok(()) => return,
+            Err(e) if e.is_panic() && !core.cancel.is_cancelled() => {
+                tracing::error!(
+                    "The QUIC accept loop panicked (a bug: see the log above); starting it again."
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(_) => return,
+        }
+    }
+}
+
 pub async fn accept_loop(
     core: Arc<Core>,
     endpoint: quinn::Endpoint,

@@ -336,3 +336,200 @@ fn a_province_cannot_list_more_sites_than_its_bound() {
         .unwrap();
     assert_eq!(refused, 1);
 }
+
+fn removed(id: &str) -> SiteSummary {
+    SiteSummary {
+        site_id: id.into(),
+        removed: true,
+        ..Default::default()
+    }
+}
+
+fn ids(n: &National) -> Vec<String> {
+    n.sites("province-sc", None, 100, 1, |_| true, (true, 10_000))
+        .unwrap()
+        .into_iter()
+        .map(|s| s.summary.site_id)
+        .collect()
+}
+
+#[test]
+fn an_older_report_neither_revives_a_removed_site_nor_keeps_an_old_roster_s_site() {
+    let (db, n) = national();
+    let p = "province-sc";
+    n.apply(
+        p,
+        "sc",
+        1,
+        fed(
+            10,
+            true,
+            vec![summary("a", "up"), summary("b", "up"), summary("c", "up")],
+            vec![],
+        ),
+        1,
+        1,
+    )
+    .unwrap();
+    // `b` is removed (seq 5) and the report arrives before the backlog (seq 2-4).
+    n.apply(p, "sc", 5, fed(10, false, vec![removed("b")], vec![]), 1, 2)
+        .unwrap();
+    assert_eq!(ids(&n), ["a", "c"]);
+    n.apply(
+        p,
+        "sc",
+        3,
+        fed(10, false, vec![summary("b", "down")], vec![]),
+        1,
+        2,
+    )
+    .unwrap();
+    assert_eq!(
+        ids(&n),
+        ["a", "c"],
+        "the older report does not bring b back"
+    );
+    let v = n.provinces(2, |_| true, |_| (true, 10_000));
+    assert_eq!(v[0].known_sites, 2);
+    // The tombstone outlives a restart of the ministry, and goes once nothing older can come.
+    drop(n);
+    let n = National::open(
+        &db,
+        NationalConfig {
+            provinces: vec![p.into()],
+            max_sites_per_province: 1000,
+            alarm_log_entries: 5,
+        },
+    )
+    .unwrap();
+    n.apply(
+        p,
+        "sc",
+        4,
+        fed(10, false, vec![summary("b", "up")], vec![]),
+        5,
+        3,
+    )
+    .unwrap();
+    assert_eq!(ids(&n), ["a", "c"]);
+    assert!(
+        n.provinces.read().unwrap()[p].tombstones == 0,
+        "every report up to 5 is stored"
+    );
+
+    // The province restarts (roster 20); its newest report comes first, then backlog of
+    // roster 10 naming `c`, which the new roster no longer has.
+    n.apply(
+        p,
+        "sc",
+        9,
+        fed(20, true, vec![summary("a", "up")], vec![]),
+        5,
+        4,
+    )
+    .unwrap();
+    n.apply(
+        p,
+        "sc",
+        6,
+        fed(10, false, vec![summary("c", "degraded")], vec![]),
+        6,
+        4,
+    )
+    .unwrap();
+    assert_eq!(ids(&n), ["a", "c"], "seq 7-8 are still missing");
+    // The pending end of roster 20 survives a restart of the ministry.
+    drop(n);
+    let n = National::open(
+        &db,
+        NationalConfig {
+            provinces: vec![p.into()],
+            max_sites_per_province: 1000,
+            alarm_log_entries: 5,
+        },
+    )
+    .unwrap();
+    n.apply(p, "sc", 7, fed(10, false, vec![], vec![]), 7, 5)
+        .unwrap();
+    n.apply(p, "sc", 8, fed(20, false, vec![], vec![]), 9, 5)
+        .unwrap();
+    assert_eq!(
+        ids(&n),
+        ["a"],
+        "c was named by the old roster only: forgotten"
+    );
+    // total_sites is the newest report's, whatever arrives after it.
+    assert_eq!(
+        n.provinces(5, |_| true, |_| (true, 10_000))[0].total_sites,
+        1
+    );
+}
+
+#[test]
+fn the_national_alarm_log_is_newest_first_by_event_time_and_drops_the_oldest() {
+    let (db, n) = national();
+    let p = "province-sc";
+    // Newest report first, then the backlog (older events).
+    n.apply(
+        p,
+        "sc",
+        9,
+        fed(
+            1,
+            false,
+            vec![],
+            vec![change(900, "a", "raised"), change(901, "a", "cleared")],
+        ),
+        0,
+        1,
+    )
+    .unwrap();
+    for s in 2..8u64 {
+        n.apply(
+            p,
+            "sc",
+            s,
+            fed(
+                1,
+                false,
+                vec![],
+                vec![change(s as i64 * 100, "b", "raised")],
+            ),
+            s,
+            1,
+        )
+        .unwrap();
+    }
+    let at: Vec<i64> = n.alarms(100, |_| true).iter().map(|a| a.at_ms).collect();
+    assert_eq!(
+        at,
+        [901, 900, 700, 600, 500],
+        "bound 5: the oldest events went, not the newest"
+    );
+    drop(n);
+    let n = National::open(
+        &db,
+        NationalConfig {
+            provinces: vec![p.into()],
+            max_sites_per_province: 1000,
+            alarm_log_entries: 5,
+        },
+    )
+    .unwrap();
+    let again: Vec<i64> = n.alarms(2, |_| true).iter().map(|a| a.at_ms).collect();
+    assert_eq!(again, [901, 900], "the same order after a restart");
+    // A province no longer listed is not shown.
+    drop(n);
+    let n = National::open(
+        &db,
+        NationalConfig {
+            provinces: vec!["province-gd".into()],
+            max_sites_per_province: 1000,
+            alarm_log_entries: 5,
+        },
+    )
+    .unwrap();
+    assert!(n.alarms(10, |_| true).is_empty());
+    assert!(n.provinces(1, |_| true, |_| (true, 10_000)).is_empty());
+    assert!(n.sites(p, None, 10, 1, |_| true, (true, 10_000)).is_none());
+}

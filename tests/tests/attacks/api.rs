@@ -229,6 +229,9 @@ fn reads_need_a_token() {
         "/api/transfers",
         "/api/conferences",
         "/api/stream",
+        "/api/national",
+        "/api/national/alarms",
+        "/api/national/province-sc/sites",
     ] {
         let (status, body) = get(&format!("{api}{path}"), None).expect("an answer");
         assert_eq!(status, 401, "{path} without a token: {body}");
@@ -240,6 +243,13 @@ fn reads_need_a_token() {
     assert_eq!(status, 200);
     let (status, _) = get(&format!("{api}/api/admin/registry"), Some(&read)).unwrap();
     assert_eq!(status, 403, "the read token opens no admin route");
+    // A province controller's name from the path passes the one grammar before anything.
+    for bad in ["..", "a%2F..%2Fb", "%00x"] {
+        let (status, body) = get(&format!("{api}/api/national/{bad}/sites"), Some(&read)).unwrap();
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+    let (status, body) = get(&format!("{api}/api/national"), Some(&read)).unwrap();
+    assert_eq!(status, 404, "no [national] provinces here: {body}");
 }
 
 #[test]
