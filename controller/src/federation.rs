@@ -754,8 +754,28 @@ impl National {
 
 /// Stores a province's report's federation at the ministry; logs what is refused.
 pub fn on_report(core: &crate::Core, site: &str, province: &str, seq: u64, fed: Federation) {
+    // Said at most once a minute: a misconfigured or hostile site sends one every report.
+    static LAST_WARNED: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+    let say = |what: &dyn std::fmt::Display| {
+        let now = crate::now_ms();
+        let last = LAST_WARNED.load(std::sync::atomic::Ordering::Relaxed);
+        if now - last >= 60_000
+            && LAST_WARNED
+                .compare_exchange(
+                    last,
+                    now,
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            warn!(%site, "{what}");
+        }
+    };
     let Some(national) = &core.national else {
-        warn!(%site, "A report carried national summaries, but this controller lists no province controllers ([national] provinces): refused.");
+        say(
+            &"A report carried national summaries, but this controller lists no province controllers ([national] provinces): refused (said once a minute).",
+        );
         return;
     };
     let through = core
@@ -768,6 +788,9 @@ pub fn on_report(core: &crate::Core, site: &str, province: &str, seq: u64, fed: 
         Ok(n) => {
             warn!(%site, refused = n, "Summaries or alarm events from a province were refused (bad names, or over national.max_sites_per_province).")
         }
+        Err(error @ NationalError::NotAProvince(_)) => say(&format!(
+            "A report's national summaries were not applied: {error} (said once a minute)."
+        )),
         Err(error) => warn!(%site, %error, "A report's national summaries were not applied."),
     }
 }

@@ -37,6 +37,12 @@ pub const TREES: &[&str] = &[
     "backup-results",
     "backup-meta",
     "backup-leases",
+    // Tier two (`federation`): the ministry's national view, a province's forwarding cursor
+    // and roster number.
+    "national_sites",
+    "national_meta",
+    "national_alarms",
+    "upstream",
 ];
 
 /// Trees sent whole in a snapshot and kept by reports afterwards (the store's history, its
