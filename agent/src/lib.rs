@@ -51,10 +51,9 @@ pub async fn enroll(
     let enrolled = loop {
         match tiandi_link::enroll::enroll(&endpoint, addr, token, Duration::from_secs(30)).await {
             Err(e) if e.is_busy() && started.elapsed() < ENROLL_BUSY_FOR => {
-                let wait = e
-                    .retry_after()
-                    .unwrap_or(Duration::from_secs(2))
-                    .mul_f64(1.0 + 0.1 * rand::random::<f64>());
+                let wait = e.retry_after_jittered().unwrap_or_else(|| {
+                    Duration::from_secs(2).mul_f64(1.0 + 0.1 * rand::random::<f64>())
+                });
                 info!(
                     retry_in_ms = wait.as_millis() as u64,
                     "The controller is busy enrolling others; trying again."

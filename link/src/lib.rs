@@ -134,6 +134,13 @@ impl LinkError {
         Some(Duration::from_millis(ms).min(RETRY_AFTER_MAX))
     }
 
+    /// When to come back to a busy peer that said when ([`LinkError::retry_after`]): then,
+    /// give or take a tenth (those told the same slot do not all arrive at once).
+    pub fn retry_after_jittered(&self) -> Option<Duration> {
+        self.retry_after()
+            .map(|after| after.mul_f64(1.0 + 0.1 * rand::random::<f64>()))
+    }
+
     /// Whether the TLS handshake failed (a crypto error, from either side: an unknown CA, a
     /// certificate that does not verify): not a lossy link, so retrying fast cannot help and
     /// retries back off exponentially.

@@ -423,10 +423,9 @@ async fn run_one(
                 busy = busy.saturating_add(1);
                 // The controller said when (its admission schedule): then, give or take a
                 // tenth; otherwise guess.
-                let d = match e.retry_after() {
-                    Some(after) => after.mul_f64(1.0 + 0.1 * rand::random::<f64>()),
-                    None => busy_backoff(busy),
-                };
+                let d = e
+                    .retry_after_jittered()
+                    .unwrap_or_else(|| busy_backoff(busy));
                 debug!(error = %e, busy, retry_in_ms = d.as_millis() as u64, "The controller is busy admitting others.");
                 d
             }
