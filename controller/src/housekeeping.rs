@@ -49,7 +49,8 @@ fn transfer_alarms(core: &Core, before: BTreeSet<String>) -> BTreeSet<String> {
     now.into_keys().collect()
 }
 
-/// Deletes history older than the retention, hourly.
+/// Deletes history (whole segments sealed before the cutoff) and device events older than the
+/// retention, hourly.
 pub async fn prune_loop(core: Arc<Core>) {
     let mut every = tokio::time::interval(Duration::from_secs(3600));
     loop {
@@ -58,16 +59,23 @@ pub async fn prune_loop(core: Arc<Core>) {
             _ = every.tick() => {}
         }
         let cutoff = now_ms() - i64::from(core.config.history_days) * 86_400_000;
+        let store = core.store.clone();
+        match tokio::task::spawn_blocking(move || store.prune_history(cutoff)).await {
+            Ok(Ok(n)) if n > 0 => info!(removed = n, "Pruned history segments beyond retention."),
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => warn!(%error, "Pruning history segments failed."),
+            Err(error) => warn!(%error, "Pruning history segments failed."),
+        }
         let mut removed = 0;
         for rec in core.registry.list() {
             match core.store.prune(&rec.site_id, cutoff) {
                 Ok(n) => removed += n,
-                Err(error) => warn!(%error, site = %rec.site_id, "Pruning history failed."),
+                Err(error) => warn!(%error, site = %rec.site_id, "Pruning device events failed."),
             }
             tokio::task::yield_now().await;
         }
         if removed > 0 {
-            info!(removed, "Pruned history beyond retention.");
+            info!(removed, "Pruned device events beyond retention.");
         }
         if let Err(error) = core.acks.prune(cutoff) {
             warn!(%error, "Pruning alarm acknowledgements failed.");

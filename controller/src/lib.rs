@@ -352,16 +352,16 @@ impl Controller {
         let db_path = config.data_dir.join("db");
         let db = open_db(&db_path)?;
         let registry = Registry::open(&db, &ca).context("opening the site registry")?;
-        let log = config.data_dir.join("reports.wal");
-        let store = Store::open(&db, &log).with_context(|| {
+        let store = Store::open(&db, &config.data_dir).with_context(|| {
             format!(
                 "opening the store ({} and {})",
                 db_path.display(),
-                log.display()
+                config.data_dir.join(store::HISTORY_DIR).display()
             )
         })?;
         let replica = replica::primary::Primary::start(
             &db,
+            &store,
             &config.data_dir,
             toml::to_string(&config).unwrap_or_default(),
             replica::epoch(&db)?,

@@ -548,6 +548,6 @@ async fn delta_reports_are_restored_and_malformed_ones_refused() {
     let (code, reason) = closed_with(&conn).await;
     assert_eq!(code, u64::from(codes::PROTOCOL));
     assert!(reason.contains("predates"), "{reason}");
-    assert_eq!(ctl.core.store.history_len("gs-003"), 4);
+    assert_eq!(ctl.core.store.history_len("gs-003").unwrap(), 4);
     ctl.shutdown().await;
 }

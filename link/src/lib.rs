@@ -53,6 +53,10 @@ pub enum LinkError {
     Stream(String),
     #[error("refused by peer (code {code}): {reason}")]
     Refused { code: u32, reason: String },
+    /// The peer did not complete a handshake in time: down, unreachable, or (right after it
+    /// said it was busy) too loaded to finish one.
+    #[error("no handshake with {addr} within {after:?}")]
+    HandshakeTimeout { addr: String, after: Duration },
 }
 
 /// The longest a busy peer's `retry-after` is taken at its word.
@@ -103,6 +107,16 @@ impl LinkError {
     /// Whether the peer is up but turned this connection away for now: its admission queue
     /// was full (QUIC `CONNECTION_REFUSED` before the handshake), or it said it is overloaded.
     /// Coming back within seconds can help; a long backoff only leaves it idle later.
+    /// No handshake in time (see [`LinkError::HandshakeTimeout`]), or the peer went silent
+    /// during one (QUIC's idle timeout before the handshake finished).
+    pub fn is_handshake_timeout(&self) -> bool {
+        matches!(
+            self,
+            LinkError::HandshakeTimeout { .. }
+                | LinkError::Connection(quinn::ConnectionError::TimedOut)
+        )
+    }
+
     pub fn is_busy(&self) -> bool {
         let overload = u64::from(tiandi_proto::codes::OVERLOAD);
         match self {

@@ -46,6 +46,13 @@ pub const SWITCH_AFTER: u32 = 3;
 /// Retries after a busy refusal ([`busy_backoff`]).
 const BUSY_BASE: Duration = Duration::from_secs(2);
 const BUSY_CAP: Duration = Duration::from_secs(16);
+/// For this long after the controller said it was busy, it is known to be up and loaded: a
+/// handshake that does not finish in time is taken as one more busy answer (retried within
+/// seconds, not after an outage's backoff), and an attempt waits [`BUSY_CONNECT_FACTOR`] times
+/// the link's connect timeout for its handshake (a controller admitting thousands of sites
+/// after a restart finishes each one late; giving up on it wastes the work it did).
+const BUSY_MEMORY: Duration = Duration::from_secs(120);
+const BUSY_CONNECT_FACTOR: u32 = 3;
 /// After a permanent refusal (revoked, unknown, wrong version) retry only this often.
 const PERMANENT_RETRY: Duration = Duration::from_secs(300);
 
@@ -331,8 +338,10 @@ async fn run_one(
     let mut lost_at: Option<Instant> = None;
     // Handshakes failed in a row for TLS reasons (an unknown CA, say).
     let mut tls_failures: u32 = 0;
-    // Attempts in a row the controller turned away as busy (its admission queue full).
+    // Attempts in a row the controller turned away as busy (its admission queue full), and
+    // when it last did.
     let mut busy: u32 = 0;
+    let mut busy_at: Option<Instant> = None;
     // The controller addresses, the one in use, and failures in a row there.
     let addrs: Vec<String> = std::iter::once(cfg.controller.clone())
         .chain(cfg.standby.iter().cloned())
@@ -349,9 +358,16 @@ async fn run_one(
             }
         }
         let started = Instant::now();
+        let recently_busy = busy_at.is_some_and(|t| t.elapsed() < BUSY_MEMORY);
+        let connect_timeout = if recently_busy {
+            cfg.connect_timeout * BUSY_CONNECT_FACTOR
+        } else {
+            cfg.connect_timeout
+        };
         let result = session(
             &endpoint,
             &cfg,
+            connect_timeout,
             &addrs[current],
             &shared,
             &cancel,
@@ -376,9 +392,14 @@ async fn run_one(
         if !matches!(&result, Err(e) if e.is_tls_failure()) {
             tls_failures = 0;
         }
-        let is_busy = matches!(&result, Err(e) if e.is_busy());
+        let is_busy = matches!(&result, Err(e) if busy_like(e, recently_busy));
         if !is_busy {
             busy = 0;
+        }
+        // Only the controller's own word renews the memory: one that died while busy is
+        // treated as down (its standby tried) within BUSY_MEMORY.
+        if matches!(&result, Err(e) if e.is_busy()) {
+            busy_at = Some(Instant::now());
         }
         // A busy controller is up: no reason to try its standby.
         if addrs.len() > 1 && !is_busy {
@@ -415,7 +436,7 @@ async fn run_one(
                 error!(error = %e, "The controller refuses this site; an operator must act (re-enroll or fix the version). Retrying in 5 min.");
                 PERMANENT_RETRY
             }
-            Err(e) if e.is_busy() => {
+            Err(e) if is_busy => {
                 // The controller is up and admitting others (after its restart, thousands of
                 // sites at once): come back within seconds, widening the spread each time it
                 // says busy again, so that its queue stays full but not flooded. Not the
@@ -465,6 +486,12 @@ async fn run_one(
             _ = tokio::time::sleep(delay) => {}
         }
     }
+}
+
+/// Whether `e` means the controller is up but loaded: it said so, or (having said so within
+/// [`BUSY_MEMORY`]) it did not finish a handshake in time.
+fn busy_like(e: &LinkError, recently_busy: bool) -> bool {
+    e.is_busy() || (recently_busy && e.is_handshake_timeout())
 }
 
 /// The wait after the `n`-th busy refusal in a row: uniform over `[d/4, d]` with `d` = 2 s
@@ -571,6 +598,7 @@ impl Drop for Sender {
 async fn session(
     endpoint: &quinn::Endpoint,
     cfg: &UplinkConfig,
+    connect_timeout: Duration,
     controller: &str,
     shared: &Arc<Shared>,
     cancel: &CancellationToken,
@@ -584,13 +612,11 @@ async fn session(
         .epoch()
         .map_err(|e| LinkError::Stream(e.to_string()))?;
     let connecting = endpoint.connect_with(cfg.client.clone(), addr, CONTROLLER_NAME)?;
-    let conn = tokio::time::timeout(cfg.connect_timeout, connecting)
+    let conn = tokio::time::timeout(connect_timeout, connecting)
         .await
-        .map_err(|_| {
-            LinkError::Stream(format!(
-                "no handshake with {addr} within {:?}",
-                cfg.connect_timeout
-            ))
+        .map_err(|_| LinkError::HandshakeTimeout {
+            addr: addr.to_string(),
+            after: connect_timeout,
         })??;
     let (send, recv) = conn.open_bi().await?;
     let mut reader = FrameReader::new(recv);
@@ -944,7 +970,20 @@ mod tests {
             reason: "busy".into(),
         };
         assert!(overload.is_busy());
-        let gone = LinkError::Stream("no handshake within 3s".into());
-        assert!(!gone.is_busy());
+        let gone = LinkError::HandshakeTimeout {
+            addr: "192.0.2.1:4433".into(),
+            after: Duration::from_secs(3),
+        };
+        assert!(!gone.is_busy() && gone.is_handshake_timeout());
+        assert!(!busy_like(&gone, false), "after no busy answer: an outage");
+        assert!(
+            busy_like(&gone, true),
+            "right after a busy answer: still busy"
+        );
+        assert!(busy_like(&overload, false));
+        let silent = LinkError::Connection(quinn::ConnectionError::TimedOut);
+        assert!(busy_like(&silent, true) && !busy_like(&silent, false));
+        let untrusted = LinkError::Tls("unknown CA".into());
+        assert!(!busy_like(&untrusted, true));
     }
 }

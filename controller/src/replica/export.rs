@@ -147,7 +147,7 @@ pub fn import(file: &Path, data_dir: &Path) -> anyhow::Result<Imported> {
         ),
     };
     let db = sled::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?;
-    let store = crate::store::Store::open(&db, &data_dir.join("reports.wal"))?;
+    let store = crate::store::Store::open(&db, data_dir)?;
     let copy = super::standby::Copy {
         db: &db,
         store: &store,
@@ -181,7 +181,7 @@ pub fn import(file: &Path, data_dir: &Path) -> anyhow::Result<Imported> {
         drop(store);
         drop(db);
         let _ = std::fs::remove_dir_all(&db_path);
-        let _ = std::fs::remove_file(data_dir.join("reports.wal"));
+        let _ = std::fs::remove_dir_all(data_dir.join(crate::store::HISTORY_DIR));
         return Err(e.context(format!("{}: not imported", file.display())));
     }
     let epoch = start.epoch.max(1) + 1;
@@ -209,10 +209,17 @@ mod tests {
             .unwrap()
             .insert("admin", "hash")
             .unwrap();
-        db.open_tree("history")
-            .unwrap()
-            .insert("bj-001/1", "r")
-            .unwrap();
+        let report = tiandi_proto::Report {
+            seq: 1,
+            taken_ms: 1_000,
+            ..Default::default()
+        };
+        {
+            // The history is in segments beside the database; its sequence states in sled.
+            let store = crate::store::Store::open(&db, &src).unwrap();
+            store.ingest("bj-001", &report).unwrap();
+            store.checkpoint().unwrap();
+        }
         // Not replicated: stays behind.
         db.open_tree("outbox").unwrap().insert("job", "x").unwrap();
         tiandi_link::pki::write_private(&src.join("ca.key"), "KEY").unwrap();
@@ -221,8 +228,8 @@ mod tests {
         let e = export(&db, &src, b"log = \"info\"\n".to_vec(), 3, &out).unwrap();
         assert_eq!(
             e.items,
-            3 + 2 + 1,
-            "three keys, two files, the configuration"
+            4 + 2 + 1,
+            "four keys (a site, a user, a report, its sequence state), two files, the configuration"
         );
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&e.path).unwrap().permissions().mode();
@@ -230,7 +237,7 @@ mod tests {
 
         let dst = t.path().join("dst");
         let i = import(&e.path, &dst).unwrap();
-        assert_eq!((i.items, i.epoch), (6, 4));
+        assert_eq!((i.items, i.epoch), (7, 4));
         assert!(
             import(&e.path, &dst).is_err(),
             "not over a controller's data"
@@ -245,13 +252,10 @@ mod tests {
                     .unwrap(),
                 b"rec"
             );
-            assert!(
-                db.open_tree("history")
-                    .unwrap()
-                    .get("bj-001/1")
-                    .unwrap()
-                    .is_some()
-            );
+            let store = crate::store::Store::open(&db, &dst).unwrap();
+            let h = store.history("bj-001", 0, i64::MAX, 10).unwrap();
+            assert_eq!(h, vec![report.clone()]);
+            assert_eq!(store.seq_state("bj-001").unwrap().acked_through, 1);
             assert!(db.open_tree("outbox").unwrap().is_empty());
             assert_eq!(crate::replica::epoch(&db).unwrap(), 4);
         }

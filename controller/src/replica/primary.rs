@@ -52,6 +52,8 @@ pub struct Primary {
     superseded: watch::Sender<Option<(u64, String)>>,
     followers: Mutex<BTreeMap<usize, Follower>>,
     stop: Arc<AtomicBool>,
+    /// The store whose history a snapshot reads (weak: the store's tap holds this).
+    store: std::sync::Weak<crate::store::Store>,
 }
 
 impl Primary {
@@ -60,6 +62,7 @@ impl Primary {
     /// and the replicated files (every second).
     pub fn start(
         db: &sled::Db,
+        store: &Arc<crate::store::Store>,
         data_dir: &Path,
         config_toml: String,
         epoch: u64,
@@ -79,6 +82,7 @@ impl Primary {
             superseded: watch::channel(None).0,
             followers: Mutex::new(BTreeMap::new()),
             stop: Arc::new(AtomicBool::new(false)),
+            store: Arc::downgrade(store),
         });
         for name in super::TREES {
             let sub = db.open_tree(name)?.watch_prefix(vec![]);
@@ -176,8 +180,15 @@ impl Primary {
             self.epoch(),
             out_dir.to_path_buf(),
         );
-        tokio::task::spawn_blocking(move || super::export::export(&db, &dir, config, epoch, &out))
-            .await?
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            // Every report stored so far into the segment files the export reads.
+            if let Some(store) = store.upgrade() {
+                store.write_history()?;
+            }
+            super::export::export(&db, &dir, config, epoch, &out)
+        })
+        .await?
     }
 
     /// What `/health/replica` shows: this controller's role and epoch, and its standbys.
@@ -458,7 +469,16 @@ impl Primary {
             self.data_dir.clone(),
             self.config_toml.clone(),
         );
+        let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
+            // Every report stored before the snapshot's start is in the files it reads (later
+            // ones may be too, and come again from the log: storing is idempotent).
+            if let Some(store) = store.upgrade()
+                && let Err(e) = store.write_history()
+            {
+                let _ = tx.blocking_send(Err(format!("writing the history: {e}")));
+                return;
+            }
             snapshot_items(&db, &dir, config, &mut |item| {
                 tx.blocking_send(item).is_ok()
             })
@@ -501,6 +521,58 @@ pub fn snapshot_items(
         .encode_to_vec()))
     };
     for name in super::TREES.iter().chain(super::REPORT_TREES) {
+        if *name == crate::store::HISTORY_TREE {
+            // The history's segments (and what an older version left in sled's tree, read
+            // first) under the tree's name and keys: the format standbys and exports know.
+            let mut stopped = false;
+            let mut failed = None;
+            let legacy = db.open_tree(name).map_err(|e| e.to_string()).and_then(|t| {
+                for kv in t.iter() {
+                    let (k, v) = kv.map_err(|e| e.to_string())?;
+                    if !send(Change::Tree(TreeOp {
+                        tree: name.to_string(),
+                        key: k.to_vec(),
+                        value: v.to_vec(),
+                        remove: false,
+                    })) {
+                        stopped = true;
+                        break;
+                    }
+                }
+                Ok(())
+            });
+            if let Err(e) = legacy {
+                sink(Err(format!("reading tree {name}: {e}")));
+                return;
+            }
+            if stopped {
+                return;
+            }
+            let listed = crate::store::segments::for_each_in(
+                &dir.join(crate::store::HISTORY_DIR),
+                &mut |r| {
+                    let ok = send(Change::Tree(TreeOp {
+                        tree: name.to_string(),
+                        key: crate::store::history_key(&r.site, r.taken_ms, r.first),
+                        value: r.report,
+                        remove: false,
+                    }));
+                    stopped = !ok;
+                    ok
+                },
+            );
+            if let Err(e) = listed {
+                failed = Some(e.to_string());
+            }
+            if let Some(e) = failed {
+                sink(Err(format!("reading the history: {e}")));
+                return;
+            }
+            if stopped {
+                return;
+            }
+            continue;
+        }
         let tree = match db.open_tree(name) {
             Ok(t) => t,
             Err(e) => {

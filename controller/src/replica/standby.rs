@@ -122,7 +122,7 @@ pub async fn run(
 
     let db_path = dir.join("db");
     let db = crate::open_db(&db_path)?;
-    let store = Store::open(&db, &dir.join("reports.wal"))?;
+    let store = Store::open(&db, dir)?;
     let meta = db.open_tree(super::META_TREE)?;
     let shared = Arc::new(Shared {
         status: Mutex::new(Status {
@@ -327,6 +327,7 @@ async fn follow_once(
         for name in super::TREES.iter().chain(super::REPORT_TREES) {
             db.open_tree(name)?.clear()?;
         }
+        store.clear_history()?;
         let mut digest = blake3::Hasher::new();
         let mut items = 0u64;
         loop {
@@ -450,6 +451,14 @@ pub(super) fn apply(copy: Copy<'_>, item: &[u8], snapshot: bool) -> anyhow::Resu
             if !allowed {
                 bail!("tree {:?} is not replicated", op.tree);
             }
+            if op.tree == crate::store::HISTORY_TREE {
+                // The history lives in segments: appended (a snapshot carries no removals).
+                if op.remove {
+                    bail!("a history entry cannot be removed");
+                }
+                store.restore_history(&op.key, &op.value)?;
+                return Ok(());
+            }
             let tree = db.open_tree(&op.tree)?;
             if op.remove {
                 tree.remove(&op.key)?;
@@ -511,6 +520,14 @@ fn write_with_mode(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
 /// Removes reports older than `days` from the copy, for every site in its registry.
 fn prune_history(db: &sled::Db, store: &Store, days: u32) {
     let cutoff = crate::now_ms() - i64::from(days) * 86_400_000;
+    match store.prune_history(cutoff) {
+        Ok(n) if n > 0 => info!(
+            removed = n,
+            "Pruned the copy's history segments beyond history_days."
+        ),
+        Ok(_) => {}
+        Err(error) => warn!(%error, "Pruning the copy's history segments failed."),
+    }
     let Ok(sites) = db.open_tree("sites") else {
         return;
     };
@@ -524,11 +541,14 @@ fn prune_history(db: &sled::Db, store: &Store, days: u32) {
         }
         match store.prune(site, cutoff) {
             Ok(n) => removed += n,
-            Err(error) => warn!(%error, %site, "Pruning the copy's history failed."),
+            Err(error) => warn!(%error, %site, "Pruning the copy's device events failed."),
         }
     }
     if removed > 0 {
-        info!(removed, "Pruned the copy's history beyond history_days.");
+        info!(
+            removed,
+            "Pruned the copy's device events beyond history_days."
+        );
     }
 }
 

@@ -1,18 +1,20 @@
-//! Durable state in sled: each site's history (keyed by site, sample time and sequence number,
-//! so storing a report twice writes the same key: exactly once by construction), the
-//! acknowledged sequence ranges per site, the alarm log, and each site's device events (the
-//! traps and informs its devices sent, taken from its reports as they are stored: an index of
-//! the history, so kept exactly once and made again from the write-ahead log like the reports
-//! themselves). A site's latest report is the last entry of its history.
+//! Durable state: each site's history in segment files of our own ([`segments`]: append-only,
+//! time-partitioned, indexed by site), and in sled the acknowledged sequence ranges per site
+//! (storing a report whose numbers are all stored already is a no-op: exactly once), the alarm
+//! log, and each site's device events (the traps and informs its devices sent, taken from its
+//! reports as they are stored: an index of the history, so kept exactly once and made again
+//! from the segments like the sequence states). A site's latest report is its newest sample.
 //!
-//! Durability: an acknowledgement is sent only after the report is durable. One sled insert
-//! and one record of the write-ahead log ([`crate::wal`]) per report; the committer (group
-//! commit) wakes when something was written, waits [`FLUSH_COALESCE`] for more, appends the
-//! records to the log with one `fdatasync`, and publishes the epoch it made durable.
-//! Acknowledgements therefore leave within a few milliseconds, in the same packet as QUIC's
-//! own ACK of the report. Every [`CHECKPOINT_EVERY`] (and at shutdown) the changed sequence
-//! states are written, sled is flushed, and the log emptied; at start the log's records are
-//! stored again (a no-op for those sled already had) before anything is acknowledged.
+//! Durability: an acknowledgement is sent only after the report is durable. A stored report is
+//! appended to the active segment's buffer; the committer (group commit) wakes when something
+//! was stored, waits [`FLUSH_COALESCE`] for more, writes the buffer with one `write` and one
+//! `fdatasync`, and publishes the epoch it made durable. Acknowledgements therefore leave
+//! within a few milliseconds, in the same packet as QUIC's own ACK of the report. The segment
+//! is the write-ahead log: the sequence states are written to sled when a segment is sealed
+//! (and at shutdown), and at start the records of the active segment and of the last sealed
+//! one are counted again (a no-op for those the states had) before anything is acknowledged.
+//! sled itself is flushed every [`CHECKPOINT_EVERY`] when something (an alarm, a device event)
+//! was written to it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,14 +25,21 @@ use serde::{Deserialize, Serialize};
 use tiandi_proto::{Message, Report, SeqRange};
 use tokio::sync::watch;
 
+pub mod segments;
+
 /// The tree of the sites' device events.
 pub const DEVICE_EVENTS_TREE: &str = "device_events";
 
 pub const FLUSH_COALESCE: Duration = Duration::from_millis(15);
-/// How often sled is flushed and the write-ahead log emptied (sooner if the log grows past
-/// [`CHECKPOINT_BYTES`]).
+/// How often sled is flushed when something was written to it.
 pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
-pub const CHECKPOINT_BYTES: u64 = 16 << 20;
+/// The history's directory in the data directory.
+pub const HISTORY_DIR: &str = "history";
+/// The write-ahead log of versions before the segments: read (and removed) at open.
+pub const LEGACY_LOG: &str = "reports.wal";
+/// The sled tree of the history before the segments (moved into them at open; a snapshot or an
+/// export may still carry items under this name).
+pub const HISTORY_TREE: &str = "history";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -40,6 +49,8 @@ pub enum StoreError {
     Corrupt { tree: &'static str, message: String },
     #[error(transparent)]
     Log(#[from] crate::wal::WalError),
+    #[error(transparent)]
+    History(#[from] segments::SegmentError),
     /// A site whose stored sequence numbers would split into more than [`MAX_SEQ_RANGES`]
     /// pieces: no agent numbers its reports that way (its backlog arrives in order), a hostile
     /// one could grow the site's state without bound.
@@ -227,7 +238,11 @@ impl Drop for Committer {
 
 pub struct Store {
     db: sled::Db,
-    history: sled::Tree,
+    /// The segments, and the epoch the next commit makes durable (one lock, so that a report
+    /// waits exactly for the commit that writes its record).
+    history: Mutex<History>,
+    /// Held through a commit (the committer's, a checkpoint's): one at a time.
+    commit_lock: Mutex<()>,
     seqs: sled::Tree,
     /// Sites whose sequence state changed since the last flush.
     seq_dirty: Mutex<std::collections::HashSet<String>>,
@@ -238,11 +253,6 @@ pub struct Store {
     /// Each site's device events ([`DeviceEventEntry`]), by site and time.
     device_events: sled::Tree,
     seq_cache: Mutex<HashMap<String, SeqState>>,
-    /// Records for the next commit, and the epoch they will be durable in (one lock, so that
-    /// a report waits exactly for the commit that carries its record).
-    pending: Mutex<Pending>,
-    /// The write-ahead log (the committer's; replayed at open).
-    wal: Mutex<crate::wal::Wal>,
     last_checkpoint: Mutex<std::time::Instant>,
     /// Something was written to sled since the last checkpoint.
     unsaved: std::sync::atomic::AtomicBool,
@@ -257,18 +267,33 @@ pub struct Store {
 /// What [`Store::on_stored`] calls: the site and the report's bytes as stored.
 pub type ReportTap = Box<dyn Fn(&str, &[u8]) + Send + Sync>;
 
-struct Pending {
-    records: Vec<u8>,
+struct History {
+    segments: segments::Segments,
     epoch: u64,
 }
 
-fn history_key(site: &str, taken_ms: i64, seq: u64) -> Vec<u8> {
+/// A history entry's key as snapshots and exports carry it: site, NUL, sample time and
+/// sequence number (big-endian).
+pub fn history_key(site: &str, taken_ms: i64, seq: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(site.len() + 17);
     k.extend_from_slice(site.as_bytes());
     k.push(0);
     k.extend_from_slice(&(taken_ms.max(0) as u64).to_be_bytes());
     k.extend_from_slice(&seq.to_be_bytes());
     k
+}
+
+/// The site, sample time and sequence number of a history key (see [`history_key`]).
+fn parse_history_key(k: &[u8]) -> Option<(&str, i64, u64)> {
+    let nul = k.iter().position(|&b| b == 0)?;
+    let site = std::str::from_utf8(&k[..nul]).ok()?;
+    let rest = k.get(nul + 1..)?;
+    if rest.len() != 16 {
+        return None;
+    }
+    let taken = u64::from_be_bytes(rest[..8].try_into().ok()?) as i64;
+    let seq = u64::from_be_bytes(rest[8..].try_into().ok()?);
+    Some((site, taken, seq))
 }
 
 fn site_prefix(site: &str) -> Vec<u8> {
@@ -285,49 +310,189 @@ fn corrupt(tree: &'static str, e: impl std::fmt::Display) -> StoreError {
 }
 
 impl Store {
-    /// Opens the trees in `db` and the write-ahead log at `log`, stores again what the log
-    /// holds, and checkpoints.
-    pub fn open(db: &sled::Db, log: &std::path::Path) -> Result<Arc<Store>, StoreError> {
+    /// Opens the trees in `db` and the history in `data_dir/history` (with the default
+    /// segment limits), and counts again what the newest segments hold.
+    pub fn open(db: &sled::Db, data_dir: &std::path::Path) -> Result<Arc<Store>, StoreError> {
+        Self::open_with(db, data_dir, segments::Limits::default())
+    }
+
+    /// [`Store::open`] with the given segment limits. Also moves an older version's history
+    /// (sled's `history` tree, the write-ahead log `reports.wal`) into the segments.
+    pub fn open_with(
+        db: &sled::Db,
+        data_dir: &std::path::Path,
+        limits: segments::Limits,
+    ) -> Result<Arc<Store>, StoreError> {
         let (flushed, _) = watch::channel(0);
-        let (wal, records) = crate::wal::Wal::open(log)?;
+        let seqs = db.open_tree("seqs")?;
+        // The newest segments' records: their sequence numbers are stored (the states in sled
+        // may predate them) and their device events indexed.
+        let mut cache: HashMap<String, SeqState> = HashMap::new();
+        let mut with_events = Vec::new();
+        let mut replay_error = None;
+        let mut replayed = 0u64;
+        let segments = segments::Segments::open(&data_dir.join(HISTORY_DIR), limits, &mut |r| {
+            if replay_error.is_some() {
+                return;
+            }
+            replayed += 1;
+            if !cache.contains_key(&r.site) {
+                let s = match seqs.get(r.site.as_bytes()) {
+                    Ok(Some(v)) => match serde_json::from_slice(&v) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            replay_error = Some(corrupt("seqs", e));
+                            return;
+                        }
+                    },
+                    Ok(None) => SeqState::default(),
+                    Err(e) => {
+                        replay_error = Some(e.into());
+                        return;
+                    }
+                };
+                cache.insert(r.site.clone(), s);
+            }
+            let range = SeqRange {
+                first: r.first,
+                last: r.last,
+            };
+            cache.get_mut(&r.site).expect("inserted above").add(range);
+            if r.has_events {
+                with_events.push((r.site.clone(), r.report.clone()));
+            }
+        })?;
+        if let Some(e) = replay_error {
+            return Err(e);
+        }
+        let seq_dirty = cache.keys().cloned().collect();
         let store = Arc::new(Store {
-            history: db.open_tree("history")?,
-            seqs: db.open_tree("seqs")?,
-            seq_dirty: Mutex::new(Default::default()),
+            history: Mutex::new(History { segments, epoch: 1 }),
+            commit_lock: Mutex::new(()),
+            seqs,
+            seq_dirty: Mutex::new(seq_dirty),
             wake: Mutex::new(Wake::default()),
             wake_cv: std::sync::Condvar::new(),
             flushes: AtomicU64::new(0),
             alarms: db.open_tree("alarms")?,
             device_events: db.open_tree(DEVICE_EVENTS_TREE)?,
             db: db.clone(),
-            seq_cache: Mutex::new(HashMap::new()),
-            pending: Mutex::new(Pending {
-                records: Vec::new(),
-                epoch: 1,
-            }),
-            wal: Mutex::new(wal),
+            seq_cache: Mutex::new(cache),
             last_checkpoint: Mutex::new(std::time::Instant::now()),
             unsaved: std::sync::atomic::AtomicBool::new(true),
             dirty: std::sync::atomic::AtomicBool::new(false),
             flushed,
             tap: std::sync::OnceLock::new(),
         });
-        if !records.is_empty() {
+        for (site, bytes) in &with_events {
+            let report = Report::decode(bytes.as_slice()).map_err(|e| corrupt("history", e))?;
+            store.index_events(site, &report)?;
+        }
+        if replayed > 0 {
+            tracing::info!(
+                records = replayed,
+                "Counted the newest history segments' reports again (those the stored sequence states did not hold yet)."
+            );
+        }
+        store.migrate(data_dir)?;
+        store.checkpoint()?;
+        Ok(store)
+    }
+
+    /// Moves an older version's history into the segments: sled's `history` tree (its
+    /// reports are counted in the sequence states already) and the reports of its write-ahead
+    /// log (stored unless counted). Each step is repeatable: cut short, it is done again at the
+    /// next start, and a report appended twice is read back once.
+    fn migrate(&self, data_dir: &std::path::Path) -> Result<(), StoreError> {
+        let tree = self.db.open_tree(HISTORY_TREE)?;
+        if !tree.is_empty() {
+            let mut moved = 0u64;
+            for kv in tree.iter() {
+                let (k, v) = kv?;
+                self.restore_history(&k, &v)?;
+                moved += 1;
+                if moved.is_multiple_of(65_536) {
+                    self.commit_history()?;
+                }
+            }
+            self.commit_history()?;
+            tree.clear()?;
+            self.db.flush()?;
+            tracing::info!(
+                reports = moved,
+                "Moved the history from sled into history segments."
+            );
+        }
+        let log = data_dir.join(LEGACY_LOG);
+        if log.exists() {
+            let (_, records) = crate::wal::Wal::open(&log)?;
             let mut stored = 0;
             for r in &records {
                 let report = Report::decode(r.report.as_slice()).map_err(|e| corrupt("log", e))?;
-                if store.insert(&r.site, &report, None)? {
+                if self.insert(&r.site, &report, None)? {
                     stored += 1;
                 }
             }
+            self.checkpoint()?;
+            std::fs::remove_file(&log).map_err(|e| {
+                StoreError::Log(crate::wal::WalError::Io {
+                    path: log.clone(),
+                    source: e,
+                })
+            })?;
             tracing::info!(
                 records = records.len(),
                 stored,
-                "Stored again what the write-ahead log held (the rest sled had already)."
+                "Stored what an older version's write-ahead log held, and removed it."
             );
         }
-        store.checkpoint()?;
-        Ok(store)
+        Ok(())
+    }
+
+    /// Appends a history entry as a snapshot, an export or an older version's sled tree
+    /// carries it (key: site, sample time, sequence number; value: the report), without
+    /// counting it: the sequence states come with it.
+    pub fn restore_history(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let (site, taken_ms, seq) = parse_history_key(key)
+            .ok_or_else(|| corrupt("history", "a key that is not site, time and number"))?;
+        tiandi_link::names::validate_name("site", site).map_err(|e| corrupt("history", e))?;
+        let report = Report::decode(value).map_err(|e| corrupt("history", e))?;
+        let range = report.range();
+        self.history
+            .lock()
+            .expect("history lock poisoned")
+            .segments
+            .append(&segments::RecordRef {
+                site,
+                taken_ms,
+                first: seq,
+                last: range.last.max(seq),
+                has_events: !report.events.is_empty(),
+                report: value,
+            })?;
+        self.unsaved.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Removes the whole history (a standby about to take a snapshot, which carries it).
+    pub fn clear_history(&self) -> Result<(), StoreError> {
+        let _commit = self.commit_lock.lock().expect("commit lock poisoned");
+        let mut h = self.history.lock().expect("history lock poisoned");
+        h.segments.clear()?;
+        Ok(())
+    }
+
+    /// Writes what was appended to the history and syncs it (blocks).
+    fn commit_history(&self) -> Result<(), StoreError> {
+        let target = {
+            let mut h = self.history.lock().expect("history lock poisoned");
+            h.segments.write()?;
+            h.segments.to_sync()
+        };
+        match target {
+            Some(t) => self.sync(&t),
+            None => Ok(()),
+        }
     }
 
     pub fn seq_state(&self, site: &str) -> Result<SeqState, StoreError> {
@@ -391,33 +556,38 @@ impl Store {
         epoch: Option<&mut u64>,
     ) -> Result<bool, StoreError> {
         let range = report.range();
+        let epoch_wanted = epoch.is_some();
         {
             let mut cache = self.seq_cache.lock().expect("seq cache poisoned");
             let state = self.cached_seq_state(&mut cache, site)?;
             if state.covers(range) {
                 drop(cache);
                 if let Some(epoch) = epoch {
-                    *epoch = self.pending.lock().expect("pending lock poisoned").epoch;
+                    *epoch = self.history.lock().expect("history lock poisoned").epoch;
                 }
                 return Ok(false);
             }
             if state.too_sparse_with(range) {
                 return Err(StoreError::TooManyGaps(site.to_string()));
             }
-            // The insert happens under the cache lock, so that two sessions of one site (an
+            // The append happens under the cache lock, so that two sessions of one site (an
             // old connection not yet closed, a new one) cannot both store a sequence number.
-            // Into sled first, then into the log: a checkpoint that empties the log flushes
-            // every insert made before it, so each record it drops is in sled already.
             let bytes = report.encode_to_vec();
-            self.history.insert(
-                history_key(site, report.taken_ms, report.seq),
-                bytes.as_slice(),
-            )?;
-            if let Some(epoch) = epoch {
-                let mut p = self.pending.lock().expect("pending lock poisoned");
-                crate::wal::encode(&mut p.records, site, &bytes);
-                *epoch = p.epoch;
-                drop(p);
+            {
+                let mut h = self.history.lock().expect("history lock poisoned");
+                h.segments.append(&segments::RecordRef {
+                    site,
+                    taken_ms: report.taken_ms,
+                    first: range.first,
+                    last: range.last,
+                    has_events: !report.events.is_empty(),
+                    report: &bytes,
+                })?;
+                if let Some(epoch) = epoch {
+                    *epoch = h.epoch;
+                }
+            }
+            if epoch_wanted {
                 // Under the cache lock: a site's reports reach the tap in the order stored.
                 if let Some(tap) = self.tap.get() {
                     tap(site, &bytes);
@@ -482,62 +652,98 @@ impl Store {
         self.flushed.subscribe()
     }
 
-    /// Commits now: appends what was stored since the last commit to the write-ahead log
-    /// (one `fdatasync`) and publishes the epoch made durable; checkpoints when one is due.
-    /// Does nothing when nothing was written since the last commit. Blocks: call it from the
-    /// committer thread or at shutdown.
+    /// Commits now: writes what was stored since the last commit to the active segment
+    /// (one `write`, one `fdatasync`) and publishes the epoch made durable; seals the segment
+    /// when it is due (after writing the sequence states), flushes sled every
+    /// [`CHECKPOINT_EVERY`] when something was written to it. Does nothing when nothing was
+    /// stored since the last commit. Blocks: call it from the committer thread or at shutdown.
     pub fn flush(&self) -> Result<(), StoreError> {
+        let _commit = self.commit_lock.lock().expect("commit lock poisoned");
         if self.dirty.swap(false, Ordering::AcqRel) {
-            let (records, epoch) = {
-                let mut p = self.pending.lock().expect("pending lock poisoned");
-                let epoch = p.epoch;
-                p.epoch += 1;
-                (std::mem::take(&mut p.records), epoch)
+            let (target, epoch) = {
+                let mut h = self.history.lock().expect("history lock poisoned");
+                // Every report appended so far carries this epoch or an earlier one; a failed
+                // write leaves them for the next commit, whose epoch covers theirs.
+                let epoch = h.epoch;
+                h.epoch += 1;
+                h.segments.write()?;
+                (h.segments.to_sync(), epoch)
             };
-            let committed = self.wal.lock().expect("log lock poisoned").commit(&records);
-            if let Err(e) = committed {
-                // Back in front of what came since: the next commit carries them (and its
-                // epoch covers theirs).
-                let mut p = self.pending.lock().expect("pending lock poisoned");
-                let later = std::mem::replace(&mut p.records, records);
-                p.records.extend_from_slice(&later);
-                return Err(e.into());
+            if let Some(t) = target {
+                self.sync(&t)?;
             }
             self.flushes.fetch_add(1, Ordering::Relaxed);
             self.unsaved.store(true, Ordering::Release);
             self.flushed.send_replace(epoch);
         }
-        let due = self
-            .last_checkpoint
+        let seal = self
+            .history
             .lock()
-            .expect("checkpoint lock")
-            .elapsed()
-            >= CHECKPOINT_EVERY
-            || self.wal.lock().expect("log lock poisoned").len() >= CHECKPOINT_BYTES;
-        if due {
-            self.checkpoint()?;
+            .expect("history lock poisoned")
+            .segments
+            .seal_due();
+        if seal {
+            return self.checkpoint_locked();
+        }
+        let due = {
+            let mut last = self.last_checkpoint.lock().expect("checkpoint lock");
+            let due = last.elapsed() >= CHECKPOINT_EVERY;
+            if due {
+                *last = std::time::Instant::now();
+            }
+            due
+        };
+        if due
+            && self.unsaved.swap(false, Ordering::AcqRel)
+            && let Err(e) = self.db.flush()
+        {
+            self.unsaved.store(true, Ordering::Release);
+            return Err(e.into());
         }
         Ok(())
     }
 
-    /// Writes the changed sequence states, flushes sled and empties the write-ahead log
-    /// (whose records sled now holds durably).
+    /// `fdatasync` of the written segment; recorded once done.
+    fn sync(&self, t: &segments::SyncTarget) -> Result<(), StoreError> {
+        t.file
+            .sync_data()
+            .map_err(|source| segments::SegmentError::Io {
+                path: t.path.clone(),
+                source,
+            })?;
+        self.history
+            .lock()
+            .expect("history lock poisoned")
+            .segments
+            .synced(t);
+        Ok(())
+    }
+
+    /// Makes everything stored durable: writes and syncs the history, writes the changed
+    /// sequence states, flushes sled; then seals the active segment if it is due. (The
+    /// records of the segment sealed last and of the active one are counted again at open;
+    /// sealing only after the states are written keeps every older record counted.)
     pub fn checkpoint(&self) -> Result<(), StoreError> {
+        let _commit = self.commit_lock.lock().expect("commit lock poisoned");
+        self.checkpoint_locked()
+    }
+
+    fn checkpoint_locked(&self) -> Result<(), StoreError> {
         *self.last_checkpoint.lock().expect("checkpoint lock") = std::time::Instant::now();
-        if !self.unsaved.swap(false, Ordering::AcqRel) {
-            return Ok(());
-        }
-        let mut wal = self.wal.lock().expect("log lock poisoned");
-        // Sequence states first: an acknowledged report's state is durable with it.
+        self.commit_history()?;
+        self.unsaved.store(false, Ordering::Release);
         let done = self
             .persist_seq_states()
-            .and_then(|()| Ok(self.db.flush()?))
-            .and_then(|_| Ok(wal.reset()?));
-        if done.is_err() {
-            // The log keeps its records; the next checkpoint tries again.
+            .and_then(|()| Ok(self.db.flush()?));
+        if let Err(e) = done {
             self.unsaved.store(true, Ordering::Release);
+            return Err(e);
         }
-        done
+        let mut h = self.history.lock().expect("history lock poisoned");
+        if h.segments.seal_due() {
+            h.segments.seal()?;
+        }
+        Ok(())
     }
 
     /// Group commits made so far.
@@ -597,7 +803,8 @@ impl Store {
         })
     }
 
-    /// Reports of `site` taken in `[from_ms, to_ms]`, oldest first, at most `limit`.
+    /// Reports of `site` taken in `[from_ms, to_ms]`, oldest first, at most `limit`. The
+    /// segments are read outside the store's lock (ingest goes on meanwhile).
     pub fn history(
         &self,
         site: &str,
@@ -605,49 +812,77 @@ impl Store {
         to_ms: i64,
         limit: usize,
     ) -> Result<Vec<Report>, StoreError> {
-        let start = history_key(site, from_ms, 0);
-        let end = history_key(site, to_ms, u64::MAX);
-        let mut out = Vec::new();
-        for kv in self.history.range(start..=end).take(limit) {
-            let (_, v) = kv?;
-            out.push(Report::decode(v.as_ref()).map_err(|e| corrupt("history", e))?);
-        }
-        Ok(out)
+        let plan = self
+            .history
+            .lock()
+            .expect("history lock poisoned")
+            .segments
+            .plan(site, from_ms, to_ms);
+        plan.read(site, from_ms, to_ms, limit)?
+            .into_iter()
+            .map(|r| Report::decode(r.report.as_slice()).map_err(|e| corrupt("history", e)))
+            .collect()
     }
 
-    /// Every stored history entry, all sites (a full scan).
+    /// Every stored history entry, all sites.
     pub fn history_entries(&self) -> u64 {
-        self.history.len() as u64
+        self.history
+            .lock()
+            .expect("history lock poisoned")
+            .segments
+            .records()
     }
 
-    pub fn history_len(&self, site: &str) -> usize {
-        self.history.scan_prefix(site_prefix(site)).count()
+    pub fn history_len(&self, site: &str) -> Result<usize, StoreError> {
+        Ok(self
+            .history
+            .lock()
+            .expect("history lock poisoned")
+            .segments
+            .count(site)?)
     }
 
-    /// A site's latest report: the last entry of its history.
+    /// A site's latest report: its newest sample.
     pub fn latest(&self, site: &str) -> Result<Option<Report>, StoreError> {
-        match self.history.scan_prefix(site_prefix(site)).next_back() {
-            Some(kv) => {
-                let (_, v) = kv?;
-                Ok(Some(
-                    Report::decode(v.as_ref()).map_err(|e| corrupt("history", e))?,
-                ))
-            }
-            None => Ok(None),
-        }
+        let r = self
+            .history
+            .lock()
+            .expect("history lock poisoned")
+            .segments
+            .latest(site)?;
+        r.map(|r| Report::decode(r.report.as_slice()).map_err(|e| corrupt("history", e)))
+            .transpose()
     }
 
-    /// Deletes `site`'s history and device events older than `cutoff_ms`; returns how many
-    /// went.
+    /// Removes the history segments sealed before `cutoff_ms` (whole segments: retention
+    /// drops them by the time they were sealed, however wrong a site's clock); returns how
+    /// many reports went.
+    pub fn prune_history(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
+        Ok(self
+            .history
+            .lock()
+            .expect("history lock poisoned")
+            .segments
+            .prune(cutoff_ms)?)
+    }
+
+    /// Writes what was appended to the active segment (not synced): a snapshot or an export
+    /// about to read the segment files sees every report stored so far.
+    pub fn write_history(&self) -> Result<(), StoreError> {
+        Ok(self
+            .history
+            .lock()
+            .expect("history lock poisoned")
+            .segments
+            .write()?)
+    }
+
+    /// Deletes `site`'s device events older than `cutoff_ms`; returns how many went. (Its
+    /// history goes with whole segments: [`Store::prune_history`].)
     pub fn prune(&self, site: &str, cutoff_ms: i64) -> Result<usize, StoreError> {
         let start = history_key(site, 0, 0);
         let end = history_key(site, cutoff_ms, 0);
         let mut n = 0;
-        for kv in self.history.range(start.clone()..end.clone()) {
-            let (k, _) = kv?;
-            self.history.remove(k)?;
-            n += 1;
-        }
         for kv in self.device_events.range(start..end) {
             let (k, _) = kv?;
             self.device_events.remove(k)?;

@@ -4,10 +4,10 @@ fn r(first: u64, last: u64) -> SeqRange {
     SeqRange { first, last }
 }
 
-/// The database and store a controller keeps in `dir` (`db/`, `reports.wal`).
+/// The database and store a controller keeps in `dir` (`db/`, `history/`).
 fn open(dir: &std::path::Path) -> (sled::Db, Arc<Store>) {
     let db = sled::open(dir.join("db")).unwrap();
-    let store = Store::open(&db, &dir.join("reports.wal")).unwrap();
+    let store = Store::open(&db, dir).unwrap();
     (db, store)
 }
 
@@ -51,16 +51,25 @@ fn seq_state_tracks_current_first_then_backlog() {
 }
 
 #[test]
-fn what_the_log_holds_is_stored_at_open_once() {
+fn what_an_older_version_left_in_sled_and_its_log_moves_into_the_segments_once() {
     let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("reports.wal");
+    let log = dir.path().join(LEGACY_LOG);
     {
-        // Report 1 reached sled's disk before the "crash"; 1 and 2 are in the log.
-        let (_db, store) = open(dir.path());
-        store.ingest("a", &rep(1)).unwrap();
-        store.checkpoint().unwrap();
-    }
-    {
+        // An older version: report 1 in sled's history tree (counted), 1 and 2 in its log.
+        let db = sled::open(dir.path().join("db")).unwrap();
+        db.open_tree(HISTORY_TREE)
+            .unwrap()
+            .insert(history_key("a", 1_000, 1), rep(1).encode_to_vec())
+            .unwrap();
+        let state = SeqState {
+            acked_through: 1,
+            ranges: vec![],
+        };
+        db.open_tree("seqs")
+            .unwrap()
+            .insert("a", serde_json::to_vec(&state).unwrap())
+            .unwrap();
+        db.flush().unwrap();
         let (mut wal, _) = crate::wal::Wal::open(&log).unwrap();
         let mut buf = Vec::new();
         crate::wal::encode(&mut buf, "a", &rep(1).encode_to_vec());
@@ -68,22 +77,22 @@ fn what_the_log_holds_is_stored_at_open_once() {
         wal.commit(&buf).unwrap();
     }
     let (db, store) = open(dir.path());
-    let h = seqs(&store, "a");
-    assert_eq!(h, vec![1, 2]);
+    assert_eq!(seqs(&store, "a"), vec![1, 2]);
     assert_eq!(store.history_entries(), 2);
     assert_eq!(store.seq_state("a").unwrap().acked_through, 2);
-    // Checkpointed at open: the log is empty, and the state is on disk.
-    assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
+    assert!(!log.exists(), "the old log is gone");
+    assert!(db.open_tree(HISTORY_TREE).unwrap().is_empty());
     drop(store);
     drop(db);
     let (_db, store) = open(dir.path());
     assert_eq!(store.seq_state("a").unwrap().acked_through, 2);
+    assert_eq!(seqs(&store, "a"), vec![1, 2]);
+    assert_eq!(store.history_entries(), 2, "moved once");
 }
 
 #[test]
-fn a_commit_makes_reports_durable_in_the_log_and_releases_their_epoch() {
+fn a_commit_makes_reports_durable_in_the_segment_and_releases_their_epoch() {
     let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("reports.wal");
     let (_db, store) = open(dir.path());
     let flushed = store.subscribe_flushed();
     let (new, epoch) = store
@@ -97,11 +106,72 @@ fn a_commit_makes_reports_durable_in_the_log_and_releases_their_epoch() {
         .unwrap();
     assert!(new);
     assert!(*flushed.borrow() < epoch);
+    let on_disk = || {
+        let mut n = Vec::new();
+        segments::for_each_in(&dir.path().join(HISTORY_DIR), &mut |r| {
+            n.push(r.site);
+            true
+        })
+        .unwrap();
+        n
+    };
+    assert!(on_disk().is_empty(), "not written before the commit");
     store.flush().unwrap();
     assert!(*flushed.borrow() >= epoch);
-    let (_, records) = crate::wal::Wal::open(&log).unwrap();
-    assert_eq!(records.len(), 1);
-    assert_eq!(records[0].site, "a");
+    assert_eq!(on_disk(), vec!["a".to_string()]);
+}
+
+#[test]
+fn after_a_crash_the_newest_segments_count_their_reports_and_index_their_events_again() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (db, store) = open(dir.path());
+        store.ingest("a", &rep(1)).unwrap();
+        store
+            .ingest("a", &with_events(2, &[("on-battery", 1)]))
+            .unwrap();
+        // Committed (acknowledged), then the "crash": neither the sequence states nor the
+        // device events reached sled's disk.
+        store.flush().unwrap();
+        db.open_tree(DEVICE_EVENTS_TREE).unwrap().clear().unwrap();
+        db.open_tree("seqs").unwrap().clear().unwrap();
+        db.flush().unwrap();
+    }
+    let (_db, store) = open(dir.path());
+    assert_eq!(store.seq_state("a").unwrap().acked_through, 2);
+    assert!(!store.ingest("a", &rep(2)).unwrap().0, "stored once");
+    let ev = store.device_events("a", 10).unwrap();
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0].name, "on-battery");
+    assert_eq!(seqs(&store, "a"), vec![1, 2]);
+    assert_eq!(store.latest("a").unwrap().unwrap().seq, 2);
+}
+
+#[test]
+fn sealing_writes_the_sequence_states_first_and_retention_drops_sealed_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::open(dir.path().join("db")).unwrap();
+    let limits = segments::Limits {
+        bytes: 256,
+        age_ms: i64::MAX,
+    };
+    {
+        let store = Store::open_with(&db, dir.path(), limits).unwrap();
+        for seq in 1..=20 {
+            store.ingest("a", &rep(seq)).unwrap();
+            store.flush().unwrap();
+        }
+        assert_eq!(seqs(&store, "a"), (1..=20).collect::<Vec<_>>());
+        // Sealed several times, each after the states were written: they are in sled.
+        let on_disk: SeqState =
+            serde_json::from_slice(&db.open_tree("seqs").unwrap().get("a").unwrap().unwrap())
+                .unwrap();
+        assert!(on_disk.acked_through >= 15, "{on_disk:?}");
+        let removed = store.prune_history(i64::MAX).unwrap();
+        assert!(removed >= 15, "{removed}");
+        assert_eq!(store.history_entries() + removed, 20, "whole segments went");
+        assert_eq!(store.seq_state("a").unwrap().acked_through, 20);
+    }
 }
 
 #[test]
@@ -118,9 +188,8 @@ fn ingest_is_exactly_once_and_history_is_ordered_by_time() {
     assert_eq!(store.seq_state("a").unwrap().acked_through, 3);
     assert_eq!(store.latest("a").unwrap().unwrap().seq, 3);
     assert!(store.latest("b").unwrap().is_none());
-    assert_eq!(store.prune("a", 2_000).unwrap(), 1);
-    assert_eq!(store.history_len("a"), 2);
-    assert_eq!(store.history_len("b"), 0);
+    assert_eq!(store.history_len("a").unwrap(), 3);
+    assert_eq!(store.history_len("b").unwrap(), 0);
 }
 
 #[test]
@@ -208,7 +277,6 @@ fn with_events(seq: u64, events: &[(&str, u32)]) -> Report {
 #[test]
 fn device_events_are_kept_once_per_site_bounded_and_made_again_from_the_log() {
     let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("reports.wal");
     {
         let (_db, store) = open(dir.path());
         let r = with_events(1, &[("link-down", 1), ("link-down", 340)]);
@@ -226,16 +294,26 @@ fn device_events_are_kept_once_per_site_bounded_and_made_again_from_the_log() {
             ("major", 1, "ifIndex 1(wan)")
         );
         assert_eq!(store.device_events("b", 10).unwrap().len(), 1);
-        // Report 2 was in the log only when the controller "crashed": its events come back
-        // with it.
-        let mut wal = crate::wal::Wal::open(&log).unwrap().0;
-        let mut buf = Vec::new();
-        crate::wal::encode(
-            &mut buf,
-            "a",
-            &with_events(2, &[("on-battery", 1)]).encode_to_vec(),
-        );
-        wal.commit(&buf).unwrap();
+        // Report 2 was committed when the controller "crashed", its events not yet in sled's
+        // disk: they come back from the segment.
+        store
+            .ingest("a", &with_events(2, &[("on-battery", 1)]))
+            .unwrap();
+        store.flush().unwrap();
+        let tree = _db.open_tree(DEVICE_EVENTS_TREE).unwrap();
+        let keys: Vec<_> = tree.scan_prefix(site_prefix("a")).keys().collect();
+        for k in keys {
+            let k = k.unwrap();
+            if tree
+                .get(&k)
+                .unwrap()
+                .is_some_and(|v| v.windows(10).any(|w| w == b"on-battery"))
+            {
+                tree.remove(k).unwrap();
+            }
+        }
+        _db.flush().unwrap();
+        assert_eq!(store.device_events("a", 10).unwrap().len(), 2);
     }
     let (_db, store) = open(dir.path());
     let a = store.device_events("a", 10).unwrap();
