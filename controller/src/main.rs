@@ -8,7 +8,8 @@ use tiandi_controller::cli::{self, Cli};
 /// mimalloc rather than glibc's malloc: with thousands of QUIC connections, glibc's allocator
 /// was a fifth of the controller's CPU per report (its slow path sorting freed chunks on the
 /// packet-receive path). The `system-alloc` feature leaves glibc's in place, for a heap
-/// profiler that interposes malloc (`heaptrack`; see the README's scale section).
+/// profiler that interposes malloc (`heaptrack`; see the README's scale section). Built with
+/// `no_thp`: transparent huge pages would round each arena's touched memory up to 2 MB.
 #[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;

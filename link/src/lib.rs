@@ -57,6 +57,10 @@ pub enum LinkError {
     /// said it was busy) too loaded to finish one.
     #[error("no handshake with {addr} within {after:?}")]
     HandshakeTimeout { addr: String, after: Duration },
+    /// The handshake finished but the peer's first answer on the session (the controller's
+    /// Welcome) did not come in time: loaded, or its packets lost and repaired late.
+    #[error("no {what} within {after:?}")]
+    AnswerTimeout { what: &'static str, after: Duration },
 }
 
 /// The longest a busy peer's `retry-after` is taken at its word.
@@ -107,14 +111,21 @@ impl LinkError {
     /// Whether the peer is up but turned this connection away for now: its admission queue
     /// was full (QUIC `CONNECTION_REFUSED` before the handshake), or it said it is overloaded.
     /// Coming back within seconds can help; a long backoff only leaves it idle later.
-    /// No handshake in time (see [`LinkError::HandshakeTimeout`]), or the peer went silent
-    /// during one (QUIC's idle timeout before the handshake finished).
+    /// No handshake in time (see [`LinkError::HandshakeTimeout`]), no first answer after it
+    /// ([`LinkError::AnswerTimeout`]), the peer went silent during one (QUIC's idle
+    /// timeout), or closed it before the handshake was confirmed without a reason QUIC can
+    /// carry there (`APPLICATION_ERROR`: what an overloaded server's own handshake deadline
+    /// sends when the client's last flight was lost).
     pub fn is_handshake_timeout(&self) -> bool {
-        matches!(
-            self,
+        match self {
             LinkError::HandshakeTimeout { .. }
-                | LinkError::Connection(quinn::ConnectionError::TimedOut)
-        )
+            | LinkError::AnswerTimeout { .. }
+            | LinkError::Connection(quinn::ConnectionError::TimedOut) => true,
+            LinkError::Connection(quinn::ConnectionError::ConnectionClosed(c)) => {
+                c.error_code == quinn::TransportErrorCode::APPLICATION_ERROR
+            }
+            _ => false,
+        }
     }
 
     pub fn is_busy(&self) -> bool {

@@ -47,7 +47,7 @@ pub const SWITCH_AFTER: u32 = 3;
 const BUSY_BASE: Duration = Duration::from_secs(2);
 const BUSY_CAP: Duration = Duration::from_secs(16);
 /// For this long after the controller said it was busy, it is known to be up and loaded: a
-/// handshake that does not finish in time is taken as one more busy answer (retried within
+/// handshake (or its Welcome) that does not come in time is taken as one more busy answer (retried within
 /// seconds, not after an outage's backoff), and an attempt waits [`BUSY_CONNECT_FACTOR`] times
 /// the link's connect timeout for its handshake (a controller admitting thousands of sites
 /// after a restart finishes each one late; giving up on it wastes the work it did).
@@ -642,7 +642,7 @@ async fn session(
         .await?;
     let welcome = tokio::select! {
         r = tokio::time::timeout(WELCOME_TIMEOUT, reader.recv()) => match r {
-            Err(_) => return Err(LinkError::Stream("no Welcome in time".into())),
+            Err(_) => return Err(LinkError::AnswerTimeout { what: "Welcome", after: WELCOME_TIMEOUT }),
             Ok(Err(e)) => return Err(closed_reason(&conn).unwrap_or(e)),
             Ok(Ok(Some(Body::Welcome(w)))) => w,
             Ok(Ok(Some(Body::Refused(r)))) => return Err(LinkError::Refused { code: r.code, reason: r.reason }),
@@ -981,6 +981,19 @@ mod tests {
             "right after a busy answer: still busy"
         );
         assert!(busy_like(&overload, false));
+        let late = LinkError::AnswerTimeout {
+            what: "Welcome",
+            after: WELCOME_TIMEOUT,
+        };
+        assert!(busy_like(&late, true) && !busy_like(&late, false));
+        let cut = LinkError::Connection(quinn::ConnectionError::ConnectionClosed(
+            quinn::ConnectionClose {
+                error_code: quinn::TransportErrorCode::APPLICATION_ERROR,
+                frame_type: None,
+                reason: Default::default(),
+            },
+        ));
+        assert!(busy_like(&cut, true) && !busy_like(&cut, false));
         let silent = LinkError::Connection(quinn::ConnectionError::TimedOut);
         assert!(busy_like(&silent, true) && !busy_like(&silent, false));
         let untrusted = LinkError::Tls("unknown CA".into());
