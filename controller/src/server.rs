@@ -13,8 +13,13 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::{Core, Event, now_ms};
 
 /// A handshake takes two or three round trips (under 2 s over GEO). One still unfinished after
-/// this long will not finish: its agent moved on. Stop it, and free its admission slot.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// this long will not finish: its agent moved on (an agent told it was busy waits up to three
+/// times its connect timeout for the handshake, then up to 12 s for the Welcome). Stop it.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a handshake holds its admission slot (`concurrent_handshakes` bounds the crypto
+/// in progress): past this it waits on the network (its packets lost in a storm and repeated
+/// after QUIC's growing probe timeouts), not on the CPU, and must not keep others out.
+const SLOT_HOLD: Duration = Duration::from_secs(3);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// What a site connection may hold of datagrams (the agents' nudges, never read).
 const DATAGRAM_BUFFER: usize = 4 * 1024;
@@ -253,7 +258,19 @@ pub async fn accept_loop(
                     return;
                 }
             };
-            let outcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await;
+            let mut permit = Some(permit);
+            let (slot_until, deadline) = {
+                let now = tokio::time::Instant::now();
+                (now + SLOT_HOLD, now + HANDSHAKE_TIMEOUT)
+            };
+            tokio::pin!(connecting);
+            let outcome = loop {
+                tokio::select! {
+                    r = &mut connecting => break Ok(r),
+                    _ = tokio::time::sleep_until(slot_until), if permit.is_some() => permit = None,
+                    _ = tokio::time::sleep_until(deadline) => break Err(()),
+                }
+            };
             drop(permit);
             match outcome {
                 Ok(Ok(conn)) => {
