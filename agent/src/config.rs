@@ -143,6 +143,7 @@ impl Config {
         let mut t = self.profile.transport_config();
         // Uploads end faster on a lossy link (vendor/README.md: tail copies).
         t.tail_copies(true);
+        self.delay_acks(&mut t);
         match self.link_rate_mbit {
             Some(mbit) => {
                 t.congestion_controller_factory(std::sync::Arc::new(
@@ -170,6 +171,7 @@ impl Config {
         let profile = path.profile.unwrap_or(self.profile);
         let mut t = profile.transport_config();
         t.tail_copies(true);
+        self.delay_acks(&mut t);
         t.keep_alive_interval(Some(path.probe()));
         let rate_bps = if path.budget_kbps > 0 {
             Some(tiandi_link::congestion::udp_payload_bps(
@@ -187,6 +189,17 @@ impl Config {
             t.congestion_controller_factory(std::sync::Arc::new(c));
         }
         std::sync::Arc::new(t)
+    }
+
+    /// Acknowledges the controller's report acknowledgements with the next report
+    /// ([`tiandi_link::transport::report_ack_delay`]).
+    fn delay_acks(&self, t: &mut quinn::TransportConfig) {
+        if let Some(d) = std::time::Duration::try_from_secs_f64(self.interval_s)
+            .ok()
+            .and_then(tiandi_link::transport::report_ack_delay)
+        {
+            t.max_ack_delay(d);
+        }
     }
 
     pub fn load(path: &std::path::Path) -> Result<Config, tiandi_link::config::ConfigError> {

@@ -116,6 +116,23 @@ impl LinkProfile {
     }
 }
 
+/// How long a site waits before acknowledging a lone packet from the controller, for a site
+/// that reports every `interval`: long enough that the acknowledgement of the controller's
+/// report acknowledgement rides on the next report (a quarter of the interval to spare), so
+/// a report costs two datagrams instead of three (`vendor/README.md`, quinn-proto
+/// `max_ack_delay`). `None` (QUIC's 25 ms) when that would exceed 16 s: the acknowledgement
+/// would go alone anyway, only later. The controller's loss probes for what it sends the site
+/// wait that much longer; packets that come two at a time (a transfer) or out of order are
+/// acknowledged at once, and a lost report acknowledgement is found when the next report's
+/// acknowledgement covers a later one.
+pub fn report_ack_delay(interval: Duration) -> Option<Duration> {
+    let delay = interval + interval / 4;
+    (delay > Duration::from_millis(25) && delay <= MAX_ACK_DELAY).then_some(delay)
+}
+
+/// The longest `max_ack_delay` QUIC can announce (2^14 ms, RFC 9000 §18.2), rounded down.
+pub const MAX_ACK_DELAY: Duration = Duration::from_secs(16);
+
 /// Bidirectional streams a peer may have open at once: a report stream, a control stream per
 /// transfer class and direction, relay reports, conference control; each may buffer one
 /// frame (≤ 2.1 MB, a manifest).
@@ -146,6 +163,22 @@ pub fn uni_streams(connection_window: u64) -> u32 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_report_ack_delay_covers_the_interval_up_to_16_s() {
+        use super::*;
+        let s = Duration::from_secs;
+        assert_eq!(report_ack_delay(s(10)), Some(Duration::from_millis(12_500)));
+        assert_eq!(report_ack_delay(s(2)), Some(Duration::from_millis(2_500)));
+        assert_eq!(
+            report_ack_delay(Duration::from_millis(50)),
+            Some(Duration::from_micros(62_500))
+        );
+        // Longer intervals: the acknowledgement would go alone anyway.
+        assert_eq!(report_ack_delay(s(13)), None);
+        assert_eq!(report_ack_delay(s(3600)), None);
+        assert_eq!(report_ack_delay(Duration::from_millis(10)), None);
+    }
+
     #[test]
     fn stream_limits_cover_a_geo_window_and_stay_bounded() {
         use super::*;

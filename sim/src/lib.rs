@@ -642,12 +642,20 @@ pub async fn start(
     // overflow its receive buffer whenever the controller talks to all of them at once (a
     // restart's CONNECTION_CLOSE). One endpoint per SITES_PER_SOCKET sites.
     let mut endpoint = tiandi_link::client_endpoint(addr)?;
+    // As a real site's: its report acknowledgements acknowledged with its next report.
+    let transport = {
+        let mut t = opts.profile.transport_config();
+        if let Some(d) = tiandi_link::transport::report_ack_delay(opts.interval) {
+            t.max_ack_delay(d);
+        }
+        Arc::new(t)
+    };
     for (n, c) in creds.into_iter().enumerate() {
         if n > 0 && n % SITES_PER_SOCKET == 0 {
             endpoint = tiandi_link::client_endpoint(addr)?;
         }
         let tls = tiandi_link::tls::site_client_tls(&c.ca_pem, &c.cert_pem, &c.key_pem)?;
-        let client = tiandi_link::client_config(tls, opts.profile.transport())?;
+        let client = tiandi_link::client_config(tls, transport.clone())?;
         let mut prefix = c.site_id.as_bytes().to_vec();
         prefix.push(0);
         let spool = Spool::open(tree.clone(), &prefix, 64 * 1024 * 1024, interval_ms, false)?;

@@ -171,6 +171,8 @@ impl TransportParameters {
                 .datagram_receive_buffer_size
                 .map(|x| (x.min(u16::MAX.into()) as u16).into()),
             grease_quic_bit: endpoint_config.grease_quic_bit,
+            max_ack_delay: VarInt::from_u64(config.max_ack_delay.as_millis() as u64)
+                .expect("max_ack_delay is below 2^14 ms"),
             min_ack_delay: Some(
                 VarInt::from_u64(u64::try_from(TIMER_GRANULARITY.as_micros()).unwrap()).unwrap(),
             ),

@@ -8,7 +8,7 @@ use qlog::streamer::QlogStreamer;
 #[cfg(feature = "qlog")]
 use crate::QlogStream;
 use crate::{
-    Duration, INITIAL_MTU, MAX_UDP_PAYLOAD, VarInt, VarIntBoundsExceeded, congestion,
+    Duration, INITIAL_MTU, MAX_UDP_PAYLOAD, TIMER_GRANULARITY, VarInt, VarIntBoundsExceeded, congestion,
     connection::qlog::QlogSink,
 };
 
@@ -42,6 +42,7 @@ pub struct TransportConfig {
     pub(crate) mtu_discovery_config: Option<MtuDiscoveryConfig>,
     pub(crate) pad_to_mtu: bool,
     pub(crate) ack_frequency_config: Option<AckFrequencyConfig>,
+    pub(crate) max_ack_delay: Duration,
 
     pub(crate) persistent_congestion_threshold: u32,
     pub(crate) keep_alive_interval: Option<Duration>,
@@ -249,6 +250,20 @@ impl TransportConfig {
         self
     }
 
+    /// Longest this endpoint waits before acknowledging a lone ack-eliciting packet (the
+    /// `max_ack_delay` transport parameter it announces, RFC 9000 §18.2), at most 16 s.
+    ///
+    /// Defaults to 25 ms. A longer delay lets the acknowledgement ride on the next packet this
+    /// endpoint sends anyway, which saves a datagram each way when the peer's packets are
+    /// answered by a packet of this endpoint's own a little later (a request and its
+    /// response); the peer waits that much longer before probing for a lost tail
+    /// (its PTO includes this delay). Packets that arrive two at a time, or out of order,
+    /// are still acknowledged at once.
+    pub fn max_ack_delay(&mut self, value: Duration) -> &mut Self {
+        self.max_ack_delay = value.clamp(TIMER_GRANULARITY, Duration::from_millis((1 << 14) - 1));
+        self
+    }
+
     /// Specifies the ACK frequency config (see [`AckFrequencyConfig`] for details)
     ///
     /// The provided configuration will be ignored if the peer does not support the acknowledgement
@@ -400,6 +415,7 @@ impl Default for TransportConfig {
             mtu_discovery_config: Some(MtuDiscoveryConfig::default()),
             pad_to_mtu: false,
             ack_frequency_config: None,
+            max_ack_delay: Duration::from_millis(25),
 
             persistent_congestion_threshold: 3,
             keep_alive_interval: None,
@@ -438,6 +454,7 @@ impl fmt::Debug for TransportConfig {
             mtu_discovery_config,
             pad_to_mtu,
             ack_frequency_config,
+            max_ack_delay,
             persistent_congestion_threshold,
             keep_alive_interval,
             crypto_buffer_size,
@@ -468,6 +485,7 @@ impl fmt::Debug for TransportConfig {
             .field("mtu_discovery_config", mtu_discovery_config)
             .field("pad_to_mtu", pad_to_mtu)
             .field("ack_frequency_config", ack_frequency_config)
+            .field("max_ack_delay", max_ack_delay)
             .field(
                 "persistent_congestion_threshold",
                 persistent_congestion_threshold,

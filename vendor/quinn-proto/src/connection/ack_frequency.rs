@@ -21,14 +21,17 @@ pub(super) struct AckFrequencyState {
 }
 
 impl AckFrequencyState {
-    pub(super) fn new(default_max_ack_delay: Duration) -> Self {
+    /// `default_max_ack_delay` stands for the peer's until its transport parameters come;
+    /// `local_max_ack_delay` is ours (`TransportConfig::max_ack_delay`, announced in our
+    /// transport parameters) until an ACK_FREQUENCY frame asks for another.
+    pub(super) fn new(default_max_ack_delay: Duration, local_max_ack_delay: Duration) -> Self {
         Self {
             in_flight_ack_frequency_frame: None,
             next_outgoing_sequence_number: VarInt(0),
             peer_max_ack_delay: default_max_ack_delay,
 
             last_ack_frequency_frame: None,
-            max_ack_delay: default_max_ack_delay,
+            max_ack_delay: local_max_ack_delay,
         }
     }
 

@@ -355,9 +355,10 @@ impl Connection {
             path_responses: PathResponses::default(),
             close: false,
 
-            ack_frequency: AckFrequencyState::new(get_max_ack_delay(
-                &TransportParameters::default(),
-            )),
+            ack_frequency: AckFrequencyState::new(
+                get_max_ack_delay(&TransportParameters::default()),
+                config.max_ack_delay,
+            ),
             next_bundled_ack_time: None,
 
             pto_count: 0,
