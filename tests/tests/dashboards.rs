@@ -559,15 +559,23 @@ fn every_panel_query_returns_data_from_prometheus_its_remote_write_peer_and_vict
     );
 }
 
-/// A site with an active alarm now (a full disk first: those last), as Prometheus has it.
+/// A site with an active alarm now (a full disk first: those last), as Prometheus has it,
+/// among the sites whose UPS reports its runtime (a simulated UPS, like some real ones, may
+/// not know it; the site page's runtime panel is then rightly empty). Any site with an alarm
+/// if none does.
 fn pick_site(db: &Tsdb) -> Option<String> {
-    let mut r = http()
-        .get(format!("http://{}/api/v1/query", db.addr))
-        .query("query", "tiandi_site_alarm")
-        .call()
-        .ok()?;
-    let v: Value = r.body_mut().read_json().ok()?;
-    let rows = v["data"]["result"].as_array()?.clone();
+    let query = |q: &str| -> Option<Vec<Value>> {
+        let mut r = http()
+            .get(format!("http://{}/api/v1/query", db.addr))
+            .query("query", q)
+            .call()
+            .ok()?;
+        let v: Value = r.body_mut().read_json().ok()?;
+        v["data"]["result"].as_array().cloned()
+    };
+    let rows = query("tiandi_site_alarm and on(site) tiandi_site_ups_runtime_seconds")
+        .filter(|r| !r.is_empty())
+        .or_else(|| query("tiandi_site_alarm"))?;
     let with = |alarm: &str| {
         rows.iter()
             .find(|s| s["metric"]["alarm"] == alarm)
