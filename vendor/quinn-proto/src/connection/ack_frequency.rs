@@ -178,7 +178,7 @@ mod tests {
         params.write(&mut encoded);
         let params = TransportParameters::read(Side::Client, &mut encoded.as_slice())
             .expect("peer parameters must pass wire-level validation");
-        let state = AckFrequencyState::new(Duration::from_millis(100));
+        let state = AckFrequencyState::new(Duration::from_millis(100), Duration::from_millis(100));
         let delay = state.candidate_max_ack_delay(
             Duration::from_millis(5),
             &AckFrequencyConfig::default(),
@@ -198,7 +198,7 @@ mod tests {
         params.write(&mut encoded);
         let params = TransportParameters::read(Side::Client, &mut encoded.as_slice())
             .expect("peer parameters must pass wire-level validation");
-        let state = AckFrequencyState::new(Duration::from_millis(100));
+        let state = AckFrequencyState::new(Duration::from_millis(100), Duration::from_millis(100));
         let delay = state.candidate_max_ack_delay(
             Duration::from_millis(5),
             &AckFrequencyConfig::default(),
