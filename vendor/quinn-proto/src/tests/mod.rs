@@ -3288,6 +3288,50 @@ fn single_ack_eliciting_packet_with_ce_bit_triggers_immediate_ack() {
     );
 }
 
+/// Tiandi patch (vendor/README.md, quinn-proto item 8): an endpoint announcing a longer
+/// `max_ack_delay` holds its acknowledgement of a lone packet that long, and the peer, whose
+/// probe timeout includes the announced delay, sends no probe meanwhile.
+#[test]
+fn announced_max_ack_delay_holds_the_ack_and_the_peers_probe() {
+    let _guard = subscribe();
+    let delay = Duration::from_secs(2);
+    let mut client_config = client_config_with_deterministic_pns();
+    Arc::get_mut(&mut client_config.transport)
+        .unwrap()
+        .max_ack_delay(delay)
+        .mtu_discovery_config(None);
+    let mut pair = Pair::default_with_deterministic_pns();
+    pair.latency = Duration::from_millis(10);
+    let (client_ch, server_ch) = pair.connect_with(client_config);
+    pair.drive();
+
+    let client_acks = pair.client_conn_mut(client_ch).stats().frame_tx.acks;
+    // The server's MTU probes count as pings too.
+    let server_pings = pair.server_conn_mut(server_ch).stats().frame_tx.ping;
+    pair.server_conn_mut(server_ch).ping();
+    pair.drive_server();
+    pair.time += pair.latency;
+    pair.drive_client();
+    // Half the delay later: no acknowledgement yet, and no probe from the server.
+    pair.time += delay / 2;
+    pair.drive_client();
+    pair.drive_server();
+    assert_eq!(pair.client_conn_mut(client_ch).stats().frame_tx.acks, client_acks);
+    assert_eq!(
+        pair.server_conn_mut(server_ch).stats().frame_tx.ping,
+        server_pings + 1
+    );
+    // Past the delay: the acknowledgement goes, and the server's ping is acknowledged.
+    pair.time += delay / 2 + Duration::from_millis(1);
+    pair.drive_client();
+    assert_eq!(pair.client_conn_mut(client_ch).stats().frame_tx.acks, client_acks + 1);
+    pair.time += pair.latency;
+    pair.drive_server();
+    let server = pair.server_conn_mut(server_ch).stats();
+    assert_eq!(server.frame_tx.ping, server_pings + 1, "no probe was sent");
+    assert_eq!(server.path.lost_packets, 0);
+}
+
 fn setup_ack_frequency_test(max_ack_delay: Duration) -> (Pair, ConnectionHandle, ConnectionHandle) {
     let mut client_config = client_config_with_deterministic_pns();
     let mut ack_freq_config = AckFrequencyConfig::default();
