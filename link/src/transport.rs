@@ -120,18 +120,20 @@ impl LinkProfile {
 /// that reports every `interval`: long enough that the acknowledgement of the controller's
 /// report acknowledgement rides on the next report (a quarter of the interval to spare), so
 /// a report costs two datagrams instead of three (`vendor/README.md`, quinn-proto
-/// `max_ack_delay`). `None` (QUIC's 25 ms) when that would exceed 16 s: the acknowledgement
-/// would go alone anyway, only later. The controller's loss probes for what it sends the site
+/// `max_ack_delay`), in whole milliseconds. `None` (QUIC's 25 ms) when that would exceed
+/// [`MAX_ACK_DELAY`]: the acknowledgement would go alone anyway, only later. The controller's loss probes for what it sends the site
 /// wait that much longer; packets that come two at a time (a transfer) or out of order are
 /// acknowledged at once, and a lost report acknowledgement is found when the next report's
 /// acknowledgement covers a later one.
 pub fn report_ack_delay(interval: Duration) -> Option<Duration> {
-    let delay = interval + interval / 4;
+    let delay = Duration::from_millis((interval + interval / 4).as_millis() as u64);
     (delay > Duration::from_millis(25) && delay <= MAX_ACK_DELAY).then_some(delay)
 }
 
-/// The longest `max_ack_delay` QUIC can announce (2^14 ms, RFC 9000 §18.2), rounded down.
-pub const MAX_ACK_DELAY: Duration = Duration::from_secs(16);
+/// The longest delay a site announces: the controller's probe timeout toward the site grows by
+/// it, and three probe timeouts (a GEO path's ~1–2 s besides) must stay within the 60 s idle
+/// timeout, or a silent site would be held connected past it. QUIC itself allows 16.4 s.
+pub const MAX_ACK_DELAY: Duration = Duration::from_secs(13);
 
 /// Bidirectional streams a peer may have open at once: a report stream, a control stream per
 /// transfer class and direction, relay reports, conference control; each may buffer one
@@ -171,9 +173,11 @@ mod tests {
         assert_eq!(report_ack_delay(s(2)), Some(Duration::from_millis(2_500)));
         assert_eq!(
             report_ack_delay(Duration::from_millis(50)),
-            Some(Duration::from_micros(62_500))
+            Some(Duration::from_millis(62))
         );
+        assert_eq!(report_ack_delay(Duration::from_millis(10_400)), Some(s(13)));
         // Longer intervals: the acknowledgement would go alone anyway.
+        assert_eq!(report_ack_delay(Duration::from_millis(10_500)), None);
         assert_eq!(report_ack_delay(s(13)), None);
         assert_eq!(report_ack_delay(s(3600)), None);
         assert_eq!(report_ack_delay(Duration::from_millis(10)), None);

@@ -97,6 +97,8 @@ struct Rounds {
     hub_datagrams: u64,
     hub_lost: u64,
     hub_probes: u64,
+    /// The hub's smoothed RTT at the end.
+    hub_rtt: Duration,
 }
 
 async fn rounds(site_ack_delay: Option<Duration>) -> Rounds {
@@ -133,6 +135,7 @@ async fn rounds(site_ack_delay: Option<Duration>) -> Rounds {
         hub_datagrams: hub1.udp_tx.datagrams - hub0.udp_tx.datagrams,
         hub_lost: hub1.path.lost_packets - hub0.path.lost_packets,
         hub_probes: hub1.frame_tx.ping - hub0.frame_tx.ping,
+        hub_rtt: p.hub_conn.rtt(),
     };
     close(p).await;
     r
@@ -159,6 +162,13 @@ async fn a_site_acknowledges_the_hubs_answers_with_its_next_report() {
     assert!(delayed.hub_datagrams <= ROUNDS + 1, "{delayed:?}");
     assert_eq!(delayed.hub_lost, 0, "{delayed:?}");
     assert_eq!(delayed.hub_probes, 0, "{delayed:?}");
+    // The hub's RTT is the path's, not the site's delay: each sample has the delay the site
+    // reports taken off, never going below the minimum (RFC 9002 would take a raw sample,
+    // mostly delay, whenever the path's jitter put it below the minimum).
+    assert!(
+        delayed.hub_rtt < delay / 4,
+        "the site's ACK delay went into the hub's RTT: {delayed:?}"
+    );
 }
 
 #[tokio::test]

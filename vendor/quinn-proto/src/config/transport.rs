@@ -8,7 +8,7 @@ use qlog::streamer::QlogStreamer;
 #[cfg(feature = "qlog")]
 use crate::QlogStream;
 use crate::{
-    Duration, INITIAL_MTU, MAX_UDP_PAYLOAD, TIMER_GRANULARITY, VarInt, VarIntBoundsExceeded, congestion,
+    Duration, INITIAL_MTU, MAX_UDP_PAYLOAD, VarInt, VarIntBoundsExceeded, congestion,
     connection::qlog::QlogSink,
 };
 
@@ -251,7 +251,8 @@ impl TransportConfig {
     }
 
     /// Longest this endpoint waits before acknowledging a lone ack-eliciting packet (the
-    /// `max_ack_delay` transport parameter it announces, RFC 9000 §18.2), at most 16 s.
+    /// `max_ack_delay` transport parameter it announces, RFC 9000 §18.2), in whole milliseconds,
+    /// at most 16.383 s.
     ///
     /// Defaults to 25 ms. A longer delay lets the acknowledgement ride on the next packet this
     /// endpoint sends anyway, which saves a datagram each way when the peer's packets are
@@ -260,7 +261,9 @@ impl TransportConfig {
     /// (its PTO includes this delay). Packets that arrive two at a time, or out of order,
     /// are still acknowledged at once.
     pub fn max_ack_delay(&mut self, value: Duration) -> &mut Self {
-        self.max_ack_delay = value.clamp(TIMER_GRANULARITY, Duration::from_millis((1 << 14) - 1));
+        // Whole milliseconds, as the transport parameter carries it.
+        let ms = value.as_millis().clamp(1, (1 << 14) - 1) as u64;
+        self.max_ack_delay = Duration::from_millis(ms);
         self
     }
 

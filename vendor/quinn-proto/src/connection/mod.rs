@@ -1810,8 +1810,11 @@ impl Connection {
         }
         // A packet that overtook others by skipping `d` of the path's delay gives a sample `d`
         // below the path's round trip, and the first packet it overtook is acknowledged at most
-        // `d` (and an ACK delay) after it.
-        let grace = self.path.rtt.get().saturating_sub(rtt) + 2 * self.ack_frequency.peer_max_ack_delay;
+        // `d` after it: filling a gap, it is acknowledged at once, so at most QUIC's default
+        // ACK delay of slack however long a delay the peer announced (Tiandi patch item 8: a
+        // site's is its report interval).
+        let ack_slack = self.ack_frequency.peer_max_ack_delay.min(Duration::from_millis(25));
+        let grace = self.path.rtt.get().saturating_sub(rtt) + 2 * ack_slack;
         if now.saturating_duration_since(at) >= grace {
             self.pending_rtt_sample = None;
             self.path.rtt.update(ack_delay, rtt);
