@@ -11,20 +11,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tiandi_link::pki::{CONTROLLER_NAME, Ca, site_key_and_csr};
-use tiandi_link::tls::{CertPolicy, Rejection};
-use tiandi_link::{LinkProfile, SiteIdentity};
+use tiandi_link::LinkProfile;
+use tiandi_link::pki::CONTROLLER_NAME;
+
+mod common;
 
 const INTERVAL: Duration = Duration::from_millis(300);
 const ROUNDS: u64 = 8;
-
-#[derive(Debug)]
-struct AnySite;
-impl CertPolicy for AnySite {
-    fn check(&self, _id: &SiteIdentity) -> Result<(), Rejection> {
-        Ok(())
-    }
-}
 
 struct Pair {
     hub: quinn::Endpoint,
@@ -34,16 +27,7 @@ struct Pair {
 }
 
 async fn pair(site_ack_delay: Option<Duration>) -> Pair {
-    let ca = Ca::generate("ack delay test").expect("CA");
-    let (chain, key) = ca.issue_controller().expect("controller certificate");
-    let server_tls =
-        tiandi_link::tls::server_tls(chain, key, ca.cert_der(), Arc::new(AnySite)).expect("tls");
-    let (site_key, csr) = site_key_and_csr("test-site").expect("site key");
-    let issued = ca
-        .sign_site(&csr, "test-site", "BJ", Duration::from_secs(3600))
-        .expect("site certificate");
-    let client_tls = tiandi_link::tls::site_client_tls(ca.cert_pem(), &issued.cert_pem, &site_key)
-        .expect("client tls");
+    let (server_tls, client_tls) = common::tls("ack delay test");
     let hub = tiandi_link::server_endpoint(
         "127.0.0.1:0".parse().expect("address"),
         server_tls,
@@ -97,8 +81,6 @@ struct Rounds {
     hub_datagrams: u64,
     hub_lost: u64,
     hub_probes: u64,
-    /// The hub's smoothed RTT at the end.
-    hub_rtt: Duration,
 }
 
 async fn rounds(site_ack_delay: Option<Duration>) -> Rounds {
@@ -135,7 +117,6 @@ async fn rounds(site_ack_delay: Option<Duration>) -> Rounds {
         hub_datagrams: hub1.udp_tx.datagrams - hub0.udp_tx.datagrams,
         hub_lost: hub1.path.lost_packets - hub0.path.lost_packets,
         hub_probes: hub1.frame_tx.ping - hub0.frame_tx.ping,
-        hub_rtt: p.hub_conn.rtt(),
     };
     close(p).await;
     r
@@ -162,13 +143,6 @@ async fn a_site_acknowledges_the_hubs_answers_with_its_next_report() {
     assert!(delayed.hub_datagrams <= ROUNDS + 1, "{delayed:?}");
     assert_eq!(delayed.hub_lost, 0, "{delayed:?}");
     assert_eq!(delayed.hub_probes, 0, "{delayed:?}");
-    // The hub's RTT is the path's, not the site's delay: each sample has the delay the site
-    // reports taken off, never going below the minimum (RFC 9002 would take a raw sample,
-    // mostly delay, whenever the path's jitter put it below the minimum).
-    assert!(
-        delayed.hub_rtt < delay / 4,
-        "the site's ACK delay went into the hub's RTT: {delayed:?}"
-    );
 }
 
 #[tokio::test]

@@ -23,10 +23,11 @@ use quinn_proto::{
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use tiandi_link::LinkProfile;
 use tiandi_link::congestion::FixedRateConfig;
-use tiandi_link::pki::{CONTROLLER_NAME, Ca, site_key_and_csr};
-use tiandi_link::tls::{CertPolicy, Rejection};
-use tiandi_link::{LinkProfile, SiteIdentity};
+use tiandi_link::pki::CONTROLLER_NAME;
+
+mod common;
 
 const ONE_WAY: Duration = Duration::from_millis(300);
 const RATE_BYTES_PER_S: f64 = 20e6 / 8.0;
@@ -94,25 +95,8 @@ struct Outcome {
     cwnd: u64,
 }
 
-#[derive(Debug)]
-struct AnySite;
-impl CertPolicy for AnySite {
-    fn check(&self, _id: &SiteIdentity) -> Result<(), Rejection> {
-        Ok(())
-    }
-}
-
 fn configs(tail_copies: bool) -> (ServerConfig, ClientConfig) {
-    let ca = Ca::generate("reordering test").expect("CA");
-    let (chain, key) = ca.issue_controller().expect("controller certificate");
-    let server_tls =
-        tiandi_link::tls::server_tls(chain, key, ca.cert_der(), Arc::new(AnySite)).expect("tls");
-    let (site_key, csr) = site_key_and_csr("test-site").expect("site key");
-    let issued = ca
-        .sign_site(&csr, "test-site", "BJ", Duration::from_secs(3600))
-        .expect("site certificate");
-    let client_tls = tiandi_link::tls::site_client_tls(ca.cert_pem(), &issued.cert_pem, &site_key)
-        .expect("client tls");
+    let (server_tls, client_tls) = common::tls("reordering test");
     // The hub's transport: GEO windows, the committed-rate controller at the link's rate in
     // UDP payload (as the controller configures it for a site listed in `[link_rates]`).
     let mut hub = LinkProfile::Geo.transport_config();

@@ -424,6 +424,20 @@ fn scan(path: &Path, f: &mut dyn FnMut(u64, Record) -> bool) -> Result<u64> {
     }
 }
 
+/// The site's entries in sealed segment `id` with the segment file to read them from; `None`
+/// when the site has none there or the segment was pruned since the plan was made.
+fn sealed_for(dir: &Path, id: u64, site: &str) -> Result<Option<(Vec<At>, File, PathBuf)>> {
+    let Some(ats) = lookup(dir, id, site)? else {
+        return Ok(None);
+    };
+    let path = seg_path(dir, id);
+    match File::open(&path) {
+        Ok(file) => Ok(Some((ats, file, path))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(&path)(e)),
+    }
+}
+
 /// The site's entries in a sealed segment's index (a binary search by `pread`).
 fn lookup(dir: &Path, id: u64, site: &str) -> Result<Option<Vec<At>>> {
     let path = idx_path(dir, id);
@@ -855,14 +869,8 @@ impl Segments {
             if best.as_ref().is_some_and(|(t, _)| s.max_taken <= *t) {
                 continue;
             }
-            let Some(ats) = lookup(&self.dir, s.id, site)? else {
+            let Some((ats, file, path)) = sealed_for(&self.dir, s.id, site)? else {
                 continue;
-            };
-            let path = seg_path(&self.dir, s.id);
-            let file = match File::open(&path) {
-                Ok(f) => f,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_err(&path)(e)),
             };
             for at in ats.iter().rev() {
                 if best.as_ref().is_some_and(|(t, _)| at.taken_ms <= *t) {
@@ -1006,14 +1014,8 @@ impl Plan {
                     break;
                 }
             }
-            let Some(ats) = lookup(&self.dir, s.id, site)? else {
+            let Some((ats, file, path)) = sealed_for(&self.dir, s.id, site)? else {
                 continue;
-            };
-            let path = seg_path(&self.dir, s.id);
-            let file = match File::open(&path) {
-                Ok(f) => f,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_err(&path)(e)),
             };
             for at in ats
                 .iter()
