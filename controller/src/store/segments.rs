@@ -523,7 +523,12 @@ impl Active {
         file.write_all(&head).map_err(io_err(&path))?;
         file.sync_data().map_err(io_err(&path))?;
         sync_dir(dir)?;
-        Ok(Active {
+        Ok(Active::empty(id, path, file, created_ms))
+    }
+
+    /// A segment of `id` with its header written and no record counted yet.
+    fn empty(id: u64, path: PathBuf, file: File, created_ms: i64) -> Active {
+        Active {
             id,
             path,
             file: Arc::new(file),
@@ -534,7 +539,7 @@ impl Active {
             min_taken: i64::MAX,
             max_taken: i64::MIN,
             records: 0,
-        })
+        }
     }
 
     fn note(&mut self, site: &str, off: u64, taken_ms: i64) {
@@ -688,18 +693,7 @@ impl Segments {
             return Active::create(dir, id);
         }
         let created_ms = i64::from_le_bytes(head[16..24].try_into().expect("8"));
-        let mut a = Active {
-            id,
-            path: path.clone(),
-            file: Arc::new(file),
-            created_ms,
-            written: SEG_HEADER,
-            pending: Vec::new(),
-            index: HashMap::new(),
-            min_taken: i64::MAX,
-            max_taken: i64::MIN,
-            records: 0,
-        };
+        let mut a = Active::empty(id, path.clone(), file, created_ms);
         let end = scan(&path, &mut |off, r| {
             a.note(&r.site, off, r.taken_ms);
             true
